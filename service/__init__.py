@@ -1,0 +1,1 @@
+"""jobwire gRPC service: domain core, storage adapters, live fan-out, servicer."""

@@ -1,0 +1,1 @@
+"""The domain core: state machine, event application, leases. No grpc, aiohttp or driver."""

@@ -1,0 +1,216 @@
+"""Event application: the state machine, idempotency and leases, as pure functions.
+
+A store loads a job's record, calls `apply`, and writes the returned record and
+event in one atomic step (or retries when the job changed underneath it).
+"""
+
+from __future__ import annotations
+
+from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
+
+from . import tokens, validation
+from .errors import Code, DomainError, not_found
+from .records import (
+    Applied,
+    Cancel,
+    Change,
+    Claim,
+    Command,
+    ExpireLease,
+    FailFromLog,
+    JobRecord,
+    Policy,
+    Report,
+    Unchanged,
+)
+
+_S = job_pb2
+
+
+def validate_report(request: job_service_pb2.ReportEventRequest) -> None:
+    """Checks a report before any storage is touched."""
+    validation.job_id(request.job_id)
+    validation.idempotency_key(request.idempotency_key)
+    validation.optional_kind(request.create_kind, "create_kind")
+    payload = request.WhichOneof("payload")
+    if payload is None:
+        raise validation.invalid("one of progress, completed or failed is required")
+    if payload == "progress":
+        validation.percent(request.progress.percent)
+        validation.message(request.progress.message, "progress.message")
+    elif payload == "failed":
+        validation.message(request.failed.message, "failed.message")
+    if len(request.process_id) > 256:
+        raise validation.invalid("process_id must be at most 256 characters")
+
+
+def new_record(
+    job_id: str, kind: int, now_ns: int, template: job_pb2.Job | None = None
+) -> tuple[JobRecord, str]:
+    """A QUEUED job and its one-time callback token."""
+    job = job_pb2.Job(id=job_id, kind=kind, state=_S.JOB_STATE_QUEUED, has_callback_token=True)
+    if template is not None:
+        job.labels.update(template.labels)
+        if template.HasField("video"):
+            job.video.CopyFrom(template.video)
+    job.create_time.FromNanoseconds(now_ns)
+    job.update_time.FromNanoseconds(now_ns)
+    token, token_hash = tokens.issue()
+    return JobRecord(job=job, token_hash=token_hash), token
+
+
+def check_token(record: JobRecord, token: str) -> None:
+    """Raises UNAUTHENTICATED unless `token` is the job's callback token."""
+    if token and not tokens.matches(token, record.token_hash):
+        raise DomainError(Code.UNAUTHENTICATED, f"callback token does not match job {record.job.id!r}")
+
+
+def apply(
+    record: JobRecord | None, job_id: str, command: Command, now_ns: int, policy: Policy
+) -> Change:
+    """The one place where a job changes. Never mutates `record`."""
+    created = False
+    if record is None:
+        if isinstance(command, Report) and command.request.create_kind:
+            record, _ = new_record(job_id, command.request.create_kind, now_ns)
+            record.job.has_callback_token = False
+            record.token_hash = b""
+            created = True
+        else:
+            raise not_found(job_id)
+    elif isinstance(command, Report):
+        check_token(record, command.request.callback_token)
+
+    key = _key_of(command)
+    if key and key in record.recent_keys:
+        return Unchanged(record.job)
+
+    job = job_pb2.Job()
+    job.CopyFrom(record.job)
+    event = event_pb2.JobEvent(job_id=job.id, kind=job.kind, idempotency_key=key)
+
+    match command:
+        case Report(request=request):
+            _report(job, event, request, now_ns)
+        case Claim(worker_id=worker_id, lease_ns=lease_ns):
+            if job.state != _S.JOB_STATE_QUEUED:
+                raise _precondition(job, "only a QUEUED job can be claimed")
+            job.state = _S.JOB_STATE_RUNNING
+            job.worker_id = worker_id
+            job.attempts += 1
+            job.lease_duration.FromNanoseconds(lease_ns)
+            job.lease_expire_time.FromNanoseconds(now_ns + lease_ns)
+            _started(job, now_ns)
+            event.type = event_pb2.EVENT_TYPE_CLAIMED
+        case ExpireLease(max_attempts=max_attempts):
+            if job.state != _S.JOB_STATE_RUNNING or not _lease_expired(job, now_ns):
+                return Unchanged(record.job, duplicate=False)
+            _release(job)
+            if job.attempts >= max_attempts:
+                job.state = _S.JOB_STATE_FAILED
+                job.error.code = "LEASE_EXPIRED"
+                job.error.message = f"lease expired after {job.attempts} attempt(s)"
+                job.end_time.FromNanoseconds(now_ns)
+                event.type = event_pb2.EVENT_TYPE_FAILED
+                event.error.CopyFrom(job.error)
+            else:
+                job.state = _S.JOB_STATE_QUEUED
+                event.type = event_pb2.EVENT_TYPE_REQUEUED
+        case Cancel(reason=reason):
+            if record.terminal:
+                raise _precondition(job, "a terminal state is final")
+            _release(job)
+            job.state = _S.JOB_STATE_CANCELLED
+            job.error.code = "CANCELLED"
+            job.error.message = reason or "cancelled"
+            job.end_time.FromNanoseconds(now_ns)
+            event.type = event_pb2.EVENT_TYPE_CANCELLED
+            event.error.CopyFrom(job.error)
+        case FailFromLog(entry=entry):
+            if record.terminal:
+                return Unchanged(record.job, duplicate=False)
+            _release(job)
+            job.state = _S.JOB_STATE_FAILED
+            job.error.code = "ERROR_LOG"
+            job.error.message = entry.message
+            job.end_time.FromNanoseconds(now_ns)
+            event.type = event_pb2.EVENT_TYPE_FAILED
+            event.error.CopyFrom(job.error)
+
+    job.sequence += 1
+    job.update_time.FromNanoseconds(now_ns)
+    event.sequence = job.sequence
+    event.state = job.state
+    event.worker_id = job.worker_id
+    event.create_time.FromNanoseconds(now_ns)
+    if event.type == event_pb2.EVENT_TYPE_PROGRESS:
+        event.progress.CopyFrom(job.progress)
+    keys = record.recent_keys + (key,) if key else record.recent_keys
+    new = JobRecord(job=job, token_hash=record.token_hash, recent_keys=keys[-policy.retention :])
+    return Applied(record=new, event=event, created=created)
+
+
+def _report(
+    job: job_pb2.Job,
+    event: event_pb2.JobEvent,
+    request: job_service_pb2.ReportEventRequest,
+    now_ns: int,
+) -> None:
+    if job.state in (_S.JOB_STATE_SUCCEEDED, _S.JOB_STATE_FAILED, _S.JOB_STATE_CANCELLED):
+        raise _precondition(job, "a terminal state is final")
+    if request.process_id:
+        job.process_id = request.process_id
+    payload = request.WhichOneof("payload")
+    if payload == "progress":
+        job.progress.CopyFrom(request.progress)
+        if request.HasField("event_time"):
+            job.progress.report_time.CopyFrom(request.event_time)
+        job.state = _S.JOB_STATE_RUNNING
+        _started(job, now_ns)
+        if job.HasField("lease_expire_time"):
+            # Every event from the worker renews its claim.
+            job.lease_expire_time.FromNanoseconds(now_ns + job.lease_duration.ToNanoseconds())
+        event.type = event_pb2.EVENT_TYPE_PROGRESS
+    elif payload == "completed":
+        _release(job)
+        job.state = _S.JOB_STATE_SUCCEEDED
+        job.result.CopyFrom(request.completed)
+        job.progress.percent = 100.0
+        job.end_time.FromNanoseconds(now_ns)
+        event.type = event_pb2.EVENT_TYPE_COMPLETED
+        event.result.CopyFrom(request.completed)
+    else:
+        _release(job)
+        job.state = _S.JOB_STATE_FAILED
+        job.error.CopyFrom(request.failed)
+        job.end_time.FromNanoseconds(now_ns)
+        event.type = event_pb2.EVENT_TYPE_FAILED
+        event.error.CopyFrom(request.failed)
+
+
+def _key_of(command: Command) -> str:
+    if isinstance(command, Report):
+        return command.request.idempotency_key
+    if isinstance(command, FailFromLog):
+        return command.idempotency_key
+    return ""
+
+
+def _started(job: job_pb2.Job, now_ns: int) -> None:
+    if not job.HasField("start_time"):
+        job.start_time.FromNanoseconds(now_ns)
+
+
+def _release(job: job_pb2.Job) -> None:
+    job.ClearField("lease_expire_time")
+    job.ClearField("lease_duration")
+    job.worker_id = ""
+
+
+def _lease_expired(job: job_pb2.Job, now_ns: int) -> bool:
+    return job.HasField("lease_expire_time") and job.lease_expire_time.ToNanoseconds() <= now_ns
+
+
+def _precondition(job: job_pb2.Job, rule: str) -> DomainError:
+    state = job_pb2.JobState.Name(job.state)
+    return DomainError(Code.FAILED_PRECONDITION, f"job {job.id!r} is {state}: {rule}")

@@ -1,0 +1,105 @@
+"""What the store keeps per job, and the commands that change it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from jobwire.v1 import event_pb2, job_pb2, job_service_pb2, log_pb2
+
+TERMINAL_STATES = frozenset(
+    {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
+)
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """A job as stored: the snapshot plus what only the service may see."""
+
+    job: job_pb2.Job
+    token_hash: bytes = b""
+    # Idempotency keys of the retained events, oldest first; bounded by the
+    # retention so that a job document never grows with its event count.
+    recent_keys: tuple[str, ...] = ()
+
+    @property
+    def terminal(self) -> bool:
+        return self.job.state in TERMINAL_STATES
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """A worker reported progress, success or failure (ReportEvent)."""
+
+    request: job_service_pb2.ReportEventRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A worker takes a QUEUED job (ClaimJob)."""
+
+    worker_id: str
+    lease_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExpireLease:
+    """A claim lapsed: requeue the job, or fail it past the attempt limit."""
+
+    max_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class FailFromLog:
+    """An ERROR log line fails a QUEUED or RUNNING job."""
+
+    entry: log_pb2.LogEntry
+    idempotency_key: str
+
+
+Command = Report | Claim | ExpireLease | Cancel | FailFromLog
+
+
+@dataclass(frozen=True, slots=True)
+class JobCommand:
+    """One command addressed to one job: the unit a store applies atomically."""
+
+    job_id: str
+    command: Command
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """The command changed the job: store `record`, publish `event`."""
+
+    record: JobRecord
+    event: event_pb2.JobEvent
+    created: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Unchanged:
+    """Nothing to write: a repeated idempotency key, or a no-op command."""
+
+    job: job_pb2.Job
+    duplicate: bool = True
+
+
+Change = Applied | Unchanged
+
+
+@dataclass(slots=True)
+class Policy:
+    """Tunables of the domain rules."""
+
+    # Events (and their idempotency keys) kept per job for replay and dedup.
+    retention: int = 64
+    # Default claim lease when ClaimJob names none.
+    lease_ns: int = 60 * 1_000_000_000
+    # Claims after which an expired lease fails the job instead of requeueing.
+    max_attempts: int = 3
+    extra: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,97 @@
+"""Input checks shared by every entry point. Each failure names the field."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from jobwire.v1 import job_pb2, log_pb2
+
+from .errors import invalid
+
+_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_ARTIFACT_NAME = re.compile(r"[A-Za-z0-9._\-]{1,255}")
+MAX_KEY_LENGTH = 256
+MAX_MESSAGE_LENGTH = 64 * 1024
+UNKNOWN_JOB = "UNKNOWN"
+
+
+def job_id(value: str, field: str = "job_id") -> str:
+    if not value:
+        raise invalid(f"{field} is required")
+    if not _ID.fullmatch(value):
+        raise invalid(f"{field} must be 1-128 characters of [A-Za-z0-9._:-], got {value[:64]!r}")
+    return value
+
+
+def artifact_name(value: str) -> str:
+    if not _ARTIFACT_NAME.fullmatch(value) or value in {".", ".."}:
+        raise invalid(f"name must be 1-255 characters of [A-Za-z0-9._-], got {value[:64]!r}")
+    return value
+
+
+def kind(value: int, field: str = "kind") -> int:
+    if value == job_pb2.JOB_KIND_UNSPECIFIED or value not in job_pb2.JobKind.values():
+        raise invalid(f"{field} must be one of {_names(job_pb2.JobKind)}")
+    return value
+
+
+def optional_kind(value: int, field: str = "kind") -> int:
+    return value if value == job_pb2.JOB_KIND_UNSPECIFIED else kind(value, field)
+
+
+def states(values: list[int], field: str = "states") -> list[int]:
+    for v in values:
+        if v == job_pb2.JOB_STATE_UNSPECIFIED or v not in job_pb2.JobState.values():
+            raise invalid(f"{field} must hold values of {_names(job_pb2.JobState)}")
+    return values
+
+
+def log_level(value: int, field: str = "level", allow_unspecified: bool = False) -> int:
+    if value not in log_pb2.LogLevel.values() or (
+        value == log_pb2.LOG_LEVEL_UNSPECIFIED and not allow_unspecified
+    ):
+        raise invalid(f"{field} must be one of {_names(log_pb2.LogLevel)}")
+    return value
+
+
+def idempotency_key(value: str) -> str:
+    if not value:
+        raise invalid("idempotency_key is required")
+    if len(value) > MAX_KEY_LENGTH:
+        raise invalid(f"idempotency_key must be at most {MAX_KEY_LENGTH} characters")
+    return value
+
+
+def percent(value: float, field: str = "progress.percent") -> float:
+    if not math.isfinite(value) or not 0.0 <= value <= 100.0:
+        raise invalid(f"{field} must be between 0 and 100, got {value}")
+    return value
+
+
+def message(value: str, field: str) -> str:
+    if len(value) > MAX_MESSAGE_LENGTH:
+        raise invalid(f"{field} must be at most {MAX_MESSAGE_LENGTH} characters")
+    return value
+
+
+def bounded(value: int, field: str, default: int, maximum: int) -> int:
+    if value < 0:
+        raise invalid(f"{field} must not be negative, got {value}")
+    if value > maximum:
+        raise invalid(f"{field} must be at most {maximum}, got {value}")
+    return value or default
+
+
+def labels(values: dict[str, str] | object) -> None:
+    items = dict(values)  # type: ignore[call-overload]
+    if len(items) > 64:
+        raise invalid("labels must hold at most 64 entries")
+    for key, val in items.items():
+        if not key or len(key) > 63 or len(val) > 256:
+            raise invalid(f"label {key[:64]!r}: keys are 1-63 and values at most 256 characters")
+
+
+def _names(enum_type: object) -> str:
+    names: list[str] = [n for n in enum_type.keys() if not n.endswith("UNSPECIFIED")]  # type: ignore[attr-defined]
+    return ", ".join(names)

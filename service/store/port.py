@@ -1,0 +1,93 @@
+"""The storage port: everything the service needs from a database, nothing more.
+
+Adapters (embedded SQLite, MongoDB) implement `Store`. The rules they share:
+- `apply` writes each command's outcome as one atomic step: the job snapshot, its
+  sequence number, its bounded ring of retained events and idempotency keys. A
+  batch is one commit (SQLite transaction / one unordered bulk write), yet each
+  command gets its own outcome.
+- A method returns only once its write is durable (SQLite synchronous=FULL,
+  MongoDB w=majority by default); an unreachable store raises StorageUnavailable.
+- Adapters call `service.domain.events.apply` for every change and know nothing of
+  gRPC or HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, log_pb2
+
+from ..domain.errors import DomainError
+from ..domain.records import Applied, Change, JobCommand, JobRecord, Policy
+
+# Artifacts are moved in chunks of this size: small enough for one gRPC message
+# (4 MiB limit), large enough to keep per-chunk overhead low.
+CHUNK_SIZE = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class JobQuery:
+    """A page of ListJobs, ordered by (create_time, id) ascending."""
+
+    states: tuple[int, ...] = ()
+    kind: int = job_pb2.JOB_KIND_UNSPECIFIED
+    labels: dict[str, str] = field(default_factory=dict)
+    limit: int = 50
+    # Exclusive cursor: (create_time in ns, id) of the last job of the previous page.
+    after: tuple[int, str] | None = None
+
+
+class Store(Protocol):
+    """An async job store. Each method is one round trip where the database allows."""
+
+    policy: Policy
+
+    async def start(self) -> None:
+        """Connects, creates tables or indexes idempotently."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raises StorageUnavailable when the store cannot serve."""
+
+    async def create(self, record: JobRecord) -> None:
+        """Inserts a new job. Raises ALREADY_EXISTS when its id is taken."""
+
+    async def get(self, job_id: str) -> JobRecord | None: ...
+
+    async def list_jobs(self, query: JobQuery) -> list[job_pb2.Job]:
+        """Up to `query.limit` jobs after `query.after`."""
+
+    async def apply(self, commands: Sequence[JobCommand]) -> list[Change | DomainError]:
+        """Applies each command to its job atomically; one commit for the batch."""
+
+    async def claim(self, kind: int, worker_id: str, lease_ns: int) -> Applied | None:
+        """Atomically moves the oldest QUEUED job of `kind` to RUNNING with a lease."""
+
+    async def expired_leases(self, now_ns: int, limit: int) -> list[str]:
+        """Ids of RUNNING jobs whose lease lapsed before `now_ns`."""
+
+    async def events_after(self, job_id: str, sequence: int) -> list[event_pb2.JobEvent]:
+        """Retained events of a job with a sequence number above `sequence`, ascending."""
+
+    async def write_log(self, entry: log_pb2.LogEntry) -> None: ...
+
+    async def list_logs(self, job_id: str, level: int, limit: int) -> list[log_pb2.LogEntry]:
+        """Newest first (by time, then arrival); `job_id` "" means every job."""
+
+    async def put_artifact(
+        self, artifact: artifact_pb2.Artifact, chunks: AsyncIterator[bytes]
+    ) -> artifact_pb2.Artifact:
+        """Streams chunks to storage, replacing a same-named artifact; fills size and sha256."""
+
+    async def open_artifact(
+        self, job_id: str, name: str
+    ) -> tuple[artifact_pb2.Artifact, AsyncIterator[bytes]] | None:
+        """The artifact's metadata and an iterator over its content in CHUNK_SIZE pieces."""
+
+    async def list_artifacts(self, job_id: str) -> list[artifact_pb2.Artifact]: ...
+
+    async def queue_depths(self) -> dict[int, int]:
+        """Number of QUEUED jobs per kind (for metrics)."""
