@@ -96,6 +96,11 @@ class JobServiceStub:
                 request_serializer=jobwire_dot_v1_dot_job__service__pb2.ListArtifactsRequest.SerializeToString,
                 response_deserializer=jobwire_dot_v1_dot_job__service__pb2.ListArtifactsResponse.FromString,
                 _registered_method=True)
+        self.ListJobEvents = channel.unary_unary(
+                '/jobwire.v1.JobService/ListJobEvents',
+                request_serializer=jobwire_dot_v1_dot_job__service__pb2.ListJobEventsRequest.SerializeToString,
+                response_deserializer=jobwire_dot_v1_dot_job__service__pb2.ListJobEventsResponse.FromString,
+                _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/jobwire.v1.JobService/WatchJob',
                 request_serializer=jobwire_dot_v1_dot_job__service__pb2.WatchJobRequest.SerializeToString,
@@ -200,6 +205,13 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobEvents(self, request, context):
+        """Lists a job's retained events after `from_sequence`, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchJob(self, request, context):
         """Streams one job: its snapshot, the retained events after `from_sequence`,
         then live events; ends after the terminal event.
@@ -278,6 +290,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ListArtifacts,
                     request_deserializer=jobwire_dot_v1_dot_job__service__pb2.ListArtifactsRequest.FromString,
                     response_serializer=jobwire_dot_v1_dot_job__service__pb2.ListArtifactsResponse.SerializeToString,
+            ),
+            'ListJobEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobEvents,
+                    request_deserializer=jobwire_dot_v1_dot_job__service__pb2.ListJobEventsRequest.FromString,
+                    response_serializer=jobwire_dot_v1_dot_job__service__pb2.ListJobEventsResponse.SerializeToString,
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
@@ -614,6 +631,33 @@ class JobService:
             '/jobwire.v1.JobService/ListArtifacts',
             jobwire_dot_v1_dot_job__service__pb2.ListArtifactsRequest.SerializeToString,
             jobwire_dot_v1_dot_job__service__pb2.ListArtifactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobwire.v1.JobService/ListJobEvents',
+            jobwire_dot_v1_dot_job__service__pb2.ListJobEventsRequest.SerializeToString,
+            jobwire_dot_v1_dot_job__service__pb2.ListJobEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,6 +68,8 @@ class JobServiceStub:
     """Streams an artifact: first its metadata, then its data in chunks."""
     ListArtifacts: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListArtifactsRequest, _job_service_pb2.ListArtifactsResponse]
     """Lists a job's artifacts."""
+    ListJobEvents: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListJobEventsRequest, _job_service_pb2.ListJobEventsResponse]
+    """Lists a job's retained events after `from_sequence`, oldest first."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_job_service_pb2.WatchJobRequest, _job_service_pb2.WatchJobResponse]
     """Streams one job: its snapshot, the retained events after `from_sequence`,
     then live events; ends after the terminal event.
@@ -113,6 +115,8 @@ class JobServiceAsyncStub(JobServiceStub):
     """Streams an artifact: first its metadata, then its data in chunks."""
     ListArtifacts: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListArtifactsRequest, _job_service_pb2.ListArtifactsResponse]  # type: ignore[assignment]
     """Lists a job's artifacts."""
+    ListJobEvents: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListJobEventsRequest, _job_service_pb2.ListJobEventsResponse]  # type: ignore[assignment]
+    """Lists a job's retained events after `from_sequence`, oldest first."""
     WatchJob: _aio.UnaryStreamMultiCallable[_job_service_pb2.WatchJobRequest, _job_service_pb2.WatchJobResponse]  # type: ignore[assignment]
     """Streams one job: its snapshot, the retained events after `from_sequence`,
     then live events; ends after the terminal event.
@@ -227,6 +231,14 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_job_service_pb2.ListArtifactsResponse, _abc.Awaitable[_job_service_pb2.ListArtifactsResponse]]:
         """Lists a job's artifacts."""
+
+    @_abc_1.abstractmethod
+    def ListJobEvents(
+        self,
+        request: _job_service_pb2.ListJobEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.ListJobEventsResponse, _abc.Awaitable[_job_service_pb2.ListJobEventsResponse]]:
+        """Lists a job's retained events after `from_sequence`, oldest first."""
 
     @_abc_1.abstractmethod
     def WatchJob(
