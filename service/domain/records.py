@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2, log_pb2
 
@@ -102,4 +102,3 @@ class Policy:
     lease_ns: int = 60 * 1_000_000_000
     # Claims after which an expired lease fails the job instead of requeueing.
     max_attempts: int = 3
-    extra: dict[str, str] = field(default_factory=dict)

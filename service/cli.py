@@ -1,0 +1,308 @@
+"""The `jobwire` command: run the service and bridge, and talk to a running service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc, log_pb2
+
+from .config import Settings
+from .progress_bar import render
+
+TERMINAL = {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        raise SystemExit(2)
+    logging.basicConfig(
+        level=os.environ.get("JOBWIRE_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    raise SystemExit(args.func(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jobwire", description=__doc__)
+    sub = parser.add_subparsers(metavar="COMMAND")
+    target = os.environ.get("JOBWIRE_SERVICE_TARGET", "127.0.0.1:50051")
+
+    p = sub.add_parser("serve", help="run the gRPC service")
+    p.set_defaults(func=_serve)
+    p = sub.add_parser("bridge", help="run the HTTP bridge")
+    p.set_defaults(func=_bridge)
+    p = sub.add_parser("run", help="run the service and the HTTP bridge together")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("healthcheck", help="exit 0 when the service (or bridge) is healthy")
+    p.add_argument("--target", default=target)
+    p.add_argument("--http", default="", help="check this bridge URL instead (e.g. /readyz)")
+    p.set_defaults(func=_healthcheck)
+
+    p = sub.add_parser("watch", help="follow a job's progress until it ends")
+    p.add_argument("job_id")
+    p.add_argument("--target", default=target)
+    p.add_argument("--from-sequence", type=int, default=0)
+    p.set_defaults(func=lambda a: asyncio.run(_watch(a)))
+
+    jobs = sub.add_parser("jobs", help="create, get and list jobs").add_subparsers(metavar="ACTION")
+    p = jobs.add_parser("create", help="create a job; prints it with its callback token")
+    p.add_argument("--kind", required=True, choices=_names(job_pb2.JobKind, "JOB_KIND_"))
+    p.add_argument("--id", default="")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--video-url", default="")
+    p.add_argument("--title", default="")
+    p.add_argument("--playlist", default="")
+    p.add_argument("--subtitle", default="")
+    p.add_argument("--target", default=target)
+    p.set_defaults(func=lambda a: asyncio.run(_create(a)))
+    p = jobs.add_parser("get", help="print one job")
+    p.add_argument("job_id")
+    p.add_argument("--target", default=target)
+    p.set_defaults(func=lambda a: asyncio.run(_get(a)))
+    p = jobs.add_parser("list", help="list jobs, oldest first")
+    p.add_argument("--state", action="append", default=[], choices=_names(job_pb2.JobState, "JOB_STATE_"))
+    p.add_argument("--kind", default="", choices=["", *_names(job_pb2.JobKind, "JOB_KIND_")])
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--page-size", type=int, default=50)
+    p.add_argument("--page-token", default="")
+    p.add_argument("--target", default=target)
+    p.set_defaults(func=lambda a: asyncio.run(_list(a)))
+
+    p = sub.add_parser("logs", help="print log lines, newest first")
+    p.add_argument("--job", default="")
+    p.add_argument("--level", default="", choices=["", *_names(log_pb2.LogLevel, "LOG_LEVEL_")])
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--target", default=target)
+    p.set_defaults(func=lambda a: asyncio.run(_logs(a)))
+
+    try:
+        from http_bridge.worker_cli import register
+    except ImportError:  # the bridge package is optional for the service image
+        pass
+    else:
+        register(sub)
+    return parser
+
+
+# -- processes ---------------------------------------------------------------
+
+
+def _serve(_: argparse.Namespace) -> int:
+    from .server import serve
+
+    _install_uvloop()
+    asyncio.run(serve(Settings.from_env()))
+    return 0
+
+
+def _bridge(_: argparse.Namespace) -> int:
+    from http_bridge.server import main as bridge_main
+
+    bridge_main()
+    return 0
+
+
+def _run(_: argparse.Namespace) -> int:
+    """Service and bridge as two processes; the bridge starts once the service is healthy."""
+    settings = Settings.from_env()
+    env = dict(os.environ)
+    env.setdefault("JOBWIRE_SERVICE_TARGET", settings.grpc_addr)
+    cmd = [sys.executable, "-m", "service"]
+    service = subprocess.Popen([*cmd, "serve"], env=env)
+    children = [service]
+    stopping = False
+
+    def stop(*_: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    deadline = time.monotonic() + 30
+    while not _healthy(env["JOBWIRE_SERVICE_TARGET"]):
+        if service.poll() is not None or stopping or time.monotonic() > deadline:
+            stop()
+            service.wait()
+            print("jobwire: the service did not become healthy", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    children.append(subprocess.Popen([*cmd, "bridge"], env=env))
+    while all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    stop()
+    codes = [child.wait() for child in children]
+    return 0 if stopping else max(codes)
+
+
+def _healthy(target: str, timeout: float = 2.0) -> bool:
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        return False
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    if args.http:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(args.http, timeout=3) as reply:
+                return 0 if reply.status == 200 else 1
+        except OSError:
+            return 1
+    return 0 if _healthy(args.target) else 1
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    uvloop.install()
+
+
+# -- client commands ---------------------------------------------------------
+
+
+async def _watch(args: argparse.Namespace) -> int:
+    """Follows a job; reconnects with its last sequence when the service restarts."""
+    last = args.from_sequence
+    job: job_pb2.Job | None = None
+    delay = 0.2
+    while True:
+        try:
+            async with grpc.aio.insecure_channel(args.target) as channel:
+                stub = job_service_pb2_grpc.JobServiceStub(channel)
+                request = job_service_pb2.WatchJobRequest(id=args.job_id, from_sequence=last)
+                async for item in stub.WatchJob(request):
+                    delay = 0.2
+                    if item.HasField("snapshot"):
+                        job = item.snapshot
+                        _draw(job)
+                        continue
+                    event = item.event
+                    last = event.sequence
+                    if job is not None:
+                        _merge(job, event)
+                        _draw(job)
+                if job is not None and job.state in TERMINAL:
+                    sys.stdout.write("\n")
+                    return 0 if job.state == job_pb2.JOB_STATE_SUCCEEDED else 1
+        except grpc.aio.AioRpcError as err:
+            if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED):
+                print(f"\njobwire watch: {err.code().name}: {err.details()}", file=sys.stderr)
+                return 2
+        await asyncio.sleep(delay)  # back off before reconnecting
+        delay = min(delay * 2, 5.0)
+
+
+def _merge(job: job_pb2.Job, event: Any) -> None:
+    job.state = event.state
+    job.sequence = event.sequence
+    if event.HasField("progress"):
+        job.progress.CopyFrom(event.progress)
+    if event.HasField("error"):
+        job.error.CopyFrom(event.error)
+    if event.HasField("result"):
+        job.progress.percent = 100.0
+
+
+def _draw(job: job_pb2.Job) -> None:
+    sys.stdout.write("\r" + render(job, width=_columns()))
+    sys.stdout.flush()
+
+
+def _columns() -> int:
+    try:
+        return os.get_terminal_size().columns
+    except OSError:
+        return 80
+
+
+async def _create(args: argparse.Namespace) -> int:
+    job = job_pb2.Job(kind=job_pb2.JobKind.Value("JOB_KIND_" + args.kind))
+    job.labels.update(_pairs(args.label))
+    if args.video_url:
+        job.video.url = args.video_url
+        job.video.title = args.title
+        job.video.playlist = args.playlist
+        job.video.subtitle = args.subtitle
+    request = job_service_pb2.CreateJobRequest(job=job, job_id=args.id)
+    return await _call(args.target, "CreateJob", request)
+
+
+async def _get(args: argparse.Namespace) -> int:
+    return await _call(args.target, "GetJob", job_service_pb2.GetJobRequest(id=args.job_id))
+
+
+async def _list(args: argparse.Namespace) -> int:
+    request = job_service_pb2.ListJobsRequest(
+        page_size=args.page_size,
+        page_token=args.page_token,
+        states=[job_pb2.JobState.Value("JOB_STATE_" + s) for s in args.state],
+        kind=job_pb2.JobKind.Value("JOB_KIND_" + args.kind) if args.kind else 0,
+    )
+    request.labels.update(_pairs(args.label))
+    return await _call(args.target, "ListJobs", request)
+
+
+async def _logs(args: argparse.Namespace) -> int:
+    request = job_service_pb2.ListLogsRequest(
+        job_id=args.job,
+        level=log_pb2.LogLevel.Value("LOG_LEVEL_" + args.level) if args.level else 0,
+        limit=args.limit,
+    )
+    return await _call(args.target, "ListLogs", request)
+
+
+async def _call(target: str, method: str, request: Any) -> int:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = job_service_pb2_grpc.JobServiceStub(channel)
+        try:
+            reply = await getattr(stub, method)(request, timeout=10)
+        except grpc.aio.AioRpcError as err:
+            print(f"jobwire: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    print(json.dumps(json_format.MessageToDict(reply), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _pairs(items: list[str]) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"jobwire: --label wants KEY=VALUE, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
+def _names(enum_type: Any, prefix: str) -> list[str]:
+    return [n.removeprefix(prefix) for n in enum_type.keys() if not n.endswith("UNSPECIFIED")]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Group commit: commands that arrive while a commit is in flight share the next one.
+
+Each caller still gets its own outcome, and only after the commit that holds its
+command is durable. This is what amortises the fsync (SQLite) or the round trip
+(MongoDB) over many concurrent callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+from .domain.errors import DomainError, StorageUnavailable
+from .domain.records import Applied, Change, JobCommand
+from .store.port import Store
+
+Outcome = Change | DomainError
+
+
+class Committer:
+    def __init__(
+        self,
+        store: Store,
+        on_applied: Callable[[list[Applied]], None],
+        max_batch: int = 1024,
+    ) -> None:
+        self._store = store
+        self._on_applied = on_applied
+        self._max_batch = max_batch
+        self._queue: list[tuple[Sequence[JobCommand], asyncio.Future[list[Outcome]]]] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="committer")
+
+    async def submit(self, commands: Sequence[JobCommand]) -> list[Outcome]:
+        if self._closing:
+            raise StorageUnavailable("service is shutting down")
+        future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
+        self._queue.append((commands, future))
+        self._wakeup.set()
+        return await future
+
+    async def close(self) -> None:
+        """Commits what was submitted, then stops."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = self._take()
+            commands = [c for cmds, _ in batch for c in cmds]
+            try:
+                outcomes = await self._store.apply(commands)
+            except DomainError as err:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(err)
+                continue
+            except Exception as err:  # an adapter bug must not kill the loop
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(StorageUnavailable(f"storage error: {err!r}"))
+                continue
+            self._on_applied([o for o in outcomes if isinstance(o, Applied)])
+            start = 0
+            for cmds, future in batch:
+                if not future.done():
+                    future.set_result(outcomes[start : start + len(cmds)])
+                start += len(cmds)
+
+    def _take(self) -> list[tuple[Sequence[JobCommand], asyncio.Future[list[Outcome]]]]:
+        taken, size = 0, 0
+        for cmds, _ in self._queue:
+            if taken and size + len(cmds) > self._max_batch:
+                break
+            taken += 1
+            size += len(cmds)
+        batch, self._queue = self._queue[:taken], self._queue[taken:]
+        return batch

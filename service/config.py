@@ -1,0 +1,60 @@
+"""Service settings, read once from the environment (defaults from DESIGN.md)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .domain.records import Policy
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise SystemExit(f"{name} must be a number, got {raw!r}") from None
+
+
+def _int(name: str, default: int, minimum: int = 1) -> int:
+    value = _float(name, default)
+    if value != int(value) or value < minimum:
+        raise SystemExit(f"{name} must be a whole number >= {minimum}, got {value}")
+    return int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    grpc_addr: str = "127.0.0.1:50051"
+    data_dir: Path = Path("data")
+    mongodb_uri: str = ""
+    public_url: str = ""
+    lease_seconds: float = 60.0
+    max_attempts: int = 3
+    event_retention: int = 64
+    lease_sweep_seconds: float = 1.0
+    watch_buffer: int = 256
+    shutdown_grace_seconds: float = 10.0
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            grpc_addr=os.environ.get("JOBWIRE_GRPC_ADDR", cls.grpc_addr),
+            data_dir=Path(os.environ.get("JOBWIRE_DATA_DIR", "data")),
+            mongodb_uri=os.environ.get("MONGODB_URI", ""),
+            public_url=os.environ.get("JOBWIRE_PUBLIC_URL", "").rstrip("/"),
+            lease_seconds=_float("JOBWIRE_LEASE_SECONDS", cls.lease_seconds),
+            max_attempts=_int("JOBWIRE_MAX_ATTEMPTS", cls.max_attempts),
+            event_retention=_int("JOBWIRE_EVENT_RETENTION", cls.event_retention, minimum=8),
+            lease_sweep_seconds=_float("JOBWIRE_LEASE_SWEEP_SECONDS", cls.lease_sweep_seconds),
+            watch_buffer=_int("JOBWIRE_WATCH_BUFFER", cls.watch_buffer, minimum=4),
+            shutdown_grace_seconds=_float("JOBWIRE_SHUTDOWN_GRACE_SECONDS", 10.0),
+        )
+
+    def policy(self) -> Policy:
+        return Policy(
+            retention=self.event_retention,
+            lease_ns=int(self.lease_seconds * 1e9),
+            max_attempts=self.max_attempts,
+        )

@@ -1,0 +1,358 @@
+"""The use cases behind JobService: validation, storage, group commit, fan-out.
+
+Nothing here knows gRPC: it takes and returns protobuf messages and raises
+DomainError, which the servicer turns into a status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, job_service_pb2, log_pb2
+
+from .committer import Committer
+from .domain import events, validation
+from .domain.errors import Code, DomainError, invalid, not_found
+from .domain.records import (
+    TERMINAL_STATES,
+    Applied,
+    Cancel,
+    ExpireLease,
+    FailFromLog,
+    JobCommand,
+    JobRecord,
+    Policy,
+    Report,
+    Unchanged,
+)
+from .fanout import Fanout
+from .store.port import JobQuery, Store
+
+log = logging.getLogger("jobwire.jobs")
+
+MAX_PAGE_SIZE = 1000
+MAX_BATCH = 1000
+MAX_LOG_LIMIT = 1000
+
+# Where each kind of worker calls back, relative to JOBWIRE_PUBLIC_URL.
+_CALLBACK_PATHS = {
+    job_pb2.JOB_KIND_BATCH: "/api/batch-callback",
+    job_pb2.JOB_KIND_VIDEO: "/api/report",
+    job_pb2.JOB_KIND_TRANSCODE: "/api/transcode-callback",
+    job_pb2.JOB_KIND_EXTRACTION: "/api/external/jobs/{id}",
+}
+
+WatchItem = job_pb2.Job | event_pb2.JobEvent
+
+
+class Jobs:
+    def __init__(self, store: Store, fanout: Fanout, policy: Policy, public_url: str = "") -> None:
+        self.store = store
+        self.fanout = fanout
+        self.policy = policy
+        self._public_url = public_url
+        self._committer = Committer(store, self._published)
+
+    async def start(self) -> None:
+        self._committer.start()
+
+    async def close(self) -> None:
+        await self._committer.close()
+
+    def _published(self, applied: list[Applied]) -> None:
+        self.fanout.publish(a.event for a in applied)
+
+    # -- jobs --------------------------------------------------------------
+
+    async def create(
+        self, request: job_service_pb2.CreateJobRequest
+    ) -> job_service_pb2.CreateJobResponse:
+        job_id = request.job_id or request.job.id or str(uuid.uuid4())
+        validation.job_id(job_id)
+        validation.kind(request.job.kind, "job.kind")
+        validation.labels(request.job.labels)
+        if request.job.HasField("video") and request.job.kind != job_pb2.JOB_KIND_VIDEO:
+            raise invalid("job.video is only for JOB_KIND_VIDEO jobs")
+        record, token = events.new_record(job_id, request.job.kind, time.time_ns(), request.job)
+        await self.store.create(record)
+        return job_service_pb2.CreateJobResponse(
+            job=record.job, callback_token=token, callback_url=self._callback_url(record.job)
+        )
+
+    async def get(self, job_id: str, token: str = "") -> job_pb2.Job:
+        return (await self._record(job_id, token)).job
+
+    async def list_jobs(
+        self, request: job_service_pb2.ListJobsRequest
+    ) -> job_service_pb2.ListJobsResponse:
+        limit = validation.bounded(request.page_size, "page_size", 50, MAX_PAGE_SIZE)
+        validation.states(list(request.states))
+        validation.optional_kind(request.kind)
+        after = _decode_page_token(request.page_token) if request.page_token else None
+        query = JobQuery(
+            states=tuple(request.states),
+            kind=request.kind,
+            labels=dict(request.labels),
+            limit=limit + 1,
+            after=after,
+        )
+        jobs = await self.store.list_jobs(query)
+        response = job_service_pb2.ListJobsResponse(jobs=jobs[:limit])
+        if len(jobs) > limit:
+            last = jobs[limit - 1]
+            response.next_page_token = _encode_page_token(last.create_time.ToNanoseconds(), last.id)
+        return response
+
+    async def cancel(self, job_id: str, reason: str) -> job_pb2.Job:
+        validation.job_id(job_id, "id")
+        change = await self._one(JobCommand(job_id, Cancel(validation.message(reason, "reason"))))
+        return change.record.job if isinstance(change, Applied) else change.job
+
+    async def claim(
+        self, kind: int, worker_id: str, lease_ns: int
+    ) -> job_service_pb2.ClaimJobResponse:
+        validation.kind(kind)
+        if lease_ns < 0:
+            raise invalid("lease_duration must not be negative")
+        if len(worker_id) > 256:
+            raise invalid("worker_id must be at most 256 characters")
+        applied = await self.store.claim(kind, worker_id, lease_ns or self.policy.lease_ns)
+        if applied is None:
+            return job_service_pb2.ClaimJobResponse()
+        self.fanout.publish([applied.event])
+        return job_service_pb2.ClaimJobResponse(job=applied.record.job)
+
+    # -- events ------------------------------------------------------------
+
+    async def report(
+        self, request: job_service_pb2.ReportEventRequest
+    ) -> job_service_pb2.ReportEventResponse:
+        events.validate_report(request)
+        outcome = await self._one(JobCommand(request.job_id, Report(request)))
+        return _response(outcome)
+
+    async def report_batch(
+        self, requests: Sequence[job_service_pb2.ReportEventRequest]
+    ) -> list[job_service_pb2.ReportEventResult]:
+        if len(requests) > MAX_BATCH:
+            raise invalid(f"requests must hold at most {MAX_BATCH} events")
+        results: list[job_service_pb2.ReportEventResult | None] = [None] * len(requests)
+        commands: list[JobCommand] = []
+        positions: list[int] = []
+        for i, request in enumerate(requests):
+            try:
+                events.validate_report(request)
+            except DomainError as err:
+                results[i] = job_service_pb2.ReportEventResult(
+                    code=err.code, message=f"requests[{i}]: {err.message}"
+                )
+                continue
+            commands.append(JobCommand(request.job_id, Report(request)))
+            positions.append(i)
+        if commands:
+            for i, outcome in zip(positions, await self._committer.submit(commands), strict=True):
+                if isinstance(outcome, DomainError):
+                    results[i] = job_service_pb2.ReportEventResult(
+                        code=outcome.code, message=outcome.message
+                    )
+                else:
+                    results[i] = job_service_pb2.ReportEventResult(response=_response(outcome))
+        return [r for r in results if r is not None]
+
+    async def list_events(
+        self, job_id: str, from_sequence: int, token: str = ""
+    ) -> list[event_pb2.JobEvent]:
+        await self._record(job_id, token)
+        return await self.store.events_after(job_id, max(from_sequence, 0))
+
+    async def expire_leases(self, limit: int = 500) -> int:
+        """Requeues (or fails) RUNNING jobs whose lease lapsed. Returns how many changed."""
+        ids = await self.store.expired_leases(time.time_ns(), limit)
+        if not ids:
+            return 0
+        command = ExpireLease(self.policy.max_attempts)
+        outcomes = await self._committer.submit([JobCommand(i, command) for i in ids])
+        return sum(isinstance(o, Applied) for o in outcomes)
+
+    async def sweep_leases_forever(self, interval: float) -> None:
+        while True:
+            try:
+                await self.expire_leases()
+            except DomainError as err:
+                log.warning("lease sweep failed: %s", err.message)
+            await asyncio.sleep(interval)
+
+    # -- logs --------------------------------------------------------------
+
+    async def write_log(
+        self, entry: log_pb2.LogEntry, token: str = ""
+    ) -> job_service_pb2.WriteLogResponse:
+        validation.log_level(entry.level, "entry.level")
+        if not entry.message:
+            raise invalid("entry.message is required")
+        validation.message(entry.message, "entry.message")
+        stored = log_pb2.LogEntry()
+        stored.CopyFrom(entry)
+        stored.job_id = entry.job_id or validation.UNKNOWN_JOB
+        if stored.job_id != validation.UNKNOWN_JOB:
+            validation.job_id(stored.job_id, "entry.job_id")
+        now = time.time_ns()
+        stored.record_time.FromNanoseconds(now)
+        if not entry.HasField("time"):
+            stored.time.FromNanoseconds(now)
+        record = None
+        if token or stored.job_id != validation.UNKNOWN_JOB:
+            record = await self.store.get(stored.job_id)
+            if token:
+                if record is None:
+                    raise not_found(stored.job_id)
+                events.check_token(record, token)
+        failed = False
+        if entry.level == log_pb2.LOG_LEVEL_ERROR and record is not None and not record.terminal:
+            # Keyed by the line's content, so a retried line fails the job once.
+            key = "log:" + hashlib.sha256(stored.SerializeToString(deterministic=True)).hexdigest()
+            command = FailFromLog(stored, key)
+            change = await self._one(JobCommand(stored.job_id, command))
+            failed = isinstance(change, Applied)
+        await self.store.write_log(stored)
+        return job_service_pb2.WriteLogResponse(entry=stored, job_failed=failed)
+
+    async def list_logs(
+        self, request: job_service_pb2.ListLogsRequest
+    ) -> list[log_pb2.LogEntry]:
+        limit = validation.bounded(request.limit, "limit", 50, MAX_LOG_LIMIT)
+        validation.log_level(request.level, allow_unspecified=True)
+        if request.job_id and request.job_id != validation.UNKNOWN_JOB:
+            validation.job_id(request.job_id)
+        if request.callback_token:
+            await self._record(request.job_id, request.callback_token)
+        return await self.store.list_logs(request.job_id, request.level, limit)
+
+    # -- artifacts ---------------------------------------------------------
+
+    async def upload_artifact(
+        self, header: job_service_pb2.ArtifactHeader, chunks: AsyncIterator[bytes]
+    ) -> artifact_pb2.Artifact:
+        validation.artifact_name(header.name)
+        await self._record(header.job_id, header.callback_token)
+        meta = artifact_pb2.Artifact(
+            job_id=header.job_id,
+            name=header.name,
+            content_type=header.content_type or "application/octet-stream",
+        )
+        return await self.store.put_artifact(meta, chunks)
+
+    async def open_artifact(
+        self, job_id: str, name: str, token: str = ""
+    ) -> tuple[artifact_pb2.Artifact, AsyncIterator[bytes]]:
+        validation.artifact_name(name)
+        await self._record(job_id, token)
+        found = await self.store.open_artifact(job_id, name)
+        if found is None:
+            raise DomainError(Code.NOT_FOUND, f"artifact {name!r} of job {job_id!r} not found")
+        return found
+
+    async def list_artifacts(self, job_id: str, token: str = "") -> list[artifact_pb2.Artifact]:
+        await self._record(job_id, token)
+        return await self.store.list_artifacts(job_id)
+
+    # -- watching ----------------------------------------------------------
+
+    async def watch_job(self, job_id: str, from_sequence: int) -> AsyncIterator[WatchItem]:
+        """Snapshot, retained events after `from_sequence`, live events; ends at terminal."""
+        validation.job_id(job_id, "id")
+        if from_sequence < 0:
+            raise invalid("from_sequence must not be negative")
+        # Subscribe before reading, so nothing committed in between is missed;
+        # the sequence check below drops what both paths deliver.
+        sub = self.fanout.subscribe(job_id=job_id)
+        try:
+            record = await self.store.get(job_id)
+            if record is None:
+                raise not_found(job_id)
+            yield record.job
+            last = from_sequence
+            if record.terminal and last >= record.job.sequence:
+                return
+            for event in await self.store.events_after(job_id, last):
+                yield event
+                last = event.sequence
+                if event.state in TERMINAL_STATES:
+                    return
+            while True:
+                for event in await sub.next_batch():
+                    if event.sequence <= last:
+                        continue
+                    yield event
+                    last = event.sequence
+                    if event.state in TERMINAL_STATES:
+                        return
+        finally:
+            self.fanout.unsubscribe(sub)
+
+    async def watch_jobs(self, kind: int, states: Sequence[int]) -> AsyncIterator[event_pb2.JobEvent]:
+        validation.optional_kind(kind)
+        validation.states(list(states))
+        sub = self.fanout.subscribe(kind=kind, states=states)
+        try:
+            while True:
+                for event in await sub.next_batch():
+                    yield event
+        finally:
+            self.fanout.unsubscribe(sub)
+
+    # -- helpers -----------------------------------------------------------
+
+    async def _record(self, job_id: str, token: str) -> JobRecord:
+        validation.job_id(job_id)
+        record = await self.store.get(job_id)
+        if record is None:
+            raise not_found(job_id)
+        events.check_token(record, token)
+        return record
+
+    async def _one(self, command: JobCommand) -> Applied | Unchanged:
+        (outcome,) = await self._committer.submit([command])
+        if isinstance(outcome, DomainError):
+            raise outcome
+        return outcome
+
+    def _callback_url(self, job: job_pb2.Job) -> str:
+        path = _CALLBACK_PATHS.get(job.kind)
+        if not self._public_url or path is None:
+            return ""
+        return self._public_url + path.format(id=job.id)
+
+
+def _response(outcome: Applied | Unchanged) -> job_service_pb2.ReportEventResponse:
+    if isinstance(outcome, Applied):
+        job = outcome.record.job
+        return job_service_pb2.ReportEventResponse(
+            job_id=job.id, sequence=job.sequence, state=job.state
+        )
+    job = outcome.job
+    return job_service_pb2.ReportEventResponse(
+        job_id=job.id, sequence=job.sequence, state=job.state, duplicate=True
+    )
+
+
+def _encode_page_token(create_ns: int, job_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([create_ns, job_id]).encode()).decode()
+
+
+def _decode_page_token(token: str) -> tuple[int, str]:
+    try:
+        create_ns, job_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+        if not isinstance(create_ns, int) or not isinstance(job_id, str):
+            raise ValueError
+        return create_ns, job_id
+    except (ValueError, TypeError, binascii.Error):
+        raise invalid("page_token is invalid; pass next_page_token unchanged") from None

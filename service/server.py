@@ -1,0 +1,87 @@
+"""Builds and runs the grpc.aio server: servicer, health, reflection, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from jobwire.v1 import job_service_pb2, job_service_pb2_grpc
+
+from .config import Settings
+from .fanout import Fanout
+from .jobs import Jobs
+from .servicer import JobServicer
+from .store.factory import open_store
+from .store.port import Store
+
+log = logging.getLogger("jobwire.server")
+SERVICE_NAME = job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
+
+
+@dataclass
+class RunningService:
+    server: grpc.aio.Server
+    port: int
+    jobs: Jobs
+    store: Store
+    health: health.aio.HealthServicer
+    sweeper: asyncio.Task[None]
+
+    async def stop(self, grace: float) -> None:
+        """Stops accepting calls, lets in-flight ones finish, ends watch streams cleanly."""
+        await self.health.enter_graceful_shutdown()
+        self.sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.sweeper
+        # Watchers get UNAVAILABLE after draining their buffers, so they reconnect
+        # (to another replica, or to this one after a restart) with no gap.
+        self.jobs.fanout.close_all()
+        await self.server.stop(grace)
+        await self.jobs.close()
+        await self.store.close()
+
+
+async def start(settings: Settings, store: Store | None = None) -> RunningService:
+    store = store if store is not None else open_store(settings)
+    await store.start()
+    jobs = Jobs(store, Fanout(settings.watch_buffer), store.policy, settings.public_url)
+    await jobs.start()
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(jobs), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(settings.grpc_addr)
+    if port == 0:
+        raise SystemExit(f"cannot listen on JOBWIRE_GRPC_ADDR={settings.grpc_addr}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    sweeper = asyncio.get_running_loop().create_task(
+        jobs.sweep_leases_forever(settings.lease_sweep_seconds), name="lease-sweeper"
+    )
+    return RunningService(server, port, jobs, store, health_servicer, sweeper)
+
+
+async def serve(settings: Settings) -> None:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    running = await start(settings)
+    store_name = "MongoDB" if settings.mongodb_uri else f"embedded store in {settings.data_dir}"
+    log.info("jobwire service listening on %s (%s)", settings.grpc_addr, store_name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down (grace %.0fs)", settings.shutdown_grace_seconds)
+    await running.stop(settings.shutdown_grace_seconds)

@@ -1,0 +1,178 @@
+"""The gRPC servicer: reads like the proto, delegates every call to `Jobs`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
+
+import grpc
+
+from jobwire.v1 import artifact_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
+
+from .domain.errors import Code, DomainError
+from .fanout import SubscriptionClosed
+from .jobs import Jobs
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Context = grpc.aio.ServicerContext
+
+
+def _status(err: DomainError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, err.code.name)  # type: ignore[no-any-return]
+
+
+def unary(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Turns a DomainError into the matching status, with its message."""
+
+    @wraps(fn)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except DomainError as err:
+            context: Any = args[-1]
+            await context.abort(_status(err), err.message)
+            raise AssertionError("unreachable") from None
+
+    return call
+
+
+def streaming(fn: Callable[P, AsyncIterator[R]]) -> Callable[P, AsyncIterator[R]]:
+    @wraps(fn)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> AsyncIterator[R]:
+        context: Any = args[-1]
+        try:
+            async for item in fn(*args, **kwargs):
+                yield item
+        except DomainError as err:
+            await context.abort(_status(err), err.message)
+        except SubscriptionClosed as err:
+            code = grpc.StatusCode.UNAVAILABLE if err.shutting_down else grpc.StatusCode.ABORTED
+            await context.abort(code, str(err))
+
+    return call
+
+
+class JobServicer(job_service_pb2_grpc.JobServiceServicer):
+    def __init__(self, jobs: Jobs) -> None:
+        self._jobs = jobs
+
+    @unary
+    async def CreateJob(
+        self, request: job_service_pb2.CreateJobRequest, context: Context
+    ) -> job_service_pb2.CreateJobResponse:
+        return await self._jobs.create(request)
+
+    @unary
+    async def GetJob(self, request: job_service_pb2.GetJobRequest, context: Context) -> job_pb2.Job:
+        return await self._jobs.get(request.id, request.callback_token)
+
+    @unary
+    async def ListJobs(
+        self, request: job_service_pb2.ListJobsRequest, context: Context
+    ) -> job_service_pb2.ListJobsResponse:
+        return await self._jobs.list_jobs(request)
+
+    @unary
+    async def CancelJob(
+        self, request: job_service_pb2.CancelJobRequest, context: Context
+    ) -> job_pb2.Job:
+        return await self._jobs.cancel(request.id, request.reason)
+
+    @unary
+    async def ClaimJob(
+        self, request: job_service_pb2.ClaimJobRequest, context: Context
+    ) -> job_service_pb2.ClaimJobResponse:
+        lease_ns = request.lease_duration.ToNanoseconds()
+        return await self._jobs.claim(request.kind, request.worker_id, lease_ns)
+
+    @unary
+    async def ReportEvent(
+        self, request: job_service_pb2.ReportEventRequest, context: Context
+    ) -> job_service_pb2.ReportEventResponse:
+        return await self._jobs.report(request)
+
+    @unary
+    async def BatchReportEvents(
+        self, request: job_service_pb2.BatchReportEventsRequest, context: Context
+    ) -> job_service_pb2.BatchReportEventsResponse:
+        results = await self._jobs.report_batch(request.requests)
+        return job_service_pb2.BatchReportEventsResponse(results=results)
+
+    @unary
+    async def WriteLog(
+        self, request: job_service_pb2.WriteLogRequest, context: Context
+    ) -> job_service_pb2.WriteLogResponse:
+        return await self._jobs.write_log(request.entry, request.callback_token)
+
+    @unary
+    async def ListLogs(
+        self, request: job_service_pb2.ListLogsRequest, context: Context
+    ) -> job_service_pb2.ListLogsResponse:
+        return job_service_pb2.ListLogsResponse(entries=await self._jobs.list_logs(request))
+
+    @unary
+    async def UploadArtifact(
+        self,
+        request_iterator: AsyncIterator[job_service_pb2.UploadArtifactRequest],
+        context: Context,
+    ) -> artifact_pb2.Artifact:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise DomainError(Code.INVALID_ARGUMENT, "the first UploadArtifactRequest must carry the header")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for part in request_iterator:
+                if part.WhichOneof("part") != "data":
+                    raise DomainError(Code.INVALID_ARGUMENT, "only the first message may carry a header")
+                yield part.data
+
+        return await self._jobs.upload_artifact(first.header, chunks())
+
+    @streaming
+    async def ReadArtifact(
+        self, request: job_service_pb2.ReadArtifactRequest, context: Context
+    ) -> AsyncIterator[job_service_pb2.ReadArtifactResponse]:
+        meta, content = await self._jobs.open_artifact(
+            request.job_id, request.name, request.callback_token
+        )
+        yield job_service_pb2.ReadArtifactResponse(artifact=meta)
+        async for chunk in content:
+            yield job_service_pb2.ReadArtifactResponse(data=chunk)
+
+    @unary
+    async def ListArtifacts(
+        self, request: job_service_pb2.ListArtifactsRequest, context: Context
+    ) -> job_service_pb2.ListArtifactsResponse:
+        artifacts = await self._jobs.list_artifacts(request.job_id, request.callback_token)
+        return job_service_pb2.ListArtifactsResponse(artifacts=artifacts)
+
+    @unary
+    async def ListJobEvents(
+        self, request: job_service_pb2.ListJobEventsRequest, context: Context
+    ) -> job_service_pb2.ListJobEventsResponse:
+        events = await self._jobs.list_events(
+            request.job_id, request.from_sequence, request.callback_token
+        )
+        return job_service_pb2.ListJobEventsResponse(events=events)
+
+    @streaming
+    async def WatchJob(
+        self, request: job_service_pb2.WatchJobRequest, context: Context
+    ) -> AsyncIterator[job_service_pb2.WatchJobResponse]:
+        async for item in self._jobs.watch_job(request.id, request.from_sequence):
+            if isinstance(item, job_pb2.Job):
+                yield job_service_pb2.WatchJobResponse(snapshot=item)
+            else:
+                yield job_service_pb2.WatchJobResponse(event=item)
+
+    @streaming
+    async def WatchJobs(
+        self, request: job_service_pb2.WatchJobsRequest, context: Context
+    ) -> AsyncIterator[job_service_pb2.WatchJobsResponse]:
+        async for event in self._jobs.watch_jobs(request.kind, request.states):
+            response = job_service_pb2.WatchJobsResponse(event=event)
+            response.send_time.GetCurrentTime()
+            yield response
+

@@ -1,0 +1,16 @@
+"""Picks the store: MongoDB when MONGODB_URI is set, the embedded store otherwise."""
+
+from __future__ import annotations
+
+from ..config import Settings
+from .embedded import EmbeddedStore
+from .port import Store
+
+
+def open_store(settings: Settings) -> Store:
+    policy = settings.policy()
+    if settings.mongodb_uri:
+        from .mongo import MongoStore  # imported lazily: the embedded path needs no driver
+
+        return MongoStore.from_env(policy)
+    return EmbeddedStore(settings.data_dir, policy)

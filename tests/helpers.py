@@ -1,0 +1,62 @@
+"""Small builders and waiters shared by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+
+from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
+
+WAIT = 10.0  # seconds any single expected event may take before a test fails
+
+
+async def create(
+    stub: job_service_pb2_grpc.JobServiceStub,
+    kind: int = job_pb2.JOB_KIND_GENERIC,
+    job_id: str = "",
+    **labels: str,
+) -> job_service_pb2.CreateJobResponse:
+    job = job_pb2.Job(kind=kind)
+    job.labels.update(labels)
+    return await stub.CreateJob(job_service_pb2.CreateJobRequest(job=job, job_id=job_id))
+
+
+def progress(
+    job_id: str, percent: float, key: str = "", message: str = ""
+) -> job_service_pb2.ReportEventRequest:
+    return job_service_pb2.ReportEventRequest(
+        job_id=job_id,
+        idempotency_key=key or f"p-{percent}",
+        progress=job_pb2.Progress(percent=percent, phase="work", message=message),
+    )
+
+
+def completed(job_id: str, key: str = "done", output_key: str = "out/x") -> (
+    job_service_pb2.ReportEventRequest
+):
+    return job_service_pb2.ReportEventRequest(
+        job_id=job_id, idempotency_key=key, completed=job_pb2.Result(output_key=output_key)
+    )
+
+
+def failed(job_id: str, key: str = "fail", message: str = "boom") -> (
+    job_service_pb2.ReportEventRequest
+):
+    return job_service_pb2.ReportEventRequest(
+        job_id=job_id, idempotency_key=key, failed=job_pb2.JobError(code="E", message=message)
+    )
+
+
+async def read(call: Any, timeout: float = WAIT) -> Any:
+    """The stream's next message (grpc.aio.EOF at its end), or a failure after `timeout`."""
+    return await asyncio.wait_for(call.read(), timeout)
+
+
+async def read_all(call: Any, timeout: float = WAIT) -> list[Any]:
+    """Every message until the server ends the stream."""
+    items = []
+    while (item := await read(call, timeout)) is not grpc.aio.EOF:
+        items.append(item)
+    return items

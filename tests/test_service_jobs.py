@@ -1,0 +1,121 @@
+"""CreateJob, GetJob, ListJobs, CancelJob over the real gRPC server, on both stores."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from jobwire.v1 import job_pb2, job_service_pb2
+from tests.conftest import ServiceHandle
+from tests.helpers import create
+
+
+async def test_create_get_roundtrip(service: ServiceHandle) -> None:
+    created = await create(service.stub, job_pb2.JOB_KIND_BATCH, "batch-1", team="video")
+    assert created.job.id == "batch-1"
+    assert created.job.state == job_pb2.JOB_STATE_QUEUED
+    assert created.job.sequence == 0
+    assert created.job.has_callback_token
+    assert len(created.callback_token) >= 32
+    got = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="batch-1"))
+    assert got == created.job
+    assert dict(got.labels) == {"team": "video"}
+
+
+async def test_generated_id_and_video_details(service: ServiceHandle) -> None:
+    job = job_pb2.Job(kind=job_pb2.JOB_KIND_VIDEO, video=job_pb2.Video(url="https://x/v.mp4"))
+    created = await service.stub.CreateJob(job_service_pb2.CreateJobRequest(job=job))
+    assert len(created.job.id) == 36
+    assert created.job.video.url == "https://x/v.mp4"
+
+
+async def test_duplicate_id_is_already_exists(service: ServiceHandle) -> None:
+    await create(service.stub, job_id="same")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await create(service.stub, job_id="same")
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "same" in (err.value.details() or "")
+
+
+async def test_unknown_job_is_not_found(service: ServiceHandle) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.GetJob(job_service_pb2.GetJobRequest(id="nope"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "nope" in (err.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (job_service_pb2.CreateJobRequest(job=job_pb2.Job()), "job.kind"),
+        (
+            job_service_pb2.CreateJobRequest(
+                job=job_pb2.Job(kind=job_pb2.JOB_KIND_GENERIC), job_id="bad id/"
+            ),
+            "job_id",
+        ),
+    ],
+)
+async def test_bad_create_names_the_field(
+    service: ServiceHandle, request_: job_service_pb2.CreateJobRequest, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.CreateJob(request_)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (err.value.details() or "")
+    listed = await service.stub.ListJobs(job_service_pb2.ListJobsRequest())
+    assert list(listed.jobs) == []
+
+
+async def test_list_filters_and_pages(service: ServiceHandle) -> None:
+    for i in range(7):
+        kind = job_pb2.JOB_KIND_VIDEO if i % 2 else job_pb2.JOB_KIND_BATCH
+        await create(service.stub, kind, f"job-{i}", parity=str(i % 2))
+    await service.stub.CancelJob(job_service_pb2.CancelJobRequest(id="job-0", reason="no"))
+
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await service.stub.ListJobs(
+            job_service_pb2.ListJobsRequest(page_size=3, page_token=token)
+        )
+        seen += [j.id for j in page.jobs]
+        assert len(page.jobs) <= 3
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [f"job-{i}" for i in range(7)]
+
+    videos = await service.stub.ListJobs(
+        job_service_pb2.ListJobsRequest(kind=job_pb2.JOB_KIND_VIDEO)
+    )
+    assert [j.id for j in videos.jobs] == ["job-1", "job-3", "job-5"]
+    labelled = await service.stub.ListJobs(job_service_pb2.ListJobsRequest(labels={"parity": "0"}))
+    assert [j.id for j in labelled.jobs] == ["job-0", "job-2", "job-4", "job-6"]
+    cancelled = await service.stub.ListJobs(
+        job_service_pb2.ListJobsRequest(states=[job_pb2.JOB_STATE_CANCELLED])
+    )
+    assert [j.id for j in cancelled.jobs] == ["job-0"]
+    queued_batch = await service.stub.ListJobs(
+        job_service_pb2.ListJobsRequest(
+            states=[job_pb2.JOB_STATE_QUEUED], kind=job_pb2.JOB_KIND_BATCH, labels={"parity": "0"}
+        )
+    )
+    assert [j.id for j in queued_batch.jobs] == ["job-2", "job-4", "job-6"]
+
+
+async def test_bad_page_token_is_invalid_argument(service: ServiceHandle) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.ListJobs(job_service_pb2.ListJobsRequest(page_token="%%%"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_token" in (err.value.details() or "")
+
+
+async def test_cancel_is_final(service: ServiceHandle) -> None:
+    await create(service.stub, job_id="c1")
+    job = await service.stub.CancelJob(job_service_pb2.CancelJobRequest(id="c1", reason="user"))
+    assert job.state == job_pb2.JOB_STATE_CANCELLED
+    assert job.error.message == "user"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.CancelJob(job_service_pb2.CancelJobRequest(id="c1"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
