@@ -1,0 +1,1 @@
+"""HTTP bridge: translates the four worker callback contracts into JobService gRPC calls."""

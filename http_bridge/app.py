@@ -1,0 +1,22 @@
+"""Assembles the aiohttp application: one route table per contract, health, OpenAPI."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from . import aurora, aws_batch, health, openapi, secretary, video_worker
+from .config import Config
+from .grpc_client import CONFIG, grpc_context
+
+CONTRACT_ROUTES = (aws_batch.routes, video_worker.routes, aurora.routes, secretary.routes)
+
+
+def create_app(config: Config) -> web.Application:
+    # Each handler enforces its own body limit while reading (1 MiB, or the larger
+    # one for the Secretary final event); aiohttp's own limit must not undercut it.
+    app = web.Application(client_max_size=max(config.max_body_bytes, config.max_final_body_bytes))
+    app[CONFIG] = config
+    app.cleanup_ctx.append(grpc_context)
+    for table in (*CONTRACT_ROUTES, health.routes, openapi.routes):
+        app.add_routes(table)
+    return app

@@ -1,0 +1,148 @@
+"""AuroraCloud transcoding callback (specs/aurora-transcode-callback.en.txt).
+
+`POST /api/transcode-callback[/{token}]` carries a batch of task outcomes. Each task is
+applied by `task_id` with idempotency key `aurora:{task_id}:{status}` (AuroraCloud
+retries up to 3 times); an unknown task id becomes a new transcode job. The answer is
+200 `{"ack": true}` once every task is durable; a task that meets a job already
+finished with another outcome is acknowledged and logged (retrying cannot change it);
+only an unavailable service/storage answers 5xx, so AuroraCloud retries.
+
+Auth: `TRANSCODE_CALLBACK_TOKEN` (path segment, `Authorization: Bearer` or
+`X-Callback-Token`) and/or `TRANSCODE_ALLOWED_IPS`; each one configured must pass, and
+with neither configured every request is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from typing import Annotated, Any, Literal
+
+import grpc
+import pydantic
+from aiohttp import web
+from jobwire.v1 import job_pb2
+from jobwire.v1 import job_service_pb2 as svc
+
+from .common import (
+    STRICT,
+    header_token,
+    parse_json,
+    read_body,
+    report_event,
+    seconds_duration,
+    secret_matches,
+    validate,
+)
+from .errors import BridgeError, RpcFailed, contract_errors, json_response
+from .grpc_client import config_of
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+TaskId = Annotated[str, pydantic.StringConstraints(pattern=r"^[A-Za-z0-9._:\-]{1,128}$")]
+Text = Annotated[str, pydantic.StringConstraints(max_length=4096)]
+Seconds = Annotated[float, pydantic.Field(ge=0, le=10**9, allow_inf_nan=False)]
+
+
+class Task(pydantic.BaseModel):
+    model_config = STRICT
+
+    task_id: TaskId
+    status: Literal["succeeded", "failed"]
+    input: Text | None = None
+    output: Text | None = None
+    format: Annotated[str, pydantic.StringConstraints(max_length=32)] | None = None
+    duration: Seconds | None = None
+    spend_time: Seconds | None = None
+    error_code: int | Text | None = None
+    error_msg: Text | None = None
+
+
+class Notification(pydantic.BaseModel):
+    model_config = STRICT
+
+    code: int
+    msg: Text
+    callback_url: Text | None = None
+    data: Annotated[list[Task], pydantic.Field(max_length=1000)]
+
+
+class Ack(pydantic.BaseModel):
+    ack: bool
+    error: str | None = None
+
+
+def render_error(err: BridgeError) -> dict[str, Any]:
+    return {"ack": False, "error": err.message if err.status < 500 else "service unavailable"}
+
+
+def authorize(request: web.Request) -> None:
+    config = config_of(request)
+    if not config.transcode_callback_token and not config.transcode_allowed_ips:
+        raise BridgeError(401, "endpoint not configured")
+    if config.transcode_callback_token:
+        given = request.match_info.get("token") or header_token(request)
+        if not secret_matches(given, config.transcode_callback_token):
+            raise BridgeError(401, "invalid or missing callback token")
+    if config.transcode_allowed_ips:
+        try:
+            peer = ipaddress.ip_address(request.remote or "")
+        except ValueError:
+            raise BridgeError(403, "source address not allowed") from None
+        if not any(peer in net for net in config.transcode_allowed_ips):
+            raise BridgeError(403, "source address not allowed")
+
+
+def to_event(task: Task, idempotency_prefix: str) -> svc.ReportEventRequest:
+    event = svc.ReportEventRequest(
+        job_id=task.task_id,
+        idempotency_key=f"{idempotency_prefix}{task.task_id}:{task.status}",
+        create_kind=job_pb2.JOB_KIND_TRANSCODE,
+    )
+    if task.status == "succeeded":
+        result = event.completed
+        result.output_uri = task.output or ""
+        result.input_uri = task.input or ""
+        result.format = task.format or ""
+        if task.duration is not None:
+            result.media_duration.CopyFrom(seconds_duration(task.duration))
+        if task.spend_time is not None:
+            result.processing_time.CopyFrom(seconds_duration(task.spend_time))
+    else:
+        event.failed.code = "" if task.error_code is None else str(task.error_code)
+        event.failed.message = task.error_msg or "transcoding failed"
+    return event
+
+
+async def apply_task(request: web.Request, event: svc.ReportEventRequest) -> None:
+    try:
+        await report_event(request, event)
+    except RpcFailed as exc:
+        if exc.code != grpc.StatusCode.FAILED_PRECONDITION:
+            raise
+        # Already finished with another outcome: a retry cannot change that, so ack.
+        log.warning("aurora task %s: %s (acknowledged)", event.job_id, exc.message)
+
+
+@routes.post("/api/transcode-callback")
+@routes.post("/api/transcode-callback/{token}")
+@contract_errors(render_error)
+async def transcode_callback(request: web.Request) -> web.StreamResponse:
+    authorize(request)
+    body = await read_body(request, config_of(request).max_body_bytes)
+    notification = validate(Notification, parse_json(body.data))
+    given = request.headers.get("Idempotency-Key", "").strip()
+    prefix = f"aurora:hdr:{given[:128]}:" if given else "aurora:"
+    events = [to_event(task, prefix) for task in notification.data]
+    outcomes = await asyncio.gather(
+        *(apply_task(request, e) for e in events), return_exceptions=True
+    )
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    if failures:
+        # The most retry-worthy failure decides: a 5xx lets AuroraCloud retry the
+        # whole batch, and the tasks already stored are acknowledged as duplicates.
+        worst = max(failures, key=lambda f: getattr(f, "status", 500))
+        raise worst
+    return json_response({"ack": True})

@@ -1,0 +1,96 @@
+"""Gathers concurrent ReportEvent calls into BatchReportEvents RPCs.
+
+Whatever arrived while the previous batch was in flight goes out as the next batch
+(up to `max_batch`), so the service can make many callbacks durable with one commit.
+Each caller still gets its own outcome, and only after its own event is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from jobwire.v1 import job_service_pb2 as svc
+from jobwire.v1 import job_service_pb2_grpc
+
+from .errors import RpcFailed, from_rpc_error, status_code_of
+
+log = logging.getLogger(__name__)
+
+_Waiter = tuple[svc.ReportEventRequest, "asyncio.Future[svc.ReportEventResponse]"]
+
+
+class Coalescer:
+    def __init__(
+        self,
+        stub: job_service_pb2_grpc.JobServiceStub,
+        *,
+        max_batch: int = 256,
+        max_in_flight: int = 2,
+        timeout: float = 30.0,
+    ) -> None:
+        self._stub = stub
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._timeout = timeout
+        self._pending: list[_Waiter] = []
+        self._senders: set[asyncio.Task[None]] = set()
+
+    async def report(self, request: svc.ReportEventRequest) -> svc.ReportEventResponse:
+        """Applies one event; raises RpcFailed with the event's own status when refused."""
+        future: asyncio.Future[svc.ReportEventResponse] = asyncio.get_running_loop().create_future()
+        self._pending.append((request, future))
+        if len(self._senders) < self._max_in_flight:
+            self._senders.add(asyncio.create_task(self._send_loop()))
+        return await future
+
+    async def _send_loop(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                await self._send(batch)
+        finally:
+            # No await between the empty check and this: a caller arriving now sees
+            # a free slot and starts a sender, so no event is ever stranded.
+            task = asyncio.current_task()
+            if task is not None:
+                self._senders.discard(task)
+
+    async def _send(self, batch: list[_Waiter]) -> None:
+        request = svc.BatchReportEventsRequest(requests=[r for r, _ in batch])
+        try:
+            response = await self._stub.BatchReportEvents(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(from_rpc_error(exc))
+            return
+        except BaseException as exc:
+            # Never strand a caller: whatever broke the send breaks every waiter of it.
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(RpcFailed(grpc.StatusCode.UNKNOWN, repr(exc)))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.exception("BatchReportEvents failed unexpectedly")
+            return
+        if len(response.results) != len(batch):
+            log.error("BatchReportEvents: %d results, %d events", len(response.results), len(batch))
+        for index, (_, future) in enumerate(batch):
+            if future.done():
+                continue  # the HTTP request went away; its event is applied anyway
+            if index >= len(response.results):
+                future.set_exception(RpcFailed(grpc.StatusCode.INTERNAL, "no result for event"))
+                continue
+            result = response.results[index]
+            if result.code == 0:
+                future.set_result(result.response)
+            else:
+                future.set_exception(RpcFailed(status_code_of(result.code), result.message))
+
+    async def close(self) -> None:
+        for task in list(self._senders):
+            task.cancel()
+        await asyncio.gather(*self._senders, return_exceptions=True)

@@ -1,0 +1,205 @@
+"""Request plumbing every contract shares: bounded body reads, JSON + pydantic
+validation, secrets, idempotency keys and time conversions."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, TypeVar
+
+import grpc
+import orjson
+import pydantic
+from aiohttp import web
+from google.protobuf import duration_pb2, timestamp_pb2
+from jobwire.v1 import job_pb2
+from jobwire.v1 import job_service_pb2 as svc
+
+from .errors import BridgeError, RpcFailed
+from .grpc_client import COALESCER, CONFIG, STUB
+
+M = TypeVar("M", bound=pydantic.BaseModel)
+
+STRICT = pydantic.ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class Body:
+    """A request body read once; `digest` is its SHA-256, computed while reading."""
+
+    __slots__ = ("data", "digest")
+
+    def __init__(self, data: bytearray, digest: bytes) -> None:
+        self.data = data
+        self.digest = digest
+
+
+async def read_body(request: web.Request, limit: int) -> Body:
+    """Reads at most `limit` bytes into one preallocated buffer (413 beyond it)."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise BridgeError(413, f"request body exceeds {limit} bytes")
+    hasher = hashlib.sha256()
+    if length is not None:
+        # One buffer of the announced size: no regrowth copies for large bodies.
+        buf = bytearray(length)
+        view = memoryview(buf)
+        pos = 0
+        while pos < length:
+            chunk = await request.content.readany()
+            if not chunk:
+                break
+            n = min(len(chunk), length - pos)
+            view[pos : pos + n] = chunk[:n]
+            hasher.update(chunk[:n])
+            pos += n
+        view.release()
+        if pos < length:
+            raise BridgeError(400, "request body shorter than Content-Length")
+        return Body(buf, hasher.digest())
+    buf = bytearray()
+    async for chunk in request.content.iter_any():
+        if len(buf) + len(chunk) > limit:
+            raise BridgeError(413, f"request body exceeds {limit} bytes")
+        buf += chunk
+        hasher.update(chunk)
+    return Body(buf, hasher.digest())
+
+
+def parse_json(data: bytes | bytearray) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise BridgeError(400, f"malformed JSON: {exc.msg}") from None
+
+
+def validate(model: type[M], data: Any) -> M:
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise BridgeError(400, describe(exc)) from None
+
+
+def describe(exc: pydantic.ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False)[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def secret_matches(given: str | None, expected: str) -> bool:
+    """Constant-time comparison; an unconfigured secret matches nothing."""
+    if not expected or not isinstance(given, str) or not given:
+        return False
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def bearer_token(request: web.Request) -> str:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def header_token(request: web.Request) -> str:
+    """The token from `Authorization: Bearer` or, failing that, `X-Callback-Token`."""
+    return bearer_token(request) or request.headers.get("X-Callback-Token", "").strip()
+
+
+def idempotency_key(request: web.Request, contract: str, job_id: str, body: Body) -> str:
+    """The client's Idempotency-Key, else a digest of contract, job id and raw body,
+    so a verbatim retry is recognised and applied once."""
+    given = request.headers.get("Idempotency-Key", "").strip()
+    if given:
+        return f"{contract}:hdr:{given[:200]}"
+    h = hashlib.sha256(contract.encode() + b"\0" + job_id.encode() + b"\0" + body.digest)
+    return f"{contract}:{h.hexdigest()}"
+
+
+def parse_iso(value: str) -> datetime:
+    """ISO-8601 with offset or `Z`; naive times are taken as UTC."""
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _iso_before(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            return parse_iso(value)
+        except ValueError:
+            raise ValueError("expected an ISO-8601 date-time") from None
+    if isinstance(value, datetime):
+        return value
+    raise ValueError("expected an ISO-8601 date-time string")
+
+
+IsoDateTime = Annotated[datetime, pydantic.BeforeValidator(_iso_before)]
+
+
+def to_timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def format_timestamp(ts: timestamp_pb2.Timestamp) -> str:
+    """`2023-05-01T12:00:00Z`, with milliseconds only when there are any."""
+    dt = ts.ToDatetime(tzinfo=UTC)
+    base = dt.strftime("%Y-%m-%dT%H:%M:%S")
+    ms = dt.microsecond // 1000
+    return f"{base}.{ms:03d}Z" if ms else f"{base}Z"
+
+
+_CLOCK = re.compile(r"(\d{1,3}):([0-5]\d):([0-5]\d)(?:\.(\d{1,9}))?")
+
+
+def parse_clock(value: str) -> duration_pb2.Duration:
+    """`HH:MM:SS.mmm` (video worker currentTime/totalTime) as a Duration."""
+    match = _CLOCK.fullmatch(value)
+    if match is None:
+        raise ValueError("expected HH:MM:SS.mmm")
+    hours, minutes, seconds, frac = match.groups()
+    nanos = int((frac or "0").ljust(9, "0"))
+    d = duration_pb2.Duration(
+        seconds=int(hours) * 3600 + int(minutes) * 60 + int(seconds), nanos=nanos
+    )
+    return d
+
+
+def seconds_duration(value: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(value * 1e9))
+    return d
+
+
+def duration_seconds(d: duration_pb2.Duration) -> float:
+    return d.seconds + d.nanos / 1e9
+
+
+async def report_event(
+    request: web.Request, event: svc.ReportEventRequest
+) -> svc.ReportEventResponse:
+    """Reports through the coalescer. A terminal event that meets a job already in
+    that same terminal state (e.g. an `error` report after an ERROR log failed the
+    video) is acknowledged: the outcome the worker wants is already stored."""
+    try:
+        return await request.app[COALESCER].report(event)
+    except RpcFailed as exc:
+        target = _TERMINAL_TARGET.get(event.WhichOneof("payload") or "")
+        if exc.code != grpc.StatusCode.FAILED_PRECONDITION or target is None:
+            raise
+        job = await request.app[STUB].GetJob(
+            svc.GetJobRequest(id=event.job_id, callback_token=event.callback_token),
+            timeout=request.app[CONFIG].rpc_timeout_seconds,
+        )
+        if job.state != target:
+            raise
+        return svc.ReportEventResponse(
+            job_id=job.id, sequence=job.sequence, state=job.state, duplicate=True
+        )
+
+
+_TERMINAL_TARGET = {
+    "completed": job_pb2.JOB_STATE_SUCCEEDED,
+    "failed": job_pb2.JOB_STATE_FAILED,
+}

@@ -1,0 +1,123 @@
+"""gRPC status -> HTTP status, in one table, and the per-contract error rendering.
+
+The table follows google/rpc/code.proto with three deliberate deviations:
+- FAILED_PRECONDITION -> 409, not 400: the service raises it only when an event hits a
+  job in a terminal state. That is a conflict with the stored state, not a malformed
+  payload; a 400 would tell the Secretary "fix the payload and resend", which cannot
+  help. (AuroraCloud never sees it: aurora.py acknowledges such tasks.)
+- DEADLINE_EXCEEDED -> 503 + Retry-After, not 504: for a worker both mean "the
+  service did not answer in time, retry later", and 503 is what the contracts retry on.
+- RESOURCE_EXHAUSTED -> 429 also carries Retry-After.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import orjson
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 503,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+}
+# Statuses after which the worker should come back: they carry Retry-After.
+RETRYABLE_HTTP = frozenset({429, 503})
+
+_BY_NUMBER: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def status_code_of(number: int) -> grpc.StatusCode:
+    """The grpc.StatusCode of a google.rpc.Code int (ReportEventResult.code)."""
+    return _BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
+class BridgeError(Exception):
+    """A request ends with `status`; `code` is the gRPC status it came from, if any."""
+
+    def __init__(self, status: int, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+class RpcFailed(BridgeError):
+    """The service answered a call (or one event of a batch) with a non-OK status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(HTTP_STATUS.get(code, 500), message, code)
+
+
+def from_rpc_error(exc: grpc.aio.AioRpcError) -> RpcFailed:
+    return RpcFailed(exc.code(), exc.details() or exc.code().name)
+
+
+# A contract turns an error into its own body (dict or list, serialised with orjson).
+Renderer = Callable[[BridgeError], Any]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(err: BridgeError, render: Renderer, retry_after: int) -> web.Response:
+    headers = {"Retry-After": str(retry_after)} if err.status in RETRYABLE_HTTP else None
+    return json_response(render(err), err.status, headers)
+
+
+def contract_errors(render: Renderer) -> Callable[[Handler], Handler]:
+    """Wraps a handler so every failure is answered in its contract's error body."""
+
+    def decorate(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def wrapper(request: web.Request) -> web.StreamResponse:
+            from .grpc_client import CONFIG  # late: grpc_client imports this module
+
+            retry_after = request.app[CONFIG].retry_after_seconds
+            try:
+                return await handler(request)
+            except grpc.aio.AioRpcError as exc:
+                err: BridgeError = from_rpc_error(exc)
+            except BridgeError as exc:
+                err = exc
+            except web.HTTPException:
+                raise
+            except Exception:
+                log.exception("unexpected error in %s %s", request.method, request.path)
+                err = BridgeError(500, "internal error")
+            if err.status >= 500:
+                log.warning(
+                    "%s %s -> %d: %s", request.method, request.path, err.status, err.message
+                )
+            return error_response(err, render, retry_after)
+
+        return wrapper
+
+    return decorate

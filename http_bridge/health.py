@@ -1,0 +1,34 @@
+"""`/healthz` (the bridge process answers) and `/readyz` (the service reports SERVING)."""
+
+from __future__ import annotations
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health_pb2
+
+from .errors import json_response
+from .grpc_client import CONFIG, HEALTH
+
+routes = web.RouteTableDef()
+SERVICE_NAME = "jobwire.v1.JobService"
+READY_TIMEOUT = 2.0
+
+
+@routes.get("/healthz")
+async def healthz(_: web.Request) -> web.StreamResponse:
+    return json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.StreamResponse:
+    retry = {"Retry-After": str(request.app[CONFIG].retry_after_seconds)}
+    try:
+        answer = await request.app[HEALTH].Check(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=READY_TIMEOUT
+        )
+    except grpc.aio.AioRpcError as exc:
+        return json_response({"status": "unavailable", "reason": exc.code().name}, 503, retry)
+    if answer.status != health_pb2.HealthCheckResponse.SERVING:
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+        return json_response({"status": "unavailable", "reason": status}, 503, retry)
+    return json_response({"status": "ready"})

@@ -1,0 +1,427 @@
+"""Secretary extraction worker (specs/secretary-jobs-callback.de.md).
+
+`POST /api/external/jobs/{jobId}`: progress, final (`phase: completed`) and failed
+events. A final event's large fields become artifacts - extracted_text.md, the images
+ZIP, metadata.json - uploaded BEFORE the completed event that references them, so a
+completed job never points at a missing artifact. `GET /api/external/jobs/{jobId}`
+returns status, logs, result and processId; `GET .../artifacts/{name}` downloads one.
+
+Auth: the per-job callback token (`Authorization: Bearer` or `X-Callback-Token`),
+checked by the service against its stored hash; a token in the query is refused.
+Memory: the body is read once and parsed once; base64 is decoded in slices while it
+streams to the service, so no second full copy of a large ZIP is ever held.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import re
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+import grpc
+import orjson
+import pydantic
+from aiohttp import web
+from google.protobuf import json_format, struct_pb2
+from jobwire.v1 import event_pb2, job_pb2
+from jobwire.v1 import job_service_pb2 as svc
+
+from .common import (
+    STRICT,
+    format_timestamp,
+    header_token,
+    idempotency_key,
+    parse_json,
+    read_body,
+    report_event,
+    validate,
+)
+from .errors import BridgeError, contract_errors, json_response
+from .grpc_client import config_of, stub_of
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+CONTRACT = "secretary"
+JOB_PATH = "/api/external/jobs/{jobId}"
+ARTIFACT_PATH = "/api/external/jobs/{jobId}/artifacts/{name}"
+
+CHUNK = 1024 * 1024  # bytes per UploadArtifact data message (gRPC limit is 4 MiB)
+B64_SLICE = CHUNK // 3 * 4  # base64 chars decoding to <= 1 MiB; a multiple of 4
+TEXT_SLICE = CHUNK // 4  # characters encoding to <= 1 MiB of UTF-8
+SMALL_METADATA = 64 * 1024  # metadata up to this size is also kept on the job's result
+QUERY_TOKENS = ("token", "callback_token", "access_token", "auth", "key", "api_key")
+_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_ARTIFACT = re.compile(r"[A-Za-z0-9._\-]{1,255}")
+_WHITESPACE = str.maketrans("", "", " \r\n\t")
+
+TEXT_ARTIFACT = "extracted_text.md"
+IMAGES_ARTIFACT = "images.zip"
+METADATA_ARTIFACT = "metadata.json"
+
+STATUS = {
+    job_pb2.JOB_STATE_QUEUED: "queued",
+    job_pb2.JOB_STATE_RUNNING: "running",
+    job_pb2.JOB_STATE_SUCCEEDED: "completed",
+    job_pb2.JOB_STATE_FAILED: "failed",
+    job_pb2.JOB_STATE_CANCELLED: "cancelled",
+}
+EVENT_PHASE = {
+    event_pb2.EVENT_TYPE_COMPLETED: "completed",
+    event_pb2.EVENT_TYPE_FAILED: "failed",
+    event_pb2.EVENT_TYPE_CANCELLED: "cancelled",
+    event_pb2.EVENT_TYPE_CLAIMED: "claimed",
+    event_pb2.EVENT_TYPE_REQUEUED: "requeued",
+}
+TERMINAL = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED)
+
+Short = Annotated[str, pydantic.StringConstraints(max_length=4096)]
+
+
+class Process(pydantic.BaseModel):
+    model_config = STRICT
+    id: Annotated[str, pydantic.StringConstraints(max_length=256)] | None = None
+
+
+class ProgressEvent(pydantic.BaseModel):
+    model_config = STRICT
+
+    phase: Annotated[str, pydantic.StringConstraints(min_length=1, max_length=128)]
+    progress: Annotated[float, pydantic.Field(ge=0, le=100, allow_inf_nan=False)]
+    message: Short | None = None
+    process: Process | None = None
+
+
+class FinalData(pydantic.BaseModel):
+    """Documents the final event; the handler checks it by hand (see `final_fields`)
+    because a pydantic pass over tens of MB of text would cost time and memory."""
+
+    extracted_text: str | None = None
+    images_archive_data: str | None = None
+    images_archive_filename: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class FinalEvent(pydantic.BaseModel):
+    phase: Literal["completed"]
+    message: Short | None = None
+    data: FinalData
+
+
+class ErrorInfo(pydantic.BaseModel):
+    model_config = STRICT
+
+    code: Annotated[str, pydantic.StringConstraints(min_length=1, max_length=256)]
+    message: Annotated[str, pydantic.StringConstraints(max_length=65536)]
+    details: dict[str, Any] | None = None
+
+
+class FailedEvent(pydantic.BaseModel):
+    model_config = STRICT
+
+    phase: Literal["failed"]
+    error: ErrorInfo
+    message: Short | None = None
+
+
+class Ack(pydantic.BaseModel):
+    status: Literal["ok"]
+    kind: Literal["progress", "final", "failed"]
+    jobId: str
+
+
+class ErrorBody(pydantic.BaseModel):
+    status: Literal["error"]
+    error: str
+
+
+def render_error(err: BridgeError) -> dict[str, str]:
+    message = err.message if err.status < 500 else "service unavailable, retry with backoff"
+    return {"status": "error", "error": message}
+
+
+def job_id_and_token(request: web.Request) -> tuple[str, str]:
+    if any(name in request.query for name in QUERY_TOKENS):
+        raise BridgeError(400, "tokens in the query string are not accepted")
+    job_id = request.match_info["jobId"]
+    if not _ID.fullmatch(job_id):
+        raise BridgeError(404, f"job {job_id[:64]!r} not found")
+    token = header_token(request)
+    if not token:
+        raise BridgeError(401, "callback token required (Authorization: Bearer)")
+    return job_id, token
+
+
+def ack(kind: str, job_id: str) -> web.Response:
+    return json_response({"status": "ok", "kind": kind, "jobId": job_id})
+
+
+@routes.post(JOB_PATH)
+@contract_errors(render_error)
+async def callback(request: web.Request) -> web.StreamResponse:
+    job_id, token = job_id_and_token(request)
+    body = await read_body(request, config_of(request).max_final_body_bytes)
+    key = idempotency_key(request, CONTRACT, job_id, body)
+    data = parse_json(body.data)
+    del body  # the parsed copy is all we need from here on
+    if not isinstance(data, dict):
+        raise BridgeError(400, "body must be a JSON object")
+    phase = data.get("phase")
+    if phase == "completed":
+        await final(request, job_id, token, key, data)
+        return ack("final", job_id)
+    if phase == "failed":
+        failed = validate(FailedEvent, data)
+        event = svc.ReportEventRequest(job_id=job_id, idempotency_key=key, callback_token=token)
+        event.failed.code = failed.error.code
+        event.failed.message = failed.error.message
+        if failed.error.details:
+            event.failed.details.update(failed.error.details)
+        await report_event(request, event)
+        return ack("failed", job_id)
+    progress = validate(ProgressEvent, data)
+    event = svc.ReportEventRequest(job_id=job_id, idempotency_key=key, callback_token=token)
+    event.progress.phase = progress.phase
+    event.progress.percent = progress.progress
+    event.progress.message = progress.message or ""
+    if progress.process and progress.process.id:
+        event.process_id = progress.process.id
+    await report_event(request, event)
+    return ack("progress", job_id)
+
+
+def final_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """Checks the final event by hand; returns `data.data` (the caller pops from it)."""
+    payload = data.get("data")
+    if not isinstance(payload, dict):
+        raise BridgeError(400, "data: an object is required for phase completed")
+    for name in ("extracted_text", "images_archive_data", "images_archive_filename"):
+        if payload.get(name) is not None and not isinstance(payload[name], str):
+            raise BridgeError(400, f"data.{name}: must be a string")
+    if not payload.get("extracted_text") and not payload.get("images_archive_data"):
+        raise BridgeError(400, "data: extracted_text or images_archive_data is required")
+    filename = payload.get("images_archive_filename")
+    if filename is not None and (not _ARTIFACT.fullmatch(filename) or filename in {".", ".."}):
+        raise BridgeError(400, "data.images_archive_filename: 1-255 characters of [A-Za-z0-9._-]")
+    if payload.get("metadata") is not None and not isinstance(payload["metadata"], dict):
+        raise BridgeError(400, "data.metadata: must be an object")
+    if data.get("message") is not None and not isinstance(data["message"], str):
+        raise BridgeError(400, "message: must be a string")
+    return payload
+
+
+def clean_base64(value: str) -> str:
+    """Validates the base64 text slice by slice before anything is written."""
+    if any(c in value for c in " \r\n\t"):
+        value = value.translate(_WHITESPACE)  # MIME-style line breaks: one extra copy
+    if len(value) % 4:
+        raise BridgeError(400, "data.images_archive_data: invalid base64 length")
+    try:
+        for start in range(0, len(value), B64_SLICE):
+            binascii.a2b_base64(value[start : start + B64_SLICE], strict_mode=True)
+    except binascii.Error:
+        raise BridgeError(400, "data.images_archive_data: invalid base64") from None
+    return value
+
+
+async def final(
+    request: web.Request, job_id: str, token: str, key: str, data: dict[str, Any]
+) -> None:
+    payload = final_fields(data)
+    text: str | None = payload.pop("extracted_text", None) or None
+    archive: str | None = payload.pop("images_archive_data", None) or None
+    if archive is not None:
+        archive = clean_base64(archive)
+    metadata: dict[str, Any] | None = payload.get("metadata")
+    result = job_pb2.Result(message=data.get("message") or "")
+    stub, timeout = stub_of(request), config_of(request).rpc_timeout_seconds
+    # Fail fast (404/401) before moving megabytes, and never replace the artifacts of
+    # a job that already ended: its final event is then only a (duplicate) report.
+    job = await stub.GetJob(svc.GetJobRequest(id=job_id, callback_token=token), timeout=timeout)
+    if job.state not in TERMINAL:
+        store = Uploader(request, job_id, token)
+        if text is not None:
+            chunks = text_chunks(text)
+            del text  # the generator holds the only reference; slices are freed as sent
+            result.artifacts.append(await store.upload(TEXT_ARTIFACT, "text/markdown", chunks))
+        if archive is not None:
+            name = payload.get("images_archive_filename") or IMAGES_ARTIFACT
+            chunks = base64_chunks(archive)
+            del archive
+            result.artifacts.append(await store.upload(name, "application/zip", chunks))
+        if metadata is not None:
+            raw = orjson.dumps(metadata)
+            result.artifacts.append(
+                await store.upload(METADATA_ARTIFACT, "application/json", bytes_chunks(raw))
+            )
+            if len(raw) <= SMALL_METADATA:
+                result.metadata.update(metadata)
+    event = svc.ReportEventRequest(job_id=job_id, idempotency_key=key, callback_token=token)
+    event.completed.CopyFrom(result)
+    await report_event(request, event)
+
+
+async def text_chunks(text: str) -> AsyncIterator[bytes]:
+    for start in range(0, len(text), TEXT_SLICE):
+        yield text[start : start + TEXT_SLICE].encode("utf-8")
+
+
+async def base64_chunks(value: str) -> AsyncIterator[bytes]:
+    for start in range(0, len(value), B64_SLICE):
+        yield base64.b64decode(value[start : start + B64_SLICE])
+
+
+async def bytes_chunks(raw: bytes) -> AsyncIterator[bytes]:
+    for start in range(0, len(raw), CHUNK):
+        yield raw[start : start + CHUNK]
+
+
+class Uploader:
+    """Streams artifacts of one job to UploadArtifact: a header, then <= 1 MiB chunks."""
+
+    def __init__(self, request: web.Request, job_id: str, token: str) -> None:
+        self.stub = stub_of(request)
+        # Uploads of hundreds of MB need more than a unary deadline.
+        self.timeout = config_of(request).rpc_timeout_seconds * 10
+        self.job_id = job_id
+        self.token = token
+
+    async def upload(
+        self, name: str, content_type: str, chunks: AsyncIterator[bytes]
+    ) -> job_pb2.ArtifactRef:
+        header = svc.ArtifactHeader(
+            job_id=self.job_id, name=name, content_type=content_type, callback_token=self.token
+        )
+
+        async def messages() -> AsyncIterator[svc.UploadArtifactRequest]:
+            yield svc.UploadArtifactRequest(header=header)
+            async for chunk in chunks:
+                yield svc.UploadArtifactRequest(data=chunk)
+
+        artifact = await self.stub.UploadArtifact(messages(), timeout=self.timeout)
+        return job_pb2.ArtifactRef(
+            name=artifact.name,
+            size_bytes=artifact.size_bytes,
+            content_type=artifact.content_type,
+            sha256=artifact.sha256,
+        )
+
+
+class PollQuery(pydantic.BaseModel):
+    limit: Annotated[int, pydantic.Field(ge=1, le=10_000)] | None = None
+
+
+def artifact_url(request: web.Request, job_id: str, name: str) -> str:
+    return f"{config_of(request).public_url}/api/external/jobs/{job_id}/artifacts/{name}"
+
+
+def struct_dict(value: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(value)
+
+
+@routes.get(JOB_PATH)
+@contract_errors(render_error)
+async def poll(request: web.Request) -> web.StreamResponse:
+    job_id, token = job_id_and_token(request)
+    query = validate(PollQuery, {k: request.query[k] for k in ("limit",) if k in request.query})
+    stub, timeout = stub_of(request), config_of(request).rpc_timeout_seconds
+    job = await stub.GetJob(svc.GetJobRequest(id=job_id, callback_token=token), timeout=timeout)
+    listed = await stub.ListJobEvents(
+        svc.ListJobEventsRequest(job_id=job_id, callback_token=token), timeout=timeout
+    )
+    events = list(listed.events)
+    if query.limit is not None:
+        events = events[-query.limit :]
+    result = None
+    if job.state == job_pb2.JOB_STATE_SUCCEEDED:
+        result = {
+            "message": job.result.message or None,
+            "artifacts": [
+                {
+                    "name": a.name,
+                    "contentType": a.content_type,
+                    "sizeBytes": a.size_bytes,
+                    "sha256": a.sha256,
+                    "url": artifact_url(request, job_id, a.name),
+                }
+                for a in job.result.artifacts
+            ],
+            "metadata": (
+                struct_dict(job.result.metadata) if job.result.HasField("metadata") else None
+            ),
+        }
+    error = None
+    if job.HasField("error"):
+        error = {
+            "code": job.error.code,
+            "message": job.error.message,
+            "details": struct_dict(job.error.details) if job.error.HasField("details") else None,
+        }
+    return json_response(
+        {
+            "jobId": job.id,
+            "status": STATUS.get(job.state, "queued"),
+            "progress": job.progress.percent if job.HasField("progress") else None,
+            "phase": job.progress.phase or None if job.HasField("progress") else None,
+            "logs": [log_item(e) for e in events],
+            "result": result,
+            "error": error,
+            "processId": job.process_id or None,
+            "updatedAt": format_timestamp(job.update_time),
+        }
+    )
+
+
+def log_item(event: event_pb2.JobEvent) -> dict[str, Any]:
+    progress: float | None
+    if event.type == event_pb2.EVENT_TYPE_PROGRESS:
+        phase, progress = event.progress.phase, event.progress.percent
+        message = event.progress.message
+    else:
+        phase = EVENT_PHASE.get(event.type, "unknown")
+        progress = 100.0 if event.type == event_pb2.EVENT_TYPE_COMPLETED else None
+        message = event.error.message if event.HasField("error") else event.result.message
+    return {
+        "timestamp": format_timestamp(event.create_time),
+        "phase": phase,
+        "progress": progress,
+        "message": message or None,
+    }
+
+
+@routes.get(ARTIFACT_PATH)
+@contract_errors(render_error)
+async def download(request: web.Request) -> web.StreamResponse:
+    job_id, token = job_id_and_token(request)
+    name = request.match_info["name"]
+    if not _ARTIFACT.fullmatch(name):
+        raise BridgeError(404, f"artifact {name[:64]!r} not found")
+    call = stub_of(request).ReadArtifact(
+        svc.ReadArtifactRequest(job_id=job_id, name=name, callback_token=token),
+        timeout=config_of(request).rpc_timeout_seconds * 10,
+    )
+    first = await call.read()  # an error (404/401/503) surfaces here, before any byte
+    if first is grpc.aio.EOF or first.WhichOneof("part") != "artifact":
+        raise BridgeError(500, "artifact stream did not start with its metadata")
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": first.artifact.content_type or "application/octet-stream",
+            "Content-Disposition": f'attachment; filename="{name}"',
+            "X-Content-SHA256": first.artifact.sha256,
+        }
+    )
+    response.content_length = first.artifact.size_bytes
+    await response.prepare(request)
+    try:
+        while (message := await call.read()) is not grpc.aio.EOF:
+            await response.write(message.data)
+    except grpc.aio.AioRpcError as exc:
+        # Headers are gone: cut the connection so the client sees a short body.
+        log.warning("artifact %s/%s broke off: %s", job_id, name, exc.code().name)
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    await response.write_eof()
+    return response

@@ -1,0 +1,226 @@
+"""Video download worker (specs/video-worker-api.es.txt).
+
+`GET /api/pending` claims the oldest queued video (ClaimJob, so two workers never get
+the same one), `POST /api/report` reports progress/error/success, `GET`/`POST
+/api/log` list and write log lines. Auth: `Authorization: Bearer {API_KEY}`.
+Every error body is exactly one of the contract's Spanish `{"error": ...}` bodies.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import pydantic
+from aiohttp import web
+from jobwire.v1 import job_pb2, log_pb2
+from jobwire.v1 import job_service_pb2 as svc
+
+from .common import (
+    STRICT,
+    IsoDateTime,
+    bearer_token,
+    format_timestamp,
+    idempotency_key,
+    parse_clock,
+    parse_json,
+    read_body,
+    report_event,
+    secret_matches,
+    to_timestamp,
+    validate,
+)
+from .errors import BridgeError, contract_errors, json_response
+from .grpc_client import config_of, stub_of
+
+routes = web.RouteTableDef()
+CONTRACT = "video"
+UNKNOWN_VIDEO = "UNKNOWN"
+MAX_LOG_LIMIT = 1000
+
+NOT_AUTHORIZED = {"error": "No autorizado"}
+NO_SUCH_VIDEO = {"error": "El video no existe"}
+FAILED = {"error": "Error al procesar la solicitud"}
+REPORT_FIELDS = {"error": "Faltan campos requeridos: status, videoId, message"}
+LOG_FIELDS = {"error": "Faltan campos requeridos: level, message, timestamp"}
+
+VideoId = Annotated[str, pydantic.StringConstraints(pattern=r"^[A-Za-z0-9._:\-]{1,128}$")]
+Message = Annotated[str, pydantic.StringConstraints(max_length=65536)]
+
+
+def _clock(value: str) -> str:
+    parse_clock(value)  # raises ValueError on a bad clock
+    return value
+
+
+Clock = Annotated[
+    str,
+    pydantic.StringConstraints(pattern=r"^\d{1,3}:[0-5]\d:[0-5]\d(\.\d{1,9})?$"),
+    pydantic.AfterValidator(_clock),
+]
+
+
+class Report(pydantic.BaseModel):
+    model_config = STRICT
+
+    status: Literal["progress", "error", "success"]
+    message: Message
+    videoId: VideoId
+    timestamp: IsoDateTime | None = None
+    currentTime: Clock | None = None
+    totalTime: Clock | None = None
+    percent: Annotated[float, pydantic.Field(ge=0, le=100, allow_inf_nan=False)] | None = None
+
+
+class LogLine(pydantic.BaseModel):
+    model_config = STRICT
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+    message: Message
+    timestamp: IsoDateTime
+    videoId: VideoId | None = None
+
+
+class PendingVideo(pydantic.BaseModel):
+    videoUrl: str
+    videoId: str
+    playlist: str
+    title: str
+    subtitle: str
+
+
+class LogItem(pydantic.BaseModel):
+    level: str
+    message: str
+    timestamp: str
+    videoId: str
+
+
+class Success(pydantic.BaseModel):
+    success: Literal[True]
+
+
+class ErrorBody(pydantic.BaseModel):
+    error: str
+
+
+def render(missing_fields_body: dict[str, str]) -> Any:
+    def render_error(err: BridgeError) -> dict[str, str]:
+        if err.status == 401:
+            return NOT_AUTHORIZED
+        if err.status == 404:
+            return NO_SUCH_VIDEO
+        if err.status in (400, 413):
+            return missing_fields_body
+        if err.status == 409:
+            return {"error": "El video ya está finalizado"}
+        return FAILED
+
+    return render_error
+
+
+def authorize(request: web.Request) -> None:
+    if not secret_matches(bearer_token(request), config_of(request).api_key):
+        raise BridgeError(401, "unauthenticated")
+
+
+def to_event(report: Report) -> svc.ReportEventRequest:
+    event = svc.ReportEventRequest(job_id=report.videoId)
+    if report.timestamp is not None:
+        event.event_time.CopyFrom(to_timestamp(report.timestamp))
+    if report.status == "progress":
+        progress = event.progress
+        progress.message = report.message
+        progress.percent = report.percent or 0.0
+        if report.currentTime:
+            progress.media_time.CopyFrom(parse_clock(report.currentTime))
+        if report.totalTime:
+            progress.media_duration.CopyFrom(parse_clock(report.totalTime))
+    elif report.status == "success":
+        event.completed.message = report.message
+    else:
+        event.failed.code = "VIDEO_ERROR"
+        event.failed.message = report.message
+    return event
+
+
+@routes.get("/api/pending")
+@contract_errors(render(REPORT_FIELDS))
+async def pending(request: web.Request) -> web.StreamResponse:
+    authorize(request)
+    worker = request.headers.get("X-Worker", "") or (request.remote or "")
+    claim = await stub_of(request).ClaimJob(
+        svc.ClaimJobRequest(kind=job_pb2.JOB_KIND_VIDEO, worker_id=worker[:128]),
+        timeout=config_of(request).rpc_timeout_seconds,
+    )
+    if not claim.HasField("job"):
+        return web.Response(status=204)
+    job = claim.job
+    return json_response(
+        {
+            "videoUrl": job.video.url,
+            "videoId": job.id,
+            "playlist": job.video.playlist,
+            "title": job.video.title,
+            "subtitle": job.video.subtitle,
+        }
+    )
+
+
+@routes.post("/api/report")
+@contract_errors(render(REPORT_FIELDS))
+async def report(request: web.Request) -> web.StreamResponse:
+    authorize(request)
+    body = await read_body(request, config_of(request).max_body_bytes)
+    parsed = validate(Report, parse_json(body.data))
+    event = to_event(parsed)
+    event.idempotency_key = idempotency_key(request, CONTRACT, parsed.videoId, body)
+    await report_event(request, event)
+    return json_response({"success": True})
+
+
+@routes.post("/api/log")
+@contract_errors(render(LOG_FIELDS))
+async def write_log(request: web.Request) -> web.StreamResponse:
+    authorize(request)
+    body = await read_body(request, config_of(request).max_body_bytes)
+    line = validate(LogLine, parse_json(body.data))
+    entry = log_pb2.LogEntry(
+        job_id=line.videoId or UNKNOWN_VIDEO,
+        level=log_pb2.LogLevel.Value(f"LOG_LEVEL_{line.level}"),
+        message=line.message,
+    )
+    entry.time.CopyFrom(to_timestamp(line.timestamp))
+    await stub_of(request).WriteLog(
+        svc.WriteLogRequest(entry=entry), timeout=config_of(request).rpc_timeout_seconds
+    )
+    return json_response({"success": True})
+
+
+class LogQuery(pydantic.BaseModel):
+    # Query strings are text: lax mode converts `limit=10` to an int.
+    limit: Annotated[int, pydantic.Field(ge=1)] = 50
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = None
+
+
+@routes.get("/api/log")
+@contract_errors(render({"error": "Parámetros inválidos: limit, level"}))
+async def list_logs(request: web.Request) -> web.StreamResponse:
+    authorize(request)
+    given = {k: request.query[k] for k in ("limit", "level") if k in request.query}
+    query = validate(LogQuery, given)
+    level = log_pb2.LogLevel.Value(f"LOG_LEVEL_{query.level or 'UNSPECIFIED'}")
+    response = await stub_of(request).ListLogs(
+        svc.ListLogsRequest(level=level, limit=min(query.limit, MAX_LOG_LIMIT)),
+        timeout=config_of(request).rpc_timeout_seconds,
+    )
+    return json_response(
+        [
+            {
+                "level": log_pb2.LogLevel.Name(e.level).removeprefix("LOG_LEVEL_"),
+                "message": e.message,
+                "timestamp": format_timestamp(e.time),
+                "videoId": e.job_id,
+            }
+            for e in response.entries
+        ]
+    )
