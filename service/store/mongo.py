@@ -1,0 +1,735 @@
+"""The MongoDB adapter of the storage port, on PyMongo's async API (not Motor).
+
+Every change is one atomic single-document update guarded by the job's sequence
+number (optimistic concurrency): load, `service.domain.events.apply`, then
+`update_one({_id, seq: old}, {$set: ...})`; a lost race reloads and recomputes.
+No multi-document transactions, pipeline updates, change streams or `$push`
+modifiers, so it works on a standalone server, a replica set and FerretDB.
+The document shape is described in `mongo_codec`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from bson import Binary, ObjectId
+from gridfs.asynchronous import AsyncGridFSBucket
+from gridfs.errors import NoFile
+from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, log_pb2
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, InsertOne, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    DuplicateKeyError,
+    ExecutionTimeout,
+    PyMongoError,
+    WTimeoutError,
+)
+
+from ..domain import events
+from ..domain.errors import Code, DomainError, StorageUnavailable
+from ..domain.records import Applied, Change, Claim, JobCommand, JobRecord, Policy
+from . import mongo_codec as codec
+from .port import CHUNK_SIZE, JobQuery
+
+DEFAULT_DATABASE = "jobwire"
+DEFAULT_TIMEOUT_MS = 5000
+# Optimistic-concurrency rounds before a command gives up with ABORTED.
+MAX_ATTEMPTS = 64
+# Oldest queued jobs fetched per claim round; contenders spread over them.
+CLAIM_CANDIDATES = 16
+CLAIM_ROUNDS = 32
+# Chunks fetched per round trip when reading an artifact (bounded memory, and
+# FerretDB does not cap a reply batch at the 48 MB message limit by itself).
+READ_BATCH_CHUNKS = 4
+
+_UNAVAILABLE = (ConnectionFailure, ExecutionTimeout, WTimeoutError)
+_QUEUED = job_pb2.JOB_STATE_QUEUED
+_RUNNING = job_pb2.JOB_STATE_RUNNING
+_BUCKET = "artifacts"
+
+
+@contextlib.contextmanager
+def _guard(what: str) -> Iterator[None]:
+    """Turns the driver's connection errors and timeouts into StorageUnavailable."""
+    try:
+        yield
+    except DomainError:
+        raise
+    except _UNAVAILABLE as exc:
+        raise StorageUnavailable(f"MongoDB unavailable ({what}): {_describe(exc)}") from exc
+    except PyMongoError as exc:
+        if exc.timeout:
+            raise StorageUnavailable(f"MongoDB timed out ({what}): {_describe(exc)}") from exc
+        raise
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).split(", Timeout:")[0].split(", Topology Description:")[0]
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def _backoff(attempt: int) -> float:
+    return random.uniform(0, min(0.05, 0.0005 * 2 ** min(attempt, 10)))
+
+
+class _KeyedLocks:
+    """In-process locks per job, taken in sorted order (no deadlock between batches).
+
+    On MongoDB they only spare this process's writers the lost-race retries; the
+    conditional update (`seq` in the filter) is what keeps replicas correct. On
+    FerretDB v1.24 they are required: its SQLite handler runs an update as an
+    unsynchronised read-modify-write, so two concurrent updates of one document
+    may both "match" and one silently overwrites the other.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, list[Any]] = {}
+
+    def _ref(self, key: str) -> asyncio.Lock:
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        lock: asyncio.Lock = entry[0]
+        return lock
+
+    def _unref(self, key: str) -> None:
+        entry = self._locks[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._locks[key]
+
+    @contextlib.asynccontextmanager
+    async def hold(self, keys: Iterable[str]) -> AsyncIterator[None]:
+        held: list[str] = []
+        try:
+            for key in sorted(set(keys)):
+                lock = self._ref(key)
+                try:
+                    await lock.acquire()
+                except BaseException:
+                    self._unref(key)
+                    raise
+                held.append(key)
+            yield
+        finally:
+            for key in reversed(held):
+                self._locks[key][0].release()
+                self._unref(key)
+
+    async def try_acquire(self, key: str) -> bool:
+        """Takes the lock of `key` unless someone holds it (then returns False)."""
+        entry = self._locks.get(key)
+        if entry is not None and entry[0].locked():
+            return False
+        lock = self._ref(key)
+        try:
+            await lock.acquire()  # free: returns at once (or after a hand-over)
+        except BaseException:
+            self._unref(key)
+            raise
+        return True
+
+    def release(self, key: str) -> None:
+        self._locks[key][0].release()
+        self._unref(key)
+
+
+_LOCKS = _KeyedLocks()
+
+
+@dataclass(eq=False)
+class _Plan:
+    """The commands of one job in a batch, chained in memory, and the one write."""
+
+    job_id: str
+    indices: list[int]
+    results: dict[int, Change | DomainError] = field(default_factory=dict)
+    write: InsertOne[Any] | UpdateOne | None = None
+    created: bool = False
+    new_seq: int = 0
+    slot: str = ""
+    token: int = 0
+
+
+class MongoStore:
+    """A `Store` on MongoDB >= 6.0 (or a compatible server such as FerretDB)."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        policy: Policy | None = None,
+        database: str | None = None,
+        w: int | str = "majority",
+        read_preference: str = "primary",
+        timeout_ms: int = DEFAULT_TIMEOUT_MS,
+        server_selection_timeout_ms: int | None = None,
+        connect_timeout_ms: int | None = None,
+        **client_options: Any,
+    ) -> None:
+        self.policy = policy or Policy()
+        self._uri = uri
+        self._database_name = database or os.environ.get("JOBWIRE_MONGODB_DB") or DEFAULT_DATABASE
+        self.timeout_ms = timeout_ms
+        self._client_options: dict[str, Any] = {
+            "w": w,
+            "readPreference": read_preference,
+            "timeoutMS": timeout_ms,
+            "serverSelectionTimeoutMS": server_selection_timeout_ms or min(timeout_ms, 5000),
+            "connectTimeoutMS": connect_timeout_ms or min(timeout_ms, 10000),
+            "appname": "jobwire",
+            **client_options,
+        }
+        self._client: AsyncMongoClient[dict[str, Any]] | None = None
+        self._db: AsyncDatabase[dict[str, Any]] | None = None
+
+    @classmethod
+    def from_env(cls, policy: Policy, environ: Mapping[str, str] | None = None) -> MongoStore:
+        """MONGODB_URI, JOBWIRE_MONGODB_DB, JOBWIRE_MONGODB_W (majority),
+        JOBWIRE_MONGODB_TIMEOUT_MS (5000), JOBWIRE_MONGODB_READ_PREFERENCE (primary)."""
+        env = os.environ if environ is None else environ
+        uri = env.get("MONGODB_URI", "")
+        if not uri:
+            raise ValueError("MONGODB_URI is not set")
+        w_text = env.get("JOBWIRE_MONGODB_W", "majority") or "majority"
+        timeout_text = env.get("JOBWIRE_MONGODB_TIMEOUT_MS", "") or str(DEFAULT_TIMEOUT_MS)
+        try:
+            timeout_ms = int(timeout_text)
+        except ValueError:
+            raise ValueError(
+                f"JOBWIRE_MONGODB_TIMEOUT_MS must be a number of milliseconds, got {timeout_text!r}"
+            ) from None
+        if timeout_ms <= 0:
+            raise ValueError(f"JOBWIRE_MONGODB_TIMEOUT_MS must be positive, got {timeout_ms}")
+        return cls(
+            uri,
+            policy=policy,
+            database=env.get("JOBWIRE_MONGODB_DB") or None,
+            w=int(w_text) if w_text.isdigit() else w_text,
+            read_preference=env.get("JOBWIRE_MONGODB_READ_PREFERENCE", "primary") or "primary",
+            timeout_ms=timeout_ms,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @property
+    def database(self) -> AsyncDatabase[dict[str, Any]]:
+        if self._db is None:
+            raise RuntimeError("MongoStore.start() was not called")
+        return self._db
+
+    @property
+    def jobs(self) -> AsyncCollection[dict[str, Any]]:
+        return self.database["jobs"]
+
+    @property
+    def logs(self) -> AsyncCollection[dict[str, Any]]:
+        return self.database["logs"]
+
+    @property
+    def files(self) -> AsyncCollection[dict[str, Any]]:
+        return self.database[f"{_BUCKET}.files"]
+
+    @property
+    def chunks(self) -> AsyncCollection[dict[str, Any]]:
+        return self.database[f"{_BUCKET}.chunks"]
+
+    async def start(self) -> None:
+        if self._client is None:
+            self._client = AsyncMongoClient(self._uri, **self._client_options)
+            # The database named in the URI path wins over the argument.
+            self._db = self._client.get_default_database(default=self._database_name)
+            self._bucket = AsyncGridFSBucket(
+                self._db, bucket_name=_BUCKET, chunk_size_bytes=CHUNK_SIZE
+            )
+        with _guard("start"):
+            # One createIndexes per index: FerretDB v1.24 drops the connection when a
+            # single createIndexes names several indexes that all exist already.
+            for collection, index in self._indexes():
+                await collection.create_indexes([index])
+
+    def _indexes(self) -> list[tuple[AsyncCollection[dict[str, Any]], IndexModel]]:
+        """Every index the adapter relies on (README: "Indexes")."""
+        return [
+            (
+                self.jobs,
+                IndexModel(
+                    [
+                        ("kind", ASCENDING),
+                        ("state", ASCENDING),
+                        ("create_ns", ASCENDING),
+                        ("_id", ASCENDING),
+                    ],
+                    name="claim_queue",
+                ),
+            ),
+            (
+                self.jobs,
+                IndexModel([("state", ASCENDING), ("lease_expire_ns", ASCENDING)], name="leases"),
+            ),
+            (
+                self.jobs,
+                IndexModel([("create_ns", ASCENDING), ("_id", ASCENDING)], name="list_order"),
+            ),
+            (self.jobs, IndexModel([("lab", ASCENDING)], name="labels")),
+            (
+                self.logs,
+                IndexModel(
+                    [("job_id", ASCENDING), ("time_ns", DESCENDING), ("_id", DESCENDING)],
+                    name="job_newest_first",
+                ),
+            ),
+            (
+                self.logs,
+                IndexModel([("time_ns", DESCENDING), ("_id", DESCENDING)], name="newest_first"),
+            ),
+            (self.files, IndexModel([("filename", ASCENDING), ("uploadDate", ASCENDING)])),
+            (
+                self.files,
+                IndexModel(
+                    [("metadata.job_id", ASCENDING), ("metadata.name", ASCENDING)],
+                    name="job_artifacts",
+                ),
+            ),
+            (
+                self.chunks,
+                IndexModel([("files_id", ASCENDING), ("n", ASCENDING)], unique=True),
+            ),
+        ]
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client, self._db = self._client, None, None
+            await client.close()
+
+    async def ping(self) -> None:
+        with _guard("ping"):
+            await self.database.command("ping")
+
+    # -- jobs ----------------------------------------------------------------------
+
+    async def create(self, record: JobRecord) -> None:
+        with _guard("create"):
+            try:
+                await self.jobs.insert_one(codec.job_document(record, {}))
+            except DuplicateKeyError:
+                raise DomainError(
+                    Code.ALREADY_EXISTS, f"job {record.job.id!r} already exists"
+                ) from None
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        with _guard("get"):
+            doc = await self.jobs.find_one({"_id": job_id})
+        return None if doc is None else codec.decode_record(doc, self.policy.retention)
+
+    async def list_jobs(self, query: JobQuery) -> list[job_pb2.Job]:
+        conditions: list[dict[str, Any]] = []
+        if query.states:
+            conditions.append({"state": {"$in": list(query.states)}})
+        if query.kind:
+            conditions.append({"kind": query.kind})
+        if query.labels:
+            conditions.append({"lab": {"$all": codec.label_terms(query.labels)}})
+        if query.after is not None:
+            after_ns, after_id = query.after
+            conditions.append(
+                {
+                    "$or": [
+                        {"create_ns": {"$gt": after_ns}},
+                        {"create_ns": after_ns, "_id": {"$gt": after_id}},
+                    ]
+                }
+            )
+        filter_: dict[str, Any] = {"$and": conditions} if conditions else {}
+        with _guard("list_jobs"):
+            cursor = (
+                self.jobs.find(filter_, {"job": 1})
+                .sort([("create_ns", ASCENDING), ("_id", ASCENDING)])
+                .limit(max(query.limit, 0))
+            )
+            docs = await cursor.to_list() if query.limit > 0 else []
+        return [codec.decode_job(doc) for doc in docs]
+
+    async def apply(self, commands: Sequence[JobCommand]) -> list[Change | DomainError]:
+        plans: dict[str, _Plan] = {}
+        for index, command in enumerate(commands):
+            plans.setdefault(command.job_id, _Plan(command.job_id, [])).indices.append(index)
+        results: list[Change | DomainError | None] = [None] * len(commands)
+        pending = list(plans.values())
+        async with _LOCKS.hold(self._lock_key(job_id) for job_id in plans):
+            with _guard("apply"):
+                for attempt in range(MAX_ATTEMPTS):
+                    if attempt:
+                        await asyncio.sleep(_backoff(attempt))
+                    docs = await self._load([p.job_id for p in pending])
+                    for plan in pending:
+                        self._compute(plan, commands, docs.get(plan.job_id))
+                    conflicted = await self._write(pending)
+                    for plan in pending:
+                        if plan not in conflicted:
+                            for index, outcome in plan.results.items():
+                                results[index] = outcome
+                    pending = conflicted
+                    if not pending:
+                        break
+        for plan in pending:
+            for index in plan.indices:
+                results[index] = DomainError(
+                    Code.ABORTED,
+                    f"job {plan.job_id!r} changed concurrently {MAX_ATTEMPTS} times; retry",
+                )
+        return [r if r is not None else DomainError(Code.ABORTED, "not applied") for r in results]
+
+    def _lock_key(self, job_id: str) -> str:
+        return f"{self.database.name}\x00{job_id}"
+
+    async def _load(self, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+        if len(job_ids) == 1:
+            doc = await self.jobs.find_one({"_id": job_ids[0]})
+            return {} if doc is None else {job_ids[0]: doc}
+        cursor = self.jobs.find({"_id": {"$in": job_ids}})
+        return {str(doc["_id"]): doc async for doc in cursor}
+
+    def _compute(
+        self, plan: _Plan, commands: Sequence[JobCommand], doc: dict[str, Any] | None
+    ) -> None:
+        """Chains the plan's commands on the loaded document and prepares one write."""
+        retention = self.policy.retention
+        plan.results = {}
+        plan.write = None
+        plan.created = False
+        plan.token = random.getrandbits(62) + 1
+        record = None if doc is None else codec.decode_record(doc, retention)
+        ring: dict[str, Any] = dict(doc.get("ring") or {}) if doc is not None else {}
+        changed_slots: dict[str, Any] = {}
+        for index in plan.indices:
+            try:
+                outcome = events.apply(
+                    record, plan.job_id, commands[index].command, time.time_ns(), self.policy
+                )
+            except DomainError as exc:
+                plan.results[index] = exc
+                continue
+            if isinstance(outcome, Applied):
+                slot = codec.ring_slot(outcome.event.sequence, retention)
+                entry = codec.ring_entry(outcome.event, plan.token)
+                ring[slot] = changed_slots[slot] = entry
+                record = JobRecord(
+                    job=outcome.record.job,
+                    token_hash=outcome.record.token_hash,
+                    recent_keys=codec.keys_of(codec.retained(ring, retention)),
+                )
+                outcome = Applied(record=record, event=outcome.event, created=outcome.created)
+                plan.created = plan.created or outcome.created
+                plan.new_seq = outcome.event.sequence
+                plan.slot = slot
+            plan.results[index] = outcome
+        if record is None or not changed_slots:
+            return
+        if doc is None:
+            plan.write = InsertOne(codec.job_document(record, ring))
+            return
+        update = _update(record.job, changed_slots)
+        plan.write = UpdateOne({"_id": plan.job_id, "seq": doc["seq"]}, update)
+
+    async def _write(self, plans: list[_Plan]) -> list[_Plan]:
+        """One unordered bulk write of the plans' writes; returns the plans that lost a race."""
+        writing = [p for p in plans if p.write is not None]
+        if not writing:
+            return []
+        ops = [p.write for p in writing if p.write is not None]
+        updates = sum(1 for op in ops if isinstance(op, UpdateOne))
+        failed: dict[int, dict[str, Any]] = {}
+        try:
+            result = await self.jobs.bulk_write(ops, ordered=False)
+            matched = result.matched_count
+        except BulkWriteError as exc:
+            if exc.timeout:
+                raise
+            matched = int(exc.details.get("nMatched", 0))
+            failed = {int(e["index"]): e for e in exc.details.get("writeErrors", [])}
+        conflicted: list[_Plan] = []
+        for i, plan in enumerate(writing):
+            error = failed.get(i)
+            if error is None:
+                continue
+            if error.get("code") in (11000, 11001):
+                conflicted.append(plan)  # someone else created the job first
+            else:
+                message = f"job {plan.job_id!r}: write failed: {error.get('errmsg', '')[:200]}"
+                for index, outcome in plan.results.items():
+                    if isinstance(outcome, Applied):
+                        plan.results[index] = DomainError(Code.ABORTED, message)
+        if matched == updates:
+            return conflicted
+        update_plans = [p for p in writing if isinstance(p.write, UpdateOne)]
+        if matched == 0:
+            return conflicted + update_plans
+        return conflicted + await self._lost(update_plans)
+
+    async def _lost(self, plans: list[_Plan]) -> list[_Plan]:
+        """Which conditional updates of a partly matched bulk write did not land."""
+        projection = {"seq": 1, **{f"ring.{p.slot}": 1 for p in plans}}
+        cursor = self.jobs.find({"_id": {"$in": [p.job_id for p in plans]}}, projection)
+        docs = {str(doc["_id"]): doc async for doc in cursor}
+        lost: list[_Plan] = []
+        for plan in plans:
+            doc = docs.get(plan.job_id) or {}
+            entry = (doc.get("ring") or {}).get(plan.slot) or {}
+            if entry.get("s") == plan.new_seq:
+                if entry.get("w") != plan.token:
+                    lost.append(plan)
+            elif int(doc.get("seq", 0)) < plan.new_seq:
+                lost.append(plan)
+            else:
+                message = f"job {plan.job_id!r} changed too fast to confirm the write; retry"
+                for index, outcome in plan.results.items():
+                    if isinstance(outcome, Applied):
+                        plan.results[index] = DomainError(Code.ABORTED, message)
+        return lost
+
+    async def claim(self, kind: int, worker_id: str, lease_ns: int) -> Applied | None:
+        command = Claim(worker_id=worker_id, lease_ns=lease_ns)
+        with _guard("claim"):
+            for attempt in range(CLAIM_ROUNDS):
+                if attempt:
+                    await asyncio.sleep(_backoff(attempt))
+                cursor = (
+                    self.jobs.find({"kind": kind, "state": _QUEUED})
+                    .sort([("create_ns", ASCENDING), ("_id", ASCENDING)])
+                    .limit(CLAIM_CANDIDATES)
+                )
+                candidates = await cursor.to_list()
+                if not candidates:
+                    return None
+                # The oldest first; after losing it, spread over the others so that
+                # concurrent claimers do not all fight for the same job.
+                rest = candidates[1:]
+                random.shuffle(rest)
+                for doc in [candidates[0], *rest]:
+                    key = self._lock_key(str(doc["_id"]))
+                    if not await _LOCKS.try_acquire(key):
+                        continue  # another claimer (or writer) here has it: try the next
+                    try:
+                        claimed = await self._claim_one(doc, command)
+                    finally:
+                        _LOCKS.release(key)
+                    if claimed is not None:
+                        return claimed
+        raise DomainError(Code.ABORTED, f"claim lost {CLAIM_ROUNDS} races in a row; retry")
+
+    async def _claim_one(self, doc: dict[str, Any], command: Claim) -> Applied | None:
+        """Claims one candidate with a conditional update; None when it changed."""
+        retention = self.policy.retention
+        record = codec.decode_record(doc, retention)
+        try:
+            outcome = events.apply(record, record.job.id, command, time.time_ns(), self.policy)
+        except DomainError:
+            return None
+        if not isinstance(outcome, Applied):
+            return None
+        ring = dict(doc.get("ring") or {})
+        slot = codec.ring_slot(outcome.event.sequence, retention)
+        ring[slot] = codec.ring_entry(outcome.event, random.getrandbits(62) + 1)
+        result = await self.jobs.update_one(
+            {"_id": doc["_id"], "seq": doc["seq"], "state": _QUEUED},
+            _update(outcome.record.job, {slot: ring[slot]}),
+        )
+        if not result.matched_count:
+            return None
+        claimed = JobRecord(
+            job=outcome.record.job,
+            token_hash=outcome.record.token_hash,
+            recent_keys=codec.keys_of(codec.retained(ring, retention)),
+        )
+        return Applied(record=claimed, event=outcome.event)
+
+    async def expired_leases(self, now_ns: int, limit: int) -> list[str]:
+        if limit <= 0:
+            return []
+        with _guard("expired_leases"):
+            cursor = (
+                self.jobs.find({"state": _RUNNING, "lease_expire_ns": {"$lte": now_ns}}, {"_id": 1})
+                .sort([("lease_expire_ns", ASCENDING)])
+                .limit(limit)
+            )
+            return [str(doc["_id"]) async for doc in cursor]
+
+    async def events_after(self, job_id: str, sequence: int) -> list[event_pb2.JobEvent]:
+        with _guard("events_after"):
+            doc = await self.jobs.find_one({"_id": job_id}, {"ring": 1})
+        if doc is None:
+            return []
+        entries = codec.retained(doc.get("ring"), self.policy.retention)
+        return [codec.decode_event(e) for e in entries if int(e["s"]) > sequence]
+
+    async def queue_depths(self) -> dict[int, int]:
+        with _guard("queue_depths"):
+            cursor = await self.jobs.aggregate(
+                [{"$match": {"state": _QUEUED}}, {"$group": {"_id": "$kind", "n": {"$sum": 1}}}]
+            )
+            return {int(doc["_id"]): int(doc["n"]) async for doc in cursor}
+
+    # -- logs ----------------------------------------------------------------------
+
+    async def write_log(self, entry: log_pb2.LogEntry) -> None:
+        with _guard("write_log"):
+            await self.logs.insert_one(codec.log_document(entry))
+
+    async def list_logs(self, job_id: str, level: int, limit: int) -> list[log_pb2.LogEntry]:
+        if limit <= 0:
+            return []
+        filter_: dict[str, Any] = {}
+        if job_id:
+            filter_["job_id"] = job_id
+        if level:
+            filter_["level"] = level
+        with _guard("list_logs"):
+            cursor = (
+                self.logs.find(filter_, {"e": 1})
+                .sort([("time_ns", DESCENDING), ("_id", DESCENDING)])
+                .limit(limit)
+            )
+            return [codec.decode_log(doc) async for doc in cursor]
+
+    # -- artifacts (GridFS layout: <bucket>.files + <bucket>.chunks) ------------------
+
+    async def put_artifact(
+        self, artifact: artifact_pb2.Artifact, chunks: AsyncIterator[bytes]
+    ) -> artifact_pb2.Artifact:
+        """Writes GridFS chunks one CHUNK_SIZE piece at a time (the driver's GridIn
+        buffers up to 32 MB per insert), then the files document, then drops older
+        files of the same name: readers see the old or the new artifact, never half."""
+        file_id = ObjectId()
+        digest = hashlib.sha256()
+        size = 0
+        number = 0
+        buffer = bytearray()
+        try:
+            with _guard("put_artifact"):
+                async for piece in chunks:
+                    digest.update(piece)
+                    size += len(piece)
+                    buffer += piece
+                    while len(buffer) >= CHUNK_SIZE:
+                        await self._put_chunk(file_id, number, bytes(buffer[:CHUNK_SIZE]))
+                        del buffer[:CHUNK_SIZE]
+                        number += 1
+                if buffer:
+                    await self._put_chunk(file_id, number, bytes(buffer))
+                    buffer = bytearray()
+                stored = artifact_pb2.Artifact()
+                stored.CopyFrom(artifact)
+                stored.size_bytes = size
+                stored.sha256 = digest.hexdigest()
+                now_ns = time.time_ns()
+                stored.create_time.FromNanoseconds(now_ns)
+                filename = codec.artifact_filename(artifact.job_id, artifact.name)
+                await self.files.insert_one(
+                    {
+                        "_id": file_id,
+                        "length": size,
+                        "chunkSize": CHUNK_SIZE,
+                        "uploadDate": datetime.fromtimestamp(now_ns / 1e9, UTC),
+                        "filename": filename,
+                        "metadata": codec.artifact_metadata(stored),
+                    }
+                )
+        except BaseException as exc:
+            if not isinstance(exc, StorageUnavailable):
+                # Best effort: chunks without a files document are invisible anyway.
+                with contextlib.suppress(PyMongoError):
+                    await self.chunks.delete_many({"files_id": file_id})
+            raise
+        with _guard("put_artifact"):
+            older = self.files.find({"filename": filename, "_id": {"$lt": file_id}}, {"_id": 1})
+            for old in await older.to_list():
+                with contextlib.suppress(NoFile):
+                    await self._bucket.delete(old["_id"])
+        return stored
+
+    async def _put_chunk(self, file_id: ObjectId, number: int, data: bytes) -> None:
+        await self.chunks.insert_one({"files_id": file_id, "n": number, "data": Binary(data)})
+
+    async def open_artifact(
+        self, job_id: str, name: str
+    ) -> tuple[artifact_pb2.Artifact, AsyncIterator[bytes]] | None:
+        with _guard("open_artifact"):
+            file_doc = await self.files.find_one(
+                {"filename": codec.artifact_filename(job_id, name)}, sort=[("_id", DESCENDING)]
+            )
+        if file_doc is None:
+            return None
+        return codec.decode_artifact(file_doc), self._read_chunks(file_doc)
+
+    async def _read_chunks(self, file_doc: Mapping[str, Any]) -> AsyncIterator[bytes]:
+        """The content in CHUNK_SIZE pieces, a few stored chunks per round trip."""
+        length = int(file_doc.get("length", 0))
+        pending = bytearray()
+        received = 0
+        expected_n = 0
+        with _guard("read_artifact"):
+            cursor = (
+                self.chunks.find({"files_id": file_doc["_id"]}, {"n": 1, "data": 1})
+                .sort([("n", ASCENDING)])
+                .batch_size(READ_BATCH_CHUNKS)
+            )
+            try:
+                async for chunk in cursor:
+                    if int(chunk["n"]) != expected_n:
+                        raise DomainError(
+                            Code.ABORTED, f"artifact {file_doc.get('filename')!r} is incomplete"
+                        )
+                    expected_n += 1
+                    data = bytes(chunk["data"])
+                    received += len(data)
+                    pending += data
+                    while len(pending) >= CHUNK_SIZE:
+                        yield bytes(pending[:CHUNK_SIZE])
+                        del pending[:CHUNK_SIZE]
+            finally:
+                await cursor.close()
+        if pending:
+            yield bytes(pending)
+        if received != length:
+            raise DomainError(
+                Code.ABORTED,
+                f"artifact {file_doc.get('filename')!r} was replaced while it was read; retry",
+            )
+
+    async def list_artifacts(self, job_id: str) -> list[artifact_pb2.Artifact]:
+        with _guard("list_artifacts"):
+            cursor = self.files.find({"metadata.job_id": job_id}).sort(
+                [("metadata.name", ASCENDING), ("_id", DESCENDING)]
+            )
+            docs = await cursor.to_list()
+        newest: dict[str, artifact_pb2.Artifact] = {}
+        for doc in docs:
+            artifact = codec.decode_artifact(doc)
+            newest.setdefault(artifact.name, artifact)
+        return [newest[name] for name in sorted(newest)]
+
+
+def _update(job: job_pb2.Job, slots: Mapping[str, Any]) -> dict[str, Any]:
+    fields = codec.snapshot_fields(job)
+    fields.update({f"ring.{slot}": entry for slot, entry in slots.items()})
+    update: dict[str, Any] = {"$set": fields}
+    lease = codec.lease_ns(job)
+    if lease is None:
+        update["$unset"] = {"lease_expire_ns": ""}
+    else:
+        fields["lease_expire_ns"] = lease
+    return update

@@ -1,0 +1,154 @@
+"""How a job, its retained events, a log line and an artifact look as MongoDB documents.
+
+A job is one bounded document:
+
+    {_id, kind, state, lab, create_ns, seq, lease_expire_ns?,   # queryable copies
+     token_hash, job,                                           # snapshot (protobuf bytes)
+     ring: {"<seq % retention>": {s, k, e, w}}}                 # retained events
+
+`ring` is a fixed set of `retention` slots, each overwritten with `$set`, so the
+document never grows with the job's event count and every change is a plain `$set`
+(FerretDB ignores `$push` modifiers such as `$slice`). `w` is the token of the write
+that stored the entry: it tells a writer, after an unordered bulk write, whether its
+own conditional update is the one that landed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from bson import Binary
+from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, log_pb2
+
+from ..domain.records import JobRecord
+
+Doc = dict[str, Any]
+RingEntry = Mapping[str, Any]
+
+
+def label_terms(labels: Mapping[str, str]) -> list[str]:
+    """Labels as unambiguous strings (a label key may hold '.' or '$')."""
+    return sorted(json.dumps([k, v], ensure_ascii=False) for k, v in labels.items())
+
+
+def lease_ns(job: job_pb2.Job) -> int | None:
+    if job.state == job_pb2.JOB_STATE_RUNNING and job.HasField("lease_expire_time"):
+        return job.lease_expire_time.ToNanoseconds()
+    return None
+
+
+def snapshot_fields(job: job_pb2.Job) -> Doc:
+    """The fields a change rewrites (kind, labels and create time never change)."""
+    return {"state": job.state, "seq": job.sequence, "job": Binary(job.SerializeToString())}
+
+
+def job_document(record: JobRecord, ring: Mapping[str, RingEntry]) -> Doc:
+    job = record.job
+    doc: Doc = {
+        "_id": job.id,
+        "kind": job.kind,
+        "lab": label_terms(job.labels),
+        "create_ns": job.create_time.ToNanoseconds(),
+        **snapshot_fields(job),
+        "token_hash": Binary(record.token_hash),
+        "ring": dict(ring),
+    }
+    lease = lease_ns(job)
+    if lease is not None:
+        doc["lease_expire_ns"] = lease
+    return doc
+
+
+def ring_entry(event: event_pb2.JobEvent, token: int) -> Doc:
+    return {
+        "s": event.sequence,
+        "k": event.idempotency_key,
+        "e": Binary(event.SerializeToString()),
+        "w": token,
+    }
+
+
+def ring_slot(sequence: int, retention: int) -> str:
+    return str(sequence % max(retention, 1))
+
+
+def retained(ring: Mapping[str, RingEntry] | None, retention: int) -> list[RingEntry]:
+    """Ring entries oldest first: the newest run of consecutive sequence numbers,
+    at most `retention` of them (stale slots left by a changed retention are skipped)."""
+    if not ring:
+        return []
+    entries = sorted(
+        (e for e in ring.values() if isinstance(e, Mapping) and "s" in e),
+        key=lambda e: int(e["s"]),
+    )
+    tail: list[RingEntry] = []
+    for entry in reversed(entries):
+        if len(tail) >= retention:
+            break
+        if tail and int(entry["s"]) != int(tail[-1]["s"]) - 1:
+            break
+        tail.append(entry)
+    tail.reverse()
+    return tail
+
+
+def keys_of(entries: Iterable[RingEntry]) -> tuple[str, ...]:
+    return tuple(str(e["k"]) for e in entries if e.get("k"))
+
+
+def decode_job(doc: Mapping[str, Any]) -> job_pb2.Job:
+    return job_pb2.Job.FromString(bytes(doc["job"]))
+
+
+def decode_record(doc: Mapping[str, Any], retention: int) -> JobRecord:
+    return JobRecord(
+        job=decode_job(doc),
+        token_hash=bytes(doc.get("token_hash") or b""),
+        recent_keys=keys_of(retained(doc.get("ring"), retention)),
+    )
+
+
+def decode_event(entry: RingEntry) -> event_pb2.JobEvent:
+    return event_pb2.JobEvent.FromString(bytes(entry["e"]))
+
+
+def log_document(entry: log_pb2.LogEntry) -> Doc:
+    return {
+        "job_id": entry.job_id,
+        "level": entry.level,
+        "time_ns": entry.time.ToNanoseconds(),
+        "e": Binary(entry.SerializeToString()),
+    }
+
+
+def decode_log(doc: Mapping[str, Any]) -> log_pb2.LogEntry:
+    return log_pb2.LogEntry.FromString(bytes(doc["e"]))
+
+
+def artifact_filename(job_id: str, name: str) -> str:
+    return f"{job_id}/{name}"
+
+
+def artifact_metadata(artifact: artifact_pb2.Artifact) -> Doc:
+    return {
+        "job_id": artifact.job_id,
+        "name": artifact.name,
+        "content_type": artifact.content_type,
+        "sha256": artifact.sha256,
+        "create_ns": artifact.create_time.ToNanoseconds(),
+    }
+
+
+def decode_artifact(file_doc: Mapping[str, Any]) -> artifact_pb2.Artifact:
+    meta = file_doc.get("metadata") or {}
+    artifact = artifact_pb2.Artifact(
+        job_id=str(meta.get("job_id", "")),
+        name=str(meta.get("name", "")),
+        content_type=str(meta.get("content_type", "")),
+        size_bytes=int(file_doc.get("length", 0)),
+        sha256=str(meta.get("sha256", "")),
+    )
+    artifact.create_time.FromNanoseconds(int(meta.get("create_ns", 0)))
+    return artifact
