@@ -1,0 +1,99 @@
+"""AWS Batch callback: the contract's examples, validation, auth, idempotency."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jobwire.v1 import job_pb2
+from tests.bridge_harness import (
+    BATCH_SECRET,
+    bridge,  # noqa: F401
+    create_job,
+    fresh_stack,
+    get_job,
+    new_id,
+    stub,  # noqa: F401
+)
+
+PATH = "/api/batch-callback"
+EXAMPLE_ID = "569dbdb0-c8cb-4121-be44-35aa7bb8ef30"
+SUCCESS = {
+    "jobId": EXAMPLE_ID,
+    "status": "success",
+    "outputKey": "output/processed-video.mp4",
+    "callbackSecret": "dein-geheimer-schlüssel",
+}
+FAILED = {
+    "jobId": EXAMPLE_ID,
+    "status": "failed",
+    "error": "FFmpeg failed with exit code 1: File not found",
+    "callbackSecret": "dein-geheimer-schlüssel",
+}
+
+
+async def test_success_example_verbatim(tmp_path: Any) -> None:
+    async with fresh_stack(tmp_path) as (b, s):
+        await create_job(s, job_pb2.JOB_KIND_BATCH, EXAMPLE_ID)
+        status, body = await b.post(PATH, SUCCESS)
+        assert (status, body["success"]) == (200, True)
+        job = await get_job(s, EXAMPLE_ID)
+        assert job.state == job_pb2.JOB_STATE_SUCCEEDED
+        assert job.result.output_key == "output/processed-video.mp4"
+        # A verbatim retry is acknowledged, not applied twice.
+        assert (await b.post(PATH, SUCCESS))[0] == 200
+        assert (await get_job(s, EXAMPLE_ID)).sequence == job.sequence
+        # A different outcome for a finished job is a conflict.
+        assert (await b.post(PATH, {**FAILED}))[0] == 409
+
+
+async def test_failed_example_verbatim(tmp_path: Any) -> None:
+    async with fresh_stack(tmp_path) as (b, s):
+        await create_job(s, job_pb2.JOB_KIND_BATCH, EXAMPLE_ID)
+        assert await b.post(PATH, FAILED) == (
+            200,
+            {"success": True, "jobId": EXAMPLE_ID, "state": "failed"},
+        )
+        job = await get_job(s, EXAMPLE_ID)
+        assert job.state == job_pb2.JOB_STATE_FAILED
+        assert job.error.message == FAILED["error"]
+
+
+async def test_unknown_job_is_404(bridge: Any) -> None:
+    status, body = await bridge.post(PATH, {**SUCCESS, "jobId": new_id()})
+    assert status == 404
+    assert body == {"error": "Projekt mit der angegebenen Job-ID nicht gefunden"}
+
+
+async def test_auth(bridge: Any, stub: Any) -> None:
+    job_id = new_id()
+    await create_job(stub, job_pb2.JOB_KIND_BATCH, job_id)
+    for secret in (None, "", "wrong", 42):
+        body = {**SUCCESS, "jobId": job_id, "callbackSecret": secret}
+        status, answer = await bridge.post(PATH, body)
+        assert status == 401, secret
+        assert answer == {"error": "Ungültiger oder fehlender Authentifizierungsschlüssel"}
+    without = {k: v for k, v in SUCCESS.items() if k != "callbackSecret"}
+    assert (await bridge.post(PATH, {**without, "jobId": job_id}))[0] == 401
+    assert (await get_job(stub, job_id)).state == job_pb2.JOB_STATE_QUEUED
+
+
+async def test_bad_input_is_400_and_writes_nothing(bridge: Any, stub: Any) -> None:
+    job_id = new_id()
+    await create_job(stub, job_pb2.JOB_KIND_BATCH, job_id)
+    good = {**SUCCESS, "jobId": job_id, "callbackSecret": BATCH_SECRET}
+    bad_bodies = [
+        {k: v for k, v in good.items() if k != "outputKey"},
+        {k: v for k, v in good.items() if k != "status"},
+        {k: v for k, v in good.items() if k != "jobId"},
+        {**good, "status": "done"},
+        {**good, "outputKey": 5},
+        {**good, "jobId": "has spaces"},
+    ]
+    for body in bad_bodies:
+        status, answer = await bridge.post(PATH, body)
+        assert status == 400, body
+        assert answer["error"].startswith("Fehlende oder ungültige Parameter")
+    for raw in (b"{not json", b"[]", b'"x"'):
+        assert (await bridge.post_raw(PATH, raw))[0] in (400, 401)
+    job = await get_job(stub, job_id)
+    assert (job.state, job.sequence) == (job_pb2.JOB_STATE_QUEUED, 0)
