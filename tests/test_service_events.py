@@ -1,0 +1,192 @@
+"""ReportEvent and BatchReportEvents: the state machine, idempotency, tokens, logs."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from jobwire.v1 import event_pb2, job_pb2, job_service_pb2, log_pb2
+from tests.conftest import ServiceHandle
+from tests.helpers import completed, create, failed, progress
+
+
+async def _events(service: ServiceHandle, job_id: str) -> list[event_pb2.JobEvent]:
+    reply = await service.stub.ListJobEvents(job_service_pb2.ListJobEventsRequest(job_id=job_id))
+    return list(reply.events)
+
+
+async def test_progress_then_complete(service: ServiceHandle) -> None:
+    await create(service.stub, job_id="j")
+    first = await service.stub.ReportEvent(progress("j", 10, message="a"))
+    assert (first.sequence, first.state, first.duplicate) == (1, job_pb2.JOB_STATE_RUNNING, False)
+    await service.stub.ReportEvent(progress("j", 55.5, message="b"))
+    done = await service.stub.ReportEvent(completed("j", output_key="out/v.mp4"))
+    assert (done.sequence, done.state) == (3, job_pb2.JOB_STATE_SUCCEEDED)
+    job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="j"))
+    assert job.result.output_key == "out/v.mp4"
+    assert job.progress.percent == 100.0
+    assert job.HasField("start_time") and job.HasField("end_time")
+    events = await _events(service, "j")
+    assert [e.sequence for e in events] == [1, 2, 3]
+    assert [e.type for e in events] == [
+        event_pb2.EVENT_TYPE_PROGRESS,
+        event_pb2.EVENT_TYPE_PROGRESS,
+        event_pb2.EVENT_TYPE_COMPLETED,
+    ]
+    assert events[1].progress.percent == 55.5
+
+
+@pytest.mark.parametrize("final", [completed, failed])
+async def test_nothing_leaves_a_terminal_state(service: ServiceHandle, final: object) -> None:
+    await create(service.stub, job_id="t")
+    await service.stub.ReportEvent(final("t"))  # type: ignore[operator]
+    before = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="t"))
+    for late in (progress("t", 50, key="late-p"), completed("t", key="late-c"), failed("t", "late-f")):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await service.stub.ReportEvent(late)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "terminal" in (err.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await service.stub.CancelJob(job_service_pb2.CancelJobRequest(id="t"))
+    after = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="t"))
+    assert after == before
+
+
+async def test_repeated_idempotency_key_is_applied_once(service: ServiceHandle) -> None:
+    await create(service.stub, job_id="k")
+    first = await service.stub.ReportEvent(progress("k", 20, key="same"))
+    again = await service.stub.ReportEvent(progress("k", 90, key="same"))
+    assert not first.duplicate and again.duplicate
+    assert again.sequence == first.sequence == 1
+    job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="k"))
+    assert job.progress.percent == 20 and job.sequence == 1
+    # A retried terminal event is acknowledged too, not refused.
+    await service.stub.ReportEvent(completed("k", key="fin"))
+    retry = await service.stub.ReportEvent(completed("k", key="fin"))
+    assert retry.duplicate and retry.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert len(await _events(service, "k")) == 2
+
+
+async def test_batch_gives_each_event_its_own_outcome(service: ServiceHandle) -> None:
+    await create(service.stub, job_id="b1")
+    await create(service.stub, job_id="b2")
+    bad = job_service_pb2.ReportEventRequest(job_id="b1", idempotency_key="x")  # no payload
+    reply = await service.stub.BatchReportEvents(
+        job_service_pb2.BatchReportEventsRequest(
+            requests=[
+                progress("b1", 10, key="1"),
+                progress("b1", 20, key="2"),
+                progress("missing", 10),
+                bad,
+                completed("b2"),
+                progress("b1", 99, key="1"),
+            ]
+        )
+    )
+    codes = [r.code for r in reply.results]
+    assert codes == [0, 0, grpc.StatusCode.NOT_FOUND.value[0], 3, 0, 0]
+    assert "payload" not in reply.results[3].message
+    assert "progress, completed or failed" in reply.results[3].message
+    assert [r.response.sequence for r in reply.results if r.code == 0] == [1, 2, 1, 2]
+    assert reply.results[5].response.duplicate
+    job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="b1"))
+    assert job.progress.percent == 20
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (progress("v", 101), "progress.percent"),
+        (progress("v", -1), "progress.percent"),
+        (job_service_pb2.ReportEventRequest(job_id="v", progress=job_pb2.Progress()), "idempotency_key"),
+        (job_service_pb2.ReportEventRequest(job_id="v", idempotency_key="k"), "progress, completed"),
+    ],
+)
+async def test_bad_event_names_the_problem_and_writes_nothing(
+    service: ServiceHandle, request_: job_service_pb2.ReportEventRequest, field: str
+) -> None:
+    await create(service.stub, job_id="v")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.ReportEvent(request_)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (err.value.details() or "")
+    job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="v"))
+    assert job.sequence == 0 and job.state == job_pb2.JOB_STATE_QUEUED
+
+
+async def test_callback_token_is_checked_against_the_hash(service: ServiceHandle) -> None:
+    created = await create(service.stub, job_id="tok")
+    wrong = progress("tok", 5)
+    wrong.callback_token = created.callback_token[:-1] + ("A" if created.callback_token[-1] != "A" else "B")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.ReportEvent(wrong)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert created.callback_token not in (err.value.details() or "")
+    right = progress("tok", 5)
+    right.callback_token = created.callback_token
+    assert (await service.stub.ReportEvent(right)).sequence == 1
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.GetJob(job_service_pb2.GetJobRequest(id="tok", callback_token="x"))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_unknown_job_with_create_kind_becomes_a_job(service: ServiceHandle) -> None:
+    request = completed("task-1", key="aurora:task-1:succeeded")
+    request.create_kind = job_pb2.JOB_KIND_TRANSCODE
+    reply = await service.stub.ReportEvent(request)
+    assert (reply.sequence, reply.state) == (1, job_pb2.JOB_STATE_SUCCEEDED)
+    again = await service.stub.ReportEvent(request)
+    assert again.duplicate
+    job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="task-1"))
+    assert job.kind == job_pb2.JOB_KIND_TRANSCODE and not job.has_callback_token
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.ReportEvent(progress("task-2", 1))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _log(job_id: str, level: int, message: str, seconds: int) -> job_service_pb2.WriteLogRequest:
+    entry = log_pb2.LogEntry(job_id=job_id, level=level, message=message)
+    entry.time.FromSeconds(1_700_000_000 + seconds)
+    return job_service_pb2.WriteLogRequest(entry=entry)
+
+
+async def test_logs_newest_first_with_limit_and_level(service: ServiceHandle) -> None:
+    await create(service.stub, job_id="lg")
+    await service.stub.WriteLog(_log("lg", log_pb2.LOG_LEVEL_INFO, "one", 1))
+    await service.stub.WriteLog(_log("lg", log_pb2.LOG_LEVEL_WARNING, "three", 3))
+    await service.stub.WriteLog(_log("lg", log_pb2.LOG_LEVEL_INFO, "two", 2))
+    await service.stub.WriteLog(_log("", log_pb2.LOG_LEVEL_INFO, "anon", 4))
+    every = await service.stub.ListLogs(job_service_pb2.ListLogsRequest(job_id="lg"))
+    assert [e.message for e in every.entries] == ["three", "two", "one"]
+    limited = await service.stub.ListLogs(job_service_pb2.ListLogsRequest(job_id="lg", limit=2))
+    assert [e.message for e in limited.entries] == ["three", "two"]
+    infos = await service.stub.ListLogs(
+        job_service_pb2.ListLogsRequest(level=log_pb2.LOG_LEVEL_INFO)
+    )
+    assert [(e.message, e.job_id) for e in infos.entries] == [
+        ("anon", "UNKNOWN"),
+        ("two", "lg"),
+        ("one", "lg"),
+    ]
+
+
+async def test_error_log_fails_a_queued_or_running_job(service: ServiceHandle) -> None:
+    await create(service.stub, job_id="e1")
+    await service.stub.ReportEvent(progress("e1", 30))
+    reply = await service.stub.WriteLog(_log("e1", log_pb2.LOG_LEVEL_ERROR, "disk full", 1))
+    assert reply.job_failed
+    job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="e1"))
+    assert job.state == job_pb2.JOB_STATE_FAILED and job.error.message == "disk full"
+    again = await service.stub.WriteLog(_log("e1", log_pb2.LOG_LEVEL_ERROR, "later", 2))
+    assert not again.job_failed
+    logs = await service.stub.ListLogs(job_service_pb2.ListLogsRequest(job_id="e1"))
+    assert [e.message for e in logs.entries] == ["later", "disk full"]
+
+
+async def test_bad_log_writes_nothing(service: ServiceHandle) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.WriteLog(_log("x", log_pb2.LOG_LEVEL_UNSPECIFIED, "m", 1))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "entry.level" in (err.value.details() or "")
+    logs = await service.stub.ListLogs(job_service_pb2.ListLogsRequest())
+    assert list(logs.entries) == []

@@ -1,0 +1,147 @@
+"""The storage port's contract, run unchanged against every adapter."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from jobwire.v1 import job_pb2, job_service_pb2, log_pb2
+from service.domain import events
+from service.domain.errors import Code, DomainError
+from service.domain.records import Applied, Claim, JobCommand, Report, Unchanged
+from service.store.port import JobQuery, Store
+
+
+def _report(job_id: str, key: str, percent: float = 1.0) -> JobCommand:
+    return JobCommand(
+        job_id,
+        Report(
+            job_service_pb2.ReportEventRequest(
+                job_id=job_id, idempotency_key=key, progress=job_pb2.Progress(percent=percent)
+            )
+        ),
+    )
+
+
+async def _new(store: Store, job_id: str, kind: int = job_pb2.JOB_KIND_GENERIC) -> None:
+    record, _ = events.new_record(job_id, kind, time.time_ns())
+    await store.create(record)
+
+
+async def test_create_get_and_duplicate(store: Store) -> None:
+    record, token = events.new_record("a", job_pb2.JOB_KIND_BATCH, time.time_ns())
+    await store.create(record)
+    got = await store.get("a")
+    assert got is not None and got.job == record.job and got.token_hash == record.token_hash
+    assert token.encode() not in got.token_hash
+    try:
+        await store.create(record)
+    except DomainError as err:
+        assert err.code == Code.ALREADY_EXISTS
+    else:
+        raise AssertionError("expected ALREADY_EXISTS")
+    assert await store.get("b") is None
+
+
+async def test_batch_chains_commands_of_one_job_in_order(store: Store) -> None:
+    await _new(store, "j")
+    outcomes = await store.apply(
+        [_report("j", "1", 10), _report("missing", "x"), _report("j", "2", 20), _report("j", "1")]
+    )
+    assert isinstance(outcomes[0], Applied) and outcomes[0].event.sequence == 1
+    assert isinstance(outcomes[1], DomainError) and outcomes[1].code == Code.NOT_FOUND
+    assert isinstance(outcomes[2], Applied) and outcomes[2].event.sequence == 2
+    assert isinstance(outcomes[3], Unchanged) and outcomes[3].duplicate
+    stored = await store.get("j")
+    assert stored is not None and stored.job.sequence == 2 and stored.job.progress.percent == 20
+
+
+async def test_ten_thousand_events_keep_a_bounded_record(store: Store) -> None:
+    await _new(store, "busy")
+    retention = store.policy.retention
+    for start in range(0, 10_000, 500):
+        outcomes = await store.apply([_report("busy", f"k{i}") for i in range(start, start + 500)])
+        assert all(isinstance(o, Applied) for o in outcomes)
+    record = await store.get("busy")
+    assert record is not None and record.job.sequence == 10_000
+    assert len(record.recent_keys) == retention
+    assert record.recent_keys[-1] == "k9999"
+    kept = await store.events_after("busy", 0)
+    assert [e.sequence for e in kept] == list(range(10_001 - retention, 10_001))
+    tail = await store.events_after("busy", 9_995)
+    assert [e.sequence for e in tail] == [9_996, 9_997, 9_998, 9_999, 10_000]
+    # A key that fell out of the window is applied again; a retained one is not.
+    (fresh, dup) = await store.apply([_report("busy", "k0"), _report("busy", "k9999")])
+    assert isinstance(fresh, Applied) and isinstance(dup, Unchanged)
+
+
+async def test_concurrent_claims_hand_out_each_job_once(store: Store) -> None:
+    for i in range(60):
+        await _new(store, f"v{i:02d}", job_pb2.JOB_KIND_VIDEO)
+
+    async def worker(n: int) -> list[str]:
+        got = []
+        while (claim := await store.claim(job_pb2.JOB_KIND_VIDEO, f"w{n}", 10**10)) is not None:
+            assert claim.event.type and claim.record.job.state == job_pb2.JOB_STATE_RUNNING
+            got.append(claim.record.job.id)
+        return got
+
+    results = await asyncio.gather(*(worker(n) for n in range(8)))
+    claimed = [i for r in results for i in r]
+    assert sorted(claimed) == [f"v{i:02d}" for i in range(60)]
+    assert await store.queue_depths() == {}
+
+
+async def test_expired_leases_are_found(store: Store) -> None:
+    await _new(store, "x", job_pb2.JOB_KIND_VIDEO)
+    await _new(store, "y", job_pb2.JOB_KIND_VIDEO)
+    assert await store.queue_depths() == {job_pb2.JOB_KIND_VIDEO: 2}
+    await store.apply([JobCommand("x", Claim("w", 1))])  # 1 ns lease: lapses at once
+    await store.apply([JobCommand("y", Claim("w", 10**12))])
+    assert await store.expired_leases(time.time_ns(), 10) == ["x"]
+
+
+async def test_list_jobs_filters_and_cursor(store: Store) -> None:
+    for i in range(5):
+        record, _ = events.new_record(f"l{i}", job_pb2.JOB_KIND_BATCH, 1_000 + i)
+        record.job.labels["n"] = str(i % 2)
+        await store.create(record)
+    page = await store.list_jobs(JobQuery(limit=2))
+    assert [j.id for j in page] == ["l0", "l1"]
+    rest = await store.list_jobs(JobQuery(limit=10, after=(1_001, "l1")))
+    assert [j.id for j in rest] == ["l2", "l3", "l4"]
+    odd = await store.list_jobs(JobQuery(labels={"n": "1"}))
+    assert [j.id for j in odd] == ["l1", "l3"]
+    none = await store.list_jobs(JobQuery(kind=job_pb2.JOB_KIND_VIDEO))
+    assert none == []
+
+
+async def test_logs_order_filter_limit(store: Store) -> None:
+    for i, level in enumerate([1, 2, 4, 2]):
+        entry = log_pb2.LogEntry(job_id="j" if i < 3 else "k", level=level, message=str(i))
+        entry.time.FromSeconds(100 + (i % 3))
+        await store.write_log(entry)
+    assert [e.message for e in await store.list_logs("j", 0, 50)] == ["2", "1", "0"]
+    assert [e.message for e in await store.list_logs("", 2, 50)] == ["1", "3"]
+    assert [e.message for e in await store.list_logs("", 0, 2)] == ["2", "1"]
+
+
+async def test_artifacts_stream_and_replace(store: Store) -> None:
+    from jobwire.v1 import artifact_pb2
+
+    async def chunks(parts: list[bytes]):  # type: ignore[no-untyped-def]
+        for p in parts:
+            yield p
+
+    meta = artifact_pb2.Artifact(job_id="a", name="t.md", content_type="text/markdown")
+    stored = await store.put_artifact(meta, chunks([b"hello ", b"world"]))
+    assert stored.size_bytes == 11
+    found = await store.open_artifact("a", "t.md")
+    assert found is not None
+    assert b"".join([c async for c in found[1]]) == b"hello world"
+    await store.put_artifact(meta, chunks([b"v2"]))
+    found = await store.open_artifact("a", "t.md")
+    assert found is not None and found[0].size_bytes == 2
+    assert b"".join([c async for c in found[1]]) == b"v2"
+    assert [a.name for a in await store.list_artifacts("a")] == ["t.md"]
+    assert await store.open_artifact("a", "missing") is None
