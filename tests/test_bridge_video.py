@@ -1,0 +1,206 @@
+"""Video worker: pending (claim), report, log; examples, auth, bad input, no double claims."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+
+from jobwire.v1 import job_pb2, job_service_pb2, log_pb2
+from tests.bridge_harness import (
+    VIDEO_AUTH,
+    bridge,  # noqa: F401
+    create_job,
+    fresh_stack,
+    get_job,
+    new_id,
+    stub,  # noqa: F401
+)
+
+UNAUTHORIZED = {"error": "No autorizado"}
+REPORT_400 = {"error": "Faltan campos requeridos: status, videoId, message"}
+LOG_400 = {"error": "Faltan campos requeridos: level, message, timestamp"}
+
+
+def video(n: int = 0) -> job_pb2.Video:
+    return job_pb2.Video(
+        url=f"https://ejemplo.com/video{n}.mp4",
+        playlist="Nombre de la Playlist",
+        title="Título del Video",
+        subtitle="Subtítulo del Video",
+    )
+
+
+async def test_examples_verbatim(tmp_path: Any) -> None:
+    """Every example of the Spanish contract, on a fresh service (videoId "12345")."""
+    async with fresh_stack(tmp_path) as (b, s):
+        assert (await b.get("/api/pending", headers=VIDEO_AUTH))[0] == 204
+        await create_job(s, job_pb2.JOB_KIND_VIDEO, "12345", video())
+        status, body = await b.get("/api/pending", headers=VIDEO_AUTH)
+        assert status == 200
+        assert body == {
+            "videoUrl": "https://ejemplo.com/video0.mp4",
+            "videoId": "12345",
+            "playlist": "Nombre de la Playlist",
+            "title": "Título del Video",
+            "subtitle": "Subtítulo del Video",
+        }
+        report = {
+            "status": "progress",
+            "message": "Mensaje descriptivo",
+            "timestamp": "2023-05-01T12:00:00Z",
+            "videoId": "12345",
+            "currentTime": "00:01:30.500",
+            "percent": 45,
+            "totalTime": "00:03:20.000",
+        }
+        assert await b.post("/api/report", report, headers=VIDEO_AUTH) == (200, {"success": True})
+        job = await get_job(s, "12345")
+        assert job.state == job_pb2.JOB_STATE_RUNNING
+        assert job.progress.percent == 45
+        assert job.progress.media_time.ToMilliseconds() == 90_500
+        assert job.progress.media_duration.ToMilliseconds() == 200_000
+        assert job.progress.report_time.ToJsonString() == "2023-05-01T12:00:00Z"
+        log_lines = [
+            {
+                "level": "INFO",
+                "message": "Descarga completada exitosamente",
+                "timestamp": "2023-05-01T12:00:00Z",
+                "videoId": "12345",
+            },
+            {
+                "level": "WARNING",
+                "message": "Mensaje descriptivo",
+                "timestamp": "2023-05-01T12:00:00Z",
+            },
+        ]
+        for line in log_lines:
+            assert await b.post("/api/log", line, headers=VIDEO_AUTH) == (200, {"success": True})
+        status, listed = await b.get("/api/log", headers=VIDEO_AUTH)
+        assert status == 200
+        assert {"level": "WARNING", "message": "Mensaje descriptivo",
+                "timestamp": "2023-05-01T12:00:00Z", "videoId": "UNKNOWN"} in listed
+        assert log_lines[0] in listed
+        status, infos = await b.get("/api/log?level=INFO&limit=1", headers=VIDEO_AUTH)
+        assert (status, infos) == (200, [log_lines[0]])
+        done = {**report, "status": "success", "message": "Operación completada con éxito"}
+        for key in ("currentTime", "percent", "totalTime"):
+            done.pop(key)
+        assert await b.post("/api/report", done, headers=VIDEO_AUTH) == (200, {"success": True})
+        assert (await get_job(s, "12345")).state == job_pb2.JOB_STATE_SUCCEEDED
+
+
+async def test_error_report_and_error_log_fail_the_video(bridge: Any, stub: Any) -> None:
+    vid = new_id("v")
+    await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid, video())
+    line = {"level": "ERROR", "message": "yt-dlp: 403", "timestamp": "2023-05-01T12:00:00Z",
+            "videoId": vid}
+    assert await bridge.post("/api/log", line, headers=VIDEO_AUTH) == (200, {"success": True})
+    job = await get_job(stub, vid)
+    assert job.state == job_pb2.JOB_STATE_FAILED
+    # The worker's `error` report after its ERROR log agrees with the stored outcome.
+    report = {"status": "error", "message": "yt-dlp: 403", "videoId": vid}
+    assert await bridge.post("/api/report", report, headers=VIDEO_AUTH) == (200, {"success": True})
+
+
+async def test_unknown_video_is_404(bridge: Any) -> None:
+    report = {"status": "progress", "message": "m", "videoId": new_id("nope"), "percent": 1}
+    assert await bridge.post("/api/report", report, headers=VIDEO_AUTH) == (
+        404,
+        {"error": "El video no existe"},
+    )
+
+
+async def test_auth(bridge: Any) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "test-api-key"}):
+        assert await bridge.get("/api/pending", headers=headers) == (401, UNAUTHORIZED)
+        assert await bridge.get("/api/log", headers=headers) == (401, UNAUTHORIZED)
+        report = {"status": "progress", "message": "m", "videoId": "x"}
+        assert await bridge.post("/api/report", report, headers=headers) == (401, UNAUTHORIZED)
+        assert await bridge.post("/api/log", {}, headers=headers) == (401, UNAUTHORIZED)
+
+
+async def test_bad_input_is_400_and_writes_nothing(bridge: Any, stub: Any) -> None:
+    vid = new_id("v")
+    await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid, video())
+    good = {"status": "progress", "message": "m", "videoId": vid, "percent": 10}
+    for body in (
+        {"message": "m", "videoId": vid},
+        {"status": "progress", "videoId": vid},
+        {"status": "progress", "message": "m"},
+        {**good, "status": "paused"},
+        {**good, "percent": 101},
+        {**good, "percent": -1},
+        {**good, "percent": "50"},
+        {**good, "currentTime": "1:30"},
+        {**good, "timestamp": "yesterday"},
+        {**good, "videoId": 12345},
+    ):
+        assert await bridge.post("/api/report", body, headers=VIDEO_AUTH) == (400, REPORT_400)
+    assert await bridge.post_raw("/api/report", b"{", headers=VIDEO_AUTH) == (400, REPORT_400)
+    line = {"level": "INFO", "message": "m", "timestamp": "2023-05-01T12:00:00Z", "videoId": vid}
+    for body in (
+        {**line, "level": "TRACE"},
+        {k: v for k, v in line.items() if k != "timestamp"},
+        {k: v for k, v in line.items() if k != "level"},
+        {**line, "message": None},
+    ):
+        assert await bridge.post("/api/log", body, headers=VIDEO_AUTH) == (400, LOG_400)
+    assert (await bridge.get("/api/log?limit=0", headers=VIDEO_AUTH))[0] == 400
+    assert (await bridge.get("/api/log?level=LOUD", headers=VIDEO_AUTH))[0] == 400
+    job = await get_job(stub, vid)
+    assert (job.state, job.sequence) == (job_pb2.JOB_STATE_QUEUED, 0)
+    logs = await stub.ListLogs(job_service_pb2.ListLogsRequest(job_id=vid))
+    assert list(logs.entries) == []
+
+
+async def test_concurrent_pollers_never_share_a_video(tmp_path: Any) -> None:
+    async with fresh_stack(tmp_path) as (b, s):
+        ids = {new_id("v") for _ in range(200)}
+        await asyncio.gather(*(create_job(s, job_pb2.JOB_KIND_VIDEO, i, video()) for i in ids))
+
+        async def poller() -> list[str]:
+            got = []
+            while True:
+                status, body = await b.get("/api/pending", headers=VIDEO_AUTH)
+                if status == 204:
+                    return got
+                assert status == 200
+                got.append(body["videoId"])
+
+        results = await asyncio.gather(*(poller() for _ in range(4)))
+        claimed = [v for r in results for v in r]
+        assert len(claimed) == len(set(claimed)) == 200
+        assert set(claimed) == ids
+
+
+async def test_watcher_sees_rest_progress_in_order(bridge: Any, stub: Any) -> None:
+    vid = new_id("v")
+    await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid, video())
+    call = stub.WatchJob(job_service_pb2.WatchJobRequest(id=vid))
+    first = await asyncio.wait_for(call.read(), 10)
+    assert first.WhichOneof("item") == "snapshot"
+    for pct in (10, 20, 30, 40):
+        body = {"status": "progress", "message": f"{pct}%", "videoId": vid, "percent": pct}
+        assert (await bridge.post("/api/report", body, headers=VIDEO_AUTH))[0] == 200
+    done = {"status": "success", "message": "ok", "videoId": vid}
+    assert (await bridge.post("/api/report", done, headers=VIDEO_AUTH))[0] == 200
+    seen = []
+    while (item := await asyncio.wait_for(call.read(), 10)) is not grpc.aio.EOF:
+        seen.append(item.event)
+    assert [e.progress.percent for e in seen[:4]] == [10, 20, 30, 40]
+    assert seen[-1].state == job_pb2.JOB_STATE_SUCCEEDED
+    assert [e.sequence for e in seen] == sorted(e.sequence for e in seen)
+
+
+async def test_log_level_filter_maps_to_service(bridge: Any, stub: Any) -> None:
+    vid = new_id("v")
+    line = {"level": "DEBUG", "message": "dbg", "timestamp": "2023-05-01T12:00:00.250Z",
+            "videoId": vid}
+    assert (await bridge.post("/api/log", line, headers=VIDEO_AUTH))[0] == 200
+    logs = await stub.ListLogs(job_service_pb2.ListLogsRequest(job_id=vid))
+    assert [e.level for e in logs.entries] == [log_pb2.LOG_LEVEL_DEBUG]
+    status, listed = await bridge.get("/api/log?level=DEBUG&limit=1000", headers=VIDEO_AUTH)
+    assert status == 200
+    assert {**line} in listed
