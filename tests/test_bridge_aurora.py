@@ -1,0 +1,152 @@
+"""AuroraCloud transcoding callback: example, idempotency, auth, terminal conflicts."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from http_bridge.config import parse_networks
+from jobwire.v1 import job_pb2
+from tests.bridge_harness import (
+    TEST_CONFIG,
+    TRANSCODE_TOKEN,
+    bridge,  # noqa: F401
+    get_job,
+    new_id,
+    running_bridge,
+    stub,  # noqa: F401
+)
+
+PATH = "/api/transcode-callback"
+# The contract's example with its `//` comments removed (they are not JSON).
+EXAMPLE = {
+    "code": 0,
+    "msg": "succeeded",
+    "callback_url": "http://xxx.com/notify",
+    "data": [
+        {
+            "task_id": "20220420111542664667cccc3d179880",
+            "input": "https://input-source.com/test.mp4",
+            "output": "oss://output-bucket/path/test.mp4",
+            "format": "mp4",
+            "status": "succeeded",
+            "duration": 30.0,
+            "spend_time": 2.0,
+        },
+        {
+            "task_id": "20220420111542664667cccc3d179780",
+            "status": "failed",
+            "error_code": 1003,
+            "error_msg": "Invalid input file",
+        },
+    ],
+}
+AUTH = {"Authorization": f"Bearer {TRANSCODE_TOKEN}"}
+
+
+def notification(*tasks: dict[str, Any]) -> dict[str, Any]:
+    return {"code": 0, "msg": "succeeded", "data": list(tasks)}
+
+
+async def test_example_applied_once_when_sent_three_times(bridge: Any, stub: Any) -> None:
+    ok_id, failed_id = (t["task_id"] for t in EXAMPLE["data"])  # type: ignore[attr-defined]
+    for _ in range(3):
+        assert await bridge.post(PATH, EXAMPLE, headers=AUTH) == (200, {"ack": True})
+    ok = await get_job(stub, ok_id)
+    assert (ok.kind, ok.state, ok.sequence) == (
+        job_pb2.JOB_KIND_TRANSCODE,
+        job_pb2.JOB_STATE_SUCCEEDED,
+        1,
+    )
+    assert ok.result.output_uri == "oss://output-bucket/path/test.mp4"
+    assert ok.result.input_uri == "https://input-source.com/test.mp4"
+    assert ok.result.format == "mp4"
+    assert ok.result.media_duration.seconds == 30
+    assert ok.result.processing_time.seconds == 2
+    failed = await get_job(stub, failed_id)
+    assert (failed.state, failed.sequence) == (job_pb2.JOB_STATE_FAILED, 1)
+    assert (failed.error.code, failed.error.message) == ("1003", "Invalid input file")
+
+
+async def test_token_in_path_or_header(bridge: Any, stub: Any) -> None:
+    for how in ("path", "bearer", "x-callback-token"):
+        task_id = new_id("a")
+        body = notification({"task_id": task_id, "status": "succeeded", "output": "s3://b/o"})
+        if how == "path":
+            answer = await bridge.post(f"{PATH}/{TRANSCODE_TOKEN}", body)
+        elif how == "bearer":
+            answer = await bridge.post(PATH, body, headers=AUTH)
+        else:
+            answer = await bridge.post(PATH, body, headers={"X-Callback-Token": TRANSCODE_TOKEN})
+        assert answer == (200, {"ack": True}), how
+        assert (await get_job(stub, task_id)).state == job_pb2.JOB_STATE_SUCCEEDED
+
+
+async def test_auth_refused(bridge: Any) -> None:
+    body = notification({"task_id": new_id("a"), "status": "failed"})
+    for path, headers in (
+        (PATH, {}),
+        (PATH, {"Authorization": "Bearer nope"}),
+        (f"{PATH}/nope", {}),
+        (f"{PATH}/nope", AUTH),  # a wrong path token is not rescued by a header
+    ):
+        status, answer = await bridge.post(path, body, headers=headers)
+        assert status == 401 and answer["ack"] is False, (path, headers)
+
+
+async def test_unconfigured_endpoint_refuses_everything(grpc_service: Any) -> None:
+    config = dataclasses.replace(
+        TEST_CONFIG, service_target=grpc_service.target, transcode_callback_token=""
+    )
+    async with running_bridge(config) as b:
+        body = notification({"task_id": new_id("a"), "status": "failed"})
+        assert (await b.post(PATH, body, headers=AUTH))[0] == 401
+        assert (await b.post(f"{PATH}/", body))[0] in (401, 404)
+
+
+async def test_ip_allow_list(grpc_service: Any, stub: Any) -> None:
+    base = dataclasses.replace(TEST_CONFIG, service_target=grpc_service.target)
+    allowed = dataclasses.replace(
+        base,
+        transcode_callback_token="",
+        transcode_allowed_ips=parse_networks("10.0.0.0/8, 127.0.0.1"),
+    )
+    denied = dataclasses.replace(base, transcode_allowed_ips=parse_networks("10.0.0.0/8"))
+    task_id = new_id("a")
+    body = notification({"task_id": task_id, "status": "failed", "error_code": 7})
+    async with running_bridge(denied) as b:
+        assert (await b.post(PATH, body, headers=AUTH))[0] == 403
+    async with running_bridge(allowed) as b:
+        assert await b.post(PATH, body) == (200, {"ack": True})
+    assert (await get_job(stub, task_id)).error.code == "7"
+
+
+async def test_terminal_conflict_is_acknowledged(bridge: Any, stub: Any) -> None:
+    task_id = new_id("a")
+    ok = {"task_id": task_id, "status": "succeeded", "output": "s3://x"}
+    assert (await bridge.post(PATH, notification(ok), headers=AUTH))[0] == 200
+    bad = {"task_id": task_id, "status": "failed", "error_msg": "late"}
+    assert await bridge.post(PATH, notification(bad), headers=AUTH) == (200, {"ack": True})
+    assert (await get_job(stub, task_id)).state == job_pb2.JOB_STATE_SUCCEEDED
+
+
+async def test_bad_input_is_400_and_writes_nothing(bridge: Any, stub: Any) -> None:
+    good_id, bad_id = new_id("a"), "bad id with spaces"
+    tasks = [{"task_id": good_id, "status": "succeeded"}, {"task_id": bad_id, "status": "failed"}]
+    for body in (
+        notification(*tasks),
+        notification({"task_id": good_id, "status": "running"}),
+        notification({"task_id": good_id, "status": "succeeded", "duration": -1}),
+        notification({"task_id": good_id, "status": "succeeded", "duration": "30"}),
+        {"code": 0, "msg": "ok"},
+        {"code": "0", "msg": "ok", "data": []},
+        [],
+    ):
+        status, answer = await bridge.post(PATH, body, headers=AUTH)
+        assert status == 400 and answer["ack"] is False, body
+    assert (await bridge.post_raw(PATH, b"{", headers=AUTH))[0] == 400
+    try:
+        await get_job(stub, good_id)
+        raise AssertionError("a task of a rejected notification was stored")
+    except Exception as exc:  # grpc NOT_FOUND
+        assert "NOT_FOUND" in str(exc)
