@@ -1,0 +1,219 @@
+"""Secretary: progress/final/failed callbacks, polling, artifacts (64 MiB round trip)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from typing import Any
+
+import grpc
+import orjson
+
+from jobwire.v1 import job_pb2, job_service_pb2
+from tests.bridge_harness import (
+    bridge,  # noqa: F401
+    create_job,
+    get_job,
+    stub,  # noqa: F401
+)
+
+PROGRESS = {
+    "phase": "extract_text",
+    "progress": 55,
+    "message": "Seite 14/26 verarbeitet",
+    "process": {"id": "sec-98765"},
+}
+FAILED = {
+    "phase": "failed",
+    "error": {
+        "code": "LLM_RATE_LIMIT",
+        "message": "Rate limit exceeded",
+        "details": {"retryAfterSec": 30},
+    },
+}
+
+
+async def new_job(stub: Any) -> tuple[str, dict[str, str]]:
+    created = await create_job(stub, job_pb2.JOB_KIND_EXTRACTION)
+    return created.job.id, {"Authorization": f"Bearer {created.callback_token}"}
+
+
+def path(job_id: str) -> str:
+    return f"/api/external/jobs/{job_id}"
+
+
+async def read_artifact(stub: Any, job_id: str, name: str) -> tuple[Any, bytes]:
+    call = stub.ReadArtifact(job_service_pb2.ReadArtifactRequest(job_id=job_id, name=name))
+    meta, data = None, bytearray()
+    while (msg := await call.read()) is not grpc.aio.EOF:
+        if msg.WhichOneof("part") == "artifact":
+            meta = msg.artifact
+        else:
+            data += msg.data
+    return meta, bytes(data)
+
+
+async def test_progress_example_and_poll(bridge: Any, stub: Any) -> None:
+    job_id, auth = await new_job(stub)
+    first = {
+        "phase": "extract_text",
+        "progress": 42,
+        "message": "Seite 12/28 verarbeitet",
+        "process": {"id": "sec-1234"},
+    }
+    for body in (first, PROGRESS):
+        assert await bridge.post(path(job_id), body, headers=auth) == (
+            200,
+            {"status": "ok", "kind": "progress", "jobId": job_id},
+        )
+    job = await get_job(stub, job_id)
+    assert (job.state, job.progress.percent, job.process_id) == (
+        job_pb2.JOB_STATE_RUNNING,
+        55,
+        "sec-98765",
+    )
+    status, polled = await bridge.get(path(job_id), headers=auth)
+    assert status == 200
+    assert (polled["status"], polled["processId"], polled["result"]) == (
+        "running",
+        "sec-98765",
+        None,
+    )
+    assert [(e["phase"], e["progress"], e["message"]) for e in polled["logs"]] == [
+        ("extract_text", 42, "Seite 12/28 verarbeitet"),
+        ("extract_text", 55, "Seite 14/26 verarbeitet"),
+    ]
+    status, newest = await bridge.get(path(job_id) + "?limit=1", headers=auth)
+    assert [e["progress"] for e in newest["logs"]] == [55]
+
+
+async def test_failed_example(bridge: Any, stub: Any) -> None:
+    job_id, auth = await new_job(stub)
+    assert await bridge.post(path(job_id), FAILED, headers=auth) == (
+        200,
+        {"status": "ok", "kind": "failed", "jobId": job_id},
+    )
+    job = await get_job(stub, job_id)
+    assert (job.state, job.error.code, job.error.message) == (
+        job_pb2.JOB_STATE_FAILED,
+        "LLM_RATE_LIMIT",
+        "Rate limit exceeded",
+    )
+    assert job.error.details["retryAfterSec"] == 30
+    status, polled = await bridge.get(
+        path(job_id), headers={"X-Callback-Token": auth["Authorization"][7:]}
+    )
+    assert (status, polled["status"]) == (200, "failed")
+
+
+async def test_final_event_stores_artifacts_first(bridge: Any, stub: Any) -> None:
+    job_id, auth = await new_job(stub)
+    zip_bytes = b"PK\x03\x04" + os.urandom(5000)
+    final = {
+        "phase": "completed",
+        "message": "Extraktion abgeschlossen",
+        "data": {
+            "extracted_text": "# Titel\n\nÄrger über Öl – ✓",
+            "images_archive_data": base64.b64encode(zip_bytes).decode(),
+            "images_archive_filename": "pdf_images.zip",
+            "metadata": {"text_contents": [{"page": 1, "content": "..."}]},
+        },
+    }
+    assert await bridge.post(path(job_id), final, headers=auth) == (
+        200,
+        {"status": "ok", "kind": "final", "jobId": job_id},
+    )
+    job = await get_job(stub, job_id)
+    assert job.state == job_pb2.JOB_STATE_SUCCEEDED
+    names = {a.name for a in job.result.artifacts}
+    assert names == {"extracted_text.md", "pdf_images.zip", "metadata.json"}
+    _, text = await read_artifact(stub, job_id, "extracted_text.md")
+    assert text.decode() == final["data"]["extracted_text"]  # type: ignore[index]
+    _, data = await read_artifact(stub, job_id, "pdf_images.zip")
+    assert data == zip_bytes
+    _, meta = await read_artifact(stub, job_id, "metadata.json")
+    assert orjson.loads(meta) == final["data"]["metadata"]  # type: ignore[index]
+    status, polled = await bridge.get(path(job_id), headers=auth)
+    assert polled["status"] == "completed"
+    urls = {a["name"]: a["url"] for a in polled["result"]["artifacts"]}
+    status, body = await bridge.get(urls["pdf_images.zip"], headers=auth)
+    assert (status, body) == (200, zip_bytes)
+    # A verbatim retry of the final event is acknowledged without re-uploading.
+    assert (await bridge.post(path(job_id), final, headers=auth))[0] == 200
+
+
+async def test_only_text_final_example_shape(bridge: Any, stub: Any) -> None:
+    job_id, auth = await new_job(stub)
+    final = {"phase": "completed", "data": {"extracted_text": "..."}}
+    assert (await bridge.post(path(job_id), final, headers=auth))[0] == 200
+    assert [a.name for a in (await get_job(stub, job_id)).result.artifacts] == ["extracted_text.md"]
+
+
+async def test_64_mib_final_round_trip(bridge: Any, stub: Any) -> None:
+    job_id, auth = await new_job(stub)
+    blob = os.urandom(64 * 1024 * 1024)
+    digest = hashlib.sha256(blob).hexdigest()
+    body = orjson.dumps(
+        {"phase": "completed", "data": {"images_archive_data": base64.b64encode(blob).decode()}}
+    )
+    status, answer = await bridge.post_raw(path(job_id), body, headers=auth)
+    del body
+    assert (status, answer["kind"]) == (200, "final")
+    job = await get_job(stub, job_id)
+    (ref,) = job.result.artifacts
+    assert (ref.name, ref.size_bytes, ref.sha256) == ("images.zip", len(blob), digest)
+    meta, data = await read_artifact(stub, job_id, "images.zip")
+    assert meta.content_type == "application/zip"
+    assert hashlib.sha256(data).hexdigest() == digest
+    del data
+    url = bridge.url + path(job_id) + "/artifacts/images.zip"
+    async with bridge.http.get(url, headers=auth) as resp:
+        assert resp.status == 200
+        assert resp.content_length == len(blob)
+        h = hashlib.sha256()
+        async for chunk in resp.content.iter_chunked(1 << 20):
+            h.update(chunk)
+    assert h.hexdigest() == digest
+
+
+async def test_auth_and_query_tokens(bridge: Any, stub: Any) -> None:
+    job_id, auth = await new_job(stub)
+    other_id, other_auth = await new_job(stub)
+    token = auth["Authorization"][7:]
+    assert (await bridge.post(path(job_id), PROGRESS))[0] == 401
+    assert (await bridge.post(path(job_id), PROGRESS, headers=other_auth))[0] == 401
+    assert (await bridge.post(path(job_id) + f"?token={token}", PROGRESS))[0] == 400
+    assert (await bridge.post(path(job_id) + f"?token={token}", PROGRESS, headers=auth))[0] == 400
+    assert (await bridge.get(path(job_id)))[0] == 401
+    assert (await bridge.get(path(job_id), headers=other_auth))[0] == 401
+    assert (await bridge.get(path(job_id) + "/artifacts/x.zip", headers=other_auth))[0] == 401
+    assert (await bridge.post(path("no-such-job"), PROGRESS, headers=auth))[0] == 404
+    job = await get_job(stub, job_id)
+    assert (job.state, job.sequence) == (job_pb2.JOB_STATE_QUEUED, 0)
+
+
+async def test_bad_input_is_400_and_writes_nothing(bridge: Any, stub: Any) -> None:
+    job_id, auth = await new_job(stub)
+    for body in (
+        {**PROGRESS, "progress": 101},
+        {**PROGRESS, "progress": -0.5},
+        {**PROGRESS, "progress": "55"},
+        {k: v for k, v in PROGRESS.items() if k != "progress"},
+        {**PROGRESS, "phase": ""},
+        {"phase": "completed", "data": {}},
+        {"phase": "completed", "data": {"metadata": {"a": 1}}},
+        {"phase": "completed"},
+        {"phase": "completed", "data": {"images_archive_data": "UEsDB... (base64)"}},
+        {"phase": "completed", "data": {"extracted_text": 5}},
+        {"phase": "failed"},
+        {"phase": "failed", "error": {"code": "X"}},
+        [],
+    ):
+        status, answer = await bridge.post(path(job_id), body, headers=auth)
+        assert (status, answer["status"]) == (400, "error"), body
+    assert (await bridge.post_raw(path(job_id), b"{", headers=auth))[0] == 400
+    job = await get_job(stub, job_id)
+    assert (job.state, job.sequence) == (job_pb2.JOB_STATE_QUEUED, 0)
+    listed = await stub.ListArtifacts(job_service_pb2.ListArtifactsRequest(job_id=job_id))
+    assert list(listed.artifacts) == []
