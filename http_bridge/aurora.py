@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 import grpc
 import pydantic
 from aiohttp import web
+
 from jobwire.v1 import job_pb2
 from jobwire.v1 import job_service_pb2 as svc
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 
 import grpc
+
 from jobwire.v1 import job_service_pb2 as svc
 from jobwire.v1 import job_service_pb2_grpc
 

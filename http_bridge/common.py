@@ -14,6 +14,7 @@ import orjson
 import pydantic
 from aiohttp import web
 from google.protobuf import duration_pb2, timestamp_pb2
+
 from jobwire.v1 import job_pb2
 from jobwire.v1 import job_service_pb2 as svc
 

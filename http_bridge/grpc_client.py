@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2_grpc
+
 from jobwire.v1 import job_service_pb2_grpc
 
 from .coalescer import Coalescer

@@ -26,6 +26,7 @@ import orjson
 import pydantic
 from aiohttp import web
 from google.protobuf import json_format, struct_pb2
+
 from jobwire.v1 import event_pb2, job_pb2
 from jobwire.v1 import job_service_pb2 as svc
 

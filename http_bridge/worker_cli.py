@@ -1,0 +1,228 @@
+"""`jobwire callback ...`: send the four contracts' callbacks like the real workers do.
+
+Stdlib HTTP only (urllib), so a worker image needs nothing beyond this package:
+
+    jobwire callback batch <jobId> success <outputKey>
+    jobwire callback batch <jobId> failed "<error>"
+    jobwire callback video pending | report <videoId> <status> <message> | log <level> <message>
+    jobwire callback aurora <task_id> succeeded|failed [--output ... | --error-code ...]
+    jobwire callback secretary <jobId> progress|final|failed ...
+
+Exit code 0 on a 2xx answer, 1 otherwise; the answer's body is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+DEFAULT_BASE = "http://127.0.0.1:8080"
+
+
+def base_url(args: argparse.Namespace) -> str:
+    url: str = args.url or os.environ.get("JOBWIRE_BRIDGE_URL") or ""
+    return (url or os.environ.get("NEXT_PUBLIC_APP_URL") or DEFAULT_BASE).rstrip("/")
+
+
+def send(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> int:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Accept", "application/json")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            status, payload = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, payload = exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"jobwire callback: {url}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{status} {payload.decode('utf-8', 'replace')}".rstrip())
+    return 0 if 200 <= status < 300 else 1
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def bearer(env_name: str, given: str) -> dict[str, str]:
+    token = given or os.environ.get(env_name, "")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+# -- AWS Batch (same arguments as the contract's test-batch-callback.js) ------------
+
+
+def batch(args: argparse.Namespace) -> int:
+    url = os.environ.get("CALLBACK_URL") or f"{base_url(args)}/api/batch-callback"
+    body: dict[str, Any] = {
+        "jobId": args.job_id,
+        "status": args.status,
+        "callbackSecret": os.environ.get("BATCH_CALLBACK_SECRET", ""),
+    }
+    body["outputKey" if args.status == "success" else "error"] = args.detail
+    return send("POST", url, body)
+
+
+# -- video worker ---------------------------------------------------------------------
+
+
+def video(args: argparse.Namespace) -> int:
+    base, auth = base_url(args), bearer("API_KEY", args.api_key)
+    if args.action == "pending":
+        return send("GET", f"{base}/api/pending", headers=auth)
+    if args.action == "report":
+        body: dict[str, Any] = {
+            "status": args.status,
+            "message": args.message,
+            "timestamp": now_iso(),
+            "videoId": args.video_id,
+        }
+        optional = {"percent": args.percent, "currentTime": args.current_time}
+        body.update({k: v for k, v in optional.items() if v is not None})
+        if args.total_time is not None:
+            body["totalTime"] = args.total_time
+        return send("POST", f"{base}/api/report", body, auth)
+    line = {"level": args.level, "message": args.message, "timestamp": now_iso()}
+    if args.video_id:
+        line["videoId"] = args.video_id
+    return send("POST", f"{base}/api/log", line, auth)
+
+
+# -- AuroraCloud ----------------------------------------------------------------------
+
+
+def aurora(args: argparse.Namespace) -> int:
+    task: dict[str, Any] = {"task_id": args.task_id, "status": args.status}
+    if args.status == "succeeded":
+        fields = {"input": args.input, "output": args.output, "format": args.format}
+        task.update({k: v for k, v in fields.items() if v})
+        if args.duration is not None:
+            task["duration"] = args.duration
+        if args.spend_time is not None:
+            task["spend_time"] = args.spend_time
+    else:
+        if args.error_code is not None:
+            task["error_code"] = args.error_code
+        if args.error_msg:
+            task["error_msg"] = args.error_msg
+    body = {"code": 0, "msg": args.status, "data": [task]}
+    auth = bearer("TRANSCODE_CALLBACK_TOKEN", args.token)
+    return send("POST", f"{base_url(args)}/api/transcode-callback", body, auth)
+
+
+# -- Secretary ------------------------------------------------------------------------
+
+
+def secretary(args: argparse.Namespace) -> int:
+    url = args.callback_url or f"{base_url(args)}/api/external/jobs/{args.job_id}"
+    auth = {**bearer("CALLBACK_TOKEN", args.token), "X-Worker": "secretary"}
+    body: dict[str, Any]
+    if args.kind == "progress":
+        body = {"phase": args.phase, "progress": args.progress}
+        if args.message:
+            body["message"] = args.message
+        if args.process_id:
+            body["process"] = {"id": args.process_id}
+    elif args.kind == "final":
+        data: dict[str, Any] = {}
+        if args.text_file:
+            data["extracted_text"] = Path(args.text_file).read_text(encoding="utf-8")
+        if args.images_zip:
+            raw = Path(args.images_zip).read_bytes()
+            data["images_archive_data"] = base64.b64encode(raw).decode("ascii")
+            data["images_archive_filename"] = Path(args.images_zip).name
+        if args.metadata_file:
+            data["metadata"] = json.loads(Path(args.metadata_file).read_text(encoding="utf-8"))
+        body = {"phase": "completed", "data": data}
+        if args.message:
+            body["message"] = args.message
+    else:
+        error: dict[str, Any] = {"code": args.code, "message": args.message}
+        if args.details:
+            error["details"] = json.loads(args.details)
+        body = {"phase": "failed", "error": error}
+    return send("POST", url, body, auth)
+
+
+# -- argparse -------------------------------------------------------------------------
+
+
+def register(subparsers: Any) -> None:
+    """Adds `callback` to the `jobwire` command (service/cli.py)."""
+    cb = subparsers.add_parser("callback", help="send a worker callback to the HTTP bridge")
+    cb.add_argument("--url", default="", help=f"bridge base URL (default {DEFAULT_BASE})")
+    contracts = cb.add_subparsers(dest="contract", required=True)
+
+    p = contracts.add_parser(
+        "batch", help="AWS Batch outcome (CALLBACK_URL, BATCH_CALLBACK_SECRET)"
+    )
+    p.add_argument("job_id")
+    p.add_argument("status", choices=["success", "failed"])
+    p.add_argument("detail", help="outputKey on success, error text on failure")
+    p.set_defaults(func=batch)
+
+    p = contracts.add_parser("video", help="video worker (API_KEY)")
+    p.add_argument("--api-key", default="")
+    actions = p.add_subparsers(dest="action", required=True)
+    actions.add_parser("pending", help="claim the next pending video").set_defaults(func=video)
+    r = actions.add_parser("report", help="report progress|error|success")
+    r.add_argument("video_id")
+    r.add_argument("status", choices=["progress", "error", "success"])
+    r.add_argument("message")
+    r.add_argument("--percent", type=float)
+    r.add_argument("--current-time", help="HH:MM:SS.mmm")
+    r.add_argument("--total-time", help="HH:MM:SS.mmm")
+    r.set_defaults(func=video)
+    lg = actions.add_parser("log", help="write a log line")
+    lg.add_argument("level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    lg.add_argument("message")
+    lg.add_argument("--video-id", default="")
+    lg.set_defaults(func=video)
+
+    p = contracts.add_parser("aurora", help="AuroraCloud task outcome (TRANSCODE_CALLBACK_TOKEN)")
+    p.add_argument("task_id")
+    p.add_argument("status", choices=["succeeded", "failed"])
+    p.add_argument("--token", default="")
+    p.add_argument("--input", default="")
+    p.add_argument("--output", default="")
+    p.add_argument("--format", default="")
+    p.add_argument("--duration", type=float)
+    p.add_argument("--spend-time", type=float)
+    p.add_argument("--error-code", type=int)
+    p.add_argument("--error-msg", default="")
+    p.set_defaults(func=aurora)
+
+    p = contracts.add_parser("secretary", help="Secretary event (CALLBACK_TOKEN)")
+    p.add_argument("job_id")
+    p.add_argument("--token", default="", help="per-job callback token")
+    p.add_argument("--callback-url", default="", help="the callback_url handed to the worker")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    k = kinds.add_parser("progress")
+    k.add_argument("phase")
+    k.add_argument("progress", type=float)
+    k.add_argument("--message", default="")
+    k.add_argument("--process-id", default="")
+    k.set_defaults(func=secretary)
+    k = kinds.add_parser("final")
+    k.add_argument("--text-file", default="")
+    k.add_argument("--images-zip", default="")
+    k.add_argument("--metadata-file", default="")
+    k.add_argument("--message", default="")
+    k.set_defaults(func=secretary)
+    k = kinds.add_parser("failed")
+    k.add_argument("code")
+    k.add_argument("message")
+    k.add_argument("--details", default="", help="JSON object")
+    k.set_defaults(func=secretary)
