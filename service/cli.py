@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=target)
     p.set_defaults(func=lambda a: asyncio.run(_get(a)))
     p = jobs.add_parser("list", help="list jobs, oldest first")
-    p.add_argument("--state", action="append", default=[], choices=_names(job_pb2.JobState, "JOB_STATE_"))
+    p.add_argument(
+        "--state", action="append", default=[], choices=_names(job_pb2.JobState, "JOB_STATE_")
+    )
     p.add_argument("--kind", default="", choices=["", *_names(job_pb2.JobKind, "JOB_KIND_")])
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--page-size", type=int, default=50)
@@ -263,7 +265,7 @@ async def _list(args: argparse.Namespace) -> int:
         page_size=args.page_size,
         page_token=args.page_token,
         states=[job_pb2.JobState.Value("JOB_STATE_" + s) for s in args.state],
-        kind=job_pb2.JobKind.Value("JOB_KIND_" + args.kind) if args.kind else 0,
+        kind=job_pb2.JobKind.Value("JOB_KIND_" + (args.kind or "UNSPECIFIED")),
     )
     request.labels.update(_pairs(args.label))
     return await _call(args.target, "ListJobs", request)
@@ -272,7 +274,7 @@ async def _list(args: argparse.Namespace) -> int:
 async def _logs(args: argparse.Namespace) -> int:
     request = job_service_pb2.ListLogsRequest(
         job_id=args.job,
-        level=log_pb2.LogLevel.Value("LOG_LEVEL_" + args.level) if args.level else 0,
+        level=log_pb2.LogLevel.Value("LOG_LEVEL_" + (args.level or "UNSPECIFIED")),
         limit=args.limit,
     )
     return await _call(args.target, "ListLogs", request)
@@ -301,7 +303,7 @@ def _pairs(items: list[str]) -> dict[str, str]:
 
 
 def _names(enum_type: Any, prefix: str) -> list[str]:
-    return [n.removeprefix(prefix) for n in enum_type.keys() if not n.endswith("UNSPECIFIED")]
+    return [n.removeprefix(prefix) for n in enum_type.keys() if not n.endswith("UNSPECIFIED")]  # noqa: SIM118 - protobuf enum wrappers iterate values
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def _int(name: str, default: int, minimum: int = 1) -> int:
     return int(value)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Settings:
     grpc_addr: str = "127.0.0.1:50051"
     data_dir: Path = Path("data")

@@ -30,8 +30,18 @@ class SubscriptionClosed(Exception):
 
 
 class Subscription:
-    __slots__ = ("_buffer", "_capacity", "_closed", "_hard_cap", "_overflow", "_shutdown", "_wakeup",
-                 "job_id", "kind", "states")
+    __slots__ = (
+        "_buffer",
+        "_capacity",
+        "_closed",
+        "_hard_cap",
+        "_overflow",
+        "_shutdown",
+        "_wakeup",
+        "job_id",
+        "kind",
+        "states",
+    )
 
     def __init__(
         self, capacity: int, job_id: str = "", kind: int = 0, states: Iterable[int] = ()
@@ -110,7 +120,9 @@ class Fanout:
         self._by_job: dict[str, set[Subscription]] = {}
         self._all: set[Subscription] = set()
 
-    def subscribe(self, job_id: str = "", kind: int = 0, states: Iterable[int] = ()) -> Subscription:
+    def subscribe(
+        self, job_id: str = "", kind: int = 0, states: Iterable[int] = ()
+    ) -> Subscription:
         sub = Subscription(self._capacity, job_id, kind, states)
         if job_id:
             self._by_job.setdefault(job_id, set()).add(sub)

@@ -225,9 +225,7 @@ class Jobs:
         await self.store.write_log(stored)
         return job_service_pb2.WriteLogResponse(entry=stored, job_failed=failed)
 
-    async def list_logs(
-        self, request: job_service_pb2.ListLogsRequest
-    ) -> list[log_pb2.LogEntry]:
+    async def list_logs(self, request: job_service_pb2.ListLogsRequest) -> list[log_pb2.LogEntry]:
         limit = validation.bounded(request.limit, "limit", 50, MAX_LOG_LIMIT)
         validation.log_level(request.level, allow_unspecified=True)
         if request.job_id and request.job_id != validation.UNKNOWN_JOB:
@@ -298,7 +296,9 @@ class Jobs:
         finally:
             self.fanout.unsubscribe(sub)
 
-    async def watch_jobs(self, kind: int, states: Sequence[int]) -> AsyncIterator[event_pb2.JobEvent]:
+    async def watch_jobs(
+        self, kind: int, states: Sequence[int]
+    ) -> AsyncIterator[event_pb2.JobEvent]:
         validation.optional_kind(kind)
         validation.states(list(states))
         sub = self.fanout.subscribe(kind=kind, states=states)

@@ -16,11 +16,12 @@ from .jobs import Jobs
 
 P = ParamSpec("P")
 R = TypeVar("R")
-Context = grpc.aio.ServicerContext
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def _status(err: DomainError) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, err.code.name)  # type: ignore[no-any-return]
+    code: grpc.StatusCode = getattr(grpc.StatusCode, err.code.name)
+    return code
 
 
 def unary(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -120,12 +121,16 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     ) -> artifact_pb2.Artifact:
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("part") != "header":
-            raise DomainError(Code.INVALID_ARGUMENT, "the first UploadArtifactRequest must carry the header")
+            raise DomainError(
+                Code.INVALID_ARGUMENT, "the first UploadArtifactRequest must carry the header"
+            )
 
         async def chunks() -> AsyncIterator[bytes]:
             async for part in request_iterator:
                 if part.WhichOneof("part") != "data":
-                    raise DomainError(Code.INVALID_ARGUMENT, "only the first message may carry a header")
+                    raise DomainError(
+                        Code.INVALID_ARGUMENT, "only the first message may carry a header"
+                    )
                 yield part.data
 
         return await self._jobs.upload_artifact(first.header, chunks())
@@ -175,4 +180,3 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             response = job_service_pb2.WatchJobsResponse(event=event)
             response.send_time.GetCurrentTime()
             yield response
-

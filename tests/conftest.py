@@ -66,7 +66,7 @@ class ServiceHandle:
     running: RunningService
     target: str
     channel: grpc.aio.Channel
-    stub: job_service_pb2_grpc.JobServiceStub
+    stub: job_service_pb2_grpc.JobServiceAsyncStub
 
     async def close(self) -> None:
         await self.channel.close()

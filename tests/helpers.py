@@ -13,8 +13,8 @@ WAIT = 10.0  # seconds any single expected event may take before a test fails
 
 
 async def create(
-    stub: job_service_pb2_grpc.JobServiceStub,
-    kind: int = job_pb2.JOB_KIND_GENERIC,
+    stub: job_service_pb2_grpc.JobServiceAsyncStub,
+    kind: job_pb2.JobKind.ValueType = job_pb2.JOB_KIND_GENERIC,
     job_id: str = "",
     **labels: str,
 ) -> job_service_pb2.CreateJobResponse:
@@ -33,17 +33,17 @@ def progress(
     )
 
 
-def completed(job_id: str, key: str = "done", output_key: str = "out/x") -> (
-    job_service_pb2.ReportEventRequest
-):
+def completed(
+    job_id: str, key: str = "done", output_key: str = "out/x"
+) -> job_service_pb2.ReportEventRequest:
     return job_service_pb2.ReportEventRequest(
         job_id=job_id, idempotency_key=key, completed=job_pb2.Result(output_key=output_key)
     )
 
 
-def failed(job_id: str, key: str = "fail", message: str = "boom") -> (
-    job_service_pb2.ReportEventRequest
-):
+def failed(
+    job_id: str, key: str = "fail", message: str = "boom"
+) -> job_service_pb2.ReportEventRequest:
     return job_service_pb2.ReportEventRequest(
         job_id=job_id, idempotency_key=key, failed=job_pb2.JobError(code="E", message=message)
     )

@@ -6,6 +6,7 @@ import asyncio
 from collections import Counter
 
 import grpc
+
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
 from tests.conftest import ServiceHandle
 from tests.helpers import WAIT, create, progress, read
@@ -38,7 +39,7 @@ async def test_32_claimers_over_500_jobs_claim_each_exactly_once(service: Servic
     await create(service.stub, job_pb2.JOB_KIND_BATCH, "not-a-video")
 
     async def claimer(n: int) -> list[str]:
-        got = []
+        got: list[str] = []
         while True:
             reply = await service.stub.ClaimJob(_claim(f"w{n}"))
             if not reply.HasField("job"):

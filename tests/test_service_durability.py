@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from jobwire.v1 import job_pb2, job_service_pb2, log_pb2
-from tests.conftest import make_policy, open_test_store, start_service
+from tests.conftest import ServiceHandle, make_policy, open_test_store, start_service
 from tests.helpers import completed, create, progress, read, read_all
 
 
@@ -59,7 +59,9 @@ async def test_restarted_service_keeps_every_acknowledged_write(
 async def test_shutdown_ends_watch_streams_with_unavailable(
     store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    handle = await start_service(await open_test_store(store_kind, tmp_path, request, make_policy()))
+    handle = await start_service(
+        await open_test_store(store_kind, tmp_path, request, make_policy())
+    )
     await create(handle.stub, job_id="s")
     call = handle.stub.WatchJob(job_service_pb2.WatchJobRequest(id="s"))
     assert (await read(call)).HasField("snapshot")
@@ -73,19 +75,25 @@ async def test_shutdown_ends_watch_streams_with_unavailable(
     await handle.channel.close()
 
 
-async def _chunks(data: bytes, size: int = 1 << 20) -> AsyncIterator[job_service_pb2.UploadArtifactRequest]:
+async def _chunks(
+    data: bytes, size: int = 1 << 20
+) -> AsyncIterator[job_service_pb2.UploadArtifactRequest]:
     for i in range(0, len(data), size):
         yield job_service_pb2.UploadArtifactRequest(data=data[i : i + size])
 
 
-async def test_artifact_upload_read_list_replace(service) -> None:  # type: ignore[no-untyped-def]
+async def test_artifact_upload_read_list_replace(service: ServiceHandle) -> None:
     created = await create(service.stub, job_pb2.JOB_KIND_EXTRACTION, "doc")
     data = os.urandom(5 * (1 << 20) + 123)
 
-    async def upload(payload: bytes, token: str = "") -> AsyncIterator[job_service_pb2.UploadArtifactRequest]:
+    async def upload(
+        payload: bytes, token: str = ""
+    ) -> AsyncIterator[job_service_pb2.UploadArtifactRequest]:
         yield job_service_pb2.UploadArtifactRequest(
             header=job_service_pb2.ArtifactHeader(
-                job_id="doc", name="images.zip", content_type="application/zip",
+                job_id="doc",
+                name="images.zip",
+                content_type="application/zip",
                 callback_token=token,
             )
         )
@@ -95,7 +103,9 @@ async def test_artifact_upload_read_list_replace(service) -> None:  # type: igno
     meta = await service.stub.UploadArtifact(upload(data, created.callback_token))
     assert (meta.size_bytes, meta.sha256) == (len(data), hashlib.sha256(data).hexdigest())
     parts = await read_all(
-        service.stub.ReadArtifact(job_service_pb2.ReadArtifactRequest(job_id="doc", name="images.zip"))
+        service.stub.ReadArtifact(
+            job_service_pb2.ReadArtifactRequest(job_id="doc", name="images.zip")
+        )
     )
     assert parts[0].artifact == meta
     assert all(len(p.data) <= 1 << 20 for p in parts[1:])
@@ -110,6 +120,8 @@ async def test_artifact_upload_read_list_replace(service) -> None:  # type: igno
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await read_all(
-            service.stub.ReadArtifact(job_service_pb2.ReadArtifactRequest(job_id="doc", name="nope"))
+            service.stub.ReadArtifact(
+                job_service_pb2.ReadArtifactRequest(job_id="doc", name="nope")
+            )
         )
     assert err.value.code() == grpc.StatusCode.NOT_FOUND

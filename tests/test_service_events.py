@@ -41,7 +41,11 @@ async def test_nothing_leaves_a_terminal_state(service: ServiceHandle, final: ob
     await create(service.stub, job_id="t")
     await service.stub.ReportEvent(final("t"))  # type: ignore[operator]
     before = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="t"))
-    for late in (progress("t", 50, key="late-p"), completed("t", key="late-c"), failed("t", "late-f")):
+    for late in (
+        progress("t", 50, key="late-p"),
+        completed("t", key="late-c"),
+        failed("t", "late-f"),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await service.stub.ReportEvent(late)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -98,8 +102,14 @@ async def test_batch_gives_each_event_its_own_outcome(service: ServiceHandle) ->
     [
         (progress("v", 101), "progress.percent"),
         (progress("v", -1), "progress.percent"),
-        (job_service_pb2.ReportEventRequest(job_id="v", progress=job_pb2.Progress()), "idempotency_key"),
-        (job_service_pb2.ReportEventRequest(job_id="v", idempotency_key="k"), "progress, completed"),
+        (
+            job_service_pb2.ReportEventRequest(job_id="v", progress=job_pb2.Progress()),
+            "idempotency_key",
+        ),
+        (
+            job_service_pb2.ReportEventRequest(job_id="v", idempotency_key="k"),
+            "progress, completed",
+        ),
     ],
 )
 async def test_bad_event_names_the_problem_and_writes_nothing(
@@ -117,7 +127,9 @@ async def test_bad_event_names_the_problem_and_writes_nothing(
 async def test_callback_token_is_checked_against_the_hash(service: ServiceHandle) -> None:
     created = await create(service.stub, job_id="tok")
     wrong = progress("tok", 5)
-    wrong.callback_token = created.callback_token[:-1] + ("A" if created.callback_token[-1] != "A" else "B")
+    wrong.callback_token = created.callback_token[:-1] + (
+        "A" if created.callback_token[-1] != "A" else "B"
+    )
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await service.stub.ReportEvent(wrong)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -144,7 +156,9 @@ async def test_unknown_job_with_create_kind_becomes_a_job(service: ServiceHandle
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def _log(job_id: str, level: int, message: str, seconds: int) -> job_service_pb2.WriteLogRequest:
+def _log(
+    job_id: str, level: log_pb2.LogLevel.ValueType, message: str, seconds: int
+) -> job_service_pb2.WriteLogRequest:
     entry = log_pb2.LogEntry(job_id=job_id, level=level, message=message)
     entry.time.FromSeconds(1_700_000_000 + seconds)
     return job_service_pb2.WriteLogRequest(entry=entry)

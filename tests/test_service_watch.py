@@ -100,7 +100,7 @@ async def test_watch_jobs_filters_by_kind_and_state(service: ServiceHandle) -> N
     await service.stub.ReportEvent(completed("vid"))
     await service.stub.ReportEvent(progress("bat", 50))
     await service.stub.ReportEvent(completed("bat"))
-    received = []
+    received: list[event_pb2.JobEvent] = []
     while not received or received[-1].job_id != "bat":
         received.append((await read(call)).event)
     assert all(e.job_id.startswith("probe-") for e in received[:-1])  # no "vid", no progress
@@ -121,9 +121,7 @@ async def test_stalled_watcher_does_not_slow_reporting(service: ServiceHandle) -
         return out
 
     baseline = await latencies(200, 0)
-    stalled = [
-        service.stub.WatchJob(job_service_pb2.WatchJobRequest(id="busy")) for _ in range(20)
-    ]
+    stalled = [service.stub.WatchJob(job_service_pb2.WatchJobRequest(id="busy")) for _ in range(20)]
     for call in stalled:
         assert (await read(call)).HasField("snapshot")  # connected; never read again
     loaded = await latencies(600, 1000)

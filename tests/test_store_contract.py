@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 from jobwire.v1 import job_pb2, job_service_pb2, log_pb2
 from service.domain import events
@@ -23,7 +24,9 @@ def _report(job_id: str, key: str, percent: float = 1.0) -> JobCommand:
     )
 
 
-async def _new(store: Store, job_id: str, kind: int = job_pb2.JOB_KIND_GENERIC) -> None:
+async def _new(
+    store: Store, job_id: str, kind: job_pb2.JobKind.ValueType = job_pb2.JOB_KIND_GENERIC
+) -> None:
     record, _ = events.new_record(job_id, kind, time.time_ns())
     await store.create(record)
 
@@ -117,7 +120,8 @@ async def test_list_jobs_filters_and_cursor(store: Store) -> None:
 
 
 async def test_logs_order_filter_limit(store: Store) -> None:
-    for i, level in enumerate([1, 2, 4, 2]):
+    levels = [log_pb2.LOG_LEVEL_DEBUG, log_pb2.LOG_LEVEL_INFO, log_pb2.LOG_LEVEL_ERROR]
+    for i, level in enumerate([levels[0], levels[1], levels[2], levels[1]]):
         entry = log_pb2.LogEntry(job_id="j" if i < 3 else "k", level=level, message=str(i))
         entry.time.FromSeconds(100 + (i % 3))
         await store.write_log(entry)
@@ -129,7 +133,7 @@ async def test_logs_order_filter_limit(store: Store) -> None:
 async def test_artifacts_stream_and_replace(store: Store) -> None:
     from jobwire.v1 import artifact_pb2
 
-    async def chunks(parts: list[bytes]):  # type: ignore[no-untyped-def]
+    async def chunks(parts: list[bytes]) -> AsyncIterator[bytes]:
         for p in parts:
             yield p
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
 
 from . import tokens, validation
-from .errors import Code, DomainError, not_found
+from .errors import Code, DomainError, invalid, not_found
 from .records import (
     Applied,
     Cancel,
@@ -34,18 +34,18 @@ def validate_report(request: job_service_pb2.ReportEventRequest) -> None:
     validation.optional_kind(request.create_kind, "create_kind")
     payload = request.WhichOneof("payload")
     if payload is None:
-        raise validation.invalid("one of progress, completed or failed is required")
+        raise invalid("one of progress, completed or failed is required")
     if payload == "progress":
         validation.percent(request.progress.percent)
         validation.message(request.progress.message, "progress.message")
     elif payload == "failed":
         validation.message(request.failed.message, "failed.message")
     if len(request.process_id) > 256:
-        raise validation.invalid("process_id must be at most 256 characters")
+        raise invalid("process_id must be at most 256 characters")
 
 
 def new_record(
-    job_id: str, kind: int, now_ns: int, template: job_pb2.Job | None = None
+    job_id: str, kind: job_pb2.JobKind.ValueType, now_ns: int, template: job_pb2.Job | None = None
 ) -> tuple[JobRecord, str]:
     """A QUEUED job and its one-time callback token."""
     job = job_pb2.Job(id=job_id, kind=kind, state=_S.JOB_STATE_QUEUED, has_callback_token=True)
@@ -62,7 +62,9 @@ def new_record(
 def check_token(record: JobRecord, token: str) -> None:
     """Raises UNAUTHENTICATED unless `token` is the job's callback token."""
     if token and not tokens.matches(token, record.token_hash):
-        raise DomainError(Code.UNAUTHENTICATED, f"callback token does not match job {record.job.id!r}")
+        raise DomainError(
+            Code.UNAUTHENTICATED, f"callback token does not match job {record.job.id!r}"
+        )
 
 
 def apply(
@@ -145,7 +147,7 @@ def apply(
     event.create_time.FromNanoseconds(now_ns)
     if event.type == event_pb2.EVENT_TYPE_PROGRESS:
         event.progress.CopyFrom(job.progress)
-    keys = record.recent_keys + (key,) if key else record.recent_keys
+    keys = (*record.recent_keys, key) if key else record.recent_keys
     new = JobRecord(job=job, token_hash=record.token_hash, recent_keys=keys[-policy.retention :])
     return Applied(record=new, event=event, created=created)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 
 from jobwire.v1 import job_pb2, log_pb2
 
@@ -83,8 +84,8 @@ def bounded(value: int, field: str, default: int, maximum: int) -> int:
     return value or default
 
 
-def labels(values: dict[str, str] | object) -> None:
-    items = dict(values)  # type: ignore[call-overload]
+def labels(values: Mapping[str, str]) -> None:
+    items = dict(values)
     if len(items) > 64:
         raise invalid("labels must hold at most 64 entries")
     for key, val in items.items():
@@ -93,5 +94,5 @@ def labels(values: dict[str, str] | object) -> None:
 
 
 def _names(enum_type: object) -> str:
-    names: list[str] = [n for n in enum_type.keys() if not n.endswith("UNSPECIFIED")]  # type: ignore[attr-defined]
+    names: list[str] = [n for n in enum_type.keys() if not n.endswith("UNSPECIFIED")]  # type: ignore[attr-defined]  # noqa: SIM118 - protobuf enum wrappers iterate values
     return ", ".join(names)
