@@ -74,7 +74,8 @@ class ServiceHandle:
 
 
 async def start_service(store: Store, **settings: object) -> ServiceHandle:
-    config = Settings(grpc_addr="127.0.0.1:0", **settings)  # type: ignore[arg-type]
+    settings.setdefault("grpc_addr", "127.0.0.1:0")
+    config = Settings(**settings)  # type: ignore[arg-type]
     running = await start(config, store=store)
     target = f"127.0.0.1:{running.port}"
     channel = grpc.aio.insecure_channel(target)
