@@ -70,7 +70,7 @@ class Notification(pydantic.BaseModel):
     data: Annotated[list[Task], pydantic.Field(max_length=1000)]
 
 
-class Ack(pydantic.BaseModel):
+class AuroraAck(pydantic.BaseModel):
     ack: bool
     error: str | None = None
 

@@ -24,6 +24,8 @@ from .grpc_client import COALESCER, CONFIG, STUB
 M = TypeVar("M", bound=pydantic.BaseModel)
 
 STRICT = pydantic.ConfigDict(strict=True, extra="ignore", frozen=True)
+MIN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_TIME = datetime(2200, 1, 1, tzinfo=UTC)
 
 
 class Body:
@@ -126,12 +128,16 @@ def parse_iso(value: str) -> datetime:
 def _iso_before(value: object) -> object:
     if isinstance(value, str):
         try:
-            return parse_iso(value)
+            value = parse_iso(value)
         except ValueError:
             raise ValueError("expected an ISO-8601 date-time") from None
-    if isinstance(value, datetime):
-        return value
-    raise ValueError("expected an ISO-8601 date-time string")
+    if not isinstance(value, datetime):
+        raise ValueError("expected an ISO-8601 date-time string")
+    # Worker clocks are trusted within reason; far-off dates are typos or fuzz, and
+    # nanosecond timestamps beyond 2262 do not fit a 64-bit integer in storage.
+    if not MIN_TIME <= value <= MAX_TIME:
+        raise ValueError("date-time must lie between 1970 and 2200")
+    return value
 
 
 IsoDateTime = Annotated[datetime, pydantic.BeforeValidator(_iso_before)]

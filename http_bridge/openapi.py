@@ -27,15 +27,15 @@ _MODELS: list[type[pydantic.BaseModel]] = [
     video_worker.LogLine,
     video_worker.PendingVideo,
     video_worker.LogItem,
-    video_worker.Success,
-    video_worker.ErrorBody,
+    video_worker.VideoSuccess,
+    video_worker.VideoError,
     aurora.Notification,
-    aurora.Ack,
+    aurora.AuroraAck,
     secretary.ProgressEvent,
     secretary.FinalEvent,
     secretary.FailedEvent,
-    secretary.Ack,
-    secretary.ErrorBody,
+    secretary.SecretaryAck,
+    secretary.SecretaryError,
 ]
 
 _EXTRA_SCHEMAS: dict[str, Any] = {
@@ -165,9 +165,9 @@ def build_document() -> dict[str, Any]:
     schemas = {**defs.get("$defs", {}), **_EXTRA_SCHEMAS}
     job_id = r"^[A-Za-z0-9._:\-]{1,128}$"
     batch_err = _ref(aws_batch.BatchError)
-    video_err = _ref(video_worker.ErrorBody)
-    aurora_err = _ref(aurora.Ack)
-    sec_err = _ref(secretary.ErrorBody)
+    video_err = _ref(video_worker.VideoError)
+    aurora_err = _ref(aurora.AuroraAck)
+    sec_err = _ref(secretary.SecretaryError)
     bearer: list[dict[str, list[str]]] = [{"bearer": []}]
     secretary_auth: list[dict[str, list[str]]] = [{"bearer": []}, {"callbackToken": []}]
     aurora_auth: list[dict[str, list[str]]] = [{"bearer": []}, {"callbackToken": []}, {}]
@@ -199,7 +199,7 @@ def build_document() -> dict[str, Any]:
             "post": _op(
                 "Report video progress, error or success",
                 "video-worker",
-                {"200": _json(_ref(video_worker.Success), ok)},
+                {"200": _json(_ref(video_worker.VideoSuccess), ok)},
                 _errors(video_err, 400, 401, 404, 409, 413),
                 body=_ref(video_worker.Report),
                 security=bearer,
@@ -209,7 +209,7 @@ def build_document() -> dict[str, Any]:
             "post": _op(
                 "Write a worker log line",
                 "video-worker",
-                {"200": _json(_ref(video_worker.Success), ok)},
+                {"200": _json(_ref(video_worker.VideoSuccess), ok)},
                 _errors(video_err, 400, 401, 404, 413),
                 body=_ref(video_worker.LogLine),
                 security=bearer,
@@ -230,7 +230,7 @@ def build_document() -> dict[str, Any]:
             "post": _op(
                 "AuroraCloud task outcomes (token in a header and/or allowed source IP)",
                 "aurora",
-                {"200": _json(_ref(aurora.Ack), "every task durably stored")},
+                {"200": _json(_ref(aurora.AuroraAck), "every task durably stored")},
                 _errors(aurora_err, 400, 401, 403, 409, 413),
                 body=_ref(aurora.Notification),
                 security=aurora_auth,
@@ -240,7 +240,7 @@ def build_document() -> dict[str, Any]:
             "post": _op(
                 "AuroraCloud task outcomes (token in the path)",
                 "aurora",
-                {"200": _json(_ref(aurora.Ack), "every task durably stored")},
+                {"200": _json(_ref(aurora.AuroraAck), "every task durably stored")},
                 _errors(aurora_err, 400, 401, 403, 409, 413),
                 body=_ref(aurora.Notification),
                 params=[_path_param("token", r"^[^/]+$")],
@@ -251,7 +251,7 @@ def build_document() -> dict[str, Any]:
             "post": _op(
                 "Secretary progress, final or failed event",
                 "secretary",
-                {"200": _json(_ref(secretary.Ack), ok)},
+                {"200": _json(_ref(secretary.SecretaryAck), ok)},
                 _errors(sec_err, 400, 401, 404, 409, 413),
                 body={
                     "oneOf": [

@@ -127,13 +127,13 @@ class FailedEvent(pydantic.BaseModel):
     message: Short | None = None
 
 
-class Ack(pydantic.BaseModel):
+class SecretaryAck(pydantic.BaseModel):
     status: Literal["ok"]
     kind: Literal["progress", "final", "failed"]
     jobId: str
 
 
-class ErrorBody(pydantic.BaseModel):
+class SecretaryError(pydantic.BaseModel):
     status: Literal["error"]
     error: str
 
@@ -222,7 +222,7 @@ def clean_base64(value: str) -> str:
     try:
         for start in range(0, len(value), B64_SLICE):
             binascii.a2b_base64(value[start : start + B64_SLICE], strict_mode=True)
-    except binascii.Error:
+    except (binascii.Error, ValueError):  # ValueError: non-ASCII characters
         raise BridgeError(400, "data.images_archive_data: invalid base64") from None
     return value
 

@@ -96,11 +96,11 @@ class LogItem(pydantic.BaseModel):
     videoId: str
 
 
-class Success(pydantic.BaseModel):
+class VideoSuccess(pydantic.BaseModel):
     success: Literal[True]
 
 
-class ErrorBody(pydantic.BaseModel):
+class VideoError(pydantic.BaseModel):
     error: str
 
 

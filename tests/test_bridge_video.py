@@ -79,8 +79,12 @@ async def test_examples_verbatim(tmp_path: Any) -> None:
             assert await b.post("/api/log", line, headers=VIDEO_AUTH) == (200, {"success": True})
         status, listed = await b.get("/api/log", headers=VIDEO_AUTH)
         assert status == 200
-        assert {"level": "WARNING", "message": "Mensaje descriptivo",
-                "timestamp": "2023-05-01T12:00:00Z", "videoId": "UNKNOWN"} in listed
+        assert {
+            "level": "WARNING",
+            "message": "Mensaje descriptivo",
+            "timestamp": "2023-05-01T12:00:00Z",
+            "videoId": "UNKNOWN",
+        } in listed
         assert log_lines[0] in listed
         status, infos = await b.get("/api/log?level=INFO&limit=1", headers=VIDEO_AUTH)
         assert (status, infos) == (200, [log_lines[0]])
@@ -94,8 +98,12 @@ async def test_examples_verbatim(tmp_path: Any) -> None:
 async def test_error_report_and_error_log_fail_the_video(bridge: Any, stub: Any) -> None:
     vid = new_id("v")
     await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid, video())
-    line = {"level": "ERROR", "message": "yt-dlp: 403", "timestamp": "2023-05-01T12:00:00Z",
-            "videoId": vid}
+    line = {
+        "level": "ERROR",
+        "message": "yt-dlp: 403",
+        "timestamp": "2023-05-01T12:00:00Z",
+        "videoId": vid,
+    }
     assert await bridge.post("/api/log", line, headers=VIDEO_AUTH) == (200, {"success": True})
     job = await get_job(stub, vid)
     assert job.state == job_pb2.JOB_STATE_FAILED
@@ -196,8 +204,12 @@ async def test_watcher_sees_rest_progress_in_order(bridge: Any, stub: Any) -> No
 
 async def test_log_level_filter_maps_to_service(bridge: Any, stub: Any) -> None:
     vid = new_id("v")
-    line = {"level": "DEBUG", "message": "dbg", "timestamp": "2023-05-01T12:00:00.250Z",
-            "videoId": vid}
+    line = {
+        "level": "DEBUG",
+        "message": "dbg",
+        "timestamp": "2023-05-01T12:00:00.250Z",
+        "videoId": vid,
+    }
     assert (await bridge.post("/api/log", line, headers=VIDEO_AUTH))[0] == 200
     logs = await stub.ListLogs(job_service_pb2.ListLogsRequest(job_id=vid))
     assert [e.level for e in logs.entries] == [log_pb2.LOG_LEVEL_DEBUG]
