@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 import grpc
 
 from jobwire.v1 import job_service_pb2 as svc
-from jobwire.v1 import job_service_pb2_grpc
 
 from .errors import RpcFailed, from_rpc_error, status_code_of
+
+if TYPE_CHECKING:
+    from jobwire.v1.job_service_pb2_grpc import JobServiceAsyncStub
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +28,7 @@ _Waiter = tuple[svc.ReportEventRequest, "asyncio.Future[svc.ReportEventResponse]
 class Coalescer:
     def __init__(
         self,
-        stub: job_service_pb2_grpc.JobServiceStub,
+        stub: JobServiceAsyncStub,
         *,
         max_batch: int = 256,
         max_in_flight: int = 2,

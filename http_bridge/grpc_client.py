@@ -48,7 +48,7 @@ async def grpc_context(app: web.Application) -> AsyncIterator[None]:
     channel = grpc.aio.insecure_channel(config.service_target, options=CHANNEL_OPTIONS)
     stub = job_service_pb2_grpc.JobServiceStub(channel)
     app[CHANNEL] = channel
-    app[STUB] = stub  # type: ignore[misc]  # the stub's class differs from its .pyi type
+    app[STUB] = stub
     app[HEALTH] = health_pb2_grpc.HealthStub(channel)
     app[COALESCER] = Coalescer(stub, timeout=config.rpc_timeout_seconds)
     try:

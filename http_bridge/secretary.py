@@ -165,13 +165,17 @@ async def callback(request: web.Request) -> web.StreamResponse:
     job_id, token = job_id_and_token(request)
     body = await read_body(request, config_of(request).max_final_body_bytes)
     key = idempotency_key(request, CONTRACT, job_id, body)
-    data = parse_json(body.data)
-    del body  # the parsed copy is all we need from here on
+    data, archive = parse_body(body.data)
+    del body  # from here on only `data` and the archive's view of the buffer remain
     if not isinstance(data, dict):
         raise BridgeError(400, "body must be a JSON object")
     phase = data.get("phase")
     if phase == "completed":
-        await final(request, job_id, token, key, data)
+        try:
+            await final(request, job_id, token, key, data, archive)
+        finally:
+            if archive is not None:
+                archive.release()
         return ack("final", job_id)
     if phase == "failed":
         failed = validate(FailedEvent, data)
@@ -193,7 +197,40 @@ async def callback(request: web.Request) -> web.StreamResponse:
     return ack("progress", job_id)
 
 
-def final_fields(data: dict[str, Any]) -> dict[str, Any]:
+_ARCHIVE_KEY = re.compile(rb'"images_archive_data"\s*:\s*"')
+_ARCHIVE_SENTINEL = "\x00jobwire:images_archive_data"
+LARGE_FIELD = 64 * 1024
+
+
+def parse_body(raw: bytearray) -> tuple[Any, memoryview | None]:
+    """Parses the body once; a large `images_archive_data` is left in the raw buffer.
+
+    orjson briefly needs two copies of a string it builds, which for a 100 MiB ZIP
+    would triple the body in memory. Base64 never needs JSON escapes, so its value is
+    located in the raw bytes, swapped for a sentinel in the (small) rest that orjson
+    parses, and later decoded straight from the buffer. Anything unusual (escapes, the
+    key found somewhere else) falls back to parsing the whole body.
+    """
+    best: tuple[int, int] | None = None
+    for match in _ARCHIVE_KEY.finditer(raw):
+        start = match.end()
+        end = raw.find(b'"', start)
+        if end > 0 and (best is None or end - start > best[1] - best[0]):
+            best = (start, end)
+    if best is None or best[1] - best[0] < LARGE_FIELD or raw.find(b"\\", *best) != -1:
+        return parse_json(raw), None
+    start, end = best
+    rest = raw[:start] + b"\\u0000jobwire:images_archive_data" + raw[end:]
+    data = parse_json(rest)
+    del rest
+    payload = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(payload, dict) or payload.get("images_archive_data") != _ARCHIVE_SENTINEL:
+        return parse_json(raw), None
+    del payload["images_archive_data"]
+    return data, memoryview(raw)[start:end]
+
+
+def final_fields(data: dict[str, Any], has_archive: bool) -> dict[str, Any]:
     """Checks the final event by hand; returns `data.data` (the caller pops from it)."""
     payload = data.get("data")
     if not isinstance(payload, dict):
@@ -201,7 +238,11 @@ def final_fields(data: dict[str, Any]) -> dict[str, Any]:
     for name in ("extracted_text", "images_archive_data", "images_archive_filename"):
         if payload.get(name) is not None and not isinstance(payload[name], str):
             raise BridgeError(400, f"data.{name}: must be a string")
-    if not payload.get("extracted_text") and not payload.get("images_archive_data"):
+    if (
+        not payload.get("extracted_text")
+        and not payload.get("images_archive_data")
+        and not has_archive
+    ):
         raise BridgeError(400, "data: extracted_text or images_archive_data is required")
     filename = payload.get("images_archive_filename")
     if filename is not None and (not _ARTIFACT.fullmatch(filename) or filename in {".", ".."}):
@@ -213,10 +254,17 @@ def final_fields(data: dict[str, Any]) -> dict[str, Any]:
     return payload
 
 
-def clean_base64(value: str) -> str:
+Base64 = str | bytes | memoryview
+_WHITESPACE_BYTES = re.compile(rb"[ \r\n\t]")
+
+
+def clean_base64(value: Base64) -> Base64:
     """Validates the base64 text slice by slice before anything is written."""
-    if any(c in value for c in " \r\n\t"):
-        value = value.translate(_WHITESPACE)  # MIME-style line breaks: one extra copy
+    if isinstance(value, str):
+        if any(c in value for c in " \r\n\t"):
+            value = value.translate(_WHITESPACE)  # MIME-style line breaks: one extra copy
+    elif _WHITESPACE_BYTES.search(value):
+        value = bytes(value).translate(None, b" \r\n\t")
     if len(value) % 4:
         raise BridgeError(400, "data.images_archive_data: invalid base64 length")
     try:
@@ -228,11 +276,17 @@ def clean_base64(value: str) -> str:
 
 
 async def final(
-    request: web.Request, job_id: str, token: str, key: str, data: dict[str, Any]
+    request: web.Request,
+    job_id: str,
+    token: str,
+    key: str,
+    data: dict[str, Any],
+    raw_archive: memoryview | None,
 ) -> None:
-    payload = final_fields(data)
+    payload = final_fields(data, raw_archive is not None)
     text: str | None = payload.pop("extracted_text", None) or None
-    archive: str | None = payload.pop("images_archive_data", None) or None
+    archive: Base64 | None = raw_archive if raw_archive is not None else None
+    archive = archive or payload.pop("images_archive_data", None) or None
     if archive is not None:
         archive = clean_base64(archive)
     metadata: dict[str, Any] | None = payload.get("metadata")
@@ -269,7 +323,7 @@ async def text_chunks(text: str) -> AsyncIterator[bytes]:
         yield text[start : start + TEXT_SLICE].encode("utf-8")
 
 
-async def base64_chunks(value: str) -> AsyncIterator[bytes]:
+async def base64_chunks(value: Base64) -> AsyncIterator[bytes]:
     for start in range(0, len(value), B64_SLICE):
         yield base64.b64decode(value[start : start + B64_SLICE])
 
@@ -403,7 +457,7 @@ async def download(request: web.Request) -> web.StreamResponse:
         svc.ReadArtifactRequest(job_id=job_id, name=name, callback_token=token),
         timeout=config_of(request).rpc_timeout_seconds * 10,
     )
-    first = await call.read()  # an error (404/401/503) surfaces here, before any byte
+    first: Any = await call.read()  # an error (404/401/503) surfaces here, before any byte
     if first is grpc.aio.EOF or first.WhichOneof("part") != "artifact":
         raise BridgeError(500, "artifact stream did not start with its metadata")
     response = web.StreamResponse(
@@ -416,6 +470,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     response.content_length = first.artifact.size_bytes
     await response.prepare(request)
     try:
+        message: Any
         while (message := await call.read()) is not grpc.aio.EOF:
             await response.write(message.data)
     except grpc.aio.AioRpcError as exc:

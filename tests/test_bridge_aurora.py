@@ -1,4 +1,5 @@
 """AuroraCloud transcoding callback: example, idempotency, auth, terminal conflicts."""
+# ruff: noqa: F811  (pytest fixtures imported from tests.bridge_harness)
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 """AWS Batch callback: the contract's examples, validation, auth, idempotency."""
+# ruff: noqa: F811  (pytest fixtures imported from tests.bridge_harness)
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Bridge-wide behaviour: health, OpenAPI (+ schemathesis), outages, batching, config,
 worker CLI and the memory bound of a large final event."""
 
+# ruff: noqa: F811  (pytest fixtures imported from tests.bridge_harness)
 from __future__ import annotations
 
 import asyncio
@@ -35,6 +36,7 @@ from tests.bridge_harness import (
 )
 
 PYTHON = sys.executable
+HAS_PROC = os.path.exists("/proc/self/status")
 VENV_BIN = Path(PYTHON).parent
 
 
@@ -280,7 +282,7 @@ async def test_schemathesis_finds_no_5xx_and_no_schema_violation(bridge: Any) ->
 async def test_large_final_event_stays_under_300_mib_rss(grpc_service: Any, tmp_path: Path) -> None:
     """The bridge in its own process ingests a 100 MiB final event; its peak RSS is read
     from /proc (VmHWM), so the test process's own copies do not count."""
-    if not Path("/proc/self/status").exists():
+    if not HAS_PROC:
         pytest.skip("needs /proc")
     port = closed_port()
     env = {

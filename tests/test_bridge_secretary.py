@@ -1,4 +1,5 @@
 """Secretary: progress/final/failed callbacks, polling, artifacts (64 MiB round trip)."""
+# ruff: noqa: F811  (pytest fixtures imported from tests.bridge_harness)
 
 from __future__ import annotations
 
@@ -179,7 +180,7 @@ async def test_64_mib_final_round_trip(bridge: Any, stub: Any) -> None:
 
 async def test_auth_and_query_tokens(bridge: Any, stub: Any) -> None:
     job_id, auth = await new_job(stub)
-    other_id, other_auth = await new_job(stub)
+    _, other_auth = await new_job(stub)
     token = auth["Authorization"][7:]
     assert (await bridge.post(path(job_id), PROGRESS))[0] == 401
     assert (await bridge.post(path(job_id), PROGRESS, headers=other_auth))[0] == 401

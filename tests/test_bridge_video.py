@@ -1,4 +1,5 @@
 """Video worker: pending (claim), report, log; examples, auth, bad input, no double claims."""
+# ruff: noqa: F811  (pytest fixtures imported from tests.bridge_harness)
 
 from __future__ import annotations
 
