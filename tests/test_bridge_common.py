@@ -246,7 +246,9 @@ async def test_worker_cli_against_live_bridge(bridge: Any, stub: Any) -> None:
     assert (await get_job(stub, jid)).error.code == "OCR_TIMEOUT"
 
 
-async def test_schemathesis_finds_no_5xx_and_no_schema_violation(bridge: Any) -> None:
+async def test_schemathesis_finds_no_5xx_and_no_schema_violation(
+    bridge: Any, tmp_path: Path
+) -> None:
     cli = VENV_BIN / "schemathesis"
     if not cli.exists():
         pytest.skip("schemathesis is not installed (pip install -e '.[dev]')")
@@ -274,6 +276,7 @@ async def test_schemathesis_finds_no_5xx_and_no_schema_violation(bridge: Any) ->
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_TELEMETRY": "false"},
+        cwd=tmp_path,  # its .schemathesis/ cache stays out of the work tree
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, out.decode()[-6000:]
