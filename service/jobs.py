@@ -199,6 +199,8 @@ class Jobs:
         if not entry.message:
             raise invalid("entry.message is required")
         validation.message(entry.message, "entry.message")
+        if entry.HasField("time"):
+            validation.timestamp(entry.time, "entry.time")
         stored = log_pb2.LogEntry()
         stored.CopyFrom(entry)
         stored.job_id = entry.job_id or validation.UNKNOWN_JOB

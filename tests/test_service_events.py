@@ -204,3 +204,18 @@ async def test_bad_log_writes_nothing(service: ServiceHandle) -> None:
     assert "entry.level" in (err.value.details() or "")
     logs = await service.stub.ListLogs(job_service_pb2.ListLogsRequest())
     assert list(logs.entries) == []
+
+
+async def test_log_time_out_of_range_is_invalid(service: ServiceHandle) -> None:
+    request = _log("x", log_pb2.LOG_LEVEL_INFO, "m", 1)
+    request.entry.time.FromSeconds(10**11)  # year ~5138
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.WriteLog(request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "entry.time" in (err.value.details() or "")
+    event = progress("x", 1)
+    event.event_time.FromSeconds(10**11)
+    await create(service.stub, job_id="x")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.ReportEvent(event)
+    assert "event_time" in (err.value.details() or "")

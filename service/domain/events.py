@@ -40,6 +40,8 @@ def validate_report(request: job_service_pb2.ReportEventRequest) -> None:
         validation.message(request.progress.message, "progress.message")
     elif payload == "failed":
         validation.message(request.failed.message, "failed.message")
+    if request.HasField("event_time"):
+        validation.timestamp(request.event_time, "event_time")
     if len(request.process_id) > 256:
         raise invalid("process_id must be at most 256 characters")
 

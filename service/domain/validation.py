@@ -6,6 +6,8 @@ import math
 import re
 from collections.abc import Mapping
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from jobwire.v1 import job_pb2, log_pb2
 
 from .errors import invalid
@@ -74,6 +76,16 @@ def message(value: str, field: str) -> str:
     if len(value) > MAX_MESSAGE_LENGTH:
         raise invalid(f"{field} must be at most {MAX_MESSAGE_LENGTH} characters")
     return value
+
+
+# Worker clocks are trusted within reason: 1970 to 2200 (and nanoseconds fit in 64 bits).
+_MAX_TIME_NS = 7_258_118_400 * 10**9
+
+
+def timestamp(value: Timestamp, field: str) -> None:
+    ns = value.seconds * 10**9 + value.nanos
+    if not 0 <= ns < _MAX_TIME_NS or not 0 <= value.nanos < 10**9:
+        raise invalid(f"{field} must lie between 1970 and 2200")
 
 
 def bounded(value: int, field: str, default: int, maximum: int) -> int:
