@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 
 from aiohttp import web
@@ -59,7 +60,9 @@ async def serve(config: Config) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    config = load_config(generate=True)
+    # Only `jobwire run` (local development) may invent secrets; a deployed bridge
+    # never writes files and leaves an endpoint without its secret closed.
+    config = load_config(generate=os.environ.get("JOBWIRE_GENERATE_SECRETS") == "1")
     try:
         import uvloop
     except ImportError:

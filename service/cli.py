@@ -126,6 +126,7 @@ def _run(_: argparse.Namespace) -> int:
     settings = Settings.from_env()
     env = dict(os.environ)
     env.setdefault("JOBWIRE_SERVICE_TARGET", settings.grpc_addr)
+    env.setdefault("JOBWIRE_GENERATE_SECRETS", "1")
     cmd = [sys.executable, "-m", "service"]
     service = subprocess.Popen([*cmd, "serve"], env=env)
     children = [service]
