@@ -11,6 +11,7 @@ The document shape is described in `mongo_codec`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import os
@@ -24,7 +25,6 @@ from typing import Any
 from bson import Binary, ObjectId
 from gridfs.asynchronous import AsyncGridFSBucket
 from gridfs.errors import NoFile
-from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, log_pb2
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, InsertOne, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
@@ -36,6 +36,8 @@ from pymongo.errors import (
     PyMongoError,
     WTimeoutError,
 )
+
+from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, log_pb2
 
 from ..domain import events
 from ..domain.errors import Code, DomainError, StorageUnavailable
@@ -49,7 +51,12 @@ DEFAULT_TIMEOUT_MS = 5000
 MAX_ATTEMPTS = 64
 # Oldest queued jobs fetched per claim round; contenders spread over them.
 CLAIM_CANDIDATES = 16
-CLAIM_ROUNDS = 32
+CLAIM_CANDIDATES_MAX = 256
+# How long fetched candidates may be handed out before a fresh query (bounds how
+# late this process notices a job that another process requeued).
+CANDIDATE_TTL_S = 1.0
+# A claim gives up (ABORTED) after this many lost races once its time budget is spent.
+CLAIM_MIN_LOSSES = 16
 # Chunks fetched per round trip when reading an artifact (bounded memory, and
 # FerretDB does not cap a reply batch at the 48 MB message limit by itself).
 READ_BATCH_CHUNKS = 4
@@ -151,6 +158,15 @@ _LOCKS = _KeyedLocks()
 
 
 @dataclass(eq=False)
+class _Candidates:
+    """The oldest QUEUED jobs of one kind, handed out one per claim attempt."""
+
+    docs: collections.deque[dict[str, Any]]
+    epoch: int
+    fetched_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
 class _Plan:
     """The commands of one job in a batch, chained in memory, and the one write."""
 
@@ -178,6 +194,7 @@ class MongoStore:
         timeout_ms: int = DEFAULT_TIMEOUT_MS,
         server_selection_timeout_ms: int | None = None,
         connect_timeout_ms: int | None = None,
+        max_concurrent_writes: int | None = None,
         **client_options: Any,
     ) -> None:
         self.policy = policy or Policy()
@@ -194,6 +211,16 @@ class MongoStore:
             **client_options,
         }
         self._client: AsyncMongoClient[dict[str, Any]] | None = None
+        # Claim candidates per kind, and the one query per kind that refills them.
+        self._candidates: dict[int, _Candidates] = {}
+        self._refills: dict[int, asyncio.Future[_Candidates]] = {}
+        self._valid_from: dict[int, int] = {}
+        # None: as many concurrent writes as the pool allows on MongoDB, 2 on
+        # FerretDB's SQLite backend (see start()); 0: never bounded.
+        self._max_writes = max_concurrent_writes
+        self._write_gate: asyncio.Semaphore | None = None
+        self._fetch_epoch = 0
+        self._claimers = 0
         self._db: AsyncDatabase[dict[str, Any]] | None = None
 
     @classmethod
@@ -256,6 +283,13 @@ class MongoStore:
                 self._db, bucket_name=_BUCKET, chunk_size_bytes=CHUNK_SIZE
             )
         with _guard("start"):
+            info = await self._client.admin.command("buildInfo")
+            writes = self._max_writes
+            if writes is None and "ferretdbVersion" in info:
+                # SQLite allows one writer; many concurrent writers only add busy-waits
+                # (64 concurrent updates took ~4x longer than the same 64 in a row).
+                writes = 2
+            self._write_gate = asyncio.Semaphore(writes) if writes else None
             # One createIndexes per index: FerretDB v1.24 drops the connection when a
             # single createIndexes names several indexes that all exist already.
             for collection, index in self._indexes():
@@ -315,6 +349,15 @@ class MongoStore:
             client, self._client, self._db = self._client, None, None
             await client.close()
 
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[None]:
+        """Bounds concurrent writes where the server serialises them anyway."""
+        if self._write_gate is None:
+            yield
+        else:
+            async with self._write_gate:
+                yield
+
     async def ping(self) -> None:
         with _guard("ping"):
             await self.database.command("ping")
@@ -324,7 +367,8 @@ class MongoStore:
     async def create(self, record: JobRecord) -> None:
         with _guard("create"):
             try:
-                await self.jobs.insert_one(codec.job_document(record, {}))
+                async with self._writing():
+                    await self.jobs.insert_one(codec.job_document(record, {}))
             except DuplicateKeyError:
                 raise DomainError(
                     Code.ALREADY_EXISTS, f"job {record.job.id!r} already exists"
@@ -382,6 +426,8 @@ class MongoStore:
                         if plan not in conflicted:
                             for index, outcome in plan.results.items():
                                 results[index] = outcome
+                                if isinstance(outcome, Applied) and outcome.event.state == _QUEUED:
+                                    self._requeued(outcome.event.kind)
                     pending = conflicted
                     if not pending:
                         break
@@ -454,7 +500,8 @@ class MongoStore:
         updates = sum(1 for op in ops if isinstance(op, UpdateOne))
         failed: dict[int, dict[str, Any]] = {}
         try:
-            result = await self.jobs.bulk_write(ops, ordered=False)
+            async with self._writing():
+                result = await self.jobs.bulk_write(ops, ordered=False)
             matched = result.matched_count
         except BulkWriteError as exc:
             if exc.timeout:
@@ -503,33 +550,84 @@ class MongoStore:
 
     async def claim(self, kind: int, worker_id: str, lease_ns: int) -> Applied | None:
         command = Claim(worker_id=worker_id, lease_ns=lease_ns)
-        with _guard("claim"):
-            for attempt in range(CLAIM_ROUNDS):
-                if attempt:
-                    await asyncio.sleep(_backoff(attempt))
-                cursor = (
-                    self.jobs.find({"kind": kind, "state": _QUEUED})
-                    .sort([("create_ns", ASCENDING), ("_id", ASCENDING)])
-                    .limit(CLAIM_CANDIDATES)
-                )
-                candidates = await cursor.to_list()
-                if not candidates:
-                    return None
-                # The oldest first; after losing it, spread over the others so that
-                # concurrent claimers do not all fight for the same job.
-                rest = candidates[1:]
-                random.shuffle(rest)
-                for doc in [candidates[0], *rest]:
-                    key = self._lock_key(str(doc["_id"]))
-                    if not await _LOCKS.try_acquire(key):
-                        continue  # another claimer (or writer) here has it: try the next
-                    try:
-                        claimed = await self._claim_one(doc, command)
-                    finally:
-                        _LOCKS.release(key)
-                    if claimed is not None:
-                        return claimed
-        raise DomainError(Code.ABORTED, f"claim lost {CLAIM_ROUNDS} races in a row; retry")
+        arrived = self._fetch_epoch
+        deadline = time.monotonic() + self.timeout_ms / 1000
+        self._claimers += 1
+        try:
+            with _guard("claim"):
+                return await self._claim_loop(kind, command, arrived, deadline)
+        finally:
+            self._claimers -= 1
+
+    async def _claim_loop(
+        self, kind: int, command: Claim, arrived: int, deadline: float
+    ) -> Applied | None:
+        """Concurrent claimers of this process pop distinct candidates from one shared
+        list (refilled by one query at a time), so they do not all race for the
+        oldest job; the conditional update settles races with other processes."""
+        lost = 0
+        while True:
+            batch = self._candidates.get(kind)
+            if (
+                batch is None
+                or not batch.docs
+                or batch.epoch < self._valid_from.get(kind, 0)
+                or time.monotonic() - batch.fetched_at > CANDIDATE_TTL_S
+            ):
+                batch = await self._refill(kind)
+                if not batch.docs:
+                    if batch.epoch > arrived:
+                        return None  # a query issued after this call began found nothing
+                    continue
+                if batch.epoch < self._valid_from.get(kind, 0):
+                    continue
+            doc = batch.docs.popleft()
+            key = self._lock_key(str(doc["_id"]))
+            if not await _LOCKS.try_acquire(key):
+                continue  # being changed right now by this process: not a candidate
+            try:
+                claimed = await self._claim_one(doc, command)
+            finally:
+                _LOCKS.release(key)
+            if claimed is not None:
+                return claimed
+            lost += 1
+            if lost >= CLAIM_MIN_LOSSES and time.monotonic() > deadline:
+                raise DomainError(Code.ABORTED, f"claim lost {lost} races in a row; retry")
+
+    async def _refill(self, kind: int) -> _Candidates:
+        """Fresh candidates of `kind`; claimers arriving meanwhile share the query."""
+        refill = self._refills.get(kind)
+        if refill is None:
+            self._fetch_epoch += 1
+            refill = asyncio.ensure_future(self._query_candidates(kind, self._fetch_epoch))
+            self._refills[kind] = refill
+
+            def done(f: asyncio.Future[_Candidates], refill: Any = refill) -> None:
+                if self._refills.get(kind) is refill:
+                    del self._refills[kind]
+                if not f.cancelled():
+                    f.exception()  # marked retrieved: each waiting claimer re-raises it
+
+            refill.add_done_callback(done)
+        return await asyncio.shield(refill)
+
+    async def _query_candidates(self, kind: int, epoch: int) -> _Candidates:
+        limit = min(CLAIM_CANDIDATES_MAX, max(CLAIM_CANDIDATES, 2 * self._claimers))
+        cursor = (
+            self.jobs.find({"kind": kind, "state": _QUEUED})
+            .sort([("create_ns", ASCENDING), ("_id", ASCENDING)])
+            .limit(limit)
+        )
+        batch = _Candidates(collections.deque(await cursor.to_list()), epoch)
+        if epoch >= self._valid_from.get(kind, 0):
+            self._candidates[kind] = batch
+        return batch
+
+    def _requeued(self, kind: int) -> None:
+        """A job of `kind` went back to QUEUED: candidates fetched so far may miss it."""
+        self._valid_from[kind] = self._fetch_epoch + 1
+        self._candidates.pop(kind, None)
 
     async def _claim_one(self, doc: dict[str, Any], command: Claim) -> Applied | None:
         """Claims one candidate with a conditional update; None when it changed."""
@@ -544,10 +642,11 @@ class MongoStore:
         ring = dict(doc.get("ring") or {})
         slot = codec.ring_slot(outcome.event.sequence, retention)
         ring[slot] = codec.ring_entry(outcome.event, random.getrandbits(62) + 1)
-        result = await self.jobs.update_one(
-            {"_id": doc["_id"], "seq": doc["seq"], "state": _QUEUED},
-            _update(outcome.record.job, {slot: ring[slot]}),
-        )
+        async with self._writing():
+            result = await self.jobs.update_one(
+                {"_id": doc["_id"], "seq": doc["seq"], "state": _QUEUED},
+                _update(outcome.record.job, {slot: ring[slot]}),
+            )
         if not result.matched_count:
             return None
         claimed = JobRecord(
@@ -587,7 +686,8 @@ class MongoStore:
 
     async def write_log(self, entry: log_pb2.LogEntry) -> None:
         with _guard("write_log"):
-            await self.logs.insert_one(codec.log_document(entry))
+            async with self._writing():
+                await self.logs.insert_one(codec.log_document(entry))
 
     async def list_logs(self, job_id: str, level: int, limit: int) -> list[log_pb2.LogEntry]:
         if limit <= 0:
@@ -638,31 +738,35 @@ class MongoStore:
                 now_ns = time.time_ns()
                 stored.create_time.FromNanoseconds(now_ns)
                 filename = codec.artifact_filename(artifact.job_id, artifact.name)
-                await self.files.insert_one(
-                    {
-                        "_id": file_id,
-                        "length": size,
-                        "chunkSize": CHUNK_SIZE,
-                        "uploadDate": datetime.fromtimestamp(now_ns / 1e9, UTC),
-                        "filename": filename,
-                        "metadata": codec.artifact_metadata(stored),
-                    }
-                )
+                async with self._writing():
+                    await self.files.insert_one(
+                        {
+                            "_id": file_id,
+                            "length": size,
+                            "chunkSize": CHUNK_SIZE,
+                            "uploadDate": datetime.fromtimestamp(now_ns / 1e9, UTC),
+                            "filename": filename,
+                            "metadata": codec.artifact_metadata(stored),
+                        }
+                    )
         except BaseException as exc:
             if not isinstance(exc, StorageUnavailable):
                 # Best effort: chunks without a files document are invisible anyway.
                 with contextlib.suppress(PyMongoError):
-                    await self.chunks.delete_many({"files_id": file_id})
+                    async with self._writing():
+                        await self.chunks.delete_many({"files_id": file_id})
             raise
         with _guard("put_artifact"):
             older = self.files.find({"filename": filename, "_id": {"$lt": file_id}}, {"_id": 1})
             for old in await older.to_list():
                 with contextlib.suppress(NoFile):
-                    await self._bucket.delete(old["_id"])
+                    async with self._writing():
+                        await self._bucket.delete(old["_id"])
         return stored
 
     async def _put_chunk(self, file_id: ObjectId, number: int, data: bytes) -> None:
-        await self.chunks.insert_one({"files_id": file_id, "n": number, "data": Binary(data)})
+        async with self._writing():
+            await self.chunks.insert_one({"files_id": file_id, "n": number, "data": Binary(data)})
 
     async def open_artifact(
         self, job_id: str, name: str
