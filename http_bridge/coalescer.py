@@ -31,7 +31,7 @@ class Coalescer:
         stub: JobServiceAsyncStub,
         *,
         max_batch: int = 256,
-        max_in_flight: int = 2,
+        max_in_flight: int = 8,
         timeout: float = 30.0,
     ) -> None:
         self._stub = stub

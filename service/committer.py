@@ -72,12 +72,14 @@ class Committer:
                     if not future.done():
                         future.set_exception(StorageUnavailable(f"storage error: {err!r}"))
                 continue
-            self._on_applied([o for o in outcomes if isinstance(o, Applied)])
+            # Answer the callers first, then fan out: both happen after the commit,
+            # and the acknowledgement must not queue behind a thousand stream writes.
             start = 0
             for cmds, future in batch:
                 if not future.done():
                     future.set_result(outcomes[start : start + len(cmds)])
                 start += len(cmds)
+            self._on_applied([o for o in outcomes if isinstance(o, Applied)])
 
     def _take(self) -> list[tuple[Sequence[JobCommand], asyncio.Future[list[Outcome]]]]:
         taken, size = 0, 0

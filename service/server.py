@@ -12,12 +12,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jobwire.v1 import job_service_pb2, job_service_pb2_grpc
+from jobwire.v1 import job_service_pb2
 
 from .config import Settings
 from .fanout import Fanout
 from .jobs import Jobs
-from .servicer import JobServicer
+from .servicer import JobServicer, add_to_server
 from .store.factory import open_store
 from .store.port import Store
 
@@ -55,7 +55,7 @@ async def start(settings: Settings, store: Store | None = None) -> RunningServic
     await jobs.start()
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    job_service_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(jobs), server)
+    add_to_server(JobServicer(jobs), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

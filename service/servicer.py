@@ -8,7 +8,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import grpc
 
-from jobwire.v1 import artifact_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
+from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
 
 from .domain.errors import Code, DomainError
 from .fanout import SubscriptionClosed
@@ -53,6 +53,56 @@ def streaming(fn: Callable[P, AsyncIterator[R]]) -> Callable[P, AsyncIterator[R]
             await context.abort(code, str(err))
 
     return call
+
+
+_WATCH_CACHE: dict[int, tuple[event_pb2.JobEvent, bytes]] = {}
+_WATCH_CACHE_SIZE = 4096
+
+
+def _watch_bytes(event: event_pb2.JobEvent) -> bytes:
+    """The serialised WatchJobResponse of `event`, shared by all its watchers.
+
+    Keyed by the event object (the fan-out hands the same object to every
+    subscription); the entry keeps the object alive, so its id is not reused.
+    """
+    cached = _WATCH_CACHE.get(id(event))
+    if cached is not None and cached[0] is event:
+        return cached[1]
+    data = job_service_pb2.WatchJobResponse(event=event).SerializeToString()
+    if len(_WATCH_CACHE) >= _WATCH_CACHE_SIZE:
+        del _WATCH_CACHE[next(iter(_WATCH_CACHE))]
+    _WATCH_CACHE[id(event)] = (event, data)
+    return data
+
+
+def serialize_response(message: Any) -> bytes:
+    """Response serializer that passes pre-serialised bytes through (see WatchJob)."""
+    if isinstance(message, bytes):
+        return message
+    data: bytes = message.SerializeToString()
+    return data
+
+
+def add_to_server(servicer: JobServicer, server: grpc.aio.Server) -> None:
+    """Registers the servicer like the generated function, except that WatchJob's
+    responses may be pre-serialised bytes."""
+
+    class _Registrar:
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            pass  # added below, from the same (patched) table
+
+        def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+            table = dict(handlers)
+            watch = table["WatchJob"]
+            table["WatchJob"] = grpc.unary_stream_rpc_method_handler(
+                watch.unary_stream,
+                request_deserializer=watch.request_deserializer,
+                response_serializer=serialize_response,
+            )
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, table),))
+            server.add_registered_method_handlers(service, table)
+
+    job_service_pb2_grpc.add_JobServiceServicer_to_server(servicer, _Registrar())
 
 
 class JobServicer(job_service_pb2_grpc.JobServiceServicer):
@@ -165,12 +215,13 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     @streaming
     async def WatchJob(
         self, request: job_service_pb2.WatchJobRequest, context: Context
-    ) -> AsyncIterator[job_service_pb2.WatchJobResponse]:
+    ) -> AsyncIterator[job_service_pb2.WatchJobResponse | bytes]:
         async for item in self._jobs.watch_job(request.id, request.from_sequence):
             if isinstance(item, job_pb2.Job):
                 yield job_service_pb2.WatchJobResponse(snapshot=item)
             else:
-                yield job_service_pb2.WatchJobResponse(event=item)
+                # One live event goes to every watcher of its job: serialise it once.
+                yield _watch_bytes(item)
 
     @streaming
     async def WatchJobs(
