@@ -22,10 +22,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import pymongo
 from bson import Binary, ObjectId
-from gridfs.asynchronous import AsyncGridFSBucket
-from gridfs.errors import NoFile
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, InsertOne, UpdateOne
+from pymongo import (
+    ASCENDING,
+    DESCENDING,
+    AsyncMongoClient,
+    IndexModel,
+    InsertOne,
+    UpdateOne,
+)
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import (
@@ -52,14 +58,15 @@ MAX_ATTEMPTS = 64
 # Oldest queued jobs fetched per claim round; contenders spread over them.
 CLAIM_CANDIDATES = 16
 CLAIM_CANDIDATES_MAX = 256
+# Chunks fetched per round trip when reading an artifact.
+READ_BATCH_CHUNKS = 4
+# Time budget for deleting a replaced artifact's chunks.
+HOUSEKEEPING_TIMEOUT_S = 120.0
 # How long fetched candidates may be handed out before a fresh query (bounds how
 # late this process notices a job that another process requeued).
 CANDIDATE_TTL_S = 1.0
 # A claim gives up (ABORTED) after this many lost races once its time budget is spent.
 CLAIM_MIN_LOSSES = 16
-# Chunks fetched per round trip when reading an artifact (bounded memory, and
-# FerretDB does not cap a reply batch at the 48 MB message limit by itself).
-READ_BATCH_CHUNKS = 4
 
 _UNAVAILABLE = (ConnectionFailure, ExecutionTimeout, WTimeoutError)
 _QUEUED = job_pb2.JOB_STATE_QUEUED
@@ -279,9 +286,6 @@ class MongoStore:
             self._client = AsyncMongoClient(self._uri, **self._client_options)
             # The database named in the URI path wins over the argument.
             self._db = self._client.get_default_database(default=self._database_name)
-            self._bucket = AsyncGridFSBucket(
-                self._db, bucket_name=_BUCKET, chunk_size_bytes=CHUNK_SIZE
-            )
         with _guard("start"):
             info = await self._client.admin.command("buildInfo")
             writes = self._max_writes
@@ -753,20 +757,33 @@ class MongoStore:
             if not isinstance(exc, StorageUnavailable):
                 # Best effort: chunks without a files document are invisible anyway.
                 with contextlib.suppress(PyMongoError):
-                    async with self._writing():
-                        await self.chunks.delete_many({"files_id": file_id})
+                    await self._delete_file(file_id)
             raise
         with _guard("put_artifact"):
             older = self.files.find({"filename": filename, "_id": {"$lt": file_id}}, {"_id": 1})
             for old in await older.to_list():
-                with contextlib.suppress(NoFile):
-                    async with self._writing():
-                        await self._bucket.delete(old["_id"])
+                await self._delete_file(old["_id"])
         return stored
+
+    async def _delete_file(self, file_id: ObjectId) -> None:
+        """The files document first (that version vanishes at once), then its chunks.
+        Deleting a large file's chunks can take a slow server a while (FerretDB: ~6 s
+        for 200 MiB), so this step gets a longer time budget than a request."""
+        with pymongo.timeout(max(self.timeout_ms / 1000, HOUSEKEEPING_TIMEOUT_S)):
+            async with self._writing():
+                await self.files.delete_one({"_id": file_id})
+            async with self._writing():
+                await self.chunks.delete_many({"files_id": file_id})
 
     async def _put_chunk(self, file_id: ObjectId, number: int, data: bytes) -> None:
         async with self._writing():
-            await self.chunks.insert_one({"files_id": file_id, "n": number, "data": Binary(data)})
+            await self.chunks.insert_one(
+                {
+                    "files_id": file_id,
+                    "n": number,
+                    "data": Binary(data),
+                }
+            )
 
     async def open_artifact(
         self, job_id: str, name: str
@@ -780,8 +797,9 @@ class MongoStore:
         return codec.decode_artifact(file_doc), self._read_chunks(file_doc)
 
     async def _read_chunks(self, file_doc: Mapping[str, Any]) -> AsyncIterator[bytes]:
-        """The content in CHUNK_SIZE pieces, a few stored chunks per round trip."""
-        length = int(file_doc.get("length", 0))
+        """The content in CHUNK_SIZE pieces, a few stored chunks per round trip (FerretDB
+        does not cap a reply batch at the 48 MB message limit by itself)."""
+        name = file_doc.get("filename")
         pending = bytearray()
         received = 0
         expected_n = 0
@@ -794,12 +812,13 @@ class MongoStore:
             try:
                 async for chunk in cursor:
                     if int(chunk["n"]) != expected_n:
-                        raise DomainError(
-                            Code.ABORTED, f"artifact {file_doc.get('filename')!r} is incomplete"
-                        )
+                        raise DomainError(Code.ABORTED, f"artifact {name!r} is incomplete")
                     expected_n += 1
                     data = bytes(chunk["data"])
                     received += len(data)
+                    if not pending and len(data) == CHUNK_SIZE:
+                        yield data
+                        continue
                     pending += data
                     while len(pending) >= CHUNK_SIZE:
                         yield bytes(pending[:CHUNK_SIZE])
@@ -808,11 +827,8 @@ class MongoStore:
                 await cursor.close()
         if pending:
             yield bytes(pending)
-        if received != length:
-            raise DomainError(
-                Code.ABORTED,
-                f"artifact {file_doc.get('filename')!r} was replaced while it was read; retry",
-            )
+        if received != int(file_doc.get("length", 0)):
+            raise DomainError(Code.ABORTED, f"artifact {name!r} was replaced; read it again")
 
     async def list_artifacts(self, job_id: str) -> list[artifact_pb2.Artifact]:
         with _guard("list_artifacts"):

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from bson import Binary
+
 from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, log_pb2
 
 from ..domain.records import JobRecord
