@@ -8,6 +8,7 @@ transaction and one fsync; readers use their own connections on a small pool
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -78,6 +79,8 @@ class EmbeddedStore:
         self._artifacts = self._dir / "artifacts"
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="jobwire-sqlite-writer")
         self._readers = ThreadPoolExecutor(2, thread_name_prefix="jobwire-sqlite-reader")
+        self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="jobwire-sqlite-checkpoint")
+        self._checkpoints: asyncio.Task[None] | None = None
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -88,6 +91,22 @@ class EmbeddedStore:
         self._dir.mkdir(parents=True, exist_ok=True)
         (self._artifacts / ".tmp").mkdir(parents=True, exist_ok=True)
         await self._write(lambda c: c.executescript(_SCHEMA))
+        self._checkpoints = asyncio.get_running_loop().create_task(
+            self._checkpoint_forever(), name="sqlite-checkpoint"
+        )
+
+    async def _checkpoint_forever(self, interval: float = 0.25) -> None:
+        """Copies the WAL into the database off the writer thread (PASSIVE: never blocks
+        a commit), so no commit pays for a checkpoint; durability is the WAL fsync."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            # Busy or closing: the next round retries.
+            with contextlib.suppress(sqlite3.Error, RuntimeError):
+                await loop.run_in_executor(
+                    self._checkpointer,
+                    lambda: self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall(),
+                )
 
     async def close(self) -> None:
         def close_all() -> None:
@@ -96,8 +115,13 @@ class EmbeddedStore:
                     conn.close()
                 self._connections.clear()
 
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoints
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
+        self._checkpointer.shutdown(wait=True)
         close_all()
 
     async def ping(self) -> None:
@@ -346,6 +370,8 @@ class EmbeddedStore:
             # FULL: a commit is on disk (WAL fsync'd) before we acknowledge it.
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=5000")
+            # Checkpoints run on their own thread (see _checkpoint_forever), not in commits.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
