@@ -1,0 +1,858 @@
+"""`make bench`: load and latency figures for the embedded store and for MongoDB
+(FerretDB), each next to a bare-aiohttp baseline measured in the same run.
+
+Everything runs on loopback in separate processes: the service and the bridge as
+`python -m service serve|bridge`, the load generators (bench.httpload), the
+baseline server (bench.bare) and the watchers (bench.watchers). Writes
+bench/results/latest.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+PY = sys.executable
+HOST = "127.0.0.1"
+API_KEY = "bench-api-key-" + secrets.token_hex(8)
+
+KEYS = (
+    "e2e_callbacks_per_s",
+    "e2e_p50_ms",
+    "e2e_p99_ms",
+    "bare_aiohttp_per_s",
+    "e2e_over_bare",
+    "fanout_p50_ms",
+    "fanout_p99_ms",
+    "claims_per_s",
+    "double_claims",
+    "service_rss_mib_1000_watchers",
+    "bridge_peak_rss_mib_100mib_final",
+)
+GOALS = {
+    "embedded": {
+        "e2e_callbacks_per_s": (">=", 4000),
+        "e2e_over_bare": (">=", 0.7),
+    },
+    "mongo": {
+        "e2e_callbacks_per_s": (">=", 2000),
+        "e2e_over_bare": (">=", 0.35),
+    },
+    "both": {
+        "e2e_p99_ms": ("<", 25),
+        "fanout_p99_ms": ("<", 50),
+        "double_claims": ("==", 0),
+        "service_rss_mib_1000_watchers": ("<", 200),
+        "bridge_peak_rss_mib_100mib_final": ("<", 300),
+    },
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def proc_status(pid: int, field: str) -> float:
+    """A /proc/PID/status field (VmRSS, VmHWM) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))]
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_kib = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cores": cores,
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "cpu_model": model or platform.processor(),
+        "os": f"{platform.system()} {platform.release()}",
+    }
+
+
+class Proc:
+    """A child process whose output goes to a log file; stopped with SIGTERM."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], logdir: Path) -> None:
+        self.name = name
+        self.log_path = logdir / f"{name}.log"
+        with open(self.log_path, "ab") as fh:
+            self.popen = subprocess.Popen(
+                args,
+                env=env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=logdir,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+    def tail(self) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
+        except OSError:
+            return ""
+
+
+def base_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), str(ROOT / "proto"), env.get("PYTHONPATH", "")) if p
+    )
+    for name in ("MONGODB_URI", "JOBWIRE_PUBLIC_URL"):
+        env.pop(name, None)
+    return env
+
+
+async def wait_grpc(target: str, proc: Proc, timeout: float = 60) -> None:  # noqa: ASYNC109
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{proc.name} not healthy:\n{proc.tail()}")
+
+
+async def wait_http(url: str, proc: Proc, timeout: float = 60) -> None:  # noqa: ASYNC109
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{proc.name} not ready:\n{proc.tail()}")
+
+
+async def run_clients(specs: list[dict[str, Any]], workdir: Path) -> list[dict[str, Any]]:
+    """Runs one bench.httpload process per spec, all at once; returns their results."""
+    start_at = time.time() + 1.0
+    procs = []
+    for i, spec in enumerate(specs):
+        path = workdir / f"spec-{os.getpid()}-{time.monotonic_ns()}-{i}.json"
+        path.write_text(json.dumps({**spec, "start_at": start_at}))
+        procs.append(
+            await asyncio.create_subprocess_exec(
+                PY,
+                "-m",
+                "bench.httpload",
+                str(path),
+                env=base_env(),
+                cwd=ROOT,
+                stdout=asyncio.subprocess.PIPE,
+            )
+        )
+    outs = await asyncio.gather(*(p.communicate() for p in procs))
+    results = []
+    for p, (out, _) in zip(procs, outs, strict=True):
+        if p.returncode != 0:
+            raise RuntimeError(f"load generator failed ({p.returncode})")
+        results.append(json.loads(out.decode().strip().splitlines()[-1]))
+    return results
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.procs: list[Proc] = []
+        self.details: dict[str, Any] = {}
+        self.partial: dict[str, dict[str, Any]] = {}
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Proc:
+        p = Proc(name, argv, env, self.workdir)
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        self.procs.clear()
+
+    # -- processes ---------------------------------------------------------
+
+    async def start_bare(self) -> int:
+        port = free_port()
+        p = self.spawn("bare", [PY, "-m", "bench.bare", HOST, str(port)], base_env())
+        await wait_http(f"http://{HOST}:{port}/healthz", p)
+        return port
+
+    async def start_service(self, store: str, mongo_uri: str) -> tuple[Proc, str]:
+        port = free_port()
+        env = base_env()
+        env["JOBWIRE_GRPC_ADDR"] = f"{HOST}:{port}"
+        env["JOBWIRE_DATA_DIR"] = str(self.workdir / f"data-{store}")
+        if mongo_uri:
+            env["MONGODB_URI"] = mongo_uri
+        p = self.spawn(f"service-{store}", [PY, "-m", "service", "serve"], env)
+        target = f"{HOST}:{port}"
+        await wait_grpc(target, p)
+        return p, target
+
+    async def start_bridge(self, name: str, target: str) -> tuple[Proc, int]:
+        port = free_port()
+        env = base_env()
+        env.update(
+            JOBWIRE_HTTP_ADDR=f"{HOST}:{port}",
+            JOBWIRE_SERVICE_TARGET=target,
+            JOBWIRE_ENV_FILE=str(self.workdir / "bridge.env"),
+            BATCH_CALLBACK_SECRET="bench-batch-" + secrets.token_hex(8),
+            API_KEY=API_KEY,
+            TRANSCODE_CALLBACK_TOKEN="bench-transcode-" + secrets.token_hex(8),
+        )
+        p = self.spawn(name, [PY, "-m", "service", "bridge"], env)
+        await wait_http(f"http://{HOST}:{port}/readyz", p)
+        return p, port
+
+    # -- load --------------------------------------------------------------
+
+    def callback_specs(
+        self, port: int, jobs: list[list[str]], tag: str, **kw: Any
+    ) -> list[dict[str, Any]]:
+        n = self.args.clients
+        return [
+            {
+                "host": HOST,
+                "port": port,
+                "jobs": jobs,
+                "tag": f"{tag}{i}",
+                "offset": i,
+                "stride": n,
+                **kw,
+            }
+            for i in range(n)
+        ]
+
+    async def throughput(
+        self, port: int, jobs: list[list[str]], tag: str, watch: tuple[Proc, ...] = ()
+    ) -> dict[str, Any]:
+        conns = max(1, self.args.connections // self.args.clients)
+        specs = self.callback_specs(
+            port,
+            jobs,
+            tag,
+            mode="closed",
+            connections=conns,
+            warmup=self.args.warmup,
+            duration=self.args.duration,
+        )
+        cpu0 = [cpu_seconds(p.pid) for p in watch]
+        t0 = time.monotonic()
+        res = await run_clients(specs, self.workdir)
+        wall = time.monotonic() - t0
+        cpu = {
+            p.name: round((cpu_seconds(p.pid) - c) / wall, 2)
+            for p, c in zip(watch, cpu0, strict=True)
+        }
+        return {
+            "cores_used": cpu,
+            "per_s": sum(r["per_s"] for r in res),
+            "errors": sum(r["errors"] for r in res),
+            "statuses": dict(sum((Counter(r["statuses"]) for r in res), Counter())),
+        }
+
+    async def latency(self, port: int, jobs: list[list[str]], tag: str) -> dict[str, Any]:
+        n = self.args.clients
+        specs = self.callback_specs(
+            port,
+            jobs,
+            tag,
+            mode="open",
+            rate=self.args.rate / n,
+            connections=128,
+            warmup=1.0,
+            duration=self.args.latency_duration,
+        )
+        res = await run_clients(specs, self.workdir)
+        lat = [x for r in res for x in r["latencies_ms"]]
+        return {
+            "p50_ms": pct(lat, 50),
+            "p99_ms": pct(lat, 99),
+            "max_ms": max(lat) if lat else float("nan"),
+            "samples": len(lat),
+            "errors": sum(r["errors"] for r in res),
+            "unfinished": sum(r["unfinished"] for r in res),
+        }
+
+    # -- one store -----------------------------------------------------------
+
+    async def store_run(self, store: str, mongo_uri: str, bare_port: int) -> dict[str, Any]:
+        figures: dict[str, Any] = {}
+        details: dict[str, Any] = {}
+        self.partial[store] = figures
+        self.details[store] = details
+        service, target = await self.start_service(store, mongo_uri)
+        bridge, port = await self.start_bridge(f"bridge-{store}", target)
+        channel = grpc.aio.insecure_channel(target)
+        stub = job_service_pb2_grpc.JobServiceStub(channel)
+        try:
+            t = time.monotonic()
+            jobs = await create_jobs(stub, 1000, job_pb2.JOB_KIND_EXTRACTION, f"{store}-x")
+            details["create_1000_jobs_s"] = round(time.monotonic() - t, 2)
+            log(f"{store}: 1000 extraction jobs in {details['create_1000_jobs_s']} s")
+            if "throughput" in self.args.phases:
+                await self.throughput_phase(
+                    store, service, bridge, port, bare_port, jobs, figures, details
+                )
+            if "latency" in self.args.phases:
+                await self.latency_phase(store, port, bare_port, jobs, figures, details)
+            if "fanout" in self.args.phases:
+                await self.fanout_phase(store, stub, port, service, target, figures, details)
+            if "claims" in self.args.phases:
+                await self.claims_phase(store, stub, port, figures, details)
+            if "final" in self.args.phases:
+                bridge.stop()
+                await self.final_phase(store, stub, target, figures, details)
+        finally:
+            await channel.close()
+            self.stop_all_but_bare()
+        self.details[store] = details
+        return {k: figures.get(k, float("nan")) for k in KEYS}
+
+    async def throughput_phase(
+        self,
+        store: str,
+        service: Proc,
+        bridge: Proc,
+        port: int,
+        bare_port: int,
+        jobs: list[list[str]],
+        figures: dict[str, Any],
+        details: dict[str, Any],
+    ) -> None:
+        # Throughput: the bare baseline and the bridge back to back, twice,
+        # alternating, so a noisy neighbour hits both alike; best of each.
+        bare_runs: list[dict[str, Any]] = []
+        e2e_runs: list[dict[str, Any]] = []
+        profile_tasks: list[asyncio.Task[None]] = []
+        for rnd in range(self.args.rounds):
+            bare_runs.append(await self.throughput(bare_port, jobs, f"b{rnd}-"))
+            if self.args.profile and rnd == self.args.rounds - 1:
+                profile_tasks = [
+                    asyncio.create_task(self.py_spy(p, f"{store}-{role}"))
+                    for p, role in ((service, "service"), (bridge, "bridge"))
+                ]
+            e2e_runs.append(await self.throughput(port, jobs, f"e{rnd}-", (service, bridge)))
+            log(
+                f"{store}: bare {bare_runs[-1]['per_s']:.0f}/s, e2e {e2e_runs[-1]['per_s']:.0f}/s "
+                f"(errors {e2e_runs[-1]['errors']}, cores {e2e_runs[-1]['cores_used']})"
+            )
+        if profile_tasks:
+            await asyncio.gather(*profile_tasks)
+        bare = max(r["per_s"] for r in bare_runs)
+        e2e = max(r["per_s"] for r in e2e_runs)
+        details["throughput_runs"] = {"bare": bare_runs, "e2e": e2e_runs}
+        figures["e2e_callbacks_per_s"] = round(e2e)
+        figures["bare_aiohttp_per_s"] = round(bare)
+        figures["e2e_over_bare"] = round(e2e / bare, 3)
+
+    async def latency_phase(
+        self,
+        store: str,
+        port: int,
+        bare_port: int,
+        jobs: list[list[str]],
+        figures: dict[str, Any],
+        details: dict[str, Any],
+    ) -> None:
+        lat = await self.latency(port, jobs, "l-")
+        details["latency_1000_per_s"] = lat
+        bare_lat = await self.latency(bare_port, jobs, "bl-")
+        details["bare_latency_1000_per_s"] = bare_lat
+        figures["e2e_p50_ms"] = round(lat["p50_ms"], 2)
+        figures["e2e_p99_ms"] = round(lat["p99_ms"], 2)
+        log(
+            f"{store}: latency p50 {lat['p50_ms']:.1f} p99 {lat['p99_ms']:.1f} ms "
+            f"(bare p99 {bare_lat['p99_ms']:.1f}); errors {lat['errors']}"
+        )
+
+    async def fanout_phase(
+        self,
+        store: str,
+        stub: Any,
+        port: int,
+        service: Proc,
+        target: str,
+        figures: dict[str, Any],
+        details: dict[str, Any],
+    ) -> None:
+        fan = await self.fanout(stub, port, service, target, store)
+        details["fanout"] = {k: v for k, v in fan.items() if k != "rss"}
+        figures["fanout_p50_ms"] = round(fan["p50_ms"], 2)
+        figures["fanout_p99_ms"] = round(fan["p99_ms"], 2)
+        figures["service_rss_mib_1000_watchers"] = round(fan["rss"], 1)
+        log(
+            f"{store}: fanout p50 {fan['p50_ms']:.1f} p99 {fan['p99_ms']:.1f} ms, "
+            f"service RSS {fan['rss']:.0f} MiB with 1000 watchers"
+        )
+
+    async def claims_phase(
+        self, store: str, stub: Any, port: int, figures: dict[str, Any], details: dict[str, Any]
+    ) -> None:
+        cl = await self.claims(stub, port, store)
+        details["claims"] = {k: v for k, v in cl.items() if k not in ("per_s", "double")}
+        figures["claims_per_s"] = round(cl["per_s"])
+        figures["double_claims"] = cl["double"]
+        log(f"{store}: claims {cl['per_s']:.0f}/s, double claims {cl['double']}")
+
+    async def final_phase(
+        self, store: str, stub: Any, target: str, figures: dict[str, Any], details: dict[str, Any]
+    ) -> None:
+        peak = await self.big_final(stub, target, store)
+        figures["bridge_peak_rss_mib_100mib_final"] = round(peak["peak_mib"], 1)
+        details["big_final"] = peak
+        log(
+            f"{store}: bridge peak RSS {peak['peak_mib']:.0f} MiB for the 100 MiB final "
+            f"(status {peak['status']})"
+        )
+
+    def stop_all_but_bare(self) -> None:
+        keep = [p for p in self.procs if p.name == "bare"]
+        for p in reversed(self.procs):
+            if p.name != "bare":
+                p.stop()
+        self.procs = keep
+
+    async def fanout(
+        self, stub: Any, port: int, service: Proc, target: str, store: str
+    ) -> dict[str, Any]:
+        (job,) = await create_jobs(stub, 1, job_pb2.JOB_KIND_EXTRACTION, f"{store}-fan")
+        out = self.workdir / f"watchers-{store}.json"
+        watchers = await asyncio.create_subprocess_exec(
+            PY,
+            "-m",
+            "bench.watchers",
+            target,
+            job[0],
+            str(self.args.watchers),
+            str(out),
+            env=base_env(),
+            cwd=ROOT,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert watchers.stdout is not None and watchers.stdin is not None
+        line = await asyncio.wait_for(watchers.stdout.readline(), 180)
+        if line.strip() != b"READY":
+            raise RuntimeError("watchers did not start")
+        await asyncio.sleep(1.0)
+        rss = proc_status(service.pid, "VmRSS")
+        acks: dict[str, float] = {}
+        spy = None
+        if self.args.profile:
+            seconds = self.args.fanout_events / self.args.fanout_rate
+            spy = asyncio.create_task(self.py_spy(service, f"{store}-service-fanout", seconds))
+        url = f"http://{HOST}:{port}/api/external/jobs/{job[0]}"
+        headers = {"Authorization": f"Bearer {job[1]}"}
+        async with aiohttp.ClientSession() as http:
+            for k in range(self.args.fanout_events):
+                msg = f"fan {k}"
+                body = {
+                    "phase": "extract_text",
+                    "progress": k % 100,
+                    "message": msg,
+                    "process": {"id": "sec-1"},
+                }
+                async with http.post(url, json=body, headers=headers) as resp:
+                    await resp.read()
+                    acks[msg] = time.time()
+                    if resp.status != 200:
+                        raise RuntimeError(f"fan-out callback answered {resp.status}")
+                await asyncio.sleep(1 / self.args.fanout_rate)
+        if spy is not None:
+            await spy
+        await asyncio.sleep(1.0)
+        rss = max(rss, proc_status(service.pid, "VmRSS"))
+        watchers.stdin.write(b"STOP\n")
+        await watchers.stdin.drain()
+        await asyncio.wait_for(watchers.wait(), 60)
+        data = json.loads(out.read_text())
+        lat = [
+            (t - acks[msg]) * 1000
+            for msg, times in data["arrivals"].items()
+            if msg in acks
+            for t in times
+        ]
+        expected = self.args.watchers * len(acks)
+        return {
+            "p50_ms": pct(lat, 50),
+            "p99_ms": pct(lat, 99),
+            "max_ms": max(lat) if lat else float("nan"),
+            "delivered": len(lat),
+            "expected": expected,
+            "events": len(acks),
+            "watchers": self.args.watchers,
+            "stream_errors": Counter(data["errors"]),
+            "rss": rss,
+        }
+
+    async def claims(self, stub: Any, port: int, store: str) -> dict[str, Any]:
+        t = time.monotonic()
+        n = self.args.videos
+        await create_jobs(stub, n, job_pb2.JOB_KIND_VIDEO, f"{store}-v", video=True)
+        created_s = time.monotonic() - t
+        log(f"{store}: {n} queued videos in {created_s:.1f} s")
+        per = self.args.claim_workers // self.args.clients
+        specs = [
+            {
+                "mode": "claims",
+                "host": HOST,
+                "port": port,
+                "path": "/api/pending",
+                "api_key": API_KEY,
+                "workers": per,
+                "tag": f"w{i}",
+                "time_limit": self.args.claim_limit,
+            }
+            for i in range(self.args.clients)
+        ]
+        t0 = time.time() + 1.0  # run_clients starts them one second from now
+        res = await run_clients(specs, self.workdir)
+        ids = [i for r in res for i in r["ids"]]
+        elapsed = max(r["end"] for r in res) - t0
+        return {
+            "per_s": len(ids) / elapsed,
+            "double": len(ids) - len(set(ids)),
+            "claimed": len(ids),
+            "queued": n,
+            "errors": sum(r["errors"] for r in res),
+            "elapsed_s": round(elapsed, 2),
+            "create_s": round(created_s, 2),
+        }
+
+    async def big_final(self, stub: Any, target: str, store: str) -> dict[str, Any]:
+        bridge, port = await self.start_bridge(f"bridge-{store}-final", target)
+        (job,) = await create_jobs(stub, 1, job_pb2.JOB_KIND_EXTRACTION, f"{store}-big")
+        archive = base64.b64encode(os.urandom(75 * 1024 * 1024 - 1024 * 1024 * 1)).decode()
+        text = "# Extracted\n\n" + ("lorem ipsum dolor sit amet " * 40 + "\n") * (
+            (100 * 1024 * 1024 - len(archive)) // 1081
+        )
+        body = json.dumps(
+            {
+                "phase": "completed",
+                "message": "done",
+                "data": {
+                    "extracted_text": text,
+                    "images_archive_data": archive,
+                    "images_archive_filename": "images.zip",
+                    "metadata": {"pages": 12},
+                },
+            }
+        ).encode()
+        del archive, text
+        before = proc_status(bridge.pid, "VmHWM")
+        peak = before
+        stop = asyncio.Event()
+
+        async def sample() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                peak = max(peak, proc_status(bridge.pid, "VmHWM"))
+                await asyncio.sleep(0.05)
+
+        sampler = asyncio.create_task(sample())
+        t = time.monotonic()
+        timeout = aiohttp.ClientTimeout(total=300)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as http,
+            http.post(
+                f"http://{HOST}:{port}/api/external/jobs/{job[0]}",
+                data=body,
+                headers={"Authorization": f"Bearer {job[1]}", "Content-Type": "application/json"},
+            ) as resp,
+        ):
+            status = resp.status
+            await resp.read()
+        elapsed = time.monotonic() - t
+        stop.set()
+        await sampler
+        peak = max(peak, proc_status(bridge.pid, "VmHWM"))
+        bridge.stop()
+        return {
+            "peak_mib": peak,
+            "idle_mib": round(before, 1),
+            "status": status,
+            "body_mib": round(len(body) / 2**20, 1),
+            "seconds": round(elapsed, 2),
+        }
+
+    async def py_spy(self, proc: Proc, name: str, seconds: float = 0) -> None:
+        spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+        if not Path(spy).exists():  # noqa: ASYNC240
+            log("py-spy not installed; no profile")
+            return
+        raw = RESULTS / f"profile-{name}.folded"
+        p = await asyncio.create_subprocess_exec(
+            spy,
+            "record",
+            "--pid",
+            str(proc.pid),
+            "--duration",
+            str(int(seconds or self.args.warmup + self.args.duration + 1)),
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "--output",
+            str(raw),
+            "--nonblocking",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await p.wait()
+        if raw.exists():
+            (RESULTS / f"profile-{name}.txt").write_text(summarise_folded(raw))
+            raw.unlink()
+
+
+def summarise_folded(path: Path, top: int = 25) -> str:
+    """Top frames by self and by inclusive samples, from py-spy's collapsed stacks."""
+    own: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(n)
+        total += count
+        frames = stack.split(";")
+        own[frames[-1]] += count
+        for f in set(frames):
+            incl[f] += count
+    out = [f"samples: {total}", "", "## self (top frames)"]
+    out += [f"{100 * c / total:5.1f}%  {f}" for f, c in own.most_common(top)]
+    out += ["", "## inclusive"]
+    out += [f"{100 * c / total:5.1f}%  {f}" for f, c in incl.most_common(top + 15)]
+    return "\n".join(out) + "\n"
+
+
+async def create_jobs(
+    stub: Any, n: int, kind: int, prefix: str, video: bool = False, concurrency: int = 64
+) -> list[list[str]]:
+    out: list[list[str]] = [[] for _ in range(n)]
+    nxt = 0
+
+    async def worker() -> None:
+        nonlocal nxt
+        while nxt < n:
+            i = nxt
+            nxt += 1
+            job = job_pb2.Job(kind=kind)
+            if video:
+                job.video.url = f"https://videos.example.com/{prefix}/{i}.m3u8"
+                job.video.title = f"Video {i}"
+                job.video.playlist = "bench"
+                job.video.subtitle = "es"
+            reply = await stub.CreateJob(
+                job_service_pb2.CreateJobRequest(job=job, job_id=f"{prefix}-{i:05d}"), timeout=60
+            )
+            out[i] = [reply.job.id, reply.callback_token]
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return out
+
+
+@contextlib.contextmanager
+def ferretdb(workdir: Path) -> Iterator[str]:
+    from tests.mongo_server import FerretDBProcess, ferretdb_binary
+
+    binary = ferretdb_binary()
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        raise RuntimeError(f"FerretDB not found at {binary} (make ferretdb)")
+    server = FerretDBProcess(binary, base_dir=workdir / "ferretdb")
+    server.start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()
+
+
+def check(value: Any, op: str, goal: float) -> bool:
+    return {">=": value >= goal, "<": value < goal, "==": value == goal}[op]
+
+
+def goal_of(store: str, key: str) -> tuple[str, float] | None:
+    return GOALS[store].get(key) or GOALS["both"].get(key)
+
+
+def table(results: dict[str, Any]) -> str:
+    stores = [s for s in ("embedded", "mongo") if s in results]
+    head = (
+        "| figure | "
+        + " | ".join("embedded (SQLite)" if s == "embedded" else "mongo (FerretDB)" for s in stores)
+        + " |"
+    )
+    lines = [head, "|---|" + "---:|" * len(stores)]
+    for key in KEYS:
+        cells = []
+        for s in stores:
+            v = results[s][key]
+            g = goal_of(s, key)
+            mark = ""
+            if g is not None:
+                mark = " ✅" if check(v, *g) else f" ❌ (goal {g[0]} {g[1]:g})"
+            cells.append(f"{v:g}{mark}" if isinstance(v, (int, float)) else f"{v}{mark}")
+        lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
+    m = results["machine"]
+    lines.append("")
+    lines.append(
+        f"Machine: {m['cores']} cores ({m['cpu_model']}), {m['memory_gib']} GiB, "
+        f"Python {m['python']}, {m['os']}; commit {results.get('commit', '?')}."
+    )
+    return "\n".join(lines)
+
+
+async def amain(args: argparse.Namespace) -> dict[str, Any]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="jobwire-bench-"))
+    bench = Bench(args, workdir)
+    results: dict[str, Any] = {"machine": machine()}
+    with contextlib.suppress(Exception):
+        results["commit"] = subprocess.run(  # noqa: ASYNC221
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    t0 = time.monotonic()
+    try:
+        bare_port = await bench.start_bare()
+        for store in args.stores:
+            log(store)
+            try:
+                if store == "mongo":
+                    with ferretdb(workdir) as uri:
+                        results[store] = await bench.store_run(store, uri, bare_port)
+                else:
+                    results[store] = await bench.store_run(store, "", bare_port)
+            except Exception as exc:  # keep what was measured, say what broke
+                log(f"{store}: FAILED: {exc!r}"[:2000])
+                partial = bench.partial.get(store, {})
+                results[store] = {k: partial.get(k, float("nan")) for k in KEYS}
+                bench.details.setdefault(store, {})["error"] = repr(exc)[:2000]
+                bench.stop_all_but_bare()
+    finally:
+        bench.stop_all()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            log(f"kept {workdir}")
+    results["details"] = bench.details
+    results["seconds"] = round(time.monotonic() - t0, 1)
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--stores", default="embedded,mongo")
+    p.add_argument("--clients", type=int, default=2, help="load generator processes")
+    p.add_argument("--connections", type=int, default=256, help="closed-loop, all clients")
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rate", type=float, default=1000.0)
+    p.add_argument("--latency-duration", type=float, default=8.0)
+    p.add_argument("--watchers", type=int, default=1000)
+    p.add_argument("--fanout-events", type=int, default=30)
+    p.add_argument("--fanout-rate", type=float, default=5.0)
+    p.add_argument("--videos", type=int, default=10_000)
+    p.add_argument("--claim-workers", type=int, default=32)
+    p.add_argument("--claim-limit", type=float, default=120.0)
+    p.add_argument(
+        "--phases",
+        default="throughput,latency,fanout,claims,final",
+        help="stop early for quick runs",
+    )
+    p.add_argument("--profile", action="store_true", help="py-spy the service and bridge")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--output", default=str(RESULTS / "latest.json"))
+    args = p.parse_args()
+    args.stores = [s.strip() for s in args.stores.split(",") if s.strip()]
+    results = asyncio.run(amain(args))
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    print(f"\n(results in {args.output}; {results['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()
