@@ -96,7 +96,10 @@ def new_id(prefix: str = "t") -> str:
 
 
 async def create_job(
-    stub: Any, kind: int, job_id: str = "", video: job_pb2.Video | None = None
+    stub: Any,
+    kind: job_pb2.JobKind.ValueType,
+    job_id: str = "",
+    video: job_pb2.Video | None = None,
 ) -> job_service_pb2.CreateJobResponse:
     job = job_pb2.Job(kind=kind)
     if video is not None:
