@@ -10,7 +10,7 @@ generator costs far less CPU per request than the server under test. Modes:
   omission). A send waits for a free connection when all are busy.
 - `claims`: `workers` pollers GET a path until it answers 204; returns the bodies.
 
-Usage: python -m bench.httpload SPEC.json  (prints one JSON result line)
+Usage: python -m bench.httpload SPEC.json  (writes the result to spec['out'])
 """
 
 from __future__ import annotations
@@ -239,7 +239,10 @@ def main() -> None:
         result = uvloop.run(mode(spec))
     except ImportError:
         result = asyncio.run(mode(spec))
-    sys.stdout.write(json.dumps(result) + "\n")
+    # A file, not stdout: the event loop may leave stdout non-blocking, which
+    # truncates a large write at exit.
+    with open(spec["out"], "w", encoding="utf-8") as fh:
+        json.dump(result, fh)
 
 
 if __name__ == "__main__":

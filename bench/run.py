@@ -210,26 +210,22 @@ async def run_clients(specs: list[dict[str, Any]], workdir: Path) -> list[dict[s
     """Runs one bench.httpload process per spec, all at once; returns their results."""
     start_at = time.time() + 1.0
     procs = []
+    paths: list[Path] = []
     for i, spec in enumerate(specs):
         path = workdir / f"spec-{os.getpid()}-{time.monotonic_ns()}-{i}.json"
-        path.write_text(json.dumps({**spec, "start_at": start_at}))
+        path.write_text(json.dumps({**spec, "start_at": start_at, "out": f"{path}.out"}))
+        paths.append(path)
         procs.append(
             await asyncio.create_subprocess_exec(
-                PY,
-                "-m",
-                "bench.httpload",
-                str(path),
-                env=base_env(),
-                cwd=ROOT,
-                stdout=asyncio.subprocess.PIPE,
+                PY, "-m", "bench.httpload", str(path), env=base_env(), cwd=ROOT
             )
         )
-    outs = await asyncio.gather(*(p.communicate() for p in procs))
+    await asyncio.gather(*(p.wait() for p in procs))
     results = []
-    for p, (out, _) in zip(procs, outs, strict=True):
+    for p, path in zip(procs, paths, strict=True):
         if p.returncode != 0:
             raise RuntimeError(f"load generator failed ({p.returncode})")
-        results.append(json.loads(out.decode().strip().splitlines()[-1]))
+        results.append(json.loads(Path(f"{path}.out").read_text()))  # noqa: ASYNC240
     return results
 
 
