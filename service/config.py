@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .domain.records import Policy
@@ -24,6 +24,17 @@ def _int(name: str, default: int, minimum: int = 1) -> int:
     return int(value)
 
 
+def _flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "on", "yes"):
+        return True
+    if raw in ("0", "false", "off", "no"):
+        return False
+    raise SystemExit(f"{name} must be on or off, got {raw!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     grpc_addr: str = "127.0.0.1:50051"
@@ -36,6 +47,17 @@ class Settings:
     lease_sweep_seconds: float = 1.0
     watch_buffer: int = 256
     shutdown_grace_seconds: float = 10.0
+    # Operations (README "Metrics", "Live progress across replicas", "TLS and internal
+    # auth"). Built in code, Settings() serves no metrics; from_env defaults to 9464.
+    metrics_addr: str = ""
+    metrics_queue_seconds: float = 15.0
+    event_feed: bool = True
+    event_feed_max_docs: int = 20_000
+    watch_resync_seconds: float = 10.0
+    grpc_tls_cert: str = ""
+    grpc_tls_key: str = ""
+    grpc_tls_client_ca: str = ""
+    grpc_token: str = field(default="", repr=False)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -50,6 +72,15 @@ class Settings:
             lease_sweep_seconds=_float("JOBWIRE_LEASE_SWEEP_SECONDS", cls.lease_sweep_seconds),
             watch_buffer=_int("JOBWIRE_WATCH_BUFFER", cls.watch_buffer, minimum=4),
             shutdown_grace_seconds=_float("JOBWIRE_SHUTDOWN_GRACE_SECONDS", 10.0),
+            metrics_addr=os.environ.get("JOBWIRE_METRICS_ADDR", "127.0.0.1:9464"),
+            metrics_queue_seconds=_float("JOBWIRE_METRICS_QUEUE_SECONDS", 15.0),
+            event_feed=_flag("JOBWIRE_EVENT_FEED", True),
+            event_feed_max_docs=_int("JOBWIRE_EVENT_FEED_MAX_DOCS", 20_000, minimum=100),
+            watch_resync_seconds=_float("JOBWIRE_WATCH_RESYNC_SECONDS", 10.0),
+            grpc_tls_cert=os.environ.get("JOBWIRE_GRPC_TLS_CERT", ""),
+            grpc_tls_key=os.environ.get("JOBWIRE_GRPC_TLS_KEY", ""),
+            grpc_tls_client_ca=os.environ.get("JOBWIRE_GRPC_TLS_CLIENT_CA", ""),
+            grpc_token=os.environ.get("JOBWIRE_GRPC_TOKEN", ""),
         )
 
     def policy(self) -> Policy:

@@ -14,7 +14,9 @@ import json
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
 
 from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, job_service_pb2, log_pb2
 
@@ -33,14 +35,20 @@ from .domain.records import (
     Report,
     Unchanged,
 )
-from .fanout import Fanout
+from .fanout import Fanout, Subscription
+from .metrics import EVENTS_APPLIED
 from .store.port import JobQuery, Store
+
+if TYPE_CHECKING:
+    from .feed import FeedRelay
 
 log = logging.getLogger("jobwire.jobs")
 
 MAX_PAGE_SIZE = 1000
 MAX_BATCH = 1000
 MAX_LOG_LIMIT = 1000
+# (job id, sequence) pairs a WatchJobs stream remembers, to drop repeated events.
+WATCH_JOBS_DEDUPE = 65_536
 
 # Where each kind of worker calls back, relative to JOBWIRE_PUBLIC_URL.
 _CALLBACK_PATHS = {
@@ -60,6 +68,10 @@ class Jobs:
         self.policy = policy
         self._public_url = public_url
         self._committer = Committer(store, self._published)
+        # Set by the server when the store carries events between replicas (feed.py);
+        # watchers then heal gaps from the job's ring.
+        self.relay: FeedRelay | None = None
+        self.resync_seconds = 10.0
 
     async def start(self) -> None:
         self._committer.start()
@@ -68,7 +80,12 @@ class Jobs:
         await self._committer.close()
 
     def _published(self, applied: list[Applied]) -> None:
+        if not applied:
+            return
+        EVENTS_APPLIED.inc(len(applied))
         self.fanout.publish(a.event for a in applied)
+        if self.relay is not None:
+            self.relay.send(a.event for a in applied)
 
     # -- jobs --------------------------------------------------------------
 
@@ -127,7 +144,7 @@ class Jobs:
         applied = await self.store.claim(kind, worker_id, lease_ns or self.policy.lease_ns)
         if applied is None:
             return job_service_pb2.ClaimJobResponse()
-        self.fanout.publish([applied.event])
+        self._published([applied])
         return job_service_pb2.ClaimJobResponse(job=applied.record.job)
 
     # -- events ------------------------------------------------------------
@@ -288,7 +305,10 @@ class Jobs:
                 if event.state in TERMINAL_STATES:
                     return
             while True:
-                for event in await sub.next_batch():
+                batch = await self._next_batch(sub)
+                if self.relay is not None and _gap(batch, last):
+                    batch = await self._heal(job_id, last, batch)
+                for event in batch:
                     if event.sequence <= last:
                         continue
                     yield event
@@ -298,15 +318,45 @@ class Jobs:
         finally:
             self.fanout.unsubscribe(sub)
 
+    async def _next_batch(self, sub: Subscription) -> list[event_pb2.JobEvent]:
+        """The next live events; [] after `resync_seconds` of silence when replicas
+        share a feed (an entry lost between replicas is then found in the ring)."""
+        if self.relay is None:
+            return await sub.next_batch()
+        try:
+            async with asyncio.timeout(self.resync_seconds):
+                return await sub.next_batch()
+        except TimeoutError:
+            return []
+
+    async def _heal(
+        self, job_id: str, last: int, batch: list[event_pb2.JobEvent]
+    ) -> list[event_pb2.JobEvent]:
+        """The ring's events after `last`, then the live ones newer than those."""
+        ring = await self.store.events_after(job_id, last)
+        newest = ring[-1].sequence if ring else last
+        return ring + [e for e in batch if e.sequence > newest]
+
     async def watch_jobs(
         self, kind: int, states: Sequence[int]
     ) -> AsyncIterator[event_pb2.JobEvent]:
         validation.optional_kind(kind)
         validation.states(list(states))
         sub = self.fanout.subscribe(kind=kind, states=states)
+        # With replicas sharing a feed an event may arrive twice (the feed re-opened
+        # after an outage): drop a (job id, sequence) already delivered. Events of one
+        # job reported through different replicas a few ms apart may arrive out of
+        # sequence order here; none is dropped for it (each carries its sequence).
+        delivered: OrderedDict[tuple[str, int], None] = OrderedDict()
         try:
             while True:
                 for event in await sub.next_batch():
+                    key = (event.job_id, event.sequence)
+                    if key in delivered:
+                        continue
+                    delivered[key] = None
+                    if len(delivered) > WATCH_JOBS_DEDUPE:
+                        delivered.popitem(last=False)
                     yield event
         finally:
             self.fanout.unsubscribe(sub)
@@ -332,6 +382,20 @@ class Jobs:
         if not self._public_url or path is None:
             return ""
         return self._public_url + path.format(id=job.id)
+
+
+def _gap(batch: list[event_pb2.JobEvent], last: int) -> bool:
+    """True when the batch is empty (a resync tick) or skips a sequence after `last`."""
+    if not batch:
+        return True
+    expected = last
+    for event in batch:
+        if event.sequence <= expected:
+            continue
+        if event.sequence != expected + 1:
+            return True
+        expected = event.sequence
+    return False
 
 
 def _response(outcome: Applied | Unchanged) -> job_service_pb2.ReportEventResponse:

@@ -17,6 +17,8 @@ from jobwire.v1 import job_service_pb2
 from .config import Settings
 from .fanout import Fanout
 from .jobs import Jobs
+from .operations import Operations, start_operations
+from .security import server_credentials
 from .servicer import JobServicer, add_to_server
 from .store.factory import open_store
 from .store.port import Store
@@ -33,6 +35,7 @@ class RunningService:
     store: Store
     health: health.aio.HealthServicer
     sweeper: asyncio.Task[None]
+    ops: Operations | None = None
 
     async def stop(self, grace: float) -> None:
         """Stops accepting calls, lets in-flight ones finish, ends watch streams cleanly."""
@@ -45,6 +48,8 @@ class RunningService:
         self.jobs.fanout.close_all()
         await self.server.stop(grace)
         await self.jobs.close()
+        if self.ops is not None:
+            await self.ops.stop()
         await self.store.close()
 
 
@@ -53,15 +58,22 @@ async def start(settings: Settings, store: Store | None = None) -> RunningServic
     await store.start()
     jobs = Jobs(store, Fanout(settings.watch_buffer), store.policy, settings.public_url)
     await jobs.start()
+    ops = await start_operations(settings, store, jobs)
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=ops.interceptors)
     add_to_server(JobServicer(jobs), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(settings.grpc_addr)
+    creds = server_credentials(
+        settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_client_ca
+    )
+    if creds is None:
+        port = server.add_insecure_port(settings.grpc_addr)
+    else:
+        port = server.add_secure_port(settings.grpc_addr, creds)
     if port == 0:
         raise SystemExit(f"cannot listen on JOBWIRE_GRPC_ADDR={settings.grpc_addr}")
     await server.start()
@@ -70,7 +82,7 @@ async def start(settings: Settings, store: Store | None = None) -> RunningServic
     sweeper = asyncio.get_running_loop().create_task(
         jobs.sweep_leases_forever(settings.lease_sweep_seconds), name="lease-sweeper"
     )
-    return RunningService(server, port, jobs, store, health_servicer, sweeper)
+    return RunningService(server, port, jobs, store, health_servicer, sweeper, ops)
 
 
 async def serve(settings: Settings) -> None:

@@ -91,3 +91,34 @@ class Store(Protocol):
 
     async def queue_depths(self) -> dict[int, int]:
         """Number of QUEUED jobs per kind (for metrics)."""
+
+
+class FeedUnsupported(Exception):
+    """The database cannot hold an event feed (e.g. no capped collections)."""
+
+
+class EventFeed(Protocol):
+    """An optional capability of a store shared by several service processes.
+
+    Every replica appends the events it applied and tails everybody's, so a watcher
+    on one replica sees progress reported through another (service/feed.py). The
+    job's ring of retained events stays the source of truth: a feed entry may be
+    lost (a crash between the job update and the append) and watchers heal from
+    the ring, so appending needs no stronger durability than the feed can give.
+    A single-process store (embedded) has none.
+    """
+
+    async def open(self) -> None:
+        """Creates the feed idempotently. Raises FeedUnsupported or StorageUnavailable."""
+
+    async def append(self, origin: str, events: Sequence[event_pb2.JobEvent]) -> None:
+        """One write for the whole batch, in the given order."""
+
+    def tail(self) -> AsyncIterator[list[tuple[str, event_pb2.JobEvent]]]:
+        """Batches of (origin, event) appended after the first call, in feed order.
+
+        Raises StorageUnavailable when the database goes away; calling `tail()`
+        again resumes after the last entry delivered (possibly repeating a few).
+        """
+
+    async def close(self) -> None: ...

@@ -1,0 +1,171 @@
+"""Process logging: one JSON object per line (or plain text), request context, redaction.
+
+JOBWIRE_LOG_FORMAT=json|text (json unless stderr is a terminal), JOBWIRE_LOG_LEVEL
+(INFO). A JSON line holds time, level, logger, message, and request_id / job_id
+when known: the servicer's interceptor (and the bridge's middleware) set them per
+call in context variables that `record_context` copies onto each record.
+
+Secrets never reach a line: `RedactingFilter` sits on every handler and replaces
+the values of the known secret variables, bearer tokens, Authorization and
+X-Callback-Token header values and MongoDB URI credentials with "***".
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("jobwire_request_id", default="")
+JOB_ID: contextvars.ContextVar[str] = contextvars.ContextVar("jobwire_job_id", default="")
+
+# Environment variables whose values are secrets wherever they appear.
+SECRET_ENV_VARS = (
+    "BATCH_CALLBACK_SECRET",
+    "API_KEY",
+    "TRANSCODE_CALLBACK_TOKEN",
+    "JOBWIRE_GRPC_TOKEN",
+    "MONGODB_URI",
+)
+REDACTED = "***"
+_MIN_SECRET = 4  # shorter values would redact ordinary words
+
+_PATTERNS = (
+    # header dumps: "Authorization: Bearer x", "'x-callback-token': 'x'", authorization=x
+    (
+        re.compile(
+            r"(?i)(['\"]?(?:authorization|x-callback-token|proxy-authorization)['\"]?\s*[:=]\s*"
+            r"['\"]?(?:(?:bearer|basic)\s+)?)[^'\"\s,;}]+"
+        ),
+        r"\g<1>" + REDACTED,
+    ),
+    (re.compile(r"(?i)(\bbearer\s+)[A-Za-z0-9._~+/=-]+"), r"\g<1>" + REDACTED),
+    (re.compile(r"(mongodb(?:\+srv)?://)[^@/\s]+@"), r"\g<1>" + REDACTED + "@"),
+)
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites each record's message (and exception text) without secrets."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        env = os.environ if environ is None else environ
+        values = {env.get(name, "") for name in SECRET_ENV_VARS}
+        # Longest first, so a secret containing another is replaced whole.
+        self._values = sorted((v for v in values if len(v) >= _MIN_SECRET), key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for value in self._values:
+            if value in text:
+                text = text.replace(value, REDACTED)
+        for pattern, replacement in _PATTERNS:
+            text = pattern.sub(replacement, text)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = self.redact(message)
+        if redacted != message or record.args:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request_id, job_id, error."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in ("request_id", "job_id"):
+            value = getattr(record, key, "")
+            if value:
+                entry[key] = value
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["error"] = record.exc_text
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+# Other context sources (the bridge's middleware) register a getter here; the
+# record factory copies the first non-empty value onto each record.
+_CONTEXT_SOURCES: list[tuple[str, Callable[[], str]]] = [
+    ("request_id", REQUEST_ID.get),
+    ("job_id", JOB_ID.get),
+]
+_installed = False
+
+
+def add_context_source(key: str, getter: Callable[[], str]) -> None:
+    if (key, getter) not in _CONTEXT_SOURCES:
+        _CONTEXT_SOURCES.append((key, getter))
+
+
+def record_context() -> None:
+    """Installs (once) a record factory that stamps request_id / job_id on records."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        for key, getter in _CONTEXT_SOURCES:
+            if not getattr(record, key, ""):
+                value = getter()
+                if value:
+                    setattr(record, key, value)
+        return record
+
+    logging.setLogRecordFactory(factory)
+
+
+def default_format(stream: Any = None) -> str:
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return "text" if isatty is not None and isatty() else "json"
+
+
+def configure(
+    fmt: str | None = None,
+    level: str | None = None,
+    handlers: Iterable[logging.Handler] | None = None,
+) -> None:
+    """Sets up the root logger from JOBWIRE_LOG_FORMAT / JOBWIRE_LOG_LEVEL."""
+    fmt = (fmt or os.environ.get("JOBWIRE_LOG_FORMAT") or default_format()).strip().lower()
+    if fmt not in ("json", "text"):
+        raise SystemExit(f"JOBWIRE_LOG_FORMAT must be json or text, got {fmt!r}")
+    record_context()
+    chosen = list(handlers) if handlers is not None else [logging.StreamHandler()]
+    formatter: logging.Formatter = (
+        JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    redactor = RedactingFilter()
+    for handler in chosen:
+        handler.setFormatter(formatter)
+        handler.addFilter(redactor)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    for handler in chosen:
+        root.addHandler(handler)
+    root.setLevel((level or os.environ.get("JOBWIRE_LOG_LEVEL") or "INFO").upper())

@@ -1,0 +1,243 @@
+"""Prometheus metrics of the service, served on JOBWIRE_METRICS_ADDR (/metrics).
+
+- jobwire_grpc_requests_total{method,code}: finished calls by method and status
+- jobwire_grpc_request_duration_seconds{method}: unary call latency (streams: count only)
+- jobwire_watchers: open WatchJob/WatchJobs streams on this replica
+- jobwire_storage_errors_total{operation}: storage failures (rpc, feed_append, feed_tail,
+  queue_depth)
+- jobwire_queue_depth{kind}: QUEUED jobs per kind, refreshed every
+  JOBWIRE_METRICS_QUEUE_SECONDS (15) by one aggregate query, not per scrape; every
+  replica reports the same figure, so aggregate it with max(), not sum()
+- jobwire_events_applied_total: events committed through this replica
+- jobwire_feed_events_total{direction}: cross-replica feed entries sent, received, dropped
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from threading import Thread
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from jobwire.v1 import job_pb2
+
+from .domain.errors import DomainError
+from .fanout import Fanout
+from .store.port import Store
+
+log = logging.getLogger("jobwire.metrics")
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+
+GRPC_REQUESTS = Counter(
+    "jobwire_grpc_requests", "Finished gRPC calls by method and status code", ["method", "code"]
+)
+GRPC_LATENCY = Histogram(
+    "jobwire_grpc_request_duration_seconds",
+    "Latency of unary gRPC calls by method",
+    ["method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+WATCHERS = Gauge("jobwire_watchers", "Open WatchJob/WatchJobs streams on this replica")
+STORAGE_ERRORS = Counter(
+    "jobwire_storage_errors",
+    "Storage operations that failed (unavailable or timed out)",
+    ["operation"],
+)
+QUEUE_DEPTH = Gauge("jobwire_queue_depth", "QUEUED jobs per kind (whole deployment)", ["kind"])
+EVENTS_APPLIED = Counter("jobwire_events_applied", "Job events committed through this replica")
+FEED_EVENTS = Counter(
+    "jobwire_feed_events", "Cross-replica feed entries by direction", ["direction"]
+)
+
+_HANDLER_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+
+
+def watch_fanout(fanout: Fanout) -> None:
+    WATCHERS.set_function(lambda: fanout.watchers)
+
+
+def count_domain_error(err: DomainError) -> None:
+    if err.code.name == "UNAVAILABLE":
+        STORAGE_ERRORS.labels("rpc").inc()
+
+
+def _code_of(context: Any, default: grpc.StatusCode) -> str:
+    try:
+        code = context.code()
+    except Exception:
+        code = None
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):  # some grpc versions keep the raw integer
+        for status in grpc.StatusCode:
+            if status.value[0] == code:
+                return status.name
+    return default.name
+
+
+def wrap_handler(
+    handler: Handler,
+    method: str,
+    around: Callable[[Any, Any], contextlib.AbstractContextManager[Any]] | None = None,
+) -> Handler:
+    """The same handler, its behaviour timed and counted (and run inside `around`)."""
+    h: Any = handler
+    for kind in _HANDLER_KINDS:
+        behavior = getattr(h, kind)
+        if behavior is None:
+            continue
+        streaming_response = kind.endswith("_stream")
+        wrapped = (
+            _wrap_stream(behavior, method, around)
+            if streaming_response
+            else _wrap_unary(behavior, method, around, timed=not kind.startswith("stream"))
+        )
+        factory = getattr(grpc, f"{kind}_rpc_method_handler")
+        result: Handler = factory(
+            wrapped,
+            request_deserializer=h.request_deserializer,
+            response_serializer=h.response_serializer,
+        )
+        return result
+    return handler
+
+
+def _null(_: Any, __: Any) -> contextlib.AbstractContextManager[Any]:
+    return contextlib.nullcontext()
+
+
+def _wrap_unary(
+    behavior: Callable[[Any, Any], Awaitable[Any]],
+    method: str,
+    around: Callable[[Any, Any], contextlib.AbstractContextManager[Any]] | None,
+    timed: bool,
+) -> Callable[[Any, Any], Awaitable[Any]]:
+    enter = around or _null
+    requests = GRPC_REQUESTS
+    latency = GRPC_LATENCY.labels(method)
+
+    async def call(request: Any, context: Any) -> Any:
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            with enter(request, context):
+                return await behavior(request, context)
+        except BaseException:
+            code = grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            requests.labels(method, _code_of(context, code)).inc()
+            if timed:
+                latency.observe(time.perf_counter() - start)
+
+    return call
+
+
+def _wrap_stream(
+    behavior: Callable[[Any, Any], AsyncIterator[Any]],
+    method: str,
+    around: Callable[[Any, Any], contextlib.AbstractContextManager[Any]] | None,
+) -> Callable[[Any, Any], AsyncIterator[Any]]:
+    enter = around or _null
+
+    async def call(request: Any, context: Any) -> AsyncIterator[Any]:
+        code = grpc.StatusCode.OK
+        try:
+            with enter(request, context):
+                async for item in behavior(request, context):
+                    yield item
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except BaseException:
+            code = grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            GRPC_REQUESTS.labels(method, _code_of(context, code)).inc()
+
+    return call
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every call; `around` adds per-call context (request id, job id)."""
+
+    def __init__(
+        self, around: Callable[[Any, Any], contextlib.AbstractContextManager[Any]] | None = None
+    ) -> None:
+        self._around = around
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        return wrap_handler(handler, method, self._around)
+
+
+@dataclass
+class MetricsServer:
+    """The /metrics endpoint and the queue-depth refresher of one service."""
+
+    port: int
+    _http: WSGIServer | None
+    _thread: Thread | None
+    _refresher: asyncio.Task[None]
+
+    async def stop(self) -> None:
+        self._refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._refresher
+        if self._http is not None:
+            http = self._http
+            await asyncio.to_thread(http.shutdown)
+            http.server_close()
+
+
+async def start_metrics(addr: str, store: Store, refresh_seconds: float) -> MetricsServer:
+    """Serves /metrics on `addr` ("" = no endpoint, metrics still collected)."""
+    http: WSGIServer | None = None
+    thread: Thread | None = None
+    port = 0
+    if addr:
+        host, _, port_text = addr.rpartition(":")
+        try:
+            http, thread = start_http_server(int(port_text), addr=host.strip("[]") or "127.0.0.1")
+        except (OSError, ValueError) as exc:
+            message = f"cannot serve metrics on JOBWIRE_METRICS_ADDR={addr}: {exc}"
+            raise SystemExit(message) from None
+        port = int(http.server_address[1])
+    task = asyncio.get_running_loop().create_task(
+        _refresh_queue_depths(store, refresh_seconds), name="metrics-queue-depth"
+    )
+    return MetricsServer(port, http, thread, task)
+
+
+async def _refresh_queue_depths(store: Store, interval: float) -> None:
+    kinds = [k for k in job_pb2.JobKind.values() if k != job_pb2.JOB_KIND_UNSPECIFIED]
+    while True:
+        try:
+            depths = await store.queue_depths()
+        except DomainError:
+            STORAGE_ERRORS.labels("queue_depth").inc()
+        except Exception:
+            log.exception("queue depth refresh failed")
+        else:
+            for kind in kinds:
+                name = job_pb2.JobKind.Name(kind).removeprefix("JOB_KIND_").lower()
+                QUEUE_DEPTH.labels(name).set(depths.get(kind, 0))
+        await asyncio.sleep(interval)
