@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import aurora, aws_batch, health, openapi, secretary, video_worker
+from . import aurora, aws_batch, health, metrics, openapi, secretary, video_worker
 from .config import Config
 from .grpc_client import CONFIG, grpc_context
 
@@ -19,4 +19,6 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(grpc_context)
     for table in (*CONTRACT_ROUTES, health.routes, openapi.routes):
         app.add_routes(table)
+    names = ("aws_batch", "video_worker", "aurora", "secretary")
+    metrics.install(app, dict(zip(names, CONTRACT_ROUTES, strict=True)))
     return app

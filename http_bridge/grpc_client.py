@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2_grpc
 
@@ -17,6 +16,7 @@ from jobwire.v1 import job_service_pb2_grpc
 
 from .coalescer import Coalescer
 from .config import Config
+from .metrics import service_channel
 
 if TYPE_CHECKING:
     from jobwire.v1.job_service_pb2_grpc import JobServiceAsyncStub
@@ -45,7 +45,7 @@ CHANNEL_OPTIONS = [
 
 async def grpc_context(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    channel = grpc.aio.insecure_channel(config.service_target, options=CHANNEL_OPTIONS)
+    channel = service_channel(config.service_target, CHANNEL_OPTIONS)  # TLS, token, request id
     stub = job_service_pb2_grpc.JobServiceStub(channel)
     app[CHANNEL] = channel
     app[STUB] = stub

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -20,7 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc, log_pb2
 
 from .config import Settings
+from .logs import configure as configure_logging
 from .progress_bar import render
+from .security import aio_channel, sync_channel
 
 TERMINAL = {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
 
@@ -31,10 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     if not hasattr(args, "func"):
         parser.print_help()
         raise SystemExit(2)
-    logging.basicConfig(
-        level=os.environ.get("JOBWIRE_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging()  # JOBWIRE_LOG_FORMAT (json|text), JOBWIRE_LOG_LEVEL; redacted
     raise SystemExit(args.func(args))
 
 
@@ -159,7 +157,7 @@ def _run(_: argparse.Namespace) -> int:
 
 def _healthy(target: str, timeout: float = 2.0) -> bool:
     try:
-        with grpc.insecure_channel(target) as channel:
+        with sync_channel(target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
             return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
@@ -197,7 +195,7 @@ async def _watch(args: argparse.Namespace) -> int:
     delay = 0.2
     while True:
         try:
-            async with grpc.aio.insecure_channel(args.target) as channel:
+            async with aio_channel(args.target) as channel:
                 stub = job_service_pb2_grpc.JobServiceStub(channel)
                 request = job_service_pb2.WatchJobRequest(id=args.job_id, from_sequence=last)
                 async for item in stub.WatchJob(request):
@@ -282,7 +280,7 @@ async def _logs(args: argparse.Namespace) -> int:
 
 
 async def _call(target: str, method: str, request: Any) -> int:
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with aio_channel(target) as channel:
         stub = job_service_pb2_grpc.JobServiceStub(channel)
         try:
             reply = await getattr(stub, method)(request, timeout=10)

@@ -48,10 +48,11 @@ class Settings:
     watch_buffer: int = 256
     shutdown_grace_seconds: float = 10.0
     # Operations (README "Metrics", "Live progress across replicas", "TLS and internal
-    # auth"). Built in code, Settings() serves no metrics; from_env defaults to 9464.
+    # auth"). Built in code, Settings() serves no metrics and runs no event feed (a
+    # single in-process service needs none); from_env: 127.0.0.1:9464 and the feed on.
     metrics_addr: str = ""
     metrics_queue_seconds: float = 15.0
-    event_feed: bool = True
+    event_feed: bool = False
     event_feed_max_docs: int = 20_000
     watch_resync_seconds: float = 10.0
     grpc_tls_cert: str = ""

@@ -1,0 +1,223 @@
+"""Operations: metrics, JSON logs and redaction, gRPC TLS (and mTLS), the bearer token."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import io
+import ipaddress
+import json
+import logging
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
+from service.logs import REQUEST_ID, JsonFormatter, RedactingFilter, record_context
+from service.store.embedded import EmbeddedStore
+from tests.conftest import make_policy, start_service
+from tests.helpers import create, progress
+
+
+async def test_metrics_endpoint(tmp_path: Path) -> None:
+    handle = await start_service(
+        EmbeddedStore(tmp_path / "d", make_policy()),
+        metrics_addr="127.0.0.1:0",
+        metrics_queue_seconds=0.05,
+    )
+    try:
+        await create(handle.stub, job_id="m")
+        await handle.stub.ReportEvent(progress("m", 5))
+        port = handle.running.ops.metrics.port if handle.running.ops else 0
+        assert port
+        await asyncio.sleep(0.2)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/metrics") as reply,
+        ):
+            text = await reply.text()
+        assert 'jobwire_grpc_requests_total{code="OK",method="CreateJob"}' in text
+        assert 'jobwire_grpc_request_duration_seconds_count{method="ReportEvent"}' in text
+        assert "jobwire_events_applied_total" in text
+        assert "jobwire_watchers" in text
+        assert 'jobwire_queue_depth{kind="generic"} 0.0' in text
+        assert "jobwire_storage_errors_total" in text or "jobwire_storage_errors" in text
+    finally:
+        await handle.close()
+
+
+async def test_token_required_except_health(tmp_path: Path) -> None:
+    handle = await start_service(EmbeddedStore(tmp_path / "d", make_policy()), grpc_token="s3cr3t")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await create(handle.stub, job_id="t")
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await handle.stub.GetJob(
+                job_service_pb2.GetJobRequest(id="t"), metadata=(("authorization", "Bearer no"),)
+            )
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # streams too
+            call = handle.stub.WatchJob(job_service_pb2.WatchJobRequest(id="t"))
+            await call.read()
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = (("authorization", "Bearer s3cr3t"),)
+        created = await handle.stub.CreateJob(
+            job_service_pb2.CreateJobRequest(
+                job_id="t", job=job_pb2.Job(kind=job_pb2.JOB_KIND_GENERIC)
+            ),
+            metadata=ok,
+        )
+        assert created.job.id == "t"
+        health = health_pb2_grpc.HealthStub(handle.channel)
+        answer = await health.Check(health_pb2.HealthCheckRequest())
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await handle.close()
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+async def test_tls(tmp_path: Path, mutual: bool) -> None:
+    cert, key = _self_signed(tmp_path)
+    handle = await start_service(
+        EmbeddedStore(tmp_path / "d", make_policy()),
+        grpc_tls_cert=str(cert),
+        grpc_tls_key=str(key),
+        grpc_tls_client_ca=str(cert) if mutual else "",
+    )
+    try:
+        plain = job_service_pb2_grpc.JobServiceStub(handle.channel)  # insecure channel
+        with pytest.raises(grpc.aio.AioRpcError):
+            await plain.GetJob(job_service_pb2.GetJobRequest(id="x"), timeout=2)
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=cert.read_bytes(),
+            private_key=key.read_bytes() if mutual else None,
+            certificate_chain=cert.read_bytes() if mutual else None,
+        )
+        async with grpc.aio.secure_channel(handle.target, creds) as channel:
+            stub = job_service_pb2_grpc.JobServiceStub(channel)
+            created = await stub.CreateJob(
+                job_service_pb2.CreateJobRequest(
+                    job_id="tls", job=job_pb2.Job(kind=job_pb2.JOB_KIND_GENERIC)
+                )
+            )
+            assert created.job.id == "tls"
+        if mutual:  # a client without a certificate is refused
+            anonymous = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+            async with grpc.aio.secure_channel(handle.target, anonymous) as channel:
+                stub = job_service_pb2_grpc.JobServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await stub.GetJob(job_service_pb2.GetJobRequest(id="tls"), timeout=2)
+    finally:
+        await handle.close()
+
+
+def test_logs_are_json_with_request_id_and_never_a_secret() -> None:
+    env = {"API_KEY": "key-abcdef-123", "MONGODB_URI": "mongodb://u:pw9876@db/x"}
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RedactingFilter(env))
+    record_context()
+    logger = logging.getLogger("jobwire.test_ops")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        token = REQUEST_ID.set("req-42")
+        logger.warning(
+            "headers %s", {"Authorization": "Bearer tok-999", "X-Callback-Token": "cb-1"}
+        )
+        logger.warning("api key %s, uri %s", env["API_KEY"], env["MONGODB_URI"])
+        REQUEST_ID.reset(token)
+        try:
+            raise RuntimeError("failed with key-abcdef-123")
+        except RuntimeError:
+            logger.exception("boom")
+    finally:
+        logger.removeHandler(handler)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["level"] for line in lines] == ["WARNING", "WARNING", "ERROR"]
+    assert lines[0]["request_id"] == "req-42" and lines[0]["logger"] == "jobwire.test_ops"
+    assert {"time", "level", "logger", "message"} <= set(lines[0])
+    text = stream.getvalue()
+    for secret in ("tok-999", "cb-1", "key-abcdef-123", "pw9876"):
+        assert secret not in text, secret
+    assert "***" in lines[0]["message"] and "***" in lines[2]["error"]
+
+
+async def test_bridge_request_id_and_callback_metrics(tmp_path: Path) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from http_bridge.app import create_app
+    from http_bridge.config import Config
+
+    handle = await start_service(EmbeddedStore(tmp_path / "d", make_policy()))
+    try:
+        config = Config(service_target=handle.target, batch_callback_secret="b" * 32)
+        async with TestClient(TestServer(create_app(config))) as client:
+            reply = await client.post(
+                "/api/batch-callback", json={"jobId": "nope"}, headers={"X-Request-ID": "r-77"}
+            )
+            assert reply.headers["X-Request-ID"] == "r-77"
+            status = reply.status
+            fresh = await client.get("/healthz")
+            assert len(fresh.headers["X-Request-ID"]) == 32  # generated
+            text = await (await client.get("/metrics")).text()
+        assert f'jobwire_bridge_callbacks_total{{contract="aws_batch",status="{status}"}}' in text
+    finally:
+        await handle.close()
+
+
+def test_deployment_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.config import Settings
+
+    for name in ("JOBWIRE_METRICS_ADDR", "JOBWIRE_EVENT_FEED", "JOBWIRE_GRPC_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings.from_env()
+    assert settings.metrics_addr == "127.0.0.1:9464" and settings.event_feed
+    monkeypatch.setenv("JOBWIRE_METRICS_ADDR", "")
+    monkeypatch.setenv("JOBWIRE_EVENT_FEED", "off")
+    monkeypatch.setenv("JOBWIRE_GRPC_TOKEN", "t0ken")
+    settings = Settings.from_env()
+    assert settings.metrics_addr == "" and not settings.event_feed
+    assert "t0ken" not in repr(settings)
