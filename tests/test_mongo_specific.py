@@ -202,8 +202,29 @@ async def _pieces(total: int, piece: int, digest: Any) -> AsyncIterator[bytes]:
         yield data
 
 
-async def test_200_mib_artifact_streams_in_bounded_memory(mongo_store: MongoStore) -> None:
-    store = mongo_store
+@pytest.fixture
+async def big_store() -> AsyncIterator[MongoStore]:
+    """A store on a FerretDB of its own (or MONGODB_URI): 200 MiB of I/O should not
+    slow the server the rest of the session shares."""
+    server: FerretDBProcess | None = None
+    uri = os.environ.get("MONGODB_URI", "")
+    if not uri:
+        server = FerretDBProcess(require_ferretdb())
+        server.start()
+        uri = server.uri
+    store = MongoStore(uri, policy=Policy(retention=RETENTION), database=_db_name())
+    try:
+        await store.start()
+        yield store
+        await store.database.client.drop_database(store.database.name)
+    finally:
+        await store.close()
+        if server is not None:
+            server.cleanup()
+
+
+async def test_200_mib_artifact_streams_in_bounded_memory(big_store: MongoStore) -> None:
+    store = big_store
     await _create(store, "big")
     total = 200 * MiB
     sent_digest = hashlib.sha256()

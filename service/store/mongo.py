@@ -60,6 +60,8 @@ CLAIM_CANDIDATES = 16
 CLAIM_CANDIDATES_MAX = 256
 # Chunks fetched per round trip when reading an artifact.
 READ_BATCH_CHUNKS = 4
+# Slowest read rate allowed for before a long artifact read counts as timed out.
+ARTIFACT_MIN_BYTES_PER_S = 4 * 1024 * 1024
 # Time budget for deleting a replaced artifact's chunks.
 HOUSEKEEPING_TIMEOUT_S = 120.0
 # How long fetched candidates may be handed out before a fresh query (bounds how
@@ -800,6 +802,10 @@ class MongoStore:
         """The content in CHUNK_SIZE pieces, a few stored chunks per round trip (FerretDB
         does not cap a reply batch at the 48 MB message limit by itself)."""
         name = file_doc.get("filename")
+        length = int(file_doc.get("length", 0))
+        # A server without the {files_id, n} index (FerretDB) sorts every chunk before
+        # answering the first batch: allow for reading the file at a modest rate.
+        budget = max(self.timeout_ms / 1000, length / ARTIFACT_MIN_BYTES_PER_S)
         pending = bytearray()
         received = 0
         expected_n = 0
@@ -809,25 +815,31 @@ class MongoStore:
                 .sort([("n", ASCENDING)])
                 .batch_size(READ_BATCH_CHUNKS)
             )
-            try:
-                async for chunk in cursor:
-                    if int(chunk["n"]) != expected_n:
-                        raise DomainError(Code.ABORTED, f"artifact {name!r} is incomplete")
-                    expected_n += 1
-                    data = bytes(chunk["data"])
-                    received += len(data)
-                    if not pending and len(data) == CHUNK_SIZE:
-                        yield data
-                        continue
-                    pending += data
-                    while len(pending) >= CHUNK_SIZE:
-                        yield bytes(pending[:CHUNK_SIZE])
-                        del pending[:CHUNK_SIZE]
-            finally:
+        try:
+            while True:
+                with _guard("read_artifact"), pymongo.timeout(budget):
+                    try:
+                        chunk = await cursor.next()
+                    except StopAsyncIteration:
+                        break
+                if int(chunk["n"]) != expected_n:
+                    raise DomainError(Code.ABORTED, f"artifact {name!r} is incomplete")
+                expected_n += 1
+                data = bytes(chunk["data"])
+                received += len(data)
+                if not pending and len(data) == CHUNK_SIZE:
+                    yield data
+                    continue
+                pending += data
+                while len(pending) >= CHUNK_SIZE:
+                    yield bytes(pending[:CHUNK_SIZE])
+                    del pending[:CHUNK_SIZE]
+        finally:
+            with contextlib.suppress(PyMongoError):
                 await cursor.close()
         if pending:
             yield bytes(pending)
-        if received != int(file_doc.get("length", 0)):
+        if received != length:
             raise DomainError(Code.ABORTED, f"artifact {name!r} was replaced; read it again")
 
     async def list_artifacts(self, job_id: str) -> list[artifact_pb2.Artifact]:
