@@ -49,7 +49,12 @@ def _free_port() -> int:
 
 async def test_sigterm_finishes_in_flight_work_and_ends_streams(tmp_path: Path) -> None:
     port = _free_port()
-    env = dict(os.environ, JOBWIRE_GRPC_ADDR=f"127.0.0.1:{port}", JOBWIRE_DATA_DIR=str(tmp_path))
+    env = dict(
+        os.environ,
+        JOBWIRE_GRPC_ADDR=f"127.0.0.1:{port}",
+        JOBWIRE_DATA_DIR=str(tmp_path),
+        JOBWIRE_METRICS_ADDR="127.0.0.1:0",
+    )
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "service", "serve", env=env, stderr=asyncio.subprocess.PIPE
     )
