@@ -41,6 +41,9 @@ class Config:
     # Deadline of each unary RPC; uploads get a longer one (see secretary).
     rpc_timeout_seconds: float = 30.0
     public_url: str = ""
+    # Access log: "errors" (responses >= 400, the default: thousands of 200s a second
+    # would cost the bridge a tenth of its CPU), "all", or "off".
+    access_log: str = "errors"
 
 
 def parse_addr(value: str, default_port: int) -> tuple[str, int]:
@@ -107,4 +110,27 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
         max_final_body_bytes=int(merged.get("JOBWIRE_MAX_FINAL_BODY_BYTES", 256 * 1024 * 1024)),
         retry_after_seconds=int(merged.get("JOBWIRE_RETRY_AFTER_SECONDS", 5)),
         public_url=merged.get("JOBWIRE_PUBLIC_URL", "").rstrip("/"),
+        access_log=parse_access_log(merged.get("JOBWIRE_ACCESS_LOG", "errors")),
     )
+
+
+_ACCESS_LOG = {
+    "all": "all",
+    "1": "all",
+    "on": "all",
+    "true": "all",
+    "yes": "all",
+    "errors": "errors",
+    "off": "off",
+    "0": "off",
+    "false": "off",
+    "no": "off",
+    "none": "off",
+}
+
+
+def parse_access_log(value: str) -> str:
+    try:
+        return _ACCESS_LOG[value.strip().lower()]
+    except KeyError:
+        raise SystemExit(f"JOBWIRE_ACCESS_LOG must be all, errors or off, got {value!r}") from None

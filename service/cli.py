@@ -108,6 +108,7 @@ def _serve(_: argparse.Namespace) -> int:
     from .server import serve
 
     _install_uvloop()
+    _freeze_startup_objects()
     asyncio.run(serve(Settings.from_env()))
     return 0
 
@@ -175,6 +176,15 @@ def _healthcheck(args: argparse.Namespace) -> int:
         except OSError:
             return 1
     return 0 if _healthy(args.target) else 1
+
+
+def _freeze_startup_objects() -> None:
+    """Moves what the imports allocated out of the collector's generations: it lives
+    as long as the process, and full collections then have far less to walk."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def _install_uvloop() -> None:

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -82,6 +83,10 @@ class EmbeddedStore:
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="jobwire-sqlite-checkpoint")
         self._checkpoints: asyncio.Task[None] | None = None
         self._local = threading.local()
+        self._records = _RecordCache()
+        self._write_lock = asyncio.Lock()
+        self._wconn: sqlite3.Connection | None = None
+        self._closed = False
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
 
@@ -119,6 +124,8 @@ class EmbeddedStore:
             self._checkpoints.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checkpoints
+        async with self._write_lock:
+            self._closed = True
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         self._checkpointer.shutdown(wait=True)
@@ -171,7 +178,24 @@ class EmbeddedStore:
         return await self._read(run)
 
     async def apply(self, commands: Sequence[JobCommand]) -> list[Change | DomainError]:
-        return await self._write(lambda c: self._apply_batch(c, commands))
+        # The statements run right here on the event loop (microseconds per event, all
+        # in cache); only COMMIT - the WAL write and fsync - goes to the writer thread.
+        # A round trip to a thread per batch costs milliseconds of GIL hand-offs while
+        # the loop is busy; one per commit is the least that keeps fsync off the loop.
+        async with self._write_lock:
+            conn = self._writer_connection()
+            try:
+                results, entries = self._stage(conn, commands)
+            except sqlite3.OperationalError as err:
+                raise StorageUnavailable(f"embedded store: {err}") from err
+            if entries is not None:
+                try:
+                    await self._in_writer(lambda: conn.execute("COMMIT"))
+                except BaseException:
+                    self._abort(conn)
+                    raise
+                self._records.committed(conn, entries)
+            return results
 
     async def claim(self, kind: int, worker_id: str, lease_ns: int) -> Applied | None:
         def run(conn: sqlite3.Connection) -> Applied | None:
@@ -339,46 +363,135 @@ class EmbeddedStore:
     def _apply_batch(
         self, conn: sqlite3.Connection, commands: Sequence[JobCommand]
     ) -> list[Change | DomainError]:
+        """Applies the commands in one transaction (see `_stage`) and commits it."""
+        results, entries = self._stage(conn, commands)
+        if entries is not None:
+            try:
+                conn.execute("COMMIT")
+            except BaseException:
+                self._abort(conn)
+                raise
+            self._records.committed(conn, entries)
+        return results
+
+    def _abort(self, conn: sqlite3.Connection) -> None:
+        self._records.clear()
+        with contextlib.suppress(sqlite3.Error):  # a failed COMMIT may have rolled back
+            conn.execute("ROLLBACK")
+
+    def _stage(
+        self, conn: sqlite3.Connection, commands: Sequence[JobCommand]
+    ) -> tuple[list[Change | DomainError], dict[str, _Entry] | None]:
+        """Applies the commands in one transaction, left open for the caller to commit
+        (entries is None when nothing changed, and then no transaction is open): each
+        job is read once and written once (its final state), events are inserted
+        together and pruned once per job."""
         now_ns = time.time_ns()
-        seen: dict[str, JobRecord | None] = {}
+        cache = self._records
+        cache.check(conn)
+        before = cache.load(conn, {cmd.job_id for cmd in commands})
+        seen: dict[str, JobRecord | None] = {j: e[0] if e else None for j, e in before.items()}
         results: list[Change | DomainError] = []
+        changed: dict[str, JobRecord] = {}
+        appended: dict[str, list[str]] = {}
+        new_events: list[tuple[str, int, bytes]] = []
+        for cmd in commands:
+            try:
+                change = events.apply(
+                    seen[cmd.job_id], cmd.job_id, cmd.command, now_ns, self.policy
+                )
+            except DomainError as err:
+                results.append(err)
+                continue
+            if isinstance(change, Applied):
+                event = change.event
+                seen[cmd.job_id] = changed[cmd.job_id] = change.record
+                if event.idempotency_key:
+                    appended.setdefault(cmd.job_id, []).append(event.idempotency_key)
+                new_events.append((event.job_id, event.sequence, event.SerializeToString()))
+            results.append(change)
+        if not changed:
+            return results, None
+        inserts: list[tuple[Any, ...]] = []
+        updates: list[tuple[Any, ...]] = []
+        entries: dict[str, tuple[JobRecord, str | bytes]] = {}
+        for job_id, record in changed.items():
+            old = before[job_id]
+            keys = _encode_keys_after(record.recent_keys, old, appended.get(job_id, ()))
+            entries[job_id] = (record, keys)
+            if old is None:
+                inserts.append(_row(record, keys))
+            else:
+                updates.append(_update_row(record, keys))
+        retention = self.policy.retention
+        last: dict[str, int] = {}
+        for job_id, seq, _ in new_events:
+            last[job_id] = seq
+        prune = [(j, seq - retention) for j, seq in last.items() if seq > retention]
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for cmd in commands:
-                record = seen[cmd.job_id] if cmd.job_id in seen else _load(conn, cmd.job_id)
-                try:
-                    change = events.apply(record, cmd.job_id, cmd.command, now_ns, self.policy)
-                except DomainError as err:
-                    results.append(err)
-                    seen[cmd.job_id] = record
-                    continue
-                if isinstance(change, Applied):
-                    _store_change(conn, change, self.policy.retention)
-                    seen[cmd.job_id] = change.record
-                results.append(change)
-            conn.execute("COMMIT")
+            if inserts:
+                conn.executemany(_INSERT_JOB, inserts)
+            if updates:
+                conn.executemany(
+                    "UPDATE jobs SET state=?, seq=?, lease_expire_ns=?, keys=?, snapshot=?"
+                    " WHERE id=?",
+                    updates,
+                )
+            conn.executemany("INSERT INTO events (job_id, seq, event) VALUES (?, ?, ?)", new_events)
+            if prune:
+                conn.executemany("DELETE FROM events WHERE job_id = ? AND seq <= ?", prune)
         except BaseException:
-            conn.execute("ROLLBACK")
+            self._abort(conn)
             raise
-        return results
+        return results, entries
 
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self._db_path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is on disk (WAL fsync'd) before we acknowledge it.
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=5000")
-            # Checkpoints run on their own thread (see _checkpoint_forever), not in commits.
-            conn.execute("PRAGMA wal_autocheckpoint=0")
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
+            conn = self._local.conn = self._open()
         return conn
 
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._db_path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk (WAL fsync'd) before we acknowledge it.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        # Checkpoints run on their own thread (see _checkpoint_forever), not in commits.
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        with self._lock:
+            self._connections.append(conn)
+        return conn
+
+    def _writer_connection(self) -> sqlite3.Connection:
+        """The one write connection. `_write_lock` serialises its users: the loop
+        (`apply`) and the writer thread (everything else, and each COMMIT of apply)."""
+        if self._closed:
+            raise StorageUnavailable("embedded store is closed")
+        if self._wconn is None:
+            self._wconn = self._open()
+        return self._wconn
+
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._run(self._writer, fn)
+        async with self._write_lock:
+            conn = self._writer_connection()
+            return await self._in_writer(lambda: fn(conn))
+
+    async def _in_writer(self, call: Callable[[], T]) -> T:
+        """Runs `call` on the writer thread; returns only once it is over, even when
+        cancelled, so the connection is never used by two threads at once."""
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._writer, call)
+        except RuntimeError as err:  # executor shut down
+            raise StorageUnavailable(f"embedded store is closed: {err}") from err
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            await asyncio.wait([future])
+            raise
+        except sqlite3.OperationalError as err:
+            raise StorageUnavailable(f"embedded store: {err}") from err
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._run(self._readers, fn)
@@ -408,11 +521,153 @@ def _load(conn: sqlite3.Connection, job_id: str) -> JobRecord | None:
     if row is None:
         return None
     return JobRecord(
-        job=job_pb2.Job.FromString(row[0]), token_hash=row[1], recent_keys=tuple(json.loads(row[2]))
+        job=job_pb2.Job.FromString(row[0]), token_hash=row[1], recent_keys=_decode_keys(row[2])
     )
 
 
-def _row(record: JobRecord) -> tuple[Any, ...]:
+_LOAD_CHUNK = 500
+_Entry = tuple[JobRecord, "str | bytes"]
+
+
+class _RecordCache:
+    """The writer's copy of recently written jobs with their stored `keys` value, so
+    a job that keeps reporting is neither re-read nor has its keys re-encoded.
+
+    Only the write connection's user uses it (under the write lock). Callers get the
+    same JobRecord objects and must not mutate them (the domain never does). It is
+    dropped when a transaction rolls back and
+    when another connection (another process) committed since our last commit
+    (`PRAGMA data_version`), so it never disagrees with the database.
+    """
+
+    def __init__(self, size: int = 2048) -> None:
+        self._size = size
+        self._entries: dict[str, _Entry] = {}
+        self._version: int | None = None
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._version = None
+
+    def check(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version:
+            self._entries.clear()
+            self._version = version
+
+    def load(self, conn: sqlite3.Connection, job_ids: set[str]) -> dict[str, _Entry | None]:
+        entries = self._entries
+        found: dict[str, _Entry | None] = {}
+        missing: list[str] = []
+        for job_id in job_ids:
+            entry = entries.get(job_id)
+            if entry is None:
+                missing.append(job_id)
+                found[job_id] = None
+            else:
+                found[job_id] = entry
+        for start in range(0, len(missing), _LOAD_CHUNK):
+            chunk = missing[start : start + _LOAD_CHUNK]
+            rows = conn.execute(
+                "SELECT id, snapshot, token_hash, keys FROM jobs"
+                f" WHERE id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            for job_id, snapshot, token_hash, keys in rows:
+                record = JobRecord(
+                    job=job_pb2.Job.FromString(snapshot),
+                    token_hash=token_hash,
+                    recent_keys=_decode_keys(keys),
+                )
+                found[job_id] = (record, keys)
+        return found
+
+    def committed(self, conn: sqlite3.Connection, written: dict[str, _Entry]) -> None:
+        entries = self._entries
+        for job_id, entry in written.items():
+            entries.pop(job_id, None)
+            entries[job_id] = entry  # most recent last
+        while len(entries) > self._size:
+            del entries[next(iter(entries))]
+        # Our own commits leave data_version unchanged for this connection.
+        self._version = conn.execute("PRAGMA data_version").fetchone()[0]
+
+
+# Recent idempotency keys, rewritten with every event, so kept small: a row must fit
+# its page, as an overflow chain costs several page writes per event. Keys of the
+# form PREFIX + 64 lowercase hex digits with one PREFIX (the bridge's body digests)
+# are stored as b"\x01" + PREFIX + b"\x00" + the digests' raw bytes; other keys as
+# "\x1e" + keys joined by "\x1f". Keys holding those control characters, and rows
+# written before these formats, are a JSON array.
+_KEYS_MARK = "\x1e"
+_KEYS_SEP = "\x1f"
+_HEX = 64
+_PACKED: dict[str, re.Pattern[str]] = {}
+
+
+def _encode_keys(keys: Sequence[str]) -> str | bytes:
+    if not keys:
+        return _KEYS_MARK
+    joined = _KEYS_SEP.join(keys)
+    last = keys[-1]
+    prefix = last[:-_HEX]
+    if len(last) > _HEX and "\x00" not in prefix:
+        pattern = _PACKED.get(prefix)
+        if pattern is None:
+            if len(_PACKED) > 256:
+                _PACKED.clear()
+            item = re.escape(prefix) + "[0-9a-f]{64}"
+            pattern = _PACKED[prefix] = re.compile(f"(?:{item}{_KEYS_SEP})*{item}")
+        if pattern.fullmatch(joined):
+            start, stride = len(prefix), len(prefix) + _HEX + 1
+            digits = "".join([joined[i : i + _HEX] for i in range(start, len(joined), stride)])
+            return b"\x01" + prefix.encode() + b"\x00" + bytes.fromhex(digits)
+    if joined.count(_KEYS_SEP) != len(keys) - 1 or _KEYS_MARK in joined:
+        return json.dumps(list(keys))
+    return _KEYS_MARK + joined
+
+
+def _decode_keys(value: str | bytes) -> tuple[str, ...]:
+    if isinstance(value, bytes):
+        end = value.index(0, 1)
+        prefix = value[1:end].decode()
+        digits = value[end + 1 :].hex()
+        return tuple([prefix + digits[i : i + _HEX] for i in range(0, len(digits), _HEX)])
+    if value.startswith(_KEYS_MARK):
+        return tuple(value[1:].split(_KEYS_SEP)) if len(value) > 1 else ()
+    return tuple(json.loads(value))
+
+
+_DIGEST = re.compile("[0-9a-f]{64}")
+
+
+def _encode_keys_after(
+    keys: tuple[str, ...], old: _Entry | None, added: Sequence[str]
+) -> str | bytes:
+    """`_encode_keys(keys)`, in O(len(added)) when `keys` is the old keys plus `added`
+    (oldest dropped past the retention) and the old value is packed."""
+    if old is not None and added:
+        old_keys, old_value = old[0].recent_keys, old[1]
+        drop = len(old_keys) + len(added) - len(keys)
+        if (
+            isinstance(old_value, bytes)
+            and 0 <= drop <= len(old_keys)
+            and keys[-len(added) :] == tuple(added)
+            and (drop == len(old_keys) or keys[0] == old_keys[drop])
+        ):
+            end = old_value.index(0, 1)
+            prefix = old_value[1:end].decode()
+            n = len(prefix)
+            if all(
+                k.startswith(prefix) and len(k) == n + _HEX and _DIGEST.fullmatch(k, n)
+                for k in added
+            ):
+                digits = bytes.fromhex("".join([k[n:] for k in added]))
+                return old_value[: end + 1] + old_value[end + 1 + 32 * drop :] + digits
+    return _encode_keys(keys)
+
+
+def _row(record: JobRecord, keys: str | bytes | None = None) -> tuple[Any, ...]:
     job = record.job
     lease = job.lease_expire_time.ToNanoseconds() if job.HasField("lease_expire_time") else None
     return (
@@ -423,36 +678,31 @@ def _row(record: JobRecord) -> tuple[Any, ...]:
         lease,
         json.dumps(dict(job.labels), sort_keys=True),
         record.token_hash,
-        json.dumps(record.recent_keys),
+        _encode_keys(record.recent_keys) if keys is None else keys,
         job.SerializeToString(),
         job.id,
     )
 
 
+def _update_row(record: JobRecord, keys: str | bytes) -> tuple[Any, ...]:
+    """What an event can change: kind, creation time, labels and token never do."""
+    job = record.job
+    lease = job.lease_expire_time.ToNanoseconds() if job.HasField("lease_expire_time") else None
+    return (
+        job.state,
+        job.sequence,
+        lease,
+        keys,
+        job.SerializeToString(),
+        job.id,
+    )
+
+
+_INSERT_JOB = (
+    "INSERT INTO jobs (kind, state, create_ns, seq, lease_expire_ns, labels, token_hash,"
+    " keys, snapshot, id) VALUES (?,?,?,?,?,?,?,?,?,?)"
+)
+
+
 def _insert_job(conn: sqlite3.Connection, record: JobRecord) -> None:
-    conn.execute(
-        "INSERT INTO jobs (kind, state, create_ns, seq, lease_expire_ns, labels, token_hash,"
-        " keys, snapshot, id) VALUES (?,?,?,?,?,?,?,?,?,?)",
-        _row(record),
-    )
-
-
-def _store_change(conn: sqlite3.Connection, change: Applied, retention: int) -> None:
-    if change.created:
-        _insert_job(conn, change.record)
-    else:
-        conn.execute(
-            "UPDATE jobs SET kind=?, state=?, create_ns=?, seq=?, lease_expire_ns=?, labels=?,"
-            " token_hash=?, keys=?, snapshot=? WHERE id=?",
-            _row(change.record),
-        )
-    event = change.event
-    conn.execute(
-        "INSERT INTO events (job_id, seq, event) VALUES (?, ?, ?)",
-        (event.job_id, event.sequence, event.SerializeToString()),
-    )
-    if event.sequence > retention:
-        conn.execute(
-            "DELETE FROM events WHERE job_id = ? AND seq <= ?",
-            (event.job_id, event.sequence - retention),
-        )
+    conn.execute(_INSERT_JOB, _row(record))
