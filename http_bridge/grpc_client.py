@@ -16,7 +16,7 @@ from jobwire.v1 import job_service_pb2_grpc
 
 from .coalescer import Coalescer
 from .config import Config
-from .metrics import service_channel
+from .service_channel import service_channel
 
 if TYPE_CHECKING:
     from jobwire.v1.job_service_pb2_grpc import JobServiceAsyncStub

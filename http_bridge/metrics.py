@@ -1,5 +1,4 @@
-"""Bridge operations: `/metrics`, callbacks counted by contract and status, request ids,
-and the channel to the service with TLS and the internal bearer token.
+"""Bridge operations: `/metrics`, callbacks counted by contract and status, request ids.
 
 - jobwire_bridge_callbacks_total{contract,status}: answered contract requests
   (contract = aws_batch, video_worker, aurora, secretary)
@@ -7,23 +6,19 @@ and the channel to the service with TLS and the internal bearer token.
 - X-Request-ID: taken from the request when well-formed (else a new one), echoed
   on the response, stamped on log records (`request_id`) and sent to the service as
   gRPC metadata `x-request-id`.
-- Channel: JOBWIRE_SERVICE_TLS_CA ("system" = system roots), JOBWIRE_SERVICE_TLS_CERT
-  and _KEY (mTLS), JOBWIRE_SERVICE_TLS_SERVER_NAME, JOBWIRE_GRPC_TOKEN (bearer token).
+- The channel to the service (TLS, token, request id) is in service_channel.py.
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
-import os
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
@@ -111,69 +106,3 @@ def _stamp_log_records() -> None:
         return record
 
     logging.setLogRecordFactory(factory)
-
-
-# -- the channel to the service -----------------------------------------------------
-
-
-def _read(path: str, name: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise SystemExit(f"cannot read {name} {path!r}: {exc.strerror}") from None
-
-
-def service_channel(
-    target: str, options: Sequence[tuple[str, Any]] = (), env: Mapping[str, str] | None = None
-) -> grpc.aio.Channel:
-    """The channel to the service: TLS as configured, token and request id on each call."""
-    env = os.environ if env is None else env
-    ca = env.get("JOBWIRE_SERVICE_TLS_CA", "")
-    cert = env.get("JOBWIRE_SERVICE_TLS_CERT", "")
-    key = env.get("JOBWIRE_SERVICE_TLS_KEY", "")
-    name = env.get("JOBWIRE_SERVICE_TLS_SERVER_NAME", "")
-    token = env.get("JOBWIRE_GRPC_TOKEN", "")
-    opts = [*options, *([("grpc.ssl_target_name_override", name)] if name else [])]
-    interceptors = _metadata_interceptors(("authorization", f"Bearer {token}") if token else None)
-    if not ca and not cert:
-        return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
-    if bool(cert) != bool(key):
-        raise SystemExit("set both JOBWIRE_SERVICE_TLS_CERT and JOBWIRE_SERVICE_TLS_KEY")
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=None if ca in ("", "system") else _read(ca, "JOBWIRE_SERVICE_TLS_CA"),
-        private_key=_read(key, "JOBWIRE_SERVICE_TLS_KEY") if key else None,
-        certificate_chain=_read(cert, "JOBWIRE_SERVICE_TLS_CERT") if cert else None,
-    )
-    return grpc.aio.secure_channel(target, creds, options=opts, interceptors=interceptors)
-
-
-def _metadata_interceptors(token: tuple[str, str] | None) -> list[grpc.aio.ClientInterceptor]:
-    def add(details: Any) -> Any:
-        extra: list[tuple[str, str]] = [token] if token else []
-        request_id = REQUEST_ID.get()
-        if request_id:
-            extra.append(("x-request-id", request_id))
-        if not extra:
-            return details
-        merged = grpc.aio.Metadata(*(details.metadata or ()), *extra)
-        return grpc.aio.ClientCallDetails(
-            details.method, details.timeout, merged, details.credentials, details.wait_for_ready
-        )
-
-    class UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-        async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-            return await continuation(add(details), request)
-
-    class UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-        async def intercept_unary_stream(
-            self, continuation: Any, details: Any, request: Any
-        ) -> Any:
-            return await continuation(add(details), request)
-
-    class StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
-        async def intercept_stream_unary(
-            self, continuation: Any, details: Any, request_iterator: Any
-        ) -> Any:
-            return await continuation(add(details), request_iterator)
-
-    return [UnaryUnary(), UnaryStream(), StreamUnary()]

@@ -16,12 +16,13 @@ import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from http_bridge.service_channel import service_channel as aio_channel
+from http_bridge.service_channel import sync_channel
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc, log_pb2
 
 from .config import Settings
 from .logs import configure as configure_logging
 from .progress_bar import render
-from .security import aio_channel, sync_channel
 
 TERMINAL = {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
 

@@ -5,18 +5,14 @@ JOBWIRE_GRPC_TLS_CLIENT_CA also requires client certificates signed by it (mTLS)
 JOBWIRE_GRPC_TOKEN: every call except the health service must carry
 `authorization: Bearer <token>` (compared in constant time), else UNAUTHENTICATED.
 
-Clients (the CLI here; the bridge has its own copy in http_bridge/service_channel.py):
-JOBWIRE_SERVICE_TLS_CA (trust this CA; "system" for the system roots),
-JOBWIRE_SERVICE_TLS_CERT / JOBWIRE_SERVICE_TLS_KEY (client certificate for mTLS),
-JOBWIRE_SERVICE_TLS_SERVER_NAME (expected name in the server certificate, when the
-target address differs) and JOBWIRE_GRPC_TOKEN (sent as the bearer token).
+Clients (the bridge and the CLI) build their channel with
+http_bridge/service_channel.py.
 """
 
 from __future__ import annotations
 
 import hmac
-import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,94 +99,3 @@ def _deny(handler: Handler) -> Handler:
         )
         return denied
     return handler
-
-
-# -- clients -----------------------------------------------------------------------
-
-
-def client_credentials(env: Mapping[str, str] | None = None) -> grpc.ChannelCredentials | None:
-    """Channel credentials from JOBWIRE_SERVICE_TLS_*, or None for plaintext."""
-    env = os.environ if env is None else env
-    ca = env.get("JOBWIRE_SERVICE_TLS_CA", "")
-    cert = env.get("JOBWIRE_SERVICE_TLS_CERT", "")
-    key = env.get("JOBWIRE_SERVICE_TLS_KEY", "")
-    if not ca and not cert:
-        return None
-    if bool(cert) != bool(key):
-        raise SystemExit("set both JOBWIRE_SERVICE_TLS_CERT and JOBWIRE_SERVICE_TLS_KEY")
-    roots = None if ca in ("", "system") else _read(ca, "JOBWIRE_SERVICE_TLS_CA")
-    return grpc.ssl_channel_credentials(
-        root_certificates=roots,
-        private_key=_read(key, "JOBWIRE_SERVICE_TLS_KEY") if key else None,
-        certificate_chain=_read(cert, "JOBWIRE_SERVICE_TLS_CERT") if cert else None,
-    )
-
-
-def client_options(env: Mapping[str, str] | None = None) -> list[tuple[str, Any]]:
-    env = os.environ if env is None else env
-    name = env.get("JOBWIRE_SERVICE_TLS_SERVER_NAME", "")
-    return [("grpc.ssl_target_name_override", name)] if name else []
-
-
-def call_metadata(env: Mapping[str, str] | None = None) -> tuple[tuple[str, str], ...]:
-    """The metadata every call of an internal client carries (the bearer token)."""
-    env = os.environ if env is None else env
-    token = env.get("JOBWIRE_GRPC_TOKEN", "")
-    return (("authorization", f"Bearer {token}"),) if token else ()
-
-
-def aio_channel(target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-    """A grpc.aio channel to the service with TLS and the bearer token as configured."""
-    creds = client_credentials()
-    opts = [*options, *client_options()]
-    interceptors = _token_interceptors()
-    if creds is None:
-        return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
-    return grpc.aio.secure_channel(target, creds, options=opts, interceptors=interceptors)
-
-
-def sync_channel(target: str) -> grpc.Channel:
-    """A blocking channel for health checks (exempt from the token), TLS as configured."""
-    creds = client_credentials()
-    if creds is None:
-        return grpc.insecure_channel(target)
-    return grpc.secure_channel(target, creds, options=client_options())
-
-
-def _token_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    metadata = call_metadata()
-    return [*_aio_metadata_interceptors(metadata)] if metadata else []
-
-
-def _aio_metadata_interceptors(
-    metadata: tuple[tuple[str, str], ...],
-) -> list[grpc.aio.ClientInterceptor]:
-    def add(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        merged = grpc.aio.Metadata(*(details.metadata or ()), *metadata)
-        return grpc.aio.ClientCallDetails(
-            details.method, details.timeout, merged, details.credentials, details.wait_for_ready
-        )
-
-    class UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-        async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-            return await continuation(add(details), request)
-
-    class UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-        async def intercept_unary_stream(
-            self, continuation: Any, details: Any, request: Any
-        ) -> Any:
-            return await continuation(add(details), request)
-
-    class StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
-        async def intercept_stream_unary(
-            self, continuation: Any, details: Any, request_iterator: Any
-        ) -> Any:
-            return await continuation(add(details), request_iterator)
-
-    class StreamStream(grpc.aio.StreamStreamClientInterceptor):
-        async def intercept_stream_stream(
-            self, continuation: Any, details: Any, request_iterator: Any
-        ) -> Any:
-            return await continuation(add(details), request_iterator)
-
-    return [UnaryUnary(), UnaryStream(), StreamUnary(), StreamStream()]
