@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from threading import Thread
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -31,13 +31,10 @@ from jobwire.v1 import job_pb2
 
 from .domain.errors import DomainError
 from .fanout import Fanout
+from .grpc_handlers import Handler, replace_behavior
 from .store.port import Store
 
 log = logging.getLogger("jobwire.metrics")
-if TYPE_CHECKING:
-    Handler = grpc.RpcMethodHandler[Any, Any]
-else:
-    Handler = grpc.RpcMethodHandler
 
 GRPC_REQUESTS = Counter(
     "jobwire_grpc_requests", "Finished gRPC calls by method and status code", ["method", "code"]
@@ -59,8 +56,6 @@ EVENTS_APPLIED = Counter("jobwire_events_applied", "Job events committed through
 FEED_EVENTS = Counter(
     "jobwire_feed_events", "Cross-replica feed entries by direction", ["direction"]
 )
-
-_HANDLER_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
 def watch_fanout(fanout: Fanout) -> None:
@@ -92,25 +87,13 @@ def wrap_handler(
     around: Callable[[Any, Any], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> Handler:
     """The same handler, its behaviour timed and counted (and run inside `around`)."""
-    h: Any = handler
-    for kind in _HANDLER_KINDS:
-        behavior = getattr(h, kind)
-        if behavior is None:
-            continue
-        streaming_response = kind.endswith("_stream")
-        wrapped = (
-            _wrap_stream(behavior, method, around)
-            if streaming_response
-            else _wrap_unary(behavior, method, around, timed=not kind.startswith("stream"))
-        )
-        factory = getattr(grpc, f"{kind}_rpc_method_handler")
-        result: Handler = factory(
-            wrapped,
-            request_deserializer=h.request_deserializer,
-            response_serializer=h.response_serializer,
-        )
-        return result
-    return handler
+
+    def make(kind: str, behavior: Any) -> Any:
+        if kind.endswith("_stream"):
+            return _wrap_stream(behavior, method, around)
+        return _wrap_unary(behavior, method, around, timed=not kind.startswith("stream"))
+
+    return replace_behavior(handler, make)
 
 
 def _null(_: Any, __: Any) -> contextlib.AbstractContextManager[Any]:

@@ -14,16 +14,13 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
+from .grpc_handlers import Handler, replace_behavior
+
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
-if TYPE_CHECKING:
-    Handler = grpc.RpcMethodHandler[Any, Any]
-else:
-    Handler = grpc.RpcMethodHandler
-_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
 def _read(path: str, what: str) -> bytes:
@@ -86,16 +83,6 @@ async def _deny_stream(request: Any, context: Any) -> AsyncIterator[Any]:
 
 
 def _deny(handler: Handler) -> Handler:
-    h: Any = handler
-    for kind in _KINDS:
-        if getattr(h, kind) is None:
-            continue
-        factory = getattr(grpc, f"{kind}_rpc_method_handler")
-        behavior = _deny_stream if kind.endswith("_stream") else _deny_unary
-        denied: Handler = factory(
-            behavior,
-            request_deserializer=h.request_deserializer,
-            response_serializer=h.response_serializer,
-        )
-        return denied
-    return handler
+    return replace_behavior(
+        handler, lambda kind, _: _deny_stream if kind.endswith("_stream") else _deny_unary
+    )
