@@ -78,7 +78,7 @@ class Callbacks:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.host = spec["host"]
         self.port = spec["port"]
-        self.jobs: list[tuple[str, str]] = [tuple(j) for j in spec["jobs"]]  # type: ignore[misc]
+        self.jobs: list[tuple[str, str]] = [(j[0], j[1]) for j in spec["jobs"]]
         self.tag = spec.get("tag", "c")
         self.n = spec.get("offset", 0)
         self.stride = spec.get("stride", 1)
@@ -126,7 +126,13 @@ async def closed_loop(spec: dict[str, Any]) -> dict[str, Any]:
                     errors += 1
                     statuses[status] = statuses.get(status, 0) + 1
 
-    await asyncio.gather(*(run(c) for c in conns))
+    # A request still unanswered `grace` seconds after the window is abandoned (its
+    # connection closed), so a stalled server cannot stretch the run.
+    runs = [asyncio.ensure_future(run(c)) for c in conns]
+    _, pending = await asyncio.wait(runs, timeout=stop_at + spec.get("grace", 30) - t0)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*runs, return_exceptions=True)
     for c in conns:
         assert c.transport is not None
         c.transport.close()
@@ -135,6 +141,8 @@ async def closed_loop(spec: dict[str, Any]) -> dict[str, Any]:
         "errors": errors,
         "statuses": statuses,
         "per_s": counted / spec["duration"],
+        "ok_per_s": (counted - errors) / spec["duration"],
+        "abandoned": len(pending),
     }
 
 
@@ -147,14 +155,17 @@ async def open_loop(spec: dict[str, Any]) -> dict[str, Any]:
     total = int(rate * (spec["warmup"] + spec["duration"]))
     warm = int(rate * spec["warmup"])
     latencies: list[float] = []
+    ok_latencies: list[float] = []
     errors = 0
     statuses: dict[int, int] = {}
     await _sleep_until(spec["start_at"])
     t0 = time.monotonic()
     tasks: set[asyncio.Task[None]] = set()
 
+    answered = 0
+
     async def one(i: int, scheduled: float, raw: bytes) -> None:
-        nonlocal errors
+        nonlocal errors, answered
         conn = await idle.get()
         try:
             status, _ = await conn.request(raw)
@@ -163,8 +174,11 @@ async def open_loop(spec: dict[str, Any]) -> dict[str, Any]:
             conn = await connect(gen.host, gen.port)
         idle.put_nowait(conn)
         if i >= warm:
+            answered += 1
             latencies.append(time.monotonic() - scheduled)
-            if status != 200:
+            if status == 200:
+                ok_latencies.append(latencies[-1])
+            else:
                 errors += 1
                 statuses[status] = statuses.get(status, 0) + 1
 
@@ -181,10 +195,12 @@ async def open_loop(spec: dict[str, Any]) -> dict[str, Any]:
         await asyncio.wait(tasks, timeout=spec.get("drain_timeout", 30))
     return {
         "latencies_ms": [x * 1000 for x in latencies],
+        "ok_latencies_ms": [x * 1000 for x in ok_latencies],
         "errors": errors,
         "statuses": statuses,
         "sent": total - warm,
-        "unfinished": len(tasks),
+        # Measured requests without an answer when the drain time ran out.
+        "unfinished": total - warm - answered,
     }
 
 

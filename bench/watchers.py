@@ -48,7 +48,7 @@ async def main() -> None:
                 errors.append(exc.code().name)
 
     tasks = [asyncio.create_task(watch(i)) for i in range(n)]
-    await asyncio.wait_for(all_ready.wait(), 120)
+    await asyncio.wait_for(all_ready.wait(), 290)
     print("READY", flush=True)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, sys.stdin.readline)
