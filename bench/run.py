@@ -73,6 +73,10 @@ GOALS: dict[str, dict[str, tuple[str, float]]] = {
 }
 
 
+RETRIED = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
+CREATE_RETRIES: Counter[str] = Counter()
+
+
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -391,10 +395,12 @@ class Bench:
             "meaningful": len(ok) >= 0.5 * sent,
         }
 
-    async def settle(self, port: int, job: list[str], limit: float = 60) -> float:
-        """Waits until a single callback answers 200 within 2 s (a backlog left by the
-        previous phase drained); returns the seconds waited."""
+    async def settle(self, port: int, job: list[str], limit: float = 60, quiet: float = 0) -> float:
+        """Waits `quiet` seconds (requests abandoned by the previous phase finish or
+        time out), then until a single callback answers 200 within 2 s; returns the
+        seconds waited."""
         t0 = time.monotonic()
+        await asyncio.sleep(quiet)
         url = f"http://{HOST}:{port}/api/external/jobs/{job[0]}"
         headers = {"Authorization": f"Bearer {job[1]}"}
         timeout = aiohttp.ClientTimeout(total=10)
@@ -443,15 +449,16 @@ class Bench:
                 "claims": lambda: self.claims_phase(store, stub, port, figures, details),
                 "final": lambda: self.final_phase(store, stub, target, figures, details),
             }
-            for name, phase in phases.items():
-                if name not in self.args.phases:
-                    continue
+            order = [n for n in self.opt(store, "order").split(",") if n in self.args.phases]
+            details["phase_order"] = order
+            for name in order:
+                phase = phases[name]
                 if name != "throughput" and bridge.alive():
                     details.setdefault("settle_s", {})[name] = await self.settle(
-                        port, jobs[0], self.opt(store, "settle_limit")
+                        port, jobs[0], self.opt(store, "settle_limit"), self.opt(store, "quiet")
                     )
-                if name == "final":
-                    bridge.stop()
+                if name == "final" and name == order[-1]:
+                    bridge.stop()  # a bridge is needed no more
                 t = time.monotonic()
                 try:
                     await asyncio.wait_for(phase(), limits[name])
@@ -464,6 +471,8 @@ class Bench:
         finally:
             await channel.close()
             self.stop_all_but_bare()
+            details["create_retries"] = dict(CREATE_RETRIES)
+            CREATE_RETRIES.clear()
         return {k: figures.get(k, float("nan")) for k in KEYS}
 
     async def throughput_phase(
@@ -487,7 +496,7 @@ class Bench:
         for rnd in range(rounds):
             if rnd:
                 details.setdefault("settle_s", {})[f"throughput{rnd}"] = await self.settle(
-                    port, jobs[0], self.opt(store, "settle_limit")
+                    port, jobs[0], self.opt(store, "settle_limit"), self.opt(store, "quiet")
                 )
             bare_runs.append(await self.throughput(bare_port, jobs, f"b{rnd}-"))
             grace = self.opt(store, "grace")
@@ -525,6 +534,26 @@ class Bench:
         duration = self.opt(store, "latency_duration")
         drain = self.opt(store, "latency_drain")
         conns = self.opt(store, "latency_connections")
+        ok_rate = max(
+            (r["ok_per_s"] for r in details.get("throughput_runs", {}).get("e2e", [])), default=0
+        )
+        seconds = self.opt(store, "sustainable_s")
+        if seconds and ok_rate:
+            # What a request costs when the server keeps up: half its closed-loop rate
+            # (before the 1,000/s run, which leaves a slow server with a backlog).
+            rate, self.args.rate = self.args.rate, max(1.0, round(ok_rate / 2, 1))
+            try:
+                low = await self.latency(port, jobs, "ls-", seconds, drain, conns)
+            finally:
+                self.args.rate = rate
+            details["latency_at_half_throughput"] = low
+            log(
+                f"{store}: at {low['offered_per_s']}/s: p50 {low['p50_ms']:.1f} "
+                f"p99 {low['p99_ms']:.1f} ms ({low['ok']}/{low['sent']} ok)"
+            )
+            await self.settle(
+                port, jobs[0], self.opt(store, "settle_limit"), self.opt(store, "quiet")
+            )
         lat = await self.latency(port, jobs, "l-", duration, drain, conns)
         details["latency_1000_per_s"] = lat
         bare_lat = await self.latency(bare_port, jobs, "bl-", duration, drain)
@@ -833,9 +862,21 @@ async def create_jobs(
                 job.video.title = f"Video {i}"
                 job.video.playlist = "bench"
                 job.video.subtitle = "es"
-            reply = await stub.CreateJob(
-                job_service_pb2.CreateJobRequest(job=job, job_id=f"{prefix}-{i:05d}"), timeout=60
-            )
+            # Set-up, not a measurement: a create that fails on a busy server (FerretDB/
+            # SQLite answers "database is locked" to concurrent writers) is retried under
+            # a new id and counted in CREATE_RETRIES.
+            for attempt in range(6):
+                job_id = f"{prefix}-{i:05d}" + (f"-r{attempt}" if attempt else "")
+                try:
+                    reply = await stub.CreateJob(
+                        job_service_pb2.CreateJobRequest(job=job, job_id=job_id), timeout=60
+                    )
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if attempt == 5 or exc.code() not in RETRIED:
+                        raise
+                    CREATE_RETRIES[exc.code().name] += 1
+                    await asyncio.sleep(0.5 * (attempt + 1))
             out[i] = [reply.job.id, reply.callback_token]
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -988,7 +1029,13 @@ def main() -> None:
     p.add_argument("--grace", type=float, default=30.0, help="closed loop: abandon after")
     p.add_argument("--latency-drain", type=float, default=30.0)
     p.add_argument("--latency-connections", type=int, default=128)
+    p.add_argument("--sustainable-s", type=float, default=0.0)
     p.add_argument("--settle-limit", type=float, default=60.0)
+    p.add_argument("--quiet", type=float, default=0.0, help="pause between phases")
+    p.add_argument("--order", default="throughput,latency,fanout,claims,final")
+    # The 1,000/s latency run leaves FerretDB with work it goes on with after the
+    # load generator gave up; it runs last, so it cannot spoil the other phases.
+    p.add_argument("--mongo-order", default="throughput,fanout,claims,final,latency")
     # MongoDB (FerretDB/SQLite) is far slower: every phase is bounded by time instead,
     # with a load that does not drive the service into its 5 s operation timeout.
     p.add_argument("--mongo-connections", type=int, default=4)
@@ -1000,6 +1047,13 @@ def main() -> None:
     # of abandoned work that would stall the next phases for minutes.
     p.add_argument("--mongo-latency-connections", type=int, default=4)
     p.add_argument("--mongo-settle-limit", type=float, default=30.0)
+    p.add_argument("--mongo-quiet", type=float, default=6.0, help="> the 5 s op timeout")
+    p.add_argument(
+        "--mongo-sustainable-s",
+        type=float,
+        default=6.0,
+        help="also the latency at half the measured throughput (details only); 0 skips",
+    )
     p.add_argument("--mongo-videos", type=int, default=1000)
     p.add_argument("--mongo-claim-limit", type=float, default=30.0)
     p.add_argument("--mongo-grace", type=float, default=8.0)
