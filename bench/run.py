@@ -14,6 +14,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import math
 import os
 import platform
 import secrets
@@ -1092,10 +1093,21 @@ def main() -> None:
         "final": 60,
     }
     results = asyncio.run(amain(args))
-    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    # Strict JSON: a figure that could not be measured is null, not NaN.
+    Path(args.output).write_text(json.dumps(_no_nan(results), indent=2, allow_nan=False) + "\n")
     print(table(results))
     print(f"\n(results in {args.output}; {results['seconds']} s)")
 
 
 if __name__ == "__main__":
     main()
+
+
+def _no_nan(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return value
