@@ -50,15 +50,21 @@ def new_record(
     job_id: str, kind: job_pb2.JobKind.ValueType, now_ns: int, template: job_pb2.Job | None = None
 ) -> tuple[JobRecord, str]:
     """A QUEUED job and its one-time callback token."""
-    job = job_pb2.Job(id=job_id, kind=kind, state=_S.JOB_STATE_QUEUED, has_callback_token=True)
+    job = _queued(job_id, kind, now_ns)
+    job.has_callback_token = True
     if template is not None:
         job.labels.update(template.labels)
         if template.HasField("video"):
             job.video.CopyFrom(template.video)
-    job.create_time.FromNanoseconds(now_ns)
-    job.update_time.FromNanoseconds(now_ns)
     token, token_hash = tokens.issue()
     return JobRecord(job=job, token_hash=token_hash), token
+
+
+def _queued(job_id: str, kind: job_pb2.JobKind.ValueType, now_ns: int) -> job_pb2.Job:
+    job = job_pb2.Job(id=job_id, kind=kind, state=_S.JOB_STATE_QUEUED)
+    job.create_time.FromNanoseconds(now_ns)
+    job.update_time.FromNanoseconds(now_ns)
+    return job
 
 
 def check_token(record: JobRecord, token: str) -> None:
@@ -76,9 +82,8 @@ def apply(
     created = False
     if record is None:
         if isinstance(command, Report) and command.request.create_kind:
-            record, _ = new_record(job_id, command.request.create_kind, now_ns)
-            record.job.has_callback_token = False
-            record.token_hash = b""
+            # Announced only by its outcome (AuroraCloud): no worker holds a token.
+            record = JobRecord(job=_queued(job_id, command.request.create_kind, now_ns))
             created = True
         else:
             raise not_found(job_id)
