@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import grpc
@@ -60,3 +61,10 @@ async def read_all(call: Any, timeout: float = WAIT) -> list[Any]:
     while (item := await read(call, timeout)) is not grpc.aio.EOF:
         items.append(item)
     return items
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 import pytest
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
+
+from tests.helpers import free_port
 
 DEFAULT_BIN = Path.home() / ".cache" / "jobwire" / "ferretdb-v1.24.2" / "ferretdb"
 START_TIMEOUT_S = 30.0
@@ -41,12 +42,6 @@ def require_ferretdb() -> Path:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message)
     pytest.skip(message)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class FerretDBProcess:

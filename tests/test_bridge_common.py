@@ -8,7 +8,6 @@ import asyncio
 import base64
 import dataclasses
 import os
-import socket
 import stat
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ from tests.bridge_harness import (
     running_bridge,
     stub,  # noqa: F401
 )
+from tests.helpers import free_port
 
 PYTHON = sys.executable
 HAS_PROC = os.path.exists("/proc/self/status")
@@ -41,9 +41,7 @@ VENV_BIN = Path(PYTHON).parent
 
 
 def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()  # bound, then released: nothing listens there
 
 
 async def test_health_and_openapi(bridge: Any) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jobwire.v1 import job_service_pb2, job_service_pb2_grpc
-from tests.helpers import WAIT, completed, create, progress, read, read_all
+from tests.helpers import WAIT, completed, create, free_port, progress, read, read_all
 
 MAX_DELAY = 0.100  # from ReportEvent returning on A to the event arriving on B
 EVENTS = 20
@@ -37,14 +36,8 @@ class Replica:
     stub: job_service_pb2_grpc.JobServiceAsyncStub
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def _replica(uri: str, database: str, data: Path) -> Replica:
-    port = _free_port()
+    port = free_port()
     env = dict(
         os.environ,
         MONGODB_URI=uri,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 from service.store.embedded import EmbeddedStore
 from tests.conftest import ServiceHandle, make_policy
-from tests.helpers import WAIT, create, progress, read, read_all
+from tests.helpers import WAIT, create, free_port, progress, read, read_all
 
 
 async def test_health_is_serving(grpc_service: ServiceHandle) -> None:
@@ -41,14 +40,8 @@ async def test_reflection_lists_the_services(grpc_service: ServiceHandle) -> Non
     call.cancel()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_sigterm_finishes_in_flight_work_and_ends_streams(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = dict(
         os.environ,
         JOBWIRE_GRPC_ADDR=f"127.0.0.1:{port}",
