@@ -48,11 +48,10 @@ class Settings:
     watch_buffer: int = 256
     shutdown_grace_seconds: float = 10.0
     # Operations (README "Metrics", "Live progress across replicas", "TLS and internal
-    # auth"). Built in code, Settings() serves no metrics and runs no event feed (a
-    # single in-process service needs none); from_env: 127.0.0.1:9464 and the feed on.
-    metrics_addr: str = ""
+    # auth"). The same defaults whether built in code or from the environment.
+    metrics_addr: str = "127.0.0.1:9464"
     metrics_queue_seconds: float = 15.0
-    event_feed: bool = False
+    event_feed: bool = True
     event_feed_max_docs: int = 20_000
     watch_resync_seconds: float = 10.0
     grpc_tls_cert: str = ""
@@ -73,9 +72,9 @@ class Settings:
             lease_sweep_seconds=_float("JOBWIRE_LEASE_SWEEP_SECONDS", cls.lease_sweep_seconds),
             watch_buffer=_int("JOBWIRE_WATCH_BUFFER", cls.watch_buffer, minimum=4),
             shutdown_grace_seconds=_float("JOBWIRE_SHUTDOWN_GRACE_SECONDS", 10.0),
-            metrics_addr=os.environ.get("JOBWIRE_METRICS_ADDR", "127.0.0.1:9464"),
+            metrics_addr=os.environ.get("JOBWIRE_METRICS_ADDR", cls.metrics_addr),
             metrics_queue_seconds=_float("JOBWIRE_METRICS_QUEUE_SECONDS", 15.0),
-            event_feed=_flag("JOBWIRE_EVENT_FEED", True),
+            event_feed=_flag("JOBWIRE_EVENT_FEED", cls.event_feed),
             event_feed_max_docs=_int("JOBWIRE_EVENT_FEED_MAX_DOCS", 20_000, minimum=100),
             watch_resync_seconds=_float("JOBWIRE_WATCH_RESYNC_SECONDS", 10.0),
             grpc_tls_cert=os.environ.get("JOBWIRE_GRPC_TLS_CERT", ""),

@@ -75,6 +75,10 @@ class ServiceHandle:
 
 async def start_service(store: Store, **settings: object) -> ServiceHandle:
     settings.setdefault("grpc_addr", "127.0.0.1:0")
+    # One service per test, alone on its database: no metrics port to collide on and
+    # no cross-replica feed (tests/test_cross_replica.py turns it on).
+    settings.setdefault("metrics_addr", "")
+    settings.setdefault("event_feed", False)
     config = Settings(**settings)  # type: ignore[arg-type]
     running = await start(config, store=store)
     target = f"127.0.0.1:{running.port}"

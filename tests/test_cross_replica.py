@@ -31,7 +31,7 @@ EVENTS = 30
 
 
 async def _pair(uri: str, database: str, **settings: object) -> tuple[ServiceHandle, ServiceHandle]:
-    settings.setdefault("event_feed", True)  # JOBWIRE_EVENT_FEED's default; off in Settings()
+    settings.setdefault("event_feed", True)  # start_service turns it off by default
     a = await start_service(MongoStore(uri, policy=make_policy(), database=database), **settings)
     b = await start_service(MongoStore(uri, policy=make_policy(), database=database), **settings)
     return a, b
