@@ -2,7 +2,7 @@
 (FerretDB), each next to a bare-aiohttp baseline measured in the same run.
 
 Everything runs on loopback in separate processes: the service and the bridge as
-`python -m service serve|bridge`, the load generators (bench.httpload), the
+`python -m cli serve|bridge`, the load generators (bench.httpload), the
 baseline server (bench.bare) and the watchers (bench.watchers). Writes
 bench/results/latest.json and prints a markdown table.
 """
@@ -275,7 +275,7 @@ class Bench:
         env["JOBWIRE_DATA_DIR"] = str(self.workdir / f"data-{store}")
         if mongo_uri:
             env["MONGODB_URI"] = mongo_uri
-        p = self.spawn(f"service-{store}", [PY, "-m", "service", "serve"], env)
+        p = self.spawn(f"service-{store}", [PY, "-m", "cli", "serve"], env)
         target = f"{HOST}:{port}"
         await wait_grpc(target, p)
         return p, target
@@ -291,7 +291,7 @@ class Bench:
             API_KEY=API_KEY,
             TRANSCODE_CALLBACK_TOKEN="bench-transcode-" + secrets.token_hex(8),
         )
-        p = self.spawn(name, [PY, "-m", "service", "bridge"], env)
+        p = self.spawn(name, [PY, "-m", "cli", "bridge"], env)
         await wait_http(f"http://{HOST}:{port}/readyz", p)
         return p, port
 

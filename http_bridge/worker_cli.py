@@ -160,7 +160,7 @@ def secretary(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Adds `callback` to the `jobwire` command (service/cli.py)."""
+    """Adds `callback` to the `jobwire` command (cli/main.py)."""
     cb = subparsers.add_parser("callback", help="send a worker callback to the HTTP bridge")
     cb.add_argument("--url", default="", help=f"bridge base URL (default {DEFAULT_BASE})")
     contracts = cb.add_subparsers(dest="contract", required=True)

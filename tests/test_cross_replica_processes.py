@@ -1,7 +1,7 @@
 """Two service processes on one MongoDB database: live progress crosses them.
 
 The same contract as tests/test_cross_replica.py, but with the replicas as separate
-OS processes started like production (`python -m service serve`, configured only by
+OS processes started like production (`python -m cli serve`, configured only by
 the environment), so nothing is shared but the database.
 """
 
@@ -48,7 +48,7 @@ async def _replica(uri: str, database: str, data: Path) -> Replica:
         JOBWIRE_DATA_DIR=str(data),
         JOBWIRE_LOG_FORMAT="text",
     )
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "service", "serve", env=env)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cli", "serve", env=env)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     health = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + 30

@@ -49,7 +49,7 @@ async def test_sigterm_finishes_in_flight_work_and_ends_streams(tmp_path: Path) 
         JOBWIRE_METRICS_ADDR="127.0.0.1:0",
     )
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "serve", env=env, stderr=asyncio.subprocess.PIPE
+        sys.executable, "-m", "cli", "serve", env=env, stderr=asyncio.subprocess.PIPE
     )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:

@@ -19,9 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from http_bridge.service_channel import service_channel as aio_channel
 from http_bridge.service_channel import sync_channel
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc, log_pb2
+from service.config import Settings
+from service.logs import configure as configure_logging
 
-from .config import Settings
-from .logs import configure as configure_logging
 from .progress_bar import render
 
 TERMINAL = {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(_: argparse.Namespace) -> int:
-    from .server import serve
+    from service.server import serve
 
     _install_uvloop()
     _freeze_startup_objects()
@@ -127,7 +127,7 @@ def _run(_: argparse.Namespace) -> int:
     env = dict(os.environ)
     env.setdefault("JOBWIRE_SERVICE_TARGET", settings.grpc_addr)
     env.setdefault("JOBWIRE_GENERATE_SECRETS", "1")
-    cmd = [sys.executable, "-m", "service"]
+    cmd = [sys.executable, "-m", "cli"]
     service = subprocess.Popen([*cmd, "serve"], env=env)
     children = [service]
     stopping = False
