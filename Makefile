@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard proto/jobwire/v1/*.proto)
 GEN    := proto
+# protoc finds its mypy plugins (protoc-gen-mypy*) in the venv.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: install proto proto-check run serve bridge test lint fmt bench ferretdb clean
 
@@ -24,8 +26,9 @@ proto: $(STAMP)
 # Fails when the committed stubs do not match proto/.
 proto-check: $(STAMP)
 	@tmp=$$(mktemp -d); \
-	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$$tmp --mypy_out=quiet:$$tmp $(PROTOS) && \
-	$(BIN)/python -m grpc_tools.protoc -Iproto --grpc_python_out=$$tmp --mypy_grpc_out=quiet:$$tmp proto/jobwire/v1/job_service.proto && \
+	{ $(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$$tmp --mypy_out=quiet:$$tmp $(PROTOS) && \
+	  $(BIN)/python -m grpc_tools.protoc -Iproto --grpc_python_out=$$tmp --mypy_grpc_out=quiet:$$tmp proto/jobwire/v1/job_service.proto; } || \
+	  { echo "protoc failed"; rm -rf $$tmp; exit 1; }; \
 	for f in $$(cd $$tmp && find . -type f); do \
 	  cmp -s "$$tmp/$$f" "$(GEN)/$$f" || { echo "stale stub: $(GEN)/$$f (run make proto)"; rm -rf $$tmp; exit 1; }; \
 	done; rm -rf $$tmp; echo "stubs match proto/"

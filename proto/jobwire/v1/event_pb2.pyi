@@ -39,6 +39,11 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """The lease expired and the job went back to QUEUED."""
     EVENT_TYPE_CANCELLED: _EventType.ValueType  # 6
     """The job was cancelled."""
+    EVENT_TYPE_STALLED: _EventType.ValueType  # 7
+    """A RUNNING job received no event within its progress deadline. Appended by
+    the service (exactly once per stall, across replicas); the job's
+    `stalled` flag is set until a later event from the worker clears it.
+    """
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """What an event did to its job."""
@@ -57,6 +62,11 @@ EVENT_TYPE_REQUEUED: EventType.ValueType  # 5
 """The lease expired and the job went back to QUEUED."""
 EVENT_TYPE_CANCELLED: EventType.ValueType  # 6
 """The job was cancelled."""
+EVENT_TYPE_STALLED: EventType.ValueType  # 7
+"""A RUNNING job received no event within its progress deadline. Appended by
+the service (exactly once per stall, across replicas); the job's
+`stalled` flag is set until a later event from the worker clears it.
+"""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final
@@ -78,6 +88,7 @@ class JobEvent(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
+    COALESCED_FROM_SEQUENCE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job this event belongs to."""
     kind: _job_pb2.JobKind.ValueType
@@ -94,6 +105,12 @@ class JobEvent(_message.Message):
     """
     worker_id: _builtins.str
     """Worker holding the claim after this event, if any."""
+    coalesced_from_sequence: _builtins.int
+    """Set only on an event delivered after coalescing (a slow watcher): this
+    one event stands for the sequences `coalesced_from_sequence` through
+    `sequence`, of which only the latest is shown. Zero otherwise. Terminal
+    events and state changes are never coalesced.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the service applied the event."""
@@ -124,11 +141,54 @@ class JobEvent(_message.Message):
         result: _job_pb2.Result | None = ...,
         error: _job_pb2.JobError | None = ...,
         worker_id: _builtins.str = ...,
+        coalesced_from_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "progress", b"progress", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "kind", b"kind", "progress", b"progress", "result", b"result", "sequence", b"sequence", "state", b"state", "type", b"type", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coalesced_from_sequence", b"coalesced_from_sequence", "create_time", b"create_time", "error", b"error", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "kind", b"kind", "progress", b"progress", "result", b"result", "sequence", b"sequence", "state", b"state", "type", b"type", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
+
+@_typing.final
+class StreamGap(_message.Message):
+    """Said by a stream (or a list) when it cannot continue exactly where the
+    client asked: the events between the requested point and the oldest one
+    still retained are gone. The client's view is rebuilt from the snapshot
+    that precedes it (WatchJob) or from the events that follow.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    REQUESTED_SEQUENCE_FIELD_NUMBER: _builtins.int
+    OLDEST_AVAILABLE_SEQUENCE_FIELD_NUMBER: _builtins.int
+    REQUESTED_POSITION_FIELD_NUMBER: _builtins.int
+    OLDEST_AVAILABLE_POSITION_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job of the gap (WatchJob, ListJobEvents); empty for a WatchJobs gap."""
+    requested_sequence: _builtins.int
+    """The sequence the client asked to continue after."""
+    oldest_available_sequence: _builtins.int
+    """The oldest sequence still retained: what follows starts here."""
+    requested_position: _builtins.str
+    """WatchJobs: the position the client asked to continue after."""
+    oldest_available_position: _builtins.str
+    """WatchJobs: the oldest position still retained (the firehose window)."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        requested_sequence: _builtins.int = ...,
+        oldest_available_sequence: _builtins.int = ...,
+        requested_position: _builtins.str = ...,
+        oldest_available_position: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "oldest_available_position", b"oldest_available_position", "oldest_available_sequence", b"oldest_available_sequence", "requested_position", b"requested_position", "requested_sequence", b"requested_sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamGap: _TypeAlias = StreamGap  # noqa: Y015

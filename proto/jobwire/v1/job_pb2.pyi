@@ -360,6 +360,10 @@ class Job(_message.Message):
     PROCESS_ID_FIELD_NUMBER: _builtins.int
     HAS_CALLBACK_TOKEN_FIELD_NUMBER: _builtins.int
     LEASE_DURATION_FIELD_NUMBER: _builtins.int
+    PROGRESS_DEADLINE_FIELD_NUMBER: _builtins.int
+    STALL_FAIL_AFTER_FIELD_NUMBER: _builtins.int
+    STALLED_FIELD_NUMBER: _builtins.int
+    LAST_EVENT_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Unique id: client-assigned in CreateJob, or a generated UUID. 1-128
     characters of [A-Za-z0-9._:-].
@@ -380,6 +384,10 @@ class Job(_message.Message):
     """Id the worker gave its own run (Secretary `process.id`), if any."""
     has_callback_token: _builtins.bool
     """Whether a per-job callback token was issued (only its hash is stored)."""
+    stalled: _builtins.bool
+    """True while the job is stalled (a STALLED event was appended and no
+    event has arrived since).
+    """
     @_builtins.property
     def progress(self) -> Global___Progress:
         """Latest progress reported (unset before the first progress event)."""
@@ -424,6 +432,26 @@ class Job(_message.Message):
     def lease_duration(self) -> _duration_pb2.Duration:
         """Length of the current claim's lease; each event renews it by this much."""
 
+    @_builtins.property
+    def progress_deadline(self) -> _duration_pb2.Duration:
+        """Progress deadline: a RUNNING job that receives no event for this long
+        gets a STALLED event. Set in CreateJob; default per kind from
+        JOBWIRE_PROGRESS_DEADLINE_<KIND> (off when neither is set).
+        """
+
+    @_builtins.property
+    def stall_fail_after(self) -> _duration_pb2.Duration:
+        """Longer deadline: a RUNNING job with no event for this long fails with
+        error code "STALLED". Set in CreateJob; default per kind from
+        JOBWIRE_STALL_FAIL_AFTER_<KIND> (off when neither is set).
+        """
+
+    @_builtins.property
+    def last_event_time(self) -> _timestamp_pb2.Timestamp:
+        """When the last event that counts as a sign of life was applied (the
+        progress deadline runs from here).
+        """
+
     def __init__(
         self,
         *,
@@ -446,10 +474,14 @@ class Job(_message.Message):
         process_id: _builtins.str = ...,
         has_callback_token: _builtins.bool = ...,
         lease_duration: _duration_pb2.Duration | None = ...,
+        progress_deadline: _duration_pb2.Duration | None = ...,
+        stall_fail_after: _duration_pb2.Duration | None = ...,
+        stalled: _builtins.bool = ...,
+        last_event_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "lease_duration", b"lease_duration", "lease_expire_time", b"lease_expire_time", "progress", b"progress", "result", b"result", "start_time", b"start_time", "update_time", b"update_time", "video", b"video"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "last_event_time", b"last_event_time", "lease_duration", b"lease_duration", "lease_expire_time", b"lease_expire_time", "progress", b"progress", "progress_deadline", b"progress_deadline", "result", b"result", "stall_fail_after", b"stall_fail_after", "start_time", b"start_time", "update_time", b"update_time", "video", b"video"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "has_callback_token", b"has_callback_token", "id", b"id", "kind", b"kind", "labels", b"labels", "lease_duration", b"lease_duration", "lease_expire_time", b"lease_expire_time", "process_id", b"process_id", "progress", b"progress", "result", b"result", "sequence", b"sequence", "start_time", b"start_time", "state", b"state", "update_time", b"update_time", "video", b"video", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "has_callback_token", b"has_callback_token", "id", b"id", "kind", b"kind", "labels", b"labels", "last_event_time", b"last_event_time", "lease_duration", b"lease_duration", "lease_expire_time", b"lease_expire_time", "process_id", b"process_id", "progress", b"progress", "progress_deadline", b"progress_deadline", "result", b"result", "sequence", b"sequence", "stall_fail_after", b"stall_fail_after", "stalled", b"stalled", "start_time", b"start_time", "state", b"state", "update_time", b"update_time", "video", b"video", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -36,8 +36,9 @@ class CreateJobRequest(_message.Message):
     """Client-assigned id (e.g. the AWS Batch job id). Generated when empty."""
     @_builtins.property
     def job(self) -> _job_pb2.Job:
-        """The job to create. `kind` is required; `labels` and `video` are taken
-        from it; state, sequence and timestamps are set by the service.
+        """The job to create. `kind` is required; `labels`, `video`,
+        `progress_deadline` and `stall_fail_after` are taken from it; state,
+        sequence and timestamps are set by the service.
         """
 
     def __init__(
@@ -760,20 +761,28 @@ class ListJobEventsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENTS_FIELD_NUMBER: _builtins.int
+    GAP_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.JobEvent]:
         """The retained events (the service keeps the most recent ones per job,
         JOBWIRE_EVENT_RETENTION), in sequence order.
         """
 
+    @_builtins.property
+    def gap(self) -> _event_pb2.StreamGap:
+        """Set when the events cannot start at `from_sequence + 1` because older
+        ones are no longer retained.
+        """
+
     def __init__(
         self,
         *,
         events: _abc.Iterable[_event_pb2.JobEvent] | None = ...,
+        gap: _event_pb2.StreamGap | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gap", b"gap"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "gap", b"gap"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -811,14 +820,22 @@ class WatchJobResponse(_message.Message):
 
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
+    GAP_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def snapshot(self) -> _job_pb2.Job:
         """First message: the job as it is now."""
 
     @_builtins.property
     def event(self) -> _event_pb2.JobEvent:
-        """Every later message: one event, in sequence order, without gaps except
-        where a slow reader's progress events were coalesced to the latest.
+        """Every later message: one event, in sequence order. Sequence numbers
+        never jump silently: coalesced progress says which sequences it stands
+        for (`coalesced_from_sequence`), and lost history is announced by `gap`.
+        """
+
+    @_builtins.property
+    def gap(self) -> _event_pb2.StreamGap:
+        """Right after the snapshot, when the replay cannot start at
+        `from_sequence + 1` (those events are no longer retained).
         """
 
     def __init__(
@@ -826,12 +843,13 @@ class WatchJobResponse(_message.Message):
         *,
         snapshot: _job_pb2.Job | None = ...,
         event: _event_pb2.JobEvent | None = ...,
+        gap: _event_pb2.StreamGap | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "item", b"item", "snapshot", b"snapshot"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "gap", b"gap", "item", b"item", "snapshot", b"snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "item", b"item", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "gap", b"gap", "item", b"item", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["snapshot", "event"]  # noqa: Y015
+    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["snapshot", "event", "gap"]  # noqa: Y015
     _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
 
@@ -843,8 +861,15 @@ class WatchJobsRequest(_message.Message):
 
     KIND_FIELD_NUMBER: _builtins.int
     STATES_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
     kind: _job_pb2.JobKind.ValueType
     """Only events of jobs of this kind (any when unspecified)."""
+    after: _builtins.str
+    """Resume: replay the events committed after this `position` (from a
+    previous WatchJobsResponse), within the firehose retention window
+    (JOBWIRE_FIREHOSE_RETENTION), then go live. Empty: live events only.
+    "0" replays the whole retained window.
+    """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_job_pb2.JobState.ValueType]:
         """Only events leaving the job in one of these states (any when empty)."""
@@ -854,10 +879,11 @@ class WatchJobsRequest(_message.Message):
         *,
         kind: _job_pb2.JobKind.ValueType = ...,
         states: _abc.Iterable[_job_pb2.JobState.ValueType] | None = ...,
+        after: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "kind", b"kind", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -869,23 +895,37 @@ class WatchJobsResponse(_message.Message):
 
     EVENT_FIELD_NUMBER: _builtins.int
     SEND_TIME_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
+    GAP_FIELD_NUMBER: _builtins.int
+    position: _builtins.str
+    """Opaque position of `event` in the service's commit order; pass the last
+    one seen as `after` to resume without a gap or a duplicate.
+    """
     @_builtins.property
     def event(self) -> _event_pb2.JobEvent:
-        """One live event."""
+        """One event (unset on a message that carries `gap`)."""
 
     @_builtins.property
     def send_time(self) -> _timestamp_pb2.Timestamp:
         """When the service sent it (to measure delivery delay)."""
+
+    @_builtins.property
+    def gap(self) -> _event_pb2.StreamGap:
+        """First message of a resumed stream whose `after` is older than the
+        retention window: the events between them are gone.
+        """
 
     def __init__(
         self,
         *,
         event: _event_pb2.JobEvent | None = ...,
         send_time: _timestamp_pb2.Timestamp | None = ...,
+        position: _builtins.str = ...,
+        gap: _event_pb2.StreamGap | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "send_time", b"send_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "gap", b"gap", "send_time", b"send_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "send_time", b"send_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "gap", b"gap", "position", b"position", "send_time", b"send_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
