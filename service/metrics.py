@@ -10,6 +10,11 @@
   replica reports the same figure, so aggregate it with max(), not sum()
 - jobwire_events_applied_total: events committed through this replica
 - jobwire_feed_events_total{direction}: cross-replica feed entries sent, received, dropped
+- jobwire_commit_duration_seconds, jobwire_commit_batch_size: each group commit's
+  latency and number of commands (service/tracing.py observes them)
+- jobwire_oldest_queued_job_age_seconds{kind}: age of the oldest QUEUED job, refreshed with
+  the queue depths (0 when none is queued)
+- jobwire_jobs_stalled_total: jobs marked STALLED (their progress deadline passed)
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from jobwire.v1 import job_pb2
 from .domain.errors import DomainError
 from .fanout import Fanout
 from .grpc_handlers import Handler, replace_behavior
-from .store.port import Store
+from .store.port import JobQuery, Store
 
 log = logging.getLogger("jobwire.metrics")
 
@@ -56,6 +61,20 @@ EVENTS_APPLIED = Counter("jobwire_events_applied", "Job events committed through
 FEED_EVENTS = Counter(
     "jobwire_feed_events", "Cross-replica feed entries by direction", ["direction"]
 )
+COMMIT_LATENCY = Histogram(
+    "jobwire_commit_duration_seconds",
+    "Group commits: time until the store acknowledged the batch as durable",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+COMMIT_BATCH = Histogram(
+    "jobwire_commit_batch_size",
+    "Commands per group commit",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+OLDEST_QUEUED = Gauge(
+    "jobwire_oldest_queued_job_age_seconds", "Age of the oldest QUEUED job per kind", ["kind"]
+)
+JOBS_STALLED = Counter("jobwire_jobs_stalled", "Jobs marked STALLED (progress deadline passed)")
 
 
 def watch_fanout(fanout: Fanout) -> None:
@@ -223,4 +242,20 @@ async def _refresh_queue_depths(store: Store, interval: float) -> None:
             for kind in kinds:
                 name = job_pb2.JobKind.Name(kind).removeprefix("JOB_KIND_").lower()
                 QUEUE_DEPTH.labels(name).set(depths.get(kind, 0))
+                age = await _oldest_queued_age(store, kind) if depths.get(kind, 0) else 0.0
+                OLDEST_QUEUED.labels(name).set(age)
         await asyncio.sleep(interval)
+
+
+async def _oldest_queued_age(store: Store, kind: int) -> float:
+    """Seconds since the oldest QUEUED job of `kind` was created (ListJobs is oldest first)."""
+    try:
+        page = await store.list_jobs(
+            JobQuery(states=(job_pb2.JOB_STATE_QUEUED,), kind=kind, limit=1)
+        )
+    except DomainError:
+        STORAGE_ERRORS.labels("queue_depth").inc()
+        return 0.0
+    if not page:
+        return 0.0
+    return max(0.0, time.time() - page[0].create_time.ToNanoseconds() / 1e9)

@@ -1,0 +1,256 @@
+"""deploy/observability: the Prometheus alert rules pass `promtool check rules`, the
+Grafana dashboard loads and matches the dashboard schema, its PromQL parses (promtool
+again), and every metric either file names is one the code exports."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema  # type: ignore[import-untyped]
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+OBS = ROOT / "deploy" / "observability"
+RULES = OBS / "jobwire-alerts.yaml"
+DASHBOARD = OBS / "jobwire-dashboard.json"
+PROMTOOL_DEFAULT = Path("~/.cache/jobwire/promtool-v0.316.0/promtool")
+
+# What the issue asks the alerts and the dashboard to cover.
+ALERTS = {
+    "JobwireStorageUnavailable": "jobwire_storage_errors_total",
+    "JobwireBridge5xxRate": "jobwire_bridge_callbacks_total",
+    "JobwireAckLatencyP99High": "jobwire_bridge_request_duration_seconds_bucket",
+    "JobwireOldestQueuedJobTooOld": "jobwire_oldest_queued_job_age_seconds",
+    "JobwireWatchersRefused": "jobwire_grpc_requests_total",
+}
+DASHBOARD_METRICS = {
+    "jobwire_bridge_callbacks_total",  # callbacks/s by contract and status
+    "jobwire_bridge_request_duration_seconds_bucket",  # ack latency
+    "jobwire_commit_duration_seconds_bucket",  # commit latency
+    "jobwire_commit_batch_size_bucket",  # batch size
+    "jobwire_watchers",
+    "jobwire_queue_depth",
+    "jobwire_oldest_queued_job_age_seconds",
+    "jobwire_storage_errors_total",
+    "jobwire_jobs_stalled_total",
+}
+
+# The part of Grafana's dashboard model (schemaVersion 39) an import relies on.
+DASHBOARD_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["uid", "title", "schemaVersion", "panels", "templating", "time"],
+    "properties": {
+        "uid": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,40}$"},
+        "title": {"type": "string", "minLength": 1},
+        "schemaVersion": {"type": "integer", "minimum": 36},
+        "time": {
+            "type": "object",
+            "required": ["from", "to"],
+            "properties": {"from": {"type": "string"}, "to": {"type": "string"}},
+        },
+        "templating": {
+            "type": "object",
+            "required": ["list"],
+            "properties": {"list": {"type": "array", "items": {"$ref": "#/$defs/variable"}}},
+        },
+        "panels": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/panel"}},
+    },
+    "$defs": {
+        "variable": {
+            "type": "object",
+            "required": ["name", "type"],
+            "properties": {"name": {"type": "string"}, "type": {"type": "string"}},
+        },
+        "gridPos": {
+            "type": "object",
+            "required": ["x", "y", "w", "h"],
+            "properties": {
+                "x": {"type": "integer", "minimum": 0, "maximum": 23},
+                "y": {"type": "integer", "minimum": 0},
+                "w": {"type": "integer", "minimum": 1, "maximum": 24},
+                "h": {"type": "integer", "minimum": 1},
+            },
+        },
+        "target": {
+            "type": "object",
+            "required": ["refId", "expr", "datasource"],
+            "properties": {
+                "refId": {"type": "string", "pattern": "^[A-Z]$"},
+                "expr": {"type": "string", "minLength": 1},
+                "legendFormat": {"type": "string"},
+            },
+        },
+        "panel": {
+            "type": "object",
+            "required": ["id", "type", "title", "gridPos"],
+            "properties": {
+                "id": {"type": "integer", "minimum": 1},
+                "type": {"enum": ["row", "timeseries", "stat", "gauge", "table", "bargauge"]},
+                "title": {"type": "string", "minLength": 1},
+                "gridPos": {"$ref": "#/$defs/gridPos"},
+                "targets": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/target"}},
+            },
+            "if": {"properties": {"type": {"const": "row"}}},
+            "then": {"required": ["panels"]},
+            "else": {"required": ["targets", "datasource"]},
+        },
+    },
+}
+
+
+def promtool() -> Path:
+    """The promtool binary (scripts/install-promtool.sh), or skip (fail under CI=true)."""
+    path = Path(os.environ.get("JOBWIRE_PROMTOOL_BIN") or PROMTOOL_DEFAULT).expanduser()
+    if path.is_file() and os.access(path, os.X_OK):
+        return path
+    message = f"promtool not found at {path}: run `bash scripts/install-promtool.sh`"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@cache
+def rules() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(RULES.read_text(encoding="utf-8"))
+    return doc
+
+
+@cache
+def dashboard() -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return doc
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [r for group in rules()["groups"] for r in group["rules"] if "alert" in r]
+
+
+def query_panels() -> list[dict[str, Any]]:
+    return [p for p in dashboard()["panels"] if p["type"] != "row"]
+
+
+def dashboard_exprs() -> list[str]:
+    return [t["expr"] for p in query_panels() for t in p["targets"]]
+
+
+def metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"\bjobwire_[a-z_]+\b", expr))
+
+
+def check_rules(tool: Path, path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(tool), "check", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_promtool_accepts_the_alert_rules() -> None:
+    result = check_rules(promtool(), RULES)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(alert_rules())} rules found" in result.stdout
+
+
+def test_promtool_check_catches_a_broken_rule(tmp_path: Path) -> None:
+    """The check above can fail: a rule with a PromQL syntax error is refused."""
+    broken = rules() | {"groups": [{"name": "x", "rules": [{"alert": "X", "expr": "sum(("}]}]}
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(broken), encoding="utf-8")
+    assert check_rules(promtool(), path).returncode != 0
+
+
+def test_the_issue_s_alerts_exist_with_severity_and_summary() -> None:
+    by_name = {r["alert"]: r for r in alert_rules()}
+    assert set(by_name) == set(ALERTS)
+    for name, metric in ALERTS.items():
+        rule = by_name[name]
+        assert metric in rule["expr"], name
+        assert rule["labels"]["severity"] in ("warning", "critical"), name
+        assert rule["annotations"]["summary"], name
+        assert re.fullmatch(r"\d+m", rule["for"]), name
+
+
+def test_dashboard_loads_and_matches_the_schema() -> None:
+    doc = dashboard()
+    jsonschema.validate(doc, DASHBOARD_SCHEMA)
+    ids = [p["id"] for p in doc["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    variables = {v["name"] for v in doc["templating"]["list"]}
+    for panel in query_panels():
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
+        for target in panel["targets"]:
+            uid = target["datasource"]["uid"]
+            assert uid.startswith("${") and uid[2:-1] in variables, panel["title"]
+    # No two panels overlap on Grafana's 24-column grid.
+    cells: dict[tuple[int, int], str] = {}
+    for panel in doc["panels"]:
+        pos = panel["gridPos"]
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = panel["title"]
+
+
+def test_dashboard_schema_check_catches_mistakes() -> None:
+    broken = json.loads(json.dumps(dashboard()))
+    del broken["panels"][1]["targets"][0]["expr"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, DASHBOARD_SCHEMA)
+
+
+def test_dashboard_shows_what_the_issue_asks_for() -> None:
+    named = set().union(*(metric_names(e) for e in dashboard_exprs()))
+    assert named >= DASHBOARD_METRICS, DASHBOARD_METRICS - named
+
+
+def test_dashboard_promql_parses(tmp_path: Path) -> None:
+    """Each panel query, with Grafana's $__rate_interval filled in, as a recording rule."""
+    exprs = [e.replace("$__rate_interval", "1m") for e in dashboard_exprs()]
+    doc = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [{"record": f"jobwire:panel_{i}", "expr": e} for i, e in enumerate(exprs)],
+            }
+        ]
+    }
+    path = tmp_path / "dashboard-queries.yaml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    result = check_rules(promtool(), path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def exported_metrics() -> set[str]:
+    """Names as Prometheus sees them: counters get _total, histograms _bucket/_sum/_count."""
+    source = "\n".join(
+        p.read_text(encoding="utf-8")
+        for top in ("service", "http_bridge")
+        for p in (ROOT / top).rglob("*.py")
+    )
+    names: set[str] = set()
+    for kind, name in re.findall(r"\b(Counter|Gauge|Histogram)\(\s*\"(jobwire_\w+)\"", source):
+        if kind == "Counter":
+            names.add(f"{name}_total")
+        elif kind == "Histogram":
+            names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+        else:
+            names.add(name)
+    return names
+
+
+def test_every_metric_named_is_exported_by_the_code() -> None:
+    exported = exported_metrics()
+    assert "jobwire_commit_batch_size_bucket" in exported  # the scan itself works
+    named = set().union(*(metric_names(e) for e in dashboard_exprs()))
+    named |= set().union(*(metric_names(r["expr"]) for r in alert_rules()))
+    assert named <= exported, f"not exported by service/ or http_bridge/: {named - exported}"
