@@ -8,7 +8,7 @@ GEN    := proto
 # protoc finds its mypy plugins (protoc-gen-mypy*) in the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install proto proto-check run serve bridge test lint fmt bench ferretdb clean
+.PHONY: install proto proto-check run serve bridge test lint fmt bench ferretdb promtool clean
 
 install: $(STAMP)
 
@@ -47,8 +47,14 @@ bridge: $(STAMP)
 ferretdb:
 	@bash scripts/install-ferretdb.sh
 
-test: $(STAMP) ferretdb
-	JOBWIRE_FERRETDB_BIN=$$(bash scripts/install-ferretdb.sh --path) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+# promtool (Prometheus) for `promtool check rules` on deploy/observability, built once.
+promtool:
+	@bash scripts/install-promtool.sh
+
+test: $(STAMP) ferretdb promtool
+	JOBWIRE_FERRETDB_BIN=$$(bash scripts/install-ferretdb.sh --path) \
+	JOBWIRE_PROMTOOL_BIN=$$(bash scripts/install-promtool.sh --path) \
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
