@@ -1,0 +1,113 @@
+"""Artifacts moved in chunks: an upload from a path, bytes or an async iterator, and
+`ArtifactStream`, a download iterated chunk by chunk or saved to a path.
+
+Neither holds more than a chunk or two in memory, whatever the artifact's size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+
+from jobwire.v1 import artifact_pb2, job_service_pb2
+
+from .errors import JobwireError, translate
+from .retry import RETRYABLE, RetryPolicy
+
+CHUNK = 1024 * 1024  # 1 MiB per message, as the API recommends
+
+Source = str | os.PathLike[str] | bytes | AsyncIterable[bytes]
+
+
+def replayable(source: Source) -> bool:
+    """Whether an upload of `source` can be started again (a path or bytes can)."""
+    return isinstance(source, str | os.PathLike | bytes)
+
+
+async def upload_messages(
+    header: job_service_pb2.ArtifactHeader, source: Source, chunk: int = CHUNK
+) -> AsyncIterator[job_service_pb2.UploadArtifactRequest]:
+    yield job_service_pb2.UploadArtifactRequest(header=header)
+    if isinstance(source, bytes):
+        view = memoryview(source)
+        for start in range(0, len(view), chunk):
+            yield job_service_pb2.UploadArtifactRequest(data=bytes(view[start : start + chunk]))
+    elif isinstance(source, str | os.PathLike):
+        with open(source, "rb") as f:  # noqa: ASYNC230 - reads go to a thread below
+            while data := await asyncio.to_thread(f.read, chunk):
+                yield job_service_pb2.UploadArtifactRequest(data=data)
+    else:
+        async for data in source:
+            for start in range(0, len(data), chunk):  # keep every message under the limit
+                yield job_service_pb2.UploadArtifactRequest(data=data[start : start + chunk])
+
+
+class ArtifactStream:
+    """One artifact's content: `async for chunk in stream`, or `await stream.save(path)`.
+
+    `artifact` (its metadata) is set once the first message has arrived. Iterating
+    retries UNAVAILABLE only before the first chunk (a read cannot resume mid-way);
+    `save` starts the file over instead, so it retries at any point.
+    """
+
+    def __init__(
+        self,
+        open_call: Callable[[], Any],
+        policy: RetryPolicy,
+    ) -> None:
+        self.artifact: artifact_pb2.Artifact | None = None
+        self._open_call = open_call
+        self._policy = policy
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        attempt = 0
+        while True:
+            call = self._open_call()
+            started = False
+            try:
+                async for reply in call:
+                    if reply.HasField("artifact"):
+                        self.artifact = reply.artifact
+                        continue
+                    started = True
+                    yield reply.data
+                return
+            except grpc.aio.AioRpcError as err:
+                attempt += 1
+                if started or err.code() not in RETRYABLE or attempt >= self._policy.attempts:
+                    raise translate(err) from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(self._policy.backoff.delay(attempt - 1))
+
+    async def save(self, path: str | os.PathLike[str]) -> artifact_pb2.Artifact:
+        """Writes the content to `path` (replacing it); returns the artifact's metadata."""
+        target = Path(path)
+        partial = target.with_name(target.name + ".partial")
+        attempt = 0
+        while True:
+            try:
+                with open(partial, "wb") as f:  # noqa: ASYNC230 - writes go to a thread
+                    await self._write_all(f)
+                break
+            except JobwireError as err:
+                attempt += 1
+                if err.code not in RETRYABLE or attempt >= self._policy.attempts:
+                    partial.unlink(missing_ok=True)
+                    raise
+            await asyncio.sleep(self._policy.backoff.delay(attempt - 1))
+        partial.replace(target)
+        assert self.artifact is not None
+        return self.artifact
+
+    async def _write_all(self, f: IO[bytes]) -> None:
+        async for data in self:
+            await asyncio.to_thread(f.write, data)

@@ -1,0 +1,165 @@
+"""The channel to the service: TLS, the bearer token and a request id on every call.
+
+Shared by the client library, the CLI and the HTTP bridge, so the three speak to the
+service the same way. The environment form (`TLS.from_env`, `token_from_env`) reads
+the variables the CLI and the bridge document: JOBWIRE_SERVICE_TLS_CA (trust this CA;
+"system" for the system roots), JOBWIRE_SERVICE_TLS_CERT / _KEY (client certificate
+for mTLS), JOBWIRE_SERVICE_TLS_SERVER_NAME (expected name in the server certificate
+when the target address differs) and JOBWIRE_GRPC_TOKEN (`authorization: Bearer`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from .errors import ClientConfigError
+
+# Artifacts move in 1 MiB chunks; 8 MiB leaves room for any header or batch.
+MAX_MESSAGE = 8 * 1024 * 1024
+DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.keepalive_time_ms", 30_000),
+    # Reconnect quickly after the service restarts.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+)
+
+PemSource = str | os.PathLike[str] | bytes
+
+
+@dataclass(frozen=True)
+class TLS:
+    """TLS to the service. Each PEM is a path or the PEM bytes themselves.
+
+    `ca=None` trusts the system roots; `cert` + `key` present a client certificate
+    (mTLS); `server_name` is the name expected in the server's certificate when it
+    differs from the target's host.
+    """
+
+    ca: PemSource | None = None
+    cert: PemSource | None = None
+    key: PemSource | None = field(default=None, repr=False)
+    server_name: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ClientConfigError("TLS needs both cert and key for a client certificate")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> TLS | None:
+        """The JOBWIRE_SERVICE_TLS_* settings, or None when they ask for plaintext."""
+        env = os.environ if env is None else env
+        ca = env.get("JOBWIRE_SERVICE_TLS_CA", "")
+        cert = env.get("JOBWIRE_SERVICE_TLS_CERT", "")
+        key = env.get("JOBWIRE_SERVICE_TLS_KEY", "")
+        if not ca and not cert:
+            return None
+        if bool(cert) != bool(key):
+            raise ClientConfigError("set both JOBWIRE_SERVICE_TLS_CERT and JOBWIRE_SERVICE_TLS_KEY")
+        return cls(
+            ca=None if ca in ("", "system") else ca,
+            cert=cert or None,
+            key=key or None,
+            server_name=env.get("JOBWIRE_SERVICE_TLS_SERVER_NAME", ""),
+        )
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=_pem(self.ca, "ca"),
+            private_key=_pem(self.key, "key"),
+            certificate_chain=_pem(self.cert, "cert"),
+        )
+
+    def options(self) -> list[tuple[str, Any]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def token_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    env = os.environ if env is None else env
+    return env.get("JOBWIRE_GRPC_TOKEN", "") or None
+
+
+def open_channel(
+    target: str,
+    *,
+    tls: TLS | None = None,
+    token: str | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+    request_id: Callable[[], str] | None = None,
+) -> grpc.aio.Channel:
+    """A grpc.aio channel: TLS when given, the token and `request_id()` on every call."""
+    opts = [*DEFAULT_OPTIONS, *options, *(tls.options() if tls else [])]
+    auth = ("authorization", f"Bearer {token}") if token else None
+    interceptors = metadata_interceptors(auth, request_id)
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
+    return grpc.aio.secure_channel(
+        target, tls.credentials(), options=opts, interceptors=interceptors
+    )
+
+
+def open_sync_channel(target: str, *, tls: TLS | None = None) -> grpc.Channel:
+    """A blocking channel for health checks (exempt from the token)."""
+    if tls is None:
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, tls.credentials(), options=tls.options())
+
+
+def _pem(source: PemSource | None, what: str) -> bytes | None:
+    if source is None or isinstance(source, bytes):
+        return source
+    try:
+        return Path(source).read_bytes()
+    except OSError as exc:
+        raise ClientConfigError(
+            f"cannot read the TLS {what} {str(source)!r}: {exc.strerror}"
+        ) from None
+
+
+def metadata_interceptors(
+    token: tuple[str, str] | None, request_id: Callable[[], str] | None = None
+) -> list[grpc.aio.ClientInterceptor]:
+    """Adds the token and the current request id (when any) to every call's metadata."""
+
+    def add(details: Any) -> Any:
+        extra: list[tuple[str, str]] = [token] if token else []
+        rid = request_id() if request_id is not None else ""
+        if rid:
+            extra.append(("x-request-id", rid))
+        if not extra:
+            return details
+        merged = grpc.aio.Metadata(*(details.metadata or ()), *extra)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, merged, details.credentials, details.wait_for_ready
+        )
+
+    class UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+        async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+            return await continuation(add(details), request)
+
+    class UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+        async def intercept_unary_stream(
+            self, continuation: Any, details: Any, request: Any
+        ) -> Any:
+            return await continuation(add(details), request)
+
+    class StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+        async def intercept_stream_unary(
+            self, continuation: Any, details: Any, request_iterator: Any
+        ) -> Any:
+            return await continuation(add(details), request_iterator)
+
+    class StreamStream(grpc.aio.StreamStreamClientInterceptor):
+        async def intercept_stream_stream(
+            self, continuation: Any, details: Any, request_iterator: Any
+        ) -> Any:
+            return await continuation(add(details), request_iterator)
+
+    return [UnaryUnary(), UnaryStream(), StreamUnary(), StreamStream()]

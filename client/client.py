@@ -1,0 +1,503 @@
+"""`Client`: the asyncio client of the jobwire service.
+
+Every unary call has a default deadline (`timeout`, overridable per call). Calls
+that are safe to repeat (reads, and event reports, whose idempotency key makes a
+repeat an acknowledged duplicate) are retried on UNAVAILABLE with backoff; the
+rest are not. Failures raise `JobwireError` subclasses (see errors.py).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+
+from google.protobuf import duration_pb2, struct_pb2
+
+from jobwire.v1 import (
+    artifact_pb2,
+    job_pb2,
+    job_service_pb2,
+    job_service_pb2_grpc,
+    log_pb2,
+)
+
+from .artifacts import CHUNK, ArtifactStream, Source, replayable, upload_messages
+from .channel import TLS, open_channel, token_from_env
+from .retry import Backoff, RetryPolicy, call_with_retry
+from .watch import JobsWatch, JobWatch
+
+if TYPE_CHECKING:
+    from jobwire.v1.job_service_pb2_grpc import JobServiceAsyncStub
+
+Kind: TypeAlias = "job_pb2.JobKind.ValueType | str"
+State: TypeAlias = "job_pb2.JobState.ValueType | str"
+Level: TypeAlias = "log_pb2.LogLevel.ValueType | str"
+Seconds: TypeAlias = float | timedelta
+
+R = TypeVar("R")
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_RETRY = RetryPolicy()
+WATCH_BACKOFF = Backoff(initial=0.2, maximum=5.0)
+
+
+class Client:
+    """`async with Client("host:50051", token=..., tls=TLS(ca=...)) as client: ...`
+
+    `tls=None` speaks plaintext; `tls=True` trusts the system roots; a `TLS` names
+    the CA, a client certificate for mTLS and the expected server name. `token` is
+    sent as `authorization: Bearer` on every call. `Client.from_env()` reads the
+    same JOBWIRE_* variables as the `jobwire` CLI.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        tls: TLS | bool | None = None,
+        timeout: float = 10.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        watch_backoff: Backoff = WATCH_BACKOFF,
+        options: Sequence[tuple[str, Any]] = (),
+        request_id: Callable[[], str] | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry
+        self.watch_backoff = watch_backoff
+        tls_settings = TLS() if tls is True else (tls or None)
+        self._channel = open_channel(
+            target, tls=tls_settings, token=token, options=options, request_id=request_id
+        )
+        self._stub: JobServiceAsyncStub = job_service_pb2_grpc.JobServiceStub(self._channel)
+
+    @classmethod
+    def from_env(
+        cls, target: str | None = None, env: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> Client:
+        """A client configured like the CLI: JOBWIRE_SERVICE_TARGET, JOBWIRE_SERVICE_TLS_*,
+        JOBWIRE_GRPC_TOKEN."""
+        env = os.environ if env is None else env
+        return cls(
+            target or env.get("JOBWIRE_SERVICE_TARGET", DEFAULT_TARGET),
+            token=token_from_env(env),
+            tls=TLS.from_env(env),
+            **kwargs,
+        )
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    @property
+    def stub(self) -> JobServiceAsyncStub:
+        """The raw generated stub on the same channel, for what the client does not wrap."""
+        return self._stub
+
+    # -- jobs ----------------------------------------------------------------
+
+    async def create_job(
+        self,
+        kind: Kind,
+        *,
+        job_id: str = "",
+        labels: Mapping[str, str] | None = None,
+        video: job_pb2.Video | None = None,
+        progress_deadline: Seconds | None = None,
+        stall_fail_after: Seconds | None = None,
+        timeout: float | None = None,
+    ) -> job_service_pb2.CreateJobResponse:
+        """Creates a QUEUED job; the response carries its one-time callback token.
+
+        Not retried: a lost reply would leave the job created and its token unknown.
+        """
+        job = job_pb2.Job(kind=kind_value(kind), labels=dict(labels or {}), video=video)
+        if progress_deadline is not None:
+            job.progress_deadline.CopyFrom(_duration(progress_deadline))
+        if stall_fail_after is not None:
+            job.stall_fail_after.CopyFrom(_duration(stall_fail_after))
+        request = job_service_pb2.CreateJobRequest(job=job, job_id=job_id)
+        return await self._unary(self._stub.CreateJob, request, timeout, retry=False)
+
+    async def get_job(self, job_id: str, *, timeout: float | None = None) -> job_pb2.Job:
+        request = job_service_pb2.GetJobRequest(id=job_id)
+        return await self._unary(self._stub.GetJob, request, timeout)
+
+    async def list_jobs(
+        self,
+        *,
+        states: Iterable[State] = (),
+        kind: Kind = job_pb2.JOB_KIND_UNSPECIFIED,
+        labels: Mapping[str, str] | None = None,
+        page_size: int = 100,
+        timeout: float | None = None,
+    ) -> AsyncIterator[job_pb2.Job]:
+        """Every matching job, oldest first, fetching page after page as it is iterated."""
+        token = ""
+        while True:
+            page = await self.list_jobs_page(
+                states=states,
+                kind=kind,
+                labels=labels,
+                page_size=page_size,
+                page_token=token,
+                timeout=timeout,
+            )
+            for job in page.jobs:
+                yield job
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def list_jobs_page(
+        self,
+        *,
+        states: Iterable[State] = (),
+        kind: Kind = job_pb2.JOB_KIND_UNSPECIFIED,
+        labels: Mapping[str, str] | None = None,
+        page_size: int = 50,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> job_service_pb2.ListJobsResponse:
+        """One page of ListJobs (`list_jobs` iterates them all)."""
+        request = job_service_pb2.ListJobsRequest(
+            page_size=page_size,
+            page_token=page_token,
+            states=[state_value(s) for s in states],
+            kind=kind_value(kind),
+            labels=dict(labels or {}),
+        )
+        return await self._unary(self._stub.ListJobs, request, timeout)
+
+    async def cancel_job(
+        self, job_id: str, reason: str = "", *, timeout: float | None = None
+    ) -> job_pb2.Job:
+        """Cancels a job that has not ended. Not retried (a repeat of an applied cancel
+        would report FAILED_PRECONDITION)."""
+        request = job_service_pb2.CancelJobRequest(id=job_id, reason=reason)
+        return await self._unary(self._stub.CancelJob, request, timeout, retry=False)
+
+    async def claim_job(
+        self,
+        kind: Kind,
+        *,
+        worker_id: str = "",
+        lease: Seconds | None = None,
+        timeout: float | None = None,
+    ) -> job_pb2.Job | None:
+        """The oldest QUEUED job of `kind`, now RUNNING and leased to you; None when
+        nothing is queued. Not retried (a repeat could claim a second job)."""
+        request = job_service_pb2.ClaimJobRequest(kind=kind_value(kind), worker_id=worker_id)
+        if lease is not None:
+            request.lease_duration.CopyFrom(_duration(lease))
+        reply = await self._unary(self._stub.ClaimJob, request, timeout, retry=False)
+        return reply.job if reply.HasField("job") else None
+
+    # -- events --------------------------------------------------------------
+
+    async def report_progress(
+        self,
+        job_id: str,
+        percent: float = 0.0,
+        *,
+        phase: str = "",
+        message: str = "",
+        media_time: Seconds | None = None,
+        media_duration: Seconds | None = None,
+        idempotency_key: str | None = None,
+        callback_token: str = "",
+        event_time: datetime | None = None,
+        timeout: float | None = None,
+    ) -> job_service_pb2.ReportEventResponse:
+        """Reports progress. A key is generated when not given and kept across the
+        client's retries, so a retried report is applied once."""
+        progress = job_pb2.Progress(percent=percent, phase=phase, message=message)
+        if media_time is not None:
+            progress.media_time.CopyFrom(_duration(media_time))
+        if media_duration is not None:
+            progress.media_duration.CopyFrom(_duration(media_duration))
+        request = self._event(job_id, idempotency_key, callback_token, event_time)
+        request.progress.CopyFrom(progress)
+        return await self.report_event(request, timeout=timeout)
+
+    async def complete(
+        self,
+        job_id: str,
+        result: job_pb2.Result | None = None,
+        *,
+        message: str = "",
+        output_key: str = "",
+        output_uri: str = "",
+        metadata: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        callback_token: str = "",
+        event_time: datetime | None = None,
+        timeout: float | None = None,
+    ) -> job_service_pb2.ReportEventResponse:
+        """Reports success (SUCCEEDED), with `result` or the fields given here."""
+        request = self._event(job_id, idempotency_key, callback_token, event_time)
+        if result is not None:
+            request.completed.CopyFrom(result)
+        else:
+            request.completed.SetInParent()
+        if message:
+            request.completed.message = message
+        if output_key:
+            request.completed.output_key = output_key
+        if output_uri:
+            request.completed.output_uri = output_uri
+        if metadata:
+            request.completed.metadata.update(dict(metadata))
+        return await self.report_event(request, timeout=timeout)
+
+    async def fail(
+        self,
+        job_id: str,
+        code: str,
+        message: str = "",
+        *,
+        details: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        callback_token: str = "",
+        event_time: datetime | None = None,
+        timeout: float | None = None,
+    ) -> job_service_pb2.ReportEventResponse:
+        """Reports failure (FAILED) with a machine-readable `code`."""
+        request = self._event(job_id, idempotency_key, callback_token, event_time)
+        request.failed.code = code
+        request.failed.message = message
+        if details:
+            details_struct = struct_pb2.Struct()
+            details_struct.update(dict(details))
+            request.failed.details.CopyFrom(details_struct)
+        else:
+            request.failed.SetInParent()
+        return await self.report_event(request, timeout=timeout)
+
+    async def report_event(
+        self, request: job_service_pb2.ReportEventRequest, *, timeout: float | None = None
+    ) -> job_service_pb2.ReportEventResponse:
+        """Sends a ReportEventRequest as built; retried (it needs an idempotency key)."""
+        if not request.idempotency_key:
+            request.idempotency_key = new_idempotency_key()
+        return await self._unary(self._stub.ReportEvent, request, timeout)
+
+    def _event(
+        self, job_id: str, key: str | None, token: str, when: datetime | None
+    ) -> job_service_pb2.ReportEventRequest:
+        request = job_service_pb2.ReportEventRequest(
+            job_id=job_id, idempotency_key=key or new_idempotency_key(), callback_token=token
+        )
+        if when is not None:
+            request.event_time.FromDatetime(when)
+        return request
+
+    async def list_job_events(
+        self, job_id: str, from_sequence: int = 0, *, timeout: float | None = None
+    ) -> job_service_pb2.ListJobEventsResponse:
+        """The job's retained events after `from_sequence` (and a `gap` when older ones
+        are gone)."""
+        request = job_service_pb2.ListJobEventsRequest(job_id=job_id, from_sequence=from_sequence)
+        return await self._unary(self._stub.ListJobEvents, request, timeout)
+
+    # -- logs ----------------------------------------------------------------
+
+    async def write_log(
+        self,
+        message: str,
+        *,
+        level: Level = log_pb2.LOG_LEVEL_INFO,
+        job_id: str = "",
+        time: datetime | None = None,
+        callback_token: str = "",
+        timeout: float | None = None,
+    ) -> job_service_pb2.WriteLogResponse:
+        """Stores a log line (an ERROR line fails a running job). Not retried: a repeat
+        would store the line twice."""
+        entry = log_pb2.LogEntry(job_id=job_id, level=level_value(level), message=message)
+        if time is not None:
+            entry.time.FromDatetime(time)
+        request = job_service_pb2.WriteLogRequest(entry=entry, callback_token=callback_token)
+        return await self._unary(self._stub.WriteLog, request, timeout, retry=False)
+
+    async def list_logs(
+        self,
+        *,
+        job_id: str = "",
+        level: Level = log_pb2.LOG_LEVEL_UNSPECIFIED,
+        limit: int = 50,
+        callback_token: str = "",
+        timeout: float | None = None,
+    ) -> list[log_pb2.LogEntry]:
+        """Log lines, newest first."""
+        request = job_service_pb2.ListLogsRequest(
+            job_id=job_id, level=level_value(level), limit=limit, callback_token=callback_token
+        )
+        reply = await self._unary(self._stub.ListLogs, request, timeout)
+        return list(reply.entries)
+
+    # -- artifacts -----------------------------------------------------------
+
+    async def upload_artifact(
+        self,
+        job_id: str,
+        name: str,
+        source: Source,
+        *,
+        content_type: str = "application/octet-stream",
+        callback_token: str = "",
+        chunk_size: int = CHUNK,
+        timeout: float | None = 300.0,
+    ) -> artifact_pb2.Artifact:
+        """Stores `source` (a path, bytes or an async iterator of chunks) as the job's
+        artifact `name`, replacing one of that name. Retried when the source can be
+        read again (a path or bytes), since a repeat replaces the same artifact."""
+        header = job_service_pb2.ArtifactHeader(
+            job_id=job_id, name=name, content_type=content_type, callback_token=callback_token
+        )
+
+        async def attempt() -> artifact_pb2.Artifact:
+            messages = upload_messages(header, source, chunk_size)
+            result: artifact_pb2.Artifact = await self._stub.UploadArtifact(
+                messages,
+                timeout=timeout,
+            )
+            return result
+
+        return await call_with_retry(attempt, self.retry if replayable(source) else None)
+
+    def read_artifact(
+        self,
+        job_id: str,
+        name: str,
+        *,
+        callback_token: str = "",
+        timeout: float | None = 300.0,
+    ) -> ArtifactStream:
+        """`async for chunk in client.read_artifact(...)` or
+        `await client.read_artifact(...).save(path)`."""
+        request = job_service_pb2.ReadArtifactRequest(
+            job_id=job_id, name=name, callback_token=callback_token
+        )
+        return ArtifactStream(lambda: self._stub.ReadArtifact(request, timeout=timeout), self.retry)
+
+    async def list_artifacts(
+        self, job_id: str, *, callback_token: str = "", timeout: float | None = None
+    ) -> list[artifact_pb2.Artifact]:
+        request = job_service_pb2.ListArtifactsRequest(job_id=job_id, callback_token=callback_token)
+        reply = await self._unary(self._stub.ListArtifacts, request, timeout)
+        return list(reply.artifacts)
+
+    # -- watching ------------------------------------------------------------
+
+    def watch_job(
+        self,
+        job_id: str,
+        from_sequence: int = 0,
+        *,
+        every_event: bool = True,
+        give_up_after: float | None = None,
+    ) -> JobWatch:
+        """The job's snapshot, then its events in order; ends after the terminal event.
+
+        Survives restarts and dropped connections (see watch.py for gaps and coalesced
+        progress). `give_up_after`: raise Unavailable after this many seconds without
+        reaching the service (default: keep trying).
+        """
+        return JobWatch(
+            self._stub,
+            self.list_job_events,
+            job_id,
+            from_sequence,
+            every_event=every_event,
+            backoff=self.watch_backoff,
+            give_up_after=give_up_after,
+        )
+
+    def watch_jobs(
+        self,
+        *,
+        kind: Kind = job_pb2.JOB_KIND_UNSPECIFIED,
+        states: Iterable[State] = (),
+        after: str = "",
+        give_up_after: float | None = None,
+    ) -> JobsWatch:
+        """Events of every job of `kind` whose state after the event is one of `states`
+        (any when not given). Never ends on its own; `after` resumes from a `.position`."""
+        return JobsWatch(
+            self._stub,
+            kind_value(kind),
+            [state_value(s) for s in states],
+            after,
+            backoff=self.watch_backoff,
+            give_up_after=give_up_after,
+        )
+
+    # -- plumbing ------------------------------------------------------------
+
+    async def _unary(
+        self,
+        method: Callable[..., Awaitable[R]],
+        request: Any,
+        timeout: float | None,
+        *,
+        retry: bool = True,
+    ) -> R:
+        deadline = self.timeout if timeout is None else timeout
+
+        async def attempt() -> R:
+            return await method(request, timeout=deadline)
+
+        return await call_with_retry(attempt, self.retry if retry else None)
+
+
+def new_idempotency_key() -> str:
+    return uuid.uuid4().hex
+
+
+def kind_value(kind: Kind) -> job_pb2.JobKind.ValueType:
+    """A JobKind from its value or its name ("VIDEO" or "JOB_KIND_VIDEO")."""
+    if isinstance(kind, str):
+        return job_pb2.JobKind.Value(_full(kind, "JOB_KIND_"))
+    return kind
+
+
+def state_value(state: State) -> job_pb2.JobState.ValueType:
+    if isinstance(state, str):
+        return job_pb2.JobState.Value(_full(state, "JOB_STATE_"))
+    return state
+
+
+def level_value(level: Level) -> log_pb2.LogLevel.ValueType:
+    if isinstance(level, str):
+        return log_pb2.LogLevel.Value(_full(level, "LOG_LEVEL_"))
+    return level
+
+
+def _full(name: str, prefix: str) -> str:
+    upper = name.upper()
+    return upper if upper.startswith(prefix) else prefix + upper
+
+
+def _duration(value: Seconds) -> duration_pb2.Duration:
+    out = duration_pb2.Duration()
+    if isinstance(value, timedelta):
+        out.FromTimedelta(value)
+    else:
+        out.FromNanoseconds(round(value * 1e9))
+    return out

@@ -1,0 +1,59 @@
+"""Backoff with jitter, and the retry of calls that are safe to repeat.
+
+Only UNAVAILABLE is retried, and only for calls that are idempotent: reads, and
+event reports (their idempotency key makes a repeat an acknowledged duplicate).
+A call that may have been applied before the connection dropped (create, claim,
+cancel, a log line) is never repeated by the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from .errors import translate
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter: attempt n sleeps U(c/2, c), c = min(maximum, initial·2ⁿ)."""
+
+    initial: float = 0.1
+    maximum: float = 5.0
+    multiplier: float = 2.0
+
+    def delay(self, attempt: int) -> float:
+        ceiling = min(self.maximum, self.initial * self.multiplier**attempt)
+        return random.uniform(ceiling / 2, ceiling)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often an idempotent call is tried when the service is UNAVAILABLE."""
+
+    attempts: int = 5
+    backoff: Backoff = Backoff()
+
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+
+async def call_with_retry(call: Callable[[], Awaitable[T]], policy: RetryPolicy | None) -> T:
+    """Runs `call`; repeats it on UNAVAILABLE when a policy is given. Raises JobwireError."""
+    attempts = policy.attempts if policy is not None else 1
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as err:
+            if policy is None or err.code() not in RETRYABLE or attempt + 1 >= attempts:
+                raise translate(err) from None
+        assert policy is not None
+        await asyncio.sleep(policy.backoff.delay(attempt))
+    raise AssertionError("unreachable")

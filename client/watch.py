@@ -1,0 +1,255 @@
+"""Resumable watching: one job (`JobWatch`) and the firehose of all jobs (`JobsWatch`).
+
+Both reconnect when the stream drops (service restart, lost connection, or ABORTED
+because the watcher fell behind) with exponential backoff and jitter, and resume
+where they stopped, so the caller sees every event once, in order:
+
+- `JobWatch` yields the job's snapshot (a `Job`) first, then each `JobEvent` in
+  sequence order, and ends after the terminal event. It resumes from the last
+  sequence it yielded and drops anything at or below it. A jump in the sequence
+  numbers is never passed over silently: the missing events are fetched from the
+  job's retained history (ListJobEvents); a coalesced progress event is filled in the
+  same way unless `every_event=False` (then it is yielded as is and its
+  `coalesced_from_sequence` says which sequences it stands for). When history is no
+  longer retained, a `StreamGap` is yielded in its place (after a fresh `Job`
+  snapshot when the gap was found on reconnecting), never a silent skip.
+- `JobsWatch` yields the `JobEvent`s of every matching job, resuming after the last
+  `position` the service gave (`.position`, also for resuming in a later process).
+  A `StreamGap` says that events were lost: the resume point was older than the
+  service's window, or the service gives no positions (then the events sent while
+  disconnected cannot be replayed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
+
+from .errors import JobwireError, Unavailable, translate
+from .retry import Backoff
+
+if TYPE_CHECKING:
+    from jobwire.v1.job_service_pb2_grpc import JobServiceAsyncStub
+
+TERMINAL = frozenset(
+    {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
+)
+# A stream that ends with one of these is resumed; any other code is the caller's error.
+RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+_DEDUPE = 65_536  # (job id, sequence) pairs a JobsWatch remembers to drop repeats
+
+WatchItem = job_pb2.Job | event_pb2.JobEvent | event_pb2.StreamGap
+ListEvents = Callable[[str, int], Awaitable[job_service_pb2.ListJobEventsResponse]]
+
+
+class _Reconnector:
+    """Backoff between attempts; gives up after `give_up_after` seconds without a message."""
+
+    def __init__(self, backoff: Backoff, give_up_after: float | None) -> None:
+        self._backoff = backoff
+        self._give_up_after = give_up_after
+        self._failures = 0
+        self._since: float | None = None
+
+    def healthy(self) -> None:
+        self._failures = 0
+        self._since = None
+
+    async def wait(self, cause: JobwireError) -> None:
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        elif self._give_up_after is not None and now - self._since > self._give_up_after:
+            raise cause
+        await asyncio.sleep(self._backoff.delay(self._failures))
+        self._failures += 1
+
+
+class JobWatch:
+    """`async for item in client.watch_job(job_id)`: see the module docstring."""
+
+    def __init__(
+        self,
+        stub: JobServiceAsyncStub,
+        list_events: ListEvents,
+        job_id: str,
+        from_sequence: int,
+        *,
+        every_event: bool,
+        backoff: Backoff,
+        give_up_after: float | None,
+    ) -> None:
+        self.job_id = job_id
+        self.last_sequence = from_sequence  # the last sequence yielded (or skipped by a gap)
+        self._stub = stub
+        self._list_events = list_events
+        self._every_event = every_event
+        self._reconnect = _Reconnector(backoff, give_up_after)
+
+    def __aiter__(self) -> AsyncIterator[WatchItem]:
+        return self._run()
+
+    async def _run(self) -> AsyncIterator[WatchItem]:
+        first = True
+        while True:
+            request = job_service_pb2.WatchJobRequest(
+                id=self.job_id, from_sequence=self.last_sequence
+            )
+            call: Any = self._stub.WatchJob(request)
+            snapshot: job_pb2.Job | None = None
+            cause: JobwireError = Unavailable(grpc.StatusCode.UNAVAILABLE, "watch stream ended")
+            try:
+                async for item in call:
+                    self._reconnect.healthy()
+                    which = item.WhichOneof("item")
+                    if which == "snapshot":
+                        snapshot = item.snapshot
+                        if first:
+                            first = False
+                            yield snapshot
+                            snapshot = None  # already given to the caller
+                        job = item.snapshot
+                        if job.state in TERMINAL and job.sequence <= self.last_sequence:
+                            return
+                    elif which == "gap":
+                        if snapshot is not None:  # the view is rebuilt from a fresh snapshot
+                            yield snapshot
+                            snapshot = None
+                        yield item.gap
+                        self.last_sequence = max(
+                            self.last_sequence, item.gap.oldest_available_sequence - 1
+                        )
+                    elif which == "event":
+                        async for out in self._accept(item.event):
+                            yield out
+                        if (
+                            item.event.state in TERMINAL
+                            and self.last_sequence >= item.event.sequence
+                        ):
+                            return
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in RESUMABLE:
+                    raise translate(err) from None
+                cause = translate(err)
+            except Unavailable as err:  # filling a jump failed: resume by reconnecting
+                cause = err
+            finally:
+                call.cancel()
+            await self._reconnect.wait(cause)
+
+    async def _accept(self, event: event_pb2.JobEvent) -> AsyncIterator[WatchItem]:
+        """`event` after the ones missing before it; nothing when already seen."""
+        expected = self.last_sequence + 1
+        if event.sequence < expected:
+            return  # a duplicate (replayed after a reconnect)
+        if event.sequence > expected:
+            coalesced = 0 < event.coalesced_from_sequence <= expected
+            if coalesced and not self._every_event:
+                if event.coalesced_from_sequence != expected:
+                    event = _copy(event)
+                    event.coalesced_from_sequence = expected  # only the part not yet seen
+            else:
+                async for missing in self._fill(event.sequence):
+                    yield missing
+                if event.coalesced_from_sequence:
+                    event = _copy(event)
+                    event.coalesced_from_sequence = 0  # its range was given event by event
+        yield event
+        self.last_sequence = event.sequence
+
+    async def _fill(self, before: int) -> AsyncIterator[WatchItem]:
+        """The retained events between the last one yielded and `before`."""
+        reply = await self._list_events(self.job_id, self.last_sequence)
+        wanted = [e for e in reply.events if self.last_sequence < e.sequence < before]
+        oldest = wanted[0].sequence if wanted else before
+        if reply.HasField("gap") or oldest > self.last_sequence + 1:
+            yield event_pb2.StreamGap(
+                job_id=self.job_id,
+                requested_sequence=self.last_sequence,
+                oldest_available_sequence=oldest,
+            )
+            self.last_sequence = oldest - 1
+        for event in wanted:
+            if event.sequence == self.last_sequence + 1:
+                yield event
+                self.last_sequence = event.sequence
+
+
+class JobsWatch:
+    """`async for item in client.watch_jobs(...)`: see the module docstring."""
+
+    def __init__(
+        self,
+        stub: JobServiceAsyncStub,
+        kind: int,
+        states: Sequence[int],
+        after: str,
+        *,
+        backoff: Backoff,
+        give_up_after: float | None,
+    ) -> None:
+        self.position = after  # the last position the service gave; "" before the first
+        self._stub = stub
+        self._kind = kind
+        self._states = list(states)
+        self._reconnect = _Reconnector(backoff, give_up_after)
+        self._delivered: OrderedDict[tuple[str, int], None] = OrderedDict()
+
+    def __aiter__(self) -> AsyncIterator[event_pb2.JobEvent | event_pb2.StreamGap]:
+        return self._run()
+
+    async def _run(self) -> AsyncIterator[event_pb2.JobEvent | event_pb2.StreamGap]:
+        connected_before = False
+        while True:
+            request = job_service_pb2.WatchJobsRequest(
+                kind=self._kind,  # type: ignore[arg-type]
+                states=self._states,  # type: ignore[arg-type]
+                after=self.position,
+            )
+            call: Any = self._stub.WatchJobs(request)
+            cause: JobwireError = Unavailable(grpc.StatusCode.UNAVAILABLE, "watch stream ended")
+            blind = connected_before and not self.position
+            try:
+                async for reply in call:
+                    self._reconnect.healthy()
+                    if blind:
+                        # The service gave no position to resume from: what it sent while
+                        # we were away is lost, and the caller must know.
+                        yield event_pb2.StreamGap()
+                        blind = False
+                    connected_before = True
+                    if reply.HasField("gap"):
+                        yield reply.gap
+                    if reply.position:
+                        self.position = reply.position
+                    if not reply.HasField("event"):
+                        continue
+                    event = reply.event
+                    key = (event.job_id, event.sequence)
+                    if key in self._delivered:
+                        continue
+                    self._delivered[key] = None
+                    if len(self._delivered) > _DEDUPE:
+                        self._delivered.popitem(last=False)
+                    yield event
+                connected_before = True
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in RESUMABLE:
+                    raise translate(err) from None
+                cause = translate(err)
+            finally:
+                call.cancel()
+            await self._reconnect.wait(cause)
+
+
+def _copy(event: event_pb2.JobEvent) -> event_pb2.JobEvent:
+    out = event_pb2.JobEvent()
+    out.CopyFrom(event)
+    return out
