@@ -28,13 +28,16 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
+
+if TYPE_CHECKING:
+    from bench.peer_bullmq import BullmqPeer
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -54,11 +57,21 @@ KEYS = (
     "double_claims",
     "service_rss_mib_1000_watchers",
     "bridge_peak_rss_mib_100mib_final",
+    "e2e_over_bullmq",
+    "cpu_us_per_callback",
+    "bare_cpu_us_per_request",
+)
+PEER_KEYS = (
+    "bullmq_callbacks_per_s",
+    "node_bare_per_s",
+    "bullmq_fanout_p50_ms",
+    "bullmq_fanout_p99_ms",
 )
 GOALS: dict[str, dict[str, tuple[str, float]]] = {
     "embedded": {
         "e2e_callbacks_per_s": (">=", 4000),
         "e2e_over_bare": (">=", 0.7),
+        "e2e_over_bullmq": (">=", 0.5),
     },
     "mongo": {
         "e2e_callbacks_per_s": (">=", 2000),
@@ -243,6 +256,10 @@ class Bench:
         self.procs: list[Proc] = []
         self.details: dict[str, Any] = {}
         self.partial: dict[str, dict[str, Any]] = {}
+        # The BullMQ peer (bench/peer_bullmq.py), measured in the embedded store's
+        # throughput and fan-out phases, alternating with jobwire.
+        self.peer: BullmqPeer | None = None
+        self.peer_figures: dict[str, Any] = {}
 
     def opt(self, store: str, name: str) -> Any:
         """A parameter of the run; `--mongo-<name>` overrides it for the mongo store."""
@@ -338,13 +355,15 @@ class Bench:
         t0 = time.monotonic()
         res = await run_clients(specs, self.workdir)
         wall = time.monotonic() - t0
-        cpu = {
-            p.name: round((cpu_seconds(p.pid) - c) / wall, 2)
-            for p, c in zip(watch, cpu0, strict=True)
-        }
+        cpu_s = [cpu_seconds(p.pid) - c for p, c in zip(watch, cpu0, strict=True)]
+        cpu = {p.name: round(c / wall, 2) for p, c in zip(watch, cpu_s, strict=True)}
+        ok_total = sum(r.get("ok_total", 0) for r in res)
         return {
             "connections": conns * len(specs),
             "cores_used": cpu,
+            # CPU of the watched processes per 200 answered, over the whole run.
+            "cpu_us_per_ok": round(sum(cpu_s) * 1e6 / ok_total, 1) if ok_total else float("nan"),
+            "ok_total": ok_total,
             "per_s": sum(r["per_s"] for r in res),
             "ok_per_s": sum(r["ok_per_s"] for r in res),
             "errors": sum(r["errors"] for r in res),
@@ -491,6 +510,10 @@ class Bench:
         # alternating, so a noisy neighbour hits both alike; best of each.
         bare_runs: list[dict[str, Any]] = []
         e2e_runs: list[dict[str, Any]] = []
+        peer = self.peer if store == "embedded" else None
+        node_runs: list[dict[str, Any]] = []
+        bullmq_runs: list[dict[str, Any]] = []
+        bare_proc = tuple(p for p in self.procs if p.name == "bare")
         profile_tasks: list[asyncio.Task[None]] = []
         rounds = self.opt(store, "rounds")
         conns = self.opt(store, "connections")
@@ -499,7 +522,7 @@ class Bench:
                 details.setdefault("settle_s", {})[f"throughput{rnd}"] = await self.settle(
                     port, jobs[0], self.opt(store, "settle_limit"), self.opt(store, "quiet")
                 )
-            bare_runs.append(await self.throughput(bare_port, jobs, f"b{rnd}-"))
+            bare_runs.append(await self.throughput(bare_port, jobs, f"b{rnd}-", bare_proc))
             grace = self.opt(store, "grace")
             if self.args.profile and rnd == rounds - 1:
                 profile_tasks = [
@@ -511,8 +534,12 @@ class Bench:
             )
             log(
                 f"{store}: bare {bare_runs[-1]['per_s']:.0f}/s, e2e {e2e_runs[-1]['per_s']:.0f}/s "
-                f"(errors {e2e_runs[-1]['errors']}, cores {e2e_runs[-1]['cores_used']})"
+                f"(errors {e2e_runs[-1]['errors']}, cores {e2e_runs[-1]['cores_used']}, "
+                f"{e2e_runs[-1]['cpu_us_per_ok']} us/callback; bare "
+                f"{bare_runs[-1]['cpu_us_per_ok']} us/request)"
             )
+            if peer is not None:
+                await self.peer_round(peer, rnd, node_runs, bullmq_runs)
         if profile_tasks:
             await asyncio.gather(*profile_tasks)
         bare = max(r["per_s"] for r in bare_runs)
@@ -522,6 +549,41 @@ class Bench:
         figures["e2e_callbacks_per_s"] = round(e2e)
         figures["bare_aiohttp_per_s"] = round(bare)
         figures["e2e_over_bare"] = round(e2e / bare, 3)
+        # CPU per acknowledged callback (bridge + service) and per bare request, in the
+        # round with the best throughput of each.
+        best_e2e = max(e2e_runs, key=lambda r: r["ok_per_s"])
+        figures["cpu_us_per_callback"] = best_e2e["cpu_us_per_ok"]
+        figures["bare_cpu_us_per_request"] = max(bare_runs, key=lambda r: r["per_s"])[
+            "cpu_us_per_ok"
+        ]
+        if bullmq_runs:
+            bullmq = max(r["ok_per_s"] for r in bullmq_runs)
+            details["throughput_runs"].update(node_bare=node_runs, bullmq=bullmq_runs)
+            self.peer_figures["bullmq_callbacks_per_s"] = round(bullmq)
+            self.peer_figures["node_bare_per_s"] = round(max(r["per_s"] for r in node_runs))
+            figures["e2e_over_bullmq"] = round(e2e / bullmq, 3) if bullmq else float("nan")
+
+    async def peer_round(
+        self,
+        peer: BullmqPeer,
+        rnd: int,
+        node_runs: list[dict[str, Any]],
+        bullmq_runs: list[dict[str, Any]],
+    ) -> None:
+        """The peer's bare node:http and node:http + BullMQ, right after jobwire's round."""
+        assert peer.bare is not None and peer.node is not None and peer.redis is not None
+        node_runs.append(
+            await self.throughput(peer.bare_port, peer.bare_jobs, f"nb{rnd}-", (peer.bare,))
+        )
+        bullmq_runs.append(
+            await self.throughput(peer.node_port, peer.jobs, f"q{rnd}-", (peer.node, peer.redis))
+        )
+        log(
+            f"peer: node bare {node_runs[-1]['per_s']:.0f}/s, bullmq "
+            f"{bullmq_runs[-1]['ok_per_s']:.0f}/s (errors {bullmq_runs[-1]['errors']}, "
+            f"cores {bullmq_runs[-1]['cores_used']}, "
+            f"{bullmq_runs[-1]['cpu_us_per_ok']} us/callback)"
+        )
 
     async def latency_phase(
         self,
@@ -578,7 +640,11 @@ class Bench:
         figures: dict[str, Any],
         details: dict[str, Any],
     ) -> None:
-        fan = await self.fanout(stub, port, service, target, store)
+        try:
+            fan = await self.fanout(stub, port, service, target, store)
+        finally:
+            if store == "embedded" and self.peer is not None:
+                await self.peer_fanout(self.peer)
         details["fanout"] = {k: v for k, v in fan.items() if k != "rss"}
         figures["service_rss_mib_1000_watchers"] = round(fan["rss"], 1)
         if not fan["delivered"]:
@@ -589,6 +655,28 @@ class Bench:
         log(
             f"{store}: fanout p50 {fan['p50_ms']:.1f} p99 {fan['p99_ms']:.1f} ms, "
             f"service RSS {fan['rss']:.0f} MiB with 1000 watchers"
+        )
+
+    async def peer_fanout(self, peer: BullmqPeer) -> None:
+        """The same events, rate and listener count through BullMQ's QueueEvents."""
+        try:
+            fan = await peer.fanout(
+                self.args.watchers,
+                self.args.fanout_events,
+                self.args.fanout_rate,
+                self.args.watchers_ready_limit,
+            )
+        except Exception as exc:
+            log(f"peer: bullmq fanout FAILED: {exc!r}"[:1000])
+            self.details.setdefault("peers", {})["bullmq_fanout_error"] = repr(exc)[:1000]
+            return
+        self.details.setdefault("peers", {})["bullmq_fanout"] = fan
+        if fan["delivered"]:
+            self.peer_figures["bullmq_fanout_p50_ms"] = round(fan["p50_ms"], 2)
+            self.peer_figures["bullmq_fanout_p99_ms"] = round(fan["p99_ms"], 2)
+        log(
+            f"peer: bullmq fanout p50 {fan['p50_ms']:.1f} p99 {fan['p99_ms']:.1f} ms "
+            f"({fan['delivered']}/{fan['expected']} delivered)"
         )
 
     async def claims_phase(
@@ -966,6 +1054,11 @@ def table(results: dict[str, Any]) -> str:
                 mark = " ✅" if check(v, *g) else f" ❌ (goal {g[0]} {g[1]:g})"
             cells.append(f"{v:g}{mark}" if isinstance(v, (int, float)) else f"{v}{mark}")
         lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
+    for key, value in results.get("peers", {}).items():
+        lines.append(f"| `peers.{key}` | {value:g} |" + " |" * (len(stores) - 1))
+    skipped = results.get("details", {}).get("peers", {}).get("skipped")
+    if skipped:
+        lines.append(f"\nPeer BullMQ skipped: {skipped}")
     m = results["machine"]
     lines.append("")
     lines.append(
@@ -973,6 +1066,26 @@ def table(results: dict[str, Any]) -> str:
         f"Python {m['python']}, {m['os']}; commit {results.get('commit', '?')}."
     )
     return "\n".join(lines)
+
+
+async def start_peer(bench: Bench, workdir: Path) -> None:
+    """Starts the BullMQ peer, or records why it is skipped (details.peers.skipped)."""
+    from bench.peer_bullmq import BullmqPeer
+
+    peer = BullmqPeer(workdir)
+    details = bench.details.setdefault("peers", {})
+    try:
+        reason = await peer.start()
+    except Exception as exc:
+        reason = f"peer did not start: {exc!r}"[:1000]
+    if reason:
+        peer.stop()
+        details["skipped"] = reason
+        log(f"peer bullmq SKIPPED: {reason}")
+        return
+    details["bullmq"] = {"redis": "appendonly yes, appendfsync always", "jobs": len(peer.jobs)}
+    bench.peer = peer
+    log(f"peer bullmq: redis on {peer.redis_port}, endpoints {peer.node_port}/{peer.bare_port}")
 
 
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
@@ -987,6 +1100,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     try:
         bare_port = await bench.start_bare()
+        if "bullmq" in args.peers:
+            await start_peer(bench, workdir)
         for store in args.stores:
             log(store)
             try:
@@ -1006,11 +1121,15 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                 bench.details.setdefault(store, {})["error"] = repr(exc)[:2000]
                 bench.stop_all_but_bare()
     finally:
+        if bench.peer is not None:
+            bench.peer.stop()
         bench.stop_all()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             log(f"kept {workdir}")
+    if "bullmq" in args.peers:
+        results["peers"] = {k: bench.peer_figures.get(k, float("nan")) for k in PEER_KEYS}
     results["details"] = bench.details
     results["seconds"] = round(time.monotonic() - t0, 1)
     return results
@@ -1072,6 +1191,11 @@ def main() -> None:
         "--phases",
         default="throughput,latency,fanout,claims,final",
         help="stop early for quick runs",
+    )
+    p.add_argument(
+        "--peers",
+        default="bullmq",
+        help="'bullmq' (Node + BullMQ on Redis, alongside embedded) or '' (none)",
     )
     p.add_argument("--profile", action="store_true", help="py-spy the service and bridge")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
