@@ -46,6 +46,8 @@ class Settings:
     event_retention: int = 64
     lease_sweep_seconds: float = 1.0
     watch_buffer: int = 256
+    # Open WatchJob/WatchJobs streams one node admits (README "Watchers").
+    max_watchers: int = 20_000
     shutdown_grace_seconds: float = 10.0
     # Operations (README "Metrics", "Live progress across replicas", "TLS and internal
     # auth"). The same defaults whether built in code or from the environment.
@@ -71,6 +73,7 @@ class Settings:
             event_retention=_int("JOBWIRE_EVENT_RETENTION", cls.event_retention, minimum=8),
             lease_sweep_seconds=_float("JOBWIRE_LEASE_SWEEP_SECONDS", cls.lease_sweep_seconds),
             watch_buffer=_int("JOBWIRE_WATCH_BUFFER", cls.watch_buffer, minimum=4),
+            max_watchers=_int("JOBWIRE_MAX_WATCHERS", cls.max_watchers),
             shutdown_grace_seconds=_float("JOBWIRE_SHUTDOWN_GRACE_SECONDS", 10.0),
             metrics_addr=os.environ.get("JOBWIRE_METRICS_ADDR", cls.metrics_addr),
             metrics_queue_seconds=_float("JOBWIRE_METRICS_QUEUE_SECONDS", 15.0),

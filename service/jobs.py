@@ -38,6 +38,7 @@ from .domain.records import (
 from .fanout import Fanout, Subscription
 from .metrics import EVENTS_APPLIED
 from .store.port import JobQuery, Store
+from .watch_reads import SharedReads
 
 if TYPE_CHECKING:
     from .feed import FeedRelay
@@ -68,6 +69,7 @@ class Jobs:
         self.policy = policy
         self._public_url = public_url
         self._committer = Committer(store, self._published)
+        self._watch_reads = SharedReads(store)  # watchers opened together read once
         # Set by the server when the store carries events between replicas (feed.py);
         # watchers then heal gaps from the job's ring.
         self.relay: FeedRelay | None = None
@@ -292,14 +294,16 @@ class Jobs:
         # the sequence check below drops what both paths deliver.
         sub = self.fanout.subscribe(job_id=job_id)
         try:
-            record = await self.store.get(job_id)
+            record, retained = await self._watch_reads.read(job_id)
             if record is None:
                 raise not_found(job_id)
             yield record.job
             last = from_sequence
             if record.terminal and last >= record.job.sequence:
                 return
-            for event in await self.store.events_after(job_id, last):
+            for event in retained:
+                if event.sequence <= last:
+                    continue
                 yield event
                 last = event.sequence
                 if event.state in TERMINAL_STATES:

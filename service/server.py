@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jobwire.v1 import job_service_pb2
 
+from .admission import WatchAdmission, server_options
 from .config import Settings
 from .fanout import Fanout
 from .jobs import Jobs
@@ -60,8 +61,9 @@ async def start(settings: Settings, store: Store | None = None) -> RunningServic
     await jobs.start()
     ops = await start_operations(settings, store, jobs)
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=ops.interceptors)
-    add_to_server(JobServicer(jobs), server)
+    options = [("grpc.so_reuseport", 0), *server_options(settings.max_watchers)]
+    server = grpc.aio.server(options=options, interceptors=ops.interceptors)
+    add_to_server(JobServicer(jobs, WatchAdmission(settings.max_watchers)), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

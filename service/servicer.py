@@ -10,6 +10,7 @@ import grpc
 
 from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
 
+from .admission import WatchAdmission
 from .domain.errors import Code, DomainError
 from .fanout import SubscriptionClosed
 from .jobs import Jobs
@@ -55,23 +56,48 @@ def streaming(fn: Callable[P, AsyncIterator[R]]) -> Callable[P, AsyncIterator[R]
     return call
 
 
-_WATCH_CACHE: dict[int, tuple[event_pb2.JobEvent, bytes]] = {}
+def admitted(fn: Callable[P, AsyncIterator[R]]) -> Callable[P, AsyncIterator[R]]:
+    """A watch stream counts against the node's limit while it is open; past it, the
+    stream is refused with RESOURCE_EXHAUSTED and a retry hint (service/admission.py)."""
+
+    @wraps(fn)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> AsyncIterator[R]:
+        admission: WatchAdmission = args[0]._admission  # type: ignore[attr-defined]
+        if not admission.enter():
+            details, trailing = admission.refusal()
+            context: Any = args[-1]
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details, trailing)
+        try:
+            async for item in fn(*args, **kwargs):
+                yield item
+        finally:
+            admission.leave()
+
+    return call
+
+
+_WATCH_CACHE: dict[int, tuple[event_pb2.JobEvent | job_pb2.Job, bytes]] = {}
 _WATCH_CACHE_SIZE = 4096
 
 
-def _watch_bytes(event: event_pb2.JobEvent) -> bytes:
-    """The serialised WatchJobResponse of `event`, shared by all its watchers.
+def _watch_bytes(item: event_pb2.JobEvent | job_pb2.Job) -> bytes:
+    """The serialised WatchJobResponse of an event or snapshot, shared by all watchers.
 
-    Keyed by the event object (the fan-out hands the same object to every
-    subscription); the entry keeps the object alive, so its id is not reused.
+    Keyed by the object (the fan-out hands the same event object to every
+    subscription, and watchers opened together share one snapshot read); the entry
+    keeps the object alive, so its id is not reused.
     """
-    cached = _WATCH_CACHE.get(id(event))
-    if cached is not None and cached[0] is event:
+    cached = _WATCH_CACHE.get(id(item))
+    if cached is not None and cached[0] is item:
         return cached[1]
-    data = job_service_pb2.WatchJobResponse(event=event).SerializeToString()
+    if isinstance(item, job_pb2.Job):
+        response = job_service_pb2.WatchJobResponse(snapshot=item)
+    else:
+        response = job_service_pb2.WatchJobResponse(event=item)
+    data = response.SerializeToString()
     if len(_WATCH_CACHE) >= _WATCH_CACHE_SIZE:
         del _WATCH_CACHE[next(iter(_WATCH_CACHE))]
-    _WATCH_CACHE[id(event)] = (event, data)
+    _WATCH_CACHE[id(item)] = (item, data)
     return data
 
 
@@ -107,8 +133,9 @@ def add_to_server(servicer: JobServicer, server: grpc.aio.Server) -> None:
 
 
 class JobServicer(job_service_pb2_grpc.JobServiceServicer):
-    def __init__(self, jobs: Jobs) -> None:
+    def __init__(self, jobs: Jobs, admission: WatchAdmission | None = None) -> None:
         self._jobs = jobs
+        self._admission = admission if admission is not None else WatchAdmission(20_000)
 
     @unary
     async def CreateJob(
@@ -213,17 +240,19 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         )
         return job_service_pb2.ListJobEventsResponse(events=events)
 
+    @admitted
     @streaming
     async def WatchJob(  # type: ignore[override]  # may yield pre-serialised bytes
         self, request: job_service_pb2.WatchJobRequest, context: Context
     ) -> AsyncIterator[job_service_pb2.WatchJobResponse | bytes]:
         async for item in self._jobs.watch_job(request.id, request.from_sequence):
             if isinstance(item, job_pb2.Job):
-                yield job_service_pb2.WatchJobResponse(snapshot=item)
+                yield _watch_bytes(item)  # shared by the watchers opened with it
             else:
                 # One live event goes to every watcher of its job: serialise it once.
                 yield _watch_bytes(item)
 
+    @admitted
     @streaming
     async def WatchJobs(
         self, request: job_service_pb2.WatchJobsRequest, context: Context
