@@ -46,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_serve)
     p = sub.add_parser("bridge", help="run the HTTP bridge")
     p.set_defaults(func=_bridge)
-    p = sub.add_parser("run", help="run the service and the HTTP bridge together")
+    p = sub.add_parser("run", help="run the service, the HTTP bridge and the dashboard together")
     p.set_defaults(func=_run)
+    p = sub.add_parser("dashboard", help="run the web dashboard (JOBWIRE_DASHBOARD_ADDR)")
+    p.set_defaults(func=_dashboard)
 
     p = sub.add_parser("healthcheck", help="exit 0 when the service (or bridge) is healthy")
     p.add_argument("--target", default=target)
@@ -114,6 +116,13 @@ def _serve(_: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboard(_: argparse.Namespace) -> int:
+    from dashboard.server import main as dashboard_main
+
+    dashboard_main()
+    return 0
+
+
 def _bridge(_: argparse.Namespace) -> int:
     from http_bridge.server import main as bridge_main
 
@@ -150,6 +159,7 @@ def _run(_: argparse.Namespace) -> int:
             return 1
         time.sleep(0.2)
     children.append(subprocess.Popen([*cmd, "bridge"], env=env))
+    children.append(subprocess.Popen([*cmd, "dashboard"], env=env))
     while all(child.poll() is None for child in children):
         time.sleep(0.2)
     stop()

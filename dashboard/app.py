@@ -1,0 +1,133 @@
+"""The dashboard's aiohttp application: middlewares, routes, templates, static assets."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from urllib.parse import quote
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from . import sse, views
+from .auth import Auth
+from .config import DashboardConfig
+from .grpc_client import AUTH, SETTINGS, PageError, channel_ctx
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+HERE = Path(__file__).parent
+PUBLIC = ("/login", "/static/", "/healthz", "/readyz")
+
+# Only the dashboard's own script and stylesheet; no inline script, no eval, no frames.
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+
+
+class Static:
+    """The two assets, read once; URLs carry a content hash, so they cache for a year."""
+
+    def __init__(self, folder: Path) -> None:
+        self.files: dict[str, tuple[bytes, str, str]] = {}
+        types = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
+        for path in sorted(folder.iterdir()):
+            if path.suffix in types:
+                body = path.read_bytes()
+                digest = hashlib.sha256(body).hexdigest()[:12]
+                self.files[path.name] = (body, types[path.suffix], digest)
+
+    def url(self, name: str) -> str:
+        return f"/static/{name}?v={self.files[name][2]}"
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        entry = self.files.get(request.match_info["name"])
+        if entry is None:
+            raise PageError(404, "no such asset")
+        body, content_type, digest = entry
+        etag = f'"{digest}"'
+        cache = (
+            "public, max-age=31536000, immutable"
+            if request.query.get("v") == digest
+            else ("public, max-age=300")
+        )
+        headers = {"Cache-Control": cache, "ETag": etag}
+        if request.headers.get("If-None-Match") == etag:
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=body, content_type=content_type, headers=headers)
+
+
+@web.middleware
+async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        exc.headers.update(SECURITY_HEADERS)
+        raise
+    if not response.prepared:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+    return response
+
+
+def _wants_json(request: web.Request) -> bool:
+    return request.path.startswith(("/api/", "/events/"))
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except PageError as err:
+        if err.json or _wants_json(request):
+            return web.json_response({"error": err.message}, status=err.status)
+        context = {"status": err.status, "message": err.message}
+        return aiohttp_jinja2.render_template("error.html", request, context, status=err.status)
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith(PUBLIC) or request.path == "/login":
+        return await handler(request)
+    who = request.app[AUTH].principal(request)
+    if who is None:
+        if _wants_json(request):
+            return web.json_response(
+                {"error": "log in first (session cookie or Bearer token)"}, status=401
+            )
+        context = {"next": request.path_qs if request.method == "GET" else "/jobs", "error": ""}
+        return aiohttp_jinja2.render_template("login.html", request, context, status=401)
+    request[views.PRINCIPAL] = who
+    return await handler(request)
+
+
+def create_app(config: DashboardConfig) -> web.Application:
+    app = web.Application(
+        middlewares=[security_headers, errors, authenticate], client_max_size=64 * 1024
+    )
+    app[SETTINGS] = config
+    app[AUTH] = Auth(config)
+    static = Static(HERE / "static")
+    env = aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.globals["static"] = static.url
+    env.filters["urlpart"] = lambda s: quote(str(s), safe="")
+    app.cleanup_ctx.append(channel_ctx)
+    app.router.add_routes(views.routes)
+    app.router.add_get("/static/{name}", static.handle)
+    app.router.add_get("/events/jobs", sse.jobs_stream)
+    app.router.add_get("/events/jobs/{job_id}", sse.job_stream)
+    return app

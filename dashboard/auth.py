@@ -1,0 +1,100 @@
+"""Who may see the dashboard: a login token, a session cookie, CSRF tokens.
+
+Stateless on purpose: the session cookie is signed with a key derived from
+JOBWIRE_DASHBOARD_TOKEN, so sessions survive a restart of the dashboard (the
+open tabs reconnect) and changing the token ends every session. A CSRF token is
+derived from the session id: no server-side store either. Every secret is
+compared with hmac.compare_digest and never logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .config import DashboardConfig
+
+COOKIE = "jobwire_session"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller. `csrf` is what a state-changing form must carry
+    (empty for a bearer caller: browsers never attach that header on their own)."""
+
+    name: str
+    csrf: str
+
+
+class Auth:
+    def __init__(self, config: DashboardConfig) -> None:
+        self._token = config.token.encode()
+        self._header = config.trusted_user_header
+        self._ttl = config.session_seconds
+        seed = self._token or secrets.token_bytes(32)  # proxy-only: per-process key
+        self._key = hmac.new(seed, b"jobwire-dashboard-session-v1", hashlib.sha256).digest()
+
+    @property
+    def has_token(self) -> bool:
+        return bool(self._token)
+
+    def check_token(self, candidate: str) -> bool:
+        return bool(self._token) and hmac.compare_digest(candidate.encode(), self._token)
+
+    def _sign(self, payload: str) -> str:
+        mac = hmac.new(self._key, payload.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+    def new_session(self) -> str:
+        payload = f"{secrets.token_urlsafe(18)}.{int(time.time()) + self._ttl}"
+        return f"{payload}.{self._sign(payload)}"
+
+    def csrf_for(self, subject: str) -> str:
+        return self._sign("csrf:" + subject)
+
+    def principal(self, request: web.Request) -> Principal | None:
+        """The caller, from (in order) the trusted proxy header, a Bearer token, the cookie."""
+        if self._header:
+            user = request.headers.get(self._header, "").strip()
+            if user:
+                return Principal(user, self.csrf_for("user:" + user))
+        bearer = request.headers.get("Authorization", "")
+        if bearer.startswith("Bearer ") and self.check_token(bearer[7:].strip()):
+            return Principal("token", "")
+        cookie = request.cookies.get(COOKIE, "")
+        if cookie and self._token:
+            return self._from_cookie(cookie)
+        return None
+
+    def _from_cookie(self, cookie: str) -> Principal | None:
+        payload, _, signature = cookie.rpartition(".")
+        session_id, _, expiry = payload.partition(".")
+        if not (session_id and expiry.isdigit() and signature):
+            return None
+        if not hmac.compare_digest(signature, self._sign(payload)):
+            return None
+        if int(expiry) < time.time():
+            return None
+        return Principal("session", self.csrf_for("session:" + session_id))
+
+    def csrf_ok(self, principal: Principal, submitted: str) -> bool:
+        if not principal.csrf:  # Bearer: not a browser's ambient credential
+            return True
+        return bool(submitted) and hmac.compare_digest(submitted, principal.csrf)
+
+    def set_cookie(self, request: web.Request, response: web.StreamResponse, value: str) -> None:
+        response.set_cookie(
+            COOKIE,
+            value,
+            max_age=self._ttl,
+            path="/",
+            httponly=True,
+            samesite="Strict",
+            secure=request.secure,
+        )

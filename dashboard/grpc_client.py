@@ -1,0 +1,63 @@
+"""The dashboard's one gRPC channel to the JobService, its app keys, and gRPC status
+-> HTTP status (the bridge's table, after google/rpc/code.proto)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from aiohttp import web
+
+from http_bridge.errors import HTTP_STATUS
+from http_bridge.grpc_client import CHANNEL_OPTIONS
+from http_bridge.service_channel import service_channel
+from jobwire.v1 import job_service_pb2_grpc
+
+from .auth import Auth
+from .config import DashboardConfig
+from .live import Hub
+
+if TYPE_CHECKING:
+    from jobwire.v1.job_service_pb2_grpc import JobServiceAsyncStub as Stub
+else:
+    Stub = Any
+
+StubFactory = Callable[[], Stub]
+
+SETTINGS = web.AppKey("settings", DashboardConfig)
+AUTH = web.AppKey("auth", Auth)
+GRPC: web.AppKey[StubFactory] = web.AppKey("grpc")
+CHANNEL: web.AppKey[grpc.aio.Channel] = web.AppKey("channel")
+HUB = web.AppKey("hub", Hub)
+
+
+async def channel_ctx(app: web.Application) -> AsyncIterator[None]:
+    channel = service_channel(app[SETTINGS].service_target, CHANNEL_OPTIONS)
+    stub: Stub = job_service_pb2_grpc.JobServiceStub(channel)
+    app[CHANNEL] = channel
+    app[GRPC] = lambda: stub
+    app[HUB] = Hub(app[GRPC])
+    yield
+    await app[HUB].close()
+    await channel.close()
+
+
+class PageError(Exception):
+    """Ends a request with `status`: an HTML error page, or a JSON body for the APIs."""
+
+    def __init__(self, status: int, message: str, json: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.json = json
+
+
+def grpc_error(err: grpc.aio.AioRpcError, json: bool = False) -> PageError:
+    status = HTTP_STATUS.get(err.code(), 500)
+    if err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        status = 502  # the dashboard's own credentials to the service are wrong
+    message = err.details() or err.code().name
+    if status >= 500:
+        message = f"the job service answered {err.code().name}: {message}"
+    return PageError(status, message, json=json)

@@ -1,0 +1,174 @@
+"""One WatchJobs stream per dashboard process, fanned out to the open jobs pages.
+
+A firehose of thousands of events a second must not reach a browser as such: each
+subscriber (one browser tab) keeps only the latest change per job until its next
+push, so a tab gets at most one message per push interval whatever the rate. An
+event is turned into JSON once, however many tabs receive it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import grpc
+import orjson
+
+from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
+
+from .present import event_row
+
+if TYPE_CHECKING:
+    from jobwire.v1.job_service_pb2_grpc import JobServiceAsyncStub
+
+log = logging.getLogger(__name__)
+
+DEPTH_TTL_SECONDS = 5.0
+DEPTH_CAP = 1000  # ListJobs page limit: beyond it the page shows "1000+"
+
+
+class Change:
+    """A job's latest change, serialised at most once."""
+
+    __slots__ = ("_json", "event")
+
+    def __init__(self, event: event_pb2.JobEvent) -> None:
+        self.event = event
+        self._json: bytes | None = None
+
+    def json(self) -> bytes:
+        if self._json is None:
+            self._json = orjson.dumps(event_row(self.event))
+        return self._json
+
+
+class Subscriber:
+    def __init__(self, kind: int) -> None:
+        self.kind = kind
+        self.pending: dict[str, Change] = {}
+        self.wake = asyncio.Event()
+        # Set when the upstream stream broke or reported a gap: the tab must re-read rows.
+        self.resync = False
+
+    def take(self) -> list[Change]:
+        changes = list(self.pending.values())
+        self.pending = {}
+        self.wake.clear()
+        return changes
+
+
+class Hub:
+    def __init__(self, stub: Callable[[], JobServiceAsyncStub]) -> None:
+        self._stub = stub
+        self._subscribers: set[Subscriber] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._position = ""
+        self._seconds: deque[tuple[int, int]] = deque(maxlen=8)  # (second, events)
+        self._depth: dict[str, int] = {}
+        self._depth_at = 0.0
+        self._depth_lock = asyncio.Lock()
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    def subscribe(self, kind: int = 0) -> Subscriber:
+        sub = Subscriber(kind)
+        self._subscribers.add(sub)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="dashboard-watch-jobs")
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self._subscribers.discard(sub)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def events_per_second(self) -> float:
+        """Events seen over the last complete five seconds, per second."""
+        now = int(time.monotonic())
+        total = sum(n for second, n in self._seconds if now - 5 <= second < now)
+        return round(total / 5, 1)
+
+    def _count(self) -> None:
+        second = int(time.monotonic())
+        if self._seconds and self._seconds[-1][0] == second:
+            self._seconds[-1] = (second, self._seconds[-1][1] + 1)
+        else:
+            self._seconds.append((second, 1))
+
+    async def _run(self) -> None:
+        delay = 0.2
+        while self._subscribers:
+            try:
+                call = self._stub().WatchJobs(
+                    job_service_pb2.WatchJobsRequest(after=self._position)
+                )
+                async for response in call:
+                    delay = 0.2
+                    if response.HasField("gap"):
+                        self._resync_all()
+                    if response.position:
+                        self._position = response.position
+                    if response.HasField("event"):
+                        self._dispatch(response.event)
+                    if not self._subscribers:
+                        call.cancel()
+                        return
+            except grpc.aio.AioRpcError as err:
+                log.warning("WatchJobs ended: %s; reconnecting", err.code().name)
+            # Whatever happened while the stream was down, the tabs re-read their rows.
+            self._resync_all()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _dispatch(self, event: event_pb2.JobEvent) -> None:
+        self._count()
+        change = Change(event)
+        for sub in self._subscribers:
+            if sub.kind and sub.kind != event.kind:
+                continue
+            sub.pending[event.job_id] = change
+            sub.wake.set()
+
+    def _resync_all(self) -> None:
+        for sub in self._subscribers:
+            sub.resync = True
+            sub.wake.set()
+
+    async def queue_depth(self, rpc_seconds: float = 5.0) -> dict[str, int]:
+        """QUEUED jobs per kind (capped at DEPTH_CAP), read at most every few seconds."""
+        async with self._depth_lock:
+            if time.monotonic() - self._depth_at < DEPTH_TTL_SECONDS:
+                return self._depth
+            stub = self._stub()
+            kinds = [k for k in job_pb2.JobKind.values() if k]
+
+            async def depth(kind: int) -> int:
+                request = job_service_pb2.ListJobsRequest(
+                    kind=job_pb2.JobKind.ValueType(kind),
+                    states=[job_pb2.JOB_STATE_QUEUED],
+                    page_size=DEPTH_CAP,
+                )
+                reply = await stub.ListJobs(request, timeout=rpc_seconds)
+                return len(reply.jobs) + (1 if reply.next_page_token else 0)
+
+            try:
+                counts = await asyncio.gather(*(depth(k) for k in kinds))
+            except grpc.aio.AioRpcError:
+                return self._depth
+            self._depth = {
+                job_pb2.JobKind.Name(k).removeprefix("JOB_KIND_"): n
+                for k, n in zip(kinds, counts, strict=True)
+            }
+            self._depth_at = time.monotonic()
+            return self._depth

@@ -1,0 +1,51 @@
+"""`jobwire dashboard`: runs the dashboard from the environment."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+from aiohttp import web
+
+from .app import create_app
+from .config import DashboardConfig, load_config
+
+log = logging.getLogger("dashboard")
+
+
+async def serve(config: DashboardConfig) -> None:
+    # A tab that goes away cancels its handler: its streams end at once.
+    runner = web.AppRunner(
+        create_app(config), handler_cancellation=True, access_log=None, shutdown_timeout=2.0
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    if config.closed:
+        log.warning("dashboard is closed: set JOBWIRE_DASHBOARD_TOKEN to open it")
+    # The URL only: the token lives in the environment / jobwire.env.
+    print(f"jobwire: dashboard on http://{config.host}:{config.port}/", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = load_config(generate=os.environ.get("JOBWIRE_GENERATE_SECRETS") == "1")
+    try:
+        import uvloop
+    except ImportError:
+        runner: asyncio.Runner = asyncio.Runner()
+    else:
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    with runner, contextlib.suppress(KeyboardInterrupt):
+        runner.run(serve(config))

@@ -1,0 +1,183 @@
+"""The server-sent event streams: the jobs firehose (coalesced) and one job's events.
+
+`GET /events/jobs/{id}`: every message that carries events has `id: <sequence of
+its last event>`; the browser's automatic reconnect sends it back as Last-Event-ID
+and the stream resumes through WatchJob's `from_sequence`: no gap, no duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import grpc
+import orjson
+from aiohttp import web
+
+from jobwire.v1 import job_service_pb2
+
+from . import present
+from .grpc_client import GRPC, HUB, SETTINGS, PageError, grpc_error
+from .query import parse_kind
+
+RETRY_MS = 1000
+
+
+def _frame(event: str, data: bytes, event_id: str = "") -> bytes:
+    head = f"id: {event_id}\n" if event_id else ""
+    return f"{head}event: {event}\n".encode() + b"data: " + data + b"\n\n"
+
+
+async def _open(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache, no-store",
+            "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+        }
+    )
+    await response.prepare(request)
+    await response.write(f"retry: {RETRY_MS}\n\n".encode())
+    return response
+
+
+async def jobs_stream(request: web.Request) -> web.StreamResponse:
+    """Latest state of changed jobs (filtered by `kind`), stats every few seconds."""
+    kind = parse_kind(request.query.get("kind", ""))
+    settings = request.app[SETTINGS]
+    hub = request.app[HUB]
+    response = await _open(request)
+    sub = hub.subscribe(kind)
+    interval = settings.push_interval_seconds
+    last_push = 0.0
+    last_stats = 0.0
+    last_beat = time.monotonic()
+    try:
+        while True:
+            now = time.monotonic()
+            if now - last_stats >= 2.0:
+                stats = {"eps": hub.events_per_second(), "depth": await hub.queue_depth()}
+                await response.write(_frame("stats", orjson.dumps(stats)))
+                last_stats = last_beat = time.monotonic()
+            if now - last_beat >= settings.heartbeat_seconds:
+                await response.write(b": keep-alive\n\n")
+                last_beat = now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(sub.wake.wait(), timeout=2.0)
+            if not sub.wake.is_set():
+                continue
+            # At most one push per interval per tab: later changes wait and coalesce.
+            wait = last_push + interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if sub.resync:
+                sub.resync = False
+                await response.write(_frame("resync", b"{}"))
+            changes = sub.take()
+            if changes:
+                await response.write(
+                    _frame("jobs", b"[" + b",".join(c.json() for c in changes) + b"]")
+                )
+            last_push = last_beat = time.monotonic()
+    except ConnectionResetError:
+        pass  # the tab went away
+    finally:
+        hub.unsubscribe(sub)
+    return response
+
+
+def _from_sequence(request: web.Request) -> int:
+    raw = request.headers.get("Last-Event-ID") or request.query.get("from", "") or "0"
+    if not raw.isdigit() or len(raw) > 18:
+        message = f"Last-Event-ID / from must be a sequence number, got {raw[:40]!r}"
+        raise PageError(400, message, json=True)
+    return int(raw)
+
+
+async def job_stream(request: web.Request) -> web.StreamResponse:
+    """One job: `snapshot` (no id), `events` batches (id = last sequence), `gap`, `end`."""
+    job_id = request.match_info["job_id"]
+    from_sequence = _from_sequence(request)
+    settings = request.app[SETTINGS]
+    call = request.app[GRPC]().WatchJob(
+        job_service_pb2.WatchJobRequest(id=job_id, from_sequence=from_sequence)
+    )
+    try:
+        # Read the first message before answering, so an unknown job is a plain 404.
+        first = await call.read()
+    except grpc.aio.AioRpcError as err:
+        raise grpc_error(err, json=True) from None
+    response = await _open(request)
+    interval = settings.push_interval_seconds
+    batch: list[bytes] = []
+    last_seq = from_sequence
+    last_flush = 0.0
+    last_beat = time.monotonic()
+
+    async def flush() -> None:
+        nonlocal batch, last_flush, last_beat
+        if batch:
+            await response.write(_frame("events", b"[" + b",".join(batch) + b"]", str(last_seq)))
+            batch = []
+        last_flush = last_beat = time.monotonic()
+
+    async def handle(item: Any) -> None:
+        nonlocal last_seq
+        which = item.WhichOneof("item")
+        if which == "snapshot":
+            await flush()
+            await response.write(
+                _frame("snapshot", orjson.dumps(present.job_detail(item.snapshot)))
+            )
+        elif which == "gap":
+            await flush()
+            gap = item.gap
+            data = {
+                "requested": gap.requested_sequence,
+                "oldest": gap.oldest_available_sequence,
+            }
+            await response.write(_frame("gap", orjson.dumps(data)))
+        elif which == "event" and item.event.sequence > last_seq:
+            last_seq = item.event.sequence
+            batch.append(orjson.dumps(present.timeline_entry(item.event)))
+
+    read: asyncio.Future[Any] | None = None
+    try:
+        await handle(first)
+        read = asyncio.ensure_future(call.read())
+        while True:
+            now = time.monotonic()
+            due = (
+                last_flush + interval - now
+                if batch
+                else last_beat + settings.heartbeat_seconds - now
+            )
+            done, _ = await asyncio.wait({read}, timeout=max(due, 0))
+            if read in done:
+                try:
+                    item = read.result()
+                except grpc.aio.AioRpcError:
+                    await flush()
+                    break  # the service went away: the browser reconnects with Last-Event-ID
+                if item is grpc.aio.EOF:
+                    await flush()
+                    await response.write(_frame("end", b"{}"))
+                    break
+                await handle(item)
+                read = asyncio.ensure_future(call.read())
+                if batch and time.monotonic() - last_flush >= interval:
+                    await flush()
+            elif batch:
+                await flush()
+            else:
+                await response.write(b": keep-alive\n\n")
+                last_beat = time.monotonic()
+    except ConnectionResetError:
+        pass  # the tab went away
+    finally:
+        if read is not None and not read.done():
+            read.cancel()
+        call.cancel()
+    return response

@@ -1,0 +1,258 @@
+// jobwire dashboard: the live parts of the server-rendered pages.
+// Everything a worker wrote is shown with textContent, never parsed as markup.
+
+const DEPTH_CAP = 1000;
+const MAX_TIMELINE_ROWS = 2000;
+const MAX_LIVE_ROWS = 50;
+
+const $ = (sel, root = document) => root.querySelector(sel);
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  return node;
+}
+
+function fmtTime(iso) {
+  return iso ? iso.slice(0, 19).replace("T", " ") : "—";
+}
+
+function timeNode(iso) {
+  if (!iso) return document.createTextNode("—");
+  const node = el("time", "", fmtTime(iso));
+  node.dateTime = iso;
+  return node;
+}
+
+function fmtDuration(seconds) {
+  if (seconds === null || seconds === undefined || Number.isNaN(seconds)) return "—";
+  if (seconds < 60) return `${seconds.toFixed(1)} s`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)}m ${String(Math.floor(seconds % 60)).padStart(2, "0")}s`;
+  return `${Math.floor(seconds / 3600)}h ${String(Math.floor((seconds % 3600) / 60)).padStart(2, "0")}m`;
+}
+
+function setLive(state, text) {
+  const node = $("#live");
+  if (!node) return;
+  node.dataset.state = state;
+  node.textContent = text || state;
+}
+
+function stateCell(cell, state, stalled) {
+  cell.replaceChildren(el("span", `badge state-${state}`, state));
+  if (stalled) cell.append(" ", el("span", "badge stalled", "STALLED"));
+}
+
+function progressCell(cell, change) {
+  if (change.percent === undefined) return;
+  let bar = $("progress", cell);
+  if (!bar) {
+    cell.replaceChildren();
+    bar = el("progress");
+    bar.max = 100;
+    cell.append(bar, " ", el("span", "pct"), " ", el("span", "phase"));
+  }
+  bar.value = change.percent;
+  $(".pct", cell).textContent = `${Math.round(change.percent)}%`;
+  $(".phase", cell).textContent = change.phase || "";
+}
+
+// An EventSource that also recovers when the browser gives up (a 5xx while the
+// dashboard restarts closes it for good): a new one starts from `url()`.
+function stream(url, handlers, onReopen) {
+  let source = null;
+  let delay = 500;
+  let failed = false;
+  let ended = false;
+  const open = () => {
+    source = new EventSource(url());
+    for (const [name, fn] of Object.entries(handlers)) {
+      source.addEventListener(name, (msg) => fn(JSON.parse(msg.data), source));
+    }
+    source.addEventListener("end", () => {
+      ended = true;
+      source.close();
+      setLive("ended", "finished");
+    });
+    source.onopen = () => {
+      delay = 500;
+      setLive("live", "live");
+      if (failed && onReopen) onReopen();
+      failed = false;
+    };
+    source.onerror = () => {
+      if (ended) return;
+      failed = true;
+      setLive("reconnecting", "reconnecting…");
+      if (source.readyState === EventSource.CLOSED) {
+        setTimeout(open, delay);
+        delay = Math.min(delay * 2, 5000);
+      }
+    };
+  };
+  open();
+  return () => source;
+}
+
+// -- jobs page -----------------------------------------------------------------
+
+function jobsPage() {
+  const table = $("#jobs");
+  const tbody = $("tbody", table);
+  const kind = table.dataset.kind;
+  const states = table.dataset.states.split(",").filter(Boolean);
+  const filtered = Number(table.dataset.labels) > 0;
+  const paged = table.dataset.paged === "1";
+  const rows = new Map();
+  for (const tr of tbody.rows) rows.set(tr.dataset.job, tr);
+  const live = [];
+
+  const newRow = (change) => {
+    const tr = el("tr", "fresh");
+    tr.dataset.job = change.id;
+    tr.dataset.seq = "0";
+    tr.dataset.created = change.created || "";
+    const cells = ["id", "kind", "state", "progress", "message", "created", "updated", "duration"];
+    const labels = ["Job", "Kind", "State", "Progress", "Message", "Created", "Updated", "Duration"];
+    cells.forEach((name, i) => {
+      const td = el("td", name);
+      td.dataset.label = labels[i];
+      tr.append(td);
+    });
+    const link = el("a", "", change.id);
+    link.href = `/jobs/${encodeURIComponent(change.id)}`;
+    $(".id", tr).append(link);
+    $(".kind", tr).textContent = (change.kind || "").toLowerCase();
+    $(".created", tr).append(timeNode(change.created));
+    progressCell($(".progress", tr), { percent: change.percent ?? 0, phase: change.phase || "" });
+    return tr;
+  };
+
+  const apply = (change) => {
+    let tr = rows.get(change.id);
+    if (!tr) {
+      // A job this page does not show: add it on top (only where it belongs).
+      if (filtered || paged || (states.length && !states.includes(change.state))) return;
+      if (kind && change.kind !== kind) return;
+      tr = newRow(change);
+      tbody.prepend(tr);
+      rows.set(change.id, tr);
+      live.push(change.id);
+      const empty = $("#empty");
+      if (empty) empty.hidden = true;
+      if (live.length > MAX_LIVE_ROWS) {
+        const old = live.shift();
+        rows.get(old)?.remove();
+        rows.delete(old);
+      }
+    }
+    if (Number(tr.dataset.seq) >= change.sequence) return; // older than what is shown
+    tr.dataset.seq = String(change.sequence);
+    tr.dataset.state = change.state;
+    stateCell($(".state", tr), change.state, change.stalled);
+    progressCell($(".progress", tr), change);
+    if (change.message !== undefined) $(".message", tr).textContent = change.message;
+    if (change.created && !tr.dataset.created) tr.dataset.created = change.created;
+    $(".updated", tr).replaceChildren(timeNode(change.updated));
+    const created = Date.parse(tr.dataset.created);
+    const updated = Date.parse(change.updated);
+    if (change.duration !== undefined) {
+      $(".duration", tr).textContent = fmtDuration(change.duration);
+    } else if (!Number.isNaN(created) && !Number.isNaN(updated)) {
+      $(".duration", tr).textContent = fmtDuration((updated - created) / 1000);
+    }
+  };
+
+  // After a reconnect the shown rows are read again: what changed meanwhile is not lost.
+  const resync = async () => {
+    const reply = await fetch(`/api/jobs?${table.dataset.query}`, { credentials: "same-origin" });
+    if (!reply.ok) return;
+    const body = await reply.json();
+    for (const job of body.jobs) apply(job);
+  };
+
+  const stats = (s) => {
+    $("#eps").textContent = String(s.eps);
+    for (const [name, n] of Object.entries(s.depth || {})) {
+      const node = document.querySelector(`[data-depth="${CSS.escape(name)}"]`);
+      if (node) node.textContent = n > DEPTH_CAP ? `${DEPTH_CAP}+` : String(n);
+    }
+  };
+
+  const url = () => `/events/jobs${kind ? `?kind=${encodeURIComponent(kind)}` : ""}`;
+  stream(url, { jobs: (list) => list.forEach(apply), stats, resync: () => resync() }, resync);
+}
+
+// -- job page ------------------------------------------------------------------
+
+function jobPage() {
+  const head = $("#job");
+  const jobId = head.dataset.job;
+  const tbody = $("#timeline tbody");
+  let lastSeq = Number(head.dataset.seq);
+
+  const showHead = (job) => {
+    head.dataset.state = job.state;
+    stateCell($(".state", head), job.state, job.stalled);
+    progressCell($(".progress", head), job);
+    if (job.message !== undefined) $("#message").textContent = job.message;
+    if (job.updated) $("#updated").replaceChildren(timeNode(job.updated));
+    if (["SUCCEEDED", "FAILED", "CANCELLED"].includes(job.state)) {
+      $("#cancel")?.remove();
+    }
+  };
+
+  const appendEvent = (e) => {
+    const tr = el("tr");
+    tr.dataset.seq = String(e.sequence);
+    const seq = e.coalesced_from ? `${e.coalesced_from}–${e.sequence}` : String(e.sequence);
+    tr.append(el("td", "seq", seq), el("td", "type", e.type), el("td", "", e.state));
+    const when = el("td");
+    when.append(timeNode(e.time));
+    tr.append(when);
+    tr.append(el("td", "", e.percent === null ? "" : `${e.percent.toFixed(1)}%`));
+    tr.append(el("td", "", e.phase), el("td", "message", e.message));
+    tbody.append(tr);
+    while (tbody.rows.length > MAX_TIMELINE_ROWS) tbody.rows[0].remove();
+  };
+
+  const events = (list) => {
+    for (const e of list) {
+      if (e.sequence <= lastSeq) continue; // never twice, whatever a reconnect replays
+      lastSeq = e.sequence;
+      appendEvent(e);
+      const change = { state: e.state, stalled: e.type === "STALLED", updated: e.time };
+      if (e.percent !== null) Object.assign(change, { percent: e.percent, phase: e.phase });
+      if (e.message) change.message = e.message;
+      if (e.type === "COMPLETED") change.percent = 100;
+      showHead(change);
+      if (["COMPLETED", "FAILED", "CANCELLED"].includes(e.type)) {
+        const hint = $("#outcome-reload");
+        $("#outcome").hidden = false;
+        hint.hidden = false;
+      }
+    }
+    head.dataset.seq = String(lastSeq);
+  };
+
+  const gap = (g) => {
+    $("#gap-oldest").textContent = String(g.oldest);
+    $("#gap-notice").hidden = false;
+  };
+
+  const url = () => `/events/jobs/${encodeURIComponent(jobId)}?from=${lastSeq}`;
+  stream(url, { snapshot: (job) => showHead(job), events, gap });
+
+  const cancel = $("#cancel");
+  if (cancel) {
+    cancel.addEventListener("submit", (ev) => {
+      if (!window.confirm(cancel.dataset.confirm)) ev.preventDefault();
+    });
+  }
+  const level = $("#level");
+  if (level) level.addEventListener("change", () => $("#level-form").submit());
+}
+
+const pages = { jobs: jobsPage, job: jobPage };
+pages[document.body.dataset.page]?.();

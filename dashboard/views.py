@@ -1,0 +1,325 @@
+"""Pages and form actions: login, the jobs page, the job page, Cancel, downloads."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp_jinja2
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jobwire.v1 import job_pb2, job_service_pb2, log_pb2
+
+from . import present
+from .auth import COOKIE, Principal
+from .grpc_client import AUTH, CHANNEL, GRPC, HUB, SETTINGS, PageError, grpc_error
+from .live import DEPTH_CAP
+from .query import list_request
+
+routes = web.RouteTableDef()
+PRINCIPAL = "principal"
+LOG_LIMIT = 200
+# Served inline only when they cannot run script in our origin; anything else downloads.
+SAFE_INLINE = frozenset({"text/plain", "application/json", "image/png", "image/jpeg"})
+
+
+def principal(request: web.Request) -> Principal:
+    who: Principal = request[PRINCIPAL]
+    return who
+
+
+def _timeout(request: web.Request) -> float:
+    return request.app[SETTINGS].rpc_timeout_seconds
+
+
+# -- login ---------------------------------------------------------------------
+
+
+def _safe_next(raw: str) -> str:
+    """Only a path on this site: never `//host` or a scheme (open redirect)."""
+    if raw.startswith("/") and not raw.startswith("//") and "\\" not in raw:
+        return raw
+    return "/jobs"
+
+
+@routes.get("/login")
+@aiohttp_jinja2.template("login.html")
+async def login_form(request: web.Request) -> dict[str, Any]:
+    return {"next": _safe_next(request.query.get("next", "")), "error": ""}
+
+
+@routes.post("/login")
+async def login(request: web.Request) -> web.StreamResponse:
+    auth = request.app[AUTH]
+    form = await request.post()
+    token = str(form.get("token", ""))
+    target = _safe_next(str(form.get("next", "")))
+    if not auth.has_token:
+        error = "The dashboard is closed: set JOBWIRE_DASHBOARD_TOKEN to open it."
+    elif auth.check_token(token):
+        response = web.HTTPSeeOther(target)
+        auth.set_cookie(request, response, auth.new_session())
+        raise response
+    else:
+        error = "Wrong token."
+    context = {"next": target, "error": error}
+    return aiohttp_jinja2.render_template("login.html", request, context, status=401)
+
+
+@routes.post("/logout")
+async def logout(request: web.Request) -> web.StreamResponse:
+    await _check_csrf(request)
+    response = web.HTTPSeeOther("/login")
+    response.del_cookie(COOKIE, path="/")
+    raise response
+
+
+async def _check_csrf(request: web.Request) -> None:
+    form = await request.post()
+    submitted = str(form.get("csrf", "")) or request.headers.get("X-CSRF-Token", "")
+    if not request.app[AUTH].csrf_ok(principal(request), submitted):
+        raise PageError(403, "missing or wrong CSRF token: reload the page and try again")
+
+
+# -- jobs page -----------------------------------------------------------------
+
+
+@routes.get("/")
+async def index(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPSeeOther("/jobs")
+
+
+async def _list(request: web.Request, json: bool) -> job_service_pb2.ListJobsResponse:
+    settings = request.app[SETTINGS]
+    list_req = list_request(request.query, request.query_string, settings.page_size, json)
+    try:
+        reply: job_service_pb2.ListJobsResponse = await request.app[GRPC]().ListJobs(
+            list_req, timeout=_timeout(request)
+        )
+    except grpc.aio.AioRpcError as err:
+        raise grpc_error(err, json) from None
+    return reply
+
+
+@routes.get("/jobs")
+async def jobs_page(request: web.Request) -> web.StreamResponse:
+    search = request.query.get("id", "").strip()
+    if search:
+        await _get_job(request, search, json=False)  # 404 page when unknown
+        raise web.HTTPSeeOther(f"/jobs/{quote(search, safe='')}")
+    reply, depth = await asyncio.gather(_list(request, False), request.app[HUB].queue_depth())
+    filters = {
+        "kind": request.query.get("kind", "").upper(),
+        "states": [s.upper() for s in request.query.getall("state", []) if s],
+        "labels": [item for item in request.query.getall("label", []) if item],
+    }
+    next_url = ""
+    pairs = [(k, v) for k, v in request.query.items() if k != "page_token"]
+    if reply.next_page_token:
+        next_url = "/jobs?" + urlencode([*pairs, ("page_token", reply.next_page_token)])
+    context = {
+        "jobs": [present.job_row(j) for j in reply.jobs],
+        "filters": filters,
+        "kinds": present.KINDS,
+        "states": present.STATES,
+        "depth": depth,
+        "depth_cap": DEPTH_CAP,
+        "eps": request.app[HUB].events_per_second(),
+        "next_url": next_url,
+        "first_url": "/jobs?" + urlencode(pairs) if request.query.get("page_token") else "",
+        "query": request.query_string,
+        "csrf": principal(request).csrf,
+    }
+    return aiohttp_jinja2.render_template("jobs.html", request, context)
+
+
+@routes.get("/api/jobs")
+async def jobs_json(request: web.Request) -> web.StreamResponse:
+    """The rows of a jobs page as JSON (the page re-reads them after a reconnect)."""
+    reply = await _list(request, True)
+    body = {
+        "jobs": [present.job_row(j) for j in reply.jobs],
+        "next_page_token": reply.next_page_token,
+    }
+    return web.json_response(body)
+
+
+# -- job page ------------------------------------------------------------------
+
+
+async def _get_job(request: web.Request, job_id: str, json: bool) -> job_pb2.Job:
+    try:
+        job: job_pb2.Job = await request.app[GRPC]().GetJob(
+            job_service_pb2.GetJobRequest(id=job_id), timeout=_timeout(request)
+        )
+    except grpc.aio.AioRpcError as err:
+        raise grpc_error(err, json) from None
+    return job
+
+
+def _level(raw: str, json: bool) -> int:
+    if not raw:
+        return 0
+    try:
+        return int(log_pb2.LogLevel.Value("LOG_LEVEL_" + raw.upper()))
+    except ValueError:
+        raise PageError(400, f"level: unknown log level {raw[:40]!r}", json) from None
+
+
+async def _job_parts(request: web.Request, json: bool) -> dict[str, Any]:
+    job_id = request.match_info["job_id"]
+    level = _level(request.query.get("level", ""), json)
+    job = await _get_job(request, job_id, json)
+    stub = request.app[GRPC]()
+    timeout = _timeout(request)
+    try:
+        events, logs, artifacts = await asyncio.gather(
+            stub.ListJobEvents(
+                job_service_pb2.ListJobEventsRequest(job_id=job_id), timeout=timeout
+            ),
+            stub.ListLogs(
+                job_service_pb2.ListLogsRequest(
+                    job_id=job_id, level=log_pb2.LogLevel.ValueType(level), limit=LOG_LIMIT
+                ),
+                timeout=timeout,
+            ),
+            stub.ListArtifacts(
+                job_service_pb2.ListArtifactsRequest(job_id=job_id), timeout=timeout
+            ),
+        )
+    except grpc.aio.AioRpcError as err:
+        raise grpc_error(err, json) from None
+    timeline = [present.timeline_entry(e) for e in events.events]
+    gap = None
+    if events.HasField("gap"):
+        gap = {
+            "requested": events.gap.requested_sequence,
+            "oldest": events.gap.oldest_available_sequence,
+        }
+    elif timeline and timeline[0]["sequence"] > 1:
+        # Only the newest events are retained; say so rather than imply a full history.
+        gap = {"requested": 0, "oldest": timeline[0]["sequence"]}
+    return {
+        "job": present.job_detail(job),
+        "timeline": timeline,
+        "gap": gap,
+        "last_sequence": timeline[-1]["sequence"] if timeline else 0,
+        "logs": [present.log_entry(e) for e in logs.entries],
+        "artifacts": [present.artifact(a) for a in artifacts.artifacts],
+    }
+
+
+@routes.get("/jobs/{job_id}")
+async def job_page(request: web.Request) -> web.StreamResponse:
+    parts = await _job_parts(request, False)
+    job = parts["job"]
+    settings = request.app[SETTINGS]
+    context = {
+        **parts,
+        "callback_url": _callback_url(settings.public_url, job),
+        "level": request.query.get("level", "").upper(),
+        "levels": present.LEVELS,
+        "terminal": job["state"] in present.TERMINAL,
+        "csrf": principal(request).csrf,
+        "pretty": present.pretty,
+        "quote": lambda s: quote(s, safe=""),
+    }
+    return aiohttp_jinja2.render_template("job.html", request, context)
+
+
+@routes.get("/api/jobs/{job_id}")
+async def job_json(request: web.Request) -> web.StreamResponse:
+    return web.json_response(await _job_parts(request, True))
+
+
+_CALLBACK_PATHS = {
+    "BATCH": "/api/batch-callback",
+    "VIDEO": "/api/report",
+    "TRANSCODE": "/api/transcode-callback",
+    "EXTRACTION": "/api/external/jobs/{id}",
+}
+
+
+def _callback_url(public_url: str, job: dict[str, Any]) -> str:
+    path = _CALLBACK_PATHS.get(job["kind"])
+    if not public_url or path is None:
+        return ""
+    return public_url + path.format(id=quote(job["id"], safe=""))
+
+
+@routes.post("/jobs/{job_id}/cancel")
+async def cancel(request: web.Request) -> web.StreamResponse:
+    await _check_csrf(request)
+    job_id = request.match_info["job_id"]
+    form = await request.post()
+    reason = str(form.get("reason", "")) or "cancelled from the dashboard"
+    try:
+        await request.app[GRPC]().CancelJob(
+            job_service_pb2.CancelJobRequest(id=job_id, reason=reason), timeout=_timeout(request)
+        )
+    except grpc.aio.AioRpcError as err:
+        raise grpc_error(err) from None
+    raise web.HTTPSeeOther(f"/jobs/{quote(job_id, safe='')}")
+
+
+@routes.get("/jobs/{job_id}/artifacts/{name}")
+async def download(request: web.Request) -> web.StreamResponse:
+    """Streams an artifact chunk by chunk; never held whole in memory."""
+    request_msg = job_service_pb2.ReadArtifactRequest(
+        job_id=request.match_info["job_id"], name=request.match_info["name"]
+    )
+    call = request.app[GRPC]().ReadArtifact(request_msg)
+    try:
+        first = await call.read()
+    except grpc.aio.AioRpcError as err:
+        raise grpc_error(err) from None
+    if not isinstance(first, job_service_pb2.ReadArtifactResponse):
+        raise PageError(404, "the artifact stream ended before its header")
+    meta = first.artifact
+    content_type = (
+        meta.content_type if meta.content_type in SAFE_INLINE else "application/octet-stream"
+    )
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": content_type,
+            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(meta.name, safe='')}",
+            "Content-Security-Policy": "sandbox; default-src 'none'",
+            "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "private, no-store",
+        }
+    )
+    response.content_length = meta.size_bytes
+    await response.prepare(request)
+    try:
+        async for part in call:
+            await response.write(part.data)
+    except grpc.aio.AioRpcError:
+        # Headers are gone; cutting the body short makes the client see a failed download.
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    await response.write_eof()
+    return response
+
+
+# -- health ----------------------------------------------------------------------
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.StreamResponse:
+    return web.Response(text="ok\n")
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.StreamResponse:
+    stub = health_pb2_grpc.HealthStub(request.app[CHANNEL])
+    try:
+        reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+    except grpc.aio.AioRpcError as err:
+        return web.Response(status=503, text=f"service: {err.code().name}\n")
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        return web.Response(status=503, text="service: not serving\n")
+    return web.Response(text="ok\n")
