@@ -16,6 +16,7 @@ from aiohttp.web_response import StreamResponse
 
 from .app import create_app
 from .config import Config, load_config
+from .workers import run_workers, worker_count
 
 log = logging.getLogger("http_bridge")
 
@@ -56,7 +57,7 @@ ACCESS_LOGGERS: dict[str, type[AccessLogger]] = {
 }
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, reuse_port: bool = False) -> None:
     logger_class = ACCESS_LOGGERS.get(config.access_log)
     if logger_class is None:
         runner = web.AppRunner(create_app(config), access_log=None)
@@ -67,7 +68,9 @@ async def serve(config: Config) -> None:
     # collector's generations, so a full collection has less to walk (no long pauses).
     gc.collect()
     gc.freeze()
-    site = web.TCPSite(runner, config.http_host, config.http_port, backlog=1024)
+    site = web.TCPSite(
+        runner, config.http_host, config.http_port, backlog=1024, reuse_port=reuse_port
+    )
     await site.start()
     log.info(
         "bridge on http://%s:%d -> service %s",
@@ -86,6 +89,13 @@ def main() -> None:
     # Only `jobwire run` (local development) may invent secrets; a deployed bridge
     # never writes files and leaves an endpoint without its secret closed.
     config = load_config(generate=os.environ.get("JOBWIRE_GENERATE_SECRETS") == "1")
+    count = worker_count()  # JOBWIRE_HTTP_WORKERS: N processes on one port
+    if count > 1:
+        raise SystemExit(run_workers(count, lambda: run(config, reuse_port=True)))
+    run(config)
+
+
+def run(config: Config, reuse_port: bool = False) -> None:
     try:
         import uvloop
     except ImportError:
@@ -93,4 +103,4 @@ def main() -> None:
     else:
         runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
     with runner, contextlib.suppress(KeyboardInterrupt):
-        runner.run(serve(config))
+        runner.run(serve(config, reuse_port))
