@@ -8,15 +8,32 @@ GEN    := proto
 # protoc finds its mypy plugins (protoc-gen-mypy*) in the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install proto proto-check run serve bridge test lint fmt bench ferretdb promtool clean
+.PHONY: install lock lock-upgrade proto proto-check proto-lint proto-release run serve bridge test lint fmt bench ferretdb promtool clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Installs exactly what uv.lock pins (every dependency, direct and transitive, with
+# hashes; the project itself editable, with its dev extra). A uv.lock that no longer
+# matches pyproject.toml fails here, it is never re-resolved behind your back: run
+# `make lock` and commit uv.lock. `--inexact` keeps what is in the venv but not in
+# the lock (pip, tools a developer added by hand) instead of removing it.
+UV := $(shell bash scripts/install-uv.sh --path)
+$(STAMP): pyproject.toml uv.lock
+	@bash scripts/install-uv.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	@$(UV) lock --check --quiet || { echo "uv.lock is out of date with pyproject.toml: run 'make lock' and commit uv.lock" >&2; exit 1; }
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --frozen --inexact --extra dev --quiet
 	touch $(STAMP)
+
+# Updates uv.lock after a change to pyproject.toml's dependencies, keeping every pin
+# that still fits; `make lock-upgrade` moves every pin to the newest allowed version.
+lock:
+	@bash scripts/install-uv.sh
+	$(UV) lock
+
+lock-upgrade:
+	@bash scripts/install-uv.sh
+	$(UV) lock --upgrade
 
 # Regenerates the committed Python stubs and .pyi type stubs from proto/.
 proto: $(STAMP)
@@ -32,6 +49,22 @@ proto-check: $(STAMP)
 	for f in $$(cd $$tmp && find . -type f); do \
 	  cmp -s "$$tmp/$$f" "$(GEN)/$$f" || { echo "stale stub: $(GEN)/$$f (run make proto)"; rm -rf $$tmp; exit 1; }; \
 	done; rm -rf $$tmp; echo "stubs match proto/"
+
+# Proto hygiene with buf (built once from the Go module proxy, see buf.yaml): style
+# lint, and no breaking change against the API as last released. The released API is
+# the committed image proto/last-release.binpb, not the previous commit: CI checks a
+# whole session's commits at once, and fields added since the release may still change.
+BUF := $(shell bash scripts/install-buf.sh --path)
+proto-lint:
+	@bash scripts/install-buf.sh
+	$(BUF) lint
+	$(BUF) breaking --against proto/last-release.binpb
+	@echo "buf: proto/ lint-clean, no breaking change since the last release"
+
+# Run when a release is cut: the current proto/ becomes the breaking-change baseline.
+proto-release:
+	@bash scripts/install-buf.sh
+	$(BUF) build --exclude-source-info -o proto/last-release.binpb
 
 # The service and the HTTP bridge together, embedded store in ./data by default.
 run: $(STAMP)
@@ -56,7 +89,7 @@ test: $(STAMP) ferretdb promtool
 	JOBWIRE_PROMTOOL_BIN=$$(bash scripts/install-promtool.sh --path) \
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(STAMP) proto-lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
