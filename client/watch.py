@@ -1,8 +1,10 @@
 """Resumable watching: one job (`JobWatch`) and the firehose of all jobs (`JobsWatch`).
 
-Both reconnect when the stream drops (service restart, lost connection, or ABORTED
-because the watcher fell behind) with exponential backoff and jitter, and resume
-where they stopped, so the caller sees every event once, in order:
+Both reconnect when the stream drops (service restart, lost connection, ABORTED
+because the watcher fell behind, or RESOURCE_EXHAUSTED with a `retry-after-ms` hint
+from a node at its watch-stream limit, which sets the least wait) with exponential
+backoff and jitter, and resume where they stopped, so the caller sees every event
+once, in order:
 
 - `JobWatch` yields the job's snapshot (a `Job`) first, then each `JobEvent` in
   sequence order, and ends after the terminal event. It resumes from the last
@@ -25,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -43,6 +45,7 @@ TERMINAL = frozenset(
 )
 # A stream that ends with one of these is resumed; any other code is the caller's error.
 RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+RETRY_AFTER_KEY = "retry-after-ms"
 _DEDUPE = 65_536  # (job id, sequence) pairs a JobsWatch remembers to drop repeats
 
 WatchItem = job_pb2.Job | event_pb2.JobEvent | event_pb2.StreamGap
@@ -62,14 +65,33 @@ class _Reconnector:
         self._failures = 0
         self._since = None
 
-    async def wait(self, cause: JobwireError) -> None:
+    async def wait(self, cause: JobwireError, hint: float | None = None) -> None:
+        """Sleeps before the next attempt: the backoff, or the service's hint when longer."""
         now = time.monotonic()
         if self._since is None:
             self._since = now
         elif self._give_up_after is not None and now - self._since > self._give_up_after:
             raise cause
-        await asyncio.sleep(self._backoff.delay(self._failures))
+        await asyncio.sleep(max(self._backoff.delay(self._failures), hint or 0.0))
         self._failures += 1
+
+
+def resumable(err: grpc.aio.AioRpcError) -> tuple[bool, float | None]:
+    """Whether a stream that failed with `err` is resumed, and the service's wait hint.
+
+    A node at its watch-stream limit refuses with RESOURCE_EXHAUSTED and says when to
+    come back (`retry-after-ms`, service/admission.py); that refusal is resumed too.
+    """
+    if err.code() in RESUMABLE:
+        return True, None
+    if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        for key, value in err.trailing_metadata() or ():
+            if key == RETRY_AFTER_KEY:
+                try:
+                    return True, max(0.0, float(value) / 1000)
+                except (TypeError, ValueError):
+                    break
+    return False, None
 
 
 class JobWatch:
@@ -93,10 +115,10 @@ class JobWatch:
         self._every_event = every_event
         self._reconnect = _Reconnector(backoff, give_up_after)
 
-    def __aiter__(self) -> AsyncIterator[WatchItem]:
+    def __aiter__(self) -> AsyncGenerator[WatchItem, None]:
         return self._run()
 
-    async def _run(self) -> AsyncIterator[WatchItem]:
+    async def _run(self) -> AsyncGenerator[WatchItem, None]:
         first = True
         while True:
             request = job_service_pb2.WatchJobRequest(
@@ -105,6 +127,7 @@ class JobWatch:
             call: Any = self._stub.WatchJob(request)
             snapshot: job_pb2.Job | None = None
             cause: JobwireError = Unavailable(grpc.StatusCode.UNAVAILABLE, "watch stream ended")
+            hint: float | None = None
             try:
                 async for item in call:
                     self._reconnect.healthy()
@@ -135,16 +158,17 @@ class JobWatch:
                         ):
                             return
             except grpc.aio.AioRpcError as err:
-                if err.code() not in RESUMABLE:
+                again, hint = resumable(err)
+                if not again:
                     raise translate(err) from None
                 cause = translate(err)
             except Unavailable as err:  # filling a jump failed: resume by reconnecting
                 cause = err
             finally:
                 call.cancel()
-            await self._reconnect.wait(cause)
+            await self._reconnect.wait(cause, hint)
 
-    async def _accept(self, event: event_pb2.JobEvent) -> AsyncIterator[WatchItem]:
+    async def _accept(self, event: event_pb2.JobEvent) -> AsyncGenerator[WatchItem, None]:
         """`event` after the ones missing before it; nothing when already seen."""
         expected = self.last_sequence + 1
         if event.sequence < expected:
@@ -164,7 +188,7 @@ class JobWatch:
         yield event
         self.last_sequence = event.sequence
 
-    async def _fill(self, before: int) -> AsyncIterator[WatchItem]:
+    async def _fill(self, before: int) -> AsyncGenerator[WatchItem, None]:
         """The retained events between the last one yielded and `before`."""
         reply = await self._list_events(self.job_id, self.last_sequence)
         wanted = [e for e in reply.events if self.last_sequence < e.sequence < before]
@@ -202,10 +226,10 @@ class JobsWatch:
         self._reconnect = _Reconnector(backoff, give_up_after)
         self._delivered: OrderedDict[tuple[str, int], None] = OrderedDict()
 
-    def __aiter__(self) -> AsyncIterator[event_pb2.JobEvent | event_pb2.StreamGap]:
+    def __aiter__(self) -> AsyncGenerator[event_pb2.JobEvent | event_pb2.StreamGap, None]:
         return self._run()
 
-    async def _run(self) -> AsyncIterator[event_pb2.JobEvent | event_pb2.StreamGap]:
+    async def _run(self) -> AsyncGenerator[event_pb2.JobEvent | event_pb2.StreamGap, None]:
         connected_before = False
         while True:
             request = job_service_pb2.WatchJobsRequest(
@@ -215,6 +239,7 @@ class JobsWatch:
             )
             call: Any = self._stub.WatchJobs(request)
             cause: JobwireError = Unavailable(grpc.StatusCode.UNAVAILABLE, "watch stream ended")
+            hint: float | None = None
             blind = connected_before and not self.position
             try:
                 async for reply in call:
@@ -241,12 +266,13 @@ class JobsWatch:
                     yield event
                 connected_before = True
             except grpc.aio.AioRpcError as err:
-                if err.code() not in RESUMABLE:
+                again, hint = resumable(err)
+                if not again:
                     raise translate(err) from None
                 cause = translate(err)
             finally:
                 call.cancel()
-            await self._reconnect.wait(cause)
+            await self._reconnect.wait(cause, hint)
 
 
 def _copy(event: event_pb2.JobEvent) -> event_pb2.JobEvent:

@@ -1,0 +1,561 @@
+"""jobwire.client against the real service on loopback ports (both stores where storage
+matters); network faults come from a real loopback proxy (tests/grpc_proxy.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tracemalloc
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from pathlib import Path
+
+import grpc
+import pytest
+
+from jobwire.client import (
+    TLS,
+    AlreadyExists,
+    Client,
+    ClientConfigError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    Job,
+    JobEvent,
+    JobwireError,
+    NotFound,
+    RetryPolicy,
+    StreamGap,
+    Unauthenticated,
+    Unavailable,
+)
+from jobwire.client.retry import Backoff
+from jobwire.v1 import event_pb2, job_pb2, job_service_pb2, log_pb2
+from service.store.embedded import EmbeddedStore
+from tests.conftest import ServiceHandle, make_policy, start_service
+from tests.grpc_proxy import FaultProxy
+from tests.helpers import WAIT
+
+FAST = RetryPolicy(attempts=4, backoff=Backoff(initial=0.05, maximum=0.2))
+QUICK_WATCH = Backoff(initial=0.05, maximum=0.5)
+MiB = 1024 * 1024
+
+
+def client(target: str, **kwargs: object) -> Client:
+    kwargs.setdefault("retry", FAST)
+    kwargs.setdefault("watch_backoff", QUICK_WATCH)
+    return Client(target, **kwargs)  # type: ignore[arg-type]
+
+
+async def collect(watch: AsyncIterable[object], until: int = 10_000) -> list[object]:
+    """Items of a watch until it ends (or `until` items), each within WAIT seconds."""
+    items: list[object] = []
+    iterator = aiter(watch)
+    while len(items) < until:
+        try:
+            items.append(await asyncio.wait_for(anext(iterator), WAIT))
+        except StopAsyncIteration:
+            break
+    await iterator.aclose()  # type: ignore[attr-defined]
+    return items
+
+
+def sequences(items: Sequence[object]) -> list[int]:
+    return [i.sequence for i in items if isinstance(i, JobEvent)]
+
+
+@pytest.fixture
+async def proxy(service: ServiceHandle) -> AsyncIterator[FaultProxy]:
+    p = await FaultProxy(service.target).start()
+    yield p
+    await p.close()
+
+
+# -- every method ---------------------------------------------------------------
+
+
+async def test_create_get_list_cancel(service: ServiceHandle) -> None:
+    async with client(service.target) as c:
+        made = await c.create_job("GENERIC", job_id="c-1", labels={"team": "a"})
+        assert made.job.id == "c-1" and made.callback_token
+        assert (await c.get_job("c-1")).state == job_pb2.JOB_STATE_QUEUED
+        for i in range(2, 8):
+            await c.create_job(job_pb2.JOB_KIND_GENERIC, job_id=f"c-{i}", labels={"team": "a"})
+        await c.create_job("VIDEO", job_id="other", labels={"team": "b"})
+        # list_jobs walks every page (page_size 2 -> 4 pages), oldest first
+        ids = [j.id async for j in c.list_jobs(labels={"team": "a"}, page_size=2)]
+        assert ids == [f"c-{i}" for i in range(1, 8)]
+        assert [j.id async for j in c.list_jobs(kind="VIDEO")] == ["other"]
+        page = await c.list_jobs_page(labels={"team": "a"}, page_size=3)
+        assert len(page.jobs) == 3 and page.next_page_token
+        cancelled = await c.cancel_job("c-1", "no longer needed")
+        assert cancelled.state == job_pb2.JOB_STATE_CANCELLED
+        assert [j.id async for j in c.list_jobs(states=["CANCELLED"])] == ["c-1"]
+
+
+async def test_claim_report_complete_fail_and_events(service: ServiceHandle) -> None:
+    async with client(service.target) as c:
+        assert await c.claim_job("VIDEO", worker_id="w") is None  # nothing queued
+        video = job_pb2.Video(url="https://example.invalid/v.mp4", title="t")
+        await c.create_job("VIDEO", job_id="v-1", video=video)
+        job = await c.claim_job("VIDEO", worker_id="w", lease=30)
+        assert job is not None and job.id == "v-1" and job.state == job_pb2.JOB_STATE_RUNNING
+        assert job.video.url == video.url and job.worker_id == "w"
+        reply = await c.report_progress(
+            "v-1", 40, phase="download", message="40%", media_time=4, media_duration=10
+        )
+        assert reply.sequence == 2 and not reply.duplicate
+        done = await c.complete("v-1", output_key="out/v-1.mp4", metadata={"frames": 3})
+        assert done.state == job_pb2.JOB_STATE_SUCCEEDED
+        got = await c.get_job("v-1")
+        assert got.result.output_key == "out/v-1.mp4"
+        assert got.progress.media_duration.seconds == 10
+        events = await c.list_job_events("v-1")
+        assert [e.type for e in events.events] == [
+            event_pb2.EVENT_TYPE_CLAIMED,
+            event_pb2.EVENT_TYPE_PROGRESS,
+            event_pb2.EVENT_TYPE_COMPLETED,
+        ]
+        await c.create_job("GENERIC", job_id="f-1")
+        failed = await c.fail("f-1", "OCR_TIMEOUT", "took too long", details={"page": 3})
+        assert failed.state == job_pb2.JOB_STATE_FAILED
+        assert (await c.get_job("f-1")).error.code == "OCR_TIMEOUT"
+        # the same explicit key twice: applied once
+        await c.create_job("GENERIC", job_id="k-1")
+        first = await c.report_progress("k-1", 10, idempotency_key="once")
+        again = await c.report_progress("k-1", 10, idempotency_key="once")
+        assert again.duplicate and again.sequence == first.sequence == 1
+
+
+async def test_logs(service: ServiceHandle) -> None:
+    async with client(service.target) as c:
+        await c.create_job("GENERIC", job_id="l-1")
+        await c.write_log("starting", job_id="l-1")
+        await c.write_log("careful", job_id="l-1", level="WARNING")
+        lines = await c.list_logs(job_id="l-1")
+        assert [e.message for e in lines] == ["careful", "starting"]  # newest first
+        assert [e.message for e in await c.list_logs(job_id="l-1", level="WARNING")] == ["careful"]
+        reply = await c.write_log("broke", job_id="l-1", level=log_pb2.LOG_LEVEL_ERROR)
+        assert reply.job_failed
+
+
+async def test_errors_are_typed_with_code_and_message(service: ServiceHandle) -> None:
+    async with client(service.target) as c:
+        with pytest.raises(NotFound) as not_found:
+            await c.get_job("missing")
+        assert not_found.value.code == grpc.StatusCode.NOT_FOUND
+        assert "missing" in not_found.value.message
+        await c.create_job("GENERIC", job_id="e-1")
+        with pytest.raises(AlreadyExists):
+            await c.create_job("GENERIC", job_id="e-1")
+        with pytest.raises(InvalidArgument) as bad:
+            await c.create_job(job_pb2.JOB_KIND_UNSPECIFIED)
+        assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT and bad.value.message
+        await c.cancel_job("e-1")
+        with pytest.raises(FailedPrecondition):
+            await c.cancel_job("e-1")
+        assert isinstance(bad.value, JobwireError)
+
+
+async def test_artifacts_from_bytes_path_and_iterator(
+    service: ServiceHandle, tmp_path: Path
+) -> None:
+    async with client(service.target) as c:
+        await c.create_job("EXTRACTION", job_id="a-1")
+        text = b"# extracted\n" * 1000
+        art = await c.upload_artifact("a-1", "text.md", text, content_type="text/markdown")
+        assert art.size_bytes == len(text) and art.sha256 == hashlib.sha256(text).hexdigest()
+        source = tmp_path / "images.zip"
+        source.write_bytes(os.urandom(3 * MiB + 5))
+        art = await c.upload_artifact("a-1", "images.zip", source, chunk_size=MiB)
+        assert art.sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+
+        async def parts() -> AsyncIterator[bytes]:
+            for i in range(3):
+                yield bytes([i]) * 1000
+
+        art = await c.upload_artifact("a-1", "parts.bin", parts())
+        assert art.size_bytes == 3000
+        names = [a.name for a in await c.list_artifacts("a-1")]
+        assert sorted(names) == ["images.zip", "parts.bin", "text.md"]
+        stream = c.read_artifact("a-1", "text.md")
+        assert b"".join([chunk async for chunk in stream]) == text
+        assert stream.artifact is not None and stream.artifact.content_type == "text/markdown"
+        saved = await c.read_artifact("a-1", "images.zip").save(tmp_path / "copy.zip")
+        assert (tmp_path / "copy.zip").read_bytes() == source.read_bytes()
+        assert saved.name == "images.zip"
+        with pytest.raises(NotFound):
+            await c.read_artifact("a-1", "nope").save(tmp_path / "nope")
+        assert not (tmp_path / "nope").exists() and not (tmp_path / "nope.partial").exists()
+
+
+async def test_50_mib_artifact_in_bounded_memory(tmp_path: Path) -> None:
+    """Upload and read 50 MiB; Python's peak allocation stays a few chunks, not 50 MiB
+    (client and service run in this process, so both are measured)."""
+    handle = await start_service(EmbeddedStore(tmp_path / "d", make_policy()))
+    digest = hashlib.sha256()
+
+    async def generated() -> AsyncIterator[bytes]:
+        block = os.urandom(MiB)
+        for i in range(50):
+            chunk = block[:-1] + bytes([i])
+            digest.update(chunk)
+            yield chunk
+
+    try:
+        async with client(handle.target) as c:
+            await c.create_job("EXTRACTION", job_id="big")
+            tracemalloc.start()
+            try:
+                art = await c.upload_artifact("big", "big.bin", generated())
+                _, upload_peak = tracemalloc.get_traced_memory()
+                tracemalloc.reset_peak()
+                read = hashlib.sha256()
+                async for chunk in c.read_artifact("big", "big.bin"):
+                    read.update(chunk)
+                _, read_peak = tracemalloc.get_traced_memory()
+                tracemalloc.reset_peak()
+                await c.read_artifact("big", "big.bin").save(tmp_path / "big.out")
+                _, save_peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert art.size_bytes == 50 * MiB and art.sha256 == digest.hexdigest()
+            assert read.hexdigest() == digest.hexdigest()
+            assert (tmp_path / "big.out").stat().st_size == 50 * MiB
+            for peak in (upload_peak, read_peak, save_peak):
+                assert peak < 12 * MiB, f"peak {peak / MiB:.1f} MiB"
+    finally:
+        await handle.close()
+
+
+# -- deadlines, retries, TLS, token ------------------------------------------------
+
+
+async def test_default_and_per_call_deadlines_fire(service: ServiceHandle) -> None:
+    stalled = grpc.aio.server()  # accepts calls and never answers them
+    started = asyncio.Event()
+
+    async def hang(request: bytes, context: object) -> bytes:
+        started.set()
+        await asyncio.sleep(3600)
+        return b""
+
+    stalled.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "jobwire.v1.JobService", {"GetJob": grpc.unary_unary_rpc_method_handler(hang)}
+            )
+        ]
+    )
+    port = stalled.add_insecure_port("127.0.0.1:0")
+    await stalled.start()
+    try:
+        async with client(f"127.0.0.1:{port}", timeout=0.3) as c:
+            loop = asyncio.get_running_loop()
+            begin = loop.time()
+            with pytest.raises(DeadlineExceeded) as err:
+                await c.get_job("x")  # the client's default deadline
+            assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert started.is_set() and loop.time() - begin < WAIT
+            with pytest.raises(DeadlineExceeded):
+                await c.get_job("x", timeout=0.1)  # a per-call deadline
+    finally:
+        await stalled.stop(0)
+
+
+async def test_report_progress_retried_after_a_lost_reply_is_applied_once(
+    service: ServiceHandle, proxy: FaultProxy
+) -> None:
+    async with client(proxy.target) as c:
+        await c.create_job("GENERIC", job_id="r-1")
+        proxy.lose_reply["ReportEvent"] = 1  # applied by the service, reply lost
+        reply = await c.report_progress("r-1", 50, message="half")
+        assert proxy.calls["ReportEvent"] == 2  # the client retried once...
+        assert reply.duplicate and reply.sequence == 1  # ...with the same key: applied once
+        events = (await c.list_job_events("r-1")).events
+        assert [e.sequence for e in events] == [1]
+        # reads are retried too; a call that is not safe to repeat is not
+        proxy.lose_reply["GetJob"] = 1
+        assert (await c.get_job("r-1")).sequence == 1
+        assert proxy.calls["GetJob"] == 2
+        proxy.lose_reply["CreateJob"] = 1
+        with pytest.raises(Unavailable):
+            await c.create_job("GENERIC", job_id="r-2")
+        assert proxy.calls["CreateJob"] == 2  # r-1 and r-2 once each
+        proxy.lose_reply["ReportEvent"] = 10  # more than the retry policy allows
+        with pytest.raises(Unavailable):
+            await c.report_progress("r-1", 60)
+        assert (await c.get_job("r-1")).sequence == 2  # applied once all the same
+
+
+async def test_unreachable_service_is_unavailable_after_retries() -> None:
+    from tests.helpers import free_port
+
+    async with client(f"127.0.0.1:{free_port()}") as c:
+        with pytest.raises(Unavailable) as err:
+            await c.get_job("x", timeout=2)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+async def test_tls_and_token(tmp_path: Path, mutual: bool) -> None:
+    from tests.test_ops import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    handle = await start_service(
+        EmbeddedStore(tmp_path / "d", make_policy()),
+        grpc_tls_cert=str(cert),
+        grpc_tls_key=str(key),
+        grpc_tls_client_ca=str(cert) if mutual else "",
+        grpc_token="s3cr3t",
+    )
+    tls = TLS(ca=cert, cert=cert if mutual else None, key=key if mutual else None)
+    try:
+        async with client(handle.target, tls=tls, token="s3cr3t") as c:
+            made = await c.create_job("GENERIC", job_id="tls-1")
+            assert made.job.id == "tls-1"
+            items = await collect(c.watch_job("tls-1"), until=1)  # streams carry the token too
+            assert isinstance(items[0], Job)
+        async with client(handle.target, tls=tls, token="wrong") as c:
+            with pytest.raises(Unauthenticated):
+                await c.get_job("tls-1")
+        async with client(handle.target, tls=tls) as c:
+            with pytest.raises(Unauthenticated):
+                await c.get_job("tls-1")
+        async with client(handle.target, token="s3cr3t", retry=RetryPolicy(attempts=1)) as c:
+            with pytest.raises(JobwireError):  # plaintext against a TLS port
+                await c.get_job("tls-1", timeout=2)
+        env = {
+            "JOBWIRE_SERVICE_TARGET": handle.target,
+            "JOBWIRE_SERVICE_TLS_CA": str(cert),
+            "JOBWIRE_GRPC_TOKEN": "s3cr3t",
+        }
+        if mutual:
+            env |= {"JOBWIRE_SERVICE_TLS_CERT": str(cert), "JOBWIRE_SERVICE_TLS_KEY": str(key)}
+        async with Client.from_env(env=env) as c:
+            assert (await c.get_job("tls-1")).id == "tls-1"
+        with pytest.raises(ClientConfigError, match="JOBWIRE_SERVICE_TLS_KEY"):
+            Client.from_env(env={"JOBWIRE_SERVICE_TLS_CERT": str(cert)})
+        with pytest.raises(ClientConfigError, match="cannot read"):
+            Client(handle.target, tls=TLS(ca=tmp_path / "missing.pem"))
+    finally:
+        await handle.close()
+
+
+# -- watch_job ------------------------------------------------------------------
+
+
+async def test_watch_job_snapshot_events_and_end(service: ServiceHandle) -> None:
+    async with client(service.target) as c:
+        await c.create_job("GENERIC", job_id="w-1")
+        await c.report_progress("w-1", 10)
+        watch = c.watch_job("w-1")
+        iterator = aiter(watch)
+        first = await asyncio.wait_for(anext(iterator), WAIT)
+        assert isinstance(first, Job) and first.id == "w-1"
+        assert sequences([await asyncio.wait_for(anext(iterator), WAIT)]) == [1]
+        await c.report_progress("w-1", 60)
+        await c.complete("w-1")
+        rest = [item async for item in iterator]
+        assert sequences(rest) == [2, 3]
+        assert rest[-1].state == job_pb2.JOB_STATE_SUCCEEDED  # type: ignore[union-attr]
+        # from_sequence resumes after it; a finished job's watch ends by itself
+        later = await collect(c.watch_job("w-1", from_sequence=2))
+        assert isinstance(later[0], Job) and sequences(later) == [3]
+        assert sequences(await collect(c.watch_job("w-1", from_sequence=3))) == []
+        with pytest.raises(NotFound):
+            await collect(c.watch_job("missing"))
+
+
+async def test_watch_job_across_a_service_restart(tmp_path: Path) -> None:
+    first = await start_service(EmbeddedStore(tmp_path, make_policy()))
+    port = first.running.port
+    second: ServiceHandle | None = None
+    async with client(first.target) as c:
+        await c.create_job("GENERIC", job_id="rs")
+        for percent in (10, 20):
+            await c.report_progress("rs", percent)
+        iterator = aiter(c.watch_job("rs"))
+        seen = [await asyncio.wait_for(anext(iterator), WAIT) for _ in range(3)]
+        await first.close()  # the watcher sees UNAVAILABLE and keeps reconnecting
+        second = await start_service(
+            EmbeddedStore(tmp_path, make_policy()), grpc_addr=f"127.0.0.1:{port}"
+        )
+        try:
+            async with client(second.target) as writer:
+                for percent in (30, 40, 50):
+                    await writer.report_progress("rs", percent)
+                await writer.complete("rs")
+            seen += [item async for item in iterator]
+        finally:
+            await second.close()
+    assert isinstance(seen[0], Job)
+    assert sum(isinstance(i, Job) for i in seen) == 1  # the reconnect's snapshot is not repeated
+    assert sequences(seen) == [1, 2, 3, 4, 5, 6]
+
+
+async def test_watch_job_across_a_forced_aborted(service: ServiceHandle, proxy: FaultProxy) -> None:
+    """The stream ends with ABORTED (a watcher that fell behind) twice, mid-stream and
+    while events keep coming: every event arrives once, in order."""
+    async with client(service.target) as writer, client(proxy.target) as c:
+        await writer.create_job("GENERIC", job_id="ab")
+        for i in range(1, 6):
+            await writer.report_progress("ab", i)
+        proxy.abort_next_stream("WatchJob", after=3)  # snapshot + events 1, 2
+        proxy.abort_next_stream("WatchJob", after=4, code=grpc.StatusCode.UNAVAILABLE)
+        watch = c.watch_job("ab")
+        iterator = aiter(watch)
+        items = [await asyncio.wait_for(anext(iterator), WAIT) for _ in range(6)]
+        for i in range(6, 12):
+            await writer.report_progress("ab", i)
+        await writer.complete("ab")
+        items += [item async for item in iterator]
+        assert proxy.calls["WatchJob"] == 3
+        assert isinstance(items[0], Job) and sum(isinstance(i, Job) for i in items) == 1
+        assert sequences(items) == list(range(1, 13))
+        assert not any(isinstance(i, StreamGap) for i in items)
+        assert watch.last_sequence == 12
+
+
+def _coalesce(first: int, last: int) -> object:
+    """A proxy rewrite that drops events first..last-1 and marks `last` as standing for
+    them, as the service does for a slow watcher."""
+
+    def rewrite(message: bytes) -> bytes | None:
+        reply = job_service_pb2.WatchJobResponse.FromString(message)
+        if reply.WhichOneof("item") != "event":
+            return message
+        if first <= reply.event.sequence < last:
+            return None
+        if reply.event.sequence == last:
+            reply.event.coalesced_from_sequence = first
+        return reply.SerializeToString()
+
+    return rewrite
+
+
+async def test_watch_job_fills_coalesced_progress_or_reports_its_range(
+    service: ServiceHandle, proxy: FaultProxy
+) -> None:
+    async with client(service.target) as writer, client(proxy.target) as c:
+        await writer.create_job("GENERIC", job_id="co")
+        for i in range(1, 10):
+            await writer.report_progress("co", i * 10)
+        await writer.complete("co")
+        proxy.rewrite["WatchJob"] = _coalesce(3, 7)  # type: ignore[assignment]
+        every = await collect(c.watch_job("co"))
+        assert sequences(every) == list(range(1, 11))  # 3..6 fetched from the history
+        assert all(e.coalesced_from_sequence == 0 for e in every if isinstance(e, JobEvent))
+        latest = await collect(c.watch_job("co", every_event=False))
+        assert sequences(latest) == [1, 2, 7, 8, 9, 10]
+        seven = next(e for e in latest if isinstance(e, JobEvent) and e.sequence == 7)
+        assert seven.coalesced_from_sequence == 3
+        # an unannounced jump is filled whatever every_event says
+        proxy.rewrite["WatchJob"] = _drop(4, 5)  # type: ignore[assignment]
+        assert sequences(await collect(c.watch_job("co", every_event=False))) == list(range(1, 11))
+
+
+def _drop(*dropped: int) -> object:
+    def rewrite(message: bytes) -> bytes | None:
+        reply = job_service_pb2.WatchJobResponse.FromString(message)
+        if reply.WhichOneof("item") == "event" and reply.event.sequence in dropped:
+            return None
+        return message
+
+    return rewrite
+
+
+async def test_watch_job_surfaces_a_gap_when_history_is_gone(service: ServiceHandle) -> None:
+    async with client(service.target) as c:  # the fixture's service retains 16 events a job
+        await c.create_job("GENERIC", job_id="gap")
+        for i in range(1, 31):
+            await c.report_progress("gap", i)
+        await c.complete("gap")
+        items = await collect(c.watch_job("gap", from_sequence=2))
+        gaps = [i for i in items if isinstance(i, StreamGap)]
+        assert len(gaps) == 1 and gaps[0].requested_sequence == 2
+        after = sequences(items)
+        assert after[0] == gaps[0].oldest_available_sequence > 3
+        assert after == list(range(after[0], 32))  # consecutive from there, to the end
+        assert items.index(gaps[0]) < next(
+            i for i, x in enumerate(items) if isinstance(x, JobEvent)
+        )
+
+
+# -- watch_jobs -----------------------------------------------------------------
+
+
+async def until(predicate: object) -> None:
+    """Polls a cheap condition (here: how many watchers the service has subscribed)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT
+    while not predicate():  # type: ignore[operator]
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_watch_jobs_with_kind_and_state_filters(service: ServiceHandle) -> None:
+    fanout = service.running.jobs.fanout
+    async with client(service.target) as c:
+        videos = aiter(c.watch_jobs(kind="VIDEO"))
+        finished = aiter(c.watch_jobs(states=["SUCCEEDED", "FAILED"]))
+        first_video = asyncio.ensure_future(anext(videos))
+        first_finished = asyncio.ensure_future(anext(finished))
+        await until(lambda: fanout.watchers == 2)  # both streams are live
+        await c.create_job("VIDEO", job_id="fv-1")
+        await c.create_job("GENERIC", job_id="fg-1")
+        await c.report_progress("fg-1", 50)
+        await c.report_progress("fv-1", 50)
+        await c.complete("fg-1")
+        await c.fail("fv-1", "E", "broken")
+        seen_videos = [await asyncio.wait_for(first_video, WAIT)]
+        seen_videos.append(await asyncio.wait_for(anext(videos), WAIT))
+        assert [(e.job_id, e.type) for e in seen_videos] == [  # type: ignore[union-attr]
+            ("fv-1", event_pb2.EVENT_TYPE_PROGRESS),
+            ("fv-1", event_pb2.EVENT_TYPE_FAILED),
+        ]
+        seen_finished = [await asyncio.wait_for(first_finished, WAIT)]
+        seen_finished.append(await asyncio.wait_for(anext(finished), WAIT))
+        assert [(e.job_id, e.state) for e in seen_finished] == [  # type: ignore[union-attr]
+            ("fg-1", job_pb2.JOB_STATE_SUCCEEDED),
+            ("fv-1", job_pb2.JOB_STATE_FAILED),
+        ]
+        await videos.aclose()
+        await finished.aclose()
+
+
+async def test_watch_jobs_resumes_after_a_dropped_stream(
+    service: ServiceHandle, proxy: FaultProxy
+) -> None:
+    """The firehose drops (ABORTED) mid-stream: nothing is yielded twice and nothing is
+    lost silently: with the service's positions every event arrives, without them a
+    StreamGap says that some may be missing."""
+    fanout = service.running.jobs.fanout
+    async with client(service.target) as writer, client(proxy.target) as c:
+        await writer.create_job("GENERIC", job_id="fh")
+        proxy.abort_next_stream("WatchJobs", after=2)
+        watch = c.watch_jobs(kind="GENERIC")
+        iterator = aiter(watch)
+        first = asyncio.ensure_future(anext(iterator))
+        await until(lambda: fanout.watchers == 1)
+        for i in range(1, 4):  # the proxy passes 1 and 2, then aborts at 3
+            await writer.report_progress("fh", i)
+        items = [await asyncio.wait_for(first, WAIT)]
+        items.append(await asyncio.wait_for(anext(iterator), WAIT))
+        following = asyncio.ensure_future(anext(iterator))  # meets the abort, reconnects
+        await until(lambda: proxy.calls["WatchJobs"] == 2 and fanout.watchers == 1)
+        for i in range(4, 7):
+            await writer.report_progress("fh", i)
+        items.append(await asyncio.wait_for(following, WAIT))
+        while not isinstance(items[-1], JobEvent) or items[-1].sequence < 6:
+            items.append(await asyncio.wait_for(anext(iterator), WAIT))
+        await iterator.aclose()
+        seqs = sequences(items)
+        assert seqs == sorted(set(seqs))  # in order, never twice
+        gaps = [i for i in items if isinstance(i, StreamGap)]
+        if watch.position:  # the service resumes by position: nothing lost
+            assert not gaps and seqs == list(range(1, 7))
+        else:  # it cannot: the loss is announced before the events that follow it
+            assert len(gaps) == 1 and seqs[:2] == [1, 2] and seqs[-3:] == [4, 5, 6]
+            assert isinstance(items[2], StreamGap)
