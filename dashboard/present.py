@@ -59,7 +59,7 @@ def job_row(job: job_pb2.Job) -> dict[str, Any]:
         "stalled": job.stalled,
         "percent": _percent(job.progress.percent, job.state),
         "phase": job.progress.phase,
-        "message": job.progress.message or job.error.message or job.result.message,
+        "message": job.error.message or job.result.message or job.progress.message,
         "created": iso(job.create_time),
         "updated": iso(job.update_time),
         "duration": seconds(job.create_time, end),

@@ -1,0 +1,676 @@
+"""The dashboard in a real browser (Debian's chromium via Playwright), against the real
+service, bridge and dashboard process on loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from jobwire.v1 import job_pb2, job_service_pb2, log_pb2
+from service.domain.records import Policy
+from service.store.embedded import EmbeddedStore
+from tests.bridge_harness import API_KEY, BATCH_SECRET, TEST_CONFIG, TRANSCODE_TOKEN, running_bridge
+from tests.conftest import ServiceHandle, start_service
+from tests.dashboard_harness import (
+    LAPTOP,
+    PHONE,
+    SCREENSHOTS,
+    TOKEN,
+    DashboardProcess,
+    chromium,
+    login,
+    running_dashboard,
+)
+
+WAIT_MS = 10_000  # any awaited page change; the live-update test asserts its own 1 s
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+async def svc(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ServiceHandle]:
+    data = tmp_path_factory.mktemp("dashboard")
+    policy = Policy(retention=64, lease_ns=60 * 10**9, max_attempts=3)
+    handle = await start_service(EmbeddedStore(data, policy), lease_sweep_seconds=0.05)
+    yield handle
+    await handle.close()
+
+
+@pytest.fixture(scope="module")
+async def bridge(svc: ServiceHandle) -> AsyncIterator[Any]:
+    config = dataclasses.replace(TEST_CONFIG, service_target=svc.target)
+    async with running_bridge(config) as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+async def dash(svc: ServiceHandle) -> AsyncIterator[DashboardProcess]:
+    async with running_dashboard(svc.target) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Any]:
+    async with chromium() as b:
+        yield b
+
+
+@pytest.fixture
+async def context(browser: Any) -> AsyncIterator[Any]:
+    ctx = await browser.new_context(viewport=LAPTOP, accept_downloads=True)
+    yield ctx
+    await ctx.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+async def new_job(
+    stub: Any, kind: Any, job_id: str, labels: dict[str, str] | None = None, **video: str
+) -> job_service_pb2.CreateJobResponse:
+    job = job_pb2.Job(kind=kind)
+    job.labels.update(labels or {})
+    if video:
+        job.video.CopyFrom(job_pb2.Video(**video))
+    return await stub.CreateJob(job_service_pb2.CreateJobRequest(job=job, job_id=job_id))
+
+
+async def progress(stub: Any, job_id: str, percent: float, phase: str, message: str) -> int:
+    reply = await stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=job_id,
+            idempotency_key=uuid.uuid4().hex,
+            progress=job_pb2.Progress(percent=percent, phase=phase, message=message),
+        )
+    )
+    return int(reply.sequence)
+
+
+async def write_log(stub: Any, job_id: str, level: int, message: str) -> None:
+    entry = log_pb2.LogEntry(job_id=job_id, level=level, message=message)
+    await stub.WriteLog(job_service_pb2.WriteLogRequest(entry=entry))
+
+
+async def timeline_seqs(page: Any) -> list[int]:
+    return [
+        int(s)
+        for s in await page.eval_on_selector_all(
+            "#timeline tbody tr", "rows => rows.map(r => r.dataset.seq)"
+        )
+    ]
+
+
+# -- closed by default ---------------------------------------------------------------
+
+
+async def test_every_page_and_stream_is_refused_without_login(
+    dash: DashboardProcess, context: Any, http: aiohttp.ClientSession, svc: ServiceHandle
+) -> None:
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, uid("closed"))
+    for path in (
+        "/",
+        "/jobs",
+        "/jobs/x",
+        "/jobs/x/artifacts/a.txt",
+        "/api/jobs",
+        "/api/jobs/x",
+        "/events/jobs",
+        "/events/jobs/x",
+    ):
+        async with http.get(dash.url + path, allow_redirects=False) as reply:
+            assert reply.status == 401, path
+            assert "Content-Security-Policy" in reply.headers
+            body = await reply.text()
+            assert "data-job" not in body
+    async with http.post(dash.url + "/jobs/x/cancel", data={"csrf": "x"}) as reply:
+        assert reply.status == 401
+    # A wrong token is refused; a wrong Bearer is no login either.
+    async with http.get(dash.url + "/api/jobs", headers={"Authorization": "Bearer nope"}) as r:
+        assert r.status == 401
+
+    page = await context.new_page()
+    await page.goto(dash.url + "/jobs")
+    assert await page.locator("input[name=token]").count() == 1
+    await page.fill("input[name=token]", "wrong-token")
+    async with page.expect_navigation():
+        await page.click("button[type=submit]")
+    assert "Wrong token" in await page.inner_text("main")
+    assert await page.locator("#jobs").count() == 0
+
+    await page.fill("input[name=token]", TOKEN)
+    async with page.expect_navigation():
+        await page.click("button[type=submit]")
+    assert page.url.endswith("/jobs")
+    await page.wait_for_selector("#jobs tbody tr")
+    cookies = {c["name"]: c for c in await context.cookies()}
+    session = cookies["jobwire_session"]
+    assert session["httpOnly"] is True
+    assert session["sameSite"] == "Strict"
+    assert session["secure"] is False  # plain http on loopback; https sets Secure
+
+
+# -- screenshots for the README -------------------------------------------------------
+
+
+async def test_screenshots(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle, bridge: Any
+) -> None:
+    stub = svc.stub
+    run = uuid.uuid4().hex[:4]
+    doc = f"contract-2026-117-{run}"
+    created = await new_job(stub, job_pb2.JOB_KIND_EXTRACTION, doc, {"team": "legal"})
+    auth = {"Authorization": f"Bearer {created.callback_token}"}
+    for i, (phase, pct, msg) in enumerate(
+        [
+            ("download", 5, "PDF geladen (2.4 MB)"),
+            ("ocr", 21, "Seite 6/28"),
+            ("extract_text", 48, "Seite 14/28"),
+            ("extract_text", 77, "Seite 22/28"),
+            ("images", 93, "12 Bilder extrahiert"),
+        ]
+    ):
+        body = {"phase": phase, "progress": pct, "message": msg, "process": {"id": "sec-4711"}}
+        assert (await bridge.post(f"/api/external/jobs/{doc}", body, headers=auth))[0] == 200
+        await write_log(
+            stub, doc, [log_pb2.LOG_LEVEL_INFO, log_pb2.LOG_LEVEL_DEBUG][i % 2], f"{phase}: {msg}"
+        )
+    await write_log(stub, doc, log_pb2.LOG_LEVEL_WARNING, "OCR confidence 0.71 on page 9")
+    final = {
+        "phase": "completed",
+        "message": "Extraktion abgeschlossen",
+        "data": {
+            "extracted_text": "# Vertrag 2026-117\n\n§1 Gegenstand ...",
+            "images_archive_data": base64.b64encode(b"PK\x03\x04" + b"\0" * 48_000).decode(),
+            "images_archive_filename": "pdf_images.zip",
+            "metadata": {"pages": 28},
+        },
+    }
+    assert (await bridge.post(f"/api/external/jobs/{doc}", final, headers=auth))[0] == 200
+
+    # A realistic mix for the jobs page.
+    video = await new_job(
+        stub,
+        job_pb2.JOB_KIND_VIDEO,
+        f"video-{run}",
+        {"playlist": "keynotes"},
+        url="https://media.example/keynote.mp4",
+        title="Keynote 2026",
+    )
+    await progress(stub, video.job.id, 45, "download", "Descargando 00:01:30 / 00:03:20")
+    batch = await new_job(stub, job_pb2.JOB_KIND_BATCH, f"batch-{run}", {"pipeline": "render"})
+    await stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=batch.job.id,
+            idempotency_key="done",
+            completed=job_pb2.Result(output_key="output/render-0042.mp4"),
+        )
+    )
+    tr = await new_job(stub, job_pb2.JOB_KIND_TRANSCODE, f"transcode-{run}")
+    await stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=tr.job.id,
+            idempotency_key="fail",
+            failed=job_pb2.JobError(code="1003", message="Invalid input file"),
+        )
+    )
+    ocr = await new_job(stub, job_pb2.JOB_KIND_EXTRACTION, f"invoice-{run}", {"team": "finance"})
+    await progress(stub, ocr.job.id, 12, "ocr", "Seite 2/17")
+    await new_job(stub, job_pb2.JOB_KIND_EXTRACTION, f"scan-{run}", {"team": "finance"})
+    gen = await new_job(stub, job_pb2.JOB_KIND_GENERIC, f"reindex-{run}")
+    await stub.CancelJob(job_service_pb2.CancelJobRequest(id=gen.job.id, reason="superseded"))
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page = await login(context, dash.url)
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    await page.screenshot(path=str(SCREENSHOTS / "jobs-laptop.png"))
+    await page.goto(f"{dash.url}/jobs/{doc}")
+    await page.wait_for_selector("#live[data-state=ended]", timeout=WAIT_MS)
+    await page.screenshot(path=str(SCREENSHOTS / "job-laptop.png"), full_page=True)
+    await page.set_viewport_size(PHONE)
+    await page.goto(dash.url + "/jobs")
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    await page.screenshot(path=str(SCREENSHOTS / "jobs-phone.png"))
+    await page.goto(f"{dash.url}/jobs/{doc}")
+    await page.screenshot(path=str(SCREENSHOTS / "job-phone.png"))
+    # Nothing may overflow the phone's width (no sideways scrolling of the page).
+    for path in ("/jobs", f"/jobs/{doc}"):
+        await page.goto(dash.url + path)
+        width = await page.evaluate("document.documentElement.scrollWidth")
+        assert width <= PHONE["width"], (path, width)
+
+
+# -- live rows ----------------------------------------------------------------------
+
+ROW_IS = """([id, pct, state]) => {
+  const tr = document.querySelector(`#jobs tr[data-job="${CSS.escape(id)}"]`);
+  if (!tr || tr.dataset.state !== state) return false;
+  return Math.round(tr.querySelector('progress').value) === pct;
+}"""
+
+
+async def changed_within(page: Any, job_id: str, percent: int, state: str) -> float:
+    """Seconds from now (just after the callback's 2xx) until the row shows the change."""
+    start = time.monotonic()
+    await page.wait_for_function(ROW_IS, arg=[job_id, percent, state], timeout=WAIT_MS)
+    return time.monotonic() - start
+
+
+async def test_rows_change_live_from_each_contract(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle, bridge: Any
+) -> None:
+    stub = svc.stub
+    doc = await new_job(stub, job_pb2.JOB_KIND_EXTRACTION, uid("live-doc"))
+    video_id = str(uuid.uuid4().int % 10**9)
+    await new_job(stub, job_pb2.JOB_KIND_VIDEO, video_id, url="https://media.example/v.mp4")
+    batch_id = str(uuid.uuid4())
+    await new_job(stub, job_pb2.JOB_KIND_BATCH, batch_id)
+    page = await login(context, dash.url)
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    await page.evaluate("window.__sameDocument = 42")
+    elapsed: dict[str, float] = {}
+
+    auth = {"Authorization": f"Bearer {doc.callback_token}"}
+    body = {"phase": "extract_text", "progress": 42, "message": "Seite 12/28"}
+    assert (await bridge.post(f"/api/external/jobs/{doc.job.id}", body, headers=auth))[0] == 200
+    elapsed["secretary progress"] = await changed_within(page, doc.job.id, 42, "RUNNING")
+    failed = {"phase": "failed", "error": {"code": "OCR_TIMEOUT", "message": "Timeout"}}
+    assert (await bridge.post(f"/api/external/jobs/{doc.job.id}", failed, headers=auth))[0] == 200
+    elapsed["secretary failed"] = await changed_within(page, doc.job.id, 42, "FAILED")
+
+    video_auth = {"Authorization": f"Bearer {API_KEY}"}
+    report = {"status": "progress", "videoId": video_id, "message": "Descargando", "percent": 45}
+    assert (await bridge.post("/api/report", report, headers=video_auth))[0] == 200
+    elapsed["video progress"] = await changed_within(page, video_id, 45, "RUNNING")
+    done = {"status": "success", "videoId": video_id, "message": "Listo"}
+    assert (await bridge.post("/api/report", done, headers=video_auth))[0] == 200
+    elapsed["video success"] = await changed_within(page, video_id, 100, "SUCCEEDED")
+
+    batch = {
+        "jobId": batch_id,
+        "status": "success",
+        "outputKey": "out/x.mp4",
+        "callbackSecret": BATCH_SECRET,
+    }
+    assert (await bridge.post("/api/batch-callback", batch))[0] == 200
+    elapsed["batch success"] = await changed_within(page, batch_id, 100, "SUCCEEDED")
+
+    # AuroraCloud creates the job with its first callback: a new row appears.
+    task = uuid.uuid4().hex
+    note = {
+        "code": 0,
+        "msg": "succeeded",
+        "data": [
+            {
+                "task_id": task,
+                "status": "succeeded",
+                "output": "oss://b/t.mp4",
+                "format": "mp4",
+                "duration": 30.0,
+                "spend_time": 2.0,
+            }
+        ],
+    }
+    aurora_auth = {"Authorization": f"Bearer {TRANSCODE_TOKEN}"}
+    assert (await bridge.post("/api/transcode-callback", note, headers=aurora_auth))[0] == 200
+    elapsed["aurora new job"] = await changed_within(page, task, 100, "SUCCEEDED")
+
+    assert await page.evaluate("window.__sameDocument") == 42, "the page was reloaded"
+    slow = {k: round(v, 3) for k, v in elapsed.items() if v >= 1.0}
+    assert not slow, f"rows changed later than 1 s after the 2xx: {slow}"
+
+
+async def test_jobs_stream_coalesces_a_firehose(
+    dash: DashboardProcess, http: aiohttp.ClientSession, svc: ServiceHandle
+) -> None:
+    """500 events on one job in about a second reach a tab as a handful of messages,
+    the last of which carries the final state."""
+    job = await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, uid("firehose"))
+    messages: list[bytes] = []
+    last_seen = asyncio.Event()
+    async with http.get(dash.url + "/events/jobs?kind=GENERIC", headers=BEARER) as stream:
+        assert stream.status == 200
+        assert stream.headers["Content-Type"].startswith("text/event-stream")
+
+        async def read() -> None:
+            async for line in stream.content:
+                if line.startswith(b"data: [") and job.job.id.encode() in line:
+                    messages.append(line)
+                    if b'"m500"' in line:
+                        last_seen.set()
+
+        reader = asyncio.create_task(read())
+        await asyncio.sleep(0.3)  # the hub's WatchJobs stream is open
+        start = time.monotonic()
+        for i in range(1, 501):
+            await svc.stub.ReportEvent(
+                job_service_pb2.ReportEventRequest(
+                    job_id=job.job.id,
+                    idempotency_key=f"k{i}",
+                    progress=job_pb2.Progress(percent=i / 5, phase="p", message=f"m{i}"),
+                )
+            )
+        sent_for = time.monotonic() - start
+        await asyncio.wait_for(last_seen.wait(), 10)
+        reader.cancel()
+    assert messages and b'"m500"' in messages[-1]
+    # At most one push per 200 ms (plus the first, leading one).
+    assert len(messages) <= sent_for / 0.2 + 3, (len(messages), sent_for)
+
+
+async def test_job_stream_resumes_from_last_event_id(
+    dash: DashboardProcess, http: aiohttp.ClientSession, svc: ServiceHandle
+) -> None:
+    job = await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, uid("resume"))
+    for i in range(1, 6):
+        await progress(svc.stub, job.job.id, i * 10, "p", f"m{i}")
+    headers = {**BEARER, "Last-Event-ID": "3"}
+    async with http.get(f"{dash.url}/events/jobs/{job.job.id}", headers=headers) as stream:
+        assert stream.status == 200
+        lines: list[bytes] = []
+        async for line in stream.content:
+            lines.append(line.strip())
+            if line.startswith(b"data: [{"):
+                break
+    assert b"event: snapshot" in lines
+    assert b"id: 5" in lines
+    data = lines[-1]
+    assert b'"sequence":4' in data and b'"sequence":5' in data and b'"sequence":3' not in data
+
+
+# -- job page -----------------------------------------------------------------------
+
+
+async def test_job_page_timeline_logs_and_artifact_download(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle, bridge: Any
+) -> None:
+    stub = svc.stub
+    created = await new_job(stub, job_pb2.JOB_KIND_EXTRACTION, uid("page"))
+    job_id = created.job.id
+    auth = {"Authorization": f"Bearer {created.callback_token}"}
+    for pct in (10, 40, 70):
+        body = {"phase": "ocr", "progress": pct, "message": f"at {pct}"}
+        assert (await bridge.post(f"/api/external/jobs/{job_id}", body, headers=auth))[0] == 200
+    await write_log(stub, job_id, log_pb2.LOG_LEVEL_DEBUG, "debug line")
+    await write_log(stub, job_id, log_pb2.LOG_LEVEL_INFO, "info line")
+    await write_log(stub, job_id, log_pb2.LOG_LEVEL_WARNING, "warning line")
+    zip_bytes = b"PK\x03\x04" + os.urandom(300_000)
+    final = {
+        "phase": "completed",
+        "message": "fertig",
+        "data": {
+            "extracted_text": "# Titel\n\nÄrger über Öl",
+            "images_archive_data": base64.b64encode(zip_bytes).decode(),
+            "images_archive_filename": "pdf_images.zip",
+        },
+    }
+    assert (await bridge.post(f"/api/external/jobs/{job_id}", final, headers=auth))[0] == 200
+
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    assert await timeline_seqs(page) == [1, 2, 3, 4]
+    types = await page.eval_on_selector_all("#timeline .type", "c => c.map(x => x.textContent)")
+    assert types == ["PROGRESS", "PROGRESS", "PROGRESS", "COMPLETED"]
+    assert await page.inner_text("#job .state") == "SUCCEEDED"
+    logs = await page.inner_text("#logs tbody")
+    assert all(f"{lvl} line" in logs for lvl in ("debug", "info", "warning"))
+
+    async with page.expect_navigation():
+        await page.select_option("#level", "WARNING")  # submits the filter on change
+    assert "level=WARNING" in page.url
+    logs = await page.inner_text("#logs tbody")
+    assert "warning line" in logs and "info line" not in logs and "debug line" not in logs
+
+    rows = await page.inner_text("#artifacts")
+    assert "pdf_images.zip" in rows and hashlib.sha256(zip_bytes).hexdigest() in rows
+    assert f"{len(zip_bytes):,} B" in rows
+    async with page.expect_download() as info:
+        await page.click("#artifacts a:text('pdf_images.zip')")
+    download = await info.value
+    assert await asyncio.to_thread(Path(await download.path()).read_bytes) == zip_bytes
+
+    # An unknown artifact or job: a clear 404, not a 500.
+    reply = await page.request.get(f"{dash.url}/jobs/{job_id}/artifacts/nope.bin")
+    assert reply.status == 404
+    reply = await page.request.get(f"{dash.url}/jobs/no-such-job-{uuid.uuid4().hex}")
+    assert reply.status == 404 and "no-such-job" in await reply.text()
+
+
+async def test_job_page_goes_live_and_shows_gap_notice(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    job_id = uid("golive")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    assert await timeline_seqs(page) == []
+    for i in range(1, 4):
+        await progress(svc.stub, job_id, i * 25, "work", f"step {i}")
+    await page.wait_for_function(
+        "() => document.querySelectorAll('#timeline tbody tr').length === 3", timeout=WAIT_MS
+    )
+    assert await timeline_seqs(page) == [1, 2, 3]
+    assert await page.eval_on_selector("#job progress", "p => p.value") == 75
+    assert await page.is_hidden("#gap-notice")
+
+    # More events than the service retains (64): the page says the history is cut.
+    long_id = uid("long")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, long_id)
+    for i in range(70):
+        await progress(svc.stub, long_id, i, "work", f"step {i}")
+    await page.goto(f"{dash.url}/jobs/{long_id}")
+    assert await page.is_visible("#gap-notice")
+    assert (await timeline_seqs(page))[0] == 7
+
+
+# -- untrusted text ----------------------------------------------------------------
+
+PAYLOADS = [
+    '<img src=x onerror="window.__pwned=1">',
+    "<script>window.__pwned=2</script>",
+    '"><svg onload=window.__pwned=3>',
+    "javascript:window.__pwned=4",
+    '<a href="javascript:window.__pwned=5">click</a>',
+]
+
+
+async def test_xss_payloads_render_as_text_and_run_nothing(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    stub = svc.stub
+    job_id = uid("xss")
+    labels = {f"k{i}": p for i, p in enumerate(PAYLOADS)}
+    await new_job(stub, job_pb2.JOB_KIND_GENERIC, job_id, labels)
+    dialogs: list[str] = []
+    page = await login(context, dash.url)
+    page.on("dialog", lambda d: (dialogs.append(d.message), asyncio.ensure_future(d.dismiss())))
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    # Live: the payloads arrive over SSE after the page has loaded.
+    for i, payload in enumerate(PAYLOADS):
+        await progress(stub, job_id, 10 + i, payload, payload)
+    await write_log(stub, job_id, log_pb2.LOG_LEVEL_INFO, "<img src=x onerror=alert(1)>")
+    for payload in PAYLOADS:
+        await write_log(stub, job_id, log_pb2.LOG_LEVEL_WARNING, payload)
+    await page.wait_for_function(ROW_IS, arg=[job_id, 14, "RUNNING"], timeout=WAIT_MS)
+    row = await page.inner_text(f"#jobs tr[data-job='{job_id}']")
+    assert PAYLOADS[-1] in row
+    # Server-rendered: job page, then the jobs page reloaded.
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    error = "<script>window.__pwned=6</script><img src=x onerror=window.__pwned=7>"
+    await stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=job_id,
+            idempotency_key="x-fail",
+            failed=job_pb2.JobError(code="<b>E</b>", message=error),
+        )
+    )
+    await page.wait_for_function(
+        "() => document.querySelector('#job').dataset.state === 'FAILED'", timeout=WAIT_MS
+    )
+    text = await page.inner_text("main")
+    assert "<img src=x onerror=alert(1)>" in text
+    for payload in PAYLOADS:
+        assert payload in text
+    assert error in await page.inner_text("#timeline")
+    await page.reload()
+    assert error in await page.inner_text("#outcome")
+    assert "<b>E</b>" in await page.inner_text("#outcome")
+    await page.goto(dash.url + "/jobs")
+    assert error in await page.inner_text(f"#jobs tr[data-job='{job_id}']")
+    # Nothing ran: no global set, no dialog, no injected element.
+    assert await page.evaluate("window.__pwned") is None
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    assert await page.evaluate("window.__pwned") is None
+    assert await page.locator("main img, main svg, main script").count() == 0
+    assert dialogs == []
+    csp = (await page.request.get(dash.url + "/jobs")).headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "unsafe-eval" not in csp
+
+
+# -- cancel ---------------------------------------------------------------------
+
+
+async def test_cancel_needs_the_csrf_token(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    stub = svc.stub
+    job_id = uid("cancel")
+    await new_job(stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    url = f"{dash.url}/jobs/{job_id}/cancel"
+    # Without the token, or with a wrong one: refused, nothing changes.
+    for form in ({}, {"csrf": "forged"}):
+        reply = await page.request.post(url, form=form, max_redirects=0)
+        assert reply.status == 403, form
+        assert "CSRF" in await reply.text()
+    get = job_service_pb2.GetJobRequest(id=job_id)
+    assert (await stub.GetJob(get)).state == job_pb2.JOB_STATE_QUEUED
+    # The token of another session does not work either.
+    other = await context.browser.new_context()
+    other_page = await login(other, dash.url)
+    await other_page.goto(f"{dash.url}/jobs/{job_id}")
+    other_csrf = await other_page.get_attribute("#cancel input[name=csrf]", "value")
+    await other.close()
+    reply = await page.request.post(url, form={"csrf": other_csrf}, max_redirects=0)
+    assert reply.status == 403
+    assert (await stub.GetJob(get)).state == job_pb2.JOB_STATE_QUEUED
+
+    # Declining the confirmation sends nothing.
+    page.once("dialog", lambda d: asyncio.ensure_future(d.dismiss()))
+    await page.click("#cancel button")
+    await asyncio.sleep(0.3)
+    assert (await stub.GetJob(get)).state == job_pb2.JOB_STATE_QUEUED
+    # With the page's own token, after confirming: cancelled.
+    page.once("dialog", lambda d: asyncio.ensure_future(d.accept()))
+    async with page.expect_navigation():
+        await page.click("#cancel button")
+    await page.wait_for_function(
+        "() => document.querySelector('#job').dataset.state === 'CANCELLED'", timeout=WAIT_MS
+    )
+    assert (await stub.GetJob(get)).state == job_pb2.JOB_STATE_CANCELLED
+    assert await page.locator("#cancel").count() == 0
+
+
+# -- bad input ------------------------------------------------------------------
+
+
+async def test_bad_input_gets_a_clear_4xx(
+    dash: DashboardProcess, http: aiohttp.ClientSession
+) -> None:
+    cases = [
+        ("/jobs?kind=SPACESHIP", 400, "kind"),
+        ("/jobs?state=DONE", 400, "state"),
+        ("/jobs?page_token=garbage!!", 400, "page_token"),
+        ("/jobs?page_size=0", 400, "page_size"),
+        ("/jobs?label=nokey", 400, "label"),
+        ("/jobs?label=a%3Db&" + "x=" + "y" * 5000, 400, "query string"),
+        ("/jobs/" + "x" * 300, 400, "id"),
+        ("/jobs/no-such-job", 404, "no-such-job"),
+        ("/jobs?id=no-such-job", 404, "no-such-job"),
+        ("/jobs/some-job?level=LOUD", 400, "level"),
+        ("/api/jobs?kind=SPACESHIP", 400, "kind"),
+        ("/events/jobs?kind=SPACESHIP", 400, "kind"),
+        ("/events/jobs/no-such-job", 404, "no-such-job"),
+        ("/events/jobs/x?from=abc", 400, "from"),
+        ("/static/nope.js", 404, "asset"),
+    ]
+    for path, status, word in cases:
+        async with http.get(dash.url + path, headers=BEARER, allow_redirects=False) as reply:
+            body = await reply.text()
+            assert reply.status == status, (path, reply.status, body[:300])
+            assert word in body, (path, body[:300])
+
+
+# -- restart ----------------------------------------------------------------------
+
+
+async def test_restart_keeps_the_timeline_exactly_once(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """The dashboard process restarts while a job page is open and events keep coming:
+    after the browser reconnects (Last-Event-ID), every event is shown once, in order."""
+    stub = svc.stub
+    job_id = uid("restart")
+    await new_job(stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    for i in range(1, 4):
+        await progress(stub, job_id, i, "before", f"before {i}")
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    await page.evaluate("window.__sameDocument = 7")
+    sent = 3
+    stop = asyncio.Event()
+
+    async def keep_sending() -> None:
+        nonlocal sent
+        while not stop.is_set():
+            sent = await progress(stub, job_id, min(sent + 1, 99), "during", f"event {sent + 1}")
+            await asyncio.sleep(0.05)
+
+    sender = asyncio.create_task(keep_sending())
+    try:
+        await page.wait_for_function(
+            "() => document.querySelectorAll('#timeline tbody tr').length >= 8", timeout=WAIT_MS
+        )
+        await dash.stop()
+        await page.wait_for_selector("#live[data-state=reconnecting]", timeout=WAIT_MS)
+        await asyncio.sleep(0.5)  # events keep arriving while the dashboard is down
+        await dash.start()
+        await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS * 2)
+        await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        await sender
+    await stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=job_id, idempotency_key="end", completed=job_pb2.Result(output_key="o")
+        )
+    )
+    final = sent + 1
+    await page.wait_for_function(
+        "n => Number(document.querySelector('#job').dataset.seq) === n",
+        arg=final,
+        timeout=WAIT_MS,
+    )
+    assert await timeline_seqs(page) == list(range(1, final + 1))
+    assert await page.evaluate("window.__sameDocument") == 7
+    assert final > 12, "events kept arriving across the restart"
