@@ -1,0 +1,109 @@
+"""A burst of watch streams: each gets its snapshot or an explicit RESOURCE_EXHAUSTED
+with a retry hint; none is dropped with a bare CANCELLED (README "Watchers")."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any
+
+import grpc
+import pytest
+
+from jobwire.v1 import job_service_pb2, job_service_pb2_grpc
+from service.store.port import Store
+from tests.conftest import ServiceHandle, start_service
+from tests.helpers import WAIT, create, progress, read
+
+PER_CONNECTION = 100
+
+
+async def first_outcome(call: Any) -> str:
+    """ "snapshot", or the status code that ended the stream before one."""
+    try:
+        item = await read(call, 6 * WAIT)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code().name
+    return "snapshot" if item is not grpc.aio.EOF and item.HasField("snapshot") else repr(item)
+
+
+def retry_hint_ms(exc: grpc.aio.AioRpcError) -> int:
+    return int(dict(exc.trailing_metadata() or ())["retry-after-ms"])
+
+
+@pytest.fixture
+async def limited(store: Store) -> Any:
+    handle = await start_service(store, max_watchers=1000)
+    yield handle
+    await handle.close()
+
+
+async def test_burst_beyond_the_limit_is_refused_explicitly(limited: ServiceHandle) -> None:
+    # 1,200 opens at once, more than gRPC core's default backlog of 1,000 unaccepted
+    # calls (past which it cancels calls at random without a word).
+    job = (await create(limited.stub)).job
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(limited.target, options=own) for _ in range(12)]
+    try:
+        stubs = [job_service_pb2_grpc.JobServiceStub(ch) for ch in channels]
+        calls = [
+            stubs[i // PER_CONNECTION].WatchJob(job_service_pb2.WatchJobRequest(id=job.id))
+            for i in range(1200)
+        ]
+        outcomes = await asyncio.gather(*(first_outcome(c) for c in calls))
+        assert collections.Counter(outcomes) == {"snapshot": 1000, "RESOURCE_EXHAUSTED": 200}
+
+        refused = [c for c, o in zip(calls, outcomes, strict=True) if o != "snapshot"]
+        exc = await _error(refused[0])
+        assert "JOBWIRE_MAX_WATCHERS" in (exc.details() or "")
+        hints = [retry_hint_ms(await _error(c)) for c in refused]
+        assert all(1000 <= h < 2000 for h in hints), hints
+        assert len(set(hints)) > 1  # jittered: refused watchers do not return together
+
+        # The admitted ones are live; once some leave, a refused watcher gets in.
+        await limited.stub.ReportEvent(progress(job.id, 10, key="p1"))
+        admitted = [c for c, o in zip(calls, outcomes, strict=True) if o == "snapshot"]
+        events = await asyncio.gather(*(read(c, 6 * WAIT) for c in admitted[:50]))
+        assert {e.event.idempotency_key for e in events} == {"p1"}
+        for c in admitted[:10]:
+            c.cancel()
+        assert await _open_when_admitted(stubs[0], job.id) == "snapshot"
+    finally:
+        for ch in channels:
+            await ch.close()
+
+
+async def test_watch_jobs_counts_against_the_same_limit(store: Store) -> None:
+    handle = await start_service(store, max_watchers=2)
+    try:
+        job = (await create(handle.stub)).job
+        firehoses = [handle.stub.WatchJobs(job_service_pb2.WatchJobsRequest()) for _ in range(2)]
+        await handle.stub.ReportEvent(progress(job.id, 10, key="p1"))
+        for call in firehoses:  # both admitted: they see the event
+            assert (await read(call)).event.idempotency_key == "p1"
+        third = handle.stub.WatchJobs(job_service_pb2.WatchJobsRequest())
+        assert (await _error(third)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        watch = handle.stub.WatchJob(job_service_pb2.WatchJobRequest(id=job.id))
+        assert await first_outcome(watch) == "RESOURCE_EXHAUSTED"
+    finally:
+        await handle.close()
+
+
+async def _error(call: Any) -> grpc.aio.AioRpcError:
+    try:
+        await read(call)
+    except grpc.aio.AioRpcError as exc:
+        return exc
+    raise AssertionError("the stream was not refused")
+
+
+async def _open_when_admitted(stub: Any, job_id: str) -> str:
+    """Opens a watch, retrying after each refusal's hint, until admitted (or WAIT*6)."""
+    async with asyncio.timeout(6 * WAIT):
+        while True:
+            call = stub.WatchJob(job_service_pb2.WatchJobRequest(id=job_id))
+            outcome = await first_outcome(call)
+            if outcome != "RESOURCE_EXHAUSTED":
+                call.cancel()
+                return outcome
+            await asyncio.sleep(retry_hint_ms(await _error(call)) / 1000)
