@@ -104,7 +104,9 @@ async def progress(stub: Any, job_id: str, percent: float, phase: str, message: 
 
 
 async def write_log(stub: Any, job_id: str, level: int, message: str) -> None:
-    entry = log_pb2.LogEntry(job_id=job_id, level=level, message=message)
+    entry = log_pb2.LogEntry(
+        job_id=job_id, level=log_pb2.LogLevel.ValueType(level), message=message
+    )
     await stub.WriteLog(job_service_pb2.WriteLogRequest(entry=entry))
 
 
@@ -500,7 +502,12 @@ async def test_xss_payloads_render_as_text_and_run_nothing(
     await new_job(stub, job_pb2.JOB_KIND_GENERIC, job_id, labels)
     dialogs: list[str] = []
     page = await login(context, dash.url)
-    page.on("dialog", lambda d: (dialogs.append(d.message), asyncio.ensure_future(d.dismiss())))
+
+    async def on_dialog(dialog: Any) -> None:
+        dialogs.append(dialog.message)
+        await dialog.dismiss()
+
+    page.on("dialog", on_dialog)
     await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
     # Live: the payloads arrive over SSE after the page has loaded.
     for i, payload in enumerate(PAYLOADS):
