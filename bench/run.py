@@ -60,6 +60,12 @@ KEYS = (
     "e2e_over_bullmq",
     "cpu_us_per_callback",
     "bare_cpu_us_per_request",
+    # bench/watchers10k.py (embedded only)
+    "watchers_10000_open_s",
+    "watchers_10000_fanout_p99_ms",
+    "service_rss_mib_10000_watchers",
+    "reconnect_storm_10000_s",
+    "watchjobs_1000_subscribers_p99_ms",
 )
 PEER_KEYS = (
     "bullmq_callbacks_per_s",
@@ -72,6 +78,11 @@ GOALS: dict[str, dict[str, tuple[str, float]]] = {
         "e2e_callbacks_per_s": (">=", 4000),
         "e2e_over_bare": (">=", 0.7),
         "e2e_over_bullmq": (">=", 0.5),
+        "watchers_10000_open_s": ("<", 15),
+        "watchers_10000_fanout_p99_ms": ("<", 250),
+        "service_rss_mib_10000_watchers": ("<", 400),
+        "reconnect_storm_10000_s": ("<", 60),
+        "watchjobs_1000_subscribers_p99_ms": ("<", 250),
     },
     "mongo": {
         "e2e_callbacks_per_s": (">=", 2000),
@@ -1028,6 +1039,27 @@ async def scan(uri: str, args: argparse.Namespace, workdir: Path) -> dict[str, A
     return result
 
 
+async def watchers10k_phase(
+    workdir: Path, figures: dict[str, Any], details: dict[str, Any]
+) -> None:
+    """bench/watchers10k.py with its defaults, on a service of its own."""
+    from bench import watchers10k
+
+    wargs = watchers10k.parser().parse_args([])
+    wargs.phases = ["open", "storm", "firehose"]
+    t = time.monotonic()
+    try:
+        out = await asyncio.wait_for(watchers10k.measure(wargs, workdir), 900)
+    except Exception as exc:
+        log(f"watchers10k FAILED: {exc!r}"[:1000])
+        details.setdefault("phase_errors", {})["watchers10k"] = repr(exc)[:1000]
+        return
+    finally:
+        details.setdefault("phase_s", {})["watchers10k"] = round(time.monotonic() - t, 1)
+    figures.update(out["figures"])
+    details["watchers10k"] = out["details"]
+
+
 def check(value: Any, op: str, goal: float) -> bool:
     return {">=": value >= goal, "<": value < goal, "==": value == goal}[op]
 
@@ -1114,6 +1146,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                         results[store] = await bench.store_run(store, uri, bare_port)
                 else:
                     results[store] = await bench.store_run(store, "", bare_port)
+                    if "watchers10k" in args.phases:
+                        await watchers10k_phase(workdir, results[store], bench.details[store])
             except Exception as exc:  # keep what was measured, say what broke
                 log(f"{store}: FAILED: {exc!r}"[:2000])
                 partial = bench.partial.get(store, {})
@@ -1189,7 +1223,7 @@ def main() -> None:
     p.add_argument("--mongo-scan-limit", type=float, default=120.0)
     p.add_argument(
         "--phases",
-        default="throughput,latency,fanout,claims,final",
+        default="throughput,latency,fanout,claims,final,watchers10k",
         help="stop early for quick runs",
     )
     p.add_argument(

@@ -134,9 +134,9 @@ async def library_watch(client: Any, job_id: str, s: Streams) -> None:
 
 async def firehose_watch(stub: Any, index: int, s: Streams) -> None:
     kind = KINDS[index % len(KINDS)]
-    # One in twenty-five watches every event of its kind (a dashboard); the others
+    # One in a hundred watches every event of its kind (a dashboard); the others
     # only jobs of their kind that finish (a service waiting for results).
-    states = [] if index % 25 == 0 else list(TERMINAL)
+    states = [] if index % 100 == 0 else list(TERMINAL)
     request = job_service_pb2.WatchJobsRequest(kind=kind, states=states)
     first = True
     try:
