@@ -8,7 +8,7 @@ GEN    := proto
 # protoc finds its mypy plugins (protoc-gen-mypy*) in the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install lock lock-upgrade proto proto-check proto-lint proto-release run serve bridge test lint fmt bench ferretdb promtool clean
+.PHONY: install lock lock-upgrade proto proto-check proto-lint proto-release run serve bridge test lint fmt bench ferretdb promtool examples-node clean
 
 install: $(STAMP)
 
@@ -84,7 +84,11 @@ ferretdb:
 promtool:
 	@bash scripts/install-promtool.sh
 
-test: $(STAMP) ferretdb promtool
+# examples/node's npm dependencies, exactly as its package-lock.json pins them.
+examples-node:
+	@bash scripts/install-node-example.sh
+
+test: $(STAMP) ferretdb promtool examples-node
 	JOBWIRE_FERRETDB_BIN=$$(bash scripts/install-ferretdb.sh --path) \
 	JOBWIRE_PROMTOOL_BIN=$$(bash scripts/install-promtool.sh --path) \
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
