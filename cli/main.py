@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -13,18 +12,15 @@ import time
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from http_bridge.service_channel import service_channel as aio_channel
-from http_bridge.service_channel import sync_channel
-from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc, log_pb2
+from jobwire.client.channel import TLS, open_sync_channel
+from jobwire.client.errors import ClientConfigError
+from jobwire.v1 import job_pb2, log_pb2
 from service.config import Settings
 from service.logs import configure as configure_logging
 
-from .progress_bar import render
-
-TERMINAL = {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
+from . import client_commands
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("--target", default=target)
     p.add_argument("--from-sequence", type=int, default=0)
-    p.set_defaults(func=lambda a: asyncio.run(_watch(a)))
+    p.set_defaults(func=lambda a: asyncio.run(client_commands.watch(a)))
 
     jobs = sub.add_parser("jobs", help="create, get and list jobs").add_subparsers(metavar="ACTION")
     p = jobs.add_parser("create", help="create a job; prints it with its callback token")
@@ -72,11 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--playlist", default="")
     p.add_argument("--subtitle", default="")
     p.add_argument("--target", default=target)
-    p.set_defaults(func=lambda a: asyncio.run(_create(a)))
+    p.set_defaults(func=lambda a: asyncio.run(client_commands.create(a)))
     p = jobs.add_parser("get", help="print one job")
     p.add_argument("job_id")
     p.add_argument("--target", default=target)
-    p.set_defaults(func=lambda a: asyncio.run(_get(a)))
+    p.set_defaults(func=lambda a: asyncio.run(client_commands.get(a)))
     p = jobs.add_parser("list", help="list jobs, oldest first")
     p.add_argument(
         "--state", action="append", default=[], choices=_names(job_pb2.JobState, "JOB_STATE_")
@@ -85,15 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--page-size", type=int, default=50)
     p.add_argument("--page-token", default="")
+    p.add_argument("--all", action="store_true", help="every page (--page-size per call)")
     p.add_argument("--target", default=target)
-    p.set_defaults(func=lambda a: asyncio.run(_list(a)))
+    p.set_defaults(func=lambda a: asyncio.run(client_commands.list_jobs(a)))
 
     p = sub.add_parser("logs", help="print log lines, newest first")
     p.add_argument("--job", default="")
     p.add_argument("--level", default="", choices=["", *_names(log_pb2.LogLevel, "LOG_LEVEL_")])
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--target", default=target)
-    p.set_defaults(func=lambda a: asyncio.run(_logs(a)))
+    p.set_defaults(func=lambda a: asyncio.run(client_commands.logs(a)))
 
     try:
         from http_bridge.worker_cli import register
@@ -169,12 +166,19 @@ def _run(_: argparse.Namespace) -> int:
 
 def _healthy(target: str, timeout: float = 2.0) -> bool:
     try:
-        with sync_channel(target) as channel:
+        with open_sync_channel(target, tls=_tls_from_env()) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
             return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
     except grpc.RpcError:
         return False
+
+
+def _tls_from_env() -> TLS | None:
+    try:
+        return TLS.from_env()
+    except ClientConfigError as err:
+        raise SystemExit(f"jobwire: {err}") from None
 
 
 def _healthcheck(args: argparse.Namespace) -> int:
@@ -204,122 +208,6 @@ def _install_uvloop() -> None:
     except ImportError:
         return
     uvloop.install()
-
-
-# -- client commands ---------------------------------------------------------
-
-
-async def _watch(args: argparse.Namespace) -> int:
-    """Follows a job; reconnects with its last sequence when the service restarts."""
-    last = args.from_sequence
-    job: job_pb2.Job | None = None
-    delay = 0.2
-    while True:
-        try:
-            async with aio_channel(args.target) as channel:
-                stub = job_service_pb2_grpc.JobServiceStub(channel)
-                request = job_service_pb2.WatchJobRequest(id=args.job_id, from_sequence=last)
-                async for item in stub.WatchJob(request):
-                    delay = 0.2
-                    if item.HasField("snapshot"):
-                        job = item.snapshot
-                        _draw(job)
-                        continue
-                    event = item.event
-                    last = event.sequence
-                    if job is not None:
-                        _merge(job, event)
-                        _draw(job)
-                if job is not None and job.state in TERMINAL:
-                    sys.stdout.write("\n")
-                    return 0 if job.state == job_pb2.JOB_STATE_SUCCEEDED else 1
-        except grpc.aio.AioRpcError as err:
-            if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED):
-                print(f"\njobwire watch: {err.code().name}: {err.details()}", file=sys.stderr)
-                return 2
-        await asyncio.sleep(delay)  # back off before reconnecting
-        delay = min(delay * 2, 5.0)
-
-
-def _merge(job: job_pb2.Job, event: Any) -> None:
-    job.state = event.state
-    job.sequence = event.sequence
-    if event.HasField("progress"):
-        job.progress.CopyFrom(event.progress)
-    if event.HasField("error"):
-        job.error.CopyFrom(event.error)
-    if event.HasField("result"):
-        job.progress.percent = 100.0
-
-
-def _draw(job: job_pb2.Job) -> None:
-    sys.stdout.write("\r" + render(job, width=_columns()))
-    sys.stdout.flush()
-
-
-def _columns() -> int:
-    try:
-        return os.get_terminal_size().columns
-    except OSError:
-        return 80
-
-
-async def _create(args: argparse.Namespace) -> int:
-    job = job_pb2.Job(kind=job_pb2.JobKind.Value("JOB_KIND_" + args.kind))
-    job.labels.update(_pairs(args.label))
-    if args.video_url:
-        job.video.url = args.video_url
-        job.video.title = args.title
-        job.video.playlist = args.playlist
-        job.video.subtitle = args.subtitle
-    request = job_service_pb2.CreateJobRequest(job=job, job_id=args.id)
-    return await _call(args.target, "CreateJob", request)
-
-
-async def _get(args: argparse.Namespace) -> int:
-    return await _call(args.target, "GetJob", job_service_pb2.GetJobRequest(id=args.job_id))
-
-
-async def _list(args: argparse.Namespace) -> int:
-    request = job_service_pb2.ListJobsRequest(
-        page_size=args.page_size,
-        page_token=args.page_token,
-        states=[job_pb2.JobState.Value("JOB_STATE_" + s) for s in args.state],
-        kind=job_pb2.JobKind.Value("JOB_KIND_" + (args.kind or "UNSPECIFIED")),
-    )
-    request.labels.update(_pairs(args.label))
-    return await _call(args.target, "ListJobs", request)
-
-
-async def _logs(args: argparse.Namespace) -> int:
-    request = job_service_pb2.ListLogsRequest(
-        job_id=args.job,
-        level=log_pb2.LogLevel.Value("LOG_LEVEL_" + (args.level or "UNSPECIFIED")),
-        limit=args.limit,
-    )
-    return await _call(args.target, "ListLogs", request)
-
-
-async def _call(target: str, method: str, request: Any) -> int:
-    async with aio_channel(target) as channel:
-        stub = job_service_pb2_grpc.JobServiceStub(channel)
-        try:
-            reply = await getattr(stub, method)(request, timeout=10)
-        except grpc.aio.AioRpcError as err:
-            print(f"jobwire: {err.code().name}: {err.details()}", file=sys.stderr)
-            return 1
-    print(json.dumps(json_format.MessageToDict(reply), indent=2, ensure_ascii=False))
-    return 0
-
-
-def _pairs(items: list[str]) -> dict[str, str]:
-    pairs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"jobwire: --label wants KEY=VALUE, got {item!r}")
-        pairs[key] = value
-    return pairs
 
 
 def _names(enum_type: Any, prefix: str) -> list[str]:

@@ -1,0 +1,171 @@
+"""`jobwire watch`, `jobwire jobs ...` and `jobwire logs`: thin commands over the client
+library (jobwire.client), which owns reconnecting, resuming, deadlines and retries.
+
+The service address is `--target`; TLS and the bearer token come from the same
+JOBWIRE_SERVICE_TLS_* / JOBWIRE_GRPC_TOKEN variables as the bridge's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from jobwire.client import Client, ClientConfigError, Job, JobEvent, JobwireError, StreamGap
+from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
+
+from .progress_bar import render
+
+
+async def watch(args: argparse.Namespace) -> int:
+    """Follows a job until it ends: a redrawn progress line, plus a line for each gap,
+    coalesced range and stall. Exit 0 when it SUCCEEDED, 1 when it ended otherwise."""
+    job = Job()
+    async with _client(args) as client:
+        try:
+            # every_event=False: a slow terminal gets the latest progress, and says so.
+            watch = client.watch_job(args.job_id, args.from_sequence, every_event=False)
+            async for item in watch:
+                if isinstance(item, Job):
+                    job.CopyFrom(item)
+                elif isinstance(item, StreamGap):
+                    _note(job, describe_gap(item))
+                else:
+                    note = describe_event(item)
+                    if note:
+                        _note(job, note)
+                    merge(job, item)
+                _draw(job)
+        except JobwireError as err:
+            print(f"\njobwire watch: {err.code.name}: {err.message}", file=sys.stderr)
+            return 2
+    sys.stdout.write("\n")
+    return 0 if job.state == job_pb2.JOB_STATE_SUCCEEDED else 1
+
+
+def describe_gap(gap: StreamGap) -> str:
+    first, last = gap.requested_sequence + 1, gap.oldest_available_sequence - 1
+    span = f"event {first}" if first == last else f"events {first}–{last}"
+    return f"{span} no longer retained (gap); resuming at {gap.oldest_available_sequence}"
+
+
+def describe_event(event: JobEvent) -> str:
+    """A line worth keeping above the progress bar, or ""."""
+    notes = []
+    if event.coalesced_from_sequence:
+        notes.append(f"events {event.coalesced_from_sequence}–{event.sequence} coalesced")
+    if event.type == event_pb2.EVENT_TYPE_STALLED:
+        notes.append(f"STALLED at event {event.sequence}: no progress within the deadline")
+    return "; ".join(notes)
+
+
+def merge(job: job_pb2.Job, event: JobEvent) -> None:
+    """The job as the event leaves it (enough for the progress line)."""
+    job.state = event.state
+    job.sequence = event.sequence
+    job.stalled = event.type == event_pb2.EVENT_TYPE_STALLED
+    if event.HasField("progress"):
+        job.progress.CopyFrom(event.progress)
+    if event.HasField("error"):
+        job.error.CopyFrom(event.error)
+    if event.HasField("result"):
+        job.progress.percent = 100.0
+
+
+def _note(job: job_pb2.Job, text: str) -> None:
+    width = max(_columns() - 1, 20)
+    sys.stdout.write("\r" + text.ljust(width) + "\n")
+    if job.id:
+        _draw(job)
+
+
+def _draw(job: job_pb2.Job) -> None:
+    sys.stdout.write("\r" + render(job, width=_columns()))
+    sys.stdout.flush()
+
+
+def _columns() -> int:
+    try:
+        return os.get_terminal_size().columns
+    except OSError:
+        return 80
+
+
+async def create(args: argparse.Namespace) -> int:
+    video = None
+    if args.video_url:
+        video = job_pb2.Video(
+            url=args.video_url, title=args.title, playlist=args.playlist, subtitle=args.subtitle
+        )
+    return await _print(
+        args,
+        lambda c: c.create_job(args.kind, job_id=args.id, labels=pairs(args.label), video=video),
+    )
+
+
+async def get(args: argparse.Namespace) -> int:
+    return await _print(args, lambda c: c.get_job(args.job_id))
+
+
+async def list_jobs(args: argparse.Namespace) -> int:
+    filters: dict[str, Any] = {
+        "states": args.state,
+        "kind": args.kind or job_pb2.JOB_KIND_UNSPECIFIED,
+        "labels": pairs(args.label),
+    }
+    if not args.all:
+        return await _print(
+            args,
+            lambda c: c.list_jobs_page(
+                page_size=args.page_size, page_token=args.page_token, **filters
+            ),
+        )
+
+    async def every_page(c: Client) -> Message:
+        jobs = [job async for job in c.list_jobs(page_size=args.page_size, **filters)]
+        return job_service_pb2.ListJobsResponse(jobs=jobs)
+
+    return await _print(args, every_page)
+
+
+async def logs(args: argparse.Namespace) -> int:
+    async def entries(c: Client) -> Message:
+        lines = await c.list_logs(
+            job_id=args.job, level=args.level or "UNSPECIFIED", limit=args.limit
+        )
+        return job_service_pb2.ListLogsResponse(entries=lines)
+
+    return await _print(args, entries)
+
+
+async def _print(args: argparse.Namespace, call: Any) -> int:
+    async with _client(args) as client:
+        try:
+            reply = await call(client)
+        except JobwireError as err:
+            print(f"jobwire: {err.code.name}: {err.message}", file=sys.stderr)
+            return 1
+    print(json.dumps(json_format.MessageToDict(reply), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Client:
+    try:
+        return Client.from_env(args.target)
+    except ClientConfigError as err:
+        raise SystemExit(f"jobwire: {err}") from None
+
+
+def pairs(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"jobwire: --label wants KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out

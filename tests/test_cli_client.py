@@ -1,0 +1,137 @@
+"""`jobwire watch`, `jobs` and `logs` on the client library: what watch prints for a
+coalesced range, a gap and a stall, `jobs list --all`, `logs`, and TLS + token from the
+environment. Real service and a real loopback proxy (to coalesce / mark a stall)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+from jobwire.client import Client
+from jobwire.v1 import event_pb2, job_service_pb2
+from service.store.embedded import EmbeddedStore
+from tests.conftest import ServiceHandle, make_policy, start_service
+from tests.grpc_proxy import FaultProxy
+
+WAIT = 20.0
+
+
+async def _jobwire(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), WAIT)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def _coalesce_and_stall(message: bytes) -> bytes | None:
+    reply = job_service_pb2.WatchJobResponse.FromString(message)
+    if reply.WhichOneof("item") != "event":
+        return message
+    seq = reply.event.sequence
+    if 5 <= seq < 9:
+        return None
+    if seq == 9:
+        reply.event.coalesced_from_sequence = 5
+    if seq == 3:  # stands in for the service's STALLED event
+        reply.event.type = event_pb2.EVENT_TYPE_STALLED
+    return reply.SerializeToString()
+
+
+async def test_watch_prints_coalesced_ranges_stalls_and_gaps(tmp_path: Path) -> None:
+    handle = await start_service(EmbeddedStore(tmp_path / "d", make_policy()), event_retention=16)
+    proxy = await FaultProxy(handle.target).start()
+    try:
+        async with Client(handle.target) as c:
+            await c.create_job("GENERIC", job_id="cw")
+            for i in range(1, 12):
+                await c.report_progress("cw", i * 5, message=f"step {i}")
+            await c.complete("cw")
+            proxy.rewrite["WatchJob"] = _coalesce_and_stall
+            code, out, err = await _jobwire("watch", "cw", "--target", proxy.target)
+            assert code == 0, err
+            assert "events 5–9 coalesced" in out
+            assert "STALLED at event 3" in out
+            assert "SUCCEEDED" in out and "100.0%" in out
+            for i in range(12, 30):
+                await c.create_job("GENERIC", job_id=f"g{i}")
+            await c.create_job("GENERIC", job_id="gap")
+            for i in range(1, 30):
+                await c.report_progress("gap", i)
+            await c.fail("gap", "E", "broken")
+            code, out, err = await _jobwire(
+                "watch", "gap", "--from-sequence", "2", "--target", handle.target
+            )
+            assert code == 1, err  # ended, not SUCCEEDED
+            assert "events 3–14 no longer retained (gap); resuming at 15" in out
+            assert "FAILED" in out
+    finally:
+        await proxy.close()
+        await handle.close()
+
+
+async def test_jobs_list_all_pages_and_logs(grpc_service: ServiceHandle) -> None:
+    target = grpc_service.target
+    async with Client(target) as c:
+        for i in range(5):
+            await c.create_job("TRANSCODE", job_id=f"pl-{i}", labels={"suite": "pages"})
+        await c.write_log("hello", job_id="pl-0", level="WARNING")
+    code, out, err = await _jobwire(
+        "jobs", "list", "--all", "--page-size", "2", "--label", "suite=pages", "--target", target
+    )
+    assert code == 0, err
+    assert [j["id"] for j in json.loads(out)["jobs"]] == [f"pl-{i}" for i in range(5)]
+    code, out, _ = await _jobwire(
+        "jobs", "list", "--page-size", "2", "--label", "suite=pages", "--target", target
+    )
+    page = json.loads(out)
+    assert len(page["jobs"]) == 2 and page["nextPageToken"]
+    code, out, err = await _jobwire(
+        "logs", "--job", "pl-0", "--level", "WARNING", "--target", target
+    )
+    assert code == 0, err
+    assert [e["message"] for e in json.loads(out)["entries"]] == ["hello"]
+
+
+async def test_cli_uses_tls_and_token_from_the_environment(tmp_path: Path) -> None:
+    from tests.test_ops import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    handle = await start_service(
+        EmbeddedStore(tmp_path / "d", make_policy()),
+        grpc_tls_cert=str(cert),
+        grpc_tls_key=str(key),
+        grpc_token="s3cr3t",
+    )
+    env = {"JOBWIRE_SERVICE_TLS_CA": str(cert), "JOBWIRE_GRPC_TOKEN": "s3cr3t"}
+    try:
+        code, out, err = await _jobwire(
+            "jobs", "create", "--kind", "GENERIC", "--id", "t-1", "--target", handle.target, env=env
+        )
+        assert code == 0, err
+        assert json.loads(out)["job"]["id"] == "t-1"
+        code, _, err = await _jobwire(
+            "jobs", "get", "t-1", "--target", handle.target, env={**env, "JOBWIRE_GRPC_TOKEN": "no"}
+        )
+        assert code == 1 and "UNAUTHENTICATED" in err
+        code, _, err = await _jobwire(
+            "jobs",
+            "get",
+            "t-1",
+            "--target",
+            handle.target,
+            env={**env, "JOBWIRE_SERVICE_TLS_CA": str(tmp_path / "missing.pem")},
+        )
+        assert code != 0 and "cannot read" in err
+    finally:
+        await handle.close()
