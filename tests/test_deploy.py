@@ -98,11 +98,13 @@ def test_k8s_objects_are_complete_and_namespace_agnostic() -> None:
     assert kinds == [
         ("ConfigMap", "jobwire-config"),
         ("Deployment", "jobwire-bridge"),
+        ("Deployment", "jobwire-dashboard"),
         ("Deployment", "jobwire-service"),
         ("PodDisruptionBudget", "jobwire-bridge"),
         ("PodDisruptionBudget", "jobwire-service"),
         ("Secret", "jobwire-secrets"),
         ("Service", "jobwire-bridge"),
+        ("Service", "jobwire-dashboard"),
         ("Service", "jobwire-service"),
         ("Service", "jobwire-service-headless"),
     ]
@@ -113,7 +115,11 @@ def test_k8s_objects_are_complete_and_namespace_agnostic() -> None:
 
 @pytest.mark.parametrize(
     ("name", "command", "port"),
-    [("jobwire-service", "serve", 50051), ("jobwire-bridge", "bridge", 8080)],
+    [
+        ("jobwire-service", "serve", 50051),
+        ("jobwire-bridge", "bridge", 8080),
+        ("jobwire-dashboard", "dashboard", 8081),
+    ],
 )
 def test_deployment_is_hardened_probed_and_sized(name: str, command: str, port: int) -> None:
     deployment = find("Deployment", name)
@@ -180,7 +186,8 @@ def test_config_and_secret_references_resolve() -> None:
                 assert ref["name"] == "jobwire-secrets"
                 assert ref["key"] in secret, ref["key"]
                 used_secret_keys.add(ref["key"])
-    assert used_secret_keys == set(secret) == {"MONGODB_URI", *BRIDGE_SECRETS}
+    expected = {"MONGODB_URI", "JOBWIRE_DASHBOARD_TOKEN", *BRIDGE_SECRETS}
+    assert used_secret_keys == set(secret) == expected
 
 
 def test_secret_holds_placeholders_only() -> None:
@@ -221,7 +228,7 @@ def joined(command: Any) -> str:
 
 def test_compose_runs_a_replica_set_service_and_bridge() -> None:
     services = compose()["services"]
-    assert set(services) == {"mongo", "mongo-init", "service", "bridge"}
+    assert set(services) == {"mongo", "mongo-init", "service", "bridge", "dashboard"}
 
     mongo = services["mongo"]
     assert mongo["image"] == "mongo:7"
@@ -255,7 +262,14 @@ def test_compose_runs_a_replica_set_service_and_bridge() -> None:
     assert bridge["healthcheck"]["test"][:4] == ["CMD", "jobwire", "healthcheck", "--http"]
     assert bridge["healthcheck"]["test"][4].endswith(":8080/readyz")
 
-    for name in ("service", "bridge"):
+    dashboard = services["dashboard"]
+    assert dashboard["command"] == ["dashboard"]
+    assert dashboard["environment"]["JOBWIRE_SERVICE_TARGET"] == "service:50051"
+    assert dashboard["depends_on"] == {"service": {"condition": "service_healthy"}}
+    assert dashboard["healthcheck"]["test"][4].endswith(":8081/readyz")
+    assert dashboard["ports"][0].startswith("${JOBWIRE_DASHBOARD_BIND:-127.0.0.1}:")
+
+    for name in ("service", "bridge", "dashboard"):
         svc = services[name]
         assert svc["env_file"] == ["./jobwire.env"], name
         assert svc["image"] == services["service"]["image"], "one image for both commands"
@@ -387,7 +401,8 @@ def test_dockerfile_runs_as_non_root_with_both_commands() -> None:
     assert "JOBWIRE_HTTP_ADDR=0.0.0.0:8080" in env
     assert "JOBWIRE_SERVICE_TARGET=" in env
     assert "jobwire" in final["ENTRYPOINT"] and final["CMD"] == '["serve"]'
-    assert set(final["EXPOSE"].split()) == {"50051", "8080"}
+    assert set(final["EXPOSE"].split()) == {"50051", "8080", "8081"}
+    assert "JOBWIRE_DASHBOARD_ADDR=0.0.0.0:8081" in env
     assert "jobwire healthcheck" in final["HEALTHCHECK"]
     assert "--interval=" in final["HEALTHCHECK"] and "CMD " in final["HEALTHCHECK"]
     header = DOCKERFILE.read_text(encoding="utf-8")
