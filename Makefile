@@ -8,7 +8,7 @@ GEN    := proto
 # protoc finds its mypy plugins (protoc-gen-mypy*) in the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install lock lock-upgrade proto proto-check proto-lint proto-release run serve bridge test lint fmt bench ferretdb promtool examples-node clean
+.PHONY: install lock lock-upgrade proto proto-check proto-lint proto-release run serve bridge test lint fmt bench ferretdb promtool examples-node chromium clean
 
 install: $(STAMP)
 
@@ -66,7 +66,7 @@ proto-release:
 	@bash scripts/install-buf.sh
 	$(BUF) build --exclude-source-info -o proto/last-release.binpb
 
-# The service and the HTTP bridge together, embedded store in ./data by default.
+# The service, the HTTP bridge and the dashboard together, embedded store in ./data by default.
 run: $(STAMP)
 	$(BIN)/jobwire run
 
@@ -84,11 +84,15 @@ ferretdb:
 promtool:
 	@bash scripts/install-promtool.sh
 
+# Debian's chromium for the dashboard's browser tests (apt-get, as root, when missing).
+chromium:
+	@bash scripts/install-chromium.sh
+
 # examples/node's npm dependencies, exactly as its package-lock.json pins them.
 examples-node:
 	@bash scripts/install-node-example.sh
 
-test: $(STAMP) ferretdb promtool examples-node
+test: $(STAMP) ferretdb promtool examples-node chromium
 	JOBWIRE_FERRETDB_BIN=$$(bash scripts/install-ferretdb.sh --path) \
 	JOBWIRE_PROMTOOL_BIN=$$(bash scripts/install-promtool.sh --path) \
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
