@@ -7,7 +7,11 @@ which status (and its details), and how long the burst took.
 
     python -m bench.stream_admission [--streams 3000] [--procs 2] [--per-conn 100]
         [--server-arg grpc.max_concurrent_streams=100 ...] [--max-rpcs N]
-        [--handler-delay-ms 0] [--limit-s 60]
+        [--handler-delay-ms 0] [--limit-s 60] [--fanout-events 0]
+
+`--fanout-events K` then sends K events to every open stream (the server resolves one
+shared future per event) and times their arrival: the floor of fan-out latency for
+grpc.aio itself, with no application code.
 
 Why it matters (see README "watchers"): grpc.aio accepts calls one at a time (one
 `grpc_server_request_call` at a time on its event loop), so a burst queues inside gRPC core
@@ -55,6 +59,9 @@ async def serve(
     port: int, options: list[tuple[str, Any]], max_rpcs: int | None, delay: float
 ) -> None:
     accepted = 0
+    loop = asyncio.get_running_loop()
+    # Each FIRE resolves this future (one event to every stream) and replaces it.
+    fire: list[asyncio.Future[bytes]] = [loop.create_future()]
 
     async def watch(
         request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
@@ -64,7 +71,8 @@ async def serve(
         if delay:
             await asyncio.sleep(delay)
         yield b"snapshot"
-        await asyncio.Event().wait()  # held open, like a watcher waiting for events
+        while True:  # held open, like a watcher waiting for events
+            yield await asyncio.shield(fire[0])
 
     handler = grpc.unary_stream_rpc_method_handler(watch)
     generic = grpc.method_handlers_generic_handler("bench.Admission", {"Watch": handler})
@@ -73,11 +81,15 @@ async def serve(
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print("SERVING", flush=True)
-    loop = asyncio.get_running_loop()
     while True:
         line = await loop.run_in_executor(None, sys.stdin.readline)
         if not line or line.startswith("STOP"):
             break
+        if line.startswith("FIRE"):
+            current, fire[0] = fire[0], loop.create_future()
+            current.set_result(b"event")
+            print(json.dumps({"fired": time.time()}), flush=True)
+            continue
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps({"accepted": accepted, "rss_mib": round(rss, 1)}), flush=True)
     await server.stop(0)
@@ -98,6 +110,7 @@ async def clients(
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # GO
     t0 = time.monotonic()
     first: list[float] = []
+    events: list[list[float]] = [[] for _ in range(n)]  # wall-clock arrivals per stream
     ends: collections.Counter[str] = collections.Counter()
     ended_at: dict[str, list[float]] = collections.defaultdict(list)
 
@@ -107,7 +120,10 @@ async def clients(
         method: Any = channels[i // per_conn].unary_stream(METHOD)
         call = method(b"")
         try:
-            async for _ in call:
+            async for message in call:
+                if message != b"snapshot":
+                    events[i].append(time.time())
+                    continue
                 first.append(time.monotonic() - t0)
                 if len(first) + sum(ends.values()) == n:
                     settled.set()
@@ -122,9 +138,6 @@ async def clients(
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(settled.wait(), limit)
     elapsed = time.monotonic() - t0
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
     print(
         json.dumps(
             {
@@ -140,6 +153,11 @@ async def clients(
         ),
         flush=True,
     )
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # STOP
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    print(json.dumps({"events": events}), flush=True)
     for ch in channels:
         await ch.close()
 
@@ -154,7 +172,9 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
         server_cmd += ["--max-rpcs", str(args.max_rpcs)]
     server_cmd += ["--handler-delay-ms", str(args.handler_delay_ms)]
     pipe = asyncio.subprocess.PIPE
-    server = await asyncio.create_subprocess_exec(*server_cmd, stdin=pipe, stdout=pipe)
+    server = await asyncio.create_subprocess_exec(
+        *server_cmd, stdin=pipe, stdout=pipe, limit=1 << 26
+    )
     assert server.stdout is not None and server.stdin is not None
     try:
         assert (await server.stdout.readline()).startswith(b"SERVING")
@@ -166,7 +186,9 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
             cmd += ["--limit-s", str(args.limit_s)]
             for a in args.channel_arg:
                 cmd += ["--channel-arg", a]
-            procs.append(await asyncio.create_subprocess_exec(*cmd, stdin=pipe, stdout=pipe))
+            procs.append(
+                await asyncio.create_subprocess_exec(*cmd, stdin=pipe, stdout=pipe, limit=1 << 26)
+            )
         for p in procs:
             assert p.stdout is not None
             assert (await p.stdout.readline()).startswith(b"CONNECTED")
@@ -179,10 +201,24 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
         for p in procs:
             assert p.stdout is not None
             results.append(json.loads(await p.stdout.readline()))
-            await p.wait()
         server.stdin.write(b"STATS\n")
         await server.stdin.drain()
         stats = json.loads(await server.stdout.readline())
+        fired: list[float] = []  # the floor of fan-out: one event to every open stream
+        for _ in range(args.fanout_events):
+            server.stdin.write(b"FIRE\n")
+            await server.stdin.drain()
+            fired.append(json.loads(await server.stdout.readline())["fired"])
+            await asyncio.sleep(1 / args.fanout_rate)
+        await asyncio.sleep(5.0 if fired else 0)  # the last event reaches everyone
+        lat: list[float] = []
+        for p in procs:
+            assert p.stdin is not None and p.stdout is not None
+            p.stdin.write(b"STOP\n")
+            await p.stdin.drain()
+            for arrivals in json.loads(await p.stdout.readline())["events"]:
+                lat += [(t - f) * 1000 for t, f in zip(arrivals, fired, strict=False)]
+            await p.wait()
     finally:
         if server.stdin is not None:
             server.stdin.write(b"STOP\n")
@@ -208,6 +244,23 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
         "elapsed_s": max(r["elapsed_s"] for r in results),
         "server": stats,
         "load_avg_1m_before": round(load0, 2),
+        "fanout": _fanout_summary(lat, len(fired), args.streams) if fired else None,
+    }
+
+
+def _fanout_summary(lat: list[float], events: int, streams: int) -> dict[str, Any]:
+    lat.sort()
+
+    def at(q: float) -> float | None:
+        return round(lat[min(len(lat) - 1, int(q * len(lat)))], 1) if lat else None
+
+    return {
+        "events": events,
+        "delivered": len(lat),
+        "expected": events * streams,
+        "p50_ms": at(0.5),
+        "p99_ms": at(0.99),
+        "max_ms": at(1.0),
     }
 
 
@@ -229,6 +282,8 @@ def main() -> None:
         "--handler-delay-ms", type=float, default=0.0, help="work before the first message"
     )
     p.add_argument("--limit-s", type=float, default=60.0)
+    p.add_argument("--fanout-events", type=int, default=0, help="then time events to all")
+    p.add_argument("--fanout-rate", type=float, default=2.0)
     args = p.parse_args()
     try:
         import uvloop
