@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jobwire.v1 import job_pb2
+
 from .domain.records import Policy
 
 
@@ -35,6 +37,36 @@ def _flag(name: str, default: bool) -> bool:
     raise SystemExit(f"{name} must be on or off, got {raw!r}")
 
 
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _duration(name: str, default: float) -> float:
+    """Seconds, or a number with a unit: 90, 90s, 15m, 24h, 7d; 0 or "off" turns it off."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw == "off":
+        return 0.0
+    unit = _UNITS.get(raw[-1], 0.0)
+    try:
+        value = float(raw[:-1]) * unit if unit else float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise SystemExit(f"{name} must be a duration such as 90, 90s, 15m, 24h or off, got {raw!r}")
+    return value
+
+
+def _per_kind(prefix: str) -> tuple[tuple[int, float], ...]:
+    """PREFIX<KIND>=duration for each job kind (BATCH, VIDEO, TRANSCODE, ...)."""
+    out = []
+    for name, number in job_pb2.JobKind.items():
+        kind = name.removeprefix("JOB_KIND_")
+        if number and (seconds := _duration(prefix + kind, 0.0)) > 0:
+            out.append((int(number), seconds))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Settings:
     grpc_addr: str = "127.0.0.1:50051"
@@ -56,6 +88,11 @@ class Settings:
     event_feed: bool = True
     event_feed_max_docs: int = 20_000
     watch_resync_seconds: float = 10.0
+    # Streams (README "streams"): the firehose log's retention (0: no log) and the
+    # per-kind progress deadline / stall failure defaults, as (JobKind, seconds).
+    firehose_retention_seconds: float = 24 * 3600.0
+    progress_deadlines: tuple[tuple[int, float], ...] = ()
+    stall_fail_after: tuple[tuple[int, float], ...] = ()
     grpc_tls_cert: str = ""
     grpc_tls_key: str = ""
     grpc_tls_client_ca: str = ""
@@ -80,6 +117,9 @@ class Settings:
             event_feed=_flag("JOBWIRE_EVENT_FEED", cls.event_feed),
             event_feed_max_docs=_int("JOBWIRE_EVENT_FEED_MAX_DOCS", 20_000, minimum=100),
             watch_resync_seconds=_float("JOBWIRE_WATCH_RESYNC_SECONDS", 10.0),
+            firehose_retention_seconds=_duration("JOBWIRE_FIREHOSE_RETENTION", 24 * 3600.0),
+            progress_deadlines=_per_kind("JOBWIRE_PROGRESS_DEADLINE_"),
+            stall_fail_after=_per_kind("JOBWIRE_STALL_FAIL_AFTER_"),
             grpc_tls_cert=os.environ.get("JOBWIRE_GRPC_TLS_CERT", ""),
             grpc_tls_key=os.environ.get("JOBWIRE_GRPC_TLS_KEY", ""),
             grpc_tls_client_ca=os.environ.get("JOBWIRE_GRPC_TLS_CLIENT_CA", ""),
@@ -91,4 +131,7 @@ class Settings:
             retention=self.event_retention,
             lease_ns=int(self.lease_seconds * 1e9),
             max_attempts=self.max_attempts,
+            firehose_retention_ns=int(self.firehose_retention_seconds * 1e9),
+            progress_deadline_ns={k: int(s * 1e9) for k, s in self.progress_deadlines},
+            stall_fail_after_ns={k: int(s * 1e9) for k, s in self.stall_fail_after},
         )

@@ -2,20 +2,28 @@
 
 Publishing never blocks and never waits for a watcher: each subscription has a
 bounded buffer. When a slow watcher's buffer is full, its PROGRESS events are
-coalesced to the latest one per job; other events (claims, requeues, terminal
+coalesced to the latest one per job, which then names the first sequence it stands
+for (`coalesced_from_sequence`); other events (claims, requeues, stalls, terminal
 events) are always kept, up to a hard cap past which the subscription is closed
 so a stalled client cannot hold unbounded memory (it can resume by sequence).
+A lossless subscription (a WatchJobs stream backed by the firehose log) never
+coalesces: past the hard cap it is marked `behind` and the stream catches up
+from the log instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from jobwire.v1 import event_pb2
 
+from .domain.records import LogPosition
+
 _PROGRESS = event_pb2.EVENT_TYPE_PROGRESS
+# An event and its place in the firehose log (None when the store keeps no log).
+Item = tuple[event_pb2.JobEvent, LogPosition | None]
 
 
 class SubscriptionClosed(Exception):
@@ -29,8 +37,13 @@ class SubscriptionClosed(Exception):
         self.shutting_down = shutting_down
 
 
+class FellBehind(Exception):
+    """A lossless subscription overflowed: its stream must catch up from the log."""
+
+
 class Subscription:
     __slots__ = (
+        "_behind",
         "_buffer",
         "_capacity",
         "_closed",
@@ -40,55 +53,70 @@ class Subscription:
         "_wakeup",
         "job_id",
         "kind",
+        "lossless",
         "states",
     )
 
     def __init__(
-        self, capacity: int, job_id: str = "", kind: int = 0, states: Iterable[int] = ()
+        self,
+        capacity: int,
+        job_id: str = "",
+        kind: int = 0,
+        states: Iterable[int] = (),
+        lossless: bool = False,
     ) -> None:
         self.job_id = job_id
         self.kind = kind
         self.states = frozenset(states)
+        self.lossless = lossless
         self._capacity = capacity
         self._hard_cap = capacity * 4
-        self._buffer: deque[event_pb2.JobEvent] = deque()
-        # Coalesced progress, latest per job, delivered after the buffer.
-        self._overflow: dict[str, event_pb2.JobEvent] = {}
+        self._buffer: deque[Item] = deque()
+        # Coalesced progress, latest per job (with the first sequence it replaced),
+        # delivered after the buffer.
+        self._overflow: dict[str, tuple[int, Item]] = {}
         self._wakeup = asyncio.Event()
         self._closed = False
         self._shutdown = False
+        self._behind = False
 
     def matches(self, event: event_pb2.JobEvent) -> bool:
         if self.kind and event.kind != self.kind:
             return False
         return not self.states or event.state in self.states
 
-    def offer(self, event: event_pb2.JobEvent) -> None:
+    def offer(self, item: Item) -> None:
         if self._closed:
             return
-        if len(self._buffer) < self._capacity and not self._overflow:
-            self._buffer.append(event)
+        event = item[0]
+        if self.lossless or (len(self._buffer) < self._capacity and not self._overflow):
+            self._buffer.append(item)
         elif event.type == _PROGRESS:
-            self._overflow[event.job_id] = event
+            replaced = self._overflow.get(event.job_id)
+            first = event.sequence if replaced is None else replaced[0]
+            self._overflow[event.job_id] = (first, item)
         else:
             # Keep per-job order: a coalesced progress goes out before this event.
             pending = self._overflow.pop(event.job_id, None)
             if pending is not None:
-                self._buffer.append(pending)
-            self._buffer.append(event)
+                self._buffer.append(_coalesced(*pending))
+            self._buffer.append(item)
         if len(self._buffer) + len(self._overflow) > self._hard_cap:
             self._closed = True
+            self._behind = self.lossless
             self._buffer.clear()
             self._overflow.clear()
         self._wakeup.set()
 
-    async def next_batch(self) -> list[event_pb2.JobEvent]:
+    async def next_batch(self) -> list[Item]:
         """Everything buffered, in order; waits while there is nothing."""
         while not self._buffer and not self._overflow:
             if self._shutdown:
                 raise SubscriptionClosed(
                     "service is shutting down; reconnect with your last sequence", True
                 )
+            if self._behind:
+                raise FellBehind
             if self._closed:
                 raise SubscriptionClosed(
                     "watcher fell too far behind; reconnect with your last sequence", False
@@ -98,7 +126,7 @@ class Subscription:
         batch = list(self._buffer)
         self._buffer.clear()
         if self._overflow:
-            batch.extend(self._overflow.values())
+            batch.extend(_coalesced(*pending) for pending in self._overflow.values())
             self._overflow.clear()
         return batch
 
@@ -112,6 +140,18 @@ class Subscription:
         return len(self._buffer) + len(self._overflow)
 
 
+def _coalesced(first: int, item: Item) -> Item:
+    """The latest progress, marked with the first sequence it stands for. A copy:
+    the same event object goes to every other subscription unchanged."""
+    event, position = item
+    if first >= event.sequence:
+        return item
+    marked = event_pb2.JobEvent()
+    marked.CopyFrom(event)
+    marked.coalesced_from_sequence = first
+    return marked, position
+
+
 class Fanout:
     """Routes each published event to the subscriptions that want it."""
 
@@ -121,9 +161,9 @@ class Fanout:
         self._all: set[Subscription] = set()
 
     def subscribe(
-        self, job_id: str = "", kind: int = 0, states: Iterable[int] = ()
+        self, job_id: str = "", kind: int = 0, states: Iterable[int] = (), lossless: bool = False
     ) -> Subscription:
-        sub = Subscription(self._capacity, job_id, kind, states)
+        sub = Subscription(self._capacity, job_id, kind, states, lossless)
         if job_id:
             self._by_job.setdefault(job_id, set()).add(sub)
         else:
@@ -140,13 +180,19 @@ class Fanout:
         else:
             self._all.discard(sub)
 
-    def publish(self, events: Iterable[event_pb2.JobEvent]) -> None:
-        for event in events:
+    def publish(
+        self,
+        events: Iterable[event_pb2.JobEvent],
+        positions: Sequence[LogPosition | None] = (),
+    ) -> None:
+        """`positions[i]` is the firehose position of the i-th event, when known."""
+        for i, event in enumerate(events):
+            item = (event, positions[i] if i < len(positions) else None)
             for sub in self._by_job.get(event.job_id, ()):
-                sub.offer(event)
+                sub.offer(item)
             for sub in self._all:
                 if sub.matches(event):
-                    sub.offer(event)
+                    sub.offer(item)
 
     def close_all(self) -> None:
         for subs in self._by_job.values():

@@ -30,7 +30,8 @@ from jobwire.v1 import event_pb2
 
 from . import metrics
 from .domain.errors import DomainError
-from .fanout import Fanout
+from .domain.records import LogPosition
+from .fanout import Fanout, Item
 from .store.port import EventFeed, Store
 
 log = logging.getLogger("jobwire.feed")
@@ -76,7 +77,7 @@ class FeedRelay:
         self.feed = feed
         self.fanout = fanout
         self.origin = origin or uuid.uuid4().hex
-        self._pending: list[event_pb2.JobEvent] = []
+        self._pending: list[Item] = []
         self._wakeup = asyncio.Event()
         self._recent: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._tasks: list[asyncio.Task[None]] = []
@@ -92,11 +93,11 @@ class FeedRelay:
             loop.create_task(self._tail_forever(), name="feed-tailer"),
         ]
 
-    def send(self, events: Iterable[event_pb2.JobEvent]) -> None:
-        """Queues applied events for the feed; never blocks."""
+    def send(self, items: Iterable[Item]) -> None:
+        """Queues applied events (with their firehose positions) for the feed; never blocks."""
         if self._closing:
             return
-        self._pending.extend(events)
+        self._pending.extend(items)
         excess = len(self._pending) - MAX_PENDING
         if excess > 0:
             del self._pending[:excess]
@@ -131,7 +132,7 @@ class FeedRelay:
             batch = self._pending[:MAX_APPEND]
             del self._pending[:MAX_APPEND]
             try:
-                await self.feed.append(self.origin, batch)
+                await self.feed.append(self.origin, [e for e, _ in batch], [p for _, p in batch])
             except DomainError as err:
                 # Not retried: the events are in their jobs' rings, and watchers heal
                 # from there. Retrying would only reorder the feed.
@@ -160,11 +161,14 @@ class FeedRelay:
                         log.info("event feed tail resumed")
                         down = False
                     delay = 0.1
-                    fresh = [e for origin, e in batch if origin != self.origin and self._first(e)]
+                    fresh = [
+                        (e, p) for origin, e, p in batch if origin != self.origin and self._first(e)
+                    ]
                     if fresh:
                         self.received += len(fresh)
                         _feed_events("received", len(fresh))
-                        self.fanout.publish(fresh)
+                        positions: list[LogPosition | None] = [p for _, p in fresh]
+                        self.fanout.publish([e for e, _ in fresh], positions)
             except DomainError as err:
                 _storage_error("feed_tail")
                 if not down:

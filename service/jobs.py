@@ -33,10 +33,18 @@ from .domain.records import (
     JobRecord,
     Policy,
     Report,
+    Stall,
     Unchanged,
 )
-from .fanout import Fanout, Subscription
-from .metrics import EVENTS_APPLIED
+from .fanout import Fanout, Item, Subscription
+from .firehose import Firehose, Gap
+from .metrics import (
+    COALESCED_DELIVERIES,
+    EVENTS_APPLIED,
+    JOBS_STALL_FAILED,
+    JOBS_STALLED,
+    STREAM_GAPS,
+)
 from .store.port import JobQuery, Store
 from .watch_reads import SharedReads
 
@@ -59,7 +67,9 @@ _CALLBACK_PATHS = {
     job_pb2.JOB_KIND_EXTRACTION: "/api/external/jobs/{id}",
 }
 
-WatchItem = job_pb2.Job | event_pb2.JobEvent
+WatchItem = job_pb2.Job | event_pb2.JobEvent | event_pb2.StreamGap
+# A WatchJobs stream yields (event, position) pairs, or a gap announcement.
+FirehoseItem = tuple[event_pb2.JobEvent, str] | event_pb2.StreamGap
 
 
 class Jobs:
@@ -74,6 +84,8 @@ class Jobs:
         # watchers then heal gaps from the job's ring.
         self.relay: FeedRelay | None = None
         self.resync_seconds = 10.0
+        self.firehose = Firehose(store, fanout)
+        self.stall_sweep_seconds = 1.0
 
     async def start(self) -> None:
         self._committer.start()
@@ -85,9 +97,10 @@ class Jobs:
         if not applied:
             return
         EVENTS_APPLIED.inc(len(applied))
-        self.fanout.publish(a.event for a in applied)
+        positions = [a.position for a in applied]
+        self.fanout.publish([a.event for a in applied], positions)
         if self.relay is not None:
-            self.relay.send(a.event for a in applied)
+            self.relay.send(zip([a.event for a in applied], positions, strict=True))
 
     # -- jobs --------------------------------------------------------------
 
@@ -100,7 +113,10 @@ class Jobs:
         validation.labels(request.job.labels)
         if request.job.HasField("video") and request.job.kind != job_pb2.JOB_KIND_VIDEO:
             raise invalid("job.video is only for JOB_KIND_VIDEO jobs")
-        record, token = events.new_record(job_id, request.job.kind, time.time_ns(), request.job)
+        validation.deadlines(request.job)
+        record, token = events.new_record(
+            job_id, request.job.kind, time.time_ns(), request.job, self.policy
+        )
         await self.store.create(record)
         return job_service_pb2.CreateJobResponse(
             job=record.job, callback_token=token, callback_url=self._callback_url(record.job)
@@ -188,9 +204,17 @@ class Jobs:
 
     async def list_events(
         self, job_id: str, from_sequence: int, token: str = ""
-    ) -> list[event_pb2.JobEvent]:
-        await self._record(job_id, token)
-        return await self.store.events_after(job_id, max(from_sequence, 0))
+    ) -> job_service_pb2.ListJobEventsResponse:
+        if from_sequence < 0:
+            raise invalid("from_sequence must not be negative")
+        record = await self._record(job_id, token)
+        retained = await self.store.events_after(job_id, from_sequence)
+        response = job_service_pb2.ListJobEventsResponse(events=retained)
+        gap = _replay_gap(job_id, from_sequence, record.job.sequence, retained)
+        if gap is not None:
+            STREAM_GAPS.labels("ListJobEvents").inc()
+            response.gap.CopyFrom(gap)
+        return response
 
     async def expire_leases(self, limit: int = 500) -> int:
         """Requeues (or fails) RUNNING jobs whose lease lapsed. Returns how many changed."""
@@ -201,12 +225,37 @@ class Jobs:
         outcomes = await self._committer.submit([JobCommand(i, command) for i in ids])
         return sum(isinstance(o, Applied) for o in outcomes)
 
+    async def mark_stalls(self, limit: int = 500) -> int:
+        """Appends STALLED to RUNNING jobs past their progress deadline, and fails those
+        past `stall_fail_after`. Every replica sweeps; the store's conditional update
+        lets exactly one of them change each job (the others find it changed, and the
+        Stall command is then a no-op). Returns how many this replica changed."""
+        ids = await self.store.stalled_jobs(time.time_ns(), limit)
+        if not ids:
+            return 0
+        outcomes = await self._committer.submit([JobCommand(i, Stall()) for i in ids])
+        changed = [o for o in outcomes if isinstance(o, Applied)]
+        for outcome in changed:
+            if outcome.event.type == event_pb2.EVENT_TYPE_STALLED:
+                JOBS_STALLED.inc()
+            else:
+                JOBS_STALL_FAILED.inc()
+        return len(changed)
+
     async def sweep_leases_forever(self, interval: float) -> None:
+        """Expired leases every `interval` seconds; progress deadlines every
+        `stall_sweep_seconds` (one query of the jobs each time)."""
+        stalls_at = 0.0
         while True:
-            try:
-                await self.expire_leases()
-            except DomainError as err:
-                log.warning("lease sweep failed: %s", err.message)
+            sweeps = [("lease", self.expire_leases)]
+            if time.monotonic() >= stalls_at:
+                stalls_at = time.monotonic() + self.stall_sweep_seconds
+                sweeps.append(("stall", self.mark_stalls))
+            for name, sweep in sweeps:
+                try:
+                    await sweep()
+                except DomainError as err:
+                    log.warning("%s sweep failed: %s", name, err.message)
             await asyncio.sleep(interval)
 
     # -- logs --------------------------------------------------------------
@@ -286,7 +335,9 @@ class Jobs:
     # -- watching ----------------------------------------------------------
 
     async def watch_job(self, job_id: str, from_sequence: int) -> AsyncIterator[WatchItem]:
-        """Snapshot, retained events after `from_sequence`, live events; ends at terminal."""
+        """Snapshot, retained events after `from_sequence`, live events; ends at terminal.
+        Sequence numbers never jump silently: a gap message says where the replay (or
+        a heal from the ring) had to start, a coalesced event says what it stands for."""
         validation.job_id(job_id, "id")
         if from_sequence < 0:
             raise invalid("from_sequence must not be negative")
@@ -301,20 +352,33 @@ class Jobs:
             last = from_sequence
             if record.terminal and last >= record.job.sequence:
                 return
-            for event in retained:
-                if event.sequence <= last:
-                    continue
+            replay = [event for event in retained if event.sequence > last]
+            gap = _replay_gap(job_id, last, record.job.sequence, replay)
+            if gap is not None:
+                STREAM_GAPS.labels("WatchJob").inc()
+                yield gap
+            for event in replay:
                 yield event
                 last = event.sequence
                 if event.state in TERMINAL_STATES:
                     return
             while True:
-                batch = await self._next_batch(sub)
-                if self.relay is not None and _gap(batch, last):
-                    batch = await self._heal(job_id, last, batch)
+                batch = [event for event, _ in await self._next_batch(sub)]
+                if _gap(batch, last) and (batch or self.relay is not None):
+                    # A resync tick, or a jump nothing accounts for: heal from the ring,
+                    # and say so when the ring no longer reaches back to `last`.
+                    ring = await self.store.events_after(job_id, last)
+                    if ring and ring[0].sequence > last + 1:
+                        STREAM_GAPS.labels("WatchJob").inc()
+                        yield _stream_gap(job_id, last, ring[0].sequence)
+                    newest = ring[-1].sequence if ring else last
+                    batch = ring + [e for e in batch if e.sequence > newest]
                 for event in batch:
                     if event.sequence <= last:
                         continue
+                    if event.coalesced_from_sequence:
+                        event = _coalesced_after(event, last)
+                        COALESCED_DELIVERIES.labels("WatchJob").inc()
                     yield event
                     last = event.sequence
                     if event.state in TERMINAL_STATES:
@@ -322,7 +386,7 @@ class Jobs:
         finally:
             self.fanout.unsubscribe(sub)
 
-    async def _next_batch(self, sub: Subscription) -> list[event_pb2.JobEvent]:
+    async def _next_batch(self, sub: Subscription) -> list[Item]:
         """The next live events; [] after `resync_seconds` of silence when replicas
         share a feed (an entry lost between replicas is then found in the ring)."""
         if self.relay is None:
@@ -333,19 +397,29 @@ class Jobs:
         except TimeoutError:
             return []
 
-    async def _heal(
-        self, job_id: str, last: int, batch: list[event_pb2.JobEvent]
-    ) -> list[event_pb2.JobEvent]:
-        """The ring's events after `last`, then the live ones newer than those."""
-        ring = await self.store.events_after(job_id, last)
-        newest = ring[-1].sequence if ring else last
-        return ring + [e for e in batch if e.sequence > newest]
-
     async def watch_jobs(
-        self, kind: int, states: Sequence[int]
-    ) -> AsyncIterator[event_pb2.JobEvent]:
+        self, kind: int, states: Sequence[int], after: str = ""
+    ) -> AsyncIterator[FirehoseItem]:
+        """Every job's events, filtered; with the firehose log, each with its position,
+        resumable from one (service/firehose.py)."""
         validation.optional_kind(kind)
         validation.states(list(states))
+        if self.store.policy.firehose_retention_ns > 0:
+            async for item in self.firehose.watch(kind, states, after):
+                if isinstance(item, Gap):
+                    STREAM_GAPS.labels("WatchJobs").inc()
+                    yield event_pb2.StreamGap(
+                        requested_position=item.requested, oldest_available_position=item.oldest
+                    )
+                else:
+                    yield item
+            return
+        if after:
+            raise DomainError(
+                Code.FAILED_PRECONDITION,
+                "after: the firehose log is off (JOBWIRE_FIREHOSE_RETENTION=0), so WatchJobs"
+                " cannot resume; leave after empty",
+            )
         sub = self.fanout.subscribe(kind=kind, states=states)
         # With replicas sharing a feed an event may arrive twice (the feed re-opened
         # after an outage): drop a (job id, sequence) already delivered. Events of one
@@ -354,14 +428,16 @@ class Jobs:
         delivered: OrderedDict[tuple[str, int], None] = OrderedDict()
         try:
             while True:
-                for event in await sub.next_batch():
+                for event, _ in await sub.next_batch():
                     key = (event.job_id, event.sequence)
                     if key in delivered:
                         continue
                     delivered[key] = None
                     if len(delivered) > WATCH_JOBS_DEDUPE:
                         delivered.popitem(last=False)
-                    yield event
+                    if event.coalesced_from_sequence:
+                        COALESCED_DELIVERIES.labels("WatchJobs").inc()
+                    yield event, ""
         finally:
             self.fanout.unsubscribe(sub)
 
@@ -389,17 +465,47 @@ class Jobs:
 
 
 def _gap(batch: list[event_pb2.JobEvent], last: int) -> bool:
-    """True when the batch is empty (a resync tick) or skips a sequence after `last`."""
+    """True when the batch is empty (a resync tick) or skips a sequence after `last`
+    that no coalesced event accounts for."""
     if not batch:
         return True
     expected = last
     for event in batch:
         if event.sequence <= expected:
             continue
-        if event.sequence != expected + 1:
+        start = event.coalesced_from_sequence or event.sequence
+        if start > expected + 1:
             return True
         expected = event.sequence
     return False
+
+
+def _replay_gap(
+    job_id: str, after: int, newest: int, replay: Sequence[event_pb2.JobEvent]
+) -> event_pb2.StreamGap | None:
+    """The gap when the retained events after `after` do not start at `after + 1`."""
+    if after >= newest:
+        return None
+    oldest = replay[0].sequence if replay else newest + 1
+    if oldest <= after + 1:
+        return None
+    return _stream_gap(job_id, after, oldest)
+
+
+def _stream_gap(job_id: str, after: int, oldest: int) -> event_pb2.StreamGap:
+    return event_pb2.StreamGap(
+        job_id=job_id, requested_sequence=after, oldest_available_sequence=oldest
+    )
+
+
+def _coalesced_after(event: event_pb2.JobEvent, last: int) -> event_pb2.JobEvent:
+    """A coalesced event names only the sequences this stream has not delivered."""
+    if event.coalesced_from_sequence > last:
+        return event
+    trimmed = event_pb2.JobEvent()
+    trimmed.CopyFrom(event)
+    trimmed.coalesced_from_sequence = last + 1 if event.sequence > last + 1 else 0
+    return trimmed
 
 
 def _response(outcome: Applied | Unchanged) -> job_service_pb2.ReportEventResponse:

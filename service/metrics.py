@@ -15,6 +15,10 @@
 - jobwire_oldest_queued_job_age_seconds{kind}: age of the oldest QUEUED job, refreshed with
   the queue depths (0 when none is queued)
 - jobwire_jobs_stalled_total: jobs marked STALLED (their progress deadline passed)
+- jobwire_jobs_stall_failed_total: jobs failed with STALLED (their stall_fail_after passed)
+- jobwire_stream_gaps_total{stream}: gap announcements (WatchJob, WatchJobs, ListJobEvents)
+- jobwire_coalesced_deliveries_total{stream}: events delivered in place of several
+  coalesced progress events (a slow watcher)
 """
 
 from __future__ import annotations
@@ -75,6 +79,17 @@ OLDEST_QUEUED = Gauge(
     "jobwire_oldest_queued_job_age_seconds", "Age of the oldest QUEUED job per kind", ["kind"]
 )
 JOBS_STALLED = Counter("jobwire_jobs_stalled", "Jobs marked STALLED (progress deadline passed)")
+JOBS_STALL_FAILED = Counter(
+    "jobwire_jobs_stall_failed", "Jobs failed with STALLED (stall_fail_after passed)"
+)
+STREAM_GAPS = Counter(
+    "jobwire_stream_gaps", "Gap announcements: history no longer retained", ["stream"]
+)
+COALESCED_DELIVERIES = Counter(
+    "jobwire_coalesced_deliveries",
+    "Events delivered in place of several coalesced progress events (slow watchers)",
+    ["stream"],
+)
 
 
 def watch_fanout(fanout: Fanout) -> None:

@@ -235,10 +235,9 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     async def ListJobEvents(
         self, request: job_service_pb2.ListJobEventsRequest, context: Context
     ) -> job_service_pb2.ListJobEventsResponse:
-        events = await self._jobs.list_events(
+        return await self._jobs.list_events(
             request.job_id, request.from_sequence, request.callback_token
         )
-        return job_service_pb2.ListJobEventsResponse(events=events)
 
     @admitted
     @streaming
@@ -248,6 +247,8 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         async for item in self._jobs.watch_job(request.id, request.from_sequence):
             if isinstance(item, job_pb2.Job):
                 yield _watch_bytes(item)  # shared by the watchers opened with it
+            elif isinstance(item, event_pb2.StreamGap):
+                yield job_service_pb2.WatchJobResponse(gap=item)
             else:
                 # One live event goes to every watcher of its job: serialise it once.
                 yield _watch_bytes(item)
@@ -257,7 +258,11 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     async def WatchJobs(
         self, request: job_service_pb2.WatchJobsRequest, context: Context
     ) -> AsyncIterator[job_service_pb2.WatchJobsResponse]:
-        async for event in self._jobs.watch_jobs(request.kind, request.states):
-            response = job_service_pb2.WatchJobsResponse(event=event)
+        async for item in self._jobs.watch_jobs(request.kind, request.states, request.after):
+            if isinstance(item, event_pb2.StreamGap):
+                response = job_service_pb2.WatchJobsResponse(gap=item)
+            else:
+                event, position = item
+                response = job_service_pb2.WatchJobsResponse(event=event, position=position)
             response.send_time.GetCurrentTime()
             yield response

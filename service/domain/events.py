@@ -21,6 +21,7 @@ from .records import (
     JobRecord,
     Policy,
     Report,
+    Stall,
     Unchanged,
 )
 
@@ -47,24 +48,60 @@ def validate_report(request: job_service_pb2.ReportEventRequest) -> None:
 
 
 def new_record(
-    job_id: str, kind: job_pb2.JobKind.ValueType, now_ns: int, template: job_pb2.Job | None = None
+    job_id: str,
+    kind: job_pb2.JobKind.ValueType,
+    now_ns: int,
+    template: job_pb2.Job | None = None,
+    policy: Policy | None = None,
 ) -> tuple[JobRecord, str]:
     """A QUEUED job and its one-time callback token."""
-    job = _queued(job_id, kind, now_ns)
+    job = _queued(job_id, kind, now_ns, policy)
     job.has_callback_token = True
     if template is not None:
         job.labels.update(template.labels)
         if template.HasField("video"):
             job.video.CopyFrom(template.video)
+        for name in ("progress_deadline", "stall_fail_after"):
+            if template.HasField(name):
+                getattr(job, name).CopyFrom(getattr(template, name))
     token, token_hash = tokens.issue()
     return JobRecord(job=job, token_hash=token_hash), token
 
 
-def _queued(job_id: str, kind: job_pb2.JobKind.ValueType, now_ns: int) -> job_pb2.Job:
+def _queued(
+    job_id: str, kind: job_pb2.JobKind.ValueType, now_ns: int, policy: Policy | None = None
+) -> job_pb2.Job:
     job = job_pb2.Job(id=job_id, kind=kind, state=_S.JOB_STATE_QUEUED)
     job.create_time.FromNanoseconds(now_ns)
     job.update_time.FromNanoseconds(now_ns)
+    if policy is not None:
+        # Per-kind defaults (JOBWIRE_PROGRESS_DEADLINE_<KIND>, ..._STALL_FAIL_AFTER_<KIND>).
+        if deadline := policy.progress_deadline_ns.get(kind, 0):
+            job.progress_deadline.FromNanoseconds(deadline)
+        if fail_after := policy.stall_fail_after_ns.get(kind, 0):
+            job.stall_fail_after.FromNanoseconds(fail_after)
     return job
+
+
+def stall_due_ns(job: job_pb2.Job) -> int | None:
+    """When the progress sweep must next look at a RUNNING job (None: never): its
+    progress deadline until it is stalled, then its stall failure deadline."""
+    if job.state != _S.JOB_STATE_RUNNING:
+        return None
+    deadline = 0 if job.stalled else job.progress_deadline.ToNanoseconds()
+    if not deadline:
+        deadline = job.stall_fail_after.ToNanoseconds()
+    if deadline <= 0:
+        return None
+    return _last_sign_of_life(job) + deadline
+
+
+def _last_sign_of_life(job: job_pb2.Job) -> int:
+    if job.HasField("last_event_time"):
+        return job.last_event_time.ToNanoseconds()
+    if job.HasField("start_time"):
+        return job.start_time.ToNanoseconds()
+    return job.update_time.ToNanoseconds()
 
 
 def check_token(record: JobRecord, token: str) -> None:
@@ -83,7 +120,7 @@ def apply(
     if record is None:
         if isinstance(command, Report) and command.request.create_kind:
             # Announced only by its outcome (AuroraCloud): no worker holds a token.
-            record = JobRecord(job=_queued(job_id, command.request.create_kind, now_ns))
+            record = JobRecord(job=_queued(job_id, command.request.create_kind, now_ns, policy))
             created = True
         else:
             raise not_found(job_id)
@@ -110,6 +147,7 @@ def apply(
             job.lease_duration.FromNanoseconds(lease_ns)
             job.lease_expire_time.FromNanoseconds(now_ns + lease_ns)
             _started(job, now_ns)
+            _alive(job, now_ns)
             event.type = event_pb2.EVENT_TYPE_CLAIMED
         case ExpireLease(max_attempts=max_attempts):
             if job.state != _S.JOB_STATE_RUNNING or not _lease_expired(job, now_ns):
@@ -135,6 +173,22 @@ def apply(
             job.end_time.FromNanoseconds(now_ns)
             event.type = event_pb2.EVENT_TYPE_CANCELLED
             event.error.CopyFrom(job.error)
+        case Stall():
+            due = stall_due_ns(job)
+            if due is None or due > now_ns:
+                return Unchanged(record.job, duplicate=False)
+            if not job.stalled and job.progress_deadline.ToNanoseconds() > 0:
+                job.stalled = True
+                event.type = event_pb2.EVENT_TYPE_STALLED
+            else:
+                quiet_s = (now_ns - _last_sign_of_life(job)) / 1e9
+                _release(job)
+                job.state = _S.JOB_STATE_FAILED
+                job.error.code = "STALLED"
+                job.error.message = f"no event for {quiet_s:.0f}s (stall_fail_after)"
+                job.end_time.FromNanoseconds(now_ns)
+                event.type = event_pb2.EVENT_TYPE_FAILED
+                event.error.CopyFrom(job.error)
         case FailFromLog(entry=entry):
             if record.terminal:
                 return Unchanged(record.job, duplicate=False)
@@ -169,6 +223,7 @@ def _report(
         raise _precondition(job, "a terminal state is final")
     if request.process_id:
         job.process_id = request.process_id
+    _alive(job, now_ns)
     payload = request.WhichOneof("payload")
     if payload == "progress":
         job.progress.CopyFrom(request.progress)
@@ -210,10 +265,17 @@ def _started(job: job_pb2.Job, now_ns: int) -> None:
         job.start_time.FromNanoseconds(now_ns)
 
 
+def _alive(job: job_pb2.Job, now_ns: int) -> None:
+    """A sign of life from the worker: restarts the progress deadline, clears a stall."""
+    job.last_event_time.FromNanoseconds(now_ns)
+    job.stalled = False
+
+
 def _release(job: job_pb2.Job) -> None:
     job.ClearField("lease_expire_time")
     job.ClearField("lease_duration")
     job.worker_id = ""
+    job.stalled = False
 
 
 def _lease_expired(job: job_pb2.Job, now_ns: int) -> bool:

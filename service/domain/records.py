@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2, log_pb2
 
@@ -49,6 +49,12 @@ class ExpireLease:
 
 
 @dataclass(frozen=True, slots=True)
+class Stall:
+    """The progress sweep found a RUNNING job past a deadline: mark it STALLED, or
+    fail it past `stall_fail_after`. A no-op when a later event arrived meanwhile."""
+
+
+@dataclass(frozen=True, slots=True)
 class Cancel:
     reason: str
 
@@ -61,7 +67,11 @@ class FailFromLog:
     idempotency_key: str
 
 
-Command = Report | Claim | ExpireLease | Cancel | FailFromLog
+Command = Report | Claim | ExpireLease | Cancel | FailFromLog | Stall
+
+# Where an event sits in the firehose log: (origin, n). Each origin (a store
+# process) numbers its entries 1, 2, 3, ... in the order it writes them.
+LogPosition = tuple[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +89,8 @@ class Applied:
     record: JobRecord
     event: event_pb2.JobEvent
     created: bool = False
+    # Set by a store that keeps the firehose log, once the entry is written.
+    position: LogPosition | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,3 +114,8 @@ class Policy:
     lease_ns: int = 60 * 1_000_000_000
     # Claims after which an expired lease fails the job instead of requeueing.
     max_attempts: int = 3
+    # How long the firehose log keeps events (JOBWIRE_FIREHOSE_RETENTION); 0: no log.
+    firehose_retention_ns: int = 24 * 3600 * 1_000_000_000
+    # Default progress deadline / stall failure per job kind (0 or absent: off).
+    progress_deadline_ns: dict[int, int] = field(default_factory=dict)
+    stall_fail_after_ns: dict[int, int] = field(default_factory=dict)

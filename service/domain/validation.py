@@ -108,3 +108,28 @@ def labels(values: Mapping[str, str]) -> None:
 def _names(enum_type: object) -> str:
     names: list[str] = [n for n in enum_type.keys() if not n.endswith("UNSPECIFIED")]  # type: ignore[attr-defined]  # noqa: SIM118 - protobuf enum wrappers iterate values
     return ", ".join(names)
+
+
+MAX_DEADLINE_NS = 366 * 24 * 3600 * 10**9
+
+
+def deadlines(job: job_pb2.Job) -> None:
+    """`progress_deadline` and `stall_fail_after`: positive, at most a year, the
+    failure deadline after the stall deadline when both are set."""
+    values = {}
+    for name in ("progress_deadline", "stall_fail_after"):
+        if not job.HasField(name):
+            continue
+        d = getattr(job, name)
+        if d.seconds < 0 or d.nanos < 0 or d.nanos >= 10**9:
+            raise invalid(f"job.{name} must be a positive duration")
+        ns = d.ToNanoseconds()
+        if ns > MAX_DEADLINE_NS:
+            raise invalid(f"job.{name} must be at most 366 days, got {ns / 1e9:.0f}s")
+        values[name] = ns
+    pd, sfa = values.get("progress_deadline", 0), values.get("stall_fail_after", 0)
+    if pd and sfa and sfa <= pd:
+        raise invalid(
+            f"job.stall_fail_after ({sfa / 1e9:g}s) must be longer than "
+            f"job.progress_deadline ({pd / 1e9:g}s)"
+        )

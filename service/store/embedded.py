@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,7 +28,14 @@ from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, log_pb2
 from ..domain import events
 from ..domain.errors import Code, DomainError, StorageUnavailable
 from ..domain.records import Applied, Change, Claim, JobCommand, JobRecord, Policy
-from .port import CHUNK_SIZE, JobQuery
+from .port import CHUNK_SIZE, JobQuery, LogEntry
+
+# The embedded store is one writer: its firehose log has a single origin.
+ORIGIN = "db"
+# Firehose rows older than the retention are deleted at most this often, this many
+# at a time (inside a commit, so a long backlog is pruned over several commits).
+PRUNE_EVERY_NS = 5 * 10**9
+PRUNE_ROWS = 5000
 
 T = TypeVar("T")
 
@@ -42,7 +50,8 @@ CREATE TABLE IF NOT EXISTS jobs (
   labels TEXT NOT NULL,
   token_hash BLOB NOT NULL,
   keys TEXT NOT NULL,
-  snapshot BLOB NOT NULL
+  snapshot BLOB NOT NULL,
+  stall_ns INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(kind, state, create_ns, id);
 CREATE INDEX IF NOT EXISTS jobs_order ON jobs(create_ns, id);
@@ -53,6 +62,14 @@ CREATE TABLE IF NOT EXISTS events (
   event BLOB NOT NULL,
   PRIMARY KEY (job_id, seq)
 ) WITHOUT ROWID;
+-- The firehose log: every event in commit order (n), written in the event's
+-- transaction; pruned by age (JOBWIRE_FIREHOSE_RETENTION). AUTOINCREMENT keeps
+-- n growing even when every row has been pruned.
+CREATE TABLE IF NOT EXISTS firehose (
+  n INTEGER PRIMARY KEY AUTOINCREMENT,
+  time_ns INTEGER NOT NULL,
+  event BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS logs (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
   job_id TEXT NOT NULL,
@@ -89,13 +106,16 @@ class EmbeddedStore:
         self._closed = False
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        # Last firehose n written (None: read it from the database on next use).
+        self._log_n: int | None = None
+        self._pruned_ns = 0
 
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)
         (self._artifacts / ".tmp").mkdir(parents=True, exist_ok=True)
-        await self._write(lambda c: c.executescript(_SCHEMA))
+        await self._write(_migrate)
         self._checkpoints = asyncio.get_running_loop().create_task(
             self._checkpoint_forever(), name="sqlite-checkpoint"
         )
@@ -223,6 +243,49 @@ class EmbeddedStore:
                 (now_ns, job_pb2.JOB_STATE_RUNNING, limit),
             )
             return [r[0] for r in rows]
+
+        return await self._read(run)
+
+    async def stalled_jobs(self, now_ns: int, limit: int) -> list[str]:
+        def run(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT id FROM jobs WHERE stall_ns IS NOT NULL AND stall_ns <= ?"
+                " AND state = ? LIMIT ?",
+                (now_ns, job_pb2.JOB_STATE_RUNNING, limit),
+            )
+            return [r[0] for r in rows]
+
+        return await self._read(run)
+
+    async def log_bounds(self, since_ns: int) -> dict[str, tuple[int, int]]:
+        def run(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+            # sqlite_sequence remembers the last n even when every row was pruned.
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'firehose'").fetchone()
+            if row is None:
+                return {}
+            newest = int(row[0])
+            # Rows are in time order: the first one inside the window.
+            oldest = conn.execute(
+                "SELECT n FROM firehose WHERE time_ns > ? ORDER BY n LIMIT 1", (since_ns,)
+            ).fetchone()
+            return {ORIGIN: (int(oldest[0]) if oldest else int(newest) + 1, int(newest))}
+
+        return await self._read(run)
+
+    async def log_after(self, origin: str, n: int, since_ns: int, limit: int) -> list[LogEntry]:
+        if origin != ORIGIN:
+            return []
+
+        def run(conn: sqlite3.Connection) -> list[LogEntry]:
+            rows = conn.execute(
+                "SELECT n, time_ns, event FROM firehose WHERE n > ? AND time_ns > ?"
+                " ORDER BY n LIMIT ?",
+                (n, since_ns, limit),
+            )
+            return [
+                LogEntry(ORIGIN, int(k), int(t), event_pb2.JobEvent.FromString(e))
+                for k, t, e in rows
+            ]
 
         return await self._read(run)
 
@@ -376,6 +439,7 @@ class EmbeddedStore:
 
     def _abort(self, conn: sqlite3.Connection) -> None:
         self._records.clear()
+        self._log_n = None
         with contextlib.suppress(sqlite3.Error):  # a failed COMMIT may have rolled back
             conn.execute("ROLLBACK")
 
@@ -388,13 +452,15 @@ class EmbeddedStore:
         together and pruned once per job."""
         now_ns = time.time_ns()
         cache = self._records
-        cache.check(conn)
+        if not cache.check(conn):
+            self._log_n = None  # another connection wrote: re-read the log counter
         before = cache.load(conn, {cmd.job_id for cmd in commands})
         seen: dict[str, JobRecord | None] = {j: e[0] if e else None for j, e in before.items()}
         results: list[Change | DomainError] = []
         changed: dict[str, JobRecord] = {}
         appended: dict[str, list[str]] = {}
         new_events: list[tuple[str, int, bytes]] = []
+        log_at: list[int] = []  # indices in `results` of the Applied changes
         for cmd in commands:
             try:
                 change = events.apply(
@@ -409,6 +475,7 @@ class EmbeddedStore:
                 if event.idempotency_key:
                     appended.setdefault(cmd.job_id, []).append(event.idempotency_key)
                 new_events.append((event.job_id, event.sequence, event.SerializeToString()))
+                log_at.append(len(results))
             results.append(change)
         if not changed:
             return results, None
@@ -428,23 +495,56 @@ class EmbeddedStore:
         for job_id, seq, _ in new_events:
             last[job_id] = seq
         prune = [(j, seq - retention) for j, seq in last.items() if seq > retention]
+        log_rows: list[tuple[int, int, bytes]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
             if inserts:
                 conn.executemany(_INSERT_JOB, inserts)
             if updates:
                 conn.executemany(
-                    "UPDATE jobs SET state=?, seq=?, lease_expire_ns=?, keys=?, snapshot=?"
-                    " WHERE id=?",
+                    "UPDATE jobs SET state=?, seq=?, lease_expire_ns=?, stall_ns=?, keys=?,"
+                    " snapshot=? WHERE id=?",
                     updates,
                 )
             conn.executemany("INSERT INTO events (job_id, seq, event) VALUES (?, ?, ?)", new_events)
             if prune:
                 conn.executemany("DELETE FROM events WHERE job_id = ? AND seq <= ?", prune)
+            if self.policy.firehose_retention_ns > 0:
+                log_rows = self._log_rows(conn, now_ns, new_events)
+                conn.executemany(
+                    "INSERT INTO firehose (n, time_ns, event) VALUES (?, ?, ?)", log_rows
+                )
+                self._prune_log(conn, now_ns)
         except BaseException:
             self._abort(conn)
             raise
+        for i, (n, _, _) in zip(log_at, log_rows, strict=False):
+            applied = results[i]
+            assert isinstance(applied, Applied)
+            results[i] = dataclasses.replace(applied, position=(ORIGIN, n))
         return results, entries
+
+    def _log_rows(
+        self, conn: sqlite3.Connection, now_ns: int, new_events: list[tuple[str, int, bytes]]
+    ) -> list[tuple[int, int, bytes]]:
+        """Numbers the batch's events in the log, in commit order."""
+        n = self._log_n
+        if n is None:
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'firehose'").fetchone()
+            n = int(row[0]) if row else 0
+        rows = [(n + i + 1, now_ns, blob) for i, (_, _, blob) in enumerate(new_events)]
+        self._log_n = n + len(rows)
+        return rows
+
+    def _prune_log(self, conn: sqlite3.Connection, now_ns: int) -> None:
+        if now_ns - self._pruned_ns < PRUNE_EVERY_NS:
+            return
+        self._pruned_ns = now_ns
+        conn.execute(
+            "DELETE FROM firehose WHERE n IN"
+            " (SELECT n FROM firehose WHERE time_ns < ? ORDER BY n LIMIT ?)",
+            (now_ns - self.policy.firehose_retention_ns, PRUNE_ROWS),
+        )
 
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -549,11 +649,14 @@ class _RecordCache:
         self._entries.clear()
         self._version = None
 
-    def check(self, conn: sqlite3.Connection) -> None:
+    def check(self, conn: sqlite3.Connection) -> bool:
+        """False (and the cache dropped) when another connection committed."""
         version = conn.execute("PRAGMA data_version").fetchone()[0]
         if version != self._version:
             self._entries.clear()
             self._version = version
+            return False
+        return True
 
     def load(self, conn: sqlite3.Connection, job_ids: set[str]) -> dict[str, _Entry | None]:
         entries = self._entries
@@ -676,6 +779,7 @@ def _row(record: JobRecord, keys: str | bytes | None = None) -> tuple[Any, ...]:
         job.create_time.ToNanoseconds(),
         job.sequence,
         lease,
+        events.stall_due_ns(job),
         json.dumps(dict(job.labels), sort_keys=True),
         record.token_hash,
         _encode_keys(record.recent_keys) if keys is None else keys,
@@ -692,6 +796,7 @@ def _update_row(record: JobRecord, keys: str | bytes) -> tuple[Any, ...]:
         job.state,
         job.sequence,
         lease,
+        events.stall_due_ns(job),
         keys,
         job.SerializeToString(),
         job.id,
@@ -699,9 +804,20 @@ def _update_row(record: JobRecord, keys: str | bytes) -> tuple[Any, ...]:
 
 
 _INSERT_JOB = (
-    "INSERT INTO jobs (kind, state, create_ns, seq, lease_expire_ns, labels, token_hash,"
-    " keys, snapshot, id) VALUES (?,?,?,?,?,?,?,?,?,?)"
+    "INSERT INTO jobs (kind, state, create_ns, seq, lease_expire_ns, stall_ns, labels,"
+    " token_hash, keys, snapshot, id) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
 )
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Creates the schema; adds what later versions added to an older database."""
+    conn.executescript(_SCHEMA)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    if "stall_ns" not in columns:
+        conn.execute("ALTER TABLE jobs ADD COLUMN stall_ns INTEGER")
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS jobs_stall ON jobs(stall_ns) WHERE stall_ns IS NOT NULL"
+    )
 
 
 def _insert_job(conn: sqlite3.Connection, record: JobRecord) -> None:

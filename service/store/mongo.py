@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import hashlib
+import logging
 import os
 import random
 import time
@@ -49,7 +51,9 @@ from ..domain import events
 from ..domain.errors import Code, DomainError, StorageUnavailable
 from ..domain.records import Applied, Change, Claim, JobCommand, JobRecord, Policy
 from . import mongo_codec as codec
-from .port import CHUNK_SIZE, JobQuery
+from .port import CHUNK_SIZE, JobQuery, LogEntry
+
+log = logging.getLogger("jobwire.store.mongo")
 
 DEFAULT_DATABASE = "jobwire"
 DEFAULT_TIMEOUT_MS = 5000
@@ -74,6 +78,7 @@ _UNAVAILABLE = (ConnectionFailure, ExecutionTimeout, WTimeoutError)
 _QUEUED = job_pb2.JOB_STATE_QUEUED
 _RUNNING = job_pb2.JOB_STATE_RUNNING
 _BUCKET = "artifacts"
+FIREHOSE = "firehose"
 
 
 @contextlib.contextmanager
@@ -231,6 +236,13 @@ class MongoStore:
         self._fetch_epoch = 0
         self._claimers = 0
         self._db: AsyncDatabase[dict[str, Any]] | None = None
+        # This process's origin in the firehose log, and its last entry number.
+        self.origin = os.urandom(6).hex()
+        self._log_n = 0
+        self._log_n_known = True
+        self._log_lock: asyncio.Lock | None = None
+        self._log_queue: list[tuple[list[Applied], asyncio.Future[int]]] = []
+        self.log_failures = 0
 
     @classmethod
     def from_env(cls, policy: Policy, environ: Mapping[str, str] | None = None) -> MongoStore:
@@ -276,6 +288,10 @@ class MongoStore:
         return self.database["logs"]
 
     @property
+    def firehose(self) -> AsyncCollection[dict[str, Any]]:
+        return self.database[FIREHOSE]
+
+    @property
     def files(self) -> AsyncCollection[dict[str, Any]]:
         return self.database[f"{_BUCKET}.files"]
 
@@ -300,6 +316,28 @@ class MongoStore:
             # single createIndexes names several indexes that all exist already.
             for collection, index in self._indexes():
                 await collection.create_indexes([index])
+            if self.policy.firehose_retention_ns > 0:
+                await self._firehose_ttl()
+
+    async def _firehose_ttl(self) -> None:
+        """Expires log entries after the retention (the reads skip older ones anyway,
+        so a server that deletes late, or cannot change the TTL, is still correct)."""
+        seconds = max(1, self.policy.firehose_retention_ns // 10**9)
+        index = IndexModel([("t", ASCENDING)], name="retention", expireAfterSeconds=seconds)
+        try:
+            await self.firehose.create_indexes([index])
+        except pymongo.errors.OperationFailure as exc:
+            try:  # the retention changed since the index was made
+                await self.database.command(
+                    {
+                        "collMod": FIREHOSE,
+                        "index": {"name": "retention", "expireAfterSeconds": seconds},
+                    }
+                )
+            except pymongo.errors.OperationFailure:
+                log.warning(
+                    "firehose TTL index not updated (%s); reads still skip old entries", exc
+                )
 
     def _indexes(self) -> list[tuple[AsyncCollection[dict[str, Any]], IndexModel]]:
         """Every index the adapter relies on (README: "Indexes")."""
@@ -325,6 +363,14 @@ class MongoStore:
                 IndexModel([("create_ns", ASCENDING), ("_id", ASCENDING)], name="list_order"),
             ),
             (self.jobs, IndexModel([("lab", ASCENDING)], name="labels")),
+            (
+                self.jobs,
+                IndexModel([("state", ASCENDING), ("stall_ns", ASCENDING)], name="stalls"),
+            ),
+            (
+                self.firehose,
+                IndexModel([("o", ASCENDING), ("n", ASCENDING)], name="origin_order", unique=True),
+            ),
             (
                 self.logs,
                 IndexModel(
@@ -437,6 +483,7 @@ class MongoStore:
                     pending = conflicted
                     if not pending:
                         break
+            await self._log(results)
         for plan in pending:
             for index in plan.indices:
                 results[index] = DomainError(
@@ -660,7 +707,80 @@ class MongoStore:
             token_hash=outcome.record.token_hash,
             recent_keys=codec.keys_of(codec.retained(ring, retention)),
         )
-        return Applied(record=claimed, event=outcome.event)
+        done: list[Change | DomainError | None] = [Applied(record=claimed, event=outcome.event)]
+        await self._log(done)
+        applied = done[0]
+        assert isinstance(applied, Applied)
+        return applied
+
+    async def _log(self, into: list[Change | DomainError | None]) -> None:
+        """Appends the Applied outcomes to the firehose log and sets their positions in
+        `into`. Appends that arrive while one is being written share the next insert
+        (claims come one by one); numbers are taken under one lock, so an origin's
+        entries are written in number order. A failed append is counted and logged,
+        not raised: the job changes are durable and acknowledged; only the log misses
+        them (README "streams")."""
+        if self.policy.firehose_retention_ns <= 0:
+            return
+        applied = [(i, o) for i, o in enumerate(into) if isinstance(o, Applied)]
+        if not applied:
+            return
+        if self._log_lock is None:
+            self._log_lock = asyncio.Lock()
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._log_queue.append(([o for _, o in applied], done))
+        async with self._log_lock:
+            if not done.done():
+                queued, self._log_queue = self._log_queue, []
+                await self._append_log(queued)
+        first = done.result()
+        if first:
+            for k, (i, o) in enumerate(applied):
+                into[i] = dataclasses.replace(o, position=(self.origin, first + k))
+
+    async def _append_log(self, queued: list[tuple[list[Applied], asyncio.Future[int]]]) -> None:
+        """One ordered insert for the queued appends; each future gets its first n (0:
+        not written)."""
+        count = sum(len(applied) for applied, _ in queued)
+        try:
+            if not self._log_n_known:
+                newest = await self.firehose.find_one(
+                    {"o": self.origin}, {"n": 1}, sort=[("n", DESCENDING)]
+                )
+                self._log_n = int(newest["n"]) if newest else 0
+                self._log_n_known = True
+            now_ns = time.time_ns()
+            first = self._log_n + 1
+            docs = [
+                {
+                    "o": self.origin,
+                    "n": first + k,
+                    "ns": now_ns,
+                    "t": datetime.fromtimestamp(now_ns / 1e9, UTC),
+                    "e": Binary(o.event.SerializeToString()),
+                }
+                for k, o in enumerate(o for applied, _ in queued for o in applied)
+            ]
+            async with self._writing():
+                await self.firehose.insert_many(docs, ordered=True)
+            self._log_n = first + count - 1
+        except (PyMongoError, DomainError) as exc:
+            # Some may have landed (ordered insert): re-read the last number first.
+            self._log_n_known = False
+            self.log_failures += count
+            log.warning("firehose log append failed for %d event(s): %s", count, exc)
+            for _, future in queued:
+                future.set_result(0)
+            return
+        except BaseException:  # cancelled: the appends that shared this insert are unknown
+            self._log_n_known = False
+            for _, future in queued:
+                if not future.done():
+                    future.set_result(0)
+            raise
+        for applied, future in queued:
+            future.set_result(first)
+            first += len(applied)
 
     async def expired_leases(self, now_ns: int, limit: int) -> list[str]:
         if limit <= 0:
@@ -672,6 +792,47 @@ class MongoStore:
                 .limit(limit)
             )
             return [str(doc["_id"]) async for doc in cursor]
+
+    async def stalled_jobs(self, now_ns: int, limit: int) -> list[str]:
+        if limit <= 0:
+            return []
+        with _guard("stalled_jobs"):
+            cursor = (
+                self.jobs.find({"state": _RUNNING, "stall_ns": {"$lte": now_ns}}, {"_id": 1})
+                .sort([("stall_ns", ASCENDING)])
+                .limit(limit)
+            )
+            return [str(doc["_id"]) async for doc in cursor]
+
+    async def log_bounds(self, since_ns: int) -> dict[str, tuple[int, int]]:
+        bounds: dict[str, tuple[int, int]] = {}
+        with _guard("log_bounds"):
+            for origin in await self.firehose.distinct("o"):
+                newest = await self.firehose.find_one(
+                    {"o": origin}, {"n": 1}, sort=[("n", DESCENDING)]
+                )
+                if newest is None:
+                    continue
+                oldest = await self.firehose.find_one(
+                    {"o": origin, "ns": {"$gt": since_ns}}, {"n": 1}, sort=[("n", ASCENDING)]
+                )
+                last = int(newest["n"])
+                bounds[str(origin)] = (int(oldest["n"]) if oldest else last + 1, last)
+        return bounds
+
+    async def log_after(self, origin: str, n: int, since_ns: int, limit: int) -> list[LogEntry]:
+        with _guard("log_after"):
+            cursor = (
+                self.firehose.find({"o": origin, "n": {"$gt": n}, "ns": {"$gt": since_ns}})
+                .sort([("n", ASCENDING)])
+                .limit(limit)
+            )
+            return [
+                LogEntry(
+                    origin, int(d["n"]), int(d["ns"]), event_pb2.JobEvent.FromString(bytes(d["e"]))
+                )
+                async for d in cursor
+            ]
 
     async def events_after(self, job_id: str, sequence: int) -> list[event_pb2.JobEvent]:
         with _guard("events_after"):
@@ -860,8 +1021,16 @@ def _update(job: job_pb2.Job, slots: Mapping[str, Any]) -> dict[str, Any]:
     fields.update({f"ring.{slot}": entry for slot, entry in slots.items()})
     update: dict[str, Any] = {"$set": fields}
     lease = codec.lease_ns(job)
+    unset: dict[str, str] = {}
     if lease is None:
-        update["$unset"] = {"lease_expire_ns": ""}
+        unset["lease_expire_ns"] = ""
     else:
         fields["lease_expire_ns"] = lease
+    stall = events.stall_due_ns(job)
+    if stall is None:
+        unset["stall_ns"] = ""
+    else:
+        fields["stall_ns"] = stall
+    if unset:
+        update["$unset"] = unset
     return update

@@ -3,6 +3,7 @@
 A job is one bounded document:
 
     {_id, kind, state, lab, create_ns, seq, lease_expire_ns?,   # queryable copies
+     stall_ns?,                                                # progress sweep due
      token_hash, job,                                           # snapshot (protobuf bytes)
      ring: {"<seq % retention>": {s, k, e, w}}}                 # retained events
 
@@ -23,6 +24,7 @@ from bson import Binary
 
 from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, log_pb2
 
+from ..domain.events import stall_due_ns
 from ..domain.records import JobRecord
 
 Doc = dict[str, Any]
@@ -59,6 +61,9 @@ def job_document(record: JobRecord, ring: Mapping[str, RingEntry]) -> Doc:
     lease = lease_ns(job)
     if lease is not None:
         doc["lease_expire_ns"] = lease
+    stall = stall_due_ns(job)
+    if stall is not None:
+        doc["stall_ns"] = stall
     return doc
 
 

@@ -4,7 +4,8 @@ Why not change streams: they need a replica set (or sharded cluster) and FerretD
 has none, while capped collections and tailable cursors work on a standalone
 server, a replica set and FerretDB v1.24. One document per applied event:
 
-    {_id: ObjectId, o: origin (the writing replica), j: job id, s: sequence, e: JobEvent bytes}
+    {_id: ObjectId, o: origin (the writing replica), j: job id, s: sequence, e: JobEvent bytes,
+     p: [log origin, n] (its firehose position, when it has one)}
 
 The cursor is opened with `{_id: {$gte: anchor}}` where the anchor is a document
 that exists (a tailable cursor whose first query matches nothing is dead on
@@ -32,6 +33,7 @@ from pymongo.errors import CollectionInvalid, OperationFailure, PyMongoError
 from jobwire.v1 import event_pb2
 
 from ..domain.errors import StorageUnavailable
+from ..domain.records import LogPosition
 from .port import FeedUnsupported
 
 COLLECTION = "feed"
@@ -89,10 +91,15 @@ class MongoEventFeed:
         if not options.get("capped"):
             raise FeedUnsupported(f"collection {COLLECTION!r} exists and is not capped")
 
-    async def append(self, origin: str, events: Sequence[event_pb2.JobEvent]) -> None:
+    async def append(
+        self,
+        origin: str,
+        events: Sequence[event_pb2.JobEvent],
+        positions: Sequence[LogPosition | None] = (),
+    ) -> None:
         if not events:
             return
-        docs = [
+        docs: list[dict[str, Any]] = [
             {
                 "_id": ObjectId(),
                 "o": origin,
@@ -102,6 +109,9 @@ class MongoEventFeed:
             }
             for e in events
         ]
+        for doc, position in zip(docs, positions, strict=False):
+            if position is not None:
+                doc["p"] = list(position)
         # w=1: each event is already durable in its job's ring (written with the
         # store's write concern before this); the feed only carries it to watchers.
         collection = self.collection.with_options(write_concern=WriteConcern(w=1))
@@ -115,7 +125,9 @@ class MongoEventFeed:
             client, self._tail_client = self._tail_client, None
             await client.close()
 
-    async def tail(self) -> AsyncIterator[list[tuple[str, event_pb2.JobEvent]]]:
+    async def tail(
+        self,
+    ) -> AsyncIterator[list[tuple[str, event_pb2.JobEvent, LogPosition | None]]]:
         if self._tail_client is None and self._make_tail_client is not None:
             self._tail_client = self._make_tail_client()
             self._tail_db = self._tail_client[self._db.name]
@@ -178,12 +190,17 @@ class MongoEventFeed:
         self._resumed = False
         return cursor_id, list(reply["cursor"]["firstBatch"])
 
-    def _decode(self, batch: list[dict[str, Any]]) -> list[tuple[str, event_pb2.JobEvent]]:
-        out: list[tuple[str, event_pb2.JobEvent]] = []
+    def _decode(
+        self, batch: list[dict[str, Any]]
+    ) -> list[tuple[str, event_pb2.JobEvent, LogPosition | None]]:
+        out: list[tuple[str, event_pb2.JobEvent, LogPosition | None]] = []
         for doc in batch:
             if doc["_id"] == self._anchor:
                 continue
             self._anchor = doc["_id"]
             if "e" in doc:
-                out.append((str(doc.get("o", "")), event_pb2.JobEvent.FromString(bytes(doc["e"]))))
+                p = doc.get("p")
+                position = (str(p[0]), int(p[1])) if isinstance(p, list) and len(p) == 2 else None
+                event = event_pb2.JobEvent.FromString(bytes(doc["e"]))
+                out.append((str(doc.get("o", "")), event, position))
         return out

@@ -20,7 +20,7 @@ from typing import Protocol
 from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, log_pb2
 
 from ..domain.errors import DomainError
-from ..domain.records import Applied, Change, JobCommand, JobRecord, Policy
+from ..domain.records import Applied, Change, JobCommand, JobRecord, LogPosition, Policy
 
 # Artifacts are moved in chunks of this size: small enough for one gRPC message
 # (4 MiB limit), large enough to keep per-chunk overhead low.
@@ -37,6 +37,16 @@ class JobQuery:
     limit: int = 50
     # Exclusive cursor: (create_time in ns, id) of the last job of the previous page.
     after: tuple[int, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One event in the firehose log: entry `n` of `origin`, written at `time_ns`."""
+
+    origin: str
+    n: int
+    time_ns: int
+    event: event_pb2.JobEvent
 
 
 class Store(Protocol):
@@ -69,8 +79,25 @@ class Store(Protocol):
     async def expired_leases(self, now_ns: int, limit: int) -> list[str]:
         """Ids of RUNNING jobs whose lease lapsed before `now_ns`."""
 
+    async def stalled_jobs(self, now_ns: int, limit: int) -> list[str]:
+        """Ids of RUNNING jobs whose progress deadline (or stall failure) is due."""
+
     async def events_after(self, job_id: str, sequence: int) -> list[event_pb2.JobEvent]:
         """Retained events of a job with a sequence number above `sequence`, ascending."""
+
+    # The firehose log (when `policy.firehose_retention_ns` > 0): every applied event,
+    # written with its job's change (embedded: same transaction; MongoDB: same group
+    # commit, right after the job updates), numbered 1, 2, 3, ... per origin (a store
+    # process) in write order; `Applied.position` says where. Entries older than the
+    # retention are skipped by the reads below and deleted eventually.
+
+    async def log_bounds(self, since_ns: int) -> dict[str, tuple[int, int]]:
+        """Per origin with entries: (oldest n written after `since_ns`, newest n);
+        oldest is newest + 1 when all of the origin's entries are older."""
+
+    async def log_after(self, origin: str, n: int, since_ns: int, limit: int) -> list[LogEntry]:
+        """Up to `limit` entries of `origin` numbered above `n` and written after
+        `since_ns`, ascending."""
 
     async def write_log(self, entry: log_pb2.LogEntry) -> None: ...
 
@@ -111,11 +138,17 @@ class EventFeed(Protocol):
     async def open(self) -> None:
         """Creates the feed idempotently. Raises FeedUnsupported or StorageUnavailable."""
 
-    async def append(self, origin: str, events: Sequence[event_pb2.JobEvent]) -> None:
-        """One write for the whole batch, in the given order."""
+    async def append(
+        self,
+        origin: str,
+        events: Sequence[event_pb2.JobEvent],
+        positions: Sequence[LogPosition | None] = (),
+    ) -> None:
+        """One write for the whole batch, in the given order; `positions[i]` is the
+        firehose position of `events[i]`, carried to the other replicas."""
 
-    def tail(self) -> AsyncIterator[list[tuple[str, event_pb2.JobEvent]]]:
-        """Batches of (origin, event) appended after the first call, in feed order.
+    def tail(self) -> AsyncIterator[list[tuple[str, event_pb2.JobEvent, LogPosition | None]]]:
+        """Batches of (origin, event, position) appended after the first call, in feed order.
 
         Raises StorageUnavailable when the database goes away; calling `tail()`
         again resumes after the last entry delivered (possibly repeating a few).

@@ -1,0 +1,271 @@
+"""The resumable firehose: WatchJobs with a cursor into the firehose log.
+
+Every applied event has a place in the log: entry `n` of an origin (a store
+process; the embedded store has one), numbered 1, 2, 3, ... in the order that
+origin wrote them. A consumer's position is a `Cursor`: per origin, the highest
+`n` up to which every entry was delivered, plus the few delivered above it (live
+events of one origin can reach a stream slightly out of order, e.g. a claim and a
+batch committed side by side). Resuming replays, per origin, what the cursor does
+not cover, merged across origins by write time, then goes live; a live event is
+delivered unless the cursor covers it. So every event is delivered exactly once
+per cursor, whichever replica serves the stream, and filtered-out events advance
+the cursor too. The position string is opaque to clients: `v1.` + base64url JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+from jobwire.v1 import event_pb2
+
+from .domain.errors import invalid
+from .fanout import Fanout, FellBehind
+from .store.port import LogEntry, Store
+
+PAGE = 500
+# Delivered entries above an origin's contiguous run past which the stream re-reads
+# the log (filling the holes) instead of remembering more.
+MAX_EXTRAS = 64
+_PREFIX = "v1."
+
+
+@dataclass
+class Cursor:
+    """What a consumer has been delivered, per origin (see the module docstring)."""
+
+    done: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, set[int]] = field(default_factory=dict)
+    # Write time of the newest entry delivered (ns): tells a position older than
+    # the retention window.
+    time_ns: int = 0
+
+    def covers(self, origin: str, n: int) -> bool:
+        if n <= self.done.get(origin, 0):
+            return True
+        extra = self.extra.get(origin)
+        return extra is not None and n in extra
+
+    def mark(self, origin: str, n: int, time_ns: int = 0) -> bool:
+        """Records a delivery; False when the origin has too many holes to track."""
+        self.time_ns = max(self.time_ns, time_ns)
+        done = self.done.get(origin, 0)
+        if n != done + 1:
+            holes = self.extra.setdefault(origin, set())
+            holes.add(n)
+            return len(holes) <= MAX_EXTRAS
+        extra = self.extra.get(origin)
+        done = n
+        if extra:
+            while done + 1 in extra:
+                done += 1
+                extra.discard(done)
+            if not extra:
+                del self.extra[origin]
+        self.done[origin] = done
+        return True
+
+    def skip_to(self, origin: str, n: int) -> None:
+        """Treats every entry of `origin` up to `n` as delivered (lost or before start)."""
+        if n > self.done.get(origin, 0):
+            self.done[origin] = n
+            extra = self.extra.get(origin)
+            if extra is not None:
+                for k in [k for k in extra if k <= n]:
+                    extra.discard(k)
+                # Fold in the extras that are now contiguous.
+                while n + 1 in extra:
+                    n += 1
+                    extra.discard(n)
+                self.done[origin] = n
+                if not extra:
+                    del self.extra[origin]
+
+    def encode(self) -> str:
+        body: dict[str, object] = {"d": self.done, "t": self.time_ns}
+        if self.extra:
+            body["x"] = {o: sorted(x) for o, x in self.extra.items() if x}
+        raw = json.dumps(body, separators=(",", ":")).encode()
+        return _PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> Cursor:
+        problem = 'after must be a position from WatchJobsResponse.position, or "0"'
+        if not text.startswith(_PREFIX) or len(text) > 65536:
+            raise invalid(problem)
+        data = text[len(_PREFIX) :]
+        try:
+            body = json.loads(base64.urlsafe_b64decode(data + "=" * (-len(data) % 4)))
+            done = {str(o): int(n) for o, n in body["d"].items()}
+            extra = {str(o): {int(n) for n in ns} for o, ns in body.get("x", {}).items()}
+            time_ns = int(body.get("t", 0))
+        except (ValueError, TypeError, KeyError, AttributeError, binascii.Error):
+            raise invalid(problem) from None
+        if any(n < 0 for n in done.values()):
+            raise invalid(problem)
+        return cls(done, extra, time_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    requested: str
+    oldest: str
+
+
+Delivery = tuple[event_pb2.JobEvent, str]
+StreamItem = Delivery | Gap
+
+
+class Firehose:
+    """Serves WatchJobs streams from the store's log and the live fan-out."""
+
+    def __init__(self, store: Store, fanout: Fanout) -> None:
+        self.store = store
+        self.fanout = fanout
+
+    @property
+    def retention_ns(self) -> int:
+        return self.store.policy.firehose_retention_ns
+
+    async def watch(
+        self, kind: int, states: Sequence[int], after: str
+    ) -> AsyncIterator[StreamItem]:
+        wanted = frozenset(states)
+
+        def matches(event: event_pb2.JobEvent) -> bool:
+            if kind and event.kind != kind:
+                return False
+            return not wanted or event.state in wanted
+
+        cursor: Cursor | None = None
+        if after == "0":
+            cursor = Cursor()
+            for origin, (oldest, _) in (await self.store.log_bounds(self._cutoff())).items():
+                cursor.skip_to(origin, oldest - 1)  # the whole retained window, no gap
+        elif after:
+            cursor = Cursor.decode(after)
+            gap = await self._gap(cursor, after)
+            if gap is not None:
+                yield gap
+        while True:
+            if cursor is not None:
+                # Catch up without buffering live events (a long replay would overflow).
+                async for item in self._replay(cursor, matches):
+                    yield item
+            sub = self.fanout.subscribe(lossless=True)
+            try:
+                if cursor is None:
+                    cursor = Cursor()
+                    for origin, (_, newest) in (
+                        await self.store.log_bounds(self._cutoff())
+                    ).items():
+                        cursor.skip_to(origin, newest)
+                    cursor.time_ns = time.time_ns()
+                else:
+                    # What landed between the replay's last read and the subscription.
+                    async for item in self._replay(cursor, matches):
+                        yield item
+                while True:
+                    try:
+                        batch = await sub.next_batch()
+                    except FellBehind:
+                        break
+                    holes = False
+                    for event, position in batch:
+                        if position is None:
+                            continue  # not in the log (its append failed): see README
+                        origin, n = position
+                        if cursor.covers(origin, n):
+                            continue
+                        holes = not cursor.mark(origin, n, time.time_ns()) or holes
+                        if matches(event):
+                            yield event, cursor.encode()
+                    if holes:
+                        break  # too many out-of-order entries: re-read the log
+            finally:
+                self.fanout.unsubscribe(sub)
+
+    def _cutoff(self) -> int:
+        return time.time_ns() - self.retention_ns
+
+    async def _gap(self, cursor: Cursor, requested: str) -> Gap | None:
+        """The gap announcement when entries after the cursor have expired; advances
+        the cursor past them."""
+        cutoff = self._cutoff()
+        bounds = await self.store.log_bounds(cutoff)
+        lost = False
+        for origin, (oldest, _) in bounds.items():
+            done = cursor.done.get(origin, 0)
+            if oldest > done + 1:
+                seen = sum(1 for n in cursor.extra.get(origin, ()) if n < oldest)
+                if oldest - 1 - done > seen:
+                    lost = True
+                cursor.skip_to(origin, oldest - 1)
+        # An origin the cursor knows whose entries are all gone from the store (MongoDB's
+        # TTL deletes them): when the position is older than the window, some may be lost.
+        if any(o not in bounds for o in cursor.done) and 0 < cursor.time_ns < cutoff:
+            lost = True
+        if not lost:
+            return None
+        return Gap(requested=requested, oldest=cursor.encode())
+
+    async def _replay(
+        self, cursor: Cursor, matches: Callable[[event_pb2.JobEvent], bool]
+    ) -> AsyncIterator[Delivery]:
+        """Entries the cursor does not cover, origins merged by write time."""
+        cutoff = self._cutoff()
+        bounds = await self.store.log_bounds(cutoff)
+        heads: dict[str, deque[LogEntry]] = {}
+        read_to: dict[str, int] = {}
+        exhausted: set[str] = set()
+
+        async def refill(origin: str) -> None:
+            page = await self.store.log_after(origin, read_to[origin], cutoff, PAGE)
+            heads[origin] = deque(page)
+            if page:
+                read_to[origin] = page[-1].n
+            if len(page) < PAGE:
+                exhausted.add(origin)
+
+        for origin, (_, newest) in bounds.items():
+            read_to[origin] = cursor.done.get(origin, 0)
+            if newest > read_to[origin]:
+                await refill(origin)
+        last: dict[str, int] = dict(read_to)
+        while True:
+            best: LogEntry | None = None
+            for origin in list(heads):
+                page = heads[origin]
+                if not page:
+                    if origin in exhausted:
+                        del heads[origin]
+                        continue
+                    await refill(origin)
+                    page = heads[origin]
+                    if not page:
+                        del heads[origin]
+                        continue
+                head = page[0]
+                if best is None or (head.time_ns, head.origin, head.n) < (
+                    best.time_ns,
+                    best.origin,
+                    best.n,
+                ):
+                    best = head
+            if best is None:
+                return
+            heads[best.origin].popleft()
+            if best.n > last[best.origin] + 1:
+                # Expired between the gap check and this read: nothing left to wait for.
+                cursor.skip_to(best.origin, best.n - 1)
+            last[best.origin] = best.n
+            if cursor.covers(best.origin, best.n):
+                continue
+            cursor.mark(best.origin, best.n, best.time_ns)
+            if matches(best.event):
+                yield best.event, cursor.encode()
