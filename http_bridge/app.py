@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import aurora, aws_batch, health, metrics, openapi, secretary, video_worker
+from . import (
+    aurora,
+    aws_batch,
+    connection_guard,
+    edge,
+    health,
+    metrics,
+    openapi,
+    secretary,
+    video_worker,
+)
 from .config import Config
 from .grpc_client import CONFIG, grpc_context
 
@@ -21,4 +31,6 @@ def create_app(config: Config) -> web.Application:
         app.add_routes(table)
     names = ("aws_batch", "video_worker", "aurora", "secretary")
     metrics.install(app, dict(zip(names, CONTRACT_ROUTES, strict=True)))
+    edge.install(app, config)  # per-credential rate limit, when configured
+    connection_guard.install(app)  # tells the connection watchdog where requests begin
     return app

@@ -36,8 +36,11 @@ from .common import (
     secret_matches,
     validate,
 )
+from .edge import text_header
 from .errors import BridgeError, RpcFailed, contract_errors, json_response
 from .grpc_client import config_of
+from .signing import check as check_signature
+from .signing import webhook_id
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -133,9 +136,12 @@ async def apply_task(request: web.Request, event: svc.ReportEventRequest) -> Non
 async def transcode_callback(request: web.Request) -> web.StreamResponse:
     authorize(request)
     body = await read_body(request, config_of(request).max_body_bytes)
+    check_signature(request, "aurora", body.data)
     notification = validate(Notification, parse_json(body.data))
-    given = request.headers.get("Idempotency-Key", "").strip()
-    prefix = f"aurora:hdr:{given[:128]}:" if given else "aurora:"
+    given = text_header(request, "Idempotency-Key", 128)
+    prefix = f"aurora:hdr:{given}:" if given else "aurora:"
+    if signed := webhook_id(request):
+        prefix = f"aurora:whk:{signed}:"
     events = [to_event(task, prefix) for task in notification.data]
     outcomes = await asyncio.gather(
         *(apply_task(request, e) for e in events), return_exceptions=True

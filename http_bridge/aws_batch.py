@@ -26,6 +26,7 @@ from .common import (
 )
 from .errors import BridgeError, contract_errors, json_response
 from .grpc_client import config_of
+from .signing import check as check_signature
 
 routes = web.RouteTableDef()
 CONTRACT = "aws-batch"
@@ -92,7 +93,8 @@ async def batch_callback(request: web.Request) -> web.StreamResponse:
     # Authenticate before validating, so an unauthenticated caller learns nothing.
     given = data.get("callbackSecret") if isinstance(data, dict) else None
     if not secret_matches(given, config.batch_callback_secret):
-        raise BridgeError(401, "unauthenticated")
+        raise BridgeError(401, "unauthenticated", token_sent=given is not None)
+    check_signature(request, "aws_batch", body.data)
     callback = validate(BatchCallback, data)
     event = to_event(callback)
     event.idempotency_key = idempotency_key(request, CONTRACT, callback.jobId, body)

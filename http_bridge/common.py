@@ -18,8 +18,10 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from jobwire.v1 import job_pb2
 from jobwire.v1 import job_service_pb2 as svc
 
+from .edge import BodyClock, text_header, token_text
 from .errors import BridgeError, RpcFailed
 from .grpc_client import COALESCER, CONFIG, STUB
+from .signing import webhook_id
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 
@@ -44,13 +46,14 @@ async def read_body(request: web.Request, limit: int) -> Body:
     if length is not None and length > limit:
         raise BridgeError(413, f"request body exceeds {limit} bytes")
     hasher = hashlib.sha256()
+    clock = BodyClock(request.app[CONFIG])  # 408 for a body that trickles in
     if length is not None:
         # One buffer of the announced size: no regrowth copies for large bodies.
         buf = bytearray(length)
         view = memoryview(buf)
         pos = 0
         while pos < length:
-            chunk = await request.content.readany()
+            chunk = await clock.read(request)
             if not chunk:
                 break
             n = min(len(chunk), length - pos)
@@ -62,7 +65,7 @@ async def read_body(request: web.Request, limit: int) -> Body:
             raise BridgeError(400, "request body shorter than Content-Length")
         return Body(buf, hasher.digest())
     buf = bytearray()
-    async for chunk in request.content.iter_any():
+    while chunk := await clock.read(request):
         if len(buf) + len(chunk) > limit:
             raise BridgeError(413, f"request body exceeds {limit} bytes")
         buf += chunk
@@ -96,23 +99,28 @@ def secret_matches(given: str | None, expected: str) -> bool:
     """Constant-time comparison; an unconfigured secret matches nothing."""
     if not expected or not isinstance(given, str) or not given:
         return False
-    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+    # surrogateescape: header bytes that are not UTF-8 compare as the bytes they were.
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode("utf-8"))
 
 
 def bearer_token(request: web.Request) -> str:
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    return value.strip() if scheme.lower() == "bearer" else ""
+    return token_text(value) if scheme.lower() == "bearer" else ""
 
 
 def header_token(request: web.Request) -> str:
     """The token from `Authorization: Bearer` or, failing that, `X-Callback-Token`."""
-    return bearer_token(request) or request.headers.get("X-Callback-Token", "").strip()
+    return bearer_token(request) or token_text(request.headers.get("X-Callback-Token", ""))
 
 
 def idempotency_key(request: web.Request, contract: str, job_id: str, body: Body) -> str:
     """The client's Idempotency-Key, else a digest of contract, job id and raw body,
-    so a verbatim retry is recognised and applied once."""
-    given = request.headers.get("Idempotency-Key", "").strip()
+    so a verbatim retry is recognised and applied once. A verified Standard Webhooks
+    `webhook-id` comes first: it is what the sender keeps across redeliveries."""
+    signed = webhook_id(request)
+    if signed:
+        return f"{contract}:whk:{signed}"
+    given = text_header(request, "Idempotency-Key", 200)
     if given:
         return f"{contract}:hdr:{given[:200]}"
     h = hashlib.sha256(contract.encode() + b"\0" + job_id.encode() + b"\0" + body.digest)

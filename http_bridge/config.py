@@ -44,6 +44,16 @@ class Config:
     # Access log: "errors" (responses >= 400, the default: thousands of 200s a second
     # would cost the bridge a tenth of its CPU), "all", or "off".
     access_log: str = "errors"
+    # The edge (http_bridge/edge.py, connection_guard.py): slow and greedy clients.
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+    body_min_rate_bytes: int = 4096  # each byte/s beyond this extends the body deadline
+    keepalive_timeout_seconds: float = 30.0
+    max_connections: int = 1000
+    rate_limit: float = 0.0  # requests per second per credential; 0: off
+    # Standard Webhooks v1 secrets (raw key bytes) by contract: aws_batch, video_worker,
+    # aurora, secretary. Several per contract while a key is being rotated.
+    signing_secrets: Mapping[str, tuple[bytes, ...]] = field(default_factory=dict, repr=False)
 
 
 def parse_addr(value: str, default_port: int) -> tuple[str, int]:
@@ -111,7 +121,61 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
         retry_after_seconds=int(merged.get("JOBWIRE_RETRY_AFTER_SECONDS", 5)),
         public_url=merged.get("JOBWIRE_PUBLIC_URL", "").rstrip("/"),
         access_log=parse_access_log(merged.get("JOBWIRE_ACCESS_LOG", "errors")),
+        rpc_timeout_seconds=number(merged, "JOBWIRE_RPC_TIMEOUT_SECONDS", 30.0),
+        header_timeout_seconds=number(merged, "JOBWIRE_HEADER_TIMEOUT_SECONDS", 10.0),
+        body_timeout_seconds=number(merged, "JOBWIRE_BODY_TIMEOUT_SECONDS", 30.0),
+        body_min_rate_bytes=int(number(merged, "JOBWIRE_BODY_MIN_RATE_BYTES", 4096, minimum=1)),
+        keepalive_timeout_seconds=number(merged, "JOBWIRE_KEEPALIVE_TIMEOUT_SECONDS", 30.0),
+        max_connections=int(number(merged, "JOBWIRE_MAX_CONNECTIONS", 1000, minimum=1)),
+        rate_limit=parse_rate(merged.get("JOBWIRE_RATE_LIMIT", "")),
+        signing_secrets=signing_secrets(merged),
     )
+
+
+def number(env: Mapping[str, str], name: str, default: float, minimum: float = 0.001) -> float:
+    raw = env.get(name, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise SystemExit(f"{name} must be a number, got {raw!r}") from None
+    if not value >= minimum or value == float("inf"):
+        raise SystemExit(f"{name} must be a number >= {minimum}, got {raw!r}")
+    return value
+
+
+def parse_rate(value: str) -> float:
+    """`JOBWIRE_RATE_LIMIT`: requests per second per credential, `N`, `N/s` or `N/min`."""
+    text = value.strip().lower()
+    if text in ("", "0", "off"):
+        return 0.0
+    count, _, unit = text.partition("/")
+    per = {"": 1.0, "s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
+    try:
+        rate = float(count) / per[unit.strip()]
+    except (ValueError, KeyError):
+        raise SystemExit(f"JOBWIRE_RATE_LIMIT must be N, N/s or N/min, got {value!r}") from None
+    if not 0 < rate < float("inf"):
+        raise SystemExit(f"JOBWIRE_RATE_LIMIT must be positive, got {value!r}")
+    return rate
+
+
+SIGNED_CONTRACTS = ("aws_batch", "video_worker", "aurora", "secretary")
+
+
+def signing_secrets(env: Mapping[str, str]) -> dict[str, tuple[bytes, ...]]:
+    """`JOBWIRE_SIGNING_SECRET_<CONTRACT>`: one or more space-separated `whsec_...`."""
+    from .signing import decode_secret
+
+    found: dict[str, tuple[bytes, ...]] = {}
+    for contract in SIGNED_CONTRACTS:
+        name = f"JOBWIRE_SIGNING_SECRET_{contract.upper()}"
+        raw = env.get(name, "").split()
+        if raw:
+            try:
+                found[contract] = tuple(decode_secret(s) for s in raw)
+            except ValueError as exc:
+                raise SystemExit(f"{name}: {exc}") from None
+    return found
 
 
 _ACCESS_LOG = {

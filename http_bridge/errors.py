@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,23 @@ def status_code_of(number: int) -> grpc.StatusCode:
 class BridgeError(Exception):
     """A request ends with `status`; `code` is the gRPC status it came from, if any."""
 
-    def __init__(self, status: int, message: str, code: grpc.StatusCode | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: grpc.StatusCode | None = None,
+        *,
+        token_sent: bool | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        # 401: whether the caller sent a credential (None: judge by the headers).
+        self.token_sent = token_sent
+        # 429/503: seconds for Retry-After (None: the configured default).
+        self.retry_after = retry_after
 
 
 class RpcFailed(BridgeError):
@@ -87,9 +100,36 @@ def json_response(
     )
 
 
-def error_response(err: BridgeError, render: Renderer, retry_after: int) -> web.Response:
-    headers = {"Retry-After": str(retry_after)} if err.status in RETRYABLE_HTTP else None
-    return json_response(render(err), err.status, headers)
+def error_response(
+    err: BridgeError, render: Renderer, retry_after: int, token_sent: bool = False
+) -> web.Response:
+    headers: dict[str, str] = {}
+    if err.status in RETRYABLE_HTTP:
+        headers["Retry-After"] = str(err.retry_after or retry_after)
+    if err.status == 401:
+        headers["WWW-Authenticate"] = challenge(
+            token_sent if err.token_sent is None else err.token_sent
+        )
+    response = json_response(render(err), err.status, headers or None)
+    if err.status == 408:
+        response.force_close()  # the rest of a late body is not worth waiting for
+    return response
+
+
+def challenge(token_sent: bool) -> str:
+    """RFC 9110 11.6.1 / RFC 6750 3: every 401 names its scheme; a wrong token says so."""
+    if token_sent:
+        return 'Bearer realm="jobwire", error="invalid_token"'
+    return 'Bearer realm="jobwire"'
+
+
+def credential_sent(request: web.Request) -> bool:
+    headers = request.headers
+    return bool(
+        headers.get("Authorization")
+        or headers.get("X-Callback-Token")
+        or request.match_info.get("token")
+    )
 
 
 def contract_errors(render: Renderer) -> Callable[[Handler], Handler]:
@@ -98,10 +138,12 @@ def contract_errors(render: Renderer) -> Callable[[Handler], Handler]:
     def decorate(handler: Handler) -> Handler:
         @functools.wraps(handler)
         async def wrapper(request: web.Request) -> web.StreamResponse:
+            from .edge import check_rate  # late: edge imports this module
             from .grpc_client import CONFIG  # late: grpc_client imports this module
 
             retry_after = request.app[CONFIG].retry_after_seconds
             try:
+                check_rate(request)
                 return await handler(request)
             except grpc.aio.AioRpcError as exc:
                 err: BridgeError = from_rpc_error(exc)
@@ -109,6 +151,9 @@ def contract_errors(render: Renderer) -> Callable[[Handler], Handler]:
                 err = exc
             except web.HTTPException:
                 raise
+            except HttpProcessingError as exc:
+                # A broken chunked encoding or a body cut short: the client's bytes.
+                err = BridgeError(400, f"malformed request body ({type(exc).__name__})")
             except Exception:
                 log.exception("unexpected error in %s %s", request.method, request.path)
                 err = BridgeError(500, "internal error")
@@ -116,7 +161,7 @@ def contract_errors(render: Renderer) -> Callable[[Handler], Handler]:
                 log.warning(
                     "%s %s -> %d: %s", request.method, request.path, err.status, err.message
                 )
-            return error_response(err, render, retry_after)
+            return error_response(err, render, retry_after, credential_sent(request))
 
         return wrapper
 

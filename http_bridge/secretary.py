@@ -40,8 +40,10 @@ from .common import (
     report_event,
     validate,
 )
+from .edge import int_param, json_depth
 from .errors import BridgeError, contract_errors, json_response
 from .grpc_client import config_of, stub_of
+from .signing import check as check_signature
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -165,6 +167,7 @@ def ack(kind: str, job_id: str) -> web.Response:
 async def callback(request: web.Request) -> web.StreamResponse:
     job_id, token = job_id_and_token(request)
     body = await read_body(request, config_of(request).max_final_body_bytes)
+    check_signature(request, "secretary", body.data)
     key = idempotency_key(request, CONTRACT, job_id, body)
     data, archive = parse_body(body.data)
     del body  # from here on only `data` and the archive's view of the buffer remain
@@ -180,6 +183,8 @@ async def callback(request: web.Request) -> web.StreamResponse:
         return ack("final", job_id)
     if phase == "failed":
         failed = validate(FailedEvent, data)
+        if failed.error.details and not json_depth(failed.error.details):
+            raise BridgeError(400, "error.details: nested too deeply (32 levels at most)")
         event = svc.ReportEventRequest(job_id=job_id, idempotency_key=key, callback_token=token)
         event.failed.code = failed.error.code
         event.failed.message = failed.error.message
@@ -250,6 +255,8 @@ def final_fields(data: dict[str, Any], has_archive: bool) -> dict[str, Any]:
         raise BridgeError(400, "data.images_archive_filename: 1-255 characters of [A-Za-z0-9._-]")
     if payload.get("metadata") is not None and not isinstance(payload["metadata"], dict):
         raise BridgeError(400, "data.metadata: must be an object")
+    if payload.get("metadata") and not json_depth(payload["metadata"]):
+        raise BridgeError(400, "data.metadata: nested too deeply (32 levels at most)")
     if data.get("message") is not None and not isinstance(data["message"], str):
         raise BridgeError(400, "message: must be a string")
     return payload
@@ -365,8 +372,7 @@ class Uploader:
         )
 
 
-class PollQuery(pydantic.BaseModel):
-    limit: Annotated[int, pydantic.Field(ge=1, le=10_000)] | None = None
+MAX_POLL_LIMIT = 10_000
 
 
 def artifact_url(request: web.Request, job_id: str, name: str) -> str:
@@ -381,15 +387,16 @@ def struct_dict(value: struct_pb2.Struct) -> dict[str, Any]:
 @contract_errors(render_error)
 async def poll(request: web.Request) -> web.StreamResponse:
     job_id, token = job_id_and_token(request)
-    query = validate(PollQuery, {k: request.query[k] for k in ("limit",) if k in request.query})
+    check_signature(request, "secretary")
+    limit = int_param(request, "limit", 1, MAX_POLL_LIMIT)
     stub, timeout = stub_of(request), config_of(request).rpc_timeout_seconds
     job = await stub.GetJob(svc.GetJobRequest(id=job_id, callback_token=token), timeout=timeout)
     listed = await stub.ListJobEvents(
         svc.ListJobEventsRequest(job_id=job_id, callback_token=token), timeout=timeout
     )
     events = list(listed.events)
-    if query.limit is not None:
-        events = events[-query.limit :]
+    if limit is not None:
+        events = events[-limit:]
     result = None
     if job.state == job_pb2.JOB_STATE_SUCCEEDED:
         result = {
@@ -451,6 +458,7 @@ def log_item(event: event_pb2.JobEvent) -> dict[str, Any]:
 @contract_errors(render_error)
 async def download(request: web.Request) -> web.StreamResponse:
     job_id, token = job_id_and_token(request)
+    check_signature(request, "secretary")
     name = request.match_info["name"]
     if not _ARTIFACT.fullmatch(name):
         raise BridgeError(404, f"artifact {name[:64]!r} not found")

@@ -16,6 +16,7 @@ from aiohttp.web_response import StreamResponse
 
 from .app import create_app
 from .config import Config, load_config
+from .connection_guard import guarded_site, runner_options
 from .workers import run_workers, worker_count
 
 log = logging.getLogger("http_bridge")
@@ -60,17 +61,18 @@ ACCESS_LOGGERS: dict[str, type[AccessLogger]] = {
 async def serve(config: Config, reuse_port: bool = False) -> None:
     logger_class = ACCESS_LOGGERS.get(config.access_log)
     if logger_class is None:
-        runner = web.AppRunner(create_app(config), access_log=None)
+        runner = web.AppRunner(create_app(config), access_log=None, **runner_options(config))
     else:
-        runner = web.AppRunner(create_app(config), access_log_class=logger_class)
+        runner = web.AppRunner(
+            create_app(config), access_log_class=logger_class, **runner_options(config)
+        )
     await runner.setup()
     # What start-up allocated lives as long as the process: keep it out of the
     # collector's generations, so a full collection has less to walk (no long pauses).
     gc.collect()
     gc.freeze()
-    site = web.TCPSite(
-        runner, config.http_host, config.http_port, backlog=1024, reuse_port=reuse_port
-    )
+    # Slow request heads and too many connections: see connection_guard.py.
+    site = guarded_site(runner, config, backlog=1024, reuse_port=reuse_port)
     await site.start()
     log.info(
         "bridge on http://%s:%d -> service %s",

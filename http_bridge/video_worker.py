@@ -30,11 +30,15 @@ from .common import (
     to_timestamp,
     validate,
 )
+from .edge import int_param, text_header
 from .errors import BridgeError, contract_errors, json_response
 from .grpc_client import config_of, stub_of
+from .signing import check as check_signature
 
 routes = web.RouteTableDef()
 CONTRACT = "video"
+SIGNED_AS = "video_worker"  # JOBWIRE_SIGNING_SECRET_VIDEO_WORKER
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 UNKNOWN_VIDEO = "UNKNOWN"
 MAX_LOG_LIMIT = 1000
 
@@ -148,7 +152,8 @@ def to_event(report: Report) -> svc.ReportEventRequest:
 @contract_errors(render(REPORT_FIELDS))
 async def pending(request: web.Request) -> web.StreamResponse:
     authorize(request)
-    worker = request.headers.get("X-Worker", "") or (request.remote or "")
+    check_signature(request, SIGNED_AS)
+    worker = text_header(request, "X-Worker", 128) or (request.remote or "")
     claim = await stub_of(request).ClaimJob(
         svc.ClaimJobRequest(kind=job_pb2.JOB_KIND_VIDEO, worker_id=worker[:128]),
         timeout=config_of(request).rpc_timeout_seconds,
@@ -172,6 +177,7 @@ async def pending(request: web.Request) -> web.StreamResponse:
 async def report(request: web.Request) -> web.StreamResponse:
     authorize(request)
     body = await read_body(request, config_of(request).max_body_bytes)
+    check_signature(request, SIGNED_AS, body.data)
     parsed = validate(Report, parse_json(body.data))
     event = to_event(parsed)
     event.idempotency_key = idempotency_key(request, CONTRACT, parsed.videoId, body)
@@ -184,6 +190,7 @@ async def report(request: web.Request) -> web.StreamResponse:
 async def write_log(request: web.Request) -> web.StreamResponse:
     authorize(request)
     body = await read_body(request, config_of(request).max_body_bytes)
+    check_signature(request, SIGNED_AS, body.data)
     line = validate(LogLine, parse_json(body.data))
     entry = log_pb2.LogEntry(
         job_id=line.videoId or UNKNOWN_VIDEO,
@@ -197,21 +204,24 @@ async def write_log(request: web.Request) -> web.StreamResponse:
     return json_response({"success": True})
 
 
-class LogQuery(pydantic.BaseModel):
-    # Query strings are text: lax mode converts `limit=10` to an int.
-    limit: Annotated[int, pydantic.Field(ge=1)] = 50
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = None
+def render_query_error(err: BridgeError) -> dict[str, str]:
+    if err.status == 400:  # the message names the parameter and its range
+        return {"error": f"Parámetros inválidos: {err.message}"}
+    return render(REPORT_FIELDS)(err)  # type: ignore[no-any-return]
 
 
 @routes.get("/api/log")
-@contract_errors(render({"error": "Parámetros inválidos: limit, level"}))
+@contract_errors(render_query_error)
 async def list_logs(request: web.Request) -> web.StreamResponse:
     authorize(request)
-    given = {k: request.query[k] for k in ("limit", "level") if k in request.query}
-    query = validate(LogQuery, given)
-    level = log_pb2.LogLevel.Value(f"LOG_LEVEL_{query.level or 'UNSPECIFIED'}")
+    check_signature(request, SIGNED_AS)
+    limit = int_param(request, "limit", 1, MAX_LOG_LIMIT, default=50) or 50
+    given_level = request.query.get("level")
+    if given_level is not None and given_level not in LEVELS:
+        raise BridgeError(400, f"level must be one of {', '.join(LEVELS)}")
+    level = log_pb2.LogLevel.Value(f"LOG_LEVEL_{given_level or 'UNSPECIFIED'}")
     response = await stub_of(request).ListLogs(
-        svc.ListLogsRequest(level=level, limit=min(query.limit, MAX_LOG_LIMIT)),
+        svc.ListLogsRequest(level=level, limit=limit),
         timeout=config_of(request).rpc_timeout_seconds,
     )
     return json_response(

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from http_bridge.app import create_app
 from http_bridge.config import Config
+from http_bridge.connection_guard import guarded_site, runner_options
 from jobwire.v1 import job_pb2, job_service_pb2
 
 # The contract example's own secret, so its examples can be sent verbatim.
@@ -67,9 +68,9 @@ async def _body(resp: aiohttp.ClientResponse) -> Any:
 
 @contextlib.asynccontextmanager
 async def running_bridge(config: Config) -> AsyncIterator[Bridge]:
-    runner = web.AppRunner(create_app(config))
+    runner = web.AppRunner(create_app(config), **runner_options(config))
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = guarded_site(runner, dataclasses.replace(config, http_host="127.0.0.1", http_port=0))
     await site.start()
     host, port = runner.addresses[0][:2]
     async with aiohttp.ClientSession() as http:

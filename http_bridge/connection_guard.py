@@ -1,0 +1,240 @@
+"""A watchdog around each HTTP connection: slow request heads and too many connections.
+
+aiohttp bounds an idle keep-alive connection (`keepalive_timeout`) but not a client
+that trickles its request head one byte at a time: each byte restarts its clock. So
+every connection's protocol is wrapped here:
+
+- from the first byte of a request (or the connection's start) until the request
+  reaches the app, at most `JOBWIRE_HEADER_TIMEOUT_SECONDS`; then 408 and close;
+- at most `JOBWIRE_MAX_CONNECTIONS` open at once: one more is answered 503 with
+  Retry-After and closed before a byte of it is parsed.
+
+The body has its own deadline, enforced while it is read (edge.BodyClock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+# The protocol of each open connection, by aiohttp's handler: the middleware finds it.
+_GUARDS: dict[object, GuardedProtocol] = {}
+
+
+class ConnectionGuard:
+    """Limits shared by the connections of one listening site."""
+
+    def __init__(self, header_timeout: float, max_connections: int, retry_after: int) -> None:
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.open = 0
+        self.rejected = 0
+        self.head_timeouts = 0
+        self.busy = (
+            b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
+            b"Retry-After: %d\r\nContent-Length: 0\r\n\r\n" % retry_after
+        )
+
+    def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+        return lambda: GuardedProtocol(self, factory())
+
+
+class GuardedProtocol(asyncio.Protocol):
+    """Forwards everything to aiohttp's protocol, and watches the request head."""
+
+    def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol) -> None:
+        self._guard = guard
+        self._inner = inner
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._in_request = False
+        self._counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        guard = self._guard
+        if guard.open >= guard.max_connections:
+            guard.rejected += 1
+            transport.write(guard.busy)
+            transport.close()
+            return
+        guard.open += 1
+        self._counted = True
+        self._transport = transport
+        _GUARDS[self._inner] = self
+        self._start_timer()
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._counted:
+            return
+        if not self._in_request and self._timer is None:
+            self._start_timer()  # the first byte of the next request on this connection
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._counted else None
+
+    def pause_writing(self) -> None:
+        if self._counted:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._counted:
+            self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._counted:
+            return
+        self._counted = False
+        self._guard.open -= 1
+        self._cancel_timer()
+        _GUARDS.pop(self._inner, None)
+        self._inner.connection_lost(exc)
+
+    # -- called by the middleware -------------------------------------------------
+
+    def request_started(self) -> None:
+        self._in_request = True
+        self._cancel_timer()
+
+    def request_finished(self) -> None:
+        self._in_request = False
+
+    # -----------------------------------------------------------------------------
+
+    def _start_timer(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._guard.header_timeout, self._head_timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _head_timed_out(self) -> None:
+        self._timer = None
+        transport = self._transport
+        if self._in_request or transport is None or transport.is_closing():
+            return
+        self._guard.head_timeouts += 1
+        log.info(
+            "request head not complete within %ss: connection closed", self._guard.header_timeout
+        )
+        transport.write(REQUEST_TIMEOUT)
+        transport.close()
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def track_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    guard = _GUARDS.get(request.protocol)
+    if guard is None:
+        return await handler(request)
+    guard.request_started()
+    try:
+        return await handler(request)
+    finally:
+        guard.request_finished()
+
+
+def install(app: web.Application) -> None:
+    # Outermost: the head is complete as soon as aiohttp hands the request over.
+    app.middlewares.insert(0, track_requests)
+    _quiet_bad_requests()
+
+
+class _BadRequestFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse (a client's broken bytes) with a full
+    traceback, which may quote the raw request line or a header (a token). Keep one
+    line with the error's class instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "unparseable request (%s): answered %s"
+            record.args = (type(exc).__name__, exc.code)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def _quiet_bad_requests() -> None:
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _BadRequestFilter) for f in logger.filters):
+        logger.addFilter(_BadRequestFilter())
+
+
+def runner_options(config: Config) -> dict[str, Any]:
+    """AppRunner options: idle keep-alive connections close after this long."""
+    return {"keepalive_timeout": config.keepalive_timeout_seconds}
+
+
+def guarded_site(runner: web.BaseRunner, config: Config, **options: Any) -> GuardedSite:
+    """The listening site for `config` (options as for web.TCPSite)."""
+    guard = ConnectionGuard(
+        config.header_timeout_seconds, config.max_connections, config.retry_after_seconds
+    )
+    return GuardedSite(runner, config.http_host, config.http_port, guard=guard, **options)
+
+
+def sanitise_expect(factory: Any) -> Any:
+    """aiohttp answers an `Expect` header it does not know with 417 quoting the value,
+    before any middleware runs; a value that is not ASCII made that answer fail (500).
+    Such a value is replaced with one aiohttp refuses cleanly (417)."""
+
+    def make(message: Any, *args: Any) -> Any:
+        expect = message.headers.get("Expect")
+        if expect is not None and not (expect.isascii() and expect.isprintable()):
+            headers = CIMultiDict(message.headers)
+            headers["Expect"] = "invalid"
+            message = message._replace(headers=CIMultiDictProxy(headers))
+        return factory(message, *args)
+
+    make.jobwire_sanitised = True  # type: ignore[attr-defined]
+    return make
+
+
+class GuardedSite(web.TCPSite):
+    """`web.TCPSite` whose connections go through a ConnectionGuard."""
+
+    def __init__(
+        self, runner: web.BaseRunner, *args: Any, guard: ConnectionGuard, **kw: Any
+    ) -> None:
+        super().__init__(runner, *args, **kw)
+        self.guard = guard
+
+    async def start(self) -> None:
+        # TCPSite.start, with the protocol factory wrapped (BaseSite.start registers
+        # the site with its runner).
+        await web.BaseSite.start(self)
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        if not getattr(server.request_factory, "jobwire_sanitised", False):
+            server.request_factory = sanitise_expect(server.request_factory)
+        self._server = await loop.create_server(
+            self.guard.wrap(server),
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port

@@ -1,0 +1,172 @@
+"""Reading hostile requests defensively: header text, body deadlines, rate limits.
+
+aiohttp hands header values over as `str` decoded with `surrogateescape`, so bytes
+that are not UTF-8 arrive as lone surrogates. Such a string cannot be encoded again:
+sent to gRPC (protobuf strings are UTF-8) or compared as UTF-8 it raised, and the
+bridge answered 500. Everything from a header goes through `text_header`/`token`
+here first: bad text is a 400 (or, for a credential, simply a wrong one: 401).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from .config import Config
+from .errors import BridgeError
+
+RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("jobwire_rate_limiter")
+
+
+def is_text(value: str) -> bool:
+    """Valid UTF-8 as sent (no escaped bytes) and no control characters."""
+    if value.isascii():
+        return value.isprintable()
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return value.isprintable()
+
+
+def text_header(request: web.Request, name: str, limit: int = 256) -> str:
+    """A header's text, stripped and cut to `limit`; 400 naming it when not text."""
+    value = request.headers.get(name, "").strip()
+    if value and not is_text(value):
+        raise BridgeError(400, f"{name} header is not valid UTF-8 text")
+    return value[:limit]
+
+
+def token_text(value: str) -> str:
+    """A credential as sent, or "" when it cannot be one (not printable ASCII):
+    such a token matches nothing and is never passed on to the service."""
+    value = value.strip()
+    if not value or len(value) > 4096 or not value.isascii() or not value.isprintable():
+        return ""
+    return value
+
+
+def int_param(
+    request: web.Request, name: str, minimum: int, maximum: int, default: int | None = None
+) -> int | None:
+    """An integer query parameter within [minimum, maximum]; else 400 naming it."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    text = raw.strip()
+    if not (text.isascii() and text.lstrip("+-").isdigit() and len(text) <= 12):
+        raise BridgeError(400, f"{name} must be an integer from {minimum} to {maximum}")
+    value = int(text)
+    if not minimum <= value <= maximum:
+        raise BridgeError(400, f"{name} must be an integer from {minimum} to {maximum}")
+    return value
+
+
+def json_depth(value: object, limit: int = 32) -> bool:
+    """True when nested no deeper than `limit` (protobuf Structs refuse deeper ones)."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return True
+
+
+# -- slow bodies ---------------------------------------------------------------------
+
+
+class BodyClock:
+    """Deadline for reading one body: `body_timeout` seconds, extended by one second
+    per `min_rate` bytes received (Apache mod_reqtimeout's rule). A large body on a
+    fast link is never cut; a trickle is answered 408."""
+
+    __slots__ = ("_deadline", "_loop", "_rate")
+
+    def __init__(self, config: Config) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._deadline = self._loop.time() + config.body_timeout_seconds
+        self._rate = float(config.body_min_rate_bytes)
+
+    async def read(self, request: web.Request) -> bytes:
+        remaining = self._deadline - self._loop.time()
+        if remaining <= 0:
+            raise body_too_slow()
+        try:
+            async with asyncio.timeout(remaining):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            raise body_too_slow() from None
+        self._deadline += len(chunk) / self._rate
+        return chunk
+
+
+def body_too_slow() -> BridgeError:
+    return BridgeError(408, "request body not received in time")
+
+
+# -- rate limit per credential -------------------------------------------------------
+
+
+@dataclass
+class RateLimiter:
+    """Token buckets (`rate` per second, bursts of `max(1, rate)`) keyed by a digest of
+    the credential, so no secret is kept as a key. Bounded: the oldest keys go first."""
+
+    rate: float
+    max_keys: int = 10_000
+    _buckets: dict[bytes, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def burst(self) -> float:
+        return max(1.0, self.rate)
+
+    def take(self, key: bytes, now: float | None = None) -> float:
+        """0 when a request may pass, else the seconds until one may."""
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            wait = 0.0
+        else:
+            self._buckets[key] = (tokens, now)
+            wait = (1.0 - tokens) / self.rate
+        while len(self._buckets) > self.max_keys:
+            del self._buckets[next(iter(self._buckets))]
+        return wait
+
+
+def credential_key(request: web.Request) -> bytes:
+    """Whatever identifies the caller before its body is read: its token (header or
+    path), else its address (the AWS Batch secret travels in the body)."""
+    headers = request.headers
+    credential = (
+        headers.get("Authorization")
+        or headers.get("X-Callback-Token")
+        or request.match_info.get("token")
+        or f"ip:{request.remote}"
+    )
+    return hashlib.sha256(credential.encode("utf-8", "surrogateescape")).digest()
+
+
+def check_rate(request: web.Request) -> None:
+    limiter = request.app.get(RATE_LIMITER)
+    if limiter is None:
+        return
+    wait = limiter.take(credential_key(request))
+    if wait > 0:
+        raise BridgeError(429, "rate limit exceeded", retry_after=max(1, math.ceil(wait)))
+
+
+def install(app: web.Application, config: Config) -> None:
+    if config.rate_limit > 0:
+        app[RATE_LIMITER] = RateLimiter(config.rate_limit)
