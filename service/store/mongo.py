@@ -79,6 +79,7 @@ _QUEUED = job_pb2.JOB_STATE_QUEUED
 _RUNNING = job_pb2.JOB_STATE_RUNNING
 _BUCKET = "artifacts"
 FIREHOSE = "firehose"
+FIREHOSE_ORIGINS = "firehose_origins"
 
 
 @contextlib.contextmanager
@@ -318,6 +319,11 @@ class MongoStore:
                 await collection.create_indexes([index])
             if self.policy.firehose_retention_ns > 0:
                 await self._firehose_ttl()
+                # The origins a reader looks at (a distinct over the log is not portable:
+                # FerretDB refuses `distinct` with a time limit).
+                await self.database[FIREHOSE_ORIGINS].update_one(
+                    {"_id": self.origin}, {"$set": {"started_ns": time.time_ns()}}, upsert=True
+                )
 
     async def _firehose_ttl(self) -> None:
         """Expires log entries after the retention (the reads skip older ones anyway,
@@ -806,12 +812,17 @@ class MongoStore:
 
     async def log_bounds(self, since_ns: int) -> dict[str, tuple[int, int]]:
         bounds: dict[str, tuple[int, int]] = {}
+        origins = self.database[FIREHOSE_ORIGINS]
         with _guard("log_bounds"):
-            for origin in await self.firehose.distinct("o"):
+            async for doc in origins.find({}):
+                origin = str(doc["_id"])
                 newest = await self.firehose.find_one(
                     {"o": origin}, {"n": 1}, sort=[("n", DESCENDING)]
                 )
                 if newest is None:
+                    if int(doc.get("started_ns", 0)) < since_ns and origin != self.origin:
+                        # A process gone for longer than the retention, its entries expired.
+                        await origins.delete_one({"_id": origin, "started_ns": doc["started_ns"]})
                     continue
                 oldest = await self.firehose.find_one(
                     {"o": origin, "ns": {"$gt": since_ns}}, {"n": 1}, sort=[("n", ASCENDING)]

@@ -1,0 +1,262 @@
+"""The resumable firehose: WatchJobs positions, resume exactly once, filters, gaps.
+
+Both stores; the cross-replica case runs two services on one MongoDB database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
+from service import metrics
+from service.domain.records import Policy
+from service.store.mongo import MongoStore
+from tests.conftest import ServiceHandle, make_policy, open_test_store, start_service
+from tests.helpers import completed, create, progress, read
+
+PAUSE = 2.0  # seconds the consumer stays away (see test docstring)
+
+
+async def _go_live(service: ServiceHandle, call: Any) -> job_service_pb2.WatchJobsResponse:
+    """Finishes probe jobs until the stream delivers one (it is then live)."""
+    first = asyncio.ensure_future(read(call))
+    probes = 0
+    while not first.done() and probes < 50:
+        probes += 1
+        job_id = f"probe-{uuid.uuid4().hex[:8]}"
+        await create(service.stub, job_pb2.JOB_KIND_BATCH, job_id)
+        await service.stub.ReportEvent(completed(job_id))
+        await asyncio.wait({first}, timeout=0.2)
+    result: job_service_pb2.WatchJobsResponse = first.result()
+    return result
+
+
+async def _until(call: Any, done: Any) -> list[job_service_pb2.WatchJobsResponse]:
+    """Messages until `done(received)` holds."""
+    received: list[job_service_pb2.WatchJobsResponse] = []
+    while not done(received):
+        received.append(await read(call))
+    return received
+
+
+async def _traffic(service: ServiceHandle, tag: str, jobs: int = 4, steps: int = 5) -> None:
+    """Callbacks of batch and video jobs, interleaved; each job ends COMPLETED."""
+    ids = [
+        (f"{tag}-{k}", job_pb2.JOB_KIND_BATCH if k % 2 else job_pb2.JOB_KIND_VIDEO)
+        for k in range(jobs)
+    ]
+    for job_id, kind in ids:
+        await create(service.stub, kind, job_id)
+    for step in range(1, steps + 1):
+        await asyncio.gather(
+            *(service.stub.ReportEvent(progress(j, step * 10, key=f"{j}-{step}")) for j, _ in ids)
+        )
+    for job_id, _ in ids:
+        await service.stub.ReportEvent(completed(job_id))
+
+
+def _batch_request(after: str = "", **kw: Any) -> job_service_pb2.WatchJobsRequest:
+    return job_service_pb2.WatchJobsRequest(kind=job_pb2.JOB_KIND_BATCH, after=after, **kw)
+
+
+async def test_consumer_resumes_from_its_last_position_and_gets_everything_once(
+    service: ServiceHandle,
+) -> None:
+    """A consumer stops while callbacks flow, and resumes from its last position.
+
+    The issue's scenario stops it for 30 s; what matters is that events are committed
+    while it is away and that its position is inside the retention window (24 h), not
+    how long it is away, so a 2 s pause with callbacks flowing through it proves the same.
+    """
+    call = service.stub.WatchJobs(_batch_request())
+    first = await _go_live(service, call)
+    assert first.position and first.event.kind == job_pb2.JOB_KIND_BATCH
+    await _traffic(service, "before")
+    seen = await _until(
+        call, lambda r: any(m.event.job_id == "before-3" and m.event.sequence == 6 for m in r)
+    )
+    last = seen[-1].position
+    call.cancel()  # the consumer stops
+
+    away = asyncio.ensure_future(_traffic(service, "away"))
+    await asyncio.sleep(PAUSE)
+    await away
+    await _traffic(service, "later", jobs=2, steps=1)
+
+    resumed = service.stub.WatchJobs(_batch_request(after=last))
+    got = await _until(
+        resumed, lambda r: any(m.event.job_id == "later-1" and m.event.sequence == 2 for m in r)
+    )
+    assert not any(m.HasField("gap") for m in got)
+    pairs = [(m.event.job_id, m.event.sequence) for m in got]
+    assert len(pairs) == len(set(pairs)), "an event was delivered twice"
+    assert all(m.event.kind == job_pb2.JOB_KIND_BATCH for m in got)  # the filter still applies
+    assert not [p for p in pairs if p[0].startswith("before")]  # all before `last` was seen
+    # Every batch event committed while it was away, each once, in each job's order.
+    for job_id in ("away-1", "away-3"):
+        assert [s for j, s in pairs if j == job_id] == list(range(1, 7)), job_id
+    assert [s for j, s in pairs if j == "later-1"] == [1, 2]
+    assert all(m.position for m in got)
+    assert len({m.position for m in got}) == len(got)
+    resumed.cancel()
+
+
+async def test_position_zero_replays_the_window_and_a_bad_position_is_refused(
+    service: ServiceHandle,
+) -> None:
+    await _traffic(service, "w", jobs=2, steps=2)
+    call = service.stub.WatchJobs(job_service_pb2.WatchJobsRequest(after="0"))
+    got = await _until(call, lambda r: len(r) == 6)  # 2 jobs x (2 progress + 1 completed)
+    assert [(m.event.job_id, m.event.sequence) for m in got[:6]] == [
+        ("w-0", 1),
+        ("w-1", 1),
+        ("w-0", 2),
+        ("w-1", 2),
+        ("w-0", 3),
+        ("w-1", 3),
+    ]
+    call.cancel()
+    for bad in ("nonsense", "v1.!!!", "v1.e30"):
+        bad_call = service.stub.WatchJobs(job_service_pb2.WatchJobsRequest(after=bad))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await read(bad_call)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+        assert "after" in (err.value.details() or "")
+
+
+@pytest.fixture
+async def short_window(
+    store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[ServiceHandle]:
+    """A service whose firehose keeps 1 s of events."""
+    policy = make_policy()
+    policy.firehose_retention_ns = 1_000_000_000
+    store = await open_test_store(store_kind, tmp_path, request, policy)
+    handle = await start_service(store, event_retention=16)
+    yield handle
+    await handle.close()
+
+
+async def test_resume_older_than_the_window_gets_a_gap_then_what_is_retained(
+    short_window: ServiceHandle,
+) -> None:
+    service = short_window
+    call = service.stub.WatchJobs(job_service_pb2.WatchJobsRequest(after="0"))
+    await _traffic(service, "old", jobs=1, steps=1)
+    old = await _until(call, lambda r: len(r) == 2)
+    call.cancel()
+    await _traffic(service, "expired", jobs=1, steps=1)
+    await asyncio.sleep(1.5)  # both jobs' events leave the 1 s window
+    before = metrics.STREAM_GAPS.labels("WatchJobs")._value.get()
+    await _traffic(service, "new", jobs=1, steps=1)
+    resumed = service.stub.WatchJobs(job_service_pb2.WatchJobsRequest(after=old[0].position))
+    first = await read(resumed)
+    assert first.HasField("gap") and not first.HasField("event")
+    assert first.gap.requested_position == old[0].position
+    assert first.gap.oldest_available_position
+    rest = await _until(resumed, lambda r: len(r) == 2)
+    assert [(m.event.job_id, m.event.sequence) for m in rest] == [("new-0", 1), ("new-0", 2)]
+    assert metrics.STREAM_GAPS.labels("WatchJobs")._value.get() == before + 1
+    resumed.cancel()
+    # From the announced oldest position: the same events, no gap.
+    again = service.stub.WatchJobs(
+        job_service_pb2.WatchJobsRequest(after=first.gap.oldest_available_position)
+    )
+    assert [
+        (m.event.job_id, m.event.sequence) for m in await _until(again, lambda r: len(r) == 2)
+    ] == [
+        ("new-0", 1),
+        ("new-0", 2),
+    ]
+    again.cancel()
+
+
+async def test_firehose_off_keeps_live_watching_and_refuses_to_resume(
+    store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    policy: Policy = make_policy()
+    policy.firehose_retention_ns = 0
+    store = await open_test_store(store_kind, tmp_path, request, policy)
+    service = await start_service(store)
+    try:
+        call = service.stub.WatchJobs(_batch_request())
+        first = await _go_live(service, call)
+        assert first.event.job_id and not first.position
+        call.cancel()
+        refused = service.stub.WatchJobs(_batch_request(after="0"))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await read(refused)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "JOBWIRE_FIREHOSE_RETENTION" in (err.value.details() or "")
+    finally:
+        await service.close()
+
+
+async def test_two_replicas_resume_on_the_other_exactly_once(mongo_uri: str) -> None:
+    """Callbacks through replicas A and B; a consumer of A stops, and resumes on B."""
+    database = f"f_{uuid.uuid4().hex[:12]}"
+    a = await start_service(
+        MongoStore(mongo_uri, policy=make_policy(), database=database), event_feed=True
+    )
+    b = await start_service(
+        MongoStore(mongo_uri, policy=make_policy(), database=database), event_feed=True
+    )
+    try:
+        call = a.stub.WatchJobs(job_service_pb2.WatchJobsRequest())
+        await _go_live(a, call)
+        await create(a.stub, job_pb2.JOB_KIND_VIDEO, "x")
+        for i in range(1, 7):
+            await (a.stub if i % 2 else b.stub).ReportEvent(progress("x", i, key=f"x{i}"))
+        seen = await _until(
+            call,
+            lambda r: (
+                sorted(m.event.sequence for m in r if m.event.job_id == "x") == list(range(1, 7))
+            ),
+        )
+        last = seen[-1].position
+        call.cancel()
+        for i in range(7, 13):
+            await (a.stub if i % 2 else b.stub).ReportEvent(progress("x", i, key=f"x{i}"))
+        await b.stub.ReportEvent(completed("x"))
+        resumed = b.stub.WatchJobs(job_service_pb2.WatchJobsRequest(after=last))
+        got = await _until(
+            resumed,
+            lambda r: any(
+                m.event.type == event_pb2.EVENT_TYPE_COMPLETED and m.event.job_id == "x" for m in r
+            ),
+        )
+        # Drain what may still be in flight, then check: each of 7..13 once, nothing older.
+        extra = asyncio.ensure_future(read(resumed, timeout=1.0))
+        await asyncio.wait({extra}, timeout=1.0)
+        if extra.done() and not extra.exception():
+            got.append(extra.result())
+        extra.cancel()
+        sequences = [m.event.sequence for m in got if m.event.job_id == "x"]
+        assert sorted(sequences) == list(range(7, 14)), sequences
+        resumed.cancel()
+    finally:
+        await b.close()
+        await a.close()
+
+
+async def test_log_entries_are_numbered_in_commit_order(service: ServiceHandle) -> None:
+    store = service.running.store
+    start = time.time_ns() - 60 * 10**9
+    await _traffic(service, "n", jobs=2, steps=2)
+    bounds = await store.log_bounds(start)
+    assert len(bounds) == 1
+    ((origin, (oldest, newest)),) = bounds.items()
+    entries = await store.log_after(origin, oldest - 1, start, 1000)
+    assert [e.n for e in entries] == list(range(oldest, newest + 1))
+    per_job: dict[str, list[int]] = {}
+    for entry in entries:
+        per_job.setdefault(entry.event.job_id, []).append(entry.event.sequence)
+    assert per_job == {"n-0": [1, 2, 3], "n-1": [1, 2, 3]}

@@ -1,0 +1,144 @@
+"""Sequence numbers never jump silently: gap messages and coalesced ranges (both stores)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
+from service import metrics
+from tests.conftest import ServiceHandle, make_policy, open_test_store, start_service
+from tests.helpers import completed, create, progress, read, read_all
+
+RETENTION = 16  # the `service` fixture's event_retention
+
+
+async def _report_many(service: ServiceHandle, job_id: str, count: int, start: int = 1) -> None:
+    for i in range(start, start + count):
+        await service.stub.ReportEvent(progress(job_id, i % 100, key=f"{job_id}-{i}"))
+
+
+async def test_resume_below_the_retention_floor_gets_a_gap_then_a_consistent_view(
+    service: ServiceHandle,
+) -> None:
+    await create(service.stub, job_id="old")
+    await _report_many(service, "old", 30)
+    before = metrics.STREAM_GAPS.labels("WatchJob")._value.get()
+    call = service.stub.WatchJob(job_service_pb2.WatchJobRequest(id="old", from_sequence=3))
+    snapshot = (await read(call)).snapshot
+    assert snapshot.sequence == 30
+    gap = (await read(call)).gap  # right after the snapshot: events 4..14 are gone
+    oldest = 30 - RETENTION + 1
+    assert (gap.job_id, gap.requested_sequence, gap.oldest_available_sequence) == (
+        "old",
+        3,
+        oldest,
+    )
+    replayed = [(await read(call)).event for _ in range(RETENTION)]
+    assert [e.sequence for e in replayed] == list(range(oldest, 31))  # no jump after the gap
+    assert replayed[-1].progress == snapshot.progress  # the replay ends where the snapshot is
+    await service.stub.ReportEvent(progress("old", 99, key="live"))
+    await service.stub.ReportEvent(completed("old"))
+    rest = await read_all(call)
+    assert [(i.WhichOneof("item"), i.event.sequence) for i in rest] == [
+        ("event", 31),
+        ("event", 32),
+    ]
+    assert rest[-1].event.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert metrics.STREAM_GAPS.labels("WatchJob")._value.get() == before + 1
+
+    # Resuming from inside the retained window: no gap.
+    inside = await read_all(
+        service.stub.WatchJob(job_service_pb2.WatchJobRequest(id="old", from_sequence=25))
+    )
+    assert [i.WhichOneof("item") for i in inside] == ["snapshot"] + ["event"] * 7
+    assert [i.event.sequence for i in inside[1:]] == list(range(26, 33))
+
+
+async def test_list_job_events_says_where_the_retained_events_start(
+    service: ServiceHandle,
+) -> None:
+    await create(service.stub, job_id="lst")
+    await _report_many(service, "lst", 20)
+    page = await service.stub.ListJobEvents(
+        job_service_pb2.ListJobEventsRequest(job_id="lst", from_sequence=2)
+    )
+    assert page.HasField("gap")
+    assert (page.gap.requested_sequence, page.gap.oldest_available_sequence) == (2, 5)
+    assert [e.sequence for e in page.events] == list(range(5, 21))
+    for from_sequence in (4, 10, 20):
+        page = await service.stub.ListJobEvents(
+            job_service_pb2.ListJobEventsRequest(job_id="lst", from_sequence=from_sequence)
+        )
+        assert not page.HasField("gap"), from_sequence
+        assert [e.sequence for e in page.events] == list(range(from_sequence + 1, 21))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.ListJobEvents(
+            job_service_pb2.ListJobEventsRequest(job_id="lst", from_sequence=-1)
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "from_sequence" in (err.value.details() or "")
+
+
+@pytest.fixture
+async def tiny_buffer_service(
+    store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[ServiceHandle]:
+    """A service whose watchers buffer 4 events: a watcher that does not read is slow."""
+    store = await open_test_store(store_kind, tmp_path, request, make_policy())
+    handle = await start_service(store, watch_buffer=4, event_retention=16)
+    yield handle
+    await handle.close()
+
+
+async def test_a_slow_watchers_coalesced_events_name_what_they_cover(
+    tiny_buffer_service: ServiceHandle,
+) -> None:
+    service = tiny_buffer_service
+    await create(service.stub, job_id="slow")
+    call = service.stub.WatchJob(job_service_pb2.WatchJobRequest(id="slow"))
+    assert (await read(call)).HasField("snapshot")
+    before = metrics.COALESCED_DELIVERIES.labels("WatchJob")._value.get()
+    # The watcher reads nothing while 600 large progress events are committed: far
+    # more than its 4-event buffer and the transport's flow-control window hold.
+    big = "x" * 4000
+    total = 600
+    for start in range(1, total + 1, 100):
+        requests = [
+            progress("slow", i % 100, key=f"s{i}", message=big) for i in range(start, start + 100)
+        ]
+        await service.stub.BatchReportEvents(
+            job_service_pb2.BatchReportEventsRequest(requests=requests)
+        )
+    await service.stub.ReportEvent(completed("slow"))
+    items = await read_all(call)
+    delivered = [i.event for i in items]
+    assert all(i.WhichOneof("item") == "event" for i in items)
+    assert delivered[-1].type == event_pb2.EVENT_TYPE_COMPLETED
+    assert delivered[-1].coalesced_from_sequence == 0  # a terminal event is never coalesced
+    # Every sequence 1..total+1 is accounted for exactly once: delivered, or named by
+    # the coalesced event that stands for it.
+    covered: list[int] = []
+    for event in delivered:
+        start = event.coalesced_from_sequence or event.sequence
+        assert start <= event.sequence
+        if event.coalesced_from_sequence:
+            assert event.type == event_pb2.EVENT_TYPE_PROGRESS
+        covered += range(start, event.sequence + 1)
+    assert covered == list(range(1, total + 2))
+    coalesced = [e for e in delivered if e.coalesced_from_sequence]
+    assert coalesced, "the watcher was never slow enough to coalesce"
+    assert len(delivered) < total + 1
+    after = metrics.COALESCED_DELIVERIES.labels("WatchJob")._value.get()
+    assert after - before == len(coalesced)
+    # A reconnect from the last sequence replays the retained events, uncoalesced.
+    await asyncio.sleep(0)
+    replay = await read_all(
+        service.stub.WatchJob(job_service_pb2.WatchJobRequest(id="slow", from_sequence=total - 3))
+    )
+    assert [i.event.sequence for i in replay[1:]] == list(range(total - 2, total + 2))
+    assert not any(i.event.coalesced_from_sequence for i in replay[1:])
