@@ -36,6 +36,7 @@ from service.store.embedded import EmbeddedStore
 from tests.conftest import ServiceHandle, make_policy, start_service
 from tests.grpc_proxy import FaultProxy
 from tests.helpers import WAIT
+from tests.tcp_cutter import TcpCutter
 
 FAST = RetryPolicy(attempts=4, backoff=Backoff(initial=0.05, maximum=0.2))
 QUICK_WATCH = Backoff(initial=0.05, maximum=0.5)
@@ -287,6 +288,33 @@ async def test_report_progress_retried_after_a_lost_reply_is_applied_once(
         with pytest.raises(Unavailable):
             await c.report_progress("r-1", 60)
         assert (await c.get_job("r-1")).sequence == 2  # applied once all the same
+
+
+async def test_report_progress_retried_after_a_dropped_connection_is_applied_once(
+    service: ServiceHandle,
+) -> None:
+    """The TCP connection is reset after the service applied the report and before its
+    reply arrived: the client reconnects, retries with the same key, and the service
+    acknowledges a duplicate."""
+    cutter = await TcpCutter(service.running.port).start()
+    patient = RetryPolicy(attempts=10, backoff=Backoff(initial=0.1, maximum=1.0))
+    try:
+        async with client(service.target) as direct, client(cutter.target, retry=patient) as c:
+            await c.create_job("GENERIC", job_id="cut-1")
+            cutter.hold = True
+            report = asyncio.ensure_future(c.report_progress("cut-1", 50, message="half"))
+            deadline = asyncio.get_running_loop().time() + WAIT
+            while (await direct.get_job("cut-1")).sequence != 1:  # the service applied it
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.01)
+            assert not report.done()  # ...and its reply is held
+            cutter.cut()
+            reply = await asyncio.wait_for(report, WAIT)
+            assert cutter.connections >= 2  # the retry went over a new connection
+            assert reply.duplicate and reply.sequence == 1  # same key: applied once
+            assert [e.sequence for e in (await direct.list_job_events("cut-1")).events] == [1]
+    finally:
+        await cutter.close()
 
 
 async def test_unreachable_service_is_unavailable_after_retries() -> None:
