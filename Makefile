@@ -101,6 +101,7 @@ lint: $(STAMP) proto-lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/mypy examples/python  # scripts, not a package: checked on their own
 
 fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
