@@ -159,6 +159,9 @@ class Fanout:
         self._capacity = capacity
         self._by_job: dict[str, set[Subscription]] = {}
         self._all: set[Subscription] = set()
+        # Firehose subscriptions by (kind, state) they accept, 0 for any: an event
+        # reaches only those that match, not a check against every subscription.
+        self._routes: dict[tuple[int, int], set[Subscription]] = {}
 
     def subscribe(
         self, job_id: str = "", kind: int = 0, states: Iterable[int] = (), lossless: bool = False
@@ -168,6 +171,8 @@ class Fanout:
             self._by_job.setdefault(job_id, set()).add(sub)
         else:
             self._all.add(sub)
+            for key in _routes_of(sub):
+                self._routes.setdefault(key, set()).add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -179,6 +184,12 @@ class Fanout:
                     del self._by_job[sub.job_id]
         else:
             self._all.discard(sub)
+            for key in _routes_of(sub):
+                routed = self._routes.get(key)
+                if routed is not None:
+                    routed.discard(sub)
+                    if not routed:
+                        del self._routes[key]
 
     def publish(
         self,
@@ -190,9 +201,11 @@ class Fanout:
             item = (event, positions[i] if i < len(positions) else None)
             for sub in self._by_job.get(event.job_id, ()):
                 sub.offer(item)
-            for sub in self._all:
-                if sub.matches(event):
-                    sub.offer(item)
+            if self._routes:
+                kind, state = event.kind, event.state
+                for key in {(kind, state), (kind, 0), (0, state), (0, 0)}:
+                    for sub in self._routes.get(key, ()):
+                        sub.offer(item)
 
     def close_all(self) -> None:
         for subs in self._by_job.values():
@@ -204,3 +217,8 @@ class Fanout:
     @property
     def watchers(self) -> int:
         return len(self._all) + sum(len(s) for s in self._by_job.values())
+
+
+def _routes_of(sub: Subscription) -> set[tuple[int, int]]:
+    """The (kind, state) keys a firehose subscription is found under (0: any)."""
+    return {(sub.kind, state) for state in (sub.states or (0,))}

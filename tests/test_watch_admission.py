@@ -78,9 +78,18 @@ async def test_watch_jobs_counts_against_the_same_limit(store: Store) -> None:
     try:
         job = (await create(handle.stub)).job
         firehoses = [handle.stub.WatchJobs(job_service_pb2.WatchJobsRequest()) for _ in range(2)]
-        await handle.stub.ReportEvent(progress(job.id, 10, key="p1"))
-        for call in firehoses:  # both admitted: they see the event
-            assert (await read(call)).event.idempotency_key == "p1"
+
+        async def keep_reporting() -> None:  # until both streams are surely subscribed
+            for i in range(1000):
+                await handle.stub.ReportEvent(progress(job.id, i % 100, key=f"p{i}"))
+                await asyncio.sleep(0.1)
+
+        reporter = asyncio.create_task(keep_reporting())
+        try:
+            for call in firehoses:  # both admitted: they see events
+                assert (await read(call)).HasField("event")
+        finally:
+            reporter.cancel()
         third = handle.stub.WatchJobs(job_service_pb2.WatchJobsRequest())
         assert (await _error(third)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         watch = handle.stub.WatchJob(job_service_pb2.WatchJobRequest(id=job.id))
@@ -107,3 +116,33 @@ async def _open_when_admitted(stub: Any, job_id: str) -> str:
                 call.cancel()
                 return outcome
             await asyncio.sleep(retry_hint_ms(await _error(call)) / 1000)
+
+
+async def test_firehose_routes_each_event_to_exactly_the_matching_subscriptions() -> None:
+    # Fanout indexes WatchJobs subscriptions by (kind, state); every combination of
+    # filter and event must reach exactly those whose filter matches it.
+    from jobwire.v1 import event_pb2, job_pb2
+    from service.fanout import Fanout
+
+    kinds = [job_pb2.JOB_KIND_UNSPECIFIED, job_pb2.JOB_KIND_VIDEO, job_pb2.JOB_KIND_BATCH]
+    state_sets: list[tuple[job_pb2.JobState.ValueType, ...]] = [
+        (),
+        (job_pb2.JOB_STATE_RUNNING,),
+        (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED),
+    ]
+    fanout = Fanout(capacity=64)
+    subs = [fanout.subscribe(kind=k, states=s) for k in kinds for s in state_sets]
+    gone = fanout.subscribe(kind=job_pb2.JOB_KIND_VIDEO)
+    fanout.unsubscribe(gone)
+    events = [
+        event_pb2.JobEvent(job_id=f"j{k}-{st}", kind=k, state=st, sequence=1)
+        for k in kinds[1:]
+        for st in (job_pb2.JOB_STATE_RUNNING, job_pb2.JOB_STATE_SUCCEEDED)
+    ]
+    fanout.publish(events)
+    for sub in subs:
+        want = [e.job_id for e in events if sub.matches(e)]
+        got = [e.job_id for e, _ in await sub.next_batch()] if sub.pending() else []
+        assert got == want, (sub.kind, sorted(sub.states))
+    assert gone.pending() == 0
+    assert fanout.watchers == len(subs)
