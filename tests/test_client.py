@@ -446,6 +446,32 @@ async def test_watch_job_across_a_forced_aborted(service: ServiceHandle, proxy: 
         assert watch.last_sequence == 12
 
 
+async def test_watch_waits_out_a_full_node_and_gives_up_when_told(tmp_path: Path) -> None:
+    """A node at its watch limit refuses with RESOURCE_EXHAUSTED + retry-after-ms: the
+    watch waits and gets in once a slot frees; with give_up_after it raises instead."""
+    from tests.helpers import free_port
+
+    handle = await start_service(EmbeddedStore(tmp_path / "d", make_policy()), max_watchers=1)
+    try:
+        async with client(handle.target) as c:
+            await c.create_job("GENERIC", job_id="full")
+            held = aiter(c.watch_job("full"))
+            assert isinstance(await asyncio.wait_for(anext(held), WAIT), Job)
+            with pytest.raises(JobwireError) as err:
+                await collect(c.watch_job("full", give_up_after=0))
+            assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            waiting = asyncio.ensure_future(anext(aiter(c.watch_job("full"))))
+            done, _ = await asyncio.wait([waiting], timeout=0.3)
+            assert not done  # refused; waiting out the service's hint
+            await held.aclose()  # frees the node's only slot
+            assert isinstance(await asyncio.wait_for(waiting, WAIT), Job)
+        async with client(f"127.0.0.1:{free_port()}") as nowhere:
+            with pytest.raises(Unavailable):
+                await collect(nowhere.watch_job("x", give_up_after=0.3))
+    finally:
+        await handle.close()
+
+
 def _coalesce(first: int, last: int) -> object:
     """A proxy rewrite that drops events first..last-1 and marks `last` as standing for
     them, as the service does for a slow watcher."""
