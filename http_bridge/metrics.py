@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import contextvars
+import itertools
 import logging
+import os
 import re
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -56,10 +58,45 @@ def install(app: web.Application, contracts: Mapping[str, web.RouteTableDef]) ->
     _stamp_log_records()
 
 
+# A new request id: this process's random prefix and a counter - as unique as a uuid4,
+# at a tenth of its cost (16 random bytes and a UUID object per request).
+_id_prefix = secrets.token_hex(8)
+_id_counter = itertools.count(1)
+
+
+def _new_id_prefix() -> None:
+    global _id_prefix, _id_counter
+    _id_prefix = secrets.token_hex(8)
+    _id_counter = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)  # JOBWIRE_HTTP_WORKERS forks
+
+
+def new_request_id() -> str:
+    return f"{_id_prefix}{next(_id_counter):016x}"  # 32 hex digits, like uuid4().hex
+
+
+# Label children looked up once: `labels()` costs microseconds per call.
+_counted: dict[tuple[str, int], Any] = {}
+_timed: dict[str, Any] = {}
+
+
+def _record(contract: str, status: int, seconds: float) -> None:
+    counter = _counted.get((contract, status))
+    if counter is None:
+        counter = _counted[(contract, status)] = CALLBACKS.labels(contract, str(status))
+    histogram = _timed.get(contract)
+    if histogram is None:
+        histogram = _timed[contract] = LATENCY.labels(contract)
+    counter.inc()
+    histogram.observe(seconds)
+
+
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     given = request.headers.get(HEADER, "")
-    request_id = given if _VALID_ID.fullmatch(given) else uuid.uuid4().hex
+    request_id = given if given and _VALID_ID.fullmatch(given) else new_request_id()
     REQUEST_ID.set(request_id)
     route = request.match_info.route.resource
     canonical = route.canonical if route is not None else ""
@@ -75,8 +112,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise
     finally:
         if contract:
-            CALLBACKS.labels(contract, str(status)).inc()
-            LATENCY.labels(contract).observe(time.perf_counter() - start)
+            _record(contract, status, time.perf_counter() - start)
     if not response.prepared:
         response.headers[HEADER] = request_id
     return response
