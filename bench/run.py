@@ -1060,6 +1060,29 @@ async def watchers10k_phase(
     details["watchers10k"] = out["details"]
 
 
+async def firehose_cost_phase(workdir: Path, details: dict[str, Any]) -> None:
+    """bench/firehose_cost.py (embedded): callbacks with the firehose log on vs off."""
+    from bench import firehose_cost
+
+    t = time.monotonic()
+    try:
+        out = await asyncio.wait_for(
+            firehose_cost.measure_store(firehose_cost.parser().parse_args([]), workdir, "embedded"),
+            300,
+        )
+    except Exception as exc:
+        log(f"firehose_cost FAILED: {exc!r}"[:1000])
+        details.setdefault("phase_errors", {})["firehose_cost"] = repr(exc)[:1000]
+        return
+    finally:
+        details.setdefault("phase_s", {})["firehose_cost"] = round(time.monotonic() - t, 1)
+    details["firehose_cost"] = out
+    log(
+        f"firehose log on/off: {out['on_over_off_per_s']} x callbacks/s, "
+        f"{out['on_over_off_cpu']} x CPU per callback"
+    )
+
+
 def check(value: Any, op: str, goal: float) -> bool:
     return {">=": value >= goal, "<": value < goal, "==": value == goal}[op]
 
@@ -1148,6 +1171,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                     results[store] = await bench.store_run(store, "", bare_port)
                     if "watchers10k" in args.phases:
                         await watchers10k_phase(workdir, results[store], bench.details[store])
+                    if "firehose_cost" in args.phases:
+                        await firehose_cost_phase(workdir, bench.details[store])
             except Exception as exc:  # keep what was measured, say what broke
                 log(f"{store}: FAILED: {exc!r}"[:2000])
                 partial = bench.partial.get(store, {})
@@ -1223,7 +1248,7 @@ def main() -> None:
     p.add_argument("--mongo-scan-limit", type=float, default=120.0)
     p.add_argument(
         "--phases",
-        default="throughput,latency,fanout,claims,final,watchers10k",
+        default="throughput,latency,fanout,claims,final,watchers10k,firehose_cost",
         help="stop early for quick runs",
     )
     p.add_argument(
