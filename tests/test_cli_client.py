@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from jobwire.client import Client
+from jobwire.client import Client, Job, JobEvent
 from jobwire.v1 import event_pb2, job_service_pb2
 from service.store.embedded import EmbeddedStore
 from tests.conftest import ServiceHandle, make_policy, start_service
@@ -133,5 +133,41 @@ async def test_cli_uses_tls_and_token_from_the_environment(tmp_path: Path) -> No
             env={**env, "JOBWIRE_SERVICE_TLS_CA": str(tmp_path / "missing.pem")},
         )
         assert code != 0 and "cannot read" in err
+    finally:
+        await handle.close()
+
+
+async def test_a_real_stall_is_watched_and_printed(tmp_path: Path) -> None:
+    """The service's own STALLED event (progress deadline passed), through the library
+    and through `jobwire watch`."""
+    handle = await start_service(
+        EmbeddedStore(tmp_path / "d", make_policy()), lease_sweep_seconds=0.05
+    )
+    try:
+        async with Client(handle.target) as c:
+            await c.create_job("GENERIC", job_id="st", progress_deadline=1.0)
+            await c.report_progress("st", 10, message="started")
+            watch = c.watch_job("st")
+            types = []
+            async for item in watch:
+                if isinstance(item, Job):
+                    continue
+                assert isinstance(item, JobEvent)
+                types.append(item.type)
+                if item.type == event_pb2.EVENT_TYPE_STALLED:
+                    assert (await c.get_job("st")).stalled
+                    await c.report_progress("st", 60, message="alive again")
+                elif item.sequence == 3:
+                    assert not (await c.get_job("st")).stalled
+                    await c.complete("st")
+            assert types == [
+                event_pb2.EVENT_TYPE_PROGRESS,
+                event_pb2.EVENT_TYPE_STALLED,
+                event_pb2.EVENT_TYPE_PROGRESS,
+                event_pb2.EVENT_TYPE_COMPLETED,
+            ]
+        code, out, err = await _jobwire("watch", "st", "--target", handle.target)
+        assert code == 0, err
+        assert "STALLED at event 2" in out and "SUCCEEDED" in out
     finally:
         await handle.close()
