@@ -8,7 +8,7 @@ GEN    := proto
 # protoc finds its mypy plugins (protoc-gen-mypy*) in the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install lock lock-upgrade proto proto-check proto-lint proto-release run serve bridge test lint fmt bench ferretdb promtool examples-node chromium clean
+.PHONY: install lock lock-upgrade proto proto-check proto-lint proto-release run serve bridge test lint fmt bench ferretdb promtool image-check examples-node chromium clean
 
 install: $(STAMP)
 
@@ -96,6 +96,12 @@ test: $(STAMP) ferretdb promtool examples-node chromium
 	JOBWIRE_FERRETDB_BIN=$$(bash scripts/install-ferretdb.sh --path) \
 	JOBWIRE_PROMTOOL_BIN=$$(bash scripts/install-promtool.sh --path) \
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Builds deploy/Dockerfile with buildah on a debootstrapped Debian base (no Docker) and
+# runs serve + bridge from the image: health, a job, one callback per contract,
+# HEALTHCHECK, writes only under the data dir. Root; see README "Image check".
+image-check: $(STAMP)
+	bash scripts/image-check.sh
 
 lint: $(STAMP) proto-lint
 	$(BIN)/ruff check .

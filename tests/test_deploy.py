@@ -439,3 +439,32 @@ def test_wheel_installed_in_the_image_contains_every_package() -> None:
         for init in (ROOT / top).rglob("__init__.py"):
             package = ".".join(init.parent.relative_to(ROOT).parts)
             assert package in declared, f"{package} is not in [tool.setuptools] packages"
+
+
+def test_builder_copies_every_package_directory() -> None:
+    """Each directory [tool.setuptools] maps a package to is copied into the builder
+    (and allowed by .dockerignore), else the wheel build in the image fails."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"][
+        "setuptools"
+    ]
+    package_dir: dict[str, str] = setuptools.get("package-dir", {})
+    roots = set()
+    for package in setuptools["packages"]:
+        parts = package.split(".")
+        mapped = next(
+            (
+                (package_dir[".".join(parts[:n])], parts[n:])
+                for n in range(len(parts), 0, -1)
+                if ".".join(parts[:n]) in package_dir
+            ),
+            None,
+        )
+        base, rest = mapped if mapped else (package_dir.get("", "."), parts)
+        roots.add(Path(base, *rest).parts[0])
+    copied = {
+        shlex.split(args)[0].rstrip("/")
+        for kw, args in dockerfile_stages()[0]
+        if kw == "COPY" and not args.startswith("--from")
+    }
+    missing = roots - copied - {"."}
+    assert not missing, f"deploy/Dockerfile copies no {sorted(missing)} into the builder"
