@@ -70,8 +70,8 @@ class Hub:
         self._position = ""
         self._seconds: deque[tuple[int, int]] = deque(maxlen=8)  # (second, events)
         self._depth: dict[str, int] = {}
-        self._depth_at = 0.0
-        self._depth_lock = asyncio.Lock()
+        self._depth_at = -DEPTH_TTL_SECONDS
+        self._depth_task: asyncio.Task[None] | None = None
 
     @property
     def subscribers(self) -> int:
@@ -88,10 +88,11 @@ class Hub:
         self._subscribers.discard(sub)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._depth_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def events_per_second(self) -> float:
         """Events seen over the last complete five seconds, per second."""
@@ -145,30 +146,46 @@ class Hub:
             sub.resync = True
             sub.wake.set()
 
-    async def queue_depth(self, rpc_seconds: float = 5.0) -> dict[str, int]:
-        """QUEUED jobs per kind (capped at DEPTH_CAP), read at most every few seconds."""
-        async with self._depth_lock:
-            if time.monotonic() - self._depth_at < DEPTH_TTL_SECONDS:
-                return self._depth
-            stub = self._stub()
-            kinds = [k for k in job_pb2.JobKind.values() if k]
+    def queue_depth(self) -> dict[str, int]:
+        """QUEUED jobs per kind (capped at DEPTH_CAP), as last counted; never waits.
 
-            async def depth(kind: int) -> int:
-                request = job_service_pb2.ListJobsRequest(
-                    kind=job_pb2.JobKind.ValueType(kind),
-                    states=[job_pb2.JOB_STATE_QUEUED],
-                    page_size=DEPTH_CAP,
-                )
-                reply = await stub.ListJobs(request, timeout=rpc_seconds)
-                return len(reply.jobs) + (1 if reply.next_page_token else 0)
+        Counting reads up to DEPTH_CAP jobs per kind, so it runs in the background at
+        most every DEPTH_TTL_SECONDS instead of inside a page render or a stream push.
+        """
+        stale = time.monotonic() - self._depth_at >= DEPTH_TTL_SECONDS
+        if stale and (self._depth_task is None or self._depth_task.done()):
+            self._depth_task = asyncio.create_task(self._count_depth(), name="dashboard-depth")
+        return self._depth
 
-            try:
-                counts = await asyncio.gather(*(depth(k) for k in kinds))
-            except grpc.aio.AioRpcError:
-                return self._depth
-            self._depth = {
-                job_pb2.JobKind.Name(k).removeprefix("JOB_KIND_"): n
-                for k, n in zip(kinds, counts, strict=True)
-            }
-            self._depth_at = time.monotonic()
-            return self._depth
+    async def fresh_queue_depth(self, wait: float) -> dict[str, int]:
+        """The counts, waiting up to `wait` seconds for a count in progress (first render)."""
+        self.queue_depth()
+        if self._depth_task is not None and not self._depth_task.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._depth_task), wait)
+        return self._depth
+
+    async def _count_depth(self, rpc_seconds: float = 5.0) -> None:
+        stub = self._stub()
+        kinds = [k for k in job_pb2.JobKind.values() if k]
+
+        async def depth(kind: int) -> int:
+            request = job_service_pb2.ListJobsRequest(
+                kind=job_pb2.JobKind.ValueType(kind),
+                states=[job_pb2.JOB_STATE_QUEUED],
+                page_size=DEPTH_CAP,
+            )
+            reply = await stub.ListJobs(request, timeout=rpc_seconds)
+            return len(reply.jobs) + (1 if reply.next_page_token else 0)
+
+        try:
+            counts = await asyncio.gather(*(depth(k) for k in kinds))
+        except grpc.aio.AioRpcError as err:
+            log.warning("queue depth: ListJobs failed: %s", err.code().name)
+            self._depth_at = time.monotonic()  # try again after the TTL, not at once
+            return
+        self._depth = {
+            job_pb2.JobKind.Name(k).removeprefix("JOB_KIND_"): n
+            for k, n in zip(kinds, counts, strict=True)
+        }
+        self._depth_at = time.monotonic()

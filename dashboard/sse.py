@@ -58,7 +58,7 @@ async def jobs_stream(request: web.Request) -> web.StreamResponse:
         while True:
             now = time.monotonic()
             if now - last_stats >= 2.0:
-                stats = {"eps": hub.events_per_second(), "depth": await hub.queue_depth()}
+                stats = {"eps": hub.events_per_second(), "depth": hub.queue_depth()}
                 await response.write(_frame("stats", orjson.dumps(stats)))
                 last_stats = last_beat = time.monotonic()
             if now - last_beat >= settings.heartbeat_seconds:

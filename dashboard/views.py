@@ -110,7 +110,9 @@ async def jobs_page(request: web.Request) -> web.StreamResponse:
     if search:
         await _get_job(request, search, json=False)  # 404 page when unknown
         raise web.HTTPSeeOther(f"/jobs/{quote(search, safe='')}")
-    reply, depth = await asyncio.gather(_list(request, False), request.app[HUB].queue_depth())
+    reply, depth = await asyncio.gather(
+        _list(request, False), request.app[HUB].fresh_queue_depth(wait=0.3)
+    )
     filters = {
         "kind": request.query.get("kind", "").upper(),
         "states": [s.upper() for s in request.query.getall("state", []) if s],
