@@ -36,11 +36,9 @@ from .common import (
     secret_matches,
     validate,
 )
-from .edge import text_header
+from .edge import check_signature, text_header, webhook_id
 from .errors import BridgeError, RpcFailed, contract_errors, json_response
 from .grpc_client import config_of
-from .signing import check as check_signature
-from .signing import webhook_id
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()

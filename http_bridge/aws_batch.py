@@ -24,9 +24,9 @@ from .common import (
     secret_matches,
     validate,
 )
+from .edge import check_signature
 from .errors import BridgeError, contract_errors, json_response
 from .grpc_client import config_of
-from .signing import check as check_signature
 
 routes = web.RouteTableDef()
 CONTRACT = "aws-batch"

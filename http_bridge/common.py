@@ -18,10 +18,9 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from jobwire.v1 import job_pb2
 from jobwire.v1 import job_service_pb2 as svc
 
-from .edge import BodyClock, text_header, token_text
+from .edge import BodyClock, text_header, token_text, webhook_id
 from .errors import BridgeError, RpcFailed
 from .grpc_client import COALESCER, CONFIG, STUB
-from .signing import webhook_id
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 

@@ -28,6 +28,7 @@ from .config import Config
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+LINGER_SECONDS = 1.0
 # The protocol of each open connection, by aiohttp's handler: the middleware finds it.
 _GUARDS: dict[object, GuardedProtocol] = {}
 
@@ -60,14 +61,15 @@ class GuardedProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._in_request = False
         self._counted = False
+        self._closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         guard = self._guard
         if guard.open >= guard.max_connections:
             guard.rejected += 1
-            transport.write(guard.busy)
-            transport.close()
+            self._transport = transport
+            self._answer_and_close(guard.busy)
             return
         guard.open += 1
         self._counted = True
@@ -77,8 +79,8 @@ class GuardedProtocol(asyncio.Protocol):
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if not self._counted:
-            return
+        if not self._counted or self._closing:
+            return  # a refused or timed-out connection: its bytes are discarded
         if not self._in_request and self._timer is None:
             self._start_timer()  # the first byte of the next request on this connection
         self._inner.data_received(data)
@@ -95,6 +97,7 @@ class GuardedProtocol(asyncio.Protocol):
             self._inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
         if not self._counted:
             return
         self._counted = False
@@ -132,8 +135,20 @@ class GuardedProtocol(asyncio.Protocol):
         log.info(
             "request head not complete within %ss: connection closed", self._guard.header_timeout
         )
-        transport.write(REQUEST_TIMEOUT)
-        transport.close()
+        self._answer_and_close(REQUEST_TIMEOUT)
+
+    def _answer_and_close(self, answer: bytes) -> None:
+        """Writes `answer`, half-closes, and closes a moment later. Closing at once while
+        the client still sends would reset the connection, and the reset can destroy
+        the answer before the client reads it."""
+        transport = self._transport
+        assert transport is not None
+        self._closing = True
+        transport.write(answer)
+        if transport.can_write_eof():
+            transport.write_eof()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(LINGER_SECONDS, transport.close)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -181,7 +196,9 @@ def _quiet_bad_requests() -> None:
 
 def runner_options(config: Config) -> dict[str, Any]:
     """AppRunner options: idle keep-alive connections close after this long."""
-    return {"keepalive_timeout": config.keepalive_timeout_seconds}
+    # lingering_time: after an early answer (408, 413) the rest of the body is read and
+    # dropped for at most this long before the connection closes.
+    return {"keepalive_timeout": config.keepalive_timeout_seconds, "lingering_time": 2.0}
 
 
 def guarded_site(runner: web.BaseRunner, config: Config, **options: Any) -> GuardedSite:

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from . import signing
 from .config import Config
 from .errors import BridgeError
+from .grpc_client import config_of
 
 RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("jobwire_rate_limiter")
 
@@ -170,3 +172,38 @@ def check_rate(request: web.Request) -> None:
 def install(app: web.Application, config: Config) -> None:
     if config.rate_limit > 0:
         app[RATE_LIMITER] = RateLimiter(config.rate_limit)
+
+
+# -- Standard Webhooks signatures (signing.py) ---------------------------------------
+
+WEBHOOK_ID_KEY = web.RequestKey("jobwire_webhook_id", str)
+
+
+def check_signature(request: web.Request, contract: str, body: bytes | bytearray = b"") -> None:
+    """Enforces the contract's signature when a secret is configured for it."""
+    keys = config_of(request).signing_secrets.get(contract)
+    if not keys:
+        return
+    headers = request.headers
+    msg_id = _ascii(headers.get("webhook-id", ""))
+    try:
+        signing.verify(
+            keys,
+            msg_id,
+            _ascii(headers.get("webhook-timestamp", "")),
+            _ascii(headers.get("webhook-signature", "")),
+            body,
+        )
+    except ValueError as exc:
+        raise BridgeError(401, str(exc), token_sent="webhook-signature" in headers) from None
+    request[WEBHOOK_ID_KEY] = msg_id
+
+
+def webhook_id(request: web.Request) -> str:
+    """The verified `webhook-id` of this request, or ""."""
+    return str(request.get(WEBHOOK_ID_KEY, ""))
+
+
+def _ascii(value: str) -> str:
+    """Header text as sent; bytes that are not ASCII never match anything."""
+    return value.strip() if value.isascii() else "\x00"

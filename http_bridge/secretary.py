@@ -40,10 +40,9 @@ from .common import (
     report_event,
     validate,
 )
-from .edge import int_param, json_depth
+from .edge import check_signature, int_param, json_depth
 from .errors import BridgeError, contract_errors, json_response
 from .grpc_client import config_of, stub_of
-from .signing import check as check_signature
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()

@@ -8,7 +8,8 @@ re-serialised JSON. Any one matching `v1` signature (and any configured key) is
 enough, so a key can be rotated without downtime. The verified `webhook-id` is the
 event's idempotency key: a redelivery is applied once.
 
-The worker side (`jobwire callback`) signs with the same functions.
+The worker side (`jobwire callback`) signs with the same functions; the bridge checks
+requests with edge.check_signature. Stdlib only, so a worker needs nothing more.
 """
 
 from __future__ import annotations
@@ -22,14 +23,8 @@ import secrets
 import time
 from collections.abc import Iterable
 
-from aiohttp import web
-
-from .errors import BridgeError
-from .grpc_client import config_of
-
 PREFIX = "whsec_"
 TOLERANCE_SECONDS = 5 * 60
-REQUEST_KEY = "jobwire.webhook_id"
 _ID = re.compile(r"[\x21-\x7e]{1,256}")
 _TIMESTAMP = re.compile(r"\d{1,12}")
 
@@ -100,33 +95,3 @@ def verify(
             matched |= hmac.compare_digest(candidate, expected)
     if not matched:
         raise ValueError("webhook-signature does not match")
-
-
-def check(request: web.Request, contract: str, body: bytes | bytearray = b"") -> None:
-    """Enforces the contract's signature when a secret is configured for it."""
-    keys = config_of(request).signing_secrets.get(contract)
-    if not keys:
-        return
-    headers = request.headers
-    try:
-        verify(
-            keys,
-            _ascii(headers.get("webhook-id", "")),
-            _ascii(headers.get("webhook-timestamp", "")),
-            _ascii(headers.get("webhook-signature", "")),
-            body,
-        )
-    except ValueError as exc:
-        raise BridgeError(401, str(exc), token_sent="webhook-signature" in headers) from None
-    request[REQUEST_KEY] = headers["webhook-id"]
-
-
-def webhook_id(request: web.Request) -> str:
-    """The verified `webhook-id` of this request, or ""."""
-    value = request.get(REQUEST_KEY, "")
-    return value if isinstance(value, str) else ""
-
-
-def _ascii(value: str) -> str:
-    """Header text as sent; bytes that are not ASCII never match anything."""
-    return value.strip() if value.isascii() else "\x00"

@@ -30,10 +30,9 @@ from .common import (
     to_timestamp,
     validate,
 )
-from .edge import int_param, text_header
+from .edge import check_signature, int_param, text_header
 from .errors import BridgeError, contract_errors, json_response
 from .grpc_client import config_of, stub_of
-from .signing import check as check_signature
 
 routes = web.RouteTableDef()
 CONTRACT = "video"

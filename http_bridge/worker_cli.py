@@ -8,7 +8,9 @@ Stdlib HTTP only (urllib), so a worker image needs nothing beyond this package:
     jobwire callback aurora <task_id> succeeded|failed [--output ... | --error-code ...]
     jobwire callback secretary <jobId> progress|final|failed ...
 
-Exit code 0 on a 2xx answer, 1 otherwise; the answer's body is printed.
+Exit code 0 on a 2xx answer, 1 otherwise; the answer's body is printed. When
+`JOBWIRE_SIGNING_SECRET_<CONTRACT>` (AWS_BATCH, VIDEO_WORKER, AURORA, SECRETARY) is set,
+each request is signed (Standard Webhooks v1: webhook-id, -timestamp, -signature).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .signing import decode_secret, signature_headers
+
 DEFAULT_BASE = "http://127.0.0.1:8080"
 
 
@@ -32,13 +36,22 @@ def base_url(args: argparse.Namespace) -> str:
     return (url or os.environ.get("NEXT_PUBLIC_APP_URL") or DEFAULT_BASE).rstrip("/")
 
 
-def send(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> int:
+def send(
+    method: str,
+    url: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    contract: str = "",
+) -> int:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method)
     request.add_header("Accept", "application/json")
     if data is not None:
         request.add_header("Content-Type", "application/json")
     for name, value in (headers or {}).items():
+        request.add_header(name, value)
+    # Signed over the exact bytes sent; the bridge checks them before parsing.
+    for name, value in signing_headers(contract, data or b"").items():
         request.add_header(name, value)
     try:
         with urllib.request.urlopen(request, timeout=600) as response:
@@ -50,6 +63,17 @@ def send(method: str, url: str, body: Any = None, headers: dict[str, str] | None
         return 1
     print(f"{status} {payload.decode('utf-8', 'replace')}".rstrip())
     return 0 if 200 <= status < 300 else 1
+
+
+def signing_headers(contract: str, data: bytes) -> dict[str, str]:
+    secrets = os.environ.get(f"JOBWIRE_SIGNING_SECRET_{contract.upper()}", "").split()
+    if not contract or not secrets:
+        return {}
+    try:
+        keys = [decode_secret(s) for s in secrets]
+    except ValueError as exc:
+        raise SystemExit(f"JOBWIRE_SIGNING_SECRET_{contract.upper()}: {exc}") from None
+    return signature_headers(keys, data)
 
 
 def now_iso() -> str:
@@ -72,7 +96,7 @@ def batch(args: argparse.Namespace) -> int:
         "callbackSecret": os.environ.get("BATCH_CALLBACK_SECRET", ""),
     }
     body["outputKey" if args.status == "success" else "error"] = args.detail
-    return send("POST", url, body)
+    return send("POST", url, body, contract="aws_batch")
 
 
 # -- video worker ---------------------------------------------------------------------
@@ -81,7 +105,7 @@ def batch(args: argparse.Namespace) -> int:
 def video(args: argparse.Namespace) -> int:
     base, auth = base_url(args), bearer("API_KEY", args.api_key)
     if args.action == "pending":
-        return send("GET", f"{base}/api/pending", headers=auth)
+        return send("GET", f"{base}/api/pending", headers=auth, contract="video_worker")
     if args.action == "report":
         body: dict[str, Any] = {
             "status": args.status,
@@ -93,11 +117,11 @@ def video(args: argparse.Namespace) -> int:
         body.update({k: v for k, v in optional.items() if v is not None})
         if args.total_time is not None:
             body["totalTime"] = args.total_time
-        return send("POST", f"{base}/api/report", body, auth)
+        return send("POST", f"{base}/api/report", body, auth, "video_worker")
     line = {"level": args.level, "message": args.message, "timestamp": now_iso()}
     if args.video_id:
         line["videoId"] = args.video_id
-    return send("POST", f"{base}/api/log", line, auth)
+    return send("POST", f"{base}/api/log", line, auth, "video_worker")
 
 
 # -- AuroraCloud ----------------------------------------------------------------------
@@ -119,7 +143,7 @@ def aurora(args: argparse.Namespace) -> int:
             task["error_msg"] = args.error_msg
     body = {"code": 0, "msg": args.status, "data": [task]}
     auth = bearer("TRANSCODE_CALLBACK_TOKEN", args.token)
-    return send("POST", f"{base_url(args)}/api/transcode-callback", body, auth)
+    return send("POST", f"{base_url(args)}/api/transcode-callback", body, auth, "aurora")
 
 
 # -- Secretary ------------------------------------------------------------------------
@@ -153,7 +177,7 @@ def secretary(args: argparse.Namespace) -> int:
         if args.details:
             error["details"] = json.loads(args.details)
         body = {"phase": "failed", "error": error}
-    return send("POST", url, body, auth)
+    return send("POST", url, body, auth, "secretary")
 
 
 # -- argparse -------------------------------------------------------------------------

@@ -1,0 +1,226 @@
+"""Slow and greedy clients against the bridge process: request heads that trickle in,
+bodies that trickle in, idle keep-alive connections, too many connections, a caller
+over its rate limit, and 200 slow connections held while normal callbacks go on.
+
+Every timeout is set small through the environment, so the tests stay fast; each
+waits for the event it expects (the connection closing) with a generous bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from jobwire.v1 import job_pb2
+from tests.bridge_harness import API_KEY, BATCH_SECRET, create_job, new_id
+from tests.bridge_process import bridge_process, raw_exchange, status_of
+
+SLACK = 10.0  # seconds beyond a configured timeout before a test gives up waiting
+VIDEO_AUTH = f"Authorization: Bearer {API_KEY}\r\n"
+
+
+async def open_conn(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def read_until_closed(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    chunks = []
+    async with asyncio.timeout(timeout):
+        while chunk := await reader.read(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_trickled_request_head_is_cut_at_the_header_timeout(
+    grpc_service: Any, tmp_path: Path
+) -> None:
+    async with bridge_process(
+        grpc_service.target, tmp_path, JOBWIRE_HEADER_TIMEOUT_SECONDS="1"
+    ) as bridge:
+        reader, writer = await open_conn(bridge.port)
+        head = b"GET /api/pending HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer x"
+        started = time.monotonic()
+
+        async def trickle() -> None:
+            for byte in head:  # one byte every 0.1 s: 6 s for the whole head
+                writer.write(bytes([byte]))
+                await asyncio.sleep(0.1)  # the client's pace, not a synchronisation
+
+        sender = asyncio.create_task(trickle())
+        try:
+            answer = await read_until_closed(reader, 1 + SLACK)
+        finally:
+            sender.cancel()
+            writer.close()
+        elapsed = time.monotonic() - started
+        assert status_of(answer) == 408
+        assert elapsed < len(head) * 0.1, f"closed after {elapsed:.1f}s, head still trickling"
+
+        # A connection that sends nothing at all is closed as well.
+        reader, writer = await open_conn(bridge.port)
+        assert status_of(await read_until_closed(reader, 1 + SLACK)) == 408
+        writer.close()
+        assert bridge.alive
+
+
+async def test_trickled_body_gets_408_in_the_contract_body(
+    grpc_service: Any, tmp_path: Path
+) -> None:
+    env = {"JOBWIRE_BODY_TIMEOUT_SECONDS": "1", "JOBWIRE_BODY_MIN_RATE_BYTES": "1000"}
+    async with bridge_process(grpc_service.target, tmp_path, **env) as bridge:
+        reader, writer = await open_conn(bridge.port)
+        writer.write(
+            f"POST /api/report HTTP/1.1\r\nHost: t\r\n{VIDEO_AUTH}"
+            "Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{".encode()
+        )
+
+        async def trickle() -> None:
+            for _ in range(200):
+                writer.write(b" ")
+                await asyncio.sleep(0.1)  # 10 bytes/s, far below the minimum rate
+
+        sender = asyncio.create_task(trickle())
+        started = time.monotonic()
+        try:
+            answer = await read_until_closed(reader, 1 + SLACK)
+        finally:
+            sender.cancel()
+            writer.close()
+        assert status_of(answer) == 408
+        assert answer.endswith(b'{"error":"Error al procesar la solicitud"}')
+        assert b"Connection: close" in answer
+        assert time.monotonic() - started < 1 + SLACK
+
+
+async def test_idle_keep_alive_connection_is_closed(grpc_service: Any, tmp_path: Path) -> None:
+    async with bridge_process(
+        grpc_service.target, tmp_path, JOBWIRE_KEEPALIVE_TIMEOUT_SECONDS="1"
+    ) as bridge:
+        reader, writer = await open_conn(bridge.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), SLACK)
+        assert status_of(head) == 200
+        started = time.monotonic()
+        rest = await read_until_closed(reader, 1 + SLACK)  # the body, then EOF
+        writer.close()
+        assert rest == b'{"status":"ok"}'
+        assert time.monotonic() - started >= 0.5
+
+
+async def test_connections_beyond_the_cap_get_503(grpc_service: Any, tmp_path: Path) -> None:
+    env = {"JOBWIRE_MAX_CONNECTIONS": "5", "JOBWIRE_RETRY_AFTER_SECONDS": "3"}
+    async with bridge_process(grpc_service.target, tmp_path, **env) as bridge:
+        held = [await open_conn(bridge.port) for _ in range(5)]
+        # Each held connection is counted once the bridge has accepted it: one request
+        # on each proves that.
+        for reader, writer in held:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert status_of(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), SLACK)) == 200
+            await asyncio.wait_for(reader.readexactly(15), SLACK)  # {"status":"ok"}
+        answer = await raw_exchange(bridge.port, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert status_of(answer) == 503 and b"Retry-After: 3" in answer
+        reader, writer = held.pop()
+        writer.close()
+        await read_until_closed(reader, SLACK)
+
+        async def served() -> None:
+            while True:
+                request = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+                if status_of(await raw_exchange(bridge.port, request)) == 200:
+                    return
+                await asyncio.sleep(0.05)  # the bridge notices the close asynchronously
+
+        await asyncio.wait_for(served(), SLACK)
+        for _, writer in held:
+            writer.close()
+
+
+async def test_rate_limit_per_credential_429_with_retry_after(
+    grpc_service: Any, tmp_path: Path
+) -> None:
+    async with bridge_process(
+        grpc_service.target, tmp_path, JOBWIRE_RATE_LIMIT="2/s", API_KEY=API_KEY
+    ) as bridge, aiohttp.ClientSession() as http:
+        url = f"{bridge.url}/api/log?limit=1"
+        statuses = []
+        for _ in range(6):
+            async with http.get(url, headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+                statuses.append(r.status)
+                if r.status == 429:
+                    assert int(r.headers["Retry-After"]) >= 1
+                    assert await r.json() == {"error": "Error al procesar la solicitud"}
+        assert statuses[:2] == [200, 200] and 429 in statuses
+        # Another credential has its own bucket (a wrong one: 401, not 429).
+        async with http.get(url, headers={"Authorization": "Bearer other"}) as r:
+            assert r.status == 401
+
+
+async def test_200_slow_connections_do_not_slow_normal_callbacks(
+    grpc_service: Any, tmp_path: Path
+) -> None:
+    ids = [new_id("slow") for _ in range(120)]
+    for job_id in ids:
+        await create_job(grpc_service.stub, job_pb2.JOB_KIND_BATCH, job_id)
+    env = {"JOBWIRE_HEADER_TIMEOUT_SECONDS": "120"}
+    async with (
+        bridge_process(grpc_service.target, tmp_path, **env) as bridge,
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def callbacks(batch: list[str]) -> list[float]:
+            times = []
+            for job_id in batch:
+                body = {
+                    "jobId": job_id,
+                    "status": "failed",
+                    "error": "x",
+                    "callbackSecret": BATCH_SECRET,
+                }
+                started = time.perf_counter()
+                async with http.post(f"{bridge.url}/api/batch-callback", json=body) as r:
+                    assert r.status == 200, await r.text()
+                times.append(time.perf_counter() - started)
+            return times
+
+        await callbacks(ids[:20])  # warm-up: connection pool, first-call costs
+        baseline = statistics.median(await callbacks(ids[20:70]))
+
+        slow: list[asyncio.StreamWriter] = []
+        stop = asyncio.Event()
+
+        async def trickle(writer: asyncio.StreamWriter) -> None:
+            head = b"POST /api/batch-callback HTTP/1.1\r\nHost: t\r\nX-Padding: "
+            writer.write(head)
+            while not stop.is_set():
+                writer.write(b"a")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.5)  # one byte every 0.5 s
+
+        readers = []
+        for _ in range(200):
+            reader, writer = await open_conn(bridge.port)
+            readers.append(reader)
+            slow.append(writer)
+        tricklers = [asyncio.create_task(trickle(w)) for w in slow]
+        try:
+            await asyncio.sleep(1.0)  # let every slow head get going (a pace, not a sync)
+            loaded = statistics.median(await callbacks(ids[70:120]))
+            # All 200 are still open: none was answered or closed meanwhile.
+            assert not any(r.at_eof() for r in readers)
+        finally:
+            stop.set()
+            await asyncio.gather(*tricklers, return_exceptions=True)
+            for w in slow:
+                w.close()
+        print(
+            f"median callback latency: {baseline * 1000:.2f} ms alone, "
+            f"{loaded * 1000:.2f} ms with 200 slow connections"
+        )
+        assert loaded <= max(3 * baseline, baseline + 0.05), (baseline, loaded)
+        assert bridge.alive
