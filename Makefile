@@ -113,7 +113,7 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: $(STAMP) ferretdb
+bench: $(STAMP) ferretdb chromium
 	JOBWIRE_FERRETDB_BIN=$$(bash scripts/install-ferretdb.sh --path) $(BIN)/python -m bench
 
 clean:

@@ -271,6 +271,24 @@ async def _tabs(
     }
 
 
+async def phase(workdir: Path, results: dict[str, Any], details: dict[str, Any]) -> None:
+    """The `dashboard` phase of `make bench`: keys under results["dashboard"]."""
+    t = time.monotonic()
+    try:
+        out = await asyncio.wait_for(measure(workdir), 600)
+    except Exception as exc:
+        print(f"bench: dashboard FAILED: {exc!r}"[:1000], file=sys.stderr, flush=True)
+        results["dashboard"] = dict.fromkeys(KEYS)
+        details["dashboard"] = {"error": repr(exc)[:1000]}
+        return
+    results["dashboard"] = out["figures"]
+    details["dashboard"] = {**out["details"], "seconds": round(time.monotonic() - t, 1)}
+    for key, (op, goal) in GOALS.items():
+        value = out["figures"].get(key)
+        met = value is not None and (value < goal if op == "<" else value >= goal)
+        print(f"bench: dashboard {key} = {value} (goal {op} {goal}: {'met' if met else 'MISSED'})")
+
+
 def main() -> None:
     import shutil
     import tempfile

@@ -1179,6 +1179,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                 results[store] = {k: partial.get(k, float("nan")) for k in KEYS}
                 bench.details.setdefault(store, {})["error"] = repr(exc)[:2000]
                 bench.stop_all_but_bare()
+        if "dashboard" in args.phases:  # bench/dashboard.py: its own service and browser
+            from bench.dashboard import phase as dashboard_phase
+
+            await dashboard_phase(workdir, results, bench.details)
     finally:
         if bench.peer is not None:
             bench.peer.stop()
@@ -1248,7 +1252,7 @@ def main() -> None:
     p.add_argument("--mongo-scan-limit", type=float, default=120.0)
     p.add_argument(
         "--phases",
-        default="throughput,latency,fanout,claims,final,watchers10k,firehose_cost",
+        default="throughput,latency,fanout,claims,final,watchers10k,firehose_cost,dashboard",
         help="stop early for quick runs",
     )
     p.add_argument(
