@@ -1,0 +1,117 @@
+"""HTTP conventions at the edge: every 401 carries WWW-Authenticate (RFC 9110 11.6.1,
+RFC 6750 3) with the contract's own body; every numeric query parameter out of range
+is a 400 naming it; bytes that are not text in a header are a 4xx, never a 500."""
+
+# ruff: noqa: F811  (pytest fixtures imported from tests.bridge_harness)
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from jobwire.v1 import job_pb2
+from tests.bridge_harness import VIDEO_AUTH, bridge, create_job, stub  # noqa: F401
+from tests.bridge_process import raw_exchange, status_of
+
+PLAIN = 'Bearer realm="jobwire"'
+INVALID = 'Bearer realm="jobwire", error="invalid_token"'
+
+
+async def test_401_carries_www_authenticate_and_the_contract_body(bridge: Any, stub: Any) -> None:
+    cases: list[tuple[str, str, Any, dict[str, str], Any]] = [
+        ("POST", "/api/batch-callback", {"jobId": "j", "status": "failed"}, {}, None),
+        ("GET", "/api/pending", None, {}, {"error": "No autorizado"}),
+        ("POST", "/api/report", {}, {}, {"error": "No autorizado"}),
+        ("GET", "/api/log", None, {}, {"error": "No autorizado"}),
+        ("POST", "/api/transcode-callback", {}, {}, None),
+        ("GET", "/api/external/jobs/abc", None, {}, None),
+    ]
+    for method, path, body, headers, expected in cases:
+        async with bridge.http.request(method, bridge.url + path, json=body, headers=headers) as r:
+            assert r.status == 401, path
+            assert r.headers["WWW-Authenticate"] == PLAIN, path
+            if expected is not None:
+                assert await r.json() == expected
+    wrong = {"Authorization": "Bearer wrong"}
+    created = await create_job(stub, job_pb2.JOB_KIND_EXTRACTION)
+    cases[-1] = ("GET", f"/api/external/jobs/{created.job.id}", None, {}, None)
+    for method, path, body, _, _ in cases[1:]:
+        async with bridge.http.request(method, bridge.url + path, json=body, headers=wrong) as r:
+            assert r.status == 401, path
+            assert r.headers["WWW-Authenticate"] == INVALID, path
+    batch = {"jobId": "j", "status": "failed", "callbackSecret": "wrong"}
+    async with bridge.http.post(bridge.url + "/api/batch-callback", json=batch) as r:
+        assert r.status == 401 and r.headers["WWW-Authenticate"] == INVALID
+        assert await r.json() == {"error": "Ungültiger oder fehlender Authentifizierungsschlüssel"}
+    async with bridge.http.post(bridge.url + "/api/transcode-callback/wrong", json={}) as r:
+        assert r.status == 401 and r.headers["WWW-Authenticate"] == INVALID
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "1001", "99999999999999999999", "abc", "1.5", ""])
+async def test_log_limit_out_of_range_is_400_naming_it(bridge: Any, value: str) -> None:
+    status, body = await bridge.get(f"/api/log?limit={value}", headers=VIDEO_AUTH)
+    assert status == 400
+    assert body == {"error": "Parámetros inválidos: limit must be an integer from 1 to 1000"}
+
+
+async def test_log_limit_edges_and_level(bridge: Any) -> None:
+    assert (await bridge.get("/api/log?limit=1", headers=VIDEO_AUTH))[0] == 200
+    assert (await bridge.get("/api/log?limit=1000", headers=VIDEO_AUTH))[0] == 200
+    status, body = await bridge.get("/api/log?level=LOUD", headers=VIDEO_AUTH)
+    assert status == 400 and "level" in body["error"]
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "10001", "x"])
+async def test_secretary_poll_limit_out_of_range_is_400_naming_it(
+    bridge: Any, stub: Any, value: str
+) -> None:
+    created = await create_job(stub, job_pb2.JOB_KIND_EXTRACTION)
+    auth = {"Authorization": f"Bearer {created.callback_token}"}
+    path = f"/api/external/jobs/{created.job.id}?limit={value}"
+    status, body = await bridge.get(path, headers=auth)
+    assert (status, body) == (
+        400,
+        {"status": "error", "error": "limit must be an integer from 1 to 10000"},
+    )
+
+
+async def test_non_utf8_header_bytes_are_4xx_on_every_route(bridge: Any, stub: Any) -> None:
+    """The reported case (Authorization: Bearer \\xe4\\xf6 -> 500) and its relatives."""
+    port = int(bridge.url.rsplit(":", 1)[1])
+    created = await create_job(stub, job_pb2.JOB_KIND_EXTRACTION)
+    token = created.callback_token.encode()
+    jid = created.job.id.encode()
+    good_video = b"Authorization: Bearer test-api-key\r\n"
+    requests = [
+        b"GET /api/pending HTTP/1.1\r\nAuthorization: Bearer \xe4\xf6\r\n",
+        b"GET /api/log HTTP/1.1\r\nAuthorization: Bearer \xe4\xf6\r\n",
+        b"GET /api/pending HTTP/1.1\r\n" + good_video + b"X-Worker: \xff\xfe\r\n",
+        b"POST /api/report HTTP/1.1\r\n" + good_video + b"Idempotency-Key: \xff\r\n",
+        b"GET /api/external/jobs/" + jid + b" HTTP/1.1\r\nAuthorization: Bearer \xe4\xf6\r\n",
+        b"GET /api/external/jobs/" + jid + b" HTTP/1.1\r\nX-Callback-Token: \xe4\r\n",
+        b"POST /api/external/jobs/"
+        + jid
+        + b" HTTP/1.1\r\nAuthorization: Bearer "
+        + token
+        + b"\r\nIdempotency-Key: \xc0\xc1\r\n",
+        b"POST /api/transcode-callback/%ff%fe HTTP/1.1\r\n",
+        b"POST /api/transcode-callback HTTP/1.1\r\nX-Callback-Token: \xe4\xf6\r\n",
+        b"POST /api/batch-callback HTTP/1.1\r\nExpect: \xe4\r\n",
+        b"GET /healthz HTTP/1.1\r\nExpect: \xe4\r\n",
+    ]
+    body = b'{"status":"progress","message":"m","videoId":"v","phase":"p","progress":1}'
+    answers = await asyncio.gather(
+        *(
+            raw_exchange(
+                port,
+                r
+                + b"Host: t\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+                + body,
+            )
+            for r in requests
+        )
+    )
+    statuses = [status_of(a) for a in answers]
+    assert all(s is not None and 400 <= s < 500 for s in statuses), statuses
+    assert statuses[:2] == [401, 401] and statuses[2:4] == [400, 400]
