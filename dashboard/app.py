@@ -106,7 +106,6 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
             )
         context = {"next": request.path_qs if request.method == "GET" else "/jobs", "error": ""}
         return aiohttp_jinja2.render_template("login.html", request, context, status=401)
-    request[views.PRINCIPAL] = who
     return await handler(request)
 
 

@@ -1,0 +1,130 @@
+"""Dashboard access without a browser: closed by default, the trusted proxy header,
+forged or expired cookies, CSRF for header-authenticated users, token generation."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import stat
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from dashboard.app import create_app
+from dashboard.auth import COOKIE, Auth
+from dashboard.config import DashboardConfig, load_config
+from jobwire.v1 import job_pb2, job_service_pb2
+
+TOKEN = "auth-test-token-abcdefghijklmnop"
+
+
+@contextlib.asynccontextmanager
+async def serve(config: DashboardConfig) -> AsyncIterator[str]:
+    runner = web.AppRunner(create_app(config), handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+        yield session
+
+
+def config(grpc_service: Any, **kw: Any) -> DashboardConfig:
+    return dataclasses.replace(DashboardConfig(service_target=grpc_service.target), **kw)
+
+
+async def test_closed_without_a_token(grpc_service: Any, http: aiohttp.ClientSession) -> None:
+    async with serve(config(grpc_service)) as url:
+        async with http.get(url + "/api/jobs") as reply:
+            assert reply.status == 401
+        async with http.post(url + "/login", data={"token": ""}) as reply:
+            assert reply.status == 401
+            assert "closed" in await reply.text()
+            assert COOKIE not in reply.cookies
+        async with http.get(url + "/healthz") as reply:
+            assert reply.status == 200
+
+
+async def test_trusted_user_header_only_when_configured(
+    grpc_service: Any, http: aiohttp.ClientSession
+) -> None:
+    created = await grpc_service.stub.CreateJob(
+        job_service_pb2.CreateJobRequest(job=job_pb2.Job(kind=job_pb2.JOB_KIND_GENERIC))
+    )
+    job_id = created.job.id
+    user = {"X-Forwarded-User": "alice@example.com"}
+    async with (
+        serve(config(grpc_service, token=TOKEN)) as url,
+        http.get(url + "/api/jobs", headers=user) as reply,
+    ):
+        assert reply.status == 401, "the header means nothing unless configured"
+    cfg = config(grpc_service, trusted_user_header="X-Forwarded-User")
+    async with serve(cfg) as url:
+        async with http.get(url + "/api/jobs") as reply:
+            assert reply.status == 401
+        async with http.get(f"{url}/jobs/{job_id}", headers=user) as reply:
+            assert reply.status == 200
+            page = await reply.text()
+        async with http.post(f"{url}/jobs/{job_id}/cancel", headers=user, data={}) as reply:
+            assert reply.status == 403
+        get = job_service_pb2.GetJobRequest(id=job_id)
+        assert (await grpc_service.stub.GetJob(get)).state == job_pb2.JOB_STATE_QUEUED
+        csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        form = {"csrf": csrf}
+        async with http.post(
+            f"{url}/jobs/{job_id}/cancel", headers=user, data=form, allow_redirects=False
+        ) as reply:
+            assert reply.status == 303
+        assert (await grpc_service.stub.GetJob(get)).state == job_pb2.JOB_STATE_CANCELLED
+
+
+async def test_forged_and_expired_cookies_are_refused(
+    grpc_service: Any, http: aiohttp.ClientSession
+) -> None:
+    cfg = config(grpc_service, token=TOKEN)
+    auth = Auth(cfg)
+    good = auth.new_session()
+    payload, _, signature = good.rpartition(".")
+    session_id, _, _ = payload.partition(".")
+    expired = Auth(dataclasses.replace(cfg, session_seconds=-10)).new_session()
+    other_key = Auth(dataclasses.replace(cfg, token="another-token-entirely")).new_session()
+    forged_expiry = f"{session_id}.{int(time.time()) + 10**6}.{signature}"
+    async with serve(cfg) as url:
+        async with http.get(url + "/api/jobs", headers={"Cookie": f"{COOKIE}={good}"}) as r:
+            assert r.status == 200
+        for cookie in (expired, other_key, forged_expiry, "garbage", good + "x"):
+            async with http.get(url + "/api/jobs", headers={"Cookie": f"{COOKIE}={cookie}"}) as r:
+                assert r.status == 401, cookie
+
+
+def test_make_run_generates_the_token_and_never_prints_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env_file = tmp_path / "jobwire.env"
+    env = {"JOBWIRE_ENV_FILE": str(env_file)}
+    generated = load_config(env, generate=True)
+    assert len(generated.token) >= 32
+    assert stat.S_IMODE(os.stat(env_file).st_mode) == 0o600
+    assert f"JOBWIRE_DASHBOARD_TOKEN={generated.token}" in env_file.read_text()
+    out = capsys.readouterr()
+    assert generated.token not in out.out + out.err
+    assert "JOBWIRE_DASHBOARD_TOKEN" in out.out
+    # Read back, not generated again; the environment wins over the file.
+    assert load_config(env, generate=True).token == generated.token
+    assert load_config({**env, "JOBWIRE_DASHBOARD_TOKEN": "from-env"}).token == "from-env"
+    # A deployed dashboard (no generate) without a token stays closed.
+    assert load_config({"JOBWIRE_ENV_FILE": str(tmp_path / "none.env")}).closed
