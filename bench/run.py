@@ -121,9 +121,15 @@ def proc_status(pid: int, field: str) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time so far of a process and its live descendants (the
+    worker processes of a bridge with JOBWIRE_HTTP_WORKERS > 1)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0.0
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(int(c)) for c in children)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -271,6 +277,7 @@ class Bench:
         # throughput and fan-out phases, alternating with jobwire.
         self.peer: BullmqPeer | None = None
         self.peer_figures: dict[str, Any] = {}
+        self.targets: dict[str, str] = {}
 
     def opt(self, store: str, name: str) -> Any:
         """A parameter of the run; `--mongo-<name>` overrides it for the mongo store."""
@@ -308,10 +315,11 @@ class Bench:
         await wait_grpc(target, p)
         return p, target
 
-    async def start_bridge(self, name: str, target: str) -> tuple[Proc, int]:
+    async def start_bridge(self, name: str, target: str, workers: int = 1) -> tuple[Proc, int]:
         port = free_port()
         env = base_env()
         env.update(
+            JOBWIRE_HTTP_WORKERS=str(workers),
             JOBWIRE_HTTP_ADDR=f"{HOST}:{port}",
             JOBWIRE_SERVICE_TARGET=target,
             JOBWIRE_ENV_FILE=str(self.workdir / "bridge.env"),
@@ -456,7 +464,8 @@ class Bench:
         details = self.details.setdefault(store, {})
         self.partial[store] = figures
         service, target = await self.start_service(store, mongo_uri)
-        bridge, port = await self.start_bridge(f"bridge-{store}", target)
+        bridge, port = await self.start_bridge(f"bridge-{store}", target, self.args.http_workers)
+        self.targets[store] = target
         channel = grpc.aio.insecure_channel(target)
         stub = job_service_pb2_grpc.JobServiceStub(channel)
         limits = self.opt(store, "phase_limits")
@@ -525,6 +534,13 @@ class Bench:
         node_runs: list[dict[str, Any]] = []
         bullmq_runs: list[dict[str, Any]] = []
         bare_proc = tuple(p for p in self.procs if p.name == "bare")
+        # --workers-compare N: a second bridge with N worker processes (SO_REUSEPORT) on
+        # the same service, measured right after the first in every round.
+        wide: tuple[Proc, int] | None = None
+        wide_runs: list[dict[str, Any]] = []
+        n_wide = self.args.workers_compare
+        if store == "embedded" and n_wide > 0:
+            wide = await self.start_bridge(f"bridge-{store}-w{n_wide}", self.targets[store], n_wide)
         profile_tasks: list[asyncio.Task[None]] = []
         rounds = self.opt(store, "rounds")
         conns = self.opt(store, "connections")
@@ -549,6 +565,17 @@ class Bench:
                 f"{e2e_runs[-1]['cpu_us_per_ok']} us/callback; bare "
                 f"{bare_runs[-1]['cpu_us_per_ok']} us/request)"
             )
+            if wide is not None:
+                wide_runs.append(
+                    await self.throughput(
+                        wide[1], jobs, f"w{rnd}-", (service, wide[0]), conns, grace
+                    )
+                )
+                log(
+                    f"{store}: e2e with {n_wide} bridge workers {wide_runs[-1]['ok_per_s']:.0f}/s "
+                    f"(cores {wide_runs[-1]['cores_used']}, "
+                    f"{wide_runs[-1]['cpu_us_per_ok']} us/callback)"
+                )
             if peer is not None:
                 await self.peer_round(peer, rnd, node_runs, bullmq_runs)
         if profile_tasks:
@@ -567,6 +594,12 @@ class Bench:
         figures["bare_cpu_us_per_request"] = max(bare_runs, key=lambda r: r["per_s"])[
             "cpu_us_per_ok"
         ]
+        if wide is not None:
+            wide[0].stop()
+            best = max(r["ok_per_s"] for r in wide_runs)
+            details["throughput_runs"][f"e2e_{n_wide}_workers"] = wide_runs
+            details[f"e2e_{n_wide}_workers_per_s"] = round(best)
+            details[f"e2e_{n_wide}_workers_over_1"] = round(best / e2e, 3) if e2e else None
         if bullmq_runs:
             bullmq = max(r["ok_per_s"] for r in bullmq_runs)
             details["throughput_runs"].update(node_bare=node_runs, bullmq=bullmq_runs)
@@ -1259,6 +1292,13 @@ def main() -> None:
         "--peers",
         default="bullmq",
         help="'bullmq' (Node + BullMQ on Redis, alongside embedded) or '' (none)",
+    )
+    p.add_argument("--http-workers", type=int, default=1, help="JOBWIRE_HTTP_WORKERS of the bridge")
+    p.add_argument(
+        "--workers-compare",
+        type=int,
+        default=0,
+        help="also measure a bridge with this many workers in the embedded throughput phase",
     )
     p.add_argument("--profile", action="store_true", help="py-spy the service and bridge")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
