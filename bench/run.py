@@ -594,6 +594,8 @@ class Bench:
         figures["bare_cpu_us_per_request"] = max(bare_runs, key=lambda r: r["per_s"])[
             "cpu_us_per_ok"
         ]
+        if store == "embedded" and self.args.ceiling_seconds > 0:
+            details["service_ceiling"] = await self.service_ceiling(service, jobs, store)
         if wide is not None:
             wide[0].stop()
             best = max(r["ok_per_s"] for r in wide_runs)
@@ -606,6 +608,48 @@ class Bench:
             self.peer_figures["bullmq_callbacks_per_s"] = round(bullmq)
             self.peer_figures["node_bare_per_s"] = round(max(r["per_s"] for r in node_runs))
             figures["e2e_over_bullmq"] = round(e2e / bullmq, 3) if bullmq else float("nan")
+
+    async def service_ceiling(
+        self, service: Proc, jobs: list[list[str]], store: str
+    ) -> dict[str, Any]:
+        """bench.service_ceiling: BatchReportEvents of 100 events straight to the service."""
+        spec = self.workdir / f"ceiling-{store}.json"
+        out = self.workdir / f"ceiling-{store}.out.json"
+        spec.write_text(
+            json.dumps(
+                {
+                    "jobs": jobs,
+                    "seconds": self.args.ceiling_seconds,
+                    "batch": 100,
+                    "concurrency": 2,
+                    "out": str(out),
+                }
+            )
+        )
+        proc = await asyncio.create_subprocess_exec(
+            PY,
+            "-m",
+            "bench.service_ceiling",
+            self.targets[store],
+            str(spec),
+            env=base_env(),
+            cwd=ROOT,
+        )
+        cpu0 = cpu_seconds(service.pid)
+        await asyncio.wait_for(proc.wait(), 120)
+        cpu = cpu_seconds(service.pid) - cpu0
+        if proc.returncode != 0:
+            return {"error": f"exit status {proc.returncode}"}
+        result: dict[str, Any] = json.loads(out.read_text())
+        # CPU over the whole subprocess (its set-up included): an upper bound per event.
+        result["service_cpu_us_per_event"] = (
+            round(cpu * 1e6 / result["events"], 1) if result["events"] else None
+        )
+        log(
+            f"{store}: service ceiling {result['events_per_s']}/s in batches of 100 "
+            f"({result['service_cpu_us_per_event']} us service CPU per event)"
+        )
+        return result
 
     async def peer_round(
         self,
@@ -1292,6 +1336,9 @@ def main() -> None:
         "--peers",
         default="bullmq",
         help="'bullmq' (Node + BullMQ on Redis, alongside embedded) or '' (none)",
+    )
+    p.add_argument(
+        "--ceiling-seconds", type=float, default=5.0, help="service alone over gRPC; 0 skips"
     )
     p.add_argument("--http-workers", type=int, default=1, help="JOBWIRE_HTTP_WORKERS of the bridge")
     p.add_argument(
