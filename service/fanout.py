@@ -22,6 +22,7 @@ from jobwire.v1 import event_pb2
 from .domain.records import LogPosition
 
 _PROGRESS = event_pb2.EVENT_TYPE_PROGRESS
+MAX_UNPUBLISHED = 100_000  # entries published above a hole before the anchor is dropped
 # An event and its place in the firehose log (None when the store keeps no log).
 Item = tuple[event_pb2.JobEvent, LogPosition | None]
 
@@ -48,6 +49,7 @@ class Subscription:
         "_capacity",
         "_closed",
         "_hard_cap",
+        "_marks",
         "_overflow",
         "_shutdown",
         "_wakeup",
@@ -75,6 +77,8 @@ class Subscription:
         # Coalesced progress, latest per job (with the first sequence it replaced),
         # delivered after the buffer.
         self._overflow: dict[str, tuple[int, Item]] = {}
+        # A lossless subscription's publish watermark per buffered item (Fanout.publish).
+        self._marks: deque[int] = deque()
         self._wakeup = asyncio.Event()
         self._closed = False
         self._shutdown = False
@@ -85,11 +89,14 @@ class Subscription:
             return False
         return not self.states or event.state in self.states
 
-    def offer(self, item: Item) -> None:
+    def offer(self, item: Item, watermark: int = 0) -> None:
         if self._closed:
             return
         event = item[0]
-        if self.lossless or (len(self._buffer) < self._capacity and not self._overflow):
+        if self.lossless:
+            self._buffer.append(item)
+            self._marks.append(watermark)
+        elif len(self._buffer) < self._capacity and not self._overflow:
             self._buffer.append(item)
         elif event.type == _PROGRESS:
             replaced = self._overflow.get(event.job_id)
@@ -105,6 +112,7 @@ class Subscription:
             self._closed = True
             self._behind = self.lossless
             self._buffer.clear()
+            self._marks.clear()
             self._overflow.clear()
         self._wakeup.set()
 
@@ -129,6 +137,15 @@ class Subscription:
             batch.extend(_coalesced(*pending) for pending in self._overflow.values())
             self._overflow.clear()
         return batch
+
+    async def next_marked_batch(self) -> list[tuple[Item, int]]:
+        """A lossless subscription's next batch, each item with the watermark of its
+        origin when it was offered: every entry of the origin up to it had been
+        published by then (0: unknown). See Fanout.publish."""
+        batch = await self.next_batch()
+        marks = list(self._marks)
+        self._marks.clear()
+        return list(zip(batch, marks, strict=True))
 
     def close(self) -> None:
         """Ends the stream once what is buffered has been read (service shutdown)."""
@@ -162,6 +179,14 @@ class Fanout:
         # Firehose subscriptions by (kind, state) they accept, 0 for any: an event
         # reaches only those that match, not a check against every subscription.
         self._routes: dict[tuple[int, int], set[Subscription]] = {}
+        # Lossless (cursor-keeping) ones are routed by their filter too, but only for
+        # events of an anchored origin: there the publish watermark tells a stream
+        # which filtered-out entries it may count as passed (Cursor.skip_to). Events
+        # of other origins reach every lossless subscription, as the cursor needs.
+        self._lossless_routes: dict[tuple[int, int], set[Subscription]] = {}
+        self._lossless: set[Subscription] = set()
+        self._published: dict[str, int] = {}  # anchored origin -> contiguous n published
+        self._published_extra: dict[str, set[int]] = {}
 
     def subscribe(
         self, job_id: str = "", kind: int = 0, states: Iterable[int] = (), lossless: bool = False
@@ -171,8 +196,11 @@ class Fanout:
             self._by_job.setdefault(job_id, set()).add(sub)
         else:
             self._all.add(sub)
+            if lossless:
+                self._lossless.add(sub)
+            routes = self._lossless_routes if lossless else self._routes
             for key in _routes_of(sub):
-                self._routes.setdefault(key, set()).add(sub)
+                routes.setdefault(key, set()).add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -184,12 +212,14 @@ class Fanout:
                     del self._by_job[sub.job_id]
         else:
             self._all.discard(sub)
+            self._lossless.discard(sub)
+            routes = self._lossless_routes if sub.lossless else self._routes
             for key in _routes_of(sub):
-                routed = self._routes.get(key)
+                routed = routes.get(key)
                 if routed is not None:
                     routed.discard(sub)
                     if not routed:
-                        del self._routes[key]
+                        del routes[key]
 
     def publish(
         self,
@@ -201,11 +231,48 @@ class Fanout:
             item = (event, positions[i] if i < len(positions) else None)
             for sub in self._by_job.get(event.job_id, ()):
                 sub.offer(item)
-            if self._routes:
-                kind, state = event.kind, event.state
-                for key in {(kind, state), (kind, 0), (0, state), (0, 0)}:
-                    for sub in self._routes.get(key, ()):
-                        sub.offer(item)
+            keys = {(event.kind, event.state), (event.kind, 0), (0, event.state), (0, 0)}
+            for key in keys:
+                for sub in self._routes.get(key, ()):
+                    sub.offer(item)
+            if not self._lossless:
+                continue
+            watermark = self._advance(item[1])
+            if watermark:
+                for key in keys:
+                    for sub in self._lossless_routes.get(key, ()):
+                        sub.offer(item, watermark)
+            else:
+                for sub in self._lossless:
+                    sub.offer(item)
+
+    def anchor(self, origin: str, newest: int) -> None:
+        """Declares that every entry of `origin` up to `newest` is already in the log and
+        that this process publishes each later one (a single-writer store at start-up),
+        so its publish watermark is exact."""
+        self._published[origin] = newest
+        self._published_extra[origin] = set()
+
+    def _advance(self, position: LogPosition | None) -> int:
+        """Records the publication of `position`; the origin's contiguous watermark, or
+        0 when the origin is not anchored."""
+        if position is None or position[0] not in self._published:
+            return 0
+        origin, n = position
+        done = self._published[origin]
+        extra = self._published_extra[origin]
+        if n == done + 1:
+            done = n
+            while done + 1 in extra:
+                done += 1
+                extra.discard(done)
+            self._published[origin] = done
+        elif n > done:
+            extra.add(n)
+            if len(extra) > MAX_UNPUBLISHED:  # an entry never came: stop trusting it
+                del self._published[origin], self._published_extra[origin]
+                return 0
+        return done
 
     def close_all(self) -> None:
         for subs in self._by_job.values():

@@ -157,7 +157,9 @@ class Firehose:
                 # Catch up without buffering live events (a long replay would overflow).
                 async for item in self._replay(cursor, matches):
                     yield item
-            sub = self.fanout.subscribe(lossless=True)
+            # Routed by its filter where the publish watermark is known (fanout.py);
+            # each item then says up to where the filtered-out entries have passed.
+            sub = self.fanout.subscribe(kind=kind, states=states, lossless=True)
             try:
                 if cursor is None:
                     cursor = Cursor()
@@ -172,18 +174,22 @@ class Firehose:
                         yield item
                 while True:
                     try:
-                        batch = await sub.next_batch()
+                        batch = await sub.next_marked_batch()
                     except FellBehind:
                         break
                     holes = False
-                    for event, position in batch:
+                    for (event, position), passed in batch:
                         if position is None:
                             continue  # not in the log (its append failed): see README
                         origin, n = position
-                        if cursor.covers(origin, n):
-                            continue
-                        holes = not cursor.mark(origin, n, time.time_ns()) or holes
-                        if matches(event):
+                        fresh = not cursor.covers(origin, n)
+                        if fresh:
+                            holes = not cursor.mark(origin, n, time.time_ns()) or holes
+                        if passed:
+                            # Every entry up to `passed` was published before this one:
+                            # the ones this stream wants came earlier in its buffer.
+                            cursor.skip_to(origin, passed)
+                        if fresh and matches(event):
                             yield event, cursor.encode()
                     if holes:
                         break  # too many out-of-order entries: re-read the log

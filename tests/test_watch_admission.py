@@ -146,3 +146,33 @@ async def test_firehose_routes_each_event_to_exactly_the_matching_subscriptions(
         assert got == want, (sub.kind, sorted(sub.states))
     assert gone.pending() == 0
     assert fanout.watchers == len(subs)
+
+
+async def test_anchored_firehose_streams_get_only_matching_events_with_the_watermark() -> None:
+    # With an anchored origin a lossless (cursor-keeping) subscription receives only the
+    # events its filter matches, each with the contiguous publish watermark; without an
+    # anchor it receives every event (its cursor must see them all).
+    from jobwire.v1 import event_pb2, job_pb2
+    from service.fanout import Fanout
+
+    video, batch = job_pb2.JOB_KIND_VIDEO, job_pb2.JOB_KIND_BATCH
+    running = job_pb2.JOB_STATE_RUNNING
+
+    def ev(n: int, kind: job_pb2.JobKind.ValueType) -> event_pb2.JobEvent:
+        return event_pb2.JobEvent(job_id=f"j{n}", kind=kind, state=running, sequence=1)
+
+    fanout = Fanout(capacity=64)
+    unanchored = fanout.subscribe(kind=video, lossless=True)
+    fanout.publish([ev(1, batch), ev(2, video)], [("x", 1), ("x", 2)])
+    assert [(e.job_id, w) for (e, _), w in await unanchored.next_marked_batch()] == [
+        ("j1", 0),
+        ("j2", 0),
+    ]
+
+    fanout.anchor("db", 10)
+    routed = fanout.subscribe(kind=video, lossless=True)
+    # 11 and 13 published, 12 late: the watermark stays at 11 until 12 arrives.
+    fanout.publish([ev(11, batch), ev(13, video)], [("db", 11), ("db", 13)])
+    fanout.publish([ev(12, video), ev(14, batch), ev(15, video)], [("db", n) for n in (12, 14, 15)])
+    got = [(e.job_id, pos, w) for (e, pos), w in await routed.next_marked_batch()]
+    assert got == [("j13", ("db", 13), 11), ("j12", ("db", 12), 13), ("j15", ("db", 15), 15)]

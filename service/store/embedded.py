@@ -90,6 +90,9 @@ CREATE TABLE IF NOT EXISTS artifacts (
 
 
 class EmbeddedStore:
+    # This process writes every entry of the firehose log's one origin (fanout.anchor).
+    single_writer_origin = ORIGIN
+
     def __init__(self, data_dir: Path, policy: Policy) -> None:
         self.policy = policy
         self._dir = Path(data_dir)
