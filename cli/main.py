@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(_: argparse.Namespace) -> int:
     from service.server import serve
 
+    from .tracing import setup_service
+
+    setup_service()  # OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set
     _install_uvloop()
     _freeze_startup_objects()
     asyncio.run(serve(Settings.from_env()))
@@ -123,6 +126,9 @@ def _dashboard(_: argparse.Namespace) -> int:
 def _bridge(_: argparse.Namespace) -> int:
     from http_bridge.server import main as bridge_main
 
+    from .tracing import setup_bridge
+
+    setup_bridge()  # OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set
     bridge_main()
     return 0
 

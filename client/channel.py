@@ -93,11 +93,13 @@ def open_channel(
     token: str | None = None,
     options: Sequence[tuple[str, Any]] = (),
     request_id: Callable[[], str] | None = None,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
-    """A grpc.aio channel: TLS when given, the token and `request_id()` on every call."""
+    """A grpc.aio channel: TLS when given, the token and `request_id()` on every call;
+    `interceptors` (e.g. tracing) run first, outside those that add the metadata."""
     opts = [*DEFAULT_OPTIONS, *options, *(tls.options() if tls else [])]
     auth = ("authorization", f"Bearer {token}") if token else None
-    interceptors = metadata_interceptors(auth, request_id)
+    interceptors = [*interceptors, *metadata_interceptors(auth, request_id)]
     if tls is None:
         return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
     return grpc.aio.secure_channel(

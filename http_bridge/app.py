@@ -13,6 +13,7 @@ from . import (
     metrics,
     openapi,
     secretary,
+    tracing,
     video_worker,
 )
 from .config import Config
@@ -33,4 +34,5 @@ def create_app(config: Config) -> web.Application:
     metrics.install(app, dict(zip(names, CONTRACT_ROUTES, strict=True)))
     edge.install(app, config)  # per-credential rate limit, when configured
     connection_guard.install(app)  # tells the connection watchdog where requests begin
+    tracing.install(app)  # first middleware, when OTEL_EXPORTER_OTLP_ENDPOINT is set
     return app

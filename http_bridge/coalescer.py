@@ -15,6 +15,7 @@ import grpc
 
 from jobwire.v1 import job_service_pb2 as svc
 
+from . import tracing
 from .errors import RpcFailed, from_rpc_error, status_code_of
 
 if TYPE_CHECKING:
@@ -49,9 +50,17 @@ class Coalescer:
         """Applies one event; raises RpcFailed with the event's own status when refused."""
         future: asyncio.Future[svc.ReportEventResponse] = asyncio.get_running_loop().create_future()
         self._pending.append((request, future))
+        tracing.note_waiter(future)  # the callback's trace, when tracing is on
         if len(self._senders) < self._max_in_flight:
             self._senders.add(asyncio.create_task(self._send_loop()))
-        return await future
+        # The deadline counts from the caller's arrival, queueing behind batches in
+        # flight included: a frozen service gets the worker a 503 within `timeout`,
+        # not a multiple of it. The event may still be applied later (idempotently).
+        expiry = asyncio.get_running_loop().call_later(self._timeout, _expire, future)
+        try:
+            return await future
+        finally:
+            expiry.cancel()
 
     async def _send_loop(self) -> None:
         try:
@@ -69,7 +78,8 @@ class Coalescer:
     async def _send(self, batch: list[_Waiter]) -> None:
         request = svc.BatchReportEventsRequest(requests=[r for r, _ in batch])
         try:
-            response = await self._stub.BatchReportEvents(request, timeout=self._timeout)
+            with tracing.batch_context([f for _, f in batch]):
+                response = await self._stub.BatchReportEvents(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
             for _, future in batch:
                 if not future.done():
@@ -102,3 +112,10 @@ class Coalescer:
         for task in list(self._senders):
             task.cancel()
         await asyncio.gather(*self._senders, return_exceptions=True)
+
+
+def _expire(future: asyncio.Future[svc.ReportEventResponse]) -> None:
+    if not future.done():
+        future.set_exception(
+            RpcFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "the service did not answer in time")
+        )

@@ -19,6 +19,7 @@ import grpc
 from jobwire.client.channel import TLS, open_channel, open_sync_channel, token_from_env
 from jobwire.client.errors import ClientConfigError
 
+from . import tracing
 from .metrics import REQUEST_ID
 
 
@@ -33,6 +34,7 @@ def service_channel(
         token=token_from_env(env),
         options=options,
         request_id=REQUEST_ID.get,
+        interceptors=tracing.client_interceptors(),  # none unless tracing is on
     )
 
 

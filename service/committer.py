@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from .domain.errors import DomainError, StorageUnavailable
 from .domain.records import Applied, Change, JobCommand
 from .store.port import Store
+from .tracing import commit_observed, note_waiter
 
 Outcome = Change | DomainError
 
@@ -40,6 +41,7 @@ class Committer:
             raise StorageUnavailable("service is shutting down")
         future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
         self._queue.append((commands, future))
+        note_waiter(future)  # the caller's trace, when tracing is on
         self._wakeup.set()
         return await future
 
@@ -61,7 +63,8 @@ class Committer:
             batch = self._take()
             commands = [c for cmds, _ in batch for c in cmds]
             try:
-                outcomes = await self._store.apply(commands)
+                with commit_observed(len(commands), [f for _, f in batch]):
+                    outcomes = await self._store.apply(commands)
             except DomainError as err:
                 for _, future in batch:
                     if not future.done():

@@ -23,6 +23,7 @@ from .security import server_credentials
 from .servicer import JobServicer, add_to_server
 from .store.factory import open_store
 from .store.port import Store
+from .tracing import server_interceptors
 
 log = logging.getLogger("jobwire.server")
 SERVICE_NAME = job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
@@ -62,7 +63,9 @@ async def start(settings: Settings, store: Store | None = None) -> RunningServic
     ops = await start_operations(settings, store, jobs)
 
     options = [("grpc.so_reuseport", 0), *server_options(settings.max_watchers)]
-    server = grpc.aio.server(options=options, interceptors=ops.interceptors)
+    # Tracing (when on) outermost, so its span covers the metrics and auth interceptors.
+    interceptors = [*server_interceptors(), *ops.interceptors]
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     add_to_server(JobServicer(jobs, WatchAdmission(settings.max_watchers)), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
