@@ -26,7 +26,6 @@ trap 'chmod -R u+w "$work" 2>/dev/null; rm -rf "$work"' EXIT
 cd "$work"
 go mod init jobwire-promtool-build >/dev/null 2>&1
 go get "github.com/prometheus/prometheus/cmd/promtool@$VERSION"
-# -p 1: the machines have 2 cores shared with tests; a slower build leaves one free.
-go build -p 1 -o "$BIN.tmp" github.com/prometheus/prometheus/cmd/promtool
+go build -o "$BIN.tmp" github.com/prometheus/prometheus/cmd/promtool
 mv "$BIN.tmp" "$BIN"
 "$BIN" --version | head -n 1 >&2
