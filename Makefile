@@ -8,7 +8,7 @@ GEN    := proto
 # protoc finds its mypy plugins (protoc-gen-mypy*) in the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install lock lock-upgrade proto proto-check proto-lint proto-release run serve bridge test lint fmt bench ferretdb promtool image-check examples-node chromium clean
+.PHONY: install lock lock-upgrade proto proto-check proto-lint proto-release run serve bridge test lint fmt bench faults ferretdb promtool image-check examples-node chromium clean
 
 install: $(STAMP)
 
@@ -115,6 +115,11 @@ fmt: $(STAMP)
 
 bench: $(STAMP) ferretdb chromium
 	JOBWIRE_FERRETDB_BIN=$$(bash scripts/install-ferretdb.sh --path) $(BIN)/python -m bench
+
+# Kills, freezes and starves the service, the bridge and the store under load (loopback
+# only, about 2 minutes); fails when an acknowledged callback is lost or applied twice.
+faults: $(STAMP) ferretdb
+	JOBWIRE_FERRETDB_BIN=$$(bash scripts/install-ferretdb.sh --path) $(BIN)/python -m faults
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
