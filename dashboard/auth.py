@@ -96,5 +96,12 @@ class Auth:
             path="/",
             httponly=True,
             samesite="Strict",
-            secure=request.secure,
+            secure=served_over_https(request),
         )
+
+
+def served_over_https(request: web.Request) -> bool:
+    """TLS here, or at a proxy in front that says so. Trusting the header is harmless:
+    it can only make the cookie stricter (a Secure cookie is never sent over http)."""
+    forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    return request.secure or forwarded == "https"

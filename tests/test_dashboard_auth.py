@@ -128,3 +128,34 @@ def test_make_run_generates_the_token_and_never_prints_it(
     assert load_config({**env, "JOBWIRE_DASHBOARD_TOKEN": "from-env"}).token == "from-env"
     # A deployed dashboard (no generate) without a token stays closed.
     assert load_config({"JOBWIRE_ENV_FILE": str(tmp_path / "none.env")}).closed
+
+
+async def test_cookie_is_secure_behind_https_and_assets_cache(
+    grpc_service: Any, http: aiohttp.ClientSession
+) -> None:
+    async with serve(config(grpc_service, token=TOKEN)) as url:
+        form = {"token": TOKEN, "next": "//evil.example/x"}
+        async with http.post(url + "/login", data=form, allow_redirects=False) as reply:
+            assert reply.status == 303
+            assert reply.headers["Location"] == "/jobs", "no open redirect"
+            cookie = reply.headers["Set-Cookie"]
+            assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+            assert "Secure" not in cookie
+        headers = {"X-Forwarded-Proto": "https"}
+        async with http.post(
+            url + "/login", data=form, headers=headers, allow_redirects=False
+        ) as reply:
+            assert "Secure" in reply.headers["Set-Cookie"]
+        async with http.get(url + "/login") as reply:
+            page = await reply.text()
+            assert "script-src 'self'" in reply.headers["Content-Security-Policy"]
+            assert reply.headers["X-Frame-Options"] == "DENY"
+        script = page.split('<script type="module" src="', 1)[1].split('"', 1)[0]
+        assert "?v=" in script
+        async with http.get(url + script) as reply:
+            assert reply.status == 200
+            assert reply.content_type == "text/javascript"
+            assert "immutable" in reply.headers["Cache-Control"]
+            etag = reply.headers["ETag"]
+        async with http.get(url + script, headers={"If-None-Match": etag}) as reply:
+            assert reply.status == 304
