@@ -1250,6 +1250,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                         await watchers10k_phase(workdir, results[store], bench.details[store])
                     if "firehose_cost" in args.phases:
                         await firehose_cost_phase(workdir, bench.details[store])
+                    if "tracing_cost" in args.phases:  # bench/tracing_cost.py
+                        from bench.tracing_cost import phase as tracing_cost_phase
+
+                        await tracing_cost_phase(workdir, bench.details[store], args)
             except Exception as exc:  # keep what was measured, say what broke
                 log(f"{store}: FAILED: {exc!r}"[:2000])
                 partial = bench.partial.get(store, {})
@@ -1329,7 +1333,8 @@ def main() -> None:
     p.add_argument("--mongo-scan-limit", type=float, default=120.0)
     p.add_argument(
         "--phases",
-        default="throughput,latency,fanout,claims,final,watchers10k,firehose_cost,dashboard",
+        default="throughput,latency,fanout,claims,final,watchers10k,firehose_cost,tracing_cost,"
+        "dashboard",
         help="stop early for quick runs",
     )
     p.add_argument(
@@ -1347,6 +1352,9 @@ def main() -> None:
         default=0,
         help="also measure a bridge with this many workers in the embedded throughput phase",
     )
+    p.add_argument("--tracing-rounds", type=int, default=4, help="tracing_cost: off/on rounds")
+    p.add_argument("--tracing-duration", type=float, default=4.0)
+    p.add_argument("--tracing-connections", type=int, default=64)
     p.add_argument("--profile", action="store_true", help="py-spy the service and bridge")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--output", default=str(RESULTS / "latest.json"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import grpc
@@ -58,12 +58,16 @@ def note_waiter(future: Any) -> None:
         _waiting[id(future)] = context.get_current()
 
 
-@contextmanager
-def batch_context(futures: Sequence[Any]) -> Iterator[None]:
+def batch_context(futures: Sequence[Any]) -> AbstractContextManager[None]:
     """Makes the first waiter's trace current (others linked) while a batch is sent."""
-    if _tracer is None:
-        yield
-        return
+    return _NULL if _tracer is None else _batch_span(futures)
+
+
+_NULL: AbstractContextManager[None] = nullcontext()
+
+
+@contextmanager
+def _batch_span(futures: Sequence[Any]) -> Iterator[None]:
     from opentelemetry import trace
 
     contexts = [c for f in futures if (c := _waiting.pop(id(f), None)) is not None]
