@@ -131,7 +131,7 @@ class ResumableWatch {
       if (terminal || call !== this.call) return;
       if (err.code === grpc.status.CANCELLED && this.pausing) {
         this.log(`disconnect: cancelled stream ${n} after sequence ${this.lastSequence}`);
-        this.notify();
+        this.onClosed();
       } else if (RETRYABLE.has(err.code)) {
         this.reconnect(n, `${grpc.status[err.code]}: ${err.details}`);
       } else {
@@ -193,7 +193,9 @@ class ResumableWatch {
   // Drops the current stream on purpose, as a network failure would.
   async disconnect() {
     this.pausing = true;
-    const closed = this.until(() => true);
+    const closed = new Promise((resolve) => {
+      this.onClosed = resolve;
+    });
     this.call.cancel();
     await closed;
   }
@@ -205,7 +207,7 @@ class ResumableWatch {
     return this.until(() => this.snapshotSequence !== undefined);
   }
 
-  // Resolves once predicate() holds after a message (or a disconnect).
+  // Resolves once predicate() holds after a message.
   until(predicate) {
     return new Promise((resolve) => this.waiters.push({ predicate, resolve }));
   }
