@@ -15,6 +15,7 @@ from pydantic.json_schema import models_json_schema
 
 from . import aurora, aws_batch, secretary, video_worker
 from .errors import json_response
+from .video_worker import MAX_LOG_LIMIT
 
 routes = web.RouteTableDef()
 REF = "#/components/schemas/{model}"
@@ -101,7 +102,9 @@ def _ref(model: type[pydantic.BaseModel] | str) -> dict[str, str]:
     return {"$ref": REF.format(model=name)}
 
 
-def _json(schema: dict[str, Any], description: str, retry: bool = False) -> dict[str, Any]:
+def _json(
+    schema: dict[str, Any], description: str, retry: bool = False, challenge: bool = False
+) -> dict[str, Any]:
     response: dict[str, Any] = {
         "description": description,
         "content": {"application/json": {"schema": schema}},
@@ -110,22 +113,55 @@ def _json(schema: dict[str, Any], description: str, retry: bool = False) -> dict
         response["headers"] = {
             "Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}
         }
+    if challenge:
+        response["headers"] = {
+            "WWW-Authenticate": {
+                "description": 'Bearer realm="jobwire", with error="invalid_token" when a '
+                "credential (or webhook signature) was sent but refused (RFC 6750)",
+                "schema": {"type": "string"},
+            }
+        }
     return response
+
+
+# Standard Webhooks v1 (JOBWIRE_SIGNING_SECRET_<CONTRACT>): required by a contract
+# only when its secret is configured, so optional in the document.
+SIGNATURE_HEADERS = [
+    {
+        "name": name,
+        "in": "header",
+        "required": False,
+        "description": text,
+        "schema": {"type": "string"},
+    }
+    for name, text in (
+        ("webhook-id", "message id; the idempotency key of a signed callback"),
+        ("webhook-timestamp", "Unix seconds; refused beyond +-5 minutes"),
+        (
+            "webhook-signature",
+            "space-separated v1,<base64 HMAC-SHA256 of {id}.{timestamp}.{raw body}>",
+        ),
+    )
+]
 
 
 def _errors(body: dict[str, Any], *statuses: int) -> dict[str, Any]:
     text = {
-        400: "malformed or invalid payload",
-        401: "missing or wrong credentials",
+        400: "malformed or invalid payload, header or query parameter (the error names it)",
+        401: "missing or wrong credentials or webhook signature",
         403: "source address not allowed",
         404: "unknown job / video",
         409: "the job already ended with another outcome",
+        408: "the request body did not arrive in time (JOBWIRE_BODY_TIMEOUT_SECONDS)",
         413: "request body too large",
-        429: "too many requests",
+        429: "too many requests (JOBWIRE_RATE_LIMIT per credential)",
         500: "unexpected error",
         503: "service or storage unavailable; retry after Retry-After",
     }
-    return {str(s): _json(body, text[s], retry=s in (429, 503)) for s in (*statuses, 429, 500, 503)}
+    return {
+        str(s): _json(body, text[s], retry=s in (429, 503), challenge=s == 401)
+        for s in (*statuses, 408, 429, 500, 503)
+    }
 
 
 def _op(
@@ -140,8 +176,7 @@ def _op(
     op: dict[str, Any] = {"summary": summary, "tags": [tag], "responses": {**ok, **errors}}
     if body is not None:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
-    if params:
-        op["parameters"] = params
+    op["parameters"] = [*(params or []), *SIGNATURE_HEADERS]
     if security is not None:
         op["security"] = security
     return op
@@ -191,7 +226,7 @@ def build_document() -> dict[str, Any]:
                     "200": _json(_ref(video_worker.PendingVideo), "the claimed video"),
                     "204": {"description": "no pending video"},
                 },
-                _errors(video_err, 401),
+                _errors(video_err, 400, 401),
                 security=bearer,
             )
         },
@@ -220,7 +255,10 @@ def build_document() -> dict[str, Any]:
                 {"200": _json({"type": "array", "items": _ref(video_worker.LogItem)}, "log lines")},
                 _errors(video_err, 400, 401),
                 params=[
-                    _query("limit", {"type": "integer", "minimum": 1, "default": 50}),
+                    _query(
+                        "limit",
+                        {"type": "integer", "minimum": 1, "maximum": MAX_LOG_LIMIT, "default": 50},
+                    ),
                     _query("level", {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]}),
                 ],
                 security=bearer,

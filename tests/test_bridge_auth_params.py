@@ -115,3 +115,19 @@ async def test_non_utf8_header_bytes_are_4xx_on_every_route(bridge: Any, stub: A
     statuses = [status_of(a) for a in answers]
     assert all(s is not None and 400 <= s < 500 for s in statuses), statuses
     assert statuses[:2] == [401, 401] and statuses[2:4] == [400, 400]
+
+
+async def test_openapi_documents_the_edge(bridge: Any) -> None:
+    _, doc = await bridge.get("/openapi.json")
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            if not path.startswith("/api/"):
+                continue
+            where = f"{method.upper()} {path}"
+            assert "WWW-Authenticate" in op["responses"]["401"]["headers"], where
+            assert "Retry-After" in op["responses"]["429"]["headers"], where
+            assert "408" in op["responses"], where
+            names = {p["name"] for p in op["parameters"]}
+            assert {"webhook-id", "webhook-timestamp", "webhook-signature"} <= names, where
+    limit = doc["paths"]["/api/log"]["get"]["parameters"][0]
+    assert limit["schema"]["maximum"] == 1000
