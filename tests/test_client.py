@@ -233,7 +233,7 @@ async def test_50_mib_artifact_in_bounded_memory(tmp_path: Path) -> None:
 # -- deadlines, retries, TLS, token ------------------------------------------------
 
 
-async def test_default_and_per_call_deadlines_fire(service: ServiceHandle) -> None:
+async def test_default_and_per_call_deadlines_fire() -> None:
     stalled = grpc.aio.server()  # accepts calls and never answers them
     started = asyncio.Event()
 
