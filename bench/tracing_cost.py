@@ -149,13 +149,16 @@ def off_hooks_ns(n: int = 200_000) -> float:
 
     assert bridge_tracing._tracer is None and service_tracing._tracer is None
     futures = [object()]
-    t = time.perf_counter_ns()
-    for _ in range(n):
-        bridge_tracing.note_waiter(futures[0])
-        with bridge_tracing.batch_context(futures):
-            pass
-        service_tracing.note_waiter(futures[0])
-    return (time.perf_counter_ns() - t) / n
+    best = float("inf")
+    for _ in range(7):  # the least disturbed of 7 repeats: the machine is shared
+        t = time.perf_counter_ns()
+        for _ in range(n // 7):
+            bridge_tracing.note_waiter(futures[0])
+            with bridge_tracing.batch_context(futures):
+                pass
+            service_tracing.note_waiter(futures[0])
+        best = min(best, (time.perf_counter_ns() - t) / (n // 7))
+    return best
 
 
 async def phase(workdir: Path, details: dict[str, Any], args: Any) -> None:
