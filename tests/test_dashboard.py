@@ -240,6 +240,10 @@ async def test_screenshots(
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page = await login(context, dash.url)
+    # A CSP violation or a script error shows up here.
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
     await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
     await page.screenshot(path=str(SCREENSHOTS / "jobs-laptop.png"))
     await page.goto(f"{dash.url}/jobs/{doc}")
@@ -256,6 +260,7 @@ async def test_screenshots(
         await page.goto(dash.url + path)
         width = await page.evaluate("document.documentElement.scrollWidth")
         assert width <= PHONE["width"], (path, width)
+    assert problems == []
 
 
 # -- live rows ----------------------------------------------------------------------
