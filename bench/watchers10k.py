@@ -407,30 +407,32 @@ async def firehose_phase(
 ) -> dict[str, Any]:
     n = args.subscribers
     tag = f"w10k-fh-{time.time_ns()}"
-    per_kind = args.firehose_jobs // len(KINDS)
-    jobs: list[list[str]] = []
-    for kind in KINDS:
-        jobs += await run.create_jobs(stub, per_kind, kind, f"{tag}-{kind}")
-    warm: list[list[str]] = []
-    for kind in KINDS:
-        warm += await run.create_jobs(stub, 1, kind, f"{tag}-warm-{kind}")
+    total = int(args.firehose_rate * args.firehose_seconds)
+    finishing = total // 50  # 2% of the events finish a job
+    per_kind = (args.firehose_jobs + finishing) // len(KINDS) + 1
+    by_kind = [await run.create_jobs(stub, per_kind, k, f"{tag}-{k}") for k in KINDS]
+    pool = [j for group in zip(*by_kind, strict=True) for j in group]  # kinds interleaved
+    active, fresh = pool[: args.firehose_jobs], iter(pool[args.firehose_jobs :])
     clients = await spawn_clients(run, target, "", n, args.procs, "firehose", 60)
     for c in clients:
         await c.send("GO")
-    await asyncio.sleep(1.0)
-    # Warm-up: a finished job of each kind reaches every subscriber (all match it).
-    for j in warm:
-        done = job_service_pb2.ReportEventRequest(
-            job_id=j[0], idempotency_key="warm", completed=job_pb2.Result(output_key="w")
-        )
-        await stub.ReportEvent(done, timeout=30)
-    for c in clients:
-        await c.send("WAITALL 60")
-    opened = sum([(await c.reply(90))["ready"] for c in clients])
-    # The load: batches every 10 ms; each job gets `per_job` events, the last one of
-    # every fifth job completes it (2% of the events finish a job).
-    total = int(args.firehose_rate * args.firehose_seconds)
-    per_job = max(1, total // len(jobs))
+    # Warm-up: a finished job of each kind reaches every subscriber (all match it);
+    # repeated until every stream has had one (a stream opened late missed the last).
+    opened = 0
+    for attempt in range(20):
+        for kind in KINDS:
+            (j,) = await run.create_jobs(stub, 1, kind, f"{tag}-warm{attempt}-{kind}")
+            done = job_service_pb2.ReportEventRequest(
+                job_id=j[0], idempotency_key="warm", completed=job_pb2.Result(output_key="w")
+            )
+            await stub.ReportEvent(done, timeout=30)
+        for c in clients:
+            await c.send("WAITALL 3")
+        opened = sum([(await c.reply(30))["ready"] for c in clients])
+        if opened >= n:
+            break
+    # The load: batches every 10 ms over `firehose_jobs` running jobs; every 50th
+    # event finishes the job it goes to, which a fresh one then replaces.
     acks: dict[str, float] = {}
     batch = max(1, int(args.firehose_rate / 100))
     load = cpu_load()
@@ -459,15 +461,16 @@ async def firehose_phase(
         for _ in range(batch):
             i = sent
             sent += 1
-            j = jobs[i % len(jobs)]
-            round_ = i // len(jobs)
+            slot = i % len(active)
+            j = active[slot]
             key = f"fh-{i}"
-            if round_ == per_job - 1 and (i % len(jobs)) % 5 == 0:
+            if i % 50 == 49:
                 req = job_service_pb2.ReportEventRequest(
                     job_id=j[0], idempotency_key=key, completed=job_pb2.Result(output_key=key)
                 )
+                active[slot] = next(fresh)
             else:
-                progress = job_pb2.Progress(percent=round_, phase="work", message=key)
+                progress = job_pb2.Progress(percent=i % 100, phase="work", message=key)
                 req = job_service_pb2.ReportEventRequest(
                     job_id=j[0], idempotency_key=key, progress=progress
                 )
