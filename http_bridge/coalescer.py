@@ -76,8 +76,10 @@ class Coalescer:
                 self._senders.discard(task)
 
     async def _send(self, batch: list[_Waiter]) -> None:
-        request = svc.BatchReportEventsRequest(requests=[r for r, _ in batch])
         try:
+            # Inside the try: an event protobuf refuses to copy (e.g. a Struct nested too
+            # deeply) must fail its waiters, not strand them.
+            request = svc.BatchReportEventsRequest(requests=[r for r, _ in batch])
             with tracing.batch_context([f for _, f in batch]):
                 response = await self._stub.BatchReportEvents(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
