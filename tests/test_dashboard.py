@@ -645,7 +645,13 @@ async def test_restart_keeps_the_timeline_exactly_once(
     await new_job(stub, job_pb2.JOB_KIND_GENERIC, job_id)
     for i in range(1, 4):
         await progress(stub, job_id, i, "before", f"before {i}")
+    row_id = uid("resync")
+    await new_job(stub, job_pb2.JOB_KIND_GENERIC, row_id)
     page = await login(context, dash.url)
+    # A jobs page in a second tab: it must re-read its rows after the reconnect.
+    jobs_page = await context.new_page()
+    await jobs_page.goto(dash.url + "/jobs")
+    await jobs_page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
     await page.goto(f"{dash.url}/jobs/{job_id}")
     await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
     await page.evaluate("window.__sameDocument = 7")
@@ -666,8 +672,9 @@ async def test_restart_keeps_the_timeline_exactly_once(
         await dash.stop()
         await page.wait_for_selector("#live[data-state=reconnecting]", timeout=WAIT_MS)
         await asyncio.sleep(0.5)  # events keep arriving while the dashboard is down
+        await progress(stub, row_id, 77, "while down", "changed while the dashboard was down")
         await dash.start()
-        await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS * 2)
+        await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS * 3)
         await asyncio.sleep(0.5)
     finally:
         stop.set()
@@ -686,3 +693,5 @@ async def test_restart_keeps_the_timeline_exactly_once(
     assert await timeline_seqs(page) == list(range(1, final + 1))
     assert await page.evaluate("window.__sameDocument") == 7
     assert final > 12, "events kept arriving across the restart"
+    # The jobs page reconnected and re-read its rows: the change made meanwhile is shown.
+    await jobs_page.wait_for_function(ROW_IS, arg=[row_id, 77, "RUNNING"], timeout=WAIT_MS * 3)
