@@ -230,6 +230,7 @@ outside=$( {
 "${RUN[@]}" "$bridge_ctr" -- sh -c ': > /var/lib/jobwire/image-check-canary'
 changed "$bridge_root" bridge | grep -qx './var/lib/jobwire/image-check-canary' ||
   fail "the write check missed a canary file outside $DATA_DIR"
+echo "image-check: the write check sees a canary written beside $DATA_DIR: ok"
 written=$(cd "$serve_root" && find "./$DATA_DIR" -newer "$WORK/marker" -type f | wc -l)
 [ "$written" -gt 0 ] || fail "the service wrote nothing under $DATA_DIR (is the embedded store elsewhere?)"
 echo "image-check: files written only under /$DATA_DIR ($written files there)"
