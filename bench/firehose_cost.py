@@ -7,7 +7,12 @@ in flight) for `--seconds` against one service process and records callbacks/s a
 the service's CPU time per callback (from /proc). Figures: the medians of each side
 and their ratios (on / off).
 
-Usage: python -m bench.firehose_cost [--stores embedded,mongo] [--rounds 3] [--seconds 3]
+For the embedded store it also measures the store alone, in this process: CPU time
+(process_time, both threads) per event of `EmbeddedStore.apply` on batches of 64
+progress reports, log on vs off, alternating; far less noisy on a shared machine
+than the end-to-end rate, which includes gRPC and the load generator.
+
+Usage: python -m bench.firehose_cost [--stores embedded,mongo] [--rounds 4] [--seconds 3]
 """
 
 from __future__ import annotations
@@ -86,6 +91,58 @@ async def _load(
     return done
 
 
+async def store_cost(workdir: Path, rounds: int, batches: int = 300) -> dict[str, Any]:
+    """CPU per event of EmbeddedStore.apply, firehose log on vs off (same process)."""
+    from service.domain.events import new_record
+    from service.domain.records import JobCommand, Policy, Report
+    from service.store.embedded import EmbeddedStore
+
+    stores = {}
+    for side, retention in (("on", 24 * 3600 * 10**9), ("off", 0)):
+        store = EmbeddedStore(workdir / f"store-{side}", Policy(firehose_retention_ns=retention))
+        await store.start()
+        for k in range(JOBS):
+            record, _ = new_record(f"job-{k}", job_pb2.JOB_KIND_GENERIC, time.time_ns())
+            await store.create(record)
+        stores[side] = store
+    counter = iter(range(10**9))
+
+    def batch() -> list[JobCommand]:
+        out = []
+        for _ in range(64):
+            i = next(counter)
+            request = job_service_pb2.ReportEventRequest(
+                job_id=f"job-{i % JOBS}",
+                idempotency_key=f"k{i}",
+                progress=job_pb2.Progress(percent=float(i % 100), phase="work"),
+            )
+            out.append(JobCommand(request.job_id, Report(request)))
+        return out
+
+    samples: dict[str, list[float]] = {"on": [], "off": []}
+    try:
+        for r in range(rounds + 1):
+            for side in ("on", "off") if r % 2 == 0 else ("off", "on"):
+                commands = [batch() for _ in range(batches)]
+                cpu0 = time.process_time()
+                for cmds in commands:
+                    await stores[side].apply(cmds)
+                if r:  # round 0 warms up
+                    cpu = time.process_time() - cpu0
+                    samples[side].append(cpu / (batches * 64) * 1e6)
+    finally:
+        for store in stores.values():
+            await store.close()
+    on, off = statistics.median(samples["on"]), statistics.median(samples["off"])
+    return {
+        "store_cpu_us_per_event_on": round(on, 2),
+        "store_cpu_us_per_event_off": round(off, 2),
+        "store_extra_cpu_us_per_event": round(on - off, 2),
+        "store_on_over_off_cpu": round(on / off, 3),
+        "store_samples": samples,
+    }
+
+
 async def measure_store(
     args: argparse.Namespace, workdir: Path, store: str, mongo_uri: str = ""
 ) -> dict[str, Any]:
@@ -137,7 +194,16 @@ async def measure_store(
 
     on_rate, off_rate = med("on", "per_s"), med("off", "per_s")
     on_cpu, off_cpu = med("on", "cpu_us_per_callback"), med("off", "cpu_us_per_callback")
-    return {
+    out: dict[str, Any] = {}
+    if store == "embedded":
+        out = await store_cost(workdir, args.rounds)
+        print(
+            f"[firehose_cost] embedded store alone: {out['store_cpu_us_per_event_on']} vs "
+            f"{out['store_cpu_us_per_event_off']} us CPU per event (on vs off)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return out | {
         "log_on_per_s": round(on_rate),
         "log_off_per_s": round(off_rate),
         "on_over_off_per_s": round(on_rate / off_rate, 3),
