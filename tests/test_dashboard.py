@@ -602,6 +602,48 @@ async def test_cancel_needs_the_csrf_token(
     assert await page.locator("#cancel").count() == 0
 
 
+# -- paging and filters ---------------------------------------------------------
+
+
+async def test_paging_by_token_and_filters(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    run = uuid.uuid4().hex[:6]
+    made = []
+    for i in range(7):
+        kind = job_pb2.JOB_KIND_VIDEO if i % 2 else job_pb2.JOB_KIND_BATCH
+        extra = {"url": f"https://v.example/{i}.mp4"} if i % 2 else {}
+        made.append((await new_job(svc.stub, kind, f"pg-{run}-{i}", {"run": run}, **extra)).job.id)
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs?label=run%3D{run}&page_size=3")
+    seen: list[str] = []
+    pages = 0
+    while True:
+        pages += 1
+        seen += await page.eval_on_selector_all(
+            "#jobs tbody tr", "rs => rs.map(r => r.dataset.job)"
+        )
+        if await page.locator("#next-page").count() == 0:
+            break
+        async with page.expect_navigation():
+            await page.click("#next-page")
+        assert "page_token=" in page.url
+    assert (pages, seen) == (3, made), "every job once, oldest first, 3 a page"
+    async with page.expect_navigation():
+        await page.click("#first-page")
+    assert "page_token" not in page.url
+    await page.select_option("select[name=kind]", "VIDEO")
+    async with page.expect_navigation():
+        await page.click("#filters button[type=submit]")
+    shown = await page.eval_on_selector_all("#jobs tbody tr", "rs => rs.map(r => r.dataset.job)")
+    assert shown == made[1::2]
+    # Open a job by its id.
+    await page.fill("input[name=id]", made[4])
+    async with page.expect_navigation():
+        await page.click("button[form=search]")
+    assert page.url.endswith(f"/jobs/{made[4]}")
+
+
 # -- bad input ------------------------------------------------------------------
 
 
