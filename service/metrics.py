@@ -19,6 +19,8 @@
 - jobwire_stream_gaps_total{stream}: gap announcements (WatchJob, WatchJobs, ListJobEvents)
 - jobwire_coalesced_deliveries_total{stream}: events delivered in place of several
   coalesced progress events (a slow watcher)
+- jobwire_firehose_append_failures: events this replica committed but could not append
+  to the firehose log (MongoDB only; README "streams")
 """
 
 from __future__ import annotations
@@ -92,8 +94,18 @@ COALESCED_DELIVERIES = Counter(
 )
 
 
+FIREHOSE_APPEND_FAILURES = Gauge(
+    "jobwire_firehose_append_failures",
+    "Committed events missing from the firehose log (append failed), since start",
+)
+
+
 def watch_fanout(fanout: Fanout) -> None:
     WATCHERS.set_function(lambda: fanout.watchers)
+
+
+def watch_firehose(store: Store) -> None:
+    FIREHOSE_APPEND_FAILURES.set_function(lambda: float(getattr(store, "log_failures", 0)))
 
 
 def count_domain_error(err: DomainError) -> None:

@@ -18,7 +18,13 @@ from .domain.errors import DomainError
 from .feed import FeedRelay, feed_of
 from .jobs import Jobs
 from .logs import JOB_ID, REQUEST_ID
-from .metrics import MetricsInterceptor, MetricsServer, start_metrics, watch_fanout
+from .metrics import (
+    MetricsInterceptor,
+    MetricsServer,
+    start_metrics,
+    watch_fanout,
+    watch_firehose,
+)
 from .security import TokenAuthInterceptor
 from .store.port import FeedUnsupported, Store
 
@@ -59,6 +65,7 @@ class Operations:
 
 async def start_operations(settings: Settings, store: Store, jobs: Jobs) -> Operations:
     watch_fanout(jobs.fanout)
+    watch_firehose(store)
     relay = await _start_feed(settings, store, jobs)
     metrics = await start_metrics(settings.metrics_addr, store, settings.metrics_queue_seconds)
     if metrics.port:
