@@ -487,6 +487,43 @@ async def test_job_page_goes_live_and_shows_gap_notice(
     assert (await timeline_seqs(page))[0] == 7
 
 
+async def test_stalled_job_and_stream_gap(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle, http: aiohttp.ClientSession
+) -> None:
+    stub = svc.stub
+    job_id = uid("stall")
+    job = job_pb2.Job(kind=job_pb2.JOB_KIND_GENERIC)
+    job.progress_deadline.FromMilliseconds(300)
+    await stub.CreateJob(job_service_pb2.CreateJobRequest(job=job, job_id=job_id))
+    await progress(stub, job_id, 30, "work", "then silence")
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    # The service's sweep appends STALLED (about a second): shown live, badge and timeline.
+    await page.wait_for_selector("#job .badge.stalled", timeout=WAIT_MS)
+    types = await page.eval_on_selector_all("#timeline .type", "c => c.map(x => x.textContent)")
+    assert types == ["PROGRESS", "STALLED"]
+    await page.goto(dash.url + "/jobs")
+    assert await page.locator(f"#jobs tr[data-job='{job_id}'] .badge.stalled").count() == 1
+    await progress(stub, job_id, 40, "work", "alive again")
+    await page.wait_for_function(ROW_IS, arg=[job_id, 40, "RUNNING"], timeout=WAIT_MS)
+    assert await page.locator(f"#jobs tr[data-job='{job_id}'] .badge.stalled").count() == 0
+
+    # Resuming from a sequence older than the retained events: the stream says `gap`.
+    long_id = uid("gap")
+    await new_job(stub, job_pb2.JOB_KIND_GENERIC, long_id)
+    for i in range(70):
+        await progress(stub, long_id, i, "work", f"step {i}")
+    headers = {**BEARER, "Last-Event-ID": "2"}
+    async with http.get(f"{dash.url}/events/jobs/{long_id}", headers=headers) as stream:
+        lines: list[bytes] = []
+        async for line in stream.content:
+            lines.append(line.strip())
+            if line.startswith(b"data: [{"):
+                break
+    gap = lines[lines.index(b"event: gap") + 1]
+    assert gap == b'data: {"requested":2,"oldest":7}'
+
+
 # -- untrusted text ----------------------------------------------------------------
 
 PAYLOADS = [
