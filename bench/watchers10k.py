@@ -309,6 +309,7 @@ async def open_phase(
     await asyncio.sleep(1.0)
     rss = run.proc_status(svc.pid, "VmRSS")
     acks: dict[str, float] = {}
+    cpu0 = run.cpu_seconds(svc.pid)
     for k in range(args.fanout_events):
         key = f"fan-{k}"
         acks[key] = await report(stub, job[0], key)
@@ -319,6 +320,8 @@ async def open_phase(
         await c.send(f"WAITFOR fan-{args.fanout_events - 1} 60")
     for c in clients:
         waits.append(await c.reply(90))
+    # The service's CPU per event, from the first report until every stream had the last.
+    cpu_ms = (run.cpu_seconds(svc.pid) - cpu0) * 1000 / max(1, args.fanout_events)
     rss = max(rss, run.proc_status(svc.pid, "VmRSS"))
     results = [await c.stop() for c in clients]
     lat = latencies([r["arrivals"] for r in results], acks)
@@ -336,6 +339,7 @@ async def open_phase(
         "fanout_p50_ms": round(run.pct(lat, 50), 1),
         "fanout_p99_ms": round(run.pct(lat, 99), 1),
         "fanout_max_ms": round(max(lat, default=float("nan")), 1),
+        "fanout_service_cpu_ms_per_event": round(cpu_ms, 1),
         "rss_mib": round(rss, 1),
         "load_avg_1m": load,
     }

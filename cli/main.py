@@ -206,6 +206,10 @@ def _freeze_startup_objects() -> None:
 
     gc.collect()
     gc.freeze()
+    # Thousands of open watch streams are long-lived objects the young generations
+    # keep re-walking: fewer collections cut the service's CPU per fan-out by a
+    # quarter (README "Watchers"); garbage cycles are rare here.
+    gc.set_threshold(50_000, 20, 20)
 
 
 def _install_uvloop() -> None:
