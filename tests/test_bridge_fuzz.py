@@ -25,7 +25,7 @@ from tests.bridge_process import BridgeProcess, bridge_process, http_get, raw_ex
 
 CASES = int(os.environ.get("JOBWIRE_FUZZ_CASES", "600"))
 SEED = int(os.environ.get("JOBWIRE_FUZZ_SEED", str(random.randrange(2**32))))
-CONCURRENCY = 8
+CONCURRENCY = 16
 
 
 class Route:
