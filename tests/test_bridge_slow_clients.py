@@ -144,9 +144,12 @@ async def test_connections_beyond_the_cap_get_503(grpc_service: Any, tmp_path: P
 async def test_rate_limit_per_credential_429_with_retry_after(
     grpc_service: Any, tmp_path: Path
 ) -> None:
-    async with bridge_process(
-        grpc_service.target, tmp_path, JOBWIRE_RATE_LIMIT="2/s", API_KEY=API_KEY
-    ) as bridge, aiohttp.ClientSession() as http:
+    async with (
+        bridge_process(
+            grpc_service.target, tmp_path, JOBWIRE_RATE_LIMIT="2/s", API_KEY=API_KEY
+        ) as bridge,
+        aiohttp.ClientSession() as http,
+    ):
         url = f"{bridge.url}/api/log?limit=1"
         statuses = []
         for _ in range(6):
