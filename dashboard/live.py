@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEPTH_TTL_SECONDS = 5.0
+DEPTH_TTL_SECONDS = 3.0  # the live stats go out every 2 s
 DEPTH_CAP = 1000  # ListJobs page limit: beyond it the page shows "1000+"
 
 

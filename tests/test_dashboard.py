@@ -245,6 +245,11 @@ async def test_screenshots(
     page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: problems.append(str(e)))
     await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    # Queue depth per kind arrives with the live stats (counted in the background).
+    await page.wait_for_function(
+        "() => document.querySelector('[data-depth=EXTRACTION]').textContent === '1'",
+        timeout=WAIT_MS,
+    )
     await page.screenshot(path=str(SCREENSHOTS / "jobs-laptop.png"))
     await page.goto(f"{dash.url}/jobs/{doc}")
     await page.wait_for_selector("#live[data-state=ended]", timeout=WAIT_MS)
