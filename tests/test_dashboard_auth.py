@@ -159,3 +159,22 @@ async def test_cookie_is_secure_behind_https_and_assets_cache(
             etag = reply.headers["ETag"]
         async with http.get(url + script, headers={"If-None-Match": etag}) as reply:
             assert reply.status == 304
+
+
+async def test_logout_needs_csrf_and_clears_the_cookie(
+    grpc_service: Any, http: aiohttp.ClientSession
+) -> None:
+    async with serve(config(grpc_service, token=TOKEN)) as url:
+        async with http.post(url + "/login", data={"token": TOKEN}, allow_redirects=False) as reply:
+            session = reply.cookies[COOKIE].value
+        cookie = {"Cookie": f"{COOKIE}={session}"}
+        async with http.get(url + "/jobs", headers=cookie) as reply:
+            page = await reply.text()
+        csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        async with http.post(url + "/logout", headers=cookie, data={}) as reply:
+            assert reply.status == 403
+        async with http.post(
+            url + "/logout", headers=cookie, data={"csrf": csrf}, allow_redirects=False
+        ) as reply:
+            assert reply.status == 303
+            assert reply.cookies[COOKIE].value == ""
