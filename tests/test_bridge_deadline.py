@@ -16,7 +16,7 @@ from http_bridge.errors import RpcFailed
 from jobwire.v1 import job_service_pb2 as svc
 from jobwire.v1 import job_service_pb2_grpc
 
-DEADLINE = 0.5
+DEADLINE = 1.0
 
 
 class Frozen(job_service_pb2_grpc.JobServiceServicer):
@@ -52,7 +52,7 @@ async def test_queued_callbacks_fail_within_their_own_deadline() -> None:
         # ...and these queue behind them.
         queued = await asyncio.gather(*(report(n) for n in range(2, 8)))
         waited = [*await asyncio.gather(*first), *queued]
-        assert max(waited) < DEADLINE + 0.4, waited  # not 2 x DEADLINE
+        assert max(waited) < DEADLINE * 1.6, waited  # not about 2 x DEADLINE
     finally:
         await coalescer.close()
         await channel.close()
