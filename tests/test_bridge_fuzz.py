@@ -312,6 +312,8 @@ async def test_fuzzed_bytes_never_5xx_never_traceback(grpc_service: Any, tmp_pat
         "JOBWIRE_HEADER_TIMEOUT_SECONDS": "2",
         "JOBWIRE_BODY_TIMEOUT_SECONDS": "1",
         "JOBWIRE_ACCESS_LOG": "all",
+        # One contract signed, so fuzzed webhook-* headers reach the signature check.
+        "JOBWIRE_SIGNING_SECRET_AWS_BATCH": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
     }
     async with bridge_process(grpc_service.target, tmp_path, **env) as bridge:
         failures: list[str] = []
