@@ -36,7 +36,7 @@ from .domain.records import (
     Stall,
     Unchanged,
 )
-from .fanout import Fanout, Item, Subscription
+from .fanout import Fanout, Item, Subscription, SubscriptionClosed
 from .firehose import Firehose, Gap
 from .metrics import (
     COALESCED_DELIVERIES,
@@ -371,12 +371,15 @@ class Jobs:
             while True:
                 batch = [event for event, _ in await self._next_batch(sub)]
                 if _gap(batch, last) and (batch or self.relay is not None):
-                    # A resync tick, or a jump nothing accounts for: heal from the ring,
-                    # and say so when the ring no longer reaches back to `last`.
+                    # A resync tick, or a jump nothing accounts for: heal from the ring.
                     ring = await self.store.events_after(job_id, last)
                     if ring and ring[0].sequence > last + 1:
-                        STREAM_GAPS.labels("WatchJob").inc()
-                        yield _stream_gap(job_id, last, ring[0].sequence)
+                        # The ring no longer reaches back: end the stream, so that the
+                        # client reconnects and gets a fresh snapshot, then the gap.
+                        raise SubscriptionClosed(
+                            "watcher fell too far behind; reconnect with your last sequence",
+                            shutting_down=False,
+                        )
                     newest = ring[-1].sequence if ring else last
                     batch = ring + [e for e in batch if e.sequence > newest]
                 for event in batch:

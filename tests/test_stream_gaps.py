@@ -142,3 +142,47 @@ async def test_a_slow_watchers_coalesced_events_name_what_they_cover(
     )
     assert [i.event.sequence for i in replay[1:]] == list(range(total - 2, total + 2))
     assert not any(i.event.coalesced_from_sequence for i in replay[1:])
+
+
+async def test_a_watcher_that_cannot_heal_from_the_ring_is_told_so(mongo_uri: str) -> None:
+    """Across replicas: feed entries lost while more than a ring's worth of events is
+    committed. The watcher on B cannot heal; its stream ends with ABORTED and the
+    reconnect gets a fresh snapshot, then the gap."""
+    import uuid
+
+    from service.store.mongo import MongoStore
+
+    database = f"g_{uuid.uuid4().hex[:12]}"
+    replicas = [
+        await start_service(
+            MongoStore(mongo_uri, policy=make_policy(), database=database),
+            event_feed=True,
+            watch_resync_seconds=0.3,
+        )
+        for _ in range(2)
+    ]
+    a, b = replicas
+    try:
+        await create(a.stub, job_id="far")
+        call = b.stub.WatchJob(job_service_pb2.WatchJobRequest(id="far"))
+        assert (await read(call)).HasField("snapshot")
+        await a.stub.ReportEvent(progress("far", 1, key="far-1"))
+        assert (await read(call)).event.sequence == 1
+        relay = a.running.jobs.relay
+        assert relay is not None
+        send = relay.send
+        relay.send = lambda items: None  # type: ignore[method-assign]  # entries lost
+        await _report_many(a, "far", RETENTION + 4, start=2)  # sequences 2..21
+        relay.send = send  # type: ignore[method-assign]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await read(call)
+        assert err.value.code() == grpc.StatusCode.ABORTED
+        resumed = b.stub.WatchJob(job_service_pb2.WatchJobRequest(id="far", from_sequence=1))
+        assert (await read(resumed)).snapshot.sequence == RETENTION + 5
+        gap = (await read(resumed)).gap
+        assert (gap.requested_sequence, gap.oldest_available_sequence) == (1, 6)
+        assert (await read(resumed)).event.sequence == 6
+        resumed.cancel()
+    finally:
+        await b.close()
+        await a.close()
