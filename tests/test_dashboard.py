@@ -293,7 +293,13 @@ async def test_rows_change_live_from_each_contract(
     await new_job(stub, job_pb2.JOB_KIND_VIDEO, video_id, url="https://media.example/v.mp4")
     batch_id = str(uuid.uuid4())
     await new_job(stub, job_pb2.JOB_KIND_BATCH, batch_id)
+    # One page holds every job so far; a job created after them is on the next page.
+    listed = await stub.ListJobs(job_service_pb2.ListJobsRequest(page_size=1000))
+    other = await new_job(stub, job_pb2.JOB_KIND_GENERIC, uid("elsewhere"))
+    await progress(stub, other.job.id, 5, "p", "first")
     page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs?page_size={len(listed.jobs)}")
+    assert await page.locator("#next-page").count() == 1
     await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
     await page.evaluate("window.__sameDocument = 42")
     elapsed: dict[str, float] = {}
@@ -323,7 +329,9 @@ async def test_rows_change_live_from_each_contract(
     assert (await bridge.post("/api/batch-callback", batch))[0] == 200
     elapsed["batch success"] = await changed_within(page, batch_id, 100, "SUCCEEDED")
 
-    # AuroraCloud creates the job with its first callback: a new row appears.
+    # A job on the next page that changes again is not pulled onto this one (no churn);
+    await progress(stub, other.job.id, 6, "p", "second")
+    # ... while AuroraCloud creates a job with its first callback: a new row appears.
     task = uuid.uuid4().hex
     note = {
         "code": 0,
@@ -342,6 +350,7 @@ async def test_rows_change_live_from_each_contract(
     aurora_auth = {"Authorization": f"Bearer {TRANSCODE_TOKEN}"}
     assert (await bridge.post("/api/transcode-callback", note, headers=aurora_auth))[0] == 200
     elapsed["aurora new job"] = await changed_within(page, task, 100, "SUCCEEDED")
+    assert await page.locator(f"#jobs tr[data-job='{other.job.id}']").count() == 0
 
     assert await page.evaluate("window.__sameDocument") == 42, "the page was reloaded"
     slow = {k: round(v, 3) for k, v in elapsed.items() if v >= 1.0}

@@ -132,8 +132,11 @@ function jobsPage() {
   const apply = (change) => {
     let tr = rows.get(change.id);
     if (!tr) {
-      // A job this page does not show: add it on top (only where it belongs).
-      if (filtered || paged || (states.length && !states.includes(change.state))) return;
+      // A job this page does not show: add it on top when this is its first event (it
+      // just became active) and it belongs here; later events of jobs on other pages
+      // never churn this one.
+      if (change.sequence !== 1 || filtered || paged) return;
+      if (states.length && !states.includes(change.state)) return;
       if (kind && change.kind !== kind) return;
       tr = newRow(change);
       tbody.prepend(tr);
