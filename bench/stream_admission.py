@@ -33,11 +33,13 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 METHOD = "/bench.Admission/Watch"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _free_port() -> int:
@@ -180,14 +182,23 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
         assert (await server.stdout.readline()).startswith(b"SERVING")
         per_proc = args.streams // args.procs
         procs = []
+        env = dict(os.environ)
         for _ in range(args.procs):
-            cmd = [py, "-m", "bench.stream_admission", "--role", "client", "--port", str(port)]
-            cmd += ["--streams", str(per_proc), "--per-conn", str(args.per_conn)]
-            cmd += ["--limit-s", str(args.limit_s)]
-            for a in args.channel_arg:
-                cmd += ["--channel-arg", a]
+            if args.client == "node":
+                script = str(ROOT / "bench" / "stream_admission_client.js")
+                cmd = ["node", script, f"127.0.0.1:{port}", str(per_proc), str(args.per_conn)]
+                cmd.append(str(args.limit_s))
+                env["NODE_PATH"] = str(ROOT / "examples" / "node" / "node_modules")
+            else:
+                cmd = [py, "-m", "bench.stream_admission", "--role", "client", "--port", str(port)]
+                cmd += ["--streams", str(per_proc), "--per-conn", str(args.per_conn)]
+                cmd += ["--limit-s", str(args.limit_s)]
+                for a in args.channel_arg:
+                    cmd += ["--channel-arg", a]
             procs.append(
-                await asyncio.create_subprocess_exec(*cmd, stdin=pipe, stdout=pipe, limit=1 << 26)
+                await asyncio.create_subprocess_exec(
+                    *cmd, stdin=pipe, stdout=pipe, limit=1 << 26, env=env
+                )
             )
         for p in procs:
             assert p.stdout is not None
@@ -231,6 +242,7 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
         "config": {
             "streams": args.streams,
             "procs": args.procs,
+            "client": args.client,
             "per_conn": args.per_conn,
             "server_args": args.server_arg,
             "channel_args": args.channel_arg,
@@ -283,6 +295,12 @@ def main() -> None:
     )
     p.add_argument("--limit-s", type=float, default=60.0)
     p.add_argument("--fanout-events", type=int, default=0, help="then time events to all")
+    p.add_argument(
+        "--client",
+        choices=("python", "node"),
+        default="python",
+        help="node: @grpc/grpc-js from examples/node/node_modules (npm ci there)",
+    )
     p.add_argument("--fanout-rate", type=float, default=2.0)
     args = p.parse_args()
     try:
