@@ -1188,6 +1188,18 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
     for key, value in results.get("peers", {}).items():
         lines.append(f"| `peers.{key}` | {value:g} |" + " |" * (len(stores) - 1))
+    emb, peers = results.get("embedded", {}), results.get("peers", {})
+    ratio_goals = (
+        ("cpu_us_per_callback", "bare_cpu_us_per_request", 2.0),
+        ("fanout_p99_ms", "bullmq_fanout_p99_ms", 0.5),
+    )
+    for num, den, goal in ratio_goals:
+        label = f"{num} / {'peers.' if den in peers else ''}{den}"
+        a, b = emb.get(num), emb.get(den, peers.get(den))
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b and a == a and b == b:
+            ratio = a / b
+            mark = "✅" if ratio <= goal else f"❌ (goal <= {goal:g})"
+            lines.append(f"| {label} | {ratio:.2f} {mark} |" + " |" * (len(stores) - 1))
     skipped = results.get("details", {}).get("peers", {}).get("skipped")
     if skipped:
         lines.append(f"\nPeer BullMQ skipped: {skipped}")
