@@ -24,6 +24,7 @@ from .cases import (
     run_case,
 )
 
+CASE_TIMEOUT = 180.0  # seconds; a case that hangs fails instead of stalling CI
 CASES = ("kill9_service", "kill9_bridge", "sigstop_service", "disk_full", "mongo_restart")
 
 
@@ -67,7 +68,7 @@ async def main(only: list[str], markdown: str) -> int:
             t0 = time.monotonic()
             print(f"faults: {name} ...", flush=True)
             try:
-                row = await runners[name]()
+                row = await asyncio.wait_for(runners[name](), CASE_TIMEOUT)
             except Exception as exc:  # a case that could not run is a failure, said plainly
                 row = Row(name, failures=[f"{type(exc).__name__}: {exc}"])
             print(f"faults: {name} done in {time.monotonic() - t0:.0f} s", flush=True)

@@ -22,6 +22,7 @@ from typing import Any, cast
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
+from prometheus_client import Counter, Gauge
 
 from .config import Config
 
@@ -29,6 +30,13 @@ log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 LINGER_SECONDS = 1.0
+OPEN = Gauge("jobwire_bridge_open_connections", "HTTP connections open now")
+REFUSED = Counter(
+    "jobwire_bridge_refused_connections", "Connections refused (JOBWIRE_MAX_CONNECTIONS)"
+)
+HEAD_TIMEOUTS = Counter(
+    "jobwire_bridge_header_timeouts", "Connections closed: request head too slow"
+)
 # The protocol of each open connection, by aiohttp's handler: the middleware finds it.
 _GUARDS: dict[object, GuardedProtocol] = {}
 
@@ -68,10 +76,12 @@ class GuardedProtocol(asyncio.Protocol):
         guard = self._guard
         if guard.open >= guard.max_connections:
             guard.rejected += 1
+            REFUSED.inc()
             self._transport = transport
             self._answer_and_close(guard.busy)
             return
         guard.open += 1
+        OPEN.inc()
         self._counted = True
         self._transport = transport
         _GUARDS[self._inner] = self
@@ -102,6 +112,7 @@ class GuardedProtocol(asyncio.Protocol):
             return
         self._counted = False
         self._guard.open -= 1
+        OPEN.dec()
         self._cancel_timer()
         _GUARDS.pop(self._inner, None)
         self._inner.connection_lost(exc)
@@ -132,6 +143,7 @@ class GuardedProtocol(asyncio.Protocol):
         if self._in_request or transport is None or transport.is_closing():
             return
         self._guard.head_timeouts += 1
+        HEAD_TIMEOUTS.inc()
         log.info(
             "request head not complete within %ss: connection closed", self._guard.header_timeout
         )

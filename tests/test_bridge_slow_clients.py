@@ -37,6 +37,14 @@ async def read_until_closed(reader: asyncio.StreamReader, timeout: float) -> byt
     return b"".join(chunks)
 
 
+async def metric(port: int, name: str) -> float:
+    request = b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    for line in (await raw_exchange(port, request)).decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
 async def test_trickled_request_head_is_cut_at_the_header_timeout(
     grpc_service: Any, tmp_path: Path
 ) -> None:
@@ -67,6 +75,7 @@ async def test_trickled_request_head_is_cut_at_the_header_timeout(
         assert status_of(await read_until_closed(reader, 1 + SLACK)) == 408
         writer.close()
         assert bridge.alive
+        assert await metric(bridge.port, "jobwire_bridge_header_timeouts_total") == 2
 
 
 async def test_trickled_body_gets_408_in_the_contract_body(
@@ -137,6 +146,7 @@ async def test_connections_beyond_the_cap_get_503(grpc_service: Any, tmp_path: P
                 await asyncio.sleep(0.05)  # the bridge notices the close asynchronously
 
         await asyncio.wait_for(served(), SLACK)
+        assert await metric(bridge.port, "jobwire_bridge_refused_connections_total") >= 1
         for _, writer in held:
             writer.close()
 
