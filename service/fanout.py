@@ -118,6 +118,17 @@ class Subscription:
 
     async def next_batch(self) -> list[Item]:
         """Everything buffered, in order; waits while there is nothing."""
+        await self._ready()
+        batch = list(self._buffer)
+        self._buffer.clear()
+        self._marks.clear()
+        if self._overflow:
+            batch.extend(_coalesced(*pending) for pending in self._overflow.values())
+            self._overflow.clear()
+        return batch
+
+    async def _ready(self) -> None:
+        """Returns once something is buffered; raises when the stream must end."""
         while not self._buffer and not self._overflow:
             if self._shutdown:
                 raise SubscriptionClosed(
@@ -131,20 +142,14 @@ class Subscription:
                 )
             self._wakeup.clear()
             await self._wakeup.wait()
-        batch = list(self._buffer)
-        self._buffer.clear()
-        if self._overflow:
-            batch.extend(_coalesced(*pending) for pending in self._overflow.values())
-            self._overflow.clear()
-        return batch
 
     async def next_marked_batch(self) -> list[tuple[Item, int]]:
         """A lossless subscription's next batch, each item with the watermark of its
         origin when it was offered: every entry of the origin up to it had been
         published by then (0: unknown). See Fanout.publish."""
-        batch = await self.next_batch()
+        await self._ready()
         marks = list(self._marks)
-        self._marks.clear()
+        batch = await self.next_batch()  # does not wait: something is buffered
         return list(zip(batch, marks, strict=True))
 
     def close(self) -> None:
