@@ -113,20 +113,25 @@ def test_tls_overlay_serves_tls_and_probes_by_exec() -> None:
         assert env[name] == f"{mount['mountPath']}/{key}", name
     assert env["JOBWIRE_SERVICE_TLS_SERVER_NAME"] == "jobwire-service"
 
-    bridge = container(deployment(docs, "jobwire-bridge"))
-    bridge_env = env_of(bridge)
-    (bridge_mount,) = [m for m in bridge["volumeMounts"] if m["name"] == "grpc-tls"]
-    (bridge_volume,) = [
-        v
-        for v in deployment(docs, "jobwire-bridge")["spec"]["template"]["spec"]["volumes"]
-        if v["name"] == "grpc-tls"
+    # Every other Deployment is a gRPC client of the service (bridge, dashboard).
+    clients = [
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] != "jobwire-service"
     ]
-    assert bridge_volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}], (
-        "the bridge needs the CA only, never the service's key"
-    )
-    assert bridge_env["JOBWIRE_SERVICE_TLS_CA"] == f"{bridge_mount['mountPath']}/ca.crt"
-    assert bridge_env["JOBWIRE_SERVICE_TLS_SERVER_NAME"] == "jobwire-service"
-    assert "JOBWIRE_GRPC_TLS_KEY" not in bridge_env
+    assert "jobwire-bridge" in {d["metadata"]["name"] for d in clients}
+    for client in clients:
+        name = client["metadata"]["name"]
+        c = container(client)
+        client_env = env_of(c)
+        (client_mount,) = [m for m in c["volumeMounts"] if m["name"] == "grpc-tls"]
+        (client_volume,) = [
+            v for v in client["spec"]["template"]["spec"]["volumes"] if v["name"] == "grpc-tls"
+        ]
+        assert client_volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}], (
+            f"{name} needs the CA only, never the service's key"
+        )
+        assert client_env["JOBWIRE_SERVICE_TLS_CA"] == f"{client_mount['mountPath']}/ca.crt"
+        assert client_env["JOBWIRE_SERVICE_TLS_SERVER_NAME"] == "jobwire-service", name
+        assert "JOBWIRE_GRPC_TLS_KEY" not in client_env, name
 
 
 def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
