@@ -93,11 +93,11 @@ class FeedRelay:
             loop.create_task(self._tail_forever(), name="feed-tailer"),
         ]
 
-    def send(self, items: Iterable[Item]) -> None:
+    def send(self, events: Iterable[Item]) -> None:
         """Queues applied events (with their firehose positions) for the feed; never blocks."""
         if self._closing:
             return
-        self._pending.extend(items)
+        self._pending.extend(events)
         excess = len(self._pending) - MAX_PENDING
         if excess > 0:
             del self._pending[:excess]

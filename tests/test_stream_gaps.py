@@ -171,7 +171,7 @@ async def test_a_watcher_that_cannot_heal_from_the_ring_is_told_so(mongo_uri: st
         relay = a.running.jobs.relay
         assert relay is not None
         send = relay.send
-        relay.send = lambda items: None  # type: ignore[method-assign]  # entries lost
+        relay.send = lambda events: None  # type: ignore[method-assign]  # entries lost
         await _report_many(a, "far", RETENTION + 4, start=2)  # sequences 2..21
         relay.send = send  # type: ignore[method-assign]
         with pytest.raises(grpc.aio.AioRpcError) as err:
