@@ -19,7 +19,10 @@ once, in order:
   `position` the service gave (`.position`, also for resuming in a later process).
   A `StreamGap` says that events were lost: the resume point was older than the
   service's window, or the service gives no positions (then the events sent while
-  disconnected cannot be replayed).
+  disconnected cannot be replayed). Before the first event there is no position to
+  resume from: a stream started with `after=""` (live only) that drops before its
+  first event resumes live as well; pass a saved position, or "0" for the service's
+  whole retained window, when that matters.
 """
 
 from __future__ import annotations
