@@ -235,6 +235,10 @@ def build(rng: random.Random, route: Route) -> bytes:
             headers.append((name, b""))
         else:  # oversized
             headers.append((name, b"A" * rng.choice([1000, 8000, 9000, 70000])))
+    if rng.random() < 0.03:  # a flood of repeated headers (aiohttp allows 128)
+        headers += [(rng.choice(HEADER_NAMES), junk(rng, 3))] * rng.choice([50, 200])
+    if rng.random() < 0.03:  # a header name that is not a token
+        headers.append((rng.choice([b"X-\xe4", b"Bad Name", b"", b":x", b"X\x00"]), b"v"))
     body = mutate_body(rng, route.body) if rng.random() < 0.6 else route.body
     if route.method == "GET" and rng.random() < 0.8:
         body = b""
