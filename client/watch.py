@@ -112,7 +112,8 @@ class JobWatch:
         give_up_after: float | None,
     ) -> None:
         self.job_id = job_id
-        self.last_sequence = from_sequence  # the last sequence yielded (or skipped by a gap)
+        # The last sequence yielded (or passed over by a gap), set before the yield.
+        self.last_sequence = from_sequence
         self._stub = stub
         self._list_events = list_events
         self._every_event = every_event
@@ -148,10 +149,10 @@ class JobWatch:
                         if snapshot is not None:  # the view is rebuilt from a fresh snapshot
                             yield snapshot
                             snapshot = None
-                        yield item.gap
                         self.last_sequence = max(
                             self.last_sequence, item.gap.oldest_available_sequence - 1
                         )
+                        yield item.gap
                     elif which == "event":
                         async for out in self._accept(item.event):
                             yield out
@@ -176,20 +177,17 @@ class JobWatch:
         expected = self.last_sequence + 1
         if event.sequence < expected:
             return  # a duplicate (replayed after a reconnect)
-        if event.sequence > expected:
-            coalesced = 0 < event.coalesced_from_sequence <= expected
-            if coalesced and not self._every_event:
-                if event.coalesced_from_sequence != expected:
-                    event = _copy(event)
-                    event.coalesced_from_sequence = expected  # only the part not yet seen
-            else:
-                async for missing in self._fill(event.sequence):
-                    yield missing
-                if event.coalesced_from_sequence:
-                    event = _copy(event)
-                    event.coalesced_from_sequence = 0  # its range was given event by event
-        yield event
+        announced = 0 < event.coalesced_from_sequence <= expected
+        if event.sequence > expected and (self._every_event or not announced):
+            async for missing in self._fill(event.sequence):
+                yield missing
+        if event.coalesced_from_sequence:
+            # The range it stands for, minus what was already given one by one.
+            start = max(event.coalesced_from_sequence, self.last_sequence + 1)
+            event = _copy(event)
+            event.coalesced_from_sequence = start if start < event.sequence else 0
         self.last_sequence = event.sequence
+        yield event
 
     async def _fill(self, before: int) -> AsyncGenerator[WatchItem, None]:
         """The retained events between the last one yielded and `before`."""
@@ -197,16 +195,17 @@ class JobWatch:
         wanted = [e for e in reply.events if self.last_sequence < e.sequence < before]
         oldest = wanted[0].sequence if wanted else before
         if reply.HasField("gap") or oldest > self.last_sequence + 1:
-            yield event_pb2.StreamGap(
+            gap = event_pb2.StreamGap(
                 job_id=self.job_id,
                 requested_sequence=self.last_sequence,
                 oldest_available_sequence=oldest,
             )
             self.last_sequence = oldest - 1
+            yield gap
         for event in wanted:
             if event.sequence == self.last_sequence + 1:
-                yield event
                 self.last_sequence = event.sequence
+                yield event
 
 
 class JobsWatch:

@@ -34,7 +34,7 @@ from jobwire.client.retry import Backoff
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2, log_pb2
 from service.store.embedded import EmbeddedStore
 from tests.conftest import ServiceHandle, make_policy, start_service
-from tests.grpc_proxy import FaultProxy
+from tests.grpc_proxy import FaultProxy, Rewrite
 from tests.helpers import WAIT
 from tests.tcp_cutter import TcpCutter
 
@@ -472,7 +472,7 @@ async def test_watch_waits_out_a_full_node_and_gives_up_when_told(tmp_path: Path
         await handle.close()
 
 
-def _coalesce(first: int, last: int) -> object:
+def _coalesce(first: int, last: int) -> Rewrite:
     """A proxy rewrite that drops events first..last-1 and marks `last` as standing for
     them, as the service does for a slow watcher."""
 
@@ -497,7 +497,7 @@ async def test_watch_job_fills_coalesced_progress_or_reports_its_range(
         for i in range(1, 10):
             await writer.report_progress("co", i * 10)
         await writer.complete("co")
-        proxy.rewrite["WatchJob"] = _coalesce(3, 7)  # type: ignore[assignment]
+        proxy.rewrite["WatchJob"] = _coalesce(3, 7)
         every = await collect(c.watch_job("co"))
         assert sequences(every) == list(range(1, 11))  # 3..6 fetched from the history
         assert all(e.coalesced_from_sequence == 0 for e in every if isinstance(e, JobEvent))
@@ -505,12 +505,36 @@ async def test_watch_job_fills_coalesced_progress_or_reports_its_range(
         assert sequences(latest) == [1, 2, 7, 8, 9, 10]
         seven = next(e for e in latest if isinstance(e, JobEvent) and e.sequence == 7)
         assert seven.coalesced_from_sequence == 3
+        # a range that overlaps what was already given shrinks to the part not seen
+        proxy.rewrite["WatchJob"] = _overlapping(seen=(3, 4), dropped=(5, 6), at=7, start=3)
+        partial = await collect(c.watch_job("co", every_event=False))
+        assert sequences(partial) == [1, 2, 3, 4, 7, 8, 9, 10]
+        seven = next(e for e in partial if isinstance(e, JobEvent) and e.sequence == 7)
+        assert seven.coalesced_from_sequence == 5
         # an unannounced jump is filled whatever every_event says
-        proxy.rewrite["WatchJob"] = _drop(4, 5)  # type: ignore[assignment]
+        proxy.rewrite["WatchJob"] = _drop(4, 5)
         assert sequences(await collect(c.watch_job("co", every_event=False))) == list(range(1, 11))
 
 
-def _drop(*dropped: int) -> object:
+def _overlapping(seen: tuple[int, ...], dropped: tuple[int, ...], at: int, start: int) -> Rewrite:
+    """Drops `dropped` and marks `at` as standing for `start`..`at`, although the
+    sequences in `seen` were delivered one by one."""
+
+    def rewrite(message: bytes) -> bytes | None:
+        reply = job_service_pb2.WatchJobResponse.FromString(message)
+        if reply.WhichOneof("item") != "event":
+            return message
+        if reply.event.sequence in dropped:
+            return None
+        if reply.event.sequence == at:
+            reply.event.coalesced_from_sequence = start
+        return reply.SerializeToString()
+
+    assert all(s < at for s in seen)
+    return rewrite
+
+
+def _drop(*dropped: int) -> Rewrite:
     def rewrite(message: bytes) -> bytes | None:
         reply = job_service_pb2.WatchJobResponse.FromString(message)
         if reply.WhichOneof("item") == "event" and reply.event.sequence in dropped:
