@@ -47,9 +47,17 @@ class Change:
         return self._json
 
 
+MAX_FOLLOWED = 2000  # ids a tab may follow, its rows plus the jobs that appeared since
+
+
 class Subscriber:
-    def __init__(self, kind: int) -> None:
+    """One open tab. `ids`: only these jobs (the rows it shows), plus, when `new`, every
+    job's first event (a job that just became active); None: every job (curl, scripts)."""
+
+    def __init__(self, kind: int, ids: set[str] | None = None, new: bool = True) -> None:
         self.kind = kind
+        self.ids = ids
+        self.new = new
         self.pending: dict[str, Change] = {}
         self.wake = asyncio.Event()
         # Set when the upstream stream broke or reported a gap: the tab must re-read rows.
@@ -77,10 +85,13 @@ class Hub:
     def subscribers(self) -> int:
         return len(self._subscribers)
 
-    def subscribe(self, kind: int = 0) -> Subscriber:
-        sub = Subscriber(kind)
+    def subscribe(self, kind: int = 0, ids: set[str] | None = None, new: bool = True) -> Subscriber:
+        sub = Subscriber(kind, ids, new)
         self._subscribers.add(sub)
         if self._task is None or self._task.done():
+            # Live from now: what happened while nobody watched is in the rows a page
+            # reads; `position` resumes only a stream that broke while in use.
+            self._position = ""
             self._task = asyncio.create_task(self._run(), name="dashboard-watch-jobs")
         return sub
 
@@ -138,6 +149,11 @@ class Hub:
         for sub in self._subscribers:
             if sub.kind and sub.kind != event.kind:
                 continue
+            if sub.ids is not None and event.job_id not in sub.ids:
+                if not (sub.new and event.sequence == 1):
+                    continue
+                if len(sub.ids) < MAX_FOLLOWED:
+                    sub.ids.add(event.job_id)  # the tab shows it from now on
             sub.pending[event.job_id] = change
             sub.wake.set()
 

@@ -23,6 +23,7 @@ from .grpc_client import GRPC, HUB, SETTINGS, PageError, grpc_error
 from .query import parse_kind
 
 RETRY_MS = 1000
+MAX_IDS = 500
 
 
 def _frame(event: str, data: bytes, event_id: str = "") -> bytes:
@@ -44,12 +45,14 @@ async def _open(request: web.Request) -> web.StreamResponse:
 
 
 async def jobs_stream(request: web.Request) -> web.StreamResponse:
-    """Latest state of changed jobs (filtered by `kind`), stats every few seconds."""
+    """Latest state of changed jobs (filtered by `kind`, and to `ids` plus the first event
+    of any job when given), stats every few seconds."""
     kind = parse_kind(request.query.get("kind", ""))
+    ids = _ids(request.query.get("ids"))
     settings = request.app[SETTINGS]
     hub = request.app[HUB]
     response = await _open(request)
-    sub = hub.subscribe(kind)
+    sub = hub.subscribe(kind, ids, new=request.query.get("new", "1") != "0")
     interval = settings.push_interval_seconds
     last_push = 0.0
     last_stats = 0.0
@@ -86,6 +89,16 @@ async def jobs_stream(request: web.Request) -> web.StreamResponse:
     finally:
         hub.unsubscribe(sub)
     return response
+
+
+def _ids(raw: str | None) -> set[str] | None:
+    """`ids=a,b,c`: follow only these jobs (a page's rows); absent: every job."""
+    if raw is None:
+        return None
+    ids = {i for i in raw.split(",") if i}
+    if len(ids) > MAX_IDS:
+        raise PageError(400, f"ids: at most {MAX_IDS} job ids", json=True)
+    return ids
 
 
 def _from_sequence(request: web.Request) -> int:

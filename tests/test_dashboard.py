@@ -395,6 +395,53 @@ async def test_jobs_stream_coalesces_a_firehose(
     assert len(messages) <= sent_for / 0.2 + 3, (len(messages), sent_for)
 
 
+async def test_jobs_stream_follows_only_the_rows_a_page_shows(
+    dash: DashboardProcess, http: aiohttp.ClientSession, svc: ServiceHandle
+) -> None:
+    """`ids=`: only those jobs, plus (unless new=0) the first event of a job that just
+    became active, which is then followed too; a firehose over others never arrives."""
+    stub = svc.stub
+    shown, other, fresh = uid("shown"), uid("other"), uid("fresh")
+    for job_id in (shown, other):
+        await new_job(stub, job_pb2.JOB_KIND_GENERIC, job_id)
+        await progress(stub, job_id, 1, "p", "first")
+    got: dict[str, list[bytes]] = {"1": [], "0": []}
+
+    async def tab(new: str, ready: asyncio.Event) -> None:
+        path = f"{dash.url}/events/jobs?ids={shown}&new={new}"
+        async with http.get(path, headers=BEARER) as stream:
+            ready.set()
+            async for line in stream.content:
+                if line.startswith(b"data: ["):
+                    got[new].append(line)
+
+    ready = [asyncio.Event(), asyncio.Event()]
+    tabs = [asyncio.create_task(tab(n, r)) for n, r in zip(("1", "0"), ready, strict=True)]
+    await asyncio.gather(*(r.wait() for r in ready))
+    await asyncio.sleep(0.3)
+    for i in range(2, 12):
+        await progress(stub, other, i, "p", f"other {i}")
+    await progress(stub, shown, 50, "p", "shown 50")
+    await new_job(stub, job_pb2.JOB_KIND_GENERIC, fresh)
+    await progress(stub, fresh, 5, "p", "fresh first")
+    await progress(stub, fresh, 6, "p", "fresh second")
+    for _ in range(100):
+        if any(b"fresh second" in line for line in got["1"]) and got["0"]:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+    for t in tabs:
+        t.cancel()
+    everything = b"".join(got["1"])
+    assert b"shown 50" in everything
+    # (Its first event may be coalesced into the second: same job, same push.)
+    assert b"fresh second" in everything, "a job that appeared is followed from then on"
+    assert other.encode() not in everything
+    only = b"".join(got["0"])
+    assert b"shown 50" in only
+    assert fresh.encode() not in only and other.encode() not in only
+
+
 async def test_job_stream_resumes_from_last_event_id(
     dash: DashboardProcess, http: aiohttp.ClientSession, svc: ServiceHandle
 ) -> None:

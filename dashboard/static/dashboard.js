@@ -62,11 +62,13 @@ function progressCell(cell, change) {
 // dashboard restarts closes it for good): a new one starts from `url()`.
 function stream(url, handlers, onReopen) {
   let source = null;
+  let opened = "";
   let delay = 500;
   let failed = false;
   let ended = false;
   const open = () => {
-    source = new EventSource(url());
+    opened = url();
+    source = new EventSource(opened);
     for (const [name, fn] of Object.entries(handlers)) {
       source.addEventListener(name, (msg) => fn(JSON.parse(msg.data), source));
     }
@@ -92,7 +94,15 @@ function stream(url, handlers, onReopen) {
     };
   };
   open();
-  return () => source;
+  // Reopens when the URL it would use now differs (the browser's own reconnect reuses
+  // the first one).
+  return {
+    refresh() {
+      if (ended || url() === opened) return;
+      source.close();
+      open();
+    },
+  };
 }
 
 // -- jobs page -----------------------------------------------------------------
@@ -183,8 +193,23 @@ function jobsPage() {
     }
   };
 
-  const url = () => `/events/jobs${kind ? `?kind=${encodeURIComponent(kind)}` : ""}`;
-  stream(url, { jobs: (list) => list.forEach(apply), stats, resync: () => resync() }, resync);
+  // The server sends only the rows shown here (and, where new rows belong, every job's
+  // first event), so a firehose over other jobs never reaches this tab.
+  const url = () => {
+    const params = new URLSearchParams();
+    if (kind) params.set("kind", kind);
+    const ids = [...rows.keys()].join(",");
+    if (ids.length <= 6000 && rows.size <= 500) params.set("ids", ids);
+    if (filtered || paged) params.set("new", "0");
+    return `/events/jobs?${params}`;
+  };
+  let source = null;
+  const reopened = () => {
+    source.refresh(); // rows added since the first connect are followed too
+    resync();
+  };
+  const handlers = { jobs: (list) => list.forEach(apply), stats, resync: () => resync() };
+  source = stream(url, handlers, reopened);
 }
 
 // -- job page ------------------------------------------------------------------
