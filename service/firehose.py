@@ -127,6 +127,7 @@ class Firehose:
     def __init__(self, store: Store, fanout: Fanout) -> None:
         self.store = store
         self.fanout = fanout
+        self.catch_ups = 0  # live streams that fell behind and re-read the log
 
     @property
     def retention_ns(self) -> int:
@@ -176,6 +177,7 @@ class Firehose:
                     try:
                         batch = await sub.next_marked_batch()
                     except FellBehind:
+                        self.catch_ups += 1
                         break
                     holes = False
                     for (event, position), passed in batch:

@@ -260,3 +260,37 @@ async def test_log_entries_are_numbered_in_commit_order(service: ServiceHandle) 
     for entry in entries:
         per_job.setdefault(entry.event.job_id, []).append(entry.event.sequence)
     assert per_job == {"n-0": [1, 2, 3], "n-1": [1, 2, 3]}
+
+
+@pytest.fixture
+async def tiny_buffer(
+    store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[ServiceHandle]:
+    store = await open_test_store(store_kind, tmp_path, request, make_policy())
+    handle = await start_service(store, watch_buffer=4)
+    yield handle
+    await handle.close()
+
+
+async def test_a_slow_consumer_is_caught_up_from_the_log_not_coalesced(
+    tiny_buffer: ServiceHandle,
+) -> None:
+    """Its buffer holds 16 events; 400 large ones are committed while it reads none."""
+    service = tiny_buffer
+    await create(service.stub, job_id="flood")
+    call = service.stub.WatchJobs(job_service_pb2.WatchJobsRequest(after="0"))
+    big = "y" * 4000
+    total = 400
+    for start in range(1, total + 1, 100):
+        requests = [
+            progress("flood", i % 100, key=f"f{i}", message=big) for i in range(start, start + 100)
+        ]
+        await service.stub.BatchReportEvents(
+            job_service_pb2.BatchReportEventsRequest(requests=requests)
+        )
+    await service.stub.ReportEvent(completed("flood"))
+    got = await _until(call, lambda r: bool(r) and r[-1].event.sequence == total + 1)
+    assert [m.event.sequence for m in got] == list(range(1, total + 2))  # each once, in order
+    assert not any(m.event.coalesced_from_sequence for m in got)
+    assert service.running.jobs.firehose.catch_ups >= 1  # it did fall behind
+    call.cancel()
