@@ -637,3 +637,11 @@ async def test_watch_jobs_resumes_after_a_dropped_stream(
         else:  # it cannot: the loss is announced before the events that follow it
             assert len(gaps) == 1 and seqs[:2] == [1, 2] and seqs[-3:] == [4, 5, 6]
             assert isinstance(items[2], StreamGap)
+
+
+def test_backoff_grows_with_jitter_up_to_its_cap() -> None:
+    backoff = Backoff(initial=0.1, maximum=1.0)
+    for attempt, ceiling in [(0, 0.1), (1, 0.2), (2, 0.4), (3, 0.8), (4, 1.0), (30, 1.0)]:
+        delays = {backoff.delay(attempt) for _ in range(50)}
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert len(delays) > 1  # jittered: clients that failed together come back apart
