@@ -1,9 +1,10 @@
 """`Client`: the asyncio client of the jobwire service.
 
 Every unary call has a default deadline (`timeout`, overridable per call). Calls
-that are safe to repeat (reads, and event reports, whose idempotency key makes a
-repeat an acknowledged duplicate) are retried on UNAVAILABLE with backoff; the
-rest are not. Failures raise `JobwireError` subclasses (see errors.py).
+that are safe to repeat (reads; event reports, whose idempotency key makes a repeat
+an acknowledged duplicate; uploads from a path or bytes, which replace the same
+artifact) are retried on UNAVAILABLE with backoff; the rest are not. Failures raise
+`JobwireError` subclasses (see errors.py).
 """
 
 from __future__ import annotations
