@@ -192,16 +192,12 @@ async def callback(request: web.Request) -> web.StreamResponse:
         await report_event(request, event)
         return ack("failed", job_id)
     progress = validate(ProgressEvent, data)
-    # One constructor call: each attribute set on a message is a round trip into upb.
-    event = svc.ReportEventRequest(
-        job_id=job_id,
-        idempotency_key=key,
-        callback_token=token,
-        progress=job_pb2.Progress(
-            phase=progress.phase, percent=progress.progress, message=progress.message or ""
-        ),
-        process_id=progress.process.id or "" if progress.process else "",
-    )
+    event = svc.ReportEventRequest(job_id=job_id, idempotency_key=key, callback_token=token)
+    event.progress.phase = progress.phase
+    event.progress.percent = progress.progress
+    event.progress.message = progress.message or ""
+    if progress.process and progress.process.id:
+        event.process_id = progress.process.id
     await report_event(request, event)
     return ack("progress", job_id)
 
