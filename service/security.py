@@ -5,8 +5,8 @@ JOBWIRE_GRPC_TLS_CLIENT_CA also requires client certificates signed by it (mTLS)
 JOBWIRE_GRPC_TOKEN: every call except the health service must carry
 `authorization: Bearer <token>` (compared in constant time), else UNAUTHENTICATED.
 
-Clients (the bridge and the CLI) build their channel with
-http_bridge/service_channel.py.
+Clients (jobwire.client, the CLI, the bridge and the dashboard) build their channel
+with client/channel.py (the bridge's http_bridge/service_channel.py wraps it).
 """
 
 from __future__ import annotations
