@@ -176,3 +176,47 @@ async def test_anchored_firehose_streams_get_only_matching_events_with_the_water
     fanout.publish([ev(12, video), ev(14, batch), ev(15, video)], [("db", n) for n in (12, 14, 15)])
     got = [(e.job_id, pos, w) for (e, pos), w in await routed.next_marked_batch()]
     assert got == [("j13", ("db", 13), 11), ("j12", ("db", 12), 13), ("j15", ("db", 15), 15)]
+
+
+async def test_watchers_opened_during_a_stream_of_events_miss_nothing(
+    service: ServiceHandle,
+) -> None:
+    # Watchers opened together share one snapshot read (service/watch_reads.py).
+    # Opened in waves of 50 while events are being committed, every watcher sees the
+    # sequences after its snapshot contiguously, up to the last event.
+    job = (await create(service.stub)).job
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(service.target, options=own) for _ in range(3)]
+    events = 60
+    final = job.sequence + events
+
+    async def watcher(stub: Any) -> list[int]:
+        call = stub.WatchJob(job_service_pb2.WatchJobRequest(id=job.id))
+        first = await read(call, 6 * WAIT)
+        seen = [first.snapshot.sequence]
+        while max(seen) < final:
+            item = await read(call, 6 * WAIT)
+            if item.HasField("event"):
+                seen.append(item.event.sequence)
+        call.cancel()
+        return seen
+
+    async def reporter() -> None:
+        for i in range(events):
+            await service.stub.ReportEvent(progress(job.id, i, key=f"p{i}"))
+
+    try:
+        stubs = [job_service_pb2_grpc.JobServiceStub(ch) for ch in channels]
+        reporting = asyncio.create_task(reporter())
+        waves = []
+        for wave in range(6):
+            waves += [asyncio.create_task(watcher(stubs[i % 3])) for i in range(50)]
+            await asyncio.sleep(0.01 * wave)
+        await reporting
+        for seen in await asyncio.gather(*waves):
+            snapshot, replayed = seen[0], seen[1:]
+            live = [s for s in replayed if s > snapshot]
+            assert live == list(range(snapshot + 1, final + 1)), seen
+    finally:
+        for ch in channels:
+            await ch.close()
