@@ -382,6 +382,11 @@ class Bench:
             "cores_used": cpu,
             # CPU of the watched processes per 200 answered, over the whole run.
             "cpu_us_per_ok": round(sum(cpu_s) * 1e6 / ok_total, 1) if ok_total else float("nan"),
+            "cpu_us_per_ok_by_process": {
+                p.name: round(c * 1e6 / ok_total, 1) for p, c in zip(watch, cpu_s, strict=True)
+            }
+            if ok_total
+            else {},
             "ok_total": ok_total,
             "per_s": sum(r["per_s"] for r in res),
             "ok_per_s": sum(r["ok_per_s"] for r in res),
