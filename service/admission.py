@@ -23,6 +23,7 @@ import random
 from typing import Any
 
 RETRY_AFTER_KEY = "retry-after-ms"
+DEFAULT_MAX_WATCHERS = 20_000  # JOBWIRE_MAX_WATCHERS; README "Watchers" says how to size it
 
 
 class WatchAdmission:

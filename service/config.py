@@ -8,6 +8,7 @@ from pathlib import Path
 
 from jobwire.v1 import job_pb2
 
+from .admission import DEFAULT_MAX_WATCHERS
 from .domain.records import Policy
 
 
@@ -79,7 +80,7 @@ class Settings:
     lease_sweep_seconds: float = 1.0
     watch_buffer: int = 256
     # Open WatchJob/WatchJobs streams one node admits (README "Watchers").
-    max_watchers: int = 20_000
+    max_watchers: int = DEFAULT_MAX_WATCHERS
     shutdown_grace_seconds: float = 10.0
     # Operations (README "Metrics", "Live progress across replicas", "TLS and internal
     # auth"). The same defaults whether built in code or from the environment.

@@ -10,7 +10,7 @@ import grpc
 
 from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
 
-from .admission import WatchAdmission
+from .admission import DEFAULT_MAX_WATCHERS, WatchAdmission
 from .domain.errors import Code, DomainError
 from .fanout import SubscriptionClosed
 from .jobs import Jobs
@@ -135,7 +135,7 @@ def add_to_server(servicer: JobServicer, server: grpc.aio.Server) -> None:
 class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     def __init__(self, jobs: Jobs, admission: WatchAdmission | None = None) -> None:
         self._jobs = jobs
-        self._admission = admission if admission is not None else WatchAdmission(20_000)
+        self._admission = admission or WatchAdmission(DEFAULT_MAX_WATCHERS)
 
     @unary
     async def CreateJob(
