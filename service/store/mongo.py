@@ -243,6 +243,10 @@ class MongoStore:
         self._log_n_known = True
         self._log_lock: asyncio.Lock | None = None
         self._log_queue: list[tuple[list[Applied], asyncio.Future[int]]] = []
+        # False when the server has no TTL index (FerretDB): the store prunes itself.
+        self._log_ttl = True
+        self._log_pruned = 0.0
+        self._log_pruning: asyncio.Future[None] | None = None
         self.log_failures = 0
 
     @classmethod
@@ -341,8 +345,11 @@ class MongoStore:
                     }
                 )
             except pymongo.errors.OperationFailure:
+                self._log_ttl = False
                 log.warning(
-                    "firehose TTL index not updated (%s); reads still skip old entries", exc
+                    "firehose TTL index not available (%s); the store deletes old entries"
+                    " itself every minute",
+                    exc,
                 )
 
     def _indexes(self) -> list[tuple[AsyncCollection[dict[str, Any]], IndexModel]]:
@@ -403,6 +410,10 @@ class MongoStore:
         ]
 
     async def close(self) -> None:
+        if self._log_pruning is not None:
+            self._log_pruning.cancel()
+            with contextlib.suppress(asyncio.CancelledError, PyMongoError):
+                await self._log_pruning
         if self._client is not None:
             client, self._client, self._db = self._client, None, None
             await client.close()
@@ -787,6 +798,16 @@ class MongoStore:
         for applied, future in queued:
             future.set_result(first)
             first += len(applied)
+        if not self._log_ttl and time.monotonic() - self._log_pruned > 60:
+            # Off the append path: the delete scans on servers without indexes.
+            self._log_pruned = time.monotonic()
+            self._log_pruning = asyncio.ensure_future(self._prune_log())
+
+    async def _prune_log(self) -> None:
+        cutoff = time.time_ns() - self.policy.firehose_retention_ns
+        with contextlib.suppress(PyMongoError):
+            async with self._writing():
+                await self.firehose.delete_many({"ns": {"$lt": cutoff}})
 
     async def expired_leases(self, now_ns: int, limit: int) -> list[str]:
         if limit <= 0:
