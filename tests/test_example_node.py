@@ -3,7 +3,9 @@
 The example (JavaScript, @grpc/grpc-js + @grpc/proto-loader loading proto/) creates a
 job, watches it, drops its stream on purpose, lets the job move on, resumes with
 `from_sequence` and follows it to the end. Its RESULT line is checked against what
-the service itself recorded. Without node the tests skip, and fail under CI=true.
+the service itself recorded; through a fault-injecting proxy, its reconnect path
+(ABORTED, UNAVAILABLE) is checked too. Without node the tests skip, and fail under
+CI=true.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,12 +29,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
+from tests.grpc_proxy import FaultProxy
 from tests.helpers import WAIT, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "node"
 TOKEN = "node-example-token"  # a test value for the service's JOBWIRE_GRPC_TOKEN
-RUN_TIMEOUT = 120.0
+RUN_TIMEOUT = 90.0
 
 
 def _unavailable(why: str) -> None:
@@ -116,21 +120,23 @@ async def token_service(tmp_path: Path) -> AsyncIterator[Service]:
 async def _run_example(node: str, target: str, token: str = "") -> tuple[int, str, str]:
     env = dict(os.environ, JOBWIRE_SERVICE_TARGET=target, JOBWIRE_GRPC_TOKEN=token)
     env.pop("JOBWIRE_SERVICE_TLS_CA", None)
-    proc = await asyncio.create_subprocess_exec(
-        node,
-        str(EXAMPLE / "watch_job.js"),
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = await asyncio.create_subprocess_exec(
+            node, str(EXAMPLE / "watch_job.js"), env=env, stdout=out, stderr=err
+        )
+        try:
+            await asyncio.wait_for(proc.wait(), RUN_TIMEOUT)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read().decode(), err.read().decode()
+            if proc.returncode != 0:  # a timeout included: show what the example said
+                print(f"example stdout:\n{stdout}\nexample stderr:\n{stderr}")
     assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return proc.returncode, stdout, stderr
 
 
 def _result(stdout: str) -> dict[str, Any]:
@@ -184,3 +190,28 @@ async def test_node_example_sends_the_bearer_token(node: str, token_service: Ser
     code, out, err = await _run_example(node, token_service.target, token="wrong")
     assert code == 1
     assert "UNAUTHENTICATED" in err and "RESULT" not in out
+
+
+async def test_node_example_reconnects_after_aborted_and_unavailable_streams(
+    node: str, service: Service
+) -> None:
+    """Unplanned stream ends (a watcher that fell behind, a dropped connection) are
+    resumed from the last sequence seen, with backoff: still each event once, in order."""
+    proxy = await FaultProxy(service.target).start()
+    try:
+        # Stream 1 is the example's own (it cancels it); stream 2 is cut after the
+        # snapshot and one replayed event, stream 3 right after its snapshot.
+        proxy.abort_next_stream("WatchJob", after=1000)
+        proxy.abort_next_stream("WatchJob", after=2, code=grpc.StatusCode.ABORTED)
+        proxy.abort_next_stream("WatchJob", after=1, code=grpc.StatusCode.UNAVAILABLE)
+        code, out, err = await _run_example(node, proxy.target)
+    finally:
+        await proxy.close()
+    assert code == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    result = _result(out)
+    assert result["streams"] == 4
+    first_resume = result["resumed_from"][0]
+    assert result["resumed_from"] == [first_resume, first_resume + 1, first_resume + 1]
+    assert "stream 2: ABORTED: proxy: watcher fell too far behind; reconnecting in" in out
+    assert "stream 3: UNAVAILABLE: proxy: watcher fell too far behind; reconnecting in" in out, out
+    await _check_against_service(service.stub, result)

@@ -28,6 +28,8 @@ const TOKEN = process.env.JOBWIRE_GRPC_TOKEN || '';
 const TLS_CA = process.env.JOBWIRE_SERVICE_TLS_CA || '';
 const DEADLINE_MS = 10_000; // every unary call
 const TERMINAL = new Set(['EVENT_TYPE_COMPLETED', 'EVENT_TYPE_FAILED', 'EVENT_TYPE_CANCELLED']);
+const TERMINAL_STATES = new Set(['JOB_STATE_SUCCEEDED', 'JOB_STATE_FAILED', 'JOB_STATE_CANCELLED']);
+const GIVE_UP_MS = 60_000; // the whole example; a watcher of a long job would not have this
 // Worth reconnecting after: the service restarting, a watcher that fell behind
 // (ABORTED), too many watchers right now (RESOURCE_EXHAUSTED).
 const RETRYABLE = new Set([
@@ -99,10 +101,12 @@ class ResumableWatch {
     this.call = null;
     this.pausing = false;
     this.waiters = [];
+    this.done = false;
     this.finished = new Promise((resolve, reject) => {
       this.resolveFinished = resolve;
       this.rejectFinished = reject;
     });
+    this.finished.catch(() => {}); // awaited later; not an unhandled rejection meanwhile
   }
 
   open() {
@@ -124,33 +128,56 @@ class ResumableWatch {
         terminal = this.onMessage(n, msg) || terminal;
       } catch (err) {
         call.cancel();
-        this.rejectFinished(err);
+        this.fail(err);
       }
     });
-    call.on('error', (err) => {
-      if (terminal || call !== this.call) return;
-      if (err.code === grpc.status.CANCELLED && this.pausing) {
-        this.log(`disconnect: cancelled stream ${n} after sequence ${this.lastSequence}`);
-        this.onClosed();
-      } else if (RETRYABLE.has(err.code)) {
-        this.reconnect(n, `${grpc.status[err.code]}: ${err.details}`);
-      } else {
-        this.rejectFinished(err);
-      }
-    });
-    call.on('end', () => {
-      if (call !== this.call) return;
-      if (terminal) this.resolveFinished();
-      else if (!this.pausing) this.reconnect(n, 'the stream ended before the terminal event');
-    });
+    // 'status' comes exactly once per stream, with its final code ('error' comes as
+    // well for a non-OK one, and 'end' too: acting on 'status' alone, after the
+    // messages still being delivered, handles each stream end once).
+    call.on('error', () => {});
+    call.on('status', (status) => setImmediate(() => this.closed(call, n, status, terminal)));
+  }
+
+  closed(call, n, status, terminal) {
+    if (call !== this.call || this.done) return;
+    if (terminal || this.ended()) {
+      this.done = true;
+      this.resolveFinished();
+    } else if (this.pausing) {
+      // The stream this example dropped on purpose (CANCELLED, or whatever ended it first).
+      const how = status.code === grpc.status.CANCELLED ? '' : ` (${grpc.status[status.code]})`;
+      this.log(`disconnect: cancelled stream ${n} after sequence ${this.lastSequence}${how}`);
+      this.onClosed();
+    } else if (status.code === grpc.status.OK) {
+      this.reconnect(n, 'the stream ended before the terminal event');
+    } else if (RETRYABLE.has(status.code)) {
+      this.reconnect(n, `${grpc.status[status.code]}: ${status.details}`);
+    } else {
+      const err = new Error(status.details);
+      err.code = status.code;
+      this.fail(err);
+    }
+  }
+
+  // The job is over and every event up to its end has been seen (e.g. a resume after
+  // the terminal event: the service sends the snapshot only).
+  ended() {
+    const s = this.snapshot;
+    return s !== undefined && TERMINAL_STATES.has(s.state) && this.lastSequence >= s.sequence;
+  }
+
+  fail(err) {
+    this.done = true;
+    this.rejectFinished(err);
   }
 
   onMessage(n, msg) {
     if (msg.item === 'snapshot') {
       const job = msg.snapshot;
       this.log(`stream ${n}: snapshot sequence=${job.sequence} state=${job.state}`);
-      // A job already terminal at the snapshot (and nothing left to replay) ends here.
+      // Kept: a terminal job with nothing left to replay ends the watch (ended()).
       this.snapshotSequence = job.sequence;
+      this.snapshot = job;
       this.notify();
       return false;
     }
@@ -182,12 +209,14 @@ class ResumableWatch {
     // Exponential backoff with full jitter, capped at 2 s; at most 8 tries in a row.
     this.failures = (this.failures || 0) + 1;
     if (this.failures > 8) {
-      this.rejectFinished(new Error(`giving up after ${this.failures - 1} reconnects: ${why}`));
+      this.fail(new Error(`giving up after ${this.failures - 1} reconnects: ${why}`));
       return;
     }
     const delay = Math.random() * Math.min(2000, 100 * 2 ** this.failures);
     this.log(`stream ${n}: ${why}; reconnecting in ${Math.round(delay)} ms`);
-    setTimeout(() => this.open(), delay);
+    setTimeout(() => {
+      if (!this.done) this.open();
+    }, delay);
   }
 
   // Drops the current stream on purpose, as a network failure would.
@@ -197,7 +226,7 @@ class ResumableWatch {
       this.onClosed = resolve;
     });
     this.call.cancel();
-    await closed;
+    await Promise.race([closed, this.finished]);
   }
 
   resume() {
@@ -207,9 +236,12 @@ class ResumableWatch {
     return this.until(() => this.snapshotSequence !== undefined);
   }
 
-  // Resolves once predicate() holds after a message.
+  // Resolves once predicate() holds: now, or after a later message.
   until(predicate) {
-    return new Promise((resolve) => this.waiters.push({ predicate, resolve }));
+    const met = predicate()
+      ? Promise.resolve()
+      : new Promise((resolve) => this.waiters.push({ predicate, resolve }));
+    return Promise.race([met, this.finished]); // a watch that failed fails the wait too
   }
 
   notify() {
@@ -223,6 +255,10 @@ class ResumableWatch {
 }
 
 async function main() {
+  const watchdog = setTimeout(() => {
+    console.error(`watch_job: not done after ${GIVE_UP_MS / 1000} s`);
+    process.exit(1);
+  }, GIVE_UP_MS);
   const JobService = loadJobService();
   const creds = credentials();
   const stub = new JobService(TARGET, creds.channel);
@@ -287,6 +323,7 @@ async function main() {
       }),
   );
   stub.close();
+  clearTimeout(watchdog);
 }
 
 main().catch((err) => {
