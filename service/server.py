@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from dataclasses import dataclass
@@ -27,6 +26,13 @@ from .tracing import server_interceptors
 
 log = logging.getLogger("jobwire.server")
 SERVICE_NAME = job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
+SWEEPER_STOP_SECONDS = 2.0
+
+
+def _discard_outcome(task: asyncio.Task[None]) -> None:
+    """A sweep still unwinding after shutdown fails against the closed store: expected."""
+    if not task.cancelled():
+        task.exception()
 
 
 @dataclass
@@ -43,8 +49,11 @@ class RunningService:
         """Stops accepting calls, lets in-flight ones finish, ends watch streams cleanly."""
         await self.health.enter_graceful_shutdown()
         self.sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.sweeper
+        # A sweep cancelled inside a MongoDB round trip can leave PyMongo unwinding its
+        # connection for a long time (seen: > 30 s on FerretDB); shutdown must not wait
+        # on it. Closing the store below ends whatever is left of it.
+        await asyncio.wait([self.sweeper], timeout=SWEEPER_STOP_SECONDS)
+        self.sweeper.add_done_callback(_discard_outcome)
         # Watchers get UNAVAILABLE after draining their buffers, so they reconnect
         # (to another replica, or to this one after a restart) with no gap.
         self.jobs.fanout.close_all()
