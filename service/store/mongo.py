@@ -668,7 +668,10 @@ class MongoStore:
     async def _refill(self, kind: int) -> _Candidates:
         """Fresh candidates of `kind`; claimers arriving meanwhile share the query."""
         refill = self._refills.get(kind)
-        if refill is None:
+        # A finished refill whose clean-up callback has not run yet counts as none:
+        # awaiting it would not yield, and a claimer looping on its stale (empty)
+        # result would spin without ever letting the event loop run that callback.
+        if refill is None or refill.done():
             self._fetch_epoch += 1
             refill = asyncio.ensure_future(self._query_candidates(kind, self._fetch_epoch))
             self._refills[kind] = refill
