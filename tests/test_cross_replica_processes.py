@@ -25,7 +25,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobwire.v1 import job_service_pb2, job_service_pb2_grpc
 from tests.helpers import WAIT, completed, create, free_port, progress, read, read_all
 
-MAX_DELAY = 0.100  # from ReportEvent returning on A to the event arriving on B
+# From ReportEvent returning on A to the event arriving on B. Far below the 10 s resync
+# (so the event came through the feed, not the ring heal), far above the ~20 ms measured
+# on a quiet machine: the figure itself belongs to bench/, and a shared 2-core machine
+# showed 150 ms maxima under load.
+MAX_DELAY = 1.0
 EVENTS = 20
 
 
