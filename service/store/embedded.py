@@ -544,10 +544,17 @@ class EmbeddedStore:
         if now_ns - self._pruned_ns < PRUNE_EVERY_NS:
             return
         self._pruned_ns = now_ns
+        cutoff = now_ns - self.policy.firehose_retention_ns
+        # Entries are numbered in commit order, so the oldest comes first: while it is
+        # not expired, skip the DELETE, whose search for expired rows (time_ns has no
+        # index) would read the whole log every second, slower as the log grows.
+        oldest = conn.execute("SELECT time_ns FROM firehose ORDER BY n LIMIT 1").fetchone()
+        if oldest is None or oldest[0] >= cutoff:
+            return
         conn.execute(
             "DELETE FROM firehose WHERE n IN"
             " (SELECT n FROM firehose WHERE time_ns < ? ORDER BY n LIMIT ?)",
-            (now_ns - self.policy.firehose_retention_ns, PRUNE_ROWS),
+            (cutoff, PRUNE_ROWS),
         )
 
     def _connection(self) -> sqlite3.Connection:
