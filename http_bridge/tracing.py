@@ -163,53 +163,37 @@ def _finish(span: Any, call: Any) -> None:
 _ending: set[asyncio.Task[None]] = set()
 
 
+async def _intercept(continuation: Any, details: Any, request: Any) -> Any:
+    """Every call shape: a CLIENT span around the call, ended with its status."""
+    span, traced = _traced(details)
+    try:
+        call = await continuation(traced, request)
+    except BaseException:
+        span.end()
+        raise
+    _finish(span, call)
+    return call
+
+
 class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        span, traced = _traced(details)
-        try:
-            call = await continuation(traced, request)
-        except BaseException:
-            span.end()
-            raise
-        _finish(span, call)
-        return call
+        return await _intercept(continuation, details, request)
 
 
 class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        span, traced = _traced(details)
-        try:
-            call = await continuation(traced, request)
-        except BaseException:
-            span.end()
-            raise
-        _finish(span, call)
-        return call
+        return await _intercept(continuation, details, request)
 
 
 class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(
         self, continuation: Any, details: Any, request_iterator: Any
     ) -> Any:
-        span, traced = _traced(details)
-        try:
-            call = await continuation(traced, request_iterator)
-        except BaseException:
-            span.end()
-            raise
-        _finish(span, call)
-        return call
+        return await _intercept(continuation, details, request_iterator)
 
 
 class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(
         self, continuation: Any, details: Any, request_iterator: Any
     ) -> Any:
-        span, traced = _traced(details)
-        try:
-            call = await continuation(traced, request_iterator)
-        except BaseException:
-            span.end()
-            raise
-        _finish(span, call)
-        return call
+        return await _intercept(continuation, details, request_iterator)
