@@ -91,20 +91,29 @@ class BodyClock:
     per `min_rate` bytes received (Apache mod_reqtimeout's rule). A large body on a
     fast link is never cut; a trickle is answered 408."""
 
-    __slots__ = ("_deadline", "_loop", "_rate")
+    __slots__ = ("_config", "_deadline", "_loop", "_rate")
 
     def __init__(self, config: Config) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._deadline = self._loop.time() + config.body_timeout_seconds
-        self._rate = float(config.body_min_rate_bytes)
+        self._config = config
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def read(self, request: web.Request) -> bytes:
-        remaining = self._deadline - self._loop.time()
+        content = request.content
+        if content.is_eof():
+            # The whole body has arrived (the usual small callback: with its head in
+            # one segment): this read cannot wait, so no clock and no timer for it.
+            return await content.readany()
+        loop = self._loop
+        if loop is None:  # the clock starts at the first read that may wait
+            loop = self._loop = asyncio.get_running_loop()
+            self._deadline = loop.time() + self._config.body_timeout_seconds
+            self._rate = float(self._config.body_min_rate_bytes)
+        remaining = self._deadline - loop.time()
         if remaining <= 0:
             raise body_too_slow()
         try:
             async with asyncio.timeout(remaining):
-                chunk = await request.content.readany()
+                chunk = await content.readany()
         except TimeoutError:
             raise body_too_slow() from None
         self._deadline += len(chunk) / self._rate
