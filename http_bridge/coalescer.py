@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import TYPE_CHECKING
 
 import grpc
@@ -45,10 +46,15 @@ class Coalescer:
         self._timeout = timeout
         self._pending: list[_Waiter] = []
         self._senders: set[asyncio.Task[None]] = set()
+        # Callers' deadlines in arrival order (one timeout for all: the earliest is
+        # first), watched by one timer instead of a call_later per event.
+        self._deadlines: deque[tuple[float, asyncio.Future[svc.ReportEventResponse]]] = deque()
+        self._deadline_timer: asyncio.TimerHandle | None = None
 
     async def report(self, request: svc.ReportEventRequest) -> svc.ReportEventResponse:
         """Applies one event; raises RpcFailed with the event's own status when refused."""
-        future: asyncio.Future[svc.ReportEventResponse] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[svc.ReportEventResponse] = loop.create_future()
         self._pending.append((request, future))
         tracing.note_waiter(future)  # the callback's trace, when tracing is on
         if len(self._senders) < self._max_in_flight:
@@ -56,11 +62,23 @@ class Coalescer:
         # The deadline counts from the caller's arrival, queueing behind batches in
         # flight included: a frozen service gets the worker a 503 within `timeout`,
         # not a multiple of it. The event may still be applied later (idempotently).
-        expiry = asyncio.get_running_loop().call_later(self._timeout, _expire, future)
-        try:
-            return await future
-        finally:
-            expiry.cancel()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1].done():
+            deadlines.popleft()
+        deadlines.append((loop.time() + self._timeout, future))
+        if self._deadline_timer is None:
+            self._deadline_timer = loop.call_at(deadlines[0][0], self._expire_due, loop)
+        return await future
+
+    def _expire_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fails the callers whose deadline passed; re-arms for the next one."""
+        self._deadline_timer = None
+        now = loop.time()
+        deadlines = self._deadlines
+        while deadlines and (deadlines[0][1].done() or deadlines[0][0] <= now):
+            _expire(deadlines.popleft()[1])
+        if deadlines:
+            self._deadline_timer = loop.call_at(deadlines[0][0], self._expire_due, loop)
 
     async def _send_loop(self) -> None:
         try:
@@ -111,6 +129,9 @@ class Coalescer:
                 future.set_exception(RpcFailed(status_code_of(result.code), result.message))
 
     async def close(self) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
         for task in list(self._senders):
             task.cancel()
         await asyncio.gather(*self._senders, return_exceptions=True)
