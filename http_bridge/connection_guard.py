@@ -67,6 +67,9 @@ class GuardedProtocol(asyncio.Protocol):
         self._inner = inner
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # When the request head now awaited began (loop time), None while none is: the
+        # timer is not cancelled per request but re-armed lazily when it fires early.
+        self._head_since: float | None = None
         self._in_request = False
         self._counted = False
         self._closing = False
@@ -91,7 +94,7 @@ class GuardedProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self._counted or self._closing:
             return  # a refused or timed-out connection: its bytes are discarded
-        if not self._in_request and self._timer is None:
+        if not self._in_request and self._head_since is None:
             self._start_timer()  # the first byte of the next request on this connection
         self._inner.data_received(data)
 
@@ -121,7 +124,7 @@ class GuardedProtocol(asyncio.Protocol):
 
     def request_started(self) -> None:
         self._in_request = True
-        self._cancel_timer()
+        self._head_since = None  # the head is complete; a pending timer finds nothing
 
     def request_finished(self) -> None:
         self._in_request = False
@@ -130,9 +133,12 @@ class GuardedProtocol(asyncio.Protocol):
 
     def _start_timer(self) -> None:
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._guard.header_timeout, self._head_timed_out)
+        self._head_since = now = loop.time()
+        if self._timer is None:  # else the pending one re-arms for this head
+            self._timer = loop.call_at(now + self._guard.header_timeout, self._head_timed_out)
 
     def _cancel_timer(self) -> None:
+        self._head_since = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -140,7 +146,13 @@ class GuardedProtocol(asyncio.Protocol):
     def _head_timed_out(self) -> None:
         self._timer = None
         transport = self._transport
-        if self._in_request or transport is None or transport.is_closing():
+        since = self._head_since
+        if self._in_request or since is None or transport is None or transport.is_closing():
+            return
+        loop = asyncio.get_running_loop()
+        due = since + self._guard.header_timeout
+        if loop.time() < due:  # armed for an earlier head: this one has time left
+            self._timer = loop.call_at(due, self._head_timed_out)
             return
         self._guard.head_timeouts += 1
         HEAD_TIMEOUTS.inc()
