@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
@@ -525,7 +524,8 @@ class EmbeddedStore:
         for i, (n, _, _) in zip(log_at, log_rows, strict=False):
             applied = results[i]
             assert isinstance(applied, Applied)
-            results[i] = dataclasses.replace(applied, position=(ORIGIN, n))
+            # The constructor, not dataclasses.replace (several times slower, per event).
+            results[i] = Applied(applied.record, applied.event, applied.created, (ORIGIN, n))
         return results, entries
 
     def _log_rows(
