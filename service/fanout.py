@@ -236,6 +236,8 @@ class Fanout:
             item = (event, positions[i] if i < len(positions) else None)
             for sub in self._by_job.get(event.job_id, ()):
                 sub.offer(item)
+            if not self._routes and not self._lossless:
+                continue  # no WatchJobs stream open: no route keys to build per event
             keys = {(event.kind, event.state), (event.kind, 0), (0, event.state), (0, 0)}
             for key in keys:
                 for sub in self._routes.get(key, ()):
