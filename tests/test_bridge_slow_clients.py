@@ -240,3 +240,42 @@ async def test_200_slow_connections_do_not_slow_normal_callbacks(
         )
         assert loaded <= max(3 * baseline, baseline + 0.05), (baseline, loaded)
         assert bridge.alive
+
+
+async def test_head_timer_spans_keep_alive_requests(grpc_service: Any, tmp_path: Path) -> None:
+    """The head timer is re-armed lazily (not per request): quick requests on one
+    connection for longer than the header timeout are never cut, and a later head
+    that trickles on the same connection still gets its 408."""
+    async with bridge_process(
+        grpc_service.target, tmp_path, JOBWIRE_HEADER_TIMEOUT_SECONDS="1"
+    ) as bridge:
+        reader, writer = await open_conn(bridge.port)
+        started = time.monotonic()
+        answered = 0
+        while time.monotonic() - started < 2.5:  # 2.5 header timeouts of quick requests
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), SLACK)
+            assert status_of(head) == 200, head
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await asyncio.wait_for(reader.readexactly(length), SLACK)
+            answered += 1
+            await asyncio.sleep(0.05)  # the client's pace, not a synchronisation
+        assert answered > 10
+
+        slow_head = b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: yes"
+
+        async def trickle() -> None:
+            for byte in slow_head:  # one byte every 0.1 s: 4.5 s for the whole head
+                writer.write(bytes([byte]))
+                await asyncio.sleep(0.1)
+
+        sender = asyncio.create_task(trickle())
+        trickle_started = time.monotonic()
+        try:
+            answer = await read_until_closed(reader, 1 + SLACK)
+        finally:
+            sender.cancel()
+            writer.close()
+        elapsed = time.monotonic() - trickle_started
+        assert status_of(answer) == 408
+        assert 0.5 <= elapsed < len(slow_head) * 0.1, f"closed after {elapsed:.1f}s"
