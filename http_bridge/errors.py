@@ -136,12 +136,13 @@ def contract_errors(render: Renderer) -> Callable[[Handler], Handler]:
     """Wraps a handler so every failure is answered in its contract's error body."""
 
     def decorate(handler: Handler) -> Handler:
+        # Late (edge and grpc_client import this module), but once per handler rather
+        # than two import statements run on every request.
+        from .edge import check_rate
+        from .grpc_client import CONFIG
+
         @functools.wraps(handler)
         async def wrapper(request: web.Request) -> web.StreamResponse:
-            from .edge import check_rate  # late: edge imports this module
-            from .grpc_client import CONFIG  # late: grpc_client imports this module
-
-            retry_after = request.app[CONFIG].retry_after_seconds
             try:
                 check_rate(request)
                 return await handler(request)
@@ -161,6 +162,7 @@ def contract_errors(render: Renderer) -> Callable[[Handler], Handler]:
                 log.warning(
                     "%s %s -> %d: %s", request.method, request.path, err.status, err.message
                 )
+            retry_after = request.app[CONFIG].retry_after_seconds
             return error_response(err, render, retry_after, credential_sent(request))
 
         return wrapper
