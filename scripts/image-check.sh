@@ -43,9 +43,18 @@ fail() {
 WORK=$(mktemp -d /tmp/jobwire-image-check.XXXXXX)
 PIDS=()
 CTRS=()
+# Each container runs in its own session (setsid below). buildah's chroot runtime puts
+# the container's processes in process groups of their own inside that session, so a
+# signal to buildah's group misses them: signal, and wait for, the whole session.
+session_pids() { ps -eo pid=,sid= | awk -v s="$1" '$2 == s { print $1 }'; }
+signal_session() {
+  local pids
+  pids=$(session_pids "$2")
+  [ -z "$pids" ] || kill "-$1" $pids 2>/dev/null || true
+}
 cleanup() {
   local pid ctr
-  for pid in "${PIDS[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do signal_session KILL "$pid"; done
   for ctr in "${CTRS[@]}"; do buildah rm "$ctr" >/dev/null 2>&1 || true; done
   rm -rf "$WORK"
 }
@@ -196,12 +205,12 @@ echo "image-check: HEALTHCHECK '$healthcheck' (bridge --http .../readyz): exit 0
 # SIGTERM to each container's process group: both must stop cleanly within the grace.
 stop() {
   local pid=$1 name=$2 i
-  kill -TERM -- "-$pid" 2>/dev/null || true
+  signal_session TERM "$pid"
   for i in $(seq 1 150); do
-    kill -0 "$pid" 2>/dev/null || break
+    [ -n "$(session_pids "$pid")" ] || break
     sleep 0.1
   done
-  kill -0 "$pid" 2>/dev/null && {
+  [ -n "$(session_pids "$pid")" ] && {
     show_logs
     fail "$name still running 15 s after SIGTERM"
   }
