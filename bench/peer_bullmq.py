@@ -27,7 +27,17 @@ from typing import Any
 
 import aiohttp
 
-from bench.run import HOST, ROOT, Proc, base_env, free_port, pct, wait_http
+from bench.run import (
+    HOST,
+    ROOT,
+    Proc,
+    base_env,
+    delivery_ms,
+    free_port,
+    pct,
+    proc_status,
+    wait_http,
+)
 
 PEER_DIR = ROOT / "bench" / "peers" / "bullmq"
 
@@ -161,17 +171,12 @@ class BullmqPeer:
                         errors[resp.status] += 1
                 await asyncio.sleep(1 / rate)
         await asyncio.sleep(1.0)
-        rss = proc_rss_mib(proc.pid)
+        rss = round(proc_status(proc.pid, "VmRSS"), 1)
         proc.stdin.write(b"STOP\n")
         await proc.stdin.drain()
         await asyncio.wait_for(proc.wait(), 60)
         data = json.loads(out.read_text())
-        lat = [
-            (t - acks[msg]) * 1000
-            for msg, times in data["arrivals"].items()
-            if msg in acks
-            for t in times
-        ]
+        lat = delivery_ms(data["arrivals"], acks)
         return {
             "p50_ms": pct(lat, 50),
             "p99_ms": pct(lat, 99),
@@ -186,16 +191,6 @@ class BullmqPeer:
             "listener_errors": dict(Counter(data["errors"])),
             "node_watchers_rss_mib": rss,
         }
-
-
-def proc_rss_mib(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return float("nan")
 
 
 async def wait_redis(port: int, proc: Proc, timeout: float = 30) -> None:  # noqa: ASYNC109

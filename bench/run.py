@@ -132,6 +132,11 @@ def cpu_seconds(pid: int) -> float:
     return own + sum(cpu_seconds(int(c)) for c in children)
 
 
+def delivery_ms(arrivals: dict[str, list[float]], acks: dict[str, float]) -> list[float]:
+    """Fan-out delays: each arrival of a message on a watcher after its callback's 200."""
+    return [(t - acks[msg]) * 1000 for msg, times in arrivals.items() if msg in acks for t in times]
+
+
 def pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -862,12 +867,7 @@ class Bench:
         await watchers.stdin.drain()
         await asyncio.wait_for(watchers.wait(), 60)
         data = json.loads(out.read_text())
-        lat = [
-            (t - acks[msg]) * 1000
-            for msg, times in data["arrivals"].items()
-            if msg in acks
-            for t in times
-        ]
+        lat = delivery_ms(data["arrivals"], acks)
         expected = self.args.watchers * len(acks)
         return {
             "p50_ms": pct(lat, 50),
