@@ -277,14 +277,26 @@ async def report(stub: Any, job: str, key: str) -> float:
     return time.time()
 
 
-def latencies(arrivals: list[dict[str, list[float]]], acks: dict[str, float]) -> list[float]:
-    return [
-        (t - acks[key]) * 1000
-        for a in arrivals
-        for key, times in a.items()
-        if key in acks
-        for t in times
-    ]
+def latencies(
+    run: Any, arrivals: list[dict[str, list[float]]], acks: dict[str, float]
+) -> list[float]:
+    """Fan-out delays over every client process's arrivals (bench.run.delivery_ms)."""
+    return [ms for a in arrivals for ms in run.delivery_ms(a, acks)]
+
+
+async def open_burst(
+    run: Any, args: argparse.Namespace, target: str, job: str, mode: str
+) -> tuple[list[Any], list[dict[str, Any]], float]:
+    """Spawns the client processes, opens all their streams at once ("GO") and waits
+    for each process's ready report; returns the clients, the reports, the load."""
+    clients = await spawn_clients(
+        run, target, job, args.watchers, args.procs, mode, args.open_limit
+    )
+    load = cpu_load()
+    for c in clients:
+        await c.send("GO")
+    readies = [await c.reply(args.open_limit + 60) for c in clients]
+    return clients, readies, load
 
 
 def cpu_load() -> float:
@@ -298,11 +310,7 @@ async def open_phase(
     (job,) = await run.create_jobs(
         stub, 1, job_pb2.JOB_KIND_EXTRACTION, f"w10k-open-{time.time_ns()}"
     )
-    clients = await spawn_clients(run, target, job[0], n, args.procs, "raw", args.open_limit)
-    load = cpu_load()
-    for c in clients:
-        await c.send("GO")
-    readies = [await c.reply(args.open_limit + 60) for c in clients]
+    clients, readies, load = await open_burst(run, args, target, job[0], "raw")
     ready = sum(r["ready"] for r in readies)
     refused = sum(r["refused"] for r in readies)
     open_s = max((r["ready_s"] or args.open_limit) for r in readies)
@@ -324,7 +332,7 @@ async def open_phase(
     cpu_ms = (run.cpu_seconds(svc.pid) - cpu0) * 1000 / max(1, args.fanout_events)
     rss = max(rss, run.proc_status(svc.pid, "VmRSS"))
     results = [await c.stop() for c in clients]
-    lat = latencies([r["arrivals"] for r in results], acks)
+    lat = latencies(run, [r["arrivals"] for r in results], acks)
     errors: collections.Counter[str] = collections.Counter()
     for r in results:
         errors.update(r["errors"])
@@ -352,11 +360,7 @@ async def storm_phase(
     (job,) = await run.create_jobs(
         stub, 1, job_pb2.JOB_KIND_EXTRACTION, f"w10k-storm-{time.time_ns()}"
     )
-    clients = await spawn_clients(run, target, job[0], n, args.procs, "library", args.open_limit)
-    load = cpu_load()
-    for c in clients:
-        await c.send("GO")
-    readies = [await c.reply(args.open_limit + 60) for c in clients]
+    clients, readies, load = await open_burst(run, args, target, job[0], "library")
     ready = sum(r["ready"] for r in readies)
     open_s = max((r["ready_s"] or args.open_limit) for r in readies)
     acks: dict[str, float] = {}
@@ -489,7 +493,7 @@ async def firehose_phase(
     achieved = sent / (time.monotonic() - t0)
     await asyncio.sleep(3.0)  # let the last ones arrive
     results = [await c.stop() for c in clients]
-    lat = latencies([r["arrivals"] for r in results], acks)
+    lat = latencies(run, [r["arrivals"] for r in results], acks)
     stream_errors: collections.Counter[str] = collections.Counter()
     for r in results:
         stream_errors.update(r["errors"])
