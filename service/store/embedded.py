@@ -136,7 +136,7 @@ class EmbeddedStore:
         while True:
             await asyncio.sleep(interval)
             # Busy, disk full or closing: the next round retries.
-            with contextlib.suppress(sqlite3.Error, RuntimeError, OSError):
+            with contextlib.suppress(sqlite3.Error, RuntimeError, OSError, StorageUnavailable):
                 if self._wal_bytes() < WAL_TRUNCATE_BYTES:
                     await loop.run_in_executor(self._checkpointer, checkpoint, "PASSIVE")
                     continue
@@ -144,9 +144,12 @@ class EmbeddedStore:
                 # WAL's end, so SQLite never starts the WAL over and the file grows without
                 # bound (measured: 2.7 MB per 2,000 events, until the disk is full). Past
                 # the limit: TRUNCATE, holding the write lock so that commits wait on the
-                # loop (not in SQLite's busy handler, which would block the loop).
-                async with self._write_lock:
-                    await loop.run_in_executor(self._checkpointer, checkpoint, "TRUNCATE")
+                # loop (not in SQLite's busy handler, which would block the loop). On the
+                # write connection itself: a WAL reset by another connection makes the
+                # writer drop its page cache and bumps its data_version, which dropped
+                # the record cache too (every job re-read and re-decoded, twice a second
+                # under load); its own reset does neither.
+                await self._write(_truncate_wal)
 
     def _wal_bytes(self) -> int:
         try:
@@ -635,6 +638,10 @@ class EmbeddedStore:
             raise StorageUnavailable(f"embedded store: {err}") from err
         except RuntimeError as err:  # executor shut down
             raise StorageUnavailable(f"embedded store is closed: {err}") from err
+
+
+def _truncate_wal(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
 
 def _fsync_close(handle: Any) -> None:
