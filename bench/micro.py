@@ -16,8 +16,9 @@ import uuid
 from collections.abc import Callable
 
 import orjson
+from prometheus_client import Counter, Histogram
 
-from http_bridge.metrics import CALLBACKS, LATENCY, _record, new_request_id
+from http_bridge.metrics import BUCKETS, _record, new_request_id
 from http_bridge.secretary import ProgressEvent
 from jobwire.v1 import job_pb2
 from jobwire.v1 import job_service_pb2 as svc
@@ -46,14 +47,30 @@ def new_event() -> svc.ReportEventRequest:
     )
 
 
+# prometheus_client's own metric objects (as the bridge had them until its collector).
+OLD_CALLBACKS = Counter("old_callbacks", "x", ["contract", "status"], registry=None)
+OLD_LATENCY = Histogram("old_latency", "x", ["contract"], buckets=BUCKETS, registry=None)
+OLD_CHILDREN = (OLD_CALLBACKS.labels("secretary", "200"), OLD_LATENCY.labels("secretary"))
+
+
 def old_metrics() -> None:
-    CALLBACKS.labels("secretary", "200").inc()
-    LATENCY.labels("secretary").observe(0.003)
+    OLD_CALLBACKS.labels("secretary", "200").inc()
+    OLD_LATENCY.labels("secretary").observe(0.003)
+
+
+def children_metrics() -> None:
+    OLD_CHILDREN[0].inc()
+    OLD_CHILDREN[1].observe(0.003)
 
 
 PAIRS: list[tuple[str, Callable[[], object], Callable[[], object]]] = [
     ("request id: uuid4().hex -> prefix + counter", lambda: uuid.uuid4().hex, new_request_id),
-    ("metrics: labels() per call -> children kept", old_metrics, lambda: _record("s", 200, 0.003)),
+    ("metrics: labels() per call -> children kept", old_metrics, children_metrics),
+    (
+        "metrics: prometheus children -> plain numbers + collector",
+        children_metrics,
+        lambda: _record("s", 200, 0.003),
+    ),
     ("protobuf: attribute sets -> one constructor (not kept)", old_event, new_event),
     (
         "pydantic: orjson + model_validate -> model_validate_json (not done)",

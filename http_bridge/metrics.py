@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextvars
 import itertools
 import logging
@@ -18,11 +19,14 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from aiohttp.web_urldispatcher import SystemRoute
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.samples import Sample
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar(
     "jobwire_bridge_request_id", default=""
@@ -30,16 +34,7 @@ REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar(
 HEADER = "X-Request-ID"
 _VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
-CALLBACKS = Counter(
-    "jobwire_bridge_callbacks", "Answered worker callbacks by contract and HTTP status",
-    ["contract", "status"],
-)  # fmt: skip
-LATENCY = Histogram(
-    "jobwire_bridge_request_duration_seconds",
-    "Latency of worker callbacks by contract",
-    ["contract"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 CONTRACTS: web.AppKey[dict[str, str]] = web.AppKey("jobwire_contract_of_route", dict)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -77,20 +72,62 @@ def new_request_id() -> str:
     return f"{_id_prefix}{next(_id_counter):016x}"  # 32 hex digits, like uuid4().hex
 
 
-# Label children looked up once: `labels()` costs microseconds per call.
-_counted: dict[tuple[str, int], Any] = {}
-_timed: dict[str, Any] = {}
+# The callback counter and latency histogram as plain numbers, rendered by a collector
+# at scrape time in the exposition prometheus_client's Counter and Histogram give
+# (names, labels, cumulative buckets, `_created`). Their locks and per-bucket loops
+# cost 1-3 us per callback; every update and every scrape runs on the event loop.
+_counted: dict[tuple[str, int], list[float]] = {}  # (contract, status): [count, created]
+# contract: [one count per bucket and +Inf, sum, created]
+_timed: dict[str, list[float]] = {}
+_SUM, _CREATED = len(BUCKETS) + 1, len(BUCKETS) + 2
 
 
 def _record(contract: str, status: int, seconds: float) -> None:
     counter = _counted.get((contract, status))
     if counter is None:
-        counter = _counted[(contract, status)] = CALLBACKS.labels(contract, str(status))
+        counter = _counted[(contract, status)] = [0, time.time()]
     histogram = _timed.get(contract)
     if histogram is None:
-        histogram = _timed[contract] = LATENCY.labels(contract)
-    counter.inc()
-    histogram.observe(seconds)
+        histogram = _timed[contract] = [0] * _SUM + [0.0, time.time()]
+    counter[0] += 1
+    histogram[bisect.bisect_left(BUCKETS, seconds)] += 1  # the first bound >= seconds
+    histogram[_SUM] += seconds
+
+
+class _CallbackCollector:
+    def collect(self) -> Iterator[Metric]:
+        callbacks = CounterMetricFamily(
+            "jobwire_bridge_callbacks",
+            "Answered worker callbacks by contract and HTTP status",
+            labels=["contract", "status"],
+        )
+        for (contract, status), (count, created) in list(_counted.items()):
+            callbacks.add_metric([contract, str(status)], count, created=created)
+        yield callbacks
+        latency = HistogramMetricFamily(
+            "jobwire_bridge_request_duration_seconds",
+            "Latency of worker callbacks by contract",
+            labels=["contract"],
+        )
+        created_samples = []
+        for contract, values in list(_timed.items()):
+            cumulative, buckets = 0.0, []
+            for bound, count in zip((*BUCKETS, float("inf")), values[:_SUM], strict=True):
+                cumulative += count
+                buckets.append((_bound_text(bound), cumulative))
+            latency.add_metric([contract], buckets, values[_SUM])
+            created_samples.append(
+                Sample(f"{latency.name}_created", {"contract": contract}, values[_CREATED])
+            )
+        latency.samples.extend(created_samples)
+        yield latency
+
+
+def _bound_text(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+REGISTRY.register(_CallbackCollector())
 
 
 @web.middleware
@@ -98,9 +135,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     given = request.headers.get(HEADER, "")
     request_id = given if given and _VALID_ID.fullmatch(given) else new_request_id()
     REQUEST_ID.set(request_id)
-    route = request.match_info.route.resource
-    canonical = route.canonical if route is not None else ""
-    contract = request.app[CONTRACTS].get(f"{request.method} {canonical}", "")
+    contract = _contract_of(request)
     start = time.perf_counter()
     status = 500
     try:
@@ -116,6 +151,25 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not response.prepared:
         response.headers[HEADER] = request_id
     return response
+
+
+# The contract of each route, found once (routes live as long as the app).
+_route_contracts: dict[tuple[object, str], str] = {}
+
+
+def _contract_of(request: web.Request) -> str:
+    route = request.match_info.route
+    key = (route, request.method)
+    contract = _route_contracts.get(key)
+    if contract is None:
+        resource = route.resource
+        canonical = resource.canonical if resource is not None else ""
+        contract = request.app[CONTRACTS].get(f"{request.method} {canonical}", "")
+        if not isinstance(route, SystemRoute):  # made per request for a 404/405
+            if len(_route_contracts) > 4096:  # many apps in one process (tests)
+                _route_contracts.clear()
+            _route_contracts[key] = contract
+    return contract
 
 
 async def metrics(_: web.Request) -> web.Response:

@@ -58,3 +58,51 @@ async def test_wal_truncation_keeps_the_writers_record_cache(
         assert not isinstance(again, Applied)
     finally:
         await store.close()
+
+
+def test_bridge_callback_metrics_expose_what_prometheus_objects_would() -> None:
+    """The bridge counts callbacks in plain numbers; the scrape shows exactly what
+    prometheus_client's Counter and Histogram fed the same values show."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from http_bridge import metrics
+
+    reference = CollectorRegistry()
+    counter = Counter(
+        "jobwire_bridge_callbacks", "Answered worker callbacks by contract and HTTP status",
+        ["contract", "status"], registry=reference,
+    )  # fmt: skip
+    histogram = Histogram(
+        "jobwire_bridge_request_duration_seconds", "Latency of worker callbacks by contract",
+        ["contract"], buckets=metrics.BUCKETS, registry=reference,
+    )  # fmt: skip
+    ours = CollectorRegistry()
+    ours.register(metrics._CallbackCollector())
+    saved = dict(metrics._counted), dict(metrics._timed)
+    metrics._counted.clear()
+    metrics._timed.clear()
+    try:
+        # Bounds themselves, between them, beyond the last, zero.
+        for contract, status, seconds in [
+            ("test_a", 200, 0.001), ("test_a", 200, 0.0011), ("test_a", 409, 0.0025),
+            ("test_a", 200, 0.0), ("test_b", 503, 30.0), ("test_b", 503, 31.5),
+            ("test_a", 200, 0.7),
+        ]:  # fmt: skip
+            metrics._record(contract, status, seconds)
+            counter.labels(contract, str(status)).inc()
+            histogram.labels(contract).observe(seconds)
+
+        def lines(registry: CollectorRegistry) -> list[str]:
+            text = generate_latest(registry).decode()
+            return [line for line in text.splitlines() if "_created" not in line]
+
+        assert lines(ours) == lines(reference)
+        created = [
+            line for line in generate_latest(ours).decode().splitlines() if "_created{" in line
+        ]
+        assert len(created) == 5  # three counter children, two histogram children
+    finally:
+        metrics._counted.clear()
+        metrics._timed.clear()
+        metrics._counted.update(saved[0])
+        metrics._timed.update(saved[1])

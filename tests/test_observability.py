@@ -238,7 +238,9 @@ def exported_metrics() -> set[str]:
         for p in (ROOT / top).rglob("*.py")
     )
     names: set[str] = set()
-    for kind, name in re.findall(r"\b(Counter|Gauge|Histogram)\(\s*\"(jobwire_\w+)\"", source):
+    # prometheus_client's metric objects, or the families a collector yields.
+    pattern = r"\b(Counter|Gauge|Histogram)(?:MetricFamily)?\(\s*\"(jobwire_\w+)\""
+    for kind, name in re.findall(pattern, source):
         if kind == "Counter":
             names.add(f"{name}_total")
         elif kind == "Histogram":
