@@ -120,6 +120,16 @@ def proc_status(pid: int, field: str) -> float:
     return float("nan")
 
 
+def rss_mib(pid: int) -> float:
+    """VmRSS of a process and its live descendants (a service's watch workers), MiB."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        own = proc_status(pid, "VmRSS")
+    except OSError:
+        return 0.0
+    return own + sum(rss_mib(int(c)) for c in children)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time so far of a process and its live descendants (the
     worker processes of a bridge with JOBWIRE_HTTP_WORKERS > 1)."""
@@ -135,6 +145,22 @@ def cpu_seconds(pid: int) -> float:
 def delivery_ms(arrivals: dict[str, list[float]], acks: dict[str, float]) -> list[float]:
     """Fan-out delays: each arrival of a message on a watcher after its callback's 200."""
     return [(t - acks[msg]) * 1000 for msg, times in arrivals.items() if msg in acks for t in times]
+
+
+FANOUT_MARK = "tick-"  # fan-out callbacks' messages: "tick-0", "tick-1", ...
+
+
+def watcher_client_missing(client: str) -> str:
+    """Why a fan-out watcher client cannot run here ("" when it can)."""
+    if client == "python":
+        return ""
+    if client != "node":
+        return f"unknown watcher client {client!r}"
+    if shutil.which("node") is None:
+        return "node is not installed"
+    if not (ROOT / "examples" / "node" / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        return "examples/node/node_modules has no @grpc/grpc-js (scripts/install-node-example.sh)"
+    return ""
 
 
 def pct(values: list[float], p: float) -> float:
@@ -738,22 +764,39 @@ class Bench:
         figures: dict[str, Any],
         details: dict[str, Any],
     ) -> None:
+        # The headline is the first watcher client that can run here; each client's
+        # run is kept in details.fanout_by_client (README "Against the peer").
+        fans: dict[str, dict[str, Any]] = {}
         try:
-            fan = await self.fanout(stub, port, service, target, store)
+            for client in self.args.watcher_clients.split(","):
+                missing = watcher_client_missing(client)
+                if missing:
+                    details.setdefault("fanout_skipped", {})[client] = missing
+                    log(f"{store}: fanout with {client} watchers skipped: {missing}")
+                    continue
+                fans[client] = await self.fanout(stub, port, service, target, store, client)
         finally:
             if store == "embedded" and self.peer is not None:
                 await self.peer_fanout(self.peer)
+        if not fans:
+            skipped = details["fanout_skipped"]
+            raise RuntimeError(f"fan-out: no watcher client could run ({skipped})")
+        fan = next(iter(fans.values()))
         details["fanout"] = {k: v for k, v in fan.items() if k != "rss"}
+        details["fanout_by_client"] = {
+            c: {k: v for k, v in f.items() if k != "rss"} for c, f in fans.items()
+        }
         figures["service_rss_mib_1000_watchers"] = round(fan["rss"], 1)
         if not fan["delivered"]:
             raise RuntimeError(f"fan-out: no event delivered ({fan['callback_errors']} errors)")
         figures["fanout_p50_ms"] = round(fan["p50_ms"], 2)
         figures["fanout_p99_ms"] = round(fan["p99_ms"], 2)
         figures["service_rss_mib_1000_watchers"] = round(fan["rss"], 1)
-        log(
-            f"{store}: fanout p50 {fan['p50_ms']:.1f} p99 {fan['p99_ms']:.1f} ms, "
-            f"service RSS {fan['rss']:.0f} MiB with 1000 watchers"
-        )
+        for client, f in fans.items():
+            log(
+                f"{store}: fanout ({client} watchers) p50 {f['p50_ms']:.1f} "
+                f"p99 {f['p99_ms']:.1f} ms, service RSS {f['rss']:.0f} MiB with 1000 watchers"
+            )
 
     async def peer_fanout(self, peer: BullmqPeer) -> None:
         """The same events, rate and listener count through BullMQ's QueueEvents."""
@@ -806,46 +849,60 @@ class Bench:
         self.procs = keep
 
     async def fanout(
-        self, stub: Any, port: int, service: Proc, target: str, store: str
+        self, stub: Any, port: int, service: Proc, target: str, store: str, client: str
     ) -> dict[str, Any]:
-        (job,) = await create_jobs(stub, 1, job_pb2.JOB_KIND_EXTRACTION, f"{store}-fan")
-        out = self.workdir / f"watchers-{store}.json"
-        watchers = await asyncio.create_subprocess_exec(
-            PY,
-            "-m",
-            "bench.watchers",
-            target,
-            job[0],
-            str(self.args.watchers),
-            str(out),
-            str(self.opt(store, "watchers_ready_limit")),
-            env=base_env(),
-            cwd=ROOT,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        assert watchers.stdout is not None and watchers.stdin is not None
+        """`args.watchers` WatchJob streams on one job, in one watcher process of
+        `client` ("node": bench/watchers10k_client.js, like the BullMQ peer's
+        listeners; "python": bench.watchers, grpc.aio), and `fanout_events` progress
+        callbacks timed from each 200 to each arrival."""
+        (job,) = await create_jobs(stub, 1, job_pb2.JOB_KIND_EXTRACTION, f"{store}-{client}")
+        out = self.workdir / f"watchers-{store}-{client}.json"
+        limit = self.opt(store, "watchers_ready_limit")
+        pipe = asyncio.subprocess.PIPE
         t_watch = time.monotonic()
-        line = await asyncio.wait_for(watchers.stdout.readline(), 330)
-        if not line.startswith(b"READY "):
-            raise RuntimeError("watchers did not start")
-        # Streams that had their snapshot; fewer than asked when the server is too slow
-        # to open them all within the limit (the figures then cover only those).
-        watchers_ready = int(line.split()[1])
+        if client == "node":
+            script = str(ROOT / "bench" / "watchers10k_client.js")
+            argv = ["node", script, target, job[0], str(self.args.watchers), "100"]
+            env = {**base_env(), "NODE_PATH": str(ROOT / "examples" / "node" / "node_modules")}
+            watchers = await asyncio.create_subprocess_exec(
+                *argv, str(limit), str(out), FANOUT_MARK, env=env, stdin=pipe, stdout=pipe
+            )
+        else:
+            argv = [PY, "-m", "bench.watchers", target, job[0], str(self.args.watchers)]
+            watchers = await asyncio.create_subprocess_exec(
+                *argv, str(out), str(limit), env=base_env(), cwd=ROOT, stdin=pipe, stdout=pipe
+            )
+        assert watchers.stdout is not None and watchers.stdin is not None
+        if client == "node":
+            if (await asyncio.wait_for(watchers.stdout.readline(), 60)).strip() != b"CONNECTED":
+                raise RuntimeError("node watchers did not connect")
+            watchers.stdin.write(b"GO\n")
+            await watchers.stdin.drain()
+            line = await asyncio.wait_for(watchers.stdout.readline(), limit + 40)
+            # Streams that had their snapshot; fewer than asked when the server is too
+            # slow to open them all within the limit (the figures then cover only those).
+            watchers_ready = int(json.loads(line)["ready"])
+        else:
+            line = await asyncio.wait_for(watchers.stdout.readline(), 330)
+            if not line.startswith(b"READY "):
+                raise RuntimeError("watchers did not start")
+            watchers_ready = int(line.split()[1])
         watchers_ready_s = round(time.monotonic() - t_watch, 1)
         await asyncio.sleep(1.0)
-        rss = proc_status(service.pid, "VmRSS")
+        rss = rss_mib(service.pid)
         acks: dict[str, float] = {}
         callback_errors: Counter[int] = Counter()
         spy = None
         if self.args.profile:
             seconds = self.args.fanout_events / self.args.fanout_rate
-            spy = asyncio.create_task(self.py_spy(service, f"{store}-service-fanout", seconds))
+            spy = asyncio.create_task(
+                self.py_spy(service, f"{store}-service-fanout-{client}", seconds)
+            )
         url = f"http://{HOST}:{port}/api/external/jobs/{job[0]}"
         headers = {"Authorization": f"Bearer {job[1]}"}
         async with aiohttp.ClientSession() as http:
             for k in range(self.args.fanout_events):
-                msg = f"fan {k}"
+                msg = f"{FANOUT_MARK}{k}"
                 body = {
                     "phase": "extract_text",
                     "progress": k % 100,
@@ -862,7 +919,7 @@ class Bench:
         if spy is not None:
             await spy
         await asyncio.sleep(1.0)
-        rss = max(rss, proc_status(service.pid, "VmRSS"))
+        rss = max(rss, rss_mib(service.pid))
         watchers.stdin.write(b"STOP\n")
         await watchers.stdin.drain()
         await asyncio.wait_for(watchers.wait(), 60)
@@ -870,6 +927,7 @@ class Bench:
         lat = delivery_ms(data["arrivals"], acks)
         expected = self.args.watchers * len(acks)
         return {
+            "watcher_client": client,
             "p50_ms": pct(lat, 50),
             "p99_ms": pct(lat, 99),
             "max_ms": max(lat) if lat else float("nan"),
@@ -1309,6 +1367,11 @@ def main() -> None:
     p.add_argument("--watchers", type=int, default=1000)
     p.add_argument("--fanout-events", type=int, default=30)
     p.add_argument("--fanout-rate", type=float, default=5.0)
+    p.add_argument(
+        "--watcher-clients",
+        default="node,python",
+        help="fan-out watcher processes, in order; the first that runs gives the figures",
+    )
     p.add_argument("--videos", type=int, default=10_000)
     p.add_argument("--claim-workers", type=int, default=32)
     p.add_argument("--claim-limit", type=float, default=120.0)

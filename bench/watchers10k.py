@@ -253,14 +253,20 @@ async def spawn_clients(
 ) -> list[ClientProc]:
     out = []
     per = total // procs
+    env = run.base_env()
     for i in range(procs):
         path = WORKDIR[0] / f"watchers10k-{mode}-{i}.json"
-        argv = [run.PY, "-m", "bench.watchers10k", "--role", "client", "--mode", mode]
-        argv += ["--target", target, "--job", job, "--streams", str(per), "--out", str(path)]
-        argv += ["--limit", str(limit), "--index-base", str(i * per)]
+        if mode == "node":  # raw WatchJob streams from bench/watchers10k_client.js
+            argv = ["node", str(run.ROOT / "bench" / "watchers10k_client.js"), target, job]
+            argv += [str(per), str(PER_CONNECTION), str(limit), str(path)]
+            env["NODE_PATH"] = str(run.ROOT / "examples" / "node" / "node_modules")
+        else:
+            argv = [run.PY, "-m", "bench.watchers10k", "--role", "client", "--mode", mode]
+            argv += ["--target", target, "--job", job, "--streams", str(per), "--out", str(path)]
+            argv += ["--limit", str(limit), "--index-base", str(i * per)]
         pipe = asyncio.subprocess.PIPE
         proc = await asyncio.create_subprocess_exec(
-            *argv, env=run.base_env(), cwd=run.ROOT, stdin=pipe, stdout=pipe
+            *argv, env=env, cwd=run.ROOT, stdin=pipe, stdout=pipe
         )
         out.append(ClientProc(proc, path))
     for c in out:
@@ -304,24 +310,25 @@ def cpu_load() -> float:
 
 
 async def open_phase(
-    run: Any, args: argparse.Namespace, svc: Any, target: str, stub: Any
+    run: Any, args: argparse.Namespace, svc: Any, target: str, stub: Any, mode: str = "raw"
 ) -> dict[str, Any]:
     n = args.watchers
     (job,) = await run.create_jobs(
         stub, 1, job_pb2.JOB_KIND_EXTRACTION, f"w10k-open-{time.time_ns()}"
     )
-    clients, readies, load = await open_burst(run, args, target, job[0], "raw")
+    clients, readies, load = await open_burst(run, args, target, job[0], mode)
     ready = sum(r["ready"] for r in readies)
     refused = sum(r["refused"] for r in readies)
     open_s = max((r["ready_s"] or args.open_limit) for r in readies)
     await asyncio.sleep(1.0)
-    rss = run.proc_status(svc.pid, "VmRSS")
+    rss = run.rss_mib(svc.pid)
     acks: dict[str, float] = {}
     cpu0 = run.cpu_seconds(svc.pid)
+    clients_cpu0 = sum(run.cpu_seconds(c.proc.pid) for c in clients)
     for k in range(args.fanout_events):
         key = f"fan-{k}"
         acks[key] = await report(stub, job[0], key)
-        rss = max(rss, run.proc_status(svc.pid, "VmRSS"))
+        rss = max(rss, run.rss_mib(svc.pid))
         await asyncio.sleep(1 / args.fanout_rate)
     waits = []
     for c in clients:
@@ -330,7 +337,9 @@ async def open_phase(
         waits.append(await c.reply(90))
     # The service's CPU per event, from the first report until every stream had the last.
     cpu_ms = (run.cpu_seconds(svc.pid) - cpu0) * 1000 / max(1, args.fanout_events)
-    rss = max(rss, run.proc_status(svc.pid, "VmRSS"))
+    clients_cpu = sum(run.cpu_seconds(c.proc.pid) for c in clients) - clients_cpu0
+    clients_cpu_ms = clients_cpu * 1000 / max(1, args.fanout_events)
+    rss = max(rss, run.rss_mib(svc.pid))
     results = [await c.stop() for c in clients]
     lat = latencies(run, [r["arrivals"] for r in results], acks)
     errors: collections.Counter[str] = collections.Counter()
@@ -348,6 +357,8 @@ async def open_phase(
         "fanout_p99_ms": round(run.pct(lat, 99), 1),
         "fanout_max_ms": round(max(lat, default=float("nan")), 1),
         "fanout_service_cpu_ms_per_event": round(cpu_ms, 1),
+        # The watchers' own CPU: on a 2-core machine it competes with the service.
+        "fanout_clients_cpu_ms_per_event": round(clients_cpu_ms, 1),
         "rss_mib": round(rss, 1),
         "load_avg_1m": load,
     }
@@ -523,6 +534,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     env = run.base_env()
     env["JOBWIRE_DATA_DIR"] = str(data)
     env["JOBWIRE_SHUTDOWN_GRACE_SECONDS"] = "5"
+    env["JOBWIRE_WATCH_WORKERS"] = str(args.watch_workers)
 
     async def start(target: str = "") -> tuple[Any, str, Any, Any]:
         target = target or f"{run.HOST}:{run.free_port()}"
@@ -542,7 +554,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     try:
         if "open" in args.phases:
             run.log(f"watchers10k: opening {n} WatchJob streams")
-            o = await open_phase(run, args, svc, target, stub)
+            o = await open_phase(run, args, svc, target, stub, args.open_clients)
             details["open"] = o
             ok = o["ready"] == n and o["refused"] == 0
             figures[f"watchers_{n}_open_s"] = o["open_s"] if ok else float("nan")
@@ -578,6 +590,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--phases", default="open,storm,firehose")
     p.add_argument("--watchers", type=int, default=10_000)
     p.add_argument("--procs", type=int, default=4, help="client processes")
+    p.add_argument("--open-clients", choices=("raw", "node"), default="raw")
+    p.add_argument("--watch-workers", type=int, default=0, help="JOBWIRE_WATCH_WORKERS")
     p.add_argument("--open-limit", type=float, default=120.0)
     p.add_argument("--storm-limit", type=float, default=120.0)
     p.add_argument("--fanout-events", type=int, default=10)
