@@ -81,6 +81,8 @@ class Settings:
     watch_buffer: int = 256
     # Open WatchJob/WatchJobs streams one node admits (README "Watchers").
     max_watchers: int = DEFAULT_MAX_WATCHERS
+    # Extra processes serving WatchJob on the same port (service/watch_workers.py).
+    watch_workers: int = 0
     shutdown_grace_seconds: float = 10.0
     # Operations (README "Metrics", "Live progress across replicas", "TLS and internal
     # auth"). The same defaults whether built in code or from the environment.
@@ -112,6 +114,7 @@ class Settings:
             lease_sweep_seconds=_float("JOBWIRE_LEASE_SWEEP_SECONDS", cls.lease_sweep_seconds),
             watch_buffer=_int("JOBWIRE_WATCH_BUFFER", cls.watch_buffer, minimum=4),
             max_watchers=_int("JOBWIRE_MAX_WATCHERS", cls.max_watchers),
+            watch_workers=_int("JOBWIRE_WATCH_WORKERS", 0, minimum=0),
             shutdown_grace_seconds=_float("JOBWIRE_SHUTDOWN_GRACE_SECONDS", 10.0),
             metrics_addr=os.environ.get("JOBWIRE_METRICS_ADDR", cls.metrics_addr),
             metrics_queue_seconds=_float("JOBWIRE_METRICS_QUEUE_SECONDS", 15.0),

@@ -23,6 +23,7 @@ from .servicer import JobServicer, add_to_server
 from .store.factory import open_store
 from .store.port import Store
 from .tracing import server_interceptors
+from .watch_workers import WatchWorkers, feed_handler, resolved_addr
 
 log = logging.getLogger("jobwire.server")
 SERVICE_NAME = job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
@@ -44,6 +45,7 @@ class RunningService:
     health: health.aio.HealthServicer
     sweeper: asyncio.Task[None]
     ops: Operations | None = None
+    workers: WatchWorkers | None = None
 
     async def stop(self, grace: float) -> None:
         """Stops accepting calls, lets in-flight ones finish, ends watch streams cleanly."""
@@ -54,6 +56,8 @@ class RunningService:
         # on it. Closing the store below ends whatever is left of it.
         await asyncio.wait([self.sweeper], timeout=SWEEPER_STOP_SECONDS)
         self.sweeper.add_done_callback(_discard_outcome)
+        if self.workers is not None:  # their watchers, too, resume elsewhere
+            await self.workers.stop(grace)
         # Watchers get UNAVAILABLE after draining their buffers, so they reconnect
         # (to another replica, or to this one after a restart) with no gap.
         self.jobs.fanout.close_all()
@@ -71,7 +75,11 @@ async def start(settings: Settings, store: Store | None = None) -> RunningServic
     await jobs.start()
     ops = await start_operations(settings, store, jobs)
 
-    options = [("grpc.so_reuseport", 0), *server_options(settings.max_watchers)]
+    # SO_REUSEPORT only when watch workers share the port: otherwise a second service
+    # started by mistake on the same port would silently take half the connections.
+    workers = WatchWorkers(settings.watch_workers) if settings.watch_workers else None
+    reuse = 1 if workers is not None else 0
+    options = [("grpc.so_reuseport", reuse), *server_options(settings.max_watchers)]
     # Tracing (when on) outermost, so its span covers the metrics and auth interceptors.
     interceptors = [*server_interceptors(), *ops.interceptors]
     server = grpc.aio.server(options=options, interceptors=interceptors)
@@ -90,13 +98,18 @@ async def start(settings: Settings, store: Store | None = None) -> RunningServic
         port = server.add_secure_port(settings.grpc_addr, creds)
     if port == 0:
         raise SystemExit(f"cannot listen on JOBWIRE_GRPC_ADDR={settings.grpc_addr}")
+    if workers is not None:
+        server.add_generic_rpc_handlers((feed_handler(jobs.fanout),))
+        server.add_insecure_port(workers.internal_target)  # a 0700 directory's socket
     await server.start()
+    if workers is not None:
+        workers.start(settings, resolved_addr(settings.grpc_addr, port))
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     sweeper = asyncio.get_running_loop().create_task(
         jobs.sweep_leases_forever(settings.lease_sweep_seconds), name="lease-sweeper"
     )
-    return RunningService(server, port, jobs, store, health_servicer, sweeper, ops)
+    return RunningService(server, port, jobs, store, health_servicer, sweeper, ops, workers)
 
 
 async def serve(settings: Settings) -> None:

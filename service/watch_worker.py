@@ -1,0 +1,261 @@
+"""A watch worker process (service/watch_workers.py says why and how it is fed).
+
+    python -m service.watch_worker   (started by the service; JOBWIRE_WATCH_WORKERS)
+
+It binds the service's port with SO_REUSEPORT and answers every JobService call that
+reaches it: WatchJob from its own fan-out, with the same code as the service
+(Jobs.watch_job over reads from the primary); every other call is passed through to
+the primary unchanged (bytes, metadata, deadline, status and trailers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, cast
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from jobwire.v1 import job_service_pb2, job_service_pb2_grpc
+
+from .admission import WatchAdmission, server_options
+from .config import Settings
+from .domain.errors import StorageUnavailable
+from .domain.records import JobRecord
+from .fanout import Fanout
+from .grpc_handlers import Handler
+from .jobs import Jobs
+from .security import TokenAuthInterceptor, server_credentials
+from .servicer import JobServicer, serialize_response
+from .store.port import Store
+from .watch_workers import FEED_METHOD, PRIMARY_ENV
+
+log = logging.getLogger("jobwire.watch_worker")
+
+SERVICE = job_service_pb2.DESCRIPTOR.services_by_name["JobService"]
+READ_TIMEOUT_S = 10.0
+FEED_RETRY_S = (0.05, 2.0)  # first and longest pause between feed reconnections
+_NOT_FORWARDED = ("user-agent", "content-type", "te", "host")
+
+
+class PrimaryReads:
+    """What Jobs.watch_job reads from the store, read from the primary instead."""
+
+    def __init__(self, stub: Any, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._stub = stub
+        self._metadata = metadata
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        request = job_service_pb2.GetJobRequest(id=job_id)
+        try:
+            job = await self._stub.GetJob(request, metadata=self._metadata, timeout=READ_TIMEOUT_S)
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise StorageUnavailable(f"reading job {job_id!r}: {err.details()}") from None
+        return JobRecord(job=job)
+
+    async def events_after(self, job_id: str, sequence: int) -> list[Any]:
+        request = job_service_pb2.ListJobEventsRequest(job_id=job_id, from_sequence=sequence)
+        try:
+            response = await self._stub.ListJobEvents(
+                request, metadata=self._metadata, timeout=READ_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as err:
+            raise StorageUnavailable(f"reading events of {job_id!r}: {err.details()}") from None
+        return list(response.events)
+
+
+class Feed:
+    """The primary's events, republished to this process's fan-out."""
+
+    def __init__(self, channel: grpc.aio.Channel, fanout: Fanout, metadata: Any) -> None:
+        self._call: Any = channel.unary_stream(FEED_METHOD)
+        self._fanout = fanout
+        self._metadata = metadata
+        self.ready = asyncio.Event()
+        self.on_ready: list[Any] = []
+
+    async def run(self) -> None:
+        pause = FEED_RETRY_S[0]
+        while True:
+            call = self._call(b"", metadata=self._metadata)
+            try:
+                async for data in call:
+                    if not data:  # subscribed at the primary
+                        self.ready.set()
+                        for callback in self.on_ready:
+                            callback()
+                        pause = FEED_RETRY_S[0]
+                        continue
+                    batch = job_service_pb2.ListJobEventsResponse.FromString(data)
+                    self._fanout.publish(batch.events)
+            except grpc.aio.AioRpcError as err:
+                log.warning("feed from the service broke (%s); reconnecting", err.code().name)
+            finally:
+                call.cancel()
+            # Events published while no feed was open never reach this process: every
+            # watcher here resumes from its last sequence (UNAVAILABLE), none misses one.
+            if self.ready.is_set():
+                self.ready.clear()
+                self._fanout.close_all()
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, FEED_RETRY_S[1])
+
+
+def _forwarded(context: Any) -> list[tuple[str, Any]]:
+    return [
+        (key, value)
+        for key, value in context.invocation_metadata() or ()
+        if not key.startswith((":", "grpc-")) and key not in _NOT_FORWARDED
+    ]
+
+
+async def _relay_error(context: Any, err: grpc.aio.AioRpcError) -> None:
+    await context.abort(err.code(), err.details() or "", err.trailing_metadata() or ())
+
+
+def _pass_through(channel: grpc.aio.Channel, method: Any) -> Handler:
+    """A handler that forwards one method's calls to the primary, bytes unchanged."""
+    path = f"/{SERVICE.full_name}/{method.name}"
+    if method.client_streaming:
+        stream_unary: Any = channel.stream_unary(path)
+
+        async def upload(requests: AsyncIterator[bytes], context: Any) -> Any:
+            call = stream_unary(
+                requests, metadata=_forwarded(context), timeout=context.time_remaining()
+            )
+            try:
+                return await call
+            except grpc.aio.AioRpcError as err:
+                await _relay_error(context, err)
+
+        return grpc.stream_unary_rpc_method_handler(upload)
+    if method.server_streaming:
+        unary_stream: Any = channel.unary_stream(path)
+
+        async def stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
+            call = unary_stream(
+                request, metadata=_forwarded(context), timeout=context.time_remaining()
+            )
+            try:
+                async for item in call:
+                    yield item
+            except grpc.aio.AioRpcError as err:
+                await _relay_error(context, err)
+            finally:
+                call.cancel()
+
+        return grpc.unary_stream_rpc_method_handler(stream)
+    unary_unary: Any = channel.unary_unary(path)
+
+    async def unary(request: bytes, context: Any) -> Any:
+        call = unary_unary(request, metadata=_forwarded(context), timeout=context.time_remaining())
+        try:
+            return await call
+        except grpc.aio.AioRpcError as err:
+            await _relay_error(context, err)
+
+    return grpc.unary_unary_rpc_method_handler(unary)
+
+
+def _ready_gate(watch: Any, feed: Feed) -> Any:
+    async def call(request: Any, context: Any) -> AsyncIterator[Any]:
+        if not feed.ready.is_set():
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "this watch worker is connecting to the service; retry",
+            )
+        async for item in watch(request, context):
+            yield item
+
+    return call
+
+
+async def serve_worker(settings: Settings, primary: str) -> None:
+    metadata: tuple[tuple[str, str], ...] = ()
+    if settings.grpc_token:
+        metadata = (("authorization", f"Bearer {settings.grpc_token}"),)
+    channel = grpc.aio.insecure_channel(primary)
+    stub = job_service_pb2_grpc.JobServiceStub(channel)
+    fanout = Fanout(settings.watch_buffer)
+    # Only Jobs.watch_job is used: it needs get() and events_after() of its store.
+    jobs = Jobs(cast(Store, PrimaryReads(stub, metadata)), fanout, settings.policy())
+    feed = Feed(channel, fanout, metadata)
+    servicer = JobServicer(jobs, WatchAdmission(settings.max_watchers))
+
+    table = {m.name: _pass_through(channel, m) for m in SERVICE.methods if m.name != "WatchJob"}
+    table["WatchJob"] = grpc.unary_stream_rpc_method_handler(
+        _ready_gate(servicer.WatchJob, feed),
+        request_deserializer=job_service_pb2.WatchJobRequest.FromString,
+        response_serializer=serialize_response,
+    )
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    if settings.grpc_token:
+        interceptors = (TokenAuthInterceptor(settings.grpc_token),)
+    options = [("grpc.so_reuseport", 1), *server_options(settings.max_watchers)]
+    server = grpc.aio.server(options=options, interceptors=interceptors)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE.full_name, table),)
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    creds = server_credentials(
+        settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_client_ca
+    )
+    if creds is None:
+        port = server.add_insecure_port(settings.grpc_addr)
+    else:
+        port = server.add_secure_port(settings.grpc_addr, creds)
+    if port == 0:
+        raise SystemExit(f"watch worker cannot listen on {settings.grpc_addr}")
+    await server.start()
+    loop = asyncio.get_running_loop()
+    feed_task = loop.create_task(feed.run(), name="feed")
+
+    async def serving() -> None:
+        for name in ("", SERVICE.full_name):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    feed.on_ready.append(lambda: loop.create_task(serving()))
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("watch worker %d serving on %s", os.getpid(), settings.grpc_addr)
+    await stop.wait()
+    await health_servicer.enter_graceful_shutdown()
+    fanout.close_all()  # watchers resume elsewhere, from their last sequence
+    await server.stop(settings.shutdown_grace_seconds)
+    feed_task.cancel()
+    await asyncio.gather(feed_task, return_exceptions=True)
+    await channel.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    primary = os.environ.get(PRIMARY_ENV, "")
+    if not primary:
+        raise SystemExit(f"{PRIMARY_ENV} is not set: watch workers are started by the service")
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)  # as the service (cli/main.py _freeze_startup_objects)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve_worker(Settings.from_env(), primary))
+    else:
+        uvloop.run(serve_worker(Settings.from_env(), primary))
+
+
+if __name__ == "__main__":
+    main()

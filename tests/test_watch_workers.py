@@ -1,0 +1,211 @@
+"""Watch workers (JOBWIRE_WATCH_WORKERS): more processes serving WatchJob on the
+service's port, fed by its commits; every other call passes through them unchanged.
+
+The service runs in this process; its two workers are real processes bound to the same
+port (SO_REUSEPORT), so the kernel spreads the test's connections over all three.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from jobwire.client import Backoff, Client
+from jobwire.v1 import event_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
+from service.store.port import Store
+from service.watch_workers import FEED_METHOD
+from tests.conftest import ServiceHandle, start_service
+from tests.helpers import WAIT, completed, progress, read
+
+TOKEN = "watch-workers-test-token"
+WORKERS = 2
+CONNECTIONS = 18  # P(some process gets none of them) = 3 x (2/3)^18 < 0.2%
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+@pytest.fixture
+async def service_with_workers(store: Store) -> AsyncIterator[ServiceHandle]:
+    handle = await start_service(store, watch_workers=WORKERS, grpc_token=TOKEN)
+    yield handle
+    await handle.close()
+
+
+async def create(stub: Any) -> job_service_pb2.CreateJobResponse:
+    job = job_pb2.Job(kind=job_pb2.JOB_KIND_GENERIC)
+    return await stub.CreateJob(job_service_pb2.CreateJobRequest(job=job), metadata=AUTH)
+
+
+def worker_pids(handle: ServiceHandle) -> list[int]:
+    """The running watch worker processes of this service."""
+    pids = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+    out = []
+    for pid in map(int, pids):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"service.watch_worker" in cmdline:
+            out.append(pid)
+    return out
+
+
+def own_connections(handle: ServiceHandle, n: int) -> list[grpc.aio.Channel]:
+    own = [("grpc.use_local_subchannel_pool", 1)]  # one TCP connection per channel
+    return [grpc.aio.insecure_channel(handle.target, options=own) for _ in range(n)]
+
+
+async def until_serving(stubs: list[Any], job_id: str) -> None:
+    """Until a WatchJob on every connection gets its snapshot: each worker answers
+    UNAVAILABLE until its feed from the service is open."""
+
+    async def one(stub: Any) -> None:
+        while True:
+            call = stub.WatchJob(job_service_pb2.WatchJobRequest(id=job_id), metadata=AUTH)
+            try:
+                item = await read(call)
+                assert item.HasField("snapshot")
+                return
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+                await asyncio.sleep(0.05)
+            finally:
+                call.cancel()
+
+    await asyncio.wait_for(asyncio.gather(*(one(s) for s in stubs)), 6 * WAIT)
+
+
+async def test_every_stream_on_every_process_sees_every_event_in_order(
+    service_with_workers: ServiceHandle,
+) -> None:
+    svc = service_with_workers
+    stub = svc.stub
+    assert len(worker_pids(svc)) == WORKERS
+    job = (await create(stub)).job
+    channels = own_connections(svc, CONNECTIONS)
+    try:
+        stubs = [job_service_pb2_grpc.JobServiceStub(ch) for ch in channels]
+        await until_serving(stubs, job.id)
+        calls = [
+            s.WatchJob(job_service_pb2.WatchJobRequest(id=job.id), metadata=AUTH) for s in stubs
+        ]
+        for call in calls:
+            assert (await read(call)).HasField("snapshot")
+        # The service holds only its own share of the streams (+1 feed per worker).
+        assert svc.running.jobs.fanout.watchers - WORKERS < CONNECTIONS
+
+        for k in range(5):
+            await stub.ReportEvent(progress(job.id, 10 * k, message=f"step {k}"), metadata=AUTH)
+        await stub.ReportEvent(completed(job.id), metadata=AUTH)
+        for call in calls:
+            events = []
+            while (item := await read(call)) is not grpc.aio.EOF:
+                events.append(item.event)
+            assert [e.sequence for e in events] == list(range(job.sequence + 1, job.sequence + 7))
+            assert [e.progress.message for e in events[:5]] == [f"step {k}" for k in range(5)]
+            assert events[-1].state == job_pb2.JOB_STATE_SUCCEEDED
+    finally:
+        for ch in channels:
+            await ch.close()
+
+
+async def test_other_calls_pass_through_a_worker_unchanged(
+    service_with_workers: ServiceHandle,
+) -> None:
+    svc = service_with_workers
+    job = (await create(svc.stub)).job
+    channels = own_connections(svc, CONNECTIONS)
+    try:
+        for ch in channels:
+            stub = job_service_pb2_grpc.JobServiceStub(ch)
+            got = await stub.GetJob(job_service_pb2.GetJobRequest(id=job.id), metadata=AUTH)
+            assert got.id == job.id
+            # Errors come back with their code and details.
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await stub.GetJob(job_service_pb2.GetJobRequest(id="no-such-job"), metadata=AUTH)
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "no-such-job" in (missing.value.details() or "")
+            # The token is checked wherever the connection lands.
+            with pytest.raises(grpc.aio.AioRpcError) as unauth:
+                await stub.GetJob(job_service_pb2.GetJobRequest(id=job.id))
+            assert unauth.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # A client stream and a server stream, through whichever process.
+            name = f"a-{id(ch)}.txt"
+            header = job_service_pb2.ArtifactHeader(job_id=job.id, name=name)
+            chunks = [
+                job_service_pb2.UploadArtifactRequest(header=header),
+                job_service_pb2.UploadArtifactRequest(data=b"hello "),
+                job_service_pb2.UploadArtifactRequest(data=b"workers"),
+            ]
+            stored = await stub.UploadArtifact(iter(chunks), metadata=AUTH)
+            assert stored.size_bytes == len(b"hello workers")
+            read_back = stub.ReadArtifact(
+                job_service_pb2.ReadArtifactRequest(job_id=job.id, name=name), metadata=AUTH
+            )
+            data = b"".join([r.data async for r in read_back])
+            assert data == b"hello workers"
+    finally:
+        for ch in channels:
+            await ch.close()
+
+
+async def test_the_feed_is_not_served_over_tcp(service_with_workers: ServiceHandle) -> None:
+    feed: Any = service_with_workers.channel.unary_stream(FEED_METHOD)
+    call = feed(b"", metadata=AUTH)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in call:
+            pass
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_killed_worker_is_restarted_and_its_watchers_resume_without_a_gap(
+    service_with_workers: ServiceHandle,
+) -> None:
+    svc = service_with_workers
+    job = (await create(svc.stub)).job
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    backoff = Backoff(initial=0.05, maximum=0.5)
+    clients = [
+        Client(svc.target, token=TOKEN, options=own, watch_backoff=backoff)
+        for _ in range(CONNECTIONS)
+    ]
+    await until_serving([c._stub for c in clients], job.id)
+    seen: list[list[int]] = [[] for _ in clients]
+    first: list[asyncio.Event] = [asyncio.Event() for _ in clients]
+
+    async def watch(i: int) -> None:
+        async for item in clients[i].watch_job(job.id):
+            if isinstance(item, event_pb2.JobEvent):
+                seen[i].append(item.sequence)
+                first[i].set()
+
+    tasks = [asyncio.create_task(watch(i)) for i in range(len(clients))]
+    try:
+        await svc.stub.ReportEvent(progress(job.id, 1, message="before"), metadata=AUTH)
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in first)), WAIT)
+        victim = worker_pids(svc)[0]
+        os.kill(victim, signal.SIGKILL)
+        for k in range(4):
+            await svc.stub.ReportEvent(
+                progress(job.id, 20 + k, message=f"after {k}"), metadata=AUTH
+            )
+        await svc.stub.ReportEvent(completed(job.id), metadata=AUTH)
+        await asyncio.wait_for(asyncio.gather(*tasks), 6 * WAIT)
+        for sequences in seen:
+            # No gap, no duplicate.
+            assert sequences == list(range(job.sequence + 1, job.sequence + 7))
+        deadline = asyncio.get_running_loop().time() + 6 * WAIT
+        while victim in worker_pids(svc) or len(worker_pids(svc)) < WORKERS:
+            assert asyncio.get_running_loop().time() < deadline, "worker not restarted"
+            await asyncio.sleep(0.05)
+    finally:
+        for t in tasks:
+            t.cancel()
+        for c in clients:
+            await c.close()
