@@ -207,7 +207,7 @@ _ARCHIVE_SENTINEL = "\x00jobwire:images_archive_data"
 LARGE_FIELD = 64 * 1024
 
 
-def parse_body(raw: bytearray) -> tuple[Any, memoryview | None]:
+def parse_body(raw: bytes | bytearray) -> tuple[Any, memoryview | None]:
     """Parses the body once; a large `images_archive_data` is left in the raw buffer.
 
     orjson briefly needs two copies of a string it builds, which for a 100 MiB ZIP
