@@ -63,6 +63,31 @@ def children_metrics() -> None:
     OLD_CHILDREN[1].observe(0.003)
 
 
+def old_reply() -> None:
+    """The service's BatchReportEvents reply for 100 events, results built then copied."""
+    results = [
+        svc.ReportEventResult(
+            response=svc.ReportEventResponse(
+                job_id="x-00001", sequence=i, state=job_pb2.JOB_STATE_RUNNING
+            )
+        )
+        for i in range(100)
+    ]
+    svc.BatchReportEventsResponse(results=results).SerializeToString()
+
+
+def new_reply() -> None:
+    """The same reply with its results filled in place."""
+    reply = svc.BatchReportEventsResponse()
+    add = reply.results.add
+    for i in range(100):
+        response = add().response
+        response.job_id = "x-00001"
+        response.sequence = i
+        response.state = job_pb2.JOB_STATE_RUNNING
+    reply.SerializeToString()
+
+
 PAIRS: list[tuple[str, Callable[[], object], Callable[[], object]]] = [
     ("request id: uuid4().hex -> prefix + counter", lambda: uuid.uuid4().hex, new_request_id),
     ("metrics: labels() per call -> children kept", old_metrics, children_metrics),
@@ -77,6 +102,7 @@ PAIRS: list[tuple[str, Callable[[], object], Callable[[], object]]] = [
         lambda: ProgressEvent.model_validate(orjson.loads(RAW)),
         lambda: ProgressEvent.model_validate_json(RAW),
     ),
+    ("service reply of 100 events: results copied -> filled in place", old_reply, new_reply),
 ]
 
 

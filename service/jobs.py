@@ -182,31 +182,34 @@ class Jobs:
 
     async def report_batch(
         self, requests: Sequence[job_service_pb2.ReportEventRequest]
-    ) -> list[job_service_pb2.ReportEventResult]:
+    ) -> job_service_pb2.BatchReportEventsResponse:
         if len(requests) > MAX_BATCH:
             raise invalid(f"requests must hold at most {MAX_BATCH} events")
-        results: list[job_service_pb2.ReportEventResult | None] = [None] * len(requests)
+        # One reply whose results are filled in place: no response and result message
+        # per event built and then copied into it (twice).
+        reply = job_service_pb2.BatchReportEventsResponse()
+        results = reply.results
         commands: list[JobCommand] = []
         positions: list[int] = []
         for i, request in enumerate(requests):
+            result = results.add()
             try:
                 events.validate_report(request)
             except DomainError as err:
-                results[i] = job_service_pb2.ReportEventResult(
-                    code=err.code, message=f"requests[{i}]: {err.message}"
-                )
+                result.code = err.code
+                result.message = f"requests[{i}]: {err.message}"
                 continue
             commands.append(JobCommand(request.job_id, Report(request)))
             positions.append(i)
         if commands:
             for i, outcome in zip(positions, await self._committer.submit(commands), strict=True):
+                result = results[i]
                 if isinstance(outcome, DomainError):
-                    results[i] = job_service_pb2.ReportEventResult(
-                        code=outcome.code, message=outcome.message
-                    )
+                    result.code = outcome.code
+                    result.message = outcome.message
                 else:
-                    results[i] = job_service_pb2.ReportEventResult(response=_response(outcome))
-        return [r for r in results if r is not None]
+                    _fill_response(result.response, outcome)
+        return reply
 
     async def list_events(
         self, job_id: str, from_sequence: int, token: str = ""
@@ -515,6 +518,18 @@ def _coalesced_after(event: event_pb2.JobEvent, last: int) -> event_pb2.JobEvent
     trimmed.CopyFrom(event)
     trimmed.coalesced_from_sequence = last + 1 if event.sequence > last + 1 else 0
     return trimmed
+
+
+def _fill_response(
+    response: job_service_pb2.ReportEventResponse, outcome: Applied | Unchanged
+) -> None:
+    """`_response(outcome)`, written into a message that already exists."""
+    job = outcome.record.job if isinstance(outcome, Applied) else outcome.job
+    response.job_id = job.id
+    response.sequence = job.sequence
+    response.state = job.state
+    if not isinstance(outcome, Applied):
+        response.duplicate = True
 
 
 def _response(outcome: Applied | Unchanged) -> job_service_pb2.ReportEventResponse:

@@ -176,8 +176,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     async def BatchReportEvents(
         self, request: job_service_pb2.BatchReportEventsRequest, context: Context
     ) -> job_service_pb2.BatchReportEventsResponse:
-        results = await self._jobs.report_batch(request.requests)
-        return job_service_pb2.BatchReportEventsResponse(results=results)
+        return await self._jobs.report_batch(request.requests)
 
     @unary
     async def WriteLog(
