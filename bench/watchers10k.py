@@ -10,7 +10,11 @@ connections of 100 streams:
   is retried after its hint and counted): `watchers_N_open_s` from the burst to the
   last snapshot; then `fanout_events` progress reports (ReportEvent, gRPC), each timed
   from its answer to its arrival on every stream: `watchers_N_fanout_p99_ms`; the
-  service's RSS with all of them open: `service_rss_mib_N_watchers`.
+  service's RSS with all of them open: `service_rss_mib_N_watchers`. Run once per
+  `--open-clients` kind: Node (bench/watchers10k_client.js, ~20 µs of CPU per message
+  received) gives the figures, Python grpc.aio (~57 µs) follows in the details: on a
+  2-core machine the watchers' CPU competes with the service's. With
+  `--workers-compare N`, the phase runs again on a service with N watch workers.
 - storm: `watchers` streams through the client library (`jobwire.client`, jittered
   reconnect); events before, the service stopped (SIGTERM) and started again on the
   same port and data, events after: `reconnect_storm_N_s` from the stop until every
@@ -553,14 +557,24 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     svc, target, channel, stub = await start()
     try:
         if "open" in args.phases:
-            run.log(f"watchers10k: opening {n} WatchJob streams")
-            o = await open_phase(run, args, svc, target, stub, args.open_clients)
-            details["open"] = o
+            # The first client kind that can run here gives the figures; the others
+            # are kept in details.open_by_client (README "Watchers").
+            by_client: dict[str, Any] = {}
+            for mode in args.open_clients.split(","):
+                missing = run.watcher_client_missing("node" if mode == "node" else "python")
+                if missing:
+                    details.setdefault("open_skipped", {})[mode] = missing
+                    run.log(f"watchers10k: {mode} watchers skipped: {missing}")
+                    continue
+                run.log(f"watchers10k: opening {n} WatchJob streams ({mode} clients)")
+                by_client[mode] = await open_phase(run, args, svc, target, stub, mode)
+                run.log(f"watchers10k: open ({mode}) {by_client[mode]}")
+            details["open_by_client"] = by_client
+            o = details["open"] = next(iter(by_client.values()))
             ok = o["ready"] == n and o["refused"] == 0
             figures[f"watchers_{n}_open_s"] = o["open_s"] if ok else float("nan")
             figures[f"watchers_{n}_fanout_p99_ms"] = o["fanout_p99_ms"]
             figures[f"service_rss_mib_{n}_watchers"] = o["rss_mib"]
-            run.log(f"watchers10k: open {o}")
         if "storm" in args.phases:
             run.log(f"watchers10k: reconnect storm of {n} client-library watchers")
             st, svc, channel, stub = await storm_phase(run, args, start, svc, target, stub, channel)
@@ -574,6 +588,19 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             details["firehose"] = fh
             figures[f"watchjobs_{args.subscribers}_subscribers_p99_ms"] = fh["p99_ms"]
             run.log(f"watchers10k: firehose {fh}")
+        if args.workers_compare and "open" in args.phases:
+            # The same burst and fan-out on a service with watch workers (README
+            # "Watchers"): a fresh service on a fresh port, the first client kind.
+            await channel.close()
+            svc.stop()
+            env["JOBWIRE_WATCH_WORKERS"] = str(args.workers_compare)
+            env["JOBWIRE_DATA_DIR"] = str(workdir / "data-watchers10k-workers")
+            svc, target, channel, stub = await start()
+            mode = next(iter(details["open_by_client"]))
+            run.log(f"watchers10k: {args.workers_compare} watch workers, {mode} clients")
+            ow = await open_phase(run, args, svc, target, stub, mode)
+            details["open_watch_workers"] = {"workers": args.workers_compare, **ow}
+            run.log(f"watchers10k: open with watch workers {ow}")
     finally:
         await channel.close()
         for p in reversed(procs):
@@ -590,8 +617,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--phases", default="open,storm,firehose")
     p.add_argument("--watchers", type=int, default=10_000)
     p.add_argument("--procs", type=int, default=4, help="client processes")
-    p.add_argument("--open-clients", choices=("raw", "node"), default="raw")
+    p.add_argument(
+        "--open-clients",
+        default="node,raw",
+        help="watcher processes of the open phase, in order (node, raw: Python grpc.aio); "
+        "the first that can run gives the figures",
+    )
     p.add_argument("--watch-workers", type=int, default=0, help="JOBWIRE_WATCH_WORKERS")
+    p.add_argument(
+        "--workers-compare",
+        type=int,
+        default=2,
+        help="then the open phase again with this many watch workers (0: not)",
+    )
     p.add_argument("--open-limit", type=float, default=120.0)
     p.add_argument("--storm-limit", type=float, default=120.0)
     p.add_argument("--fanout-events", type=int, default=10)
