@@ -27,6 +27,13 @@ def _int(name: str, default: int, minimum: int = 1) -> int:
     return int(value)
 
 
+def _workers(name: str, limit: int = 64) -> int:
+    value = _int(name, 0, minimum=0)
+    if value > limit:
+        raise SystemExit(f"{name} must be at most {limit}, got {value}")
+    return value
+
+
 def _flag(name: str, default: bool) -> bool:
     raw = os.environ.get(name, "").strip().lower()
     if not raw:
@@ -114,7 +121,7 @@ class Settings:
             lease_sweep_seconds=_float("JOBWIRE_LEASE_SWEEP_SECONDS", cls.lease_sweep_seconds),
             watch_buffer=_int("JOBWIRE_WATCH_BUFFER", cls.watch_buffer, minimum=4),
             max_watchers=_int("JOBWIRE_MAX_WATCHERS", cls.max_watchers),
-            watch_workers=_int("JOBWIRE_WATCH_WORKERS", 0, minimum=0),
+            watch_workers=_workers("JOBWIRE_WATCH_WORKERS"),
             shutdown_grace_seconds=_float("JOBWIRE_SHUTDOWN_GRACE_SECONDS", 10.0),
             metrics_addr=os.environ.get("JOBWIRE_METRICS_ADDR", cls.metrics_addr),
             metrics_queue_seconds=_float("JOBWIRE_METRICS_QUEUE_SECONDS", 15.0),

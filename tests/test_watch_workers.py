@@ -209,3 +209,22 @@ async def test_a_killed_worker_is_restarted_and_its_watchers_resume_without_a_ga
             t.cancel()
         for c in clients:
             await c.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("65", "JOBWIRE_WATCH_WORKERS must be at most 64, got 65"),
+        ("-1", "JOBWIRE_WATCH_WORKERS must be a whole number >= 0"),
+        ("two", "JOBWIRE_WATCH_WORKERS must be a number, got 'two'"),
+    ],
+)
+def test_a_bad_worker_count_is_refused_by_name(
+    raw: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.config import Settings
+
+    monkeypatch.setenv("JOBWIRE_WATCH_WORKERS", raw)
+    with pytest.raises(SystemExit) as exc:
+        Settings.from_env()
+    assert message in str(exc.value)
