@@ -6,12 +6,13 @@ import asyncio
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from jobwire.v1 import job_pb2, job_service_pb2
 from service.domain import events
-from service.domain.records import Applied, JobCommand, Policy, Report
+from service.domain.records import Applied, JobCommand, JobRecord, Policy, Report
 from service.store import embedded
 from service.store.embedded import EmbeddedStore
 
@@ -106,3 +107,60 @@ def test_bridge_callback_metrics_expose_what_prometheus_objects_would() -> None:
         metrics._timed.clear()
         metrics._counted.update(saved[0])
         metrics._timed.update(saved[1])
+
+
+async def test_indexed_columns_follow_every_event(tmp_path: Path) -> None:
+    """Events that leave state, lease and stall deadline alone update a job's row
+    without naming those columns; whatever the mix, every stored row agrees with its
+    snapshot, and the queue, lease and stall lookups find what they should."""
+    store = EmbeddedStore(tmp_path / "data", Policy(retention=8))
+    await store.start()
+    try:
+        plain, leased, watched = "plain", "leased", "watched"
+        for job_id in (plain, leased, watched):
+            template = job_pb2.Job()
+            if job_id == watched:  # a progress deadline: stall_ns moves with each event
+                template.progress_deadline.FromNanoseconds(60 * 10**9)
+            record, _ = events.new_record(
+                job_id, job_pb2.JOB_KIND_GENERIC, time.time_ns(), template
+            )
+            await store.create(record)
+        claimed = await store.claim(job_pb2.JOB_KIND_GENERIC, "w1", 30 * 10**9)
+        assert claimed is not None and claimed.record.job.id == plain  # oldest first
+        # `plain` is leased now; release it by completing `leased` later.
+        for n in range(12):
+            batch = [_report(j, f"k{n}-{j}", n) for j in (plain, leased, watched)]
+            if n == 5:
+                batch.append(_report(leased, f"k{n}-again", 50))  # two in one batch
+            outcomes = await store.apply(batch)
+            assert all(isinstance(o, Applied) for o in outcomes)
+        done = job_service_pb2.ReportEventRequest(
+            job_id=leased, idempotency_key="done", completed=job_pb2.Result(message="ok")
+        )
+        await store.apply([JobCommand(leased, Report(done))])
+        await store.apply([_report(plain, "after", 99), _report(watched, "after", 99)])
+
+        def rows() -> list[tuple[Any, ...]]:
+            conn = store._writer_connection()
+            return conn.execute(
+                "SELECT id, state, seq, lease_expire_ns, stall_ns, snapshot FROM jobs"
+            ).fetchall()
+
+        async with store._write_lock:
+            stored = rows()
+        assert len(stored) == 3
+        for name, state, seq, lease, stall, snapshot in stored:
+            job = job_pb2.Job.FromString(snapshot)
+            # _update_row: (state, seq, lease, stall, keys, snapshot, id) from the snapshot
+            expected = embedded._update_row(JobRecord(job=job), b"")
+            assert (state, seq, lease, stall) == expected[:4], name
+        by_id = {r[0]: r for r in stored}
+        assert by_id[leased][1] == job_pb2.JOB_STATE_SUCCEEDED
+        assert by_id[plain][3] is not None  # its lease, renewed by each event
+        assert by_id[watched][4] is not None  # its stall deadline
+        # The lookups that use those indexes see the stored values.
+        far = time.time_ns() + 10**15
+        assert await store.expired_leases(far, 10) == [plain]
+        assert await store.stalled_jobs(far, 10) == [watched]
+    finally:
+        await store.close()

@@ -505,15 +505,26 @@ class EmbeddedStore:
             return results, None
         inserts: list[tuple[Any, ...]] = []
         updates: list[tuple[Any, ...]] = []
-        entries: dict[str, tuple[JobRecord, str | bytes]] = {}
+        moves: list[tuple[Any, ...]] = []
+        entries: dict[str, _Entry] = {}
         for job_id, record in changed.items():
             old = before[job_id]
             keys = _encode_keys_after(record.recent_keys, old, appended.get(job_id, ()))
-            entries[job_id] = (record, keys)
             if old is None:
-                inserts.append(_row(record, keys))
+                row = _row(record, keys)
+                inserts.append(row)
+                indexed: _Indexed = (row[1], row[4], row[5])
             else:
-                updates.append(_update_row(record, keys))
+                row = _update_row(record, keys)
+                indexed = (row[0], row[2], row[3])
+                # An UPDATE that names an indexed column rewrites its index entries even
+                # when the value stays (5.3 against 3.3 us a row): the usual progress
+                # event leaves state, lease and stall deadline as they are.
+                if indexed == old[2]:
+                    updates.append((row[1], keys, row[5], job_id))
+                else:
+                    moves.append(row)
+            entries[job_id] = (record, keys, indexed)
         retention = self.policy.retention
         last: dict[str, int] = {}
         for job_id, seq, _ in new_events:
@@ -524,12 +535,14 @@ class EmbeddedStore:
         try:
             if inserts:
                 conn.executemany(_INSERT_JOB, inserts)
-            if updates:
+            if moves:
                 conn.executemany(
                     "UPDATE jobs SET state=?, seq=?, lease_expire_ns=?, stall_ns=?, keys=?,"
                     " snapshot=? WHERE id=?",
-                    updates,
+                    moves,
                 )
+            if updates:
+                conn.executemany("UPDATE jobs SET seq=?, keys=?, snapshot=? WHERE id=?", updates)
             conn.executemany("INSERT INTO events (job_id, seq, event) VALUES (?, ?, ?)", new_events)
             if prune:
                 conn.executemany("DELETE FROM events WHERE job_id = ? AND seq <= ?", prune)
@@ -662,7 +675,10 @@ def _load(conn: sqlite3.Connection, job_id: str) -> JobRecord | None:
 
 
 _LOAD_CHUNK = 500
-_Entry = tuple[JobRecord, "str | bytes"]
+# The stored state, lease_expire_ns and stall_ns of a job: its indexed columns.
+_Indexed = tuple[int, "int | None", "int | None"]
+# A cached job: its record, its stored keys value and its indexed columns.
+_Entry = tuple[JobRecord, "str | bytes", _Indexed]
 
 
 class _RecordCache:
@@ -708,17 +724,17 @@ class _RecordCache:
         for start in range(0, len(missing), _LOAD_CHUNK):
             chunk = missing[start : start + _LOAD_CHUNK]
             rows = conn.execute(
-                "SELECT id, snapshot, token_hash, keys FROM jobs"
-                f" WHERE id IN ({','.join('?' * len(chunk))})",
+                "SELECT id, snapshot, token_hash, keys, state, lease_expire_ns, stall_ns"
+                f" FROM jobs WHERE id IN ({','.join('?' * len(chunk))})",
                 chunk,
             )
-            for job_id, snapshot, token_hash, keys in rows:
+            for job_id, snapshot, token_hash, keys, state, lease, stall in rows:
                 record = JobRecord(
                     job=job_pb2.Job.FromString(snapshot),
                     token_hash=token_hash,
                     recent_keys=_decode_keys(keys),
                 )
-                found[job_id] = (record, keys)
+                found[job_id] = (record, keys, (state, lease, stall))
         return found
 
     def committed(self, conn: sqlite3.Connection, written: dict[str, _Entry]) -> None:
