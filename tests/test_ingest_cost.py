@@ -164,3 +164,35 @@ async def test_indexed_columns_follow_every_event(tmp_path: Path) -> None:
         assert await store.stalled_jobs(far, 10) == [watched]
     finally:
         await store.close()
+
+
+async def test_event_rows_are_pruned_in_steps_and_never_shown_past_the_retention(
+    tmp_path: Path,
+) -> None:
+    store = EmbeddedStore(tmp_path / "data", Policy(retention=8))
+    await store.start()
+    try:
+        record, _ = events.new_record("j", job_pb2.JOB_KIND_GENERIC, time.time_ns())
+        await store.create(record)
+        most = 0
+        for n in range(1, 201):
+            # One event per batch, and now and then several in one batch.
+            batch = [_report("j", f"k{n}-{i}", 1) for i in range(1 if n % 7 else 5)]
+            await store.apply(batch)
+            newest = (await store.get("j")).job.sequence  # type: ignore[union-attr]
+            async with store._write_lock:
+                rows = (
+                    store._writer_connection()
+                    .execute("SELECT COUNT(*) FROM events WHERE job_id = 'j'")
+                    .fetchone()[0]
+                )
+            most = max(most, rows)
+            assert rows <= 8 + embedded.PRUNE_STEP - 1 + 4  # plus a batch's extra events
+            kept = await store.events_after("j", 0)
+            assert [e.sequence for e in kept] == list(range(max(1, newest - 7), newest + 1))
+            tail = await store.events_after("j", newest - 3)
+            assert [e.sequence for e in tail] == list(range(max(1, newest - 2), newest + 1))
+            assert await store.events_after("j", newest) == []
+        assert most > 8  # rows did wait for their step
+    finally:
+        await store.close()

