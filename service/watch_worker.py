@@ -11,6 +11,8 @@ the primary unchanged (bytes, metadata, deadline, status and trailers).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -33,13 +35,14 @@ from .jobs import Jobs
 from .security import TokenAuthInterceptor, server_credentials
 from .servicer import JobServicer, serialize_response
 from .store.port import Store
-from .watch_workers import FEED_METHOD, PRIMARY_ENV
+from .watch_workers import FEED_METHOD, PARENT_ENV, PRIMARY_ENV
 
 log = logging.getLogger("jobwire.watch_worker")
 
 SERVICE = job_service_pb2.DESCRIPTOR.services_by_name["JobService"]
 READ_TIMEOUT_S = 10.0
 FEED_RETRY_S = (0.05, 2.0)  # first and longest pause between feed reconnections
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _NOT_FORWARDED = ("user-agent", "content-type", "te", "host")
 
 
@@ -227,8 +230,7 @@ async def serve_worker(settings: Settings, primary: str) -> None:
 
     feed.on_ready.append(lambda: loop.create_task(serving()))
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
     log.info("watch worker %d serving on %s", os.getpid(), settings.grpc_addr)
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()
@@ -239,11 +241,25 @@ async def serve_worker(settings: Settings, primary: str) -> None:
     await channel.close()
 
 
+def _bind_to_parent() -> None:
+    """A worker lives and dies with its service: Ctrl-C reaches the whole process
+    group, but the service decides when its workers stop (SIGTERM); and if the service
+    is killed outright, the kernel sends this process SIGTERM (Linux PR_SET_PDEATHSIG),
+    so no orphan keeps holding the port."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.environ.get(PARENT_ENV) != str(os.getppid()):  # it died before the line above
+        raise SystemExit("the service that started this watch worker is gone")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     primary = os.environ.get(PRIMARY_ENV, "")
     if not primary:
         raise SystemExit(f"{PRIMARY_ENV} is not set: watch workers are started by the service")
+    _bind_to_parent()
     import gc
 
     gc.collect()

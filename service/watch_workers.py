@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -46,6 +47,7 @@ log = logging.getLogger("jobwire.watch_workers")
 FEED_SERVICE = "jobwire.internal.Feed"
 FEED_METHOD = f"/{FEED_SERVICE}/Events"
 PRIMARY_ENV = "JOBWIRE_WATCH_WORKER_PRIMARY"  # the primary's Unix socket, for a worker
+PARENT_ENV = "JOBWIRE_WATCH_WORKER_PARENT"  # the primary's pid
 # A worker's feed is one subscription carrying every event: room for bursts of a
 # commit or two, so that it is not coalesced or closed when this process is busy.
 FEED_CAPACITY = 16_384
@@ -89,7 +91,7 @@ class WatchWorkers:
         self.count = count
         self._dir = Path(tempfile.mkdtemp(prefix="jobwire-watch-"))  # mode 0700
         self.socket = self._dir / "primary.sock"
-        self._procs: list[asyncio.subprocess.Process | None] = [None] * count
+        self._procs: list[subprocess.Popen[bytes] | None] = [None] * count
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -102,6 +104,7 @@ class WatchWorkers:
         env = {
             **os.environ,
             PRIMARY_ENV: self.internal_target,
+            PARENT_ENV: str(os.getpid()),
             # What a worker serves with: this process's settings, whatever their source.
             "JOBWIRE_GRPC_ADDR": public_addr,
             "JOBWIRE_GRPC_TOKEN": settings.grpc_token,
@@ -113,41 +116,66 @@ class WatchWorkers:
             "JOBWIRE_SHUTDOWN_GRACE_SECONDS": str(settings.shutdown_grace_seconds),
         }
         loop = asyncio.get_running_loop()
+        for i in range(self.count):
+            self._spawn(i, env)  # all started on return
         self._tasks = [
             loop.create_task(self._keep(i, env), name=f"watch-worker-{i}")
             for i in range(self.count)
         ]
 
+    def _spawn(self, index: int, env: dict[str, str]) -> None:
+        # Popen with close_fds=False spawns with posix_spawn (Python's descriptors are
+        # not inheritable, gRPC's are close-on-exec): a fork() would run gRPC's fork
+        # handlers, which log that other threads are busy in gRPC.
+        argv = [sys.executable, "-m", "service.watch_worker"]
+        self._procs[index] = subprocess.Popen(argv, env=env, close_fds=False)
+
     async def _keep(self, index: int, env: dict[str, str]) -> None:
-        while not self._stopping:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "service.watch_worker", env=env
-            )
-            self._procs[index] = proc
-            code = await proc.wait()
+        """Waits for the worker to exit and starts it again, until stop()."""
+        loop = asyncio.get_running_loop()
+        while True:
+            proc = self._procs[index]
+            assert proc is not None
+            # Woken by the kernel when it exits (a pidfd becomes readable): no thread
+            # blocked in wait() per worker.
+            pidfd = os.pidfd_open(proc.pid)
+            exited: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(pidfd, _resolve, exited)
+            try:
+                await exited
+            finally:
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
+            code = proc.wait()
             if self._stopping:
                 return
             log.error("watch worker %d exited with %s; restarting it", index, code)
             await asyncio.sleep(RESTART_DELAY_S)
+            if self._stopping:
+                return
+            self._spawn(index, env)
 
     async def stop(self, grace: float) -> None:
         """SIGTERM to every worker (they end their streams with UNAVAILABLE), then
         SIGKILL to any still running after `grace`."""
         self._stopping = True
-        running = [p for p in self._procs if p is not None and p.returncode is None]
-        for proc in running:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-        if running:
-            waits = [asyncio.create_task(p.wait()) for p in running]
-            _, late = await asyncio.wait(waits, timeout=grace)
-            for proc in running:
-                if proc.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
+        for proc in self._procs:
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        if self._tasks:  # each ends when its worker has exited
+            _, late = await asyncio.wait(self._tasks, timeout=grace)
             if late:
+                for proc in self._procs:
+                    if proc is not None and proc.poll() is None:
+                        proc.kill()
                 await asyncio.wait(late, timeout=5)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -228,3 +229,53 @@ def test_a_bad_worker_count_is_refused_by_name(
     with pytest.raises(SystemExit) as exc:
         Settings.from_env()
     assert message in str(exc.value)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie has exited: it only waits for its parent (here: init) to reap it
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def test_workers_do_not_outlive_a_killed_service(tmp_path: Path) -> None:
+    env = dict(
+        os.environ,
+        JOBWIRE_GRPC_ADDR="127.0.0.1:0",
+        JOBWIRE_DATA_DIR=str(tmp_path),
+        JOBWIRE_METRICS_ADDR="",
+        JOBWIRE_WATCH_WORKERS="2",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", "serve", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    workers: list[int] = []
+    try:
+        serving = 0
+        while serving < WORKERS:  # each worker logs once it is up (and bound to us)
+            line = await asyncio.wait_for(proc.stderr.readline(), 6 * WAIT)
+            assert line, "the service exited"
+            serving += b"watch worker" in line and b"serving on" in line
+        workers = _children(proc.pid)
+        assert len(workers) == WORKERS
+        proc.kill()  # SIGKILL: the service cannot stop them itself
+        # Not proc.wait(): it also waits for the stderr pipe, which a surviving worker
+        # would hold open.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * WAIT
+        while _alive(proc.pid) or any(_alive(w) for w in workers):
+            assert loop.time() < deadline, "a watch worker outlived its service"
+            await asyncio.sleep(0.05)
+    finally:
+        for pid in [proc.pid, *workers]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        await proc.wait()
