@@ -82,7 +82,7 @@ class Feed:
         self._fanout = fanout
         self._metadata = metadata
         self.ready = asyncio.Event()
-        self.on_ready: list[Any] = []
+        self.on_change: list[Any] = []  # called with True (feed open) or False (lost)
 
     async def run(self) -> None:
         pause = FEED_RETRY_S[0]
@@ -92,8 +92,8 @@ class Feed:
                 async for data in call:
                     if not data:  # subscribed at the primary
                         self.ready.set()
-                        for callback in self.on_ready:
-                            callback()
+                        for callback in self.on_change:
+                            callback(True)
                         pause = FEED_RETRY_S[0]
                         continue
                     batch = job_service_pb2.ListJobEventsResponse.FromString(data)
@@ -107,6 +107,8 @@ class Feed:
             if self.ready.is_set():
                 self.ready.clear()
                 self._fanout.close_all()
+                for callback in self.on_change:
+                    callback(False)
             await asyncio.sleep(pause)
             pause = min(pause * 2, FEED_RETRY_S[1])
 
@@ -167,6 +169,12 @@ def _pass_through(channel: grpc.aio.Channel, method: Any) -> Handler:
     return grpc.unary_unary_rpc_method_handler(unary)
 
 
+async def _health(servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse
+    for name in ("", SERVICE.full_name):
+        await servicer.set(name, status.SERVING if serving else status.NOT_SERVING)
+
+
 def _ready_gate(watch: Any, feed: Feed) -> Any:
     async def call(request: Any, context: Any) -> AsyncIterator[Any]:
         if not feed.ready.is_set():
@@ -220,15 +228,19 @@ async def serve_worker(settings: Settings, primary: str) -> None:
         port = server.add_secure_port(settings.grpc_addr, creds)
     if port == 0:
         raise SystemExit(f"watch worker cannot listen on {settings.grpc_addr}")
+    # Not serving until the feed is open (a probe may land on this process).
+    await _health(health_servicer, serving=False)
     await server.start()
     loop = asyncio.get_running_loop()
     feed_task = loop.create_task(feed.run(), name="feed")
+    updates: set[asyncio.Task[None]] = set()  # referenced until done
 
-    async def serving() -> None:
-        for name in ("", SERVICE.full_name):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    def on_feed(up: bool) -> None:
+        task = loop.create_task(_health(health_servicer, up))
+        updates.add(task)
+        task.add_done_callback(updates.discard)
 
-    feed.on_ready.append(lambda: loop.create_task(serving()))
+    feed.on_change.append(on_feed)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     log.info("watch worker %d serving on %s", os.getpid(), settings.grpc_addr)

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jobwire.client import Backoff, Client
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
@@ -151,6 +152,21 @@ async def test_other_calls_pass_through_a_worker_unchanged(
             )
             data = b"".join([r.data async for r in read_back])
             assert data == b"hello workers"
+    finally:
+        for ch in channels:
+            await ch.close()
+
+
+async def test_every_process_reports_serving_once_its_feed_is_open(
+    service_with_workers: ServiceHandle,
+) -> None:
+    job = (await create(service_with_workers.stub)).job
+    channels = own_connections(service_with_workers, CONNECTIONS)
+    try:
+        await until_serving([job_service_pb2_grpc.JobServiceStub(c) for c in channels], job.id)
+        for ch in channels:
+            reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         for ch in channels:
             await ch.close()
