@@ -21,10 +21,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jobwire.client import Backoff, Client
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
+from service.store.embedded import EmbeddedStore
 from service.store.port import Store
 from service.watch_workers import FEED_METHOD
-from tests.conftest import ServiceHandle, start_service
+from tests.conftest import ServiceHandle, make_policy, start_service
 from tests.helpers import WAIT, completed, progress, read
+from tests.test_ops import _self_signed
 
 TOKEN = "watch-workers-test-token"
 WORKERS = 2
@@ -35,8 +37,19 @@ AUTH = (("authorization", f"Bearer {TOKEN}"),)
 @pytest.fixture
 async def service_with_workers(store: Store) -> AsyncIterator[ServiceHandle]:
     handle = await start_service(store, watch_workers=WORKERS, grpc_token=TOKEN)
+    await workers_up(handle)
     yield handle
     await handle.close()
+
+
+async def workers_up(handle: ServiceHandle) -> None:
+    """Until every worker holds its feed subscription (it binds the port before it
+    opens the feed): connections made earlier would all reach the service itself."""
+    fanout = handle.running.jobs.fanout
+    deadline = asyncio.get_running_loop().time() + 6 * WAIT
+    while fanout.watchers < WORKERS:
+        assert asyncio.get_running_loop().time() < deadline, "watch workers did not start"
+        await asyncio.sleep(0.02)
 
 
 async def create(stub: Any) -> job_service_pb2.CreateJobResponse:
@@ -173,12 +186,36 @@ async def test_every_process_reports_serving_once_its_feed_is_open(
 
 
 async def test_the_feed_is_not_served_over_tcp(service_with_workers: ServiceHandle) -> None:
-    feed: Any = service_with_workers.channel.unary_stream(FEED_METHOD)
-    call = feed(b"", metadata=AUTH)
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        async for _ in call:
-            pass
-    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    codes = []
+    channels = own_connections(service_with_workers, CONNECTIONS)
+    try:
+        for ch in channels:
+            feed: Any = ch.unary_stream(FEED_METHOD)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in feed(b"", metadata=AUTH):
+                    pass
+            codes.append(err.value.code())
+    finally:
+        for ch in channels:
+            await ch.close()
+    # The service refuses it; a worker does not even have the method.
+    assert set(codes) <= {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED}
+    assert grpc.StatusCode.PERMISSION_DENIED in codes
+
+
+async def report(stub: Any, request: job_service_pb2.ReportEventRequest) -> None:
+    """ReportEvent, again after UNAVAILABLE: the connection may have been to the worker
+    just killed, and the event's idempotency key makes a repeat harmless."""
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while True:
+        try:
+            await stub.ReportEvent(request, metadata=AUTH, timeout=WAIT)
+            return
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            assert asyncio.get_running_loop().time() < deadline, err
+            await asyncio.sleep(0.05)  # a retry's pause, not a wait for an event
 
 
 async def test_a_killed_worker_is_restarted_and_its_watchers_resume_without_a_gap(
@@ -209,10 +246,8 @@ async def test_a_killed_worker_is_restarted_and_its_watchers_resume_without_a_ga
         victim = worker_pids(svc)[0]
         os.kill(victim, signal.SIGKILL)
         for k in range(4):
-            await svc.stub.ReportEvent(
-                progress(job.id, 20 + k, message=f"after {k}"), metadata=AUTH
-            )
-        await svc.stub.ReportEvent(completed(job.id), metadata=AUTH)
+            await report(svc.stub, progress(job.id, 20 + k, message=f"after {k}"))
+        await report(svc.stub, completed(job.id))
         await asyncio.wait_for(asyncio.gather(*tasks), 6 * WAIT)
         for sequences in seen:
             # No gap, no duplicate.
@@ -295,3 +330,30 @@ async def test_workers_do_not_outlive_a_killed_service(tmp_path: Path) -> None:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         await proc.wait()
+
+
+async def test_workers_serve_tls_like_the_service(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    handle = await start_service(
+        EmbeddedStore(tmp_path / "d", make_policy()),
+        watch_workers=WORKERS,
+        grpc_tls_cert=str(cert),
+        grpc_tls_key=str(key),
+    )
+    await workers_up(handle)
+    creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    own = [("grpc.use_local_subchannel_pool", 1), ("grpc.ssl_target_name_override", "localhost")]
+    channels = [grpc.aio.secure_channel(handle.target, creds, options=own) for _ in range(12)]
+    try:
+        stubs = [job_service_pb2_grpc.JobServiceStub(ch) for ch in channels]
+        job = (await create(stubs[0])).job
+        await until_serving(stubs, job.id)  # a WatchJob over TLS on every connection
+        for stub in stubs:  # and a call passed through, wherever it lands
+            assert (await stub.GetJob(job_service_pb2.GetJobRequest(id=job.id))).id == job.id
+        plain = job_service_pb2_grpc.JobServiceStub(handle.channel)  # no TLS: refused
+        with pytest.raises(grpc.aio.AioRpcError):
+            await plain.GetJob(job_service_pb2.GetJobRequest(id=job.id), timeout=2)
+    finally:
+        for ch in channels:
+            await ch.close()
+        await handle.close()
