@@ -309,6 +309,40 @@ async def open_burst(
     return clients, readies, load
 
 
+def _listening_inodes(port: int) -> set[str]:
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":  # LISTEN
+                out.add(f[9])
+    return out
+
+
+def _children_listening(pid: int, port: int) -> int:
+    """How many child processes of `pid` hold a socket listening on `port` (/proc)."""
+    inodes = _listening_inodes(port)
+    listening = 0
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        with contextlib.suppress(OSError):
+            links = (os.readlink(fd) for fd in Path(f"/proc/{child}/fd").iterdir())
+            listening += any(link[8:-1] in inodes for link in links)
+    return listening
+
+
+async def workers_listening(pid: int, port: int, workers: int, limit: float = 60) -> None:
+    """Until the service's watch workers listen on its port too: connections made
+    before they do all reach the service process."""
+    deadline = time.monotonic() + limit
+    while workers:
+        listening = _children_listening(pid, port)
+        if listening >= workers:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{listening} of {workers} watch workers listen")
+        await asyncio.sleep(0.05)
+
+
 def cpu_load() -> float:
     return round(os.getloadavg()[0], 2)
 
@@ -548,6 +582,8 @@ async def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         )
         procs.append(p)
         await run.wait_grpc(target, p)
+        workers = int(env["JOBWIRE_WATCH_WORKERS"])
+        await workers_listening(p.pid, int(target.rsplit(":", 1)[1]), workers)
         channel = grpc.aio.insecure_channel(target)
         return p, target, channel, job_service_pb2_grpc.JobServiceStub(channel)
 
