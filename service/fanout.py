@@ -127,7 +127,10 @@ class Subscription:
 
     async def next_batch(self) -> list[Item]:
         """Everything buffered, in order; waits while there is nothing."""
-        await self._ready()
+        # The wait is in this frame, not in a helper coroutine: a fan-out resumes the
+        # chain of frames above the future once per watcher per event.
+        while not self._buffer and not self._overflow:
+            await self._waiter_while_open()
         batch = list(self._buffer)
         self._buffer.clear()
         self._marks.clear()
@@ -139,21 +142,25 @@ class Subscription:
     async def _ready(self) -> None:
         """Returns once something is buffered; raises when the stream must end."""
         while not self._buffer and not self._overflow:
-            if self._shutdown:
-                raise SubscriptionClosed(
-                    "service is shutting down; reconnect with your last sequence", True
-                )
-            if self._behind:
-                raise FellBehind
-            if self._closed:
-                raise SubscriptionClosed(
-                    "watcher fell too far behind; reconnect with your last sequence", False
-                )
-            waiter = self._waiter
-            if waiter is None or waiter.done():
-                loop = asyncio.get_running_loop() if waiter is None else waiter.get_loop()
-                waiter = self._waiter = loop.create_future()
-            await waiter
+            await self._waiter_while_open()
+
+    def _waiter_while_open(self) -> asyncio.Future[None]:
+        """What the next offer resolves; raises when the stream must end instead."""
+        if self._shutdown:
+            raise SubscriptionClosed(
+                "service is shutting down; reconnect with your last sequence", True
+            )
+        if self._behind:
+            raise FellBehind
+        if self._closed:
+            raise SubscriptionClosed(
+                "watcher fell too far behind; reconnect with your last sequence", False
+            )
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            loop = asyncio.get_running_loop() if waiter is None else waiter.get_loop()
+            waiter = self._waiter = loop.create_future()
+        return waiter
 
     async def next_marked_batch(self) -> list[tuple[Item, int]]:
         """A lossless subscription's next batch, each item with the watermark of its

@@ -56,20 +56,28 @@ def streaming(fn: Callable[P, AsyncIterator[R]]) -> Callable[P, AsyncIterator[R]
     return call
 
 
-def admitted(fn: Callable[P, AsyncIterator[R]]) -> Callable[P, AsyncIterator[R]]:
+def watch_stream(fn: Callable[P, AsyncIterator[R]]) -> Callable[P, AsyncIterator[R]]:
     """A watch stream counts against the node's limit while it is open; past it, the
-    stream is refused with RESOURCE_EXHAUSTED and a retry hint (service/admission.py)."""
+    stream is refused with RESOURCE_EXHAUSTED and a retry hint (service/admission.py).
+    It ends with the status of a DomainError or of its closed subscription, as
+    `streaming` does. One generator layer for both: a layer costs every message of a
+    fan-out, once per watcher."""
 
     @wraps(fn)
     async def call(*args: P.args, **kwargs: P.kwargs) -> AsyncIterator[R]:
         admission: WatchAdmission = args[0]._admission  # type: ignore[attr-defined]
+        context: Any = args[-1]
         if not admission.enter():
             details, trailing = admission.refusal()
-            context: Any = args[-1]
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details, trailing)
         try:
             async for item in fn(*args, **kwargs):
                 yield item
+        except DomainError as err:
+            await context.abort(_status(err), err.message)
+        except SubscriptionClosed as err:
+            code = grpc.StatusCode.UNAVAILABLE if err.shutting_down else grpc.StatusCode.ABORTED
+            await context.abort(code, str(err))
         finally:
             admission.leave()
 
@@ -238,8 +246,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
             request.job_id, request.from_sequence, request.callback_token
         )
 
-    @admitted
-    @streaming
+    @watch_stream
     async def WatchJob(  # type: ignore[override]  # may yield pre-serialised bytes
         self, request: job_service_pb2.WatchJobRequest, context: Context
     ) -> AsyncIterator[job_service_pb2.WatchJobResponse | bytes]:
@@ -252,8 +259,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                 # One live event goes to every watcher of its job: serialise it once.
                 yield _watch_bytes(item)
 
-    @admitted
-    @streaming
+    @watch_stream
     async def WatchJobs(
         self, request: job_service_pb2.WatchJobsRequest, context: Context
     ) -> AsyncIterator[job_service_pb2.WatchJobsResponse]:
