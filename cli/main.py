@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_run)
     p = sub.add_parser("dashboard", help="run the web dashboard (JOBWIRE_DASHBOARD_ADDR)")
     p.set_defaults(func=_dashboard)
+    p = sub.add_parser("watch-worker", help="(started by serve for JOBWIRE_WATCH_WORKERS)")
+    p.set_defaults(func=_watch_worker)
 
     p = sub.add_parser("healthcheck", help="exit 0 when the service (or bridge) is healthy")
     p.add_argument("--target", default=target)
@@ -113,6 +115,15 @@ def _serve(_: argparse.Namespace) -> int:
     _install_uvloop()
     _freeze_startup_objects()
     asyncio.run(serve(Settings.from_env()))
+    return 0
+
+
+def _watch_worker(_: argparse.Namespace) -> int:
+    from service.watch_worker import run_worker
+
+    _install_uvloop()
+    _freeze_startup_objects()
+    run_worker()
     return 0
 
 

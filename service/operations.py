@@ -69,7 +69,7 @@ async def start_operations(settings: Settings, store: Store, jobs: Jobs) -> Oper
     relay = await _start_feed(settings, store, jobs)
     metrics = await start_metrics(settings.metrics_addr, store, settings.metrics_queue_seconds)
     if metrics.port:
-        log.info("metrics on http://%s/metrics", _with_port(settings.metrics_addr, metrics.port))
+        log.info("metrics on http://%s/metrics", with_port(settings.metrics_addr, metrics.port))
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(around=call_context)]
     if settings.grpc_token:
         interceptors.append(TokenAuthInterceptor(settings.grpc_token))
@@ -107,6 +107,6 @@ async def _start_feed(settings: Settings, store: Store, jobs: Jobs) -> FeedRelay
     return relay
 
 
-def _with_port(addr: str, port: int) -> str:
+def with_port(addr: str, port: int) -> str:
     host = addr.rpartition(":")[0] or "127.0.0.1"
     return f"{host}:{port}"

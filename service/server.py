@@ -17,13 +17,13 @@ from .admission import WatchAdmission, server_options
 from .config import Settings
 from .fanout import Fanout
 from .jobs import Jobs
-from .operations import Operations, start_operations
+from .operations import Operations, start_operations, with_port
 from .security import server_credentials
 from .servicer import JobServicer, add_to_server
 from .store.factory import open_store
 from .store.port import Store
 from .tracing import server_interceptors
-from .watch_workers import WatchWorkers, feed_handler, resolved_addr
+from .watch_workers import WatchWorkers, feed_handler
 
 log = logging.getLogger("jobwire.server")
 SERVICE_NAME = job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
@@ -84,11 +84,40 @@ async def start(settings: Settings, store: Store | None = None) -> RunningServic
     interceptors = [*server_interceptors(), *ops.interceptors]
     server = grpc.aio.server(options=options, interceptors=interceptors)
     add_to_server(JobServicer(jobs, WatchAdmission(settings.max_watchers)), server)
+    health_servicer = add_health_and_reflection(server)
+    port = listen(server, settings)
+    if workers is not None:
+        server.add_generic_rpc_handlers((feed_handler(jobs.fanout),))
+        server.add_insecure_port(workers.internal_target)  # a 0700 directory's socket
+    await server.start()
+    if workers is not None:
+        workers.start(settings, with_port(settings.grpc_addr, port))
+    await set_health(health_servicer, serving=True)
+    sweeper = asyncio.get_running_loop().create_task(
+        jobs.sweep_leases_forever(settings.lease_sweep_seconds), name="lease-sweeper"
+    )
+    return RunningService(server, port, jobs, store, health_servicer, sweeper, ops, workers)
+
+
+def add_health_and_reflection(server: grpc.aio.Server) -> health.aio.HealthServicer:
+    """The standard health service and reflection, as every process on the port has."""
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    return health_servicer
+
+
+async def set_health(servicer: health.aio.HealthServicer, serving: bool) -> None:
+    """The overall status ("") and JobService's."""
+    status = health_pb2.HealthCheckResponse
+    for name in ("", SERVICE_NAME):
+        await servicer.set(name, status.SERVING if serving else status.NOT_SERVING)
+
+
+def listen(server: grpc.aio.Server, settings: Settings) -> int:
+    """Binds JOBWIRE_GRPC_ADDR, with TLS when configured; the port bound."""
     creds = server_credentials(
         settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_client_ca
     )
@@ -98,18 +127,7 @@ async def start(settings: Settings, store: Store | None = None) -> RunningServic
         port = server.add_secure_port(settings.grpc_addr, creds)
     if port == 0:
         raise SystemExit(f"cannot listen on JOBWIRE_GRPC_ADDR={settings.grpc_addr}")
-    if workers is not None:
-        server.add_generic_rpc_handlers((feed_handler(jobs.fanout),))
-        server.add_insecure_port(workers.internal_target)  # a 0700 directory's socket
-    await server.start()
-    if workers is not None:
-        workers.start(settings, resolved_addr(settings.grpc_addr, port))
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    sweeper = asyncio.get_running_loop().create_task(
-        jobs.sweep_leases_forever(settings.lease_sweep_seconds), name="lease-sweeper"
-    )
-    return RunningService(server, port, jobs, store, health_servicer, sweeper, ops, workers)
+    return port
 
 
 async def serve(settings: Settings) -> None:

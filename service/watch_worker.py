@@ -1,6 +1,6 @@
 """A watch worker process (service/watch_workers.py says why and how it is fed).
 
-    python -m service.watch_worker   (started by the service; JOBWIRE_WATCH_WORKERS)
+    jobwire watch-worker   (started by the service; JOBWIRE_WATCH_WORKERS)
 
 It binds the service's port with SO_REUSEPORT and answers every JobService call that
 reaches it: WatchJob from its own fan-out, with the same code as the service
@@ -20,8 +20,6 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from jobwire.v1 import job_service_pb2, job_service_pb2_grpc
 
@@ -32,7 +30,8 @@ from .domain.records import JobRecord
 from .fanout import Fanout
 from .grpc_handlers import Handler
 from .jobs import Jobs
-from .security import TokenAuthInterceptor, server_credentials
+from .security import TokenAuthInterceptor
+from .server import add_health_and_reflection, listen, set_health
 from .servicer import JobServicer, serialize_response
 from .store.port import Store
 from .watch_workers import FEED_METHOD, PARENT_ENV, PRIMARY_ENV
@@ -169,12 +168,6 @@ def _pass_through(channel: grpc.aio.Channel, method: Any) -> Handler:
     return grpc.unary_unary_rpc_method_handler(unary)
 
 
-async def _health(servicer: health.aio.HealthServicer, serving: bool) -> None:
-    status = health_pb2.HealthCheckResponse
-    for name in ("", SERVICE.full_name):
-        await servicer.set(name, status.SERVING if serving else status.NOT_SERVING)
-
-
 def _ready_gate(watch: Any, feed: Feed) -> Any:
     async def call(request: Any, context: Any) -> AsyncIterator[Any]:
         if not feed.ready.is_set():
@@ -214,29 +207,17 @@ async def serve_worker(settings: Settings, primary: str) -> None:
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE.full_name, table),)
     )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    creds = server_credentials(
-        settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_client_ca
-    )
-    if creds is None:
-        port = server.add_insecure_port(settings.grpc_addr)
-    else:
-        port = server.add_secure_port(settings.grpc_addr, creds)
-    if port == 0:
-        raise SystemExit(f"watch worker cannot listen on {settings.grpc_addr}")
+    health_servicer = add_health_and_reflection(server)
+    listen(server, settings)
     # Not serving until the feed is open (a probe may land on this process).
-    await _health(health_servicer, serving=False)
+    await set_health(health_servicer, serving=False)
     await server.start()
     loop = asyncio.get_running_loop()
     feed_task = loop.create_task(feed.run(), name="feed")
     updates: set[asyncio.Task[None]] = set()  # referenced until done
 
     def on_feed(up: bool) -> None:
-        task = loop.create_task(_health(health_servicer, up))
+        task = loop.create_task(set_health(health_servicer, up))
         updates.add(task)
         task.add_done_callback(updates.discard)
 
@@ -266,24 +247,11 @@ def _bind_to_parent() -> None:
         raise SystemExit("the service that started this watch worker is gone")
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+def run_worker() -> None:
+    """The worker process's body (`jobwire watch-worker`, started by the service: the
+    CLI sets up logging, uvloop and the collector as for `jobwire serve`)."""
     primary = os.environ.get(PRIMARY_ENV, "")
     if not primary:
         raise SystemExit(f"{PRIMARY_ENV} is not set: watch workers are started by the service")
     _bind_to_parent()
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)  # as the service (cli/main.py _freeze_startup_objects)
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve_worker(Settings.from_env(), primary))
-    else:
-        uvloop.run(serve_worker(Settings.from_env(), primary))
-
-
-if __name__ == "__main__":
-    main()
+    asyncio.run(serve_worker(Settings.from_env(), primary))

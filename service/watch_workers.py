@@ -78,12 +78,6 @@ def feed_handler(fanout: Fanout) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(FEED_SERVICE, {"Events": handler})
 
 
-def resolved_addr(addr: str, port: int) -> str:
-    """`addr` with the port the server actually bound ("127.0.0.1:0" -> ":41235")."""
-    host = addr.rsplit(":", 1)[0] if ":" in addr else addr
-    return f"{host}:{port}"
-
-
 class WatchWorkers:
     """Starts, restarts and stops the watch worker processes of this service."""
 
@@ -127,7 +121,7 @@ class WatchWorkers:
         # Popen with close_fds=False spawns with posix_spawn (Python's descriptors are
         # not inheritable, gRPC's are close-on-exec): a fork() would run gRPC's fork
         # handlers, which log that other threads are busy in gRPC.
-        argv = [sys.executable, "-m", "service.watch_worker"]
+        argv = [sys.executable, "-m", "cli", "watch-worker"]
         self._procs[index] = subprocess.Popen(argv, env=env, close_fds=False)
 
     async def _keep(self, index: int, env: dict[str, str]) -> None:

@@ -66,7 +66,7 @@ def worker_pids(handle: ServiceHandle) -> list[int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"service.watch_worker" in cmdline:
+        if b"watch-worker" in cmdline:
             out.append(pid)
     return out
 
