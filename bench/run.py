@@ -147,6 +147,9 @@ def delivery_ms(arrivals: dict[str, list[float]], acks: dict[str, float]) -> lis
     return [(t - acks[msg]) * 1000 for msg, times in arrivals.items() if msg in acks for t in times]
 
 
+# @grpc/grpc-js for the Node watcher clients: the Node example's, installed by
+# scripts/install-node-example.sh.
+NODE_MODULES = ROOT / "examples" / "node" / "node_modules"
 FANOUT_MARK = "tick-"  # fan-out callbacks' messages: "tick-0", "tick-1", ...
 
 
@@ -158,7 +161,7 @@ def watcher_client_missing(client: str) -> str:
         return f"unknown watcher client {client!r}"
     if shutil.which("node") is None:
         return "node is not installed"
-    if not (ROOT / "examples" / "node" / "node_modules" / "@grpc" / "grpc-js").is_dir():
+    if not (NODE_MODULES / "@grpc" / "grpc-js").is_dir():
         return "examples/node/node_modules has no @grpc/grpc-js (scripts/install-node-example.sh)"
     return ""
 
@@ -863,7 +866,7 @@ class Bench:
         if client == "node":
             script = str(ROOT / "bench" / "watchers10k_client.js")
             argv = ["node", script, target, job[0], str(self.args.watchers), "100"]
-            env = {**base_env(), "NODE_PATH": str(ROOT / "examples" / "node" / "node_modules")}
+            env = {**base_env(), "NODE_PATH": str(NODE_MODULES)}
             watchers = await asyncio.create_subprocess_exec(
                 *argv, str(limit), str(out), FANOUT_MARK, env=env, stdin=pipe, stdout=pipe
             )

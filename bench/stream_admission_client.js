@@ -7,7 +7,7 @@
 'use strict';
 
 const grpc = require('@grpc/grpc-js');
-const readline = require('readline');
+const { connectClients, lineReader } = require('./node_common');
 
 const [target, streams, perConn, limitS] = process.argv.slice(2);
 const n = Number(streams);
@@ -16,27 +16,10 @@ const limit = Number(limitS) * 1000;
 const METHOD = '/bench.Admission/Watch';
 const raw = (x) => x;
 
-const lines = readline.createInterface({ input: process.stdin });
-const nextLine = () => new Promise((resolve) => lines.once('line', resolve));
+const nextLine = lineReader();
 
 async function main() {
-  const clients = [];
-  for (let i = 0; i < Math.ceil(n / per); i++) {
-    // One connection per client: no subchannel sharing between them.
-    clients.push(
-      new grpc.Client(target, grpc.credentials.createInsecure(), {
-        'grpc.use_local_subchannel_pool': 1,
-      }),
-    );
-  }
-  await Promise.all(
-    clients.map(
-      (c) =>
-        new Promise((resolve, reject) =>
-          c.waitForReady(Date.now() + 30000, (err) => (err ? reject(err) : resolve())),
-        ),
-    ),
-  );
+  const clients = await connectClients(target, Math.ceil(n / per));
   console.log('CONNECTED');
   await nextLine(); // GO
   const t0 = Date.now();

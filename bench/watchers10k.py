@@ -263,7 +263,7 @@ async def spawn_clients(
         if mode == "node":  # raw WatchJob streams from bench/watchers10k_client.js
             argv = ["node", str(run.ROOT / "bench" / "watchers10k_client.js"), target, job]
             argv += [str(per), str(PER_CONNECTION), str(limit), str(path)]
-            env["NODE_PATH"] = str(run.ROOT / "examples" / "node" / "node_modules")
+            env["NODE_PATH"] = str(run.NODE_MODULES)
         else:
             argv = [run.PY, "-m", "bench.watchers10k", "--role", "client", "--mode", mode]
             argv += ["--target", target, "--job", job, "--streams", str(per), "--out", str(path)]

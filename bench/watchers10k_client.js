@@ -15,7 +15,7 @@
 
 const fs = require('fs');
 const grpc = require('@grpc/grpc-js');
-const readline = require('readline');
+const { connectClients, lineReader } = require('./node_common');
 const { performance } = require('perf_hooks');
 
 const [target, job, streams, perConn, limitS, out, mark = 'fan-'] = process.argv.slice(2);
@@ -32,12 +32,7 @@ const now = () => (performance.timeOrigin + performance.now()) / 1000; // s, lik
 const jobBytes = Buffer.from(job, 'utf8');
 const request = Buffer.concat([Buffer.from([0x0a, jobBytes.length]), jobBytes]);
 
-const lines = readline.createInterface({ input: process.stdin });
-const queued = [];
-let waiting = null;
-lines.on('line', (line) => (waiting ? (waiting(line), (waiting = null)) : queued.push(line)));
-const nextLine = () =>
-  queued.length ? Promise.resolve(queued.shift()) : new Promise((r) => (waiting = r));
+const nextLine = lineReader();
 
 const arrivals = {};
 const errors = {};
@@ -100,23 +95,7 @@ function until(done, limitMs) {
 }
 
 async function main() {
-  const clients = [];
-  for (let i = 0; i < Math.ceil(n / per); i++) {
-    // One connection per client: no subchannel sharing between them.
-    clients.push(
-      new grpc.Client(target, grpc.credentials.createInsecure(), {
-        'grpc.use_local_subchannel_pool': 1,
-      }),
-    );
-  }
-  await Promise.all(
-    clients.map(
-      (c) =>
-        new Promise((resolve, reject) =>
-          c.waitForReady(Date.now() + 30000, (err) => (err ? reject(err) : resolve())),
-        ),
-    ),
-  );
+  const clients = await connectClients(target, Math.ceil(n / per));
   console.log('CONNECTED');
   await nextLine(); // GO
   const t0 = now();
