@@ -16,19 +16,19 @@ import ctypes
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import grpc
 
-from jobwire.v1 import job_service_pb2, job_service_pb2_grpc
+from jobwire.v1 import event_pb2, job_service_pb2, job_service_pb2_grpc
 
 from .admission import WatchAdmission, server_options
 from .config import Settings
 from .domain.errors import StorageUnavailable
 from .domain.records import JobRecord
 from .fanout import Fanout
-from .grpc_handlers import Handler
+from .grpc_handlers import Handler, replace_behavior
 from .jobs import Jobs
 from .security import TokenAuthInterceptor
 from .server import add_health_and_reflection, listen, set_health
@@ -39,6 +39,7 @@ from .watch_workers import FEED_METHOD, PARENT_ENV, PRIMARY_ENV
 log = logging.getLogger("jobwire.watch_worker")
 
 SERVICE = job_service_pb2.DESCRIPTOR.services_by_name["JobService"]
+WATCH_JOB = f"/{SERVICE.full_name}/WatchJob"
 READ_TIMEOUT_S = 10.0
 FEED_RETRY_S = (0.05, 2.0)  # first and longest pause between feed reconnections
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -62,7 +63,7 @@ class PrimaryReads:
             raise StorageUnavailable(f"reading job {job_id!r}: {err.details()}") from None
         return JobRecord(job=job)
 
-    async def events_after(self, job_id: str, sequence: int) -> list[Any]:
+    async def events_after(self, job_id: str, sequence: int) -> list[event_pb2.JobEvent]:
         request = job_service_pb2.ListJobEventsRequest(job_id=job_id, from_sequence=sequence)
         try:
             response = await self._stub.ListJobEvents(
@@ -76,12 +77,18 @@ class PrimaryReads:
 class Feed:
     """The primary's events, republished to this process's fan-out."""
 
-    def __init__(self, channel: grpc.aio.Channel, fanout: Fanout, metadata: Any) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        fanout: Fanout,
+        metadata: Any,
+        on_change: Callable[[bool], None],
+    ) -> None:
         self._call: Any = channel.unary_stream(FEED_METHOD)
         self._fanout = fanout
         self._metadata = metadata
-        self.ready = asyncio.Event()
-        self.on_change: list[Any] = []  # called with True (feed open) or False (lost)
+        self._on_change = on_change  # called with True (feed open) or False (lost)
+        self.ready = False
 
     async def run(self) -> None:
         pause = FEED_RETRY_S[0]
@@ -90,9 +97,8 @@ class Feed:
             try:
                 async for data in call:
                     if not data:  # subscribed at the primary
-                        self.ready.set()
-                        for callback in self.on_change:
-                            callback(True)
+                        self.ready = True
+                        self._on_change(True)
                         pause = FEED_RETRY_S[0]
                         continue
                     batch = job_service_pb2.ListJobEventsResponse.FromString(data)
@@ -103,11 +109,10 @@ class Feed:
                 call.cancel()
             # Events published while no feed was open never reach this process: every
             # watcher here resumes from its last sequence (UNAVAILABLE), none misses one.
-            if self.ready.is_set():
-                self.ready.clear()
+            if self.ready:
+                self.ready = False
                 self._fanout.close_all()
-                for callback in self.on_change:
-                    callback(False)
+                self._on_change(False)
             await asyncio.sleep(pause)
             pause = min(pause * 2, FEED_RETRY_S[1])
 
@@ -168,17 +173,29 @@ def _pass_through(channel: grpc.aio.Channel, method: Any) -> Handler:
     return grpc.unary_unary_rpc_method_handler(unary)
 
 
-def _ready_gate(watch: Any, feed: Feed) -> Any:
-    async def call(request: Any, context: Any) -> AsyncIterator[Any]:
-        if not feed.ready.is_set():
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                "this watch worker is connecting to the service; retry",
-            )
-        async for item in watch(request, context):
-            yield item
+class _FeedGate(grpc.aio.ServerInterceptor):
+    """Refuses WatchJob with UNAVAILABLE while the feed is not open (the client library
+    retries): checked once per call, like the token, not on every message."""
 
-    return call
+    def __init__(self, feed: Feed) -> None:
+        self._feed = feed
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or self._feed.ready or handler_call_details.method != WATCH_JOB:
+            return handler
+        return replace_behavior(handler, lambda _kind, _behavior: _not_ready)
+
+
+async def _not_ready(request: Any, context: Any) -> AsyncIterator[Any]:
+    await context.abort(
+        grpc.StatusCode.UNAVAILABLE, "this watch worker is connecting to the service; retry"
+    )
+    yield  # pragma: no cover - abort raises
 
 
 async def serve_worker(settings: Settings, primary: str) -> None:
@@ -190,18 +207,26 @@ async def serve_worker(settings: Settings, primary: str) -> None:
     fanout = Fanout(settings.watch_buffer)
     # Only Jobs.watch_job is used: it needs get() and events_after() of its store.
     jobs = Jobs(cast(Store, PrimaryReads(stub, metadata)), fanout, settings.policy())
-    feed = Feed(channel, fanout, metadata)
+    loop = asyncio.get_running_loop()
+    health_updates: set[asyncio.Task[None]] = set()  # referenced until done
+
+    def on_feed(up: bool) -> None:
+        task = loop.create_task(set_health(health_servicer, up))
+        health_updates.add(task)
+        task.add_done_callback(health_updates.discard)
+
+    feed = Feed(channel, fanout, metadata, on_feed)
     servicer = JobServicer(jobs, WatchAdmission(settings.max_watchers))
 
     table = {m.name: _pass_through(channel, m) for m in SERVICE.methods if m.name != "WatchJob"}
     table["WatchJob"] = grpc.unary_stream_rpc_method_handler(
-        _ready_gate(servicer.WatchJob, feed),
+        servicer.WatchJob,
         request_deserializer=job_service_pb2.WatchJobRequest.FromString,
         response_serializer=serialize_response,
     )
-    interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    interceptors: list[grpc.aio.ServerInterceptor] = [_FeedGate(feed)]
     if settings.grpc_token:
-        interceptors = (TokenAuthInterceptor(settings.grpc_token),)
+        interceptors.insert(0, TokenAuthInterceptor(settings.grpc_token))
     options = [("grpc.so_reuseport", 1), *server_options(settings.max_watchers)]
     server = grpc.aio.server(options=options, interceptors=interceptors)
     server.add_generic_rpc_handlers(
@@ -212,16 +237,7 @@ async def serve_worker(settings: Settings, primary: str) -> None:
     # Not serving until the feed is open (a probe may land on this process).
     await set_health(health_servicer, serving=False)
     await server.start()
-    loop = asyncio.get_running_loop()
     feed_task = loop.create_task(feed.run(), name="feed")
-    updates: set[asyncio.Task[None]] = set()  # referenced until done
-
-    def on_feed(up: bool) -> None:
-        task = loop.create_task(set_health(health_servicer, up))
-        updates.add(task)
-        task.add_done_callback(updates.discard)
-
-    feed.on_change.append(on_feed)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     log.info("watch worker %d serving on %s", os.getpid(), settings.grpc_addr)

@@ -3,7 +3,8 @@
 Every message written to a stream costs the process that holds the stream about 30 µs
 of CPU (gRPC's C core, one sendmsg per message), so one process fans an event out to
 10,000 streams in about 300 ms, on one core. With JOBWIRE_WATCH_WORKERS=N the service
-starts N worker processes (service/watch_worker.py) that bind the same port with
+starts N worker processes (`jobwire watch-worker`, service/watch_worker.py) that bind the
+same port with
 SO_REUSEPORT: the kernel spreads client connections over all N + 1 processes. A worker
 serves WatchJob itself and forwards every other call to this process, which stays the
 only writer. Both go over a Unix socket in a private (0700) directory:
