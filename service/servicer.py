@@ -40,6 +40,16 @@ def unary(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     return call
 
 
+async def _end_stream(context: Any, err: DomainError | SubscriptionClosed) -> None:
+    """The status a stream ends with: the rule broken, or why its subscription closed
+    (UNAVAILABLE on shutdown, ABORTED for a watcher that fell behind: both resumable)."""
+    if isinstance(err, DomainError):
+        await context.abort(_status(err), err.message)
+    else:
+        code = grpc.StatusCode.UNAVAILABLE if err.shutting_down else grpc.StatusCode.ABORTED
+        await context.abort(code, str(err))
+
+
 def streaming(fn: Callable[P, AsyncIterator[R]]) -> Callable[P, AsyncIterator[R]]:
     @wraps(fn)
     async def call(*args: P.args, **kwargs: P.kwargs) -> AsyncIterator[R]:
@@ -47,11 +57,8 @@ def streaming(fn: Callable[P, AsyncIterator[R]]) -> Callable[P, AsyncIterator[R]
         try:
             async for item in fn(*args, **kwargs):
                 yield item
-        except DomainError as err:
-            await context.abort(_status(err), err.message)
-        except SubscriptionClosed as err:
-            code = grpc.StatusCode.UNAVAILABLE if err.shutting_down else grpc.StatusCode.ABORTED
-            await context.abort(code, str(err))
+        except (DomainError, SubscriptionClosed) as err:
+            await _end_stream(context, err)
 
     return call
 
@@ -73,11 +80,8 @@ def watch_stream(fn: Callable[P, AsyncIterator[R]]) -> Callable[P, AsyncIterator
         try:
             async for item in fn(*args, **kwargs):
                 yield item
-        except DomainError as err:
-            await context.abort(_status(err), err.message)
-        except SubscriptionClosed as err:
-            code = grpc.StatusCode.UNAVAILABLE if err.shutting_down else grpc.StatusCode.ABORTED
-            await context.abort(code, str(err))
+        except (DomainError, SubscriptionClosed) as err:
+            await _end_stream(context, err)
         finally:
             admission.leave()
 
