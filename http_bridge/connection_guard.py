@@ -24,6 +24,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import Counter, Gauge
 
+from .aiohttp_errors import json_errors
 from .config import Config
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ class GuardedSite(web.TCPSite):
         if not getattr(server.request_factory, "jobwire_sanitised", False):
             server.request_factory = sanitise_expect(server.request_factory)
         self._server = await loop.create_server(
-            self.guard.wrap(server),
+            self.guard.wrap(json_errors(server)),
             self._host,
             self._port,
             ssl=self._ssl_context,

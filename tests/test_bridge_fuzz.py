@@ -275,6 +275,17 @@ def build(rng: random.Random, route: Route) -> bytes:
     return head + b"\r\n" + payload
 
 
+def json_or_empty(answer: bytes) -> bool:
+    """An error answer is JSON (what every contract documents) or has no body at all."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    content_type = b""
+    for line in head.lower().split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name == b"content-type":
+            content_type = value.strip()
+    return not body or content_type.startswith(b"application/json")
+
+
 async def run_cases(
     bridge: BridgeProcess,
     rng: random.Random,
@@ -295,6 +306,8 @@ async def run_cases(
             seen[status] = seen.get(status, 0) + 1
             if status is not None and status >= 500:
                 failures.append(f"case {n}: {status} for {request[:300]!r}: {answer[-300:]!r}")
+            elif status is not None and status >= 400 and not json_or_empty(answer):
+                failures.append(f"case {n}: {status} not JSON for {request[:300]!r}: {answer!r}")
 
     requests = [build(rng, rng.choice(table)) for _ in range(count)]
     await asyncio.gather(*(one(n, r) for n, r in enumerate(requests)))

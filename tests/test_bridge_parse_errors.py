@@ -1,0 +1,71 @@
+"""Requests aiohttp cannot parse get a JSON error that every contract's error schema
+accepts, not aiohttp's own text/plain page (which no contract documents)."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+import jsonschema  # type: ignore[import-untyped]
+import orjson
+import pytest
+
+from http_bridge.openapi import build_document
+from tests.bridge_harness import API_KEY, bridge  # noqa: F401
+from tests.bridge_process import raw_exchange, status_of
+
+SECRET = "sEcReT-tOkEn-in-the-path"
+LONG = "A" * 9000  # aiohttp's line and field limit is 8190 bytes
+AUTH = f"Authorization: Bearer {API_KEY}\r\n"
+
+CASES = {
+    "request line too long": (
+        f"GET /api/external/jobs/j1?limit={LONG} HTTP/1.1\r\nHost: t\r\n",
+        "too long",
+    ),
+    "header too long": (f"GET /api/log HTTP/1.1\r\nHost: t\r\nX-Big: {LONG}\r\n", "too long"),
+    "method not a token": ("G\u00e4T /api/log HTTP/1.1\r\nHost: t\r\n", "method"),
+    "header name not a token": ("GET /api/log HTTP/1.1\r\nHost: t\r\nBad Name: v\r\n", "header"),
+    "broken chunk size": (
+        f"POST /api/transcode-callback/{SECRET} HTTP/1.1\r\nHost: t\r\n"
+        "Transfer-Encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n",
+        "chunk size",  # llhttp's reason; the bytes it quotes are not passed on
+    ),
+}
+
+
+def _error_schemas() -> dict[str, Any]:
+    doc = build_document()
+    schemas = doc["components"]["schemas"]
+    names = ("BatchError", "VideoError", "AuroraAck", "SecretaryError")
+    return {name: schemas[name] for name in names}
+
+
+def _split(answer: bytes) -> tuple[dict[str, str], bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")[1:]
+    headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines)}
+    return headers, body
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+async def test_unparseable_request_gets_a_json_error_every_contract_accepts(
+    bridge: Any,  # noqa: F811
+    case: str,
+) -> None:
+    request, named = CASES[case]
+    head = request if "\r\n\r\n" in request else request + AUTH + "Connection: close\r\n\r\n"
+    port = urlsplit(bridge.url).port or 0
+    answer = await raw_exchange(port, head.encode())
+    assert status_of(answer) == 400, answer[:300]
+    headers, body = _split(answer)
+    assert headers["content-type"].startswith("application/json"), headers
+    doc = orjson.loads(body)
+    assert named in doc["error"], doc
+    for schema in _error_schemas().values():
+        jsonschema.validate(doc, schema)
+    assert SECRET.encode() not in answer  # the bytes are named, never quoted
+
+    # The connection's failure changes nothing: the next request is served.
+    healthz = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    assert status_of(await raw_exchange(port, healthz)) == 200
