@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import (
     BadHttpMethod,
     BadStatusLine,
@@ -80,9 +80,11 @@ async def _router_errors_in_json(request: web.Request, response: web.StreamRespo
     """on_response_prepare: the router's own HTTPExceptions (contract handlers answer
     with plain Responses) get error_body, keeping their headers (Allow on a 405)."""
     if isinstance(response, web.HTTPException) and response.status >= 400:
-        text = _ROUTER_PROBLEMS.get(response.status, response.reason.lower())
-        response.body = error_body(text)
+        body = error_body(_ROUTER_PROBLEMS.get(response.status, response.reason.lower()))
+        response.body = body
         response.content_type = "application/json"
+        # Content-Length was set from the old body just before this hook runs.
+        response.headers[hdrs.CONTENT_LENGTH] = str(len(body))
 
 
 def install(app: web.Application) -> None:

@@ -276,14 +276,16 @@ def build(rng: random.Random, route: Route) -> bytes:
 
 
 def json_or_empty(answer: bytes) -> bool:
-    """An error answer is JSON (what every contract documents) or has no body at all."""
+    """An error answer is JSON (what every contract documents) or has no body at all,
+    and its Content-Length is its body's."""
     head, _, body = answer.partition(b"\r\n\r\n")
-    content_type = b""
+    fields = {}
     for line in head.lower().split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
-        if name == b"content-type":
-            content_type = value.strip()
-    return not body or content_type.startswith(b"application/json")
+        fields[name] = value.strip()
+    if fields.get(b"content-length", b"%d" % len(body)) != b"%d" % len(body):
+        return False  # framed wrong: the next response on the connection would be garbage
+    return not body or fields.get(b"content-type", b"").startswith(b"application/json")
 
 
 async def run_cases(

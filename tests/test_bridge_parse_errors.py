@@ -1,5 +1,6 @@
-"""Requests aiohttp cannot parse get a JSON error that every contract's error schema
-accepts, not aiohttp's own text/plain page (which no contract documents)."""
+"""Errors aiohttp answers itself (a request it cannot parse; an unknown path, method or
+Expect) get a JSON error that every contract's error schema accepts, not aiohttp's own
+text/plain page (which no contract documents)."""
 
 from __future__ import annotations
 
@@ -69,3 +70,36 @@ async def test_unparseable_request_gets_a_json_error_every_contract_accepts(
     # The connection's failure changes nothing: the next request is served.
     healthz = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
     assert status_of(await raw_exchange(port, healthz)) == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status", "named"),
+    [
+        ("GET", "/api/no-such-thing", {}, 404, "no such path"),
+        ("DELETE", "/api/log", {}, 405, "method not allowed"),
+        ("POST", "/readyz", {}, 405, "method not allowed"),
+        ("POST", "/api/log", {"Expect": "fly-me-to-the-moon"}, 417, "Expect"),
+    ],
+)
+async def test_router_errors_are_json_and_keep_the_connection_framed(
+    bridge: Any,  # noqa: F811
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    status: int,
+    named: str,
+) -> None:
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    for _ in range(2):  # twice on one keep-alive connection: a wrong length breaks the second
+        async with bridge.http.request(
+            method, bridge.url + path, headers={**auth, **headers}, data=b"{}"
+        ) as resp:
+            assert resp.status == status
+            assert resp.content_type == "application/json"
+            doc = orjson.loads(await resp.read())
+            assert resp.content_length == len(orjson.dumps(doc))
+        assert named in doc["error"], doc
+        for schema in _error_schemas().values():
+            jsonschema.validate(doc, schema)
+    status_ok, _ = await bridge.get("/healthz")
+    assert status_ok == 200
