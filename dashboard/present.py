@@ -150,7 +150,20 @@ def artifact(a: artifact_pb2.Artifact) -> dict[str, Any]:
 
 
 def pretty(value: Any) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True)
+    return json.dumps(whole_numbers(value), indent=2, ensure_ascii=False, sort_keys=True)
+
+
+def whole_numbers(value: Any) -> Any:
+    """A protobuf Struct keeps every number as a double, so a worker's `"pages": 28`
+    comes back as 28.0: shown as the integer it was (up to 2**53, where doubles still
+    hold every integer exactly)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [whole_numbers(v) for v in value]
+    return value
 
 
 def _dict(message: Any) -> dict[str, Any]:

@@ -259,12 +259,25 @@ async def test_screenshots(
     await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
     await page.screenshot(path=str(SCREENSHOTS / "jobs-phone.png"))
     await page.goto(f"{dash.url}/jobs/{doc}")
-    await page.screenshot(path=str(SCREENSHOTS / "job-phone.png"))
-    # Nothing may overflow the phone's width (no sideways scrolling of the page).
+    await page.screenshot(path=str(SCREENSHOTS / "job-phone.png"), full_page=True)
+    # Nothing may overflow the phone's width: no sideways scrolling of the page, nor of
+    # the timeline and the artifacts (their rows become blocks), nor of the logs.
     for path in ("/jobs", f"/jobs/{doc}"):
         await page.goto(dash.url + path)
         width = await page.evaluate("document.documentElement.scrollWidth")
         assert width <= PHONE["width"], (path, width)
+    wide = await page.eval_on_selector_all(
+        "#timeline, #logs, #artifacts",
+        "ts => ts.filter(t => t.parentElement.scrollWidth > t.parentElement.clientWidth)"
+        ".map(t => t.id)",
+    )
+    assert wide == []
+    # The event's message is still on the block, with its type and progress.
+    block = await page.inner_text("#timeline tbody tr:last-child")
+    assert "COMPLETED" in block and "Extraktion abgeschlossen" in block, block
+    # The worker sent `"pages": 28`; a protobuf Struct returns it as 28.0.
+    result = await page.inner_text("#result pre")
+    assert '"pages": 28\n' in result, result
     assert problems == []
 
 

@@ -235,12 +235,12 @@ function jobPage() {
     const tr = el("tr");
     tr.dataset.seq = String(e.sequence);
     const seq = e.coalesced_from ? `${e.coalesced_from}–${e.sequence}` : String(e.sequence);
-    tr.append(el("td", "seq", seq), el("td", "type", e.type), el("td", "", e.state));
-    const when = el("td");
+    tr.append(el("td", "seq", seq), el("td", "type", e.type), el("td", "state", e.state));
+    const when = el("td", "time");
     when.append(timeNode(e.time));
     tr.append(when);
-    tr.append(el("td", "", e.percent === null ? "" : `${e.percent.toFixed(1)}%`));
-    tr.append(el("td", "", e.phase), el("td", "message", e.message));
+    tr.append(el("td", "percent", e.percent === null ? "" : `${e.percent.toFixed(1)}%`));
+    tr.append(el("td", "phase", e.phase), el("td", "message", e.message));
     tbody.append(tr);
     while (tbody.rows.length > MAX_TIMELINE_ROWS) tbody.rows[0].remove();
   };
