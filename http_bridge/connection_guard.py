@@ -121,7 +121,7 @@ class GuardedProtocol(asyncio.Protocol):
         _GUARDS.pop(self._inner, None)
         self._inner.connection_lost(exc)
 
-    # -- called by the middleware -------------------------------------------------
+    # -- called by the middleware and the response hook ------------------------------
 
     def request_started(self) -> None:
         self._in_request = True
@@ -129,6 +129,12 @@ class GuardedProtocol(asyncio.Protocol):
 
     def request_finished(self) -> None:
         self._in_request = False
+
+    def answered_early(self) -> None:
+        """aiohttp answered before any middleware ran (417 for an unknown Expect): the
+        head was complete, and a 408 written later would be a second response."""
+        if not self._in_request:
+            self._head_since = None
 
     # -----------------------------------------------------------------------------
 
@@ -191,9 +197,16 @@ async def track_requests(request: web.Request, handler: Handler) -> web.StreamRe
         guard.request_finished()
 
 
+async def _answered(request: web.Request, response: web.StreamResponse) -> None:
+    guard = _GUARDS.get(request.protocol)
+    if guard is not None:
+        guard.answered_early()
+
+
 def install(app: web.Application) -> None:
     # Outermost: the head is complete as soon as aiohttp hands the request over.
     app.middlewares.insert(0, track_requests)
+    app.on_response_prepare.append(_answered)
     _quiet_bad_requests()
 
 

@@ -4,6 +4,7 @@ text/plain page (which no contract documents)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -12,7 +13,7 @@ import orjson
 import pytest
 
 from http_bridge.openapi import build_document
-from tests.bridge_harness import API_KEY, bridge  # noqa: F401
+from tests.bridge_harness import API_KEY, TEST_CONFIG, bridge, running_bridge  # noqa: F401
 from tests.bridge_process import raw_exchange, status_of
 
 SECRET = "sEcReT-tOkEn-in-the-path"
@@ -103,3 +104,30 @@ async def test_router_errors_are_json_and_keep_the_connection_framed(
             jsonschema.validate(doc, schema)
     status_ok, _ = await bridge.get("/healthz")
     assert status_ok == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"2\r\n{}\r\n0\r\n\r\n", b"54\r\n" + b"x" * 79],  # whole; a chunk cut short
+    ids=["whole-body", "unfinished-body"],
+)
+async def test_an_early_417_is_the_connections_only_answer(grpc_service: Any, body: bytes) -> None:
+    """aiohttp answers an unknown Expect before any middleware runs, then lingers to
+    read the rest of the body. The connection watchdog took that for a slow next head
+    and wrote a 408 after the 417: two answers to one request (the fuzz test found it
+    with a chunk that announced 84 bytes and sent 79)."""
+    config = dataclasses.replace(
+        TEST_CONFIG, service_target=grpc_service.target, header_timeout_seconds=0.3
+    )
+    request = (
+        b"POST /api/report HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer "
+        + API_KEY.encode()
+        + b"\r\nExpect: \xff\xfe\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + body
+    )
+    async with running_bridge(config) as b:
+        answer = await raw_exchange(urlsplit(b.url).port or 0, request)
+    assert status_of(answer) == 417, answer
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    headers, rest = _split(answer)
+    assert int(headers["content-length"]) == len(rest), answer
