@@ -96,13 +96,32 @@ class ProgressEvent(pydantic.BaseModel):
     process: Process | None = None
 
 
+def _one_of_text_or_archive(schema: dict[str, Any]) -> None:
+    # What final_fields requires, stated in the document: a non-empty text or archive.
+    schema["anyOf"] = [
+        {"required": [name], "properties": {name: {"type": "string", "minLength": 1}}}
+        for name in ("extracted_text", "images_archive_data")
+    ]
+
+
 class FinalData(pydantic.BaseModel):
     """Documents the final event; the handler checks it by hand (see `final_fields`)
     because a pydantic pass over tens of MB of text would cost time and memory."""
 
+    model_config = pydantic.ConfigDict(json_schema_extra=_one_of_text_or_archive)
+
     extracted_text: str | None = None
-    images_archive_data: str | None = None
-    images_archive_filename: str | None = None
+    images_archive_data: (
+        Annotated[str, pydantic.Field(json_schema_extra={"contentEncoding": "base64"})] | None
+    ) = None
+    images_archive_filename: (
+        Annotated[
+            str,
+            pydantic.StringConstraints(pattern=r"^[A-Za-z0-9._\-]{1,255}$"),
+            pydantic.Field(json_schema_extra={"not": {"enum": [".", ".."]}}),
+        ]
+        | None
+    ) = None
     metadata: dict[str, Any] | None = None
 
 

@@ -79,7 +79,8 @@ class LogLine(pydantic.BaseModel):
     model_config = STRICT
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
-    message: Message
+    # Not empty: the service refuses an empty log line (WriteLog), so say it here too.
+    message: Annotated[Message, pydantic.StringConstraints(min_length=1)]
     timestamp: IsoDateTime
     videoId: VideoId | None = None
 
