@@ -7,9 +7,10 @@ aiohttp answers some requests before any contract handler sees them, with a
 - a path no route matches (404), a method a path does not take (405), an `Expect` it
   does not know (417), from its router.
 
-Both are answered here with one JSON body that fits all four contracts' error shapes
-(which contract the bytes were meant for is not known), naming the problem without
-quoting the bytes (a request line may carry a token).
+Both are answered here, by a subclass of aiohttp's connection handler (nothing is
+added to the path of a request that succeeds), with one JSON body that fits all four
+contracts' error shapes (which contract the bytes were meant for is not known), naming
+the problem without quoting the bytes (a request line may carry a token).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from aiohttp.http_exceptions import (
     PayloadEncodingError,
 )
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from multidict import CIMultiDict
 
 # Most specific first: BadHttpMethod is a BadStatusLine, the payload errors share a base.
 _PROBLEMS: tuple[tuple[type[BaseException], str], ...] = (
@@ -76,19 +79,20 @@ def error_body(text: str) -> bytes:
     return orjson.dumps({"status": "error", "error": text, "ack": False})
 
 
-async def _router_errors_in_json(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: the router's own HTTPExceptions (contract handlers answer
-    with plain Responses) get error_body, keeping their headers (Allow on a 405)."""
-    if isinstance(response, web.HTTPException) and response.status >= 400:
-        body = error_body(_ROUTER_PROBLEMS.get(response.status, response.reason.lower()))
-        response.body = body
-        response.content_type = "application/json"
-        # Content-Length was set from the old body just before this hook runs.
-        response.headers[hdrs.CONTENT_LENGTH] = str(len(body))
-
-
-def install(app: web.Application) -> None:
-    app.on_response_prepare.append(_router_errors_in_json)
+def _as_json(exc: web.HTTPException) -> web.Response:
+    """The router's own HTTPException (contract handlers answer with plain Responses)
+    with error_body instead of its text, keeping its other headers (Allow on a 405)."""
+    headers = CIMultiDict(exc.headers)
+    headers.popall(hdrs.CONTENT_TYPE, None)
+    headers.popall(hdrs.CONTENT_LENGTH, None)
+    text = _ROUTER_PROBLEMS.get(exc.status, exc.reason.lower())
+    return web.Response(
+        status=exc.status,
+        reason=exc.reason,
+        headers=headers,
+        body=error_body(text),
+        content_type="application/json",
+    )
 
 
 class JsonErrorHandler(RequestHandler):
@@ -109,6 +113,19 @@ class JsonErrorHandler(RequestHandler):
         )
         response.force_close()
         return response
+
+    async def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        # Every response passes here: the check costs nothing when it is not an
+        # HTTPException (only aiohttp's router raises them in this app).
+        if isinstance(resp, web.HTTPException) and resp.status >= 400:
+            resp = _as_json(resp)
+            # Late: connection_guard imports this module.
+            from .connection_guard import head_answered
+
+            head_answered(self)  # a 417 leaves before the middleware that tells it
+        return await super().finish_response(request, resp, start_time)
 
 
 def json_errors(server: web.Server) -> Callable[[], RequestHandler]:

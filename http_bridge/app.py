@@ -5,7 +5,6 @@ from __future__ import annotations
 from aiohttp import web
 
 from . import (
-    aiohttp_errors,
     aurora,
     aws_batch,
     connection_guard,
@@ -34,7 +33,6 @@ def create_app(config: Config) -> web.Application:
     names = ("aws_batch", "video_worker", "aurora", "secretary")
     metrics.install(app, dict(zip(names, CONTRACT_ROUTES, strict=True)))
     edge.install(app, config)  # per-credential rate limit, when configured
-    aiohttp_errors.install(app)  # the router's 404/405/417 in JSON, like every error
     connection_guard.install(app)  # tells the connection watchdog where requests begin
     tracing.install(app)  # first middleware, when OTEL_EXPORTER_OTLP_ENDPOINT is set
     return app

@@ -121,7 +121,7 @@ class GuardedProtocol(asyncio.Protocol):
         _GUARDS.pop(self._inner, None)
         self._inner.connection_lost(exc)
 
-    # -- called by the middleware and the response hook ------------------------------
+    # -- called by the middleware and aiohttp_errors ----------------------------------
 
     def request_started(self) -> None:
         self._in_request = True
@@ -197,8 +197,9 @@ async def track_requests(request: web.Request, handler: Handler) -> web.StreamRe
         guard.request_finished()
 
 
-async def _answered(request: web.Request, response: web.StreamResponse) -> None:
-    guard = _GUARDS.get(request.protocol)
+def head_answered(handler: object) -> None:
+    """`handler`'s connection answered aiohttp's own HTTPException (aiohttp_errors)."""
+    guard = _GUARDS.get(handler)
     if guard is not None:
         guard.answered_early()
 
@@ -206,7 +207,6 @@ async def _answered(request: web.Request, response: web.StreamResponse) -> None:
 def install(app: web.Application) -> None:
     # Outermost: the head is complete as soon as aiohttp hands the request over.
     app.middlewares.insert(0, track_requests)
-    app.on_response_prepare.append(_answered)
     _quiet_bad_requests()
 
 
