@@ -8,6 +8,7 @@ port (SO_REUSEPORT), so the kernel spreads the test's connections over all three
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -71,9 +72,16 @@ def worker_pids(handle: ServiceHandle) -> list[int]:
     return out
 
 
-def own_connections(handle: ServiceHandle, n: int) -> list[grpc.aio.Channel]:
-    own = [("grpc.use_local_subchannel_pool", 1)]  # one TCP connection per channel
-    return [grpc.aio.insecure_channel(handle.target, options=own) for _ in range(n)]
+@contextlib.asynccontextmanager
+async def own_connections(handle: ServiceHandle, n: int) -> AsyncIterator[list[grpc.aio.Channel]]:
+    """`n` channels, each its own TCP connection (so landing on any process), closed after."""
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(handle.target, options=own) for _ in range(n)]
+    try:
+        yield channels
+    finally:
+        for ch in channels:
+            await ch.close()
 
 
 async def until_serving(stubs: list[Any], job_id: str) -> None:
@@ -103,8 +111,7 @@ async def test_every_stream_on_every_process_sees_every_event_in_order(
     stub = svc.stub
     assert len(worker_pids(svc)) == WORKERS
     job = (await create(stub)).job
-    channels = own_connections(svc, CONNECTIONS)
-    try:
+    async with own_connections(svc, CONNECTIONS) as channels:
         stubs = [job_service_pb2_grpc.JobServiceStub(ch) for ch in channels]
         await until_serving(stubs, job.id)
         calls = [
@@ -125,9 +132,6 @@ async def test_every_stream_on_every_process_sees_every_event_in_order(
             assert [e.sequence for e in events] == list(range(job.sequence + 1, job.sequence + 7))
             assert [e.progress.message for e in events[:5]] == [f"step {k}" for k in range(5)]
             assert events[-1].state == job_pb2.JOB_STATE_SUCCEEDED
-    finally:
-        for ch in channels:
-            await ch.close()
 
 
 async def test_other_calls_pass_through_a_worker_unchanged(
@@ -135,8 +139,7 @@ async def test_other_calls_pass_through_a_worker_unchanged(
 ) -> None:
     svc = service_with_workers
     job = (await create(svc.stub)).job
-    channels = own_connections(svc, CONNECTIONS)
-    try:
+    async with own_connections(svc, CONNECTIONS) as channels:
         for ch in channels:
             stub = job_service_pb2_grpc.JobServiceStub(ch)
             got = await stub.GetJob(job_service_pb2.GetJobRequest(id=job.id), metadata=AUTH)
@@ -165,39 +168,28 @@ async def test_other_calls_pass_through_a_worker_unchanged(
             )
             data = b"".join([r.data async for r in read_back])
             assert data == b"hello workers"
-    finally:
-        for ch in channels:
-            await ch.close()
 
 
 async def test_every_process_reports_serving_once_its_feed_is_open(
     service_with_workers: ServiceHandle,
 ) -> None:
     job = (await create(service_with_workers.stub)).job
-    channels = own_connections(service_with_workers, CONNECTIONS)
-    try:
+    async with own_connections(service_with_workers, CONNECTIONS) as channels:
         await until_serving([job_service_pb2_grpc.JobServiceStub(c) for c in channels], job.id)
         for ch in channels:
             reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    finally:
-        for ch in channels:
-            await ch.close()
 
 
 async def test_the_feed_is_not_served_over_tcp(service_with_workers: ServiceHandle) -> None:
     codes = []
-    channels = own_connections(service_with_workers, CONNECTIONS)
-    try:
+    async with own_connections(service_with_workers, CONNECTIONS) as channels:
         for ch in channels:
             feed: Any = ch.unary_stream(FEED_METHOD)
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 async for _ in feed(b"", metadata=AUTH):
                     pass
             codes.append(err.value.code())
-    finally:
-        for ch in channels:
-            await ch.close()
     # The service refuses it; a worker does not even have the method.
     assert set(codes) <= {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED}
     assert grpc.StatusCode.PERMISSION_DENIED in codes
