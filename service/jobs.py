@@ -523,7 +523,7 @@ def _coalesced_after(event: event_pb2.JobEvent, last: int) -> event_pb2.JobEvent
 def _fill_response(
     response: job_service_pb2.ReportEventResponse, outcome: Applied | Unchanged
 ) -> None:
-    """`_response(outcome)`, written into a message that already exists."""
+    """What a report did to its job, written into a response (a batch's is its own)."""
     job = outcome.record.job if isinstance(outcome, Applied) else outcome.job
     response.job_id = job.id
     response.sequence = job.sequence
@@ -533,15 +533,9 @@ def _fill_response(
 
 
 def _response(outcome: Applied | Unchanged) -> job_service_pb2.ReportEventResponse:
-    if isinstance(outcome, Applied):
-        job = outcome.record.job
-        return job_service_pb2.ReportEventResponse(
-            job_id=job.id, sequence=job.sequence, state=job.state
-        )
-    job = outcome.job
-    return job_service_pb2.ReportEventResponse(
-        job_id=job.id, sequence=job.sequence, state=job.state, duplicate=True
-    )
+    response = job_service_pb2.ReportEventResponse()
+    _fill_response(response, outcome)
+    return response
 
 
 def _encode_page_token(create_ns: int, job_id: str) -> str:
