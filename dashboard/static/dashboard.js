@@ -240,7 +240,7 @@ function jobPage() {
     when.append(timeNode(e.time));
     tr.append(when);
     tr.append(el("td", "percent", e.percent === null ? "" : `${e.percent.toFixed(1)}%`));
-    tr.append(el("td", "phase", e.phase), el("td", "message", e.message));
+    tr.append(el("td", "ev-phase", e.phase), el("td", "message", e.message));
     tbody.append(tr);
     while (tbody.rows.length > MAX_TIMELINE_ROWS) tbody.rows[0].remove();
   };
