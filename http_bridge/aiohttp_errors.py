@@ -125,7 +125,7 @@ class JsonErrorHandler(RequestHandler):
             # Late: connection_guard imports this module.
             from .connection_guard import head_answered
 
-            head_answered(self)  # a 417 leaves before the middleware that tells it
+            head_answered(self, request)  # a 417 leaves before the middleware
         return await super().finish_response(request, resp, start_time)
 
 

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 LINGER_SECONDS = 1.0
+# aiohttp's lingering_time: after an answer sent before the body was read (401, 408,
+# 413, 417), it reads and drops the rest of the body for at most this long.
+DRAIN_SECONDS = 2.0
 OPEN = Gauge("jobwire_bridge_open_connections", "HTTP connections open now")
 REFUSED = Counter(
     "jobwire_bridge_refused_connections", "Connections refused (JOBWIRE_MAX_CONNECTIONS)"
@@ -72,6 +75,9 @@ class GuardedProtocol(asyncio.Protocol):
         # timer is not cancelled per request but re-armed lazily when it fires early.
         self._head_since: float | None = None
         self._in_request = False
+        # Until then (loop time), bytes after an answer are the old body aiohttp is
+        # draining, not a new head: its clock starts no earlier.
+        self._draining_until = 0.0
         self._counted = False
         self._closing = False
 
@@ -127,22 +133,29 @@ class GuardedProtocol(asyncio.Protocol):
         self._in_request = True
         self._head_since = None  # the head is complete; a pending timer finds nothing
 
-    def request_finished(self) -> None:
+    def request_finished(self, body_left: bool) -> None:
         self._in_request = False
+        if body_left:
+            self._drain()
 
-    def answered_early(self) -> None:
+    def answered_early(self, body_left: bool) -> None:
         """aiohttp answered before any middleware ran (417 for an unknown Expect): the
         head was complete, and a 408 written later would be a second response."""
         if not self._in_request:
             self._head_since = None
+            if body_left:
+                self._drain()
+
+    def _drain(self) -> None:
+        self._draining_until = asyncio.get_running_loop().time() + DRAIN_SECONDS
 
     # -----------------------------------------------------------------------------
 
     def _start_timer(self) -> None:
         loop = asyncio.get_running_loop()
-        self._head_since = now = loop.time()
+        self._head_since = since = max(loop.time(), self._draining_until)
         if self._timer is None:  # else the pending one re-arms for this head
-            self._timer = loop.call_at(now + self._guard.header_timeout, self._head_timed_out)
+            self._timer = loop.call_at(since + self._guard.header_timeout, self._head_timed_out)
 
     def _cancel_timer(self) -> None:
         self._head_since = None
@@ -194,14 +207,14 @@ async def track_requests(request: web.Request, handler: Handler) -> web.StreamRe
     try:
         return await handler(request)
     finally:
-        guard.request_finished()
+        guard.request_finished(body_left=not request.content.is_eof())
 
 
-def head_answered(handler: object) -> None:
+def head_answered(handler: object, request: web.BaseRequest) -> None:
     """`handler`'s connection answered aiohttp's own HTTPException (aiohttp_errors)."""
     guard = _GUARDS.get(handler)
     if guard is not None:
-        guard.answered_early()
+        guard.answered_early(body_left=not request.content.is_eof())
 
 
 def install(app: web.Application) -> None:
@@ -236,7 +249,7 @@ def runner_options(config: Config) -> dict[str, Any]:
     """AppRunner options: idle keep-alive connections close after this long."""
     # lingering_time: after an early answer (408, 413) the rest of the body is read and
     # dropped for at most this long before the connection closes.
-    return {"keepalive_timeout": config.keepalive_timeout_seconds, "lingering_time": 2.0}
+    return {"keepalive_timeout": config.keepalive_timeout_seconds, "lingering_time": DRAIN_SECONDS}
 
 
 def guarded_site(runner: web.BaseRunner, config: Config, **options: Any) -> GuardedSite:

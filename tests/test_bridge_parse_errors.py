@@ -4,6 +4,8 @@ text/plain page (which no contract documents)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 from typing import Any
 from urllib.parse import urlsplit
@@ -131,3 +133,57 @@ async def test_an_early_417_is_the_connections_only_answer(grpc_service: Any, bo
     assert answer.count(b"HTTP/1.1 ") == 1, answer
     headers, rest = _split(answer)
     assert int(headers["content-length"]) == len(rest), answer
+
+
+async def _answer_then_trickle(port: int, head: bytes, trickle: int, every: float) -> bytes:
+    """Sends `head`, waits for the bridge's answer, then sends `trickle` more body bytes
+    one at a time `every` seconds apart (the pacing is the stimulus, not a wait for
+    an event); returns everything answered until the bridge closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            answer = await reader.readuntil(b"\r\n\r\n")
+        for _ in range(trickle):
+            await asyncio.sleep(every)
+            if writer.is_closing() or reader.at_eof():
+                break
+            writer.write(b"x")
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+        async with asyncio.timeout(10):
+            with contextlib.suppress(ConnectionError):
+                while chunk := await reader.read(65536):
+                    answer += chunk
+        return answer
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+@pytest.mark.parametrize("early", ["417 unknown Expect", "401 before the body is read"])
+async def test_a_body_trickled_after_an_early_answer_draws_no_408(
+    grpc_service: Any, early: str
+) -> None:
+    """After answering before the body was read, aiohttp reads and drops the rest of
+    the body for up to its lingering time. Those bytes are not the next request's
+    head: with a head timeout shorter than the lingering time, the watchdog took them
+    for one and wrote a 408 after the first answer."""
+    config = dataclasses.replace(
+        TEST_CONFIG, service_target=grpc_service.target, header_timeout_seconds=0.3
+    )
+    token = b"wrong" if early.startswith("401") else API_KEY.encode()
+    expect = b"Expect: fly-me-to-the-moon\r\n" if early.startswith("417") else b""
+    head = (
+        b"POST /api/report HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer "
+        + token
+        + b"\r\n"
+        + expect
+        + b"Content-Type: application/json\r\nContent-Length: 4000\r\n\r\n{"
+    )
+    async with running_bridge(config) as b:
+        answer = await _answer_then_trickle(urlsplit(b.url).port or 0, head, 12, 0.1)
+    assert status_of(answer) == int(early[:3]), answer
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
