@@ -861,31 +861,26 @@ class Bench:
         (job,) = await create_jobs(stub, 1, job_pb2.JOB_KIND_EXTRACTION, f"{store}-{client}")
         out = self.workdir / f"watchers-{store}-{client}.json"
         limit = self.opt(store, "watchers_ready_limit")
-        pipe = asyncio.subprocess.PIPE
         t_watch = time.monotonic()
         if client == "node":
-            script = str(ROOT / "bench" / "watchers10k_client.js")
-            argv = ["node", script, target, job[0], str(self.args.watchers), "100"]
-            env = {**base_env(), "NODE_PATH": str(NODE_MODULES)}
-            watchers = await asyncio.create_subprocess_exec(
-                *argv, str(limit), str(out), FANOUT_MARK, env=env, stdin=pipe, stdout=pipe
+            from bench import watchers10k
+
+            node = await watchers10k.spawn_node(
+                sys.modules[__name__], target, job[0], self.args.watchers, limit, out, FANOUT_MARK
             )
+            await node.connected(60)
+            await node.send("GO")
+            # Streams that had their snapshot; fewer than asked when the server is too
+            # slow to open them all within the limit (the figures then cover only those).
+            watchers_ready = int((await node.reply(limit + 40))["ready"])
+            watchers = node.proc
         else:
+            pipe = asyncio.subprocess.PIPE
             argv = [PY, "-m", "bench.watchers", target, job[0], str(self.args.watchers)]
             watchers = await asyncio.create_subprocess_exec(
                 *argv, str(out), str(limit), env=base_env(), cwd=ROOT, stdin=pipe, stdout=pipe
             )
-        assert watchers.stdout is not None and watchers.stdin is not None
-        if client == "node":
-            if (await asyncio.wait_for(watchers.stdout.readline(), 60)).strip() != b"CONNECTED":
-                raise RuntimeError("node watchers did not connect")
-            watchers.stdin.write(b"GO\n")
-            await watchers.stdin.drain()
-            line = await asyncio.wait_for(watchers.stdout.readline(), limit + 40)
-            # Streams that had their snapshot; fewer than asked when the server is too
-            # slow to open them all within the limit (the figures then cover only those).
-            watchers_ready = int(json.loads(line)["ready"])
-        else:
+            assert watchers.stdout is not None
             line = await asyncio.wait_for(watchers.stdout.readline(), 330)
             if not line.startswith(b"READY "):
                 raise RuntimeError("watchers did not start")
@@ -923,7 +918,8 @@ class Bench:
             await spy
         await asyncio.sleep(1.0)
         rss = max(rss, rss_mib(service.pid))
-        watchers.stdin.write(b"STOP\n")
+        assert watchers.stdin is not None
+        watchers.stdin.write(b"STOP\n")  # both kinds of watcher process end on STOP
         await watchers.stdin.drain()
         await asyncio.wait_for(watchers.wait(), 60)
         data = json.loads(out.read_text())

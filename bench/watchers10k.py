@@ -226,7 +226,8 @@ async def client_main(args: argparse.Namespace) -> None:
 
 
 class ClientProc:
-    """A client process of this module, spoken to over stdin/stdout."""
+    """A watcher process (this module's `--role client`, or bench/watchers10k_client.js),
+    spoken to over stdin/stdout: CONNECTED; GO -> its ready report; WAITFOR; STOP."""
 
     def __init__(self, proc: asyncio.subprocess.Process, out: Path) -> None:
         self.proc = proc
@@ -245,6 +246,10 @@ class ClientProc:
         text = raw.decode().strip()
         return text if text == "CONNECTED" else json.loads(text)
 
+    async def connected(self, limit: float = 120) -> None:
+        if await self.reply(limit) != "CONNECTED":
+            raise RuntimeError("watcher client did not connect")
+
     async def stop(self) -> dict[str, Any]:
         await self.send("STOP")
         await asyncio.wait_for(self.proc.wait(), 120)
@@ -252,30 +257,42 @@ class ClientProc:
         return data
 
 
+async def spawn_node(
+    run: Any, target: str, job: str, streams: int, limit: float, out: Path, mark: str = ""
+) -> ClientProc:
+    """bench/watchers10k_client.js: `streams` raw WatchJob streams on `job`, 100 per
+    connection; an event's key is `mark` and the digits after it in its message
+    (default "fan-"). Also the fan-out phase of `make bench` (bench/run.py)."""
+    argv = ["node", str(run.ROOT / "bench" / "watchers10k_client.js"), target, job]
+    argv += [str(streams), str(PER_CONNECTION), str(limit), str(out)] + ([mark] if mark else [])
+    env = {**run.base_env(), "NODE_PATH": str(run.NODE_MODULES)}
+    pipe = asyncio.subprocess.PIPE
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, cwd=run.ROOT, stdin=pipe, stdout=pipe
+    )
+    return ClientProc(proc, out)
+
+
 async def spawn_clients(
     run: Any, target: str, job: str, total: int, procs: int, mode: str, limit: float
 ) -> list[ClientProc]:
     out = []
     per = total // procs
-    env = run.base_env()
     for i in range(procs):
         path = WORKDIR[0] / f"watchers10k-{mode}-{i}.json"
         if mode == "node":  # raw WatchJob streams from bench/watchers10k_client.js
-            argv = ["node", str(run.ROOT / "bench" / "watchers10k_client.js"), target, job]
-            argv += [str(per), str(PER_CONNECTION), str(limit), str(path)]
-            env["NODE_PATH"] = str(run.NODE_MODULES)
-        else:
-            argv = [run.PY, "-m", "bench.watchers10k", "--role", "client", "--mode", mode]
-            argv += ["--target", target, "--job", job, "--streams", str(per), "--out", str(path)]
-            argv += ["--limit", str(limit), "--index-base", str(i * per)]
+            out.append(await spawn_node(run, target, job, per, limit, path))
+            continue
+        argv = [run.PY, "-m", "bench.watchers10k", "--role", "client", "--mode", mode]
+        argv += ["--target", target, "--job", job, "--streams", str(per), "--out", str(path)]
+        argv += ["--limit", str(limit), "--index-base", str(i * per)]
         pipe = asyncio.subprocess.PIPE
         proc = await asyncio.create_subprocess_exec(
-            *argv, env=env, cwd=run.ROOT, stdin=pipe, stdout=pipe
+            *argv, env=run.base_env(), cwd=run.ROOT, stdin=pipe, stdout=pipe
         )
         out.append(ClientProc(proc, path))
     for c in out:
-        if await c.reply(120) != "CONNECTED":
-            raise RuntimeError("watcher client did not connect")
+        await c.connected()
     return out
 
 
