@@ -45,10 +45,10 @@ class Auth:
         return bool(self._token)
 
     def check_token(self, candidate: str) -> bool:
-        return bool(self._token) and hmac.compare_digest(candidate.encode(), self._token)
+        return bool(self._token) and hmac.compare_digest(_bytes(candidate), self._token)
 
     def _sign(self, payload: str) -> str:
-        mac = hmac.new(self._key, payload.encode(), hashlib.sha256).digest()
+        mac = hmac.new(self._key, _bytes(payload), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac).decode().rstrip("=")
 
     def new_session(self) -> str:
@@ -62,7 +62,7 @@ class Auth:
         """The caller, from (in order) the trusted proxy header, a Bearer token, the cookie."""
         if self._header:
             user = request.headers.get(self._header, "").strip()
-            if user:
+            if user and user.isprintable():  # not text (bytes, controls): nobody
                 return Principal(user, self.csrf_for("user:" + user))
         bearer = request.headers.get("Authorization", "")
         if bearer.startswith("Bearer ") and self.check_token(bearer[7:].strip()):
@@ -75,9 +75,9 @@ class Auth:
     def _from_cookie(self, cookie: str) -> Principal | None:
         payload, _, signature = cookie.rpartition(".")
         session_id, _, expiry = payload.partition(".")
-        if not (session_id and expiry.isdigit() and signature):
+        if not (session_id and expiry.isascii() and expiry.isdigit() and signature):
             return None
-        if not hmac.compare_digest(signature, self._sign(payload)):
+        if not hmac.compare_digest(_bytes(signature), _bytes(self._sign(payload))):
             return None
         if int(expiry) < time.time():
             return None
@@ -86,7 +86,7 @@ class Auth:
     def csrf_ok(self, principal: Principal, submitted: str) -> bool:
         if not principal.csrf:  # Bearer: not a browser's ambient credential
             return True
-        return bool(submitted) and hmac.compare_digest(submitted, principal.csrf)
+        return bool(submitted) and hmac.compare_digest(_bytes(submitted), _bytes(principal.csrf))
 
     def set_cookie(self, request: web.Request, response: web.StreamResponse, value: str) -> None:
         response.set_cookie(
@@ -98,6 +98,13 @@ class Auth:
             samesite="Strict",
             secure=served_over_https(request),
         )
+
+
+def _bytes(text: str) -> bytes:
+    """Any header, cookie or form value as bytes, for hashing and constant-time
+    comparison. aiohttp hands over undecodable bytes as surrogates, and
+    compare_digest refuses non-ASCII strings: both used to end as a 500."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def served_over_https(request: web.Request) -> bool:

@@ -9,6 +9,7 @@ from urllib.parse import quote, urlencode
 import aiohttp_jinja2
 import grpc
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jobwire.v1 import job_pb2, job_service_pb2, log_pb2
@@ -31,6 +32,15 @@ def principal(request: web.Request) -> Principal:
     if who is None:
         raise PageError(401, "log in first")
     return who
+
+
+async def _form(request: web.Request) -> Any:
+    """The posted form; one that cannot be parsed (multipart framing, bytes that are
+    not UTF-8) is a 400, not a 500."""
+    try:
+        return await request.post()
+    except (HttpProcessingError, UnicodeDecodeError, ValueError):
+        raise PageError(400, "malformed form: send it from the dashboard's page") from None
 
 
 def _timeout(request: web.Request) -> float:
@@ -56,7 +66,7 @@ async def login_form(request: web.Request) -> dict[str, Any]:
 @routes.post("/login")
 async def login(request: web.Request) -> web.StreamResponse:
     auth = request.app[AUTH]
-    form = await request.post()
+    form = await _form(request)
     token = str(form.get("token", ""))
     target = _safe_next(str(form.get("next", "")))
     if not auth.has_token:
@@ -80,7 +90,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
 
 
 async def _check_csrf(request: web.Request) -> None:
-    form = await request.post()
+    form = await _form(request)
     submitted = str(form.get("csrf", "")) or request.headers.get("X-CSRF-Token", "")
     if not request.app[AUTH].csrf_ok(principal(request), submitted):
         raise PageError(403, "missing or wrong CSRF token: reload the page and try again")
@@ -258,7 +268,7 @@ def _callback_url(public_url: str, job: dict[str, Any]) -> str:
 async def cancel(request: web.Request) -> web.StreamResponse:
     await _check_csrf(request)
     job_id = request.match_info["job_id"]
-    form = await request.post()
+    form = await _form(request)
     reason = str(form.get("reason", "")) or "cancelled from the dashboard"
     try:
         await request.app[GRPC]().CancelJob(

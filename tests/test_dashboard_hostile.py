@@ -1,0 +1,112 @@
+"""The dashboard's edge against bytes, not only valid strings: credentials, cookies,
+CSRF tokens and forms that are not ASCII (or not UTF-8, or not well formed) get a
+4xx, never a 500 and never a traceback. Raw bytes over a real socket, because an HTTP
+client library would refuse to send most of them."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from dashboard.auth import COOKIE, Auth
+from dashboard.config import DashboardConfig
+from tests.bridge_process import raw_exchange, status_of
+from tests.test_dashboard_auth import serve
+
+TOKEN = "hostile-test-token-abcdefghijklmnop"
+FORM = b"Content-Type: application/x-www-form-urlencoded\r\n"
+
+
+def _request(line: bytes, headers: bytes = b"", body: bytes = b"") -> bytes:
+    length = b"Content-Length: %d\r\n" % len(body) if body else b""
+    return line + b"\r\nHost: t\r\n" + headers + b"Connection: close\r\n" + length + b"\r\n" + body
+
+
+def _cases(session: str) -> dict[str, tuple[bytes, int]]:
+    cookie = f"Cookie: {COOKIE}={session}\r\n".encode()
+    return {
+        "bearer not UTF-8": (
+            _request(b"GET /api/jobs HTTP/1.1", b"Authorization: Bearer \xff\xfe\r\n"),
+            401,
+        ),
+        "bearer not ASCII": (
+            _request(b"GET /api/jobs HTTP/1.1", "Authorization: Bearer é\r\n".encode()),
+            401,
+        ),
+        "cookie signature not ASCII": (
+            _request(b"GET /api/jobs HTTP/1.1", f"Cookie: {COOKIE}=a.9999999999.éé\r\n".encode()),
+            401,
+        ),
+        "cookie not UTF-8": (
+            _request(
+                b"GET /api/jobs HTTP/1.1", f"Cookie: {COOKIE}=a.9999999999.".encode() + b"\xff\r\n"
+            ),
+            401,
+        ),
+        "CSRF header not ASCII": (
+            _request(b"POST /logout HTTP/1.1", cookie + "X-CSRF-Token: é\r\n".encode()),
+            403,
+        ),
+        "CSRF header not UTF-8": (
+            _request(b"POST /logout HTTP/1.1", cookie + b"X-CSRF-Token: \xff\r\n"),
+            403,
+        ),
+        "CSRF form field not ASCII": (
+            _request(b"POST /logout HTTP/1.1", cookie + FORM, b"csrf=%C3%A9"),
+            403,
+        ),
+        "form body not UTF-8": (
+            _request(b"POST /logout HTTP/1.1", cookie + FORM, b"csrf=\xff\xfe"),
+            400,
+        ),
+        "multipart form broken": (
+            _request(
+                b"POST /login HTTP/1.1",
+                b"Content-Type: multipart/form-data; boundary=xx\r\n",
+                b"--xx\r\ngarbage",
+            ),
+            400,
+        ),
+        "login token not ASCII": (_request(b"POST /login HTTP/1.1", FORM, b"token=%C3%A9"), 401),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_cases("x")))
+async def test_hostile_credentials_and_forms_get_a_4xx(
+    grpc_service: Any, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = DashboardConfig(service_target=grpc_service.target, token=TOKEN)
+    request, expected = _cases(Auth(cfg).new_session())[case]
+    with caplog.at_level(logging.ERROR):
+        async with serve(cfg) as url:
+            answer = await raw_exchange(urlsplit(url).port or 0, request)
+    assert status_of(answer) == expected, answer[:400]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[-2000:]
+
+
+@pytest.mark.parametrize(
+    "user", [b"\xff\xfeop", "op\u200bs".encode()], ids=["not UTF-8", "not printable"]
+)
+async def test_a_garbled_trusted_user_header_is_not_a_user(
+    grpc_service: Any, user: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Behind a proxy that names the user: a value that is not printable text is
+    refused (401), as if the proxy had not named anyone."""
+    cfg = DashboardConfig(service_target=grpc_service.target, trusted_user_header="X-User")
+    cfg = dataclasses.replace(cfg, token="")
+    with caplog.at_level(logging.ERROR):
+        async with serve(cfg) as url:
+            port = urlsplit(url).port or 0
+            bad = await raw_exchange(
+                port, _request(b"GET /api/jobs HTTP/1.1", b"X-User: " + user + b"\r\n")
+            )
+            good = await raw_exchange(
+                port, _request(b"GET /api/jobs HTTP/1.1", "X-User: José\r\n".encode())
+            )
+    assert status_of(bad) == 401, bad[:400]
+    assert status_of(good) == 200, good[:400]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[-2000:]
