@@ -11,6 +11,8 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
+from http_bridge import connection_guard
+
 from . import sse, views
 from .auth import Auth
 from .config import DashboardConfig
@@ -115,6 +117,7 @@ def create_app(config: DashboardConfig) -> web.Application:
     )
     app[SETTINGS] = config
     app[AUTH] = Auth(config)
+    connection_guard.install(app)  # where requests begin, for the head watchdog
     static = Static(HERE / "static")
     env = aiohttp_jinja2.setup(
         app,

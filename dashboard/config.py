@@ -33,6 +33,10 @@ class DashboardConfig:
     # Sessions live this long; changing the token ends them all.
     session_seconds: int = 12 * 3600
     page_size: int = 50
+    # The bridge's connection watchdog (http_bridge/connection_guard.py): a request
+    # head must be complete within this long; connections beyond the cap get 503.
+    header_timeout_seconds: float = 10.0
+    max_connections: int = 1024
 
     @property
     def closed(self) -> bool:
@@ -58,6 +62,8 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
         public_url=merged.get("JOBWIRE_PUBLIC_URL", "").rstrip("/"),
         push_interval_seconds=_positive(merged, "JOBWIRE_DASHBOARD_PUSH_MS", 200) / 1000,
         heartbeat_seconds=_positive(merged, "JOBWIRE_DASHBOARD_HEARTBEAT_SECONDS", 15),
+        header_timeout_seconds=_positive(merged, "JOBWIRE_DASHBOARD_HEADER_TIMEOUT_SECONDS", 10),
+        max_connections=int(_positive(merged, "JOBWIRE_DASHBOARD_MAX_CONNECTIONS", 1024)),
     )
 
 

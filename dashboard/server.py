@@ -10,19 +10,37 @@ import signal
 
 from aiohttp import web
 
+from http_bridge.connection_guard import DRAIN_SECONDS, ConnectionGuard, GuardedSite
+
 from .app import create_app
 from .config import DashboardConfig, load_config
 
 log = logging.getLogger("dashboard")
 
 
-async def serve(config: DashboardConfig) -> None:
-    # A tab that goes away cancels its handler: its streams end at once.
-    runner = web.AppRunner(
-        create_app(config), handler_cancellation=True, access_log=None, shutdown_timeout=2.0
+def runner_for(config: DashboardConfig) -> web.AppRunner:
+    # A tab that goes away cancels its handler: its streams end at once. The body
+    # drain after an early answer matches what the connection watchdog allows for.
+    return web.AppRunner(
+        create_app(config),
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=2.0,
+        lingering_time=DRAIN_SECONDS,
     )
+
+
+def site_for(runner: web.AppRunner, config: DashboardConfig) -> GuardedSite:
+    """The listening site: slow request heads get 408, connections past the cap 503
+    (the bridge's watchdog, http_bridge/connection_guard.py)."""
+    guard = ConnectionGuard(config.header_timeout_seconds, config.max_connections, 5)
+    return GuardedSite(runner, config.host, config.port, guard=guard)
+
+
+async def serve(config: DashboardConfig) -> None:
+    runner = runner_for(config)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    site = site_for(runner, config)
     await site.start()
     if config.closed:
         log.warning("dashboard is closed: set JOBWIRE_DASHBOARD_TOKEN to open it")

@@ -5,8 +5,12 @@ client library would refuse to send most of them."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -14,6 +18,7 @@ import pytest
 
 from dashboard.auth import COOKIE, Auth
 from dashboard.config import DashboardConfig
+from dashboard.server import runner_for, site_for
 from tests.bridge_process import raw_exchange, status_of
 from tests.test_dashboard_auth import serve
 
@@ -110,3 +115,65 @@ async def test_a_garbled_trusted_user_header_is_not_a_user(
     assert status_of(bad) == 401, bad[:400]
     assert status_of(good) == 200, good[:400]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[-2000:]
+
+
+@contextlib.asynccontextmanager
+async def guarded(cfg: DashboardConfig) -> AsyncIterator[int]:
+    """The dashboard as `jobwire dashboard` serves it (runner and site), on a free port."""
+    cfg = dataclasses.replace(cfg, host="127.0.0.1", port=0)
+    runner = runner_for(cfg)
+    await runner.setup()
+    await site_for(runner, cfg).start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_trickled_head_gets_408_and_a_held_stream_is_unaffected(
+    grpc_service: Any,
+) -> None:
+    """The bridge's watchdog guards the dashboard too: a head not complete within the
+    head timeout is cut with 408 while it is still trickling, while a live stream
+    (a server-sent events request, open far longer) goes on."""
+    cfg = DashboardConfig(
+        service_target=grpc_service.target, token=TOKEN, header_timeout_seconds=0.5
+    )
+    async with guarded(cfg) as port:
+        stream_reader, stream_writer = await asyncio.open_connection("127.0.0.1", port)
+        stream_writer.write(
+            _request(b"GET /events/jobs HTTP/1.1", f"Authorization: Bearer {TOKEN}\r\n".encode())
+        )
+        async with asyncio.timeout(5):
+            assert b" 200 " in await stream_reader.readuntil(b"\r\n\r\n")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = b"GET /jobs HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer x"
+        started = time.monotonic()
+
+        async def trickle() -> None:
+            for byte in head:  # one byte every 0.1 s: 5 s for the whole head
+                writer.write(bytes([byte]))
+                await asyncio.sleep(0.1)  # the client's pace, not a synchronisation
+
+        sender = asyncio.create_task(trickle())
+        try:
+            async with asyncio.timeout(5):
+                answer = await reader.read()
+        finally:
+            sender.cancel()
+            writer.close()
+        assert status_of(answer) == 408, answer
+        assert time.monotonic() - started < len(head) * 0.1
+        assert not stream_reader.at_eof()  # the stream outlived the head timeout
+        stream_writer.close()
+
+
+async def test_connections_past_the_cap_get_503(grpc_service: Any) -> None:
+    cfg = DashboardConfig(service_target=grpc_service.target, token=TOKEN, max_connections=2)
+    async with guarded(cfg) as port:
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        answer = await raw_exchange(port, _request(b"GET /healthz HTTP/1.1"))
+        assert status_of(answer) == 503, answer
+        assert b"Retry-After: 5" in answer
+        for _, writer in held:
+            writer.close()
