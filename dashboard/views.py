@@ -35,10 +35,14 @@ def principal(request: web.Request) -> Principal:
 
 
 async def _form(request: web.Request) -> Any:
-    """The posted form; one that cannot be parsed (multipart framing, bytes that are
-    not UTF-8) is a 400, not a 500."""
+    """The posted form (at most 64 KiB). One that cannot be parsed (multipart framing,
+    bytes that are not UTF-8) is a 400, not a 500; one that has not fully arrived
+    within the head timeout is a 408 (a body that never ends held the connection)."""
     try:
-        return await request.post()
+        async with asyncio.timeout(request.app[SETTINGS].header_timeout_seconds):
+            return await request.post()
+    except TimeoutError:
+        raise PageError(408, "form not received in time") from None
     except (HttpProcessingError, UnicodeDecodeError, ValueError):
         raise PageError(400, "malformed form: send it from the dashboard's page") from None
 

@@ -177,3 +177,17 @@ async def test_connections_past_the_cap_get_503(grpc_service: Any) -> None:
         assert b"Retry-After: 5" in answer
         for _, writer in held:
             writer.close()
+
+
+async def test_a_form_that_never_finishes_gets_408(grpc_service: Any) -> None:
+    """A login form announced at 100 bytes, 10 sent: answered 408 at the head timeout
+    (it used to wait for the rest for as long as the client held the connection)."""
+    cfg = DashboardConfig(
+        service_target=grpc_service.target, token=TOKEN, header_timeout_seconds=0.5
+    )
+    head = b"POST /login HTTP/1.1\r\nHost: t\r\n" + FORM + b"Content-Length: 100\r\n\r\n"
+    async with guarded(cfg) as port:
+        started = time.monotonic()
+        answer = await raw_exchange(port, head + b"token=abcd", timeout=5)
+    assert status_of(answer) == 408, answer[:300]
+    assert time.monotonic() - started < 4
