@@ -137,6 +137,7 @@ class Jobs:
         limit = validation.bounded(request.page_size, "page_size", 50, MAX_PAGE_SIZE)
         validation.states(list(request.states))
         validation.optional_kind(request.kind)
+        validation.labels(request.labels, "labels filter")
         after = _decode_page_token(request.page_token) if request.page_token else None
         query = JobQuery(
             states=tuple(request.states),
@@ -163,6 +164,8 @@ class Jobs:
         validation.kind(kind)
         if lease_ns < 0:
             raise invalid("lease_duration must not be negative")
+        if lease_ns > validation.MAX_DEADLINE_NS:  # its expiry must stay a valid Timestamp
+            raise invalid("lease_duration must be at most 366 days")
         if len(worker_id) > 256:
             raise invalid("worker_id must be at most 256 characters")
         applied = await self.store.claim(kind, worker_id, lease_ns or self.policy.lease_ns)

@@ -11,10 +11,12 @@ import grpc
 from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
 
 from .admission import DEFAULT_MAX_WATCHERS, WatchAdmission
+from .decoding import tolerant
 from .domain.errors import Code, DomainError
 from .fanout import SubscriptionClosed
 from .jobs import Jobs
 
+SERVICE = job_service_pb2.DESCRIPTOR.services_by_name["JobService"]
 P = ParamSpec("P")
 R = TypeVar("R")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -123,7 +125,8 @@ def serialize_response(message: Any) -> bytes:
 
 def add_to_server(servicer: JobServicer, server: grpc.aio.Server) -> None:
     """Registers the servicer like the generated function, except that WatchJob's
-    responses may be pre-serialised bytes."""
+    responses may be pre-serialised bytes, and a request protobuf cannot parse is
+    INVALID_ARGUMENT (service/decoding.py)."""
 
     class _Registrar:
         def add_generic_rpc_handlers(self, handlers: Any) -> None:
@@ -137,6 +140,9 @@ def add_to_server(servicer: JobServicer, server: grpc.aio.Server) -> None:
                 request_deserializer=watch.request_deserializer,
                 response_serializer=serialize_response,
             )
+            for name, handler in table.items():
+                type_name = SERVICE.methods_by_name[name].input_type.full_name
+                table[name] = tolerant(handler, type_name)
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, table),))
             server.add_registered_method_handlers(service, table)
 

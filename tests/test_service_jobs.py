@@ -119,3 +119,30 @@ async def test_cancel_is_final(service: ServiceHandle) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await service.stub.CancelJob(job_service_pb2.CancelJobRequest(id="c1"))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_label_filters_and_leases_out_of_range_are_invalid_argument(
+    service: ServiceHandle,
+) -> None:
+    """Found by fuzzing the gRPC API: a label filter with a NUL in its key was a store
+    error (UNAVAILABLE), and a lease of 10,000 years an UNKNOWN (its expiry is not a
+    valid Timestamp). Both are the caller's mistakes, named as such."""
+    await create(service.stub, job_pb2.JOB_KIND_VIDEO, "lease-me")
+    bad_filters = [{"a\x00b": "v"}, {"k": "line\nbreak"}, {"": "v"}, {"k" * 64: "v"}]
+    for labels in bad_filters:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await service.stub.ListJobs(job_service_pb2.ListJobsRequest(labels=labels))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, labels
+        assert "label" in (err.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await create(service.stub, job_pb2.JOB_KIND_VIDEO, "ctl", k="tab\there")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    request = job_service_pb2.ClaimJobRequest(kind=job_pb2.JOB_KIND_VIDEO, worker_id="w")
+    request.lease_duration.seconds = 315_576_000_000  # 10,000 years
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.ClaimJob(request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "lease_duration" in (err.value.details() or "")
+    # Nothing was claimed: the job is still queued.
+    job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="lease-me"))
+    assert job.state == job_pb2.JOB_STATE_QUEUED

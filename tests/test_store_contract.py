@@ -6,6 +6,8 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import pytest
+
 from jobwire.v1 import job_pb2, job_service_pb2, log_pb2
 from service.domain import events
 from service.domain.errors import Code, DomainError
@@ -117,6 +119,21 @@ async def test_list_jobs_filters_and_cursor(store: Store) -> None:
     assert [j.id for j in odd] == ["l1", "l3"]
     none = await store.list_jobs(JobQuery(kind=job_pb2.JOB_KIND_VIDEO))
     assert none == []
+
+
+@pytest.mark.parametrize("key", ["größe", 'say "hi"', "back\\slash", "a.b", "[0]", "$"])
+async def test_list_jobs_by_a_label_with_any_printable_key(store: Store, key: str) -> None:
+    """The embedded store matched labels with a JSON path built from the key: a key
+    with a quote or backslash, or any non-ASCII key (stored escaped), never matched."""
+    for i, value in enumerate(["v", "w"]):
+        record, _ = events.new_record(f"k{i}", job_pb2.JOB_KIND_BATCH, 1_000 + i)
+        record.job.labels[key] = value
+        record.job.labels["other"] = "v"
+        await store.create(record)
+    found = await store.list_jobs(JobQuery(labels={key: "v"}))
+    assert [j.id for j in found] == ["k0"]
+    both = await store.list_jobs(JobQuery(labels={key: "w", "other": "v"}))
+    assert [j.id for j in both] == ["k1"]
 
 
 async def test_logs_order_filter_limit(store: Store) -> None:

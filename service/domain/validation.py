@@ -96,13 +96,17 @@ def bounded(value: int, field: str, default: int, maximum: int) -> int:
     return value or default
 
 
-def labels(values: Mapping[str, str]) -> None:
+def labels(values: Mapping[str, str], field: str = "labels") -> None:
+    """A job's labels, or a ListJobs filter on them: the same rules, so a filter that
+    no job could match is refused rather than answered with nothing."""
     items = dict(values)
     if len(items) > 64:
-        raise invalid("labels must hold at most 64 entries")
+        raise invalid(f"{field} must hold at most 64 entries")
     for key, val in items.items():
         if not key or len(key) > 63 or len(val) > 256:
             raise invalid(f"label {key[:64]!r}: keys are 1-63 and values at most 256 characters")
+        if not (key.isprintable() and val.isprintable()):
+            raise invalid(f"label {key[:64]!r}: keys and values must not hold control characters")
 
 
 def _names(enum_type: object) -> str:

@@ -207,8 +207,10 @@ class EmbeddedStore:
             where.append("kind = ?")
             args.append(query.kind)
         for key, value in sorted(query.labels.items()):
-            where.append("json_extract(labels, ?) = ?")
-            args.extend(['$."' + key.replace('"', '\\"') + '"', value])
+            # By key, not a JSON path built from it: a path cannot quote every key
+            # (a '"' or '\\'), and non-ASCII keys are stored escaped, so they missed.
+            where.append("EXISTS (SELECT 1 FROM json_each(labels) WHERE key = ? AND value = ?)")
+            args.extend([key, value])
         if query.after is not None:
             where.append("(create_ns, id) > (?, ?)")
             args.extend(query.after)
