@@ -44,7 +44,7 @@ def list_request(
     )
     size = query.get("page_size", "")
     if size:
-        if not size.isdigit() or not 1 <= int(size) <= MAX_PAGE_SIZE:
+        if not (size.isascii() and size.isdigit()) or not 1 <= int(size) <= MAX_PAGE_SIZE:
             raise PageError(400, f"page_size must be 1..{MAX_PAGE_SIZE}, got {size[:20]!r}", json)
         request.page_size = int(size)
     labels = [item for item in query.getall("label", []) if item]

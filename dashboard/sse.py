@@ -103,7 +103,7 @@ def _ids(raw: str | None) -> set[str] | None:
 
 def _from_sequence(request: web.Request) -> int:
     raw = request.headers.get("Last-Event-ID") or request.query.get("from", "") or "0"
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         message = f"Last-Event-ID / from must be a sequence number, got {raw[:40]!r}"
         raise PageError(400, message, json=True)
     return int(raw)

@@ -191,3 +191,19 @@ async def test_a_form_that_never_finishes_gets_408(grpc_service: Any) -> None:
         answer = await raw_exchange(port, head + b"token=abcd", timeout=5)
     assert status_of(answer) == 408, answer[:300]
     assert time.monotonic() - started < 4
+
+
+async def test_numbers_in_other_scripts_are_not_numbers(grpc_service: Any) -> None:
+    """`str.isdigit` accepts digits of every script ("١٢" is 12 to int()): a page size
+    or Last-Event-ID must be ASCII digits."""
+    cfg = DashboardConfig(service_target=grpc_service.target, token=TOKEN)
+    auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    async with guarded(cfg) as port:
+        size = await raw_exchange(
+            port, _request(b"GET /api/jobs?page_size=%D9%A1%D9%A2 HTTP/1.1", auth)
+        )
+        event = await raw_exchange(
+            port, _request(b"GET /events/jobs/x HTTP/1.1", auth + "Last-Event-ID: ١٢\r\n".encode())
+        )
+    assert status_of(size) == 400 and b"page_size" in size, size[:400]
+    assert status_of(event) == 400 and b"Last-Event-ID" in event, event[:400]
