@@ -11,7 +11,7 @@ import grpc
 from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
 
 from .admission import DEFAULT_MAX_WATCHERS, WatchAdmission
-from .decoding import tolerant
+from .decoding import Undecodable, tolerant
 from .domain.errors import Code, DomainError
 from .fanout import SubscriptionClosed
 from .jobs import Jobs
@@ -260,6 +260,9 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     async def WatchJob(  # type: ignore[override]  # may yield pre-serialised bytes
         self, request: job_service_pb2.WatchJobRequest, context: Context
     ) -> AsyncIterator[job_service_pb2.WatchJobResponse | bytes]:
+        checked: object = request  # a watch worker has no metrics wrapper (decoding.py)
+        if isinstance(checked, Undecodable):
+            raise DomainError(Code.INVALID_ARGUMENT, checked.message)
         async for item in self._jobs.watch_job(request.id, request.from_sequence):
             if isinstance(item, job_pb2.Job):
                 yield _watch_bytes(item)  # shared by the watchers opened with it

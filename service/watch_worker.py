@@ -25,6 +25,7 @@ from jobwire.v1 import event_pb2, job_service_pb2, job_service_pb2_grpc
 
 from .admission import WatchAdmission, server_options
 from .config import Settings
+from .decoding import tolerant
 from .domain.errors import StorageUnavailable
 from .domain.records import JobRecord
 from .fanout import Fanout
@@ -219,10 +220,15 @@ async def serve_worker(settings: Settings, primary: str) -> None:
     servicer = JobServicer(jobs, WatchAdmission(settings.max_watchers))
 
     table = {m.name: _pass_through(channel, m) for m in SERVICE.methods if m.name != "WatchJob"}
-    table["WatchJob"] = grpc.unary_stream_rpc_method_handler(
-        servicer.WatchJob,
-        request_deserializer=job_service_pb2.WatchJobRequest.FromString,
-        response_serializer=serialize_response,
+    # The one method parsed here (the rest pass through as bytes): a request protobuf
+    # refuses is INVALID_ARGUMENT, as on the service (service/decoding.py).
+    table["WatchJob"] = tolerant(
+        grpc.unary_stream_rpc_method_handler(
+            servicer.WatchJob,
+            request_deserializer=job_service_pb2.WatchJobRequest.FromString,
+            response_serializer=serialize_response,
+        ),
+        "jobwire.v1.WatchJobRequest",
     )
     interceptors: list[grpc.aio.ServerInterceptor] = [_FeedGate(feed)]
     if settings.grpc_token:

@@ -168,6 +168,16 @@ async def test_other_calls_pass_through_a_worker_unchanged(
             )
             data = b"".join([r.data async for r in read_back])
             assert data == b"hello workers"
+            # A WatchJob request protobuf cannot parse, wherever it lands: a caller's
+            # mistake (INVALID_ARGUMENT), not UNKNOWN.
+            garbage = ch.unary_stream(
+                "/jobwire.v1.JobService/WatchJob",
+                request_serializer=lambda b: b,
+                response_deserializer=lambda b: b,
+            )(b"\xff\xff\xff\xff", metadata=AUTH)
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await read(garbage)
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad.value
 
 
 async def test_every_process_reports_serving_once_its_feed_is_open(
