@@ -114,7 +114,7 @@ class Jobs:
         self, request: job_service_pb2.CreateJobRequest
     ) -> job_service_pb2.CreateJobResponse:
         job_id = request.job_id or request.job.id or str(uuid.uuid4())
-        validation.job_id(job_id)
+        validation.new_job_id(job_id)
         validation.kind(request.job.kind, "job.kind")
         validation.labels(request.job.labels)
         if request.job.HasField("video") and request.job.kind != job_pb2.JOB_KIND_VIDEO:

@@ -7,7 +7,7 @@ import pytest
 
 from jobwire.v1 import job_pb2, job_service_pb2
 from tests.conftest import ServiceHandle
-from tests.helpers import create
+from tests.helpers import create, progress
 
 
 async def test_create_get_roundtrip(service: ServiceHandle) -> None:
@@ -146,3 +146,20 @@ async def test_label_filters_and_leases_out_of_range_are_invalid_argument(
     # Nothing was claimed: the job is still queued.
     job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="lease-me"))
     assert job.state == job_pb2.JOB_STATE_QUEUED
+
+
+async def test_dot_segment_ids_cannot_be_created(service: ServiceHandle) -> None:
+    """`.` and `..` would be callback URLs and dashboard pages that clients resolve to
+    another path (WHATWG URLs, curl): refused at creation, by CreateJob and by an
+    event that creates its job."""
+    for job_id in (".", ".."):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await create(service.stub, job_pb2.JOB_KIND_EXTRACTION, job_id)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "resolve" in (err.value.details() or "")
+        report = progress(job_id, 5)
+        report.create_kind = job_pb2.JOB_KIND_TRANSCODE
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await service.stub.ReportEvent(report)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (await create(service.stub, job_pb2.JOB_KIND_EXTRACTION, "..x")).job.id == "..x"

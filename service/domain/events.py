@@ -30,7 +30,10 @@ _S = job_pb2
 
 def validate_report(request: job_service_pb2.ReportEventRequest) -> None:
     """Checks a report before any storage is touched."""
-    validation.job_id(request.job_id)
+    if request.create_kind:  # may create the job
+        validation.new_job_id(request.job_id)
+    else:
+        validation.job_id(request.job_id)
     validation.idempotency_key(request.idempotency_key)
     validation.optional_kind(request.create_kind, "create_kind")
     payload = request.WhichOneof("payload")

@@ -27,6 +27,16 @@ def job_id(value: str, field: str = "job_id") -> str:
     return value
 
 
+def new_job_id(value: str, field: str = "job_id") -> str:
+    """The id of a job about to be created: `.` and `..` are valid ids but URL dot
+    segments, which browsers and most HTTP clients resolve away, so its callback URL
+    and dashboard page would reach another path. Refused, like artifact names."""
+    job_id(value, field)
+    if value in {".", ".."}:
+        raise invalid(f"{field} must not be {value!r}: a URL would resolve it away")
+    return value
+
+
 def artifact_name(value: str) -> str:
     if not _ARTIFACT_NAME.fullmatch(value) or value in {".", ".."}:
         raise invalid(f"name must be 1-255 characters of [A-Za-z0-9._-], got {value[:64]!r}")
