@@ -55,8 +55,11 @@ def _timeout(request: web.Request) -> float:
 
 
 def _safe_next(raw: str) -> str:
-    """Only a path on this site: never `//host` or a scheme (open redirect)."""
-    if raw.startswith("/") and not raw.startswith("//") and "\\" not in raw:
+    """Only a path on this site: never `//host` or a scheme (open redirect). Printable
+    ASCII without spaces only: URL parsers (browsers, yarl) drop tabs and newlines, so
+    "/<TAB>/host" would become "//host" after the check."""
+    plain = all("!" <= c <= "~" for c in raw)
+    if plain and raw.startswith("/") and not raw.startswith("//") and "\\" not in raw:
         return raw
     return "/jobs"
 

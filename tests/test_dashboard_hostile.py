@@ -207,3 +207,22 @@ async def test_numbers_in_other_scripts_are_not_numbers(grpc_service: Any) -> No
         )
     assert status_of(size) == 400 and b"page_size" in size, size[:400]
     assert status_of(event) == 400 and b"Last-Event-ID" in event, event[:400]
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/\t/evil.example/x", "/\n/evil.example", "/\r/evil.example", "/ /evil.example", "/\\evil"],
+    ids=["tab", "newline", "CR", "space", "backslash"],
+)
+async def test_login_never_redirects_off_site(grpc_service: Any, target: str) -> None:
+    """Browsers drop tabs and newlines from a Location before resolving it, so "/\\t/host"
+    became "//host": an open redirect past the "//" check. A newline also made the
+    Location header itself fail (a 500). Only a plain path of printable ASCII is kept."""
+    from urllib.parse import quote
+
+    cfg = DashboardConfig(service_target=grpc_service.target, token=TOKEN)
+    body = f"token={TOKEN}&next={quote(target, safe='')}".encode()
+    async with guarded(cfg) as port:
+        answer = await raw_exchange(port, _request(b"POST /login HTTP/1.1", FORM, body))
+    assert status_of(answer) == 303, answer[:300]
+    assert b"\r\nLocation: /jobs\r\n" in answer, answer[:400]
