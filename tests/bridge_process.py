@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,30 @@ async def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+async def trickle_head(port: int, head: bytes, every: float, limit: float) -> tuple[bytes, float]:
+    """Sends `head` one byte every `every` seconds (the client's pace, not a
+    synchronisation) on a new connection; everything answered until the server closes
+    it (at most `limit` seconds), and how long that took."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started = time.monotonic()
+
+    async def trickle() -> None:
+        for byte in head:
+            writer.write(bytes([byte]))
+            await asyncio.sleep(every)
+
+    sender = asyncio.create_task(trickle())
+    chunks = []
+    try:
+        async with asyncio.timeout(limit):
+            while chunk := await reader.read(65536):
+                chunks.append(chunk)
+    finally:
+        sender.cancel()
+        writer.close()
+    return b"".join(chunks), time.monotonic() - started
 
 
 def status_of(response: bytes) -> int | None:

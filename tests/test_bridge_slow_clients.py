@@ -19,7 +19,7 @@ import aiohttp
 
 from jobwire.v1 import job_pb2
 from tests.bridge_harness import API_KEY, BATCH_SECRET, create_job, new_id
-from tests.bridge_process import bridge_process, raw_exchange, status_of
+from tests.bridge_process import bridge_process, raw_exchange, status_of, trickle_head
 
 SLACK = 10.0  # seconds beyond a configured timeout before a test gives up waiting
 VIDEO_AUTH = f"Authorization: Bearer {API_KEY}\r\n"
@@ -51,22 +51,9 @@ async def test_trickled_request_head_is_cut_at_the_header_timeout(
     async with bridge_process(
         grpc_service.target, tmp_path, JOBWIRE_HEADER_TIMEOUT_SECONDS="1"
     ) as bridge:
-        reader, writer = await open_conn(bridge.port)
         head = b"GET /api/pending HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer x"
-        started = time.monotonic()
-
-        async def trickle() -> None:
-            for byte in head:  # one byte every 0.1 s: 6 s for the whole head
-                writer.write(bytes([byte]))
-                await asyncio.sleep(0.1)  # the client's pace, not a synchronisation
-
-        sender = asyncio.create_task(trickle())
-        try:
-            answer = await read_until_closed(reader, 1 + SLACK)
-        finally:
-            sender.cancel()
-            writer.close()
-        elapsed = time.monotonic() - started
+        # One byte every 0.1 s: 6 s for the whole head.
+        answer, elapsed = await trickle_head(bridge.port, head, 0.1, 1 + SLACK)
         assert status_of(answer) == 408
         assert elapsed < len(head) * 0.1, f"closed after {elapsed:.1f}s, head still trickling"
 

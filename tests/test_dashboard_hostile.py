@@ -19,7 +19,7 @@ import pytest
 from dashboard.auth import COOKIE, Auth
 from dashboard.config import DashboardConfig
 from dashboard.server import runner_for, site_for
-from tests.bridge_process import raw_exchange, status_of
+from tests.bridge_process import raw_exchange, status_of, trickle_head
 from tests.test_dashboard_auth import serve
 
 TOKEN = "hostile-test-token-abcdefghijklmnop"
@@ -146,24 +146,11 @@ async def test_a_trickled_head_gets_408_and_a_held_stream_is_unaffected(
         )
         async with asyncio.timeout(5):
             assert b" 200 " in await stream_reader.readuntil(b"\r\n\r\n")
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         head = b"GET /jobs HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer x"
-        started = time.monotonic()
-
-        async def trickle() -> None:
-            for byte in head:  # one byte every 0.1 s: 5 s for the whole head
-                writer.write(bytes([byte]))
-                await asyncio.sleep(0.1)  # the client's pace, not a synchronisation
-
-        sender = asyncio.create_task(trickle())
-        try:
-            async with asyncio.timeout(5):
-                answer = await reader.read()
-        finally:
-            sender.cancel()
-            writer.close()
+        # One byte every 0.1 s: 5 s for the whole head.
+        answer, elapsed = await trickle_head(port, head, 0.1, 5)
         assert status_of(answer) == 408, answer
-        assert time.monotonic() - started < len(head) * 0.1
+        assert elapsed < len(head) * 0.1
         assert not stream_reader.at_eof()  # the stream outlived the head timeout
         stream_writer.close()
 
