@@ -550,6 +550,8 @@ def _decode_page_token(token: str) -> tuple[int, str]:
         create_ns, job_id = json.loads(base64.urlsafe_b64decode(token.encode()))
         if not isinstance(create_ns, int) or not isinstance(job_id, str):
             raise ValueError
+        if not -(2**63) <= create_ns < 2**63:  # forged: no store's 64-bit column holds it
+            raise ValueError
         return create_ns, job_id
     except (ValueError, TypeError, binascii.Error):
         raise invalid("page_token is invalid; pass next_page_token unchanged") from None

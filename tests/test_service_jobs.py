@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 import grpc
 import pytest
 
@@ -108,6 +111,13 @@ async def test_bad_page_token_is_invalid_argument(service: ServiceHandle) -> Non
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await service.stub.ListJobs(job_service_pb2.ListJobsRequest(page_token="%%%"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Well-formed but forged: a position no 64-bit store column can hold (it was
+    # UNKNOWN: the store's integer overflowed).
+    for create_ns in (2**63, -(2**63) - 1, 10**30):
+        forged = base64.urlsafe_b64encode(json.dumps([create_ns, "x"]).encode()).decode()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await service.stub.ListJobs(job_service_pb2.ListJobsRequest(page_token=forged))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, create_ns
     assert "page_token" in (err.value.details() or "")
 
 
