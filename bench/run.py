@@ -862,9 +862,9 @@ class Bench:
         out = self.workdir / f"watchers-{store}-{client}.json"
         limit = self.opt(store, "watchers_ready_limit")
         t_watch = time.monotonic()
-        if client == "node":
-            from bench import watchers10k
+        from bench import watchers10k
 
+        if client == "node":
             node = await watchers10k.spawn_node(
                 sys.modules[__name__], target, job[0], self.args.watchers, limit, out, FANOUT_MARK
             )
@@ -873,15 +873,16 @@ class Bench:
             # Streams that had their snapshot; fewer than asked when the server is too
             # slow to open them all within the limit (the figures then cover only those).
             watchers_ready = int((await node.reply(limit + 40))["ready"])
-            watchers = node.proc
+            watchers = node
         else:
             pipe = asyncio.subprocess.PIPE
             argv = [PY, "-m", "bench.watchers", target, job[0], str(self.args.watchers)]
-            watchers = await asyncio.create_subprocess_exec(
+            proc = await asyncio.create_subprocess_exec(
                 *argv, str(out), str(limit), env=base_env(), cwd=ROOT, stdin=pipe, stdout=pipe
             )
-            assert watchers.stdout is not None
-            line = await asyncio.wait_for(watchers.stdout.readline(), 330)
+            watchers = watchers10k.ClientProc(proc, out)  # it too ends on STOP, writing `out`
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 330)
             if not line.startswith(b"READY "):
                 raise RuntimeError("watchers did not start")
             watchers_ready = int(line.split()[1])
@@ -918,11 +919,7 @@ class Bench:
             await spy
         await asyncio.sleep(1.0)
         rss = max(rss, rss_mib(service.pid))
-        assert watchers.stdin is not None
-        watchers.stdin.write(b"STOP\n")  # both kinds of watcher process end on STOP
-        await watchers.stdin.drain()
-        await asyncio.wait_for(watchers.wait(), 60)
-        data = json.loads(out.read_text())
+        data = await watchers.stop()
         lat = delivery_ms(data["arrivals"], acks)
         expected = self.args.watchers * len(acks)
         return {

@@ -6,8 +6,9 @@ refuses the bytes (malformed, or messages nested deeper than its recursion limit
 "Unexpected DecodeError" and logs a traceback at ERROR, as for a bug of ours. So each
 method's deserializer is wrapped once, at registration:
 
-- a single request that cannot be parsed becomes an `Undecodable`, which the per-call
-  wrapper (service/metrics.py) answers with INVALID_ARGUMENT naming the message type;
+- a single request that cannot be parsed becomes an `Undecodable`, which the
+  servicer's decorators (service/servicer.py) answer with INVALID_ARGUMENT naming the
+  message type, on the service and on a watch worker alike;
 - in a request stream (UploadArtifact) the message is read inside the handler, so the
   wrapper raises the DomainError there, which the handler's decorator answers.
 """
@@ -17,11 +18,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import grpc
 from google.protobuf.message import DecodeError
 
 from .domain.errors import Code, DomainError
-from .grpc_handlers import Handler
+from .grpc_handlers import Handler, replace_behavior
 
 
 class Undecodable:
@@ -31,6 +31,12 @@ class Undecodable:
 
     def __init__(self, message: str) -> None:
         self.message = message
+
+
+def require_parsed(request: object) -> None:
+    """Raises the caller's mistake when `request` stands for bytes protobuf refused."""
+    if isinstance(request, Undecodable):
+        raise DomainError(Code.INVALID_ARGUMENT, request.message)
 
 
 def _problem(type_name: str) -> str:
@@ -58,13 +64,5 @@ def tolerant(handler: Handler, type_name: str) -> Handler:
         except DecodeError:
             raise DomainError(Code.INVALID_ARGUMENT, problem) from None
 
-    kind = ("stream_" if h.request_streaming else "unary_") + (
-        "stream" if h.response_streaming else "unary"
-    )
-    factory = getattr(grpc, f"{kind}_rpc_method_handler")
-    result: Handler = factory(
-        getattr(h, kind),
-        request_deserializer=in_stream if h.request_streaming else single,
-        response_serializer=h.response_serializer,
-    )
-    return result
+    deserializer = in_stream if h.request_streaming else single
+    return replace_behavior(handler, lambda _kind, behavior: behavior, deserializer)

@@ -15,9 +15,14 @@ else:
 _KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
-def replace_behavior(handler: Handler, make: Callable[[str, Any], Any]) -> Handler:
-    """The same handler (same (de)serialisers) with its behaviour replaced by
-    `make(kind, behaviour)`, where kind is e.g. "unary_stream"."""
+def replace_behavior(
+    handler: Handler,
+    make: Callable[[str, Any], Any],
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> Handler:
+    """The same handler (same (de)serialisers, unless `request_deserializer` is given)
+    with its behaviour replaced by `make(kind, behaviour)`, where kind is e.g.
+    "unary_stream"."""
     h: Any = handler
     for kind in _KINDS:
         behavior = getattr(h, kind)
@@ -26,7 +31,7 @@ def replace_behavior(handler: Handler, make: Callable[[str, Any], Any]) -> Handl
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
         result: Handler = factory(
             make(kind, behavior),
-            request_deserializer=h.request_deserializer,
+            request_deserializer=request_deserializer or h.request_deserializer,
             response_serializer=h.response_serializer,
         )
         return result

@@ -40,7 +40,6 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from jobwire.v1 import job_pb2
 
-from .decoding import Undecodable
 from .domain.errors import DomainError
 from .fanout import Fanout
 from .grpc_handlers import Handler, replace_behavior
@@ -161,8 +160,6 @@ def _wrap_unary(
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            if request.__class__ is Undecodable:  # service/decoding.py
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             with enter(request, context):
                 return await behavior(request, context)
         except BaseException:
@@ -186,8 +183,6 @@ def _wrap_stream(
     async def call(request: Any, context: Any) -> AsyncIterator[Any]:
         code = grpc.StatusCode.OK
         try:
-            if request.__class__ is Undecodable:  # service/decoding.py
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             with enter(request, context):
                 async for item in behavior(request, context):
                     yield item

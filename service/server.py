@@ -11,22 +11,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jobwire.v1 import job_service_pb2
-
 from .admission import WatchAdmission, server_options
 from .config import Settings
 from .fanout import Fanout
 from .jobs import Jobs
 from .operations import Operations, start_operations, with_port
 from .security import server_credentials
-from .servicer import JobServicer, add_to_server
+from .servicer import SERVICE, JobServicer, add_to_server
 from .store.factory import open_store
 from .store.port import Store
 from .tracing import server_interceptors
 from .watch_workers import WatchWorkers, feed_handler
 
 log = logging.getLogger("jobwire.server")
-SERVICE_NAME = job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
+SERVICE_NAME = SERVICE.full_name
 SWEEPER_STOP_SECONDS = 2.0
 
 

@@ -11,7 +11,7 @@ import grpc
 from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
 
 from .admission import DEFAULT_MAX_WATCHERS, WatchAdmission
-from .decoding import Undecodable, tolerant
+from .decoding import require_parsed, tolerant
 from .domain.errors import Code, DomainError
 from .fanout import SubscriptionClosed
 from .jobs import Jobs
@@ -33,6 +33,7 @@ def unary(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     @wraps(fn)
     async def call(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
+            require_parsed(args[1])  # service/decoding.py
             return await fn(*args, **kwargs)
         except DomainError as err:
             context: Any = args[-1]
@@ -57,6 +58,7 @@ def streaming(fn: Callable[P, AsyncIterator[R]]) -> Callable[P, AsyncIterator[R]
     async def call(*args: P.args, **kwargs: P.kwargs) -> AsyncIterator[R]:
         context: Any = args[-1]
         try:
+            require_parsed(args[1])  # service/decoding.py
             async for item in fn(*args, **kwargs):
                 yield item
         except (DomainError, SubscriptionClosed) as err:
@@ -80,6 +82,7 @@ def watch_stream(fn: Callable[P, AsyncIterator[R]]) -> Callable[P, AsyncIterator
             details, trailing = admission.refusal()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details, trailing)
         try:
+            require_parsed(args[1])  # service/decoding.py: once per stream, not per message
             async for item in fn(*args, **kwargs):
                 yield item
         except (DomainError, SubscriptionClosed) as err:
@@ -260,9 +263,6 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     async def WatchJob(  # type: ignore[override]  # may yield pre-serialised bytes
         self, request: job_service_pb2.WatchJobRequest, context: Context
     ) -> AsyncIterator[job_service_pb2.WatchJobResponse | bytes]:
-        checked: object = request  # a watch worker has no metrics wrapper (decoding.py)
-        if isinstance(checked, Undecodable):
-            raise DomainError(Code.INVALID_ARGUMENT, checked.message)
         async for item in self._jobs.watch_job(request.id, request.from_sequence):
             if isinstance(item, job_pb2.Job):
                 yield _watch_bytes(item)  # shared by the watchers opened with it

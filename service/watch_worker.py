@@ -33,13 +33,12 @@ from .grpc_handlers import Handler, replace_behavior
 from .jobs import Jobs
 from .security import TokenAuthInterceptor
 from .server import add_health_and_reflection, listen, set_health
-from .servicer import JobServicer, serialize_response
+from .servicer import SERVICE, JobServicer, serialize_response
 from .store.port import Store
 from .watch_workers import FEED_METHOD, PARENT_ENV, PRIMARY_ENV
 
 log = logging.getLogger("jobwire.watch_worker")
 
-SERVICE = job_service_pb2.DESCRIPTOR.services_by_name["JobService"]
 WATCH_JOB = f"/{SERVICE.full_name}/WatchJob"
 READ_TIMEOUT_S = 10.0
 FEED_RETRY_S = (0.05, 2.0)  # first and longest pause between feed reconnections
@@ -228,7 +227,7 @@ async def serve_worker(settings: Settings, primary: str) -> None:
             request_deserializer=job_service_pb2.WatchJobRequest.FromString,
             response_serializer=serialize_response,
         ),
-        "jobwire.v1.WatchJobRequest",
+        job_service_pb2.WatchJobRequest.DESCRIPTOR.full_name,
     )
     interceptors: list[grpc.aio.ServerInterceptor] = [_FeedGate(feed)]
     if settings.grpc_token:
