@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -61,6 +62,16 @@ async def read_all(call: Any, timeout: float = WAIT) -> list[Any]:
     while (item := await read(call, timeout)) is not grpc.aio.EOF:
         items.append(item)
     return items
+
+
+async def until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
+    """Polls a cheap condition that no event announces (e.g. how many watchers the
+    service has subscribed), until it holds or `timeout` passes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
 
 
 def free_port() -> int:

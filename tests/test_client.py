@@ -35,7 +35,7 @@ from jobwire.v1 import event_pb2, job_pb2, job_service_pb2, log_pb2
 from service.store.embedded import EmbeddedStore
 from tests.conftest import ServiceHandle, make_policy, start_service
 from tests.grpc_proxy import FaultProxy, Rewrite
-from tests.helpers import WAIT
+from tests.helpers import WAIT, until
 from tests.tcp_cutter import TcpCutter
 
 FAST = RetryPolicy(attempts=4, backoff=Backoff(initial=0.05, maximum=0.2))
@@ -562,15 +562,6 @@ async def test_watch_job_surfaces_a_gap_when_history_is_gone(service: ServiceHan
 
 
 # -- watch_jobs -----------------------------------------------------------------
-
-
-async def until(predicate: object) -> None:
-    """Polls a cheap condition (here: how many watchers the service has subscribed)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT
-    while not predicate():  # type: ignore[operator]
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_watch_jobs_with_kind_and_state_filters(service: ServiceHandle) -> None:

@@ -20,7 +20,7 @@ from service import metrics
 from service.domain.records import Policy
 from service.store.mongo import MongoStore
 from tests.conftest import ServiceHandle, make_policy, open_test_store, start_service
-from tests.helpers import completed, create, progress, read
+from tests.helpers import completed, create, progress, read, until
 
 PAUSE = 2.0  # seconds the consumer stays away (see test docstring)
 
@@ -279,6 +279,9 @@ async def test_a_slow_consumer_is_caught_up_from_the_log_not_coalesced(
     service = tiny_buffer
     await create(service.stub, job_id="flood")
     call = service.stub.WatchJobs(job_service_pb2.WatchJobsRequest(after="0"))
+    # Subscribed before the flood: else the stream starts behind and reads it all from
+    # the log at once, and never has to catch up (the test raced this under load).
+    await until(lambda: service.running.jobs.fanout.watchers == 1)
     big = "y" * 4000
     total = 400
     for start in range(1, total + 1, 100):
