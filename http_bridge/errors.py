@@ -22,6 +22,8 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from .redaction import loggable_path
+
 log = logging.getLogger(__name__)
 
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
@@ -156,11 +158,15 @@ def contract_errors(render: Renderer) -> Callable[[Handler], Handler]:
                 # A broken chunked encoding or a body cut short: the client's bytes.
                 err = BridgeError(400, f"malformed request body ({type(exc).__name__})")
             except Exception:
-                log.exception("unexpected error in %s %s", request.method, request.path)
+                log.exception("unexpected error in %s %s", request.method, loggable_path(request))
                 err = BridgeError(500, "internal error")
             if err.status >= 500:
                 log.warning(
-                    "%s %s -> %d: %s", request.method, request.path, err.status, err.message
+                    "%s %s -> %d: %s",
+                    request.method,
+                    loggable_path(request),
+                    err.status,
+                    err.message,
                 )
             retry_after = request.app[CONFIG].retry_after_seconds
             return error_response(err, render, retry_after, credential_sent(request))

@@ -7,7 +7,6 @@ import contextlib
 import gc
 import logging
 import os
-import re
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -17,16 +16,10 @@ from aiohttp.web_response import StreamResponse
 from .app import create_app
 from .config import Config, load_config
 from .connection_guard import guarded_site, runner_options
+from .redaction import loggable_path
 from .workers import run_workers, worker_count
 
 log = logging.getLogger("http_bridge")
-
-# The AuroraCloud token may travel as a path segment; it must never reach a log.
-_TOKEN_PATH = re.compile(r"^(/api/transcode-callback/)[^/?]+")
-
-
-def redact(path: str) -> str:
-    return _TOKEN_PATH.sub(r"\1***", path)
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -37,7 +30,7 @@ class AccessLogger(AbstractAccessLogger):
             "%s %s %s %d %d %.1fms",
             request.remote,
             request.method,
-            redact(request.path),
+            loggable_path(request),
             response.status,
             response.body_length,
             time * 1000,

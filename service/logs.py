@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import sys
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -82,6 +83,49 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+# Bidirectional controls: they reorder how the rest of a line reads on screen.
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Controls (a terminal runs ESC sequences; a newline forges a line), lone surrogates
+# (undecodable header bytes), line and paragraph separators.
+_ESCAPED_CATEGORIES = frozenset(("Cc", "Cs", "Zl", "Zp"))
+
+
+def printable(text: str) -> str:
+    """`text` with the characters no log line or terminal should get raw escaped as
+    Python does (`\\x1b`, `\\u202e`): messages quote paths, ids and messages that
+    arrived from the internet. Letters of every script, emoji and spaces stay."""
+    if text.isprintable():  # the common case, in C
+        return text
+    return "".join(
+        repr(c)[1:-1] if c in _BIDI or unicodedata.category(c) in _ESCAPED_CATEGORIES else c
+        for c in text
+    )
+
+
+def printable_lines(text: str) -> str:
+    """A traceback made printable line by line: its own line breaks stay."""
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
+class TextFormatter(logging.Formatter):
+    """`time LEVEL logger: message`, message and traceback made printable."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return printable_lines(super().formatException(ei))
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_text:  # set by RedactingFilter, so formatException is not called
+            record.exc_text = printable_lines(record.exc_text)
+        return super().format(record)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, request_id, job_id, error."""
 
@@ -90,7 +134,9 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            # JSON escapes only C0 controls; C1 and bidi controls would reach a
+            # terminal that shows the line (`tail`, `jq -r`) raw.
+            "message": printable(record.getMessage()),
         }
         for key in ("request_id", "job_id"):
             value = getattr(record, key, "")
@@ -99,7 +145,7 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
-            entry["error"] = record.exc_text
+            entry["error"] = printable_lines(record.exc_text)
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
@@ -154,11 +200,7 @@ def configure(
         raise SystemExit(f"JOBWIRE_LOG_FORMAT must be json or text, got {fmt!r}")
     record_context()
     chosen = list(handlers) if handlers is not None else [logging.StreamHandler()]
-    formatter: logging.Formatter = (
-        JsonFormatter()
-        if fmt == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
+    formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
     redactor = RedactingFilter()
     for handler in chosen:
         handler.setFormatter(formatter)

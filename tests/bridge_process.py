@@ -17,6 +17,7 @@ from tests.bridge_harness import API_KEY, BATCH_SECRET, TRANSCODE_TOKEN
 from tests.helpers import free_port
 
 START_TIMEOUT = 30.0
+_BARE_MAIN = "from http_bridge.server import main; main()"
 
 
 @dataclass
@@ -95,8 +96,10 @@ async def http_get(port: int, path: str, headers: str = "") -> int | None:
 
 @contextlib.asynccontextmanager
 async def bridge_process(
-    service_target: str, tmp_path: Path, **env: str
+    service_target: str, tmp_path: Path, *, via_cli: bool = False, **env: str
 ) -> AsyncIterator[BridgeProcess]:
+    """`via_cli`: started as `jobwire bridge` (the deployed entry point, with jobwire's
+    log configuration) rather than the bridge module's bare `main`."""
     port = free_port()
     log_path = tmp_path / f"bridge-{port}.log"
     full_env = {
@@ -111,10 +114,10 @@ async def bridge_process(
         **env,
     }
     with log_path.open("wb") as log:
+        entry = ("-m", "cli", "bridge") if via_cli else ("-c", _BARE_MAIN)
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-c",
-            "from http_bridge.server import main; main()",
+            *entry,
             env=full_env,
             stdout=log,
             stderr=log,

@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from http_bridge.config import load_config
-from http_bridge.server import redact
+from http_bridge.redaction import redact
 from http_bridge.worker_cli import register
 from jobwire.v1 import job_pb2
 from tests.bridge_harness import (

@@ -1,0 +1,119 @@
+"""Log lines quote what arrived from the internet (a request's decoded path, ids,
+messages): none may carry a raw control character into an operator's terminal or a
+forged line into the log, nor a path token. The real `jobwire bridge` process, its
+stderr read as bytes."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from service.logs import JsonFormatter, RedactingFilter, TextFormatter, printable
+from tests.bridge_harness import TRANSCODE_TOKEN
+from tests.bridge_process import bridge_process, raw_exchange
+
+# Percent-encoded, so they pass the HTTP parser and are decoded into request.path:
+# ESC ] 0;title BEL sets a terminal's title; a newline would start a forged line;
+# U+202E reverses what follows on screen; U+009B is a C1 control (CSI).
+HOSTILE = (
+    "/x%1b%5d0;PWNED%07y",
+    "/a%0a2026-01-01%2000:00:00,000%20INFO%20forged",
+    "/b%e2%80%aeevil",
+    "/c%c2%9b31m",
+    "/d%0d%7f",
+)
+RAW_FORBIDDEN = (b"\x1b", b"\x07", b"\r", b"\x7f", "\u202e".encode(), "\u009b".encode())
+LINE_START = re.compile(rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
+
+
+async def _hostile_requests(port: int) -> None:
+    for path in HOSTILE:
+        reply = await raw_exchange(
+            port, f"GET {path} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert reply.startswith(b"HTTP/1.1 404"), (path, reply[:80])
+    # the real token, with an encoded slash in it: all of it must stay out of the log
+    token = TRANSCODE_TOKEN[:6] + "%2F" + TRANSCODE_TOKEN[6:]
+    for method in ("GET", "POST"):
+        await raw_exchange(
+            port,
+            f"{method} /api/transcode-callback/{token} HTTP/1.1\r\nHost: h\r\n"
+            "Content-Length: 0\r\nConnection: close\r\n\r\n".encode(),
+        )
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_the_access_log_escapes_decoded_paths_and_redacts_the_path_token(
+    tmp_path: Path, fmt: str
+) -> None:
+    async with bridge_process(
+        "127.0.0.1:1",  # nothing listens: these requests never reach the service
+        tmp_path,
+        via_cli=True,
+        JOBWIRE_LOG_FORMAT=fmt,
+        JOBWIRE_ACCESS_LOG="all",
+    ) as bridge:
+        await _hostile_requests(bridge.port)
+        log = bridge.log_path.read_bytes()
+        # each request's line is written before its answer leaves the bridge
+        assert b"/api/transcode-callback/***" in log
+    for forbidden in RAW_FORBIDDEN:
+        assert forbidden not in log, forbidden
+    assert TRANSCODE_TOKEN[:6].encode() not in log
+    assert TRANSCODE_TOKEN[6:].encode() not in log
+    lines = log.decode().splitlines()
+    if fmt == "json":
+        messages = [json.loads(line)["message"] for line in lines]
+    else:
+        for line in lines:
+            assert LINE_START.match(line.encode()), f"a line that is not a log record: {line!r}"
+        messages = lines
+    access = "\n".join(m for m in messages if " GET /" in m)
+    for shown in (
+        r"/x\x1b]0;PWNED\x07y",
+        r"/a\n2026-01-01",
+        r"/b\u202eevil",
+        r"/c\x9b31m",
+        r"/d\r\x7f",
+    ):
+        assert shown in access, (shown, access)
+
+
+def _format(formatter: logging.Formatter, message: str, *args: object) -> str:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    handler.addFilter(RedactingFilter({}))
+    logger = logging.getLogger("jobwire.test_log_injection")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        try:
+            raise ValueError("bad \x1b[2J value\nsecond line")
+        except ValueError:
+            logger.exception(message, *args)
+    finally:
+        logger.removeHandler(handler)
+    return stream.getvalue()
+
+
+def test_messages_and_tracebacks_are_printable_in_both_formats() -> None:
+    text = _format(TextFormatter(), "job %s failed", "j\x1b]0;x\x07\u202e")
+    first, *rest = text.splitlines()
+    assert first.endswith(r"job j\x1b]0;x\x07\u202e failed")
+    assert rest[0] == "Traceback (most recent call last):"  # the traceback keeps its lines
+    assert r"ValueError: bad \x1b[2J value" in text and "\x1b" not in text
+    entry = json.loads(_format(JsonFormatter(), "job %s", "j\u009b\u2028"))
+    assert entry["message"] == r"job j\x9b\u2028"
+    assert "\x1b" not in entry["error"] and r"\x1b[2J" in entry["error"]
+
+
+def test_printable_keeps_every_script_and_escapes_only_controls() -> None:
+    kept = "größe 中文 😀 e\u0301 a\u200db \u00a0"
+    assert printable(kept) == kept
+    assert printable("\t\x00\udcff\u2066") == r"\t\x00\udcff\u2066"
