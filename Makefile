@@ -8,7 +8,7 @@ GEN    := proto
 # protoc finds its mypy plugins (protoc-gen-mypy*) in the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install lock lock-upgrade proto proto-check proto-lint proto-release run serve bridge test lint fmt bench faults ferretdb promtool image-check examples-node chromium clean
+.PHONY: install lock lock-upgrade proto proto-check proto-lint proto-release run serve bridge test lint fmt bench faults ferretdb promtool image-check examples-node chromium tmux clean
 
 install: $(STAMP)
 
@@ -88,11 +88,15 @@ promtool:
 chromium:
 	@bash scripts/install-chromium.sh
 
+# tmux, for the tests that read the CLI's output as a terminal shows it.
+tmux:
+	@bash scripts/apt-install.sh tmux tmux
+
 # examples/node's npm dependencies, exactly as its package-lock.json pins them.
 examples-node:
 	@bash scripts/install-node-example.sh
 
-test: $(STAMP) ferretdb promtool examples-node chromium
+test: $(STAMP) ferretdb promtool examples-node chromium tmux
 	JOBWIRE_FERRETDB_BIN=$$(bash scripts/install-ferretdb.sh --path) \
 	JOBWIRE_PROMTOOL_BIN=$$(bash scripts/install-promtool.sh --path) \
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

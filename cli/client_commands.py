@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -19,7 +20,7 @@ from google.protobuf.message import Message
 from jobwire.client import Client, ClientConfigError, Job, JobEvent, JobwireError, StreamGap
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
 
-from .progress_bar import render
+from .progress_bar import fit, render
 
 
 async def watch(args: argparse.Namespace) -> int:
@@ -78,8 +79,7 @@ def merge(job: job_pb2.Job, event: JobEvent) -> None:
 
 
 def _note(job: job_pb2.Job, text: str) -> None:
-    width = max(_columns() - 1, 20)
-    sys.stdout.write("\r" + text.ljust(width) + "\n")
+    sys.stdout.write("\r" + fit(text, _columns() - 1) + "\n")
     if job.id:
         _draw(job)
 
@@ -150,8 +150,19 @@ async def _print(args: argparse.Namespace, call: Any) -> int:
         except JobwireError as err:
             print(f"jobwire: {err.code.name}: {err.message}", file=sys.stderr)
             return 1
-    print(json.dumps(json_format.MessageToDict(reply), indent=2, ensure_ascii=False))
+    text = json.dumps(json_format.MessageToDict(reply), indent=2, ensure_ascii=False)
+    print(_TERMINAL_UNSAFE.sub(_json_escape, text))
     return 0
+
+
+# JSON escapes C0 controls only. DEL, C1 controls (U+009B is CSI to a terminal), bidi
+# controls and line separators in a worker's message are escaped too; they can only
+# stand inside strings, so the output stays the same JSON.
+_TERMINAL_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 def _client(args: argparse.Namespace) -> Client:

@@ -1,8 +1,17 @@
-"""Renders a job as one terminal line: a bar, percent, state, phase and message."""
+"""Renders a job as one terminal line: a bar, percent, state, phase and message.
+
+Phase and message come from external workers: they are shown escaped where they hold
+controls (an ESC sequence would retitle or clear the operator's terminal) and cut to
+the terminal's width in cells, not characters (a CJK character takes two), so the line
+never wraps and each redraw with `\\r` overwrites it whole.
+"""
 
 from __future__ import annotations
 
+import unicodedata
+
 from jobwire.v1 import job_pb2
+from service.logs import printable
 
 
 def render(job: job_pb2.Job, width: int = 80) -> str:
@@ -17,4 +26,22 @@ def render(job: job_pb2.Job, width: int = 80) -> str:
     line = f"{job.id} [{'#' * filled}{'.' * (bar_width - filled)}] {percent:5.1f}% {state}"
     if detail:
         line += " " + detail
-    return line[: max(width - 1, 20)].ljust(max(width - 1, 20))
+    return fit(printable(line), width - 1)  # the last column left empty: no auto-wrap
+
+
+def fit(text: str, cells: int) -> str:
+    """`text` cut or padded with spaces to exactly `cells` terminal cells."""
+    out, used = [], 0
+    for char in text:
+        width = cell_width(char)
+        if used + width > cells:
+            break
+        out.append(char)
+        used += width
+    return "".join(out) + " " * (cells - used)
+
+
+def cell_width(char: str) -> int:
+    if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1

@@ -1,0 +1,105 @@
+"""`jobwire watch` in a real terminal (tmux), as an operator sees it. A job's phase and
+message come from external workers: they must not drive the terminal (an ESC sequence
+would retitle or clear it, a C1 CSI colour it, U+202E reverse the line), and a
+message of wide characters must not wrap the progress line (each `\\r` redraw would
+leave a torn copy above it)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import unicodedata
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from jobwire.client import Client
+from service.store.embedded import EmbeddedStore
+from tests.conftest import ServiceHandle, make_policy, start_service
+from tests.terminal import Terminal
+
+WIDTH = 130
+HOSTILE = "\x1b]0;PWNED\x07\x1b[2J\x9b31mred\nnext\u202elive"
+
+
+def cells(row: str) -> int:
+    return sum(2 if unicodedata.east_asian_width(c) in ("W", "F") else 1 for c in row)
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[ServiceHandle]:
+    handle = await start_service(EmbeddedStore(tmp_path / "d", make_policy()))
+    yield handle
+    await handle.close()
+
+
+@pytest.fixture
+def terminal(tmp_path: Path) -> Iterator[Terminal]:
+    term = Terminal(tmp_path, width=WIDTH)
+    yield term
+    term.close()
+
+
+def watch(terminal: Terminal, service: ServiceHandle, job_id: str) -> None:
+    terminal.start([sys.executable, "-m", "cli", "watch", job_id, "--target", service.target], {})
+
+
+async def test_a_workers_message_cannot_drive_the_terminal(
+    service: ServiceHandle, terminal: Terminal
+) -> None:
+    async with Client(service.target) as c:
+        await c.create_job("GENERIC", job_id="tj")
+        watch(terminal, service, "tj")
+        title = terminal.title()
+        await terminal.wait_for(lambda s: "0.0% QUEUED" in s)
+        await c.report_progress("tj", 30, phase="\x1b[31mphase", message=HOSTILE)
+        rows = await terminal.wait_for(lambda s: "30.0% RUNNING" in s)
+        assert terminal.title() == title  # not PWNED
+        line = next(r for r in rows if r.startswith("tj ["))
+        shown = r"RUNNING \x1b[31mphase \x1b]0;PWNED\x07\x1b[2J\x9b31mred\nnext\u202elive"
+        assert line.endswith(shown)
+        assert [r for r in rows if r] == [line]  # not cleared, not broken into two lines
+        await c.complete("tj")
+        rows = await terminal.wait_for(lambda s: "[exit 0]" in s)
+        assert any(r.startswith("tj [") and "100.0% SUCCEEDED" in r for r in rows)
+        assert terminal.title() == title
+
+
+async def test_wide_characters_do_not_wrap_the_progress_line(
+    service: ServiceHandle, terminal: Terminal
+) -> None:
+    async with Client(service.target) as c:
+        await c.create_job("GENERIC", job_id="wide")
+        watch(terminal, service, "wide")
+        await terminal.wait_for(lambda s: "QUEUED" in s)
+        for percent in (10, 20, 30):
+            await c.report_progress("wide", percent, message="进度消息" * 20 + "e\u0301")
+            drawn_at = f"{percent}.0% RUNNING 进度"
+            rows = await terminal.wait_for(lambda s: drawn_at in s)  # noqa: B023 (awaited here)
+            drawn = [r for r in rows if r]
+            assert len(drawn) == 1, drawn  # one line, redrawn in place
+            assert cells(drawn[0]) <= WIDTH - 1
+        await c.fail("wide", "E", "失败" * 40)
+        rows = await terminal.wait_for(lambda s: "[exit 1]" in s)
+        drawn = [r for r in rows if r]
+        assert drawn[0].startswith("wide [") and "FAILED" in drawn[0]
+        assert drawn[1] == "[exit 1]" and len(drawn) == 2
+
+
+async def test_json_output_escapes_what_json_leaves_raw(service: ServiceHandle) -> None:
+    """`jobs get` prints JSON; JSON escapes only C0 controls, so DEL, C1 controls and
+    bidi controls are escaped too, and the JSON still reads back the same."""
+    async with Client(service.target) as c:
+        await c.create_job("GENERIC", job_id="js")
+        await c.report_progress("js", 5, message="a\x7f\x9b31m\u202eb\u2028c 中")
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "cli", "jobs", "get", "js", "--target", service.target),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err
+    assert b"\\u007f\\u009b31m\\u202eb\\u2028c \xe4\xb8\xad" in out
+    assert json.loads(out)["progress"]["message"] == "a\x7f\x9b31m\u202eb\u2028c 中"
