@@ -166,3 +166,24 @@ async def test_artifacts_stream_and_replace(store: Store) -> None:
     assert b"".join([c async for c in found[1]]) == b"v2"
     assert [a.name for a in await store.list_artifacts("a")] == ["t.md"]
     assert await store.open_artifact("a", "missing") is None
+
+
+async def test_jobs_created_by_one_batch_share_its_time(store: Store) -> None:
+    """A batch is one commit at one time: jobs it creates (create_kind) share their
+    create time, so ListJobs and ClaimJob order them by id on every store. MongoDB
+    read the clock per command, so they came out in request order there."""
+
+    def announce(job_id: str) -> JobCommand:
+        request = job_service_pb2.ReportEventRequest(
+            job_id=job_id,
+            idempotency_key="k",
+            create_kind=job_pb2.JOB_KIND_TRANSCODE,
+            progress=job_pb2.Progress(percent=5),
+        )
+        return JobCommand(job_id, Report(request))
+
+    outcomes = await store.apply([announce(i) for i in ["z", "m", "a"]])
+    assert all(isinstance(o, Applied) and o.created for o in outcomes)
+    jobs = await store.list_jobs(JobQuery())
+    assert [j.id for j in jobs] == ["a", "m", "z"]
+    assert len({j.create_time.ToNanoseconds() for j in jobs}) == 1

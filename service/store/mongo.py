@@ -488,8 +488,11 @@ class MongoStore:
                     if attempt:
                         await asyncio.sleep(_backoff(attempt))
                     docs = await self._load([p.job_id for p in pending])
+                    # One clock reading per commit, as in the embedded store: jobs that
+                    # one batch creates share a create time (ListJobs/ClaimJob order).
+                    now_ns = time.time_ns()
                     for plan in pending:
-                        self._compute(plan, commands, docs.get(plan.job_id))
+                        self._compute(plan, commands, docs.get(plan.job_id), now_ns)
                     conflicted = await self._write(pending)
                     for plan in pending:
                         if plan not in conflicted:
@@ -520,7 +523,11 @@ class MongoStore:
         return {str(doc["_id"]): doc async for doc in cursor}
 
     def _compute(
-        self, plan: _Plan, commands: Sequence[JobCommand], doc: dict[str, Any] | None
+        self,
+        plan: _Plan,
+        commands: Sequence[JobCommand],
+        doc: dict[str, Any] | None,
+        now_ns: int,
     ) -> None:
         """Chains the plan's commands on the loaded document and prepares one write."""
         retention = self.policy.retention
@@ -534,7 +541,7 @@ class MongoStore:
         for index in plan.indices:
             try:
                 outcome = events.apply(
-                    record, plan.job_id, commands[index].command, time.time_ns(), self.policy
+                    record, plan.job_id, commands[index].command, now_ns, self.policy
                 )
             except DomainError as exc:
                 plan.results[index] = exc
