@@ -71,6 +71,25 @@ async def test_repeated_idempotency_key_is_applied_once(service: ServiceHandle) 
     assert len(await _events(service, "k")) == 2
 
 
+async def test_keys_are_those_of_the_retained_events(service: ServiceHandle) -> None:
+    """An idempotency key is remembered as long as its event is retained, whatever the
+    events after it carry (a cancel, claim, requeue or stall has no key). The embedded
+    store kept the last `retention` keys instead, so after a cancel it still took the
+    oldest key for a duplicate when MongoDB (rightly) no longer did."""
+    retention = service.running.jobs.policy.retention
+    await create(service.stub, job_id="w")
+    for i in range(retention):
+        await service.stub.ReportEvent(progress("w", i, key=f"k{i}"))
+    await service.stub.CancelJob(job_service_pb2.CancelJobRequest(id="w"))
+    events = await _events(service, "w")
+    assert [e.idempotency_key for e in events][:2] == ["k1", "k2"]  # k0's event is gone
+    kept = await service.stub.ReportEvent(progress("w", 1, key="k1"))
+    assert kept.duplicate and kept.state == job_pb2.JOB_STATE_CANCELLED
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # k0 is new again: the job is final
+        await service.stub.ReportEvent(progress("w", 0, key="k0"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
 async def test_batch_gives_each_event_its_own_outcome(service: ServiceHandle) -> None:
     await create(service.stub, job_id="b1")
     await create(service.stub, job_id="b2")

@@ -211,8 +211,10 @@ def apply(
     event.create_time.FromNanoseconds(now_ns)
     if event.type == event_pb2.EVENT_TYPE_PROGRESS:
         event.progress.CopyFrom(job.progress)
-    keys = (*record.recent_keys, key) if key else record.recent_keys
-    new = JobRecord(job=job, token_hash=record.token_hash, recent_keys=keys[-policy.retention :])
+    # One entry per retained event, "" for one without a key (a claim, requeue, cancel
+    # or stall), so a key is forgotten exactly when its event is no longer retained.
+    keys = (*record.recent_keys, key)[-policy.retention :]
+    new = JobRecord(job=job, token_hash=record.token_hash, recent_keys=keys)
     return Applied(record=new, event=event, created=created)
 
 

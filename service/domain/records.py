@@ -18,7 +18,8 @@ class JobRecord:
     job: job_pb2.Job
     token_hash: bytes = b""
     # Idempotency keys of the retained events, oldest first; bounded by the
-    # retention so that a job document never grows with its event count.
+    # retention so that a job document never grows with its event count. An event
+    # without a key may hold a "" (it counts towards the retention, as its event does).
     recent_keys: tuple[str, ...] = ()
 
     @property

@@ -503,8 +503,8 @@ class EmbeddedStore:
             if isinstance(change, Applied):
                 event = change.event
                 seen[cmd.job_id] = changed[cmd.job_id] = change.record
-                if event.idempotency_key:
-                    appended.setdefault(cmd.job_id, []).append(event.idempotency_key)
+                # "" too: the domain keeps one key per retained event (records.py).
+                appended.setdefault(cmd.job_id, []).append(event.idempotency_key)
                 new_events.append((event.job_id, event.sequence, event.SerializeToString()))
                 log_at.append(len(results))
             results.append(change)
