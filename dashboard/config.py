@@ -7,11 +7,12 @@ header) every page and stream is refused. `load_config(generate=True)` (only
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from http_bridge.config import generate_missing, merged_env, parse_addr
+from http_bridge.config import generate_missing, merged_env, number, parse_addr, public_url, whole
 
 TOKEN_VAR = "JOBWIRE_DASHBOARD_TOKEN"
 
@@ -52,29 +53,31 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
     env_file, merged = merged_env(env)
     if generate:
         merged.update(ensure_token(env_file, merged))
-    host, port = parse_addr(merged.get("JOBWIRE_DASHBOARD_ADDR", "127.0.0.1:8081"), 8081)
+    host, port = parse_addr(
+        merged.get("JOBWIRE_DASHBOARD_ADDR", "127.0.0.1:8081"), 8081, "JOBWIRE_DASHBOARD_ADDR"
+    )
     return DashboardConfig(
         host=host,
         port=port,
         service_target=merged.get("JOBWIRE_SERVICE_TARGET", "127.0.0.1:50051"),
         token=merged.get(TOKEN_VAR, ""),
-        trusted_user_header=merged.get("JOBWIRE_DASHBOARD_TRUSTED_USER_HEADER", ""),
-        public_url=merged.get("JOBWIRE_PUBLIC_URL", "").rstrip("/"),
-        push_interval_seconds=_positive(merged, "JOBWIRE_DASHBOARD_PUSH_MS", 200) / 1000,
-        heartbeat_seconds=_positive(merged, "JOBWIRE_DASHBOARD_HEARTBEAT_SECONDS", 15),
-        header_timeout_seconds=_positive(merged, "JOBWIRE_DASHBOARD_HEADER_TIMEOUT_SECONDS", 10),
-        max_connections=int(_positive(merged, "JOBWIRE_DASHBOARD_MAX_CONNECTIONS", 1024)),
+        trusted_user_header=_header_name(merged, "JOBWIRE_DASHBOARD_TRUSTED_USER_HEADER"),
+        public_url=public_url(merged.get("JOBWIRE_PUBLIC_URL", "")),
+        push_interval_seconds=number(merged, "JOBWIRE_DASHBOARD_PUSH_MS", 200) / 1000,
+        heartbeat_seconds=number(merged, "JOBWIRE_DASHBOARD_HEARTBEAT_SECONDS", 15),
+        header_timeout_seconds=number(merged, "JOBWIRE_DASHBOARD_HEADER_TIMEOUT_SECONDS", 10),
+        max_connections=whole(merged, "JOBWIRE_DASHBOARD_MAX_CONNECTIONS", 1024),
     )
 
 
-def _positive(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name, "")
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SystemExit(f"{name} must be a number, got {raw!r}") from None
-    if value <= 0:
-        raise SystemExit(f"{name} must be positive, got {raw!r}")
-    return value
+# RFC 9110's token: a header name no request could carry would name nobody, silently.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _header_name(env: Mapping[str, str], name: str) -> str:
+    raw = env.get(name, "").strip()
+    if raw and not _TOKEN.fullmatch(raw):
+        raise SystemExit(
+            f"{name} must be an HTTP header name such as X-Forwarded-User, got {raw!r}"
+        )
+    return raw

@@ -34,7 +34,9 @@ def site_for(runner: web.AppRunner, config: DashboardConfig) -> GuardedSite:
     """The listening site: slow request heads get 408, connections past the cap 503
     (the bridge's watchdog, http_bridge/connection_guard.py)."""
     guard = ConnectionGuard(config.header_timeout_seconds, config.max_connections, 5)
-    return GuardedSite(runner, config.host, config.port, guard=guard)
+    return GuardedSite(
+        runner, config.host, config.port, guard=guard, addr_var="JOBWIRE_DASHBOARD_ADDR"
+    )
 
 
 async def serve(config: DashboardConfig) -> None:

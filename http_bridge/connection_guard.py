@@ -257,7 +257,14 @@ def guarded_site(runner: web.BaseRunner, config: Config, **options: Any) -> Guar
     guard = ConnectionGuard(
         config.header_timeout_seconds, config.max_connections, config.retry_after_seconds
     )
-    return GuardedSite(runner, config.http_host, config.http_port, guard=guard, **options)
+    return GuardedSite(
+        runner,
+        config.http_host,
+        config.http_port,
+        guard=guard,
+        addr_var="JOBWIRE_HTTP_ADDR",
+        **options,
+    )
 
 
 def sanitise_expect(factory: Any) -> Any:
@@ -281,10 +288,16 @@ class GuardedSite(web.TCPSite):
     """`web.TCPSite` whose connections go through a ConnectionGuard."""
 
     def __init__(
-        self, runner: web.BaseRunner, *args: Any, guard: ConnectionGuard, **kw: Any
+        self,
+        runner: web.BaseRunner,
+        *args: Any,
+        guard: ConnectionGuard,
+        addr_var: str,
+        **kw: Any,
     ) -> None:
         super().__init__(runner, *args, **kw)
         self.guard = guard
+        self.addr_var = addr_var  # the variable that named the address, for errors
 
     async def start(self) -> None:
         # TCPSite.start, with the protocol factory wrapped (BaseSite.start registers
@@ -295,14 +308,18 @@ class GuardedSite(web.TCPSite):
         assert server is not None
         if not getattr(server.request_factory, "jobwire_sanitised", False):
             server.request_factory = sanitise_expect(server.request_factory)
-        self._server = await loop.create_server(
-            self.guard.wrap(json_errors(server)),
-            self._host,
-            self._port,
-            ssl=self._ssl_context,
-            backlog=self._backlog,
-            reuse_address=self._reuse_address,
-            reuse_port=self._reuse_port,
-        )
+        try:
+            self._server = await loop.create_server(
+                self.guard.wrap(json_errors(server)),
+                self._host,
+                self._port,
+                ssl=self._ssl_context,
+                backlog=self._backlog,
+                reuse_address=self._reuse_address,
+                reuse_port=self._reuse_port,
+            )
+        except OSError as exc:  # in use, or not an address of this machine
+            where = f"{self.addr_var}={self._host}:{self._port}"
+            raise SystemExit(f"cannot listen on {where}: {exc.strerror or exc}") from None
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port

@@ -12,18 +12,35 @@ from .admission import DEFAULT_MAX_WATCHERS
 from .domain.records import Policy
 
 
-def _float(name: str, default: float) -> float:
+def _float(name: str, default: float, minimum: float = 0.0, above: bool = False) -> float:
+    """A finite number >= `minimum` (> it when `above`); NaN and infinity are refused."""
     raw = os.environ.get(name, "")
     try:
-        return float(raw) if raw else default
+        value = float(raw) if raw else default
     except ValueError:
         raise SystemExit(f"{name} must be a number, got {raw!r}") from None
+    if not minimum <= value < float("inf") or (above and value == minimum):
+        bound = f"> {minimum:g}" if above else f">= {minimum:g}"
+        raise SystemExit(f"{name} must be a number {bound}, got {raw!r}")
+    return value
+
+
+def _public_url(name: str) -> str:
+    """An absolute http(s) URL: callback URLs handed to workers are built on it."""
+    raw = os.environ.get(name, "").strip()
+    scheme, sep, rest = raw.partition("://")
+    if raw and not (sep and scheme.lower() in ("http", "https") and rest and rest[0] not in "/?#"):
+        raise SystemExit(
+            f"{name} must be an http(s) URL such as https://jobs.example.com, got {raw!r}"
+        )
+    return raw.rstrip("/")
 
 
 def _int(name: str, default: int, minimum: int = 1) -> int:
-    value = _float(name, default)
+    value = _float(name, default, minimum=float("-inf"))
     if value != int(value) or value < minimum:
-        raise SystemExit(f"{name} must be a whole number >= {minimum}, got {value}")
+        raw = os.environ.get(name, "")
+        raise SystemExit(f"{name} must be a whole number >= {minimum}, got {raw!r}")
     return int(value)
 
 
@@ -114,20 +131,22 @@ class Settings:
             grpc_addr=os.environ.get("JOBWIRE_GRPC_ADDR", cls.grpc_addr),
             data_dir=Path(os.environ.get("JOBWIRE_DATA_DIR", "data")),
             mongodb_uri=os.environ.get("MONGODB_URI", ""),
-            public_url=os.environ.get("JOBWIRE_PUBLIC_URL", "").rstrip("/"),
-            lease_seconds=_float("JOBWIRE_LEASE_SECONDS", cls.lease_seconds),
+            public_url=_public_url("JOBWIRE_PUBLIC_URL"),
+            lease_seconds=_float("JOBWIRE_LEASE_SECONDS", cls.lease_seconds, above=True),
             max_attempts=_int("JOBWIRE_MAX_ATTEMPTS", cls.max_attempts),
             event_retention=_int("JOBWIRE_EVENT_RETENTION", cls.event_retention, minimum=8),
-            lease_sweep_seconds=_float("JOBWIRE_LEASE_SWEEP_SECONDS", cls.lease_sweep_seconds),
+            lease_sweep_seconds=_float(
+                "JOBWIRE_LEASE_SWEEP_SECONDS", cls.lease_sweep_seconds, above=True
+            ),
             watch_buffer=_int("JOBWIRE_WATCH_BUFFER", cls.watch_buffer, minimum=4),
             max_watchers=_int("JOBWIRE_MAX_WATCHERS", cls.max_watchers),
             watch_workers=_workers("JOBWIRE_WATCH_WORKERS"),
             shutdown_grace_seconds=_float("JOBWIRE_SHUTDOWN_GRACE_SECONDS", 10.0),
             metrics_addr=os.environ.get("JOBWIRE_METRICS_ADDR", cls.metrics_addr),
-            metrics_queue_seconds=_float("JOBWIRE_METRICS_QUEUE_SECONDS", 15.0),
+            metrics_queue_seconds=_float("JOBWIRE_METRICS_QUEUE_SECONDS", 15.0, above=True),
             event_feed=_flag("JOBWIRE_EVENT_FEED", cls.event_feed),
             event_feed_max_docs=_int("JOBWIRE_EVENT_FEED_MAX_DOCS", 20_000, minimum=100),
-            watch_resync_seconds=_float("JOBWIRE_WATCH_RESYNC_SECONDS", 10.0),
+            watch_resync_seconds=_float("JOBWIRE_WATCH_RESYNC_SECONDS", 10.0, above=True),
             firehose_retention_seconds=_duration("JOBWIRE_FIREHOSE_RETENTION", 24 * 3600.0),
             progress_deadlines=_per_kind("JOBWIRE_PROGRESS_DEADLINE_"),
             stall_fail_after=_per_kind("JOBWIRE_STALL_FAIL_AFTER_"),

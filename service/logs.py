@@ -183,6 +183,9 @@ def record_context() -> None:
     logging.setLogRecordFactory(factory)
 
 
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def default_format(stream: Any = None) -> str:
     stream = sys.stderr if stream is None else stream
     isatty = getattr(stream, "isatty", None)
@@ -198,6 +201,9 @@ def configure(
     fmt = (fmt or os.environ.get("JOBWIRE_LOG_FORMAT") or default_format()).strip().lower()
     if fmt not in ("json", "text"):
         raise SystemExit(f"JOBWIRE_LOG_FORMAT must be json or text, got {fmt!r}")
+    level = (level or os.environ.get("JOBWIRE_LOG_LEVEL") or "INFO").strip().upper()
+    if level not in _LEVELS:
+        raise SystemExit(f"JOBWIRE_LOG_LEVEL must be one of {', '.join(_LEVELS)}, got {level!r}")
     record_context()
     chosen = list(handlers) if handlers is not None else [logging.StreamHandler()]
     formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
@@ -210,4 +216,4 @@ def configure(
         root.removeHandler(old)
     for handler in chosen:
         root.addHandler(handler)
-    root.setLevel((level or os.environ.get("JOBWIRE_LOG_LEVEL") or "INFO").upper())
+    root.setLevel(level)

@@ -119,10 +119,13 @@ def listen(server: grpc.aio.Server, settings: Settings) -> int:
     creds = server_credentials(
         settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_client_ca
     )
-    if creds is None:
-        port = server.add_insecure_port(settings.grpc_addr)
-    else:
-        port = server.add_secure_port(settings.grpc_addr, creds)
+    try:
+        if creds is None:
+            port = server.add_insecure_port(settings.grpc_addr)
+        else:
+            port = server.add_secure_port(settings.grpc_addr, creds)
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        port = 0
     if port == 0:
         raise SystemExit(f"cannot listen on JOBWIRE_GRPC_ADDR={settings.grpc_addr}")
     return port

@@ -1,0 +1,144 @@
+"""A bad setting stops a process at start with one line that names the variable, what
+it must be and what it got: never a traceback, never a value quietly accepted (a NaN
+timeout, a negative lease, a public URL callbacks cannot be built on)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from dashboard.config import load_config as dashboard_config
+from http_bridge.config import load_config as bridge_config
+from service.config import Settings
+from service.logs import configure
+
+BAD_NUMBERS = ("x", "nan", "inf", "-1")
+
+SERVICE = [
+    *((var, v) for var in ("JOBWIRE_LEASE_SECONDS", "JOBWIRE_LEASE_SWEEP_SECONDS",
+                           "JOBWIRE_SHUTDOWN_GRACE_SECONDS", "JOBWIRE_METRICS_QUEUE_SECONDS",
+                           "JOBWIRE_WATCH_RESYNC_SECONDS", "JOBWIRE_MAX_ATTEMPTS",
+                           "JOBWIRE_EVENT_RETENTION", "JOBWIRE_WATCH_BUFFER",
+                           "JOBWIRE_MAX_WATCHERS", "JOBWIRE_WATCH_WORKERS",
+                           "JOBWIRE_EVENT_FEED_MAX_DOCS") for v in BAD_NUMBERS),
+    ("JOBWIRE_LEASE_SECONDS", "0"),
+    ("JOBWIRE_MAX_ATTEMPTS", "1.5"),
+    ("JOBWIRE_FIREHOSE_RETENTION", "nan"),
+    ("JOBWIRE_PROGRESS_DEADLINE_VIDEO", "-5m"),
+    ("JOBWIRE_EVENT_FEED", "maybe"),
+    ("JOBWIRE_PUBLIC_URL", "jobs.example.com"),
+    ("JOBWIRE_PUBLIC_URL", "ftp://jobs.example.com"),
+    ("JOBWIRE_PUBLIC_URL", "https:///path"),
+]  # fmt: skip
+
+BRIDGE = [
+    *((var, v) for var in ("JOBWIRE_MAX_BODY_BYTES", "JOBWIRE_MAX_FINAL_BODY_BYTES",
+                           "JOBWIRE_RETRY_AFTER_SECONDS", "JOBWIRE_RPC_TIMEOUT_SECONDS",
+                           "JOBWIRE_HEADER_TIMEOUT_SECONDS", "JOBWIRE_BODY_TIMEOUT_SECONDS",
+                           "JOBWIRE_BODY_MIN_RATE_BYTES", "JOBWIRE_KEEPALIVE_TIMEOUT_SECONDS",
+                           "JOBWIRE_MAX_CONNECTIONS") for v in BAD_NUMBERS),
+    ("JOBWIRE_MAX_BODY_BYTES", "1e6"),
+    ("JOBWIRE_HTTP_ADDR", "127.0.0.1:http"),
+    ("JOBWIRE_HTTP_ADDR", "127.0.0.1:70000"),
+    ("TRANSCODE_ALLOWED_IPS", "10.0.0.0/8, not-an-ip"),
+    ("JOBWIRE_PUBLIC_URL", "//jobs.example.com"),
+    ("JOBWIRE_RATE_LIMIT", "fast"),
+    ("JOBWIRE_ACCESS_LOG", "some"),
+]  # fmt: skip
+
+DASHBOARD = [
+    *((var, v) for var in ("JOBWIRE_DASHBOARD_PUSH_MS", "JOBWIRE_DASHBOARD_HEARTBEAT_SECONDS",
+                           "JOBWIRE_DASHBOARD_HEADER_TIMEOUT_SECONDS",
+                           "JOBWIRE_DASHBOARD_MAX_CONNECTIONS") for v in BAD_NUMBERS),
+    ("JOBWIRE_DASHBOARD_ADDR", "localhost:port"),
+    ("JOBWIRE_DASHBOARD_TRUSTED_USER_HEADER", "X-User: admin"),
+    ("JOBWIRE_PUBLIC_URL", "jobs.example.com"),
+]  # fmt: skip
+
+
+def _refused(load: object, var: str, value: str) -> str:
+    with pytest.raises(SystemExit) as refused:
+        load()  # type: ignore[operator]
+    message = str(refused.value.code)
+    assert var.rstrip("_") in message and repr(value.strip()) in message, message
+    return message
+
+
+@pytest.mark.parametrize(("var", "value"), SERVICE)
+def test_service_settings(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
+    monkeypatch.setenv(var, value)
+    _refused(Settings.from_env, var, value)
+
+
+@pytest.mark.parametrize(("var", "value"), BRIDGE)
+def test_bridge_settings(tmp_path: Path, var: str, value: str) -> None:
+    env = {"JOBWIRE_ENV_FILE": str(tmp_path / "none.env"), var: value}
+    _refused(lambda: bridge_config(env), var, value)
+
+
+@pytest.mark.parametrize(("var", "value"), DASHBOARD)
+def test_dashboard_settings(tmp_path: Path, var: str, value: str) -> None:
+    env = {"JOBWIRE_ENV_FILE": str(tmp_path / "none.env"), var: value}
+    _refused(lambda: dashboard_config(env), var, value)
+
+
+def test_log_level() -> None:
+    _refused(lambda: configure(fmt="text", level="LOUD"), "JOBWIRE_LOG_LEVEL", "LOUD")
+
+
+def test_good_values_still_pass(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for var, value in (("JOBWIRE_LEASE_SECONDS", "0.5"), ("JOBWIRE_SHUTDOWN_GRACE_SECONDS", "0"),
+                       ("JOBWIRE_PUBLIC_URL", "https://jobs.example.com/")):  # fmt: skip
+        monkeypatch.setenv(var, value)
+    settings = Settings.from_env()
+    assert settings.lease_seconds == 0.5 and settings.shutdown_grace_seconds == 0
+    assert settings.public_url == "https://jobs.example.com"
+    env = {
+        "JOBWIRE_ENV_FILE": str(tmp_path / "none.env"),
+        "JOBWIRE_RETRY_AFTER_SECONDS": "0",
+        "JOBWIRE_HTTP_ADDR": "[::1]:8080",
+        "JOBWIRE_PUBLIC_URL": "http://10.0.0.5:8080",
+    }
+    config = bridge_config(env)
+    assert (config.retry_after_seconds, config.http_host, config.http_port) == (0, "::1", 8080)
+    assert config.public_url == "http://10.0.0.5:8080"
+
+
+@pytest.mark.parametrize(
+    ("command", "var"),
+    [
+        ("serve", "JOBWIRE_GRPC_ADDR"),
+        ("bridge", "JOBWIRE_HTTP_ADDR"),
+        ("dashboard", "JOBWIRE_DASHBOARD_ADDR"),
+    ],
+)
+async def test_an_address_in_use_is_named(tmp_path: Path, command: str, var: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        addr = f"127.0.0.1:{taken.getsockname()[1]}"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "cli",
+            command,
+            env={
+                **os.environ,
+                "JOBWIRE_ENV_FILE": str(tmp_path / "none.env"),
+                "JOBWIRE_DATA_DIR": str(tmp_path / "data"),
+                "JOBWIRE_METRICS_ADDR": "",
+                "JOBWIRE_DASHBOARD_TOKEN": "a-token-for-this-test",
+                var: addr,
+            },
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1, (out, err)
+    assert f"cannot listen on {var}={addr}".encode() in err
+    assert b"Traceback" not in err
