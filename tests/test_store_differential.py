@@ -218,7 +218,8 @@ class Fuzz:
     def key(self, job: LogicalJob | None) -> str:
         """A fresh key, or one used before (old ones probe the edge of the window)."""
         if job is not None and job.keys and self.rng.random() < 0.35:
-            return self.rng.choice(job.keys)
+            edge = job.keys[-RETENTION - 3 : -RETENTION + 3]  # around the window's edge
+            return self.rng.choice(edge if edge and self.rng.random() < 0.5 else job.keys)
         key = f"k{self.n}-{self.rng.randrange(10**6)}"
         if job is not None:
             job.keys.append(key)
@@ -253,6 +254,7 @@ class Fuzz:
         ops: list[tuple[int, Callable[[], Awaitable[None]]]] = [
             (7, self.create),
             (20, self.report),
+            (3, self.burst),
             (8, self.batch),
             (6, self.claim),
             (3, self.cancel),
@@ -356,15 +358,17 @@ class Fuzz:
             fields["idempotency_key"] = "k" * 257  # too long
         return fields, what
 
-    def report_plan(self) -> tuple[LogicalJob, dict[str, Any], str, TokenOf]:
-        """A report to a known job, or (sometimes) to a new id with create_kind."""
-        if self.rng.random() < 0.12:
+    def report_plan(
+        self, job: LogicalJob | None = None
+    ) -> tuple[LogicalJob, dict[str, Any], str, TokenOf]:
+        """A report to `job`, a known job, or (sometimes) a new id with create_kind."""
+        if job is None and self.rng.random() < 0.12:
             new_id = f"aurora-{self.n}-{self.rng.randrange(1000)}"
             job = LogicalJob((new_id, new_id), ("", ""), self.rng.choice(KINDS))
             fields, what = self.event(job)
             fields["create_kind"] = job.kind
             return job, fields, f"{what} create_kind={job.kind}", lambda j, s: ""
-        job = self.pick()
+        job = job or self.pick()
         fields, what = self.event(job)
         return job, fields, what, self.token()
 
@@ -372,8 +376,29 @@ class Fuzz:
         if ok and fields.get("create_kind") and not any(j.ids == job.ids for j in self.jobs):
             self.jobs.append(job)
 
-    async def report(self) -> None:
-        job, fields, what, token = self.report_plan()
+    async def burst(self) -> None:
+        """Many reports to one job in a row: long histories that overflow the ring;
+        or a worker's life: progress, then perhaps a cancel and its retries."""
+        job = self.pick()
+        if self.rng.random() < 0.5:
+            for _ in range(self.rng.randint(4, 2 * RETENTION)):
+                await self.report(job)
+            return
+        for _ in range(self.rng.randint(RETENTION - 2, RETENTION + 2)):
+            fields = {"idempotency_key": self.key(job), "progress": job_pb2.Progress(percent=5)}
+            await self.send(job, fields, "progress")
+        if self.rng.random() < 0.5:
+            await self.cancel(job)
+
+    async def send(self, job: LogicalJob, fields: dict[str, Any], what: str) -> None:
+        async def run(side: Side, i: int) -> Any:
+            request = job_service_pb2.ReportEventRequest(job_id=job.ids[i], **fields)
+            return await _answer(side.stub.ReportEvent(request))
+
+        await self.both(f"ReportEvent {job.ids[0]} {what} {fields['idempotency_key']}", run)
+
+    async def report(self, to: LogicalJob | None = None) -> None:
+        job, fields, what, token = self.report_plan(to)
 
         async def run(side: Side, i: int) -> Any:
             request = job_service_pb2.ReportEventRequest(
@@ -431,14 +456,21 @@ class Fuzz:
 
         await self.both(f"ClaimJob kind={kind} lease={lease}", run)
 
-    async def cancel(self) -> None:
-        job, reason = self.pick(), self.odd()
+    async def cancel(self, to: LogicalJob | None = None) -> None:
+        job, reason = to or self.pick(), self.odd()
 
         async def run(side: Side, i: int) -> Any:
             request = job_service_pb2.CancelJobRequest(id=job.ids[i], reason=reason)
             return await _answer(side.stub.CancelJob(request))
 
         await self.both(f"CancelJob {job.ids[0]}", run)
+        if job.keys and self.rng.random() < 0.5:
+            await self.retry(job)
+
+    async def retry(self, job: LogicalJob) -> None:
+        """A worker retrying its earlier reports, oldest first (say, after a timeout)."""
+        for key in job.keys[-RETENTION - 2 : -RETENTION + 2]:
+            await self.send(job, {"idempotency_key": key, "progress": job_pb2.Progress()}, "retry")
 
     async def get(self) -> None:
         job, token = self.pick(), self.token()
@@ -535,7 +567,15 @@ class Fuzz:
                 if broken:
                     yield job_service_pb2.UploadArtifactRequest(header=header)
 
-            return await _answer(side.stub.UploadArtifact(stream()))
+            for _ in range(5):
+                answer = await _answer(side.stub.UploadArtifact(stream()))
+                # grpcio's asyncio client reports a refusal that arrives while it still
+                # writes as INTERNAL "Internal error from Core" instead of the service's
+                # status (grpc/grpc#36066), now and then on either store. A refused
+                # upload stores nothing, so the same upload again is safe.
+                if answer != "ERROR INTERNAL: Internal error from Core":
+                    break
+            return answer
 
         emb, _ = await self.both(f"UploadArtifact {job.ids[0]}/{name} broken={broken}", run)
         if not isinstance(emb, str):
