@@ -187,3 +187,21 @@ async def test_jobs_created_by_one_batch_share_its_time(store: Store) -> None:
     jobs = await store.list_jobs(JobQuery())
     assert [j.id for j in jobs] == ["a", "m", "z"]
     assert len({j.create_time.ToNanoseconds() for j in jobs}) == 1
+
+
+async def test_artifact_with_the_longest_name(store: Store) -> None:
+    """Names may have 255 characters (validation.artifact_name). The embedded store
+    named its file after the artifact plus a suffix, past the file system's limit of
+    255 bytes a name: the upload failed (UNKNOWN, "File name too long")."""
+    from jobwire.v1 import artifact_pb2
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"long"
+
+    name = "n" * 255
+    stored = await store.put_artifact(artifact_pb2.Artifact(job_id="a", name=name), chunks())
+    assert stored.size_bytes == 4
+    found = await store.open_artifact("a", name)
+    assert found is not None
+    assert b"".join([c async for c in found[1]]) == b"long"
+    assert [a.name for a in await store.list_artifacts("a")] == [name]

@@ -400,11 +400,17 @@ class EmbeddedStore:
         meta.sha256 = digest.hexdigest()
         meta.create_time.FromNanoseconds(time.time_ns())
         final = self._artifacts / hashlib.sha256(artifact.job_id.encode()).hexdigest()[:32]
-        target = final / f"{artifact.name}.{uuid.uuid4().hex[:8]}"
+        # The name (up to 255 characters) shortened: a file name may have 255 bytes,
+        # and the row, not the file name, says which artifact a file holds.
+        target = final / f"{artifact.name[:200]}.{uuid.uuid4().hex[:8]}"
 
         def commit(conn: sqlite3.Connection) -> None:
             final.mkdir(exist_ok=True)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
             row = conn.execute(
                 "SELECT path FROM artifacts WHERE job_id = ? AND name = ?",
                 (artifact.job_id, artifact.name),
