@@ -10,10 +10,11 @@ from urllib.parse import quote
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
+from markupsafe import Markup
 
 from http_bridge import connection_guard
 
-from . import sse, views
+from . import present, sse, views
 from .auth import Auth
 from .config import DashboardConfig
 from .grpc_client import AUTH, SETTINGS, PageError, channel_ctx
@@ -111,6 +112,14 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     return await handler(request)
 
 
+def _finalize(value: object) -> object:
+    """Every value a template prints: text shows its controls (present.visible), so no
+    field of a worker's can be forgotten. Markup is the templates' own."""
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return present.visible(value)
+    return value
+
+
 def create_app(config: DashboardConfig) -> web.Application:
     app = web.Application(
         middlewares=[security_headers, errors, authenticate], client_max_size=64 * 1024
@@ -124,6 +133,7 @@ def create_app(config: DashboardConfig) -> web.Application:
         loader=jinja2.FileSystemLoader(HERE / "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
+        finalize=_finalize,
     )
     env.globals["static"] = static.url
     env.filters["urlpart"] = lambda s: quote(str(s), safe="")

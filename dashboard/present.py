@@ -7,6 +7,7 @@ the server, textContent in the browser), never by building markup from it.
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +20,21 @@ TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 KINDS = [n.removeprefix("JOB_KIND_") for n in job_pb2.JobKind.keys()][1:]  # noqa: SIM118
 STATES = [n.removeprefix("JOB_STATE_") for n in job_pb2.JobState.keys()][1:]  # noqa: SIM118
 LEVELS = [n.removeprefix("LOG_LEVEL_") for n in log_pb2.LogLevel.keys()][1:]  # noqa: SIM118
+
+
+# Characters in worker text that would act instead of show: C0 controls (but tab and
+# newlines), DEL, C1 controls and the explicit bidi controls (embeddings, overrides,
+# isolates). They are shown as the JSON escape `\u202e`, as the result and error blocks
+# already show C0 controls, in plain ASCII (control pictures such as U+241B are missing
+# from common Linux fonts). The bidi controls are why isolating a field is not enough: no
+# element contains them (a stray U+2069 closes even a <bdi>'s isolate, and a U+202E after
+# it reverses the rest of the line). dashboard.js keeps the same rule.
+_HIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(text: str) -> str:
+    """Worker text as the dashboard shows it: the characters above as `\\uXXXX`."""
+    return _HIDDEN.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def kind_name(value: int) -> str:

@@ -62,19 +62,15 @@ def payload(field: str) -> str:
 
 
 def visible(text: str) -> str:
-    """How the dashboard shows worker text (README, Dashboard): C0 controls and DEL as
-    their control pictures (U+2400 block), C1 controls and the explicit bidi controls
-    (embeddings, overrides, isolates) as `⟨U+XXXX⟩`; tab, newline and everything else as
-    it is."""
+    """How the dashboard shows worker text (README, Dashboard): C0 controls (but tab and
+    newlines), DEL, C1 controls and the explicit bidi controls (embeddings, overrides,
+    isolates) as their JSON escape, `\\u202e`; everything else as it is."""
     out = []
     for c in text:
         n = ord(c)
-        if n < 0x20 and c not in "\t\n\r":
-            out.append(chr(0x2400 + n))
-        elif n == 0x7F:
-            out.append("\u2421")
-        elif 0x80 <= n <= 0x9F or 0x202A <= n <= 0x202E or 0x2066 <= n <= 0x2069:
-            out.append(f"\u27e8U+{n:04X}\u27e9")
+        hidden = (n < 0x20 and c not in "\t\n\r") or 0x7F <= n <= 0x9F
+        if hidden or 0x202A <= n <= 0x202E or 0x2066 <= n <= 0x2069:
+            out.append(f"\\u{n:04x}")
         else:
             out.append(c)
     return "".join(out)

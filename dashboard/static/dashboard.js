@@ -1,5 +1,6 @@
 // jobwire dashboard: the live parts of the server-rendered pages.
-// Everything a worker wrote is shown with textContent, never parsed as markup.
+// Everything a worker wrote is shown with textContent, never parsed as markup, and
+// through visible(): its controls shown, not obeyed.
 
 const DEPTH_CAP = 1000;
 const MAX_TIMELINE_ROWS = 2000;
@@ -7,11 +8,40 @@ const MAX_LIVE_ROWS = 50;
 
 const $ = (sel, root = document) => root.querySelector(sel);
 
+// The rule of dashboard/present.py's visible(): C0 controls (but tab and newlines), DEL,
+// C1 controls and the explicit bidi controls shown as their JSON escape (\u202e). No
+// element contains those bidi controls (a stray U+2069 closes even a <bdi>'s isolate),
+// so obeyed they would reorder what the page shows around a worker's text.
+const HIDDEN = /[\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F-\u009F\u202A-\u202E\u2066-\u2069]/g;
+
+function visible(text) {
+  return String(text ?? "").replace(
+    HIDDEN,
+    (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`,
+  );
+}
+
 function el(tag, className, text) {
   const node = document.createElement(tag);
   if (className) node.className = className;
-  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (text !== undefined && text !== null) node.textContent = visible(text);
   return node;
+}
+
+// Worker text in a list: a few lines shown (CSS), all of it in the tooltip.
+function clipped(cell, text) {
+  const shown = visible(text);
+  if (!shown) {
+    cell.replaceChildren();
+    return;
+  }
+  let clip = $(".clip", cell);
+  if (!clip) {
+    clip = el("span", "clip");
+    cell.replaceChildren(clip);
+  }
+  clip.textContent = shown;
+  clip.title = shown;
 }
 
 function fmtTime(iso) {
@@ -55,7 +85,10 @@ function progressCell(cell, change) {
   }
   bar.value = change.percent;
   $(".pct", cell).textContent = `${Math.round(change.percent)}%`;
-  $(".phase", cell).textContent = change.phase || "";
+  const phase = $(".phase", cell);
+  phase.textContent = visible(change.phase);
+  if (phase.textContent) phase.title = phase.textContent;
+  else phase.removeAttribute("title");
 }
 
 // An EventSource that also recovers when the browser gives up (a 5xx while the
@@ -165,7 +198,7 @@ function jobsPage() {
     tr.dataset.state = change.state;
     stateCell($(".state", tr), change.state, change.stalled);
     progressCell($(".progress", tr), change);
-    if (change.message !== undefined) $(".message", tr).textContent = change.message;
+    if (change.message !== undefined) clipped($(".message", tr), change.message);
     if (change.created && !tr.dataset.created) tr.dataset.created = change.created;
     $(".updated", tr).replaceChildren(timeNode(change.updated));
     const created = Date.parse(tr.dataset.created);
@@ -224,7 +257,11 @@ function jobPage() {
     head.dataset.state = job.state;
     stateCell($(".state", head), job.state, job.stalled);
     progressCell($(".progress", head), job);
-    if (job.message !== undefined) $("#message").textContent = job.message;
+    if (job.message !== undefined) {
+      const message = $("#message");
+      message.textContent = visible(job.message);
+      message.title = message.textContent;
+    }
     if (job.updated) $("#updated").replaceChildren(timeNode(job.updated));
     if (["SUCCEEDED", "FAILED", "CANCELLED"].includes(job.state)) {
       $("#cancel")?.remove();
