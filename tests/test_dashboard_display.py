@@ -396,10 +396,22 @@ async def test_long_strings_never_scroll_the_page_sideways(
     assert link["width"] >= 100, link
     assert await tab.page.evaluate(INSIDE, "#jobs .badge, #jobs .pct, #jobs progress") == []
 
-    # Live: the rows change while the page is open, through the page's script.
+    # Live: the rows change while the page is open, through the page's script, and a
+    # row is added for a job whose first event arrives now.
     seq = await running.progress(57, "H" * 5000, "M" * 4000)
+    fresh = await Worker.create(svc, bridge, uid("long-fresh"))
+    await fresh.progress(9, "N" * 5000, "O" * 4000)
     await row_at(tab, running.job_id, seq)
+    await row_at(tab, fresh.job_id, 1)
     assert await tab.overflow() == []
+    assert (
+        await tab.page.evaluate(REACHABLE, [row(fresh.job_id) + " td.message", "O" * 4000])
+        == "title"
+    )
+    assert (
+        await tab.page.evaluate(REACHABLE, [row(fresh.job_id) + " td.progress", "N" * 5000])
+        == "title"
+    )
     assert (
         await tab.page.evaluate(REACHABLE, [row(running.job_id) + " td.message", "M" * 4000])
         != "hidden"
@@ -567,11 +579,17 @@ async def test_markup_in_every_field_runs_nothing(
     await snap(tab, shots, "markup-jobs")
     await nothing_ran()
     assert payload("message") in await tab.page.inner_text(row(worker.job_id))
-    # Live: the jobs page's script puts new markup into the rows.
+    # Live: the jobs page's script puts new markup into the rows, and into a row it
+    # adds for a job whose first event arrives while the page is open.
     seq = await worker.callback(20, payload("live_phase")[:128], payload("live_message"))
+    fresh = await Worker.create(svc, bridge, uid("xss-fresh"))
+    await fresh.callback(5, payload("new_phase")[:128], payload("new_message"))
     await row_at(tab, worker.job_id, seq)
     text = await tab.page.inner_text(row(worker.job_id))
     assert payload("live_message") in text and payload("live_phase")[:128] in text
+    await row_at(tab, fresh.job_id, 1)
+    text = await tab.page.inner_text(row(fresh.job_id))
+    assert payload("new_message") in text and payload("new_phase")[:128] in text
     await nothing_ran()
 
     await tab.page.goto(f"{dash.url}/jobs/{done.job_id}")
