@@ -78,7 +78,7 @@ ODD = [
     "$set",
     '{"json": 1}',
 ]
-ARTIFACT_NAMES = ["out.txt", "images.zip", "a-b_c.1", "x" * 200]
+ARTIFACT_NAMES = ["out.txt", "images.zip", "a-b_c.1", "x" * 200, "y" * 255, "-", "..."]
 
 
 # Log lines the test writes carry a given time before this or the service's clock.
@@ -412,7 +412,11 @@ class Fuzz:
         self.note_created(job, fields, isinstance(emb, job_service_pb2.ReportEventResponse))
 
     async def batch(self) -> None:
-        plans = [self.report_plan() for _ in range(self.rng.randint(1, 6))]
+        if self.rng.random() < 0.15:  # one job's many events in one commit
+            job = self.pick()
+            plans = [self.report_plan(job) for _ in range(self.rng.randint(RETENTION, 20))]
+        else:
+            plans = [self.report_plan() for _ in range(self.rng.randint(1, 6))]
         if self.rng.random() < 0.2:
             plans.append(plans[0])  # the same event twice in one commit
 
@@ -547,8 +551,10 @@ class Fuzz:
         job, token = self.pick(), self.token()
         names = [*ARTIFACT_NAMES, "bad/name", ""] if rng.random() < 0.1 else ARTIFACT_NAMES
         name = rng.choice(names)
-        content = rng.randbytes(rng.choice([0, 1, 100, 5000]))
-        parts = [content[i : i + 1500] for i in range(0, len(content), 1500)]
+        size = rng.choice([0, 1, 100, 5000]) if rng.random() < 0.95 else 2**20 * 5 // 2
+        content = rng.randbytes(size)
+        step = rng.choice([1500, 2**20 - 1, 2**20 + 7])  # chunk edges unlike the store's
+        parts = [content[i : i + step] for i in range(0, len(content), step)]
         content_type = rng.choice(["", "text/plain", "application/zip"])
         broken = rng.random() < 0.1  # a second header mid-stream: nothing is stored
 
