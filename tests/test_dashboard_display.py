@@ -446,7 +446,11 @@ async def test_long_strings_never_scroll_the_page_sideways(
     await snap(tab, shots, "long-job-live")
     assert await tab.overflow() == []
     assert await tab.page.evaluate(REACHABLE, ["#job .progress", "J" * 6000]) != "hidden"
+    assert await tab.page.evaluate(REACHABLE, ["#job .message", "K" * 3000]) != "hidden"
     assert await tab.page.evaluate(REACHABLE, ["#timeline", "K" * 3000]) == "shown"
+    # A long message does not push Cancel off the first screen.
+    cancel = await tab.page.locator("#cancel button").bounding_box()
+    assert cancel["y"] + cancel["height"] <= WIDTHS[tab.width]["height"], cancel
     assert tab.problems == []
 
 
