@@ -39,7 +39,7 @@ WIDTHS = {"laptop": LAPTOP, "phone": PHONE}
 LONG = "Wm" * 1000  # 2,000 characters without a single break opportunity
 LONG_ID = "long-" + "W" * 123  # the longest job id the service takes (128)
 LONG_URL = "https://cdn.example.com/v/" + "a1B2c3D4" * 150 + ".mp4?sig=" + "Zz09" * 100
-ARTIFACT = "a" * 242 + ".txt"
+ARTIFACT = "a" * 251 + ".txt"  # the longest artifact name (255)
 LONG_PHASE = "P" * 128  # the longest phase the Secretary callback takes
 # A stray PDI closes whatever isolate the page opened around the field (even a <bdi>'s),
 # then RLO overrides the rest of the line: "deliaf" would read "failed", "%001" "100%".
@@ -369,7 +369,6 @@ async def test_long_strings_never_scroll_the_page_sideways(
     await worker.callback(14, LONG_PHASE, LONG, process="p" * 256)
     await worker.log(LONG)
     await worker.log(LONG_URL)
-    # 246 characters: the embedded store refuses longer names (its file name is too long).
     await worker.artifact(ARTIFACT, "text/plain; name=" + "Q" * 300)
     await worker.fail("E" * 200, LONG, {"url": LONG_URL, "W" * 300: LONG})
     video_id = uid("long-video")
