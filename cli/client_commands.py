@@ -27,6 +27,7 @@ async def watch(args: argparse.Namespace) -> int:
     """Follows a job until it ends: a redrawn progress line, plus a line for each gap,
     coalesced range and stall. Exit 0 when it SUCCEEDED, 1 when it ended otherwise."""
     job = Job()
+    screen = Screen(sys.stdout.isatty())
     async with _client(args) as client:
         try:
             # every_event=False: a slow terminal gets the latest progress, and says so.
@@ -35,17 +36,17 @@ async def watch(args: argparse.Namespace) -> int:
                 if isinstance(item, Job):
                     job.CopyFrom(item)
                 elif isinstance(item, StreamGap):
-                    _note(job, describe_gap(item))
+                    screen.note(job, describe_gap(item))
                 else:
                     note = describe_event(item)
                     if note:
-                        _note(job, note)
+                        screen.note(job, note)
                     merge(job, item)
-                _draw(job)
+                screen.draw(job)
         except JobwireError as err:
             print(f"\njobwire watch: {err.code.name}: {err.message}", file=sys.stderr)
             return 2
-    sys.stdout.write("\n")
+    screen.end()
     return 0 if job.state == job_pb2.JOB_STATE_SUCCEEDED else 1
 
 
@@ -78,15 +79,38 @@ def merge(job: job_pb2.Job, event: JobEvent) -> None:
         job.progress.percent = 100.0
 
 
-def _note(job: job_pb2.Job, text: str) -> None:
-    sys.stdout.write("\r" + fit(text, _columns() - 1) + "\n")
-    if job.id:
-        _draw(job)
+class Screen:
+    """On a terminal: one progress line redrawn with `\r`, notes above it. Into a pipe
+    or a file (`| tee`, a CI log): a line per change, nothing redrawn, no padding."""
 
+    PIPE_WIDTH = 4096  # no terminal to fit: long messages are kept (up to this many cells)
 
-def _draw(job: job_pb2.Job) -> None:
-    sys.stdout.write("\r" + render(job, width=_columns()))
-    sys.stdout.flush()
+    def __init__(self, terminal: bool) -> None:
+        self.terminal = terminal
+        self.last = ""
+
+    def note(self, job: job_pb2.Job, text: str) -> None:
+        if not self.terminal:
+            print(text)
+            return
+        sys.stdout.write("\r" + fit(text, _columns() - 1) + "\n")
+        if job.id:
+            self.draw(job)
+
+    def draw(self, job: job_pb2.Job) -> None:
+        if self.terminal:
+            sys.stdout.write("\r" + render(job, width=_columns()))
+        else:
+            line = render(job, width=self.PIPE_WIDTH).rstrip()
+            if line == self.last:  # a replayed event the snapshot already showed
+                return
+            self.last = line
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    def end(self) -> None:
+        if self.terminal:
+            sys.stdout.write("\n")
 
 
 def _columns() -> int:

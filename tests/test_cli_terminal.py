@@ -103,3 +103,30 @@ async def test_json_output_escapes_what_json_leaves_raw(service: ServiceHandle) 
     assert proc.returncode == 0, err
     assert b"\\u007f\\u009b31m\\u202eb\\u2028c \xe4\xb8\xad" in out
     assert json.loads(out)["progress"]["message"] == "a\x7f\x9b31m\u202eb\u2028c 中"
+
+
+async def test_piped_watch_prints_a_line_per_update(service: ServiceHandle) -> None:
+    """Into a pipe or a file (`| tee`, a CI log) there is no line to redraw: each update
+    is a line of its own, with no carriage returns and no padding."""
+    async with Client(service.target) as c:
+        await c.create_job("GENERIC", job_id="piped")
+        await c.report_progress("piped", 25, message="at 25")
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "cli", "watch", "piped", "--target", service.target),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        first = await asyncio.wait_for(proc.stdout.readline(), 30)
+        await c.report_progress("piped", 50, message="at 50")
+        await c.complete("piped")
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err
+    assert b"\r" not in first + out
+    lines = (first + out).decode().splitlines()
+    bar = "piped [" + "#" * 20 + "." * 20 + "]  50.0% RUNNING at 50"
+    assert lines == [
+        "piped [" + "#" * 10 + "." * 30 + "]  25.0% RUNNING at 25",
+        *([bar] if bar in lines else []),  # coalesced away when the complete came first
+        "piped [" + "#" * 40 + "] 100.0% SUCCEEDED at 50",
+    ]
