@@ -151,7 +151,7 @@ async def jobs_page(request: web.Request) -> web.StreamResponse:
         "eps": request.app[HUB].events_per_second(),
         "next_url": next_url,
         "first_url": "/jobs?" + urlencode(pairs) if request.query.get("page_token") else "",
-        "query": request.query_string,
+        "query": request.rel_url.raw_query_string,  # as sent: decoding it changes a filter
         "csrf": principal(request).csrf,
     }
     return aiohttp_jinja2.render_template("jobs.html", request, context)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import html
 import os
+import re
 import stat
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from dashboard.app import create_app
 from dashboard.auth import COOKIE, Auth
 from dashboard.config import DashboardConfig, load_config
 from jobwire.v1 import job_pb2, job_service_pb2
+from tests.helpers import create
 
 TOKEN = "auth-test-token-abcdefghijklmnop"
 
@@ -178,3 +182,28 @@ async def test_logout_needs_csrf_and_clears_the_cookie(
         ) as reply:
             assert reply.status == 303
             assert reply.cookies[COOKIE].value == ""
+
+
+async def test_the_jobs_pages_resync_query_keeps_a_label_filter_whole(
+    grpc_service: Any, http: aiohttp.ClientSession
+) -> None:
+    """After a reconnect the jobs page re-reads its rows from `/api/jobs?<data-query>`.
+    That query must be the one the page was asked with, still percent-encoded: decoded,
+    a label value holding `&`, `+` or `%` became another filter."""
+    tag = uuid.uuid4().hex[:8]
+    wanted = await create(grpc_service.stub, job_id=f"amp-{tag}", team=f"{tag}&b+c%d")
+    await create(grpc_service.stub, job_id=f"plain-{tag}", team=tag)
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    async with serve(config(grpc_service, token=TOKEN)) as url:
+        query = f"label=team%3D{tag}%26b%2Bc%25d"
+        async with http.get(f"{url}/jobs?{query}", headers=bearer) as reply:
+            assert reply.status == 200
+            page = await reply.text()
+        found = re.search(r'data-query="([^"]*)"', page)
+        assert found is not None
+        resync = html.unescape(found.group(1))
+        assert resync == query
+        async with http.get(f"{url}/api/jobs?{resync}", headers=bearer) as reply:
+            assert reply.status == 200, await reply.text()
+            ids = [job["id"] for job in (await reply.json())["jobs"]]
+    assert ids == [wanted.job.id]
