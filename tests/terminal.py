@@ -51,6 +51,10 @@ class Terminal:
             "-s", "t", shell, env={**os.environ, **env, "TERM": "xterm-256color"},
         )  # fmt: skip
 
+    def send_keys(self, *keys: str) -> None:
+        """Keys as tmux names them (`C-c` is Ctrl-C: SIGINT to the foreground group)."""
+        self._run("send-keys", "-t", "t", *keys)
+
     def screen(self) -> list[str]:
         """The visible rows, trailing blanks removed (a wide character is one entry)."""
         return [row.rstrip() for row in self._run("capture-pane", "-p", "-t", "t").split("\n")]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sys
 import unicodedata
 from collections.abc import AsyncIterator, Iterator
@@ -18,6 +19,7 @@ import pytest
 from jobwire.client import Client
 from service.store.embedded import EmbeddedStore
 from tests.conftest import ServiceHandle, make_policy, start_service
+from tests.helpers import free_port
 from tests.terminal import Terminal
 
 WIDTH = 130
@@ -130,3 +132,38 @@ async def test_piped_watch_prints_a_line_per_update(service: ServiceHandle) -> N
         *([bar] if bar in lines else []),  # coalesced away when the complete came first
         "piped [" + "#" * 40 + "] 100.0% SUCCEEDED at 50",
     ]
+
+
+async def test_jobwire_run_starts_all_three_and_ctrl_c_stops_them(
+    tmp_path: Path, terminal: Terminal
+) -> None:
+    """The README's `make run` as a person runs it: in a terminal, stopped with Ctrl-C,
+    which the terminal sends to the whole foreground process group (the parent and its
+    three children at once). Everything stops, with no traceback, exit status 0."""
+    ports = {name: free_port() for name in ("grpc", "http", "dashboard")}
+    env = {
+        "JOBWIRE_GRPC_ADDR": f"127.0.0.1:{ports['grpc']}",
+        "JOBWIRE_SERVICE_TARGET": f"127.0.0.1:{ports['grpc']}",
+        "JOBWIRE_HTTP_ADDR": f"127.0.0.1:{ports['http']}",
+        "JOBWIRE_DASHBOARD_ADDR": f"127.0.0.1:{ports['dashboard']}",
+        "JOBWIRE_METRICS_ADDR": "",
+        "JOBWIRE_DATA_DIR": str(tmp_path / "data"),
+        "JOBWIRE_ENV_FILE": str(tmp_path / "jobwire.env"),
+        "JOBWIRE_LOG_FORMAT": "",  # a terminal: text
+    }
+    terminal.start([sys.executable, "-m", "cli", "run"], env)
+    rows = await terminal.wait_for(
+        lambda s: "bridge on http://" in s and "dashboard on http://" in s, timeout=60
+    )
+    assert any("jobwire service listening on" in r for r in rows)
+    assert not any(r.startswith("{") for r in rows)  # text lines, not JSON, on a terminal
+    for port in ports.values():
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+    terminal.send_keys("C-c")
+    rows = await terminal.wait_for(lambda s: "[exit " in s, timeout=60)
+    screen = "\n".join(rows)
+    assert "[exit 0]" in screen and "Traceback" not in screen, screen
+    for port in ports.values():  # nothing listens any more
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
