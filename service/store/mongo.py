@@ -537,6 +537,9 @@ class MongoStore:
         plan.token = random.getrandbits(62) + 1
         record = None if doc is None else codec.decode_record(doc, retention)
         ring: dict[str, Any] = dict(doc.get("ring") or {}) if doc is not None else {}
+        relaid = codec.rehomed(ring, retention)  # the retention changed: rewrite it whole
+        if relaid is not None:
+            ring = relaid
         changed_slots: dict[str, Any] = {}
         for index in plan.indices:
             try:
@@ -565,7 +568,7 @@ class MongoStore:
         if doc is None:
             plan.write = InsertOne(codec.job_document(record, ring))
             return
-        update = _update(record.job, changed_slots)
+        update = _update(record.job, changed_slots, ring if relaid is not None else None)
         plan.write = UpdateOne({"_id": plan.job_id, "seq": doc["seq"]}, update)
 
     async def _write(self, plans: list[_Plan]) -> list[_Plan]:
@@ -720,12 +723,15 @@ class MongoStore:
         if not isinstance(outcome, Applied):
             return None
         ring = dict(doc.get("ring") or {})
+        relaid = codec.rehomed(ring, retention)
+        if relaid is not None:
+            ring = relaid
         slot = codec.ring_slot(outcome.event.sequence, retention)
         ring[slot] = codec.ring_entry(outcome.event, random.getrandbits(62) + 1)
         async with self._writing():
             result = await self.jobs.update_one(
                 {"_id": doc["_id"], "seq": doc["seq"], "state": _QUEUED},
-                _update(outcome.record.job, {slot: ring[slot]}),
+                _update(outcome.record.job, {slot: ring[slot]}, ring if relaid else None),
             )
         if not result.matched_count:
             return None
@@ -1058,9 +1064,15 @@ class MongoStore:
         return [newest[name] for name in sorted(newest)]
 
 
-def _update(job: job_pb2.Job, slots: Mapping[str, Any]) -> dict[str, Any]:
+def _update(
+    job: job_pb2.Job, slots: Mapping[str, Any], whole_ring: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The snapshot and the changed ring slots (or the whole ring, when re-laid out)."""
     fields = codec.snapshot_fields(job)
-    fields.update({f"ring.{slot}": entry for slot, entry in slots.items()})
+    if whole_ring is not None:
+        fields["ring"] = dict(whole_ring)
+    else:
+        fields.update({f"ring.{slot}": entry for slot, entry in slots.items()})
     update: dict[str, Any] = {"$set": fields}
     lease = codec.lease_ns(job)
     unset: dict[str, str] = {}

@@ -100,6 +100,21 @@ def retained(ring: Mapping[str, RingEntry] | None, retention: int) -> list[RingE
     return tail
 
 
+def rehomed(ring: Mapping[str, RingEntry] | None, retention: int) -> Doc | None:
+    """The retained entries in the slots of `retention`, when the ring was laid out for
+    another retention (JOBWIRE_EVENT_RETENTION changed); None when it fits. Writing the
+    next event to `seq % retention` of a ring laid out for another modulus would
+    overwrite an entry still inside the window (and cut the retained run short)."""
+    if not ring:
+        return None
+    if len(ring) <= retention and all(
+        isinstance(e, Mapping) and "s" in e and slot == ring_slot(int(e["s"]), retention)
+        for slot, e in ring.items()
+    ):
+        return None
+    return {ring_slot(int(e["s"]), retention): e for e in retained(ring, retention)}
+
+
 def keys_of(entries: Iterable[RingEntry]) -> tuple[str, ...]:
     return tuple(str(e["k"]) for e in entries if e.get("k"))
 
