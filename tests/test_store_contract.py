@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from jobwire.v1 import job_pb2, job_service_pb2, log_pb2
 from service.domain import events
 from service.domain.errors import Code, DomainError
-from service.domain.records import Applied, Claim, JobCommand, Report, Unchanged
+from service.domain.records import Applied, Claim, JobCommand, Policy, Report, Unchanged
 from service.store.port import JobQuery, Store
+from tests.conftest import open_test_store
 
 
 def _report(job_id: str, key: str, percent: float = 1.0) -> JobCommand:
@@ -205,3 +208,37 @@ async def test_artifact_with_the_longest_name(store: Store) -> None:
     assert found is not None
     assert b"".join([c async for c in found[1]]) == b"long"
     assert [a.name for a in await store.list_artifacts("a")] == [name]
+
+
+@pytest.mark.parametrize("before, after", [(4, 8), (8, 5)])
+async def test_a_changed_retention_keeps_the_retained_events_and_keys(
+    store_kind: str, tmp_path: Path, request: pytest.FixtureRequest, before: int, after: int
+) -> None:
+    """JOBWIRE_EVENT_RETENTION changed between two runs: a job keeps (replays and
+    de-duplicates) the events the old run kept, at most the new retention of them,
+    then grows to the new retention. MongoDB wrote the next event to slot `seq %
+    retention` of a ring laid out for the old retention, over an event inside the
+    window (a raised retention kept fewer events than before); the embedded store
+    replayed events the old run had dropped but not yet deleted (it deletes in steps)
+    and, after a lowered one, still took keys past it for duplicates."""
+    database = f"t_{uuid.uuid4().hex[:12]}"
+    old = await open_test_store(store_kind, tmp_path, request, Policy(retention=before), database)
+    await old.start()
+    await _new(old, "r")
+    for i in range(1, 41):  # one commit each, as events usually come
+        await old.apply([_report("r", f"k{i}")])
+    await old.close()
+    store = await open_test_store(store_kind, tmp_path, request, Policy(retention=after), database)
+    await store.start()
+    try:
+        window = min(before, after)
+        kept = [e.sequence for e in await store.events_after("r", 0)]
+        assert kept == list(range(41 - window, 41))
+        retried = await store.apply([_report("r", f"k{s}") for s in kept])
+        assert all(isinstance(o, Unchanged) for o in retried)
+        (gone,) = await store.apply([_report("r", f"k{40 - window}")])  # its event is gone
+        assert isinstance(gone, Applied) and gone.event.sequence == 41
+        kept = [e.sequence for e in await store.events_after("r", 0)]
+        assert kept == list(range(41 - min(window, after - 1), 42))
+    finally:
+        await store.close()

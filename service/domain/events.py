@@ -131,7 +131,8 @@ def apply(
         check_token(record, command.request.callback_token)
 
     key = _key_of(command)
-    if key and key in record.recent_keys:
+    # Trimmed: a record stored under a larger retention holds more keys than it keeps.
+    if key and key in record.recent_keys[-policy.retention :]:
         return Unchanged(record.job)
 
     job = job_pb2.Job()

@@ -83,6 +83,11 @@ CREATE TABLE IF NOT EXISTS logs (
 );
 CREATE INDEX IF NOT EXISTS logs_job ON logs(job_id, time_ns, id);
 CREATE INDEX IF NOT EXISTS logs_time ON logs(time_ns, id);
+-- Settings the stored data depends on (the event retention it was written with).
+CREATE TABLE IF NOT EXISTS meta (
+  name TEXT PRIMARY KEY,
+  value INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS artifacts (
   job_id TEXT NOT NULL,
   name TEXT NOT NULL,
@@ -123,6 +128,7 @@ class EmbeddedStore:
         self._dir.mkdir(parents=True, exist_ok=True)
         (self._artifacts / ".tmp").mkdir(parents=True, exist_ok=True)
         await self._write(_migrate)
+        await self._write(lambda conn: _settle_retention(conn, self.policy.retention))
         self._checkpoints = asyncio.get_running_loop().create_task(
             self._checkpoint_forever(), name="sqlite-checkpoint"
         )
@@ -899,6 +905,32 @@ def _migrate(conn: sqlite3.Connection) -> None:
     conn.execute(
         "CREATE INDEX IF NOT EXISTS jobs_stall ON jobs(stall_ns) WHERE stall_ns IS NOT NULL"
     )
+
+
+def _settle_retention(conn: sqlite3.Connection, retention: int) -> None:
+    """Events are deleted in steps (see _stage): up to PRUNE_STEP - 1 rows per job
+    older than the retention wait for their delete, unseen. When the retention was
+    raised since they were written, they would come back into view (and their keys
+    would not count as duplicates): delete them first, exactly at the old retention.
+    A database from before this table is taken to have the current retention."""
+    row = conn.execute("SELECT value FROM meta WHERE name = 'retention'").fetchone()
+    if row is not None and row[0] == retention:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if row is not None and row[0] < retention:
+            conn.execute(
+                "DELETE FROM events WHERE seq <= (SELECT seq FROM jobs WHERE jobs.id ="
+                " events.job_id) - ?",
+                (row[0],),
+            )
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (name, value) VALUES ('retention', ?)", (retention,)
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def _insert_job(conn: sqlite3.Connection, record: JobRecord) -> None:
