@@ -19,6 +19,7 @@ from google.protobuf.message import Message
 
 from jobwire.client import Client, ClientConfigError, Job, JobEvent, JobwireError, StreamGap
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
+from service.logs import printable
 
 from .progress_bar import fit, render
 
@@ -31,7 +32,9 @@ async def watch(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         try:
             # every_event=False: a slow terminal gets the latest progress, and says so.
-            watch = client.watch_job(args.job_id, args.from_sequence, every_event=False)
+            watch = client.watch_job(
+                args.job_id, args.from_sequence, every_event=False, on_retry=screen.retrying
+            )
             async for item in watch:
                 if isinstance(item, Job):
                     job.CopyFrom(item)
@@ -44,9 +47,11 @@ async def watch(args: argparse.Namespace) -> int:
                     merge(job, item)
                 screen.draw(job)
         except JobwireError as err:
-            print(f"\njobwire watch: {err.code.name}: {err.message}", file=sys.stderr)
+            screen.end()
+            print(f"jobwire watch: {err.code.name}: {err.message}", file=sys.stderr)
             return 2
-    screen.end()
+        finally:
+            screen.end()  # also on Ctrl-C: the shell's prompt starts a line of its own
     return 0 if job.state == job_pb2.JOB_STATE_SUCCEEDED else 1
 
 
@@ -88,6 +93,7 @@ class Screen:
     def __init__(self, terminal: bool) -> None:
         self.terminal = terminal
         self.last = ""
+        self.ended = False
 
     def note(self, job: job_pb2.Job, text: str) -> None:
         if not self.terminal:
@@ -96,6 +102,17 @@ class Screen:
         sys.stdout.write("\r" + fit(text, _columns() - 1) + "\n")
         if job.id:
             self.draw(job)
+
+    def retrying(self, error: JobwireError, delay: float) -> None:
+        """The service cannot be reached (or the stream dropped): said where the
+        progress line stands, until the next update redraws it."""
+        text = printable(f"retrying in {delay:.1f} s: {error.code.name}: {error.message}")
+        if self.terminal:
+            sys.stdout.write("\r" + fit(text, _columns() - 1))
+        else:
+            sys.stdout.write(text + "\n")
+        self.last = ""  # the next update is drawn even when it did not change
+        sys.stdout.flush()
 
     def draw(self, job: job_pb2.Job) -> None:
         if self.terminal:
@@ -109,8 +126,11 @@ class Screen:
         sys.stdout.flush()
 
     def end(self) -> None:
-        if self.terminal:
+        """Ends the progress line (once), so what follows starts a line of its own."""
+        if self.terminal and not self.ended:
             sys.stdout.write("\n")
+            sys.stdout.flush()
+        self.ended = True
 
 
 def _columns() -> int:

@@ -30,7 +30,17 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help()
         raise SystemExit(2)
     configure_logging()  # JOBWIRE_LOG_FORMAT (json|text), JOBWIRE_LOG_LEVEL; redacted
-    raise SystemExit(args.func(args))
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        # Ctrl-C in a client command (the servers handle SIGINT themselves): no
+        # traceback, and the process ends as killed by SIGINT, so a calling shell
+        # script stops too instead of running on.
+        sys.stdout.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        raise SystemExit(130) from None  # where SIGINT does not end the process
+    raise SystemExit(code)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,7 +29,7 @@ from jobwire.v1 import (
 from .artifacts import CHUNK, ArtifactStream, Source, replayable, upload_messages
 from .channel import TLS, open_channel, token_from_env
 from .retry import Backoff, RetryPolicy, call_with_retry
-from .watch import JobsWatch, JobWatch
+from .watch import JobsWatch, JobWatch, OnRetry
 
 if TYPE_CHECKING:
     from jobwire.v1.job_service_pb2_grpc import JobServiceAsyncStub
@@ -413,12 +413,14 @@ class Client:
         *,
         every_event: bool = True,
         give_up_after: float | None = None,
+        on_retry: OnRetry | None = None,
     ) -> JobWatch:
         """The job's snapshot, then its events in order; ends after the terminal event.
 
         Survives restarts and dropped connections (see watch.py for gaps and coalesced
         progress). `give_up_after`: raise Unavailable after this many seconds without
-        reaching the service (default: keep trying).
+        reaching the service (default: keep trying). `on_retry(error, delay)` is called
+        before each wait to reconnect, e.g. to say so on a screen.
         """
         return JobWatch(
             self._stub,
@@ -428,6 +430,7 @@ class Client:
             every_event=every_event,
             backoff=self.watch_backoff,
             give_up_after=give_up_after,
+            on_retry=on_retry,
         )
 
     def watch_jobs(
@@ -437,9 +440,11 @@ class Client:
         states: Iterable[State] = (),
         after: str = "",
         give_up_after: float | None = None,
+        on_retry: OnRetry | None = None,
     ) -> JobsWatch:
         """Events of every job of `kind` whose state after the event is one of `states`
-        (any when not given). Never ends on its own; `after` resumes from a `.position`."""
+        (any when not given). Never ends on its own; `after` resumes from a `.position`.
+        `on_retry` as for `watch_job`."""
         return JobsWatch(
             self._stub,
             kind_value(kind),
@@ -447,6 +452,7 @@ class Client:
             after,
             backoff=self.watch_backoff,
             give_up_after=give_up_after,
+            on_retry=on_retry,
         )
 
     # -- plumbing ------------------------------------------------------------

@@ -53,14 +53,19 @@ _DEDUPE = 65_536  # (job id, sequence) pairs a JobsWatch remembers to drop repea
 
 WatchItem = job_pb2.Job | event_pb2.JobEvent | event_pb2.StreamGap
 ListEvents = Callable[[str, int], Awaitable[job_service_pb2.ListJobEventsResponse]]
+# Told why the stream is down and how many seconds until the next attempt.
+OnRetry = Callable[[JobwireError, float], None]
 
 
 class _Reconnector:
     """Backoff between attempts; gives up after `give_up_after` seconds without a message."""
 
-    def __init__(self, backoff: Backoff, give_up_after: float | None) -> None:
+    def __init__(
+        self, backoff: Backoff, give_up_after: float | None, on_retry: OnRetry | None = None
+    ) -> None:
         self._backoff = backoff
         self._give_up_after = give_up_after
+        self._on_retry = on_retry
         self._failures = 0
         self._since: float | None = None
 
@@ -75,7 +80,10 @@ class _Reconnector:
             self._since = now
         elif self._give_up_after is not None and now - self._since > self._give_up_after:
             raise cause
-        await asyncio.sleep(max(self._backoff.delay(self._failures), hint or 0.0))
+        delay = max(self._backoff.delay(self._failures), hint or 0.0)
+        if self._on_retry is not None:
+            self._on_retry(cause, delay)
+        await asyncio.sleep(delay)
         self._failures += 1
 
 
@@ -110,6 +118,7 @@ class JobWatch:
         every_event: bool,
         backoff: Backoff,
         give_up_after: float | None,
+        on_retry: OnRetry | None = None,
     ) -> None:
         self.job_id = job_id
         # The last sequence yielded (or passed over by a gap), set before the yield.
@@ -117,7 +126,7 @@ class JobWatch:
         self._stub = stub
         self._list_events = list_events
         self._every_event = every_event
-        self._reconnect = _Reconnector(backoff, give_up_after)
+        self._reconnect = _Reconnector(backoff, give_up_after, on_retry)
 
     def __aiter__(self) -> AsyncGenerator[WatchItem, None]:
         return self._run()
@@ -220,12 +229,13 @@ class JobsWatch:
         *,
         backoff: Backoff,
         give_up_after: float | None,
+        on_retry: OnRetry | None = None,
     ) -> None:
         self.position = after  # the last position the service gave; "" before the first
         self._stub = stub
         self._kind = kind
         self._states = list(states)
-        self._reconnect = _Reconnector(backoff, give_up_after)
+        self._reconnect = _Reconnector(backoff, give_up_after, on_retry)
         self._delivered: OrderedDict[tuple[str, int], None] = OrderedDict()
 
     def __aiter__(self) -> AsyncGenerator[event_pb2.JobEvent | event_pb2.StreamGap, None]:

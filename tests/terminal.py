@@ -45,7 +45,9 @@ class Terminal:
 
     def start(self, command: list[str], env: dict[str, str]) -> None:
         """Runs `command`, then prints its exit status and keeps the pane open."""
-        shell = f'{shlex.join(command)}; echo "[exit $?]"; sleep 600'
+        # `trap : INT`: Ctrl-C reaches the command (a handler, unlike an ignored signal,
+        # is not inherited) and the shell lives on to print the status (130 for SIGINT).
+        shell = f'trap : INT; {shlex.join(command)}; echo "[exit $?]"; sleep 600'
         self._run(
             "new-session", "-d", "-x", str(self.width), "-y", str(self.height),
             "-s", "t", shell, env={**os.environ, **env, "TERM": "xterm-256color"},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import sys
 import unicodedata
@@ -167,3 +168,48 @@ async def test_jobwire_run_starts_all_three_and_ctrl_c_stops_them(
     for port in ports.values():  # nothing listens any more
         with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=5):
             pass
+
+
+async def test_ctrl_c_ends_a_watch_quietly(service: ServiceHandle, terminal: Terminal) -> None:
+    """An operator stops `jobwire watch` with Ctrl-C: the progress line stays, the shell
+    prompt starts on a line of its own, no traceback, exit status 130 (128 + SIGINT)."""
+    async with Client(service.target) as c:
+        await c.create_job("GENERIC", job_id="stop")
+        await c.report_progress("stop", 40, message="halfway")
+        watch(terminal, service, "stop")
+        await terminal.wait_for(lambda s: "40.0% RUNNING halfway" in s)
+        terminal.send_keys("C-c")
+        rows = await terminal.wait_for(lambda s: "[exit " in s)
+    screen = "\n".join(rows)
+    assert "Traceback" not in screen and "KeyboardInterrupt" not in screen, screen
+    assert rows[0].startswith("stop [") and "40.0% RUNNING halfway" in rows[0]
+    # The shell's line starts a line of its own (the terminal may echo ^C before it).
+    assert "[exit 130]" in rows, screen
+
+
+async def test_watch_says_it_is_retrying_until_the_service_is_up(
+    tmp_path: Path, terminal: Terminal
+) -> None:
+    """Started before the service (or with a wrong --target), `jobwire watch` says
+    why it waits and when it tries again, instead of a blank screen; once the service
+    is up, the progress line takes that line's place."""
+    port = free_port()
+    terminal.start(
+        [sys.executable, "-m", "cli", "watch", "late", "--target", f"127.0.0.1:{port}"], {}
+    )
+    rows = await terminal.wait_for(lambda s: "retrying in" in s)
+    line = next(r for r in rows if "retrying in" in r)
+    assert re.match(r"retrying in \d+\.\d s: UNAVAILABLE: ", line), line
+    handle = await start_service(
+        EmbeddedStore(tmp_path / "d", make_policy()), grpc_addr=f"127.0.0.1:{port}"
+    )
+    try:
+        async with Client(handle.target) as c:
+            await c.create_job("GENERIC", job_id="late")
+            await c.report_progress("late", 60, message="caught up")
+            rows = await terminal.wait_for(lambda s: "60.0% RUNNING caught up" in s, timeout=30)
+            assert [r for r in rows if r] == [next(r for r in rows if r.startswith("late ["))]
+            await c.complete("late")
+            await terminal.wait_for(lambda s: "[exit 0]" in s)
+    finally:
+        await handle.close()
