@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
-from tests.helpers import free_port
+from tests.helpers import free_port, tool_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-dashboard-token-0123456789"
@@ -33,12 +32,9 @@ def chromium_path() -> str:
     found = os.environ.get("JOBWIRE_CHROMIUM") or shutil.which("chromium") or ""
     if not found and Path("/usr/bin/chromium").exists():
         found = "/usr/bin/chromium"
-    if not found:
-        message = "chromium not installed (make test installs it: apt-get install -y chromium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return found or tool_missing(
+        "chromium not installed (make test installs it: apt-get install -y chromium)"
+    )
 
 
 @dataclass

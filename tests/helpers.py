@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
+import pytest
 
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
@@ -79,3 +82,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def tool_missing(why: str) -> NoReturn:
+    """A tool a test needs is not installed: the test fails under CI=true (CI installs
+    every tool the suite uses) and is skipped elsewhere, saying why."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+async def cli_process(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    """`jobwire ARGS` as its own process, stdout and stderr piped."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+
+
+async def cli_result(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 2 * WAIT
+) -> tuple[int, str, str]:
+    """`jobwire ARGS` run to its end: exit status, stdout, stderr."""
+    proc = await cli_process(*args, env=env)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

@@ -12,18 +12,12 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
+from tests.helpers import tool_missing
 
 
 def tmux_path() -> str:
     """tmux (`make tmux` installs it); a test that needs it fails under CI=true."""
-    found = shutil.which("tmux")
-    if not found:
-        message = "tmux is missing (make tmux)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return shutil.which("tmux") or tool_missing("tmux is missing (make tmux)")
 
 
 class Terminal:

@@ -4,26 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from pathlib import Path
 
 from jobwire.v1 import job_pb2
 from service.store.embedded import EmbeddedStore
 from tests.conftest import ServiceHandle, make_policy, start_service
-from tests.helpers import completed, create, progress
+from tests.helpers import cli_process, completed, create, progress
 
 WAIT = 20.0
-
-
-async def _jobwire(*args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cli",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
 
 
 async def _wait_for_output(proc: asyncio.subprocess.Process, needle: bytes) -> bytes:
@@ -38,7 +26,7 @@ async def _wait_for_output(proc: asyncio.subprocess.Process, needle: bytes) -> b
 
 
 async def test_jobs_create_get_list(grpc_service: ServiceHandle) -> None:
-    proc = await _jobwire(
+    proc = await cli_process(
         "jobs",
         "create",
         "--kind",
@@ -54,10 +42,10 @@ async def test_jobs_create_get_list(grpc_service: ServiceHandle) -> None:
     assert proc.returncode == 0, err
     created = json.loads(out)
     assert created["job"]["id"] == "cli-1" and created["callbackToken"]
-    proc = await _jobwire("jobs", "list", "--label", "team=a", "--target", grpc_service.target)
+    proc = await cli_process("jobs", "list", "--label", "team=a", "--target", grpc_service.target)
     out, _ = await asyncio.wait_for(proc.communicate(), WAIT)
     assert [j["id"] for j in json.loads(out)["jobs"]] == ["cli-1"]
-    proc = await _jobwire("jobs", "get", "missing", "--target", grpc_service.target)
+    proc = await cli_process("jobs", "get", "missing", "--target", grpc_service.target)
     _, err = await asyncio.wait_for(proc.communicate(), WAIT)
     assert proc.returncode == 1 and b"NOT_FOUND" in err
 
@@ -67,7 +55,7 @@ async def test_watch_follows_a_restart_and_exits_when_the_job_ends(tmp_path: Pat
     port = first.running.port
     await create(first.stub, job_pb2.JOB_KIND_GENERIC, "w1")
     await first.stub.ReportEvent(progress("w1", 25))
-    watch = await _jobwire("watch", "w1", "--target", first.target)
+    watch = await cli_process("watch", "w1", "--target", first.target)
     await _wait_for_output(watch, b"25.0%")
     await first.close()  # the watcher sees UNAVAILABLE and keeps retrying
 

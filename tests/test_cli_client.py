@@ -4,10 +4,7 @@ environment. Real service and a real loopback proxy (to coalesce / mark a stall)
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from pathlib import Path
 
 from jobwire.client import Client, Job, JobEvent
@@ -15,23 +12,9 @@ from jobwire.v1 import event_pb2, job_service_pb2
 from service.store.embedded import EmbeddedStore
 from tests.conftest import ServiceHandle, make_policy, start_service
 from tests.grpc_proxy import FaultProxy
+from tests.helpers import cli_result
 
 WAIT = 20.0
-
-
-async def _jobwire(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cli",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), WAIT)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def _coalesce_and_stall(message: bytes) -> bytes | None:
@@ -58,7 +41,7 @@ async def test_watch_prints_coalesced_ranges_stalls_and_gaps(tmp_path: Path) -> 
                 await c.report_progress("cw", i * 5, message=f"step {i}")
             await c.complete("cw")
             proxy.rewrite["WatchJob"] = _coalesce_and_stall
-            code, out, err = await _jobwire("watch", "cw", "--target", proxy.target)
+            code, out, err = await cli_result("watch", "cw", "--target", proxy.target)
             assert code == 0, err
             assert "events 5–9 coalesced" in out
             assert "STALLED at event 3" in out
@@ -69,7 +52,7 @@ async def test_watch_prints_coalesced_ranges_stalls_and_gaps(tmp_path: Path) -> 
             for i in range(1, 30):
                 await c.report_progress("gap", i)
             await c.fail("gap", "E", "broken")
-            code, out, err = await _jobwire(
+            code, out, err = await cli_result(
                 "watch", "gap", "--from-sequence", "2", "--target", handle.target
             )
             assert code == 1, err  # ended, not SUCCEEDED
@@ -86,17 +69,17 @@ async def test_jobs_list_all_pages_and_logs(grpc_service: ServiceHandle) -> None
         for i in range(5):
             await c.create_job("TRANSCODE", job_id=f"pl-{i}", labels={"suite": "pages"})
         await c.write_log("hello", job_id="pl-0", level="WARNING")
-    code, out, err = await _jobwire(
+    code, out, err = await cli_result(
         "jobs", "list", "--all", "--page-size", "2", "--label", "suite=pages", "--target", target
     )
     assert code == 0, err
     assert [j["id"] for j in json.loads(out)["jobs"]] == [f"pl-{i}" for i in range(5)]
-    code, out, _ = await _jobwire(
+    code, out, _ = await cli_result(
         "jobs", "list", "--page-size", "2", "--label", "suite=pages", "--target", target
     )
     page = json.loads(out)
     assert len(page["jobs"]) == 2 and page["nextPageToken"]
-    code, out, err = await _jobwire(
+    code, out, err = await cli_result(
         "logs", "--job", "pl-0", "--level", "WARNING", "--target", target
     )
     assert code == 0, err
@@ -115,16 +98,16 @@ async def test_cli_uses_tls_and_token_from_the_environment(tmp_path: Path) -> No
     )
     env = {"JOBWIRE_SERVICE_TLS_CA": str(cert), "JOBWIRE_GRPC_TOKEN": "s3cr3t"}
     try:
-        code, out, err = await _jobwire(
+        code, out, err = await cli_result(
             "jobs", "create", "--kind", "GENERIC", "--id", "t-1", "--target", handle.target, env=env
         )
         assert code == 0, err
         assert json.loads(out)["job"]["id"] == "t-1"
-        code, _, err = await _jobwire(
+        code, _, err = await cli_result(
             "jobs", "get", "t-1", "--target", handle.target, env={**env, "JOBWIRE_GRPC_TOKEN": "no"}
         )
         assert code == 1 and "UNAUTHENTICATED" in err
-        code, _, err = await _jobwire(
+        code, _, err = await cli_result(
             "jobs",
             "get",
             "t-1",
@@ -166,7 +149,7 @@ async def test_a_real_stall_is_watched_and_printed(tmp_path: Path) -> None:
                 event_pb2.EVENT_TYPE_PROGRESS,
                 event_pb2.EVENT_TYPE_COMPLETED,
             ]
-        code, out, err = await _jobwire("watch", "st", "--target", handle.target)
+        code, out, err = await cli_result("watch", "st", "--target", handle.target)
         assert code == 0, err
         assert "STALLED at event 2" in out and "SUCCEEDED" in out
     finally:

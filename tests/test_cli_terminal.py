@@ -20,7 +20,7 @@ import pytest
 from jobwire.client import Client
 from service.store.embedded import EmbeddedStore
 from tests.conftest import ServiceHandle, make_policy, start_service
-from tests.helpers import free_port
+from tests.helpers import cli_process, cli_result, free_port
 from tests.terminal import Terminal
 
 WIDTH = 130
@@ -97,14 +97,9 @@ async def test_json_output_escapes_what_json_leaves_raw(service: ServiceHandle) 
     async with Client(service.target) as c:
         await c.create_job("GENERIC", job_id="js")
         await c.report_progress("js", 5, message="a\x7f\x9b31m\u202eb\u2028c 中")
-    proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "cli", "jobs", "get", "js", "--target", service.target),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0, err
-    assert b"\\u007f\\u009b31m\\u202eb\\u2028c \xe4\xb8\xad" in out
+    code, out, err = await cli_result("jobs", "get", "js", "--target", service.target)
+    assert code == 0, err
+    assert "\\u007f\\u009b31m\\u202eb\\u2028c 中" in out
     assert json.loads(out)["progress"]["message"] == "a\x7f\x9b31m\u202eb\u2028c 中"
 
 
@@ -114,11 +109,7 @@ async def test_piped_watch_prints_a_line_per_update(service: ServiceHandle) -> N
     async with Client(service.target) as c:
         await c.create_job("GENERIC", job_id="piped")
         await c.report_progress("piped", 25, message="at 25")
-        proc = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "cli", "watch", "piped", "--target", service.target),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        proc = await cli_process("watch", "piped", "--target", service.target)
         assert proc.stdout is not None
         first = await asyncio.wait_for(proc.stdout.readline(), 30)
         await c.report_progress("piped", 50, message="at 50")

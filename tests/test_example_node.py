@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 from tests.grpc_proxy import FaultProxy
-from tests.helpers import WAIT, free_port
+from tests.helpers import WAIT, free_port, tool_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "node"
@@ -39,9 +39,7 @@ RUN_TIMEOUT = 90.0
 
 
 def _unavailable(why: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{why}: CI must run the Node example (scripts/install-node-example.sh)")
-    pytest.skip(why)
+    tool_missing(f"{why} (scripts/install-node-example.sh installs it)")
 
 
 @pytest.fixture(scope="module")

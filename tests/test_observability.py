@@ -16,6 +16,8 @@ import jsonschema  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from tests.helpers import tool_missing
+
 ROOT = Path(__file__).resolve().parents[1]
 OBS = ROOT / "deploy" / "observability"
 RULES = OBS / "jobwire-alerts.yaml"
@@ -110,10 +112,7 @@ def promtool() -> Path:
     path = Path(os.environ.get("JOBWIRE_PROMTOOL_BIN") or PROMTOOL_DEFAULT).expanduser()
     if path.is_file() and os.access(path, os.X_OK):
         return path
-    message = f"promtool not found at {path}: run `bash scripts/install-promtool.sh`"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    tool_missing(f"promtool not found at {path}: run `bash scripts/install-promtool.sh`")
 
 
 @cache
