@@ -121,8 +121,8 @@ class Side:
 
     name: str
     handle: ServiceHandle
-    # Starts the service again on the same data (see Fuzz.restart).
-    reopen: Callable[[], Awaitable[ServiceHandle]]
+    # Starts the service again on the same data, with this retention (Fuzz.restart).
+    reopen: Callable[[int], Awaitable[ServiceHandle]]
     # Generated job ids of this run -> the embedded run's ids (identity there).
     ids: dict[str, str] = field(default_factory=dict)
     tokens: set[str] = field(default_factory=set)
@@ -187,6 +187,8 @@ class Fuzz:
         self.trace: list[str] = []
         self.seen: dict[str, int] = {}  # answers per method, printed at the end
         self.uploaded: list[tuple[LogicalJob, str]] = []
+        self.retention = RETENTION
+        self.retention_step = rng.choice([0.5, 2.0])  # each restart may lower / raise it
 
     # -- choosing ----------------------------------------------------------------
 
@@ -275,7 +277,7 @@ class Fuzz:
             (2, self.list_artifacts),
             (5, self.list_events),
             (5, self.watch),
-            (1, self.restart),
+            (2, self.restart),
         ]
         if len(self.jobs) < 3:
             await self.create()
@@ -287,12 +289,19 @@ class Fuzz:
     # -- operations ----------------------------------------------------------------
 
     async def restart(self) -> None:
-        """Both services stopped and started again on their data: what a job's record
-        holds must survive (e.g. the idempotency keys, cached in the embedded store)."""
-        self.trace.append(f"#{self.n} restart")
+        """Both services stopped and started again on their data, now and then with
+        another JOBWIRE_EVENT_RETENTION: what a job's record holds must survive (e.g.
+        the idempotency keys, cached in the embedded store), and both must then keep
+        the same events (the ring of the MongoDB store is laid out by the retention).
+        A run changes it one way only: raised again after it was lowered, MongoDB may
+        show events the lowered run no longer kept (the README says so)."""
+        if self.rng.random() < 0.4:
+            self.retention = max(4, min(32, int(self.retention * self.retention_step)))
+        retention = self.retention
+        self.trace.append(f"#{self.n} restart retention={retention}")
         for side in self.sides:
             await side.handle.close()
-            side.handle = await side.reopen()
+            side.handle = await side.reopen(retention)
 
     async def create(self) -> None:
         rng = self.rng
@@ -726,8 +735,8 @@ async def _until_not_running(side: Side, job_id: str) -> None:
     raise AssertionError(f"{side.name}: the lapsed lease of {job_id} was not swept")
 
 
-def _policy() -> Policy:
-    return Policy(retention=RETENTION, lease_ns=60 * 10**9, max_attempts=2)
+def _policy(retention: int) -> Policy:
+    return Policy(retention=retention, lease_ns=60 * 10**9, max_attempts=2)
 
 
 @pytest.fixture
@@ -736,11 +745,11 @@ async def sides(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator
     uri = request.getfixturevalue("mongo_uri")
     database = f"diff_{os.urandom(6).hex()}"
 
-    async def embedded() -> ServiceHandle:
-        return await _start(EmbeddedStore(tmp_path / "data", _policy()))
+    async def embedded(retention: int = RETENTION) -> ServiceHandle:
+        return await _start(EmbeddedStore(tmp_path / "data", _policy(retention)))
 
-    async def mongo() -> ServiceHandle:
-        return await _start(MongoStore(uri, policy=_policy(), database=database))
+    async def mongo(retention: int = RETENTION) -> ServiceHandle:
+        return await _start(MongoStore(uri, policy=_policy(retention), database=database))
 
     made: list[Side] = []
     try:
@@ -753,7 +762,8 @@ async def sides(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator
 
 
 async def _start(store: EmbeddedStore | MongoStore) -> ServiceHandle:
-    return await start_service(store, lease_sweep_seconds=0.02, event_retention=RETENTION)
+    retention = store.policy.retention
+    return await start_service(store, lease_sweep_seconds=0.02, event_retention=retention)
 
 
 async def test_both_stores_answer_the_same(sides: tuple[Side, Side]) -> None:
