@@ -94,12 +94,24 @@ async def http_get(port: int, path: str, headers: str = "") -> int | None:
     return status_of(await raw_exchange(port, request.encode()))
 
 
+def bridge_process(
+    service_target: str, tmp_path: Path, **env: str
+) -> contextlib.AbstractAsyncContextManager[BridgeProcess]:
+    """The bridge module's bare `main` in a process of its own."""
+    return _bridge_process(service_target, tmp_path, env, via_cli=False)
+
+
+def cli_bridge_process(
+    service_target: str, tmp_path: Path, **env: str
+) -> contextlib.AbstractAsyncContextManager[BridgeProcess]:
+    """`jobwire bridge`: the deployed entry point, with jobwire's log configuration."""
+    return _bridge_process(service_target, tmp_path, env, via_cli=True)
+
+
 @contextlib.asynccontextmanager
-async def bridge_process(
-    service_target: str, tmp_path: Path, *, via_cli: bool = False, **env: str
+async def _bridge_process(
+    service_target: str, tmp_path: Path, env: dict[str, str], via_cli: bool
 ) -> AsyncIterator[BridgeProcess]:
-    """`via_cli`: started as `jobwire bridge` (the deployed entry point, with jobwire's
-    log configuration) rather than the bridge module's bare `main`."""
     port = free_port()
     log_path = tmp_path / f"bridge-{port}.log"
     full_env = {

@@ -15,7 +15,7 @@ import pytest
 
 from service.logs import JsonFormatter, RedactingFilter, TextFormatter, printable
 from tests.bridge_harness import TRANSCODE_TOKEN
-from tests.bridge_process import bridge_process, raw_exchange
+from tests.bridge_process import cli_bridge_process, raw_exchange
 
 # Percent-encoded, so they pass the HTTP parser and are decoded into request.path:
 # ESC ] 0;title BEL sets a terminal's title; a newline would start a forged line;
@@ -51,10 +51,9 @@ async def _hostile_requests(port: int) -> None:
 async def test_the_access_log_escapes_decoded_paths_and_redacts_the_path_token(
     tmp_path: Path, fmt: str
 ) -> None:
-    async with bridge_process(
+    async with cli_bridge_process(
         "127.0.0.1:1",  # nothing listens: these requests never reach the service
         tmp_path,
-        via_cli=True,
         JOBWIRE_LOG_FORMAT=fmt,
         JOBWIRE_ACCESS_LOG="all",
     ) as bridge:
