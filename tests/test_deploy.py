@@ -401,8 +401,10 @@ def test_dockerfile_runs_as_non_root_with_both_commands() -> None:
     assert "JOBWIRE_HTTP_ADDR=0.0.0.0:8080" in env
     assert "JOBWIRE_SERVICE_TARGET=" in env
     assert "jobwire" in final["ENTRYPOINT"] and final["CMD"] == '["serve"]'
-    assert set(final["EXPOSE"].split()) == {"50051", "8080", "8081"}
+    assert set(final["EXPOSE"].split()) == {"50051", "8080", "8081", "9464"}
     assert "JOBWIRE_DASHBOARD_ADDR=0.0.0.0:8081" in env
+    # README "Metrics": the service's metrics must be reachable from outside its container.
+    assert "JOBWIRE_METRICS_ADDR=0.0.0.0:9464" in env
     assert "jobwire healthcheck" in final["HEALTHCHECK"]
     assert "--interval=" in final["HEALTHCHECK"] and "CMD " in final["HEALTHCHECK"]
     header = DOCKERFILE.read_text(encoding="utf-8")
