@@ -107,11 +107,13 @@ def rehomed(ring: Mapping[str, RingEntry] | None, retention: int) -> Doc | None:
     overwrite an entry still inside the window (and cut the retained run short)."""
     if not ring:
         return None
-    if len(ring) <= retention and all(
-        isinstance(e, Mapping) and "s" in e and slot == ring_slot(int(e["s"]), retention)
-        for slot, e in ring.items()
-    ):
-        return None
+    modulus = max(retention, 1)
+    if len(ring) <= modulus:
+        try:  # the usual case, on every write: each entry in its slot
+            if all(int(e["s"]) % modulus == int(slot) for slot, e in ring.items()):
+                return None
+        except (TypeError, KeyError, ValueError):
+            pass  # a malformed entry: re-laid out without it
     return {ring_slot(int(e["s"]), retention): e for e in retained(ring, retention)}
 
 
