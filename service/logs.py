@@ -33,6 +33,11 @@ SECRET_ENV_VARS = (
     "TRANSCODE_CALLBACK_TOKEN",
     "JOBWIRE_GRPC_TOKEN",
     "MONGODB_URI",
+    "JOBWIRE_DASHBOARD_TOKEN",
+    "JOBWIRE_SIGNING_SECRET_AWS_BATCH",
+    "JOBWIRE_SIGNING_SECRET_VIDEO_WORKER",
+    "JOBWIRE_SIGNING_SECRET_AURORA",
+    "JOBWIRE_SIGNING_SECRET_SECRETARY",
 )
 REDACTED = "***"
 _MIN_SECRET = 4  # shorter values would redact ordinary words
@@ -57,7 +62,8 @@ class RedactingFilter(logging.Filter):
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
         env = os.environ if environ is None else environ
-        values = {env.get(name, "") for name in SECRET_ENV_VARS}
+        # Split: a signing secret holds several space-separated keys during a rotation.
+        values = {v for name in SECRET_ENV_VARS for v in env.get(name, "").split()}
         # Longest first, so a secret containing another is replaced whole.
         self._values = sorted((v for v in values if len(v) >= _MIN_SECRET), key=len, reverse=True)
 

@@ -185,6 +185,18 @@ def test_logs_are_json_with_request_id_and_never_a_secret() -> None:
     assert "***" in lines[0]["message"] and "***" in lines[2]["error"]
 
 
+def test_the_dashboard_token_and_signing_secrets_are_never_logged() -> None:
+    env = {
+        "JOBWIRE_DASHBOARD_TOKEN": "dash-token-4711",
+        # space-separated during a key rotation: each one is a secret on its own
+        "JOBWIRE_SIGNING_SECRET_SECRETARY": "whsec_bmV3LWtleQ== whsec_b2xkLWtleQ==",
+    }
+    redactor = RedactingFilter(env)
+    text = redactor.redact("token dash-token-4711, keys whsec_b2xkLWtleQ== and whsec_bmV3LWtleQ==")
+    for secret in ("dash-token-4711", "whsec_b2xkLWtleQ==", "whsec_bmV3LWtleQ=="):
+        assert secret not in text, secret
+
+
 async def test_bridge_request_id_and_callback_metrics(tmp_path: Path) -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
