@@ -4,8 +4,9 @@ One seeded random sequence of operations (create with client and generated ids,
 single and batched events with repeated idempotency keys and events after the end,
 out-of-range values and odd strings, claims with long and lapsing leases, cancels
 and the retries after them, reads, ListJobs with every filter paged to the end,
-logs, artifacts, event replay and WatchJob from various sequences, restarts at
-another retention, and at the end the whole firehose) is applied in the same order
+logs, artifacts, event replay and WatchJob from various sequences, jobs that stall
+(progress deadlines of 1 ms), restarts at another retention, and at the end the
+whole firehose) is applied in the same order
 to one service on the embedded store and one on MongoDB (FerretDB), and every
 answer of the two must be the same once normalised for what legitimately differs:
 
@@ -286,6 +287,7 @@ class Fuzz:
             (5, self.list_events),
             (5, self.watch),
             (2, self.restart),
+            (2, self.stall),
         ]
         if len(self.jobs) < 3:
             await self.create()
@@ -310,6 +312,46 @@ class Fuzz:
         for side in self.sides:
             await side.handle.close()
             side.handle = await side.reopen(retention)
+
+    async def stall(self) -> None:
+        """A job with a progress deadline of 1 ms: each report is followed by a STALLED
+        event (a sweep of the service, waited for on both runs); with a stall failure
+        deadline it fails at once, else it is cancelled after a few reports. Reports
+        retried after that probe the keys around the STALLED events."""
+        fail = self.rng.random() < 0.4
+        job_id = f"stall-{self.n}"
+        template = job_pb2.Job(kind=job_pb2.JOB_KIND_EXTRACTION)
+        template.progress_deadline.FromMilliseconds(1)
+        if fail:
+            template.stall_fail_after.FromMilliseconds(3)
+
+        async def create(side: Side, _: int) -> Any:
+            request = job_service_pb2.CreateJobRequest(job=template, job_id=job_id)
+            answer = await _answer(side.stub.CreateJob(request))
+            if isinstance(answer, job_service_pb2.CreateJobResponse):
+                side.tokens.add(answer.callback_token)
+            return answer
+
+        await self.both(f"CreateJob {job_id} (stalls)", create)
+        job = LogicalJob((job_id, job_id), ("", ""), template.kind)
+        for _ in range(1 if fail else self.rng.randint(2, RETENTION)):
+            key = self.key(job)
+
+            async def report(side: Side, _: int, key: str = key) -> Any:
+                request = job_service_pb2.ReportEventRequest(
+                    job_id=job_id, idempotency_key=key, progress=job_pb2.Progress(percent=9)
+                )
+                answer = await _answer(side.stub.ReportEvent(request))
+                await _until(side, job_id, lambda j: j.stalled or j.state in TERMINAL, "stalled")
+                if fail:
+                    await _until(side, job_id, lambda j: j.state in TERMINAL, "failed")
+                return answer
+
+            await self.both(f"ReportEvent {job_id} progress {key} (then STALLED)", report)
+        if not fail:
+            await self.cancel(job)
+        await self.retry(job)
+        self.jobs.append(job)
 
     async def create(self) -> None:
         rng = self.rng
@@ -734,13 +776,18 @@ async def _firehose(side: Side, _: int) -> list[Any]:
 
 
 async def _until_not_running(side: Side, job_id: str) -> None:
+    await _until(side, job_id, lambda job: job.state != job_pb2.JOB_STATE_RUNNING, "swept")
+
+
+async def _until(side: Side, job_id: str, done: Callable[[job_pb2.Job], bool], what: str) -> None:
+    """Polls the job until a sweep of the service has done what `done` checks."""
     deadline = time.monotonic() + STREAM_WAIT
     while time.monotonic() < deadline:
         job = await side.stub.GetJob(job_service_pb2.GetJobRequest(id=job_id))
-        if job.state != job_pb2.JOB_STATE_RUNNING:
+        if done(job):
             return
         await asyncio.sleep(0.02)
-    raise AssertionError(f"{side.name}: the lapsed lease of {job_id} was not swept")
+    raise AssertionError(f"{side.name}: {job_id} was not {what} in time")
 
 
 def _policy(retention: int) -> Policy:
@@ -771,7 +818,9 @@ async def sides(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator
 
 async def _start(store: EmbeddedStore | MongoStore) -> ServiceHandle:
     retention = store.policy.retention
-    return await start_service(store, lease_sweep_seconds=0.02, event_retention=retention)
+    handle = await start_service(store, lease_sweep_seconds=0.02, event_retention=retention)
+    handle.running.jobs.stall_sweep_seconds = 0.02  # Fuzz.stall waits for its sweeps
+    return handle
 
 
 async def test_both_stores_answer_the_same(sides: tuple[Side, Side]) -> None:
