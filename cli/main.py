@@ -159,7 +159,7 @@ def _run(_: argparse.Namespace) -> int:
     settings = Settings.from_env()
     env = dict(os.environ)
     env.setdefault("JOBWIRE_SERVICE_TARGET", settings.grpc_addr)
-    env.setdefault("JOBWIRE_GENERATE_SECRETS", "1")
+    env.update(_local_secrets(env))
     cmd = [sys.executable, "-m", "cli"]
     service = subprocess.Popen([*cmd, "serve"], env=env)
     children = [service]
@@ -189,6 +189,20 @@ def _run(_: argparse.Namespace) -> int:
     stop()
     codes = [child.wait() for child in children]
     return 0 if stopping else max(codes)
+
+
+def _local_secrets(env: dict[str, str]) -> dict[str, str]:
+    """The bridge's secrets and the dashboard's token for `jobwire run`: from jobwire.env,
+    generated into it when missing. They are handed to the children in their
+    environment, because each process's log filter redacts the secret values its
+    environment holds: one read from the file would otherwise reach a log unredacted."""
+    from dashboard.config import TOKEN_VAR, ensure_token
+    from http_bridge.config import GENERATED_SECRETS, ensure_secrets, merged_env
+
+    env_file, merged = merged_env(env)
+    merged.update(ensure_secrets(env_file, merged))
+    merged.update(ensure_token(env_file, merged))
+    return {name: merged[name] for name in (*GENERATED_SECRETS, TOKEN_VAR) if merged.get(name)}
 
 
 def _healthy(target: str, timeout: float = 2.0) -> bool:

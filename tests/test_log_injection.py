@@ -5,17 +5,23 @@ stderr read as bytes."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import os
 import re
+import signal
+import sys
 from pathlib import Path
 
 import pytest
 
+from http_bridge.config import read_env_file
 from service.logs import JsonFormatter, RedactingFilter, TextFormatter, printable
 from tests.bridge_harness import TRANSCODE_TOKEN
 from tests.bridge_process import cli_bridge_process, raw_exchange
+from tests.helpers import free_port, until
 
 # Percent-encoded, so they pass the HTTP parser and are decoded into request.path:
 # ESC ] 0;title BEL sets a terminal's title; a newline would start a forged line;
@@ -116,3 +122,44 @@ def test_printable_keeps_every_script_and_escapes_only_controls() -> None:
     kept = "größe 中文 😀 e\u0301 a\u200db \u00a0"
     assert printable(kept) == kept
     assert printable("\t\x00\udcff\u2066") == r"\t\x00\udcff\u2066"
+
+
+async def test_secrets_jobwire_run_keeps_in_its_env_file_are_redacted(tmp_path: Path) -> None:
+    """`jobwire run` (make run) generates the bridge's secrets into jobwire.env. A worker
+    that puts its key in the URL path gets a 404, whose access-log line quotes the path:
+    the key must not reach the log, though it came from the file, not the environment."""
+    ports = {name: free_port() for name in ("grpc", "http", "dashboard")}
+    env_file = tmp_path / "jobwire.env"
+    env = {
+        **os.environ,
+        "JOBWIRE_GRPC_ADDR": f"127.0.0.1:{ports['grpc']}",
+        "JOBWIRE_SERVICE_TARGET": f"127.0.0.1:{ports['grpc']}",
+        "JOBWIRE_HTTP_ADDR": f"127.0.0.1:{ports['http']}",
+        "JOBWIRE_DASHBOARD_ADDR": f"127.0.0.1:{ports['dashboard']}",
+        "JOBWIRE_METRICS_ADDR": "",
+        "JOBWIRE_DATA_DIR": str(tmp_path / "data"),
+        "JOBWIRE_ENV_FILE": str(env_file),
+        "JOBWIRE_LOG_FORMAT": "text",
+    }
+    for name in ("API_KEY", "BATCH_CALLBACK_SECRET", "TRANSCODE_CALLBACK_TOKEN"):
+        env.pop(name, None)
+    log_path = tmp_path / "run.log"
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli", "run", env=env, stdout=log, stderr=log
+        )
+    try:
+        await until(lambda: b"bridge on http://" in log_path.read_bytes(), timeout=60)
+        api_key = read_env_file(env_file)["API_KEY"]
+        reply = await raw_exchange(
+            ports["http"],
+            f"GET /{api_key}/status HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n".encode(),
+        )
+        assert reply.startswith(b"HTTP/1.1 404")
+        await until(lambda: b" 404 " in log_path.read_bytes())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 30)
+    written = log_path.read_text()
+    assert "GET /***/status 404" in written, written
+    assert api_key not in written
