@@ -44,7 +44,8 @@ async def watch(args: argparse.Namespace) -> int:
                     note = describe_event(item)
                     if note:
                         screen.note(job, note)
-                    merge(job, item)
+                    if item.sequence > job.sequence:  # else replayed history: in the snapshot
+                        merge(job, item)
                 screen.draw(job)
         except JobwireError as err:
             screen.end()

@@ -204,3 +204,16 @@ async def test_watch_says_it_is_retrying_until_the_service_is_up(
             await terminal.wait_for(lambda s: "[exit 0]" in s)
     finally:
         await handle.close()
+
+
+async def test_watching_a_finished_job_shows_where_it_ended(service: ServiceHandle) -> None:
+    """The replayed history (from sequence 0) gives its notes, but the line shows the
+    job as it is: it used to step back through 30% and 60% after the SUCCEEDED snapshot."""
+    async with Client(service.target) as c:
+        await c.create_job("GENERIC", job_id="over")
+        for percent in (30, 60):
+            await c.report_progress("over", percent, message=f"at {percent}")
+        await c.complete("over")
+    code, out, err = await cli_result("watch", "over", "--target", service.target)
+    assert code == 0, err
+    assert out.splitlines() == ["over [" + "#" * 40 + "] 100.0% SUCCEEDED at 60"]
