@@ -59,13 +59,17 @@ class WatchAdmission:
         return details, ((RETRY_AFTER_KEY, str(hint)),)
 
 
-def server_options(max_watchers: int) -> list[tuple[str, Any]]:
+def server_options(max_watchers: int, min_ping_seconds: float) -> list[tuple[str, Any]]:
     """gRPC core arguments that let a burst of opens reach admission instead of being
     cancelled in the backlog: room for every admitted stream plus as many refused ones,
-    with no random early rejection below that, and time to accept them all."""
+    with no random early rejection below that, and time to accept them all. And the
+    keepalive pings a client may send while its streams are idle: gRPC's default
+    allows one per 5 minutes and answers more with GOAWAY `too_many_pings`, which cut
+    every idle watch (jobwire.client pings every 30 s) after about 2 minutes."""
     backlog = max(4 * max_watchers, 10_000)
     return [
         ("grpc.server.max_pending_requests", backlog),
         ("grpc.server.max_pending_requests_hard_limit", backlog),
         ("grpc.server_max_unrequested_time_in_server", 300),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(min_ping_seconds * 1000)),
     ]

@@ -108,6 +108,9 @@ class Settings:
     # Extra processes serving WatchJob on the same port (service/watch_workers.py).
     watch_workers: int = 0
     shutdown_grace_seconds: float = 10.0
+    # Keepalive pings a client may send this often while its streams are idle (gRPC's
+    # default, 300 s, cut jobwire.client's watches, which ping every 30 s).
+    min_ping_seconds: float = 20.0
     # Operations (README "Metrics", "Live progress across replicas", "TLS and internal
     # auth"). The same defaults whether built in code or from the environment.
     metrics_addr: str = "127.0.0.1:9464"
@@ -142,6 +145,9 @@ class Settings:
             max_watchers=_int("JOBWIRE_MAX_WATCHERS", cls.max_watchers),
             watch_workers=_workers("JOBWIRE_WATCH_WORKERS"),
             shutdown_grace_seconds=_float("JOBWIRE_SHUTDOWN_GRACE_SECONDS", 10.0),
+            min_ping_seconds=_float(
+                "JOBWIRE_GRPC_MIN_PING_SECONDS", cls.min_ping_seconds, above=True
+            ),
             metrics_addr=os.environ.get("JOBWIRE_METRICS_ADDR", cls.metrics_addr),
             metrics_queue_seconds=_float("JOBWIRE_METRICS_QUEUE_SECONDS", 15.0, above=True),
             event_feed=_flag("JOBWIRE_EVENT_FEED", cls.event_feed),

@@ -77,7 +77,10 @@ async def start(settings: Settings, store: Store | None = None) -> RunningServic
     # started by mistake on the same port would silently take half the connections.
     workers = WatchWorkers(settings.watch_workers) if settings.watch_workers else None
     reuse = 1 if workers is not None else 0
-    options = [("grpc.so_reuseport", reuse), *server_options(settings.max_watchers)]
+    options = [
+        ("grpc.so_reuseport", reuse),
+        *server_options(settings.max_watchers, settings.min_ping_seconds),
+    ]
     # Tracing (when on) outermost, so its span covers the metrics and auth interceptors.
     interceptors = [*server_interceptors(), *ops.interceptors]
     server = grpc.aio.server(options=options, interceptors=interceptors)

@@ -232,7 +232,10 @@ async def serve_worker(settings: Settings, primary: str) -> None:
     interceptors: list[grpc.aio.ServerInterceptor] = [_FeedGate(feed)]
     if settings.grpc_token:
         interceptors.insert(0, TokenAuthInterceptor(settings.grpc_token))
-    options = [("grpc.so_reuseport", 1), *server_options(settings.max_watchers)]
+    options = [
+        ("grpc.so_reuseport", 1),
+        *server_options(settings.max_watchers, settings.min_ping_seconds),
+    ]
     server = grpc.aio.server(options=options, interceptors=interceptors)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE.full_name, table),)
