@@ -22,7 +22,8 @@ BAD_NUMBERS = ("x", "nan", "inf", "-1")
 SERVICE = [
     *((var, v) for var in ("JOBWIRE_LEASE_SECONDS", "JOBWIRE_LEASE_SWEEP_SECONDS",
                            "JOBWIRE_SHUTDOWN_GRACE_SECONDS", "JOBWIRE_METRICS_QUEUE_SECONDS",
-                           "JOBWIRE_WATCH_RESYNC_SECONDS", "JOBWIRE_MAX_ATTEMPTS",
+                           "JOBWIRE_WATCH_RESYNC_SECONDS", "JOBWIRE_GRPC_MIN_PING_SECONDS",
+                           "JOBWIRE_MAX_ATTEMPTS",
                            "JOBWIRE_EVENT_RETENTION", "JOBWIRE_WATCH_BUFFER",
                            "JOBWIRE_MAX_WATCHERS", "JOBWIRE_WATCH_WORKERS",
                            "JOBWIRE_EVENT_FEED_MAX_DOCS") for v in BAD_NUMBERS),
