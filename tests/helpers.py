@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
@@ -113,3 +114,19 @@ async def cli_result(
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+def run_environment(tmp_path: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """Free loopback ports (grpc, http, dashboard) and the environment that puts
+    `jobwire run`'s three processes on them, with data and jobwire.env in `tmp_path`
+    and no metrics port."""
+    ports = {name: free_port() for name in ("grpc", "http", "dashboard")}
+    return ports, {
+        "JOBWIRE_GRPC_ADDR": f"127.0.0.1:{ports['grpc']}",
+        "JOBWIRE_SERVICE_TARGET": f"127.0.0.1:{ports['grpc']}",
+        "JOBWIRE_HTTP_ADDR": f"127.0.0.1:{ports['http']}",
+        "JOBWIRE_DASHBOARD_ADDR": f"127.0.0.1:{ports['dashboard']}",
+        "JOBWIRE_METRICS_ADDR": "",
+        "JOBWIRE_DATA_DIR": str(tmp_path / "data"),
+        "JOBWIRE_ENV_FILE": str(tmp_path / "jobwire.env"),
+    }

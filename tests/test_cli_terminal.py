@@ -20,7 +20,7 @@ import pytest
 from jobwire.client import Client
 from service.store.embedded import EmbeddedStore
 from tests.conftest import ServiceHandle, make_policy, start_service
-from tests.helpers import cli_process, cli_result, free_port
+from tests.helpers import cli_process, cli_result, free_port, run_environment
 from tests.terminal import Terminal
 
 WIDTH = 130
@@ -132,17 +132,8 @@ async def test_jobwire_run_starts_all_three_and_ctrl_c_stops_them(
     """The README's `make run` as a person runs it: in a terminal, stopped with Ctrl-C,
     which the terminal sends to the whole foreground process group (the parent and its
     three children at once). Everything stops, with no traceback, exit status 0."""
-    ports = {name: free_port() for name in ("grpc", "http", "dashboard")}
-    env = {
-        "JOBWIRE_GRPC_ADDR": f"127.0.0.1:{ports['grpc']}",
-        "JOBWIRE_SERVICE_TARGET": f"127.0.0.1:{ports['grpc']}",
-        "JOBWIRE_HTTP_ADDR": f"127.0.0.1:{ports['http']}",
-        "JOBWIRE_DASHBOARD_ADDR": f"127.0.0.1:{ports['dashboard']}",
-        "JOBWIRE_METRICS_ADDR": "",
-        "JOBWIRE_DATA_DIR": str(tmp_path / "data"),
-        "JOBWIRE_ENV_FILE": str(tmp_path / "jobwire.env"),
-        "JOBWIRE_LOG_FORMAT": "",  # a terminal: text
-    }
+    ports, env = run_environment(tmp_path)
+    env["JOBWIRE_LOG_FORMAT"] = ""  # a terminal: text
     terminal.start([sys.executable, "-m", "cli", "run"], env)
     rows = await terminal.wait_for(
         lambda s: "bridge on http://" in s and "dashboard on http://" in s, timeout=60

@@ -21,7 +21,7 @@ from http_bridge.config import read_env_file
 from service.logs import JsonFormatter, RedactingFilter, TextFormatter, printable
 from tests.bridge_harness import TRANSCODE_TOKEN
 from tests.bridge_process import cli_bridge_process, raw_exchange
-from tests.helpers import free_port, until
+from tests.helpers import run_environment, until
 
 # Percent-encoded, so they pass the HTTP parser and are decoded into request.path:
 # ESC ] 0;title BEL sets a terminal's title; a newline would start a forged line;
@@ -128,19 +128,9 @@ async def test_secrets_jobwire_run_keeps_in_its_env_file_are_redacted(tmp_path: 
     """`jobwire run` (make run) generates the bridge's secrets into jobwire.env. A worker
     that puts its key in the URL path gets a 404, whose access-log line quotes the path:
     the key must not reach the log, though it came from the file, not the environment."""
-    ports = {name: free_port() for name in ("grpc", "http", "dashboard")}
-    env_file = tmp_path / "jobwire.env"
-    env = {
-        **os.environ,
-        "JOBWIRE_GRPC_ADDR": f"127.0.0.1:{ports['grpc']}",
-        "JOBWIRE_SERVICE_TARGET": f"127.0.0.1:{ports['grpc']}",
-        "JOBWIRE_HTTP_ADDR": f"127.0.0.1:{ports['http']}",
-        "JOBWIRE_DASHBOARD_ADDR": f"127.0.0.1:{ports['dashboard']}",
-        "JOBWIRE_METRICS_ADDR": "",
-        "JOBWIRE_DATA_DIR": str(tmp_path / "data"),
-        "JOBWIRE_ENV_FILE": str(env_file),
-        "JOBWIRE_LOG_FORMAT": "text",
-    }
+    ports, run_env = run_environment(tmp_path)
+    env = {**os.environ, **run_env, "JOBWIRE_LOG_FORMAT": "text"}
+    env_file = Path(run_env["JOBWIRE_ENV_FILE"])
     for name in ("API_KEY", "BATCH_CALLBACK_SECRET", "TRANSCODE_CALLBACK_TOKEN"):
         env.pop(name, None)
     log_path = tmp_path / "run.log"
