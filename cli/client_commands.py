@@ -157,6 +157,14 @@ async def get(args: argparse.Namespace) -> int:
     return await _print(args, lambda c: c.get_job(args.job_id))
 
 
+async def events(args: argparse.Namespace) -> int:
+    return await _print(args, lambda c: c.list_job_events(args.job_id, args.from_sequence))
+
+
+async def cancel(args: argparse.Namespace) -> int:
+    return await _print(args, lambda c: c.cancel_job(args.job_id, args.reason))
+
+
 async def list_jobs(args: argparse.Namespace) -> int:
     filters: dict[str, Any] = {
         "states": args.state,

@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-sequence", type=int, default=0)
     p.set_defaults(func=lambda a: asyncio.run(client_commands.watch(a)))
 
-    jobs = sub.add_parser("jobs", help="create, get and list jobs").add_subparsers(metavar="ACTION")
+    jobs = sub.add_parser("jobs", help="create, get, list and cancel jobs").add_subparsers(
+        metavar="ACTION"
+    )
     p = jobs.add_parser("create", help="create a job; prints it with its callback token")
     p.add_argument("--kind", required=True, choices=_names(job_pb2.JobKind, "JOB_KIND_"))
     p.add_argument("--id", default="")
@@ -85,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("--target", default=target)
     p.set_defaults(func=lambda a: asyncio.run(client_commands.get(a)))
+    p = jobs.add_parser("events", help="print a job's retained events, oldest first")
+    p.add_argument("job_id")
+    p.add_argument("--from-sequence", type=int, default=0, help="only events after this one")
+    p.add_argument("--target", default=target)
+    p.set_defaults(func=lambda a: asyncio.run(client_commands.events(a)))
+    p = jobs.add_parser("cancel", help="cancel a job that has not ended; prints it")
+    p.add_argument("job_id")
+    p.add_argument("--reason", default="")
+    p.add_argument("--target", default=target)
+    p.set_defaults(func=lambda a: asyncio.run(client_commands.cancel(a)))
     p = jobs.add_parser("list", help="list jobs, oldest first")
     p.add_argument(
         "--state", action="append", default=[], choices=_names(job_pb2.JobState, "JOB_STATE_")

@@ -154,3 +154,29 @@ async def test_a_real_stall_is_watched_and_printed(tmp_path: Path) -> None:
         assert "STALLED at event 2" in out and "SUCCEEDED" in out
     finally:
         await handle.close()
+
+
+async def test_jobs_events_and_cancel(grpc_service: ServiceHandle) -> None:
+    """`jobs events` prints a job's retained history; `jobs cancel` ends a job that has
+    not ended, and says why it cannot when it has (exit 1, the status code named)."""
+    target = grpc_service.target
+    async with Client(target) as c:
+        await c.create_job("GENERIC", job_id="ev-1")
+        await c.report_progress("ev-1", 10, message="first")
+        await c.report_progress("ev-1", 20, message="second")
+    code, out, err = await cli_result("jobs", "events", "ev-1", "--target", target)
+    assert code == 0, err
+    assert [e["progress"]["message"] for e in json.loads(out)["events"]] == ["first", "second"]
+    code, out, err = await cli_result(
+        "jobs", "events", "ev-1", "--from-sequence", "1", "--target", target
+    )
+    assert [e["progress"]["message"] for e in json.loads(out)["events"]] == ["second"]
+    code, out, err = await cli_result(
+        "jobs", "cancel", "ev-1", "--reason", "not needed", "--target", target
+    )
+    assert code == 0, err
+    assert json.loads(out)["state"] == "JOB_STATE_CANCELLED"
+    code, out, err = await cli_result("jobs", "cancel", "ev-1", "--target", target)
+    assert code == 1 and "FAILED_PRECONDITION" in err and out == ""
+    code, _, err = await cli_result("jobs", "cancel", "nope", "--target", target)
+    assert code == 1 and "NOT_FOUND" in err
