@@ -15,6 +15,7 @@ from pathlib import Path
 from http_bridge.config import generate_missing, merged_env, number, parse_addr, public_url, whole
 
 TOKEN_VAR = "JOBWIRE_DASHBOARD_TOKEN"
+MIN_TOKEN_CHARS = 16  # below this a warning at start; the operator's choice still holds
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,17 @@ class DashboardConfig:
     @property
     def closed(self) -> bool:
         return not self.token and not self.trusted_user_header
+
+    def warnings(self) -> list[str]:
+        """What an operator should hear at start (the token's value never)."""
+        if self.closed:
+            return [f"dashboard is closed: set {TOKEN_VAR} to open it"]
+        if 0 < len(self.token) < MIN_TOKEN_CHARS:
+            return [
+                f"{TOKEN_VAR} is {len(self.token)} characters: a short token can be guessed;"
+                f" use {MIN_TOKEN_CHARS} or more (jobwire run generates 43)"
+            ]
+        return []
 
 
 def ensure_token(path: Path, present: Mapping[str, str]) -> dict[str, str]:

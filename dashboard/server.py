@@ -44,8 +44,8 @@ async def serve(config: DashboardConfig) -> None:
     await runner.setup()
     site = site_for(runner, config)
     await site.start()
-    if config.closed:
-        log.warning("dashboard is closed: set JOBWIRE_DASHBOARD_TOKEN to open it")
+    for warning in config.warnings():
+        log.warning("%s", warning)
     # The URL only: the token lives in the environment / jobwire.env.
     print(f"jobwire: dashboard on http://{config.host}:{config.port}/", flush=True)
     stop = asyncio.Event()

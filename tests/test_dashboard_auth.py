@@ -207,3 +207,13 @@ async def test_the_jobs_pages_resync_query_keeps_a_label_filter_whole(
             assert reply.status == 200, await reply.text()
             ids = [job["id"] for job in (await reply.json())["jobs"]]
     assert ids == [wanted.job.id]
+
+
+def test_a_short_token_is_warned_about_at_start() -> None:
+    assert DashboardConfig().warnings() == [
+        "dashboard is closed: set JOBWIRE_DASHBOARD_TOKEN to open it"
+    ]
+    (short,) = DashboardConfig(token="hunter2").warnings()
+    assert "JOBWIRE_DASHBOARD_TOKEN is 7 characters" in short and "hunter2" not in short
+    assert DashboardConfig(token=TOKEN).warnings() == []
+    assert DashboardConfig(trusted_user_header="X-Forwarded-User").warnings() == []
