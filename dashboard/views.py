@@ -96,11 +96,13 @@ async def logout(request: web.Request) -> web.StreamResponse:
     raise response
 
 
-async def _check_csrf(request: web.Request) -> None:
+async def _check_csrf(request: web.Request) -> Any:
+    """The posted form, once its CSRF token (or header) checks out."""
     form = await _form(request)
     submitted = str(form.get("csrf", "")) or request.headers.get("X-CSRF-Token", "")
     if not request.app[AUTH].csrf_ok(principal(request), submitted):
         raise PageError(403, "missing or wrong CSRF token: reload the page and try again")
+    return form
 
 
 # -- jobs page -----------------------------------------------------------------
@@ -273,9 +275,8 @@ def _callback_url(public_url: str, job: dict[str, Any]) -> str:
 
 @routes.post("/jobs/{job_id}/cancel")
 async def cancel(request: web.Request) -> web.StreamResponse:
-    await _check_csrf(request)
+    form = await _check_csrf(request)
     job_id = request.match_info["job_id"]
-    form = await _form(request)
     reason = str(form.get("reason", "")) or "cancelled from the dashboard"
     try:
         await request.app[GRPC]().CancelJob(

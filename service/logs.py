@@ -108,9 +108,14 @@ def printable(text: str) -> str:
     )
 
 
-def printable_lines(text: str) -> str:
-    """A traceback made printable line by line: its own line breaks stay."""
-    return "\n".join(printable(line) for line in text.split("\n"))
+def printable_traceback(formatter: logging.Formatter, record: logging.LogRecord) -> str:
+    """The record's traceback ("" when none), made printable line by line: its own
+    line breaks stay. Kept on the record, as logging.Formatter keeps it."""
+    if record.exc_info and not record.exc_text:
+        record.exc_text = formatter.formatException(record.exc_info)
+    if record.exc_text:
+        record.exc_text = "\n".join(printable(line) for line in record.exc_text.split("\n"))
+    return record.exc_text or ""
 
 
 class TextFormatter(logging.Formatter):
@@ -123,12 +128,8 @@ class TextFormatter(logging.Formatter):
         record.message = printable(record.message)
         return super().formatMessage(record)
 
-    def formatException(self, ei: Any) -> str:
-        return printable_lines(super().formatException(ei))
-
     def format(self, record: logging.LogRecord) -> str:
-        if record.exc_text:  # set by RedactingFilter, so formatException is not called
-            record.exc_text = printable_lines(record.exc_text)
+        printable_traceback(self, record)  # logging.Formatter then appends exc_text
         return super().format(record)
 
 
@@ -148,10 +149,8 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, key, "")
             if value:
                 entry[key] = value
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self.formatException(record.exc_info)
-        if record.exc_text:
-            entry["error"] = printable_lines(record.exc_text)
+        if error := printable_traceback(self, record):
+            entry["error"] = error
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 

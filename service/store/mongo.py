@@ -536,10 +536,7 @@ class MongoStore:
         plan.created = False
         plan.token = random.getrandbits(62) + 1
         record = None if doc is None else codec.decode_record(doc, retention)
-        ring: dict[str, Any] = dict(doc.get("ring") or {}) if doc is not None else {}
-        relaid = codec.rehomed(ring, retention)  # the retention changed: rewrite it whole
-        if relaid is not None:
-            ring = relaid
+        ring, relaid = codec.ring_for(doc, retention)
         changed_slots: dict[str, Any] = {}
         for index in plan.indices:
             try:
@@ -568,7 +565,7 @@ class MongoStore:
         if doc is None:
             plan.write = InsertOne(codec.job_document(record, ring))
             return
-        update = _update(record.job, changed_slots, ring if relaid is not None else None)
+        update = _update(record.job, changed_slots, ring if relaid else None)
         plan.write = UpdateOne({"_id": plan.job_id, "seq": doc["seq"]}, update)
 
     async def _write(self, plans: list[_Plan]) -> list[_Plan]:
@@ -722,10 +719,7 @@ class MongoStore:
             return None
         if not isinstance(outcome, Applied):
             return None
-        ring = dict(doc.get("ring") or {})
-        relaid = codec.rehomed(ring, retention)
-        if relaid is not None:
-            ring = relaid
+        ring, relaid = codec.ring_for(doc, retention)
         slot = codec.ring_slot(outcome.event.sequence, retention)
         ring[slot] = codec.ring_entry(outcome.event, random.getrandbits(62) + 1)
         async with self._writing():

@@ -117,6 +117,14 @@ def rehomed(ring: Mapping[str, RingEntry] | None, retention: int) -> Doc | None:
     return {ring_slot(int(e["s"]), retention): e for e in retained(ring, retention)}
 
 
+def ring_for(doc: Mapping[str, Any] | None, retention: int) -> tuple[Doc, bool]:
+    """A job document's ring laid out for `retention` (a copy to change), and whether it
+    had to be re-laid out: then the next write sets the whole ring, not its slots."""
+    ring: Doc = dict(doc.get("ring") or {}) if doc is not None else {}
+    relaid = rehomed(ring, retention)
+    return (ring, False) if relaid is None else (relaid, True)
+
+
 def keys_of(entries: Iterable[RingEntry]) -> tuple[str, ...]:
     return tuple(str(e["k"]) for e in entries if e.get("k"))
 
