@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jobwire", description=__doc__)
     sub = parser.add_subparsers(metavar="COMMAND")
     target = os.environ.get("JOBWIRE_SERVICE_TARGET", "127.0.0.1:50051")
+    target_help = f"the service's gRPC address (JOBWIRE_SERVICE_TARGET; now {target})"
 
     p = sub.add_parser("serve", help="run the gRPC service")
     p.set_defaults(func=_serve)
@@ -60,60 +61,79 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_watch_worker)
 
     p = sub.add_parser("healthcheck", help="exit 0 when the service (or bridge) is healthy")
-    p.add_argument("--target", default=target)
+    p.add_argument("--target", default=target, help=target_help)
     p.add_argument("--http", default="", help="check this bridge URL instead (e.g. /readyz)")
     p.set_defaults(func=_healthcheck)
 
     p = sub.add_parser("watch", help="follow a job's progress until it ends")
     p.add_argument("job_id")
-    p.add_argument("--target", default=target)
-    p.add_argument("--from-sequence", type=int, default=0)
+    p.add_argument("--target", default=target, help=target_help)
+    p.add_argument(
+        "--from-sequence", type=int, default=0, help="resume after this event (0: from the start)"
+    )
     p.set_defaults(func=lambda a: asyncio.run(client_commands.watch(a)))
 
     jobs = sub.add_parser("jobs", help="create, get, list and cancel jobs").add_subparsers(
-        metavar="ACTION"
+        metavar="ACTION", dest="action", required=True
     )
     p = jobs.add_parser("create", help="create a job; prints it with its callback token")
     p.add_argument("--kind", required=True, choices=_names(job_pb2.JobKind, "JOB_KIND_"))
-    p.add_argument("--id", default="")
-    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--video-url", default="")
+    p.add_argument("--id", default="", help="the job id (default: one the service makes)")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
+    p.add_argument("--video-url", default="", help="VIDEO jobs: the video to fetch")
     p.add_argument("--title", default="")
     p.add_argument("--playlist", default="")
     p.add_argument("--subtitle", default="")
-    p.add_argument("--target", default=target)
+    p.add_argument("--target", default=target, help=target_help)
     p.set_defaults(func=lambda a: asyncio.run(client_commands.create(a)))
     p = jobs.add_parser("get", help="print one job")
     p.add_argument("job_id")
-    p.add_argument("--target", default=target)
+    p.add_argument("--target", default=target, help=target_help)
     p.set_defaults(func=lambda a: asyncio.run(client_commands.get(a)))
     p = jobs.add_parser("events", help="print a job's retained events, oldest first")
     p.add_argument("job_id")
     p.add_argument("--from-sequence", type=int, default=0, help="only events after this one")
-    p.add_argument("--target", default=target)
+    p.add_argument("--target", default=target, help=target_help)
     p.set_defaults(func=lambda a: asyncio.run(client_commands.events(a)))
     p = jobs.add_parser("cancel", help="cancel a job that has not ended; prints it")
     p.add_argument("job_id")
-    p.add_argument("--reason", default="")
-    p.add_argument("--target", default=target)
+    p.add_argument("--reason", default="", help="kept with the job and shown on it")
+    p.add_argument("--target", default=target, help=target_help)
     p.set_defaults(func=lambda a: asyncio.run(client_commands.cancel(a)))
     p = jobs.add_parser("list", help="list jobs, oldest first")
     p.add_argument(
-        "--state", action="append", default=[], choices=_names(job_pb2.JobState, "JOB_STATE_")
+        "--state",
+        action="append",
+        default=[],
+        choices=_names(job_pb2.JobState, "JOB_STATE_"),
+        help="only jobs in this state (repeatable: any of them)",
     )
-    p.add_argument("--kind", default="", choices=["", *_names(job_pb2.JobKind, "JOB_KIND_")])
-    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--page-size", type=int, default=50)
-    p.add_argument("--page-token", default="")
+    p.add_argument(
+        "--kind", default="", choices=_names(job_pb2.JobKind, "JOB_KIND_"), help="only this kind"
+    )
+    p.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only jobs with this label (repeatable: all of them)",
+    )
+    p.add_argument("--page-size", type=int, default=50, help="jobs per page (1-1000)")
+    p.add_argument("--page-token", default="", help="next_page_token of the previous page")
     p.add_argument("--all", action="store_true", help="every page (--page-size per call)")
-    p.add_argument("--target", default=target)
+    p.add_argument("--target", default=target, help=target_help)
     p.set_defaults(func=lambda a: asyncio.run(client_commands.list_jobs(a)))
 
     p = sub.add_parser("logs", help="print log lines, newest first")
-    p.add_argument("--job", default="")
-    p.add_argument("--level", default="", choices=["", *_names(log_pb2.LogLevel, "LOG_LEVEL_")])
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--target", default=target)
+    p.add_argument("--job", default="", help="only this job's lines")
+    p.add_argument(
+        "--level",
+        default="",
+        choices=_names(log_pb2.LogLevel, "LOG_LEVEL_"),
+        help="only lines of this level",
+    )
+    p.add_argument("--limit", type=int, default=50, help="at most this many lines (1-1000)")
+    p.add_argument("--target", default=target, help=target_help)
     p.set_defaults(func=lambda a: asyncio.run(client_commands.logs(a)))
 
     try:

@@ -180,3 +180,16 @@ async def test_jobs_events_and_cancel(grpc_service: ServiceHandle) -> None:
     assert code == 1 and "FAILED_PRECONDITION" in err and out == ""
     code, _, err = await cli_result("jobs", "cancel", "nope", "--target", target)
     assert code == 1 and "NOT_FOUND" in err
+
+
+async def test_cli_help_names_each_option_and_jobs_wants_an_action() -> None:
+    code, out, err = await cli_result("jobs")
+    assert code == 2 and "jobs: error: the following arguments are required: ACTION" in err
+    code, out, _ = await cli_result("jobs", "list", "--help")
+    assert code == 0
+    assert "{," not in out  # no empty choice shown for "any"
+    for described in ("only jobs in this state", "only this kind", "only jobs with this label"):
+        assert described in out
+    assert "JOBWIRE_SERVICE_TARGET" in out
+    code, out, _ = await cli_result("logs", "--help")
+    assert "{," not in out and "only lines of this level" in out
