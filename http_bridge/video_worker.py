@@ -148,7 +148,8 @@ def to_event(report: Report) -> svc.ReportEventRequest:
     return event
 
 
-@routes.get("/api/pending")
+# No HEAD: it would run the claim and drop the video it hands out (405, Allow: GET).
+@routes.get("/api/pending", allow_head=False)
 @contract_errors(render(REPORT_FIELDS))
 async def pending(request: web.Request) -> web.StreamResponse:
     authorize(request)

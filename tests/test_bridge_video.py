@@ -218,3 +218,18 @@ async def test_log_level_filter_maps_to_service(bridge: Any, stub: Any) -> None:
     status, listed = await bridge.get("/api/log?level=DEBUG&limit=1000", headers=VIDEO_AUTH)
     assert status == 200
     assert {**line} in listed
+
+
+async def test_head_on_pending_claims_nothing(tmp_path: Any) -> None:
+    """HEAD must be safe: aiohttp answers HEAD with the GET handler, which claimed the
+    oldest video for a response whose body HEAD then dropped (the video sat in
+    processing, leased to no one who knew it). HEAD is refused with Allow: GET."""
+    async with fresh_stack(tmp_path) as (b, s):
+        await create_job(s, job_pb2.JOB_KIND_VIDEO, "12345", video())
+        async with b.http.head(b.url + "/api/pending", headers=VIDEO_AUTH) as resp:
+            assert resp.status == 405
+            assert resp.headers["Allow"] == "GET"
+        job = await get_job(s, "12345")
+        assert (job.state, job.sequence) == (job_pb2.JOB_STATE_QUEUED, 0)
+        status, body = await b.get("/api/pending", headers=VIDEO_AUTH)
+        assert (status, body["videoId"]) == (200, "12345")
