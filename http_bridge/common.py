@@ -41,7 +41,10 @@ class Body:
 
 async def read_body(request: web.Request, limit: int) -> Body:
     """Reads at most `limit` bytes into one preallocated buffer (413 beyond it)."""
-    length = request.content_length
+    # aiohttp hands over an encoded body (gzip, deflate) decoded; its Content-Length
+    # counts the encoded bytes, so it says nothing of what is read here.
+    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    length = request.content_length if coding in ("", "identity") else None
     if length is not None and length > limit:
         raise BridgeError(413, f"request body exceeds {limit} bytes")
     content = request.content
