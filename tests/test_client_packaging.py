@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 import zipfile
 from pathlib import Path
@@ -14,6 +15,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = ["__init__", "artifacts", "channel", "client", "errors", "retry", "watch"]
 PROBE = "import jobwire.client as c, jobwire.v1.job_pb2 as j; print(c.__file__); c.Client"
+# A user's module, as `mypy --strict` sees it with the wheel installed: the client's
+# replies are typed protobuf messages (a misspelt field is an error), not Any.
+USER = """
+from jobwire.client import Client, Job
+from jobwire.v1 import job_pb2
+
+async def use(client: Client) -> str:
+    created = await client.create_job(job_pb2.JOB_KIND_GENERIC)
+    async for item in client.watch_job(created.job.id):
+        if isinstance(item, Job):
+            return item.id
+    return created.callback_url
+"""
+MISSPELT = "\nasync def typo(client: Client) -> str:\n    return (await client.get_job('x')).idd\n"
 
 
 def _source_roots() -> set[str]:
@@ -73,3 +88,31 @@ def test_wheel_ships_jobwire_client_with_py_typed(tmp_path: Path) -> None:
     zipfile.ZipFile(wheel).extractall(unpacked)
     where = Path(_python(PROBE, cwd=tmp_path, pythonpath=str(unpacked)))
     assert where == unpacked / "jobwire" / "client" / "__init__.py"
+    _mypy_as_a_user(wheel, tmp_path / "user")
+    assert "jobwire/v1/py.typed" in names
+
+
+def _mypy_as_a_user(wheel: Path, where: Path) -> None:
+    """`mypy --strict` on a user's module, in a fresh environment with the wheel
+    installed beside the dependencies (found through a .pth: no editable finder)."""
+    env_dir = where / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
+    python = env_dir / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    zipfile.ZipFile(wheel).extractall(site)
+    (Path(site) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    (where / "good.py").write_text(USER)
+    (where / "typo.py").write_text(USER + MISSPELT)
+    results = {}
+    for name in ("good.py", "typo.py"):
+        done = subprocess.run(
+            [sys.executable, "-m", "mypy", "--strict", "--no-incremental",
+             "--python-executable", str(python), name],
+            cwd=where, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        results[name] = (done.returncode, done.stdout)
+    assert results["good.py"][0] == 0, results["good.py"][1]
+    assert results["typo.py"][0] == 1 and '"Job" has no attribute "idd"' in results["typo.py"][1]
