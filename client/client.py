@@ -1,6 +1,7 @@
 """`Client`: the asyncio client of the jobwire service.
 
-Every unary call has a default deadline (`timeout`, overridable per call). Calls
+Every unary call has a default deadline (`timeout`, overridable per call), which
+covers the call's retries and their backoff too. Calls
 that are safe to repeat (reads; event reports, whose idempotency key makes a repeat
 an acknowledged duplicate; uploads from a path or bytes, which replace the same
 artifact) are retried on UNAVAILABLE with backoff; the rest are not. Failures raise
@@ -372,15 +373,16 @@ class Client:
             job_id=job_id, name=name, content_type=content_type, callback_token=callback_token
         )
 
-        async def attempt() -> artifact_pb2.Artifact:
+        async def attempt(left: float | None) -> artifact_pb2.Artifact:
             messages = upload_messages(header, source, chunk_size)
             result: artifact_pb2.Artifact = await self._stub.UploadArtifact(
                 messages,
-                timeout=timeout,
+                timeout=left,
             )
             return result
 
-        return await call_with_retry(attempt, self.retry if replayable(source) else None)
+        policy = self.retry if replayable(source) else None
+        return await call_with_retry(attempt, policy, timeout)
 
     def read_artifact(
         self,
@@ -465,12 +467,11 @@ class Client:
         *,
         retry: bool = True,
     ) -> R:
+        async def attempt(left: float | None) -> R:
+            return await method(request, timeout=left)
+
         deadline = self.timeout if timeout is None else timeout
-
-        async def attempt() -> R:
-            return await method(request, timeout=deadline)
-
-        return await call_with_retry(attempt, self.retry if retry else None)
+        return await call_with_retry(attempt, self.retry if retry else None, deadline)
 
 
 def new_idempotency_key() -> str:

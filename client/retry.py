@@ -45,15 +45,29 @@ class RetryPolicy:
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 
 
-async def call_with_retry(call: Callable[[], Awaitable[T]], policy: RetryPolicy | None) -> T:
-    """Runs `call`; repeats it on UNAVAILABLE when a policy is given. Raises JobwireError."""
+async def call_with_retry(
+    call: Callable[[float | None], Awaitable[T]],
+    policy: RetryPolicy | None,
+    timeout: float | None = None,
+) -> T:
+    """Runs `call(seconds left)`; repeats it on UNAVAILABLE when a policy is given.
+
+    `timeout` bounds the whole call, retries and their backoff included: each attempt
+    gets what is left of it, and no attempt is started that the backoff would leave no
+    time for (the last error is raised instead). Raises JobwireError.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
     attempts = policy.attempts if policy is not None else 1
     for attempt in range(attempts):
+        left = None if deadline is None else max(0.0, deadline - loop.time())
         try:
-            return await call()
+            return await call(left)
         except grpc.aio.AioRpcError as err:
             if policy is None or err.code() not in RETRYABLE or attempt + 1 >= attempts:
                 raise translate(err) from None
-        assert policy is not None
-        await asyncio.sleep(policy.backoff.delay(attempt))
+            delay = policy.backoff.delay(attempt)
+            if deadline is not None and loop.time() + delay >= deadline:
+                raise translate(err) from None
+        await asyncio.sleep(delay)
     raise AssertionError("unreachable")

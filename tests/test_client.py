@@ -265,6 +265,46 @@ async def test_default_and_per_call_deadlines_fire() -> None:
         await stalled.stop(0)
 
 
+async def test_a_call_deadline_covers_its_retries() -> None:
+    """`timeout=` bounds the whole call: a service that answers UNAVAILABLE slowly is
+    retried only while the deadline allows (before: each retry had a fresh deadline,
+    so 1 s became 20 attempts x 0.2 s plus backoff)."""
+    flaky = grpc.aio.server()
+    attempts = 0
+
+    async def slow_unavailable(
+        request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> bytes:
+        nonlocal attempts
+        attempts += 1
+        await asyncio.sleep(0.2)  # the service's slowness, not synchronisation
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+        return b""
+
+    flaky.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "jobwire.v1.JobService",
+                {"GetJob": grpc.unary_unary_rpc_method_handler(slow_unavailable)},
+            )
+        ]
+    )
+    port = flaky.add_insecure_port("127.0.0.1:0")
+    await flaky.start()
+    patient = RetryPolicy(attempts=20, backoff=Backoff(initial=0.01, maximum=0.02))
+    try:
+        async with client(f"127.0.0.1:{port}", retry=patient) as c:
+            loop = asyncio.get_running_loop()
+            begin = loop.time()
+            with pytest.raises((Unavailable, DeadlineExceeded)):
+                await c.get_job("x", timeout=1.0)
+            took = loop.time() - begin
+            assert 1 < attempts < 20, attempts  # retried, but not past the deadline
+            assert took < 2.5, f"{took:.1f} s"  # 20 attempts take 4 s or more
+    finally:
+        await flaky.stop(0)
+
+
 async def test_report_progress_retried_after_a_lost_reply_is_applied_once(
     service: ServiceHandle, proxy: FaultProxy
 ) -> None:
