@@ -102,6 +102,7 @@ def to_event(task: Task, idempotency_prefix: str) -> svc.ReportEventRequest:
         job_id=task.task_id,
         idempotency_key=f"{idempotency_prefix}{task.task_id}:{task.status}",
         create_kind=job_pb2.JOB_KIND_TRANSCODE,
+        kind=job_pb2.JOB_KIND_TRANSCODE,  # the token reaches only transcode jobs
     )
     if task.status == "succeeded":
         result = event.completed
@@ -122,9 +123,11 @@ async def apply_task(request: web.Request, event: svc.ReportEventRequest) -> Non
     try:
         await report_event(request, event)
     except RpcFailed as exc:
-        if exc.code != grpc.StatusCode.FAILED_PRECONDITION:
+        # FAILED_PRECONDITION: already finished with another outcome. NOT_FOUND (the
+        # task would be created otherwise): its id names a job of another kind. A
+        # retry cannot change either, so ack.
+        if exc.code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
             raise
-        # Already finished with another outcome: a retry cannot change that, so ack.
         log.warning("aurora task %s: %s (acknowledged)", event.job_id, exc.message)
 
 

@@ -75,7 +75,8 @@ def render_error(err: BridgeError) -> dict[str, Any]:
 
 
 def to_event(cb: BatchCallback) -> svc.ReportEventRequest:
-    event = svc.ReportEventRequest(job_id=cb.jobId)
+    # kind: the shared secret reaches only AWS Batch jobs; any other job is "not found".
+    event = svc.ReportEventRequest(job_id=cb.jobId, kind=job_pb2.JOB_KIND_BATCH)
     if cb.status == "success":
         event.completed.output_key = cb.outputKey or ""
     else:

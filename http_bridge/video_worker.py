@@ -129,7 +129,8 @@ def authorize(request: web.Request) -> None:
 
 
 def to_event(report: Report) -> svc.ReportEventRequest:
-    event = svc.ReportEventRequest(job_id=report.videoId)
+    # kind: the API key reaches only videos; any other job is "El video no existe".
+    event = svc.ReportEventRequest(job_id=report.videoId, kind=job_pb2.JOB_KIND_VIDEO)
     if report.timestamp is not None:
         event.event_time.CopyFrom(to_timestamp(report.timestamp))
     if report.status == "progress":
@@ -199,8 +200,10 @@ async def write_log(request: web.Request) -> web.StreamResponse:
         message=line.message,
     )
     entry.time.CopyFrom(to_timestamp(line.timestamp))
+    # An ERROR line fails a pending or processing video, never a job of another kind.
     await stub_of(request).WriteLog(
-        svc.WriteLogRequest(entry=entry), timeout=config_of(request).rpc_timeout_seconds
+        svc.WriteLogRequest(entry=entry, kind=job_pb2.JOB_KIND_VIDEO),
+        timeout=config_of(request).rpc_timeout_seconds,
     )
     return json_response({"success": True})
 

@@ -273,9 +273,10 @@ class Jobs:
     # -- logs --------------------------------------------------------------
 
     async def write_log(
-        self, entry: log_pb2.LogEntry, token: str = ""
+        self, entry: log_pb2.LogEntry, token: str = "", kind: int = 0
     ) -> job_service_pb2.WriteLogResponse:
         validation.log_level(entry.level, "entry.level")
+        validation.optional_kind(kind)
         if not entry.message:
             raise invalid("entry.message is required")
         validation.message(entry.message, "entry.message")
@@ -298,7 +299,12 @@ class Jobs:
                     raise not_found(stored.job_id)
                 events.check_token(record, token)
         failed = False
-        if entry.level == log_pb2.LOG_LEVEL_ERROR and record is not None and not record.terminal:
+        if (
+            entry.level == log_pb2.LOG_LEVEL_ERROR
+            and record is not None
+            and not record.terminal
+            and (not kind or record.job.kind == kind)  # WriteLogRequest.kind
+        ):
             # Keyed by the line's content, so a retried line fails the job once.
             key = "log:" + hashlib.sha256(stored.SerializeToString(deterministic=True)).hexdigest()
             command = FailFromLog(stored, key)

@@ -12,9 +12,10 @@ from typing import Any
 import grpc
 import orjson
 
-from jobwire.v1 import job_pb2, job_service_pb2
+from jobwire.v1 import job_pb2, job_service_pb2, log_pb2
 from tests.bridge_harness import (
     BATCH_SECRET,
+    TRANSCODE_TOKEN,
     VIDEO_AUTH,
     bridge,  # noqa: F401
     create_job,
@@ -87,3 +88,106 @@ async def test_a_gzip_body_decoding_past_the_limit_is_413(bridge: Any, stub: Any
         {"error": "Faltan campos requeridos: status, videoId, message"},
     )
     assert (await get_job(stub, vid)).sequence == 0
+
+
+async def test_a_shared_secret_reaches_only_its_contracts_kind_of_job(
+    bridge: Any, stub: Any
+) -> None:
+    """The AWS Batch secret, the video worker's API key and the AuroraCloud token are
+    shared by every worker of their contract. They finished any job whose id they
+    named: the video worker's key failed a Secretary job (guarded by its own per-job
+    token) through /api/report or an ERROR log, the Batch secret completed a video.
+    Now a job of another kind is, to them, a job that does not exist."""
+    doc = await create_job(stub, job_pb2.JOB_KIND_EXTRACTION)
+    vid, batch = new_id("v"), new_id("b")
+    await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid)
+    await create_job(stub, job_pb2.JOB_KIND_BATCH, batch)
+    for other in (doc.job.id, batch):
+        report = {"status": "error", "message": "x", "videoId": other}
+        assert await bridge.post("/api/report", report, headers=VIDEO_AUTH) == (
+            404,
+            {"error": "El video no existe"},
+        )
+    line = {
+        "level": "ERROR",
+        "message": "boom",
+        "timestamp": "2023-05-01T12:00:00Z",
+        "videoId": doc.job.id,
+    }
+    # The line is stored (it names a job), but fails only videos.
+    assert await bridge.post("/api/log", line, headers=VIDEO_AUTH) == (200, {"success": True})
+    logs = await stub.ListLogs(job_service_pb2.ListLogsRequest(job_id=doc.job.id))
+    assert [e.message for e in logs.entries] == ["boom"]
+    for other in (doc.job.id, vid):
+        callback = {
+            "jobId": other,
+            "status": "success",
+            "outputKey": "o",
+            "callbackSecret": BATCH_SECRET,
+        }
+        assert await bridge.post("/api/batch-callback", callback) == (
+            404,
+            {"error": "Projekt mit der angegebenen Job-ID nicht gefunden"},
+        )
+    # AuroraCloud: acknowledged (a retry cannot change it), nothing applied or created.
+    task = {"task_id": doc.job.id, "status": "failed", "error_msg": "late"}
+    aurora = {"Authorization": f"Bearer {TRANSCODE_TOKEN}"}
+    notification = {"code": 0, "msg": "failed", "data": [task]}
+    assert await bridge.post("/api/transcode-callback", notification, headers=aurora) == (
+        200,
+        {"ack": True},
+    )
+    for job_id, kind in (
+        (doc.job.id, job_pb2.JOB_KIND_EXTRACTION),
+        (vid, job_pb2.JOB_KIND_VIDEO),
+        (batch, job_pb2.JOB_KIND_BATCH),
+    ):
+        job = await get_job(stub, job_id)
+        assert (job.kind, job.state, job.sequence) == (kind, job_pb2.JOB_STATE_QUEUED, 0)
+    # Each contract still reaches its own kind, and the Secretary its job by its token.
+    report = {"status": "error", "message": "x", "videoId": vid}
+    assert await bridge.post("/api/report", report, headers=VIDEO_AUTH) == (200, {"success": True})
+    secretary = {"Authorization": f"Bearer {doc.callback_token}"}
+    progress = {"phase": "extract_text", "progress": 5}
+    assert (await bridge.post(f"/api/external/jobs/{doc.job.id}", progress, headers=secretary))[
+        0
+    ] == 200
+
+
+async def test_report_and_log_kind_checked_on_both_stores(service: Any) -> None:
+    """ReportEventRequest.kind / WriteLogRequest.kind, alone and in a batch."""
+    stub = service.stub
+    doc = (await create_job(stub, job_pb2.JOB_KIND_EXTRACTION)).job.id
+
+    def report(kind: job_pb2.JobKind.ValueType, key: str) -> job_service_pb2.ReportEventRequest:
+        event = job_service_pb2.ReportEventRequest(job_id=doc, idempotency_key=key, kind=kind)
+        event.failed.message = "x"
+        return event
+
+    try:
+        await stub.ReportEvent(report(job_pb2.JOB_KIND_VIDEO, "k1"))
+        raise AssertionError("a video report reached an extraction job")
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.NOT_FOUND
+    batch = await stub.BatchReportEvents(
+        job_service_pb2.BatchReportEventsRequest(requests=[report(job_pb2.JOB_KIND_BATCH, "k2")])
+    )
+    assert [r.code for r in batch.results] == [grpc.StatusCode.NOT_FOUND.value[0]]
+    mixed = report(job_pb2.JOB_KIND_VIDEO, "k3")
+    mixed.create_kind = job_pb2.JOB_KIND_TRANSCODE
+    try:
+        await stub.ReportEvent(mixed)
+        raise AssertionError("kind and create_kind disagreeing were accepted")
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "create_kind" in (exc.details() or "")
+    entry = log_pb2.LogEntry(job_id=doc, level=log_pb2.LOG_LEVEL_ERROR, message="boom")
+    written = await stub.WriteLog(
+        job_service_pb2.WriteLogRequest(entry=entry, kind=job_pb2.JOB_KIND_VIDEO)
+    )
+    assert not written.job_failed
+    job = await get_job(stub, doc)
+    assert (job.state, job.sequence) == (job_pb2.JOB_STATE_QUEUED, 0)
+    # The same kind (or none) still applies.
+    applied = await stub.ReportEvent(report(job_pb2.JOB_KIND_EXTRACTION, "k4"))
+    assert applied.state == job_pb2.JOB_STATE_FAILED

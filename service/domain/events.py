@@ -36,6 +36,9 @@ def validate_report(request: job_service_pb2.ReportEventRequest) -> None:
         validation.job_id(request.job_id)
     validation.idempotency_key(request.idempotency_key)
     validation.optional_kind(request.create_kind, "create_kind")
+    validation.optional_kind(request.kind, "kind")
+    if request.kind and request.create_kind and request.kind != request.create_kind:
+        raise invalid("kind and create_kind must be the same kind")
     payload = request.WhichOneof("payload")
     if payload is None:
         raise invalid("one of progress, completed or failed is required")
@@ -128,6 +131,9 @@ def apply(
         else:
             raise not_found(job_id)
     elif isinstance(command, Report):
+        if command.request.kind and record.job.kind != command.request.kind:
+            # Another contract's job: as unknown to this caller as a missing one.
+            raise not_found(job_id)
         check_token(record, command.request.callback_token)
 
     key = _key_of(command)

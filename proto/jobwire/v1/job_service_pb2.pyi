@@ -290,6 +290,7 @@ class ReportEventRequest(_message.Message):
     FAILED_FIELD_NUMBER: _builtins.int
     CREATE_KIND_FIELD_NUMBER: _builtins.int
     PROCESS_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job the event is for."""
     idempotency_key: _builtins.str
@@ -305,6 +306,12 @@ class ReportEventRequest(_message.Message):
     """
     process_id: _builtins.str
     """The worker's own id for its run (Secretary `process.id`); kept on the job."""
+    kind: _job_pb2.JobKind.ValueType
+    """When set, the job must be of this kind: a job of another kind is
+    NOT_FOUND, as if it did not exist. A secret shared by all the workers of
+    a contract (AWS Batch, the video worker, AuroraCloud) thus reaches only
+    that contract's kind of job. With `create_kind`, the two must agree.
+    """
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
         """When the worker says the event happened (worker clock)."""
@@ -333,10 +340,11 @@ class ReportEventRequest(_message.Message):
         failed: _job_pb2.JobError | None = ...,
         create_kind: _job_pb2.JobKind.ValueType = ...,
         process_id: _builtins.str = ...,
+        kind: _job_pb2.JobKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "event_time", b"event_time", "failed", b"failed", "payload", b"payload", "progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback_token", b"callback_token", "completed", b"completed", "create_kind", b"create_kind", "event_time", b"event_time", "failed", b"failed", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "payload", b"payload", "process_id", b"process_id", "progress", b"progress"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback_token", b"callback_token", "completed", b"completed", "create_kind", b"create_kind", "event_time", b"event_time", "failed", b"failed", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "kind", b"kind", "payload", b"payload", "process_id", b"process_id", "progress", b"progress"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["progress", "completed", "failed"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
@@ -460,8 +468,13 @@ class WriteLogRequest(_message.Message):
 
     ENTRY_FIELD_NUMBER: _builtins.int
     CALLBACK_TOKEN_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     callback_token: _builtins.str
     """When set, must match the job's callback token."""
+    kind: _job_pb2.JobKind.ValueType
+    """When set, an ERROR line fails its job only if the job is of this kind
+    (the video worker's ERROR log fails videos); the line is stored either way.
+    """
     @_builtins.property
     def entry(self) -> _log_pb2.LogEntry:
         """The line. `level` and `message` are required; `job_id` defaults to
@@ -473,10 +486,11 @@ class WriteLogRequest(_message.Message):
         *,
         entry: _log_pb2.LogEntry | None = ...,
         callback_token: _builtins.str = ...,
+        kind: _job_pb2.JobKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback_token", b"callback_token", "entry", b"entry"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback_token", b"callback_token", "entry", b"entry", "kind", b"kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
