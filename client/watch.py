@@ -74,13 +74,18 @@ class _Reconnector:
         self._since = None
 
     async def wait(self, cause: JobwireError, hint: float | None = None) -> None:
-        """Sleeps before the next attempt: the backoff, or the service's hint when longer."""
+        """Sleeps before the next attempt: the backoff, or the service's hint when longer;
+        never past `give_up_after` (the wait is cut to the time left, and a hint longer
+        than that gives up at once)."""
         now = time.monotonic()
         if self._since is None:
             self._since = now
-        elif self._give_up_after is not None and now - self._since > self._give_up_after:
-            raise cause
         delay = max(self._backoff.delay(self._failures), hint or 0.0)
+        if self._give_up_after is not None:
+            left = self._give_up_after - (now - self._since)
+            if left <= 0 or (hint or 0.0) > left:
+                raise cause
+            delay = min(delay, left)
         if self._on_retry is not None:
             self._on_retry(cause, delay)
         await asyncio.sleep(delay)

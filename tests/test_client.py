@@ -508,6 +508,15 @@ async def test_watch_waits_out_a_full_node_and_gives_up_when_told(tmp_path: Path
         async with client(f"127.0.0.1:{free_port()}") as nowhere:
             with pytest.raises(Unavailable):
                 await collect(nowhere.watch_job("x", give_up_after=0.3))
+        # give_up_after is kept even when the backoff is longer: the wait is cut to the
+        # time left (before: a 2.5-5 s backoff ran out first, whatever give_up_after said)
+        slow = Backoff(initial=5.0, maximum=5.0)
+        async with client(f"127.0.0.1:{free_port()}", watch_backoff=slow) as nowhere:
+            loop = asyncio.get_running_loop()
+            begin = loop.time()
+            with pytest.raises(Unavailable):
+                await collect(nowhere.watch_job("x", give_up_after=0.3))
+            assert loop.time() - begin < 2.0
     finally:
         await handle.close()
 
