@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from .admission import WatchAdmission, server_options
 from .config import Settings
+from .domain.errors import StorageUnavailable
 from .fanout import Fanout
 from .jobs import Jobs
 from .operations import Operations, start_operations, with_port
@@ -136,7 +137,11 @@ def listen(server: grpc.aio.Server, settings: Settings) -> int:
 
 async def serve(settings: Settings) -> None:
     """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
-    running = await start(settings)
+    try:
+        running = await start(settings)
+    except StorageUnavailable as err:  # the store's own words: path and problem
+        log.error("cannot start: %s", err.message)
+        raise SystemExit(1) from None
     store_name = "MongoDB" if settings.mongodb_uri else f"embedded store in {settings.data_dir}"
     log.info("jobwire service listening on %s (%s)", settings.grpc_addr, store_name)
     stop = asyncio.Event()

@@ -15,6 +15,7 @@ from .decoding import require_parsed, tolerant
 from .domain.errors import Code, DomainError
 from .fanout import SubscriptionClosed
 from .jobs import Jobs
+from .metrics import count_domain_error
 
 SERVICE = job_service_pb2.DESCRIPTOR.services_by_name["JobService"]
 P = ParamSpec("P")
@@ -36,6 +37,7 @@ def unary(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             require_parsed(args[1])  # service/decoding.py
             return await fn(*args, **kwargs)
         except DomainError as err:
+            count_domain_error(err)  # the store failing feeds JobwireStorageUnavailable
             context: Any = args[-1]
             await context.abort(_status(err), err.message)
             raise AssertionError("unreachable") from None
@@ -47,6 +49,7 @@ async def _end_stream(context: Any, err: DomainError | SubscriptionClosed) -> No
     """The status a stream ends with: the rule broken, or why its subscription closed
     (UNAVAILABLE on shutdown, ABORTED for a watcher that fell behind: both resumable)."""
     if isinstance(err, DomainError):
+        count_domain_error(err)
         await context.abort(_status(err), err.message)
     else:
         code = grpc.StatusCode.UNAVAILABLE if err.shutting_down else grpc.StatusCode.ABORTED

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -106,6 +108,7 @@ class EmbeddedStore:
         self.policy = policy
         self._dir = Path(data_dir)
         self._db_path = self._dir / "jobwire.sqlite3"
+        self._lock_fd: int | None = None
         self._artifacts = self._dir / "artifacts"
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="jobwire-sqlite-writer")
         self._readers = ThreadPoolExecutor(2, thread_name_prefix="jobwire-sqlite-reader")
@@ -125,10 +128,20 @@ class EmbeddedStore:
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
-        self._dir.mkdir(parents=True, exist_ok=True)
-        (self._artifacts / ".tmp").mkdir(parents=True, exist_ok=True)
-        await self._write(_migrate)
-        await self._write(lambda conn: _settle_retention(conn, self.policy.retention))
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            (self._artifacts / ".tmp").mkdir(parents=True, exist_ok=True)
+            self._lock_fd = _lock_data_dir(self._dir)
+        except OSError as err:
+            raise StorageUnavailable(
+                f"embedded store: cannot use the data directory {self._dir}: {err}"
+            ) from err
+        try:
+            await self._write(_migrate)
+            await self._write(lambda conn: _settle_retention(conn, self.policy.retention))
+        except BaseException:
+            self._unlock()
+            raise
         self._checkpoints = asyncio.get_running_loop().create_task(
             self._checkpoint_forever(), name="sqlite-checkpoint"
         )
@@ -182,6 +195,12 @@ class EmbeddedStore:
         self._readers.shutdown(wait=True)
         self._checkpointer.shutdown(wait=True)
         close_all()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the data directory's lock
+            self._lock_fd = None
 
     async def ping(self) -> None:
         await self._read(lambda c: c.execute("SELECT 1").fetchone())
@@ -240,8 +259,8 @@ class EmbeddedStore:
             conn = self._writer_connection()
             try:
                 results, entries = self._stage(conn, commands)
-            except sqlite3.OperationalError as err:
-                raise StorageUnavailable(f"embedded store: {err}") from err
+            except sqlite3.DatabaseError as err:
+                raise self._failed(err) from err
             if entries is not None:
                 try:
                     await self._in_writer(lambda: conn.execute("COMMIT"))
@@ -389,16 +408,22 @@ class EmbeddedStore:
         digest = hashlib.sha256()
         size = 0
         loop = asyncio.get_running_loop()
-        handle = await loop.run_in_executor(None, lambda: open(tmp, "wb"))  # noqa: SIM115
+        try:
+            handle = await loop.run_in_executor(None, lambda: open(tmp, "wb"))  # noqa: SIM115
+        except OSError as err:
+            raise self._failed(err) from err
         try:
             async for chunk in chunks:
                 digest.update(chunk)
                 size += len(chunk)
                 await loop.run_in_executor(None, handle.write, chunk)
             await loop.run_in_executor(None, _fsync_close, handle)
-        except BaseException:
-            handle.close()
+        except BaseException as err:
+            with contextlib.suppress(OSError):  # a full disk fails the close's flush too
+                handle.close()
             tmp.unlink(missing_ok=True)
+            if isinstance(err, OSError):
+                raise self._failed(err) from err
             raise
         meta = artifact_pb2.Artifact()
         meta.CopyFrom(artifact)
@@ -641,7 +666,10 @@ class EmbeddedStore:
         if self._closed:
             raise StorageUnavailable("embedded store is closed")
         if self._wconn is None:
-            self._wconn = self._open()
+            try:
+                self._wconn = self._open()
+            except (sqlite3.DatabaseError, OSError) as err:  # e.g. "file is not a database"
+                raise self._failed(err) from err
         return self._wconn
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -661,8 +689,8 @@ class EmbeddedStore:
         except asyncio.CancelledError:
             await asyncio.wait([future])
             raise
-        except sqlite3.OperationalError as err:
-            raise StorageUnavailable(f"embedded store: {err}") from err
+        except (sqlite3.DatabaseError, OSError) as err:
+            raise self._failed(err) from err
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._run(self._readers, fn)
@@ -673,10 +701,43 @@ class EmbeddedStore:
 
         try:
             return await asyncio.get_running_loop().run_in_executor(pool, call)
-        except sqlite3.OperationalError as err:
-            raise StorageUnavailable(f"embedded store: {err}") from err
+        except (sqlite3.DatabaseError, OSError) as err:
+            raise self._failed(err) from err
         except RuntimeError as err:  # executor shut down
             raise StorageUnavailable(f"embedded store is closed: {err}") from err
+
+    def _failed(self, err: sqlite3.DatabaseError | OSError) -> StorageUnavailable:
+        """UNAVAILABLE naming the file and the problem (disk full, read-only, corrupt),
+        never an UNKNOWN with the driver's exception for the client."""
+        if isinstance(err, OSError):
+            return StorageUnavailable(f"embedded store in {self._dir}: {err}")
+        name = getattr(err, "sqlite_errorname", "")
+        hint = ""
+        if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+            hint = " (restore the data directory from a backup: README 'Backups')"
+        return StorageUnavailable(f"embedded store {self._db_path}: {err}{hint}")
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """An exclusive lock on the data directory, held while the store is open: a second
+    service on the same directory would be a second writer, whose commits the first
+    one's watchers, claims and firehose numbering know nothing of."""
+    fd = os.open(data_dir / "jobwire.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        if err.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        raise StorageUnavailable(
+            f"embedded store: the data directory {data_dir} is in use by another jobwire"
+            f" service (pid {holder}); the embedded store serves one process"
+            " (use MONGODB_URI for several replicas)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def _prune_step(sequence: int, retention: int) -> int:

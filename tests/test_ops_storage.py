@@ -1,0 +1,182 @@
+"""What an operator meets on the storage side: a data directory that cannot be used,
+a database that is not one or is corrupt, a second service on the same directory, a
+full disk mid-traffic, a store that fails (and the alert that must then fire)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+import grpc
+import pytest
+
+from jobwire.v1 import job_service_pb2, log_pb2
+from service.domain.errors import StorageUnavailable
+from service.store.embedded import EmbeddedStore
+from service.store.mongo import MongoStore
+from tests.conftest import make_policy, start_service
+from tests.helpers import WAIT, cli_process, create, free_port
+from tests.tcp_cutter import TcpCutter
+
+
+async def _serve_result(data_dir: Path) -> tuple[int, str]:
+    """`jobwire serve` on `data_dir` that must exit by itself: status and stderr."""
+    proc = await cli_process(
+        "serve",
+        env={
+            "JOBWIRE_DATA_DIR": str(data_dir),
+            "JOBWIRE_GRPC_ADDR": f"127.0.0.1:{free_port()}",
+            "JOBWIRE_METRICS_ADDR": "",
+            "JOBWIRE_LOG_FORMAT": "text",
+            "MONGODB_URI": "",
+        },
+    )
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 3 * WAIT)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, err.decode(errors="replace")
+
+
+@pytest.mark.parametrize("problem", ["a file", "not a database", "in use"])
+async def test_serve_refuses_a_data_dir_it_cannot_use_naming_path_and_problem(
+    tmp_path: Path, problem: str
+) -> None:
+    """`jobwire serve` on a data directory that is a file, holds a file that is not a
+    database, or is in use by another service: exit 1 with one line naming the path
+    and the problem, no traceback. It used to print a traceback (FileExistsError,
+    sqlite3.DatabaseError), and a second service on the same directory started as a
+    second writer."""
+    data = tmp_path / "data"
+    holder: EmbeddedStore | None = None
+    if problem == "a file":
+        data.write_text("")
+        expected = f"cannot use the data directory {data}"
+    elif problem == "not a database":
+        data.mkdir()
+        (data / "jobwire.sqlite3").write_bytes(os.urandom(8192))
+        expected = f"{data / 'jobwire.sqlite3'}: file is not a database"
+    else:
+        holder = EmbeddedStore(data, make_policy())
+        await holder.start()
+        expected = f"{data} is in use by another jobwire service (pid {os.getpid()})"
+    try:
+        code, err = await _serve_result(data)
+    finally:
+        if holder is not None:
+            await holder.close()
+    assert code == 1, err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert "cannot start: " in last and expected in last, err
+
+
+async def test_a_second_store_on_the_same_directory_is_refused_until_the_first_closes(
+    tmp_path: Path,
+) -> None:
+    first = EmbeddedStore(tmp_path / "data", make_policy())
+    await first.start()
+    second = EmbeddedStore(tmp_path / "data", make_policy())
+    with pytest.raises(StorageUnavailable, match="is in use by another jobwire service"):
+        await second.start()
+    await first.close()
+    await second.start()  # the lock goes with the store that held it
+    await second.close()
+
+
+async def test_a_corrupt_database_is_unavailable_naming_the_file(tmp_path: Path) -> None:
+    """Pages of the jobs table overwritten (a bad disk, a copy of a live file): reads
+    of those jobs answer UNAVAILABLE naming the database file and what to do, not
+    UNKNOWN with "Unexpected <class 'sqlite3.DatabaseError'>" and a traceback."""
+    data = tmp_path / "data"
+    handle = await start_service(EmbeddedStore(data, make_policy()))
+    for i in range(300):
+        await create(handle.stub, job_id=f"j{i}", padding="x" * 200)
+    await handle.close()
+    db = data / "jobwire.sqlite3"
+    with sqlite3.connect(db) as conn:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'jobs'").fetchone()
+    conn.close()
+    with db.open("r+b") as f:
+        f.seek((root - 1) * page_size)
+        f.write(b"\xa5" * page_size)
+
+    handle = await start_service(EmbeddedStore(data, make_policy()))
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await handle.stub.GetJob(job_service_pb2.GetJobRequest(id="j7"))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        details = err.value.details() or ""
+        assert str(db) in details and "malformed" in details and "backup" in details
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await handle.stub.ListJobs(job_service_pb2.ListJobsRequest())
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+    finally:
+        await handle.close()
+
+
+def _storage_errors(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith('jobwire_storage_errors_total{operation="rpc"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def _scrape(port: int) -> str:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as reply,
+    ):
+        return await reply.text()
+
+
+@pytest.mark.parametrize("store_kind", ["embedded", "mongo"])
+async def test_calls_failing_on_storage_count_for_the_storage_alert(
+    store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A call answered UNAVAILABLE because the store failed counts in
+    jobwire_storage_errors_total{operation="rpc"}, the metric JobwireStorageUnavailable
+    alerts on. Nothing counted it (the counting function was never called), so with
+    the disk full or MongoDB gone the critical alert stayed silent."""
+    if store_kind == "embedded":
+        store: EmbeddedStore | MongoStore = EmbeddedStore(tmp_path / "data", make_policy())
+    else:
+        # The test MongoDB behind a relay that can stop answering (`hold`).
+        mongo_port = urlsplit(request.getfixturevalue("mongo_uri")).port or 27017
+        relay = await TcpCutter(mongo_port).start()
+        uri = f"mongodb://127.0.0.1:{relay.port}/"
+        store = MongoStore(uri, policy=make_policy(), database="alert", timeout_ms=1000)
+    handle = await start_service(store, metrics_addr="127.0.0.1:0")
+    blocker = sqlite3.connect(tmp_path / "blocker.sqlite3")  # replaced below (embedded)
+    try:
+        port = handle.running.ops.metrics.port if handle.running.ops else 0
+        await create(handle.stub, job_id="a")
+        before = _storage_errors(await _scrape(port))
+        if store_kind == "embedded":
+            # Another connection holds the write lock past the store's busy timeout.
+            blocker = sqlite3.connect(tmp_path / "data" / "jobwire.sqlite3", isolation_level=None)
+            blocker.execute("BEGIN EXCLUSIVE")
+        else:
+            relay.hold = True  # MongoDB stops answering
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await handle.stub.WriteLog(
+                job_service_pb2.WriteLogRequest(
+                    entry=log_pb2.LogEntry(job_id="a", level=log_pb2.LOG_LEVEL_INFO, message="m")
+                ),
+                timeout=3 * WAIT,
+            )
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert _storage_errors(await _scrape(port)) == before + 1
+    finally:
+        blocker.close()
+        await handle.close()
+        if store_kind == "mongo":
+            await relay.close()
