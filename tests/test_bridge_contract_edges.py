@@ -4,6 +4,7 @@ jobs a contract's shared secret reaches."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import random
 import zlib
@@ -12,7 +13,7 @@ from typing import Any
 import grpc
 import orjson
 
-from jobwire.v1 import job_pb2, job_service_pb2, log_pb2
+from jobwire.v1 import event_pb2, job_pb2, job_service_pb2, log_pb2
 from tests.bridge_harness import (
     BATCH_SECRET,
     TRANSCODE_TOKEN,
@@ -191,3 +192,46 @@ async def test_report_and_log_kind_checked_on_both_stores(service: Any) -> None:
     # The same kind (or none) still applies.
     applied = await stub.ReportEvent(report(job_pb2.JOB_KIND_EXTRACTION, "k4"))
     assert applied.state == job_pb2.JOB_STATE_FAILED
+
+
+async def next_event(watch: Any, timeout: float = 10.0) -> Any:
+    item = await asyncio.wait_for(watch.read(), timeout)
+    assert item is not grpc.aio.EOF
+    return item.event
+
+
+async def test_a_late_progress_after_a_lapsed_lease_takes_the_claim_back(
+    service: Any,
+) -> None:
+    """A video whose worker went quiet past its lease returns to pending. When that
+    worker then reported progress after all, the video became processing with no
+    lease: if the worker died then, it was never handed out again nor failed. The
+    progress now takes the claim back, with the claim's own lease."""
+    stub = service.stub
+    vid = new_id("v")
+    await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid)
+    watch = stub.WatchJob(job_service_pb2.WatchJobRequest(id=vid))
+    assert (await asyncio.wait_for(watch.read(), 10)).HasField("snapshot")
+    claim = job_service_pb2.ClaimJobRequest(kind=job_pb2.JOB_KIND_VIDEO, worker_id="w1")
+    claim.lease_duration.FromMilliseconds(300)
+    assert (await stub.ClaimJob(claim)).job.id == vid
+    assert (await next_event(watch)).type == event_pb2.EVENT_TYPE_CLAIMED
+    assert (await next_event(watch)).type == event_pb2.EVENT_TYPE_REQUEUED
+    late = job_service_pb2.ReportEventRequest(
+        job_id=vid, idempotency_key="late", kind=job_pb2.JOB_KIND_VIDEO
+    )
+    late.progress.percent = 40
+    assert (await stub.ReportEvent(late)).state == job_pb2.JOB_STATE_RUNNING
+    assert (await next_event(watch)).type == event_pb2.EVENT_TYPE_PROGRESS
+    job = await get_job(stub, vid)
+    assert job.HasField("lease_expire_time")
+    assert job.lease_duration.ToMilliseconds() == 300
+    # The worker goes quiet again: the lease lapses and the video is pending again.
+    requeued = await next_event(watch)
+    assert (requeued.type, requeued.state) == (
+        event_pb2.EVENT_TYPE_REQUEUED,
+        job_pb2.JOB_STATE_QUEUED,
+    )
+    again = await stub.ClaimJob(job_service_pb2.ClaimJobRequest(kind=job_pb2.JOB_KIND_VIDEO))
+    assert (again.job.id, again.job.attempts) == (vid, 2)
+    watch.cancel()

@@ -162,6 +162,7 @@ def apply(
         case ExpireLease(max_attempts=max_attempts):
             if job.state != _S.JOB_STATE_RUNNING or not _lease_expired(job, now_ns):
                 return Unchanged(record.job, duplicate=False)
+            lease_ns = job.lease_duration.ToNanoseconds()
             _release(job)
             if job.attempts >= max_attempts:
                 job.state = _S.JOB_STATE_FAILED
@@ -172,6 +173,9 @@ def apply(
                 event.error.CopyFrom(job.error)
             else:
                 job.state = _S.JOB_STATE_QUEUED
+                # Kept for the worker that went quiet: its late progress takes the
+                # claim back for as long (see _report).
+                job.lease_duration.FromNanoseconds(lease_ns)
                 event.type = event_pb2.EVENT_TYPE_REQUEUED
         case Cancel(reason=reason):
             if record.terminal:
@@ -241,6 +245,11 @@ def _report(
         job.progress.CopyFrom(request.progress)
         if request.HasField("event_time"):
             job.progress.report_time.CopyFrom(request.event_time)
+        if job.state == _S.JOB_STATE_QUEUED and job.HasField("lease_duration"):
+            # Requeued when its lease lapsed, yet its worker is still at it: it holds
+            # the claim again. Without a lease the job would stay RUNNING for good
+            # if that worker then went silent, never handed out again nor failed.
+            job.lease_expire_time.FromNanoseconds(now_ns)  # renewed just below
         job.state = _S.JOB_STATE_RUNNING
         _started(job, now_ns)
         if job.HasField("lease_expire_time"):

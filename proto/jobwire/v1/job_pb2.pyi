@@ -430,7 +430,10 @@ class Job(_message.Message):
 
     @_builtins.property
     def lease_duration(self) -> _duration_pb2.Duration:
-        """Length of the current claim's lease; each event renews it by this much."""
+        """Length of the current claim's lease; each event renews it by this much.
+        Kept when a lapsed lease requeues the job: a progress event from its
+        worker then takes the claim back for as long.
+        """
 
     @_builtins.property
     def progress_deadline(self) -> _duration_pb2.Duration:
