@@ -10,6 +10,7 @@ artifact) are retried on UNAVAILABLE with backoff; the rest are not. Failures ra
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -17,6 +18,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
+import grpc
 from google.protobuf import duration_pb2, struct_pb2
 
 from jobwire.v1 import (
@@ -54,6 +56,10 @@ class Client:
     the CA, a client certificate for mTLS and the expected server name. `token` is
     sent as `authorization: Bearer` on every call. `Client.from_env()` reads the
     same JOBWIRE_* variables as the `jobwire` CLI.
+
+    The channel is opened on first use, in the event loop that uses it, so a client
+    may be made before that loop runs (e.g. at import time); one client serves one
+    event loop.
     """
 
     def __init__(
@@ -73,10 +79,21 @@ class Client:
         self.retry = retry
         self.watch_backoff = watch_backoff
         tls_settings = TLS() if tls is True else (tls or None)
-        self._channel = open_channel(
-            target, tls=tls_settings, token=token, options=options, request_id=request_id
-        )
-        self._stub: JobServiceAsyncStub = job_service_pb2_grpc.JobServiceStub(self._channel)
+        if tls_settings is not None:
+            tls_settings.credentials()  # unreadable TLS files fail here, not at first use
+
+        def open_now() -> grpc.aio.Channel:
+            return open_channel(
+                target, tls=tls_settings, token=token, options=options, request_id=request_id
+            )
+
+        self._open = open_now
+        # grpc.aio binds a channel to the event loop current when it is made: a channel
+        # made before asyncio.run() failed every call with "attached to a different loop".
+        self._channel: grpc.aio.Channel | None = None
+        self._channel_stub: JobServiceAsyncStub | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
 
     @classmethod
     def from_env(
@@ -104,12 +121,34 @@ class Client:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        """Closes the channel (cancelling its calls and watches); closing again is a no-op."""
+        self._closed = True
+        if self._channel is not None:
+            await self._channel.close()
 
     @property
     def stub(self) -> JobServiceAsyncStub:
         """The raw generated stub on the same channel, for what the client does not wrap."""
         return self._stub
+
+    @property
+    def _stub(self) -> JobServiceAsyncStub:
+        """The stub, opening the channel in the running event loop on first use."""
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None  # grpc.aio picks the loop itself, as it did before
+        if self._closed:
+            raise grpc.aio.UsageError("this jobwire Client is closed")
+        if self._channel_stub is None:
+            self._channel = self._open()
+            self._channel_stub = job_service_pb2_grpc.JobServiceStub(self._channel)
+            self._loop = loop
+        elif loop is not None and self._loop is not None and loop is not self._loop:
+            raise grpc.aio.UsageError(
+                "this jobwire Client was opened in another event loop; make one per loop"
+            )
+        return self._channel_stub
 
     # -- jobs ----------------------------------------------------------------
 
@@ -425,7 +464,7 @@ class Client:
         before each wait to reconnect, e.g. to say so on a screen.
         """
         return JobWatch(
-            self._stub,
+            lambda: self._stub,
             self.list_job_events,
             job_id,
             from_sequence,
@@ -448,7 +487,7 @@ class Client:
         (any when not given). Never ends on its own; `after` resumes from a `.position`.
         `on_retry` as for `watch_job`."""
         return JobsWatch(
-            self._stub,
+            lambda: self._stub,
             kind_value(kind),
             [state_value(s) for s in states],
             after,

@@ -115,7 +115,7 @@ class JobWatch:
 
     def __init__(
         self,
-        stub: JobServiceAsyncStub,
+        stub: Callable[[], JobServiceAsyncStub],
         list_events: ListEvents,
         job_id: str,
         from_sequence: int,
@@ -142,7 +142,7 @@ class JobWatch:
             request = job_service_pb2.WatchJobRequest(
                 id=self.job_id, from_sequence=self.last_sequence
             )
-            call: Any = self._stub.WatchJob(request)
+            call: Any = self._stub().WatchJob(request)
             snapshot: job_pb2.Job | None = None
             cause: JobwireError = Unavailable(grpc.StatusCode.UNAVAILABLE, "watch stream ended")
             hint: float | None = None
@@ -227,7 +227,7 @@ class JobsWatch:
 
     def __init__(
         self,
-        stub: JobServiceAsyncStub,
+        stub: Callable[[], JobServiceAsyncStub],
         kind: int,
         states: Sequence[int],
         after: str,
@@ -254,7 +254,7 @@ class JobsWatch:
                 states=self._states,  # type: ignore[arg-type]
                 after=self.position,
             )
-            call: Any = self._stub.WatchJobs(request)
+            call: Any = self._stub().WatchJobs(request)
             cause: JobwireError = Unavailable(grpc.StatusCode.UNAVAILABLE, "watch stream ended")
             hint: float | None = None
             blind = connected_before and not self.position

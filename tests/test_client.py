@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import sys
 import tracemalloc
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from pathlib import Path
@@ -355,6 +356,64 @@ async def test_report_progress_retried_after_a_dropped_connection_is_applied_onc
             assert [e.sequence for e in (await direct.list_job_events("cut-1")).events] == [1]
     finally:
         await cutter.close()
+
+
+# A service's module-level client, made before asyncio.run starts the loop it is used in.
+MADE_BEFORE_THE_LOOP = """
+import asyncio, sys
+from jobwire.client import Client, NotFound
+client = Client(sys.argv[1])
+
+async def main() -> None:
+    async with client:
+        try:
+            await client.get_job("nope")
+        except NotFound:
+            print("NOT_FOUND")
+    await client.close()  # twice is fine
+
+other = Client(sys.argv[1])
+
+async def again(c: Client) -> None:
+    try:
+        await c.get_job("nope")
+    except Exception as err:
+        print(type(err).__name__, err)
+
+asyncio.run(main())
+asyncio.run(again(client))
+asyncio.run(again(other))
+asyncio.run(again(other))
+"""
+
+
+async def test_a_client_made_before_its_event_loop_runs_works_in_it(
+    grpc_service: ServiceHandle,
+) -> None:
+    """Before: the channel was bound to the loop current at construction, so the first
+    call failed with 'Future attached to a different loop'."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-W", "error", "-c", MADE_BEFORE_THE_LOOP, grpc_service.target,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), WAIT)
+    assert proc.returncode == 0, err.decode()[-1500:]
+    assert out.decode().splitlines() == [
+        "NOT_FOUND",
+        "UsageError this jobwire Client is closed",
+        "NotFound NOT_FOUND: job 'nope' not found",
+        "UsageError this jobwire Client was opened in another event loop; make one per loop",
+    ]
+
+
+async def test_a_closed_client_says_so(grpc_service: ServiceHandle) -> None:
+    c = client(grpc_service.target)
+    await c.close()
+    await c.close()
+    with pytest.raises(grpc.aio.UsageError, match="closed"):
+        await c.get_job("x")
+    with pytest.raises(grpc.aio.UsageError, match="closed"):
+        await collect(c.watch_job("x"))
 
 
 async def test_unreachable_service_is_unavailable_after_retries() -> None:
