@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -14,12 +16,12 @@ import aiohttp
 import grpc
 import pytest
 
-from jobwire.v1 import job_service_pb2, log_pb2
+from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc, log_pb2
 from service.domain.errors import StorageUnavailable
 from service.store.embedded import EmbeddedStore
 from service.store.mongo import MongoStore
 from tests.conftest import make_policy, start_service
-from tests.helpers import WAIT, cli_process, create, free_port
+from tests.helpers import WAIT, cli_process, create, free_port, progress
 from tests.tcp_cutter import TcpCutter
 
 
@@ -180,3 +182,73 @@ async def test_calls_failing_on_storage_count_for_the_storage_alert(
         await handle.close()
         if store_kind == "mongo":
             await relay.close()
+
+
+async def test_a_full_disk_mid_traffic_is_unavailable_and_heals_when_space_is_freed(
+    tmp_path: Path,
+) -> None:
+    """`jobwire serve` whose files may not grow (RLIMIT_FSIZE lowered on the running
+    process: the kernel answers its writes as a full disk would, EFBIG instead of
+    ENOSPC, without a mount): commits and an artifact upload answer UNAVAILABLE naming
+    the data directory (the upload was UNKNOWN, "Unexpected <class 'OSError'>"); with
+    the limit lifted the same service accepts them again, and nothing acknowledged
+    before is lost."""
+    data = tmp_path / "data"
+    port = free_port()
+    proc = await cli_process(
+        "serve",
+        env={
+            "JOBWIRE_DATA_DIR": str(data),
+            "JOBWIRE_GRPC_ADDR": f"127.0.0.1:{port}",
+            "JOBWIRE_METRICS_ADDR": "",
+            "JOBWIRE_LOG_FORMAT": "text",
+            "MONGODB_URI": "",
+        },
+    )
+    unlimited = resource.getrlimit(resource.RLIMIT_FSIZE)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = job_service_pb2_grpc.JobServiceStub(channel)
+
+    async def upload(size: int) -> object:
+        async def parts() -> AsyncIterator[job_service_pb2.UploadArtifactRequest]:
+            header = job_service_pb2.ArtifactHeader(job_id="full", name="images.zip")
+            yield job_service_pb2.UploadArtifactRequest(header=header)
+            yield job_service_pb2.UploadArtifactRequest(data=b"z" * size)
+
+        return await stub.UploadArtifact(parts(), timeout=WAIT)
+
+    try:
+        await channel.channel_ready()
+        await create(stub, job_pb2.JOB_KIND_EXTRACTION, "full")
+        for pct in range(1, 11):
+            await stub.ReportEvent(progress("full", pct), timeout=WAIT)
+        wal = data / "jobwire.sqlite3-wal"
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (wal.stat().st_size, unlimited[1]))
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await upload(1 << 20)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert str(data) in (err.value.details() or "")
+        failures = []
+        for pct in range(11, 60):  # the WAL's next writes pass the limit
+            try:
+                await stub.ReportEvent(progress("full", pct), timeout=WAIT)
+            except grpc.aio.AioRpcError as e:
+                failures.append(e)
+        assert failures, "no commit failed with the file size limit"
+        assert {e.code() for e in failures} == {grpc.StatusCode.UNAVAILABLE}
+        assert all(str(data) in (e.details() or "") for e in failures)
+
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, unlimited)  # space freed
+        await stub.ReportEvent(progress("full", 99), timeout=WAIT)
+        assert (await upload(1 << 20)).size_bytes == 1 << 20  # type: ignore[attr-defined]
+        job = await stub.GetJob(job_service_pb2.GetJobRequest(id="full"))
+        assert job.progress.percent == 99
+        events = await stub.ListJobEvents(job_service_pb2.ListJobEventsRequest(job_id="full"))
+        assert [e.progress.percent for e in events.events][:10] == list(range(1, 11))
+    finally:
+        await channel.close()
+        if proc.returncode is None:
+            proc.terminate()
+        _, stderr = await asyncio.wait_for(proc.communicate(), 3 * WAIT)
+        assert "Traceback" not in stderr.decode(errors="replace")
