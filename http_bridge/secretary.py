@@ -38,6 +38,7 @@ from .common import (
     parse_json,
     read_body,
     report_event,
+    secret_matches,
     validate,
 )
 from .edge import check_signature, int_param, json_depth
@@ -54,7 +55,21 @@ CHUNK = 1024 * 1024  # bytes per UploadArtifact data message (gRPC limit is 4 Mi
 B64_SLICE = CHUNK // 3 * 4  # base64 chars decoding to <= 1 MiB; a multiple of 4
 TEXT_SLICE = CHUNK // 4  # characters encoding to <= 1 MiB of UTF-8
 SMALL_METADATA = 64 * 1024  # metadata up to this size is also kept on the job's result
-QUERY_TOKENS = ("token", "callback_token", "access_token", "auth", "key", "api_key")
+# Query parameter names refused, compared without case, `_` or `-` (callbackToken).
+QUERY_TOKENS = frozenset(
+    [
+        "token",
+        "callbacktoken",
+        "xcallbacktoken",
+        "accesstoken",
+        "auth",
+        "authorization",
+        "bearer",
+        "key",
+        "apikey",
+        "secret",
+    ]
+)
 _ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _ARTIFACT = re.compile(r"[A-Za-z0-9._\-]{1,255}")
 _WHITESPACE = str.maketrans("", "", " \r\n\t")
@@ -164,16 +179,26 @@ def render_error(err: BridgeError) -> dict[str, str]:
 
 
 def job_id_and_token(request: web.Request) -> tuple[str, str]:
+    token = header_token(request)
     # raw_path holds the query as sent: most requests have none, so skip parsing it.
-    if "?" in request.raw_path and any(name in request.query for name in QUERY_TOKENS):
+    if "?" in request.raw_path and token_in_query(request, token):
         raise BridgeError(400, "tokens in the query string are not accepted")
     job_id = request.match_info["jobId"]
     if not _ID.fullmatch(job_id):
         raise BridgeError(404, f"job {job_id[:64]!r} not found")
-    token = header_token(request)
     if not token:
         raise BridgeError(401, "callback token required (Authorization: Bearer)")
     return job_id, token
+
+
+def token_in_query(request: web.Request, token: str) -> bool:
+    """A parameter named like a token, or one holding the header's token (any name)."""
+    for name, value in request.query.items():
+        if name.lower().replace("_", "").replace("-", "") in QUERY_TOKENS:
+            return True
+        if token and secret_matches(value, token):
+            return True
+    return False
 
 
 def ack(kind: str, job_id: str) -> web.Response:

@@ -235,3 +235,32 @@ async def test_a_late_progress_after_a_lapsed_lease_takes_the_claim_back(
     again = await stub.ClaimJob(job_service_pb2.ClaimJobRequest(kind=job_pb2.JOB_KIND_VIDEO))
     assert (again.job.id, again.job.attempts) == (vid, 2)
     watch.cancel()
+
+
+async def test_secretary_token_in_the_query_is_refused_however_spelled(
+    bridge: Any, stub: Any
+) -> None:
+    """ "Keine Token in Query-Parametern": only six exact names were refused, so the
+    token under `callbackToken`, `Token` or any other name was accepted beside the
+    header (and sat in every proxy's access log)."""
+    created = await create_job(stub, job_pb2.JOB_KIND_EXTRACTION)
+    token, path = created.callback_token, f"/api/external/jobs/{created.job.id}"
+    auth = {"Authorization": f"Bearer {token}"}
+    progress = {"phase": "extract_text", "progress": 5}
+    for name in (
+        "callbackToken",
+        "Token",
+        "CALLBACK_TOKEN",
+        "callback-token",
+        "x-callback-token",
+        "t",
+    ):
+        status, answer = await bridge.post(f"{path}?{name}={token}", progress, headers=auth)
+        assert (status, answer) == (
+            400,
+            {"status": "error", "error": "tokens in the query string are not accepted"},
+        ), name
+        assert (await bridge.get(f"{path}?limit=5&{name}={token}", headers=auth))[0] == 400
+    assert (await get_job(stub, created.job.id)).sequence == 0
+    assert (await bridge.post(f"{path}?source=ocr", progress, headers=auth))[0] == 200
+    assert (await bridge.get(f"{path}?limit=5", headers=auth))[0] == 200
