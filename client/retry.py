@@ -30,7 +30,10 @@ class Backoff:
     multiplier: float = 2.0
 
     def delay(self, attempt: int) -> float:
-        ceiling = min(self.maximum, self.initial * self.multiplier**attempt)
+        try:
+            ceiling = min(self.maximum, self.initial * self.multiplier**attempt)
+        except OverflowError:  # a watch that kept trying for hours: 2.0**1024 and up
+            ceiling = self.maximum
         return random.uniform(ceiling / 2, ceiling)
 
 

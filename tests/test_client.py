@@ -740,7 +740,10 @@ async def test_watch_jobs_resumes_after_a_dropped_stream(
 
 def test_backoff_grows_with_jitter_up_to_its_cap() -> None:
     backoff = Backoff(initial=0.1, maximum=1.0)
-    for attempt, ceiling in [(0, 0.1), (1, 0.2), (2, 0.4), (3, 0.8), (4, 1.0), (30, 1.0)]:
+    # 5000: a watch that kept trying through a long outage (2.0**1024 overflowed a float:
+    # the watch died with OverflowError after about 1,100 reconnects, 1.5 h at 5 s each)
+    steps = [(0, 0.1), (1, 0.2), (2, 0.4), (3, 0.8), (4, 1.0), (30, 1.0), (5000, 1.0)]
+    for attempt, ceiling in steps:
         delays = {backoff.delay(attempt) for _ in range(50)}
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert len(delays) > 1  # jittered: clients that failed together come back apart
