@@ -354,6 +354,8 @@ async def final(
             result.artifacts.append(await store.upload(TEXT_ARTIFACT, "text/markdown", chunks))
         if archive is not None:
             name = payload.get("images_archive_filename") or IMAGES_ARTIFACT
+            if name in (TEXT_ARTIFACT, METADATA_ARTIFACT):
+                name = IMAGES_ARTIFACT  # it would replace the text or the metadata
             chunks = base64_chunks(archive)
             del archive
             result.artifacts.append(await store.upload(name, "application/zip", chunks))

@@ -264,3 +264,34 @@ async def test_secretary_token_in_the_query_is_refused_however_spelled(
     assert (await get_job(stub, created.job.id)).sequence == 0
     assert (await bridge.post(f"{path}?source=ocr", progress, headers=auth))[0] == 200
     assert (await bridge.get(f"{path}?limit=5", headers=auth))[0] == 200
+
+
+async def test_an_archive_named_like_another_artifact_replaces_nothing(
+    bridge: Any, stub: Any
+) -> None:
+    """`images_archive_filename` names the ZIP's artifact. Named `extracted_text.md`
+    (or `metadata.json`), the ZIP replaced the extracted text, and the result listed
+    two artifacts of that name. Such an archive is now stored as `images.zip`."""
+    for clash in ("extracted_text.md", "metadata.json"):
+        created = await create_job(stub, job_pb2.JOB_KIND_EXTRACTION)
+        auth = {"Authorization": f"Bearer {created.callback_token}"}
+        final = {
+            "phase": "completed",
+            "data": {
+                "extracted_text": "Hallo Text",
+                "images_archive_data": "UEsDBAo=",
+                "images_archive_filename": clash,
+                "metadata": {"text_contents": []},
+            },
+        }
+        path = f"/api/external/jobs/{created.job.id}"
+        assert (await bridge.post(path, final, headers=auth))[0] == 200
+        job = await get_job(stub, created.job.id)
+        assert sorted(a.name for a in job.result.artifacts) == [
+            "extracted_text.md",
+            "images.zip",
+            "metadata.json",
+        ], clash
+        assert await read_text_artifact(stub, created.job.id, "extracted_text.md") == "Hallo Text"
+        status, body = await bridge.get(f"{path}/artifacts/images.zip", headers=auth)
+        assert (status, body) == (200, b"PK\x03\x04\n")
