@@ -268,6 +268,8 @@ class Jobs:
                     await sweep()
                 except DomainError as err:
                     log.warning("%s sweep failed: %s", name, err.message)
+                except Exception:  # a store error it does not classify must not end the sweeps
+                    log.exception("%s sweep failed", name)
             await asyncio.sleep(interval)
 
     # -- logs --------------------------------------------------------------

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -48,8 +48,15 @@ class FerretDBProcess:
     test can take the server away and bring the same one back.
     """
 
-    def __init__(self, binary: Path, base_dir: Path | None = None, port: int = 0) -> None:
+    def __init__(
+        self,
+        binary: Path,
+        base_dir: Path | None = None,
+        port: int = 0,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.binary = binary
+        self.extra_args = list(extra_args)  # e.g. authentication: see `with_user`
         self._own_dir = base_dir is None
         self.base_dir = (
             Path(tempfile.mkdtemp(prefix="jobwire-ferretdb-")) if base_dir is None else base_dir
@@ -59,6 +66,19 @@ class FerretDBProcess:
         self.log_path = self.base_dir / "ferretdb.log"
         self.port = port or free_port()
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def with_user(cls, binary: Path, user: str, password: str, database: str) -> FerretDBProcess:
+        """A FerretDB that requires a login (SCRAM), with one user of `database`."""
+        return cls(
+            binary,
+            extra_args=[
+                "--test-enable-new-auth",
+                f"--setup-database={database}",
+                f"--setup-username={user}",
+                f"--setup-password={password}",
+            ],
+        )
 
     @property
     def uri(self) -> str:
@@ -82,6 +102,7 @@ class FerretDBProcess:
             f"--state-dir={self.state_dir}",
             "--telemetry=disable",
             "--log-level=warn",
+            *self.extra_args,
         ]
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(

@@ -41,6 +41,7 @@ from pymongo.errors import (
     ConnectionFailure,
     DuplicateKeyError,
     ExecutionTimeout,
+    OperationFailure,
     PyMongoError,
     WTimeoutError,
 )
@@ -75,6 +76,8 @@ CANDIDATE_TTL_S = 1.0
 CLAIM_MIN_LOSSES = 16
 
 _UNAVAILABLE = (ConnectionFailure, ExecutionTimeout, WTimeoutError)
+_AUTH_CODES = (18, 13)  # AuthenticationFailed, Unauthorized
+_CURSOR_NOT_FOUND = 43
 _QUEUED = job_pb2.JOB_STATE_QUEUED
 _RUNNING = job_pb2.JOB_STATE_RUNNING
 _BUCKET = "artifacts"
@@ -84,17 +87,36 @@ FIREHOSE_ORIGINS = "firehose_origins"
 
 @contextlib.contextmanager
 def _guard(what: str) -> Iterator[None]:
-    """Turns the driver's connection errors and timeouts into StorageUnavailable."""
+    """Turns the driver's connection errors, timeouts and refused credentials into
+    StorageUnavailable (UNAVAILABLE: the caller retries once MongoDB is back or fixed)."""
     try:
         yield
     except DomainError:
         raise
     except _UNAVAILABLE as exc:
         raise StorageUnavailable(f"MongoDB unavailable ({what}): {_describe(exc)}") from exc
+    except OperationFailure as exc:
+        # Credentials refused (a rotated password, a dropped user) or a cursor lost in a
+        # restart: retryable once the operator or the server has fixed it, not a bug.
+        if exc.code in _AUTH_CODES:
+            raise StorageUnavailable(
+                f"MongoDB refused the credentials of MONGODB_URI ({what}):"
+                f" {(exc.details or {}).get('codeName') or exc.code}: {_errmsg(exc)}"
+            ) from exc
+        if exc.code == _CURSOR_NOT_FOUND:
+            raise StorageUnavailable(f"MongoDB unavailable ({what}): {_describe(exc)}") from exc
+        if exc.timeout:
+            raise StorageUnavailable(f"MongoDB timed out ({what}): {_describe(exc)}") from exc
+        raise
     except PyMongoError as exc:
         if exc.timeout:
             raise StorageUnavailable(f"MongoDB timed out ({what}): {_describe(exc)}") from exc
         raise
+
+
+def _errmsg(exc: OperationFailure) -> str:
+    details = exc.details or {}
+    return str(details.get("errmsg") or exc)[:300]
 
 
 def _describe(exc: BaseException) -> str:

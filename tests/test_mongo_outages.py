@@ -1,0 +1,139 @@
+"""The MongoDB store when the database misbehaves, with real processes: credentials
+refused at run time, bad settings and an unreachable or refusing server at start.
+
+(Outages by SIGKILL are in test_mongo_specific.py and test_cross_replica.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from pymongo import AsyncMongoClient
+
+from jobwire.v1 import job_pb2, job_service_pb2
+from service.store.mongo import MongoStore
+from tests.conftest import make_policy, start_service
+from tests.helpers import create, progress
+from tests.mongo_server import FerretDBProcess, require_ferretdb
+
+ADMIN_PASSWORD = "adm1n-pw-for-tests"
+PASSWORD = "svc-Pa55word-9f2c"
+ROTATED = "rotated-Pa55word-77aa"
+
+
+def _own_ferretdb() -> None:
+    if os.environ.get("MONGODB_URI"):
+        pytest.skip("needs a FerretDB this test controls; MONGODB_URI names an external server")
+
+
+@pytest.fixture
+async def auth_server() -> AsyncIterator[FerretDBProcess]:
+    """A FerretDB that requires a login, with the user `svc` (PASSWORD) on `jobwire`."""
+    _own_ferretdb()
+    server = FerretDBProcess.with_user(require_ferretdb(), "admin", ADMIN_PASSWORD, "jobwire")
+    try:
+        server.start()
+        await _admin(server, "createUser", "svc", pwd=PASSWORD, roles=[])
+        yield server
+    finally:
+        server.cleanup()
+
+
+async def _admin(server: FerretDBProcess, *command: object, **options: object) -> None:
+    uri = f"mongodb://admin:{ADMIN_PASSWORD}@127.0.0.1:{server.port}/jobwire"
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(uri)
+    try:
+        await client["jobwire"].command(*command, **options)  # type: ignore[call-overload]
+    finally:
+        await client.close()
+
+
+async def _until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"{what} not within {timeout}s"
+        await asyncio.sleep(0.05)
+
+
+async def test_refused_credentials_are_unavailable_and_heal_without_a_restart(
+    auth_server: FerretDBProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A password rotated under a running service (the database restarted, so every
+    connection logs in again): each call answers UNAVAILABLE naming MongoDB and the
+    credentials (was: UNKNOWN "Unexpected <class 'pymongo.errors.OperationFailure'>",
+    HTTP 500 at the bridge), and the lease sweeps keep running (was: the sweeper task
+    died on the first refusal, so no lease ever lapsed again until jobwire restarted)."""
+    caplog.set_level(logging.WARNING, logger="jobwire.jobs")
+    uri = f"mongodb://svc:{PASSWORD}@127.0.0.1:{auth_server.port}/jobwire"
+    store = MongoStore(uri, policy=make_policy(), timeout_ms=2000)
+    handle = await start_service(store, lease_sweep_seconds=0.05)
+    try:
+        stub = handle.stub
+        await create(stub, job_id="steady")
+        await create(stub, job_id="leased")
+        claimed = await stub.ClaimJob(
+            job_service_pb2.ClaimJobRequest(
+                kind=job_pb2.JOB_KIND_GENERIC, worker_id="w", lease_duration=Duration(seconds=5)
+            )
+        )
+        assert claimed.job.id == "steady"  # the older one
+        lapses_ns = claimed.job.lease_expire_time.ToNanoseconds()
+        await create(stub, job_id="other")
+
+        await _admin(auth_server, "updateUser", "svc", pwd=ROTATED)
+        auth_server.kill()
+        auth_server.start()  # same port and data: the store's connections log in anew
+        assert time.time_ns() < lapses_ns, "the lease must lapse while logins are refused"
+
+        calls: dict[str, Callable[[], Awaitable[Any]]] = {
+            "ReportEvent": lambda: stub.ReportEvent(progress("other", 5), timeout=10),
+            "GetJob": lambda: stub.GetJob(job_service_pb2.GetJobRequest(id="other"), timeout=10),
+            "CreateJob": lambda: create(stub, job_id="during"),
+            "ListJobs": lambda: stub.ListJobs(job_service_pb2.ListJobsRequest(), timeout=10),
+            "ClaimJob": lambda: stub.ClaimJob(
+                job_service_pb2.ClaimJobRequest(kind=job_pb2.JOB_KIND_GENERIC), timeout=10
+            ),
+        }
+        for name, call in calls.items():
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call()
+            details = refused.value.details() or ""
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, (name, details)
+            assert "MongoDB refused the credentials of MONGODB_URI" in details, (name, details)
+            assert PASSWORD not in details and ROTATED not in details
+
+        async def refused_after_the_lapse() -> bool:
+            return any(
+                "lease sweep failed" in r.getMessage() and r.created * 1e9 > lapses_ns
+                for r in caplog.records
+            )
+
+        await _until(refused_after_the_lapse, "a lease sweep refused after the lease lapsed")
+        await _admin(auth_server, "updateUser", "svc", pwd=PASSWORD)
+
+        async def answers() -> bool:
+            try:
+                await stub.ReportEvent(progress("other", 6), timeout=10)
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+                return False
+            return True
+
+        await _until(answers, "ReportEvent after the password was restored")
+
+        async def requeued() -> bool:  # the sweeper, still running, expires the lease
+            job = await stub.GetJob(job_service_pb2.GetJobRequest(id="steady"))
+            return bool(job.state == job_pb2.JOB_STATE_QUEUED)
+
+        await _until(requeued, "the lapsed lease requeued by the sweeper")
+        assert not handle.running.sweeper.done()
+    finally:
+        await handle.close()
