@@ -40,6 +40,9 @@ class Config:
     retry_after_seconds: int = 5
     # Deadline of each unary RPC; uploads get a longer one (see secretary).
     rpc_timeout_seconds: float = 30.0
+    # On SIGTERM: how long requests in flight may take to finish (new connections are
+    # refused at once); the service's variable, one grace for the whole stack.
+    shutdown_grace_seconds: float = 10.0
     public_url: str = ""
     # Access log: "errors" (responses >= 400, the default: thousands of 200s a second
     # would cost the bridge a tenth of its CPU), "all", or "off".
@@ -159,6 +162,7 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
         public_url=public_url(merged.get("JOBWIRE_PUBLIC_URL", "")),
         access_log=parse_access_log(merged.get("JOBWIRE_ACCESS_LOG", "errors")),
         rpc_timeout_seconds=number(merged, "JOBWIRE_RPC_TIMEOUT_SECONDS", 30.0),
+        shutdown_grace_seconds=number(merged, "JOBWIRE_SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0),
         header_timeout_seconds=number(merged, "JOBWIRE_HEADER_TIMEOUT_SECONDS", 10.0),
         body_timeout_seconds=number(merged, "JOBWIRE_BODY_TIMEOUT_SECONDS", 30.0),
         body_min_rate_bytes=whole(merged, "JOBWIRE_BODY_MIN_RATE_BYTES", 4096),

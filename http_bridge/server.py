@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import os
+import signal
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -53,12 +54,13 @@ ACCESS_LOGGERS: dict[str, type[AccessLogger]] = {
 
 async def serve(config: Config, reuse_port: bool = False) -> None:
     logger_class = ACCESS_LOGGERS.get(config.access_log)
+    # On SIGTERM (a rolling deploy, `jobwire run` stopping) the requests in flight
+    # finish within the grace: their workers get the answer, not a reset connection.
+    options = {**runner_options(config), "shutdown_timeout": config.shutdown_grace_seconds}
     if logger_class is None:
-        runner = web.AppRunner(create_app(config), access_log=None, **runner_options(config))
+        runner = web.AppRunner(create_app(config), access_log=None, **options)
     else:
-        runner = web.AppRunner(
-            create_app(config), access_log_class=logger_class, **runner_options(config)
-        )
+        runner = web.AppRunner(create_app(config), access_log_class=logger_class, **options)
     await runner.setup()
     # What start-up allocated lives as long as the process: keep it out of the
     # collector's generations, so a full collection has less to walk (no long pauses).
@@ -73,10 +75,19 @@ async def serve(config: Config, reuse_port: bool = False) -> None:
         config.http_port,
         config.service_target,
     )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
+        log.info(
+            "bridge stopping: new connections refused, requests in flight finish (grace %gs)",
+            config.shutdown_grace_seconds,
+        )
     finally:
         await runner.cleanup()
+    log.info("bridge stopped")
 
 
 def main() -> None:

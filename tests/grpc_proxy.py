@@ -9,6 +9,7 @@ drops stream messages (to stand in for coalescing). Used by tests/test_client.py
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -30,6 +31,11 @@ class FaultProxy:
         # method -> (messages, code) for its next streams: abort after that many messages
         self.abort_streams: dict[str, list[tuple[int, grpc.StatusCode]]] = {}
         self.rewrite: dict[str, Rewrite] = {}
+        # While `gate` is clear, unary calls wait before they are forwarded (`waiting`
+        # counts them): a request held in flight (tests/test_ops_shutdown.py).
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.waiting = 0
         self._channel = grpc.aio.insecure_channel(upstream)
         self._server = grpc.aio.server()
         self._server.add_generic_rpc_handlers([_Handler(self)])
@@ -52,6 +58,9 @@ class FaultProxy:
     async def unary(self, method: str, request: bytes, context: Any) -> bytes:
         name = method.rsplit("/", 1)[1]
         self.calls[name] += 1
+        if not self.gate.is_set():
+            self.waiting += 1
+            await self.gate.wait()
         call = self._channel.unary_unary(method)
         try:
             reply: bytes = await call(request, metadata=_metadata(context))
