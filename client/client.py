@@ -31,7 +31,7 @@ from jobwire.v1 import (
 
 from .artifacts import CHUNK, ArtifactStream, Source, replayable, upload_messages
 from .channel import TLS, open_channel, token_from_env
-from .retry import Backoff, RetryPolicy, call_with_retry
+from .retry import Backoff, RetryPolicy, call_with_retry, positive_seconds
 from .watch import JobsWatch, JobWatch, OnRetry
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class Client:
         request_id: Callable[[], str] | None = None,
     ) -> None:
         self.target = target
-        self.timeout = timeout
+        self.timeout = positive_seconds("Client timeout", timeout)
         self.retry = retry
         self.watch_backoff = watch_backoff
         tls_settings = TLS() if tls is True else (tls or None)

@@ -9,6 +9,7 @@ cancel, a log line) is never repeated by the client.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,9 +17,18 @@ from typing import TypeVar
 
 import grpc
 
-from .errors import translate
+from .errors import ClientConfigError, translate
 
 T = TypeVar("T")
+
+
+def positive_seconds(name: str, value: float) -> float:
+    """`value` when it is a finite number of seconds > 0; else ClientConfigError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ClientConfigError(f"{name} must be a number of seconds, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ClientConfigError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,17 @@ class Backoff:
     initial: float = 0.1
     maximum: float = 5.0
     multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        # A zero or negative wait would reconnect in a tight loop; NaN would never wait.
+        positive_seconds("Backoff initial", self.initial)
+        positive_seconds("Backoff maximum", self.maximum)
+        if self.maximum < self.initial:
+            raise ClientConfigError(
+                f"Backoff maximum must be >= initial ({self.initial}), got {self.maximum}"
+            )
+        if not (math.isfinite(self.multiplier) and self.multiplier >= 1):
+            raise ClientConfigError(f"Backoff multiplier must be >= 1, got {self.multiplier!r}")
 
     def delay(self, attempt: int) -> float:
         try:
@@ -43,6 +64,14 @@ class RetryPolicy:
 
     attempts: int = 5
     backoff: Backoff = Backoff()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
+            raise ClientConfigError(
+                f"RetryPolicy attempts must be a whole number, got {self.attempts!r}"
+            )
+        if self.attempts < 1:
+            raise ClientConfigError(f"RetryPolicy attempts must be >= 1, got {self.attempts}")
 
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})

@@ -28,6 +28,7 @@ once, in order:
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
@@ -37,7 +38,7 @@ import grpc
 
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
 
-from .errors import JobwireError, Unavailable, translate
+from .errors import ClientConfigError, JobwireError, Unavailable, translate
 from .retry import Backoff
 
 if TYPE_CHECKING:
@@ -63,6 +64,10 @@ class _Reconnector:
     def __init__(
         self, backoff: Backoff, give_up_after: float | None, on_retry: OnRetry | None = None
     ) -> None:
+        if give_up_after is not None and not (0 <= give_up_after < math.inf):
+            raise ClientConfigError(
+                f"give_up_after must be a finite number of seconds >= 0, got {give_up_after!r}"
+            )
         self._backoff = backoff
         self._give_up_after = give_up_after
         self._on_retry = on_retry

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import sys
 import tracemalloc
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -736,6 +737,26 @@ async def test_watch_jobs_resumes_after_a_dropped_stream(
         else:  # it cannot: the loss is announced before the events that follow it
             assert len(gaps) == 1 and seqs[:2] == [1, 2] and seqs[-3:] == [4, 5, 6]
             assert isinstance(items[2], StreamGap)
+
+
+def test_unusable_retry_and_deadline_settings_are_refused_by_name() -> None:
+    """Before: RetryPolicy(attempts=0) failed each call with AssertionError('unreachable'),
+    a zero or negative backoff reconnected a watch in a tight loop, a NaN never fired."""
+    nan = float("nan")
+    bad: list[tuple[str, Callable[[], object]]] = [
+        ("attempts must be >= 1, got 0", lambda: RetryPolicy(attempts=0)),
+        ("attempts must be a whole number", lambda: RetryPolicy(attempts=2.5)),  # type: ignore[arg-type]
+        ("initial must be a finite number of seconds > 0, got 0", lambda: Backoff(initial=0)),
+        ("maximum must be a finite number of seconds > 0, got -1", lambda: Backoff(0.1, -1)),
+        ("maximum must be >= initial", lambda: Backoff(initial=2, maximum=1)),
+        ("multiplier must be >= 1, got 0.5", lambda: Backoff(multiplier=0.5)),
+        ("timeout must be a finite number of seconds > 0, got nan", lambda: Client(timeout=nan)),
+        ("give_up_after must be a finite number of seconds >= 0",
+         lambda: Client().watch_job("j", give_up_after=-1)),
+    ]  # fmt: skip
+    for message, make in bad:
+        with pytest.raises(ClientConfigError, match=re.escape(message)):
+            make()
 
 
 def test_backoff_grows_with_jitter_up_to_its_cap() -> None:
