@@ -35,7 +35,8 @@ from jobwire.client import (
 from jobwire.client.retry import Backoff
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2, log_pb2
 from service.store.embedded import EmbeddedStore
-from tests.conftest import ServiceHandle, make_policy, start_service
+from service.store.port import Store
+from tests.conftest import ServiceHandle, make_policy, open_test_store, start_service
 from tests.grpc_proxy import FaultProxy, Rewrite
 from tests.helpers import WAIT, until
 from tests.tcp_cutter import TcpCutter
@@ -496,8 +497,15 @@ async def test_watch_job_snapshot_events_and_end(service: ServiceHandle) -> None
             await collect(c.watch_job("missing"))
 
 
-async def test_watch_job_across_a_service_restart(tmp_path: Path) -> None:
-    first = await start_service(EmbeddedStore(tmp_path, make_policy()))
+async def test_watch_job_across_a_service_restart(
+    store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    database = f"t_restart_{os.urandom(6).hex()}"  # (mongo) the second service reopens it
+
+    async def store() -> Store:
+        return await open_test_store(store_kind, tmp_path, request, make_policy(), database)
+
+    first = await start_service(await store())
     port = first.running.port
     second: ServiceHandle | None = None
     async with client(first.target) as c:
@@ -507,9 +515,7 @@ async def test_watch_job_across_a_service_restart(tmp_path: Path) -> None:
         iterator = aiter(c.watch_job("rs"))
         seen = [await asyncio.wait_for(anext(iterator), WAIT) for _ in range(3)]
         await first.close()  # the watcher sees UNAVAILABLE and keeps reconnecting
-        second = await start_service(
-            EmbeddedStore(tmp_path, make_policy()), grpc_addr=f"127.0.0.1:{port}"
-        )
+        second = await start_service(await store(), grpc_addr=f"127.0.0.1:{port}")
         try:
             async with client(second.target) as writer:
                 for percent in (30, 40, 50):
