@@ -85,9 +85,14 @@ async def read_body(request: web.Request, limit: int) -> Body:
     return Body(buf, hasher.digest())
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def parse_json(data: bytes | bytearray) -> Any:
+    # RFC 8259 8.1: a parser may ignore a leading BOM, and some writers add one.
+    view = memoryview(data)[3:] if data[:3] == _BOM else data
     try:
-        return orjson.loads(data)
+        return orjson.loads(view)
     except orjson.JSONDecodeError as exc:
         raise BridgeError(400, f"malformed JSON: {exc.msg}") from None
 

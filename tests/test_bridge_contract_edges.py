@@ -295,3 +295,24 @@ async def test_an_archive_named_like_another_artifact_replaces_nothing(
         assert await read_text_artifact(stub, created.job.id, "extracted_text.md") == "Hallo Text"
         status, body = await bridge.get(f"{path}/artifacts/images.zip", headers=auth)
         assert (status, body) == (200, b"PK\x03\x04\n")
+
+
+async def test_a_utf8_byte_order_mark_before_the_json_is_ignored(bridge: Any, stub: Any) -> None:
+    """RFC 8259 8.1 lets a parser ignore a leading BOM, which some writers (PowerShell,
+    .NET's UTF-8 encoder) put there; it was a 400 "malformed JSON"."""
+    bom = b"\xef\xbb\xbf"
+    job_id, vid = new_id("b"), new_id("v")
+    await create_job(stub, job_pb2.JOB_KIND_BATCH, job_id)
+    await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid)
+    batch = {"jobId": job_id, "status": "failed", "callbackSecret": BATCH_SECRET}
+    status, _ = await bridge.post_raw("/api/batch-callback", bom + orjson.dumps(batch))
+    assert status == 200
+    report = {"status": "progress", "message": "m", "videoId": vid, "percent": 12}
+    answer = await bridge.post_raw("/api/report", bom + orjson.dumps(report), headers=VIDEO_AUTH)
+    assert answer == (200, {"success": True})
+    assert (await get_job(stub, vid)).progress.percent == 12
+    # Only at the start: anywhere else it is still not JSON.
+    answer = await bridge.post_raw(
+        "/api/report", b" " + bom + orjson.dumps(report), headers=VIDEO_AUTH
+    )
+    assert answer[0] == 400
