@@ -759,10 +759,15 @@ def test_unusable_retry_and_deadline_settings_are_refused_by_name() -> None:
         ("timeout must be a finite number of seconds > 0, got nan", lambda: Client(timeout=nan)),
         ("give_up_after must be a finite number of seconds >= 0",
          lambda: Client().watch_job("j", give_up_after=-1)),
+        # grpc refused it on every call with a bare ExecuteBatchError, not a JobwireError
+        ("token (token=, JOBWIRE_GRPC_TOKEN) must be visible ASCII",
+         lambda: Client(token="s3cr3t-from-a-file\n")),
+        ("must be visible ASCII", lambda: Client.from_env(env={"JOBWIRE_GRPC_TOKEN": "sécret"})),
     ]  # fmt: skip
     for message, make in bad:
-        with pytest.raises(ClientConfigError, match=re.escape(message)):
+        with pytest.raises(ClientConfigError, match=re.escape(message)) as err:
             make()
+        assert "s3cr3t" not in str(err.value) and "sécret" not in str(err.value)
 
 
 def test_backoff_grows_with_jitter_up_to_its_cap() -> None:
