@@ -1,5 +1,5 @@
 """The MongoDB store when the database misbehaves, with real processes: credentials
-refused at run time, bad settings and an unreachable or refusing server at start.
+refused at run time; bad settings, an unreachable or refusing server at start.
 
 (Outages by SIGKILL are in test_mongo_specific.py and test_cross_replica.py.)
 """
@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,9 +20,11 @@ from google.protobuf.duration_pb2 import Duration
 from pymongo import AsyncMongoClient
 
 from jobwire.v1 import job_pb2, job_service_pb2
+from service.config import Settings
+from service.store.factory import open_store
 from service.store.mongo import MongoStore
 from tests.conftest import make_policy, start_service
-from tests.helpers import create, progress
+from tests.helpers import cli_result, create, free_port, progress
 from tests.mongo_server import FerretDBProcess, require_ferretdb
 
 ADMIN_PASSWORD = "adm1n-pw-for-tests"
@@ -137,3 +140,68 @@ async def test_refused_credentials_are_unavailable_and_heal_without_a_restart(
         assert not handle.running.sweeper.done()
     finally:
         await handle.close()
+
+
+BAD_SETTINGS = [
+    ("MONGODB_URI", f"mongo://svc:{PASSWORD}@db.example.com/jobwire", "Invalid URI scheme"),
+    ("MONGODB_URI", f"mongodb://svc:{PASSWORD}@x@db.example.com/", "must be escaped"),
+    ("MONGODB_URI", f"mongodb://svc:{PASSWORD}@db.example.com/?tls=yes", "tls"),
+    ("MONGODB_URI", f"mongodb://svc:{PASSWORD}@db.example.com/?retryWrite=true", "'retryWrite'"),
+    ("MONGODB_URI", f"mongodb+srv://svc:{PASSWORD}@db.example.com:27017/", "port"),
+    ("JOBWIRE_MONGODB_TIMEOUT_MS", "soon", "'soon'"),
+    ("JOBWIRE_MONGODB_W", "0", "'0'"),
+    ("JOBWIRE_MONGODB_READ_PREFERENCE", "sideways", "'sideways'"),
+]
+
+
+@pytest.mark.parametrize(("var", "value", "reason"), BAD_SETTINGS)
+def test_a_bad_mongodb_setting_stops_the_service_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, var: str, value: str, reason: str
+) -> None:
+    """As every other setting (README "Configuration"): one line naming the variable and
+    the problem, exit status 1. Was a traceback (pymongo's InvalidURI, the adapter's
+    ValueError), and a bad URI option (`tls=yes`, a misspelt `retryWrite`) only a
+    warning, the option ignored: `tls=yes` connected in the clear. `w=0` was accepted:
+    writes acknowledged before MongoDB has them. The password is never printed."""
+    monkeypatch.setenv("MONGODB_URI", "mongodb://127.0.0.1:1/")
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SystemExit) as stopped:
+        open_store(Settings(mongodb_uri=os.environ["MONGODB_URI"]))
+    message = str(stopped.value.code)
+    assert message.startswith(var) and reason in message, message
+    assert "\n" not in message and PASSWORD not in message
+
+
+@pytest.mark.parametrize("problem", ["unreachable", "credentials"])
+async def test_the_service_exits_with_one_line_when_mongodb_cannot_be_used(
+    tmp_path: Path, problem: str
+) -> None:
+    """`jobwire serve` with MongoDB down or refusing the login: after the timeout, one
+    line naming the problem and exit status 1 (a supervisor restarts it). Was a
+    traceback for refused credentials. The password is never printed."""
+    _own_ferretdb()
+    server: FerretDBProcess | None = None
+    if problem == "unreachable":
+        uri = f"mongodb://svc:{PASSWORD}@127.0.0.1:{free_port()}/jobwire"
+        expected = "cannot start: MongoDB unavailable (start)"
+    else:
+        server = FerretDBProcess.with_user(require_ferretdb(), "admin", ADMIN_PASSWORD, "jobwire")
+        server.start()
+        uri = f"mongodb://admin:{PASSWORD}@127.0.0.1:{server.port}/jobwire"
+        expected = "cannot start: MongoDB refused the credentials of MONGODB_URI (start)"
+    try:
+        env = {
+            "MONGODB_URI": uri,
+            "JOBWIRE_MONGODB_TIMEOUT_MS": "1000",
+            "JOBWIRE_GRPC_ADDR": "127.0.0.1:0",
+            "JOBWIRE_METRICS_ADDR": "",
+            "JOBWIRE_DATA_DIR": str(tmp_path / "data"),
+            "JOBWIRE_LOG_FORMAT": "text",
+        }
+        code, out, err = await cli_result("serve", env=env, timeout=60)
+    finally:
+        if server is not None:
+            server.cleanup()
+    assert code == 1, (out, err)
+    assert expected in err, err
+    assert "Traceback" not in out + err and PASSWORD not in out + err

@@ -12,5 +12,8 @@ def open_store(settings: Settings) -> Store:
     if settings.mongodb_uri:
         from .mongo import MongoStore  # imported lazily: the embedded path needs no driver
 
-        return MongoStore.from_env(policy)
+        try:
+            return MongoStore.from_env(policy)
+        except ValueError as err:  # one line naming the setting, as config.py's errors
+            raise SystemExit(str(err)) from None
     return EmbeddedStore(settings.data_dir, policy)

@@ -19,10 +19,12 @@ import logging
 import os
 import random
 import time
+import warnings
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qsl, unquote_plus
 
 import pymongo
 from bson import Binary, ObjectId
@@ -36,6 +38,7 @@ from pymongo import (
 )
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.common import URI_OPTIONS_VALIDATOR_MAP as URI_OPTIONS
 from pymongo.errors import (
     BulkWriteError,
     ConnectionFailure,
@@ -58,6 +61,7 @@ log = logging.getLogger("jobwire.store.mongo")
 
 DEFAULT_DATABASE = "jobwire"
 DEFAULT_TIMEOUT_MS = 5000
+READ_PREFERENCES = ("primary", "primaryPreferred", "secondary", "secondaryPreferred", "nearest")
 # Optimistic-concurrency rounds before a command gives up with ABORTED.
 MAX_ATTEMPTS = 64
 # Oldest queued jobs fetched per claim round; contenders spread over them.
@@ -117,6 +121,20 @@ def _guard(what: str) -> Iterator[None]:
 def _errmsg(exc: OperationFailure) -> str:
     details = exc.details or {}
     return str(details.get("errmsg") or exc)[:300]
+
+
+def _uri_options(uri: str) -> list[str]:
+    return [key for key, _ in parse_qsl(uri.partition("?")[2], keep_blank_values=True)]
+
+
+def _without_credentials(text: str, uri: str) -> str:
+    """`text` with the URI's user info (as written and percent-decoded) blanked out."""
+    userinfo = uri.split("://", 1)[-1].rpartition("@")[0]
+    secrets = {userinfo, *userinfo.split(":", 1)[1:]}
+    for secret in sorted(secrets | {unquote_plus(x) for x in secrets}, key=len, reverse=True):
+        if len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return text
 
 
 def _describe(exc: BaseException) -> str:
@@ -289,14 +307,51 @@ class MongoStore:
             ) from None
         if timeout_ms <= 0:
             raise ValueError(f"JOBWIRE_MONGODB_TIMEOUT_MS must be positive, got {timeout_ms}")
-        return cls(
+        w: int | str = w_text
+        if w_text.lstrip("+-").isdigit():
+            w = int(w_text)
+            if w < 1:  # w=0 acknowledges writes MongoDB may never make: not durable
+                raise ValueError(
+                    f"JOBWIRE_MONGODB_W must be majority, a number >= 1 or a tag set name,"
+                    f" got {w_text!r}"
+                )
+        mode = env.get("JOBWIRE_MONGODB_READ_PREFERENCE", "primary") or "primary"
+        if mode not in READ_PREFERENCES:
+            raise ValueError(
+                f"JOBWIRE_MONGODB_READ_PREFERENCE must be one of {', '.join(READ_PREFERENCES)},"
+                f" got {mode!r}"
+            )
+        store = cls(
             uri,
             policy=policy,
             database=env.get("JOBWIRE_MONGODB_DB") or None,
-            w=int(w_text) if w_text.isdigit() else w_text,
-            read_preference=env.get("JOBWIRE_MONGODB_READ_PREFERENCE", "primary") or "primary",
+            w=w,
+            read_preference=mode,
             timeout_ms=timeout_ms,
         )
+        store._open_client()  # a malformed URI is named now, before anything starts
+        return store
+
+    def _open_client(self) -> None:
+        """Creates the client (no I/O yet: it connects on its first operation)."""
+        if self._client is not None:
+            return
+        try:
+            with warnings.catch_warnings():
+                # The driver only warns about a bad or unknown URI option, and ignores it:
+                # `tls=yes` would connect in the clear, `retryWrite=true` not retry.
+                warnings.simplefilter("error", UserWarning)
+                self._client = AsyncMongoClient(self._uri, **self._client_options)
+        except (pymongo.errors.ConfigurationError, ValueError, TypeError, UserWarning) as exc:
+            reason = str(exc)
+            if reason.startswith("Unknown option"):
+                unknown = [k for k in _uri_options(self._uri) if k.lower() not in URI_OPTIONS]
+                hint = reason.removeprefix("Unknown option.").replace("Refer to docstring.", "")
+                reason = f"unknown option {', '.join(map(repr, unknown))} ({hint.strip()})"
+            reason = _without_credentials(reason, self._uri)
+            raise ValueError(f"MONGODB_URI is not a valid MongoDB URI: {reason}") from None
+        # The database named in the URI path wins over the argument.
+        self._db = self._client.get_default_database(default=self._database_name)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -327,10 +382,8 @@ class MongoStore:
         return self.database[f"{_BUCKET}.chunks"]
 
     async def start(self) -> None:
-        if self._client is None:
-            self._client = AsyncMongoClient(self._uri, **self._client_options)
-            # The database named in the URI path wins over the argument.
-            self._db = self._client.get_default_database(default=self._database_name)
+        self._open_client()
+        assert self._client is not None
         with _guard("start"):
             info = await self._client.admin.command("buildInfo")
             writes = self._max_writes
