@@ -194,33 +194,68 @@ def _run(_: argparse.Namespace) -> int:
     env.update(_local_secrets(env))
     cmd = [sys.executable, "-m", "cli"]
     service = subprocess.Popen([*cmd, "serve"], env=env)
-    children = [service]
+    children = {"service": service}
     stopping = False
 
-    def stop(*_: Any) -> None:
+    def on_signal(*_: Any) -> None:
         nonlocal stopping
         stopping = True
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     deadline = time.monotonic() + 30
     while not _healthy(env["JOBWIRE_SERVICE_TARGET"]):
         if service.poll() is not None or stopping or time.monotonic() > deadline:
-            stop()
-            service.wait()
-            print("jobwire: the service did not become healthy", file=sys.stderr)
-            return 1
+            _stop_children(children)
+            if not stopping:
+                print("jobwire: the service did not become healthy", file=sys.stderr)
+            return 0 if stopping else 1
         time.sleep(0.2)
-    children.append(subprocess.Popen([*cmd, "bridge"], env=env))
-    children.append(subprocess.Popen([*cmd, "dashboard"], env=env))
-    while all(child.poll() is None for child in children):
+    children["bridge"] = subprocess.Popen([*cmd, "bridge"], env=env)
+    children["dashboard"] = subprocess.Popen([*cmd, "dashboard"], env=env)
+    while not stopping and all(child.poll() is None for child in children.values()):
         time.sleep(0.2)
-    stop()
-    codes = [child.wait() for child in children]
-    return 0 if stopping else max(codes)
+    died = {name: c.returncode for name, c in children.items() if c.returncode is not None}
+    codes = _stop_children(children)
+    if died and not stopping:
+        # One died on its own (a crash, the OOM killer): say which, and fail, so that a
+        # supervisor restarts the lot; a signal's death is 128 + its number, as a shell says.
+        name, code = next(iter(died.items()))
+        print(
+            f"jobwire: the {name} exited ({_describe_exit(code)}); stopped the others",
+            file=sys.stderr,
+        )
+        return _exit_status(code) or 1
+    # Killed by the SIGTERM sent here (or the terminal's SIGINT) while on its way out
+    # anyway: a normal stop.
+    normal = (0, -signal.SIGTERM, -signal.SIGINT)
+    failed = {name: code for name, code in codes.items() if code not in normal}
+    for name, code in failed.items():
+        print(f"jobwire: the {name} stopped with {_describe_exit(code)}", file=sys.stderr)
+    return max((_exit_status(code) for code in failed.values()), default=0)
+
+
+def _stop_children(children: dict[str, subprocess.Popen[bytes]]) -> dict[str, int]:
+    """SIGTERM to the bridge and the dashboard first, then (once they finished their
+    requests in flight, which need the service) to the service; their exit codes."""
+    front = [c for name, c in children.items() if name != "service"]
+    for group in (front, [children["service"]]):
+        for child in group:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in group:
+            child.wait()
+    return {name: child.returncode for name, child in children.items()}
+
+
+def _exit_status(code: int) -> int:
+    return 128 - code if code < 0 else code
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"status {code}"
 
 
 def _local_secrets(env: dict[str, str]) -> dict[str, str]:

@@ -4,20 +4,26 @@ callback is in flight, and what `jobwire run` says when one of its children dies
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import signal
+import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import grpc
 import pytest
 
-from jobwire.v1 import job_pb2, job_service_pb2
+from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 from service.store.embedded import EmbeddedStore
+from service.store.mongo import MongoStore
 from tests.bridge_harness import BATCH_SECRET
 from tests.bridge_process import BridgeProcess, cli_bridge_process
 from tests.conftest import ServiceHandle, make_policy, start_service
 from tests.grpc_proxy import FaultProxy
-from tests.helpers import WAIT, create, until
+from tests.helpers import WAIT, create, run_environment, until
 
 
 @pytest.fixture
@@ -108,3 +114,146 @@ async def test_a_callback_still_in_flight_after_the_grace_gets_no_answer_at_all(
     job = await handle.stub.GetJob(job_service_pb2.GetJobRequest(id="drain-2"))
     assert job.state == job_pb2.JOB_STATE_QUEUED
     assert "Traceback" not in bridge.log() and " 500 " not in bridge.log(), bridge.log()
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` (Linux /proc)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()]
+
+
+def _cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+async def _start_run(
+    tmp_path: Path, **extra: str
+) -> tuple[asyncio.subprocess.Process, Path, dict[str, int]]:
+    ports, run_env = run_environment(tmp_path)
+    env = {
+        **os.environ,
+        **run_env,
+        "JOBWIRE_LOG_FORMAT": "text",
+        "BATCH_CALLBACK_SECRET": BATCH_SECRET,
+        **extra,
+    }
+    log_path = tmp_path / "run.log"
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli", "run", env=env, stdout=log, stderr=log
+        )
+    await until(
+        lambda: (
+            b"dashboard on http://" in log_path.read_bytes()
+            and b"bridge on http://" in log_path.read_bytes()
+        ),
+        timeout=60,
+    )
+    return proc, log_path, ports
+
+
+async def test_jobwire_run_fails_naming_the_child_that_died(tmp_path: Path) -> None:
+    """The service of `jobwire run` killed (the OOM killer's SIGKILL): run stops the
+    bridge and the dashboard and exits 137 saying which child died and how. It exited
+    0, silently: max() of the children's codes, where a signal's death is negative."""
+    proc, log_path, _ = await _start_run(tmp_path)
+    try:
+        service = next(p for p in _children(proc.pid) if "serve" in _cmdline(p))
+        os.kill(service, signal.SIGKILL)
+        code = await asyncio.wait_for(proc.wait(), 3 * WAIT)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    log = log_path.read_text(errors="replace")
+    assert code == 128 + signal.SIGKILL, log
+    assert "jobwire: the service exited (killed by SIGKILL); stopped the others" in log, log
+
+
+@pytest.mark.parametrize("store_kind", ["embedded", "mongo"])
+async def test_sigterm_to_jobwire_run_under_callback_load_keeps_every_acknowledged_callback(
+    store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Workers post callbacks (each to a job of its own) while `jobwire run` gets
+    SIGTERM: run exits 0 with each part saying it stopped; every callback was answered
+    200 (and is SUCCEEDED after a restart), 503 with Retry-After, or had its connection
+    closed unanswered: never a 500, never a 2xx for an event the restart lacks."""
+    extra: dict[str, str] = {}
+    database = f"run_{os.urandom(4).hex()}"
+    if store_kind == "mongo":
+        extra = {
+            "MONGODB_URI": request.getfixturevalue("mongo_uri"),
+            "JOBWIRE_MONGODB_DB": database,
+        }
+    proc, log_path, ports = await _start_run(tmp_path, **extra)
+    answers: list[tuple[str, str | tuple[int, str | None]]] = []
+    acked = asyncio.Event()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports['grpc']}")
+    stub = job_service_pb2_grpc.JobServiceStub(channel)
+
+    async def worker(http: aiohttp.ClientSession, w: int) -> None:
+        for n in itertools.count():
+            job_id = f"w{w}-{n}"
+            try:
+                await create(stub, job_pb2.JOB_KIND_BATCH, job_id)
+            except grpc.aio.AioRpcError:
+                return  # the service is stopping
+            body = {
+                "jobId": job_id,
+                "status": "success",
+                "outputKey": "o",
+                "callbackSecret": BATCH_SECRET,
+            }
+            try:
+                async with http.post(
+                    f"http://127.0.0.1:{ports['http']}/api/batch-callback", json=body
+                ) as reply:
+                    await reply.read()
+                    answers.append((job_id, (reply.status, reply.headers.get("Retry-After"))))
+            except aiohttp.ClientError as err:
+                answers.append((job_id, type(err).__name__))
+                return
+            if sum(1 for _, a in answers if a == (200, None)) >= 100:
+                acked.set()
+
+    try:
+        async with aiohttp.ClientSession() as http:
+            workers = [asyncio.create_task(worker(http, w)) for w in range(8)]
+            await asyncio.wait_for(acked.wait(), 6 * WAIT)
+            proc.send_signal(signal.SIGTERM)
+            code = await asyncio.wait_for(proc.wait(), 6 * WAIT)
+            await asyncio.wait_for(asyncio.gather(*workers), 3 * WAIT)
+    finally:
+        await channel.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    log = log_path.read_text(errors="replace")
+    assert code == 0, log
+    assert "Traceback" not in log, log
+    assert "bridge stopped" in log and "shutting down" in log, log
+    statuses = {a if isinstance(a, str) else a[0] for _, a in answers}
+    print(Counter(a if isinstance(a, str) else a[0] for _, a in answers))
+    assert statuses <= {
+        200,
+        503,
+        "ServerDisconnectedError",
+        "ClientOSError",
+        "ClientConnectorError",
+    }, statuses
+    assert all(a[1] for _, a in answers if isinstance(a, tuple) and a[0] == 503)  # Retry-After
+
+    if store_kind == "embedded":
+        store: EmbeddedStore | MongoStore = EmbeddedStore(tmp_path / "data", make_policy())
+    else:
+        store = MongoStore(
+            request.getfixturevalue("mongo_uri"), policy=make_policy(), database=database
+        )
+    handle = await start_service(store)
+    try:
+        for job_id, answer in answers:
+            if isinstance(answer, tuple) and answer[0] == 200:
+                job = await handle.stub.GetJob(job_service_pb2.GetJobRequest(id=job_id))
+                assert job.state == job_pb2.JOB_STATE_SUCCEEDED, job_id
+    finally:
+        await handle.close()
