@@ -151,3 +151,4 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     log.info("shutting down (grace %.0fs)", settings.shutdown_grace_seconds)
     await running.stop(settings.shutdown_grace_seconds)
+    log.info("service stopped")
