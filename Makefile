@@ -8,7 +8,7 @@ GEN    := proto
 # protoc finds its mypy plugins (protoc-gen-mypy*) in the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install lock lock-upgrade proto proto-check proto-lint proto-release run serve bridge test lint fmt bench faults ferretdb promtool image-check examples-node chromium tmux clean
+.PHONY: install lock lock-upgrade proto proto-check proto-lint proto-release run serve bridge test lint fmt bench faults ferretdb promtool image-check examples-node chromium tmux curl clean
 
 install: $(STAMP)
 
@@ -92,11 +92,15 @@ chromium:
 tmux:
 	@bash scripts/apt-install.sh tmux tmux
 
+# curl, for the README's quick start run as written (tests/test_examples.py).
+curl:
+	@bash scripts/apt-install.sh curl curl
+
 # examples/node's npm dependencies, exactly as its package-lock.json pins them.
 examples-node:
 	@bash scripts/install-node-example.sh
 
-test: $(STAMP) ferretdb promtool examples-node chromium tmux
+test: $(STAMP) ferretdb promtool examples-node chromium tmux curl
 	JOBWIRE_FERRETDB_BIN=$$(bash scripts/install-ferretdb.sh --path) \
 	JOBWIRE_PROMTOOL_BIN=$$(bash scripts/install-promtool.sh --path) \
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ import pytest
 
 from jobwire.client import Client, JobwireError
 from jobwire.v1 import job_pb2
-from tests.helpers import free_port
+from tests.helpers import free_port, tool_missing
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "python"
@@ -205,3 +206,57 @@ async def test_video_worker_example_claims_reports_and_completes(stack: Stack) -
         assert done.progress.media_duration.seconds == 180
         assert [a.name for a in await client.list_artifacts(g)] == ["manifest.txt"]
         assert (await client.get_job(b)).error.code == "BAD_URL"
+
+
+def _quickstart() -> list[str]:
+    """The README's "Try it from another terminal" block, one command per item."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[
+        readme.index("<!-- section:quickstart") : readme.index("<!-- /section:quickstart")
+    ]
+    block = re.findall(r"```sh\n(.*?)```", section, re.S)[-1]
+    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+async def test_readme_quick_start_commands_work_as_written(stack: Stack) -> None:
+    """Create with the CLI, report with the curl line, watch until the job ends: the
+    README's commands with only the addresses (and the token it says to paste) filled in."""
+    if shutil.which("curl") is None:
+        tool_missing("curl is not installed (make test installs it)")
+    create, token_line, curl, watch = _quickstart()
+    assert token_line.startswith("TOKEN=...")
+    http = stack.http_url.removeprefix("http://")
+    jobwire = f"{sys.executable} -m cli"
+
+    async def sh(command: str) -> str:
+        proc = await asyncio.create_subprocess_shell(
+            command.replace(".venv/bin/jobwire", jobwire).replace("localhost:8080", http),
+            env=stack.env, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), WAIT)
+        assert proc.returncode == 0, (command, out)
+        return out.decode()
+
+    created = json.loads(await sh(create))
+    assert created["job"]["id"] == "doc-1" and created["job"]["kind"] == "JOB_KIND_EXTRACTION"
+    token = created["callbackToken"]
+    reply = json.loads(await sh(f"TOKEN={token}\n{curl}"))
+    assert reply == {"status": "ok", "kind": "progress", "jobId": "doc-1"}
+    proc = await asyncio.create_subprocess_shell(
+        watch.replace(".venv/bin/jobwire", jobwire), env=stack.env, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out = await _line(proc, r"42\.0% .*extract_text Seite 12/28")
+        async with aiohttp.ClientSession() as session:
+            done = {"phase": "completed", "message": "fertig", "data": {"extracted_text": "x"}}
+            auth = {"Authorization": f"Bearer {token}"}
+            url = f"{stack.http_url}/api/external/jobs/doc-1"
+            async with session.post(url, json=done, headers=auth) as resp:
+                assert resp.status == 200, await resp.text()
+        out += await _line(proc, r"SUCCEEDED")
+        assert await asyncio.wait_for(proc.wait(), WAIT) == 0  # the watch ends with the job
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
