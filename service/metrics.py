@@ -62,6 +62,10 @@ STORAGE_ERRORS = Counter(
     "Storage operations that failed (unavailable or timed out)",
     ["operation"],
 )
+# Exported at 0 from the start: Prometheus' increase() cannot see the first error of a
+# series that is born with it, so JobwireStorageUnavailable would miss a short outage.
+for _operation in ("rpc", "feed_append", "feed_tail", "queue_depth"):
+    STORAGE_ERRORS.labels(_operation)
 QUEUE_DEPTH = Gauge("jobwire_queue_depth", "QUEUED jobs per kind (whole deployment)", ["kind"])
 EVENTS_APPLIED = Counter("jobwire_events_applied", "Job events committed through this replica")
 FEED_EVENTS = Counter(

@@ -190,17 +190,17 @@ async def test_a_full_disk_mid_traffic_is_unavailable_and_heals_when_space_is_fr
     """`jobwire serve` whose files may not grow (RLIMIT_FSIZE lowered on the running
     process: the kernel answers its writes as a full disk would, EFBIG instead of
     ENOSPC, without a mount): commits and an artifact upload answer UNAVAILABLE naming
-    the data directory (the upload was UNKNOWN, "Unexpected <class 'OSError'>"); with
-    the limit lifted the same service accepts them again, and nothing acknowledged
-    before is lost."""
+    the data directory (the upload was UNKNOWN, "Unexpected <class 'OSError'>"), and
+    count for the storage alert; with the limit lifted the same service accepts them
+    again, and nothing acknowledged before is lost."""
     data = tmp_path / "data"
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     proc = await cli_process(
         "serve",
         env={
             "JOBWIRE_DATA_DIR": str(data),
             "JOBWIRE_GRPC_ADDR": f"127.0.0.1:{port}",
-            "JOBWIRE_METRICS_ADDR": "",
+            "JOBWIRE_METRICS_ADDR": f"127.0.0.1:{metrics_port}",
             "JOBWIRE_LOG_FORMAT": "text",
             "MONGODB_URI": "",
         },
@@ -222,6 +222,9 @@ async def test_a_full_disk_mid_traffic_is_unavailable_and_heals_when_space_is_fr
         await create(stub, job_pb2.JOB_KIND_EXTRACTION, "full")
         for pct in range(1, 11):
             await stub.ReportEvent(progress("full", pct), timeout=WAIT)
+        # Exported at 0 before the first error: Prometheus' increase() (the alert's
+        # expression) cannot see the first error of a series born with it.
+        assert 'jobwire_storage_errors_total{operation="rpc"} 0.0' in await _scrape(metrics_port)
         wal = data / "jobwire.sqlite3-wal"
         resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (wal.stat().st_size, unlimited[1]))
 
@@ -238,6 +241,7 @@ async def test_a_full_disk_mid_traffic_is_unavailable_and_heals_when_space_is_fr
         assert failures, "no commit failed with the file size limit"
         assert {e.code() for e in failures} == {grpc.StatusCode.UNAVAILABLE}
         assert all(str(data) in (e.details() or "") for e in failures)
+        assert _storage_errors(await _scrape(metrics_port)) == 1 + len(failures)
 
         resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, unlimited)  # space freed
         await stub.ReportEvent(progress("full", 99), timeout=WAIT)
