@@ -211,12 +211,12 @@ async def callback(request: web.Request) -> web.StreamResponse:
     job_id, token = job_id_and_token(request)
     body = await read_body(request, config_of(request).max_final_body_bytes)
     check_signature(request, "secretary", body.data)
-    key = idempotency_key(request, CONTRACT, job_id, body)
     data, archive = parse_body(body.data)
-    del body  # from here on only `data` and the archive's view of the buffer remain
     if not isinstance(data, dict):
         raise BridgeError(400, "body must be a JSON object")
     phase = data.get("phase")
+    key = idempotency_key(request, CONTRACT, job_id, body, phase not in ("completed", "failed"))
+    del body  # from here on only `data` and the archive's view of the buffer remain
     if phase == "completed":
         try:
             await final(request, job_id, token, key, data, archive)

@@ -182,7 +182,8 @@ async def report(request: web.Request) -> web.StreamResponse:
     check_signature(request, SIGNED_AS, body.data)
     parsed = validate(Report, parse_json(body.data))
     event = to_event(parsed)
-    event.idempotency_key = idempotency_key(request, CONTRACT, parsed.videoId, body)
+    progress = parsed.status == "progress"
+    event.idempotency_key = idempotency_key(request, CONTRACT, parsed.videoId, body, progress)
     await report_event(request, event)
     return json_response({"success": True})
 

@@ -5,6 +5,7 @@ jobs a contract's shared secret reaches."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import random
 import zlib
@@ -16,12 +17,14 @@ import orjson
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2, log_pb2
 from tests.bridge_harness import (
     BATCH_SECRET,
+    TEST_CONFIG,
     TRANSCODE_TOKEN,
     VIDEO_AUTH,
     bridge,  # noqa: F401
     create_job,
     get_job,
     new_id,
+    running_bridge,
     stub,  # noqa: F401
 )
 
@@ -316,3 +319,50 @@ async def test_a_utf8_byte_order_mark_before_the_json_is_ignored(bridge: Any, st
         "/api/report", b" " + bom + orjson.dumps(report), headers=VIDEO_AUTH
     )
     assert answer[0] == 400
+
+
+async def test_the_same_progress_repeated_as_a_heartbeat_renews_the_lease(
+    grpc_service: Any,
+) -> None:
+    """A video worker that repeats the same progress body (no timestamp, the same
+    percent while a download stalls) was deduplicated as a verbatim retry forever:
+    its claim's lease was never renewed, the video went back to pending and to
+    another worker, while this one's reports got 200 and did nothing. A verbatim
+    retry is now one within JOBWIRE_PROGRESS_DEDUP_SECONDS; later, the same body is a
+    heartbeat and is applied (both contracts' progress)."""
+    stub = grpc_service.stub
+    config = dataclasses.replace(
+        TEST_CONFIG, service_target=grpc_service.target, progress_dedup_seconds=0.2
+    )
+    long_window = dataclasses.replace(config, progress_dedup_seconds=3600)
+    vid = new_id("v")
+    await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid)
+    job = (await stub.ClaimJob(job_service_pb2.ClaimJobRequest(kind=job_pb2.JOB_KIND_VIDEO))).job
+    while job.id != vid:  # videos of other tests may be older
+        job = (
+            await stub.ClaimJob(job_service_pb2.ClaimJobRequest(kind=job_pb2.JOB_KIND_VIDEO))
+        ).job
+    heartbeat = {"status": "progress", "message": "Descargando", "videoId": vid, "percent": 50}
+    doc = await create_job(stub, job_pb2.JOB_KIND_EXTRACTION)
+    auth = {"Authorization": f"Bearer {doc.callback_token}"}
+    secretary = {"phase": "extract_text", "progress": 50, "message": "Seite 1/2"}
+    async with running_bridge(long_window) as b:
+        for _ in range(2):  # a verbatim retry within the window is applied once
+            assert await b.post("/api/report", heartbeat, headers=VIDEO_AUTH) == (
+                200,
+                {"success": True},
+            )
+            assert (await b.post(f"/api/external/jobs/{doc.job.id}", secretary, headers=auth))[
+                0
+            ] == 200
+    first = await get_job(stub, vid)
+    assert first.sequence == 2  # claimed, progress
+    assert (await get_job(stub, doc.job.id)).sequence == 1
+    async with running_bridge(config) as b:
+        await asyncio.sleep(0.25)  # the time under test: a window later
+        assert (await b.post("/api/report", heartbeat, headers=VIDEO_AUTH))[0] == 200
+        assert (await b.post(f"/api/external/jobs/{doc.job.id}", secretary, headers=auth))[0] == 200
+    later = await get_job(stub, vid)
+    assert later.sequence == 3
+    assert later.lease_expire_time.ToNanoseconds() > first.lease_expire_time.ToNanoseconds()
+    assert (await get_job(stub, doc.job.id)).sequence == 2
