@@ -156,8 +156,8 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
         http_port=port,
         service_target=merged.get("JOBWIRE_SERVICE_TARGET", "127.0.0.1:50051"),
         batch_callback_secret=merged.get("BATCH_CALLBACK_SECRET", ""),
-        api_key=merged.get("API_KEY", ""),
-        transcode_callback_token=merged.get("TRANSCODE_CALLBACK_TOKEN", ""),
+        api_key=header_secret(merged, "API_KEY"),
+        transcode_callback_token=header_secret(merged, "TRANSCODE_CALLBACK_TOKEN"),
         transcode_allowed_ips=parse_networks(merged.get("TRANSCODE_ALLOWED_IPS", "")),
         max_body_bytes=whole(merged, "JOBWIRE_MAX_BODY_BYTES", 1024 * 1024),
         max_final_body_bytes=whole(merged, "JOBWIRE_MAX_FINAL_BODY_BYTES", 256 * 1024 * 1024),
@@ -175,6 +175,19 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
         progress_dedup_seconds=number(merged, "JOBWIRE_PROGRESS_DEDUP_SECONDS", 10.0),
         signing_secrets=signing_secrets(merged),
     )
+
+
+def header_secret(env: Mapping[str, str], name: str) -> str:
+    """A secret that travels in a header, where the bridge takes only printable ASCII
+    up to 4096 characters (edge.token_text): any other value could never match, and
+    its worker would get 401 for ever. The message never shows the value."""
+    value = env.get(name, "")
+    if value and not (len(value) <= 4096 and value.isascii() and value.isprintable()):
+        raise SystemExit(
+            f"{name} must be at most 4096 printable ASCII characters: it is sent in an "
+            "HTTP header (its value is not shown)"
+        )
+    return value
 
 
 def number(env: Mapping[str, str], name: str, default: float, minimum: float = 0.001) -> float:

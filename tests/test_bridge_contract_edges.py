@@ -13,7 +13,9 @@ from typing import Any
 
 import grpc
 import orjson
+import pytest
 
+from http_bridge.config import load_config
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2, log_pb2
 from tests.bridge_harness import (
     BATCH_SECRET,
@@ -366,3 +368,24 @@ async def test_the_same_progress_repeated_as_a_heartbeat_renews_the_lease(
     assert later.sequence == 3
     assert later.lease_expire_time.ToNanoseconds() > first.lease_expire_time.ToNanoseconds()
     assert (await get_job(stub, doc.job.id)).sequence == 2
+
+
+def test_a_header_secret_that_no_header_can_carry_is_refused_at_start(tmp_path: Any) -> None:
+    """API_KEY and TRANSCODE_CALLBACK_TOKEN travel in a header (or the path), where the
+    bridge takes only printable ASCII: set to `schlüssel`, the video worker got 401
+    for ever with its correct key. Refused at start, naming the variable, never the
+    value. (BATCH_CALLBACK_SECRET travels in the JSON body: any text, as the
+    contract's own example `dein-geheimer-schlüssel`.)"""
+    base = {"JOBWIRE_ENV_FILE": str(tmp_path / "none.env")}
+    for name, value in (
+        ("API_KEY", "schlüssel-geheim"),
+        ("TRANSCODE_CALLBACK_TOKEN", "tok\tgeheim"),
+        ("API_KEY", "k" * 4097),
+    ):
+        with pytest.raises(SystemExit) as refused:
+            load_config({**base, name: value})
+        message = str(refused.value.code)
+        assert name in message and value not in message and "geheim" not in message, message
+    config = load_config({**base, "BATCH_CALLBACK_SECRET": "dein-geheimer-schlüssel"})
+    assert config.batch_callback_secret == "dein-geheimer-schlüssel"
+    assert load_config({**base, "API_KEY": "k" * 4096, "TRANSCODE_CALLBACK_TOKEN": "a b"})
