@@ -47,6 +47,42 @@ async def upload_messages(
                 yield job_service_pb2.UploadArtifactRequest(data=data[start : start + chunk])
 
 
+async def upload(
+    method: Callable[..., Any],
+    header: job_service_pb2.ArtifactHeader,
+    source: Source,
+    chunk: int,
+    timeout: float | None,
+) -> artifact_pb2.Artifact:
+    """One UploadArtifact call; an error reading `source` is raised as itself, and the
+    stored artifact of that name (if any) is left as it was.
+
+    Letting the request iterator raise would make grpc.aio cancel the call: the caller
+    saw asyncio.CancelledError (not caught by `except Exception`, and read as its own
+    cancellation), and the service may see the cancel as the end of the stream and
+    store the part it got, replacing the artifact (it did on MongoDB). The protocol has
+    no abort message; a second header is one the service refuses, dropping the upload.
+    """
+    failed: list[Exception] = []
+
+    async def messages() -> AsyncIterator[job_service_pb2.UploadArtifactRequest]:
+        try:
+            async for message in upload_messages(header, source, chunk):
+                yield message
+        except Exception as exc:
+            failed.append(exc)
+            yield job_service_pb2.UploadArtifactRequest(header=header)  # refused: aborts
+
+    try:
+        result: artifact_pb2.Artifact = await method(messages(), timeout=timeout)
+    except (asyncio.CancelledError, grpc.aio.AioRpcError):
+        task = asyncio.current_task()
+        if failed and (task is None or not task.cancelling()):
+            raise failed[0] from None
+        raise
+    return result
+
+
 class ArtifactStream:
     """One artifact's content: `async for chunk in stream`, or `await stream.save(path)`.
 

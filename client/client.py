@@ -30,7 +30,7 @@ from jobwire.v1 import (
     log_pb2,
 )
 
-from .artifacts import CHUNK, ArtifactStream, Source, replayable, upload_messages
+from .artifacts import CHUNK, ArtifactStream, Source, replayable, upload
 from .channel import TLS, open_channel, token_from_env
 from .errors import ClientConfigError
 from .retry import Backoff, RetryPolicy, call_with_retry, positive_seconds
@@ -423,12 +423,7 @@ class Client:
         )
 
         async def attempt(left: float | None) -> artifact_pb2.Artifact:
-            messages = upload_messages(header, source, chunk_size)
-            result: artifact_pb2.Artifact = await self._stub.UploadArtifact(
-                messages,
-                timeout=left,
-            )
-            return result
+            return await upload(self._stub.UploadArtifact, header, source, chunk_size, left)
 
         policy = self.retry if replayable(source) else None
         return await call_with_retry(attempt, policy, timeout)

@@ -194,6 +194,36 @@ async def test_artifacts_from_bytes_path_and_iterator(
         assert not (tmp_path / "nope").exists() and not (tmp_path / "nope.partial").exists()
 
 
+async def test_an_upload_whose_source_fails_raises_the_sources_error(
+    service: ServiceHandle, tmp_path: Path
+) -> None:
+    """Before: a missing file, a directory or an iterator that raised surfaced as
+    asyncio.CancelledError (grpc cancels the call when its request iterator fails), which
+    `except Exception` does not catch and which reads as the caller's own cancellation;
+    and the service could take the cancel for the stream's end and store what it had
+    got in place of the artifact (MongoDB stored empty ones)."""
+
+    async def breaks() -> AsyncIterator[bytes]:
+        yield b"first part"
+        raise RuntimeError("the source broke")
+
+    async with client(service.target) as c:
+        await c.create_job("GENERIC", job_id="up")
+        await c.upload_artifact("up", "a.bin", b"the stored version")
+        for _ in range(3):  # the service's side was a race
+            with pytest.raises(FileNotFoundError):
+                await c.upload_artifact("up", "a.bin", tmp_path / "missing.bin")
+            with pytest.raises(IsADirectoryError):
+                await c.upload_artifact("up", "a.bin", tmp_path)
+            with pytest.raises(RuntimeError, match="the source broke"):
+                await c.upload_artifact("up", "a.bin", breaks())
+            with pytest.raises(RuntimeError, match="the source broke"):
+                await c.upload_artifact("up", "new.bin", breaks())
+        assert [a.name for a in await c.list_artifacts("up")] == ["a.bin"]
+        stored = [chunk async for chunk in c.read_artifact("up", "a.bin")]
+        assert b"".join(stored) == b"the stored version"  # never replaced by a part
+
+
 async def test_50_mib_artifact_in_bounded_memory(tmp_path: Path) -> None:
     """Upload and read 50 MiB; Python's peak allocation stays a few chunks, not 50 MiB
     (client and service run in this process, so both are measured)."""
