@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import shutil
 import sqlite3
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -256,3 +258,78 @@ async def test_a_full_disk_mid_traffic_is_unavailable_and_heals_when_space_is_fr
             proc.terminate()
         _, stderr = await asyncio.wait_for(proc.communicate(), 3 * WAIT)
         assert "Traceback" not in stderr.decode(errors="replace")
+
+
+# README "Backups", the embedded store: the database copied by SQLite's online backup
+# while the service runs (the image has Python, not the sqlite3 shell), then artifacts/.
+BACKUP_COMMAND = (
+    "import sqlite3; sqlite3.connect('data/jobwire.sqlite3')"
+    ".backup(sqlite3.connect('backup/jobwire.sqlite3'))"
+)
+
+
+async def test_a_backup_under_traffic_restores_into_a_fresh_directory(tmp_path: Path) -> None:
+    """The README's backup procedure followed while callbacks flow, restored into
+    another directory after the original is lost: every job acknowledged before the
+    backup began is there, and the artifacts are readable. Artifacts were lost: rows
+    held their files' absolute paths, which pointed into the directory that was gone
+    (ReadArtifact: UNKNOWN, FileNotFoundError)."""
+    data = tmp_path / "data"
+    handle = await start_service(EmbeddedStore(data, make_policy()))
+    created = await create(handle.stub, job_pb2.JOB_KIND_EXTRACTION, "doc")
+    payload = os.urandom(300_000)
+
+    async def parts() -> AsyncIterator[job_service_pb2.UploadArtifactRequest]:
+        header = job_service_pb2.ArtifactHeader(
+            job_id="doc", name="text.txt", callback_token=created.callback_token
+        )
+        yield job_service_pb2.UploadArtifactRequest(header=header)
+        yield job_service_pb2.UploadArtifactRequest(data=payload)
+
+    await handle.stub.UploadArtifact(parts())
+    acked: list[str] = []
+    enough = asyncio.Event()
+    stop = asyncio.Event()
+
+    async def traffic() -> None:
+        n = 0
+        while not stop.is_set():
+            job_id = f"t{n}"
+            n += 1
+            await create(handle.stub, job_id=job_id)
+            await handle.stub.ReportEvent(progress(job_id, 50))
+            acked.append(job_id)
+            if len(acked) >= 50:
+                enough.set()
+
+    writer = asyncio.create_task(traffic())
+    try:
+        await asyncio.wait_for(enough.wait(), 3 * WAIT)
+        before_backup = list(acked)
+        (tmp_path / "backup").mkdir()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", BACKUP_COMMAND, cwd=tmp_path
+        )
+        assert await asyncio.wait_for(proc.wait(), 3 * WAIT) == 0
+        await asyncio.to_thread(shutil.copytree, data / "artifacts", tmp_path / "backup/artifacts")
+        assert not writer.done()  # the backup ran under traffic
+    finally:
+        stop.set()
+        await writer
+        await handle.close()
+
+    shutil.rmtree(data)  # the original volume is gone
+    restored = tmp_path / "restored"
+    (tmp_path / "backup").rename(restored)
+    handle = await start_service(EmbeddedStore(restored, make_policy()))
+    try:
+        for job_id in before_backup:
+            job = await handle.stub.GetJob(job_service_pb2.GetJobRequest(id=job_id))
+            assert job.progress.percent == 50, job_id
+        reply = handle.stub.ReadArtifact(
+            job_service_pb2.ReadArtifactRequest(job_id="doc", name="text.txt")
+        )
+        chunks = [part.data async for part in reply]
+        assert b"".join(chunks) == payload
+    finally:
+        await handle.close()

@@ -449,10 +449,10 @@ class EmbeddedStore:
             with conn:
                 conn.execute(
                     "INSERT OR REPLACE INTO artifacts (job_id, name, meta, path) VALUES (?,?,?,?)",
-                    (artifact.job_id, artifact.name, meta.SerializeToString(), str(target)),
+                    (artifact.job_id, artifact.name, meta.SerializeToString(), _stored(target)),
                 )
             if row is not None:
-                Path(row[0]).unlink(missing_ok=True)
+                self._artifact_file(row[0]).unlink(missing_ok=True)
 
         await self._write(commit)
         return meta
@@ -468,7 +468,10 @@ class EmbeddedStore:
         if row is None:
             return None
         meta = artifact_pb2.Artifact.FromString(row[0])
-        handle = open(row[1], "rb")  # noqa: ASYNC230, SIM115 - opening is not blocking I/O of note
+        try:
+            handle = open(self._artifact_file(row[1]), "rb")  # noqa: ASYNC230, SIM115 - not blocking I/O of note
+        except OSError as err:  # e.g. a restore without its artifacts/ directory
+            raise self._failed(err) from err
 
         async def content() -> AsyncIterator[bytes]:
             loop = asyncio.get_running_loop()
@@ -706,6 +709,13 @@ class EmbeddedStore:
         except RuntimeError as err:  # executor shut down
             raise StorageUnavailable(f"embedded store is closed: {err}") from err
 
+    def _artifact_file(self, stored: str) -> Path:
+        """An artifact's file in this data directory. Rows hold `<job hash>/<file>`;
+        older ones the absolute path where the directory was then: only its last two
+        parts count, so a data directory restored or mounted elsewhere keeps them."""
+        path = Path(stored)
+        return self._artifacts / path.parent.name / path.name
+
     def _failed(self, err: sqlite3.DatabaseError | OSError) -> StorageUnavailable:
         """UNAVAILABLE naming the file and the problem (disk full, read-only, corrupt),
         never an UNKNOWN with the driver's exception for the client."""
@@ -716,6 +726,11 @@ class EmbeddedStore:
         if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
             hint = " (restore the data directory from a backup: README 'Backups')"
         return StorageUnavailable(f"embedded store {self._db_path}: {err}{hint}")
+
+
+def _stored(file: Path) -> str:
+    """How a row names an artifact's file: relative to the artifacts directory."""
+    return f"{file.parent.name}/{file.name}"
 
 
 def _lock_data_dir(data_dir: Path) -> int:
