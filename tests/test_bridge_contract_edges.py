@@ -24,6 +24,7 @@ from tests.bridge_harness import (
     VIDEO_AUTH,
     bridge,  # noqa: F401
     create_job,
+    fresh_stack,
     get_job,
     new_id,
     running_bridge,
@@ -389,3 +390,62 @@ def test_a_header_secret_that_no_header_can_carry_is_refused_at_start(tmp_path: 
     config = load_config({**base, "BATCH_CALLBACK_SECRET": "dein-geheimer-schlüssel"})
     assert config.batch_callback_secret == "dein-geheimer-schlüssel"
     assert load_config({**base, "API_KEY": "k" * 4096, "TRANSCODE_CALLBACK_TOKEN": "a b"})
+
+
+async def test_video_contract_pins_on_a_fresh_service(tmp_path: Any) -> None:
+    """What the Spanish contract states and no other test pinned: 204 has no body, the
+    oldest pending video goes first, GET /api/log gives 50 lines by default, newest
+    first (as its example), and `level` filters them."""
+    async with fresh_stack(tmp_path) as (b, s):
+        assert await b.get("/api/pending", headers=VIDEO_AUTH) == (204, b"")
+        for vid in ("older", "newer"):
+            await create_job(s, job_pb2.JOB_KIND_VIDEO, vid)
+        for vid in ("older", "newer"):
+            status, body = await b.get("/api/pending", headers=VIDEO_AUTH)
+            assert (status, body["videoId"]) == (200, vid)
+        assert await b.get("/api/pending", headers=VIDEO_AUTH) == (204, b"")
+        for second in range(60):
+            line = {
+                "level": "ERROR" if second % 10 == 0 else "INFO",
+                "message": f"m{second}",
+                "timestamp": f"2023-05-01T12:00:{second:02d}Z",
+            }
+            assert (await b.post("/api/log", line, headers=VIDEO_AUTH))[0] == 200
+        status, listed = await b.get("/api/log", headers=VIDEO_AUTH)
+        assert status == 200 and len(listed) == 50
+        assert [e["message"] for e in listed] == [f"m{n}" for n in range(59, 9, -1)]
+        status, errors = await b.get("/api/log?level=ERROR", headers=VIDEO_AUTH)
+        assert [e["message"] for e in errors] == [f"m{n}" for n in range(50, -1, -10)]
+        assert {e["videoId"] for e in errors} == {"UNKNOWN"}
+
+
+async def test_secretary_and_aurora_pins(bridge: Any, stub: Any) -> None:
+    """The Secretary's alternative header with its diagnostic headers, and a sender
+    still putting `jobId`/`correlation` in the body (no longer sent, ignored: the path
+    names the job); AuroraCloud's empty batch is acknowledged."""
+    created = await create_job(stub, job_pb2.JOB_KIND_EXTRACTION)
+    other = await create_job(stub, job_pb2.JOB_KIND_EXTRACTION)
+    headers = {
+        "X-Callback-Token": created.callback_token,
+        "Accept": "application/json",
+        "X-Worker": "secretary",
+    }
+    progress = {
+        "phase": "extract_text",
+        "progress": 42,
+        "jobId": other.job.id,
+        "correlation": {"jobId": other.job.id},
+    }
+    path = f"/api/external/jobs/{created.job.id}"
+    assert await bridge.post(path, progress, headers=headers) == (
+        200,
+        {"status": "ok", "kind": "progress", "jobId": created.job.id},
+    )
+    assert (await get_job(stub, created.job.id)).progress.percent == 42
+    assert (await get_job(stub, other.job.id)).sequence == 0
+    aurora = {"Authorization": f"Bearer {TRANSCODE_TOKEN}"}
+    empty = {"code": 0, "msg": "succeeded", "data": []}
+    assert await bridge.post("/api/transcode-callback", empty, headers=aurora) == (
+        200,
+        {"ack": True},
+    )
