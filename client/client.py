@@ -179,9 +179,9 @@ class Client:
         """
         job = job_pb2.Job(kind=kind_value(kind), labels=dict(labels or {}), video=video)
         if progress_deadline is not None:
-            job.progress_deadline.CopyFrom(_duration(progress_deadline))
+            job.progress_deadline.CopyFrom(_duration(progress_deadline, "progress_deadline"))
         if stall_fail_after is not None:
-            job.stall_fail_after.CopyFrom(_duration(stall_fail_after))
+            job.stall_fail_after.CopyFrom(_duration(stall_fail_after, "stall_fail_after"))
         request = job_service_pb2.CreateJobRequest(job=job, job_id=job_id)
         return await self._unary(self._stub.CreateJob, request, timeout, retry=False)
 
@@ -255,7 +255,7 @@ class Client:
         nothing is queued. Not retried (a repeat could claim a second job)."""
         request = job_service_pb2.ClaimJobRequest(kind=kind_value(kind), worker_id=worker_id)
         if lease is not None:
-            request.lease_duration.CopyFrom(_duration(lease))
+            request.lease_duration.CopyFrom(_duration(lease, "lease"))
         reply = await self._unary(self._stub.ClaimJob, request, timeout, retry=False)
         return reply.job if reply.HasField("job") else None
 
@@ -279,9 +279,9 @@ class Client:
         client's retries, so a retried report is applied once."""
         progress = job_pb2.Progress(percent=percent, phase=phase, message=message)
         if media_time is not None:
-            progress.media_time.CopyFrom(_duration(media_time))
+            progress.media_time.CopyFrom(_duration(media_time, "media_time"))
         if media_duration is not None:
-            progress.media_duration.CopyFrom(_duration(media_duration))
+            progress.media_duration.CopyFrom(_duration(media_duration, "media_duration"))
         request = self._event(job_id, idempotency_key, callback_token, event_time)
         request.progress.CopyFrom(progress)
         return await self.report_event(request, timeout=timeout)
@@ -546,10 +546,14 @@ def _full(name: str, prefix: str) -> str:
     return upper if upper.startswith(prefix) else prefix + upper
 
 
-def _duration(value: Seconds) -> duration_pb2.Duration:
+def _duration(value: Seconds, name: str) -> duration_pb2.Duration:
     out = duration_pb2.Duration()
-    if isinstance(value, timedelta):
-        out.FromTimedelta(value)
-    else:
-        out.FromNanoseconds(round(value * 1e9))
+    try:
+        if isinstance(value, timedelta):
+            out.FromTimedelta(value)
+        else:
+            out.FromNanoseconds(round(value * 1e9))
+    except (ValueError, OverflowError, TypeError):
+        # protobuf's own words name no argument ("cannot convert float NaN to integer")
+        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}") from None
     return out

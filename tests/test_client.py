@@ -160,6 +160,14 @@ async def test_errors_are_typed_with_code_and_message(service: ServiceHandle) ->
         with pytest.raises(FailedPrecondition):
             await c.cancel_job("e-1")
         assert isinstance(bad.value, JobwireError)
+        # durations the client converts itself name the argument (before: "cannot
+        # convert float NaN to integer", "Value out of range: 1000...")
+        with pytest.raises(ValueError, match="lease must be a finite number of seconds"):
+            await c.claim_job("GENERIC", lease=float("nan"))
+        with pytest.raises(ValueError, match="progress_deadline must be a finite number"):
+            await c.create_job("GENERIC", progress_deadline=1e30)
+        with pytest.raises(ValueError, match="media_time must be a finite number"):
+            await c.report_progress("e-1", 5, media_time=float("inf"))
 
 
 async def test_artifacts_from_bytes_path_and_iterator(
