@@ -27,7 +27,7 @@ from tests.helpers import WAIT, cli_process, create, free_port, progress
 from tests.tcp_cutter import TcpCutter
 
 
-async def _serve_result(data_dir: Path) -> tuple[int, str]:
+async def _serve_result(data_dir: Path, mongodb_uri: str = "") -> tuple[int, str]:
     """`jobwire serve` on `data_dir` that must exit by itself: status and stderr."""
     proc = await cli_process(
         "serve",
@@ -36,7 +36,7 @@ async def _serve_result(data_dir: Path) -> tuple[int, str]:
             "JOBWIRE_GRPC_ADDR": f"127.0.0.1:{free_port()}",
             "JOBWIRE_METRICS_ADDR": "",
             "JOBWIRE_LOG_FORMAT": "text",
-            "MONGODB_URI": "",
+            "MONGODB_URI": mongodb_uri,
         },
     )
     try:
@@ -49,17 +49,18 @@ async def _serve_result(data_dir: Path) -> tuple[int, str]:
     return proc.returncode, err.decode(errors="replace")
 
 
-@pytest.mark.parametrize("problem", ["a file", "not a database", "in use"])
+@pytest.mark.parametrize("problem", ["a file", "not a database", "in use", "MongoDB down"])
 async def test_serve_refuses_a_data_dir_it_cannot_use_naming_path_and_problem(
     tmp_path: Path, problem: str
 ) -> None:
     """`jobwire serve` on a data directory that is a file, holds a file that is not a
-    database, or is in use by another service: exit 1 with one line naming the path
-    and the problem, no traceback. It used to print a traceback (FileExistsError,
-    sqlite3.DatabaseError), and a second service on the same directory started as a
-    second writer."""
+    database, or is in use by another service, or with MongoDB unreachable: exit 1
+    with one line naming the path (server) and the problem, no traceback. It used to
+    print a traceback (FileExistsError, sqlite3.DatabaseError, StorageUnavailable),
+    and a second service on the same directory started as a second writer."""
     data = tmp_path / "data"
     holder: EmbeddedStore | None = None
+    mongodb_uri = ""
     if problem == "a file":
         data.write_text("")
         expected = f"cannot use the data directory {data}"
@@ -67,12 +68,16 @@ async def test_serve_refuses_a_data_dir_it_cannot_use_naming_path_and_problem(
         data.mkdir()
         (data / "jobwire.sqlite3").write_bytes(os.urandom(8192))
         expected = f"{data / 'jobwire.sqlite3'}: file is not a database"
-    else:
+    elif problem == "in use":
         holder = EmbeddedStore(data, make_policy())
         await holder.start()
         expected = f"{data} is in use by another jobwire service (pid {os.getpid()})"
+    else:
+        port = free_port()  # nothing listens there
+        mongodb_uri = f"mongodb://127.0.0.1:{port}/?serverSelectionTimeoutMS=1000"
+        expected = f"MongoDB unavailable (start): ServerSelectionTimeoutError: 127.0.0.1:{port}"
     try:
-        code, err = await _serve_result(data)
+        code, err = await _serve_result(data, mongodb_uri)
     finally:
         if holder is not None:
             await holder.close()
