@@ -103,7 +103,8 @@ class ArtifactStream:
     def __aiter__(self) -> AsyncGenerator[bytes, None]:
         return self._chunks()
 
-    async def _chunks(self) -> AsyncGenerator[bytes, None]:
+    async def _chunks(self, retry: bool = True) -> AsyncGenerator[bytes, None]:
+        attempts = self._policy.attempts if retry else 1
         attempt = 0
         while True:
             call = self._open_call()
@@ -118,7 +119,7 @@ class ArtifactStream:
                 return
             except grpc.aio.AioRpcError as err:
                 attempt += 1
-                if started or err.code() not in RETRYABLE or attempt >= self._policy.attempts:
+                if started or err.code() not in RETRYABLE or attempt >= attempts:
                     raise translate(err) from None
             finally:
                 call.cancel()
@@ -129,21 +130,26 @@ class ArtifactStream:
         target = Path(path)
         partial = target.with_name(target.name + ".partial")
         attempt = 0
-        while True:
-            try:
-                with open(partial, "wb") as f:  # noqa: ASYNC230 - writes go to a thread
-                    await self._write_all(f)
-                break
-            except JobwireError as err:
-                attempt += 1
-                if err.code not in RETRYABLE or attempt >= self._policy.attempts:
-                    partial.unlink(missing_ok=True)
-                    raise
-            await asyncio.sleep(self._policy.backoff.delay(attempt - 1))
-        partial.replace(target)
+        try:
+            while True:
+                try:
+                    with open(partial, "wb") as f:  # noqa: ASYNC230 - writes go to a thread
+                        await self._write_all(f)
+                    break
+                except JobwireError as err:
+                    attempt += 1
+                    if err.code not in RETRYABLE or attempt >= self._policy.attempts:
+                        raise
+                await asyncio.sleep(self._policy.backoff.delay(attempt - 1))
+            partial.replace(target)
+        except BaseException:  # failed or cancelled: no partial file is left behind
+            partial.unlink(missing_ok=True)
+            raise
         assert self.artifact is not None
         return self.artifact
 
     async def _write_all(self, f: IO[bytes]) -> None:
-        async for data in self:
+        # One attempt per pass: save() itself starts the file over on UNAVAILABLE (a
+        # retry inside as well made attempts x attempts calls).
+        async for data in self._chunks(retry=False):
             await asyncio.to_thread(f.write, data)

@@ -346,6 +346,45 @@ async def test_a_call_deadline_covers_its_retries() -> None:
         await flaky.stop(0)
 
 
+async def test_saving_an_artifact_tries_as_often_as_the_policy_says(tmp_path: Path) -> None:
+    """Before: save() retried the download, and each download retried its start, so
+    RetryPolicy(attempts=3) made 9 calls (5 -> 25 by default: 6 s against a dead port)."""
+    down = grpc.aio.server()
+    calls = 0
+
+    async def unavailable(
+        request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        nonlocal calls
+        calls += 1
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+        yield b""
+
+    down.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "jobwire.v1.JobService",
+                {"ReadArtifact": grpc.unary_stream_rpc_method_handler(unavailable)},
+            )
+        ]
+    )
+    port = down.add_insecure_port("127.0.0.1:0")
+    await down.start()
+    three = RetryPolicy(attempts=3, backoff=Backoff(initial=0.01, maximum=0.02))
+    try:
+        async with client(f"127.0.0.1:{port}", retry=three) as c:
+            with pytest.raises(Unavailable):
+                await c.read_artifact("j", "a.bin").save(tmp_path / "a.bin")
+            assert calls == 3
+            assert not (tmp_path / "a.bin.partial").exists()
+            calls = 0
+            with pytest.raises(Unavailable):
+                _ = [chunk async for chunk in c.read_artifact("j", "a.bin")]
+            assert calls == 3
+    finally:
+        await down.stop(0)
+
+
 async def test_report_progress_retried_after_a_lost_reply_is_applied_once(
     service: ServiceHandle, proxy: FaultProxy
 ) -> None:
