@@ -80,6 +80,9 @@ class Hub:
         self._depth: dict[str, int] = {}
         self._depth_at = -DEPTH_TTL_SECONDS
         self._depth_task: asyncio.Task[None] | None = None
+        # False from a broken WatchJobs stream until the service answers again: the
+        # open pages say "reconnecting" meanwhile rather than "live".
+        self.connected = True
 
     @property
     def subscribers(self) -> int:
@@ -125,6 +128,15 @@ class Hub:
                 call = self._stub().WatchJobs(
                     job_service_pb2.WatchJobsRequest(after=self._position)
                 )
+                if not self.connected:
+                    # WatchJobs sends nothing until an event: a cheap call says whether
+                    # the service answers. Only then do the tabs re-read their rows (a
+                    # re-read while it was down got a 503 and kept the old rows).
+                    await self._stub().ListJobs(
+                        job_service_pb2.ListJobsRequest(page_size=1), timeout=5.0
+                    )
+                    self.connected = True
+                    self._resync_all()
                 async for response in call:
                     delay = 0.2
                     if response.HasField("gap"):
@@ -138,8 +150,11 @@ class Hub:
                         return
             except grpc.aio.AioRpcError as err:
                 log.warning("WatchJobs ended: %s; reconnecting", err.code().name)
-            # Whatever happened while the stream was down, the tabs re-read their rows.
-            self._resync_all()
+            # Whatever happens while the stream is down, the tabs re-read their rows once
+            # it is back (above); until then they say so.
+            self.connected = False
+            for sub in self._subscribers:
+                sub.wake.set()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 

@@ -57,8 +57,12 @@ async def jobs_stream(request: web.Request) -> web.StreamResponse:
     last_push = 0.0
     last_stats = 0.0
     last_beat = time.monotonic()
+    told = True  # what the tab was last told of the service (its page starts "live")
     try:
         while True:
+            if hub.connected != told:
+                told = hub.connected
+                await response.write(_frame("upstream", orjson.dumps({"connected": told})))
             now = time.monotonic()
             if now - last_stats >= 2.0:
                 stats = {"eps": hub.events_per_second(), "depth": hub.queue_depth()}

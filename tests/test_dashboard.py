@@ -32,6 +32,7 @@ from tests.dashboard_harness import (
     login,
     running_dashboard,
 )
+from tests.helpers import free_port
 
 WAIT_MS = 10_000  # any awaited page change; the live-update test asserts its own 1 s
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -848,3 +849,39 @@ async def test_restart_keeps_the_timeline_exactly_once(
     assert final > 12, "events kept arriving across the restart"
     # The jobs page reconnected and re-read its rows: the change made meanwhile is shown.
     await jobs_page.wait_for_function(ROW_IS, arg=[row_id, 77, "RUNNING"], timeout=WAIT_MS * 3)
+
+
+async def test_jobs_page_across_a_service_restart(context: Any, tmp_path: Path) -> None:
+    """The service goes away while a jobs page is open: the page says it is reconnecting
+    (it said "live" throughout), and once the service is back it shows what changed
+    meanwhile (it re-read its rows while the service was still down, got a 503 and kept
+    the old ones), in one row per job."""
+    data = tmp_path / "restarted"
+    policy = Policy(retention=64, lease_ns=60 * 10**9, max_attempts=3)
+    port = free_port()
+    svc: ServiceHandle | None = await start_service(
+        EmbeddedStore(data, policy), grpc_addr=f"127.0.0.1:{port}"
+    )
+    job_id = uid("svc-restart")
+    try:
+        assert svc is not None
+        await new_job(svc.stub, job_pb2.JOB_KIND_BATCH, job_id)
+        await progress(svc.stub, job_id, 10, "before", "before the restart")
+        async with running_dashboard(svc.target) as dash:
+            page = await login(context, dash.url)
+            await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+            await svc.close()
+            svc = None
+            await page.wait_for_selector("#live[data-state=reconnecting]", timeout=WAIT_MS)
+            svc = await start_service(EmbeddedStore(data, policy), grpc_addr=f"127.0.0.1:{port}")
+            # At once, before the dashboard's own stream is back: only a re-read shows it.
+            await progress(svc.stub, job_id, 60, "after", "after the restart")
+            await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS * 3)
+            await page.wait_for_function(ROW_IS, arg=[job_id, 60, "RUNNING"], timeout=WAIT_MS)
+            assert await page.locator(f'#jobs tr[data-job="{job_id}"]').count() == 1
+            # And it is live again: a later change arrives without a reload.
+            await progress(svc.stub, job_id, 70, "later", "live again")
+            await page.wait_for_function(ROW_IS, arg=[job_id, 70, "RUNNING"], timeout=WAIT_MS)
+    finally:
+        if svc is not None:
+            await svc.close()

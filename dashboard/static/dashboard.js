@@ -211,11 +211,25 @@ function jobsPage() {
   };
 
   // After a reconnect the shown rows are read again: what changed meanwhile is not lost.
+  // A read that fails (the service still starting: 503) is tried again, not dropped.
+  let retry = null;
   const resync = async () => {
-    const reply = await fetch(`/api/jobs?${table.dataset.query}`, { credentials: "same-origin" });
-    if (!reply.ok) return;
-    const body = await reply.json();
-    for (const job of body.jobs) apply(job);
+    clearTimeout(retry);
+    try {
+      const reply = await fetch(`/api/jobs?${table.dataset.query}`, { credentials: "same-origin" });
+      if (reply.status >= 500) throw new Error(`status ${reply.status}`);
+      if (!reply.ok) return;
+      const body = await reply.json();
+      for (const job of body.jobs) apply(job);
+    } catch {
+      retry = setTimeout(resync, 2000);
+    }
+  };
+
+  // The dashboard's own stream from the service broke (or is back): say so.
+  const upstream = (u) => {
+    if (u.connected) setLive("live", "live");
+    else setLive("reconnecting", "reconnecting…");
   };
 
   const stats = (s) => {
@@ -241,7 +255,7 @@ function jobsPage() {
     source.refresh(); // rows added since the first connect are followed too
     resync();
   };
-  const handlers = { jobs: (list) => list.forEach(apply), stats, resync: () => resync() };
+  const handlers = { jobs: (list) => list.forEach(apply), stats, upstream, resync: () => resync() };
   source = stream(url, handlers, reopened);
 }
 
