@@ -149,6 +149,29 @@ def to_event(report: Report) -> svc.ReportEventRequest:
     return event
 
 
+async def keep_progress(request: web.Request, report: Report, progress: job_pb2.Progress) -> None:
+    """A progress report without `percent` (optional, like the times) keeps what the
+    video had: the percent follows the times when the report brings one and both are
+    known, else stays; a time not sent stays. (Unset, the percent was 0 and the times
+    dropped.)"""
+    if report.currentTime is None or report.totalTime is None:
+        job = await stub_of(request).GetJob(
+            svc.GetJobRequest(id=report.videoId), timeout=config_of(request).rpc_timeout_seconds
+        )
+        if job.kind != job_pb2.JOB_KIND_VIDEO:
+            return  # not a video: ReportEvent answers "El video no existe"
+        before = job.progress
+        progress.percent = before.percent
+        if report.currentTime is None and before.HasField("media_time"):
+            progress.media_time.CopyFrom(before.media_time)
+        if report.totalTime is None and before.HasField("media_duration"):
+            progress.media_duration.CopyFrom(before.media_duration)
+    total = progress.media_duration.ToNanoseconds()
+    brings_time = report.currentTime is not None or report.totalTime is not None
+    if brings_time and progress.HasField("media_time") and total > 0:
+        progress.percent = min(100.0, progress.media_time.ToNanoseconds() / total * 100)
+
+
 # No HEAD: it would run the claim and drop the video it hands out (405, Allow: GET).
 @routes.get("/api/pending", allow_head=False)
 @contract_errors(render(REPORT_FIELDS))
@@ -182,6 +205,8 @@ async def report(request: web.Request) -> web.StreamResponse:
     check_signature(request, SIGNED_AS, body.data)
     parsed = validate(Report, parse_json(body.data))
     event = to_event(parsed)
+    if parsed.status == "progress" and parsed.percent is None:
+        await keep_progress(request, parsed, event.progress)
     progress = parsed.status == "progress"
     event.idempotency_key = idempotency_key(request, CONTRACT, parsed.videoId, body, progress)
     await report_event(request, event)

@@ -449,3 +449,36 @@ async def test_secretary_and_aurora_pins(bridge: Any, stub: Any) -> None:
         200,
         {"ack": True},
     )
+
+
+async def test_a_progress_report_without_percent_keeps_the_percent(bridge: Any, stub: Any) -> None:
+    """`percent` (like currentTime and totalTime) is optional in a progress report. A
+    report without it ("Reintentando conexión") set the video's progress to 0 % and
+    dropped its media times. Now the percent comes from currentTime/totalTime when
+    both are known, else stays; times not sent stay; an explicit 0 is still 0."""
+    vid = new_id("v")
+    await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid)
+
+    async def report(**fields: Any) -> job_pb2.Progress:
+        body = {"status": "progress", "message": "m", "videoId": vid, **fields}
+        assert await bridge.post("/api/report", body, headers=VIDEO_AUTH) == (
+            200,
+            {"success": True},
+        )
+        return (await get_job(stub, vid)).progress
+
+    first = await report(percent=45, currentTime="00:01:30.500", totalTime="00:03:20.000")
+    assert first.percent == 45
+    kept = await report(message="Reintentando conexión")
+    assert (kept.percent, kept.message) == (45, "Reintentando conexión")
+    assert (kept.media_time.ToMilliseconds(), kept.media_duration.ToMilliseconds()) == (
+        90_500,
+        200_000,
+    )
+    derived = await report(currentTime="00:02:00.000")
+    assert derived.percent == 60
+    assert (derived.media_time.ToMilliseconds(), derived.media_duration.ToMilliseconds()) == (
+        120_000,
+        200_000,
+    )
+    assert (await report(percent=0)).percent == 0
