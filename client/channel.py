@@ -97,7 +97,9 @@ def open_channel(
 ) -> grpc.aio.Channel:
     """A grpc.aio channel: TLS when given, the token and `request_id()` on every call;
     `interceptors` (e.g. tracing) run first, outside those that add the metadata."""
-    opts = [*DEFAULT_OPTIONS, *options, *(tls.options() if tls else [])]
+    # One entry per key, the last given winning: gRPC keeps the first of two equal
+    # keys, so `options` could not override a default (a keepalive, a message limit).
+    opts = list(dict([*DEFAULT_OPTIONS, *options, *(tls.options() if tls else [])]).items())
     auth = ("authorization", f"Bearer {token}") if token else None
     interceptors = [*interceptors, *metadata_interceptors(auth, request_id)]
     if tls is None:

@@ -495,6 +495,20 @@ async def test_a_closed_client_says_so(grpc_service: ServiceHandle) -> None:
         await collect(c.watch_job("x"))
 
 
+async def test_channel_options_given_override_the_librarys(grpc_service: ServiceHandle) -> None:
+    """Before: the library's defaults came first and gRPC keeps the first of two equal
+    keys, so Client(options=...) could not change a keepalive or a message limit."""
+    job_id = f"opt-{os.urandom(4).hex()}"
+    async with client(grpc_service.target) as c:
+        await c.create_job("GENERIC", job_id=job_id)
+        await c.upload_artifact(job_id, "a.bin", b"x" * 1000)
+    small = [("grpc.max_receive_message_length", 100)]
+    async with client(grpc_service.target, options=small) as c:
+        with pytest.raises(JobwireError) as err:
+            _ = [chunk async for chunk in c.read_artifact(job_id, "a.bin")]
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 async def test_unreachable_service_is_unavailable_after_retries() -> None:
     from tests.helpers import free_port
 
