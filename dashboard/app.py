@@ -34,6 +34,9 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
     "Cross-Origin-Opener-Policy": "same-origin",
+    # Pages about jobs are for the logged-in operator only: no browser or proxy keeps
+    # them (Back after logging out showed them again). Assets and downloads set their own.
+    "Cache-Control": "no-store",
 }
 
 
@@ -74,7 +77,8 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
     try:
         response = await handler(request)
     except web.HTTPException as exc:
-        exc.headers.update(SECURITY_HEADERS)
+        for name, value in SECURITY_HEADERS.items():
+            exc.headers.setdefault(name, value)
         raise
     if not response.prepared:
         for name, value in SECURITY_HEADERS.items():
@@ -86,15 +90,32 @@ def _wants_json(request: web.Request) -> bool:
     return request.path.startswith(("/api/", "/events/"))
 
 
+# The router's own answers, in the dashboard's words (the connection handler it shares
+# with the bridge would answer them with the callbacks' JSON error body).
+ROUTER_ERRORS = {404: "no such page", 405: "this page does not take {method} requests"}
+
+
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except PageError as err:
-        if err.json or _wants_json(request):
-            return web.json_response({"error": err.message}, status=err.status)
-        context = {"status": err.status, "message": err.message}
-        return aiohttp_jinja2.render_template("error.html", request, context, status=err.status)
+        return _error_page(request, err.status, err.message, err.json)
+    except web.HTTPException as exc:
+        if exc.status not in ROUTER_ERRORS:
+            raise  # redirects
+        message = ROUTER_ERRORS[exc.status].format(method=request.method)
+        response = _error_page(request, exc.status, message, False)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+
+
+def _error_page(request: web.Request, status: int, message: str, json: bool) -> web.Response:
+    if json or _wants_json(request):
+        return web.json_response({"error": message}, status=status)
+    context = {"status": status, "message": message}
+    return aiohttp_jinja2.render_template("error.html", request, context, status=status)
 
 
 @web.middleware

@@ -885,3 +885,21 @@ async def test_jobs_page_across_a_service_restart(context: Any, tmp_path: Path) 
     finally:
         if svc is not None:
             await svc.close()
+
+
+async def test_back_after_logging_out_shows_no_jobs(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """Log out, press Back: the browser showed the jobs page it had kept (no Cache-Control);
+    the pages are no-store now, so Back asks again and gets the login form."""
+    job_id = uid("back")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    await page.goto(f"{dash.url}/jobs")
+    async with page.expect_navigation():
+        await page.click("form.logout button")
+    assert page.url.endswith("/login")
+    await page.go_back()
+    await page.wait_for_selector("input[name=token]", timeout=WAIT_MS)
+    assert await page.locator(f'#jobs tr[data-job="{job_id}"]').count() == 0

@@ -217,3 +217,33 @@ def test_a_short_token_is_warned_about_at_start() -> None:
     assert "JOBWIRE_DASHBOARD_TOKEN is 7 characters" in short and "hunter2" not in short
     assert DashboardConfig(token=TOKEN).warnings() == []
     assert DashboardConfig(trusted_user_header="X-Forwarded-User").warnings() == []
+
+
+async def test_pages_about_jobs_are_never_stored_by_a_cache(
+    grpc_service: Any, http: aiohttp.ClientSession
+) -> None:
+    """Every page and API answer behind the login carries `Cache-Control: no-store`: they
+    had no Cache-Control, so a browser kept them (Back after logging out showed the jobs
+    again) and a shared proxy could have served them to someone else. The assets keep
+    their long cache."""
+    job_id = f"nocache-{uuid.uuid4().hex[:8]}"
+    await create(grpc_service.stub, job_id=job_id)
+    async with serve(config(grpc_service, token=TOKEN)) as url:
+        async with http.post(url + "/login", data={"token": TOKEN}, allow_redirects=False) as r:
+            cookie = {"Cookie": f"{COOKIE}={r.cookies[COOKIE].value}"}
+        for path in (
+            "/jobs",
+            f"/jobs/{job_id}",
+            "/api/jobs",
+            f"/api/jobs/{job_id}",
+            "/jobs/no-such-job",
+            "/api/jobs?state=bogus",
+        ):
+            async with http.get(url + path, headers=cookie) as reply:
+                assert reply.status < 500, path
+                assert "no-store" in reply.headers.get("Cache-Control", ""), path
+        for path in ("/login", "/jobs"):  # the login form, also as a 401 answer
+            async with http.get(url + path) as reply:
+                assert "no-store" in reply.headers.get("Cache-Control", ""), path
+        async with http.get(url + "/static/dashboard.css") as reply:
+            assert "no-store" not in reply.headers["Cache-Control"]

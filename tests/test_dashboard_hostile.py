@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
 
 from dashboard.auth import COOKIE, Auth
@@ -213,3 +214,39 @@ async def test_login_never_redirects_off_site(grpc_service: Any, target: str) ->
         answer = await raw_exchange(port, _request(b"POST /login HTTP/1.1", FORM, body))
     assert status_of(answer) == 303, answer[:300]
     assert b"\r\nLocation: /jobs\r\n" in answer, answer[:400]
+
+
+async def test_unknown_paths_and_methods_get_the_dashboards_own_answers(
+    grpc_service: Any,
+) -> None:
+    """Served as `jobwire dashboard` serves it (the bridge's connection watchdog): a path no
+    route has, or a method it does not take, got the bridge's callback error body
+    (`{"status": "error", "error": "no such path", "ack": false}`) as raw JSON in the
+    browser. Pages answer with the dashboard's error page, /api/ and /events/ with its
+    JSON error shape."""
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        guarded(DashboardConfig(service_target=grpc_service.target, token=TOKEN)) as port,
+    ):
+        url = f"http://127.0.0.1:{port}"
+        for path in ("/nope", "/jobs/", "/jobs/a/b/c", "/jobs/some-job/artifacts/"):
+            async with http.get(url + path, headers=bearer) as reply:
+                body = await reply.text()
+                assert reply.status == 404, path
+                assert reply.content_type == "text/html", (path, body)
+                assert "Error 404" in body and '<a href="/jobs">' in body, body
+                assert reply.headers["X-Frame-Options"] == "DENY"
+        for path in ("/api/nope", "/events/nope"):
+            async with http.get(url + path, headers=bearer) as reply:
+                assert reply.status == 404
+                assert set(await reply.json()) == {"error"}, path
+        async with http.get(url + "/jobs/some-job/cancel", headers=bearer) as reply:
+            assert reply.status == 405
+            assert reply.headers["Allow"] == "POST"
+            assert reply.content_type == "text/html" and "Error 405" in await reply.text()
+        async with http.head(url + "/nope", headers=bearer) as reply:
+            assert reply.status == 404
+        # Without a login, any path is the login page (what is there is not revealed).
+        async with http.get(url + "/nope") as reply:
+            assert reply.status == 401 and 'name="token"' in await reply.text()
