@@ -205,10 +205,10 @@ async def report(request: web.Request) -> web.StreamResponse:
     check_signature(request, SIGNED_AS, body.data)
     parsed = validate(Report, parse_json(body.data))
     event = to_event(parsed)
-    if parsed.status == "progress" and parsed.percent is None:
-        await keep_progress(request, parsed, event.progress)
     progress = parsed.status == "progress"
     event.idempotency_key = idempotency_key(request, CONTRACT, parsed.videoId, body, progress)
+    if progress and parsed.percent is None:  # after every check of the request itself
+        await keep_progress(request, parsed, event.progress)
     await report_event(request, event)
     return json_response({"success": True})
 
