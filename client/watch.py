@@ -38,7 +38,13 @@ import grpc
 
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
 
-from .errors import ClientConfigError, JobwireError, Unavailable, translate
+from .errors import (
+    ClientConfigError,
+    DeadlineExceeded,
+    JobwireError,
+    Unavailable,
+    translate,
+)
 from .retry import Backoff
 
 if TYPE_CHECKING:
@@ -185,8 +191,8 @@ class JobWatch:
                 if not again:
                     raise translate(err) from None
                 cause = translate(err)
-            except Unavailable as err:  # filling a jump failed: resume by reconnecting
-                cause = err
+            except (Unavailable, DeadlineExceeded) as err:
+                cause = err  # filling a jump failed or was slow: resume by reconnecting
             finally:
                 call.cancel()
             await self._reconnect.wait(cause, hint)

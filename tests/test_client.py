@@ -722,6 +722,29 @@ async def test_watch_job_fills_coalesced_progress_or_reports_its_range(
         assert sequences(await collect(c.watch_job("co", every_event=False))) == list(range(1, 11))
 
 
+async def test_watch_job_survives_a_slow_history_read(
+    service: ServiceHandle, proxy: FaultProxy
+) -> None:
+    """Filling a jump reads the history (ListJobEvents); when that read passes its
+    deadline the watch reconnects and fills again (before: DeadlineExceeded ended it)."""
+    retries: list[JobwireError] = []
+
+    def on_retry(error: JobwireError, delay: float) -> None:
+        retries.append(error)
+        proxy.gate.set()  # the history answers again
+
+    async with client(service.target) as writer, client(proxy.target, timeout=0.3) as c:
+        await writer.create_job("GENERIC", job_id="slow")
+        for i in range(1, 6):
+            await writer.report_progress("slow", i * 10)
+        await writer.complete("slow")
+        proxy.rewrite["WatchJob"] = _drop(2, 3)  # a jump to fill from the history...
+        proxy.gate.clear()  # ...which does not answer in time
+        items = await collect(c.watch_job("slow", on_retry=on_retry))
+    assert sequences(items) == [1, 2, 3, 4, 5, 6]
+    assert [type(e) for e in retries] == [DeadlineExceeded]
+
+
 def _overlapping(seen: tuple[int, ...], dropped: tuple[int, ...], at: int, start: int) -> Rewrite:
     """Drops `dropped` and marks `at` as standing for `start`..`at`, although the
     sequences in `seen` were delivered one by one."""
