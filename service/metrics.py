@@ -112,9 +112,21 @@ def watch_firehose(store: Store) -> None:
     FIREHOSE_APPEND_FAILURES.set_function(lambda: float(getattr(store, "log_failures", 0)))
 
 
+_last_logged: tuple[str, float] = ("", 0.0)
+LOG_EVERY_SECONDS = 10.0
+
+
 def count_domain_error(err: DomainError) -> None:
-    if err.code.name == "UNAVAILABLE":
-        STORAGE_ERRORS.labels("rpc").inc()
+    """Counts a call failed by the store, and says why in the log: a new reason at
+    once, the same one at most every LOG_EVERY_SECONDS (a full disk fails every call)."""
+    global _last_logged
+    if err.code.name != "UNAVAILABLE":
+        return
+    STORAGE_ERRORS.labels("rpc").inc()
+    now = time.monotonic()
+    if err.message != _last_logged[0] or now - _last_logged[1] >= LOG_EVERY_SECONDS:
+        _last_logged = (err.message, now)
+        log.warning("calls fail: %s", err.message)
 
 
 def _code_of(context: Any, default: grpc.StatusCode) -> str:

@@ -5,6 +5,7 @@ full disk mid-traffic, a store that fails (and the alert that must then fire).""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import resource
 import shutil
@@ -149,12 +150,16 @@ async def _scrape(port: int) -> str:
 
 @pytest.mark.parametrize("store_kind", ["embedded", "mongo"])
 async def test_calls_failing_on_storage_count_for_the_storage_alert(
-    store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+    store_kind: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A call answered UNAVAILABLE because the store failed counts in
     jobwire_storage_errors_total{operation="rpc"}, the metric JobwireStorageUnavailable
-    alerts on. Nothing counted it (the counting function was never called), so with
-    the disk full or MongoDB gone the critical alert stayed silent."""
+    alerts on, and the service's log says why. Nothing counted it (the counting
+    function was never called), so with the disk full or MongoDB gone the critical
+    alert stayed silent, and the service logged nothing at all."""
     if store_kind == "embedded":
         store: EmbeddedStore | MongoStore = EmbeddedStore(tmp_path / "data", make_policy())
     else:
@@ -184,6 +189,8 @@ async def test_calls_failing_on_storage_count_for_the_storage_alert(
             )
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
         assert _storage_errors(await _scrape(port)) == before + 1
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert f"calls fail: {err.value.details()}" in warned, warned
     finally:
         blocker.close()
         await handle.close()
