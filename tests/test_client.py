@@ -620,6 +620,31 @@ async def test_watch_job_across_a_service_restart(
     assert sequences(seen) == [1, 2, 3, 4, 5, 6]
 
 
+async def test_many_watches_on_one_client_end_when_their_tasks_are_cancelled(
+    grpc_service: ServiceHandle,
+) -> None:
+    """50 watch tasks share one client; cancelled, each ends with CancelledError and its
+    stream is gone from the service (no leaked call or task)."""
+    fanout = grpc_service.running.jobs.fanout
+    before = fanout.watchers
+    job_id = f"many-{os.urandom(4).hex()}"
+    async with client(grpc_service.target) as c:
+        await c.create_job("GENERIC", job_id=job_id)
+
+        async def watch() -> None:
+            async for _ in c.watch_job(job_id):
+                pass
+
+        tasks = [asyncio.ensure_future(watch()) for _ in range(50)]
+        await until(lambda: fanout.watchers == before + 50)
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, asyncio.CancelledError) for r in results)
+        await until(lambda: fanout.watchers == before)
+        assert (await c.get_job(job_id)).id == job_id  # the client is still usable
+
+
 async def test_watch_job_across_a_forced_aborted(service: ServiceHandle, proxy: FaultProxy) -> None:
     """The stream ends with ABORTED (a watcher that fell behind) twice, mid-stream and
     while events keep coming: every event arrives once, in order."""
