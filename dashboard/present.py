@@ -7,6 +7,7 @@ the server, textContent in the browser), never by building markup from it.
 from __future__ import annotations
 
 import json
+import math
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -118,7 +119,7 @@ def timeline_entry(event: event_pb2.JobEvent) -> dict[str, Any]:
         "type": _name(event_pb2.EventType, event.type, "EVENT_TYPE_"),
         "state": state_name(event.state),
         "time": iso(event.create_time),
-        "percent": event.progress.percent if event.HasField("progress") else None,
+        "percent": tenths(event.progress.percent) if event.HasField("progress") else None,
         "phase": event.progress.phase,
         "message": message,
         "worker_id": event.worker_id,
@@ -193,4 +194,12 @@ def _without(values: dict[str, Any], key: str) -> dict[str, Any]:
 def _percent(value: float, state: int) -> float:
     if state == job_pb2.JOB_STATE_SUCCEEDED:
         return 100.0
-    return round(min(max(value, 0.0), 100.0), 1)
+    return tenths(value)
+
+
+def tenths(value: float) -> float:
+    """A percent cut to one decimal, never rounded up: 99.96 % of a running job read
+    100.0 (and "100%", a full bar) as if it had finished. The pages cut it again to a
+    whole percent (the template's `int`, dashboard.js's Math.floor). The epsilon keeps
+    2.3 at 2.3 (2.3 * 10 is 22.999999999999996)."""
+    return math.floor(min(max(value, 0.0), 100.0) * 10 + 1e-9) / 10

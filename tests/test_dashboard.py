@@ -903,3 +903,46 @@ async def test_back_after_logging_out_shows_no_jobs(
     await page.go_back()
     await page.wait_for_selector("input[name=token]", timeout=WAIT_MS)
     assert await page.locator(f'#jobs tr[data-job="{job_id}"]').count() == 0
+
+
+PERCENTS = """sel => [...document.querySelectorAll(sel)].map(n => n.textContent.trim())"""
+
+
+async def test_percent_never_rounds_up_to_done(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """A running job at 99.96 % read "100%" with a full bar (and 100.0% in its timeline),
+    as if it had finished; 2.5 % read "2%" when the page was loaded and "3%" once a live
+    update drew it. Shown percents are cut, never rounded up, the same on both paths."""
+    stub = svc.stub
+    job_id = uid("pct")
+    await new_job(stub, job_pb2.JOB_KIND_BATCH, job_id)
+    await progress(stub, job_id, 99.96, "almost", "not done yet")
+    page = await login(context, dash.url)
+    row = f'#jobs tr[data-job="{job_id}"]'
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    assert await page.inner_text(f"{row} .pct") == "99%"
+    assert await page.eval_on_selector(f"{row} progress", "p => p.value") < 100
+    await progress(stub, job_id, 2.5, "again", "from the start")
+    await page.wait_for_function(
+        "sel => document.querySelector(sel).textContent !== '99%'", arg=f"{row} .pct"
+    )
+    live = await page.inner_text(f"{row} .pct")
+    await page.reload()
+    assert live == await page.inner_text(f"{row} .pct") == "2%"
+    await progress(stub, job_id, 99.97, "almost", "live")
+    await page.wait_for_function(
+        "sel => document.querySelector(sel).textContent !== '2%'", arg=f"{row} .pct"
+    )
+    assert await page.inner_text(f"{row} .pct") == "99%"
+
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    assert await page.inner_text("#job .pct") == "99%"
+    assert await page.evaluate(PERCENTS, "#timeline .percent") == ["99.9%", "2.5%", "99.9%"]
+    await progress(stub, job_id, 99.99, "almost", "live on the job page")
+    await page.wait_for_function(
+        "() => document.querySelectorAll('#timeline tbody tr').length === 4", timeout=WAIT_MS
+    )
+    assert await page.evaluate(PERCENTS, "#timeline .percent") == ["99.9%", "2.5%"] + ["99.9%"] * 2
+    assert await page.inner_text("#job .pct") == "99%"

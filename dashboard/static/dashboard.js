@@ -84,7 +84,8 @@ function progressCell(cell, change) {
     cell.append(bar, " ", el("span", "pct"), " ", el("span", "phase"));
   }
   bar.value = change.percent;
-  $(".pct", cell).textContent = `${Math.round(change.percent)}%`;
+  // Cut, never rounded up (99.96 is not done), as the server's template does.
+  $(".pct", cell).textContent = `${Math.floor(change.percent)}%`;
   const phase = $(".phase", cell);
   phase.textContent = visible(change.phase);
   if (phase.textContent) phase.title = phase.textContent;
