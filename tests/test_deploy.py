@@ -186,8 +186,26 @@ def test_config_and_secret_references_resolve() -> None:
                 assert ref["name"] == "jobwire-secrets"
                 assert ref["key"] in secret, ref["key"]
                 used_secret_keys.add(ref["key"])
-    expected = {"MONGODB_URI", "JOBWIRE_DASHBOARD_TOKEN", *BRIDGE_SECRETS}
+    expected = {"MONGODB_URI", "JOBWIRE_DASHBOARD_TOKEN", "JOBWIRE_GRPC_TOKEN", *BRIDGE_SECRETS}
     assert used_secret_keys == set(secret) == expected
+
+
+def test_a_grpc_token_put_in_the_secret_reaches_the_service_and_its_callers() -> None:
+    """README "TLS and internal auth": put JOBWIRE_GRPC_TOKEN in the Secret. No
+    Deployment read that key, so the service stayed open while the operator believed
+    it closed. Every Deployment now reads it (optional: an out-of-band Secret without
+    it still starts them, with no internal auth)."""
+    for deployment in (d for d in k8s_docs() if d["kind"] == "Deployment"):
+        for container in containers(deployment):
+            refs = {
+                env["name"]: env["valueFrom"]["secretKeyRef"] for env in container.get("env", [])
+            }
+            ref = refs.get("JOBWIRE_GRPC_TOKEN")
+            assert ref == {
+                "name": "jobwire-secrets",
+                "key": "JOBWIRE_GRPC_TOKEN",
+                "optional": True,
+            }, deployment["metadata"]["name"]
 
 
 def test_secret_holds_placeholders_only() -> None:
