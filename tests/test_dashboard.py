@@ -946,3 +946,29 @@ async def test_percent_never_rounds_up_to_done(
     )
     assert await page.evaluate(PERCENTS, "#timeline .percent") == ["99.9%", "2.5%"] + ["99.9%"] * 2
     assert await page.inner_text("#job .pct") == "99%"
+
+
+async def test_log_level_can_be_chosen_with_the_keyboard(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """The level list submitted itself on every change, and an arrow key on a closed list
+    is a change: the first ArrowDown reloaded the page (focus back at the top), so WARNING
+    could not be reached from the keyboard. Keys now only choose; Show applies."""
+    job_id = uid("keys")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    for level, text in ((log_pb2.LOG_LEVEL_INFO, "info line"), (3, "warning line")):
+        await write_log(svc.stub, job_id, level, text)
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    await page.focus("#level")
+    for _ in range(3):  # any -> debug -> info -> warning
+        await page.keyboard.press("ArrowDown")
+    assert "level=" not in page.url
+    assert await page.evaluate("document.activeElement.id") == "level"
+    assert await page.input_value("#level") == "WARNING"
+    await page.keyboard.press("Tab")
+    async with page.expect_navigation():
+        await page.keyboard.press("Enter")  # on Show
+    assert page.url.endswith("level=WARNING")
+    logs = await page.inner_text("#logs tbody")
+    assert "warning line" in logs and "info line" not in logs

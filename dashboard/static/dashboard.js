@@ -330,8 +330,21 @@ function jobPage() {
       if (!window.confirm(cancel.dataset.confirm)) ev.preventDefault();
     });
   }
+  // A pick with the pointer applies at once. From the keyboard every arrow key is a
+  // change: those only choose, and Show applies (else the first key reloaded the page).
   const level = $("#level");
-  if (level) level.addEventListener("change", () => $("#level-form").submit());
+  if (level) {
+    let keyed = false;
+    level.addEventListener("keydown", () => {
+      keyed = true;
+    });
+    level.addEventListener("pointerdown", () => {
+      keyed = false;
+    });
+    level.addEventListener("change", () => {
+      if (!keyed) $("#level-form").submit();
+    });
+  }
 }
 
 const pages = { jobs: jobsPage, job: jobPage };
