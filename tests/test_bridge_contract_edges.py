@@ -482,3 +482,29 @@ async def test_a_progress_report_without_percent_keeps_the_percent(bridge: Any, 
         200_000,
     )
     assert (await report(percent=0)).percent == 0
+
+
+async def test_concurrent_aurora_retries_create_a_task_once(service: Any) -> None:
+    """AuroraCloud retries a notification 5 s apart, but a slow answer can make a retry
+    overlap the original: every copy creating the same new task at once is answered
+    200 and the task applied once, on both stores."""
+    config = dataclasses.replace(TEST_CONFIG, service_target=service.target)
+    task_ids = [new_id("a") for _ in range(3)]
+    note = {
+        "code": 0,
+        "msg": "failed",
+        "data": [{"task_id": t, "status": "failed", "error_code": 7} for t in task_ids],
+    }
+    aurora = {"Authorization": f"Bearer {TRANSCODE_TOKEN}"}
+    async with running_bridge(config) as b:
+        answers = await asyncio.gather(
+            *(b.post("/api/transcode-callback", note, headers=aurora) for _ in range(8))
+        )
+    assert answers == [(200, {"ack": True})] * 8
+    for task_id in task_ids:
+        job = await get_job(service.stub, task_id)
+        assert (job.kind, job.state, job.sequence) == (
+            job_pb2.JOB_KIND_TRANSCODE,
+            job_pb2.JOB_STATE_FAILED,
+            1,
+        )
