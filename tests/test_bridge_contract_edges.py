@@ -5,8 +5,10 @@ jobs a contract's shared secret reaches."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import gzip
+import hashlib
 import random
 import zlib
 from typing import Any
@@ -508,3 +510,36 @@ async def test_concurrent_aurora_retries_create_a_task_once(service: Any) -> Non
             job_pb2.JOB_STATE_FAILED,
             1,
         )
+
+
+async def test_overlapping_secretary_final_retries_leave_one_set_of_artifacts(
+    service: Any,
+) -> None:
+    """The Secretary retries a final event with backoff on a 5xx or a timeout, so a
+    retry may overlap the original: all copies are answered 200, the job completes
+    once, and each artifact is there once with the content the result names."""
+    config = dataclasses.replace(TEST_CONFIG, service_target=service.target)
+    created = await create_job(service.stub, job_pb2.JOB_KIND_EXTRACTION)
+    auth = {"Authorization": f"Bearer {created.callback_token}"}
+    zip_bytes = b"PK\x03\x04" + bytes(range(256)) * 64
+    final = {
+        "phase": "completed",
+        "data": {
+            "extracted_text": "Seite 1\n\nÄrger über Öl",
+            "images_archive_data": base64.b64encode(zip_bytes).decode(),
+            "images_archive_filename": "pdf_images.zip",
+        },
+    }
+    path = f"/api/external/jobs/{created.job.id}"
+    async with running_bridge(config) as b:
+        answers = await asyncio.gather(*(b.post(path, final, headers=auth) for _ in range(4)))
+    assert [a[0] for a in answers] == [200] * 4
+    job = await get_job(service.stub, created.job.id)
+    assert (job.state, job.sequence) == (job_pb2.JOB_STATE_SUCCEEDED, 1)
+    listed = await service.stub.ListArtifacts(
+        job_service_pb2.ListArtifactsRequest(job_id=created.job.id)
+    )
+    stored = {a.name: a.sha256 for a in listed.artifacts}
+    assert len(listed.artifacts) == 2
+    assert stored == {a.name: a.sha256 for a in job.result.artifacts}
+    assert stored["pdf_images.zip"] == hashlib.sha256(zip_bytes).hexdigest()
