@@ -255,3 +255,66 @@ def test_every_metric_named_is_exported_by_the_code() -> None:
     named = set().union(*(metric_names(e) for e in dashboard_exprs()))
     named |= set().union(*(metric_names(r["expr"]) for r in alert_rules()))
     assert named <= exported, f"not exported by service/ or http_bridge/: {named - exported}"
+
+
+def _scraped_names(scrape: str) -> tuple[set[str], set[str]]:
+    """Sample names and TYPE'd family names in a Prometheus text scrape."""
+    samples = set(re.findall(r"^(jobwire_\w+)", scrape, re.MULTILINE))
+    families = set(re.findall(r"^# TYPE (jobwire_\w+) ", scrape, re.MULTILINE))
+    return samples, families
+
+
+def _method_selectors(expr: str) -> list[str]:
+    return re.findall(r'method=~?"([^"]+)"', expr)
+
+
+async def test_every_metric_and_method_named_is_in_a_live_scrape(tmp_path: Path) -> None:
+    """The real service and bridge, after a callback went through: every metric the
+    dashboard and the alerts name is in their /metrics (a sample, or the family of a
+    labelled series not yet seen), and every gRPC method a query selects is one the
+    service has. The ack-latency panel's service side selected only ReportEvent, which
+    the bridge never calls (it batches callbacks into BatchReportEvents, as the scrape
+    shows): for bridge traffic it stayed empty."""
+    import dataclasses
+
+    import aiohttp
+
+    from jobwire.v1 import job_pb2, job_service_pb2
+    from service.servicer import SERVICE
+    from service.store.embedded import EmbeddedStore
+    from tests.bridge_harness import BATCH_SECRET, TEST_CONFIG, running_bridge
+    from tests.conftest import make_policy, start_service
+
+    handle = await start_service(
+        EmbeddedStore(tmp_path / "data", make_policy()), metrics_addr="127.0.0.1:0"
+    )
+    try:
+        config = dataclasses.replace(TEST_CONFIG, service_target=handle.target)
+        async with running_bridge(config) as bridge, aiohttp.ClientSession() as http:
+            job = job_pb2.Job(kind=job_pb2.JOB_KIND_BATCH)
+            await handle.stub.CreateJob(job_service_pb2.CreateJobRequest(job=job, job_id="m"))
+            body = {"jobId": "m", "status": "success", "outputKey": "o"}
+            body["callbackSecret"] = BATCH_SECRET
+            assert (await bridge.post("/api/batch-callback", body))[0] == 200
+            port = handle.running.ops.metrics.port if handle.running.ops else 0
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as reply:
+                service_scrape = await reply.text()
+            async with http.get(f"{bridge.url}/metrics") as reply:
+                bridge_scrape = await reply.text()
+    finally:
+        await handle.close()
+    samples, families = _scraped_names(bridge_scrape + service_scrape)
+    exprs = [*dashboard_exprs(), *(r["expr"] for r in alert_rules())]
+    named = set().union(*(metric_names(e) for e in exprs))
+    family = {n: re.sub(r"_(bucket|sum|count|total)$", "", n) for n in named}
+    missing = {n for n in named if n not in samples and family[n] not in families}
+    assert not missing, missing
+
+    scraped = re.findall(r'jobwire_grpc_requests_total\{[^}]*method="(\w+)"', service_scrape)
+    assert "BatchReportEvents" in scraped  # how the bridge reports callbacks
+    for expr in exprs:
+        for selector in _method_selectors(expr):
+            assert any(re.fullmatch(selector, m) for m in SERVICE.methods_by_name), expr
+    latency = [e for e in dashboard_exprs() if "jobwire_grpc_request_duration_seconds" in e]
+    selectors = [s for e in latency for s in _method_selectors(e)]
+    assert any(re.fullmatch(s, "BatchReportEvents") for s in selectors), latency
