@@ -972,3 +972,44 @@ async def test_log_level_can_be_chosen_with_the_keyboard(
     assert page.url.endswith("level=WARNING")
     logs = await page.inner_text("#logs tbody")
     assert "warning line" in logs and "info line" not in logs
+
+
+CONTROLS = {"button", "link", "combobox", "textbox", "progressbar", "searchbox", "status"}
+
+
+async def unnamed(page: Any) -> list[str]:
+    """Controls (and progress bars, the live status) the accessibility tree gives no name."""
+    cdp = await page.context.new_cdp_session(page)
+    try:
+        tree = await cdp.send("Accessibility.getFullAXTree")
+    finally:
+        await cdp.detach()
+    found = []
+    for node in tree["nodes"]:
+        role = node.get("role", {}).get("value")
+        if role in CONTROLS and not node.get("name", {}).get("value", "").strip():
+            found.append(role)
+    return found
+
+
+async def test_every_control_has_an_accessible_name(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """Every button, link, field and progress bar has a name a screen reader can say
+    (the progress bars had none: "progress bar, 40 %" of which job?), also in a row that
+    arrived live; the live indicator is a status, so "reconnecting…" is announced."""
+    job_id = uid("a11y")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    await progress(svc.stub, job_id, 40, "half", "named")
+    page = await login(context, dash.url)
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    fresh = uid("a11y-live")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, fresh)
+    await progress(svc.stub, fresh, 5, "new", "arrived live")
+    await page.wait_for_selector(f'#jobs tr[data-job="{fresh}"] progress', timeout=WAIT_MS)
+    assert await unnamed(page) == []
+    assert await page.get_attribute("#live", "role") == "status"
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    assert await unnamed(page) == []
+    assert await page.get_attribute("#live", "role") == "status"

@@ -81,6 +81,7 @@ function progressCell(cell, change) {
     cell.replaceChildren();
     bar = el("progress");
     bar.max = 100;
+    bar.setAttribute("aria-label", `progress of ${visible(change.id)}`);
     cell.append(bar, " ", el("span", "pct"), " ", el("span", "phase"));
   }
   bar.value = change.percent;
@@ -169,7 +170,8 @@ function jobsPage() {
     $(".id", tr).append(link);
     $(".kind", tr).textContent = (change.kind || "").toLowerCase();
     $(".created", tr).append(timeNode(change.created));
-    progressCell($(".progress", tr), { percent: change.percent ?? 0, phase: change.phase || "" });
+    const start = { id: change.id, percent: change.percent ?? 0, phase: change.phase || "" };
+    progressCell($(".progress", tr), start);
     return tr;
   };
 
