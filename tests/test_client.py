@@ -486,8 +486,29 @@ async def test_a_client_made_before_its_event_loop_runs_works_in_it(
 
 
 async def test_a_closed_client_says_so(grpc_service: ServiceHandle) -> None:
+    """Closed under running watches, each raises UsageError (before: the watching tasks
+    ended as cancelled, CancelledError, though nobody had cancelled them); later calls
+    and watches raise it too; closing twice is fine."""
+    fanout = grpc_service.running.jobs.fanout
+    job_id = f"closed-{os.urandom(4).hex()}"
     c = client(grpc_service.target)
+    await c.create_job("GENERIC", job_id=job_id)
+    before = fanout.watchers
+
+    async def follow_job() -> None:
+        async for _ in c.watch_job(job_id):
+            pass
+
+    async def follow_all() -> None:
+        async for _ in c.watch_jobs():
+            pass
+
+    tasks = [asyncio.ensure_future(follow_job()), asyncio.ensure_future(follow_all())]
+    await until(lambda: fanout.watchers == before + 2)
     await c.close()
+    for task in tasks:
+        with pytest.raises(grpc.aio.UsageError, match="closed"):
+            await asyncio.wait_for(task, WAIT)
     await c.close()
     with pytest.raises(grpc.aio.UsageError, match="closed"):
         await c.get_job("x")
