@@ -17,7 +17,7 @@ import grpc
 from jobwire.v1 import artifact_pb2, job_service_pb2
 
 from .errors import JobwireError, translate
-from .retry import RETRYABLE, RetryPolicy
+from .retry import RETRYABLE, RetryPolicy, say_if_closed
 
 CHUNK = 1024 * 1024  # 1 MiB per message, as the API recommends
 
@@ -95,10 +95,12 @@ class ArtifactStream:
         self,
         open_call: Callable[[], Any],
         policy: RetryPolicy,
+        stub: Callable[[], object] = lambda: None,
     ) -> None:
         self.artifact: artifact_pb2.Artifact | None = None
         self._open_call = open_call
         self._policy = policy
+        self._stub = stub  # raises UsageError once the client is closed
 
     def __aiter__(self) -> AsyncGenerator[bytes, None]:
         return self._chunks()
@@ -121,6 +123,9 @@ class ArtifactStream:
                 attempt += 1
                 if started or err.code() not in RETRYABLE or attempt >= attempts:
                     raise translate(err) from None
+            except asyncio.CancelledError:
+                say_if_closed(self._stub)
+                raise
             finally:
                 call.cancel()
             await asyncio.sleep(self._policy.backoff.delay(attempt - 1))

@@ -33,7 +33,7 @@ from jobwire.v1 import (
 from .artifacts import CHUNK, ArtifactStream, Source, replayable, upload
 from .channel import TLS, open_channel, token_from_env
 from .errors import ClientConfigError
-from .retry import Backoff, RetryPolicy, call_with_retry, positive_seconds
+from .retry import Backoff, RetryPolicy, call_with_retry, positive_seconds, say_if_closed
 from .watch import JobsWatch, JobWatch, OnRetry
 
 if TYPE_CHECKING:
@@ -426,7 +426,11 @@ class Client:
             return await upload(self._stub.UploadArtifact, header, source, chunk_size, left)
 
         policy = self.retry if replayable(source) else None
-        return await call_with_retry(attempt, policy, timeout)
+        try:
+            return await call_with_retry(attempt, policy, timeout)
+        except asyncio.CancelledError:
+            say_if_closed(lambda: self._stub)
+            raise
 
     def read_artifact(
         self,
@@ -441,7 +445,11 @@ class Client:
         request = job_service_pb2.ReadArtifactRequest(
             job_id=job_id, name=name, callback_token=callback_token
         )
-        return ArtifactStream(lambda: self._stub.ReadArtifact(request, timeout=timeout), self.retry)
+        return ArtifactStream(
+            lambda: self._stub.ReadArtifact(request, timeout=timeout),
+            self.retry,
+            lambda: self._stub,
+        )
 
     async def list_artifacts(
         self, job_id: str, *, callback_token: str = "", timeout: float | None = None
@@ -515,7 +523,11 @@ class Client:
             return await method(request, timeout=left)
 
         deadline = self.timeout if timeout is None else timeout
-        return await call_with_retry(attempt, self.retry if retry else None, deadline)
+        try:
+            return await call_with_retry(attempt, self.retry if retry else None, deadline)
+        except asyncio.CancelledError:
+            say_if_closed(lambda: self._stub)
+            raise
 
 
 def new_idempotency_key() -> str:

@@ -77,6 +77,16 @@ class RetryPolicy:
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 
 
+def say_if_closed(stub: Callable[[], object]) -> None:
+    """For a CancelledError that nobody sent to the current task: the client was closed
+    under the call, and grpc cancels its calls. `stub()` then raises what any call on a
+    closed client raises (UsageError), rather than the caller's task ending as if it
+    had been cancelled."""
+    task = asyncio.current_task()
+    if task is not None and not task.cancelling():
+        stub()
+
+
 async def call_with_retry(
     call: Callable[[float | None], Awaitable[T]],
     policy: RetryPolicy | None,

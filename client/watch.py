@@ -45,7 +45,7 @@ from .errors import (
     Unavailable,
     translate,
 )
-from .retry import Backoff
+from .retry import Backoff, say_if_closed
 
 if TYPE_CHECKING:
     from jobwire.v1.job_service_pb2_grpc import JobServiceAsyncStub
@@ -194,7 +194,7 @@ class JobWatch:
             except (Unavailable, DeadlineExceeded) as err:
                 cause = err  # filling a jump failed or was slow: resume by reconnecting
             except asyncio.CancelledError:
-                _say_if_closed(self._stub)
+                say_if_closed(self._stub)
                 raise
             finally:
                 call.cancel()
@@ -302,20 +302,11 @@ class JobsWatch:
                     raise translate(err) from None
                 cause = translate(err)
             except asyncio.CancelledError:
-                _say_if_closed(self._stub)
+                say_if_closed(self._stub)
                 raise
             finally:
                 call.cancel()
             await self._reconnect.wait(cause, hint)
-
-
-def _say_if_closed(stub: Callable[[], JobServiceAsyncStub]) -> None:
-    """A CancelledError that nobody sent to this task: the client was closed under the
-    stream, and grpc cancels its calls. Raise what a call on a closed client raises
-    (`stub()`: UsageError) rather than end the caller's task as if cancelled."""
-    task = asyncio.current_task()
-    if task is not None and not task.cancelling():
-        stub()
 
 
 def _copy(event: event_pb2.JobEvent) -> event_pb2.JobEvent:

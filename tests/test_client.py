@@ -302,6 +302,15 @@ async def test_default_and_per_call_deadlines_fire() -> None:
             assert started.is_set() and loop.time() - begin < WAIT
             with pytest.raises(DeadlineExceeded):
                 await c.get_job("x", timeout=0.1)  # a per-call deadline
+        # closed while a call waits: UsageError (before: CancelledError, the task
+        # ending as cancelled though nobody had cancelled it)
+        c = client(f"127.0.0.1:{port}")
+        started.clear()
+        waiting = asyncio.ensure_future(c.get_job("x"))
+        await asyncio.wait_for(started.wait(), WAIT)
+        await c.close()
+        with pytest.raises(grpc.aio.UsageError, match="closed"):
+            await waiting
     finally:
         await stalled.stop(0)
 
