@@ -60,6 +60,13 @@ class TLS:
         cert = env.get("JOBWIRE_SERVICE_TLS_CERT", "")
         key = env.get("JOBWIRE_SERVICE_TLS_KEY", "")
         if not ca and not cert:
+            if env.get("JOBWIRE_SERVICE_TLS_SERVER_NAME", ""):
+                # A name to check in the server's certificate means TLS was meant: the
+                # channel would have been plaintext, the token sent in the clear.
+                raise ClientConfigError(
+                    "JOBWIRE_SERVICE_TLS_SERVER_NAME is set but TLS is not: set"
+                    " JOBWIRE_SERVICE_TLS_CA (a CA file, or 'system' for the system roots)"
+                )
             return None
         if bool(cert) != bool(key):
             raise ClientConfigError("set both JOBWIRE_SERVICE_TLS_CERT and JOBWIRE_SERVICE_TLS_KEY")
