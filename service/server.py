@@ -27,6 +27,7 @@ from .watch_workers import WatchWorkers, feed_handler
 log = logging.getLogger("jobwire.server")
 SERVICE_NAME = SERVICE.full_name
 SWEEPER_STOP_SECONDS = 2.0
+STORE_CLOSE_SECONDS = 3.0
 
 
 def _discard_outcome(task: asyncio.Task[None]) -> None:
@@ -62,9 +63,20 @@ class RunningService:
         self.jobs.fanout.close_all()
         await self.server.stop(grace)
         await self.jobs.close()
-        if self.ops is not None:
-            await self.ops.stop()
-        await self.store.close()
+        # Every acknowledged write is durable by now: a store that cannot be reached
+        # (MongoDB hung: closing its client waited for timeouts, 16 s seen on top of
+        # the grace) must not keep the process from exiting.
+        try:
+            async with asyncio.timeout(STORE_CLOSE_SECONDS):
+                if self.ops is not None:
+                    await self.ops.stop()
+                await self.store.close()
+        except TimeoutError:
+            log.warning(
+                "the store did not close within %.0f s (unreachable?); stopping anyway:"
+                " every acknowledged write is durable",
+                STORE_CLOSE_SECONDS,
+            )
 
 
 async def start(settings: Settings, store: Store | None = None) -> RunningService:

@@ -11,12 +11,14 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import grpc
 import pytest
 
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
+from service.server import STORE_CLOSE_SECONDS
 from service.store.embedded import EmbeddedStore
 from service.store.mongo import MongoStore
 from tests.bridge_harness import BATCH_SECRET
@@ -24,6 +26,7 @@ from tests.bridge_process import BridgeProcess, cli_bridge_process
 from tests.conftest import ServiceHandle, make_policy, start_service
 from tests.grpc_proxy import FaultProxy
 from tests.helpers import WAIT, create, run_environment, until
+from tests.tcp_cutter import TcpCutter
 
 
 @pytest.fixture
@@ -258,3 +261,31 @@ async def test_sigterm_to_jobwire_run_under_callback_load_keeps_every_acknowledg
                 assert job.state == job_pb2.JOB_STATE_SUCCEEDED, job_id
     finally:
         await handle.close()
+
+
+async def test_stopping_with_mongodb_hung_ends_soon_after_the_grace(
+    request: pytest.FixtureRequest,
+) -> None:
+    """SIGTERM while MongoDB has stopped answering (a hung primary): the service stops
+    within its grace plus a few seconds, saying the store did not close. Closing the
+    MongoDB client waited for its timeouts (16 s after a 10 s grace seen with
+    `jobwire serve`): past Kubernetes' 30 s the kubelet's SIGKILL ended it unlogged."""
+    mongo_port = urlsplit(request.getfixturevalue("mongo_uri")).port or 27017
+    relay = await TcpCutter(mongo_port).start()
+    store = MongoStore(f"mongodb://127.0.0.1:{relay.port}/", policy=make_policy(), database="hung")
+    handle = await start_service(store, event_feed=True)  # as deployed: a feed to close too
+    try:
+        await create(handle.stub, job_id="h")
+        relay.hold = True  # MongoDB stops answering
+        call = asyncio.ensure_future(handle.stub.GetJob(job_service_pb2.GetJobRequest(id="h")))
+        await until(lambda: relay.connections > 0)
+        started = asyncio.get_running_loop().time()
+        grace = 1.0
+        await asyncio.wait_for(handle.running.stop(grace), 60)
+        took = asyncio.get_running_loop().time() - started
+        assert took < grace + STORE_CLOSE_SECONDS + 3, took
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call
+    finally:
+        await handle.channel.close()
+        await relay.close()
