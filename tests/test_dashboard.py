@@ -1013,3 +1013,38 @@ async def test_every_control_has_an_accessible_name(
     await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
     assert await unnamed(page) == []
     assert await page.get_attribute("#live", "role") == "status"
+
+
+# Times shown without a visible "UTC" near them: in their own ::after, their cell's label
+# (phone cards), their column's visible header, or their card's heading.
+UNZONED = """() => [...document.querySelectorAll('time')].filter(t => t.offsetParent).filter(t => {
+  if (getComputedStyle(t, '::after').content.includes('UTC')) return false;
+  const td = t.closest('td');
+  if (td) {
+    if (getComputedStyle(td, '::before').content.includes('UTC')) return false;
+    const th = td.closest('table').tHead?.rows[0]?.cells[td.cellIndex];
+    if (th && th.offsetParent && th.textContent.includes('UTC')) return false;
+  }
+  const heading = t.closest('section')?.querySelector('h2');
+  return !(heading && heading.textContent.includes('UTC'));
+}).map(t => t.closest('td, dd')?.className || t.parentElement.tagName)"""
+
+
+async def test_every_time_shown_says_utc(
+    dash: DashboardProcess, browser: Any, svc: ServiceHandle
+) -> None:
+    """Times are UTC: the tables' headers said so, but the job's details, the phone cards
+    of the jobs list and the phone timeline showed bare times a reader takes as local."""
+    job_id = uid("utc")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    await progress(svc.stub, job_id, 10, "p", "m")
+    await write_log(svc.stub, job_id, log_pb2.LOG_LEVEL_INFO, "a line")
+    for viewport in (LAPTOP, PHONE):
+        ctx = await browser.new_context(viewport=viewport)
+        try:
+            page = await login(ctx, dash.url)
+            assert await page.evaluate(UNZONED) == [], viewport
+            await page.goto(f"{dash.url}/jobs/{job_id}")
+            assert await page.evaluate(UNZONED) == [], viewport
+        finally:
+            await ctx.close()

@@ -159,7 +159,16 @@ function jobsPage() {
     tr.dataset.seq = "0";
     tr.dataset.created = change.created || "";
     const cells = ["id", "kind", "state", "progress", "message", "created", "updated", "duration"];
-    const labels = ["Job", "Kind", "State", "Progress", "Message", "Created", "Updated", "Duration"];
+    const labels = [
+      "Job",
+      "Kind",
+      "State",
+      "Progress",
+      "Message",
+      "Created (UTC)",
+      "Updated (UTC)",
+      "Duration",
+    ];
     cells.forEach((name, i) => {
       const td = el("td", name);
       td.dataset.label = labels[i];
