@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sqlite3
 import threading
 import time
@@ -725,7 +726,17 @@ class EmbeddedStore:
         hint = ""
         if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
             hint = " (restore the data directory from a backup: README 'Backups')"
+        elif name.startswith("SQLITE_IOERR") and _disk_full(self._dir):
+            # SQLite says "disk I/O error" when it cannot even create its -wal/-shm file.
+            hint = " (its file system is full)"
         return StorageUnavailable(f"embedded store {self._db_path}: {err}{hint}")
+
+
+def _disk_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path).free < 64 * 1024
+    except OSError:
+        return False
 
 
 def _stored(file: Path) -> str:
@@ -750,8 +761,9 @@ def _lock_data_dir(data_dir: Path) -> int:
             f" service (pid {holder}); the embedded store serves one process"
             " (use MONGODB_URI for several replicas)"
         ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    with contextlib.suppress(OSError):  # the pid only informs; a full disk may refuse it
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
     return fd
 
 
