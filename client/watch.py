@@ -56,6 +56,9 @@ TERMINAL = frozenset(
 # A stream that ends with one of these is resumed; any other code is the caller's error.
 RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
 RETRY_AFTER_KEY = "retry-after-ms"
+# A WatchJobs stream open this long on a READY channel reached the service, even with
+# nothing to say.
+QUIET_BUT_CONNECTED = 1.0
 _DEDUPE = 65_536  # (job id, sequence) pairs a JobsWatch remembers to drop repeats
 
 WatchItem = job_pb2.Job | event_pb2.JobEvent | event_pb2.StreamGap
@@ -249,6 +252,7 @@ class JobsWatch:
         backoff: Backoff,
         give_up_after: float | None,
         on_retry: OnRetry | None = None,
+        connected: Callable[[], bool] = lambda: False,
     ) -> None:
         self.position = after  # the last position the service gave; "" before the first
         self._stub = stub
@@ -256,6 +260,7 @@ class JobsWatch:
         self._states = list(states)
         self._reconnect = _Reconnector(backoff, give_up_after, on_retry)
         self._delivered: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._connected = connected  # whether the channel is READY
 
     def __aiter__(self) -> AsyncGenerator[event_pb2.JobEvent | event_pb2.StreamGap, None]:
         return self._run()
@@ -272,6 +277,12 @@ class JobsWatch:
             cause: JobwireError = Unavailable(grpc.StatusCode.UNAVAILABLE, "watch stream ended")
             hint: float | None = None
             blind = connected_before and not self.position
+            # The service sends nothing until a matching event: a stream still open after
+            # a while on a READY channel reached it, though quiet (a refusal comes within
+            # milliseconds). Without this, give_up_after ran from a failure before it.
+            timer = asyncio.get_running_loop().call_later(
+                QUIET_BUT_CONNECTED, self._healthy_if_connected
+            )
             try:
                 async for reply in call:
                     self._reconnect.healthy()
@@ -305,8 +316,13 @@ class JobsWatch:
                 say_if_closed(self._stub)
                 raise
             finally:
+                timer.cancel()
                 call.cancel()
             await self._reconnect.wait(cause, hint)
+
+    def _healthy_if_connected(self) -> None:
+        if self._connected():
+            self._reconnect.healthy()
 
 
 def _copy(event: event_pb2.JobEvent) -> event_pb2.JobEvent:

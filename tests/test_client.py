@@ -942,6 +942,41 @@ def test_unusable_retry_and_deadline_settings_are_refused_by_name() -> None:
         assert "s3cr3t" not in str(err.value) and "sécret" not in str(err.value)
 
 
+async def test_a_quiet_firehose_is_not_given_up_at_the_next_restart(tmp_path: Path) -> None:
+    """give_up_after counts time without reaching the service. A WatchJobs stream sends
+    nothing until a matching event, so one that reconnected and stayed quiet was never
+    marked healthy: at the next restart, long after, the watch gave up at once."""
+    handle = await start_service(EmbeddedStore(tmp_path, make_policy()))
+    port = handle.running.port
+
+    async def restart() -> ServiceHandle:
+        await handle.close()
+        again = await start_service(
+            EmbeddedStore(tmp_path, make_policy()), grpc_addr=f"127.0.0.1:{port}"
+        )
+        # reconnected (or, before the fix, given up: `pending` raises Unavailable below)
+        await until(lambda: again.running.jobs.fanout.watchers == 1 or pending.done())
+        return again
+
+    try:
+        async with client(handle.target) as c:
+            watch = aiter(c.watch_jobs(states=["FAILED"], give_up_after=2.0))
+            pending = asyncio.ensure_future(anext(watch))
+            await until(lambda: handle.running.jobs.fanout.watchers == 1)
+            handle = await restart()
+            await asyncio.sleep(2.5)  # quiet, connected, past give_up_after: under test
+            handle = await restart()
+            await c.create_job("GENERIC", job_id="quiet")
+            await c.fail("quiet", "E", "noticed")
+            items = [await asyncio.wait_for(pending, WAIT)]
+            while not isinstance(items[-1], JobEvent):
+                items.append(await asyncio.wait_for(anext(watch), WAIT))
+            assert items[-1].job_id == "quiet"
+            await watch.aclose()
+    finally:
+        await handle.close()
+
+
 def test_backoff_grows_with_jitter_up_to_its_cap() -> None:
     backoff = Backoff(initial=0.1, maximum=1.0)
     # 5000: a watch that kept trying through a long outage (2.0**1024 overflowed a float:
