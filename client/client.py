@@ -77,7 +77,7 @@ class Client:
         options: Sequence[tuple[str, Any]] = (),
         request_id: Callable[[], str] | None = None,
     ) -> None:
-        self.target = target
+        self.target = check_target(target)
         self.timeout = positive_seconds("Client timeout", timeout)
         if token is not None and not _BEARER.fullmatch(token):
             # grpc refuses such a header on every call with a bare ExecuteBatchError; the
@@ -533,6 +533,21 @@ class Client:
         except asyncio.CancelledError:
             say_if_closed(lambda: self._stub)
             raise
+
+
+def check_target(target: str) -> str:
+    """`target` when gRPC would dial what it says. gRPC reads a port past 65535 modulo
+    65536 (127.0.0.1:99999 dialled port 34463: another service, perhaps) and takes
+    "https://host" for a host name that never resolves."""
+    if not target:
+        raise ClientConfigError("target must be host:port, got ''")
+    if target.startswith(("http://", "https://")):
+        raise ClientConfigError(f"target is host:port, not a URL: got {target!r}")
+    plain = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    host, sep, port = plain.rpartition(":")
+    if sep and host and "/" not in plain and port.isdigit() and not 0 < int(port) <= 65535:
+        raise ClientConfigError(f"target port must be 1-65535, got {target!r}")
+    return target
 
 
 def new_idempotency_key() -> str:

@@ -935,6 +935,11 @@ def test_unusable_retry_and_deadline_settings_are_refused_by_name() -> None:
         ("token (token=, JOBWIRE_GRPC_TOKEN) must be visible ASCII",
          lambda: Client(token="s3cr3t-from-a-file\n")),
         ("must be visible ASCII", lambda: Client.from_env(env={"JOBWIRE_GRPC_TOKEN": "sécret"})),
+        # gRPC dialled 127.0.0.1:99999 as port 34463; a URL never resolved
+        ("target port must be 1-65535, got '127.0.0.1:99999'", lambda: Client("127.0.0.1:99999")),
+        ("target port must be 1-65535", lambda: Client("dns:///jobwire.internal:0")),
+        ("target is host:port, not a URL", lambda: Client("https://jobwire.internal:50051")),
+        ("target must be host:port, got ''", lambda: Client("")),
     ]  # fmt: skip
     for message, make in bad:
         with pytest.raises(ClientConfigError, match=re.escape(message)) as err:
