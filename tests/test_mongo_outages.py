@@ -205,3 +205,24 @@ async def test_the_service_exits_with_one_line_when_mongodb_cannot_be_used(
     assert code == 1, (out, err)
     assert expected in err, err
     assert "Traceback" not in out + err and PASSWORD not in out + err
+
+
+async def test_a_ferretdb_server_is_named_at_start_with_its_limit(
+    mongo_uri: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FerretDB v1 lets two concurrent conditional updates of one document both match,
+    so two service replicas writing one job lose acknowledged events (the adapter's
+    per-job lock covers one process only). Nothing said so at start."""
+    caplog.set_level(logging.WARNING, logger="jobwire.store.mongo")
+    store = MongoStore(mongo_uri, policy=make_policy(), database="ferretdb_note")
+    await store.start()
+    try:
+        info = await store.database.client.admin.command("buildInfo")
+    finally:
+        await store.database.client.drop_database("ferretdb_note")
+        await store.close()
+    notes = [r.getMessage() for r in caplog.records if "run ONE service replica" in r.getMessage()]
+    if "ferretdbVersion" in info:
+        assert len(notes) == 1 and info["ferretdbVersion"] in notes[0], notes
+    else:
+        assert notes == []

@@ -386,6 +386,15 @@ class MongoStore:
         assert self._client is not None
         with _guard("start"):
             info = await self._client.admin.command("buildInfo")
+            if "ferretdbVersion" in info:
+                # Measured: 2 processes x 20 concurrent callbacks for one job, 20 of the
+                # 40 acknowledged events lost (both conditional updates "matched").
+                log.warning(
+                    "MongoDB server is FerretDB %s: it does not apply concurrent updates"
+                    " of one document atomically, so run ONE service replica on it (two"
+                    " replicas writing the same job lose acknowledged events)",
+                    info["ferretdbVersion"],
+                )
             writes = self._max_writes
             if writes is None and "ferretdbVersion" in info:
                 # SQLite allows one writer; many concurrent writers only add busy-waits
