@@ -20,6 +20,7 @@ from .errors import JobwireError, translate
 from .retry import RETRYABLE, RetryPolicy, say_if_closed
 
 CHUNK = 1024 * 1024  # 1 MiB per message, as the API recommends
+MAX_CHUNK = 4 * 1024 * 1024 - 1024  # the service's 4 MiB message limit, less framing
 
 Source = str | os.PathLike[str] | bytes | AsyncIterable[bytes]
 

@@ -30,7 +30,7 @@ from jobwire.v1 import (
     log_pb2,
 )
 
-from .artifacts import CHUNK, ArtifactStream, Source, replayable, upload
+from .artifacts import CHUNK, MAX_CHUNK, ArtifactStream, Source, replayable, upload
 from .channel import TLS, open_channel, token_from_env
 from .errors import ClientConfigError
 from .retry import Backoff, RetryPolicy, call_with_retry, positive_seconds, say_if_closed
@@ -418,6 +418,12 @@ class Client:
         """Stores `source` (a path, bytes or an async iterator of chunks) as the job's
         artifact `name`, replacing one of that name. Retried when the source can be
         read again (a path or bytes), since a repeat replaces the same artifact."""
+        if isinstance(chunk_size, bool) or not 0 < chunk_size <= MAX_CHUNK:
+            # A negative size sent no data at all: an empty artifact replaced the stored one.
+            raise ValueError(
+                f"chunk_size must be 1 to {MAX_CHUNK} bytes (the service takes messages of"
+                f" up to 4 MiB), got {chunk_size!r}"
+            )
         header = job_service_pb2.ArtifactHeader(
             job_id=job_id, name=name, content_type=content_type, callback_token=callback_token
         )

@@ -227,6 +227,11 @@ async def test_an_upload_whose_source_fails_raises_the_sources_error(
                 await c.upload_artifact("up", "a.bin", breaks())
             with pytest.raises(RuntimeError, match="the source broke"):
                 await c.upload_artifact("up", "new.bin", breaks())
+        # a chunk size that cannot be sent (before: -1 stored an empty artifact in place
+        # of the stored one, 0 a bare range() error, 5 MiB the service's RESOURCE_EXHAUSTED)
+        for bad in (-1, 0, 5 * MiB):
+            with pytest.raises(ValueError, match="chunk_size must be 1 to"):
+                await c.upload_artifact("up", "a.bin", b"replacement", chunk_size=bad)
         assert [a.name for a in await c.list_artifacts("up")] == ["a.bin"]
         stored = [chunk async for chunk in c.read_artifact("up", "a.bin")]
         assert b"".join(stored) == b"the stored version"  # never replaced by a part
