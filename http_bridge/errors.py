@@ -8,6 +8,9 @@ The table follows google/rpc/code.proto with three deliberate deviations:
 - DEADLINE_EXCEEDED -> 503 + Retry-After, not 504: for a worker both mean "the
   service did not answer in time, retry later", and 503 is what the contracts retry on.
 - RESOURCE_EXHAUSTED -> 429 also carries Retry-After.
+- CANCELLED -> 503 + Retry-After, not 499: the bridge never cancels its own calls, so a
+  CANCELLED comes from the service: gRPC ends calls that reach a server as it stops
+  with it, unapplied. A 4xx would tell the worker not to retry, and lose the event.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ log = logging.getLogger(__name__)
 
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.OK: 200,
-    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.CANCELLED: 503,
     grpc.StatusCode.UNKNOWN: 500,
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.DEADLINE_EXCEEDED: 503,

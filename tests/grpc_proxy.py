@@ -36,6 +36,9 @@ class FaultProxy:
         self.gate = asyncio.Event()
         self.gate.set()
         self.waiting = 0
+        # method -> statuses its next calls end with, before reaching the service (what
+        # a service stopping answers calls that arrived as it stopped: CANCELLED)
+        self.refuse: dict[str, list[grpc.StatusCode]] = {}
         self._channel = grpc.aio.insecure_channel(upstream)
         self._server = grpc.aio.server()
         self._server.add_generic_rpc_handlers([_Handler(self)])
@@ -61,6 +64,8 @@ class FaultProxy:
         if not self.gate.is_set():
             self.waiting += 1
             await self.gate.wait()
+        if self.refuse.get(name):
+            await context.abort(self.refuse[name].pop(0), "proxy: refused")
         call = self._channel.unary_unary(method)
         try:
             reply: bytes = await call(request, metadata=_metadata(context))

@@ -4,6 +4,7 @@ callback is in flight, and what `jobwire run` says when one of its children dies
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import signal
@@ -21,7 +22,7 @@ from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 from service.server import STORE_CLOSE_SECONDS
 from service.store.embedded import EmbeddedStore
 from service.store.mongo import MongoStore
-from tests.bridge_harness import BATCH_SECRET
+from tests.bridge_harness import BATCH_SECRET, TEST_CONFIG, running_bridge
 from tests.bridge_process import BridgeProcess, cli_bridge_process
 from tests.conftest import ServiceHandle, make_policy, start_service
 from tests.grpc_proxy import FaultProxy
@@ -339,3 +340,26 @@ async def test_a_service_stopped_under_load_keeps_every_acknowledged_event(
             assert acked[w] <= job.sequence <= acked[w] + 1, (w, acked[w], job.sequence)
     finally:
         await handle.close()
+
+
+async def test_a_call_the_stopping_service_cancelled_is_503_with_retry_after(
+    gated: tuple[ServiceHandle, FaultProxy],
+) -> None:
+    """gRPC ends calls that reach a server as it stops with CANCELLED (not UNAVAILABLE;
+    seen with grpcio 1.85 for calls not yet picked up when stop() began): nothing was
+    applied. The bridge answered such a callback 499, a 4xx that workers do not retry,
+    so the event was lost; it is now 503 + Retry-After like any refusal of a service
+    that is going away (the bridge never cancels its own calls)."""
+    handle, proxy = gated
+    await create(handle.stub, job_pb2.JOB_KIND_BATCH, "cancelled")
+    config = dataclasses.replace(TEST_CONFIG, service_target=proxy.target)
+    body = {"jobId": "cancelled", "status": "success", "outputKey": "o"}
+    body["callbackSecret"] = BATCH_SECRET
+    async with running_bridge(config) as bridge:
+        proxy.refuse["BatchReportEvents"] = [grpc.StatusCode.CANCELLED]
+        async with bridge.http.post(f"{bridge.url}/api/batch-callback", json=body) as reply:
+            assert reply.status == 503, await reply.text()
+            assert reply.headers["Retry-After"] == str(TEST_CONFIG.retry_after_seconds)
+        job = await handle.stub.GetJob(job_service_pb2.GetJobRequest(id="cancelled"))
+        assert job.state == job_pb2.JOB_STATE_QUEUED  # nothing applied: the retry is needed
+        assert (await bridge.post("/api/batch-callback", body))[0] == 200
