@@ -56,6 +56,7 @@ async def serve(config: DashboardConfig) -> None:
         await stop.wait()
     finally:
         await runner.cleanup()
+    print("jobwire: dashboard stopped", flush=True)
 
 
 def main() -> None:

@@ -235,7 +235,7 @@ async def test_sigterm_to_jobwire_run_under_callback_load_keeps_every_acknowledg
     log = log_path.read_text(errors="replace")
     assert code == 0, log
     assert "Traceback" not in log, log
-    assert "bridge stopped" in log and "shutting down" in log, log
+    assert "bridge stopped" in log and "dashboard stopped" in log, log
     assert "service stopped" in log.strip().splitlines()[-1], log  # the last to stop
     statuses = {a if isinstance(a, str) else a[0] for _, a in answers}
     print(Counter(a if isinstance(a, str) else a[0] for _, a in answers))
