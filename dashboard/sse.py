@@ -114,7 +114,8 @@ def _from_sequence(request: web.Request) -> int:
 
 
 async def job_stream(request: web.Request) -> web.StreamResponse:
-    """One job: `snapshot` (no id), `events` batches (id = last sequence), `gap`, `end`."""
+    """One job: `snapshot` (no id), `events` batches (id = last sequence), `gap`, `end`,
+    and `ping` when there was nothing else for a heartbeat."""
     job_id = request.match_info["job_id"]
     from_sequence = _from_sequence(request)
     settings = request.app[SETTINGS]
@@ -189,7 +190,9 @@ async def job_stream(request: web.Request) -> web.StreamResponse:
             elif batch:
                 await flush()
             else:
-                await response.write(b": keep-alive\n\n")
+                # An event, not a comment: the page hears it, and one that hears nothing
+                # for a few heartbeats knows its connection went silent.
+                await response.write(_frame("ping", b"{}"))
                 last_beat = time.monotonic()
     except ConnectionResetError:
         pass  # the tab went away

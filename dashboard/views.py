@@ -155,6 +155,7 @@ async def jobs_page(request: web.Request) -> web.StreamResponse:
         "first_url": "/jobs?" + urlencode(pairs) if request.query.get("page_token") else "",
         "query": request.rel_url.raw_query_string,  # as sent: decoding it changes a filter
         "csrf": principal(request).csrf,
+        "heartbeat": request.app[SETTINGS].heartbeat_seconds,
     }
     return aiohttp_jinja2.render_template("jobs.html", request, context)
 
@@ -247,6 +248,7 @@ async def job_page(request: web.Request) -> web.StreamResponse:
         "levels": present.LEVELS,
         "terminal": job["state"] in present.TERMINAL,
         "csrf": principal(request).csrf,
+        "heartbeat": settings.heartbeat_seconds,
         "pretty": present.pretty,
         "quote": lambda s: quote(s, safe=""),
     }

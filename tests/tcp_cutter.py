@@ -16,8 +16,12 @@ class TcpCutter:
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.hold = False
+        # When set: `hold` turns on by itself once these bytes pass towards the service
+        # (e.g. a MongoDB command name), so that request's reply is held, not earlier ones.
+        self.hold_after: bytes | None = None
         self.connections = 0
         self._open: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self._stalled: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -38,6 +42,12 @@ class TcpCutter:
             client.transport.abort()
             service.transport.abort()
         self._open.clear()
+
+    def stall_open(self) -> None:
+        """The connections open now go silent (nothing more reaches their clients, and
+        nothing tells them so), as a dead NAT entry or a hung proxy does; later ones are
+        relayed normally."""
+        self._stalled.update(client for client, _ in self._open)
 
     async def close(self) -> None:
         self.cut()
@@ -65,9 +75,11 @@ class TcpCutter:
     ) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await reader.read(65536):
-                if held and self.hold:
+                if held and (self.hold or writer in self._stalled):
                     continue  # kept from the client; cut() drops the connection
                 writer.write(data)
                 await writer.drain()
+                if not held and self.hold_after is not None and self.hold_after in data:
+                    self.hold_after, self.hold = None, True
         with contextlib.suppress(ConnectionError, OSError, RuntimeError):
             writer.close()

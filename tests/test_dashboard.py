@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -33,6 +34,7 @@ from tests.dashboard_harness import (
     running_dashboard,
 )
 from tests.helpers import free_port
+from tests.tcp_cutter import TcpCutter
 
 WAIT_MS = 10_000  # any awaited page change; the live-update test asserts its own 1 s
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -1048,3 +1050,52 @@ async def test_every_time_shown_says_utc(
             assert await page.evaluate(UNZONED) == [], viewport
         finally:
             await ctx.close()
+
+
+# Every state the live indicator takes, in order (a reconnect may be too quick to poll).
+RECORD_STATES = """() => {
+  window.__states = [];
+  new MutationObserver(() => window.__states.push(document.querySelector('#live').dataset.state))
+    .observe(document.querySelector('#live'), { attributes: true });
+}"""
+
+
+@pytest.mark.parametrize("which", ["jobs", "job"])
+async def test_a_stream_gone_silent_is_noticed_and_reopened(
+    which: str, browser: Any, svc: ServiceHandle
+) -> None:
+    """The connection under an open page goes silent (a dead NAT entry, a hung proxy: no
+    reset, no close). EventSource waits forever, so the page said "live" while it showed
+    nothing more. The streams now send something every heartbeat (stats; a `ping` on a
+    job's quiet stream), and a page that hears nothing for three says reconnecting and
+    opens a new stream, which shows what happened meanwhile."""
+    job_id = uid(f"silent-{which}")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    await progress(svc.stub, job_id, 10, "before", "before the stall")
+    async with (
+        running_dashboard(svc.target, JOBWIRE_DASHBOARD_HEARTBEAT_SECONDS="1") as dash,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        cutter = await TcpCutter(dash.port).start()
+        stack.push_async_callback(cutter.close)
+        ctx = await browser.new_context(viewport=LAPTOP)
+        stack.push_async_callback(ctx.close)
+        base = f"http://127.0.0.1:{cutter.port}"
+        page = await login(ctx, base)
+        if which == "job":
+            await page.goto(f"{base}/jobs/{job_id}")
+        await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+        await page.evaluate(RECORD_STATES)
+        cutter.stall_open()
+        await progress(svc.stub, job_id, 60, "after", "after the stall")
+        if which == "jobs":
+            await page.wait_for_function(ROW_IS, arg=[job_id, 60, "RUNNING"], timeout=WAIT_MS * 3)
+        else:
+            await page.wait_for_function(
+                "() => document.querySelectorAll('#timeline tbody tr').length === 2",
+                timeout=WAIT_MS * 3,
+            )
+            assert await timeline_seqs(page) == [1, 2]
+            assert await page.inner_text("#job .pct") == "60%"
+        states = await page.evaluate("window.__states")
+        assert "reconnecting" in states and states[-1] == "live", states

@@ -93,26 +93,54 @@ function progressCell(cell, change) {
   else phase.removeAttribute("title");
 }
 
+// The server sends something at least every heartbeat; hearing nothing for this long
+// means the connection went silent (a dead NAT entry, a hung proxy), which EventSource
+// never notices on its own.
+const QUIET_MS = Math.max(3 * Number($("#live")?.dataset.heartbeat || 15), 3) * 1000;
+
 // An EventSource that also recovers when the browser gives up (a 5xx while the
-// dashboard restarts closes it for good): a new one starts from `url()`.
+// dashboard restarts closes it for good) or its connection goes silent: a new one
+// starts from `url()`.
 function stream(url, handlers, onReopen) {
   let source = null;
   let opened = "";
   let delay = 500;
   let failed = false;
   let ended = false;
+  let watchdog = null;
+  const heard = () => {
+    clearTimeout(watchdog);
+    if (ended) return;
+    watchdog = setTimeout(() => {
+      failed = true;
+      setLive("reconnecting", "reconnecting…");
+      reopen();
+    }, QUIET_MS);
+  };
+  const reopen = () => {
+    clearTimeout(watchdog);
+    source.close();
+    open();
+  };
   const open = () => {
     opened = url();
     source = new EventSource(opened);
+    heard();
     for (const [name, fn] of Object.entries(handlers)) {
-      source.addEventListener(name, (msg) => fn(JSON.parse(msg.data), source));
+      source.addEventListener(name, (msg) => {
+        heard();
+        fn(JSON.parse(msg.data), source);
+      });
     }
+    source.addEventListener("ping", heard);
     source.addEventListener("end", () => {
       ended = true;
+      clearTimeout(watchdog);
       source.close();
       setLive("ended", "finished");
     });
     source.onopen = () => {
+      heard();
       delay = 500;
       setLive("live", "live");
       if (failed && onReopen) onReopen();
@@ -123,7 +151,8 @@ function stream(url, handlers, onReopen) {
       failed = true;
       setLive("reconnecting", "reconnecting…");
       if (source.readyState === EventSource.CLOSED) {
-        setTimeout(open, delay);
+        clearTimeout(watchdog); // the reopen below re-arms it
+        setTimeout(reopen, delay);
         delay = Math.min(delay * 2, 5000);
       }
     };
@@ -134,8 +163,7 @@ function stream(url, handlers, onReopen) {
   return {
     refresh() {
       if (ended || url() === opened) return;
-      source.close();
-      open();
+      reopen();
     },
   };
 }
