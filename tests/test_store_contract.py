@@ -242,3 +242,11 @@ async def test_a_changed_retention_keeps_the_retained_events_and_keys(
         assert kept == list(range(41 - min(window, after - 1), 42))
     finally:
         await store.close()
+
+
+async def test_a_second_start_of_a_started_store_is_harmless(store: Store) -> None:
+    """A service handed a store its caller already started (tests, embedders) starts
+    it again: that must not refuse the store's own data directory lock."""
+    await store.start()
+    await _new(store, "twice")
+    assert (await store.get("twice")).job.id == "twice"

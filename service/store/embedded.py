@@ -129,6 +129,8 @@ class EmbeddedStore:
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
+        if self._lock_fd is not None:
+            return  # started already (a service handed a started store): the lock is ours
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
             (self._artifacts / ".tmp").mkdir(parents=True, exist_ok=True)
@@ -437,9 +439,16 @@ class EmbeddedStore:
         target = final / f"{artifact.name[:200]}.{uuid.uuid4().hex[:8]}"
 
         def commit(conn: sqlite3.Connection) -> None:
+            created = not final.exists()
             final.mkdir(exist_ok=True)
             try:
                 os.replace(tmp, target)
+                # The file's data was fsync'd; its name (and a new job directory) is
+                # durable only once the directory is: else a crash after the row's
+                # commit could leave an acknowledged artifact without its file.
+                _fsync_dir(final)
+                if created:
+                    _fsync_dir(self._artifacts)
             except OSError:
                 tmp.unlink(missing_ok=True)
                 raise
@@ -778,6 +787,14 @@ def _sequence(entry: _Entry | None) -> int:
 
 def _truncate_wal(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_close(handle: Any) -> None:

@@ -55,7 +55,8 @@ class Store(Protocol):
     policy: Policy
 
     async def start(self) -> None:
-        """Connects, creates tables or indexes idempotently."""
+        """Connects, creates tables or indexes idempotently; a second call on a started
+        store does nothing more."""
 
     async def close(self) -> None: ...
 
