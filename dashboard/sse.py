@@ -31,14 +31,24 @@ def _frame(event: str, data: bytes, event_id: str = "") -> bytes:
     return f"{head}event: {event}\n".encode() + b"data: " + data + b"\n\n"
 
 
+STREAM_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache, no-store",
+    "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+}
+
+
+def head_only(request: web.Request) -> web.Response | None:
+    """The answer to a HEAD: the headers alone. aiohttp sends whatever a StreamResponse
+    writes even then, so the stream's events (an endless body) followed the headers, and
+    a kept-alive connection's next answer began inside them."""
+    if request.method != "HEAD":
+        return None
+    return web.Response(headers=STREAM_HEADERS)
+
+
 async def _open(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream; charset=utf-8",
-            "Cache-Control": "no-cache, no-store",
-            "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
-        }
-    )
+    response = web.StreamResponse(headers=STREAM_HEADERS)
     await response.prepare(request)
     await response.write(f"retry: {RETRY_MS}\n\n".encode())
     return response
@@ -49,6 +59,8 @@ async def jobs_stream(request: web.Request) -> web.StreamResponse:
     of any job when given), stats every few seconds."""
     kind = parse_kind(request.query.get("kind", ""))
     ids = _ids(request.query.get("ids"))
+    if (head := head_only(request)) is not None:
+        return head
     settings = request.app[SETTINGS]
     hub = request.app[HUB]
     response = await _open(request)
@@ -127,6 +139,9 @@ async def job_stream(request: web.Request) -> web.StreamResponse:
         first = await call.read()
     except grpc.aio.AioRpcError as err:
         raise grpc_error(err, json=True) from None
+    if (head := head_only(request)) is not None:
+        call.cancel()
+        return head
     response = await _open(request)
     interval = settings.push_interval_seconds
     batch: list[bytes] = []

@@ -317,6 +317,9 @@ async def download(request: web.Request) -> web.StreamResponse:
     )
     response.content_length = meta.size_bytes
     await response.prepare(request)
+    if request.method == "HEAD":  # aiohttp would send the bytes written even then
+        call.cancel()
+        return response
     try:
         async for part in call:
             await response.write(part.data)

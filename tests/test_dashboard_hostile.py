@@ -20,7 +20,9 @@ import pytest
 from dashboard.auth import COOKIE, Auth
 from dashboard.config import DashboardConfig
 from dashboard.server import runner_for, site_for
+from jobwire.v1 import job_service_pb2
 from tests.bridge_process import raw_exchange, status_of, trickle_head
+from tests.helpers import create
 from tests.test_dashboard_auth import serve
 
 TOKEN = "hostile-test-token-abcdefghijklmnop"
@@ -250,3 +252,55 @@ async def test_unknown_paths_and_methods_get_the_dashboards_own_answers(
         # Without a login, any path is the login page (what is there is not revealed).
         async with http.get(url + "/nope") as reply:
             assert reply.status == 401 and 'name="token"' in await reply.text()
+
+
+async def _head_then_get(port: int, path: str) -> bytes:
+    """HEAD `path`, then GET /healthz on the same connection: what came back in 5 s."""
+    auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    head = b"HEAD " + path.encode() + b" HTTP/1.1\r\nHost: t\r\n" + auth + b"\r\n"
+    get = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    chunks = []
+    try:
+        writer.write(head + get)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                while chunk := await reader.read(65536):
+                    chunks.append(chunk)
+    finally:
+        writer.close()
+    return b"".join(chunks)
+
+
+async def test_head_answers_headers_only(grpc_service: Any) -> None:
+    """HEAD on a stream or a download sent the body anyway (the stream's events, the
+    artifact's bytes): on a kept-alive connection the next answer then began inside it
+    (or never came, behind an endless stream). Now the headers only, the next request
+    answered right after them."""
+    stub = grpc_service.stub
+    job_id = f"head-{time.monotonic_ns()}"
+    await create(stub, job_id=job_id)
+
+    async def parts() -> AsyncIterator[job_service_pb2.UploadArtifactRequest]:
+        header = job_service_pb2.ArtifactHeader(
+            job_id=job_id, name="out.txt", content_type="text/plain"
+        )
+        yield job_service_pb2.UploadArtifactRequest(header=header)
+        yield job_service_pb2.UploadArtifactRequest(data=b"artifact bytes")
+
+    await stub.UploadArtifact(parts())
+    cfg = DashboardConfig(service_target=grpc_service.target, token=TOKEN)
+    async with guarded(cfg) as port:
+        for path, content_type in (
+            (f"/jobs/{job_id}/artifacts/out.txt", b"text/plain"),
+            (f"/events/jobs/{job_id}", b"text/event-stream"),
+            ("/events/jobs", b"text/event-stream"),
+            ("/jobs", b"text/html"),
+        ):
+            answer = await _head_then_get(port, path)
+            head, _, rest = answer.partition(b"\r\n\r\n")
+            assert status_of(head) == 200 and content_type in head, (path, head)
+            assert rest.startswith(b"HTTP/1.1 200 OK\r\n") and rest.endswith(b"\r\n\r\nok\n"), (
+                path,
+                rest[:300],
+            )
