@@ -24,7 +24,15 @@ from service.domain.errors import StorageUnavailable
 from service.store.embedded import EmbeddedStore
 from service.store.mongo import MongoStore
 from tests.conftest import make_policy, start_service
-from tests.helpers import WAIT, cli_process, create, free_port, progress
+from tests.helpers import (
+    WAIT,
+    cli_process,
+    cli_result,
+    create,
+    free_port,
+    progress,
+    run_environment,
+)
 from tests.tcp_cutter import TcpCutter
 
 
@@ -345,3 +353,22 @@ async def test_a_backup_under_traffic_restores_into_a_fresh_directory(tmp_path: 
         assert b"".join(chunks) == payload
     finally:
         await handle.close()
+
+
+async def test_jobwire_run_says_when_it_cannot_write_its_env_file(tmp_path: Path) -> None:
+    """`jobwire run` generates missing secrets into JOBWIRE_ENV_FILE; a path it cannot
+    write (a directory that does not exist, a read-only checkout) ended it with a
+    traceback (FileNotFoundError). Now exit 1 with one line naming the file, the
+    problem and the ways out; nothing was started."""
+    _, env = run_environment(tmp_path)
+    env_file = tmp_path / "missing-dir" / "jobwire.env"
+    env["JOBWIRE_ENV_FILE"] = str(env_file)
+    for name in ("API_KEY", "BATCH_CALLBACK_SECRET", "TRANSCODE_CALLBACK_TOKEN"):
+        env[name] = ""
+    code, out, err = await cli_result("run", env=env)
+    assert code == 1, out + err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert f"cannot write random secrets for the HTTP bridge to {env_file}" in last, err
+    assert "No such file or directory" in last and "in the environment" in last, err
+    assert not (tmp_path / "data").exists()  # the service was not started
