@@ -82,7 +82,8 @@ class Committer:
                 if not future.done():
                     future.set_result(outcomes[start : start + len(cmds)])
                 start += len(cmds)
-            self._on_applied([o for o in outcomes if isinstance(o, Applied)])
+            late = await settle_in_doubt(self._store)
+            self._on_applied(late + [o for o in outcomes if isinstance(o, Applied)])
 
     def _take(self) -> list[tuple[Sequence[JobCommand], asyncio.Future[list[Outcome]]]]:
         taken, size = 0, 0
@@ -93,3 +94,17 @@ class Committer:
             size += len(cmds)
         batch, self._queue = self._queue[:taken], self._queue[taken:]
         return batch
+
+
+async def settle_in_doubt(store: Store) -> list[Applied]:
+    """The events of earlier writes whose answer was lost and that did land (MongoDB:
+    `MongoStore.settle_in_doubt`). Their callbacks' retries were acknowledged as
+    duplicates, so they are published from here. No I/O unless such writes exist."""
+    settle = getattr(store, "settle_in_doubt", None)
+    if settle is None:
+        return []
+    try:
+        late: list[Applied] = await settle()
+    except DomainError:
+        return []  # still unreachable: settled by a later commit or sweep
+    return late

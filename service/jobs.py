@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, job_service_pb2, log_pb2
 
-from .committer import Committer
+from .committer import Committer, settle_in_doubt
 from .domain import events, validation
 from .domain.errors import Code, DomainError, invalid, not_found
 from .domain.records import (
@@ -254,12 +254,18 @@ class Jobs:
                 JOBS_STALL_FAILED.inc()
         return len(changed)
 
+    async def _settle_in_doubt(self) -> int:
+        """Publishes writes of a lost answer that landed, for jobs nobody writes again."""
+        late = await settle_in_doubt(self.store)
+        self._published(late)
+        return len(late)
+
     async def sweep_leases_forever(self, interval: float) -> None:
         """Expired leases every `interval` seconds; progress deadlines every
         `stall_sweep_seconds` (one query of the jobs each time)."""
         stalls_at = 0.0
         while True:
-            sweeps = [("lease", self.expire_leases)]
+            sweeps = [("lease", self.expire_leases), ("in-doubt", self._settle_in_doubt)]
             if time.monotonic() >= stalls_at:
                 stalls_at = time.monotonic() + self.stall_sweep_seconds
                 sweeps.append(("stall", self.mark_stalls))

@@ -19,13 +19,14 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from pymongo import AsyncMongoClient
 
-from jobwire.v1 import job_pb2, job_service_pb2
+from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
 from service.config import Settings
 from service.store.factory import open_store
 from service.store.mongo import MongoStore
 from tests.conftest import make_policy, start_service
-from tests.helpers import cli_result, create, free_port, progress
+from tests.helpers import cli_result, completed, create, free_port, progress, read, read_all
 from tests.mongo_server import FerretDBProcess, require_ferretdb
+from tests.tcp_cutter import TcpCutter
 
 ADMIN_PASSWORD = "adm1n-pw-for-tests"
 PASSWORD = "svc-Pa55word-9f2c"
@@ -226,3 +227,68 @@ async def test_a_ferretdb_server_is_named_at_start_with_its_limit(
         assert len(notes) == 1 and info["ferretdbVersion"] in notes[0], notes
     else:
         assert notes == []
+
+
+async def test_a_callback_whose_reply_was_lost_reaches_every_stream_once(
+    tmp_path: Path,
+) -> None:
+    """The job update landed, its reply was lost (connection reset), ReportEvent said
+    UNAVAILABLE and the worker retried: the retry is acknowledged as a duplicate. The
+    event must still reach WatchJob and WatchJobs, once. Was: neither ever saw it (the
+    retry is Unchanged, so nothing was published or written to the firehose log), and
+    a COMPLETED lost this way left WatchJob streams open for good."""
+    _own_ferretdb()
+    server = FerretDBProcess(require_ferretdb(), base_dir=tmp_path / "ferretdb")
+    server.start()
+    cutter = await TcpCutter(server.port).start()
+    store = MongoStore(
+        f"mongodb://127.0.0.1:{cutter.port}/", policy=make_policy(), database="lost_reply"
+    )
+    handle = await start_service(store, lease_sweep_seconds=0.05)
+    direct: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(server.uri)
+    try:
+        stub = handle.stub
+        await create(stub, job_id="j")
+        watch = stub.WatchJob(job_service_pb2.WatchJobRequest(id="j"))
+        assert (await read(watch)).HasField("snapshot")
+        firehose = stub.WatchJobs(job_service_pb2.WatchJobsRequest())
+        await stub.ReportEvent(progress("j", 10))
+        assert (await read(watch)).event.sequence == 1
+        assert (await read(firehose)).event.sequence == 1
+
+        cutter.hold_after = b"\x02update\x00"  # the reply to the job's update is held
+        first = asyncio.ensure_future(stub.ReportEvent(completed("j"), timeout=30))
+
+        async def landed() -> bool:
+            doc = await direct["lost_reply"]["jobs"].find_one({"_id": "j"}, {"seq": 1})
+            return bool(doc and doc["seq"] == 2)
+
+        await _until(landed, "the update reaching the database")
+        cutter.cut()
+        with pytest.raises(grpc.aio.AioRpcError) as lost:
+            await first
+        assert lost.value.code() == grpc.StatusCode.UNAVAILABLE, lost.value.details()
+
+        async def retried() -> bool:
+            try:
+                reply = await stub.ReportEvent(completed("j"), timeout=10)
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+                return False
+            assert reply.duplicate and reply.sequence == 2, reply
+            return True
+
+        await _until(retried, "the retried callback acknowledged")
+        rest = await read_all(watch, timeout=10)
+        assert [item.event.sequence for item in rest] == [2]
+        assert rest[0].event.type == event_pb2.EVENT_TYPE_COMPLETED
+        item = await read(firehose, timeout=10)
+        assert (item.event.job_id, item.event.sequence) == ("j", 2)
+        events = await stub.ListJobEvents(job_service_pb2.ListJobEventsRequest(job_id="j"))
+        assert [e.sequence for e in events.events] == [1, 2]
+        firehose.cancel()
+    finally:
+        await direct.close()
+        await handle.close()
+        await cutter.close()
+        server.cleanup()

@@ -78,6 +78,9 @@ HOUSEKEEPING_TIMEOUT_S = 120.0
 CANDIDATE_TTL_S = 1.0
 # A claim gives up (ABORTED) after this many lost races once its time budget is spent.
 CLAIM_MIN_LOSSES = 16
+# Writes of unknown outcome remembered (see MongoStore.settle_in_doubt), and for how long.
+MAX_IN_DOUBT = 10_000
+IN_DOUBT_SECONDS = 600.0
 
 _UNAVAILABLE = (ConnectionFailure, ExecutionTimeout, WTimeoutError)
 _AUTH_CODES = (18, 13)  # AuthenticationFailed, Unauthorized
@@ -222,6 +225,15 @@ class _Candidates:
 
 
 @dataclass(eq=False)
+class _Doubt:
+    """A write sent without an answer: its ring token and the events it carries."""
+
+    token: int
+    applied: list[Applied]
+    since: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
 class _Plan:
     """The commands of one job in a batch, chained in memory, and the one write."""
 
@@ -288,6 +300,11 @@ class MongoStore:
         self._log_pruned = 0.0
         self._log_pruning: asyncio.Future[None] | None = None
         self.log_failures = 0
+        # Writes whose outcome is unknown (the connection failed after sending them):
+        # per job, the write's ring token and its events, until settle_in_doubt() finds
+        # whether they landed. A retried callback is then acknowledged as a duplicate,
+        # so these events are published from here or never.
+        self._in_doubt: dict[str, list[_Doubt]] = {}
 
     @classmethod
     def from_env(cls, policy: Policy, environ: Mapping[str, str] | None = None) -> MongoStore:
@@ -577,7 +594,11 @@ class MongoStore:
                     now_ns = time.time_ns()
                     for plan in pending:
                         self._compute(plan, commands, docs.get(plan.job_id), now_ns)
-                    conflicted = await self._write(pending)
+                    try:
+                        conflicted = await self._write(pending)
+                    except BaseException:
+                        self._doubt(pending)  # the write may have landed: settled later
+                        raise
                     for plan in pending:
                         if plan not in conflicted:
                             for index, outcome in plan.results.items():
@@ -598,6 +619,53 @@ class MongoStore:
 
     def _lock_key(self, job_id: str) -> str:
         return f"{self.database.name}\x00{job_id}"
+
+    def _doubt(self, plans: Sequence[_Plan]) -> None:
+        for plan in plans:
+            if plan.write is not None:
+                applied = [o for _, o in sorted(plan.results.items()) if isinstance(o, Applied)]
+                self._add_doubt(plan.job_id, plan.token, applied)
+
+    def _add_doubt(self, job_id: str, token: int, applied: list[Applied]) -> None:
+        if not applied:
+            return
+        self._in_doubt.setdefault(job_id, []).append(_Doubt(token, applied))
+        if sum(len(d) for d in self._in_doubt.values()) > MAX_IN_DOUBT:
+            oldest = min(self._in_doubt, key=lambda j: self._in_doubt[j][0].since)
+            del self._in_doubt[oldest]
+
+    async def settle_in_doubt(self) -> list[Applied]:
+        """The events of in-doubt writes that did land, in the firehose log now, for
+        the caller to publish. A write that did not land is forgotten once the job's
+        sequence has passed it (it can no longer match); one never settled, after
+        IN_DOUBT_SECONDS."""
+        if not self._in_doubt:
+            return []
+        job_ids = sorted(self._in_doubt)
+        landed: list[Change | DomainError | None] = []
+        async with _LOCKS.hold(self._lock_key(job_id) for job_id in job_ids):
+            with _guard("settle_in_doubt"):
+                projection = {"seq": 1, "ring": 1}
+                cursor = self.jobs.find({"_id": {"$in": job_ids}}, projection)
+                docs = {str(doc["_id"]): doc async for doc in cursor}
+            now = time.monotonic()
+            for job_id in job_ids:
+                doc = docs.get(job_id) or {}
+                seq = int(doc.get("seq", 0))
+                ring = doc.get("ring") or {}
+                open_: list[_Doubt] = []
+                for doubt in self._in_doubt.pop(job_id, []):
+                    first = doubt.applied[0].event.sequence
+                    last = doubt.applied[-1].event.sequence
+                    entry = ring.get(codec.ring_slot(last, self.policy.retention)) or {}
+                    if entry.get("s") == last and entry.get("w") == doubt.token:
+                        landed.extend(doubt.applied)
+                    elif seq < first and now - doubt.since < IN_DOUBT_SECONDS:
+                        open_.append(doubt)  # may still land
+                if open_:
+                    self._in_doubt[job_id] = open_
+            await self._log(landed)
+        return [o for o in landed if isinstance(o, Applied)]
 
     async def _load(self, job_ids: list[str]) -> dict[str, dict[str, Any]]:
         if len(job_ids) == 1:
@@ -805,12 +873,17 @@ class MongoStore:
             return None
         ring, relaid = codec.ring_for(doc, retention)
         slot = codec.ring_slot(outcome.event.sequence, retention)
-        ring[slot] = codec.ring_entry(outcome.event, random.getrandbits(62) + 1)
-        async with self._writing():
-            result = await self.jobs.update_one(
-                {"_id": doc["_id"], "seq": doc["seq"], "state": _QUEUED},
-                _update(outcome.record.job, {slot: ring[slot]}, ring if relaid else None),
-            )
+        token = random.getrandbits(62) + 1
+        ring[slot] = codec.ring_entry(outcome.event, token)
+        try:
+            async with self._writing():
+                result = await self.jobs.update_one(
+                    {"_id": doc["_id"], "seq": doc["seq"], "state": _QUEUED},
+                    _update(outcome.record.job, {slot: ring[slot]}, ring if relaid else None),
+                )
+        except BaseException:
+            self._add_doubt(str(doc["_id"]), token, [outcome])
+            raise
         if not result.matched_count:
             return None
         claimed = JobRecord(
