@@ -30,19 +30,38 @@ def replayable(source: Source) -> bool:
     return isinstance(source, str | os.PathLike | bytes)
 
 
+def _sized(
+    header: job_service_pb2.ArtifactHeader, size: int | None
+) -> job_service_pb2.UploadArtifactRequest:
+    """The header message, declaring `size` when known: the service then refuses an
+    upload cut off by a cancel or a dropped connection instead of storing its part."""
+    sized = job_service_pb2.ArtifactHeader()
+    sized.CopyFrom(header)
+    if size is not None:
+        sized.size = size
+    return job_service_pb2.UploadArtifactRequest(header=sized)
+
+
 async def upload_messages(
-    header: job_service_pb2.ArtifactHeader, source: Source, chunk: int = CHUNK
+    header: job_service_pb2.ArtifactHeader,
+    source: Source,
+    chunk: int = CHUNK,
+    size: int | None = None,
 ) -> AsyncIterator[job_service_pb2.UploadArtifactRequest]:
-    yield job_service_pb2.UploadArtifactRequest(header=header)
     if isinstance(source, bytes):
+        yield _sized(header, len(source))
         view = memoryview(source)
         for start in range(0, len(view), chunk):
             yield job_service_pb2.UploadArtifactRequest(data=bytes(view[start : start + chunk]))
     elif isinstance(source, str | os.PathLike):
         with open(source, "rb") as f:  # noqa: ASYNC230 - reads go to a thread below
+            # The size when opened: a file that grows or shrinks while it is read is
+            # refused by the service, not stored half-changed.
+            yield _sized(header, os.fstat(f.fileno()).st_size)
             while data := await asyncio.to_thread(f.read, chunk):
                 yield job_service_pb2.UploadArtifactRequest(data=data)
     else:
+        yield _sized(header, size)
         async for data in source:
             for start in range(0, len(data), chunk):  # keep every message under the limit
                 yield job_service_pb2.UploadArtifactRequest(data=data[start : start + chunk])
@@ -54,6 +73,7 @@ async def upload(
     source: Source,
     chunk: int,
     timeout: float | None,
+    size: int | None = None,
 ) -> artifact_pb2.Artifact:
     """One UploadArtifact call; an error reading `source` is raised as itself, and the
     stored artifact of that name (if any) is left as it was.
@@ -67,11 +87,15 @@ async def upload(
     failed: list[Exception] = []
 
     async def messages() -> AsyncIterator[job_service_pb2.UploadArtifactRequest]:
+        sent = False
         try:
-            async for message in upload_messages(header, source, chunk):
+            async for message in upload_messages(header, source, chunk, size):
                 yield message
+                sent = True
         except Exception as exc:
             failed.append(exc)
+            if not sent:  # the source failed before the header (a file that won't open)
+                yield job_service_pb2.UploadArtifactRequest(header=header)
             yield job_service_pb2.UploadArtifactRequest(header=header)  # refused: aborts
 
     try:

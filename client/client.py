@@ -414,10 +414,18 @@ class Client:
         callback_token: str = "",
         chunk_size: int = CHUNK,
         timeout: float | None = 300.0,
+        size: int | None = None,
     ) -> artifact_pb2.Artifact:
         """Stores `source` (a path, bytes or an async iterator of chunks) as the job's
         artifact `name`, replacing one of that name. Retried when the source can be
-        read again (a path or bytes), since a repeat replaces the same artifact."""
+        read again (a path or bytes), since a repeat replaces the same artifact.
+
+        The upload declares its size (that of the bytes or of the file when opened;
+        `size` for an iterator, when known), so an upload cut off by a cancel or a lost
+        connection is refused by the service and never replaces the stored artifact.
+        An iterator of unknown size has no such guard."""
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise ValueError(f"size must be a byte count (0 or more), got {size!r}")
         if isinstance(chunk_size, bool) or not 0 < chunk_size <= MAX_CHUNK:
             # A negative size sent no data at all: an empty artifact replaced the stored one.
             raise ValueError(
@@ -429,7 +437,7 @@ class Client:
         )
 
         async def attempt(left: float | None) -> artifact_pb2.Artifact:
-            return await upload(self._stub.UploadArtifact, header, source, chunk_size, left)
+            return await upload(self._stub.UploadArtifact, header, source, chunk_size, left, size)
 
         policy = self.retry if replayable(source) else None
         try:

@@ -349,20 +349,26 @@ async def final(
     if job.state not in TERMINAL:
         store = Uploader(request, job_id, token)
         if text is not None:
+            size = utf8_size(text)
             chunks = text_chunks(text)
             del text  # the generator holds the only reference; slices are freed as sent
-            result.artifacts.append(await store.upload(TEXT_ARTIFACT, "text/markdown", chunks))
+            result.artifacts.append(
+                await store.upload(TEXT_ARTIFACT, "text/markdown", chunks, size)
+            )
         if archive is not None:
             name = payload.get("images_archive_filename") or IMAGES_ARTIFACT
             if name in (TEXT_ARTIFACT, METADATA_ARTIFACT):
                 name = IMAGES_ARTIFACT  # it would replace the text or the metadata
+            size = base64_size(archive)
             chunks = base64_chunks(archive)
             del archive
-            result.artifacts.append(await store.upload(name, "application/zip", chunks))
+            result.artifacts.append(await store.upload(name, "application/zip", chunks, size))
         if metadata is not None:
             raw = orjson.dumps(metadata)
             result.artifacts.append(
-                await store.upload(METADATA_ARTIFACT, "application/json", bytes_chunks(raw))
+                await store.upload(
+                    METADATA_ARTIFACT, "application/json", bytes_chunks(raw), len(raw)
+                )
             )
             if len(raw) <= SMALL_METADATA:
                 result.metadata.update(metadata)
@@ -381,6 +387,22 @@ async def base64_chunks(value: Base64) -> AsyncIterator[bytes]:
         yield base64.b64decode(value[start : start + B64_SLICE])
 
 
+def utf8_size(text: str) -> int:
+    """The UTF-8 length of `text`, encoded slice by slice (no second whole copy)."""
+    if text.isascii():
+        return len(text)
+    return sum(
+        len(text[start : start + TEXT_SLICE].encode("utf-8"))
+        for start in range(0, len(text), TEXT_SLICE)
+    )
+
+
+def base64_size(value: Base64) -> int:
+    """The decoded length of `value`, strict base64 as `clean_base64` returns it."""
+    tail = bytes(value[-2:], "ascii") if isinstance(value, str) else bytes(value[-2:])
+    return len(value) // 4 * 3 - tail.count(b"=")
+
+
 async def bytes_chunks(raw: bytes) -> AsyncIterator[bytes]:
     for start in range(0, len(raw), CHUNK):
         yield raw[start : start + CHUNK]
@@ -397,10 +419,16 @@ class Uploader:
         self.token = token
 
     async def upload(
-        self, name: str, content_type: str, chunks: AsyncIterator[bytes]
+        self, name: str, content_type: str, chunks: AsyncIterator[bytes], size: int
     ) -> job_pb2.ArtifactRef:
+        # The size declared: if this upload is cut off (the bridge stopping, its
+        # request cancelled), the service refuses it rather than store the part.
         header = svc.ArtifactHeader(
-            job_id=self.job_id, name=name, content_type=content_type, callback_token=self.token
+            job_id=self.job_id,
+            name=name,
+            content_type=content_type,
+            callback_token=self.token,
+            size=size,
         )
 
         async def messages() -> AsyncIterator[svc.UploadArtifactRequest]:

@@ -226,15 +226,38 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                 Code.INVALID_ARGUMENT, "the first UploadArtifactRequest must carry the header"
             )
 
+        header = first.header
+        declared = header.size if header.HasField("size") else None
+        if declared is not None and declared < 0:
+            raise DomainError(
+                Code.INVALID_ARGUMENT, f"header.size must not be negative: {declared}"
+            )
+
         async def chunks() -> AsyncIterator[bytes]:
+            received = 0
             async for part in request_iterator:
                 if part.WhichOneof("part") != "data":
                     raise DomainError(
                         Code.INVALID_ARGUMENT, "only the first message may carry a header"
                     )
+                received += len(part.data)
+                if declared is not None and received > declared:
+                    raise DomainError(
+                        Code.INVALID_ARGUMENT,
+                        f"the upload carried more than the {declared} bytes its header declared",
+                    )
                 yield part.data
+            # grpc.aio ends the request stream the same way when the client cancels or
+            # the connection drops: only the declared size tells a cut-off upload from
+            # a finished one. Raising here, before the store commits, stores nothing.
+            if declared is not None and received != declared:
+                raise DomainError(
+                    Code.INVALID_ARGUMENT,
+                    f"the upload ended after {received} of the {declared} bytes its header"
+                    " declared (cancelled or cut off); nothing was stored",
+                )
 
-        return await self._jobs.upload_artifact(first.header, chunks())
+        return await self._jobs.upload_artifact(header, chunks())
 
     @streaming
     async def ReadArtifact(

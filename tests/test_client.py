@@ -33,7 +33,7 @@ from jobwire.client import (
     Unavailable,
 )
 from jobwire.client.retry import Backoff
-from jobwire.v1 import event_pb2, job_pb2, job_service_pb2, log_pb2
+from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, job_service_pb2, log_pb2
 from service.store.embedded import EmbeddedStore
 from service.store.port import Store
 from tests.conftest import ServiceHandle, make_policy, open_test_store, start_service
@@ -235,6 +235,66 @@ async def test_an_upload_whose_source_fails_raises_the_sources_error(
         assert [a.name for a in await c.list_artifacts("up")] == ["a.bin"]
         stored = [chunk async for chunk in c.read_artifact("up", "a.bin")]
         assert b"".join(stored) == b"the stored version"  # never replaced by a part
+
+
+async def test_a_cancelled_upload_never_replaces_the_stored_artifact(
+    service: ServiceHandle,
+) -> None:
+    """Before: grpc.aio ends a request stream the same way when the client cancels, so
+    the service stored the part it had got in place of the artifact (MongoDB: 16 of 20
+    trials). The upload now declares its size and the service refuses one cut short."""
+    async with client(service.target) as c:
+        await c.create_job("GENERIC", job_id="cut")
+        await c.upload_artifact("cut", "a.bin", b"the stored version")
+        for _ in range(10):
+            handed_over = asyncio.Event()
+
+            async def stalls(handed_over: asyncio.Event) -> AsyncIterator[bytes]:
+                yield b"first part of the new one"
+                handed_over.set()  # grpc asked for the next message: the part is sent
+                await asyncio.Event().wait()
+                yield b"never"
+
+            source = stalls(handed_over)
+            task = asyncio.create_task(c.upload_artifact("cut", "a.bin", source, size=1000))
+            await asyncio.wait_for(handed_over.wait(), WAIT)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        stored = [chunk async for chunk in c.read_artifact("cut", "a.bin")]
+        assert b"".join(stored) == b"the stored version"
+        with pytest.raises(ValueError, match="size must be a byte count"):
+            await c.upload_artifact("cut", "a.bin", b"x", size=-1)
+
+
+async def test_the_service_refuses_an_upload_that_misses_its_declared_size(
+    service: ServiceHandle,
+) -> None:
+    stub = service.stub
+    await stub.CreateJob(
+        job_service_pb2.CreateJobRequest(
+            job=job_pb2.Job(kind=job_pb2.JOB_KIND_GENERIC), job_id="sz"
+        )
+    )
+
+    async def put(size: int, *parts: bytes) -> artifact_pb2.Artifact:
+        header = job_service_pb2.ArtifactHeader(job_id="sz", name="a.bin", size=size)
+        messages = [job_service_pb2.UploadArtifactRequest(header=header)]
+        messages += [job_service_pb2.UploadArtifactRequest(data=p) for p in parts]
+        return await stub.UploadArtifact(iter(messages))
+
+    assert (await put(6, b"kept", b"!!")).size_bytes == 6
+    for size, parts, says in (
+        (10, [b"short"], "ended after 5 of the 10 bytes"),
+        (3, [b"ab", b"cd"], "more than the 3 bytes"),
+        (-1, [b"x"], "header.size must not be negative"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await put(size, *parts)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert says in (err.value.details() or "")
+    read = stub.ReadArtifact(job_service_pb2.ReadArtifactRequest(job_id="sz", name="a.bin"))
+    assert b"".join([m.data async for m in read]) == b"kept!!"
 
 
 async def test_50_mib_artifact_in_bounded_memory(tmp_path: Path) -> None:

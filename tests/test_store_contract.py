@@ -249,4 +249,5 @@ async def test_a_second_start_of_a_started_store_is_harmless(store: Store) -> No
     it again: that must not refuse the store's own data directory lock."""
     await store.start()
     await _new(store, "twice")
-    assert (await store.get("twice")).job.id == "twice"
+    got = await store.get("twice")
+    assert got is not None and got.job.id == "twice"

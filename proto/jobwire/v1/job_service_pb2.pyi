@@ -586,6 +586,7 @@ class ArtifactHeader(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     CALLBACK_TOKEN_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job the artifact belongs to; it must exist."""
     name: _builtins.str
@@ -594,6 +595,13 @@ class ArtifactHeader(_message.Message):
     """MIME type; default "application/octet-stream"."""
     callback_token: _builtins.str
     """When set, must match the job's callback token."""
+    size: _builtins.int
+    """When set, the number of bytes the upload carries. A stream that ends short
+    of it (a cancelled or cut-off upload, which the service cannot otherwise
+    tell from a finished one) or runs past it is refused, and nothing is
+    stored: an artifact of that name stays as it was. jobwire.client and the
+    HTTP bridge always set it when they know the size.
+    """
     def __init__(
         self,
         *,
@@ -601,12 +609,15 @@ class ArtifactHeader(_message.Message):
         name: _builtins.str = ...,
         content_type: _builtins.str = ...,
         callback_token: _builtins.str = ...,
+        size: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_size", b"_size", "size", b"size"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback_token", b"callback_token", "content_type", b"content_type", "job_id", b"job_id", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_size", b"_size", "callback_token", b"callback_token", "content_type", b"content_type", "job_id", b"job_id", "name", b"name", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__size: _TypeAlias = _typing.Literal["size"]  # noqa: Y015
+    _WhichOneofArgType__size: _TypeAlias = _typing.Literal["_size", b"_size"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__size) -> _WhichOneofReturnType__size | None: ...
 
 Global___ArtifactHeader: _TypeAlias = ArtifactHeader  # noqa: Y015
 
