@@ -11,6 +11,7 @@ when the target address differs) and JOBWIRE_GRPC_TOKEN (`authorization: Bearer`
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,21 @@ class TLS:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
+_VISIBLE = re.compile(r"[\x21-\x7e]*")
+
+
+def check_token(token: str | None) -> str | None:
+    """`token`, refused by name (never echoed) unless visible ASCII: grpc fails every
+    call that carries such a header with a bare ExecuteBatchError, and the usual cause
+    is a token read from a file with its line break."""
+    if token is not None and not _VISIBLE.fullmatch(token):
+        raise ClientConfigError(
+            "the gRPC token (token=, JOBWIRE_GRPC_TOKEN) must be visible ASCII with no"
+            " spaces or line breaks (a trailing newline from a file?)"
+        )
+    return token
+
+
 def token_from_env(env: Mapping[str, str] | None = None) -> str | None:
     env = os.environ if env is None else env
     return env.get("JOBWIRE_GRPC_TOKEN", "") or None
@@ -107,7 +123,7 @@ def open_channel(
     # One entry per key, the last given winning: gRPC keeps the first of two equal
     # keys, so `options` could not override a default (a keepalive, a message limit).
     opts = list(dict([*DEFAULT_OPTIONS, *options, *(tls.options() if tls else [])]).items())
-    auth = ("authorization", f"Bearer {token}") if token else None
+    auth = ("authorization", f"Bearer {check_token(token)}") if token else None
     interceptors = [*interceptors, *metadata_interceptors(auth, request_id)]
     if tls is None:
         return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)

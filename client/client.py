@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -31,7 +30,7 @@ from jobwire.v1 import (
 )
 
 from .artifacts import CHUNK, MAX_CHUNK, ArtifactStream, Source, replayable, upload
-from .channel import TLS, open_channel, token_from_env
+from .channel import TLS, check_token, open_channel, token_from_env
 from .errors import ClientConfigError
 from .retry import Backoff, RetryPolicy, call_with_retry, positive_seconds, say_if_closed
 from .watch import JobsWatch, JobWatch, OnRetry
@@ -47,7 +46,6 @@ Seconds: TypeAlias = float | timedelta
 R = TypeVar("R")
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-_BEARER = re.compile(r"[\x21-\x7e]*")
 DEFAULT_RETRY = RetryPolicy()
 WATCH_BACKOFF = Backoff(initial=0.2, maximum=5.0)
 
@@ -79,13 +77,7 @@ class Client:
     ) -> None:
         self.target = check_target(target)
         self.timeout = positive_seconds("Client timeout", timeout)
-        if token is not None and not _BEARER.fullmatch(token):
-            # grpc refuses such a header on every call with a bare ExecuteBatchError; the
-            # usual cause is a token read from a file with its line break. Never echoed.
-            raise ClientConfigError(
-                "the gRPC token (token=, JOBWIRE_GRPC_TOKEN) must be visible ASCII with no"
-                " spaces or line breaks (a trailing newline from a file?)"
-            )
+        check_token(token)  # at construction, not at the first call
         self.retry = retry
         self.watch_backoff = watch_backoff
         tls_settings = TLS() if tls is True else (tls or None)

@@ -28,14 +28,17 @@ def service_channel(
 ) -> grpc.aio.Channel:
     """A grpc.aio channel to the service: TLS, token and request id as configured."""
     env = os.environ if env is None else env
-    return open_channel(
-        target,
-        tls=tls_from_env(env),
-        token=token_from_env(env),
-        options=options,
-        request_id=REQUEST_ID.get,
-        interceptors=tracing.client_interceptors(),  # none unless tracing is on
-    )
+    try:
+        return open_channel(
+            target,
+            tls=tls_from_env(env),
+            token=token_from_env(env),
+            options=options,
+            request_id=REQUEST_ID.get,
+            interceptors=tracing.client_interceptors(),  # none unless tracing is on
+        )
+    except ClientConfigError as err:  # a token no header can carry: stop, naming it
+        raise SystemExit(str(err)) from None
 
 
 def sync_channel(target: str, env: Mapping[str, str] | None = None) -> grpc.Channel:

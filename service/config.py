@@ -36,6 +36,18 @@ def _public_url(name: str) -> str:
     return raw.rstrip("/")
 
 
+def _token(name: str) -> str:
+    """A secret clients send as `authorization: Bearer`: visible ASCII, or no client
+    could ever match it (a trailing newline from a secret file). Never echoed."""
+    raw = os.environ.get(name, "")
+    if raw and not (raw.isascii() and raw.isprintable() and " " not in raw):
+        raise SystemExit(
+            f"{name} must be visible ASCII with no spaces or line breaks"
+            " (a trailing newline from a file?); its value is not shown"
+        )
+    return raw
+
+
 def _int(name: str, default: int, minimum: int = 1) -> int:
     value = _float(name, default, minimum=float("-inf"))
     if value != int(value) or value < minimum:
@@ -159,7 +171,7 @@ class Settings:
             grpc_tls_cert=os.environ.get("JOBWIRE_GRPC_TLS_CERT", ""),
             grpc_tls_key=os.environ.get("JOBWIRE_GRPC_TLS_KEY", ""),
             grpc_tls_client_ca=os.environ.get("JOBWIRE_GRPC_TLS_CLIENT_CA", ""),
-            grpc_token=os.environ.get("JOBWIRE_GRPC_TOKEN", ""),
+            grpc_token=_token("JOBWIRE_GRPC_TOKEN"),
         )
 
     def policy(self) -> Policy:

@@ -144,3 +144,35 @@ async def test_an_address_in_use_is_named(tmp_path: Path, command: str, var: str
     assert proc.returncode == 1, (out, err)
     assert f"cannot listen on {var}={addr}".encode() in err
     assert b"Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["serve", "bridge", "dashboard"])
+async def test_a_grpc_token_no_header_can_carry_is_named_not_shown(
+    tmp_path: Path, command: str
+) -> None:
+    """Before: the service took it (no client could ever match), and the bridge and the
+    dashboard started and then failed every call with grpc's bare ExecuteBatchError."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cli",
+        command,
+        env={
+            **os.environ,
+            "JOBWIRE_ENV_FILE": str(tmp_path / "none.env"),
+            "JOBWIRE_DATA_DIR": str(tmp_path / "data"),
+            "JOBWIRE_GRPC_ADDR": "127.0.0.1:0",
+            "JOBWIRE_HTTP_ADDR": "127.0.0.1:0",
+            "JOBWIRE_DASHBOARD_ADDR": "127.0.0.1:0",
+            "JOBWIRE_METRICS_ADDR": "",
+            "JOBWIRE_DASHBOARD_TOKEN": "a-token-for-this-test",
+            "JOBWIRE_GRPC_TOKEN": "s3cr3t-from-a-file\n",
+        },
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1, (out, err)
+    assert b"JOBWIRE_GRPC_TOKEN" in err and b"line breaks" in err, err
+    assert b"s3cr3t" not in out + err
+    assert b"Traceback" not in err
