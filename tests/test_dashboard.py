@@ -1099,3 +1099,33 @@ async def test_a_stream_gone_silent_is_noticed_and_reopened(
             assert await page.inner_text("#job .pct") == "60%"
         states = await page.evaluate("window.__states")
         assert "reconnecting" in states and states[-1] == "live", states
+
+
+@pytest.mark.parametrize("which", ["jobs", "job"])
+async def test_an_ended_session_says_log_in_again(
+    which: str, context: Any, svc: ServiceHandle
+) -> None:
+    """The session ends under an open page (the token changed and the dashboard restarted;
+    or 12 hours passed): its stream's reconnects get 401, and the page said
+    "reconnecting…" forever. It now says the session ended, with a link to log in that
+    comes back to the same page."""
+    job_id = uid(f"session-{which}")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    async with running_dashboard(svc.target) as dash:
+        page = await login(context, dash.url)
+        path = "/jobs" if which == "jobs" else f"/jobs/{job_id}"
+        await page.goto(dash.url + path)
+        await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+        await dash.stop()
+        dash.extra_env["JOBWIRE_DASHBOARD_TOKEN"] = "another-token-0123456789abcdef"
+        await dash.start()
+        await page.wait_for_selector("#live[data-state=logged-out]", timeout=WAIT_MS * 2)
+        link = page.locator("#live a")
+        assert "log in" in (await link.inner_text()).lower()
+        async with page.expect_navigation():
+            await link.click()
+        await page.fill("input[name=token]", "another-token-0123456789abcdef")
+        async with page.expect_navigation():
+            await page.click("button[type=submit]")
+        assert page.url == dash.url + path
+        await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)

@@ -93,6 +93,25 @@ function progressCell(cell, change) {
   else phase.removeAttribute("title");
 }
 
+// Asks the stream's URL for its headers only: 401 means the session is over.
+async function sessionEnded(url) {
+  try {
+    const reply = await fetch(url, { method: "HEAD", credentials: "same-origin" });
+    return reply.status === 401;
+  } catch {
+    return false; // the dashboard is away: keep trying
+  }
+}
+
+function loggedOut() {
+  const node = $("#live");
+  if (!node) return;
+  node.dataset.state = "logged-out";
+  const link = el("a", "", "session ended: log in again");
+  link.href = `/login?next=${encodeURIComponent(location.pathname + location.search)}`;
+  node.replaceChildren(link);
+}
+
 // The server sends something at least every heartbeat; hearing nothing for this long
 // means the connection went silent (a dead NAT entry, a hung proxy), which EventSource
 // never notices on its own.
@@ -152,8 +171,16 @@ function stream(url, handlers, onReopen) {
       setLive("reconnecting", "reconnecting…");
       if (source.readyState === EventSource.CLOSED) {
         clearTimeout(watchdog); // the reopen below re-arms it
-        setTimeout(reopen, delay);
+        const wait = delay;
         delay = Math.min(delay * 2, 5000);
+        // A 401 (the session ended) would be retried forever as "reconnecting…".
+        sessionEnded(opened).then((over) => {
+          if (!over) setTimeout(reopen, wait);
+          else {
+            ended = true;
+            loggedOut();
+          }
+        });
       }
     };
   };
