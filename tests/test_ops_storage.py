@@ -372,3 +372,59 @@ async def test_jobwire_run_says_when_it_cannot_write_its_env_file(tmp_path: Path
     assert f"cannot write random secrets for the HTTP bridge to {env_file}" in last, err
     assert "No such file or directory" in last and "in the environment" in last, err
     assert not (tmp_path / "data").exists()  # the service was not started
+
+
+async def test_mongodb_out_of_space_is_unavailable_and_heals(tmp_path: Path) -> None:
+    """The MongoDB server's disk full (FerretDB's files may not grow: RLIMIT_FSIZE on its
+    process): writes fail with a server error (FerretDB: InternalError "disk I/O
+    error"), which an artifact upload or a log line answered UNKNOWN, "Unexpected
+    <class 'pymongo.errors.OperationFailure'>" (the bridge: 500). They are UNAVAILABLE
+    now, like a commit, and succeed again once the server can write."""
+    if os.environ.get("MONGODB_URI"):
+        pytest.skip("needs a FerretDB whose files this test limits; MONGODB_URI is external")
+    from tests.mongo_server import FerretDBProcess, require_ferretdb
+
+    server = FerretDBProcess(require_ferretdb(), base_dir=tmp_path / "ferretdb")
+    await asyncio.to_thread(server.start)
+    unlimited = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handle = await start_service(
+        MongoStore(server.uri, policy=make_policy(), database="full", timeout_ms=5000)
+    )
+    created = await create(handle.stub, job_pb2.JOB_KIND_EXTRACTION, "full")
+
+    async def upload() -> object:
+        async def parts() -> AsyncIterator[job_service_pb2.UploadArtifactRequest]:
+            header = job_service_pb2.ArtifactHeader(
+                job_id="full", name="a.zip", callback_token=created.callback_token
+            )
+            yield job_service_pb2.UploadArtifactRequest(header=header)
+            yield job_service_pb2.UploadArtifactRequest(data=os.urandom(1 << 20))
+
+        return await handle.stub.UploadArtifact(parts(), timeout=3 * WAIT)
+
+    def log_line(n: int) -> job_service_pb2.WriteLogRequest:
+        entry = log_pb2.LogEntry(job_id="full", level=log_pb2.LOG_LEVEL_INFO, message=f"m{n}")
+        return job_service_pb2.WriteLogRequest(entry=entry)
+
+    try:
+        sizes = [p.stat().st_size for p in server.data_dir.rglob("*") if p.is_file()]
+        assert server._proc is not None
+        resource.prlimit(server._proc.pid, resource.RLIMIT_FSIZE, (max(sizes), unlimited[1]))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await upload()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+        assert "MongoDB" in (err.value.details() or "")
+        codes = set()
+        for n in range(50):
+            try:
+                await handle.stub.WriteLog(log_line(n), timeout=3 * WAIT)
+            except grpc.aio.AioRpcError as e:
+                codes.add(e.code())
+        assert codes == {grpc.StatusCode.UNAVAILABLE}, codes
+
+        resource.prlimit(server._proc.pid, resource.RLIMIT_FSIZE, unlimited)  # space freed
+        await handle.stub.WriteLog(log_line(99), timeout=3 * WAIT)
+        assert (await upload()).size_bytes == 1 << 20  # type: ignore[attr-defined]
+    finally:
+        await handle.close()
+        await asyncio.to_thread(server.cleanup)

@@ -85,6 +85,7 @@ IN_DOUBT_SECONDS = 600.0
 _UNAVAILABLE = (ConnectionFailure, ExecutionTimeout, WTimeoutError)
 _AUTH_CODES = (18, 13)  # AuthenticationFailed, Unauthorized
 _CURSOR_NOT_FOUND = 43
+_SERVER_CANNOT_WRITE = (1, 14031)  # InternalError, OutOfDiskSpace
 _QUEUED = job_pb2.JOB_STATE_QUEUED
 _RUNNING = job_pb2.JOB_STATE_RUNNING
 _BUCKET = "artifacts"
@@ -112,6 +113,13 @@ def _guard(what: str) -> Iterator[None]:
             ) from exc
         if exc.code == _CURSOR_NOT_FOUND:
             raise StorageUnavailable(f"MongoDB unavailable ({what}): {_describe(exc)}") from exc
+        if exc.code in _SERVER_CANNOT_WRITE or exc.has_error_label("RetryableWriteError"):
+            # Its disk full (MongoDB: OutOfDiskSpace; FerretDB: InternalError, "disk I/O
+            # error"), or a write it says to retry: retryable, not the caller's mistake.
+            raise StorageUnavailable(
+                f"MongoDB cannot write now ({what}):"
+                f" {(exc.details or {}).get('codeName') or exc.code}: {_errmsg(exc)}"
+            ) from exc
         if exc.timeout:
             raise StorageUnavailable(f"MongoDB timed out ({what}): {_describe(exc)}") from exc
         raise
