@@ -264,6 +264,7 @@ class Jobs:
         """Expired leases every `interval` seconds; progress deadlines every
         `stall_sweep_seconds` (one query of the jobs each time)."""
         stalls_at = 0.0
+        failing: set[str] = set()  # logged once per outage, not once per tick
         while True:
             sweeps = [("lease", self.expire_leases), ("in-doubt", self._settle_in_doubt)]
             if time.monotonic() >= stalls_at:
@@ -273,9 +274,17 @@ class Jobs:
                 try:
                     await sweep()
                 except DomainError as err:
-                    log.warning("%s sweep failed: %s", name, err.message)
+                    if name not in failing:
+                        log.warning("%s sweep failed, retrying: %s", name, err.message)
+                    failing.add(name)
                 except Exception:  # a store error it does not classify must not end the sweeps
-                    log.exception("%s sweep failed", name)
+                    if name not in failing:
+                        log.exception("%s sweep failed, retrying", name)
+                    failing.add(name)
+                else:
+                    if name in failing:
+                        failing.discard(name)
+                        log.info("%s sweep resumed", name)
             await asyncio.sleep(interval)
 
     # -- logs --------------------------------------------------------------
