@@ -62,8 +62,9 @@ STORAGE_ERRORS = Counter(
     "Storage operations that failed (unavailable or timed out)",
     ["operation"],
 )
-# Exported at 0 from the start: Prometheus' increase() cannot see the first error of a
-# series that is born with it, so JobwireStorageUnavailable would miss a short outage.
+# Exported at 0 from the start: Prometheus' increase() cannot see the first errors of a
+# series born with them, so JobwireStorageUnavailable missed a burst that then stopped
+# (tests/test_observability.py runs the rule on both shapes).
 for _operation in ("rpc", "feed_append", "feed_tail", "queue_depth"):
     STORAGE_ERRORS.labels(_operation)
 QUEUE_DEPTH = Gauge("jobwire_queue_depth", "QUEUED jobs per kind (whole deployment)", ["kind"])

@@ -318,3 +318,61 @@ async def test_every_metric_and_method_named_is_in_a_live_scrape(tmp_path: Path)
     latency = [e for e in dashboard_exprs() if "jobwire_grpc_request_duration_seconds" in e]
     selectors = [s for e in latency for s in _method_selectors(e)]
     assert any(re.fullmatch(s, "BatchReportEvents") for s in selectors), latency
+
+
+def test_the_storage_alert_fires_on_a_store_outage_as_the_service_exports_it(
+    tmp_path: Path,
+) -> None:
+    """`promtool test rules` on JobwireStorageUnavailable: a burst of 40 failed calls,
+    then nothing. With the series exported at 0 from the start (as the service does
+    now, tests/test_ops_storage.py) the alert fires; with a series born with the burst
+    (as before), increase() has nothing to compare the first sample with: no alert."""
+    description = (
+        "{n} storage errors in 5 minutes. Callbacks get 503 and workers retry; check"
+        " MongoDB (or the embedded store's disk)."
+    )
+    tests = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": 'jobwire_storage_errors_total{operation="rpc", job="now"}',
+                        "values": "0 0 0 40 40 40 40 40",
+                    },
+                    {
+                        "series": 'jobwire_storage_errors_total{operation="rpc", job="before"}',
+                        "values": "_ _ _ 40 40 40 40 40",
+                    },
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "2m", "alertname": "JobwireStorageUnavailable", "exp_alerts": []},
+                    {
+                        "eval_time": "6m",
+                        "alertname": "JobwireStorageUnavailable",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "critical", "job": "now"},
+                                "exp_annotations": {
+                                    "summary": "jobwire cannot reach its store (now)",
+                                    "description": description.format(n=40),
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "storage-alert-test.yaml"
+    path.write_text(yaml.safe_dump(tests), encoding="utf-8")
+    result = subprocess.run(
+        [str(promtool()), "test", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
