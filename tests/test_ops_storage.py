@@ -428,3 +428,22 @@ async def test_mongodb_out_of_space_is_unavailable_and_heals(tmp_path: Path) -> 
     finally:
         await handle.close()
         await asyncio.to_thread(server.cleanup)
+
+
+async def test_uploads_cut_off_by_a_crash_are_cleared_at_start(tmp_path: Path) -> None:
+    """An artifact upload in progress when the service died (SIGKILL, OOM, power) left
+    its partial file in artifacts/.tmp for good: each crash could keep up to an
+    upload's size (256 MiB) of disk. At start nothing can be uploading (the data
+    directory is locked to this store), so what is there is removed."""
+    data = tmp_path / "data"
+    first = EmbeddedStore(data, make_policy())
+    await first.start()
+    await first.close()
+    leftover = data / "artifacts" / ".tmp" / "0123456789abcdef"
+    leftover.write_bytes(b"x" * 4096)
+    store = EmbeddedStore(data, make_policy())
+    await store.start()
+    try:
+        assert not leftover.exists()
+    finally:
+        await store.close()

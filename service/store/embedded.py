@@ -135,7 +135,12 @@ class EmbeddedStore:
             self._dir.mkdir(parents=True, exist_ok=True)
             (self._artifacts / ".tmp").mkdir(parents=True, exist_ok=True)
             self._lock_fd = _lock_data_dir(self._dir)
+            # Uploads a crash cut off: nothing else can be uploading into a locked dir.
+            for partial in (self._artifacts / ".tmp").iterdir():
+                if partial.is_file():
+                    partial.unlink(missing_ok=True)
         except OSError as err:
+            self._unlock()
             raise StorageUnavailable(
                 f"embedded store: cannot use the data directory {self._dir}: {err}"
             ) from err
