@@ -145,6 +145,7 @@ async def jobs_page(request: web.Request) -> web.StreamResponse:
         next_url = "/jobs?" + urlencode([*pairs, ("page_token", reply.next_page_token)])
     context = {
         "jobs": [present.job_row(j) for j in reply.jobs],
+        "terminal": present.TERMINAL,
         "filters": filters,
         "kinds": present.KINDS,
         "states": present.STATES,

@@ -1129,3 +1129,44 @@ async def test_an_ended_session_says_log_in_again(
             await page.click("button[type=submit]")
         assert page.url == dash.url + path
         await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+
+
+async def test_duration_of_an_unfinished_job_keeps_counting(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """A job's duration ran from its creation to its last event, so a job queued for an
+    hour read "0.0 s" and a silent running one stood still. An unfinished job's duration
+    now counts from its creation, on both pages, while the page is open; a finished
+    one's is fixed (creation to end)."""
+    stub = svc.stub
+    queued, running, done = uid("dur-q"), uid("dur-r"), uid("dur-d")
+    for job_id in (queued, running, done):
+        await new_job(stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    await progress(stub, running, 5, "p", "m")
+    await stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=done, idempotency_key="end", completed=job_pb2.Result(output_key="o")
+        )
+    )
+    page = await login(context, dash.url)
+    cell = '#jobs tr[data-job="{}"] .duration'
+    grows = "([sel, seconds]) => parseFloat(document.querySelector(sel).textContent) >= seconds"
+    for job_id in (queued, running):
+        await page.wait_for_function(grows, arg=[cell.format(job_id), 1.5], timeout=WAIT_MS)
+    fixed = await page.inner_text(cell.format(done))
+    assert fixed.endswith(" s") and float(fixed.split()[0]) < 1.5, fixed
+    # A running job's later event and its end keep and then fix the count.
+    await progress(stub, running, 50, "p", "m")
+    await page.wait_for_function(ROW_IS, arg=[running, 50, "RUNNING"], timeout=WAIT_MS)
+    assert float((await page.inner_text(cell.format(running))).split()[0]) >= 1.5
+    await stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=running, idempotency_key="end", completed=job_pb2.Result(output_key="o")
+        )
+    )
+    await page.wait_for_function(ROW_IS, arg=[running, 100, "SUCCEEDED"], timeout=WAIT_MS)
+    ended = await page.inner_text(cell.format(running))
+    await page.wait_for_timeout(1500)
+    assert await page.inner_text(cell.format(running)) == ended
+    await page.goto(f"{dash.url}/jobs/{queued}")
+    await page.wait_for_function(grows, arg=["#duration", 1.5], timeout=WAIT_MS)

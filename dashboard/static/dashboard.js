@@ -62,6 +62,31 @@ function fmtDuration(seconds) {
   return `${Math.floor(seconds / 3600)}h ${String(Math.floor((seconds % 3600) / 60)).padStart(2, "0")}m`;
 }
 
+const TERMINAL = ["SUCCEEDED", "FAILED", "CANCELLED"];
+
+// An unfinished job's duration: from its creation until now, counted while the page is
+// open (the server's figure ends at the job's last event).
+function tickElapsed() {
+  const now = Date.now();
+  for (const node of document.querySelectorAll(".elapsed")) {
+    const since = Date.parse(node.dataset.since);
+    if (!Number.isNaN(since)) node.textContent = fmtDuration(Math.max(0, (now - since) / 1000));
+  }
+}
+
+// The cell counts from `created`, or shows `seconds` once the job has ended.
+function durationCell(cell, created, seconds, ended) {
+  if (ended) {
+    if (seconds !== null && !Number.isNaN(seconds)) cell.textContent = fmtDuration(seconds);
+    return;
+  }
+  if (!created || $(".elapsed", cell)) return;
+  const node = el("span", "elapsed");
+  node.dataset.since = created;
+  cell.replaceChildren(node);
+  tickElapsed();
+}
+
 function setLive(state, text) {
   const node = $("#live");
   if (!node) return;
@@ -270,11 +295,9 @@ function jobsPage() {
     $(".updated", tr).replaceChildren(timeNode(change.updated));
     const created = Date.parse(tr.dataset.created);
     const updated = Date.parse(change.updated);
-    if (change.duration !== undefined) {
-      $(".duration", tr).textContent = fmtDuration(change.duration);
-    } else if (!Number.isNaN(created) && !Number.isNaN(updated)) {
-      $(".duration", tr).textContent = fmtDuration((updated - created) / 1000);
-    }
+    const ended = TERMINAL.includes(change.state);
+    const seconds = change.duration ?? (updated - created) / 1000;
+    durationCell($(".duration", tr), tr.dataset.created, seconds, ended);
   };
 
   // After a reconnect the shown rows are read again: what changed meanwhile is not lost.
@@ -344,8 +367,13 @@ function jobPage() {
       message.title = message.textContent;
     }
     if (job.updated) $("#updated").replaceChildren(timeNode(job.updated));
-    if (["SUCCEEDED", "FAILED", "CANCELLED"].includes(job.state)) {
+    if (TERMINAL.includes(job.state)) {
       $("#cancel")?.remove();
+      const since = $("#duration .elapsed")?.dataset.since;
+      if (since && job.updated) {
+        const seconds = job.duration ?? (Date.parse(job.updated) - Date.parse(since)) / 1000;
+        durationCell($("#duration"), since, seconds, true);
+      }
     }
   };
 
@@ -415,3 +443,5 @@ function jobPage() {
 
 const pages = { jobs: jobsPage, job: jobPage };
 pages[document.body.dataset.page]?.();
+tickElapsed();
+setInterval(tickElapsed, 1000);
