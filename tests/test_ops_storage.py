@@ -32,8 +32,11 @@ from tests.helpers import (
     free_port,
     progress,
     run_environment,
+    until,
 )
 from tests.tcp_cutter import TcpCutter
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 async def _serve_result(data_dir: Path, mongodb_uri: str = "") -> tuple[int, str]:
@@ -447,3 +450,38 @@ async def test_uploads_cut_off_by_a_crash_are_cleared_at_start(tmp_path: Path) -
         assert not leftover.exists()
     finally:
         await store.close()
+
+
+async def test_an_empty_data_dir_setting_means_the_default(tmp_path: Path) -> None:
+    """JOBWIRE_DATA_DIR="" (an unfilled template value) put the database, its WAL and
+    artifacts/ straight into the working directory (Path("") is "."); empty now means
+    unset, as for the other settings: ./data."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cli",
+        "serve",
+        cwd=tmp_path,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),  # the tree under test, from another directory
+            "JOBWIRE_DATA_DIR": "",
+            "JOBWIRE_GRPC_ADDR": f"127.0.0.1:{free_port()}",
+            "JOBWIRE_METRICS_ADDR": "",
+            "MONGODB_URI": "",
+        },
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await until(
+            lambda: (
+                (tmp_path / "data" / "jobwire.sqlite3").exists()
+                or (tmp_path / "jobwire.sqlite3").exists()
+            ),
+            timeout=3 * WAIT,
+        )
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.communicate(), 3 * WAIT)
+    assert not (tmp_path / "jobwire.sqlite3").exists()
+    assert (tmp_path / "data" / "jobwire.sqlite3").exists()
