@@ -155,6 +155,8 @@ BAD_SETTINGS = [
     ("JOBWIRE_MONGODB_TIMEOUT_MS", "soon", "'soon'"),
     ("JOBWIRE_MONGODB_W", "0", "'0'"),
     ("JOBWIRE_MONGODB_READ_PREFERENCE", "sideways", "'sideways'"),
+    ("JOBWIRE_MONGODB_DB", "jobs/prod", "'jobs/prod'"),
+    ("JOBWIRE_MONGODB_DB", "j" * 64, "longer than 63 bytes"),
 ]
 
 
@@ -166,7 +168,8 @@ def test_a_bad_mongodb_setting_stops_the_service_with_one_line(
     the problem, exit status 1. Was a traceback (pymongo's InvalidURI, the adapter's
     ValueError), and a bad URI option (`tls=yes`, a misspelt `retryWrite`) only a
     warning, the option ignored: `tls=yes` connected in the clear. `w=0` was accepted:
-    writes acknowledged before MongoDB has them. The password is never printed."""
+    writes acknowledged before MongoDB has them; a bad database name was pymongo's
+    InvalidName traceback. The password is never printed."""
     monkeypatch.setenv("MONGODB_URI", "mongodb://127.0.0.1:1/")
     monkeypatch.setenv(var, value)
     with pytest.raises(SystemExit) as stopped:

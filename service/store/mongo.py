@@ -376,7 +376,17 @@ class MongoStore:
             reason = _without_credentials(reason, self._uri)
             raise ValueError(f"MONGODB_URI is not a valid MongoDB URI: {reason}") from None
         # The database named in the URI path wins over the argument.
-        self._db = self._client.get_default_database(default=self._database_name)
+        try:  # (the URI's own was checked with the URI)
+            db = self._client.get_default_database(default=self._database_name)
+        except pymongo.errors.InvalidName as exc:
+            raise ValueError(
+                f"JOBWIRE_MONGODB_DB is not a valid database name, got"
+                f" {self._database_name!r}: {exc}"
+            ) from None
+        if len(db.name.encode()) >= 64:  # MongoDB's limit, otherwise met at the first write
+            source = "JOBWIRE_MONGODB_DB" if db.name == self._database_name else "MONGODB_URI"
+            raise ValueError(f"{source} names a database longer than 63 bytes, got {db.name!r}")
+        self._db = db
 
     # -- lifecycle ---------------------------------------------------------------
 
