@@ -1170,3 +1170,25 @@ async def test_duration_of_an_unfinished_job_keeps_counting(
     assert await page.inner_text(cell.format(running)) == ended
     await page.goto(f"{dash.url}/jobs/{queued}")
     await page.wait_for_function(grows, arg=["#duration", 1.5], timeout=WAIT_MS)
+
+
+async def test_jobs_page_fits_tablet_widths(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """Between the phone layout (up to 760 px) and a laptop the jobs table did not fit:
+    from 761 to 1000 px (a tablet upright, half a laptop screen) the page scrolled
+    sideways and Updated and Duration were cut at the edge. Rows are cards up to the
+    width where the table fits."""
+    job_id = uid("tablet")
+    await new_job(svc.stub, job_pb2.JOB_KIND_TRANSCODE, job_id)
+    await progress(svc.stub, job_id, 42, "encoding", "a message of ordinary length")
+    page = await login(context, dash.url)
+    for width in (768, 820, 900, 1000, 1040, 1100, 1280):
+        await page.set_viewport_size({"width": width, "height": 900})
+        sideways = await page.evaluate(
+            "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert sideways <= 0, (width, sideways)
+        duration = page.locator(f'#jobs tr[data-job="{job_id}"] td.duration')
+        box = await duration.bounding_box()
+        assert box is not None and box["x"] + box["width"] <= width, (width, box)
