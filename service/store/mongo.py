@@ -107,8 +107,9 @@ def _guard(what: str) -> Iterator[None]:
         # Credentials refused (a rotated password, a dropped user) or a cursor lost in a
         # restart: retryable once the operator or the server has fixed it, not a bug.
         if exc.code in _AUTH_CODES:
+            refused = "the credentials" if exc.code == 18 else "this operation to the user"
             raise StorageUnavailable(
-                f"MongoDB refused the credentials of MONGODB_URI ({what}):"
+                f"MongoDB refused {refused} of MONGODB_URI ({what}):"
                 f" {(exc.details or {}).get('codeName') or exc.code}: {_errmsg(exc)}"
             ) from exc
         if exc.code == _CURSOR_NOT_FOUND:
