@@ -81,6 +81,7 @@ CLAIM_MIN_LOSSES = 16
 # Writes of unknown outcome remembered (see MongoStore.settle_in_doubt), and for how long.
 MAX_IN_DOUBT = 10_000
 IN_DOUBT_SECONDS = 600.0
+SETTLE_BATCH = 256  # jobs read back per settle
 
 _UNAVAILABLE = (ConnectionFailure, ExecutionTimeout, WTimeoutError)
 _AUTH_CODES = (18, 13)  # AuthenticationFailed, Unauthorized
@@ -660,11 +661,16 @@ class MongoStore:
         IN_DOUBT_SECONDS."""
         if not self._in_doubt:
             return []
-        job_ids = sorted(self._in_doubt)
+        job_ids = sorted(self._in_doubt)[:SETTLE_BATCH]
+        retention = self.policy.retention
         landed: list[Change | DomainError | None] = []
         async with _LOCKS.hold(self._lock_key(job_id) for job_id in job_ids):
             with _guard("settle_in_doubt"):
-                projection = {"seq": 1, "ring": 1}
+                projection = {"seq": 1}
+                for job_id in job_ids:  # only the slots that tell (a ring is ~13 KB)
+                    for doubt in self._in_doubt.get(job_id, []):
+                        slot = codec.ring_slot(doubt.applied[-1].event.sequence, retention)
+                        projection[f"ring.{slot}"] = 1
                 cursor = self.jobs.find({"_id": {"$in": job_ids}}, projection)
                 docs = {str(doc["_id"]): doc async for doc in cursor}
             now = time.monotonic()
@@ -676,7 +682,7 @@ class MongoStore:
                 for doubt in self._in_doubt.pop(job_id, []):
                     first = doubt.applied[0].event.sequence
                     last = doubt.applied[-1].event.sequence
-                    entry = ring.get(codec.ring_slot(last, self.policy.retention)) or {}
+                    entry = ring.get(codec.ring_slot(last, retention)) or {}
                     if entry.get("s") == last and entry.get("w") == doubt.token:
                         landed.extend(doubt.applied)
                     elif seq < first and now - doubt.since < IN_DOUBT_SECONDS:
