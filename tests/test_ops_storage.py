@@ -452,10 +452,18 @@ async def test_uploads_cut_off_by_a_crash_are_cleared_at_start(tmp_path: Path) -
         await store.close()
 
 
-async def test_an_empty_data_dir_setting_means_the_default(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("setting", "where"), [("", "data"), ("~/jobwire-data", "home/jobwire-data")]
+)
+async def test_the_data_dir_setting_means_what_an_operator_wrote(
+    tmp_path: Path, setting: str, where: str
+) -> None:
     """JOBWIRE_DATA_DIR="" (an unfilled template value) put the database, its WAL and
     artifacts/ straight into the working directory (Path("") is "."); empty now means
-    unset, as for the other settings: ./data."""
+    unset, as for the other settings: ./data. "~/jobwire-data" from an env file (no
+    shell to expand it) made a directory named "~" in the working directory; it is
+    the home directory's now."""
+    (tmp_path / "home").mkdir()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -465,7 +473,8 @@ async def test_an_empty_data_dir_setting_means_the_default(tmp_path: Path) -> No
         env={
             **os.environ,
             "PYTHONPATH": str(ROOT),  # the tree under test, from another directory
-            "JOBWIRE_DATA_DIR": "",
+            "HOME": str(tmp_path / "home"),
+            "JOBWIRE_DATA_DIR": setting,
             "JOBWIRE_GRPC_ADDR": f"127.0.0.1:{free_port()}",
             "JOBWIRE_METRICS_ADDR": "",
             "MONGODB_URI": "",
@@ -473,15 +482,12 @@ async def test_an_empty_data_dir_setting_means_the_default(tmp_path: Path) -> No
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        await until(
-            lambda: (
-                (tmp_path / "data" / "jobwire.sqlite3").exists()
-                or (tmp_path / "jobwire.sqlite3").exists()
-            ),
-            timeout=3 * WAIT,
-        )
+        await until(lambda: bool(_databases(tmp_path)), timeout=3 * WAIT)
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.communicate(), 3 * WAIT)
-    assert not (tmp_path / "jobwire.sqlite3").exists()
-    assert (tmp_path / "data" / "jobwire.sqlite3").exists()
+    assert _databases(tmp_path) == [tmp_path / where / "jobwire.sqlite3"]
+
+
+def _databases(root: Path) -> list[Path]:
+    return list(root.rglob("jobwire.sqlite3"))
