@@ -100,7 +100,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except PageError as err:
-        return _error_page(request, err.status, err.message, err.json)
+        return _error_page(request, err.status, err.message, err.json, err.back)
     except web.HTTPException as exc:
         if exc.status not in ROUTER_ERRORS:
             raise  # redirects
@@ -111,10 +111,12 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return response
 
 
-def _error_page(request: web.Request, status: int, message: str, json: bool) -> web.Response:
+def _error_page(
+    request: web.Request, status: int, message: str, json: bool, back: str = ""
+) -> web.Response:
     if json or _wants_json(request):
         return web.json_response({"error": message}, status=status)
-    context = {"status": status, "message": message}
+    context = {"status": status, "message": message, "back": back}
     return aiohttp_jinja2.render_template("error.html", request, context, status=status)
 
 

@@ -46,11 +46,12 @@ async def channel_ctx(app: web.Application) -> AsyncIterator[None]:
 class PageError(Exception):
     """Ends a request with `status`: an HTML error page, or a JSON body for the APIs."""
 
-    def __init__(self, status: int, message: str, json: bool = False) -> None:
+    def __init__(self, status: int, message: str, json: bool = False, back: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.json = json
+        self.back = back  # the page the error page leads back to (default: the jobs)
 
 
 def grpc_error(err: grpc.aio.AioRpcError, json: bool = False) -> PageError:

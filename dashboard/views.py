@@ -281,13 +281,19 @@ async def cancel(request: web.Request) -> web.StreamResponse:
     form = await _check_csrf(request)
     job_id = request.match_info["job_id"]
     reason = str(form.get("reason", "")) or "cancelled from the dashboard"
+    page = f"/jobs/{quote(job_id, safe='')}"
     try:
         await request.app[GRPC]().CancelJob(
             job_service_pb2.CancelJobRequest(id=job_id, reason=reason), timeout=_timeout(request)
         )
     except grpc.aio.AioRpcError as err:
-        raise grpc_error(err) from None
-    raise web.HTTPSeeOther(f"/jobs/{quote(job_id, safe='')}")
+        if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+            raise grpc_error(err) from None
+        # The job ended after its page was loaded: say how, and lead back to it.
+        state = present.state_name((await _get_job(request, job_id, False)).state)
+        message = f"job {job_id!r} has already ended ({state}): there is nothing to cancel"
+        raise PageError(409, message, back=page) from None
+    raise web.HTTPSeeOther(page)
 
 
 @routes.get("/jobs/{job_id}/artifacts/{name}")

@@ -247,3 +247,23 @@ async def test_pages_about_jobs_are_never_stored_by_a_cache(
                 assert "no-store" in reply.headers.get("Cache-Control", ""), path
         async with http.get(url + "/static/dashboard.css") as reply:
             assert "no-store" not in reply.headers["Cache-Control"]
+
+
+async def test_cancelling_a_job_that_just_ended_leads_back_to_it(
+    grpc_service: Any, http: aiohttp.ClientSession
+) -> None:
+    """Cancel on a page opened before the job ended: the service refuses (a terminal state
+    is final), and the error page only led back to the jobs list. It says the job has
+    already ended, in words rather than the enum, and links back to the job."""
+    job_id = f"ended-{uuid.uuid4().hex[:8]}"
+    await create(grpc_service.stub, job_id=job_id)
+    await grpc_service.stub.CancelJob(job_service_pb2.CancelJobRequest(id=job_id, reason="x"))
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    async with (
+        serve(config(grpc_service, token=TOKEN)) as url,
+        http.post(f"{url}/jobs/{job_id}/cancel", headers=bearer) as reply,
+    ):
+        page = await reply.text()
+        assert reply.status == 409
+        assert f'<a href="/jobs/{job_id}">' in page, page
+        assert "already ended" in page and "CANCELLED" in page, page
