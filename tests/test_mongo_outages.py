@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -297,4 +298,68 @@ async def test_a_callback_whose_reply_was_lost_reaches_every_stream_once(
         await direct.close()
         await handle.close()
         await cutter.close()
+        server.cleanup()
+
+
+async def test_a_frozen_database_bounds_every_call_and_the_service_recovers(
+    tmp_path: Path,
+) -> None:
+    """MongoDB frozen (SIGSTOP): a call with a deadline ends by it, one without ends
+    UNAVAILABLE within the store's budget (timeoutMS), nothing hangs; after SIGCONT
+    the same service writes and streams again."""
+    _own_ferretdb()
+    server = FerretDBProcess(require_ferretdb(), base_dir=tmp_path / "ferretdb")
+    server.start()
+    store = MongoStore(server.uri, policy=make_policy(), database="frozen", timeout_ms=1500)
+    handle = await start_service(store, lease_sweep_seconds=0.05)
+    frozen = False
+    try:
+        stub = handle.stub
+        await create(stub, job_id="f")
+        watch = stub.WatchJob(job_service_pb2.WatchJobRequest(id="f"))
+        assert (await read(watch)).HasField("snapshot")
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGSTOP)
+        frozen = True
+        calls: dict[str, tuple[float | None, Callable[[float | None], Awaitable[Any]]]] = {
+            "ReportEvent, 1 s deadline": (
+                1.0,
+                lambda t: stub.ReportEvent(progress("f", 1), timeout=t),
+            ),
+            "GetJob": (None, lambda t: stub.GetJob(job_service_pb2.GetJobRequest(id="f"))),
+            "CreateJob": (None, lambda t: create(stub, job_id="g")),
+            "ReportEvent": (None, lambda t: stub.ReportEvent(progress("f", 2))),
+        }
+        for name, (deadline, call) in calls.items():
+            began = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await call(deadline)
+            took = time.monotonic() - began
+            code = failed.value.code()
+            assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            # A call may queue behind one commit in flight: up to two budgets, plus slack.
+            assert took < (deadline or 2 * 1.5) + 1.5, (name, took, code)
+            print(f"{name} frozen: {code.name} after {took:.2f}s")
+        os.kill(server.pid, signal.SIGCONT)
+        frozen = False
+
+        async def writes() -> bool:
+            try:
+                await stub.ReportEvent(progress("f", 3), timeout=5)
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+                return False
+            return True
+
+        await _until(writes, "a write after SIGCONT")
+        seen = [(await read(watch)).event.sequence]
+        job = await stub.GetJob(job_service_pb2.GetJobRequest(id="f"))
+        while seen[-1] < job.sequence:
+            seen.append((await read(watch)).event.sequence)
+        assert seen == list(range(1, job.sequence + 1))  # no gap, no repeat
+        watch.cancel()
+    finally:
+        if frozen and server.pid is not None:
+            os.kill(server.pid, signal.SIGCONT)
+        await handle.close()
         server.cleanup()
