@@ -59,15 +59,20 @@ class Subscriber:
         self.ids = ids
         self.new = new
         self.pending: dict[str, Change] = {}
+        # Jobs this tab follows since their first event: the push says so, because the
+        # latest change it carries may be a later one (changes coalesce), which alone
+        # would read as an event of a job the tab does not show.
+        self.fresh: set[str] = set()
         self.wake = asyncio.Event()
         # Set when the upstream stream broke or reported a gap: the tab must re-read rows.
         self.resync = False
 
-    def take(self) -> list[Change]:
-        changes = list(self.pending.values())
-        self.pending = {}
+    def take(self) -> tuple[list[Change], set[str]]:
+        """The pending changes and which of their jobs are new to this tab."""
+        changes, fresh = list(self.pending.values()), self.fresh
+        self.pending, self.fresh = {}, set()
         self.wake.clear()
-        return changes
+        return changes, fresh
 
 
 class Hub:
@@ -169,6 +174,7 @@ class Hub:
                     continue
                 if len(sub.ids) < MAX_FOLLOWED:
                     sub.ids.add(event.job_id)  # the tab shows it from now on
+                sub.fresh.add(event.job_id)
             sub.pending[event.job_id] = change
             sub.wake.set()
 

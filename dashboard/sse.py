@@ -20,6 +20,7 @@ from jobwire.v1 import job_service_pb2
 
 from . import present
 from .grpc_client import GRPC, HUB, SETTINGS, PageError, grpc_error
+from .live import Change
 from .query import parse_kind
 
 RETRY_MS = 1000
@@ -94,17 +95,22 @@ async def jobs_stream(request: web.Request) -> web.StreamResponse:
             if sub.resync:
                 sub.resync = False
                 await response.write(_frame("resync", b"{}"))
-            changes = sub.take()
+            changes, fresh = sub.take()
             if changes:
-                await response.write(
-                    _frame("jobs", b"[" + b",".join(c.json() for c in changes) + b"]")
-                )
+                rows = (_marked_new(c) if c.event.job_id in fresh else c.json() for c in changes)
+                await response.write(_frame("jobs", b"[" + b",".join(rows) + b"]"))
             last_push = last_beat = time.monotonic()
     except ConnectionResetError:
         pass  # the tab went away
     finally:
         hub.unsubscribe(sub)
     return response
+
+
+def _marked_new(change: Change) -> bytes:
+    """The change's row with `"new": true`: the job had its first event since the last
+    push (the row may carry a later one). Spliced in: the shared JSON stays shared."""
+    return b'{"new":true,' + change.json()[1:]
 
 
 def _ids(raw: str | None) -> set[str] | None:

@@ -1202,3 +1202,26 @@ async def fits_tablet_widths(page: Any, job_id: str) -> None:
         if await duration.count():
             box = await duration.bounding_box()
             assert box is not None and box["x"] + box["width"] <= width, (width, box)
+
+
+async def test_a_new_job_appears_even_when_its_first_events_coalesce(
+    context: Any, svc: ServiceHandle
+) -> None:
+    """A job appears on the jobs page with its first event. Changes to one job coalesce
+    into the latest within a push interval, so when its second event came within the
+    same interval (a worker that claims and reports at once, any busy minute) the tab got
+    only sequence 2, took it for a job it does not show, and the job never appeared."""
+    async with running_dashboard(svc.target, JOBWIRE_DASHBOARD_PUSH_MS="1000") as dash:
+        page = await login(context, dash.url)
+        await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+        # One push now: the next changes wait (and coalesce) for up to a second.
+        first = uid("opener")
+        await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, first)
+        await progress(svc.stub, first, 1, "p", "opens the push interval")
+        await page.wait_for_selector(f'#jobs tr[data-job="{first}"]', timeout=WAIT_MS)
+        job_id = uid("quick")
+        await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+        await progress(svc.stub, job_id, 10, "p", "first")
+        await progress(svc.stub, job_id, 20, "p", "second, within the same interval")
+        await page.wait_for_function(ROW_IS, arg=[job_id, 20, "RUNNING"], timeout=WAIT_MS)
+        assert await page.locator(f'#jobs tr[data-job="{job_id}"]').count() == 1

@@ -268,9 +268,10 @@ function jobsPage() {
     let tr = rows.get(change.id);
     if (!tr) {
       // A job this page does not show: add it on top when this is its first event (it
-      // just became active) and it belongs here; later events of jobs on other pages
+      // just became active; `new`: its first event came since the last push, coalesced
+      // into a later one) and it belongs here; later events of jobs on other pages
       // never churn this one.
-      if (change.sequence !== 1 || filtered || paged) return;
+      if ((change.sequence !== 1 && !change.new) || filtered || paged) return;
       if (states.length && !states.includes(change.state)) return;
       if (kind && change.kind !== kind) return;
       tr = newRow(change);
