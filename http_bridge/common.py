@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-import time
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
@@ -131,17 +130,12 @@ def header_token(request: web.Request) -> str:
     return bearer_token(request) or token_text(request.headers.get("X-Callback-Token", ""))
 
 
-def idempotency_key(
-    request: web.Request, contract: str, job_id: str, body: Body, progress: bool = False
-) -> str:
+def idempotency_key(request: web.Request, contract: str, job_id: str, body: Body) -> str:
     """The client's Idempotency-Key, else a digest of contract, job id and raw body,
     so a verbatim retry is recognised and applied once. A verified Standard Webhooks
-    `webhook-id` comes first: it is what the sender keeps across redeliveries.
-
-    For a progress report the digest holds only within a window of
-    `progress_dedup_seconds`: a worker repeating the same progress later is alive,
-    and its report must renew its claim's lease and the progress deadline (as a
-    duplicate it renewed neither, and the video went to another worker)."""
+    `webhook-id` comes first: it is what the sender keeps across redeliveries. (A
+    worker repeating the same progress as a heartbeat still renews its claim: the
+    service applies a repeat once the claim is half gone, service/domain/events.py.)"""
     signed = webhook_id(request)
     if signed:
         return f"{contract}:whk:{signed}"
@@ -149,9 +143,6 @@ def idempotency_key(
     if given:
         return f"{contract}:hdr:{given[:200]}"
     h = hashlib.sha256(contract.encode() + b"\0" + job_id.encode() + b"\0" + body.digest)
-    if progress:
-        window = int(time.time() // request.app[CONFIG].progress_dedup_seconds)
-        return f"{contract}:{h.hexdigest()}:{window}"
     return f"{contract}:{h.hexdigest()}"
 
 

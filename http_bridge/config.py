@@ -54,9 +54,6 @@ class Config:
     keepalive_timeout_seconds: float = 30.0
     max_connections: int = 1000
     rate_limit: float = 0.0  # requests per second per credential; 0: off
-    # A progress report repeated verbatim within this many seconds is a retry (applied
-    # once); later, the same body is a heartbeat and is applied (see idempotency_key).
-    progress_dedup_seconds: float = 10.0
     # Standard Webhooks v1 secrets (raw key bytes) by contract: aws_batch, video_worker,
     # aurora, secretary. Several per contract while a key is being rotated.
     signing_secrets: Mapping[str, tuple[bytes, ...]] = field(default_factory=dict, repr=False)
@@ -179,7 +176,6 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
         keepalive_timeout_seconds=number(merged, "JOBWIRE_KEEPALIVE_TIMEOUT_SECONDS", 30.0),
         max_connections=whole(merged, "JOBWIRE_MAX_CONNECTIONS", 1000),
         rate_limit=parse_rate(merged.get("JOBWIRE_RATE_LIMIT", "")),
-        progress_dedup_seconds=number(merged, "JOBWIRE_PROGRESS_DEDUP_SECONDS", 10.0),
         signing_secrets=signing_secrets(merged),
     )
 

@@ -215,7 +215,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
     if not isinstance(data, dict):
         raise BridgeError(400, "body must be a JSON object")
     phase = data.get("phase")
-    key = idempotency_key(request, CONTRACT, job_id, body, phase not in ("completed", "failed"))
+    key = idempotency_key(request, CONTRACT, job_id, body)
     del body  # from here on only `data` and the archive's view of the buffer remain
     if phase == "completed":
         try:

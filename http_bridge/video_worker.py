@@ -206,7 +206,7 @@ async def report(request: web.Request) -> web.StreamResponse:
     parsed = validate(Report, parse_json(body.data))
     event = to_event(parsed)
     progress = parsed.status == "progress"
-    event.idempotency_key = idempotency_key(request, CONTRACT, parsed.videoId, body, progress)
+    event.idempotency_key = idempotency_key(request, CONTRACT, parsed.videoId, body)
     if progress and parsed.percent is None:  # after every check of the request itself
         await keep_progress(request, parsed, event.progress)
     await report_event(request, event)

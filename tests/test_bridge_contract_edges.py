@@ -10,6 +10,7 @@ import dataclasses
 import gzip
 import hashlib
 import random
+import time
 import zlib
 from typing import Any
 
@@ -332,45 +333,38 @@ async def test_the_same_progress_repeated_as_a_heartbeat_renews_the_lease(
     """A video worker that repeats the same progress body (no timestamp, the same
     percent while a download stalls) was deduplicated as a verbatim retry forever:
     its claim's lease was never renewed, the video went back to pending and to
-    another worker, while this one's reports got 200 and did nothing. A verbatim
-    retry is now one within JOBWIRE_PROGRESS_DEDUP_SECONDS; later, the same body is a
-    heartbeat and is applied (both contracts' progress)."""
+    another worker, while this one's reports got 200 and did nothing. A repeat is
+    still a retry (applied once) while the claim is fresh, and a sign of life once
+    half of it is gone: exact, with no time window in the key (a window's edge made a
+    real retry count twice)."""
     stub = grpc_service.stub
-    config = dataclasses.replace(
-        TEST_CONFIG, service_target=grpc_service.target, progress_dedup_seconds=0.2
-    )
-    long_window = dataclasses.replace(config, progress_dedup_seconds=3600)
+    config = dataclasses.replace(TEST_CONFIG, service_target=grpc_service.target)
     vid = new_id("v")
     await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid)
-    job = (await stub.ClaimJob(job_service_pb2.ClaimJobRequest(kind=job_pb2.JOB_KIND_VIDEO))).job
+    lease = job_service_pb2.ClaimJobRequest(kind=job_pb2.JOB_KIND_VIDEO)
+    lease.lease_duration.FromMilliseconds(1200)
+    job = (await stub.ClaimJob(lease)).job
     while job.id != vid:  # videos of other tests may be older
-        job = (
-            await stub.ClaimJob(job_service_pb2.ClaimJobRequest(kind=job_pb2.JOB_KIND_VIDEO))
-        ).job
+        job = (await stub.ClaimJob(lease)).job
     heartbeat = {"status": "progress", "message": "Descargando", "videoId": vid, "percent": 50}
-    doc = await create_job(stub, job_pb2.JOB_KIND_EXTRACTION)
-    auth = {"Authorization": f"Bearer {doc.callback_token}"}
-    secretary = {"phase": "extract_text", "progress": 50, "message": "Seite 1/2"}
-    async with running_bridge(long_window) as b:
-        for _ in range(2):  # a verbatim retry within the window is applied once
+    async with running_bridge(config) as b:
+        for _ in range(3):  # verbatim retries while the claim is fresh: applied once
             assert await b.post("/api/report", heartbeat, headers=VIDEO_AUTH) == (
                 200,
                 {"success": True},
             )
-            assert (await b.post(f"/api/external/jobs/{doc.job.id}", secretary, headers=auth))[
-                0
-            ] == 200
-    first = await get_job(stub, vid)
-    assert first.sequence == 2  # claimed, progress
-    assert (await get_job(stub, doc.job.id)).sequence == 1
-    async with running_bridge(config) as b:
-        await asyncio.sleep(0.25)  # the time under test: a window later
+        first = await get_job(stub, vid)
+        assert first.sequence == 2  # claimed, progress
+        # The time under test: until half of the claim is gone.
+        half = first.lease_expire_time.ToNanoseconds() - 600_000_000
+        await asyncio.sleep(max(0.0, (half - time.time_ns()) / 1e9) + 0.05)
         assert (await b.post("/api/report", heartbeat, headers=VIDEO_AUTH))[0] == 200
-        assert (await b.post(f"/api/external/jobs/{doc.job.id}", secretary, headers=auth))[0] == 200
-    later = await get_job(stub, vid)
-    assert later.sequence == 3
-    assert later.lease_expire_time.ToNanoseconds() > first.lease_expire_time.ToNanoseconds()
-    assert (await get_job(stub, doc.job.id)).sequence == 2
+        later = await get_job(stub, vid)
+        assert later.sequence == 3 and later.state == job_pb2.JOB_STATE_RUNNING
+        assert later.lease_expire_time.ToNanoseconds() > first.lease_expire_time.ToNanoseconds()
+        # ... and at once again it is a retry of that one.
+        assert (await b.post("/api/report", heartbeat, headers=VIDEO_AUTH))[0] == 200
+        assert (await get_job(stub, vid)).sequence == 3
 
 
 def test_a_header_secret_that_no_header_can_carry_is_refused_at_start(tmp_path: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -209,3 +210,24 @@ async def test_two_replicas_exactly_one_stalled_event(mongo_uri: str) -> None:
     finally:
         await b.close()
         await a.close()
+
+
+async def test_a_repeated_progress_is_a_sign_of_life_once_half_the_deadline_is_gone(
+    service: ServiceHandle,
+) -> None:
+    """A worker repeating the same progress (the same body, so the same key) is retrying
+    while its progress deadline is fresh, and alive once half of it is gone: before, the
+    repeat was a duplicate for ever and the job stalled while its worker kept reporting."""
+    await _create(service, "repeats", deadline=1.0)
+    same = progress("repeats", 40, key="the-same-body")
+    assert (await service.stub.ReportEvent(same)).sequence == 1
+    again = await service.stub.ReportEvent(same)
+    assert again.duplicate and again.sequence == 1
+    first = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="repeats"))
+    half = first.last_event_time.ToNanoseconds() + 500_000_000
+    await asyncio.sleep(max(0.0, (half - time.time_ns()) / 1e9) + 0.02)  # the time under test
+    renewed = await service.stub.ReportEvent(same)
+    assert not renewed.duplicate and renewed.sequence == 2
+    job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="repeats"))
+    assert job.last_event_time.ToNanoseconds() > first.last_event_time.ToNanoseconds()
+    assert not job.stalled

@@ -138,7 +138,11 @@ def apply(
 
     key = _key_of(command)
     # Trimmed: a record stored under a larger retention holds more keys than it keeps.
-    if key and key in record.recent_keys[-policy.retention :]:
+    if (
+        key
+        and key in record.recent_keys[-policy.retention :]
+        and not _renewal_due(record.job, command, now_ns)
+    ):
         return Unchanged(record.job)
 
     job = job_pb2.Job()
@@ -271,6 +275,29 @@ def _report(
         job.end_time.FromNanoseconds(now_ns)
         event.type = event_pb2.EVENT_TYPE_FAILED
         event.error.CopyFrom(request.failed)
+
+
+def _renewal_due(job: job_pb2.Job, command: Command, now_ns: int) -> bool:
+    """Whether a progress report seen before is the worker's sign of life, not a retry.
+
+    A verbatim repeat is a retry, applied once. But a worker whose download stalls
+    repeats the same body (no timestamp, the same percent), and as a duplicate it
+    renewed nothing: its claim lapsed and the video went to another worker. So once
+    the claim or the progress deadline is half gone (or the claim has lapsed), the
+    repeat is applied and renews them. A retry comes long before that: the first
+    attempt, if it landed, renewed both."""
+    if not isinstance(command, Report) or not command.request.HasField("progress"):
+        return False
+    if job.state == _S.JOB_STATE_QUEUED:
+        return job.HasField("lease_duration")  # requeued: the worker takes it back
+    if job.state != _S.JOB_STATE_RUNNING:
+        return False
+    if job.HasField("lease_expire_time"):
+        left = job.lease_expire_time.ToNanoseconds() - now_ns
+        if left <= job.lease_duration.ToNanoseconds() // 2:
+            return True
+    deadline = job.progress_deadline.ToNanoseconds()
+    return deadline > 0 and now_ns - job.last_event_time.ToNanoseconds() >= deadline // 2
 
 
 def _key_of(command: Command) -> str:
