@@ -1225,3 +1225,39 @@ async def test_a_new_job_appears_even_when_its_first_events_coalesce(
         await progress(svc.stub, job_id, 20, "p", "second, within the same interval")
         await page.wait_for_function(ROW_IS, arg=[job_id, 20, "RUNNING"], timeout=WAIT_MS)
         assert await page.locator(f'#jobs tr[data-job="{job_id}"]').count() == 1
+
+
+async def test_a_long_open_timeline_says_where_it_starts(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """A job page left open keeps its newest 2,000 events; the older rows went without a
+    word, and the notice loaded with the page still named its first sequence then. The
+    notice now names the first sequence shown."""
+    stub = svc.stub
+    job_id = uid("long")
+    await new_job(stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    await progress(stub, job_id, 0, "p", "first")
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    # In steps the page keeps up with, so that no events are coalesced into one row.
+    for start in range(0, 2100, 150):
+        reports = [
+            job_service_pb2.ReportEventRequest(
+                job_id=job_id,
+                idempotency_key=f"k{start + i}",
+                progress=job_pb2.Progress(percent=(start + i) / 30, phase="p", message="m"),
+            )
+            for i in range(150)
+        ]
+        await stub.BatchReportEvents(job_service_pb2.BatchReportEventsRequest(requests=reports))
+        await page.wait_for_function(
+            "n => Number(document.querySelector('#job').dataset.seq) === n",
+            arg=2 + start + 149,
+            timeout=WAIT_MS,
+        )
+    last = 1 + 2100
+    seqs = await timeline_seqs(page)
+    assert len(seqs) == 2000 and seqs[-1] == last
+    assert await page.is_visible("#gap-notice")
+    assert await page.inner_text("#gap-oldest") == str(seqs[0])

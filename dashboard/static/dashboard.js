@@ -389,7 +389,13 @@ function jobPage() {
     tr.append(el("td", "percent", e.percent === null ? "" : `${e.percent.toFixed(1)}%`));
     tr.append(el("td", "ev-phase", e.phase), el("td", "message", e.message));
     tbody.append(tr);
-    while (tbody.rows.length > MAX_TIMELINE_ROWS) tbody.rows[0].remove();
+    if (tbody.rows.length > MAX_TIMELINE_ROWS) {
+      while (tbody.rows.length > MAX_TIMELINE_ROWS) tbody.rows[0].remove();
+      // The notice names where the timeline now starts (it named where it started).
+      // (A coalesced first row reads "12–15": it starts at 12.)
+      $("#gap-oldest").textContent = String(parseInt($(".seq", tbody.rows[0]).textContent, 10));
+      $("#gap-notice").hidden = false;
+    }
   };
 
   const events = (list) => {
