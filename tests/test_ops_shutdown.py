@@ -22,7 +22,7 @@ from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 from service.server import STORE_CLOSE_SECONDS, SWEEPER_STOP_SECONDS
 from service.store.embedded import EmbeddedStore
 from service.store.mongo import MongoStore
-from tests.bridge_harness import BATCH_SECRET, TEST_CONFIG, running_bridge
+from tests.bridge_harness import BATCH_SECRET, TEST_CONFIG, VIDEO_AUTH, running_bridge
 from tests.bridge_process import BridgeProcess, cli_bridge_process
 from tests.conftest import ServiceHandle, make_policy, start_service
 from tests.grpc_proxy import FaultProxy
@@ -364,3 +364,24 @@ async def test_a_call_the_stopping_service_cancelled_is_503_with_retry_after(
         job = await handle.stub.GetJob(job_service_pb2.GetJobRequest(id="cancelled"))
         assert job.state == job_pb2.JOB_STATE_QUEUED  # nothing applied: the retry is needed
         assert (await bridge.post("/api/batch-callback", body))[0] == 200
+
+
+async def test_a_service_failure_is_not_described_to_the_worker(
+    gated: tuple[ServiceHandle, FaultProxy], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The service's status details (a database's host and port, a driver's error) stay
+    out of the 5xx body a worker on the internet reads, and go to the bridge's log."""
+    handle, proxy = gated
+    await create(handle.stub, job_pb2.JOB_KIND_VIDEO, "hidden")
+    config = dataclasses.replace(TEST_CONFIG, service_target=proxy.target)
+    body = {"status": "progress", "message": "m", "videoId": "hidden", "percent": 5}
+    async with running_bridge(config) as bridge:
+        for code, status in ((grpc.StatusCode.UNAVAILABLE, 503), (grpc.StatusCode.INTERNAL, 500)):
+            proxy.refuse["BatchReportEvents"] = [code]
+            async with bridge.http.post(
+                f"{bridge.url}/api/report", json=body, headers=VIDEO_AUTH
+            ) as reply:
+                text = await reply.text()
+            assert reply.status == status, text
+            assert "proxy" not in text and "refused" not in text, text
+        assert "proxy: refused" in caplog.text  # the operator still sees why
