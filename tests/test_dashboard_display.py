@@ -32,7 +32,7 @@ from tests.dashboard_harness import LAPTOP, PHONE, DashboardProcess, chromium, l
 from tests.dashboard_harness import running_dashboard as dashboard_process
 
 WAIT_MS = 10_000
-WIDTHS = {"laptop": LAPTOP, "phone": PHONE}
+WIDTHS = {"laptop": LAPTOP, "phone": PHONE, "narrow": {"width": 320, "height": 640}}
 
 # -- the hostile strings ------------------------------------------------------------
 
