@@ -60,7 +60,8 @@ class Backoff:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often an idempotent call is tried when the service is UNAVAILABLE."""
+    """How often an idempotent call is tried when the service is UNAVAILABLE (or
+    CANCELLED a call as it stopped)."""
 
     attempts: int = 5
     backoff: Backoff = Backoff()
@@ -74,7 +75,10 @@ class RetryPolicy:
             raise ClientConfigError(f"RetryPolicy attempts must be >= 1, got {self.attempts}")
 
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+# CANCELLED reaches a caller only from the service: gRPC ends the calls that arrive as
+# a server stops with it (a rolling restart), and the caller's own cancel is
+# asyncio.CancelledError. The HTTP bridge answers it 503 for the same reason.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
 def say_if_closed(stub: Callable[[], object]) -> None:

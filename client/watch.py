@@ -54,7 +54,9 @@ TERMINAL = frozenset(
     {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
 )
 # A stream that ends with one of these is resumed; any other code is the caller's error.
-RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+RESUMABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
+)
 RETRY_AFTER_KEY = "retry-after-ms"
 # A WatchJobs stream open this long on a READY channel reached the service, even with
 # nothing to say.

@@ -1056,3 +1056,33 @@ def test_backoff_grows_with_jitter_up_to_its_cap() -> None:
         delays = {backoff.delay(attempt) for _ in range(50)}
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert len(delays) > 1  # jittered: clients that failed together come back apart
+
+
+async def test_a_call_the_stopping_service_cancelled_is_retried(
+    service: ServiceHandle, proxy: FaultProxy
+) -> None:
+    """gRPC ends calls that reach a service as it stops (a rolling restart) with
+    CANCELLED, unapplied; the client raised it to the caller of a read or a report
+    instead of retrying as it does UNAVAILABLE. A watch resumes after it too."""
+    async with client(service.target) as c:
+        await c.create_job("GENERIC", job_id="rolling")
+    async with client(proxy.target) as c:
+        proxy.refuse["GetJob"] = [grpc.StatusCode.CANCELLED]
+        assert (await c.get_job("rolling")).id == "rolling"
+        assert proxy.calls["GetJob"] == 2  # refused once, served on the retry
+        proxy.abort_next_stream("WatchJob", after=1, code=grpc.StatusCode.CANCELLED)
+        seen: list[object] = []
+
+        async def follow() -> None:
+            async for item in c.watch_job("rolling"):
+                seen.append(item)
+
+        watching = asyncio.create_task(follow())
+        try:
+            await until(lambda: len(seen) >= 1)  # the snapshot; the proxy ends the stream
+            await c.report_progress("rolling", 10.0, idempotency_key="k1")  # at this event
+            await until(lambda: any(isinstance(i, JobEvent) for i in seen) or watching.done())
+            assert not watching.done(), watching.exception()
+            assert proxy.calls["WatchJob"] == 2  # resumed once
+        finally:
+            watching.cancel()
