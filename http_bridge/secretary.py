@@ -561,5 +561,12 @@ async def download(request: web.Request) -> web.StreamResponse:
         if request.transport is not None:
             request.transport.close()
         return response
+    except ConnectionError:
+        # The client went away mid-download (its own timeout, a cancelled fetch): the
+        # answer was a 200 and stays one, not an 'unexpected error' 500 in the log and
+        # the 5xx alert; the service's stream is ended rather than left to run on.
+        call.cancel()
+        log.info("artifact %s/%s: the client closed the connection", job_id, name)
+        return response
     await response.write_eof()
     return response

@@ -1,0 +1,80 @@
+"""What an operator reads is true: metric values, log lines and their levels, after
+real traffic through the real bridge and service (README "Metrics", "Logs")."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from jobwire.v1 import job_pb2
+from tests.bridge_harness import Bridge, bridge, create_job, stub  # noqa: F401
+
+
+async def scrape(bridge: Bridge) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the bridge's /metrics, parsed by prometheus_client's own parser."""
+    async with bridge.http.get(bridge.url + "/metrics") as reply:
+        text = await reply.text()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def callbacks(samples: dict[Any, float], contract: str, status: int) -> float:
+    key = ("jobwire_bridge_callbacks_total", (("contract", contract), ("status", str(status))))
+    return samples.get(key, 0.0)
+
+
+async def test_a_download_the_client_abandons_is_no_500_and_no_error(
+    bridge: Bridge, stub: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that stops reading an artifact halfway (its own timeout) was logged as
+    an 'unexpected error' with a traceback and counted as a 500: the 5xx alert fired
+    for clients hanging up. The answer was a 200 and is counted as one."""
+    created = await create_job(stub, job_pb2.JOB_KIND_EXTRACTION)
+    job_id, token = created.job.id, created.callback_token
+    archive = os.urandom(12 * 1024 * 1024)  # far more than the sockets' buffers hold
+    final = {
+        "phase": "completed",
+        "data": {
+            "extracted_text": "x",
+            "images_archive_data": base64.b64encode(archive).decode(),
+            "images_archive_filename": "big.zip",
+        },
+    }
+    auth = {"Authorization": f"Bearer {token}"}
+    assert (await bridge.post(f"/api/external/jobs/{job_id}", final, headers=auth))[0] == 200
+    before = await scrape(bridge)
+    host, port = bridge.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"GET /api/external/jobs/{job_id}/artifacts/big.zip HTTP/1.1\r\n"
+        f"Host: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.transport.abort()  # gone, with megabytes still to send
+
+    async def answered() -> float:
+        now = await scrape(bridge)
+        return sum(
+            callbacks(now, "secretary", status) - callbacks(before, "secretary", status)
+            for status in (200, 500)
+        )
+
+    for _ in range(200):  # until the bridge has counted the download (or 10 s)
+        if await answered():
+            break
+        await asyncio.sleep(0.05)
+    after = await scrape(bridge)
+    assert callbacks(after, "secretary", 500) == callbacks(before, "secretary", 500)
+    assert callbacks(after, "secretary", 200) == callbacks(before, "secretary", 200) + 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
