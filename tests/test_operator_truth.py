@@ -13,12 +13,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobwire.v1 import job_pb2
-from tests.bridge_harness import Bridge, bridge, create_job, stub  # noqa: F401
+from tests.bridge_harness import (
+    Bridge,
+    bridge,  # noqa: F401
+    create_job,
+    stub,  # noqa: F401
+)
 
 
-async def scrape(bridge: Bridge) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+async def scrape(to: Bridge) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of the bridge's /metrics, parsed by prometheus_client's own parser."""
-    async with bridge.http.get(bridge.url + "/metrics") as reply:
+    async with to.http.get(to.url + "/metrics") as reply:
         text = await reply.text()
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -33,7 +38,9 @@ def callbacks(samples: dict[Any, float], contract: str, status: int) -> float:
 
 
 async def test_a_download_the_client_abandons_is_no_500_and_no_error(
-    bridge: Bridge, stub: Any, caplog: pytest.LogCaptureFixture
+    bridge: Any,  # noqa: F811 (the fixture)
+    stub: Any,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A worker that stops reading an artifact halfway (its own timeout) was logged as
     an 'unexpected error' with a traceback and counted as a 500: the 5xx alert fired
