@@ -14,7 +14,11 @@ once, in order:
   same way unless `every_event=False` (then it is yielded as is and its
   `coalesced_from_sequence` says which sequences it stands for). When history is no
   longer retained, a `StreamGap` is yielded in its place (after a fresh `Job`
-  snapshot when the gap was found on reconnecting), never a silent skip.
+  snapshot when the gap was found on reconnecting), never a silent skip. If the job's
+  history went back (the service restored from an older backup: its newest sequence is
+  below the last one yielded), a fresh `Job` and a `StreamGap` with
+  `oldest_available_sequence <= requested_sequence` are yielded, and the watch follows
+  the job from the snapshot on.
 - `JobsWatch` yields the `JobEvent`s of every matching job, resuming after the last
   `position` the service gave (`.position`, also for resuming in a later process).
   A `StreamGap` says that events were lost: the resume point was older than the
@@ -160,6 +164,7 @@ class JobWatch:
             )
             call: Any = self._stub().WatchJob(request)
             snapshot: job_pb2.Job | None = None
+            rewind: event_pb2.StreamGap | None = None
             cause: JobwireError = Unavailable(grpc.StatusCode.UNAVAILABLE, "watch stream ended")
             hint: float | None = None
             try:
@@ -173,9 +178,22 @@ class JobWatch:
                             yield snapshot
                             snapshot = None  # already given to the caller
                         job = item.snapshot
+                        if job.sequence < self.last_sequence:
+                            # The job's history ends before what was yielded (a restored
+                            # backup, another database): say so and follow it from here.
+                            if snapshot is not None:
+                                yield snapshot
+                                snapshot = None
+                            rewind = self._rewind(job.sequence)
+                            yield rewind
                         if job.state in TERMINAL and job.sequence <= self.last_sequence:
                             return
                     elif which == "gap":
+                        if rewind is not None and item.gap.requested_sequence == (
+                            rewind.requested_sequence
+                        ):
+                            rewind = None  # the service's word for the rewind just yielded
+                            continue
                         if snapshot is not None:  # the view is rebuilt from a fresh snapshot
                             yield snapshot
                             snapshot = None
@@ -204,6 +222,16 @@ class JobWatch:
             finally:
                 call.cancel()
             await self._reconnect.wait(cause, hint)
+
+    def _rewind(self, newest: int) -> event_pb2.StreamGap:
+        """The gap (going back) when the job's newest sequence is below the last yielded."""
+        gap = event_pb2.StreamGap(
+            job_id=self.job_id,
+            requested_sequence=self.last_sequence,
+            oldest_available_sequence=newest + 1,
+        )
+        self.last_sequence = newest
+        return gap
 
     async def _accept(self, event: event_pb2.JobEvent) -> AsyncGenerator[WatchItem, None]:
         """`event` after the ones missing before it; nothing when already seen."""

@@ -315,6 +315,9 @@ class Jobs:
                 if record is None:
                     raise not_found(stored.job_id)
                 events.check_token(record, token)
+        # Which kind's ListLogs shows the line (the video worker's lists only videos'):
+        # its job's, or for a line of no job the writer's.
+        stored.kind = record.job.kind if record is not None else job_pb2.JobKind.ValueType(kind)
         failed = False
         if (
             entry.level == log_pb2.LOG_LEVEL_ERROR
@@ -333,11 +336,12 @@ class Jobs:
     async def list_logs(self, request: job_service_pb2.ListLogsRequest) -> list[log_pb2.LogEntry]:
         limit = validation.bounded(request.limit, "limit", 50, MAX_LOG_LIMIT)
         validation.log_level(request.level, allow_unspecified=True)
+        validation.optional_kind(request.kind)
         if request.job_id and request.job_id != validation.UNKNOWN_JOB:
             validation.job_id(request.job_id)
         if request.callback_token:
             await self._record(request.job_id, request.callback_token)
-        return await self.store.list_logs(request.job_id, request.level, limit)
+        return await self.store.list_logs(request.job_id, request.level, limit, request.kind)
 
     # -- artifacts ---------------------------------------------------------
 

@@ -718,6 +718,56 @@ async def test_watch_job_across_a_service_restart(
     assert sequences(seen) == [1, 2, 3, 4, 5, 6]
 
 
+async def test_watch_job_follows_a_job_whose_history_went_back(
+    store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The service came back on older data (a restored backup): the job is at sequence 1
+    where the watcher had yielded 4. The watch resumed from 4 and dropped the job's new
+    events 2 and 3 as already seen, the terminal one too, so it never ended. It now
+    yields the fresh snapshot and a StreamGap going back (requested 4, oldest 2), then
+    every new event."""
+    backup = f"t_backup_{os.urandom(6).hex()}"
+
+    async def older() -> Store:
+        return await open_test_store(store_kind, tmp_path / "b", request, make_policy(), backup)
+
+    # The backup: the job as it was after its first event.
+    earlier = await start_service(await older())
+    async with client(earlier.target) as c:
+        await c.create_job("GENERIC", job_id="rb")
+        await c.report_progress("rb", 10)
+    await earlier.close()
+
+    first = await start_service(
+        await open_test_store(store_kind, tmp_path / "a", request, make_policy())
+    )
+    port = first.running.port
+    second: ServiceHandle | None = None
+    async with client(first.target) as c:
+        await c.create_job("GENERIC", job_id="rb")
+        for percent in (10, 20, 30, 40):
+            await c.report_progress("rb", percent)
+        iterator = aiter(c.watch_job("rb"))
+        seen = [await asyncio.wait_for(anext(iterator), WAIT) for _ in range(5)]
+        await first.close()  # restored: the service starts again on the backup
+        second = await start_service(await older(), grpc_addr=f"127.0.0.1:{port}")
+        try:
+            snapshot = await asyncio.wait_for(anext(iterator), WAIT)
+            assert isinstance(snapshot, Job) and snapshot.sequence == 1
+            gap = await asyncio.wait_for(anext(iterator), WAIT)
+            assert isinstance(gap, StreamGap)
+            assert (gap.requested_sequence, gap.oldest_available_sequence) == (4, 2)
+            async with client(second.target) as writer:
+                await writer.report_progress("rb", 50)
+                await writer.complete("rb")
+            rest = await collect(iterator)
+        finally:
+            await second.close()
+    assert sequences(seen) == [1, 2, 3, 4]
+    assert sequences(rest) == [2, 3] and not any(isinstance(i, (Job, StreamGap)) for i in rest)
+    assert rest[-1].state == job_pb2.JOB_STATE_SUCCEEDED  # type: ignore[union-attr]
+
+
 async def test_many_watches_on_one_client_end_when_their_tasks_are_cancelled(
     grpc_service: ServiceHandle,
 ) -> None:

@@ -84,6 +84,38 @@ async def test_list_job_events_says_where_the_retained_events_start(
     assert "from_sequence" in (err.value.details() or "")
 
 
+async def test_a_resume_past_the_jobs_last_sequence_is_told_where_the_job_is(
+    service: ServiceHandle,
+) -> None:
+    """A from_sequence past the job's newest (a client that followed another database, or
+    the service restored from an older backup) got the snapshot and then nothing: every
+    new event up to that sequence, the terminal one too, was dropped as already seen. It
+    now gets the snapshot, then a gap going back (oldest_available_sequence <=
+    requested_sequence: what follows starts right after the snapshot), then every event."""
+    await create(service.stub, job_id="ahead")
+    await _report_many(service, "ahead", 3)
+    call = service.stub.WatchJob(job_service_pb2.WatchJobRequest(id="ahead", from_sequence=10))
+    assert (await read(call)).snapshot.sequence == 3
+    gap = (await read(call)).gap
+    assert (gap.job_id, gap.requested_sequence, gap.oldest_available_sequence) == ("ahead", 10, 4)
+    await service.stub.ReportEvent(progress("ahead", 50, key="ahead-live"))
+    await service.stub.ReportEvent(completed("ahead"))
+    rest = await read_all(call)
+    assert [(i.WhichOneof("item"), i.event.sequence) for i in rest] == [("event", 4), ("event", 5)]
+
+    page = await service.stub.ListJobEvents(
+        job_service_pb2.ListJobEventsRequest(job_id="ahead", from_sequence=9)
+    )
+    assert (page.gap.requested_sequence, page.gap.oldest_available_sequence) == (9, 6)
+    assert list(page.events) == []
+    # A finished job: the snapshot and the gap, then the stream ends.
+    done = await read_all(
+        service.stub.WatchJob(job_service_pb2.WatchJobRequest(id="ahead", from_sequence=7))
+    )
+    assert [i.WhichOneof("item") for i in done] == ["snapshot", "gap"]
+    assert (done[1].gap.requested_sequence, done[1].gap.oldest_available_sequence) == (7, 6)
+
+
 @pytest.fixture
 async def tiny_buffer_service(
     store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
