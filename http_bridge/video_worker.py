@@ -251,7 +251,8 @@ async def list_logs(request: web.Request) -> web.StreamResponse:
         raise BridgeError(400, f"level must be one of {', '.join(LEVELS)}")
     level = log_pb2.LogLevel.Value(f"LOG_LEVEL_{given_level or 'UNSPECIFIED'}")
     response = await stub_of(request).ListLogs(
-        svc.ListLogsRequest(level=level, limit=limit),
+        # Video lines only: the API key must not read the lines of other kinds' jobs.
+        svc.ListLogsRequest(level=level, limit=limit, kind=job_pb2.JOB_KIND_VIDEO),
         timeout=config_of(request).rpc_timeout_seconds,
     )
     return json_response(

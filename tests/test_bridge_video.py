@@ -220,6 +220,22 @@ async def test_log_level_filter_maps_to_service(bridge: Any, stub: Any) -> None:
     assert {**line} in listed
 
 
+async def test_log_list_shows_video_lines_only(bridge: Any, stub: Any) -> None:
+    """The video worker's API key lists the lines of videos (and its own lines of no
+    video), never those an internal service wrote for a Secretary or Batch job."""
+    doc = new_id("doc")
+    await create_job(stub, job_pb2.JOB_KIND_EXTRACTION, doc)
+    secret = log_pb2.LogEntry(job_id=doc, level=log_pb2.LOG_LEVEL_INFO, message=f"iban {doc}")
+    await stub.WriteLog(job_service_pb2.WriteLogRequest(entry=secret))
+    mine = {"level": "INFO", "message": f"worker {doc}", "timestamp": "2023-05-01T12:00:00Z"}
+    assert (await bridge.post("/api/log", mine, headers=VIDEO_AUTH))[0] == 200
+    status, listed = await bridge.get("/api/log?limit=1000", headers=VIDEO_AUTH)
+    assert status == 200
+    messages = [line["message"] for line in listed]
+    assert f"worker {doc}" in messages
+    assert f"iban {doc}" not in messages
+
+
 async def test_head_on_pending_claims_nothing(tmp_path: Any) -> None:
     """HEAD must be safe: aiohttp answers HEAD with the GET handler, which claimed the
     oldest video for a response whose body HEAD then dropped (the video sat in

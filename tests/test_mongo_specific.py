@@ -306,6 +306,7 @@ async def test_indexes_exist_after_starting_twice(mongo_uri: str) -> None:
         logs = await first.logs.index_information()
         assert logs["job_newest_first"]["key"] == [("job_id", 1), ("time_ns", -1), ("_id", -1)]
         assert logs["newest_first"]["key"] == [("time_ns", -1), ("_id", -1)]
+        assert logs["kind_newest_first"]["key"] == [("kind", 1), ("time_ns", -1), ("_id", -1)]
         files = await first.files.index_information()
         assert files["filename_1_uploadDate_1"]["key"] == [("filename", 1), ("uploadDate", 1)]
         assert files["job_artifacts"]["key"] == [("metadata.job_id", 1), ("metadata.name", 1)]

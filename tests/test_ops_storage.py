@@ -144,6 +144,34 @@ async def test_a_corrupt_database_is_unavailable_naming_the_file(tmp_path: Path)
         await handle.close()
 
 
+async def test_log_lines_from_before_log_kinds_get_their_jobs_kind(tmp_path: Path) -> None:
+    """A data directory written before LogEntry.kind (its logs table has no kind
+    column): on start its lines take their job's kind, so the video worker's list
+    (ListLogs kind=VIDEO) still shows the videos' lines and none of other jobs."""
+    data = tmp_path / "data"
+    handle = await start_service(EmbeddedStore(data, make_policy()))
+    await create(handle.stub, job_pb2.JOB_KIND_VIDEO, "old-video")
+    await create(handle.stub, job_pb2.JOB_KIND_EXTRACTION, "old-doc")
+    for job_id in ("old-video", "old-doc", ""):
+        entry = log_pb2.LogEntry(job_id=job_id, level=log_pb2.LOG_LEVEL_INFO, message=f"l{job_id}")
+        await handle.stub.WriteLog(job_service_pb2.WriteLogRequest(entry=entry))
+    await handle.close()
+    with sqlite3.connect(data / "jobwire.sqlite3") as conn:  # back to the older schema
+        conn.execute("DROP INDEX logs_kind")
+        conn.execute("ALTER TABLE logs DROP COLUMN kind")
+    conn.close()
+    handle = await start_service(EmbeddedStore(data, make_policy()))
+    try:
+        videos = await handle.stub.ListLogs(
+            job_service_pb2.ListLogsRequest(kind=job_pb2.JOB_KIND_VIDEO)
+        )
+        assert [e.message for e in videos.entries] == ["lold-video"]
+        every = await handle.stub.ListLogs(job_service_pb2.ListLogsRequest())
+        assert len(every.entries) == 3
+    finally:
+        await handle.close()
+
+
 def _storage_errors(metrics: str) -> float:
     for line in metrics.splitlines():
         if line.startswith('jobwire_storage_errors_total{operation="rpc"}'):

@@ -203,6 +203,39 @@ async def test_logs_newest_first_with_limit_and_level(service: ServiceHandle) ->
     ]
 
 
+async def test_list_logs_by_kind_shows_no_other_kind(service: ServiceHandle) -> None:
+    """ListLogs(kind) lists lines of jobs of that kind, and lines of no job written with
+    that kind: the bridge lists the video worker's GET /api/log this way, so its API key
+    does not read the lines of a Secretary or Batch job (it read every line before)."""
+    await create(service.stub, job_pb2.JOB_KIND_VIDEO, "lk-video")
+    await create(service.stub, job_pb2.JOB_KIND_EXTRACTION, "lk-doc")
+    await service.stub.WriteLog(_log("lk-video", log_pb2.LOG_LEVEL_INFO, "video line", 1))
+    await service.stub.WriteLog(_log("lk-doc", log_pb2.LOG_LEVEL_INFO, "secret doc", 2))
+    await service.stub.WriteLog(_log("", log_pb2.LOG_LEVEL_INFO, "internal anon", 3))
+    worker_anon = _log("", log_pb2.LOG_LEVEL_INFO, "worker anon", 4)
+    worker_anon.kind = job_pb2.JOB_KIND_VIDEO
+    await service.stub.WriteLog(worker_anon)
+    # A video writer naming a job of another kind: the line is that job's.
+    into_doc = _log("lk-doc", log_pb2.LOG_LEVEL_INFO, "about the doc", 5)
+    into_doc.kind = job_pb2.JOB_KIND_VIDEO
+    await service.stub.WriteLog(into_doc)
+    videos = await service.stub.ListLogs(
+        job_service_pb2.ListLogsRequest(kind=job_pb2.JOB_KIND_VIDEO)
+    )
+    assert [e.message for e in videos.entries] == ["worker anon", "video line"]
+    assert {e.kind for e in videos.entries} == {job_pb2.JOB_KIND_VIDEO}
+    docs = await service.stub.ListLogs(
+        job_service_pb2.ListLogsRequest(kind=job_pb2.JOB_KIND_EXTRACTION, limit=1)
+    )
+    assert [e.message for e in docs.entries] == ["about the doc"]
+    every = await service.stub.ListLogs(job_service_pb2.ListLogsRequest())
+    assert len(every.entries) == 5
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.ListLogs(job_service_pb2.ListLogsRequest(kind=99))  # type: ignore[arg-type]
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "kind" in (err.value.details() or "")
+
+
 async def test_error_log_fails_a_queued_or_running_job(service: ServiceHandle) -> None:
     await create(service.stub, job_id="e1")
     await service.stub.ReportEvent(progress("e1", 30))

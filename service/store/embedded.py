@@ -377,22 +377,28 @@ class EmbeddedStore:
 
     async def write_log(self, entry: log_pb2.LogEntry) -> None:
         blob = entry.SerializeToString()
-        args = (entry.job_id, entry.level, entry.time.ToNanoseconds(), blob)
+        args = (entry.job_id, entry.level, entry.kind, entry.time.ToNanoseconds(), blob)
 
         def insert(conn: sqlite3.Connection) -> None:
             with conn:
                 conn.execute(
-                    "INSERT INTO logs (job_id, level, time_ns, entry) VALUES (?, ?, ?, ?)", args
+                    "INSERT INTO logs (job_id, level, kind, time_ns, entry) VALUES (?, ?, ?, ?, ?)",
+                    args,
                 )
 
         await self._write(insert)
 
-    async def list_logs(self, job_id: str, level: int, limit: int) -> list[log_pb2.LogEntry]:
+    async def list_logs(
+        self, job_id: str, level: int, limit: int, kind: int = 0
+    ) -> list[log_pb2.LogEntry]:
         where: list[str] = []
         args: list[Any] = []
         if job_id:
             where.append("job_id = ?")
             args.append(job_id)
+        if kind:
+            where.append("kind = ?")
+            args.append(kind)
         if level:
             where.append("level = ?")
             args.append(level)
@@ -1015,6 +1021,14 @@ def _migrate(conn: sqlite3.Connection) -> None:
     conn.execute(
         "CREATE INDEX IF NOT EXISTS jobs_stall ON jobs(stall_ns) WHERE stall_ns IS NOT NULL"
     )
+    if "kind" not in {row[1] for row in conn.execute("PRAGMA table_info(logs)")}:
+        # LogEntry.kind: older lines take their job's kind (a line of no job: none).
+        conn.execute("ALTER TABLE logs ADD COLUMN kind INTEGER NOT NULL DEFAULT 0")
+        conn.execute(
+            "UPDATE logs SET kind = COALESCE("
+            "(SELECT kind FROM jobs WHERE jobs.id = logs.job_id), 0)"
+        )
+    conn.execute("CREATE INDEX IF NOT EXISTS logs_kind ON logs(kind, time_ns, id)")
 
 
 def _settle_retention(conn: sqlite3.Connection, retention: int) -> None:

@@ -516,6 +516,13 @@ class MongoStore:
                 self.logs,
                 IndexModel([("time_ns", DESCENDING), ("_id", DESCENDING)], name="newest_first"),
             ),
+            (
+                self.logs,
+                IndexModel(
+                    [("kind", ASCENDING), ("time_ns", DESCENDING), ("_id", DESCENDING)],
+                    name="kind_newest_first",
+                ),
+            ),
             (self.files, IndexModel([("filename", ASCENDING), ("uploadDate", ASCENDING)])),
             (
                 self.files,
@@ -1080,12 +1087,16 @@ class MongoStore:
             async with self._writing():
                 await self.logs.insert_one(codec.log_document(entry))
 
-    async def list_logs(self, job_id: str, level: int, limit: int) -> list[log_pb2.LogEntry]:
+    async def list_logs(
+        self, job_id: str, level: int, limit: int, kind: int = 0
+    ) -> list[log_pb2.LogEntry]:
         if limit <= 0:
             return []
         filter_: dict[str, Any] = {}
         if job_id:
             filter_["job_id"] = job_id
+        if kind:
+            filter_["kind"] = kind
         if level:
             filter_["level"] = level
         with _guard("list_logs"):

@@ -149,6 +149,7 @@ def log_document(entry: log_pb2.LogEntry) -> Doc:
     return {
         "job_id": entry.job_id,
         "level": entry.level,
+        "kind": entry.kind,
         "time_ns": entry.time.ToNanoseconds(),
         "e": Binary(entry.SerializeToString()),
     }

@@ -102,8 +102,11 @@ class Store(Protocol):
 
     async def write_log(self, entry: log_pb2.LogEntry) -> None: ...
 
-    async def list_logs(self, job_id: str, level: int, limit: int) -> list[log_pb2.LogEntry]:
-        """Newest first (by time, then arrival); `job_id` "" means every job."""
+    async def list_logs(
+        self, job_id: str, level: int, limit: int, kind: int = 0
+    ) -> list[log_pb2.LogEntry]:
+        """Newest first (by time, then arrival); `job_id` "" means every job, `kind` 0
+        every kind (LogEntry.kind)."""
 
     async def put_artifact(
         self, artifact: artifact_pb2.Artifact, chunks: AsyncIterator[bytes]

@@ -530,6 +530,7 @@ class ListLogsRequest(_message.Message):
     LEVEL_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     CALLBACK_TOKEN_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Only lines of this job (all lines when empty)."""
     level: _log_pb2.LogLevel.ValueType
@@ -538,6 +539,10 @@ class ListLogsRequest(_message.Message):
     """Maximum number of lines: 1-1000, default 50."""
     callback_token: _builtins.str
     """When set, must match the job's callback token."""
+    kind: _job_pb2.JobKind.ValueType
+    """Only lines of this kind (LogEntry.kind; any kind when unspecified): the video
+    worker's API key lists video lines, never those of other jobs.
+    """
     def __init__(
         self,
         *,
@@ -545,10 +550,11 @@ class ListLogsRequest(_message.Message):
         level: _log_pb2.LogLevel.ValueType = ...,
         limit: _builtins.int = ...,
         callback_token: _builtins.str = ...,
+        kind: _job_pb2.JobKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback_token", b"callback_token", "job_id", b"job_id", "level", b"level", "limit", b"limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback_token", b"callback_token", "job_id", b"job_id", "kind", b"kind", "level", b"level", "limit", b"limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

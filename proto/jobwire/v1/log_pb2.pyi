@@ -7,6 +7,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from jobwire.v1 import job_pb2 as _job_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -61,12 +62,18 @@ class LogEntry(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     RECORD_TIME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Job (video) the line is about; "UNKNOWN" when the worker named none."""
     level: Global___LogLevel.ValueType
     """Severity."""
     message: _builtins.str
     """The text."""
+    kind: _job_pb2.JobKind.ValueType
+    """Set by the service: the kind of the job the line is about, or for a line of no
+    stored job (such as "UNKNOWN") the kind its writer gave (WriteLogRequest.kind).
+    ListLogsRequest.kind selects by it.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the worker says it happened (worker clock; the service's clock when
@@ -85,10 +92,11 @@ class LogEntry(_message.Message):
         message: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
         record_time: _timestamp_pb2.Timestamp | None = ...,
+        kind: _job_pb2.JobKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["record_time", b"record_time", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "level", b"level", "message", b"message", "record_time", b"record_time", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "kind", b"kind", "level", b"level", "message", b"message", "record_time", b"record_time", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
