@@ -389,13 +389,16 @@ class Jobs:
                 raise not_found(job_id)
             yield record.job
             last = from_sequence
-            if record.terminal and last >= record.job.sequence:
-                return
             replay = [event for event in retained if event.sequence > last]
             gap = _replay_gap(job_id, last, record.job.sequence, replay)
             if gap is not None:
                 STREAM_GAPS.labels("WatchJob").inc()
                 yield gap
+                # Past the job's newest (another database, a restored backup): the
+                # snapshot is the view; what follows starts right after it.
+                last = min(last, record.job.sequence)
+            if record.terminal and last >= record.job.sequence:
+                return
             for event in replay:
                 yield event
                 last = event.sequence
@@ -525,8 +528,13 @@ def _gap(batch: list[event_pb2.JobEvent], last: int) -> bool:
 def _replay_gap(
     job_id: str, after: int, newest: int, replay: Sequence[event_pb2.JobEvent]
 ) -> event_pb2.StreamGap | None:
-    """The gap when the retained events after `after` do not start at `after + 1`."""
-    if after >= newest:
+    """The gap when the retained events after `after` do not start at `after + 1`; or
+    when `after` is past the job's newest sequence: the client's history is not this
+    job's (another database, a restored backup), and a gap going back says what follows
+    starts at `newest + 1` rather than every event up to `after` being dropped."""
+    if after > newest:
+        return _stream_gap(job_id, after, newest + 1)
+    if after == newest:
         return None
     oldest = replay[0].sequence if replay else newest + 1
     if oldest <= after + 1:
