@@ -57,6 +57,13 @@ async def watch(args: argparse.Namespace) -> int:
 
 
 def describe_gap(gap: StreamGap) -> str:
+    if gap.oldest_available_sequence <= gap.requested_sequence:  # the history went back
+        newest = gap.oldest_available_sequence - 1
+        return (
+            f"the job's history ends at event {newest}, before {gap.requested_sequence}"
+            f" (another database, or restored from an older backup); following it from"
+            f" {newest + 1}"
+        )
     first, last = gap.requested_sequence + 1, gap.oldest_available_sequence - 1
     span = f"event {first}" if first == last else f"events {first}–{last}"
     return f"{span} no longer retained (gap); resuming at {gap.oldest_available_sequence}"

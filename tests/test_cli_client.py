@@ -58,6 +58,14 @@ async def test_watch_prints_coalesced_ranges_stalls_and_gaps(tmp_path: Path) -> 
             assert code == 1, err  # ended, not SUCCEEDED
             assert "events 3–14 no longer retained (gap); resuming at 15" in out
             assert "FAILED" in out
+            # Past the job's end (another database, a restored backup): said as such,
+            # not as "events 41–30 no longer retained".
+            code, out, err = await cli_result(
+                "watch", "gap", "--from-sequence", "40", "--target", handle.target
+            )
+            assert code == 1, err
+            assert "the job's history ends at event 30, before 40" in out, out
+            assert "no longer retained" not in out
     finally:
         await proxy.close()
         await handle.close()
