@@ -54,6 +54,7 @@ class Config:
     keepalive_timeout_seconds: float = 30.0
     max_connections: int = 1000
     rate_limit: float = 0.0  # requests per second per credential; 0: off
+    rate_burst: float = 0.0  # the N of `N/min`: bursts of N (0: max(1, rate_limit))
     # Standard Webhooks v1 secrets (raw key bytes) by contract: aws_batch, video_worker,
     # aurora, secretary. Several per contract while a key is being rotated.
     signing_secrets: Mapping[str, tuple[bytes, ...]] = field(default_factory=dict, repr=False)
@@ -176,6 +177,7 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
         keepalive_timeout_seconds=number(merged, "JOBWIRE_KEEPALIVE_TIMEOUT_SECONDS", 30.0),
         max_connections=whole(merged, "JOBWIRE_MAX_CONNECTIONS", 1000),
         rate_limit=parse_rate(merged.get("JOBWIRE_RATE_LIMIT", "")),
+        rate_burst=rate_burst(merged.get("JOBWIRE_RATE_LIMIT", "")),
         signing_secrets=signing_secrets(merged),
     )
 
@@ -227,6 +229,13 @@ def parse_rate(value: str) -> float:
     if not 0 < rate < float("inf"):
         raise SystemExit(f"JOBWIRE_RATE_LIMIT must be positive, got {value!r}")
     return rate
+
+
+def rate_burst(value: str) -> float:
+    """The N of a valid `JOBWIRE_RATE_LIMIT` (parse_rate checked it): bursts of N, also
+    for `N/min` (whose rate per second is below 1)."""
+    count = value.strip().partition("/")[0]
+    return float(count) if parse_rate(value) else 0.0
 
 
 SIGNED_CONTRACTS = ("aws_batch", "video_worker", "aurora", "secretary")

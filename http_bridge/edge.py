@@ -134,11 +134,12 @@ class RateLimiter:
 
     rate: float
     max_keys: int = 10_000
+    size: float = 0.0  # the N of `N/min`; 0: max(1, rate)
     _buckets: dict[bytes, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def burst(self) -> float:
-        return max(1.0, self.rate)
+        return max(1.0, self.size or self.rate)
 
     def take(self, key: bytes, now: float | None = None) -> float:
         """0 when a request may pass, else the seconds until one may."""
@@ -180,7 +181,7 @@ def check_rate(request: web.Request) -> None:
 
 def install(app: web.Application, config: Config) -> None:
     if config.rate_limit > 0:
-        app[RATE_LIMITER] = RateLimiter(config.rate_limit)
+        app[RATE_LIMITER] = RateLimiter(config.rate_limit, size=config.rate_burst)
 
 
 # -- Standard Webhooks signatures (signing.py) ---------------------------------------

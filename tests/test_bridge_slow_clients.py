@@ -164,6 +164,25 @@ async def test_rate_limit_per_credential_429_with_retry_after(
             assert r.status == 401
 
 
+async def test_rate_limit_per_minute_allows_bursts_of_n(grpc_service: Any, tmp_path: Path) -> None:
+    """`N/min` allows bursts of N, as `N/s` does (README): 5/min let one request through
+    and answered 429 to a worker's second request of the same second."""
+    async with (
+        bridge_process(
+            grpc_service.target, tmp_path, JOBWIRE_RATE_LIMIT="5/min", API_KEY=API_KEY
+        ) as bridge,
+        aiohttp.ClientSession() as http,
+    ):
+        url = f"{bridge.url}/api/log?limit=1"
+        statuses = []
+        for _ in range(6):
+            async with http.get(url, headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+                statuses.append(r.status)
+                retry_after = r.headers.get("Retry-After")
+        assert statuses == [200] * 5 + [429], statuses
+        assert retry_after is not None and 1 <= int(retry_after) <= 12
+
+
 async def test_200_slow_connections_do_not_slow_normal_callbacks(
     grpc_service: Any, tmp_path: Path
 ) -> None:
