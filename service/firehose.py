@@ -86,6 +86,11 @@ class Cursor:
                 if not extra:
                     del self.extra[origin]
 
+    def forget(self, origin: str) -> None:
+        """Drops what was delivered of `origin` (they were another log's entries)."""
+        self.done.pop(origin, None)
+        self.extra.pop(origin, None)
+
     def encode(self) -> str:
         body: dict[str, object] = {"d": self.done, "t": self.time_ns}
         if self.extra:
@@ -206,7 +211,7 @@ class Firehose:
         the cursor past them."""
         cutoff = self._cutoff()
         bounds = await self.store.log_bounds(cutoff)
-        lost = False
+        lost = self._past_the_end(cursor, bounds)
         for origin, (oldest, _) in bounds.items():
             done = cursor.done.get(origin, 0)
             if oldest > done + 1:
@@ -221,6 +226,24 @@ class Firehose:
         if not lost:
             return None
         return Gap(requested=requested, oldest=cursor.encode())
+
+    def _past_the_end(self, cursor: Cursor, bounds: dict[str, tuple[int, int]]) -> bool:
+        """True when the cursor covers entries an origin never wrote: the position is
+        from another database or from before a restore (the embedded store's one origin
+        has the same name in every database). The cursor forgets that origin, so this
+        log's retained entries are delivered (as for "0"), none taken for ones seen."""
+        single = getattr(self.store, "single_writer_origin", "")
+        ends = {origin: newest for origin, (_, newest) in bounds.items()}
+        if single and single not in ends:
+            ends[single] = 0  # nothing written yet
+        past = False
+        for origin, newest in ends.items():
+            if cursor.done.get(origin, 0) > newest or any(
+                n > newest for n in cursor.extra.get(origin, ())
+            ):
+                past = True
+                cursor.forget(origin)
+        return past
 
     async def _replay(
         self, cursor: Cursor, matches: Callable[[event_pb2.JobEvent], bool]

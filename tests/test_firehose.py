@@ -179,6 +179,45 @@ async def test_resume_older_than_the_window_gets_a_gap_then_what_is_retained(
     again.cancel()
 
 
+async def test_a_position_from_another_database_loses_no_event(
+    store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A consumer's position from one service, used on another database (a new or
+    replaced one, a restore): the embedded store's log has one origin whatever the
+    database, so a position past the log's end covered the new database's entries
+    and every event up to it was skipped without a word. It now gets a gap (the
+    position is past the log: what follows is this log's), then every event."""
+    first = await start_service(
+        await open_test_store(store_kind, tmp_path / "a", request, make_policy())
+    )
+    try:
+        await _traffic(first, "a", jobs=3, steps=3)
+        call = first.stub.WatchJobs(job_service_pb2.WatchJobsRequest(after="0"))
+        old = await _until(call, lambda r: len(r) == 12)  # 3 jobs x (3 progress + completed)
+        call.cancel()
+    finally:
+        await first.close()
+    other = await start_service(
+        await open_test_store(store_kind, tmp_path / "b", request, make_policy())
+    )
+    try:
+        await _traffic(other, "b", jobs=1, steps=1)  # 2 entries, fewer than the position's 12
+        resumed = other.stub.WatchJobs(job_service_pb2.WatchJobsRequest(after=old[-1].position))
+        reader = asyncio.ensure_future(
+            _until(resumed, lambda r: sum(m.event.job_id == "c-0" for m in r) == 3)
+        )
+        await _traffic(other, "c", jobs=1, steps=2)
+        got = await reader
+        events = [(m.event.job_id, m.event.sequence) for m in got if m.HasField("event")]
+        assert events == [("b-0", 1), ("b-0", 2), ("c-0", 1), ("c-0", 2), ("c-0", 3)]
+        if store_kind == "embedded":  # one origin: the position was past this log's end
+            assert got[0].HasField("gap") and not got[0].HasField("event")
+            assert got[0].gap.requested_position == old[-1].position
+        resumed.cancel()
+    finally:
+        await other.close()
+
+
 async def test_firehose_off_keeps_live_watching_and_refuses_to_resume(
     store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
