@@ -45,7 +45,7 @@ class Auth:
         return bool(self._token)
 
     def check_token(self, candidate: str) -> bool:
-        return bool(self._token) and hmac.compare_digest(_bytes(candidate), self._token)
+        return bool(self._token) and _same(_bytes(candidate), self._token)
 
     def _sign(self, payload: str) -> str:
         mac = hmac.new(self._key, _bytes(payload), hashlib.sha256).digest()
@@ -77,7 +77,7 @@ class Auth:
         session_id, _, expiry = payload.partition(".")
         if not (session_id and expiry.isascii() and expiry.isdigit() and signature):
             return None
-        if not hmac.compare_digest(_bytes(signature), _bytes(self._sign(payload))):
+        if not _same(_bytes(signature), _bytes(self._sign(payload))):
             return None
         if int(expiry) < time.time():
             return None
@@ -86,7 +86,7 @@ class Auth:
     def csrf_ok(self, principal: Principal, submitted: str) -> bool:
         if not principal.csrf:  # Bearer: not a browser's ambient credential
             return True
-        return bool(submitted) and hmac.compare_digest(_bytes(submitted), _bytes(principal.csrf))
+        return bool(submitted) and _same(_bytes(submitted), _bytes(principal.csrf))
 
     def set_cookie(self, request: web.Request, response: web.StreamResponse, value: str) -> None:
         response.set_cookie(
@@ -98,6 +98,12 @@ class Auth:
             samesite="Strict",
             secure=served_over_https(request),
         )
+
+
+def _same(given: bytes, expected: bytes) -> bool:
+    """Constant time on equal-length digests: compare_digest of unequal lengths returns
+    at once, which told a guesser the secret's length."""
+    return hmac.compare_digest(hashlib.sha256(given).digest(), hashlib.sha256(expected).digest())
 
 
 def _bytes(text: str) -> bytes:

@@ -11,6 +11,7 @@ with client/channel.py (the bridge's http_bridge/service_channel.py wraps it).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -47,14 +48,15 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without `authorization: Bearer <token>` (health checks exempt)."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        # Digests: compare_digest of unequal lengths returns at once (the token's length).
+        self._expected = hashlib.sha256(f"Bearer {token}".encode()).digest()
 
     def allowed(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
         ok = False
         for key, value in metadata or ():
             if key.lower() == "authorization":
                 given = value.encode() if isinstance(value, str) else bytes(value)
-                ok |= hmac.compare_digest(given, self._expected)
+                ok |= hmac.compare_digest(hashlib.sha256(given).digest(), self._expected)
         return ok
 
     async def intercept_service(
