@@ -671,3 +671,32 @@ async def test_control_zero_width_wide_and_combining_characters(
     await check(f"#timeline tr[data-seq='{seq}'] td.message")
     await snap(tab, shots, "odd-job-live")
     assert tab.problems == []
+
+
+LINE_BREAKS = """(sel) => {
+  const node = document.querySelector(sel).firstChild;
+  const text = node.textContent, range = document.createRange(), breaks = [];
+  let top = null;
+  for (let i = 0; i < text.length; i++) {
+    range.setStart(node, i); range.setEnd(node, i + 1);
+    const t = range.getClientRects()[0].top;
+    if (top !== null && t > top + 1) breaks.push(i);
+    top = t;
+  }
+  return [text, breaks];
+}"""
+
+
+async def test_a_long_job_id_wraps_at_its_hyphens(
+    tab: Tab, dash: DashboardProcess, svc: ServiceHandle, bridge: Bridge
+) -> None:
+    """A job id too long for its column broke anywhere (word-break: break-all), e.g.
+    `contract-2026-117-782` / `2`; it now wraps after a hyphen when its parts fit."""
+    hex_ = uuid.uuid4().hex
+    job_id = "contract-2026-117-" + "-".join(hex_[i : i + 4] for i in range(0, 32, 4))
+    await Worker.create(svc, bridge, job_id)
+    await tab.open(dash.url + "/jobs")
+    text, breaks = await tab.page.evaluate(LINE_BREAKS, row(job_id) + " td.id a")
+    assert text == job_id
+    assert breaks, f"{job_id} fits on one line at {tab.width}: the test shows nothing"
+    assert all(text[i - 1] == "-" for i in breaks), (tab.width, [text[:i] for i in breaks])
