@@ -130,12 +130,24 @@ def body_too_slow() -> BridgeError:
 @dataclass
 class RateLimiter:
     """Token buckets (`rate` per second, bursts of `max(1, rate)`) keyed by a digest of
-    the credential, so no secret is kept as a key. Bounded: the oldest keys go first."""
+    the credential, so no secret is kept as a key. Bounded: the oldest keys go first.
+    A credential not yet seen to work also draws on its address's bucket (check_rate):
+    else each guessed token came with a fresh bucket, and guessing was never limited."""
 
     rate: float
     max_keys: int = 10_000
     size: float = 0.0  # the N of `N/min`; 0: max(1, rate)
     _buckets: dict[bytes, tuple[float, float]] = field(default_factory=dict)
+    _vouched: dict[bytes, None] = field(default_factory=dict)  # keys that worked, oldest first
+
+    def vouch(self, key: bytes) -> None:
+        self._vouched.pop(key, None)
+        self._vouched[key] = None
+        while len(self._vouched) > self.max_keys:
+            del self._vouched[next(iter(self._vouched))]
+
+    def vouched(self, key: bytes) -> bool:
+        return key in self._vouched
 
     @property
     def burst(self) -> float:
@@ -174,9 +186,20 @@ def check_rate(request: web.Request) -> None:
     limiter = request.app.get(RATE_LIMITER)
     if limiter is None:
         return
-    wait = limiter.take(credential_key(request))
+    key = credential_key(request)
+    wait = limiter.take(key)
+    if not wait and not limiter.vouched(key):
+        # A guess, a typo or a worker's first call: its address pays too.
+        wait = limiter.take(b"new:" + (request.remote or "").encode("utf-8", "surrogateescape"))
     if wait > 0:
         raise BridgeError(429, "rate limit exceeded", retry_after=max(1, math.ceil(wait)))
+
+
+def vouch_for_credential(request: web.Request) -> None:
+    """After a success: the credential works, it no longer draws on its address."""
+    limiter = request.app.get(RATE_LIMITER)
+    if limiter is not None:
+        limiter.vouch(credential_key(request))
 
 
 def install(app: web.Application, config: Config) -> None:

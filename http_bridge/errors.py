@@ -143,14 +143,16 @@ def contract_errors(render: Renderer) -> Callable[[Handler], Handler]:
     def decorate(handler: Handler) -> Handler:
         # Late (edge and grpc_client import this module), but once per handler rather
         # than two import statements run on every request.
-        from .edge import check_rate
+        from .edge import check_rate, vouch_for_credential
         from .grpc_client import CONFIG
 
         @functools.wraps(handler)
         async def wrapper(request: web.Request) -> web.StreamResponse:
             try:
                 check_rate(request)
-                return await handler(request)
+                response = await handler(request)
+                vouch_for_credential(request)
+                return response
             except grpc.aio.AioRpcError as exc:
                 err: BridgeError = from_rpc_error(exc)
             except BridgeError as exc:
