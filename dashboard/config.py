@@ -61,6 +61,19 @@ def ensure_token(path: Path, present: Mapping[str, str]) -> dict[str, str]:
     return generate_missing(path, present, [TOKEN_VAR], "the dashboard's login token")
 
 
+def _login_token(value: str) -> str:
+    """A token a login form or a Bearer header can carry: a secret file's trailing
+    newline (or a space, a tab) made the right token 'Wrong token.' for ever. The
+    message never shows the value."""
+    if value and (not value.isprintable() or value != value.strip()):
+        raise SystemExit(
+            f"{TOKEN_VAR} must not hold line breaks, tabs or other control characters, nor"
+            " start or end with a space (a secret file's trailing newline?): no login could"
+            " match it"
+        )
+    return value
+
+
 def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False) -> DashboardConfig:
     env_file, merged = merged_env(env)
     if generate:
@@ -72,7 +85,7 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
         host=host,
         port=port,
         service_target=merged.get("JOBWIRE_SERVICE_TARGET", "127.0.0.1:50051"),
-        token=merged.get(TOKEN_VAR, ""),
+        token=_login_token(merged.get(TOKEN_VAR, "")),
         trusted_user_header=_header_name(merged, "JOBWIRE_DASHBOARD_TRUSTED_USER_HEADER"),
         public_url=public_url(merged.get("JOBWIRE_PUBLIC_URL", "")),
         push_interval_seconds=number(merged, "JOBWIRE_DASHBOARD_PUSH_MS", 200) / 1000,

@@ -89,6 +89,23 @@ def test_dashboard_settings(tmp_path: Path, var: str, value: str) -> None:
     _refused(lambda: dashboard_config(env), var, value)
 
 
+@pytest.mark.parametrize(
+    "value",
+    ["s3cr3t-dashboard-token-from-a-file\n", " s3cr3t-dashboard-token-0123", "s3cr3t-dash\ttoken"],
+)
+def test_a_dashboard_token_no_login_can_match_is_named_not_shown(
+    tmp_path: Path, value: str
+) -> None:
+    """A secret file's trailing newline (or a space, a tab) in JOBWIRE_DASHBOARD_TOKEN:
+    the dashboard started, and the right token typed at login, or sent as Bearer, got
+    'Wrong token.' for ever. It stops at start naming the variable, never the value."""
+    env = {"JOBWIRE_ENV_FILE": str(tmp_path / "none.env"), "JOBWIRE_DASHBOARD_TOKEN": value}
+    with pytest.raises(SystemExit) as refused:
+        dashboard_config(env)
+    message = str(refused.value.code)
+    assert "JOBWIRE_DASHBOARD_TOKEN" in message and "s3cr3t" not in message, message
+
+
 def test_log_level() -> None:
     _refused(lambda: configure(fmt="text", level="LOUD"), "JOBWIRE_LOG_LEVEL", "LOUD")
 
