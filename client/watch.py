@@ -329,12 +329,16 @@ class JobsWatch:
                     if not reply.HasField("event"):
                         continue
                     event = reply.event
-                    key = (event.job_id, event.sequence)
-                    if key in self._delivered:
-                        continue
-                    self._delivered[key] = None
-                    if len(self._delivered) > _DEDUPE:
-                        self._delivered.popitem(last=False)
+                    if not reply.position:
+                        # No positions (the service's log is off): drop a repeat here. With
+                        # them the service sends nothing twice, and a (job, sequence) seen
+                        # before is a new event after a restore from an older backup.
+                        key = (event.job_id, event.sequence)
+                        if key in self._delivered:
+                            continue
+                        self._delivered[key] = None
+                        if len(self._delivered) > _DEDUPE:
+                            self._delivered.popitem(last=False)
                     yield event
                 connected_before = True
             except grpc.aio.AioRpcError as err:
