@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("jobwire.jobs")
 
 MAX_PAGE_SIZE = 1000
+MAX_PAGE_BYTES = 3 * 1024 * 1024  # a ListJobs page: under gRPC's 4 MiB message limit
 MAX_BATCH = 1000
 MAX_LOG_LIMIT = 1000
 # (job id, sequence) pairs a WatchJobs stream remembers, to drop repeated events.
@@ -147,9 +148,17 @@ class Jobs:
             after=after,
         )
         jobs = await self.store.list_jobs(query)
-        response = job_service_pb2.ListJobsResponse(jobs=jobs[:limit])
-        if len(jobs) > limit:
-            last = jobs[limit - 1]
+        # Also cut by size: a page of jobs with workers' 64 KiB messages went past
+        # gRPC's 4 MiB and failed (RESOURCE_EXHAUSTED) for everyone reading that page.
+        size, count = 0, 0
+        for job in jobs[:limit]:
+            size += job.ByteSize() + 8  # the field's tag and length
+            if count and size > MAX_PAGE_BYTES:
+                break
+            count += 1
+        response = job_service_pb2.ListJobsResponse(jobs=jobs[:count])
+        if len(jobs) > count:
+            last = jobs[count - 1]
             response.next_page_token = _encode_page_token(last.create_time.ToNanoseconds(), last.id)
         return response
 

@@ -10,7 +10,7 @@ import pytest
 
 from jobwire.v1 import job_pb2, job_service_pb2
 from tests.conftest import ServiceHandle
-from tests.helpers import create, progress
+from tests.helpers import create, failed, progress
 
 
 async def test_create_get_roundtrip(service: ServiceHandle) -> None:
@@ -173,3 +173,28 @@ async def test_dot_segment_ids_cannot_be_created(service: ServiceHandle) -> None
             await service.stub.ReportEvent(report)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (await create(service.stub, job_pb2.JOB_KIND_EXTRACTION, "..x")).job.id == "..x"
+
+
+async def test_a_page_of_big_jobs_stays_under_the_message_limit(service: ServiceHandle) -> None:
+    """Workers may write 64 KiB messages: 40 jobs with a progress message and an error
+    of that size are 5 MiB, and ListJobs' default page of 50 failed with
+    RESOURCE_EXHAUSTED (over gRPC's 4 MiB), for that page and any filter reaching it
+    (the dashboard's jobs page too). A page now ends before 3 MiB; the next holds the rest."""
+    big = "m" * 65536
+    for i in range(40):
+        job_id = f"big-{i:02d}"
+        await create(service.stub, job_pb2.JOB_KIND_VIDEO, job_id, size="big")
+        await service.stub.ReportEvent(progress(job_id, 10, message=big))
+        await service.stub.ReportEvent(failed(job_id, message=big))
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await service.stub.ListJobs(
+            job_service_pb2.ListJobsRequest(labels={"size": "big"}, page_token=token)
+        )
+        assert page.jobs and page.ByteSize() <= 3 * 1024 * 1024
+        seen += [job.id for job in page.jobs]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [f"big-{i:02d}" for i in range(40)]
