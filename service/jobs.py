@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("jobwire.jobs")
 
 MAX_PAGE_SIZE = 1000
-MAX_PAGE_BYTES = 3 * 1024 * 1024  # a ListJobs page: under gRPC's 4 MiB message limit
+MAX_PAGE_BYTES = 3 * 1024 * 1024  # a ListJobs or ListJobEvents answer: under gRPC's 4 MiB
 MAX_BATCH = 1000
 MAX_LOG_LIMIT = 1000
 # (job id, sequence) pairs a WatchJobs stream remembers, to drop repeated events.
@@ -230,6 +230,13 @@ class Jobs:
             raise invalid("from_sequence must not be negative")
         record = await self._record(job_id, token)
         retained = await self.store.events_after(job_id, from_sequence)
+        # The newest that fit under gRPC's message limit (a worker's 64 KiB messages:
+        # 64 events were past 4 MiB, RESOURCE_EXHAUSTED); the gap says where they start.
+        size, keep = 0, len(retained)
+        while keep and size + retained[keep - 1].ByteSize() + 8 <= MAX_PAGE_BYTES:
+            size += retained[keep - 1].ByteSize() + 8
+            keep -= 1
+        retained = retained[keep:] or retained[-1:]
         response = job_service_pb2.ListJobEventsResponse(events=retained)
         gap = _replay_gap(job_id, from_sequence, record.job.sequence, retained)
         if gap is not None:

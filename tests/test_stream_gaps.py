@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -82,6 +83,34 @@ async def test_list_job_events_says_where_the_retained_events_start(
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "from_sequence" in (err.value.details() or "")
+
+
+async def test_list_job_events_stays_under_the_message_limit(
+    store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A video worker may report 64 KiB messages; the 64 events a job keeps by default
+    were then 4.2 MiB, past gRPC's default 4 MiB (and any retention above 120 past the
+    8 MiB of jobwire's own clients): ListJobEvents failed with RESOURCE_EXHAUSTED, the
+    job's dashboard page and Secretary poll with it. It now answers the newest events
+    that fit in 3 MiB, with a gap saying where they start, as for events no longer kept."""
+    policy = dataclasses.replace(make_policy(), retention=64)
+    handle = await start_service(await open_test_store(store_kind, tmp_path, request, policy))
+    try:
+        await create(handle.stub, job_id="long")
+        for i in range(64):
+            await handle.stub.ReportEvent(progress("long", i, key=f"k{i}", message="m" * 65536))
+        page = await handle.stub.ListJobEvents(job_service_pb2.ListJobEventsRequest(job_id="long"))
+        assert page.ByteSize() <= 3 * 1024 * 1024
+        first = page.events[0].sequence
+        assert [e.sequence for e in page.events] == list(range(first, 65)) and first > 1
+        assert (page.gap.requested_sequence, page.gap.oldest_available_sequence) == (0, first)
+        small = await handle.stub.ListJobEvents(
+            job_service_pb2.ListJobEventsRequest(job_id="long", from_sequence=60)
+        )
+        assert [e.sequence for e in small.events] == [61, 62, 63, 64]
+        assert not small.HasField("gap")
+    finally:
+        await handle.close()
 
 
 async def test_a_resume_past_the_jobs_last_sequence_is_told_where_the_job_is(
