@@ -365,6 +365,7 @@ class Jobs:
         self, header: job_service_pb2.ArtifactHeader, chunks: AsyncIterator[bytes]
     ) -> artifact_pb2.Artifact:
         validation.artifact_name(header.name)
+        validation.content_type(header.content_type)
         await self._record(header.job_id, header.callback_token)
         meta = artifact_pb2.Artifact(
             job_id=header.job_id,

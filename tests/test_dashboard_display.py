@@ -534,7 +534,8 @@ async def test_markup_in_every_field_runs_nothing(
     worker = await Worker.create(svc, bridge, uid("xss"), labels)
     await worker.callback(10, payload("phase")[:128], payload("message"), payload("process"))
     await worker.log(payload("log"))
-    await worker.artifact("x.html", payload("content_type"))
+    # A parameter: the service refuses a content type that is not a MIME type.
+    await worker.artifact("x.html", "text/html; x=" + payload("content_type"))
     # A claimed VIDEO job: worker id and video fields; it fails with markup everywhere
     # while its page is open.
     video_id = uid("xss-video")

@@ -125,3 +125,29 @@ async def test_artifact_upload_read_list_replace(service: ServiceHandle) -> None
             )
         )
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/html\r\nSet-Cookie: a=b", "text/plain\x00", "zip", "t/" + "x" * 300, "tëxt/plain"],
+)
+async def test_an_artifact_content_type_no_header_can_carry_is_refused(
+    service: ServiceHandle, content_type: str
+) -> None:
+    """UploadArtifact stored any content_type: one with a line break was served by the
+    bridge's Secretary download as a 500 (aiohttp refuses the header) with a traceback
+    logged. Not a MIME type (printable ASCII type/subtype, at most 255): INVALID_ARGUMENT
+    naming header.content_type, nothing stored."""
+    await create(service.stub, job_pb2.JOB_KIND_EXTRACTION, "ct")
+
+    async def upload() -> AsyncIterator[job_service_pb2.UploadArtifactRequest]:
+        header = job_service_pb2.ArtifactHeader(job_id="ct", name="a", content_type=content_type)
+        yield job_service_pb2.UploadArtifactRequest(header=header)
+        yield job_service_pb2.UploadArtifactRequest(data=b"<b>x</b>")
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.UploadArtifact(upload())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "header.content_type" in (err.value.details() or "")
+    listed = await service.stub.ListArtifacts(job_service_pb2.ListArtifactsRequest(job_id="ct"))
+    assert list(listed.artifacts) == []

@@ -43,6 +43,26 @@ def artifact_name(value: str) -> str:
     return value
 
 
+_MIME_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_CONTENT_TYPE = re.compile(rf"{_MIME_TOKEN}/{_MIME_TOKEN}( *;.*)?")
+
+
+def content_type(value: str, field: str = "header.content_type") -> str:
+    """A MIME type a Content-Type header can carry: a line break in one made the
+    bridge's download a 500 (aiohttp refuses the header)."""
+    if value and not (
+        len(value) <= 255
+        and value.isascii()
+        and value.isprintable()
+        and _CONTENT_TYPE.fullmatch(value)
+    ):
+        raise invalid(
+            f"{field} must be a MIME type such as text/plain (printable ASCII, at most 255"
+            f" characters), got {value[:64]!r}"
+        )
+    return value
+
+
 def kind(value: int, field: str = "kind") -> int:
     if value == job_pb2.JOB_KIND_UNSPECIFIED or value not in job_pb2.JobKind.values():
         raise invalid(f"{field} must be one of {_names(job_pb2.JobKind)}")
