@@ -173,6 +173,9 @@ async def job_stream(request: web.Request) -> web.StreamResponse:
         elif which == "gap":
             await flush()
             gap = item.gap
+            # A gap going back (the job's history ends before the client's id: a restored
+            # backup): what follows starts after the snapshot, not after that id.
+            last_seq = min(last_seq, gap.oldest_available_sequence - 1)
             data = {
                 "requested": gap.requested_sequence,
                 "oldest": gap.oldest_available_sequence,

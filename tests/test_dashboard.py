@@ -33,7 +33,7 @@ from tests.dashboard_harness import (
     login,
     running_dashboard,
 )
-from tests.helpers import free_port
+from tests.helpers import free_port, until
 from tests.tcp_cutter import TcpCutter
 
 WAIT_MS = 10_000  # any awaited page change; the live-update test asserts its own 1 s
@@ -478,6 +478,30 @@ async def test_job_stream_resumes_from_last_event_id(
     assert b'"sequence":4' in data and b'"sequence":5' in data and b'"sequence":3' not in data
 
 
+async def test_job_stream_past_the_jobs_end_follows_it(
+    dash: DashboardProcess, http: aiohttp.ClientSession, svc: ServiceHandle
+) -> None:
+    """A Last-Event-ID past the job's newest sequence (the service restored from an older
+    backup under an open page): the service says so with a gap going back, but the
+    stream kept dropping every event up to the old id, the job's end too. It follows
+    the job from the snapshot now (and the page reloads on such a gap)."""
+    job = await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, uid("ahead"))
+    await progress(svc.stub, job.job.id, 10, "p", "m1")
+    headers = {**BEARER, "Last-Event-ID": "40"}
+    async with http.get(f"{dash.url}/events/jobs/{job.job.id}", headers=headers) as stream:
+        assert stream.status == 200
+        lines: list[bytes] = []
+        async with asyncio.timeout(WAIT_MS / 1000):
+            async for line in stream.content:
+                lines.append(line.strip())
+                if line.startswith(b"data: {") and lines[-2] == b"event: gap":
+                    await progress(svc.stub, job.job.id, 20, "p", "m2")
+                if line.startswith(b"data: [{"):
+                    break
+    assert lines[lines.index(b"event: gap") + 1] == b'data: {"requested":40,"oldest":2}'
+    assert b"id: 2" in lines and b'"sequence":2' in lines[-1]
+
+
 # -- job page -----------------------------------------------------------------------
 
 
@@ -562,6 +586,38 @@ async def test_job_page_goes_live_and_shows_gap_notice(
     await page.goto(f"{dash.url}/jobs/{long_id}")
     assert await page.is_visible("#gap-notice")
     assert (await timeline_seqs(page))[0] == 7
+
+
+async def test_job_page_reloads_when_the_jobs_history_went_back(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """A page whose last sequence is past the job's newest (the service restored from an
+    older backup while it was open: here its HTML says 40) gets a gap going back; it
+    kept its timeline and dropped every new event up to 40. It reloads now."""
+    job_id = uid("rewind")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    await progress(svc.stub, job_id, 10, "work", "step 1")
+    page = await login(context, dash.url)
+    served: list[str] = []
+
+    async def first_as_if_at_40(route: Any) -> None:
+        served.append(route.request.url)
+        if len(served) > 1:
+            await route.continue_()
+            return
+        reply = await route.fetch()
+        body = (await reply.text()).replace('data-seq="1"', 'data-seq="40"', 1)
+        await route.fulfill(response=reply, body=body)
+
+    await page.route(f"{dash.url}/jobs/{job_id}", first_as_if_at_40)
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    await until(lambda: len(served) == 2)  # reloaded on the gap
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    await progress(svc.stub, job_id, 20, "work", "step 2")
+    await page.wait_for_function(
+        "() => document.querySelectorAll('#timeline tbody tr').length === 2", timeout=WAIT_MS
+    )
+    assert await timeline_seqs(page) == [1, 2]
 
 
 async def test_stalled_job_and_stream_gap(

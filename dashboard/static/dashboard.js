@@ -418,6 +418,12 @@ function jobPage() {
   };
 
   const gap = (g) => {
+    // Going back: the job's history ends before this page's (the service was restored
+    // from an older backup). Its timeline is not the job's any more: show it afresh.
+    if (g.oldest <= g.requested) {
+      location.reload();
+      return;
+    }
     $("#gap-oldest").textContent = String(g.oldest);
     $("#gap-notice").hidden = false;
   };
