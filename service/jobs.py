@@ -18,6 +18,8 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
+from google.protobuf.message import Message
+
 from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, job_service_pb2, log_pb2
 
 from .committer import Committer, settle_in_doubt
@@ -150,12 +152,7 @@ class Jobs:
         jobs = await self.store.list_jobs(query)
         # Also cut by size: a page of jobs with workers' 64 KiB messages went past
         # gRPC's 4 MiB and failed (RESOURCE_EXHAUSTED) for everyone reading that page.
-        size, count = 0, 0
-        for job in jobs[:limit]:
-            size += job.ByteSize() + 8  # the field's tag and length
-            if count and size > MAX_PAGE_BYTES:
-                break
-            count += 1
+        count = _fitting(jobs[:limit])
         response = job_service_pb2.ListJobsResponse(jobs=jobs[:count])
         if len(jobs) > count:
             last = jobs[count - 1]
@@ -232,11 +229,7 @@ class Jobs:
         retained = await self.store.events_after(job_id, from_sequence)
         # The newest that fit under gRPC's message limit (a worker's 64 KiB messages:
         # 64 events were past 4 MiB, RESOURCE_EXHAUSTED); the gap says where they start.
-        size, keep = 0, len(retained)
-        while keep and size + retained[keep - 1].ByteSize() + 8 <= MAX_PAGE_BYTES:
-            size += retained[keep - 1].ByteSize() + 8
-            keep -= 1
-        retained = retained[keep:] or retained[-1:]
+        retained = retained[len(retained) - _fitting(retained[::-1]) :]
         response = job_service_pb2.ListJobEventsResponse(events=retained)
         gap = _replay_gap(job_id, from_sequence, record.job.sequence, retained)
         if gap is not None:
@@ -357,7 +350,8 @@ class Jobs:
             validation.job_id(request.job_id)
         if request.callback_token:
             await self._record(request.job_id, request.callback_token)
-        return await self.store.list_logs(request.job_id, request.level, limit, request.kind)
+        entries = await self.store.list_logs(request.job_id, request.level, limit, request.kind)
+        return entries[: _fitting(entries)]  # 1,000 lines of 64 KiB: past gRPC's 4 MiB
 
     # -- artifacts ---------------------------------------------------------
 
@@ -524,6 +518,17 @@ class Jobs:
         if not self._public_url or path is None:
             return ""
         return self._public_url + path.format(id=job.id)
+
+
+def _fitting(messages: Sequence[Message]) -> int:
+    """How many of `messages`, from the first, one answer can carry (MAX_PAGE_BYTES);
+    at least one."""
+    size = 0
+    for count, message in enumerate(messages):
+        size += message.ByteSize() + 8  # the field's tag and length
+        if count and size > MAX_PAGE_BYTES:
+            return count
+    return len(messages)
 
 
 def _gap(batch: list[event_pb2.JobEvent], last: int) -> bool:

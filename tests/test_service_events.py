@@ -236,6 +236,18 @@ async def test_list_logs_by_kind_shows_no_other_kind(service: ServiceHandle) -> 
     assert "kind" in (err.value.details() or "")
 
 
+async def test_list_logs_stays_under_the_message_limit(service: ServiceHandle) -> None:
+    """Log lines may be 64 KiB and ListLogs takes up to 1,000: 70 such lines failed
+    with RESOURCE_EXHAUSTED (over gRPC's 4 MiB; the video worker's GET /api/log past
+    the bridge's 8 MiB). The answer now ends with the newest lines that fit in 3 MiB."""
+    for i in range(70):
+        await service.stub.WriteLog(_log("", log_pb2.LOG_LEVEL_INFO, f"{i:02d}" + "m" * 65530, i))
+    reply = await service.stub.ListLogs(job_service_pb2.ListLogsRequest(limit=1000))
+    assert reply.ByteSize() <= 3 * 1024 * 1024
+    shown = [int(e.message[:2]) for e in reply.entries]
+    assert shown == list(range(69, 69 - len(shown), -1)) and len(shown) >= 40
+
+
 async def test_error_log_fails_a_queued_or_running_job(service: ServiceHandle) -> None:
     await create(service.stub, job_id="e1")
     await service.stub.ReportEvent(progress("e1", 30))
