@@ -151,7 +151,8 @@ def contract_errors(render: Renderer) -> Callable[[Handler], Handler]:
             try:
                 check_rate(request)
                 response = await handler(request)
-                vouch_for_credential(request)
+                if response.status < 400:
+                    vouch_for_credential(request)
                 return response
             except grpc.aio.AioRpcError as exc:
                 err: BridgeError = from_rpc_error(exc)
