@@ -131,8 +131,9 @@ def body_too_slow() -> BridgeError:
 class RateLimiter:
     """Token buckets (`rate` per second, bursts of `max(1, rate)`) keyed by a digest of
     the credential, so no secret is kept as a key. Bounded: the oldest keys go first.
-    A credential not yet seen to work also draws on its address's bucket (check_rate):
-    else each guessed token came with a fresh bucket, and guessing was never limited."""
+    Failed authentications also draw on their address's bucket, and a credential not
+    yet seen to work waits while that bucket is empty (check_rate): else each guessed
+    token came with a fresh bucket, and guessing was never limited."""
 
     rate: float
     max_keys: int = 10_000
@@ -153,12 +154,15 @@ class RateLimiter:
     def burst(self) -> float:
         return max(1.0, self.size or self.rate)
 
-    def take(self, key: bytes, now: float | None = None) -> float:
-        """0 when a request may pass, else the seconds until one may."""
+    def take(self, key: bytes, now: float | None = None, peek: bool = False) -> float:
+        """0 when a request may pass, else the seconds until one may. `peek`: only say."""
         now = time.monotonic() if now is None else now
         tokens, last = self._buckets.pop(key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if tokens >= 1.0:
+        if peek:
+            self._buckets[key] = (tokens, now)
+            wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+        elif tokens >= 1.0:
             self._buckets[key] = (tokens - 1.0, now)
             wait = 0.0
         else:
@@ -189,10 +193,22 @@ def check_rate(request: web.Request) -> None:
     key = credential_key(request)
     wait = limiter.take(key)
     if not wait and not limiter.vouched(key):
-        # A guess, a typo or a worker's first call: its address pays too.
-        wait = limiter.take(b"new:" + (request.remote or "").encode("utf-8", "surrogateescape"))
+        # Not seen to work yet (a guess, or a worker's first call): not while its
+        # address has used up its bucket on failed authentications.
+        wait = limiter.take(_failures_key(request), peek=True)
     if wait > 0:
         raise BridgeError(429, "rate limit exceeded", retry_after=max(1, math.ceil(wait)))
+
+
+def _failures_key(request: web.Request) -> bytes:
+    return b"failed:" + (request.remote or "").encode("utf-8", "surrogateescape")
+
+
+def count_failed_authentication(request: web.Request) -> None:
+    """A 401: its address's bucket pays (check_rate)."""
+    limiter = request.app.get(RATE_LIMITER)
+    if limiter is not None:
+        limiter.take(_failures_key(request))
 
 
 def vouch_for_credential(request: web.Request) -> None:

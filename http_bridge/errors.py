@@ -143,7 +143,7 @@ def contract_errors(render: Renderer) -> Callable[[Handler], Handler]:
     def decorate(handler: Handler) -> Handler:
         # Late (edge and grpc_client import this module), but once per handler rather
         # than two import statements run on every request.
-        from .edge import check_rate, vouch_for_credential
+        from .edge import check_rate, count_failed_authentication, vouch_for_credential
         from .grpc_client import CONFIG
 
         @functools.wraps(handler)
@@ -174,6 +174,8 @@ def contract_errors(render: Renderer) -> Callable[[Handler], Handler]:
                     err.status,
                     err.message,
                 )
+            if err.status == 401:
+                count_failed_authentication(request)
             retry_after = request.app[CONFIG].retry_after_seconds
             return error_response(err, render, retry_after, credential_sent(request))
 

@@ -185,9 +185,9 @@ async def test_guessed_credentials_are_rate_limited_per_address(
     grpc_service: Any, tmp_path: Path
 ) -> None:
     """Each guessed token had a fresh bucket of its own, so a caller trying a new token
-    per request was never limited (nor the service reads a Secretary guess costs). A
-    credential not yet seen to work also draws on its address's bucket; one that
-    worked keeps its own only, so guesses from the same address do not stop it."""
+    per request was never limited (nor the service reads a Secretary guess costs).
+    Failed authentications now draw on their address's bucket, and a credential not yet
+    seen to work waits while it is empty; one that worked keeps its own bucket only."""
     async with (
         bridge_process(
             grpc_service.target, tmp_path, JOBWIRE_RATE_LIMIT="3/min", API_KEY=API_KEY
@@ -200,10 +200,10 @@ async def test_guessed_credentials_are_rate_limited_per_address(
             async with http.get(url, headers={"Authorization": f"Bearer {key}"}) as r:
                 return r.status
 
-        assert await call(API_KEY) == 200  # its first call draws on the address too
+        assert await call(API_KEY) == 200  # a success costs its address nothing
         guesses = [await call(f"guess-{i}") for i in range(8)]
-        assert guesses == [401, 401] + [429] * 6, guesses
-        assert await call(API_KEY) == 200  # its own bucket: 2 of 3 left
+        assert guesses == [401, 401, 401] + [429] * 5, guesses
+        assert await call(API_KEY) == 200  # it worked before: its own bucket, 2 of 3 left
 
 
 async def test_200_slow_connections_do_not_slow_normal_callbacks(
