@@ -542,11 +542,15 @@ async def download(request: web.Request) -> web.StreamResponse:
     first: Any = await call.read()  # an error (404/401/503) surfaces here, before any byte
     if first is grpc.aio.EOF or first.WhichOneof("part") != "artifact":
         raise BridgeError(500, "artifact stream did not start with its metadata")
+    content_type = first.artifact.content_type
+    if not (content_type.isascii() and content_type.isprintable()):
+        content_type = ""  # stored before the service checked them: no header carries it
     response = web.StreamResponse(
         headers={
-            "Content-Type": first.artifact.content_type or "application/octet-stream",
+            "Content-Type": content_type or "application/octet-stream",
             "Content-Disposition": f'attachment; filename="{name}"',
             "X-Content-SHA256": first.artifact.sha256,
+            "X-Content-Type-Options": "nosniff",
         }
     )
     response.content_length = first.artifact.size_bytes

@@ -218,3 +218,26 @@ async def test_bad_input_is_400_and_writes_nothing(bridge: Any, stub: Any) -> No
     assert (job.state, job.sequence) == (job_pb2.JOB_STATE_QUEUED, 0)
     listed = await stub.ListArtifacts(job_service_pb2.ListArtifactsRequest(job_id=job_id))
     assert list(listed.artifacts) == []
+
+
+async def test_a_stored_content_type_no_header_can_carry_downloads_as_octet_stream(
+    bridge: Any, stub: Any, grpc_service: Any
+) -> None:
+    """An artifact stored before the service checked content types (a line break in
+    one) made the download a 500 with a traceback: aiohttp refuses such a header. It is
+    served as application/octet-stream now, and no download is sniffed by a browser."""
+    from jobwire.v1 import artifact_pb2
+
+    job_id, auth = await new_job(stub)
+    meta = artifact_pb2.Artifact(job_id=job_id, name="old.html", content_type="text/html\r\nX: 1")
+
+    async def chunks() -> Any:
+        yield b"<b>x</b>"
+
+    await grpc_service.running.store.put_artifact(meta, chunks())
+    url = bridge.url + path(job_id) + "/artifacts/old.html"
+    async with bridge.http.get(url, headers=auth) as r:
+        assert r.status == 200, await r.text()
+        assert r.headers["Content-Type"] == "application/octet-stream"
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
+        assert await r.read() == b"<b>x</b>"
