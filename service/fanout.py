@@ -209,6 +209,9 @@ class Fanout:
         self._lossless: set[Subscription] = set()
         self._published: dict[str, int] = {}  # anchored origin -> contiguous n published
         self._published_extra: dict[str, set[int]] = {}
+        # Of the subscriptions, the watch workers' feeds (service/watch_workers.py): no
+        # client's stream, so not in jobwire_watchers.
+        self.feeds = 0
 
     def subscribe(
         self,

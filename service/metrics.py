@@ -106,7 +106,7 @@ FIREHOSE_APPEND_FAILURES = Gauge(
 
 
 def watch_fanout(fanout: Fanout) -> None:
-    WATCHERS.set_function(lambda: fanout.watchers)
+    WATCHERS.set_function(lambda: fanout.watchers - fanout.feeds)  # clients' streams
 
 
 def watch_firehose(store: Store) -> None:

@@ -7,18 +7,25 @@ import asyncio
 import base64
 import logging
 import os
+import signal
+from pathlib import Path
 from typing import Any
 
+import aiohttp
+import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobwire.v1 import job_pb2
+from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
+from service.store.embedded import EmbeddedStore
 from tests.bridge_harness import (
     Bridge,
     bridge,  # noqa: F401
     create_job,
     stub,  # noqa: F401
 )
+from tests.conftest import make_policy, start_service
+from tests.helpers import WAIT, create, read, until
 
 
 async def scrape(to: Bridge) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -85,3 +92,61 @@ async def test_a_download_the_client_abandons_is_no_500_and_no_error(
     assert callbacks(after, "secretary", 200) == callbacks(before, "secretary", 200) + 1
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
+
+
+async def service_gauge(port: int, name: str) -> float:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/metrics") as reply,
+    ):
+        text = await reply.text()
+    values = [
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    ]
+    assert len(values) == 1, (name, values)
+    return values[0]
+
+
+async def test_jobwire_watchers_counts_no_watch_worker_feed(tmp_path: Path) -> None:
+    """With JOBWIRE_WATCH_WORKERS=2 and nobody watching, jobwire_watchers read 2 (each
+    worker's feed from the service is a subscription too), and after a worker died and
+    was restarted the same; it counts clients' streams (README "Watch workers")."""
+    from tests.test_watch_workers import WORKERS, worker_pids, workers_up
+
+    handle = await start_service(
+        EmbeddedStore(tmp_path / "d", make_policy()),
+        watch_workers=WORKERS,
+        metrics_addr="127.0.0.1:0",
+    )
+    try:
+        await workers_up(handle)
+        assert handle.running.ops is not None
+        port = handle.running.ops.metrics.port
+        assert await service_gauge(port, "jobwire_watchers") == 0
+        fanout = handle.running.jobs.fanout
+        victim = worker_pids(handle)[0]
+        os.kill(victim, signal.SIGKILL)
+        await until(lambda: fanout.watchers < WORKERS, timeout=6 * WAIT)  # its feed ended
+        await until(lambda: fanout.watchers == WORKERS, timeout=6 * WAIT)  # and reopened
+        assert victim not in worker_pids(handle)
+        assert await service_gauge(port, "jobwire_watchers") == 0
+        # A client's stream on the service itself is counted: new connections until
+        # one lands on the service rather than on a worker (SO_REUSEPORT spreads them).
+        await create(handle.stub, job_id="watched")
+        own = [("grpc.use_local_subchannel_pool", 1)]
+        for _ in range(60):  # P(none of 60 on the service) = (2/3)^60
+            async with grpc.aio.insecure_channel(handle.target, options=own) as channel:
+                stub = job_service_pb2_grpc.JobServiceStub(channel)
+                call = stub.WatchJob(job_service_pb2.WatchJobRequest(id="watched"))
+                await read(call)  # the snapshot: subscribed wherever it landed
+                if fanout.watchers > WORKERS:
+                    assert await service_gauge(port, "jobwire_watchers") == 1
+                    break
+                call.cancel()
+        else:
+            raise AssertionError("no connection reached the service itself")
+    finally:
+        await handle.close()
