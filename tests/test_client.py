@@ -1059,7 +1059,9 @@ async def test_watch_jobs_delivers_a_restored_jobs_new_events(
     """The service restored from an older backup: the job's sequences 3 and 4 are new
     events there. The firehose watch kept every (job, sequence) it had yielded and
     dropped them as repeats, though the service's position already says what a stream
-    had (so nothing is sent twice). The service's word is taken now: they arrive."""
+    had; and the embedded log numbered the restored log's new entries as the ones the
+    position covered (its numbers restarted from the backup's), so a consumer that
+    resumed after them was skipped past them too. Both ways, every new event arrives."""
     live, backup = f"t_live_{os.urandom(6).hex()}", f"t_backup_{os.urandom(6).hex()}"
 
     async def store(name: str) -> Store:
@@ -1074,40 +1076,47 @@ async def test_watch_jobs_delivers_a_restored_jobs_new_events(
     await _copy_database(store_kind, tmp_path, request, live, backup)
     second = await start_service(await store(live))
     port = second.running.port
-    third: ServiceHandle | None = None
     async with client(second.target) as c:
         await c.report_progress("rj", 30)
         await c.report_progress("rj", 40)
-        iterator = aiter(c.watch_jobs(after="0"))
+        watch = c.watch_jobs(after="0")
+        iterator = aiter(watch)
         seen = [await asyncio.wait_for(anext(iterator), WAIT) for _ in range(4)]
         assert sequences(seen) == [1, 2, 3, 4]
-        await second.close()  # restored: the service starts again on the backup
-        third = await start_service(await store(backup), grpc_addr=f"127.0.0.1:{port}")
-        rest: list[object] = []
+        position = watch.position
+        await second.close()
+        for resume_first, restored in ((True, f"{backup}a"), (False, f"{backup}b")):
+            # Restored: the service starts again on (a copy of) the backup.
+            await _copy_database(store_kind, tmp_path, request, backup, restored)
+            third = await start_service(await store(restored), grpc_addr=f"127.0.0.1:{port}")
+            rest: list[object] = []
 
-        async def read_on() -> None:
-            while not any(isinstance(i, JobEvent) and i.sequence == 4 for i in rest):
-                rest.append(await asyncio.wait_for(anext(iterator), WAIT))
+            async def read_on(into: list[object], it: Any) -> None:
+                while not any(isinstance(i, JobEvent) and i.sequence == 4 for i in into):
+                    into.append(await asyncio.wait_for(anext(it), WAIT))
 
-        try:
-            reader = asyncio.ensure_future(read_on())
-            # Resumed before the restored log grows past the position (see README).
-            await until(lambda: third.running.jobs.fanout.watchers == 1)
-            async with client(third.target) as writer:
-                await writer.report_progress("rj", 50)
-                await writer.complete("rj")
-            await reader
-            await iterator.aclose()  # type: ignore[attr-defined]
-        finally:
-            await third.close()
-    new = [i for i in rest if isinstance(i, JobEvent) and i.sequence >= 3]
-    assert [(e.sequence, e.state) for e in new] == [
-        (3, job_pb2.JOB_STATE_RUNNING),
-        (4, job_pb2.JOB_STATE_SUCCEEDED),
-    ]
-    assert new[0].progress.percent == 50
-    if store_kind == "embedded":  # its log's one origin: the position was past the end
-        assert isinstance(rest[0], StreamGap) and rest[0].requested_position
+            try:
+                if resume_first:  # the watch resumes before the restored log grows
+                    reader = asyncio.ensure_future(read_on(rest, iterator))
+                    fanout = third.running.jobs.fanout
+                    await until(lambda: fanout.watchers == 1)  # noqa: B023 (awaited here)
+                else:  # a consumer resumes from its stored position after it grew
+                    iterator = aiter(c.watch_jobs(after=position))
+                async with client(third.target) as writer:
+                    await writer.report_progress("rj", 50)
+                    await writer.complete("rj")
+                if not resume_first:
+                    reader = asyncio.ensure_future(read_on(rest, iterator))
+                await reader
+                await iterator.aclose()  # type: ignore[attr-defined]
+            finally:
+                await third.close()
+            new = [i for i in rest if isinstance(i, JobEvent) and i.sequence >= 3]
+            assert [(e.sequence, e.state) for e in new] == [
+                (3, job_pb2.JOB_STATE_RUNNING),
+                (4, job_pb2.JOB_STATE_SUCCEEDED),
+            ], resume_first
+            assert new[0].progress.percent == 50
 
 
 def test_unusable_retry_and_deadline_settings_are_refused_by_name() -> None:

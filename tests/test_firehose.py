@@ -18,6 +18,7 @@ import pytest
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
 from service import metrics
 from service.domain.records import Policy
+from service.firehose import Cursor
 from service.store.mongo import MongoStore
 from tests.conftest import ServiceHandle, make_policy, open_test_store, start_service
 from tests.helpers import completed, create, progress, read, until
@@ -185,8 +186,9 @@ async def test_a_position_from_another_database_loses_no_event(
     """A consumer's position from one service, used on another database (a new or
     replaced one, a restore): the embedded store's log has one origin whatever the
     database, so a position past the log's end covered the new database's entries
-    and every event up to it was skipped without a word. It now gets a gap (the
-    position is past the log: what follows is this log's), then every event."""
+    and every event up to it was skipped without a word. Each start now numbers the
+    log's entries from the clock, so a position from another database covers none of
+    them; a position past an origin's end gets a gap, then the retained window."""
     first = await start_service(
         await open_test_store(store_kind, tmp_path / "a", request, make_policy())
     )
@@ -210,10 +212,19 @@ async def test_a_position_from_another_database_loses_no_event(
         got = await reader
         events = [(m.event.job_id, m.event.sequence) for m in got if m.HasField("event")]
         assert events == [("b-0", 1), ("b-0", 2), ("c-0", 1), ("c-0", 2), ("c-0", 3)]
-        if store_kind == "embedded":  # one origin: the position was past this log's end
+        if store_kind == "embedded":  # one origin: none of the position's entries is here
             assert got[0].HasField("gap") and not got[0].HasField("event")
             assert got[0].gap.requested_position == old[-1].position
         resumed.cancel()
+        # A position past the end of an origin this log has (a clock stepped back
+        # between a backup's start and the position): a gap, then the retained window.
+        bounds = await other.running.store.log_bounds(0)
+        ahead = Cursor(done={o: newest + 1000 for o, (_, newest) in bounds.items()}).encode()
+        past = other.stub.WatchJobs(job_service_pb2.WatchJobsRequest(after=ahead))
+        got = await _until(past, lambda r: sum(m.event.job_id == "c-0" for m in r) == 3)
+        assert got[0].HasField("gap") and got[0].gap.requested_position == ahead
+        assert [(m.event.job_id, m.event.sequence) for m in got[1:]] == events
+        past.cancel()
     finally:
         await other.close()
 

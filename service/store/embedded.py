@@ -147,6 +147,7 @@ class EmbeddedStore:
         try:
             await self._write(_migrate)
             await self._write(lambda conn: _settle_retention(conn, self.policy.retention))
+            await self._write(_number_log_from_the_clock)
         except BaseException:
             self._unlock()
             raise
@@ -1029,6 +1030,22 @@ def _migrate(conn: sqlite3.Connection) -> None:
             "(SELECT kind FROM jobs WHERE jobs.id = logs.job_id), 0)"
         )
     conn.execute("CREATE INDEX IF NOT EXISTS logs_kind ON logs(kind, time_ns, id)")
+
+
+def _number_log_from_the_clock(conn: sqlite3.Connection) -> None:
+    """Each start numbers its firehose entries above the clock in µs (past the last
+    number when that is higher). The log's one origin has the same name in every
+    database, so a database restored from an older backup would number its new entries
+    as the ones a consumer's position already covers and they would be skipped; a start
+    after the restore numbers them above any number given out before it (a process
+    writes far fewer than a million entries a second). Positions keep working: a jump
+    in the numbers is no gap (nothing was written in between)."""
+    base = time.time_ns() // 1000
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'firehose'").fetchone()
+    if row is None:
+        conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('firehose', ?)", (base,))
+    elif int(row[0]) < base:
+        conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'firehose'", (base,))
 
 
 def _settle_retention(conn: sqlite3.Connection, retention: int) -> None:
