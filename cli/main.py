@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging()  # JOBWIRE_LOG_FORMAT (json|text), JOBWIRE_LOG_LEVEL; redacted
     try:
         code = args.func(args)
+    except BrokenPipeError:
+        # `jobwire jobs list | head`: the reader has what it wanted. Quiet, as `cat` is;
+        # stdout goes to /dev/null so the interpreter's final flush raises nothing more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(141) from None  # 128 + SIGPIPE, what a shell reports for `cat`
     except KeyboardInterrupt:
         # Ctrl-C in a client command (the servers handle SIGINT themselves): no
         # traceback, and the process ends as killed by SIGINT, so a calling shell

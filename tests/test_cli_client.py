@@ -4,7 +4,9 @@ environment. Real service and a real loopback proxy (to coalesce / mark a stall)
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 from pathlib import Path
 
 from jobwire.client import Client, Job, JobEvent
@@ -201,3 +203,20 @@ async def test_cli_help_names_each_option_and_jobs_wants_an_action() -> None:
     assert "JOBWIRE_SERVICE_TARGET" in out
     code, out, _ = await cli_result("logs", "--help")
     assert "{," not in out and "only lines of this level" in out
+
+
+async def test_output_cut_short_by_its_reader_ends_quietly(grpc_service: ServiceHandle) -> None:
+    """`jobwire jobs list --all | head` ended with a BrokenPipeError traceback."""
+    async with Client(grpc_service.target) as c:
+        for i in range(300):  # ~200 KB of JSON: more than a pipe holds
+            await c.create_job("GENERIC", job_id=f"pipe-{i}", labels={"note": "x" * 250})
+    command = (
+        f"set -o pipefail; {sys.executable} -m cli jobs list --all"
+        f" --target {grpc_service.target} | head -c 100 >/dev/null"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-c", command, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 2 * WAIT)
+    assert proc.returncode == 141, err  # 128 + SIGPIPE, as `cat` reports
+    assert err == b""
