@@ -18,13 +18,15 @@ from jobwire.v1 import job_service_pb2 as svc
 
 from . import tracing
 from .errors import RpcFailed, from_rpc_error, status_code_of
+from .metrics import REQUEST_ID
 
 if TYPE_CHECKING:
     from jobwire.v1.job_service_pb2_grpc import JobServiceAsyncStub
 
 log = logging.getLogger(__name__)
 
-_Waiter = tuple[svc.ReportEventRequest, "asyncio.Future[svc.ReportEventResponse]"]
+# An event, its caller's future, and the callback's request id (X-Request-ID).
+_Waiter = tuple[svc.ReportEventRequest, "asyncio.Future[svc.ReportEventResponse]", str]
 
 
 class Coalescer:
@@ -55,7 +57,7 @@ class Coalescer:
         """Applies one event; raises RpcFailed with the event's own status when refused."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[svc.ReportEventResponse] = loop.create_future()
-        self._pending.append((request, future))
+        self._pending.append((request, future, REQUEST_ID.get()))
         tracing.note_waiter(future)  # the callback's trace, when tracing is on
         if len(self._senders) < self._max_in_flight:
             self._senders.add(asyncio.create_task(self._send_loop()))
@@ -97,17 +99,21 @@ class Coalescer:
         try:
             # Inside the try: an event protobuf refuses to copy (e.g. a Struct nested too
             # deeply) must fail its waiters, not strand them.
-            request = svc.BatchReportEventsRequest(requests=[r for r, _ in batch])
-            with tracing.batch_context([f for _, f in batch]):
+            request = svc.BatchReportEventsRequest(requests=[w[0] for w in batch])
+            # A sender runs in the context of the callback that started it, possibly long
+            # gone: the call (its x-request-id, the log lines about it) is the first
+            # callback's of this batch, as its trace is (tracing.batch_context).
+            REQUEST_ID.set(batch[0][2])
+            with tracing.batch_context([w[1] for w in batch]):
                 response = await self._stub.BatchReportEvents(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(from_rpc_error(exc))
             return
         except BaseException as exc:
             # Never strand a caller: whatever broke the send breaks every waiter of it.
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(RpcFailed(grpc.StatusCode.UNKNOWN, repr(exc)))
             if isinstance(exc, asyncio.CancelledError):
@@ -116,7 +122,7 @@ class Coalescer:
             return
         if len(response.results) != len(batch):
             log.error("BatchReportEvents: %d results, %d events", len(response.results), len(batch))
-        for index, (_, future) in enumerate(batch):
+        for index, (_, future, _) in enumerate(batch):
             if future.done():
                 continue  # the HTTP request went away; its event is applied anyway
             if index >= len(response.results):

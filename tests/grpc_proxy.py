@@ -36,6 +36,8 @@ class FaultProxy:
         self.gate = asyncio.Event()
         self.gate.set()
         self.waiting = 0
+        # method -> the x-request-id of each of its unary calls, in arrival order
+        self.request_ids: dict[str, list[str]] = {}
         # method -> statuses its next calls end with, before reaching the service (what
         # a service stopping answers calls that arrived as it stopped: CANCELLED)
         self.refuse: dict[str, list[grpc.StatusCode]] = {}
@@ -61,6 +63,8 @@ class FaultProxy:
     async def unary(self, method: str, request: bytes, context: Any) -> bytes:
         name = method.rsplit("/", 1)[1]
         self.calls[name] += 1
+        ids = [v for k, v in context.invocation_metadata() if k == "x-request-id"]
+        self.request_ids.setdefault(name, []).append(ids[0] if ids else "")
         if not self.gate.is_set():
             self.waiting += 1
             await self.gate.wait()

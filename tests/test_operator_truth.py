@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import os
 import signal
@@ -16,15 +17,19 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from http_bridge.grpc_client import COALESCER
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 from service.store.embedded import EmbeddedStore
 from tests.bridge_harness import (
+    TEST_CONFIG,
     Bridge,
     bridge,  # noqa: F401
     create_job,
+    running_bridge,
     stub,  # noqa: F401
 )
 from tests.conftest import make_policy, start_service
+from tests.grpc_proxy import FaultProxy
 from tests.helpers import WAIT, create, read, until
 
 
@@ -150,3 +155,46 @@ async def test_jobwire_watchers_counts_no_watch_worker_feed(tmp_path: Path) -> N
             raise AssertionError("no connection reached the service itself")
     finally:
         await handle.close()
+
+
+async def test_a_coalesced_batch_carries_a_request_id_of_its_own_callbacks(
+    tmp_path: Path,
+) -> None:
+    """The coalescer's sender kept the context of the callback that started it: every
+    batch it sent afterwards went to the service (and into both processes' log lines
+    about it) under that first callback's X-Request-ID, none of the batch's own."""
+    service = await start_service(EmbeddedStore(tmp_path / "d", make_policy()))
+    proxy = await FaultProxy(service.target).start()
+    try:
+        config = dataclasses.replace(TEST_CONFIG, service_target=proxy.target)
+        async with running_bridge(config) as front:
+            jobs = [await create_job(service.stub, job_pb2.JOB_KIND_EXTRACTION) for _ in range(4)]
+            proxy.gate.clear()  # the service's answers are held: callbacks queue up
+
+            async def callback(i: int) -> int:
+                job = jobs[i]
+                status, _ = await front.post(
+                    f"/api/external/jobs/{job.job.id}",
+                    {"phase": "extract_text", "progress": 10},
+                    headers={
+                        "Authorization": f"Bearer {job.callback_token}",
+                        "X-Request-ID": f"callback-{i}",
+                    },
+                )
+                return status
+
+            tasks = [asyncio.create_task(callback(0))]
+            await until(lambda: proxy.waiting == 1)  # a sender holds [0]
+            tasks.append(asyncio.create_task(callback(1)))
+            await until(lambda: proxy.waiting == 2)  # the other sender holds [1]
+            tasks += [asyncio.create_task(callback(i)) for i in (2, 3)]
+            coalescer = front.runner.app[COALESCER]
+            await until(lambda: len(coalescer._pending) == 2)  # queued behind them
+            proxy.gate.set()
+            assert await asyncio.gather(*tasks) == [200] * 4
+        sent = proxy.request_ids["BatchReportEvents"]
+        assert sorted(sent[:2]) == ["callback-0", "callback-1"]
+        assert sent[2:] == ["callback-2"], sent  # the batch of callbacks 2 and 3
+    finally:
+        await proxy.close()
+        await service.close()
