@@ -147,8 +147,8 @@ class JsonFormatter(logging.Formatter):
         }
         for key in ("request_id", "job_id"):
             value = getattr(record, key, "")
-            if value:
-                entry[key] = value
+            if value:  # a call's job id is whatever its request said, checked or not
+                entry[key] = printable(str(value))
         if error := printable_traceback(self, record):
             entry["error"] = error
         return json.dumps(entry, ensure_ascii=False, default=str)

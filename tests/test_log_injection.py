@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 
 from http_bridge.config import read_env_file
-from service.logs import JsonFormatter, RedactingFilter, TextFormatter, printable
+from service.logs import (
+    JOB_ID,
+    JsonFormatter,
+    RedactingFilter,
+    TextFormatter,
+    printable,
+    record_context,
+)
 from tests.bridge_harness import TRANSCODE_TOKEN
 from tests.bridge_process import cli_bridge_process, raw_exchange
 from tests.helpers import run_environment, until
@@ -115,6 +122,15 @@ def test_messages_and_tracebacks_are_printable_in_both_formats() -> None:
     assert r"ValueError: bad \x1b[2J value" in text and "\x1b" not in text
     entry = json.loads(_format(JsonFormatter(), "job %s", "j\u009b\u2028"))
     assert entry["message"] == r"job j\x9b\u2028"
+    # The job id of the call a line was logged in: what the request said, unchecked.
+    record_context()
+    token = JOB_ID.set("j\u202e\u009b\u2028\x85")
+    try:
+        line = _format(JsonFormatter(), "calls fail")
+    finally:
+        JOB_ID.reset(token)
+    assert len(line.splitlines()) == 1  # str.splitlines breaks at U+2028 and U+0085 too
+    assert json.loads(line)["job_id"] == r"j\u202e\x9b\u2028\x85"
     assert "\x1b" not in entry["error"] and r"\x1b[2J" in entry["error"]
 
 
