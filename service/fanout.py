@@ -212,6 +212,10 @@ class Fanout:
         # Of the subscriptions, the watch workers' feeds (service/watch_workers.py): no
         # client's stream, so not in jobwire_watchers.
         self.feeds = 0
+        # After close_all() (shutdown, or a watch worker's feed lost) until reopen(): a
+        # subscription made now would miss what is published meanwhile, so it is ended
+        # at once (a call that passed its checks just before the close subscribes late).
+        self._refusing = False
 
     def subscribe(
         self,
@@ -223,6 +227,8 @@ class Fanout:
     ) -> Subscription:
         """`capacity` (default: the fan-out's) bounds the subscription's buffer."""
         sub = Subscription(capacity or self._capacity, job_id, kind, states, lossless)
+        if self._refusing:
+            sub.close()
         if job_id:
             self._by_job.setdefault(job_id, set()).add(sub)
         else:
@@ -307,7 +313,12 @@ class Fanout:
                 return 0
         return done
 
+    def reopen(self) -> None:
+        """Subscriptions are served again (a watch worker's feed is open again)."""
+        self._refusing = False
+
     def close_all(self) -> None:
+        self._refusing = True
         for subs in self._by_job.values():
             for sub in subs:
                 sub.close()

@@ -97,6 +97,7 @@ class Feed:
             try:
                 async for data in call:
                     if not data:  # subscribed at the primary
+                        self._fanout.reopen()
                         self.ready = True
                         self._on_change(True)
                         pause = FEED_RETRY_S[0]

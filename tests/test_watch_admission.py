@@ -220,3 +220,24 @@ async def test_watchers_opened_during_a_stream_of_events_miss_nothing(
     finally:
         for ch in channels:
             await ch.close()
+
+
+async def test_a_watcher_subscribing_after_the_feed_broke_is_ended_not_left_waiting() -> None:
+    # A watch worker ends its watchers when its feed from the service breaks (events
+    # published meanwhile never reach it). A WatchJob that passed the feed check just
+    # before the break subscribed after close_all(): it stayed open, and a terminal
+    # event in the outage never came. Until the feed reopens, a new subscription ends
+    # at once (UNAVAILABLE: the client resumes from its last sequence).
+    from jobwire.v1 import event_pb2
+    from service.fanout import Fanout, SubscriptionClosed
+
+    fanout = Fanout(capacity=4)
+    fanout.close_all()  # the feed broke
+    late = fanout.subscribe(job_id="j")
+    with pytest.raises(SubscriptionClosed) as closed:
+        await asyncio.wait_for(late.next_batch(), WAIT)
+    assert closed.value.shutting_down
+    fanout.reopen()  # the feed is open again
+    sub = fanout.subscribe(job_id="j")
+    fanout.publish([event_pb2.JobEvent(job_id="j", sequence=1)])
+    assert [e.sequence for e, _ in await asyncio.wait_for(sub.next_batch(), WAIT)] == [1]
