@@ -106,14 +106,18 @@ async def _middleware(
         try:
             response = await handler(request)
         except web.HTTPException as exc:
-            span.set_attribute("http.response.status_code", exc.status)
+            _answered(span, exc.status)
             raise
-        span.set_attribute("http.response.status_code", response.status)
-        if response.status >= 500:
-            from opentelemetry.trace import Status, StatusCode
-
-            span.set_status(Status(StatusCode.ERROR))
+        _answered(span, response.status)
         return response
+
+
+def _answered(span: Any, status: int) -> None:
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:  # a 4xx is the client's (OpenTelemetry's HTTP server conventions)
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_status(Status(StatusCode.ERROR))
 
 
 def _traced(details: Any) -> tuple[Any, Any]:

@@ -12,6 +12,7 @@ call's span and links to the others (a span has one parent).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -113,6 +114,10 @@ class _TracingInterceptor(grpc.aio.ServerInterceptor):
                 context=propagate.extract(carrier),
                 kind=trace.SpanKind.SERVER,
                 attributes=attributes,
+                # _set_code sets the status from the call's code: an abort is how a
+                # handler answers (NOT_FOUND...), no exception to record or to name it.
+                record_exception=False,
+                set_status_on_exception=False,
             )
 
         def make(kind: str, behavior: Any) -> Any:
@@ -123,8 +128,8 @@ class _TracingInterceptor(grpc.aio.ServerInterceptor):
                         try:
                             async for item in behavior(request, context):
                                 yield item
-                        except BaseException:
-                            _set_code(current, context, grpc.StatusCode.UNKNOWN)
+                        except BaseException as exc:
+                            _set_code(current, context, grpc.StatusCode.UNKNOWN, exc)
                             raise
                         _set_code(current, context, grpc.StatusCode.OK)
 
@@ -134,8 +139,8 @@ class _TracingInterceptor(grpc.aio.ServerInterceptor):
                 with span(context) as current:
                     try:
                         response = await behavior(request, context)
-                    except BaseException:
-                        _set_code(current, context, grpc.StatusCode.UNKNOWN)
+                    except BaseException as exc:
+                        _set_code(current, context, grpc.StatusCode.UNKNOWN, exc)
                         raise
                     _set_code(current, context, grpc.StatusCode.OK)
                     return response
@@ -145,16 +150,35 @@ class _TracingInterceptor(grpc.aio.ServerInterceptor):
         return replace_behavior(handler, make)
 
 
-def _set_code(span: Any, context: Any, default: grpc.StatusCode) -> None:
+# The codes that are the server's failure (OpenTelemetry's gRPC conventions): a
+# NOT_FOUND or a wrong token is the caller's, and marks a server span no more than a
+# 404 marks the bridge's HTTP span.
+_SERVER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+def _set_code(
+    span: Any, context: Any, default: grpc.StatusCode, exc: BaseException | None = None
+) -> None:
     try:
         code = context.code()
     except Exception:
         code = None
-    if code is None:  # none set by the handler (or an abort)
+    if code is None:  # none set by the handler (or an abort): an unexpected exception
         code = default
+        if exc is not None and not isinstance(exc, asyncio.CancelledError):
+            span.record_exception(exc)
     if isinstance(code, grpc.StatusCode):
         span.set_attribute("rpc.grpc.status_code", code.value[0])
-        if code is not grpc.StatusCode.OK:
+        if code in _SERVER_ERRORS:
             from opentelemetry.trace import Status, StatusCode
 
             span.set_status(Status(StatusCode.ERROR, code.name))

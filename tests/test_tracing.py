@@ -14,13 +14,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
 from cli import tracing as cli_tracing
 from http_bridge import tracing as bridge_tracing
@@ -160,6 +161,43 @@ async def test_token_path_is_never_in_a_span(
     spans = await spans_until(exporter, {"POST /api/transcode-callback/{token}"})
     span = one(spans, "POST /api/transcode-callback/{token}")
     assert "not-the-token" not in repr(span.to_json())
+
+
+async def test_a_caller_s_mistake_is_no_server_error_in_any_span(
+    stack: tuple[Any, Any], exporter: InMemorySpanExporter
+) -> None:
+    """A wrong callback token (401) or a missing artifact (404) marked the service's
+    SERVER span as an error, described as 'AbortError: Locally aborted.' with an
+    exception event (gRPC's abort), while the bridge's HTTP span of the same 4xx was
+    not: a trace view's error rate counted callers' mistakes as the service failing.
+    Server spans are errors for the server's codes (UNAVAILABLE, INTERNAL, ...); the
+    bridge's CLIENT span, as a client's, is an error for any code but OK, named."""
+    bridge, stub = stack
+    created = await create_job(stub, job_pb2.JOB_KIND_EXTRACTION)
+    job = f"/api/external/jobs/{created.job.id}"
+    wrong = {"Authorization": "Bearer wrong-token-4711"}
+    assert (await bridge.get(job, headers=wrong))[0] == 401
+    auth = {"Authorization": f"Bearer {created.callback_token}"}
+    assert (await bridge.get(f"{job}/artifacts/none.md", headers=auth))[0] == 404
+    names = {"GET /api/external/jobs/{jobId}", "GET /api/external/jobs/{jobId}/artifacts/{name}"}
+    spans = await spans_until(
+        exporter, names | {f"jobwire.v1.JobService/{m}" for m in ("GetJob", "ReadArtifact")}
+    )
+    for method, code in (("GetJob", "UNAUTHENTICATED"), ("ReadArtifact", "NOT_FOUND")):
+        calls = [s for s in spans if s.name == f"jobwire.v1.JobService/{method}"]
+        server = one([s for s in calls if s.kind == SpanKind.SERVER], calls[0].name)
+        client = one([s for s in calls if s.kind == SpanKind.CLIENT], calls[0].name)
+        assert server.status.status_code == StatusCode.UNSET, server.status
+        assert not server.events  # no exception recorded for an answer
+        assert server.attributes is not None
+        assert server.attributes["rpc.grpc.status_code"] == grpc.StatusCode[code].value[0]
+        assert client.status.status_code == StatusCode.ERROR
+        assert client.status.description == code
+    for name in names:
+        assert one(spans, name).status.status_code == StatusCode.UNSET
+    for span in spans:  # no credential in any span
+        text = span.to_json()
+        assert created.callback_token not in text and "wrong-token-4711" not in text
 
 
 def test_tracing_wanted_only_with_an_otlp_endpoint() -> None:
