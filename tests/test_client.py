@@ -767,7 +767,8 @@ async def test_watch_job_follows_a_job_whose_history_went_back(
             await second.close()
     assert sequences(seen) == [1, 2, 3, 4]
     assert sequences(rest) == [2, 3] and not any(isinstance(i, (Job, StreamGap)) for i in rest)
-    assert rest[-1].state == job_pb2.JOB_STATE_SUCCEEDED  # type: ignore[union-attr]
+    end = rest[-1]
+    assert isinstance(end, JobEvent) and end.state == job_pb2.JOB_STATE_SUCCEEDED
 
 
 async def test_many_watches_on_one_client_end_when_their_tasks_are_cancelled(
@@ -1108,7 +1109,7 @@ async def test_watch_jobs_delivers_a_restored_jobs_new_events(
                 if not resume_first:
                     reader = asyncio.ensure_future(read_on(rest, iterator))
                 await reader
-                await iterator.aclose()  # type: ignore[attr-defined]
+                await iterator.aclose()
             finally:
                 await third.close()
             new = [i for i in rest if isinstance(i, JobEvent) and i.sequence >= 3]
