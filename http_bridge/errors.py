@@ -48,6 +48,9 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DATA_LOSS: 500,
 }
+# What the metrics and the access log say of a request whose client went away before
+# its answer (nothing is sent).
+CLIENT_CLOSED = 499
 # Statuses after which the worker should come back: they carry Retry-After.
 RETRYABLE_HTTP = frozenset({429, 503})
 
@@ -163,6 +166,16 @@ def contract_errors(render: Renderer) -> Callable[[Handler], Handler]:
             except HttpProcessingError as exc:
                 # A broken chunked encoding or a body cut short: the client's bytes.
                 err = BridgeError(400, f"malformed request body ({type(exc).__name__})")
+            except ConnectionError:
+                # The client went away mid-request (its connection lost while its body
+                # was read): no answer reaches it, and the bridge did not fail. Counted
+                # and logged as 499 (nginx's 'client closed request'), not a 500.
+                log.info(
+                    "%s %s: the client closed the connection",
+                    request.method,
+                    loggable_path(request),
+                )
+                return web.Response(status=CLIENT_CLOSED)
             except Exception:
                 log.exception("unexpected error in %s %s", request.method, loggable_path(request))
                 err = BridgeError(500, "internal error")

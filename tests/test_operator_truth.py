@@ -21,7 +21,9 @@ from http_bridge.grpc_client import COALESCER
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 from service.store.embedded import EmbeddedStore
 from tests.bridge_harness import (
+    API_KEY,
     TEST_CONFIG,
+    TRANSCODE_TOKEN,
     Bridge,
     bridge,  # noqa: F401
     create_job,
@@ -198,3 +200,49 @@ async def test_a_coalesced_batch_carries_a_request_id_of_its_own_callbacks(
     finally:
         await proxy.close()
         await service.close()
+
+
+@pytest.mark.parametrize("contract", ["aws_batch", "video_worker", "aurora", "secretary"])
+async def test_a_client_gone_mid_body_is_499_not_a_500_with_a_traceback(
+    bridge: Any,  # noqa: F811
+    stub: Any,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+    contract: str,
+) -> None:
+    """A worker killed while sending its callback (the connection lost mid-body) was
+    logged as an 'unexpected error' with a traceback and counted 500: the 5xx alert
+    fired for clients going away. Nothing is answered; it is counted 499."""
+    created = await create_job(stub, job_pb2.JOB_KIND_EXTRACTION)
+    path, auth = {
+        "aws_batch": ("/api/batch-callback", ""),
+        "video_worker": ("/api/report", f"Bearer {API_KEY}"),
+        "aurora": ("/api/transcode-callback", f"Bearer {TRANSCODE_TOKEN}"),
+        "secretary": (f"/api/external/jobs/{created.job.id}", f"Bearer {created.callback_token}"),
+    }[contract]
+    before = await scrape(bridge)
+    host, port = bridge.url.removeprefix("http://").rsplit(":", 1)
+    _, writer = await asyncio.open_connection(host, int(port))
+    auth_line = f"Authorization: {auth}\r\n" if auth else ""
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\n{auth_line}Content-Type: application/json\r\n"
+        f'Content-Length: 100000\r\n\r\n{{"jobId": "'.encode()
+    )
+    await writer.drain()
+    writer.transport.abort()  # gone, 99,990 bytes short
+
+    async def counted() -> float:
+        now = await scrape(bridge)
+        return sum(
+            callbacks(now, contract, status) - callbacks(before, contract, status)
+            for status in (499, 500, 400, 408)
+        )
+
+    for _ in range(200):  # until the bridge has counted the request (or 10 s)
+        if await counted():
+            break
+        await asyncio.sleep(0.05)
+    after = await scrape(bridge)
+    assert callbacks(after, contract, 500) == callbacks(before, contract, 500)
+    assert callbacks(after, contract, 499) == callbacks(before, contract, 499) + 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
