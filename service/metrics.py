@@ -179,6 +179,9 @@ def _wrap_unary(
         try:
             with enter(request, context):
                 return await behavior(request, context)
+        except asyncio.CancelledError:  # the client cancelled (an upload it gave up)
+            code = grpc.StatusCode.CANCELLED
+            raise
         except BaseException:
             code = grpc.StatusCode.UNKNOWN
             raise

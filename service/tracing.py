@@ -172,9 +172,11 @@ def _set_code(
         code = context.code()
     except Exception:
         code = None
-    if code is None:  # none set by the handler (or an abort): an unexpected exception
+    if code is None and isinstance(exc, asyncio.CancelledError):
+        code = grpc.StatusCode.CANCELLED  # the client cancelled the call
+    elif code is None:  # none set by the handler (or an abort): an unexpected exception
         code = default
-        if exc is not None and not isinstance(exc, asyncio.CancelledError):
+        if exc is not None:
             span.record_exception(exc)
     if isinstance(code, grpc.StatusCode):
         span.set_attribute("rpc.grpc.status_code", code.value[0])

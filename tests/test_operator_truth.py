@@ -9,12 +9,14 @@ import dataclasses
 import logging
 import os
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from http_bridge.grpc_client import COALESCER
@@ -30,7 +32,7 @@ from tests.bridge_harness import (
     running_bridge,
     stub,  # noqa: F401
 )
-from tests.conftest import make_policy, start_service
+from tests.conftest import ServiceHandle, make_policy, start_service
 from tests.grpc_proxy import FaultProxy
 from tests.helpers import WAIT, create, read, until
 
@@ -246,3 +248,41 @@ async def test_a_client_gone_mid_body_is_499_not_a_500_with_a_traceback(
     assert callbacks(after, contract, 499) == callbacks(before, contract, 499) + 1
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
+
+
+def requests_counted(method: str, code: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "jobwire_grpc_requests_total", {"method": method, "code": code}
+    )
+    return value or 0.0
+
+
+async def test_an_upload_the_client_cancels_is_counted_cancelled_not_unknown(
+    service: ServiceHandle,
+) -> None:
+    """A client that gave up an upload mid-stream was counted
+    jobwire_grpc_requests_total{code="UNKNOWN"}, the code of a server's failure (the
+    dashboard's gRPC errors panel); streams already said CANCELLED. Both stores."""
+    await create(service.stub, job_id="up")
+    before = {c: requests_counted("UploadArtifact", c) for c in ("CANCELLED", "UNKNOWN")}
+
+    async def parts() -> AsyncIterator[job_service_pb2.UploadArtifactRequest]:
+        header = job_service_pb2.ArtifactHeader(job_id="up", name="a.txt")
+        yield job_service_pb2.UploadArtifactRequest(header=header)
+        yield job_service_pb2.UploadArtifactRequest(data=b"x" * 1000)
+        await asyncio.Event().wait()  # and nothing more: the client gives up
+
+    # A call cancelled before the service took it up is counted nowhere: several at once,
+    # so that some reach the handler before their cancel does.
+    calls = [service.stub.UploadArtifact(parts()) for _ in range(20)]
+    for call in calls:
+        await call.wait_for_connection()
+    for call in calls:
+        call.cancel()
+    await until(lambda: uploads_seen(before) > 0)
+    assert requests_counted("UploadArtifact", "UNKNOWN") == before["UNKNOWN"]
+    assert requests_counted("UploadArtifact", "CANCELLED") > before["CANCELLED"]
+
+
+def uploads_seen(before: dict[str, float]) -> float:
+    return sum(requests_counted("UploadArtifact", c) - before[c] for c in before)
