@@ -82,14 +82,16 @@ _timed: dict[str, list[float]] = {}
 _SUM, _CREATED = len(BUCKETS) + 1, len(BUCKETS) + 2
 
 
-def _record(contract: str, status: int, seconds: float) -> None:
+def _record(contract: str, status: int, seconds: float | None) -> None:
     counter = _counted.get((contract, status))
     if counter is None:
         counter = _counted[(contract, status)] = [0, time.time()]
+    counter[0] += 1
+    if seconds is None:
+        return
     histogram = _timed.get(contract)
     if histogram is None:
         histogram = _timed[contract] = [0] * _SUM + [0.0, time.time()]
-    counter[0] += 1
     histogram[bisect.bisect_left(BUCKETS, seconds)] += 1  # the first bound >= seconds
     histogram[_SUM] += seconds
 
@@ -138,16 +140,20 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     contract = _contract_of(request)
     start = time.perf_counter()
     status = 500
+    streamed = False
     try:
         response = await handler(request)
         status = response.status
+        # An artifact download: its time is the body's transfer to the client (minutes
+        # for a slow one), not an answer's latency (JobwireAckLatencyP99High).
+        streamed = type(response) is web.StreamResponse
     except web.HTTPException as exc:
         status = exc.status
         exc.headers[HEADER] = request_id
         raise
     finally:
         if contract:
-            _record(contract, status, time.perf_counter() - start)
+            _record(contract, status, None if streamed else time.perf_counter() - start)
     if not response.prepared:
         response.headers[HEADER] = request_id
     return response

@@ -286,3 +286,30 @@ async def test_an_upload_the_client_cancels_is_counted_cancelled_not_unknown(
 
 def uploads_seen(before: dict[str, float]) -> float:
     return sum(requests_counted("UploadArtifact", c) - before[c] for c in before)
+
+
+async def test_an_artifact_download_is_not_in_the_answer_latency_histogram(
+    bridge: Any,  # noqa: F811
+    stub: Any,  # noqa: F811
+) -> None:
+    """jobwire_bridge_request_duration_seconds (JobwireAckLatencyP99High: 'slow answers
+    mean slow commits') took in an artifact download's whole transfer, seconds to
+    minutes for a large archive to a slow client: a few downloads among a Secretary's
+    callbacks pushed the p99 over the alert's 0.5 s with every commit fast. Downloads
+    are counted by status, not timed."""
+    created = await create_job(stub, job_pb2.JOB_KIND_EXTRACTION)
+    job, auth = (
+        f"/api/external/jobs/{created.job.id}",
+        {"Authorization": f"Bearer {created.callback_token}"},
+    )
+    final = {"phase": "completed", "data": {"extracted_text": "# text"}}
+    assert (await bridge.post(job, final, headers=auth))[0] == 200
+    timed = ("jobwire_bridge_request_duration_seconds_count", (("contract", "secretary"),))
+    before = await scrape(bridge)
+    status, body = await bridge.get(f"{job}/artifacts/extracted_text.md", headers=auth)
+    assert (status, body) == (200, b"# text")
+    between = await scrape(bridge)
+    assert between[timed] == before[timed]
+    assert callbacks(between, "secretary", 200) == callbacks(before, "secretary", 200) + 1
+    assert (await bridge.get(job, headers=auth))[0] == 200  # a poll is an answer: timed
+    assert (await scrape(bridge))[timed] == before[timed] + 1
