@@ -85,10 +85,18 @@ def _batch_span(futures: Sequence[Any]) -> Iterator[None]:
         yield
 
 
+# Probes (every few seconds from a kubelet or a balancer) and scrapes: noise, not
+# traces, as the service's gRPC health checks are not traced either.
+_UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
+_HEALTH_METHODS = "/grpc.health.v1.Health/"
+
+
 @web.middleware
 async def _middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
+    if request.path in _UNTRACED:
+        return await handler(request)
     from opentelemetry import propagate, trace
 
     # The route's pattern, never the raw path: an AuroraCloud token may be a path segment.
@@ -169,6 +177,9 @@ _ending: set[asyncio.Task[None]] = set()
 
 async def _intercept(continuation: Any, details: Any, request: Any) -> Any:
     """Every call shape: a CLIENT span around the call, ended with its status."""
+    method = details.method.decode() if isinstance(details.method, bytes) else details.method
+    if method.startswith(_HEALTH_METHODS):  # /readyz asking the service
+        return await continuation(details, request)
     span, traced = _traced(details)
     try:
         call = await continuation(traced, request)

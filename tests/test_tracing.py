@@ -200,6 +200,22 @@ async def test_a_caller_s_mistake_is_no_server_error_in_any_span(
         assert created.callback_token not in text and "wrong-token-4711" not in text
 
 
+async def test_probes_and_scrapes_are_not_traced(
+    stack: tuple[Any, Any], exporter: InMemorySpanExporter
+) -> None:
+    """README: health checks are not traced. The bridge traced every /healthz, /readyz
+    (and its gRPC health Check: two spans a probe) and /metrics scrape: a kubelet's
+    probes every few seconds and Prometheus' scrapes filled the trace store."""
+    bridge, stub = stack
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert (await bridge.get(path))[0] == 200
+    await callback(bridge, stub)  # the spans after it are its own
+    spans = await spans_until(exporter, {HTTP, COMMIT})
+    names = {s.name for s in spans}
+    assert HTTP in names
+    assert not {n for n in names if "health" in n.lower() or "/readyz" in n or "/metrics" in n}
+
+
 def test_tracing_wanted_only_with_an_otlp_endpoint() -> None:
     assert not cli_tracing.wanted({})
     assert cli_tracing.wanted({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"})
