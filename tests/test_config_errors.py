@@ -128,47 +128,9 @@ def test_good_values_still_pass(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert config.public_url == "http://10.0.0.5:8080"
 
 
-@pytest.mark.parametrize(
-    ("command", "var"),
-    [
-        ("serve", "JOBWIRE_GRPC_ADDR"),
-        ("bridge", "JOBWIRE_HTTP_ADDR"),
-        ("dashboard", "JOBWIRE_DASHBOARD_ADDR"),
-    ],
-)
-async def test_an_address_in_use_is_named(tmp_path: Path, command: str, var: str) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        addr = f"127.0.0.1:{taken.getsockname()[1]}"
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "cli",
-            command,
-            env={
-                **os.environ,
-                "JOBWIRE_ENV_FILE": str(tmp_path / "none.env"),
-                "JOBWIRE_DATA_DIR": str(tmp_path / "data"),
-                "JOBWIRE_METRICS_ADDR": "",
-                "JOBWIRE_DASHBOARD_TOKEN": "a-token-for-this-test",
-                var: addr,
-            },
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 1, (out, err)
-    assert f"cannot listen on {var}={addr}".encode() in err
-    assert b"Traceback" not in err
-
-
-@pytest.mark.parametrize("command", ["serve", "bridge", "dashboard"])
-async def test_a_grpc_token_no_header_can_carry_is_named_not_shown(
-    tmp_path: Path, command: str
-) -> None:
-    """Before: the service took it (no client could ever match), and the bridge and the
-    dashboard started and then failed every call with grpc's bare ExecuteBatchError."""
+async def _start_refused(tmp_path: Path, command: str, **env: str) -> tuple[bytes, bytes]:
+    """`jobwire COMMAND` with `env` over a test environment: it must exit 1 at start,
+    with no traceback. Its stdout and stderr."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -183,13 +145,40 @@ async def test_a_grpc_token_no_header_can_carry_is_named_not_shown(
             "JOBWIRE_DASHBOARD_ADDR": "127.0.0.1:0",
             "JOBWIRE_METRICS_ADDR": "",
             "JOBWIRE_DASHBOARD_TOKEN": "a-token-for-this-test",
-            "JOBWIRE_GRPC_TOKEN": "s3cr3t-from-a-file\n",
+            **env,
         },
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 1, (out, err)
+    assert b"Traceback" not in err
+    return out, err
+
+
+@pytest.mark.parametrize(
+    ("command", "var"),
+    [
+        ("serve", "JOBWIRE_GRPC_ADDR"),
+        ("bridge", "JOBWIRE_HTTP_ADDR"),
+        ("dashboard", "JOBWIRE_DASHBOARD_ADDR"),
+    ],
+)
+async def test_an_address_in_use_is_named(tmp_path: Path, command: str, var: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        addr = f"127.0.0.1:{taken.getsockname()[1]}"
+        _, err = await _start_refused(tmp_path, command, **{var: addr})
+    assert f"cannot listen on {var}={addr}".encode() in err
+
+
+@pytest.mark.parametrize("command", ["serve", "bridge", "dashboard"])
+async def test_a_grpc_token_no_header_can_carry_is_named_not_shown(
+    tmp_path: Path, command: str
+) -> None:
+    """Before: the service took it (no client could ever match), and the bridge and the
+    dashboard started and then failed every call with grpc's bare ExecuteBatchError."""
+    out, err = await _start_refused(tmp_path, command, JOBWIRE_GRPC_TOKEN="s3cr3t-from-a-file\n")
     assert b"JOBWIRE_GRPC_TOKEN" in err and b"line breaks" in err, err
     assert b"s3cr3t" not in out + err
-    assert b"Traceback" not in err
