@@ -114,14 +114,14 @@ def test_k8s_objects_are_complete_and_namespace_agnostic() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "command", "port"),
+    ("name", "command", "ports"),
     [
-        ("jobwire-service", "serve", 50051),
-        ("jobwire-bridge", "bridge", 8080),
-        ("jobwire-dashboard", "dashboard", 8081),
+        ("jobwire-service", "serve", [50051, 9464]),  # gRPC, and /metrics for a scrape
+        ("jobwire-bridge", "bridge", [8080]),  # callbacks and /metrics
+        ("jobwire-dashboard", "dashboard", [8081]),
     ],
 )
-def test_deployment_is_hardened_probed_and_sized(name: str, command: str, port: int) -> None:
+def test_deployment_is_hardened_probed_and_sized(name: str, command: str, ports: list[int]) -> None:
     deployment = find("Deployment", name)
     assert deployment["spec"]["replicas"] == 2
     pod = deployment["spec"]["template"]["spec"]
@@ -131,7 +131,9 @@ def test_deployment_is_hardened_probed_and_sized(name: str, command: str, port: 
     (container,) = containers(deployment)
     assert container["image"] == "jobwire"
     assert container["args"] == [command]
-    assert [p["containerPort"] for p in container["ports"]] == [port]
+    assert [p["containerPort"] for p in container["ports"]] == ports
+    if command == "serve":  # the port the image's JOBWIRE_METRICS_ADDR serves
+        assert f"JOBWIRE_METRICS_ADDR=0.0.0.0:{ports[1]}" in (DEPLOY / "Dockerfile").read_text()
     sc = container["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["allowPrivilegeEscalation"] is False
