@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jobwire", description=__doc__)
     sub = parser.add_subparsers(metavar="COMMAND")
     target = os.environ.get("JOBWIRE_SERVICE_TARGET", "127.0.0.1:50051")
-    target_help = f"the service's gRPC address (JOBWIRE_SERVICE_TARGET; now {target})"
+
+    def add_target(p: argparse.ArgumentParser) -> None:
+        help_ = f"the service's gRPC address (JOBWIRE_SERVICE_TARGET; now {target})"
+        p.add_argument("--target", default=target, help=help_)
 
     p = sub.add_parser("serve", help="run the gRPC service")
     p.set_defaults(func=_serve)
@@ -67,13 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_watch_worker)
 
     p = sub.add_parser("healthcheck", help="exit 0 when the service (or bridge) is healthy")
-    p.add_argument("--target", default=target, help=target_help)
+    add_target(p)
     p.add_argument("--http", default="", help="check this bridge URL instead (e.g. /readyz)")
     p.set_defaults(func=_healthcheck)
 
     p = sub.add_parser("watch", help="follow a job's progress until it ends")
     p.add_argument("job_id")
-    p.add_argument("--target", default=target, help=target_help)
+    add_target(p)
     p.add_argument(
         "--from-sequence", type=int, default=0, help="resume after this event (0: from the start)"
     )
@@ -90,21 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default="")
     p.add_argument("--playlist", default="")
     p.add_argument("--subtitle", default="")
-    p.add_argument("--target", default=target, help=target_help)
+    add_target(p)
     p.set_defaults(func=lambda a: asyncio.run(client_commands.create(a)))
     p = jobs.add_parser("get", help="print one job")
     p.add_argument("job_id")
-    p.add_argument("--target", default=target, help=target_help)
+    add_target(p)
     p.set_defaults(func=lambda a: asyncio.run(client_commands.get(a)))
     p = jobs.add_parser("events", help="print a job's retained events, oldest first")
     p.add_argument("job_id")
     p.add_argument("--from-sequence", type=int, default=0, help="only events after this one")
-    p.add_argument("--target", default=target, help=target_help)
+    add_target(p)
     p.set_defaults(func=lambda a: asyncio.run(client_commands.events(a)))
     p = jobs.add_parser("cancel", help="cancel a job that has not ended; prints it")
     p.add_argument("job_id")
     p.add_argument("--reason", default="", help="kept with the job and shown on it")
-    p.add_argument("--target", default=target, help=target_help)
+    add_target(p)
     p.set_defaults(func=lambda a: asyncio.run(client_commands.cancel(a)))
     p = jobs.add_parser("list", help="list jobs, oldest first")
     p.add_argument(
@@ -127,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=50, help="jobs per page (1-1000)")
     p.add_argument("--page-token", default="", help="next_page_token of the previous page")
     p.add_argument("--all", action="store_true", help="every page (--page-size per call)")
-    p.add_argument("--target", default=target, help=target_help)
+    add_target(p)
     p.set_defaults(func=lambda a: asyncio.run(client_commands.list_jobs(a)))
 
     p = sub.add_parser("logs", help="print log lines, newest first")
@@ -139,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="only lines of this level",
     )
     p.add_argument("--limit", type=int, default=50, help="at most this many lines (1-1000)")
-    p.add_argument("--target", default=target, help=target_help)
+    add_target(p)
     p.set_defaults(func=lambda a: asyncio.run(client_commands.logs(a)))
 
     try:

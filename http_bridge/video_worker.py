@@ -205,9 +205,8 @@ async def report(request: web.Request) -> web.StreamResponse:
     check_signature(request, SIGNED_AS, body.data)
     parsed = validate(Report, parse_json(body.data))
     event = to_event(parsed)
-    progress = parsed.status == "progress"
     event.idempotency_key = idempotency_key(request, CONTRACT, parsed.videoId, body)
-    if progress and parsed.percent is None:  # after every check of the request itself
+    if parsed.status == "progress" and parsed.percent is None:  # after every request check
         await keep_progress(request, parsed, event.progress)
     await report_event(request, event)
     return json_response({"success": True})

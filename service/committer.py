@@ -97,14 +97,9 @@ class Committer:
 
 
 async def settle_in_doubt(store: Store) -> list[Applied]:
-    """The events of earlier writes whose answer was lost and that did land (MongoDB:
-    `MongoStore.settle_in_doubt`). Their callbacks' retries were acknowledged as
-    duplicates, so they are published from here. No I/O unless such writes exist."""
-    settle = getattr(store, "settle_in_doubt", None)
-    if settle is None:
-        return []
+    """`store.settle_in_doubt()`, [] when it fails: still unreachable (or a store bug),
+    a later commit or sweep retries."""
     try:
-        late: list[Applied] = await settle()
-    except Exception:  # unreachable still (or a store bug): a later commit or sweep retries
+        return await store.settle_in_doubt()
+    except Exception:
         return []
-    return late

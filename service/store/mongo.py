@@ -110,30 +110,31 @@ def _guard(what: str) -> Iterator[None]:
         if exc.code in _AUTH_CODES:
             refused = "the credentials" if exc.code == 18 else "this operation to the user"
             raise StorageUnavailable(
-                f"MongoDB refused {refused} of MONGODB_URI ({what}):"
-                f" {(exc.details or {}).get('codeName') or exc.code}: {_errmsg(exc)}"
+                f"MongoDB refused {refused} of MONGODB_URI ({what}): {_failure(exc)}"
             ) from exc
         if exc.code == _CURSOR_NOT_FOUND:
             raise StorageUnavailable(f"MongoDB unavailable ({what}): {_describe(exc)}") from exc
         if exc.code in _SERVER_CANNOT_WRITE or exc.has_error_label("RetryableWriteError"):
             # Its disk full (MongoDB: OutOfDiskSpace; FerretDB: InternalError, "disk I/O
             # error"), or a write it says to retry: retryable, not the caller's mistake.
-            raise StorageUnavailable(
-                f"MongoDB cannot write now ({what}):"
-                f" {(exc.details or {}).get('codeName') or exc.code}: {_errmsg(exc)}"
-            ) from exc
-        if exc.timeout:
-            raise StorageUnavailable(f"MongoDB timed out ({what}): {_describe(exc)}") from exc
+            raise StorageUnavailable(f"MongoDB cannot write now ({what}): {_failure(exc)}") from exc
+        _raise_if_timeout(exc, what)
         raise
     except PyMongoError as exc:
-        if exc.timeout:
-            raise StorageUnavailable(f"MongoDB timed out ({what}): {_describe(exc)}") from exc
+        _raise_if_timeout(exc, what)
         raise
 
 
-def _errmsg(exc: OperationFailure) -> str:
+def _raise_if_timeout(exc: PyMongoError, what: str) -> None:
+    if exc.timeout:
+        raise StorageUnavailable(f"MongoDB timed out ({what}): {_describe(exc)}") from exc
+
+
+def _failure(exc: OperationFailure) -> str:
+    """The server's code name (or number) and message."""
     details = exc.details or {}
-    return str(details.get("errmsg") or exc)[:300]
+    name = details.get("codeName") or exc.code
+    return f"{name}: {str(details.get('errmsg') or exc)[:300]}"
 
 
 def _uri_options(uri: str) -> list[str]:

@@ -63,6 +63,12 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raises StorageUnavailable when the store cannot serve."""
 
+    async def settle_in_doubt(self) -> list[Applied]:
+        """The events of earlier writes whose answer was lost (a connection reset after
+        sending them) and that did land, now in the firehose log, for the caller to
+        publish: their callbacks' retries were acknowledged as duplicates. No I/O
+        unless such writes exist; a store whose writes cannot be in doubt returns []."""
+
     async def create(self, record: JobRecord) -> None:
         """Inserts a new job. Raises ALREADY_EXISTS when its id is taken."""
 
