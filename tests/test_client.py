@@ -350,15 +350,7 @@ async def test_default_and_per_call_deadlines_fire() -> None:
         await asyncio.sleep(3600)
         return b""
 
-    stalled.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(
-                "jobwire.v1.JobService", {"GetJob": grpc.unary_unary_rpc_method_handler(hang)}
-            )
-        ]
-    )
-    port = stalled.add_insecure_port("127.0.0.1:0")
-    await stalled.start()
+    port = await serve_one(stalled, "GetJob", grpc.unary_unary_rpc_method_handler(hang))
     try:
         async with client(f"127.0.0.1:{port}", timeout=0.3) as c:
             loop = asyncio.get_running_loop()
@@ -382,6 +374,16 @@ async def test_default_and_per_call_deadlines_fire() -> None:
         await stalled.stop(0)
 
 
+async def serve_one(server: grpc.aio.Server, method: str, handler: Any) -> int:
+    """Starts `server` on a loopback port with JobService's `method` only; the port."""
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("jobwire.v1.JobService", {method: handler})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return port
+
+
 async def test_a_call_deadline_covers_its_retries() -> None:
     """`timeout=` bounds the whole call: a service that answers UNAVAILABLE slowly is
     retried only while the deadline allows (before: each retry had a fresh deadline,
@@ -398,16 +400,7 @@ async def test_a_call_deadline_covers_its_retries() -> None:
         await context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
         return b""
 
-    flaky.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(
-                "jobwire.v1.JobService",
-                {"GetJob": grpc.unary_unary_rpc_method_handler(slow_unavailable)},
-            )
-        ]
-    )
-    port = flaky.add_insecure_port("127.0.0.1:0")
-    await flaky.start()
+    port = await serve_one(flaky, "GetJob", grpc.unary_unary_rpc_method_handler(slow_unavailable))
     patient = RetryPolicy(attempts=20, backoff=Backoff(initial=0.01, maximum=0.02))
     try:
         async with client(f"127.0.0.1:{port}", retry=patient) as c:
@@ -436,16 +429,7 @@ async def test_saving_an_artifact_tries_as_often_as_the_policy_says(tmp_path: Pa
         await context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
         yield b""
 
-    down.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(
-                "jobwire.v1.JobService",
-                {"ReadArtifact": grpc.unary_stream_rpc_method_handler(unavailable)},
-            )
-        ]
-    )
-    port = down.add_insecure_port("127.0.0.1:0")
-    await down.start()
+    port = await serve_one(down, "ReadArtifact", grpc.unary_stream_rpc_method_handler(unavailable))
     three = RetryPolicy(attempts=3, backoff=Backoff(initial=0.01, maximum=0.02))
     try:
         async with client(f"127.0.0.1:{port}", retry=three) as c:
