@@ -31,6 +31,7 @@ two answers. JOBWIRE_FUZZ_SEED (default: random, printed) and JOBWIRE_FUZZ_CASES
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import hashlib
 import math
@@ -38,7 +39,7 @@ import os
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -716,6 +717,20 @@ class Fuzz:
 TERMINAL = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED)
 
 
+@contextlib.contextmanager
+def _ends_into(call: Any, items: list[Any]) -> Iterator[None]:
+    """How a stream read ends, as the last of `items` (an error, a timeout); the call is
+    cancelled either way."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as err:
+        items.append(f"ERROR {err.code().name}: {err.details()}")
+    except TimeoutError:
+        items.append("timeout")
+    finally:
+        call.cancel()
+
+
 async def _watch(side: Side, request: job_service_pb2.WatchJobRequest) -> list[Any]:
     """What a WatchJob stream sends before it would wait for live events: the snapshot,
     a gap, the replay; to its end for a terminal job (nothing else happens meanwhile:
@@ -723,7 +738,7 @@ async def _watch(side: Side, request: job_service_pb2.WatchJobRequest) -> list[A
     call = side.stub.WatchJob(request)
     items: list[Any] = []
     newest, terminal = 0, False
-    try:
+    with _ends_into(call, items):
         while True:
             item = await asyncio.wait_for(call.read(), STREAM_WAIT)
             if item is grpc.aio.EOF:
@@ -741,12 +756,6 @@ async def _watch(side: Side, request: job_service_pb2.WatchJobRequest) -> list[A
             if not terminal and reached >= newest:
                 items.append("caught up")
                 break
-    except grpc.aio.AioRpcError as err:
-        items.append(f"ERROR {err.code().name}: {err.details()}")
-    except TimeoutError:
-        items.append("timeout")
-    finally:
-        call.cancel()
     return items
 
 
@@ -757,7 +766,7 @@ async def _firehose(side: Side, _: int) -> list[Any]:
     expected = sum(job.sequence for job in listed.jobs)
     call = side.stub.WatchJobs(job_service_pb2.WatchJobsRequest(after="0"))
     items: list[Any] = []
-    try:
+    with _ends_into(call, items):
         while len(items) < expected:
             item = await asyncio.wait_for(call.read(), STREAM_WAIT)
             if item is grpc.aio.EOF:
@@ -766,12 +775,6 @@ async def _firehose(side: Side, _: int) -> list[Any]:
             item.send_time.Clear()
             item.position = "<position>" if item.position else ""
             items.append(item)
-    except grpc.aio.AioRpcError as err:
-        items.append(f"ERROR {err.code().name}: {err.details()}")
-    except TimeoutError:
-        items.append("timeout")
-    finally:
-        call.cancel()
     return items
 
 
