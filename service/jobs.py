@@ -274,7 +274,10 @@ class Jobs:
         `stall_sweep_seconds` (one query of the jobs each time)."""
         stalls_at = 0.0
         failing: set[str] = set()  # logged once per outage, not once per tick
-        while True:
+        task = asyncio.current_task()
+        # Cancelled, it stops, also when a library swallowed the cancel mid-call (PyMongo
+        # can): else it would go on sweeping a closed store, failing every tick.
+        while task is None or not task.cancelling():
             sweeps = [("lease", self.expire_leases), ("in-doubt", self._settle_in_doubt)]
             if time.monotonic() >= stalls_at:
                 stalls_at = time.monotonic() + self.stall_sweep_seconds
@@ -287,6 +290,8 @@ class Jobs:
                         log.warning("%s sweep failed, retrying: %s", name, err.message)
                     failing.add(name)
                 except Exception:  # a store error it does not classify must not end the sweeps
+                    if task is not None and task.cancelling():
+                        return  # stopped: the error is the closed store's
                     if name not in failing:
                         log.exception("%s sweep failed, retrying", name)
                     failing.add(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -231,3 +232,26 @@ async def test_a_repeated_progress_is_a_sign_of_life_once_half_the_deadline_is_g
     job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="repeats"))
     assert job.last_event_time.ToNanoseconds() > first.last_event_time.ToNanoseconds()
     assert not job.stalled
+
+
+async def test_the_sweeper_stops_when_a_sweep_swallows_its_cancel(
+    service: ServiceHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sweep cancelled inside a driver call may not end with CancelledError: PyMongo
+    can swallow it and fail on the store being closed. The sweeper, which survives any
+    store error, then swept a closed store for ever (ERROR each tick, seen in CI)."""
+    entered = asyncio.Event()
+
+    async def swallows_its_cancel(limit: int = 0) -> int:
+        entered.set()
+        with contextlib.suppress(asyncio.CancelledError):  # what the driver did with it
+            await asyncio.sleep(3600)
+        raise RuntimeError("MongoStore.start() was not called")
+
+    service.running.jobs.expire_leases = swallows_its_cancel  # type: ignore[method-assign]
+    await asyncio.wait_for(entered.wait(), WAIT)
+    sweeper = service.running.sweeper
+    sweeper.cancel()
+    await asyncio.wait_for(asyncio.wait([sweeper]), WAIT)
+    assert sweeper.done()
+    assert not [r for r in caplog.records if "sweep failed" in r.getMessage()]
