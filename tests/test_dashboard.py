@@ -633,6 +633,11 @@ async def test_stalled_job_and_stream_gap(
     await page.goto(f"{dash.url}/jobs/{job_id}")
     # The service's sweep appends STALLED (about a second): shown live, badge and timeline.
     await page.wait_for_selector("#job .badge.stalled", timeout=WAIT_MS)
+    # Wait for the timeline row too: CI read the timeline after the badge had changed
+    # and before the STALLED row was there.
+    await page.wait_for_function(
+        "() => document.querySelectorAll('#timeline .type').length >= 2", timeout=WAIT_MS
+    )
     types = await page.eval_on_selector_all("#timeline .type", "c => c.map(x => x.textContent)")
     assert types == ["PROGRESS", "STALLED"]
     await page.goto(dash.url + "/jobs")
