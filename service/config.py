@@ -119,6 +119,8 @@ class Settings:
     max_watchers: int = DEFAULT_MAX_WATCHERS
     # Extra processes serving WatchJob on the same port (service/watch_workers.py).
     watch_workers: int = 0
+    # A job's fan-out written per client connection under TCP_CORK (service/cork.py).
+    watch_cork: bool = True
     shutdown_grace_seconds: float = 10.0
     # Keepalive pings a client may send this often while its streams are idle (gRPC's
     # default, 300 s, cut jobwire.client's watches, which ping every 30 s).
@@ -159,6 +161,7 @@ class Settings:
             watch_buffer=_int("JOBWIRE_WATCH_BUFFER", cls.watch_buffer, minimum=4),
             max_watchers=_int("JOBWIRE_MAX_WATCHERS", cls.max_watchers),
             watch_workers=_workers("JOBWIRE_WATCH_WORKERS"),
+            watch_cork=_flag("JOBWIRE_WATCH_CORK", cls.watch_cork),
             shutdown_grace_seconds=_float("JOBWIRE_SHUTDOWN_GRACE_SECONDS", 10.0),
             min_ping_seconds=_float(
                 "JOBWIRE_GRPC_MIN_PING_SECONDS", cls.min_ping_seconds, above=True

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Sequence
 
 from jobwire.v1 import event_pb2
 
+from .cork import MIN_WATCHERS as CORK_MIN_WATCHERS
+from .cork import Corker, peer_key
 from .domain.records import LogPosition
 
 _PROGRESS = event_pb2.EVENT_TYPE_PROGRESS
@@ -56,6 +58,7 @@ class Subscription:
         "job_id",
         "kind",
         "lossless",
+        "peer",
         "states",
     )
 
@@ -66,8 +69,11 @@ class Subscription:
         kind: int = 0,
         states: Iterable[int] = (),
         lossless: bool = False,
+        peer: tuple[str, int] | None = None,
     ) -> None:
         self.job_id = job_id
+        # The client connection's address (service/cork.py), when known.
+        self.peer = peer
         self.kind = kind
         self.states = frozenset(states)
         self.lossless = lossless
@@ -216,6 +222,8 @@ class Fanout:
         # subscription made now would miss what is published meanwhile, so it is ended
         # at once (a call that passed its checks just before the close subscribes late).
         self._refusing = False
+        # Batches a job's fan-out per client connection (TCP_CORK), when set.
+        self.corker: Corker | None = None
 
     def subscribe(
         self,
@@ -224,9 +232,13 @@ class Fanout:
         states: Iterable[int] = (),
         lossless: bool = False,
         capacity: int = 0,
+        peer: str = "",
     ) -> Subscription:
-        """`capacity` (default: the fan-out's) bounds the subscription's buffer."""
-        sub = Subscription(capacity or self._capacity, job_id, kind, states, lossless)
+        """`capacity` (default: the fan-out's) bounds the subscription's buffer; `peer`
+        is gRPC's address of the client (`context.peer()`)."""
+        sub = Subscription(
+            capacity or self._capacity, job_id, kind, states, lossless, peer_key(peer)
+        )
         if self._refusing:
             sub.close()
         if job_id:
@@ -266,8 +278,12 @@ class Fanout:
         """`positions[i]` is the firehose position of the i-th event, when known."""
         for i, event in enumerate(events):
             item = (event, positions[i] if i < len(positions) else None)
-            for sub in self._by_job.get(event.job_id, ()):
-                sub.offer(item)
+            watchers = self._by_job.get(event.job_id, ())
+            if self.corker is not None and len(watchers) >= CORK_MIN_WATCHERS:
+                self.corker.offer(watchers, item)
+            else:
+                for sub in watchers:
+                    sub.offer(item)
             if not self._routes and not self._lossless:
                 continue  # no WatchJobs stream open: no route keys to build per event
             keys = {(event.kind, event.state), (event.kind, 0), (0, event.state), (0, 0)}

@@ -389,16 +389,19 @@ class Jobs:
 
     # -- watching ----------------------------------------------------------
 
-    async def watch_job(self, job_id: str, from_sequence: int) -> AsyncIterator[WatchItem]:
+    async def watch_job(
+        self, job_id: str, from_sequence: int, peer: str = ""
+    ) -> AsyncIterator[WatchItem]:
         """Snapshot, retained events after `from_sequence`, live events; ends at terminal.
         Sequence numbers never jump silently: a gap message says where the replay (or
-        a heal from the ring) had to start, a coalesced event says what it stands for."""
+        a heal from the ring) had to start, a coalesced event says what it stands for.
+        `peer`: the client's address (`context.peer()`), to batch writes per connection."""
         validation.job_id(job_id, "id")
         if from_sequence < 0:
             raise invalid("from_sequence must not be negative")
         # Subscribe before reading, so nothing committed in between is missed;
         # the sequence check below drops what both paths deliver.
-        sub = self.fanout.subscribe(job_id=job_id)
+        sub = self.fanout.subscribe(job_id=job_id, peer=peer)
         try:
             record, retained = await self._watch_reads.read(job_id)
             if record is None:

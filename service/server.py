@@ -13,6 +13,8 @@ from grpc_reflection.v1alpha import reflection
 
 from .admission import WatchAdmission, server_options
 from .config import Settings
+from .cork import Corker
+from .cork import supported as cork_supported
 from .domain.errors import StorageUnavailable
 from .fanout import Fanout
 from .jobs import Jobs
@@ -100,6 +102,7 @@ async def start(settings: Settings, store: Store | None = None) -> RunningServic
     add_to_server(JobServicer(jobs, WatchAdmission(settings.max_watchers)), server)
     health_servicer = add_health_and_reflection(server)
     port = listen(server, settings)
+    jobs.fanout.corker = corker_for(settings, port)
     if workers is not None:
         server.add_generic_rpc_handlers((feed_handler(jobs.fanout),))
         server.add_insecure_port(workers.internal_target)  # a 0700 directory's socket
@@ -111,6 +114,11 @@ async def start(settings: Settings, store: Store | None = None) -> RunningServic
         jobs.sweep_leases_forever(settings.lease_sweep_seconds), name="lease-sweeper"
     )
     return RunningService(server, port, jobs, store, health_servicer, sweeper, ops, workers)
+
+
+def corker_for(settings: Settings, port: int) -> Corker | None:
+    """Per-connection batching of large fan-outs, where the platform has TCP_CORK."""
+    return Corker(port) if settings.watch_cork and cork_supported() else None
 
 
 def add_health_and_reflection(server: grpc.aio.Server) -> health.aio.HealthServicer:

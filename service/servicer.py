@@ -289,7 +289,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     async def WatchJob(  # type: ignore[override]  # may yield pre-serialised bytes
         self, request: job_service_pb2.WatchJobRequest, context: Context
     ) -> AsyncIterator[job_service_pb2.WatchJobResponse | bytes]:
-        async for item in self._jobs.watch_job(request.id, request.from_sequence):
+        async for item in self._jobs.watch_job(request.id, request.from_sequence, context.peer()):
             if isinstance(item, job_pb2.Job):
                 yield _watch_bytes(item)  # shared by the watchers opened with it
             elif isinstance(item, event_pb2.StreamGap):

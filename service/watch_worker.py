@@ -32,7 +32,7 @@ from .fanout import Fanout
 from .grpc_handlers import Handler, replace_behavior
 from .jobs import Jobs
 from .security import TokenAuthInterceptor
-from .server import add_health_and_reflection, listen, set_health
+from .server import add_health_and_reflection, corker_for, listen, set_health
 from .servicer import SERVICE, JobServicer, serialize_response
 from .store.port import Store
 from .watch_workers import FEED_METHOD, PARENT_ENV, PRIMARY_ENV
@@ -242,7 +242,7 @@ async def serve_worker(settings: Settings, primary: str) -> None:
         (grpc.method_handlers_generic_handler(SERVICE.full_name, table),)
     )
     health_servicer = add_health_and_reflection(server)
-    listen(server, settings)
+    fanout.corker = corker_for(settings, listen(server, settings))
     # Not serving until the feed is open (a probe may land on this process).
     await set_health(health_servicer, serving=False)
     await server.start()
