@@ -18,6 +18,7 @@ from . import (
 )
 from .config import Config
 from .grpc_client import CONFIG, grpc_context
+from .shared_counts import CONTRACTS
 
 CONTRACT_ROUTES = (aws_batch.routes, video_worker.routes, aurora.routes, secretary.routes)
 
@@ -30,8 +31,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(grpc_context)
     for table in (*CONTRACT_ROUTES, health.routes, openapi.routes):
         app.add_routes(table)
-    names = ("aws_batch", "video_worker", "aurora", "secretary")
-    metrics.install(app, dict(zip(names, CONTRACT_ROUTES, strict=True)))
+    metrics.install(app, dict(zip(CONTRACTS, CONTRACT_ROUTES, strict=True)))
     edge.install(app, config)  # per-credential rate limit, when configured
     connection_guard.install(app)  # tells the connection watchdog where requests begin
     tracing.install(app)  # first middleware, when OTEL_EXPORTER_OTLP_ENDPOINT is set

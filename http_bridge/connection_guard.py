@@ -22,10 +22,10 @@ from typing import Any, cast
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
-from prometheus_client import Counter, Gauge
 
 from .aiohttp_errors import json_errors
 from .config import Config
+from .shared_counts import HEAD_TIMEOUTS, OPEN, REFUSED, SLABS
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,6 @@ LINGER_SECONDS = 1.0
 # aiohttp's lingering_time: after an answer sent before the body was read (401, 408,
 # 413, 417), it reads and drops the rest of the body for at most this long.
 DRAIN_SECONDS = 2.0
-OPEN = Gauge("jobwire_bridge_open_connections", "HTTP connections open now")
-REFUSED = Counter(
-    "jobwire_bridge_refused_connections", "Connections refused (JOBWIRE_MAX_CONNECTIONS)"
-)
-HEAD_TIMEOUTS = Counter(
-    "jobwire_bridge_header_timeouts", "Connections closed: request head too slow"
-)
 # The protocol of each open connection, by aiohttp's handler: the middleware finds it.
 _GUARDS: dict[object, GuardedProtocol] = {}
 
@@ -86,12 +79,12 @@ class GuardedProtocol(asyncio.Protocol):
         guard = self._guard
         if guard.open >= guard.max_connections:
             guard.rejected += 1
-            REFUSED.inc()
+            SLABS.add(REFUSED)
             self._transport = transport
             self._answer_and_close(guard.busy)
             return
         guard.open += 1
-        OPEN.inc()
+        SLABS.add(OPEN)
         self._counted = True
         self._transport = transport
         _GUARDS[self._inner] = self
@@ -122,7 +115,7 @@ class GuardedProtocol(asyncio.Protocol):
             return
         self._counted = False
         self._guard.open -= 1
-        OPEN.dec()
+        SLABS.add(OPEN, -1)
         self._cancel_timer()
         _GUARDS.pop(self._inner, None)
         self._inner.connection_lost(exc)
@@ -175,7 +168,7 @@ class GuardedProtocol(asyncio.Protocol):
             self._timer = loop.call_at(due, self._head_timed_out)
             return
         self._guard.head_timeouts += 1
-        HEAD_TIMEOUTS.inc()
+        SLABS.add(HEAD_TIMEOUTS)
         log.info(
             "request head not complete within %ss: connection closed", self._guard.header_timeout
         )

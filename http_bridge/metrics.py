@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import bisect
 import contextvars
 import itertools
 import logging
@@ -25,8 +24,29 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_urldispatcher import SystemRoute
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.samples import Sample
+
+from .shared_counts import (
+    BUCKETS,
+    CONTRACT_INDEX,
+    HEAD_TIMEOUTS,
+    OPEN,
+    REFUSED,
+    SLABS,
+    Slabs,
+    callback_slot,
+    histogram_slot,
+    statuses_seen,
+)
+from .shared_counts import (
+    CONTRACTS as CONTRACT_NAMES,
+)
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar(
     "jobwire_bridge_request_id", default=""
@@ -34,7 +54,6 @@ REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar(
 HEADER = "X-Request-ID"
 _VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
-BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 CONTRACTS: web.AppKey[dict[str, str]] = web.AppKey("jobwire_contract_of_route", dict)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -72,64 +91,76 @@ def new_request_id() -> str:
     return f"{_id_prefix}{next(_id_counter):016x}"  # 32 hex digits, like uuid4().hex
 
 
-# The callback counter and latency histogram as plain numbers, rendered by a collector
-# at scrape time in the exposition prometheus_client's Counter and Histogram give
-# (names, labels, cumulative buckets, `_created`). Their locks and per-bucket loops
-# cost 1-3 us per callback; every update and every scrape runs on the event loop.
-_counted: dict[tuple[str, int], list[float]] = {}  # (contract, status): [count, created]
-# contract: [one count per bucket and +Inf, sum, created]
-_timed: dict[str, list[float]] = {}
-_SUM, _CREATED = len(BUCKETS) + 1, len(BUCKETS) + 2
+# The callback counter and latency histogram as plain numbers in shared memory
+# (shared_counts.py: every JOBWIRE_HTTP_WORKERS process counts into its own slab and a
+# scrape sums them), rendered by a collector at scrape time in the exposition
+# prometheus_client's Counter and Histogram give (names, labels, cumulative buckets,
+# `_created`). Their locks and per-bucket loops cost 1-3 us per callback.
+def _record(contract: str, status: int, seconds: float | None, slabs: Slabs = SLABS) -> None:
+    index = CONTRACT_INDEX.get(contract)
+    if index is not None:
+        slabs.callback(index, status, seconds)
 
 
-def _record(contract: str, status: int, seconds: float | None) -> None:
-    counter = _counted.get((contract, status))
-    if counter is None:
-        counter = _counted[(contract, status)] = [0, time.time()]
-    counter[0] += 1
-    if seconds is None:
-        return
-    histogram = _timed.get(contract)
-    if histogram is None:
-        histogram = _timed[contract] = [0] * _SUM + [0.0, time.time()]
-    histogram[bisect.bisect_left(BUCKETS, seconds)] += 1  # the first bound >= seconds
-    histogram[_SUM] += seconds
+class _BridgeCollector:
+    def __init__(self, slabs: Slabs) -> None:
+        self.slabs = slabs
 
-
-class _CallbackCollector:
     def collect(self) -> Iterator[Metric]:
+        counts, created = self.slabs.totals()
         callbacks = CounterMetricFamily(
             "jobwire_bridge_callbacks",
             "Answered worker callbacks by contract and HTTP status",
             labels=["contract", "status"],
         )
-        for (contract, status), (count, created) in list(_counted.items()):
-            callbacks.add_metric([contract, str(status)], count, created=created)
-        yield callbacks
         latency = HistogramMetricFamily(
             "jobwire_bridge_request_duration_seconds",
             "Latency of worker callbacks by contract",
             labels=["contract"],
         )
         created_samples = []
-        for contract, values in list(_timed.items()):
+        for index, contract in enumerate(CONTRACT_NAMES):
+            for status in statuses_seen(counts, index):
+                slot = callback_slot(index, status)
+                callbacks.add_metric([contract, str(status)], counts[slot], created=created[slot])
+            base = histogram_slot(index)
+            if not created[base]:
+                continue  # no answer timed yet
             cumulative, buckets = 0.0, []
-            for bound, count in zip((*BUCKETS, float("inf")), values[:_SUM], strict=True):
-                cumulative += count
+            for offset, bound in enumerate((*BUCKETS, float("inf"))):
+                cumulative += counts[base + offset]
                 buckets.append((_bound_text(bound), cumulative))
-            latency.add_metric([contract], buckets, values[_SUM])
+            latency.add_metric([contract], buckets, counts[base + len(BUCKETS) + 1])
             created_samples.append(
-                Sample(f"{latency.name}_created", {"contract": contract}, values[_CREATED])
+                Sample(f"{latency.name}_created", {"contract": contract}, created[base])
             )
         latency.samples.extend(created_samples)
+        yield callbacks
         yield latency
+        yield GaugeMetricFamily(
+            "jobwire_bridge_open_connections", "HTTP connections open now", counts[OPEN]
+        )
+        for slot, name, text in (
+            (
+                REFUSED,
+                "jobwire_bridge_refused_connections",
+                "Connections refused (JOBWIRE_MAX_CONNECTIONS)",
+            ),
+            (
+                HEAD_TIMEOUTS,
+                "jobwire_bridge_header_timeouts",
+                "Connections closed: request head too slow",
+            ),
+        ):
+            since = created[slot] or self.slabs.started
+            yield CounterMetricFamily(name, text, counts[slot], created=since)
 
 
 def _bound_text(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
 
 
-REGISTRY.register(_CallbackCollector())
+REGISTRY.register(_BridgeCollector(SLABS))
 
 
 @web.middleware

@@ -18,6 +18,7 @@ from .app import create_app
 from .config import Config, load_config
 from .connection_guard import guarded_site, runner_options
 from .redaction import loggable_path
+from .shared_counts import SLABS
 from .workers import run_workers, worker_count
 
 log = logging.getLogger("http_bridge")
@@ -97,7 +98,13 @@ def main() -> None:
     config = load_config(generate=os.environ.get("JOBWIRE_GENERATE_SECRETS") == "1")
     count = worker_count()  # JOBWIRE_HTTP_WORKERS: N processes on one port
     if count > 1:
-        raise SystemExit(run_workers(count, lambda: run(config, reuse_port=True)))
+        SLABS.resize(count)  # their metrics, summed by whichever one is scraped
+
+        def serve_worker(index: int) -> None:
+            SLABS.become(index)
+            run(config, reuse_port=True)
+
+        raise SystemExit(run_workers(count, serve_worker))
     run(config)
 
 

@@ -39,15 +39,16 @@ def worker_count(environ: dict[str, str] | None = None) -> int:
     return count
 
 
-def run_workers(count: int, serve: Callable[[], None]) -> int:
-    """Forks `count` processes running `serve()`; returns the exit status for the parent."""
+def run_workers(count: int, serve: Callable[[int], None]) -> int:
+    """Forks `count` processes running `serve(index)`; returns the exit status for the
+    parent."""
     children: set[int] = set()
     for index in range(count):
         pid = os.fork()
         if pid == 0:  # the worker
             code = 0
             try:
-                serve()
+                serve(index)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -165,3 +167,51 @@ def test_a_bad_worker_count_is_refused_by_name(tmp_path: Path, value: str) -> No
     )
     assert done.returncode != 0
     assert b"JOBWIRE_HTTP_WORKERS" in done.stderr
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Every sample of /metrics on a fresh connection (so on either worker)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def test_metrics_count_every_worker_whichever_one_is_scraped(
+    two_workers: tuple[subprocess.Popen[bytes], int],
+) -> None:
+    _, port = two_workers
+    # 40 callbacks without credentials, each on its own connection: the kernel spreads
+    # the connections over both workers, and each answers its share.
+    for i in range(40):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/external/jobs/job-{i}", data=b"{}", method="POST"
+        )
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(request, timeout=5)
+    # Idle connections, open on whichever worker took them.
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]
+    try:
+        # Accepted (and the 40 closed ones let go) by the workers' loops in their time.
+        wait_for(
+            lambda: scrape(port)["jobwire_bridge_open_connections"] == 6 + 1,
+            "the idle connections counted, the closed ones not",
+        )
+        for _ in range(12):
+            samples = scrape(port)
+            answered = sum(
+                v
+                for k, v in samples.items()
+                if k.startswith('jobwire_bridge_callbacks_total{contract="secretary"')
+            )
+            assert answered == 40
+            latency = 'jobwire_bridge_request_duration_seconds_count{contract="secretary"}'
+            assert samples[latency] == 40
+            assert samples["jobwire_bridge_open_connections"] == 6 + 1  # and the scrape's
+    finally:
+        for sock in idle:
+            sock.close()

@@ -67,6 +67,7 @@ def test_bridge_callback_metrics_expose_what_prometheus_objects_would() -> None:
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
     from http_bridge import metrics
+    from http_bridge.shared_counts import BUCKETS, Slabs
 
     reference = CollectorRegistry()
     counter = Counter(
@@ -75,38 +76,37 @@ def test_bridge_callback_metrics_expose_what_prometheus_objects_would() -> None:
     )  # fmt: skip
     histogram = Histogram(
         "jobwire_bridge_request_duration_seconds", "Latency of worker callbacks by contract",
-        ["contract"], buckets=metrics.BUCKETS, registry=reference,
+        ["contract"], buckets=BUCKETS, registry=reference,
     )  # fmt: skip
     ours = CollectorRegistry()
-    ours.register(metrics._CallbackCollector())
-    saved = dict(metrics._counted), dict(metrics._timed)
-    metrics._counted.clear()
-    metrics._timed.clear()
-    try:
-        # Bounds themselves, between them, beyond the last, zero.
-        for contract, status, seconds in [
-            ("test_a", 200, 0.001), ("test_a", 200, 0.0011), ("test_a", 409, 0.0025),
-            ("test_a", 200, 0.0), ("test_b", 503, 30.0), ("test_b", 503, 31.5),
-            ("test_a", 200, 0.7),
-        ]:  # fmt: skip
-            metrics._record(contract, status, seconds)
-            counter.labels(contract, str(status)).inc()
-            histogram.labels(contract).observe(seconds)
+    slabs = Slabs()
+    ours.register(metrics._BridgeCollector(slabs))
+    # Bounds themselves, between them, beyond the last, zero.
+    for contract, status, seconds in [
+        ("aws_batch", 200, 0.001), ("aws_batch", 200, 0.0011), ("aws_batch", 409, 0.0025),
+        ("aws_batch", 200, 0.0), ("secretary", 503, 30.0), ("secretary", 503, 31.5),
+        ("aws_batch", 200, 0.7),
+    ]:  # fmt: skip
+        metrics._record(contract, status, seconds, slabs)
+        counter.labels(contract, str(status)).inc()
+        histogram.labels(contract).observe(seconds)
 
-        def lines(registry: CollectorRegistry) -> list[str]:
-            text = generate_latest(registry).decode()
-            return [line for line in text.splitlines() if "_created" not in line]
+    def lines(registry: CollectorRegistry) -> list[str]:
+        text = generate_latest(registry).decode()
+        families = ("jobwire_bridge_callbacks", "jobwire_bridge_request_duration_seconds")
 
-        assert lines(ours) == lines(reference)
-        created = [
-            line for line in generate_latest(ours).decode().splitlines() if "_created{" in line
+        def named(line: str) -> str:  # "# HELP name ...", "# TYPE name ...", "name{...} v"
+            return line.split(" ")[2] if line.startswith("#") else line
+
+        return [
+            line
+            for line in text.splitlines()
+            if "_created" not in line and named(line).startswith(families)
         ]
-        assert len(created) == 5  # three counter children, two histogram children
-    finally:
-        metrics._counted.clear()
-        metrics._timed.clear()
-        metrics._counted.update(saved[0])
-        metrics._timed.update(saved[1])
+
+    assert lines(ours) == lines(reference)
+    created = [line for line in generate_latest(ours).decode().splitlines() if "_created{" in line]
+    assert len(created) == 5  # three counter children, two histogram children
 
 
 async def test_indexed_columns_follow_every_event(tmp_path: Path) -> None:
