@@ -18,8 +18,9 @@ from collections.abc import Callable
 import orjson
 from prometheus_client import Counter, Histogram
 
-from http_bridge.metrics import BUCKETS, _record, new_request_id
+from http_bridge.metrics import _record, new_request_id
 from http_bridge.secretary import ProgressEvent
+from http_bridge.shared_counts import BUCKETS
 from jobwire.v1 import job_pb2
 from jobwire.v1 import job_service_pb2 as svc
 
@@ -94,7 +95,7 @@ PAIRS: list[tuple[str, Callable[[], object], Callable[[], object]]] = [
     (
         "metrics: prometheus children -> plain numbers + collector",
         children_metrics,
-        lambda: _record("s", 200, 0.003),
+        lambda: _record("secretary", 200, 0.003),
     ),
     ("protobuf: attribute sets -> one constructor (not kept)", old_event, new_event),
     (
