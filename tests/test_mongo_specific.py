@@ -11,6 +11,7 @@ import time
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import bson
@@ -23,6 +24,7 @@ from service.domain.errors import Code, DomainError, StorageUnavailable
 from service.domain.records import Applied, Change, JobCommand, Policy, Report, Unchanged
 from service.store.mongo import MongoStore
 from service.store.port import CHUNK_SIZE, JobQuery
+from tests.helpers import WAIT
 from tests.mongo_server import FerretDBProcess, require_ferretdb
 
 RETENTION = 64
@@ -400,3 +402,85 @@ async def test_create_twice_is_already_exists(mongo_store: MongoStore) -> None:
     with pytest.raises(DomainError) as caught:
         await _create(mongo_store, "once")
     assert caught.value.code == Code.ALREADY_EXISTS
+
+
+def _upload_id(age_s: float) -> bson.ObjectId:
+    """The id of a file whose upload started `age_s` seconds ago."""
+    return bson.ObjectId.from_datetime(datetime.fromtimestamp(time.time() - age_s, UTC))
+
+
+async def _orphan(store: MongoStore, file_id: bson.ObjectId, numbers: range) -> None:
+    """What a failed upload leaves: chunks, no files document."""
+    await store.chunks.insert_many(
+        [{"files_id": file_id, "n": n, "data": bson.Binary(b"x" * 10)} for n in numbers]
+    )
+
+
+async def _one_piece(content: bytes) -> AsyncIterator[bytes]:
+    yield content
+
+
+async def test_chunks_of_failed_uploads_are_swept_once_a_day_old(mongo_store: MongoStore) -> None:
+    store = mongo_store
+    day = 24 * 3600.0
+    stored = await store.put_artifact(
+        artifact_pb2.Artifact(job_id="j", name="kept.txt"), _one_piece(b"kept")
+    )
+    old, partly_deleted, young = _upload_id(2 * day), _upload_id(1.5 * day), _upload_id(60)
+    await _orphan(store, old, range(3))
+    await _orphan(store, partly_deleted, range(2, 4))  # its first chunks already gone
+    await _orphan(store, young, range(1))  # perhaps an upload still going
+
+    assert await store.sweep_orphan_chunks(time.time() - day) == 2
+    left = {d["files_id"] for d in await store.chunks.find({}, {"files_id": 1}).to_list()}
+    assert old not in left and partly_deleted not in left and young in left
+
+    # Everything started before now: the young orphan goes, a stored file's chunks stay.
+    assert await store.sweep_orphan_chunks(time.time() + 60) == 1
+    opened = await store.open_artifact("j", "kept.txt")
+    assert opened is not None and opened[0].sha256 == stored.sha256
+    assert [c async for c in opened[1]] == [b"kept"]
+    assert await store.sweep_orphan_chunks(time.time() + 60) == 0
+
+
+async def test_an_upload_in_progress_is_not_swept(mongo_store: MongoStore) -> None:
+    store = mongo_store
+    first_written = asyncio.Event()
+    finish = asyncio.Event()
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield b"a" * CHUNK_SIZE
+        yield b"b"  # the first chunk is written while this one is buffered
+        first_written.set()
+        await finish.wait()
+        yield b"c"
+
+    upload = asyncio.create_task(
+        store.put_artifact(artifact_pb2.Artifact(job_id="j", name="slow.bin"), slow())
+    )
+    await asyncio.wait_for(first_written.wait(), WAIT)
+    assert await store.chunks.count_documents({}) == 1
+    assert await store.sweep_orphan_chunks(time.time() + 60) == 0  # it has no files doc yet
+    finish.set()
+    stored = await asyncio.wait_for(upload, WAIT)
+    assert stored.size_bytes == CHUNK_SIZE + 2
+    assert stored.sha256 == hashlib.sha256(b"a" * CHUNK_SIZE + b"bc").hexdigest()
+
+
+async def test_a_started_store_sweeps_failed_uploads(mongo_uri: str) -> None:
+    database = _db_name()
+    first = MongoStore(mongo_uri, database=database)
+    await first.start()
+    orphan = _upload_id(3 * 24 * 3600)
+    await _orphan(first, orphan, range(2))
+    second = MongoStore(mongo_uri, database=database, orphan_sweep_after_s=0)
+    await second.start()
+    try:
+        deadline = time.monotonic() + WAIT
+        while await first.chunks.count_documents({"files_id": orphan}):
+            assert time.monotonic() < deadline, "the start-up sweep left the orphan"
+            await asyncio.sleep(0.05)
+    finally:
+        await first.database.client.drop_database(database)
+        await second.close()
+        await first.close()

@@ -73,6 +73,12 @@ READ_BATCH_CHUNKS = 4
 ARTIFACT_MIN_BYTES_PER_S = 4 * 1024 * 1024
 # Time budget for deleting a replaced artifact's chunks.
 HOUSEKEEPING_TIMEOUT_S = 120.0
+# Chunks of an upload this old without its files document are a failed upload's (the
+# store unreachable, the process killed): removed by a sweep at start and this often.
+ORPHAN_AGE_S = 24 * 3600.0
+ORPHAN_SWEEP_S = 6 * 3600.0
+# How long close() waits for a cancelled housekeeping task.
+HOUSEKEEPING_STOP_S = 5.0
 # How long fetched candidates may be handed out before a fresh query (bounds how
 # late this process notices a job that another process requeued).
 CANDIDATE_TTL_S = 1.0
@@ -123,6 +129,11 @@ def _guard(what: str) -> Iterator[None]:
     except PyMongoError as exc:
         _raise_if_timeout(exc, what)
         raise
+
+
+def _discard_outcome(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a housekeeping error was logged or is moot
 
 
 def _raise_if_timeout(exc: PyMongoError, what: str) -> None:
@@ -273,9 +284,13 @@ class MongoStore:
         server_selection_timeout_ms: int | None = None,
         connect_timeout_ms: int | None = None,
         max_concurrent_writes: int | None = None,
+        orphan_sweep_after_s: float = 60.0,
         **client_options: Any,
     ) -> None:
         self.policy = policy or Policy()
+        # The first sweep of failed uploads' chunks, this long after start (not during
+        # the start-up itself), then every ORPHAN_SWEEP_S.
+        self._orphan_sweep_after_s = orphan_sweep_after_s
         self._uri = uri
         self._database_name = database or os.environ.get("JOBWIRE_MONGODB_DB") or DEFAULT_DATABASE
         self.timeout_ms = timeout_ms
@@ -310,6 +325,8 @@ class MongoStore:
         self._log_ttl = True
         self._log_pruned = 0.0
         self._log_pruning: asyncio.Future[None] | None = None
+        self._orphan_sweeping: asyncio.Task[None] | None = None
+        self._uploading: set[ObjectId] = set()
         self.log_failures = 0
         # Writes whose outcome is unknown (the connection failed after sending them):
         # per job, the write's ring token and its events, until settle_in_doubt() finds
@@ -450,6 +467,10 @@ class MongoStore:
                 await self.database[FIREHOSE_ORIGINS].update_one(
                     {"_id": self.origin}, {"$set": {"started_ns": time.time_ns()}}, upsert=True
                 )
+        if self._orphan_sweeping is None or self._orphan_sweeping.done():
+            self._orphan_sweeping = asyncio.get_running_loop().create_task(
+                self._sweep_orphans_forever(), name="orphan-chunk-sweep"
+            )
 
     async def _firehose_ttl(self) -> None:
         """Expires log entries after the retention (the reads skip older ones anyway,
@@ -539,10 +560,15 @@ class MongoStore:
         ]
 
     async def close(self) -> None:
-        if self._log_pruning is not None:
-            self._log_pruning.cancel()
-            with contextlib.suppress(asyncio.CancelledError, PyMongoError):
-                await self._log_pruning
+        housekeeping = [t for t in (self._log_pruning, self._orphan_sweeping) if t is not None]
+        for task in housekeeping:
+            task.cancel()
+        if housekeeping:
+            # Cancelled mid round trip, PyMongo may take long to unwind (or swallow the
+            # cancel); closing the client below ends whatever is left.
+            await asyncio.wait(housekeeping, timeout=HOUSEKEEPING_STOP_S)
+            for task in housekeeping:
+                task.add_done_callback(_discard_outcome)
         if self._client is not None:
             client, self._client, self._db = self._client, None, None
             await client.close()
@@ -1121,6 +1147,7 @@ class MongoStore:
         size = 0
         number = 0
         buffer = bytearray()
+        self._uploading.add(file_id)
         try:
             with _guard("put_artifact"):
                 async for piece in chunks:
@@ -1154,15 +1181,56 @@ class MongoStore:
                     )
         except BaseException as exc:
             if not isinstance(exc, StorageUnavailable):
-                # Best effort: chunks without a files document are invisible anyway.
+                # Best effort: chunks without a files document are invisible anyway,
+                # and sweep_orphan_chunks() removes what is left a day later.
                 with contextlib.suppress(PyMongoError):
                     await self._delete_file(file_id)
             raise
+        finally:
+            self._uploading.discard(file_id)
         with _guard("put_artifact"):
             older = self.files.find({"filename": filename, "_id": {"$lt": file_id}}, {"_id": 1})
             for old in await older.to_list():
                 await self._delete_file(old["_id"])
         return stored
+
+    async def _sweep_orphans_forever(self) -> None:
+        await asyncio.sleep(self._orphan_sweep_after_s)
+        while True:
+            try:
+                removed = await self.sweep_orphan_chunks(time.time() - ORPHAN_AGE_S)
+            except Exception as exc:  # housekeeping: tried again at the next pass
+                log.warning("sweep of failed uploads' chunks failed, retrying later: %s", exc)
+            else:
+                if removed:
+                    log.info("removed the chunks of %d failed artifact uploads", removed)
+            await asyncio.sleep(ORPHAN_SWEEP_S)
+
+    async def sweep_orphan_chunks(self, started_before: float) -> int:
+        """Deletes the chunks of uploads started before `started_before` (Unix seconds)
+        that have no files document: a failed upload whose cleanup could not run. A
+        file's id is made when its upload starts, so the chunk index walks them in
+        that order, one file id per query. Returns how many uploads it removed."""
+        cutoff = ObjectId.from_datetime(datetime.fromtimestamp(started_before, UTC))
+        removed = 0
+        after: ObjectId | None = None
+        while True:
+            bounds: dict[str, ObjectId] = {"$lt": cutoff}
+            if after is not None:
+                bounds["$gt"] = after
+            with _guard("sweep_orphan_chunks"):
+                chunk = await self.chunks.find_one(
+                    {"files_id": bounds}, {"files_id": 1}, sort=[("files_id", ASCENDING)]
+                )
+                if chunk is None:
+                    return removed
+                after = chunk["files_id"]
+                if after in self._uploading:
+                    continue  # a day-long upload of this process, still going
+                if await self.files.find_one({"_id": after}, {"_id": 1}) is None:
+                    async with self._writing():
+                        await self.chunks.delete_many({"files_id": after})
+                    removed += 1
 
     async def _delete_file(self, file_id: ObjectId) -> None:
         """The files document first (that version vanishes at once), then its chunks.
