@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -167,15 +168,21 @@ class Client:
     ) -> job_service_pb2.CreateJobResponse:
         """Creates a QUEUED job; the response carries its one-time callback token.
 
-        Not retried: a lost reply would leave the job created and its token unknown.
+        Retried like the other calls: the id (a random one unless `job_id` is given)
+        and the callback token are chosen here, so a retry after a lost reply gets
+        the job the first attempt made, with the same token, not ALREADY_EXISTS.
         """
         job = job_pb2.Job(kind=kind_value(kind), labels=dict(labels or {}), video=video)
         if progress_deadline is not None:
             job.progress_deadline.CopyFrom(_duration(progress_deadline, "progress_deadline"))
         if stall_fail_after is not None:
             job.stall_fail_after.CopyFrom(_duration(stall_fail_after, "stall_fail_after"))
-        request = job_service_pb2.CreateJobRequest(job=job, job_id=job_id)
-        return await self._unary(self._stub.CreateJob, request, timeout, retry=False)
+        request = job_service_pb2.CreateJobRequest(
+            job=job,
+            job_id=job_id or str(uuid.uuid4()),
+            callback_token=secrets.token_urlsafe(32),
+        )
+        return await self._unary(self._stub.CreateJob, request, timeout)
 
     async def get_job(self, job_id: str, *, timeout: float | None = None) -> job_pb2.Job:
         request = job_service_pb2.GetJobRequest(id=job_id)

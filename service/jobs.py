@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, job_service_pb2, log_pb2
 
 from .committer import Committer, settle_in_doubt
-from .domain import events, validation
+from .domain import events, tokens, validation
 from .domain.errors import Code, DomainError, invalid, not_found
 from .domain.records import (
     TERMINAL_STATES,
@@ -123,10 +123,26 @@ class Jobs:
         if request.job.HasField("video") and request.job.kind != job_pb2.JOB_KIND_VIDEO:
             raise invalid("job.video is only for JOB_KIND_VIDEO jobs")
         validation.deadlines(request.job)
+        chosen = request.callback_token
+        if chosen:
+            validation.chosen_token(chosen)
         record, token = events.new_record(
-            job_id, request.job.kind, time.time_ns(), request.job, self.policy
+            job_id, request.job.kind, time.time_ns(), request.job, self.policy, chosen
         )
-        await self.store.create(record)
+        try:
+            await self.store.create(record)
+        except DomainError as err:
+            # A retry after a lost reply: the job it made comes back, as it is now.
+            if err.code is not Code.ALREADY_EXISTS or not chosen:
+                raise
+            existing = await self.store.get(job_id)
+            if (
+                existing is None
+                or existing.job.kind != request.job.kind
+                or not tokens.matches(chosen, existing.token_hash)
+            ):
+                raise
+            record = existing
         return job_service_pb2.CreateJobResponse(
             job=record.job, callback_token=token, callback_url=self._callback_url(record.job)
         )

@@ -460,10 +460,17 @@ async def test_report_progress_retried_after_a_lost_reply_is_applied_once(
         proxy.lose_reply["GetJob"] = 1
         assert (await c.get_job("r-1")).sequence == 1
         assert proxy.calls["GetJob"] == 2
+        # A create is retried too: the job the lost attempt made comes back, with the
+        # token this client chose for it (the id too, when not given).
         proxy.lose_reply["CreateJob"] = 1
-        with pytest.raises(Unavailable):
-            await c.create_job("GENERIC", job_id="r-2")
-        assert proxy.calls["CreateJob"] == 2  # r-1 and r-2 once each
+        made = await c.create_job("GENERIC", job_id="r-2")
+        assert proxy.calls["CreateJob"] == 3  # r-1 once, r-2 twice
+        mine = job_service_pb2.GetJobRequest(id="r-2", callback_token=made.callback_token)
+        assert (await service.stub.GetJob(mine)).id == "r-2"
+        proxy.lose_reply["CreateJob"] = 1
+        unnamed = await c.create_job("GENERIC")
+        listed = await service.stub.ListJobs(job_service_pb2.ListJobsRequest())
+        assert sorted(j.id for j in listed.jobs) == sorted(["r-1", "r-2", unnamed.job.id])
         proxy.lose_reply["ReportEvent"] = 10  # more than the retry policy allows
         with pytest.raises(Unavailable):
             await c.report_progress("r-1", 60)

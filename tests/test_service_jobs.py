@@ -40,6 +40,63 @@ async def test_duplicate_id_is_already_exists(service: ServiceHandle) -> None:
     assert "same" in (err.value.details() or "")
 
 
+CHOSEN = "t" * 20 + "_-" + "A9" * 11  # 44 characters of [A-Za-z0-9_-]
+
+
+def chosen_create(
+    job_id: str, token: str, kind: job_pb2.JobKind.ValueType = job_pb2.JOB_KIND_GENERIC
+) -> job_service_pb2.CreateJobRequest:
+    return job_service_pb2.CreateJobRequest(
+        job=job_pb2.Job(kind=kind), job_id=job_id, callback_token=token
+    )
+
+
+async def test_a_create_with_its_own_token_is_safe_to_repeat(service: ServiceHandle) -> None:
+    first = await service.stub.CreateJob(chosen_create("mine", CHOSEN))
+    assert first.callback_token == CHOSEN and first.job.has_callback_token
+    mine = job_service_pb2.GetJobRequest(id="mine", callback_token=CHOSEN)
+    assert (await service.stub.GetJob(mine)).id == "mine"
+
+    # The reply was lost, the caller tries again: the job as it is now, same token.
+    await service.stub.ReportEvent(progress("mine", 10))
+    again = await service.stub.CreateJob(chosen_create("mine", CHOSEN))
+    assert again.callback_token == CHOSEN
+    assert again.job.id == "mine" and again.job.sequence == 1
+    assert again.job.create_time == first.job.create_time
+    listed = await service.stub.ListJobs(job_service_pb2.ListJobsRequest())
+    assert [j.id for j in listed.jobs] == ["mine"]
+
+    # Another token, or the same one for another kind, is another job: the id is taken.
+    for request in (
+        chosen_create("mine", CHOSEN[:-1] + "x"),
+        chosen_create("mine", CHOSEN, job_pb2.JOB_KIND_BATCH),
+        job_service_pb2.CreateJobRequest(
+            job=job_pb2.Job(kind=job_pb2.JOB_KIND_GENERIC), job_id="mine"
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await service.stub.CreateJob(request)
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert (await service.stub.GetJob(mine)).sequence == 1
+
+
+@pytest.mark.parametrize(
+    "token",
+    [CHOSEN[:42], CHOSEN[:43] + "+", CHOSEN[:43] + " ", "é" * 43, "x" * 257],
+    ids=["42 characters", "plus", "space", "non-ASCII", "257 characters"],
+)
+async def test_a_weak_or_malformed_chosen_token_is_refused_unechoed(
+    service: ServiceHandle, token: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.CreateJob(chosen_create("weak", token))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = err.value.details() or ""
+    assert "callback_token" in details and token[:20] not in details
+    listed = await service.stub.ListJobs(job_service_pb2.ListJobsRequest())
+    assert list(listed.jobs) == []
+
+
 async def test_unknown_job_is_not_found(service: ServiceHandle) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await service.stub.GetJob(job_service_pb2.GetJobRequest(id="nope"))

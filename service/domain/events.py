@@ -59,8 +59,10 @@ def new_record(
     now_ns: int,
     template: job_pb2.Job | None = None,
     policy: Policy | None = None,
+    token: str = "",
 ) -> tuple[JobRecord, str]:
-    """A QUEUED job and its one-time callback token."""
+    """A QUEUED job and its one-time callback token (`token` when the caller chose
+    one, else a fresh one)."""
     job = _queued(job_id, kind, now_ns, policy)
     job.has_callback_token = True
     if template is not None:
@@ -70,7 +72,7 @@ def new_record(
         for name in ("progress_deadline", "stall_fail_after"):
             if template.HasField(name):
                 getattr(job, name).CopyFrom(getattr(template, name))
-    token, token_hash = tokens.issue()
+    token, token_hash = (token, tokens.digest(token)) if token else tokens.issue()
     return JobRecord(job=job, token_hash=token_hash), token
 
 

@@ -37,6 +37,20 @@ def new_job_id(value: str, field: str = "job_id") -> str:
     return value
 
 
+_CHOSEN_TOKEN = re.compile(r"[A-Za-z0-9_\-]{43,256}")
+
+
+def chosen_token(value: str, field: str = "callback_token") -> str:
+    """A callback token the caller picked: as strong as an issued one. The value is
+    a secret: never echoed in the error."""
+    if not _CHOSEN_TOKEN.fullmatch(value):
+        raise invalid(
+            f"{field} must be 43-256 characters of [A-Za-z0-9_-] (256 random bits, e.g."
+            f" secrets.token_urlsafe(32)); got {len(value)} characters"
+        )
+    return value
+
+
 def artifact_name(value: str) -> str:
     if not _ARTIFACT_NAME.fullmatch(value) or value in {".", ".."}:
         raise invalid(f"name must be 1-255 characters of [A-Za-z0-9._-], got {value[:64]!r}")

@@ -32,8 +32,17 @@ class CreateJobRequest(_message.Message):
 
     JOB_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
+    CALLBACK_TOKEN_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Client-assigned id (e.g. the AWS Batch job id). Generated when empty."""
+    callback_token: _builtins.str
+    """The job's callback token chosen by the caller instead of by the service:
+    43-256 characters of A-Z a-z 0-9 - _ (secrets.token_urlsafe(32) makes 43,
+    256 random bits). With it and `job_id`, CreateJob is safe to retry after a
+    lost reply: when a job of that id and kind exists with this token, the
+    answer is that job as it is now (and this token), not ALREADY_EXISTS.
+    jobwire.client sends one, so its create_job is retried like other calls.
+    """
     @_builtins.property
     def job(self) -> _job_pb2.Job:
         """The job to create. `kind` is required; `labels`, `video`,
@@ -46,10 +55,11 @@ class CreateJobRequest(_message.Message):
         *,
         job: _job_pb2.Job | None = ...,
         job_id: _builtins.str = ...,
+        callback_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback_token", b"callback_token", "job", b"job", "job_id", b"job_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
