@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
+from urllib.parse import unquote
 
 # Fewer streams than this on one connection: one cork and one uncork cost more than
 # the segments they save.
@@ -46,12 +47,12 @@ def supported() -> bool:
 
 
 def peer_key(peer: str) -> tuple[str, int] | None:
-    """gRPC's `ipv4:1.2.3.4:5` / `ipv6:[::1]:5` as (host, port); None for unix: and
-    anything else."""
+    """gRPC's `ipv4:1.2.3.4:5` / `ipv6:%5B::1%5D:5` as (host, port); None for unix:
+    and anything else."""
     kind, _, address = peer.partition(":")
     if kind not in ("ipv4", "ipv6"):
         return None
-    host, _, port = address.rpartition(":")
+    host, _, port = unquote(address).rpartition(":")  # gRPC writes [ and ] as %5B, %5D
     try:
         return _host(host.strip("[]")), int(port)
     except ValueError:

@@ -34,6 +34,7 @@ def corked(fd: int) -> int:
 def test_peer_key_reads_grpc_peer_strings() -> None:
     assert peer_key("ipv4:127.0.0.1:5123") == ("127.0.0.1", 5123)
     assert peer_key("ipv6:[::1]:5123") == ("::1", 5123)
+    assert peer_key("ipv6:%5B::1%5D:5123") == ("::1", 5123)  # as grpcio 1.85 writes it
     # A v4 client on a dual-stack listener: the same key as getpeername() gives.
     assert peer_key("ipv6:[::ffff:10.0.0.7]:80") == ("10.0.0.7", 80)
     assert peer_key("unix:/run/jobwire/feed.sock") is None
@@ -203,6 +204,39 @@ async def test_watchers_on_shared_connections_get_every_event_in_order(store: St
     finally:
         for ch in channels:
             await ch.close()
+        await service.close()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.create_server(("::1", 0), family=socket.AF_INET6):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_ipv6_watchers_are_batched_too(store: Store) -> None:
+    """gRPC writes an IPv6 peer as `ipv6:%5B::1%5D:port`: its connection is found all
+    the same."""
+    service = await start_service(store, grpc_addr="[::1]:0")
+    corker = service.running.jobs.fanout.corker
+    assert corker is not None
+    channel = grpc.aio.insecure_channel(f"[::1]:{service.running.port}")
+    try:
+        stub = job_service_pb2_grpc.JobServiceStub(channel)
+        job = (await create(stub)).job
+        calls = [
+            stub.WatchJob(job_service_pb2.WatchJobRequest(id=job.id)) for _ in range(MIN_WATCHERS)
+        ]
+        for call in calls:
+            assert (await read(call)).HasField("snapshot")
+        answer = await stub.ReportEvent(progress(job.id, 10))
+        for call in calls:
+            assert (await read(call)).event.sequence == answer.sequence
+        assert corker.corked == 1
+    finally:
+        await channel.close()
         await service.close()
 
 
