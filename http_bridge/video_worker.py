@@ -135,8 +135,14 @@ def to_event(report: Report) -> svc.ReportEventRequest:
         event.event_time.CopyFrom(to_timestamp(report.timestamp))
     if report.status == "progress":
         progress = event.progress
+        progress.SetInParent()  # a progress report even with an empty message
         progress.message = report.message
-        progress.percent = report.percent or 0.0
+        if report.percent is None:
+            # Optional, like the times: the service keeps the video's percent (or
+            # derives it from the times) in the event's own write.
+            event.percent_not_given = True
+        else:
+            progress.percent = report.percent
         if report.currentTime:
             progress.media_time.CopyFrom(parse_clock(report.currentTime))
         if report.totalTime:
@@ -147,29 +153,6 @@ def to_event(report: Report) -> svc.ReportEventRequest:
         event.failed.code = "VIDEO_ERROR"
         event.failed.message = report.message
     return event
-
-
-async def keep_progress(request: web.Request, report: Report, progress: job_pb2.Progress) -> None:
-    """A progress report without `percent` (optional, like the times) keeps what the
-    video had: the percent follows the times when the report brings one and both are
-    known, else stays; a time not sent stays. (Unset, the percent was 0 and the times
-    dropped.)"""
-    if report.currentTime is None or report.totalTime is None:
-        job = await stub_of(request).GetJob(
-            svc.GetJobRequest(id=report.videoId), timeout=config_of(request).rpc_timeout_seconds
-        )
-        if job.kind != job_pb2.JOB_KIND_VIDEO:
-            return  # not a video: ReportEvent answers "El video no existe"
-        before = job.progress
-        progress.percent = before.percent
-        if report.currentTime is None and before.HasField("media_time"):
-            progress.media_time.CopyFrom(before.media_time)
-        if report.totalTime is None and before.HasField("media_duration"):
-            progress.media_duration.CopyFrom(before.media_duration)
-    total = progress.media_duration.ToNanoseconds()
-    brings_time = report.currentTime is not None or report.totalTime is not None
-    if brings_time and progress.HasField("media_time") and total > 0:
-        progress.percent = min(100.0, progress.media_time.ToNanoseconds() / total * 100)
 
 
 # No HEAD: it would run the claim and drop the video it hands out (405, Allow: GET).
@@ -206,8 +189,6 @@ async def report(request: web.Request) -> web.StreamResponse:
     parsed = validate(Report, parse_json(body.data))
     event = to_event(parsed)
     event.idempotency_key = idempotency_key(request, CONTRACT, parsed.videoId, body)
-    if parsed.status == "progress" and parsed.percent is None:  # after every request check
-        await keep_progress(request, parsed, event.progress)
     await report_event(request, event)
     return json_response({"success": True})
 

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from http_bridge.config import load_config
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2, log_pb2
@@ -478,6 +479,43 @@ async def test_a_progress_report_without_percent_keeps_the_percent(bridge: Any, 
         200_000,
     )
     assert (await report(percent=0)).percent == 0
+
+
+async def test_percent_less_reports_never_restore_a_stale_percent(bridge: Any, stub: Any) -> None:
+    """The percent a report without one keeps is the video's when the report is
+    applied, in the same write: the bridge no longer reads the job first (a report
+    committed between that read and the write was overwritten with the older
+    percent). Here every percent-less report lands behind a 30 % one, in any order."""
+    vid = new_id("v")
+    await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid)
+    reads_before = requests_counted("GetJob", "OK")
+
+    def body(**fields: Any) -> dict[str, Any]:
+        return {"status": "progress", "videoId": vid, **fields}
+
+    await bridge.post("/api/report", body(message="start", percent=10), headers=VIDEO_AUTH)
+    answers = await asyncio.gather(
+        bridge.post("/api/report", body(message="a", percent=30), headers=VIDEO_AUTH),
+        *(
+            bridge.post("/api/report", body(message=f"retry {i}"), headers=VIDEO_AUTH)
+            for i in range(8)
+        ),
+    )
+    assert answers == [(200, {"success": True})] * 9
+    assert requests_counted("GetJob", "OK") == reads_before  # no read-then-write
+    events = (await stub.ListJobEvents(job_service_pb2.ListJobEventsRequest(job_id=vid))).events
+    percents = [e.progress.percent for e in events]
+    thirty = percents.index(30)
+    assert set(percents[:thirty]) == {10} and set(percents[thirty:]) == {30}
+    assert (await get_job(stub, vid)).progress.percent == 30
+
+
+def requests_counted(method: str, code: str) -> float:
+    """The service's own count (it runs in this process)."""
+    value = REGISTRY.get_sample_value(
+        "jobwire_grpc_requests_total", {"method": method, "code": code}
+    )
+    return value or 0.0
 
 
 async def test_concurrent_aurora_retries_create_a_task_once(service: Any) -> None:

@@ -248,7 +248,10 @@ def _report(
     _alive(job, now_ns)
     payload = request.WhichOneof("payload")
     if payload == "progress":
-        job.progress.CopyFrom(request.progress)
+        if request.percent_not_given:
+            _keep_unset(job.progress, request.progress)
+        else:
+            job.progress.CopyFrom(request.progress)
         if request.HasField("event_time"):
             job.progress.report_time.CopyFrom(request.event_time)
         if job.state == _S.JOB_STATE_QUEUED and job.HasField("lease_duration"):
@@ -277,6 +280,24 @@ def _report(
         job.end_time.FromNanoseconds(now_ns)
         event.type = event_pb2.EVENT_TYPE_FAILED
         event.error.CopyFrom(request.failed)
+
+
+def _keep_unset(progress: job_pb2.Progress, report: job_pb2.Progress) -> None:
+    """`report` over the job's `progress`, for a worker that did not say its percent:
+    the percent follows the media times when the report brings one and both are then
+    known, else stays; a media time the report leaves unset stays."""
+    previous = job_pb2.Progress()
+    previous.CopyFrom(progress)
+    progress.CopyFrom(report)
+    given_time, given_total = report.HasField("media_time"), report.HasField("media_duration")
+    progress.percent = 0.0 if given_time and given_total else previous.percent
+    if not given_time and previous.HasField("media_time"):
+        progress.media_time.CopyFrom(previous.media_time)
+    if not given_total and previous.HasField("media_duration"):
+        progress.media_duration.CopyFrom(previous.media_duration)
+    total = progress.media_duration.ToNanoseconds()
+    if (given_time or given_total) and progress.HasField("media_time") and total > 0:
+        progress.percent = min(100.0, progress.media_time.ToNanoseconds() / total * 100)
 
 
 def _renewal_due(job: job_pb2.Job, command: Command, now_ns: int) -> bool:

@@ -301,6 +301,7 @@ class ReportEventRequest(_message.Message):
     CREATE_KIND_FIELD_NUMBER: _builtins.int
     PROCESS_ID_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    PERCENT_NOT_GIVEN_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job the event is for."""
     idempotency_key: _builtins.str
@@ -321,6 +322,15 @@ class ReportEventRequest(_message.Message):
     NOT_FOUND, as if it did not exist. A secret shared by all the workers of
     a contract (AWS Batch, the video worker, AuroraCloud) thus reaches only
     that contract's kind of job. With `create_kind`, the two must agree.
+    """
+    percent_not_given: _builtins.bool
+    """For a progress report whose worker did not say its percent (the video
+    worker's optional `percent`): `progress.percent` is ignored and the job
+    keeps its percent, unless the report brings a media time and both media
+    times are then known: the percent is media_time / media_duration. A media
+    time the report leaves unset keeps the job's. Applied in the event's own
+    atomic write, so a report committed meanwhile is never overwritten with
+    a stale percent.
     """
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
@@ -351,10 +361,11 @@ class ReportEventRequest(_message.Message):
         create_kind: _job_pb2.JobKind.ValueType = ...,
         process_id: _builtins.str = ...,
         kind: _job_pb2.JobKind.ValueType = ...,
+        percent_not_given: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "event_time", b"event_time", "failed", b"failed", "payload", b"payload", "progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback_token", b"callback_token", "completed", b"completed", "create_kind", b"create_kind", "event_time", b"event_time", "failed", b"failed", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "kind", b"kind", "payload", b"payload", "process_id", b"process_id", "progress", b"progress"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback_token", b"callback_token", "completed", b"completed", "create_kind", b"create_kind", "event_time", b"event_time", "failed", b"failed", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "kind", b"kind", "payload", b"payload", "percent_not_given", b"percent_not_given", "process_id", b"process_id", "progress", b"progress"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["progress", "completed", "failed"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
