@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from http_bridge.common import same_secret
+
 from .config import DashboardConfig
 
 COOKIE = "jobwire_session"
@@ -45,7 +47,7 @@ class Auth:
         return bool(self._token)
 
     def check_token(self, candidate: str) -> bool:
-        return bool(self._token) and _same(_bytes(candidate), self._token)
+        return bool(self._token) and same_secret(_bytes(candidate), self._token)
 
     def _sign(self, payload: str) -> str:
         mac = hmac.new(self._key, _bytes(payload), hashlib.sha256).digest()
@@ -77,7 +79,7 @@ class Auth:
         session_id, _, expiry = payload.partition(".")
         if not (session_id and expiry.isascii() and expiry.isdigit() and signature):
             return None
-        if not _same(_bytes(signature), _bytes(self._sign(payload))):
+        if not same_secret(_bytes(signature), _bytes(self._sign(payload))):
             return None
         if int(expiry) < time.time():
             return None
@@ -86,7 +88,7 @@ class Auth:
     def csrf_ok(self, principal: Principal, submitted: str) -> bool:
         if not principal.csrf:  # Bearer: not a browser's ambient credential
             return True
-        return bool(submitted) and _same(_bytes(submitted), _bytes(principal.csrf))
+        return bool(submitted) and same_secret(_bytes(submitted), _bytes(principal.csrf))
 
     def set_cookie(self, request: web.Request, response: web.StreamResponse, value: str) -> None:
         response.set_cookie(
@@ -98,12 +100,6 @@ class Auth:
             samesite="Strict",
             secure=served_over_https(request),
         )
-
-
-def _same(given: bytes, expected: bytes) -> bool:
-    """Constant time on equal-length digests: compare_digest of unequal lengths returns
-    at once, which told a guesser the secret's length."""
-    return hmac.compare_digest(hashlib.sha256(given).digest(), hashlib.sha256(expected).digest())
 
 
 def _bytes(text: str) -> bytes:

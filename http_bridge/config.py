@@ -156,6 +156,7 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
     host, port = parse_addr(
         merged.get("JOBWIRE_HTTP_ADDR", "127.0.0.1:8080"), 8080, "JOBWIRE_HTTP_ADDR"
     )
+    rate, burst = parse_rate(merged.get("JOBWIRE_RATE_LIMIT", ""))
     return Config(
         http_host=host,
         http_port=port,
@@ -176,8 +177,8 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
         body_min_rate_bytes=whole(merged, "JOBWIRE_BODY_MIN_RATE_BYTES", 4096),
         keepalive_timeout_seconds=number(merged, "JOBWIRE_KEEPALIVE_TIMEOUT_SECONDS", 30.0),
         max_connections=whole(merged, "JOBWIRE_MAX_CONNECTIONS", 1000),
-        rate_limit=parse_rate(merged.get("JOBWIRE_RATE_LIMIT", "")),
-        rate_burst=rate_burst(merged.get("JOBWIRE_RATE_LIMIT", "")),
+        rate_limit=rate,
+        rate_burst=burst,
         signing_secrets=signing_secrets(merged),
     )
 
@@ -215,27 +216,22 @@ def whole(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> 
     return int(raw)
 
 
-def parse_rate(value: str) -> float:
-    """`JOBWIRE_RATE_LIMIT`: requests per second per credential, `N`, `N/s` or `N/min`."""
+def parse_rate(value: str) -> tuple[float, float]:
+    """`JOBWIRE_RATE_LIMIT`, `N`, `N/s` or `N/min`: (requests per second per credential,
+    the burst N, also for `N/min` whose rate per second is below 1); (0, 0) when off."""
     text = value.strip().lower()
     if text in ("", "0", "off"):
-        return 0.0
+        return 0.0, 0.0
     count, _, unit = text.partition("/")
     per = {"": 1.0, "s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
     try:
-        rate = float(count) / per[unit.strip()]
+        burst = float(count)
+        rate = burst / per[unit.strip()]
     except (ValueError, KeyError):
         raise SystemExit(f"JOBWIRE_RATE_LIMIT must be N, N/s or N/min, got {value!r}") from None
     if not 0 < rate < float("inf"):
         raise SystemExit(f"JOBWIRE_RATE_LIMIT must be positive, got {value!r}")
-    return rate
-
-
-def rate_burst(value: str) -> float:
-    """The N of a valid `JOBWIRE_RATE_LIMIT` (parse_rate checked it): bursts of N, also
-    for `N/min` (whose rate per second is below 1)."""
-    count = value.strip().partition("/")[0]
-    return float(count) if parse_rate(value) else 0.0
+    return rate, burst
 
 
 SIGNED_CONTRACTS = ("aws_batch", "video_worker", "aurora", "secretary")

@@ -35,7 +35,9 @@ from prometheus_client.samples import Sample
 from .shared_counts import (
     BUCKETS,
     CONTRACT_INDEX,
+    CONTRACTS,
     HEAD_TIMEOUTS,
+    HISTOGRAM_SUM,
     OPEN,
     REFUSED,
     SLABS,
@@ -44,9 +46,6 @@ from .shared_counts import (
     histogram_slot,
     statuses_seen,
 )
-from .shared_counts import (
-    CONTRACTS as CONTRACT_NAMES,
-)
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar(
     "jobwire_bridge_request_id", default=""
@@ -54,14 +53,14 @@ REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar(
 HEADER = "X-Request-ID"
 _VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
-CONTRACTS: web.AppKey[dict[str, str]] = web.AppKey("jobwire_contract_of_route", dict)
+ROUTE_CONTRACTS: web.AppKey[dict[str, str]] = web.AppKey("jobwire_contract_of_route", dict)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def install(app: web.Application, contracts: Mapping[str, web.RouteTableDef]) -> None:
     """Adds the middleware and GET /metrics; `contracts` names each route table."""
-    app[CONTRACTS] = {
+    app[ROUTE_CONTRACTS] = {
         f"{route.method} {route.path}": name
         for name, table in contracts.items()
         for route in table
@@ -119,7 +118,7 @@ class _BridgeCollector:
             labels=["contract"],
         )
         created_samples = []
-        for index, contract in enumerate(CONTRACT_NAMES):
+        for index, contract in enumerate(CONTRACTS):
             for status in statuses_seen(counts, index):
                 slot = callback_slot(index, status)
                 callbacks.add_metric([contract, str(status)], counts[slot], created=created[slot])
@@ -130,7 +129,7 @@ class _BridgeCollector:
             for offset, bound in enumerate((*BUCKETS, float("inf"))):
                 cumulative += counts[base + offset]
                 buckets.append((_bound_text(bound), cumulative))
-            latency.add_metric([contract], buckets, counts[base + len(BUCKETS) + 1])
+            latency.add_metric([contract], buckets, counts[base + HISTOGRAM_SUM])
             created_samples.append(
                 Sample(f"{latency.name}_created", {"contract": contract}, created[base])
             )
@@ -201,7 +200,7 @@ def _contract_of(request: web.Request) -> str:
     if contract is None:
         resource = route.resource
         canonical = resource.canonical if resource is not None else ""
-        contract = request.app[CONTRACTS].get(f"{request.method} {canonical}", "")
+        contract = request.app[ROUTE_CONTRACTS].get(f"{request.method} {canonical}", "")
         if not isinstance(route, SystemRoute):  # made per request for a 404/405
             if len(_route_contracts) > 4096:  # many apps in one process (tests)
                 _route_contracts.clear()

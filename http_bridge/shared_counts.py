@@ -17,14 +17,15 @@ from collections.abc import Iterator
 # The four contracts, in a fixed order: their counts have fixed places in a slab.
 CONTRACTS = ("aws_batch", "video_worker", "aurora", "secretary")
 CONTRACT_INDEX = {name: i for i, name in enumerate(CONTRACTS)}
-STATUSES = range(100, 600)  # callback() assumes these bounds
+STATUSES = range(100, 600)
+_FIRST_STATUS, _END_STATUS = STATUSES.start, STATUSES.stop  # for the hot path
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # A slab: counts (summed over slabs), then creation times (earliest non-zero wins).
 _PER_CONTRACT = len(STATUSES)
 HISTOGRAM = len(CONTRACTS) * _PER_CONTRACT  # per contract: buckets and +Inf, then sum
 _HISTOGRAM_STRIDE = len(BUCKETS) + 2
-_HISTOGRAM_SUM = len(BUCKETS) + 1  # after the buckets and +Inf
+HISTOGRAM_SUM = len(BUCKETS) + 1  # after the buckets and +Inf
 OPEN = HISTOGRAM + len(CONTRACTS) * _HISTOGRAM_STRIDE  # connections open now
 REFUSED = OPEN + 1  # connections refused (JOBWIRE_MAX_CONNECTIONS)
 HEAD_TIMEOUTS = OPEN + 2  # connections closed: request head too slow
@@ -69,10 +70,10 @@ class Slabs:
     def callback(self, contract: int, status: int, seconds: float | None) -> None:
         """An answered callback: counted by status, timed unless `seconds` is None.
         One call with its arithmetic inlined: it runs for every callback."""
-        if not 100 <= status < 600:
+        if not _FIRST_STATUS <= status < _END_STATUS:
             return
         own = self.own
-        slot = contract * _PER_CONTRACT + status - 100
+        slot = contract * _PER_CONTRACT + status - _FIRST_STATUS
         if not own[COUNTS + slot]:
             own[COUNTS + slot] = time.time()
         own[slot] += 1
@@ -82,7 +83,7 @@ class Slabs:
         if not own[COUNTS + base]:
             own[COUNTS + base] = time.time()
         own[base + bisect.bisect_left(BUCKETS, seconds)] += 1  # the first bound >= seconds
-        own[base + _HISTOGRAM_SUM] += seconds
+        own[base + HISTOGRAM_SUM] += seconds
 
     def totals(self) -> tuple[list[float], list[float]]:
         """(counts summed over the slabs, the earliest creation time of each, 0 for

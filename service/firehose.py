@@ -232,7 +232,7 @@ class Firehose:
         from another database or from before a restore (the embedded store's one origin
         has the same name in every database). The cursor forgets that origin, so this
         log's retained entries are delivered (as for "0"), none taken for ones seen."""
-        single = getattr(self.store, "single_writer_origin", "")
+        single = self.store.single_writer_origin
         ends = {origin: newest for origin, (_, newest) in bounds.items()}
         if single and single not in ends:
             ends[single] = 0  # nothing written yet

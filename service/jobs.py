@@ -91,7 +91,7 @@ class Jobs:
         self.stall_sweep_seconds = 1.0
 
     async def start(self) -> None:
-        origin = getattr(self.store, "single_writer_origin", "")
+        origin = self.store.single_writer_origin
         if origin and self.store.policy.firehose_retention_ns > 0:
             # Every later entry of the log is published here, in this process: the
             # fan-out's watermark is exact, so WatchJobs streams can be routed by filter.

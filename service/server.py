@@ -23,6 +23,7 @@ from .security import server_credentials
 from .servicer import SERVICE, JobServicer, add_to_server
 from .store.factory import open_store
 from .store.port import Store
+from .tasks import stop_within
 from .tracing import server_interceptors
 from .watch_workers import WatchWorkers, feed_handler
 
@@ -30,12 +31,6 @@ log = logging.getLogger("jobwire.server")
 SERVICE_NAME = SERVICE.full_name
 SWEEPER_STOP_SECONDS = 2.0
 STORE_CLOSE_SECONDS = 3.0
-
-
-def _discard_outcome(task: asyncio.Task[None]) -> None:
-    """A sweep still unwinding after shutdown fails against the closed store: expected."""
-    if not task.cancelled():
-        task.exception()
 
 
 @dataclass
@@ -52,12 +47,7 @@ class RunningService:
     async def stop(self, grace: float) -> None:
         """Stops accepting calls, lets in-flight ones finish, ends watch streams cleanly."""
         await self.health.enter_graceful_shutdown()
-        self.sweeper.cancel()
-        # A sweep cancelled inside a MongoDB round trip can leave PyMongo unwinding its
-        # connection for a long time (seen: > 30 s on FerretDB); shutdown must not wait
-        # on it. Closing the store below ends whatever is left of it.
-        await asyncio.wait([self.sweeper], timeout=SWEEPER_STOP_SECONDS)
-        self.sweeper.add_done_callback(_discard_outcome)
+        await stop_within([self.sweeper], SWEEPER_STOP_SECONDS)  # not waiting on PyMongo
         if self.workers is not None:  # their watchers, too, resume elsewhere
             await self.workers.stop(grace)
         # Watchers get UNAVAILABLE after draining their buffers, so they reconnect

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import statistics
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -138,23 +141,45 @@ async def test_connections_beyond_the_cap_get_503(grpc_service: Any, tmp_path: P
             writer.close()
 
 
-async def test_rate_limit_per_credential_429_with_retry_after(
-    grpc_service: Any, tmp_path: Path
-) -> None:
+@dataclass
+class Answer:
+    status: int
+    retry_after: str | None
+    body: bytes
+
+
+@contextlib.asynccontextmanager
+async def rate_limited_log_reads(
+    grpc_service: Any, tmp_path: Path, rate_limit: str
+) -> AsyncIterator[Callable[[str], Awaitable[Answer]]]:
+    """A bridge with JOBWIRE_RATE_LIMIT=`rate_limit`, and a read of the video worker's
+    log with a given API key."""
     async with (
         bridge_process(
-            grpc_service.target, tmp_path, JOBWIRE_RATE_LIMIT="2/s", API_KEY=API_KEY
+            grpc_service.target, tmp_path, JOBWIRE_RATE_LIMIT=rate_limit, API_KEY=API_KEY
         ) as bridge,
         aiohttp.ClientSession() as http,
     ):
         url = f"{bridge.url}/api/log?limit=1"
 
+        async def get(key: str) -> Answer:
+            async with http.get(url, headers={"Authorization": f"Bearer {key}"}) as r:
+                return Answer(r.status, r.headers.get("Retry-After"), await r.read())
+
+        yield get
+
+
+async def test_rate_limit_per_credential_429_with_retry_after(
+    grpc_service: Any, tmp_path: Path
+) -> None:
+    async with rate_limited_log_reads(grpc_service, tmp_path, "2/s") as get:
+
         async def call() -> int:
-            async with http.get(url, headers={"Authorization": f"Bearer {API_KEY}"}) as r:
-                if r.status == 429:
-                    assert int(r.headers["Retry-After"]) >= 1
-                    assert await r.json() == {"error": "Error al procesar la solicitud"}
-                return r.status
+            answer = await get(API_KEY)
+            if answer.status == 429:
+                assert answer.retry_after is not None and int(answer.retry_after) >= 1
+                assert json.loads(answer.body) == {"error": "Error al procesar la solicitud"}
+            return answer.status
 
         # Eight at once: the burst (2) passes, the rest arrive before any refill.
         statuses = await asyncio.gather(*(call() for _ in range(8)))
@@ -165,18 +190,10 @@ async def test_rate_limit_per_credential_429_with_retry_after(
 async def test_rate_limit_per_minute_allows_bursts_of_n(grpc_service: Any, tmp_path: Path) -> None:
     """`N/min` allows bursts of N, as `N/s` does (README): 5/min let one request through
     and answered 429 to a worker's second request of the same second."""
-    async with (
-        bridge_process(
-            grpc_service.target, tmp_path, JOBWIRE_RATE_LIMIT="5/min", API_KEY=API_KEY
-        ) as bridge,
-        aiohttp.ClientSession() as http,
-    ):
-        url = f"{bridge.url}/api/log?limit=1"
-        statuses = []
-        for _ in range(6):
-            async with http.get(url, headers={"Authorization": f"Bearer {API_KEY}"}) as r:
-                statuses.append(r.status)
-                retry_after = r.headers.get("Retry-After")
+    async with rate_limited_log_reads(grpc_service, tmp_path, "5/min") as get:
+        answers = [await get(API_KEY) for _ in range(6)]
+        statuses = [a.status for a in answers]
+        retry_after = answers[-1].retry_after
         assert statuses == [200] * 5 + [429], statuses
         assert retry_after is not None and 1 <= int(retry_after) <= 12
 
@@ -188,17 +205,10 @@ async def test_guessed_credentials_are_rate_limited_per_address(
     per request was never limited (nor the service reads a Secretary guess costs).
     Failed authentications now draw on their address's bucket, and a credential not yet
     seen to work waits while it is empty; one that worked keeps its own bucket only."""
-    async with (
-        bridge_process(
-            grpc_service.target, tmp_path, JOBWIRE_RATE_LIMIT="3/min", API_KEY=API_KEY
-        ) as bridge,
-        aiohttp.ClientSession() as http,
-    ):
-        url = f"{bridge.url}/api/log?limit=1"
+    async with rate_limited_log_reads(grpc_service, tmp_path, "3/min") as get:
 
         async def call(key: str) -> int:
-            async with http.get(url, headers={"Authorization": f"Bearer {key}"}) as r:
-                return r.status
+            return (await get(key)).status
 
         assert await call(API_KEY) == 200  # a success costs its address nothing
         guesses = [await call(f"guess-{i}") for i in range(8)]

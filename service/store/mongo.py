@@ -54,6 +54,7 @@ from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, log_pb2
 from ..domain import events
 from ..domain.errors import Code, DomainError, StorageUnavailable
 from ..domain.records import Applied, Change, Claim, JobCommand, JobRecord, Policy
+from ..tasks import stop_within
 from . import mongo_codec as codec
 from .port import CHUNK_SIZE, JobQuery, LogEntry
 
@@ -129,11 +130,6 @@ def _guard(what: str) -> Iterator[None]:
     except PyMongoError as exc:
         _raise_if_timeout(exc, what)
         raise
-
-
-def _discard_outcome(task: asyncio.Future[None]) -> None:
-    if not task.cancelled():
-        task.exception()  # retrieved: a housekeeping error was logged or is moot
 
 
 def _raise_if_timeout(exc: PyMongoError, what: str) -> None:
@@ -271,6 +267,8 @@ class _Plan:
 
 class MongoStore:
     """A `Store` on MongoDB >= 6.0 (or a compatible server such as FerretDB)."""
+
+    single_writer_origin = ""  # every replica appends to the log
 
     def __init__(
         self,
@@ -560,15 +558,7 @@ class MongoStore:
         ]
 
     async def close(self) -> None:
-        housekeeping = [t for t in (self._log_pruning, self._orphan_sweeping) if t is not None]
-        for task in housekeeping:
-            task.cancel()
-        if housekeeping:
-            # Cancelled mid round trip, PyMongo may take long to unwind (or swallow the
-            # cancel); closing the client below ends whatever is left.
-            await asyncio.wait(housekeeping, timeout=HOUSEKEEPING_STOP_S)
-            for task in housekeeping:
-                task.add_done_callback(_discard_outcome)
+        await stop_within([self._log_pruning, self._orphan_sweeping], HOUSEKEEPING_STOP_S)
         if self._client is not None:
             client, self._client, self._db = self._client, None, None
             await client.close()

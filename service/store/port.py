@@ -53,6 +53,10 @@ class Store(Protocol):
     """An async job store. Each method is one round trip where the database allows."""
 
     policy: Policy
+    # The firehose log's origin when this process writes every entry of it (the
+    # embedded store: its watermark is exact, fanout.anchor); "" when other processes
+    # write to the log too (MongoDB replicas).
+    single_writer_origin: str
 
     async def start(self) -> None:
         """Connects, creates tables or indexes idempotently; a second call on a started
