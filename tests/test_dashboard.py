@@ -40,11 +40,13 @@ WAIT_MS = 10_000  # any awaited page change; the live-update test asserts its ow
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 
 
+POLICY = Policy(retention=64, lease_ns=60 * 10**9, max_attempts=3)
+
+
 @pytest.fixture(scope="module")
 async def svc(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ServiceHandle]:
     data = tmp_path_factory.mktemp("dashboard")
-    policy = Policy(retention=64, lease_ns=60 * 10**9, max_attempts=3)
-    handle = await start_service(EmbeddedStore(data, policy), lease_sweep_seconds=0.05)
+    handle = await start_service(EmbeddedStore(data, POLICY), lease_sweep_seconds=0.05)
     yield handle
     await handle.close()
 
@@ -174,8 +176,26 @@ async def test_every_page_and_stream_is_refused_without_login(
 # -- screenshots for the README -------------------------------------------------------
 
 
-async def test_screenshots(
-    dash: DashboardProcess, context: Any, svc: ServiceHandle, bridge: Any
+@contextlib.asynccontextmanager
+async def own_stack(data: Path) -> AsyncIterator[tuple[ServiceHandle, Any, DashboardProcess]]:
+    """A service, bridge and dashboard of their own: the screenshots show only the jobs
+    their test made, not those other tests of the module left in the shared store."""
+    handle = await start_service(EmbeddedStore(data, POLICY), lease_sweep_seconds=0.05)
+    try:
+        config = dataclasses.replace(TEST_CONFIG, service_target=handle.target)
+        async with running_bridge(config) as b, running_dashboard(handle.target) as d:
+            yield handle, b, d
+    finally:
+        await handle.close()
+
+
+async def test_screenshots(context: Any, tmp_path: Path) -> None:
+    async with own_stack(tmp_path) as (svc, bridge, dash):
+        await take_screenshots(context, svc, bridge, dash)
+
+
+async def take_screenshots(
+    context: Any, svc: ServiceHandle, bridge: Any, dash: DashboardProcess
 ) -> None:
     stub = svc.stub
     run = uuid.uuid4().hex[:4]
@@ -920,7 +940,7 @@ async def test_jobs_page_across_a_service_restart(context: Any, tmp_path: Path) 
     meanwhile (it re-read its rows while the service was still down, got a 503 and kept
     the old ones), in one row per job."""
     data = tmp_path / "restarted"
-    policy = Policy(retention=64, lease_ns=60 * 10**9, max_attempts=3)
+    policy = POLICY
     port = free_port()
     svc: ServiceHandle | None = await start_service(
         EmbeddedStore(data, policy), grpc_addr=f"127.0.0.1:{port}"
