@@ -20,11 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import Any
 
 from jobwire.v1 import event_pb2
 
@@ -43,31 +41,7 @@ RECENT = 65_536  # (job id, sequence) pairs remembered to drop repeated entries
 
 def feed_of(store: Store, max_docs: int = 0) -> EventFeed | None:
     """The store's event feed, or None when it has none (the embedded store)."""
-    make = getattr(store, "event_feed", None)
-    if callable(make):
-        feed: EventFeed | None = make()
-        return feed
-    mongo = sys.modules.get("service.store.mongo")
-    if mongo is not None and isinstance(store, mongo.MongoStore):
-        from pymongo import AsyncMongoClient
-
-        from .store.mongo_feed import DEFAULT_MAX_DOCS, MongoEventFeed
-
-        # The tail's own client, with the store's URI and options (see mongo_feed).
-        uri: str = store._uri
-        # No timeoutMS: FerretDB drops a cursor opened with a maxTimeMS after its first
-        # getMore; a socket timeout above the getMore wait detects a dead server.
-        options = {**store._client_options, "maxPoolSize": 1, "appname": "jobwire-feed"}
-        options.pop("timeoutMS", None)
-        options["socketTimeoutMS"] = 15_000
-
-        def tail_client() -> Any:
-            return AsyncMongoClient(uri, **options)
-
-        return MongoEventFeed(
-            store.database, tail_client=tail_client, max_docs=max_docs or DEFAULT_MAX_DOCS
-        )
-    return None
+    return store.event_feed(max_docs)
 
 
 class FeedRelay:

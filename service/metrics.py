@@ -110,7 +110,7 @@ def watch_fanout(fanout: Fanout) -> None:
 
 
 def watch_firehose(store: Store) -> None:
-    FIREHOSE_APPEND_FAILURES.set_function(lambda: float(getattr(store, "log_failures", 0)))
+    FIREHOSE_APPEND_FAILURES.set_function(lambda: float(store.log_failures))
 
 
 _last_logged: tuple[str, float] = ("", 0.0)

@@ -34,7 +34,7 @@ from tests.bridge_harness import (
 )
 from tests.conftest import ServiceHandle, make_policy, start_service
 from tests.grpc_proxy import FaultProxy
-from tests.helpers import WAIT, create, read, until
+from tests.helpers import WAIT, create, progress, read, until
 
 
 async def scrape(to: Bridge) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -313,3 +313,42 @@ async def test_an_artifact_download_is_not_in_the_answer_latency_histogram(
     assert callbacks(between, "secretary", 200) == callbacks(before, "secretary", 200) + 1
     assert (await bridge.get(job, headers=auth))[0] == 200  # a poll is an answer: timed
     assert (await scrape(bridge))[timed] == before[timed] + 1
+
+
+async def test_firehose_append_failures_gauge_counts_events_missing_from_the_log(
+    mongo_uri: str,
+) -> None:
+    """MongoDB appends an event's firehose entry after its commit: when that insert
+    fails (here an entry already holds the next number), the callback is still
+    acknowledged, jobwire_firehose_append_failures counts the event, and the next
+    append re-reads the log's last number and succeeds (README "Metrics")."""
+    from service.store.mongo import MongoStore
+
+    store = MongoStore(mongo_uri, policy=make_policy(), database=f"t_{os.urandom(6).hex()}")
+    handle = await start_service(store, metrics_addr="127.0.0.1:0")
+    try:
+        assert handle.running.ops is not None
+        port = handle.running.ops.metrics.port
+        await create(handle.stub, job_id="gauge")
+        await handle.stub.ReportEvent(progress("gauge", 10))
+        assert await service_gauge(port, "jobwire_firehose_append_failures") == 0
+        last = await store.firehose.find_one({"o": store.origin}, sort=[("n", -1)])
+        assert last is not None
+        await store.firehose.insert_one({"o": store.origin, "n": last["n"] + 1, "ns": 0})
+
+        reply = await handle.stub.ReportEvent(progress("gauge", 20))
+        assert reply.sequence == 2 and not reply.duplicate
+        assert await service_gauge(port, "jobwire_firehose_append_failures") == 1
+
+        await handle.stub.ReportEvent(progress("gauge", 30))
+        assert await service_gauge(port, "jobwire_firehose_append_failures") == 1
+        newest = await store.firehose.find_one({"o": store.origin}, sort=[("n", -1)])
+        assert newest is not None and newest["n"] == last["n"] + 2 and "e" in newest
+    finally:
+        name = store.database.name
+        await handle.close()
+        from pymongo import AsyncMongoClient
+
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
+        await client.drop_database(name)
+        await client.close()

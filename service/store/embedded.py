@@ -104,6 +104,7 @@ CREATE TABLE IF NOT EXISTS artifacts (
 class EmbeddedStore:
     # This process writes every entry of the firehose log's one origin (fanout.anchor).
     single_writer_origin = ORIGIN
+    log_failures = 0  # the firehose entry is written in the event's own transaction
 
     def __init__(self, data_dir: Path, policy: Policy) -> None:
         self.policy = policy
@@ -376,6 +377,9 @@ class EmbeddedStore:
             return {int(k): int(n) for k, n in rows}
 
         return await self._read(run)
+
+    def event_feed(self, max_docs: int = 0) -> None:
+        return None  # one process owns the file: its watchers hear it directly
 
     # -- logs --------------------------------------------------------------
 

@@ -56,6 +56,7 @@ from ..domain.errors import Code, DomainError, StorageUnavailable
 from ..domain.records import Applied, Change, Claim, JobCommand, JobRecord, Policy
 from ..tasks import stop_within
 from . import mongo_codec as codec
+from .mongo_feed import DEFAULT_MAX_DOCS, MongoEventFeed
 from .port import CHUNK_SIZE, JobQuery, LogEntry
 
 log = logging.getLogger("jobwire.store.mongo")
@@ -1096,6 +1097,22 @@ class MongoStore:
                 [{"$match": {"state": _QUEUED}}, {"$group": {"_id": "$kind", "n": {"$sum": 1}}}]
             )
             return {int(doc["_id"]): int(doc["n"]) async for doc in cursor}
+
+    def event_feed(self, max_docs: int = 0) -> MongoEventFeed:
+        # The tail's own client, with the store's URI and options (see mongo_feed).
+        # No timeoutMS: FerretDB drops a cursor opened with a maxTimeMS after its first
+        # getMore; a socket timeout above the getMore wait detects a dead server.
+        options = {**self._client_options, "maxPoolSize": 1, "appname": "jobwire-feed"}
+        options.pop("timeoutMS", None)
+        options["socketTimeoutMS"] = 15_000
+        uri = self._uri
+
+        def tail_client() -> AsyncMongoClient[dict[str, Any]]:
+            return AsyncMongoClient(uri, **options)
+
+        return MongoEventFeed(
+            self.database, tail_client=tail_client, max_docs=max_docs or DEFAULT_MAX_DOCS
+        )
 
     # -- logs ----------------------------------------------------------------------
 

@@ -57,6 +57,10 @@ class Store(Protocol):
     # embedded store: its watermark is exact, fanout.anchor); "" when other processes
     # write to the log too (MongoDB replicas).
     single_writer_origin: str
+    # Committed events whose firehose log entry could not be written, since start
+    # (MongoDB appends them after the commit; the embedded store in the same
+    # transaction, so 0 there). A gauge (service/metrics.py).
+    log_failures: int
 
     async def start(self) -> None:
         """Connects, creates tables or indexes idempotently; a second call on a started
@@ -132,6 +136,11 @@ class Store(Protocol):
 
     async def queue_depths(self) -> dict[int, int]:
         """Number of QUEUED jobs per kind (for metrics)."""
+
+    def event_feed(self, max_docs: int = 0) -> EventFeed | None:
+        """A feed shared with the other service processes on this database (see
+        EventFeed), holding at most `max_docs` entries (0: the store's default); None
+        when the store serves one process only (the embedded store)."""
 
 
 class FeedUnsupported(Exception):
