@@ -24,6 +24,7 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from jobwire.v1 import (
     artifact_pb2,
+    event_pb2,
     job_pb2,
     job_service_pb2,
     job_service_pb2_grpc,
@@ -49,6 +50,7 @@ R = TypeVar("R")
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_RETRY = RetryPolicy()
 WATCH_BACKOFF = Backoff(initial=0.2, maximum=5.0)
+EVENTS_PAGE = 500  # ListJobEvents page_size when paging through a history (at most 1000)
 
 
 class Client:
@@ -358,12 +360,43 @@ class Client:
         return request
 
     async def list_job_events(
-        self, job_id: str, from_sequence: int = 0, *, timeout: float | None = None
+        self,
+        job_id: str,
+        from_sequence: int = 0,
+        *,
+        page_size: int = 0,
+        timeout: float | None = None,
     ) -> job_service_pb2.ListJobEventsResponse:
         """The job's retained events after `from_sequence` (and a `gap` when older ones
-        are gone)."""
-        request = job_service_pb2.ListJobEventsRequest(job_id=job_id, from_sequence=from_sequence)
+        are gone). `page_size` 0: all that fit in one answer (the newest when they do
+        not); 1-1000: at most that many, oldest first, and `more` when others follow."""
+        request = job_service_pb2.ListJobEventsRequest(
+            job_id=job_id, from_sequence=from_sequence, page_size=page_size
+        )
         return await self._unary(self._stub.ListJobEvents, request, timeout)
+
+    async def job_events(
+        self,
+        job_id: str,
+        from_sequence: int = 0,
+        *,
+        page_size: int = EVENTS_PAGE,
+        timeout: float | None = None,
+    ) -> AsyncIterator[event_pb2.JobEvent | event_pb2.StreamGap]:
+        """Every retained event after `from_sequence`, oldest first, page by page
+        (however long the history); a `StreamGap` first when the oldest retained one
+        is past `from_sequence + 1`, or before any events that were pruned between
+        two pages. Each page is one call, retried like the others."""
+        after = from_sequence
+        while True:
+            reply = await self.list_job_events(job_id, after, page_size=page_size, timeout=timeout)
+            if reply.HasField("gap"):
+                yield reply.gap
+            for event in reply.events:
+                yield event
+            if not reply.more or not reply.events:
+                return
+            after = reply.events[-1].sequence
 
     # -- logs ----------------------------------------------------------------
 
@@ -491,7 +524,7 @@ class Client:
         """
         return JobWatch(
             lambda: self._stub,
-            self.list_job_events,
+            lambda job, after: self.list_job_events(job, after, page_size=EVENTS_PAGE),
             job_id,
             from_sequence,
             every_event=every_event,

@@ -251,22 +251,26 @@ class JobWatch:
         yield event
 
     async def _fill(self, before: int) -> AsyncGenerator[WatchItem, None]:
-        """The retained events between the last one yielded and `before`."""
-        reply = await self._list_events(self.job_id, self.last_sequence)
-        wanted = [e for e in reply.events if self.last_sequence < e.sequence < before]
-        oldest = wanted[0].sequence if wanted else before
-        if reply.HasField("gap") or oldest > self.last_sequence + 1:
-            gap = event_pb2.StreamGap(
-                job_id=self.job_id,
-                requested_sequence=self.last_sequence,
-                oldest_available_sequence=oldest,
-            )
-            self.last_sequence = oldest - 1
-            yield gap
-        for event in wanted:
-            if event.sequence == self.last_sequence + 1:
-                self.last_sequence = event.sequence
-                yield event
+        """The retained events between the last one yielded and `before`, a page at a
+        time (a long history does not fit in one answer)."""
+        while True:
+            reply = await self._list_events(self.job_id, self.last_sequence)
+            wanted = [e for e in reply.events if self.last_sequence < e.sequence < before]
+            oldest = wanted[0].sequence if wanted else before
+            if reply.HasField("gap") or oldest > self.last_sequence + 1:
+                gap = event_pb2.StreamGap(
+                    job_id=self.job_id,
+                    requested_sequence=self.last_sequence,
+                    oldest_available_sequence=oldest,
+                )
+                self.last_sequence = oldest - 1
+                yield gap
+            for event in wanted:
+                if event.sequence == self.last_sequence + 1:
+                    self.last_sequence = event.sequence
+                    yield event
+            if not (reply.more and wanted and self.last_sequence < before - 1):
+                return
 
 
 class JobsWatch:

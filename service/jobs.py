@@ -237,16 +237,25 @@ class Jobs:
         return reply
 
     async def list_events(
-        self, job_id: str, from_sequence: int, token: str = ""
+        self, job_id: str, from_sequence: int, token: str = "", page_size: int = 0
     ) -> job_service_pb2.ListJobEventsResponse:
         if from_sequence < 0:
             raise invalid("from_sequence must not be negative")
+        page_size = validation.bounded(page_size, "page_size", 0, MAX_PAGE_SIZE)
         record = await self._record(job_id, token)
         retained = await self.store.events_after(job_id, from_sequence)
-        # The newest that fit under gRPC's message limit (a worker's 64 KiB messages:
-        # 64 events were past 4 MiB, RESOURCE_EXHAUSTED); the gap says where they start.
-        retained = retained[len(retained) - _fitting(retained[::-1]) :]
-        response = job_service_pb2.ListJobEventsResponse(events=retained)
+        more = False
+        if page_size:
+            # The oldest first, as many as asked for and fit: the caller pages on.
+            page = retained[:page_size]
+            page = page[: _fitting(page)]
+            more = len(page) < len(retained)
+            retained = page
+        else:
+            # The newest that fit under gRPC's message limit (a worker's 64 KiB messages:
+            # 64 events were past 4 MiB, RESOURCE_EXHAUSTED); the gap says where they start.
+            retained = retained[len(retained) - _fitting(retained[::-1]) :]
+        response = job_service_pb2.ListJobEventsResponse(events=retained, more=more)
         gap = _replay_gap(job_id, from_sequence, record.job.sequence, retained)
         if gap is not None:
             STREAM_GAPS.labels("ListJobEvents").inc()

@@ -282,7 +282,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         self, request: job_service_pb2.ListJobEventsRequest, context: Context
     ) -> job_service_pb2.ListJobEventsResponse:
         return await self._jobs.list_events(
-            request.job_id, request.from_sequence, request.callback_token
+            request.job_id, request.from_sequence, request.callback_token, request.page_size
         )
 
     @watch_stream

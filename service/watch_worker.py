@@ -41,6 +41,7 @@ log = logging.getLogger("jobwire.watch_worker")
 
 WATCH_JOB = f"/{SERVICE.full_name}/WatchJob"
 READ_TIMEOUT_S = 10.0
+EVENTS_PAGE = 1000  # ListJobEvents page_size: its maximum
 FEED_RETRY_S = (0.05, 2.0)  # first and longest pause between feed reconnections
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _NOT_FORWARDED = ("user-agent", "content-type", "te", "host")
@@ -64,14 +65,23 @@ class PrimaryReads:
         return JobRecord(job=job)
 
     async def events_after(self, job_id: str, sequence: int) -> list[event_pb2.JobEvent]:
-        request = job_service_pb2.ListJobEventsRequest(job_id=job_id, from_sequence=sequence)
-        try:
-            response = await self._stub.ListJobEvents(
-                request, metadata=self._metadata, timeout=READ_TIMEOUT_S
+        # Page by page, oldest first: one answer holds at most ~3 MiB, and a history
+        # past that would otherwise come back as its newest part and a false gap.
+        events: list[event_pb2.JobEvent] = []
+        while True:
+            request = job_service_pb2.ListJobEventsRequest(
+                job_id=job_id, from_sequence=sequence, page_size=EVENTS_PAGE
             )
-        except grpc.aio.AioRpcError as err:
-            raise StorageUnavailable(f"reading events of {job_id!r}: {err.details()}") from None
-        return list(response.events)
+            try:
+                response = await self._stub.ListJobEvents(
+                    request, metadata=self._metadata, timeout=READ_TIMEOUT_S
+                )
+            except grpc.aio.AioRpcError as err:
+                raise StorageUnavailable(f"reading events of {job_id!r}: {err.details()}") from None
+            events.extend(response.events)
+            if not response.more or not response.events:
+                return events
+            sequence = response.events[-1].sequence
 
 
 class Feed:

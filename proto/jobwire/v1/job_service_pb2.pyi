@@ -787,22 +787,31 @@ class ListJobEventsRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     FROM_SEQUENCE_FIELD_NUMBER: _builtins.int
     CALLBACK_TOKEN_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job id."""
     from_sequence: _builtins.int
     """Only events with a higher sequence number (0: every retained event)."""
     callback_token: _builtins.str
     """When set, must match the job's callback token."""
+    page_size: _builtins.int
+    """0: every retained event after `from_sequence` that one answer can carry;
+    when they do not all fit (about 3 MiB), the newest, and `gap` says where
+    they start. 1-1000: a page of at most this many, the oldest first (fewer
+    when they would not fit); `more` says whether retained events follow it:
+    ask again with `from_sequence` set to the last one's sequence.
+    """
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         from_sequence: _builtins.int = ...,
         callback_token: _builtins.str = ...,
+        page_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback_token", b"callback_token", "from_sequence", b"from_sequence", "job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback_token", b"callback_token", "from_sequence", b"from_sequence", "job_id", b"job_id", "page_size", b"page_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -814,6 +823,9 @@ class ListJobEventsResponse(_message.Message):
 
     EVENTS_FIELD_NUMBER: _builtins.int
     GAP_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    more: _builtins.bool
+    """With `page_size`: true when retained events follow the last one returned."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.JobEvent]:
         """The retained events (the service keeps the most recent ones per job,
@@ -823,7 +835,7 @@ class ListJobEventsResponse(_message.Message):
     @_builtins.property
     def gap(self) -> _event_pb2.StreamGap:
         """Set when the events cannot start at `from_sequence + 1` because older
-        ones are no longer retained.
+        ones are no longer retained (or, with `page_size` 0, did not fit).
         """
 
     def __init__(
@@ -831,10 +843,11 @@ class ListJobEventsResponse(_message.Message):
         *,
         events: _abc.Iterable[_event_pb2.JobEvent] | None = ...,
         gap: _event_pb2.StreamGap | None = ...,
+        more: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["gap", b"gap"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "gap", b"gap"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "gap", b"gap", "more", b"more"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
