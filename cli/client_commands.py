@@ -165,7 +165,19 @@ async def get(args: argparse.Namespace) -> int:
 
 
 async def events(args: argparse.Namespace) -> int:
-    return await _print(args, lambda c: c.list_job_events(args.job_id, args.from_sequence))
+    async def every_page(client: Client) -> job_service_pb2.ListJobEventsResponse:
+        # One answer holds at most 3 MiB (the newest events of a longer history): the
+        # pages, oldest first, printed as one answer with the first gap.
+        reply = job_service_pb2.ListJobEventsResponse()
+        async for item in client.job_events(args.job_id, args.from_sequence):
+            if isinstance(item, event_pb2.StreamGap):
+                if not reply.HasField("gap"):
+                    reply.gap.CopyFrom(item)
+            else:
+                reply.events.append(item)
+        return reply
+
+    return await _print(args, every_page)
 
 
 async def cancel(args: argparse.Namespace) -> int:

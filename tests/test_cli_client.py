@@ -9,12 +9,15 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from jobwire.client import Client, Job, JobEvent
 from jobwire.v1 import event_pb2, job_service_pb2
 from service.store.embedded import EmbeddedStore
 from tests.conftest import ServiceHandle, make_policy, start_service
 from tests.grpc_proxy import FaultProxy
 from tests.helpers import cli_result
+from tests.test_event_pages import big_history
 
 WAIT = 20.0
 
@@ -220,3 +223,19 @@ async def test_output_cut_short_by_its_reader_ends_quietly(grpc_service: Service
     _, err = await asyncio.wait_for(proc.communicate(), 2 * WAIT)
     assert proc.returncode == 141, err  # 128 + SIGPIPE, as `cat` reports
     assert err == b""
+
+
+async def test_jobs_events_prints_a_history_too_big_for_one_answer(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """64 events of 64 KiB do not fit in one ListJobEvents answer (3 MiB): `jobs events`
+    printed the newest that fit and a gap; it now reads them by pages and prints all 64."""
+    handle = await big_history("embedded", tmp_path, request)
+    try:
+        code, out, err = await cli_result("jobs", "events", "long", "--target", handle.target)
+        assert code == 0, err
+        printed = json.loads(out)
+        assert [int(e["sequence"]) for e in printed["events"]] == list(range(1, 65))
+        assert "gap" not in printed
+    finally:
+        await handle.close()
