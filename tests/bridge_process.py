@@ -67,7 +67,7 @@ async def trickle_head(port: int, head: bytes, every: float, limit: float) -> tu
     async def trickle() -> None:
         for byte in head:
             writer.write(bytes([byte]))
-            await asyncio.sleep(every)
+            await asyncio.sleep(every)  # the client's pace, not a synchronisation
 
     sender = asyncio.create_task(trickle())
     chunks = []

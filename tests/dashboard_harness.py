@@ -80,7 +80,7 @@ class DashboardProcess:
                             return
                 if time.monotonic() > deadline:
                     raise AssertionError("dashboard did not answer /healthz")
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # polling a process that is starting, not a sync point
 
     async def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -75,7 +75,7 @@ async def until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
     deadline = loop.time() + timeout
     while not predicate():
         assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # the polling interval of this waiter
 
 
 def free_port() -> int:

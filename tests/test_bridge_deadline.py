@@ -15,6 +15,7 @@ from http_bridge.coalescer import Coalescer
 from http_bridge.errors import RpcFailed
 from jobwire.v1 import job_service_pb2 as svc
 from jobwire.v1 import job_service_pb2_grpc
+from tests.helpers import until
 
 DEADLINE = 1.0
 
@@ -22,7 +23,11 @@ DEADLINE = 1.0
 class Frozen(job_service_pb2_grpc.JobServiceServicer):
     """A JobService that accepts a batch and never answers (a frozen process)."""
 
+    def __init__(self) -> None:
+        self.batches = 0  # batches received
+
     async def BatchReportEvents(self, request: Any, context: Any) -> Any:
+        self.batches += 1
         await asyncio.Event().wait()
 
 
@@ -46,9 +51,9 @@ async def test_queued_callbacks_fail_within_their_own_deadline() -> None:
 
         # Two batches go out and hang (the coalescer's two RPCs in flight)...
         first = [asyncio.create_task(report(0))]
-        await asyncio.sleep(0.05)  # let the first batch leave before the second arrives
+        await until(lambda: frozen.batches == 1)  # the first batch is at the service...
         first.append(asyncio.create_task(report(1)))
-        await asyncio.sleep(0.05)
+        await until(lambda: frozen.batches == 2)  # ...and the second one
         # ...and these queue behind them.
         queued = await asyncio.gather(*(report(n) for n in range(2, 8)))
         waited = [*await asyncio.gather(*first), *queued]

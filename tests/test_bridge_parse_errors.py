@@ -146,7 +146,7 @@ async def _answer_then_trickle(port: int, head: bytes, trickle: int, every: floa
         async with asyncio.timeout(5):
             answer = await reader.readuntil(b"\r\n\r\n")
         for _ in range(trickle):
-            await asyncio.sleep(every)
+            await asyncio.sleep(every)  # the client's pace, not a synchronisation
             if writer.is_closing() or reader.at_eof():
                 break
             writer.write(b"x")

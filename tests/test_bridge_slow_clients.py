@@ -306,7 +306,7 @@ async def test_head_timer_spans_keep_alive_requests(grpc_service: Any, tmp_path:
         async def trickle() -> None:
             for byte in slow_head:  # one byte every 0.1 s: 4.5 s for the whole head
                 writer.write(bytes([byte]))
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # the client's pace, not a synchronisation
 
         sender = asyncio.create_task(trickle())
         trickle_started = time.monotonic()

@@ -65,7 +65,7 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> N
     while time.monotonic() < deadline:
         if condition():
             return
-        time.sleep(0.05)
+        time.sleep(0.05)  # the polling interval of this waiter (deadline above)
     raise AssertionError(f"timed out waiting for {what}")
 
 

@@ -347,7 +347,7 @@ async def test_default_and_per_call_deadlines_fire() -> None:
 
     async def hang(request: bytes, context: object) -> bytes:
         started.set()
-        await asyncio.sleep(3600)
+        await asyncio.sleep(3600)  # a service that never answers (cancelled by the deadline)
         return b""
 
     port = await serve_one(stalled, "GetJob", grpc.unary_unary_rpc_method_handler(hang))
@@ -493,7 +493,7 @@ async def test_report_progress_retried_after_a_dropped_connection_is_applied_onc
             deadline = asyncio.get_running_loop().time() + WAIT
             while (await direct.get_job("cut-1")).sequence != 1:  # the service applied it
                 assert asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # polling interval (deadline above)
             assert not report.done()  # ...and its reply is held
             cutter.cut()
             reply = await asyncio.wait_for(report, WAIT)

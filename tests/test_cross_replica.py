@@ -23,7 +23,7 @@ from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
 from service.store.embedded import EmbeddedStore
 from service.store.mongo import MongoStore
 from tests.conftest import ServiceHandle, make_policy, start_service
-from tests.helpers import completed, create, progress, read, read_all
+from tests.helpers import completed, create, progress, read, read_all, until
 from tests.mongo_server import FerretDBProcess, require_ferretdb
 
 MAX_DELAY = 0.100  # seconds from ReportEvent returning on A to the event arriving on B
@@ -106,7 +106,7 @@ async def _measure(
         delays.append(time.perf_counter() - returned)
         order.append(item.event.sequence)
         assert item.event.sequence == reply.sequence
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.005)  # pacing: one event at a time, not a burst
     return delays
 
 
@@ -170,7 +170,10 @@ async def test_lost_feed_entry_is_healed_from_the_ring(mongo_uri: str) -> None:
         await a.close()
 
 
-async def test_tail_resumes_after_a_mongodb_outage(tmp_path: Path) -> None:
+async def test_tail_resumes_after_a_mongodb_outage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="jobwire.feed")
     server = FerretDBProcess(require_ferretdb(), base_dir=tmp_path / "ferretdb")
     server.start()
     try:
@@ -182,7 +185,8 @@ async def test_tail_resumes_after_a_mongodb_outage(tmp_path: Path) -> None:
             await a.stub.ReportEvent(progress("o", 1))
             assert (await read(call)).event.sequence == 1
             server.kill()
-            await asyncio.sleep(1.0)
+            # The outage lasts until both replicas' feed tails noticed it (each logs once).
+            await until(lambda: _said(caplog, "event feed tail lost") >= 2, timeout=20)
             server.start()
             deadline = time.monotonic() + 20
             while True:  # the stores reconnect by themselves; retry until A answers
@@ -192,7 +196,7 @@ async def test_tail_resumes_after_a_mongodb_outage(tmp_path: Path) -> None:
                 except grpc.aio.AioRpcError as err:
                     assert err.code() == grpc.StatusCode.UNAVAILABLE
                     assert time.monotonic() < deadline, "service did not recover"
-                    await asyncio.sleep(0.2)
+                    await asyncio.sleep(0.2)  # a retry's pause (deadline above)
             assert (await read(call, timeout=15)).event.sequence == 2
             t0 = time.perf_counter()
             await a.stub.ReportEvent(progress("o", 3))
@@ -204,6 +208,10 @@ async def test_tail_resumes_after_a_mongodb_outage(tmp_path: Path) -> None:
             await a.close()
     finally:
         server.cleanup()
+
+
+def _said(caplog: pytest.LogCaptureFixture, words: str) -> int:
+    return sum(words in r.getMessage() for r in caplog.records)
 
 
 async def test_embedded_store_logs_once_that_replicas_do_not_share_progress(

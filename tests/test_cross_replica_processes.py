@@ -65,7 +65,7 @@ async def _replica(uri: str, database: str, data: Path) -> Replica:
             pass
         assert proc.returncode is None, "service process exited during start-up"
         assert time.monotonic() < deadline, "service process did not become healthy"
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # polling a process that is starting, not a sync point
     return Replica(proc, channel, job_service_pb2_grpc.JobServiceStub(channel))
 
 

@@ -400,7 +400,7 @@ async def test_jobs_stream_coalesces_a_firehose(
     the last of which carries the final state."""
     job = await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, uid("firehose"))
     messages: list[bytes] = []
-    last_seen = asyncio.Event()
+    first_seen, last_seen = asyncio.Event(), asyncio.Event()
     async with http.get(dash.url + "/events/jobs?kind=GENERIC", headers=BEARER) as stream:
         assert stream.status == 200
         assert stream.headers["Content-Type"].startswith("text/event-stream")
@@ -409,11 +409,19 @@ async def test_jobs_stream_coalesces_a_firehose(
             async for line in stream.content:
                 if line.startswith(b"data: [") and job.job.id.encode() in line:
                     messages.append(line)
+                    first_seen.set()
                     if b'"m500"' in line:
                         last_seen.set()
 
         reader = asyncio.create_task(read())
-        await asyncio.sleep(0.3)  # the hub's WatchJobs stream is open
+        # Live (the hub's WatchJobs stream is open) once a probe on the job comes through.
+        for probe in range(50):
+            await progress(svc.stub, job.job.id, 0, "p", f"probe {probe}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(first_seen.wait(), 0.2)
+                break
+        assert first_seen.is_set(), "the stream never delivered a probe"
+        messages.clear()  # only the firehose's pushes are counted
         start = time.monotonic()
         for i in range(1, 501):
             await svc.stub.ReportEvent(
@@ -442,6 +450,7 @@ async def test_jobs_stream_follows_only_the_rows_a_page_shows(
         await new_job(stub, job_pb2.JOB_KIND_GENERIC, job_id)
         await progress(stub, job_id, 1, "p", "first")
     got: dict[str, list[bytes]] = {"1": [], "0": []}
+    pushed = {"1": asyncio.Event(), "0": asyncio.Event()}
 
     async def tab(new: str, ready: asyncio.Event) -> None:
         path = f"{dash.url}/events/jobs?ids={shown}&new={new}"
@@ -450,22 +459,29 @@ async def test_jobs_stream_follows_only_the_rows_a_page_shows(
             async for line in stream.content:
                 if line.startswith(b"data: ["):
                     got[new].append(line)
+                    pushed[new].set()
 
     ready = [asyncio.Event(), asyncio.Event()]
     tabs = [asyncio.create_task(tab(n, r)) for n, r in zip(("1", "0"), ready, strict=True)]
     await asyncio.gather(*(r.wait() for r in ready))
-    await asyncio.sleep(0.3)
+    # Both tabs are live (the hub's WatchJobs stream is open) once a probe on the shown
+    # job reaches both.
+    for probe in range(50):
+        await progress(stub, shown, 1, "p", f"probe {probe}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in pushed.values())), 0.2)
+            break
+    assert all(e.is_set() for e in pushed.values()), "the streams never delivered a probe"
+    got["1"].clear()
+    got["0"].clear()
     for i in range(2, 12):
         await progress(stub, other, i, "p", f"other {i}")
     await progress(stub, shown, 50, "p", "shown 50")
     await new_job(stub, job_pb2.JOB_KIND_GENERIC, fresh)
     await progress(stub, fresh, 5, "p", "fresh first")
     await progress(stub, fresh, 6, "p", "fresh second")
-    for _ in range(100):
-        if any(b"fresh second" in line for line in got["1"]) and got["0"]:
-            break
-        await asyncio.sleep(0.1)
-    await asyncio.sleep(0.5)
+    await until(lambda: b"fresh second" in b"".join(got["1"]) and b"shown 50" in b"".join(got["0"]))
+    await asyncio.sleep(0.5)  # a negative check: time for what must not arrive to arrive
     for t in tabs:
         t.cancel()
     everything = b"".join(got["1"])
@@ -782,9 +798,16 @@ async def test_cancel_needs_the_csrf_token(
     assert (await stub.GetJob(get)).state == job_pb2.JOB_STATE_QUEUED
 
     # Declining the confirmation sends nothing.
-    page.once("dialog", lambda d: asyncio.ensure_future(d.dismiss()))
+    dismissed = asyncio.Event()
+
+    async def dismiss(dialog: Any) -> None:
+        await dialog.dismiss()
+        dismissed.set()
+
+    page.once("dialog", lambda d: asyncio.ensure_future(dismiss(d)))
     await page.click("#cancel button")
-    await asyncio.sleep(0.3)
+    await asyncio.wait_for(dismissed.wait(), WAIT_MS / 1000)
+    await asyncio.sleep(0.3)  # a negative check: time for a request that must not be sent
     assert (await stub.GetJob(get)).state == job_pb2.JOB_STATE_QUEUED
     # With the page's own token, after confirming: cancelled.
     page.once("dialog", lambda d: asyncio.ensure_future(d.accept()))
@@ -899,7 +922,7 @@ async def test_restart_keeps_the_timeline_exactly_once(
         nonlocal sent
         while not stop.is_set():
             sent = await progress(stub, job_id, min(sent + 1, 99), "during", f"event {sent + 1}")
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the sender's pace, not a synchronisation
 
     sender = asyncio.create_task(keep_sending())
     try:
@@ -912,7 +935,12 @@ async def test_restart_keeps_the_timeline_exactly_once(
         await progress(stub, row_id, 77, "while down", "changed while the dashboard was down")
         await dash.start()
         await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS * 3)
-        await asyncio.sleep(0.5)
+        # Events sent after the reconnect arrive live too, before the sender stops.
+        await page.wait_for_function(
+            "n => Number(document.querySelector('#job').dataset.seq) >= n",
+            arg=sent + 3,
+            timeout=WAIT_MS,
+        )
     finally:
         stop.set()
         await sender

@@ -90,7 +90,7 @@ async def _start(data: Path, token: str = "") -> Service:
             pass
         assert proc.returncode is None, "service process exited during start-up"
         assert time.monotonic() < deadline, "service process did not become healthy"
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # polling a process that is starting, not a sync point
     return Service(target, proc, channel, job_service_pb2_grpc.JobServiceStub(channel))
 
 

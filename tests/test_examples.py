@@ -70,7 +70,7 @@ async def _until_serving(target: str) -> None:
             except JobwireError as err:
                 if err.code.name == "NOT_FOUND":
                     return
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # polling a process that is starting, not a sync point
     raise AssertionError(f"service on {target} did not come up")
 
 
@@ -83,7 +83,7 @@ async def _until_http(url: str) -> None:
                         return
             except aiohttp.ClientError:
                 pass
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # polling a process that is starting, not a sync point
     raise AssertionError(f"bridge on {url} did not come up")
 
 

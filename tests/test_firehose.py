@@ -88,7 +88,7 @@ async def test_consumer_resumes_from_its_last_position_and_gets_everything_once(
     call.cancel()  # the consumer stops
 
     away = asyncio.ensure_future(_traffic(service, "away"))
-    await asyncio.sleep(PAUSE)
+    await asyncio.sleep(PAUSE)  # the consumer stays away: the time under test
     await away
     await _traffic(service, "later", jobs=2, steps=1)
 

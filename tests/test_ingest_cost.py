@@ -46,7 +46,7 @@ async def test_wal_truncation_keeps_the_writers_record_cache(
                 assert all(isinstance(o, Applied) for o in outcomes)
                 n += 1
                 before = os.stat(wal).st_size
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.02)  # a pause between writes; polled (60 s timeout)
                 # Shrunk while no write ran: the WAL was truncated since the last apply.
                 truncated = before > 64 * 1024 and os.stat(wal).st_size < before
         async with store._write_lock:

@@ -65,7 +65,7 @@ async def _until(check: Callable[[], Awaitable[bool]], what: str, timeout: float
     deadline = time.monotonic() + timeout
     while not await check():
         assert time.monotonic() < deadline, f"{what} not within {timeout}s"
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the polling interval of this waiter
 
 
 async def test_refused_credentials_are_unavailable_and_heal_without_a_restart(

@@ -479,7 +479,7 @@ async def test_a_started_store_sweeps_failed_uploads(mongo_uri: str) -> None:
         deadline = time.monotonic() + WAIT
         while await first.chunks.count_documents({"files_id": orphan}):
             assert time.monotonic() < deadline, "the start-up sweep left the orphan"
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # polling interval (deadline above)
     finally:
         await first.database.client.drop_database(database)
         await second.close()

@@ -95,7 +95,7 @@ async def test_a_download_the_client_abandons_is_no_500_and_no_error(
     for _ in range(200):  # until the bridge has counted the download (or 10 s)
         if await answered():
             break
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # polling interval; the asserts below fail if never counted
     after = await scrape(bridge)
     assert callbacks(after, "secretary", 500) == callbacks(before, "secretary", 500)
     assert callbacks(after, "secretary", 200) == callbacks(before, "secretary", 200) + 1
@@ -242,7 +242,7 @@ async def test_a_client_gone_mid_body_is_499_not_a_500_with_a_traceback(
     for _ in range(200):  # until the bridge has counted the request (or 10 s)
         if await counted():
             break
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # polling interval; the asserts below fail if never counted
     after = await scrape(bridge)
     assert callbacks(after, contract, 500) == callbacks(before, contract, 500)
     assert callbacks(after, contract, 499) == callbacks(before, contract, 499) + 1

@@ -23,7 +23,7 @@ from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 from service.logs import REQUEST_ID, JsonFormatter, RedactingFilter, record_context
 from service.store.embedded import EmbeddedStore
 from tests.conftest import make_policy, start_service
-from tests.helpers import create, progress
+from tests.helpers import WAIT, create, progress
 
 
 async def test_metrics_endpoint(tmp_path: Path) -> None:
@@ -37,12 +37,24 @@ async def test_metrics_endpoint(tmp_path: Path) -> None:
         await handle.stub.ReportEvent(progress("m", 5))
         port = handle.running.ops.metrics.port if handle.running.ops else 0
         assert port
-        await asyncio.sleep(0.2)
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"http://127.0.0.1:{port}/metrics") as reply,
-        ):
-            text = await reply.text()
+        wanted = [
+            'jobwire_grpc_requests_total{code="OK",method="CreateJob"}',
+            'jobwire_grpc_request_duration_seconds_count{method="ReportEvent"}',
+            "jobwire_events_applied_total",
+            "jobwire_watchers",
+            'jobwire_queue_depth{kind="generic"} 0.0',
+            "jobwire_storage_errors",
+        ]
+        # The gauges are refreshed every 0.05 s: scrape until the lines are there.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT
+        async with aiohttp.ClientSession() as session:
+            while True:
+                async with session.get(f"http://127.0.0.1:{port}/metrics") as reply:
+                    text = await reply.text()
+                if all(line in text for line in wanted) or loop.time() > deadline:
+                    break
+                await asyncio.sleep(0.05)  # polling interval (deadline above)
         assert 'jobwire_grpc_requests_total{code="OK",method="CreateJob"}' in text
         assert 'jobwire_grpc_request_duration_seconds_count{method="ReportEvent"}' in text
         assert "jobwire_events_applied_total" in text

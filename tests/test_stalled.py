@@ -16,7 +16,7 @@ from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
 from service.config import Settings
 from service.store.mongo import MongoStore
 from tests.conftest import ServiceHandle, make_policy, start_service
-from tests.helpers import WAIT, progress, read
+from tests.helpers import WAIT, progress, read, until
 
 STALLED = event_pb2.EVENT_TYPE_STALLED
 
@@ -51,10 +51,33 @@ def _fast_sweeps(*services: ServiceHandle) -> None:
         service.running.jobs.stall_sweep_seconds = 0.05
 
 
+class _Sweeps:
+    """A service's stall sweeps (Jobs.mark_stalls calls) that completed, by the clock
+    time each began: a check that nothing happens waits for sweeps, not for time."""
+
+    def __init__(self, service: ServiceHandle) -> None:
+        self.began: list[int] = []
+        jobs = service.running.jobs
+        sweep = jobs.mark_stalls
+
+        async def counted(limit: int = 500) -> int:
+            began = time.time_ns()
+            changed = await sweep(limit)
+            self.began.append(began)
+            return changed
+
+        jobs.mark_stalls = counted  # type: ignore[method-assign]
+
+    def since(self, ns: int) -> int:
+        """How many began at or after `ns` (time.time_ns())."""
+        return sum(began >= ns for began in self.began)
+
+
 async def test_deadline_passes_stalled_appears_and_a_late_callback_clears_it(
     service: ServiceHandle,
 ) -> None:
     _fast_sweeps(service)
+    sweeps = _Sweeps(service)
     created = await _create(service, "quiet", deadline=0.5)
     assert created.progress_deadline.ToNanoseconds() == 500_000_000
     await service.stub.ReportEvent(progress("quiet", 10))
@@ -68,8 +91,9 @@ async def test_deadline_passes_stalled_appears_and_a_late_callback_clears_it(
     )
     job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="quiet"))
     assert job.stalled and job.state == job_pb2.JOB_STATE_RUNNING
-    # Once per stall: more sweeps go by, no second STALLED.
-    await asyncio.sleep(0.6)
+    # Once per stall: more sweeps go by, no second STALLED (a negative check).
+    now = time.time_ns()
+    await until(lambda: sweeps.since(now) >= 10)
     events = await service.stub.ListJobEvents(job_service_pb2.ListJobEventsRequest(job_id="quiet"))
     assert [e.type for e in events.events].count(STALLED) == 1
     # The worker comes back: its callback clears the stall and restarts the deadline.
@@ -105,10 +129,13 @@ async def test_second_deadline_fails_the_job_with_stalled(service: ServiceHandle
 
 async def test_no_deadline_no_stall_and_queued_jobs_never_stall(service: ServiceHandle) -> None:
     _fast_sweeps(service)
+    sweeps = _Sweeps(service)
     await _create(service, "free")
     await service.stub.ReportEvent(progress("free", 10))
     await _create(service, "waiting", deadline=0.2)  # QUEUED: nobody works on it yet
-    await asyncio.sleep(0.8)
+    # A negative check: sweeps go by once a 0.2 s deadline would have passed, no STALLED.
+    past_the_deadline = time.time_ns() + 200_000_000
+    await until(lambda: sweeps.since(past_the_deadline) >= 10)
     for job_id in ("free", "waiting"):
         events = await service.stub.ListJobEvents(
             job_service_pb2.ListJobEventsRequest(job_id=job_id)
@@ -188,6 +215,7 @@ async def test_two_replicas_exactly_one_stalled_event(mongo_uri: str) -> None:
     )
     try:
         _fast_sweeps(a, b)
+        sweeps = [_Sweeps(a), _Sweeps(b)]
         ids = [f"j{i}" for i in range(5)]
         for job_id in ids:
             await _create(a, job_id, deadline=0.5)
@@ -198,7 +226,9 @@ async def test_two_replicas_exactly_one_stalled_event(mongo_uri: str) -> None:
             item = await read(call)
             if item.event.type == STALLED:
                 stalls.append(item.event.job_id)
-        await asyncio.sleep(1.0)  # ~20 more sweeps on each replica
+        # A negative check: 20 more sweeps on each replica append no second STALLED.
+        now = time.time_ns()
+        await until(lambda: all(s.since(now) >= 20 for s in sweeps))
         for job_id in ids:
             events = await a.stub.ListJobEvents(job_service_pb2.ListJobEventsRequest(job_id=job_id))
             assert [e.type for e in events.events] == [event_pb2.EVENT_TYPE_PROGRESS, STALLED]
@@ -245,7 +275,7 @@ async def test_the_sweeper_stops_when_a_sweep_swallows_its_cancel(
     async def swallows_its_cancel(limit: int = 0) -> int:
         entered.set()
         with contextlib.suppress(asyncio.CancelledError):  # what the driver did with it
-            await asyncio.sleep(3600)
+            await asyncio.sleep(3600)  # a driver call that hangs until cancelled
         raise RuntimeError("MongoStore.start() was not called")
 
     service.running.jobs.expire_leases = swallows_its_cancel  # type: ignore[method-assign]

@@ -806,7 +806,7 @@ async def _until(side: Side, job_id: str, done: Callable[[job_pb2.Job], bool], w
         job = await side.stub.GetJob(job_service_pb2.GetJobRequest(id=job_id))
         if done(job):
             return
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # the polling interval of this waiter
     raise AssertionError(f"{side.name}: {job_id} was not {what} in time")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -197,7 +196,6 @@ async def test_a_slow_watchers_coalesced_events_name_what_they_cover(
     after = metrics.COALESCED_DELIVERIES.labels("WatchJob")._value.get()
     assert after - before == len(coalesced)
     # A reconnect from the last sequence replays the retained events, uncoalesced.
-    await asyncio.sleep(0)
     replay = await read_all(
         service.stub.WatchJob(job_service_pb2.WatchJobRequest(id="slow", from_sequence=total - 3))
     )

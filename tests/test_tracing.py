@@ -73,7 +73,7 @@ async def spans_until(exporter: InMemorySpanExporter, names: set[str]) -> list[R
         spans = list(exporter.get_finished_spans())
         if names <= {s.name for s in spans} or loop.time() > deadline:
             return spans
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # the polling interval of this waiter
 
 
 def one(spans: list[ReadableSpan], name: str) -> ReadableSpan:

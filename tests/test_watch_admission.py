@@ -82,7 +82,7 @@ async def test_watch_jobs_counts_against_the_same_limit(store: Store) -> None:
         async def keep_reporting() -> None:  # until both streams are surely subscribed
             for i in range(1000):
                 await handle.stub.ReportEvent(progress(job.id, i % 100, key=f"p{i}"))
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # the probes' pace, not a synchronisation
 
         reporter = asyncio.create_task(keep_reporting())
         try:
@@ -115,6 +115,7 @@ async def _open_when_admitted(stub: Any, job_id: str) -> str:
             if outcome != "RESOURCE_EXHAUSTED":
                 call.cancel()
                 return outcome
+            # The client honours the refusal's retry hint: a pace, not a synchronisation.
             await asyncio.sleep(retry_hint_ms(await _error(call)) / 1000)
 
 
@@ -211,7 +212,7 @@ async def test_watchers_opened_during_a_stream_of_events_miss_nothing(
         waves = []
         for wave in range(6):
             waves += [asyncio.create_task(watcher(stubs[i % 3])) for i in range(50)]
-            await asyncio.sleep(0.01 * wave)
+            await asyncio.sleep(0.01 * wave)  # load spread over time, not a sync point
         await reporting
         for seen in await asyncio.gather(*waves):
             snapshot, replayed = seen[0], seen[1:]

@@ -50,7 +50,7 @@ async def workers_up(handle: ServiceHandle) -> None:
     deadline = asyncio.get_running_loop().time() + 6 * WAIT
     while fanout.watchers < WORKERS:
         assert asyncio.get_running_loop().time() < deadline, "watch workers did not start"
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # the polling interval of this waiter
 
 
 async def create(stub: Any) -> job_service_pb2.CreateJobResponse:
@@ -97,7 +97,7 @@ async def until_serving(stubs: list[Any], job_id: str) -> None:
                 return
             except grpc.aio.AioRpcError as err:
                 assert err.code() == grpc.StatusCode.UNAVAILABLE, err
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # a retry's pause, not a wait for an event
             finally:
                 call.cancel()
 
@@ -257,7 +257,7 @@ async def test_a_killed_worker_is_restarted_and_its_watchers_resume_without_a_ga
         deadline = asyncio.get_running_loop().time() + 6 * WAIT
         while victim in worker_pids(svc) or len(worker_pids(svc)) < WORKERS:
             assert asyncio.get_running_loop().time() < deadline, "worker not restarted"
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # polling interval (deadline above)
     finally:
         for t in tasks:
             t.cancel()
@@ -326,7 +326,7 @@ async def test_workers_do_not_outlive_a_killed_service(tmp_path: Path) -> None:
         deadline = loop.time() + 2 * WAIT
         while _alive(proc.pid) or any(_alive(w) for w in workers):
             assert loop.time() < deadline, "a watch worker outlived its service"
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # polling interval (deadline above)
     finally:
         for pid in [proc.pid, *workers]:
             if _alive(pid):
