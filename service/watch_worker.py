@@ -78,6 +78,8 @@ class PrimaryReads:
                 )
             except grpc.aio.AioRpcError as err:
                 raise StorageUnavailable(f"reading events of {job_id!r}: {err.details()}") from None
+            if response.HasField("gap") and events:
+                events.clear()  # pruned between two pages: keep a contiguous tail
             events.extend(response.events)
             if not response.more or not response.events:
                 return events

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -159,3 +160,42 @@ async def test_a_watch_worker_replays_a_history_too_big_for_one_answer(
                     call.cancel()
     finally:
         await handle.close()
+
+
+class _PrunesAfterTheFirstPage:
+    """The real stub; right after the first ListJobEvents page, 20 more events arrive
+    and push the rest of that page's successors out of the 16 retained."""
+
+    def __init__(self, stub: job_service_pb2_grpc.JobServiceAsyncStub, job_id: str) -> None:
+        self._stub = stub
+        self._job_id = job_id
+        self.pages = 0
+
+    async def ListJobEvents(  # the stub's method name
+        self, request: job_service_pb2.ListJobEventsRequest, **kwargs: Any
+    ) -> job_service_pb2.ListJobEventsResponse:
+        reply: job_service_pb2.ListJobEventsResponse = await self._stub.ListJobEvents(
+            request, **kwargs
+        )
+        self.pages += 1
+        if self.pages == 1:
+            for i in range(20):
+                await self._stub.ReportEvent(progress(self._job_id, 50 + i, key=f"late{i}"))
+        return reply
+
+
+async def test_a_watch_workers_read_stays_contiguous_when_pages_straddle_a_prune(
+    service: ServiceHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events pruned between two pages: the worker's read keeps the contiguous newer
+    part (its caller then announces the gap), never older events, a hole and newer."""
+    from service import watch_worker
+
+    await create(service.stub, job_id="straddle")
+    for i in range(16):
+        await service.stub.ReportEvent(progress("straddle", i, key=f"s{i}"))
+    monkeypatch.setattr(watch_worker, "EVENTS_PAGE", 4)
+    stub = _PrunesAfterTheFirstPage(service.stub, "straddle")
+    events = await watch_worker.PrimaryReads(stub, ()).events_after("straddle", 0)
+    assert stub.pages > 2
+    assert [e.sequence for e in events] == list(range(21, 37))
