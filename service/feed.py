@@ -30,18 +30,13 @@ from . import metrics
 from .domain.errors import DomainError
 from .domain.records import LogPosition
 from .fanout import Fanout, Item
-from .store.port import EventFeed, Store
+from .store.port import EventFeed
 
 log = logging.getLogger("jobwire.feed")
 
 MAX_APPEND = 1000  # entries per feed write
 MAX_PENDING = 100_000  # queued entries kept while the database is away (oldest dropped)
 RECENT = 65_536  # (job id, sequence) pairs remembered to drop repeated entries
-
-
-def feed_of(store: Store, max_docs: int = 0) -> EventFeed | None:
-    """The store's event feed, or None when it has none (the embedded store)."""
-    return store.event_feed(max_docs)
 
 
 class FeedRelay:

@@ -15,7 +15,7 @@ import grpc
 
 from .config import Settings
 from .domain.errors import DomainError
-from .feed import FeedRelay, feed_of
+from .feed import FeedRelay
 from .jobs import Jobs
 from .logs import JOB_ID, REQUEST_ID
 from .metrics import (
@@ -77,7 +77,7 @@ async def start_operations(settings: Settings, store: Store, jobs: Jobs) -> Oper
 
 
 async def _start_feed(settings: Settings, store: Store, jobs: Jobs) -> FeedRelay | None:
-    feed = feed_of(store, settings.event_feed_max_docs)
+    feed = store.event_feed(settings.event_feed_max_docs)  # None: the embedded store
     if feed is None:
         log.info(
             "live progress is not shared across service replicas: the embedded store "
