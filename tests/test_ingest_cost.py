@@ -151,8 +151,8 @@ async def test_indexed_columns_follow_every_event(tmp_path: Path) -> None:
         assert len(stored) == 3
         for name, state, seq, lease, stall, snapshot in stored:
             job = job_pb2.Job.FromString(snapshot)
-            # _update_row: (state, seq, lease, stall, keys, snapshot, id) from the snapshot
-            expected = embedded._update_row(JobRecord(job=job), b"")
+            # _update_row: (state, seq, lease, stall, snapshot, id) from the snapshot
+            expected = embedded._update_row(JobRecord(job=job))
             assert (state, seq, lease, stall) == expected[:4], name
         by_id = {r[0]: r for r in stored}
         assert by_id[leased][1] == job_pb2.JOB_STATE_SUCCEEDED
@@ -194,5 +194,66 @@ async def test_event_rows_are_pruned_in_steps_and_never_shown_past_the_retention
             assert [e.sequence for e in tail] == list(range(max(1, newest - 2), newest + 1))
             assert await store.events_after("j", newest) == []
         assert most > 8  # rows did wait for their step
+    finally:
+        await store.close()
+
+
+async def test_recent_keys_live_with_their_events_across_restarts_and_old_rows(
+    tmp_path: Path,
+) -> None:
+    """A job's idempotency keys are stored with its events, not rewritten on its row
+    with each event: after a restart a retried event is still a duplicate, also when
+    its row was written before events.key (the key is then read from the event)."""
+    import sqlite3
+
+    from service.domain.records import Unchanged
+
+    data = tmp_path / "data"
+    policy = Policy(retention=8)
+
+    async def apply(keys: list[str]) -> list[object]:
+        store = EmbeddedStore(data, policy)
+        await store.start()
+        try:
+            return list(await store.apply([_report("j", key, 1) for key in keys]))
+        finally:
+            await store.close()
+
+    store = EmbeddedStore(data, policy)
+    await store.start()
+    record, _ = events.new_record("j", job_pb2.JOB_KIND_GENERIC, time.time_ns())
+    await store.create(record)
+    await store.close()
+    assert all(isinstance(o, Applied) for o in await apply([f"old{i}" for i in range(6)]))
+    with sqlite3.connect(data / "jobwire.sqlite3") as conn:  # back to the older schema
+        conn.execute("ALTER TABLE events DROP COLUMN key")
+    conn.close()
+    # old0, old1 and new0 are retained (8 events); a key past the retention is not.
+    assert all(isinstance(o, Applied) for o in await apply(["new0", "new1"]))
+    outcomes = await apply(["old2", "old5", "new1", "fresh"])
+    assert [type(o) for o in outcomes] == [Unchanged, Unchanged, Unchanged, Applied]
+    (gone,) = await apply(["old0"])  # events 1 (old0) and 2 (old1) left the window
+    assert isinstance(gone, Applied)
+    store = EmbeddedStore(data, policy)
+    await store.start()
+    try:
+        stored = await store.get("j")
+        assert stored is not None
+        assert stored.recent_keys == (
+            "old2",
+            "old3",
+            "old4",
+            "old5",
+            "new0",
+            "new1",
+            "fresh",
+            "old0",
+        )
+        async with store._write_lock:
+            conn = store._writer_connection()
+            (keys_bytes,) = conn.execute("SELECT length(keys) FROM jobs WHERE id = 'j'").fetchone()
+            nulls = conn.execute("SELECT COUNT(*) FROM events WHERE key IS NULL").fetchone()[0]
+        assert keys_bytes == 0  # the row holds no keys
+        assert nulls == 5  # old1..old5, read through their events (old0's row was pruned)
     finally:
         await store.close()
