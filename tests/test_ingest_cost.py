@@ -198,12 +198,15 @@ async def test_event_rows_are_pruned_in_steps_and_never_shown_past_the_retention
         await store.close()
 
 
+@pytest.mark.parametrize("keys_on_row", [True, False], ids=["keys-on-row", "keys-in-events"])
 async def test_recent_keys_live_with_their_events_across_restarts_and_old_rows(
-    tmp_path: Path,
+    tmp_path: Path, keys_on_row: bool
 ) -> None:
     """A job's idempotency keys are stored with its events, not rewritten on its row
     with each event: after a restart a retried event is still a duplicate, also when
-    its row was written before events.key (the key is then read from the event)."""
+    its rows were written before events.key: the keys the job's row held then become
+    its job_keys (keys-on-row), or each key is read from its event (keys-in-events)."""
+    import json
     import sqlite3
 
     from service.domain.records import Unchanged
@@ -227,6 +230,10 @@ async def test_recent_keys_live_with_their_events_across_restarts_and_old_rows(
     assert all(isinstance(o, Applied) for o in await apply([f"old{i}" for i in range(6)]))
     with sqlite3.connect(data / "jobwire.sqlite3") as conn:  # back to the older schema
         conn.execute("ALTER TABLE events DROP COLUMN key")
+        conn.execute("DROP TABLE job_keys")
+        if keys_on_row:  # as the row was written then (a JSON array: the oldest form)
+            keys = json.dumps([f"old{i}" for i in range(6)])
+            conn.execute("UPDATE jobs SET keys = ? WHERE id = 'j'", (keys,))
     conn.close()
     # old0, old1 and new0 are retained (8 events); a key past the retention is not.
     assert all(isinstance(o, Applied) for o in await apply(["new0", "new1"]))
@@ -254,6 +261,48 @@ async def test_recent_keys_live_with_their_events_across_restarts_and_old_rows(
             (keys_bytes,) = conn.execute("SELECT length(keys) FROM jobs WHERE id = 'j'").fetchone()
             nulls = conn.execute("SELECT COUNT(*) FROM events WHERE key IS NULL").fetchone()[0]
         assert keys_bytes == 0  # the row holds no keys
+        if keys_on_row:  # copied when the database was opened
+            assert conn.execute("SELECT seq FROM job_keys").fetchall() == [(6,)]
         assert nulls == 5  # old1..old5, read through their events (old0's row was pruned)
     finally:
         await store.close()
+
+
+async def test_jobs_the_cache_lets_go_keep_their_keys(tmp_path: Path) -> None:
+    """More jobs than the writer's cache holds: each job pushed out keeps its keys in
+    job_keys, and on its next event they come back from there and from its later
+    events. Duplicates are still recognised, and keys past the retention are not."""
+    import sqlite3
+
+    from service.domain.records import Unchanged
+
+    store = EmbeddedStore(tmp_path / "data", Policy(retention=8))
+    store._records._size = 4  # 10 jobs in turn: every batch pushes jobs out
+    await store.start()
+    try:
+        ids = [f"j{i}" for i in range(10)]
+        for job_id in ids:
+            record, _ = events.new_record(job_id, job_pb2.JOB_KIND_GENERIC, time.time_ns())
+            await store.create(record)
+        for n in range(12):  # 12 events per job, three jobs per batch
+            for start in range(0, 10, 3):
+                batch = [_report(j, f"{j}-k{n}", n) for j in ids[start : start + 3]]
+                assert all(isinstance(o, Applied) for o in await store.apply(batch))
+        async with store._write_lock:
+            conn = store._writer_connection()
+            kept = dict(conn.execute("SELECT job_id, seq FROM job_keys").fetchall())
+        assert len(kept) >= 6 and all(0 < seq <= 12 for seq in kept.values())
+        for job_id in ids:
+            # k4..k11 are the 8 retained; k3 fell out of the window.
+            retained = await store.apply([_report(job_id, f"{job_id}-k{n}", 1) for n in (4, 11)])
+            assert [type(o) for o in retained] == [Unchanged, Unchanged], job_id
+            (gone,) = await store.apply([_report(job_id, f"{job_id}-k3", 1)])
+            assert isinstance(gone, Applied), job_id
+            stored = await store.get(job_id)
+            assert stored is not None
+            assert stored.recent_keys == tuple(f"{job_id}-k{n}" for n in (*range(5, 12), 3))
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "data" / "jobwire.sqlite3") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM job_keys").fetchone()[0] >= 6
+    conn.close()

@@ -55,8 +55,8 @@ CREATE TABLE IF NOT EXISTS jobs (
   lease_expire_ns INTEGER,
   labels TEXT NOT NULL,
   token_hash BLOB NOT NULL,
-  -- Unused since the keys moved to events.key: written as "" (a database from before
-  -- that holds each job's keys as of its last event there, no longer read).
+  -- Unused since the keys moved to events.key and job_keys: written as "" (a row from
+  -- before holds its keys as of its last event then, copied to job_keys once).
   keys TEXT NOT NULL,
   snapshot BLOB NOT NULL,
   stall_ns INTEGER
@@ -73,6 +73,15 @@ CREATE TABLE IF NOT EXISTS events (
   event BLOB NOT NULL,
   key TEXT,
   PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+-- A job's recent keys as of event `seq` (_encode_keys), written when the writer's cache
+-- lets the job go: reloading it then reads these and the keys of its later events,
+-- not every retained row. Missing or old (a crash, a restart): the events make up
+-- the rest.
+CREATE TABLE IF NOT EXISTS job_keys (
+  job_id TEXT PRIMARY KEY,
+  seq INTEGER NOT NULL,
+  keys BLOB NOT NULL
 ) WITHOUT ROWID;
 -- The firehose log: every event in commit order (n), written in the event's
 -- transaction; pruned by age (JOBWIRE_FIREHOSE_RETENTION). AUTOINCREMENT keeps
@@ -609,6 +618,13 @@ class EmbeddedStore:
                     moves.append(row)
             entries[job_id] = (record, indexed)
         retention = self.policy.retention
+        # Jobs this commit pushes out of the cache keep their keys in job_keys: the
+        # next load then reads one row and the keys of later events (10 us against
+        # 40 per job, reading every retained row). Only in the commit that lets them go.
+        kept = [
+            (job_id, record.job.sequence, _encode_keys(record.recent_keys[-retention:]))
+            for job_id, record in cache.leaving(entries)
+        ]
         last: dict[str, int] = {}
         for job_id, seq, _, _ in new_events:
             last[job_id] = seq
@@ -637,6 +653,10 @@ class EmbeddedStore:
             conn.executemany(
                 "INSERT INTO events (job_id, seq, event, key) VALUES (?, ?, ?, ?)", new_events
             )
+            if kept:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO job_keys (job_id, seq, keys) VALUES (?, ?, ?)", kept
+                )
             if prune:
                 conn.executemany("DELETE FROM events WHERE job_id = ? AND seq <= ?", prune)
             if self.policy.firehose_retention_ns > 0:
@@ -833,11 +853,17 @@ def _fsync_close(handle: Any) -> None:
 
 
 def _load(conn: sqlite3.Connection, job_id: str, retention: int) -> JobRecord | None:
-    row = conn.execute("SELECT snapshot, token_hash FROM jobs WHERE id = ?", (job_id,)).fetchone()
-    if row is None:
-        return None
-    job = job_pb2.Job.FromString(row[0])
-    keys = _recent_keys(conn, {job_id: job.sequence}, retention)[job_id]
+    conn.execute("BEGIN")  # the row and its keys from one snapshot of the database
+    try:
+        row = conn.execute(
+            "SELECT snapshot, token_hash FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        job = job_pb2.Job.FromString(row[0])
+        keys = _recent_keys(conn, {job_id: job.sequence}, retention)[job_id]
+    finally:
+        conn.execute("COMMIT")
     return JobRecord(job=job, token_hash=row[1], recent_keys=keys)
 
 
@@ -845,19 +871,31 @@ def _recent_keys(
     conn: sqlite3.Connection, sequences: dict[str, int], retention: int
 ) -> dict[str, tuple[str, ...]]:
     """The idempotency keys of each job's retained events, oldest first, by the jobs'
-    current sequences (at most 500 jobs: SQLite's limit on parameters)."""
-    keys: dict[str, list[str]] = {job_id: [] for job_id in sequences}
-    # The event itself only for a row from before events.key (NULL there).
-    for job_id, seq, key, event in conn.execute(
-        "SELECT job_id, seq, key, CASE WHEN key IS NULL THEN event END FROM events"
-        f" WHERE job_id IN ({','.join('?' * len(sequences))}) ORDER BY job_id, seq",
+    current sequences (at most 500 jobs: SQLite's limit on parameters): its job_keys
+    row, then the keys of the events after it in the window."""
+    found: dict[str, list[str]] = {job_id: [] for job_id in sequences}
+    # Past this, per job: the window's start, or its job_keys row when newer.
+    low = {job_id: seq - retention for job_id, seq in sequences.items()}
+    for job_id, seq, value in conn.execute(
+        f"SELECT job_id, seq, keys FROM job_keys WHERE job_id IN ({','.join('?' * len(low))})",
         list(sequences),
     ):
-        if seq > sequences[job_id] - retention:  # a pruned step's rows wait, unseen
-            keys[job_id].append(
-                key if key is not None else event_pb2.JobEvent.FromString(event).idempotency_key
-            )
-    return {job_id: tuple(found) for job_id, found in keys.items()}
+        keys = _decode_keys(value)
+        # `keys` are those of events seq - len + 1 .. seq.
+        found[job_id] = list(keys[max(0, low[job_id] - (seq - len(keys))) :])
+        low[job_id] = max(low[job_id], seq)
+    # One range of the primary key per job. The event itself only for a row from
+    # before events.key (NULL there).
+    for job_id, key, event in conn.execute(
+        f"WITH w(id, low) AS (VALUES {','.join(['(?, ?)'] * len(low))})"
+        " SELECT e.job_id, e.key, CASE WHEN e.key IS NULL THEN e.event END"
+        " FROM w JOIN events e ON e.job_id = w.id AND e.seq > w.low ORDER BY e.job_id, e.seq",
+        [x for pair in low.items() for x in pair],
+    ):
+        found[job_id].append(
+            key if key is not None else event_pb2.JobEvent.FromString(event).idempotency_key
+        )
+    return {job_id: tuple(keys) for job_id, keys in found.items()}
 
 
 _LOAD_CHUNK = 500
@@ -927,6 +965,17 @@ class _RecordCache:
                 found[job_id] = (record, indexed)
         return found
 
+    def leaving(self, written: dict[str, _Entry]) -> list[tuple[str, JobRecord]]:
+        """The jobs `committed(written)` will drop: the least recently written ones."""
+        extra = len(self._entries) + sum(j not in self._entries for j in written) - self._size
+        out: list[tuple[str, JobRecord]] = []
+        for job_id, entry in self._entries.items():
+            if len(out) >= extra:
+                break
+            if job_id not in written:
+                out.append((job_id, entry[0]))
+        return out
+
     def committed(self, conn: sqlite3.Connection, written: dict[str, _Entry]) -> None:
         entries = self._entries
         for job_id, entry in written.items():
@@ -936,6 +985,39 @@ class _RecordCache:
             del entries[next(iter(entries))]
         # Our own commits leave data_version unchanged for this connection.
         self._version = conn.execute("PRAGMA data_version").fetchone()[0]
+
+
+# job_keys.keys: "\x1e" + the keys joined by "\x1f", or a JSON array when a key holds
+# either character. Job rows from before job_keys (copied into it by _migrate) may
+# also hold keys of the form PREFIX + 64 lowercase hex digits with one PREFIX packed as
+# b"\x01" + PREFIX + b"\x00" + the digests' raw bytes.
+_KEYS_MARK = "\x1e"
+_KEYS_SEP = "\x1f"
+_HEX = 64
+
+
+def _encode_keys(keys: Sequence[str]) -> str:
+    # Written only when the cache lets a job go: cheap to build (2-3 us for 64 keys)
+    # matters more than small (the packed form took ~35 us to build and read back).
+    if not keys:
+        return ""  # so that _KEYS_MARK alone is the one key ""
+    joined = _KEYS_SEP.join(keys)
+    if joined.count(_KEYS_SEP) != len(keys) - 1 or _KEYS_MARK in joined:
+        return json.dumps(list(keys))
+    return _KEYS_MARK + joined
+
+
+def _decode_keys(value: str | bytes) -> tuple[str, ...]:
+    if isinstance(value, bytes):
+        end = value.index(0, 1)
+        prefix = value[1:end].decode()
+        digits = value[end + 1 :].hex()
+        return tuple([prefix + digits[i : i + _HEX] for i in range(0, len(digits), _HEX)])
+    if not value:
+        return ()
+    if value.startswith(_KEYS_MARK):
+        return tuple(value[1:].split(_KEYS_SEP))
+    return tuple(json.loads(value))
 
 
 def _row(record: JobRecord) -> tuple[Any, ...]:
@@ -987,6 +1069,11 @@ def _migrate(conn: sqlite3.Connection) -> None:
     )
     if "key" not in {row[1] for row in conn.execute("PRAGMA table_info(events)")}:
         conn.execute("ALTER TABLE events ADD COLUMN key TEXT")
+        # The keys a job row held (as of its last event) become its job_keys.
+        conn.execute(
+            "INSERT OR IGNORE INTO job_keys (job_id, seq, keys)"
+            " SELECT id, seq, keys FROM jobs WHERE keys NOT IN ('', char(30))"
+        )
     if "kind" not in {row[1] for row in conn.execute("PRAGMA table_info(logs)")}:
         # LogEntry.kind: older lines take their job's kind (a line of no job: none).
         conn.execute("ALTER TABLE logs ADD COLUMN kind INTEGER NOT NULL DEFAULT 0")
