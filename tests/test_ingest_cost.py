@@ -17,6 +17,12 @@ from service.store import embedded
 from service.store.embedded import EmbeddedStore
 
 
+async def _create(store: EmbeddedStore, ids: list[str]) -> None:
+    for job_id in ids:
+        record, _ = events.new_record(job_id, job_pb2.JOB_KIND_GENERIC, time.time_ns())
+        await store.create(record)
+
+
 def _report(job_id: str, key: str, percent: float) -> JobCommand:
     request = job_service_pb2.ReportEventRequest(
         job_id=job_id, idempotency_key=key, progress=job_pb2.Progress(percent=percent)
@@ -34,9 +40,7 @@ async def test_wal_truncation_keeps_the_writers_record_cache(
     await store.start()
     try:
         ids = [f"j{i}" for i in range(20)]
-        for job_id in ids:
-            record, _ = events.new_record(job_id, job_pb2.JOB_KIND_GENERIC, time.time_ns())
-            await store.create(record)
+        await _create(store, ids)
         wal = tmp_path / "data" / "jobwire.sqlite3-wal"
         conn = store._writer_connection()
         n, truncated = 0, False
@@ -224,8 +228,7 @@ async def test_recent_keys_live_with_their_events_across_restarts_and_old_rows(
 
     store = EmbeddedStore(data, policy)
     await store.start()
-    record, _ = events.new_record("j", job_pb2.JOB_KIND_GENERIC, time.time_ns())
-    await store.create(record)
+    await _create(store, ["j"])
     await store.close()
     assert all(isinstance(o, Applied) for o in await apply([f"old{i}" for i in range(6)]))
     with sqlite3.connect(data / "jobwire.sqlite3") as conn:  # back to the older schema
@@ -281,9 +284,7 @@ async def test_jobs_the_cache_lets_go_keep_their_keys(tmp_path: Path) -> None:
     await store.start()
     try:
         ids = [f"j{i}" for i in range(10)]
-        for job_id in ids:
-            record, _ = events.new_record(job_id, job_pb2.JOB_KIND_GENERIC, time.time_ns())
-            await store.create(record)
+        await _create(store, ids)
         for n in range(12):  # 12 events per job, three jobs per batch
             for start in range(0, 10, 3):
                 batch = [_report(j, f"{j}-k{n}", n) for j in ids[start : start + 3]]
