@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ import pytest
 
 from jobwire.v1 import job_pb2, job_service_pb2
 from service.domain import events
-from service.domain.records import Applied, JobCommand, JobRecord, Policy, Report
+from service.domain.records import Applied, JobCommand, JobRecord, Policy, Report, Unchanged
 from service.store import embedded
 from service.store.embedded import EmbeddedStore
 
@@ -210,11 +212,6 @@ async def test_recent_keys_live_with_their_events_across_restarts_and_old_rows(
     with each event: after a restart a retried event is still a duplicate, also when
     its rows were written before events.key: the keys the job's row held then become
     its job_keys (keys-on-row), or each key is read from its event (keys-in-events)."""
-    import json
-    import sqlite3
-
-    from service.domain.records import Unchanged
-
     data = tmp_path / "data"
     policy = Policy(retention=8)
 
@@ -275,10 +272,6 @@ async def test_jobs_the_cache_lets_go_keep_their_keys(tmp_path: Path) -> None:
     """More jobs than the writer's cache holds: each job pushed out keeps its keys in
     job_keys, and on its next event they come back from there and from its later
     events. Duplicates are still recognised, and keys past the retention are not."""
-    import sqlite3
-
-    from service.domain.records import Unchanged
-
     store = EmbeddedStore(tmp_path / "data", Policy(retention=8))
     store._records._size = 4  # 10 jobs in turn: every batch pushes jobs out
     await store.start()

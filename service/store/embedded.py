@@ -55,8 +55,8 @@ CREATE TABLE IF NOT EXISTS jobs (
   lease_expire_ns INTEGER,
   labels TEXT NOT NULL,
   token_hash BLOB NOT NULL,
-  -- Unused since the keys moved to events.key and job_keys: written as "" (a row from
-  -- before holds its keys as of its last event then, copied to job_keys once).
+  -- Unused since the keys moved to events.key and job_keys: "" (a row from before is
+  -- emptied once its keys are copied to job_keys, see _migrate).
   keys TEXT NOT NULL,
   snapshot BLOB NOT NULL,
   stall_ns INTEGER
@@ -644,12 +644,11 @@ class EmbeddedStore:
             if moves:
                 conn.executemany(
                     "UPDATE jobs SET state=?, seq=?, lease_expire_ns=?, stall_ns=?,"
-                    " snapshot=?, keys='' WHERE id=?",
+                    " snapshot=? WHERE id=?",
                     moves,
                 )
             if updates:
-                # keys='': a row from before events.key sheds its old keys.
-                conn.executemany("UPDATE jobs SET seq=?, snapshot=?, keys='' WHERE id=?", updates)
+                conn.executemany("UPDATE jobs SET seq=?, snapshot=? WHERE id=?", updates)
             conn.executemany(
                 "INSERT INTO events (job_id, seq, event, key) VALUES (?, ?, ?, ?)", new_events
             )
@@ -967,6 +966,8 @@ class _RecordCache:
 
     def leaving(self, written: dict[str, _Entry]) -> list[tuple[str, JobRecord]]:
         """The jobs `committed(written)` will drop: the least recently written ones."""
+        if len(self._entries) + len(written) <= self._size:
+            return []  # the usual batch, with room to spare: nothing to count
         extra = len(self._entries) + sum(j not in self._entries for j in written) - self._size
         out: list[tuple[str, JobRecord]] = []
         for job_id, entry in self._entries.items():
@@ -1068,12 +1069,20 @@ def _migrate(conn: sqlite3.Connection) -> None:
         "CREATE INDEX IF NOT EXISTS jobs_stall ON jobs(stall_ns) WHERE stall_ns IS NOT NULL"
     )
     if "key" not in {row[1] for row in conn.execute("PRAGMA table_info(events)")}:
-        conn.execute("ALTER TABLE events ADD COLUMN key TEXT")
-        # The keys a job row held (as of its last event) become its job_keys.
-        conn.execute(
-            "INSERT OR IGNORE INTO job_keys (job_id, seq, keys)"
-            " SELECT id, seq, keys FROM jobs WHERE keys NOT IN ('', char(30))"
-        )
+        # The keys a job row held (as of its last event) become its job_keys, and the
+        # row sheds them (once, here: the writes of events never name the column).
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("ALTER TABLE events ADD COLUMN key TEXT")
+            conn.execute(
+                "INSERT OR IGNORE INTO job_keys (job_id, seq, keys)"
+                " SELECT id, seq, keys FROM jobs WHERE keys NOT IN ('', char(30))"
+            )
+            conn.execute("UPDATE jobs SET keys = '' WHERE keys != ''")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
     if "kind" not in {row[1] for row in conn.execute("PRAGMA table_info(logs)")}:
         # LogEntry.kind: older lines take their job's kind (a line of no job: none).
         conn.execute("ALTER TABLE logs ADD COLUMN kind INTEGER NOT NULL DEFAULT 0")
