@@ -30,7 +30,7 @@ from .domain.errors import StorageUnavailable
 from .domain.records import JobRecord
 from .fanout import Fanout
 from .grpc_handlers import Handler, replace_behavior
-from .jobs import Jobs
+from .jobs import MAX_PAGE_SIZE, Jobs
 from .security import TokenAuthInterceptor
 from .server import add_health_and_reflection, corker_for, listen, set_health
 from .servicer import SERVICE, JobServicer, serialize_response
@@ -41,7 +41,7 @@ log = logging.getLogger("jobwire.watch_worker")
 
 WATCH_JOB = f"/{SERVICE.full_name}/WatchJob"
 READ_TIMEOUT_S = 10.0
-EVENTS_PAGE = 1000  # ListJobEvents page_size: its maximum
+EVENTS_PAGE = MAX_PAGE_SIZE  # ListJobEvents page_size: the service's maximum
 FEED_RETRY_S = (0.05, 2.0)  # first and longest pause between feed reconnections
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _NOT_FORWARDED = ("user-agent", "content-type", "te", "host")
