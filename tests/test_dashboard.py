@@ -108,6 +108,19 @@ async def progress(stub: Any, job_id: str, percent: float, phase: str, message: 
     return int(reply.sequence)
 
 
+async def probe_until_live(
+    stub: Any, job_id: str, percent: float, seen: list[asyncio.Event], what: str
+) -> None:
+    """Sends probe progress on `job_id` until every `seen` event is set: the hub's
+    WatchJobs stream is open once a probe comes through."""
+    for probe in range(50):
+        await progress(stub, job_id, percent, "p", f"probe {probe}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in seen)), 0.2)
+            break
+    assert all(e.is_set() for e in seen), f"{what} never delivered a probe"
+
+
 async def write_log(stub: Any, job_id: str, level: int, message: str) -> None:
     entry = log_pb2.LogEntry(
         job_id=job_id, level=log_pb2.LogLevel.ValueType(level), message=message
@@ -414,13 +427,7 @@ async def test_jobs_stream_coalesces_a_firehose(
                         last_seen.set()
 
         reader = asyncio.create_task(read())
-        # Live (the hub's WatchJobs stream is open) once a probe on the job comes through.
-        for probe in range(50):
-            await progress(svc.stub, job.job.id, 0, "p", f"probe {probe}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(first_seen.wait(), 0.2)
-                break
-        assert first_seen.is_set(), "the stream never delivered a probe"
+        await probe_until_live(svc.stub, job.job.id, 0, [first_seen], "the stream")
         messages.clear()  # only the firehose's pushes are counted
         start = time.monotonic()
         for i in range(1, 501):
@@ -464,14 +471,8 @@ async def test_jobs_stream_follows_only_the_rows_a_page_shows(
     ready = [asyncio.Event(), asyncio.Event()]
     tabs = [asyncio.create_task(tab(n, r)) for n, r in zip(("1", "0"), ready, strict=True)]
     await asyncio.gather(*(r.wait() for r in ready))
-    # Both tabs are live (the hub's WatchJobs stream is open) once a probe on the shown
-    # job reaches both.
-    for probe in range(50):
-        await progress(stub, shown, 1, "p", f"probe {probe}")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in pushed.values())), 0.2)
-            break
-    assert all(e.is_set() for e in pushed.values()), "the streams never delivered a probe"
+    # Both tabs are live once a probe on the shown job reaches both.
+    await probe_until_live(stub, shown, 1, list(pushed.values()), "the streams")
     got["1"].clear()
     got["0"].clear()
     for i in range(2, 12):
