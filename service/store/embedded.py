@@ -247,7 +247,7 @@ class EmbeddedStore:
         await self._write(insert)
 
     async def get(self, job_id: str) -> JobRecord | None:
-        return await self._read(lambda c: _load(c, job_id, self.policy.retention))
+        return await self._read(lambda c: _load(c, job_id))
 
     async def list_jobs(self, query: JobQuery) -> list[job_pb2.Job]:
         where: list[str] = []
@@ -851,19 +851,10 @@ def _fsync_close(handle: Any) -> None:
     handle.close()
 
 
-def _load(conn: sqlite3.Connection, job_id: str, retention: int) -> JobRecord | None:
-    conn.execute("BEGIN")  # the row and its keys from one snapshot of the database
-    try:
-        row = conn.execute(
-            "SELECT snapshot, token_hash FROM jobs WHERE id = ?", (job_id,)
-        ).fetchone()
-        if row is None:
-            return None
-        job = job_pb2.Job.FromString(row[0])
-        keys = _recent_keys(conn, {job_id: job.sequence}, retention)[job_id]
-    finally:
-        conn.execute("COMMIT")
-    return JobRecord(job=job, token_hash=row[1], recent_keys=keys)
+def _load(conn: sqlite3.Connection, job_id: str) -> JobRecord | None:
+    """The job without its keys (Store.get)."""
+    row = conn.execute("SELECT snapshot, token_hash FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return None if row is None else JobRecord(job_pb2.Job.FromString(row[0]), row[1])
 
 
 def _recent_keys(

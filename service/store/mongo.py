@@ -591,7 +591,7 @@ class MongoStore:
 
     async def get(self, job_id: str) -> JobRecord | None:
         with _guard("get"):
-            doc = await self.jobs.find_one({"_id": job_id})
+            doc = await self.jobs.find_one({"_id": job_id}, {"ring": 0})  # no keys
         return None if doc is None else codec.decode_record(doc, self.policy.retention)
 
     async def list_jobs(self, query: JobQuery) -> list[job_pb2.Job]:

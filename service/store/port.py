@@ -80,7 +80,10 @@ class Store(Protocol):
     async def create(self, record: JobRecord) -> None:
         """Inserts a new job. Raises ALREADY_EXISTS when its id is taken."""
 
-    async def get(self, job_id: str) -> JobRecord | None: ...
+    async def get(self, job_id: str) -> JobRecord | None:
+        """The job and its token hash, for reads and token checks. `recent_keys` is
+        left empty: only `apply` needs them, and they cost a read of their own (a job's
+        whole ring of retained events on MongoDB)."""
 
     async def list_jobs(self, query: JobQuery) -> list[job_pb2.Job]:
         """Up to `query.limit` jobs after `query.after`."""
