@@ -115,6 +115,10 @@ class Settings:
     event_retention: int = 64
     lease_sweep_seconds: float = 1.0
     watch_buffer: int = 256
+    # Jobs the embedded store's writer keeps in memory with their recent keys (about
+    # 9 KB each with full histories): past this many jobs reporting at once, each event
+    # re-reads its job (README "Scaling").
+    embedded_cache_jobs: int = 2048
     # Open WatchJob/WatchJobs streams one node admits (README "Watchers").
     max_watchers: int = DEFAULT_MAX_WATCHERS
     # Extra processes serving WatchJob on the same port (service/watch_workers.py).
@@ -159,6 +163,7 @@ class Settings:
                 "JOBWIRE_LEASE_SWEEP_SECONDS", cls.lease_sweep_seconds, above=True
             ),
             watch_buffer=_int("JOBWIRE_WATCH_BUFFER", cls.watch_buffer, minimum=4),
+            embedded_cache_jobs=_int("JOBWIRE_EMBEDDED_CACHE_JOBS", cls.embedded_cache_jobs),
             max_watchers=_int("JOBWIRE_MAX_WATCHERS", cls.max_watchers),
             watch_workers=_workers("JOBWIRE_WATCH_WORKERS"),
             watch_cork=_flag("JOBWIRE_WATCH_CORK", cls.watch_cork),

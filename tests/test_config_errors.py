@@ -26,9 +26,11 @@ SERVICE = [
                            "JOBWIRE_MAX_ATTEMPTS",
                            "JOBWIRE_EVENT_RETENTION", "JOBWIRE_WATCH_BUFFER",
                            "JOBWIRE_MAX_WATCHERS", "JOBWIRE_WATCH_WORKERS",
-                           "JOBWIRE_EVENT_FEED_MAX_DOCS") for v in BAD_NUMBERS),
+                           "JOBWIRE_EVENT_FEED_MAX_DOCS", "JOBWIRE_EMBEDDED_CACHE_JOBS")
+      for v in BAD_NUMBERS),
     ("JOBWIRE_LEASE_SECONDS", "0"),
     ("JOBWIRE_MAX_ATTEMPTS", "1.5"),
+    ("JOBWIRE_EMBEDDED_CACHE_JOBS", "0"),
     ("JOBWIRE_FIREHOSE_RETENTION", "nan"),
     ("JOBWIRE_PROGRESS_DEADLINE_VIDEO", "-5m"),
     ("JOBWIRE_EVENT_FEED", "maybe"),
@@ -112,10 +114,12 @@ def test_log_level() -> None:
 
 def test_good_values_still_pass(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for var, value in (("JOBWIRE_LEASE_SECONDS", "0.5"), ("JOBWIRE_SHUTDOWN_GRACE_SECONDS", "0"),
-                       ("JOBWIRE_PUBLIC_URL", "https://jobs.example.com/")):  # fmt: skip
+                       ("JOBWIRE_PUBLIC_URL", "https://jobs.example.com/"),
+                       ("JOBWIRE_EMBEDDED_CACHE_JOBS", "16384")):  # fmt: skip
         monkeypatch.setenv(var, value)
     settings = Settings.from_env()
     assert settings.lease_seconds == 0.5 and settings.shutdown_grace_seconds == 0
+    assert settings.embedded_cache_jobs == 16384
     assert settings.public_url == "https://jobs.example.com"
     env = {
         "JOBWIRE_ENV_FILE": str(tmp_path / "none.env"),

@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 
 from jobwire.v1 import job_pb2, job_service_pb2
+from service.config import Settings
 from service.domain import events
 from service.domain.records import Applied, JobCommand, JobRecord, Policy, Report, Unchanged
 from service.store import embedded
 from service.store.embedded import EmbeddedStore
+from service.store.factory import open_store
 
 
 async def _create(store: EmbeddedStore, ids: list[str]) -> None:
@@ -276,12 +278,19 @@ async def test_recent_keys_live_with_their_events_across_restarts_and_old_rows(
         await store.close()
 
 
-async def test_jobs_the_cache_lets_go_keep_their_keys(tmp_path: Path) -> None:
-    """More jobs than the writer's cache holds: each job pushed out keeps its keys in
-    job_keys, and on its next event they come back from there and from its later
-    events. Duplicates are still recognised, and keys past the retention are not."""
-    store = EmbeddedStore(tmp_path / "data", Policy(retention=8))
-    store._records._size = 4  # 10 jobs in turn: every batch pushes jobs out
+async def test_jobs_the_cache_lets_go_keep_their_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More jobs than the writer's cache holds (JOBWIRE_EMBEDDED_CACHE_JOBS): each job
+    pushed out keeps its keys in job_keys, and on its next event they come back from
+    there and from its later events. Duplicates are still recognised, and keys past the
+    retention are not."""
+    monkeypatch.setenv("JOBWIRE_EMBEDDED_CACHE_JOBS", "4")  # 10 jobs in turn: every
+    monkeypatch.setenv("JOBWIRE_EVENT_RETENTION", "8")  # batch pushes jobs out
+    monkeypatch.setenv("JOBWIRE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("MONGODB_URI", raising=False)
+    store = open_store(Settings.from_env())
+    assert isinstance(store, EmbeddedStore)
     await store.start()
     try:
         ids = [f"j{i}" for i in range(10)]

@@ -120,7 +120,8 @@ class EmbeddedStore:
     single_writer_origin = ORIGIN
     log_failures = 0  # the firehose entry is written in the event's own transaction
 
-    def __init__(self, data_dir: Path, policy: Policy) -> None:
+    def __init__(self, data_dir: Path, policy: Policy, cache_jobs: int = 2048) -> None:
+        """`cache_jobs`: jobs the writer keeps in memory (JOBWIRE_EMBEDDED_CACHE_JOBS)."""
         self.policy = policy
         self._dir = Path(data_dir)
         self._db_path = self._dir / "jobwire.sqlite3"
@@ -131,7 +132,7 @@ class EmbeddedStore:
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="jobwire-sqlite-checkpoint")
         self._checkpoints: asyncio.Task[None] | None = None
         self._local = threading.local()
-        self._records = _RecordCache()
+        self._records = _RecordCache(cache_jobs)
         self._write_lock = asyncio.Lock()
         self._wconn: sqlite3.Connection | None = None
         self._closed = False

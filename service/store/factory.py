@@ -16,4 +16,4 @@ def open_store(settings: Settings) -> Store:
             return MongoStore.from_env(policy)
         except ValueError as err:  # one line naming the setting, as config.py's errors
             raise SystemExit(str(err)) from None
-    return EmbeddedStore(settings.data_dir, policy)
+    return EmbeddedStore(settings.data_dir, policy, cache_jobs=settings.embedded_cache_jobs)
