@@ -242,8 +242,12 @@ class Jobs:
         if from_sequence < 0:
             raise invalid("from_sequence must not be negative")
         page_size = validation.bounded(page_size, "page_size", 0, MAX_PAGE_SIZE)
-        record = await self._record(job_id, token)
-        retained = await self.store.events_after(job_id, from_sequence)
+        validation.job_id(job_id)
+        found = await self.store.get_with_events(job_id, from_sequence)
+        if found is None:
+            raise not_found(job_id)
+        record, retained = found
+        events.check_token(record, token)
         more = False
         if page_size:
             # The oldest first, as many as asked for and fit: the caller pages on.

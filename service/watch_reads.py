@@ -55,9 +55,8 @@ class SharedReads:
         while True:
             future = slot.current
             try:
-                record = await self._store.get(job_id)
-                retained = await self._store.events_after(job_id, 0) if record else []
-                future.set_result((record, retained))
+                found = await self._store.get_with_events(job_id, 0)
+                future.set_result(found or (None, []))
             except Exception as exc:  # every waiter gets the storage error
                 future.set_exception(exc)
                 future.exception()  # retrieved: no warning when every waiter left

@@ -85,6 +85,13 @@ class PrimaryReads:
                 return events
             sequence = response.events[-1].sequence
 
+    async def get_with_events(
+        self, job_id: str, sequence: int
+    ) -> tuple[JobRecord, list[event_pb2.JobEvent]] | None:
+        # Two calls to the primary (no RPC returns both).
+        record = await self.get(job_id)
+        return None if record is None else (record, await self.events_after(job_id, sequence))
+
 
 class Feed:
     """The primary's events, republished to this process's fan-out."""
@@ -218,7 +225,7 @@ async def serve_worker(settings: Settings, primary: str) -> None:
     channel = grpc.aio.insecure_channel(primary)
     stub = job_service_pb2_grpc.JobServiceStub(channel)
     fanout = Fanout(settings.watch_buffer)
-    # Only Jobs.watch_job is used: it needs get() and events_after() of its store.
+    # Only Jobs.watch_job is used: it needs get(), events_after() and get_with_events().
     jobs = Jobs(cast(Store, PrimaryReads(stub, metadata)), fanout, settings.policy())
     loop = asyncio.get_running_loop()
     health_updates: set[asyncio.Task[None]] = set()  # referenced until done

@@ -254,3 +254,41 @@ async def test_a_second_start_of_a_started_store_is_harmless(store: Store) -> No
     await _new(store, "twice")
     got = await store.get("twice")
     assert got is not None and got.job.id == "twice"
+
+
+async def test_a_job_and_its_events_in_one_read(store: Store) -> None:
+    """get_with_events is get plus events_after in one read (ListJobEvents, a WatchJob
+    open): None for an unknown job, the retained window only, no keys, and the events
+    end at the job's own sequence even while events are being written."""
+    await _new(store, "r")
+    assert await store.get_with_events("missing", 0) is None
+    assert await store.get_with_events("r", 0) == (await store.get("r"), [])
+    retention = store.policy.retention
+    await store.apply([_report("r", f"k{i}", 1) for i in range(retention + 4)])
+    found = await store.get_with_events("r", retention + 1)
+    assert found is not None
+    record, retained = found
+    assert record.job.sequence == retention + 4 and record.recent_keys == ()
+    assert [e.sequence for e in retained] == [retention + 2, retention + 3, retention + 4]
+    assert retained == await store.events_after("r", retention + 1)
+    found = await store.get_with_events("r", 0)
+    assert found is not None and [e.sequence for e in found[1]] == list(range(5, retention + 5))
+
+    writing = asyncio.Event()
+
+    async def write() -> None:
+        for i in range(60):
+            await store.apply([_report("r", f"w{i}", 2)])
+            writing.set()
+
+    writer = asyncio.create_task(write())
+    await asyncio.wait_for(writing.wait(), 30)
+    reads = 0
+    while not writer.done():
+        found = await store.get_with_events("r", 0)
+        assert found is not None
+        record, retained = found
+        assert retained[-1].sequence == record.job.sequence, reads
+        reads += 1
+    await writer
+    assert reads > 0

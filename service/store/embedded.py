@@ -371,15 +371,23 @@ class EmbeddedStore:
         return await self._read(run)
 
     async def events_after(self, job_id: str, sequence: int) -> list[event_pb2.JobEvent]:
-        def run(conn: sqlite3.Connection) -> list[event_pb2.JobEvent]:
-            rows = conn.execute(
-                "SELECT seq, event FROM events WHERE job_id = ? AND seq > ? ORDER BY seq",
-                (job_id, sequence),
-            ).fetchall()
-            # The newest row is the job's sequence; rows past the retention that wait
-            # for their (stepped) prune are not shown.
-            oldest = rows[-1][0] - self.policy.retention if rows else 0
-            return [event_pb2.JobEvent.FromString(r[1]) for r in rows if r[0] > oldest]
+        retention = self.policy.retention
+        return await self._read(lambda c: _events_after(c, job_id, sequence, retention))
+
+    async def get_with_events(
+        self, job_id: str, sequence: int
+    ) -> tuple[JobRecord, list[event_pb2.JobEvent]] | None:
+        retention = self.policy.retention
+
+        def run(conn: sqlite3.Connection) -> tuple[JobRecord, list[event_pb2.JobEvent]] | None:
+            conn.execute("BEGIN")  # the row and its events from one snapshot
+            try:
+                record = _load(conn, job_id)
+                if record is None:
+                    return None
+                return record, _events_after(conn, job_id, sequence, retention)
+            finally:
+                conn.execute("COMMIT")
 
         return await self._read(run)
 
@@ -856,6 +864,19 @@ def _load(conn: sqlite3.Connection, job_id: str) -> JobRecord | None:
     """The job without its keys (Store.get)."""
     row = conn.execute("SELECT snapshot, token_hash FROM jobs WHERE id = ?", (job_id,)).fetchone()
     return None if row is None else JobRecord(job_pb2.Job.FromString(row[0]), row[1])
+
+
+def _events_after(
+    conn: sqlite3.Connection, job_id: str, sequence: int, retention: int
+) -> list[event_pb2.JobEvent]:
+    rows = conn.execute(
+        "SELECT seq, event FROM events WHERE job_id = ? AND seq > ? ORDER BY seq",
+        (job_id, sequence),
+    ).fetchall()
+    # The newest row is the job's sequence; rows past the retention that wait for
+    # their (stepped) prune are not shown.
+    oldest = rows[-1][0] - retention if rows else 0
+    return [event_pb2.JobEvent.FromString(r[1]) for r in rows if r[0] > oldest]
 
 
 def _recent_keys(

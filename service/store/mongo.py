@@ -592,7 +592,7 @@ class MongoStore:
     async def get(self, job_id: str) -> JobRecord | None:
         with _guard("get"):
             doc = await self.jobs.find_one({"_id": job_id}, {"ring": 0})  # no keys
-        return None if doc is None else codec.decode_record(doc, self.policy.retention)
+        return None if doc is None else codec.decode_read(doc)
 
     async def list_jobs(self, query: JobQuery) -> list[job_pb2.Job]:
         conditions: list[dict[str, Any]] = []
@@ -1086,8 +1086,16 @@ class MongoStore:
     async def events_after(self, job_id: str, sequence: int) -> list[event_pb2.JobEvent]:
         with _guard("events_after"):
             doc = await self.jobs.find_one({"_id": job_id}, {"ring": 1})
-        if doc is None:
-            return []
+        return [] if doc is None else self._events_of(doc, sequence)
+
+    async def get_with_events(
+        self, job_id: str, sequence: int
+    ) -> tuple[JobRecord, list[event_pb2.JobEvent]] | None:
+        with _guard("get_with_events"):
+            doc = await self.jobs.find_one({"_id": job_id})  # one document: one snapshot
+        return None if doc is None else (codec.decode_read(doc), self._events_of(doc, sequence))
+
+    def _events_of(self, doc: Mapping[str, Any], sequence: int) -> list[event_pb2.JobEvent]:
         entries = codec.retained(doc.get("ring"), self.policy.retention)
         return [codec.decode_event(e) for e in entries if int(e["s"]) > sequence]
 

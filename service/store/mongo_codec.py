@@ -133,6 +133,11 @@ def decode_job(doc: Mapping[str, Any]) -> job_pb2.Job:
     return job_pb2.Job.FromString(bytes(doc["job"]))
 
 
+def decode_read(doc: Mapping[str, Any]) -> JobRecord:
+    """The job for reading: no keys (Store.get)."""
+    return JobRecord(job=decode_job(doc), token_hash=bytes(doc.get("token_hash") or b""))
+
+
 def decode_record(doc: Mapping[str, Any], retention: int) -> JobRecord:
     return JobRecord(
         job=decode_job(doc),

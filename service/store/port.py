@@ -103,6 +103,12 @@ class Store(Protocol):
     async def events_after(self, job_id: str, sequence: int) -> list[event_pb2.JobEvent]:
         """Retained events of a job with a sequence number above `sequence`, ascending."""
 
+    async def get_with_events(
+        self, job_id: str, sequence: int
+    ) -> tuple[JobRecord, list[event_pb2.JobEvent]] | None:
+        """`get` and `events_after(sequence)` in one read, from one snapshot of the job
+        (the events end at the record's sequence); None when there is no such job."""
+
     # The firehose log (when `policy.firehose_retention_ns` > 0): every applied event,
     # written with its job's change (embedded: same transaction; MongoDB: same group
     # commit, right after the job updates), numbered 1, 2, 3, ... per origin (a store
