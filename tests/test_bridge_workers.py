@@ -211,7 +211,13 @@ def test_metrics_count_every_worker_whichever_one_is_scraped(
             assert answered == 40
             latency = 'jobwire_bridge_request_duration_seconds_count{contract="secretary"}'
             assert samples[latency] == 40
-            assert samples["jobwire_bridge_open_connections"] == 6 + 1  # and the scrape's
+            # The idle ones and this scrape's; the previous scrape's connection may be
+            # counted too, until the worker that served it sees the close (a CI run did).
+            assert samples["jobwire_bridge_open_connections"] in (6 + 1, 6 + 2)
+        wait_for(
+            lambda: scrape(port)["jobwire_bridge_open_connections"] == 6 + 1,
+            "the scrapes' connections let go again",
+        )
     finally:
         for sock in idle:
             sock.close()
