@@ -243,11 +243,8 @@ class Jobs:
             raise invalid("from_sequence must not be negative")
         page_size = validation.bounded(page_size, "page_size", 0, MAX_PAGE_SIZE)
         validation.job_id(job_id)
-        found = await self.store.get_with_events(job_id, from_sequence)
-        if found is None:
-            raise not_found(job_id)
-        record, retained = found
-        events.check_token(record, token)
+        found, retained = await self.store.get_with_events(job_id, from_sequence) or (None, [])
+        record = _allowed(job_id, found, token)
         more = False
         if page_size:
             # The oldest first, as many as asked for and fit: the caller pages on.
@@ -538,11 +535,7 @@ class Jobs:
 
     async def _record(self, job_id: str, token: str) -> JobRecord:
         validation.job_id(job_id)
-        record = await self.store.get(job_id)
-        if record is None:
-            raise not_found(job_id)
-        events.check_token(record, token)
-        return record
+        return _allowed(job_id, await self.store.get(job_id), token)
 
     async def _one(self, command: JobCommand) -> Applied | Unchanged:
         (outcome,) = await self._committer.submit([command])
@@ -582,6 +575,14 @@ def _gap(batch: list[event_pb2.JobEvent], last: int) -> bool:
             return True
         expected = event.sequence
     return False
+
+
+def _allowed(job_id: str, record: JobRecord | None, token: str) -> JobRecord:
+    """The job a caller with `token` may read: NOT_FOUND, UNAUTHENTICATED otherwise."""
+    if record is None:
+        raise not_found(job_id)
+    events.check_token(record, token)
+    return record
 
 
 def _replay_gap(

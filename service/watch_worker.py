@@ -225,7 +225,7 @@ async def serve_worker(settings: Settings, primary: str) -> None:
     channel = grpc.aio.insecure_channel(primary)
     stub = job_service_pb2_grpc.JobServiceStub(channel)
     fanout = Fanout(settings.watch_buffer)
-    # Only Jobs.watch_job is used: it needs get(), events_after() and get_with_events().
+    # Only Jobs.watch_job is used: it needs get_with_events() and events_after().
     jobs = Jobs(cast(Store, PrimaryReads(stub, metadata)), fanout, settings.policy())
     loop = asyncio.get_running_loop()
     health_updates: set[asyncio.Task[None]] = set()  # referenced until done

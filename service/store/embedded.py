@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -937,6 +938,15 @@ class _RecordCache:
         self._entries.clear()
         self._version = None
 
+    def _dropped(self, written: dict[str, _Entry]) -> list[str]:
+        """The least recently written jobs past the size once `written` is in: the
+        others first, in the order they were written, then `written`'s own."""
+        if len(self._entries) + len(written) <= self._size:
+            return []  # the usual batch, with room to spare: nothing to count
+        extra = len(self._entries) + sum(j not in self._entries for j in written) - self._size
+        older = (j for j in self._entries if j not in written)
+        return list(itertools.islice(itertools.chain(older, written), max(extra, 0)))
+
     def check(self, conn: sqlite3.Connection) -> bool:
         """False (and the cache dropped) when another connection committed."""
         version = conn.execute("PRAGMA data_version").fetchone()[0]
@@ -978,25 +988,20 @@ class _RecordCache:
         return found
 
     def leaving(self, written: dict[str, _Entry]) -> list[tuple[str, JobRecord]]:
-        """The jobs `committed(written)` will drop: the least recently written ones."""
-        if len(self._entries) + len(written) <= self._size:
-            return []  # the usual batch, with room to spare: nothing to count
-        extra = len(self._entries) + sum(j not in self._entries for j in written) - self._size
-        out: list[tuple[str, JobRecord]] = []
-        for job_id, entry in self._entries.items():
-            if len(out) >= extra:
-                break
-            if job_id not in written:
-                out.append((job_id, entry[0]))
-        return out
+        """The jobs `committed(written)` will drop, each with its newest record."""
+        return [
+            (job_id, (written.get(job_id) or self._entries[job_id])[0])
+            for job_id in self._dropped(written)
+        ]
 
     def committed(self, conn: sqlite3.Connection, written: dict[str, _Entry]) -> None:
         entries = self._entries
+        dropped = self._dropped(written)
         for job_id, entry in written.items():
             entries.pop(job_id, None)
             entries[job_id] = entry  # most recent last
-        while len(entries) > self._size:
-            del entries[next(iter(entries))]
+        for job_id in dropped:
+            del entries[job_id]
         # Our own commits leave data_version unchanged for this connection.
         self._version = conn.execute("PRAGMA data_version").fetchone()[0]
 
