@@ -23,15 +23,18 @@ once, in order:
   `position` the service gave (`.position`, also for resuming in a later process).
   A `StreamGap` says that events were lost: the resume point was older than the
   service's window, or the service gives no positions (then the events sent while
-  disconnected cannot be replayed). Before the first event there is no position to
-  resume from: a stream started with `after=""` (live only) that drops before its
-  first event resumes live as well; pass a saved position, or "0" for the service's
-  whole retained window, when that matters.
+  disconnected cannot be replayed). `.live` is set once the service has the stream
+  live (or, resumed from a position, sent its first message): every event committed
+  after that reaches this watch. A stream started with
+  `after=""` gets its first position then, in the service's headers, so one that
+  drops before its first event resumes from there, losing nothing (a service with its
+  firehose log off gives none: a `StreamGap` then says events may be lost).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import OrderedDict
@@ -295,6 +298,8 @@ class JobsWatch:
         self._reconnect = _Reconnector(backoff, give_up_after, on_retry)
         self._delivered: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._connected = connected  # whether the channel is READY
+        # Set when the service says the stream is live (its headers), and stays set.
+        self.live = asyncio.Event()
 
     def __aiter__(self) -> AsyncGenerator[event_pb2.JobEvent | event_pb2.StreamGap, None]:
         return self._run()
@@ -317,9 +322,11 @@ class JobsWatch:
             timer = asyncio.get_running_loop().call_later(
                 QUIET_BUT_CONNECTED, self._healthy_if_connected
             )
+            headers = asyncio.ensure_future(self._headers(call))
             try:
                 async for reply in call:
                     self._reconnect.healthy()
+                    self.live.set()  # (a resumed stream's headers come with its replay)
                     if blind:
                         # The service gave no position to resume from: what it sent while
                         # we were away is lost, and the caller must know.
@@ -355,8 +362,20 @@ class JobsWatch:
                 raise
             finally:
                 timer.cancel()
+                headers.cancel()
                 call.cancel()
             await self._reconnect.wait(cause, hint)
+
+    async def _headers(self, call: Any) -> None:
+        """The service sends its headers when the stream is live, with a position to
+        resume from when there is none yet (it came before any event)."""
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            metadata = dict(list(await call.initial_metadata() or ()))
+            if metadata.get("jobwire-live") == "1":
+                self._reconnect.healthy()
+                if not self.position:
+                    self.position = str(metadata.get("jobwire-position", ""))
+                self.live.set()
 
     def _healthy_if_connected(self) -> None:
         if self._connected():

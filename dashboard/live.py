@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,6 +31,13 @@ log = logging.getLogger(__name__)
 
 DEPTH_TTL_SECONDS = 3.0  # the live stats go out every 2 s
 DEPTH_CAP = 1000  # ListJobs page limit: beyond it the page shows "1000+"
+# Changes kept for tabs whose rows were read before their stream opened (a page load
+# takes well under a second; at 1,000 events/s this is 8 s of them).
+JOURNAL = 8192
+# The WatchJobs stream stays up this long after the last page load or open tab, so a
+# page's stream finds the journal its rows were read against (and reloads reuse it).
+LINGER_SECONDS = 60.0
+LIVE_WAIT_SECONDS = 3.0  # a page load waits this long for the stream to go live
 
 
 class Change:
@@ -76,11 +84,36 @@ class Subscriber:
 
 
 class Hub:
-    def __init__(self, stub: Callable[[], JobServiceAsyncStub]) -> None:
+    """The dashboard's one WatchJobs stream, fanned out to its subscribers (tabs).
+
+    A jobs page reads its rows, then opens its stream: what happens in between would be
+    lost (a job whose first event lands then never appears). So a page takes a `mark()`
+    before it reads its rows (the stream is then live: the service says so), and its
+    stream subscribes with it: the changes the hub saw since are replayed from a journal.
+    A mark the journal no longer covers (or of another run of the hub) gets a resync:
+    the tab re-reads its rows, with its subscription already taking changes.
+    """
+
+    def __init__(
+        self,
+        stub: Callable[[], JobServiceAsyncStub],
+        journal: int = JOURNAL,
+        linger_seconds: float = LINGER_SECONDS,
+    ) -> None:
         self._stub = stub
         self._subscribers: set[Subscriber] = set()
         self._task: asyncio.Task[None] | None = None
         self._position = ""
+        self._instance = secrets.token_hex(4)  # marks of another process never match
+        self._epoch = 0  # one per start of the stream: a stopped hub's journal is gone
+        self._counter = 0  # changes seen this epoch
+        self._floor = 0  # marks below it are not covered (a gap reset the rows)
+        self._journal: deque[tuple[int, Change]] = deque(maxlen=journal)
+        self._linger_seconds = linger_seconds
+        self._linger_until = 0.0
+        self._live = asyncio.Event()
+        # Set once the stream went live or an attempt failed: a page load waits no longer.
+        self._settled = asyncio.Event()
         self._seconds: deque[tuple[int, int]] = deque(maxlen=8)  # (second, events)
         self._depth: dict[str, int] = {}
         self._depth_at = -DEPTH_TTL_SECONDS
@@ -90,18 +123,82 @@ class Hub:
         self.connected = True
 
     @property
+    def live(self) -> bool:
+        """The service has the stream live (it said so in its headers)."""
+        return self._live.is_set()
+
+    @property
     def subscribers(self) -> int:
         return len(self._subscribers)
 
-    def subscribe(self, kind: int = 0, ids: set[str] | None = None, new: bool = True) -> Subscriber:
+    def subscribe(
+        self,
+        kind: int = 0,
+        ids: set[str] | None = None,
+        new: bool = True,
+        since: str | None = None,
+    ) -> Subscriber:
+        """A tab's subscription; `since`: the mark its rows were read after (None: live
+        from now, for streams opened without a page)."""
         sub = Subscriber(kind, ids, new)
         self._subscribers.add(sub)
-        if self._task is None or self._task.done():
-            # Live from now: what happened while nobody watched is in the rows a page
-            # reads; `position` resumes only a stream that broke while in use.
-            self._position = ""
-            self._task = asyncio.create_task(self._run(), name="dashboard-watch-jobs")
+        self._start()
+        if since is not None:
+            self._catch_up(sub, since)
         return sub
+
+    async def mark(self, wait: float = LIVE_WAIT_SECONDS) -> str:
+        """Where a page's rows are read from: every change after it reaches a stream
+        that subscribes with it. Starts the stream and waits (up to `wait`) until the
+        service has it live; "" when it is not (the tab then re-reads its rows)."""
+        self._linger_until = max(self._linger_until, time.monotonic() + self._linger_seconds)
+        self._start()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await self._settled.wait()
+        if not self._live.is_set():
+            return ""
+        return f"{self._instance}.{self._epoch}.{self._counter}"
+
+    def _start(self) -> None:
+        if self._task is None or self._task.done():
+            # Live from when the service says so: what happened while nobody watched is
+            # in the rows a page reads; `position` resumes a stream that broke in use.
+            self._position = ""
+            self._epoch += 1
+            self._counter = self._floor = 0
+            self._journal.clear()
+            self._live.clear()
+            self._settled.clear()
+            self._task = asyncio.create_task(self._run(), name="dashboard-watch-jobs")
+
+    def _catch_up(self, sub: Subscriber, since: str) -> None:
+        """The journal's changes after `since` for a new subscriber, or a resync."""
+        instance, _, rest = since.partition(".")
+        epoch, _, counter = rest.partition(".")
+        mark = int(counter) if counter.isdigit() and len(counter) < 19 else -1
+        oldest = self._journal[0][0] if self._journal else self._counter + 1
+        covered = (
+            self._live.is_set()
+            and instance == self._instance
+            and epoch == str(self._epoch)
+            and max(self._floor, oldest - 1) <= mark <= self._counter
+        )
+        if not covered:
+            sub.resync = True
+            if self._live.is_set():
+                sub.wake.set()  # else when it goes live (_run)
+            return
+        later: list[Change] = []
+        for n, change in reversed(self._journal):
+            if n <= mark:
+                break
+            later.append(change)
+        for change in reversed(later):
+            self._offer(sub, change)
+
+    def _idle(self) -> bool:
+        return not self._subscribers and time.monotonic() >= self._linger_until
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self._subscribers.discard(sub)
@@ -128,11 +225,13 @@ class Hub:
 
     async def _run(self) -> None:
         delay = 0.2
-        while self._subscribers:
+        while not self._idle():
             try:
                 call = self._stub().WatchJobs(
                     job_service_pb2.WatchJobsRequest(after=self._position)
                 )
+                if not self._live.is_set():
+                    await self._went_live(call)
                 if not self.connected:
                     # WatchJobs sends nothing until an event: a cheap call says whether
                     # the service answers. Only then do the tabs re-read their rows (a
@@ -145,16 +244,18 @@ class Hub:
                 async for response in call:
                     delay = 0.2
                     if response.HasField("gap"):
+                        self._floor = self._counter  # earlier marks miss the lost events
                         self._resync_all()
                     if response.position:
                         self._position = response.position
                     if response.HasField("event"):
                         self._dispatch(response.event)
-                    if not self._subscribers:
+                    if self._idle():
                         call.cancel()
                         return
             except grpc.aio.AioRpcError as err:
                 log.warning("WatchJobs ended: %s; reconnecting", err.code().name)
+            self._settled.set()  # not live: a page load goes on without waiting
             # Whatever happens while the stream is down, the tabs re-read their rows once
             # it is back (above); until then they say so.
             self.connected = False
@@ -163,20 +264,41 @@ class Hub:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
+    async def _went_live(self, call: grpc.aio.UnaryStreamCall) -> None:  # type: ignore[type-arg]
+        """Waits for the service's headers: the stream is live (and, with its firehose
+        log on, has a position to resume from before any event)."""
+        headers = dict(list(await call.initial_metadata() or ()))
+        if headers.get("jobwire-live") != "1":
+            self._settled.set()
+            return  # refused (the status follows) or a service without the signal
+        if not self._position:
+            self._position = str(headers.get("jobwire-position", ""))
+        self._live.set()
+        self._settled.set()
+        # Tabs that subscribed before it was live re-read their rows now.
+        self._resync_all()
+
     def _dispatch(self, event: event_pb2.JobEvent) -> None:
         self._count()
         change = Change(event)
+        self._counter += 1
+        self._journal.append((self._counter, change))
         for sub in self._subscribers:
-            if sub.kind and sub.kind != event.kind:
-                continue
-            if sub.ids is not None and event.job_id not in sub.ids:
-                if not (sub.new and event.sequence == 1):
-                    continue
-                if len(sub.ids) < MAX_FOLLOWED:
-                    sub.ids.add(event.job_id)  # the tab shows it from now on
-                sub.fresh.add(event.job_id)
-            sub.pending[event.job_id] = change
-            sub.wake.set()
+            self._offer(sub, change)
+
+    @staticmethod
+    def _offer(sub: Subscriber, change: Change) -> None:
+        event = change.event
+        if sub.kind and sub.kind != event.kind:
+            return
+        if sub.ids is not None and event.job_id not in sub.ids:
+            if not (sub.new and event.sequence == 1):
+                return
+            if len(sub.ids) < MAX_FOLLOWED:
+                sub.ids.add(event.job_id)  # the tab shows it from now on
+            sub.fresh.add(event.job_id)
+        sub.pending[event.job_id] = change
+        sub.wake.set()
 
     def _resync_all(self) -> None:
         for sub in self._subscribers:

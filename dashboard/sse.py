@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from typing import Any
 
@@ -25,6 +26,7 @@ from .query import parse_kind
 
 RETRY_MS = 1000
 MAX_IDS = 500
+_MARK = re.compile(r"[0-9a-f]{8}\.[0-9]{1,18}\.[0-9]{1,18}", re.ASCII)
 
 
 def _frame(event: str, data: bytes, event_id: str = "") -> bytes:
@@ -60,12 +62,13 @@ async def jobs_stream(request: web.Request) -> web.StreamResponse:
     of any job when given), stats every few seconds."""
     kind = parse_kind(request.query.get("kind", ""))
     ids = _ids(request.query.get("ids"))
+    since = _since(request.query.get("since"))
     if (head := head_only(request)) is not None:
         return head
     settings = request.app[SETTINGS]
     hub = request.app[HUB]
     response = await _open(request)
-    sub = hub.subscribe(kind, ids, new=request.query.get("new", "1") != "0")
+    sub = hub.subscribe(kind, ids, new=request.query.get("new", "1") != "0", since=since)
     interval = settings.push_interval_seconds
     last_push = 0.0
     last_stats = 0.0
@@ -121,6 +124,15 @@ def _ids(raw: str | None) -> set[str] | None:
     if len(ids) > MAX_IDS:
         raise PageError(400, f"ids: at most {MAX_IDS} job ids", json=True)
     return ids
+
+
+def _since(raw: str | None) -> str | None:
+    """`since=`: the mark a jobs page was read at (its `data-since`); "" when the page
+    had none (the tab re-reads its rows once the hub is live)."""
+    if raw is None or raw == "" or _MARK.fullmatch(raw):
+        return raw
+    message = f"since must be the mark of a jobs page (its data-since), got {raw[:40]!r}"
+    raise PageError(400, message, json=True)
 
 
 def _from_sequence(request: web.Request) -> int:

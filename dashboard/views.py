@@ -131,6 +131,8 @@ async def jobs_page(request: web.Request) -> web.StreamResponse:
     if search:
         await _get_job(request, search, json=False)  # 404 page when unknown
         raise web.HTTPSeeOther(f"/jobs/{quote(search, safe='')}")
+    # Before the rows are read: the page's stream replays what changes after this.
+    since = await request.app[HUB].mark()
     reply, depth = await asyncio.gather(
         _list(request, False), request.app[HUB].fresh_queue_depth(wait=0.3)
     )
@@ -157,6 +159,7 @@ async def jobs_page(request: web.Request) -> web.StreamResponse:
         "query": request.rel_url.raw_query_string,  # as sent: decoding it changes a filter
         "csrf": principal(request).csrf,
         "heartbeat": request.app[SETTINGS].heartbeat_seconds,
+        "since": since,
     }
     return aiohttp_jinja2.render_template("jobs.html", request, context)
 

@@ -122,8 +122,21 @@ class Gap:
     oldest: str
 
 
+@dataclass(frozen=True, slots=True)
+class Live:
+    """Yielded once, when the stream is subscribed to the live fan-out: every event
+    committed from then on reaches it, and `position` (when the log is on) resumes
+    from that point (the servicer tells the client in its headers; README)."""
+
+    position: str = ""
+
+
+# Longest position sent in the headers (gRPC's default metadata limit is 8 KiB); a
+# longer one (a log of very many origins) comes with the stream's first event only.
+MAX_HEADER_POSITION = 4096
+
 Delivery = tuple[event_pb2.JobEvent, str]
-StreamItem = Delivery | Gap
+StreamItem = Delivery | Gap | Live
 
 
 class Firehose:
@@ -158,6 +171,7 @@ class Firehose:
             gap = await self._gap(cursor, after)
             if gap is not None:
                 yield gap
+        announced = False
         while True:
             if cursor is not None:
                 # Catch up without buffering live events (a long replay would overflow).
@@ -178,6 +192,9 @@ class Firehose:
                     # What landed between the replay's last read and the subscription.
                     async for item in self._replay(cursor, matches):
                         yield item
+                if not announced:
+                    announced = True
+                    yield Live(cursor.encode())
                 while True:
                     try:
                         batch = await sub.next_marked_batch()

@@ -39,7 +39,7 @@ from .domain.records import (
     Unchanged,
 )
 from .fanout import Fanout, Item, Subscription, SubscriptionClosed
-from .firehose import Firehose, Gap
+from .firehose import Firehose, Gap, Live
 from .metrics import (
     COALESCED_DELIVERIES,
     EVENTS_APPLIED,
@@ -71,8 +71,9 @@ _CALLBACK_PATHS = {
 }
 
 WatchItem = job_pb2.Job | event_pb2.JobEvent | event_pb2.StreamGap
-# A WatchJobs stream yields (event, position) pairs, or a gap announcement.
-FirehoseItem = tuple[event_pb2.JobEvent, str] | event_pb2.StreamGap
+# A WatchJobs stream yields (event, position) pairs, or a gap announcement, and LIVE
+# once, when it is subscribed to the live fan-out.
+FirehoseItem = tuple[event_pb2.JobEvent, str] | event_pb2.StreamGap | Live
 
 
 class Jobs:
@@ -517,6 +518,7 @@ class Jobs:
         # sequence order here; none is dropped for it (each carries its sequence).
         delivered: OrderedDict[tuple[str, int], None] = OrderedDict()
         try:
+            yield Live()
             while True:
                 for event, _ in await sub.next_batch():
                     key = (event.job_id, event.sequence)

@@ -14,6 +14,7 @@ from .admission import DEFAULT_MAX_WATCHERS, WatchAdmission
 from .decoding import require_parsed, tolerant
 from .domain.errors import Code, DomainError
 from .fanout import SubscriptionClosed
+from .firehose import MAX_HEADER_POSITION, Live
 from .jobs import Jobs
 from .metrics import count_domain_error
 
@@ -94,6 +95,13 @@ def watch_stream(fn: Callable[P, AsyncIterator[R]]) -> Callable[P, AsyncIterator
             admission.leave()
 
     return call
+
+
+def _live_metadata(position: str) -> tuple[tuple[str, str], ...]:
+    """A WatchJobs stream's headers when it went live with nothing sent yet."""
+    if position and len(position) <= MAX_HEADER_POSITION:
+        return (("jobwire-live", "1"), ("jobwire-position", position))
+    return (("jobwire-live", "1"),)
 
 
 _WATCH_CACHE: dict[int, tuple[event_pb2.JobEvent | job_pb2.Job, bytes]] = {}
@@ -302,7 +310,14 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     async def WatchJobs(
         self, request: job_service_pb2.WatchJobsRequest, context: Context
     ) -> AsyncIterator[job_service_pb2.WatchJobsResponse]:
+        sent = False
         async for item in self._jobs.watch_jobs(request.kind, request.states, request.after):
+            if isinstance(item, Live):
+                if not sent:
+                    # Headers now, not with the first event: the client knows it is live.
+                    await context.send_initial_metadata(_live_metadata(item.position))
+                continue
+            sent = True
             if isinstance(item, event_pb2.StreamGap):
                 response = job_service_pb2.WatchJobsResponse(gap=item)
             else:

@@ -1,6 +1,6 @@
 """A loopback gRPC proxy in front of the real service that injects network faults.
 
-It forwards every JobService call byte for byte (metadata included) and, when told
+It forwards every JobService call byte for byte (metadata included, both ways) and, when told
 to, breaks one: answers UNAVAILABLE after the service applied a unary call (the
 reply is lost on the way back), aborts a stream with a status after n messages
 (ABORTED: what the service says to a watcher that fell behind), or rewrites /
@@ -91,6 +91,9 @@ class FaultProxy:
         call = stream(request, metadata=_metadata(context))
         sent = 0
         try:
+            # The service's headers, passed on when they come (WatchJobs sends them when
+            # live, before any message).
+            await context.send_initial_metadata(tuple(await call.initial_metadata() or ()))
             async for message in call:
                 if abort is not None and sent >= abort[0]:
                     call.cancel()

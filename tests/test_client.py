@@ -1026,6 +1026,27 @@ async def test_watch_jobs_resumes_after_a_dropped_stream(
             assert isinstance(items[2], StreamGap)
 
 
+async def test_watch_jobs_dropped_before_its_first_event_loses_nothing(
+    service: ServiceHandle, proxy: FaultProxy
+) -> None:
+    """A live-only firehose (`after=""`) that drops on its very first event: the service
+    said in its headers where the stream went live, so the watch resumes from there and
+    the event arrives (it used to resume live again, and the event was lost unsaid)."""
+    async with client(service.target) as writer, client(proxy.target) as c:
+        await writer.create_job("GENERIC", job_id="fh-early")
+        proxy.abort_next_stream("WatchJobs", after=0)  # aborts as the first event passes
+        watch = c.watch_jobs(kind="GENERIC")
+        iterator = aiter(watch)
+        first = asyncio.ensure_future(anext(iterator))
+        await asyncio.wait_for(watch.live.wait(), WAIT)
+        assert watch.position.startswith("v1.")
+        await writer.report_progress("fh-early", 7)
+        got = await asyncio.wait_for(first, WAIT)
+        assert isinstance(got, JobEvent) and (got.job_id, got.sequence) == ("fh-early", 1)
+        assert proxy.calls["WatchJobs"] == 2  # it did drop, and was resumed
+        await iterator.aclose()
+
+
 async def _copy_database(
     store_kind: str, tmp_path: Path, request: pytest.FixtureRequest, source: str, target: str
 ) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,7 +18,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from playwright.async_api import TimeoutError as PlaywrightTimeout
 
 from jobwire.v1 import job_pb2, job_service_pb2, log_pb2
 from service.domain.records import Policy
@@ -883,6 +883,8 @@ async def test_bad_input_gets_a_clear_4xx(
         ("/jobs/some-job?level=LOUD", 400, "level"),
         ("/api/jobs?kind=SPACESHIP", 400, "kind"),
         ("/events/jobs?kind=SPACESHIP", 400, "kind"),
+        ("/events/jobs?since=1.2.3", 400, "since"),
+        ("/events/jobs?since=%00%ff", 400, "since"),
         ("/events/jobs/no-such-job", 404, "no-such-job"),
         ("/events/jobs/x?from=abc", 400, "from"),
         ("/static/nope.js", 404, "asset"),
@@ -1325,26 +1327,55 @@ async def test_a_new_job_appears_even_when_its_first_events_coalesce(
     async with running_dashboard(svc.target, JOBWIRE_DASHBOARD_PUSH_MS="1000") as dash:
         page = await login(context, dash.url)
         await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
-        # One push now: the next changes wait (and coalesce) for up to a second. The
-        # hub's WatchJobs stream is live from when the service registers it, which may
-        # be after the page says "live": an opener made before that is not shown (its
-        # next events are not its first), so another is made until one shows (a CI run
-        # missed the first).
-        for _ in range(20):
-            first = uid("opener")
-            await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, first)
-            await progress(svc.stub, first, 1, "p", "opens the push interval")
-            with contextlib.suppress(PlaywrightTimeout):
-                await page.wait_for_selector(f'#jobs tr[data-job="{first}"]', timeout=1500)
-                break
-        else:
-            raise AssertionError("no opener job ever appeared on the live jobs page")
+        # One push now: the next changes wait (and coalesce) for up to a second.
+        first = uid("opener")
+        await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, first)
+        await progress(svc.stub, first, 1, "p", "opens the push interval")
+        await page.wait_for_selector(f'#jobs tr[data-job="{first}"]', timeout=WAIT_MS)
         job_id = uid("quick")
         await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
         await progress(svc.stub, job_id, 10, "p", "first")
         await progress(svc.stub, job_id, 20, "p", "second, within the same interval")
         await page.wait_for_function(ROW_IS, arg=[job_id, 20, "RUNNING"], timeout=WAIT_MS)
         assert await page.locator(f'#jobs tr[data-job="{job_id}"]').count() == 1
+
+
+async def test_what_changes_while_the_page_opens_its_stream_is_shown(
+    context: Any, svc: ServiceHandle
+) -> None:
+    """The page reads its rows, then opens its stream: a new job's first event and a
+    shown job's progress that land in between are on the page once the stream opens.
+    The stream is held open-pending by the browser's router; the dashboard is fresh,
+    so no tab had started its stream from the service (it was started only by the
+    first stream, and these changes were lost)."""
+    shown = uid("shown")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, shown)
+    await progress(svc.stub, shown, 10, "p", "before the page")
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(route: Any) -> None:
+        held.set()
+        await release.wait()
+        await route.continue_()
+
+    streams = re.compile(r"/events/jobs\?")
+    await context.route(streams, hold)
+    try:
+        async with running_dashboard(svc.target) as dash:
+            page = await login(context, dash.url)
+            await page.wait_for_selector(f'#jobs tr[data-job="{shown}"]', timeout=WAIT_MS)
+            await asyncio.wait_for(held.wait(), WAIT_MS / 1000)  # its stream, held
+            appeared = uid("appeared")
+            await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, appeared)
+            await progress(svc.stub, appeared, 5, "p", "while the stream opens")
+            await progress(svc.stub, shown, 60, "p", "while the stream opens")
+            release.set()
+            await page.wait_for_function(ROW_IS, arg=[appeared, 5, "RUNNING"], timeout=WAIT_MS)
+            await page.wait_for_function(ROW_IS, arg=[shown, 60, "RUNNING"], timeout=WAIT_MS)
+            assert await page.locator(f'#jobs tr[data-job="{appeared}"]').count() == 1
+    finally:
+        release.set()
+        await context.unroute(streams, hold)
 
 
 async def test_a_long_open_timeline_says_where_it_starts(

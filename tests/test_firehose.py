@@ -291,6 +291,74 @@ async def test_firehose_off_keeps_live_watching_and_refuses_to_resume(
         await service.close()
 
 
+async def _live_then_event(service: ServiceHandle, request: Any) -> str:
+    """The stream's headers arrive before any event, saying it is live; an event
+    committed right after them reaches it (no probes needed). Returns its position."""
+    call = service.stub.WatchJobs(request)
+    metadata = dict(list(await asyncio.wait_for(call.initial_metadata(), 5)))
+    assert metadata.get("jobwire-live") == "1"
+    live_position = str(metadata.get("jobwire-position", ""))
+    if live_position:
+        # A resume point from before the first event: a stream reopened from it gets
+        # the event below too (what a consumer dropped before its first event needs).
+        assert live_position.startswith("v1.")
+        again = service.stub.WatchJobs(
+            job_service_pb2.WatchJobsRequest(kind=request.kind, after=live_position)
+        )
+    job_id = f"after-live-{uuid.uuid4().hex[:8]}"
+    await create(service.stub, job_pb2.JOB_KIND_BATCH, job_id)
+    await service.stub.ReportEvent(progress(job_id, 10, key="first"))
+    got = await asyncio.wait_for(_until(call, lambda r: bool(r)), 5)
+    assert (got[0].event.job_id, got[0].event.sequence) == (job_id, 1)
+    call.cancel()
+    if live_position:
+        (replayed,) = await asyncio.wait_for(_until(again, lambda r: bool(r)), 5)
+        assert replayed.event == got[0].event
+        again.cancel()
+    return got[0].position
+
+
+async def test_a_stream_says_when_it_is_live(
+    store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """With the firehose log and without it: a client that waits for the headers
+    misses nothing committed after them (the dashboard's jobs pages rely on it)."""
+    for retention_ns in (None, 0):
+        policy: Policy = make_policy()
+        if retention_ns is not None:
+            policy.firehose_retention_ns = retention_ns
+        store = await open_test_store(store_kind, tmp_path / str(retention_ns), request, policy)
+        service = await start_service(store)
+        try:
+            call = service.stub.WatchJobs(_batch_request())
+            headers = dict(list(await asyncio.wait_for(call.initial_metadata(), 5)))
+            call.cancel()
+            # A resume point where there is a log to resume from, none without.
+            assert bool(headers.get("jobwire-position")) == (retention_ns is None)
+            await _live_then_event(service, _batch_request())
+        finally:
+            await service.close()
+
+
+async def test_a_resumed_stream_replays_before_its_headers_say_live(service: ServiceHandle) -> None:
+    """Resumed with nothing to replay, the headers come when live, as for a new stream;
+    with something to replay, they come with the first replayed event."""
+    call = service.stub.WatchJobs(_batch_request())
+    await asyncio.wait_for(call.initial_metadata(), 5)
+    job_id = f"resume-{uuid.uuid4().hex[:8]}"
+    await create(service.stub, job_pb2.JOB_KIND_BATCH, job_id)
+    await service.stub.ReportEvent(progress(job_id, 10, key="first"))
+    (first,) = await _until(call, lambda r: bool(r))
+    call.cancel()
+    position = await _live_then_event(service, _batch_request(after=first.position))
+    await service.stub.ReportEvent(progress(job_id, 50, key="replayed"))
+    replaying = service.stub.WatchJobs(_batch_request(after=position))
+    assert ("jobwire-live", "1") not in list(await replaying.initial_metadata())
+    (again,) = await _until(replaying, lambda r: bool(r))
+    assert (again.event.job_id, again.event.sequence) == (job_id, 2)
+    replaying.cancel()
+
+
 async def test_two_replicas_resume_on_the_other_exactly_once(mongo_uri: str) -> None:
     """Callbacks through replicas A and B; a consumer of A stops, and resumes on B."""
     database = f"f_{uuid.uuid4().hex[:12]}"

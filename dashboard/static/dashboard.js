@@ -264,14 +264,15 @@ function jobsPage() {
     return tr;
   };
 
-  const apply = (change) => {
+  // `listed`: the row came from this page's own query (a re-read), so it belongs here.
+  const apply = (change, listed = false) => {
     let tr = rows.get(change.id);
     if (!tr) {
       // A job this page does not show: add it on top when this is its first event (it
       // just became active; `new`: its first event came since the last push, coalesced
       // into a later one) and it belongs here; later events of jobs on other pages
       // never churn this one.
-      if ((change.sequence !== 1 && !change.new) || filtered || paged) return;
+      if (!listed && ((change.sequence !== 1 && !change.new) || filtered || paged)) return;
       if (states.length && !states.includes(change.state)) return;
       if (kind && change.kind !== kind) return;
       tr = newRow(change);
@@ -311,7 +312,7 @@ function jobsPage() {
       if (reply.status >= 500) throw new Error(`status ${reply.status}`);
       if (!reply.ok) return;
       const body = await reply.json();
-      for (const job of body.jobs) apply(job);
+      for (const job of body.jobs) apply(job, true);
     } catch {
       retry = setTimeout(resync, 2000);
     }
@@ -339,6 +340,8 @@ function jobsPage() {
     const ids = [...rows.keys()].join(",");
     if (ids.length <= 6000 && rows.size <= 500) params.set("ids", ids);
     if (filtered || paged) params.set("new", "0");
+    // What changed between the rows' read and this stream is replayed from this mark.
+    params.set("since", table.dataset.since || "");
     return `/events/jobs?${params}`;
   };
   let source = null;
@@ -346,7 +349,7 @@ function jobsPage() {
     source.refresh(); // rows added since the first connect are followed too
     resync();
   };
-  const handlers = { jobs: (list) => list.forEach(apply), stats, upstream, resync: () => resync() };
+  const handlers = { jobs: (list) => list.forEach((c) => apply(c)), stats, upstream, resync: () => resync() };
   source = stream(url, handlers, reopened);
 }
 

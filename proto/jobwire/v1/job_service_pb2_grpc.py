@@ -222,7 +222,10 @@ class JobServiceServicer:
 
     def WatchJobs(self, request, context):
         """Streams the live events of every job matching the filter. Never ends on
-        its own.
+        its own. A stream with nothing to replay sends its headers (initial
+        metadata) as soon as it is live, before any event: `jobwire-live: 1`, and,
+        with the firehose log on, `jobwire-position`, a position to resume from
+        that point (every event committed after the headers reaches the stream).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

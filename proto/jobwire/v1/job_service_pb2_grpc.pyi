@@ -76,7 +76,10 @@ class JobServiceStub:
     """
     WatchJobs: _grpc.UnaryStreamMultiCallable[_job_service_pb2.WatchJobsRequest, _job_service_pb2.WatchJobsResponse]
     """Streams the live events of every job matching the filter. Never ends on
-    its own.
+    its own. A stream with nothing to replay sends its headers (initial
+    metadata) as soon as it is live, before any event: `jobwire-live: 1`, and,
+    with the firehose log on, `jobwire-position`, a position to resume from
+    that point (every event committed after the headers reaches the stream).
     """
 
 @_typing.type_check_only
@@ -123,7 +126,10 @@ class JobServiceAsyncStub(JobServiceStub):
     """
     WatchJobs: _aio.UnaryStreamMultiCallable[_job_service_pb2.WatchJobsRequest, _job_service_pb2.WatchJobsResponse]  # type: ignore[assignment]
     """Streams the live events of every job matching the filter. Never ends on
-    its own.
+    its own. A stream with nothing to replay sends its headers (initial
+    metadata) as soon as it is live, before any event: `jobwire-live: 1`, and,
+    with the firehose log on, `jobwire-position`, a position to resume from
+    that point (every event committed after the headers reaches the stream).
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -257,7 +263,10 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_job_service_pb2.WatchJobsResponse], _abc.AsyncIterator[_job_service_pb2.WatchJobsResponse]]:
         """Streams the live events of every job matching the filter. Never ends on
-        its own.
+        its own. A stream with nothing to replay sends its headers (initial
+        metadata) as soon as it is live, before any event: `jobwire-live: 1`, and,
+        with the firehose log on, `jobwire-position`, a position to resume from
+        that point (every event committed after the headers reaches the stream).
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,164 @@
+"""The dashboard's hub (dashboard/live.py) against the real service: a jobs page's
+mark, taken before its rows are read, brings its stream what changed in between."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from dashboard.live import Hub, Subscriber
+from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
+from service.store.embedded import EmbeddedStore
+from tests.conftest import ServiceHandle, make_policy, start_service
+from tests.helpers import free_port
+
+WAIT = 10.0
+
+
+@pytest.fixture
+async def svc(tmp_path: Path) -> AsyncIterator[ServiceHandle]:
+    handle = await start_service(EmbeddedStore(tmp_path, make_policy()))
+    yield handle
+    await handle.close()
+
+
+async def _first_event(svc: ServiceHandle, percent: float = 5) -> str:
+    """A new job and its first event (what makes it appear on a jobs page)."""
+    job_id = f"j-{uuid.uuid4().hex[:8]}"
+    job = job_pb2.Job(kind=job_pb2.JOB_KIND_GENERIC)
+    await svc.stub.CreateJob(job_service_pb2.CreateJobRequest(job=job, job_id=job_id))
+    await _progress(svc, job_id, percent)
+    return job_id
+
+
+async def _progress(svc: ServiceHandle, job_id: str, percent: float) -> None:
+    await svc.stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=job_id,
+            idempotency_key=uuid.uuid4().hex,
+            progress=job_pb2.Progress(percent=percent, phase="p"),
+        )
+    )
+
+
+async def _until_seen(witness: Subscriber, job_id: str, sequence: int) -> None:
+    """Waits until the hub has dispatched `job_id`'s event `sequence` (to `witness`,
+    a stream that follows every job)."""
+
+    async def seen() -> None:
+        while True:
+            change = witness.pending.get(job_id)
+            if change is not None and change.event.sequence >= sequence:
+                return
+            await witness.wake.wait()
+            witness.wake.clear()
+
+    await asyncio.wait_for(seen(), WAIT)
+
+
+async def test_a_stream_gets_what_changed_between_its_mark_and_its_subscription(
+    svc: ServiceHandle,
+) -> None:
+    """The window a jobs page has between reading its rows and opening its stream: a
+    new job's first event, and a later event of a row it shows, both land in it."""
+    hub = Hub(lambda: svc.stub)
+    try:
+        shown = await _first_event(svc)  # on the page when its rows are read
+        mark = await asyncio.wait_for(hub.mark(), WAIT)  # started the stream: it is live
+        assert mark
+        witness = hub.subscribe()
+        appeared = await _first_event(svc)
+        await _progress(svc, shown, 60)
+        await _until_seen(witness, appeared, 1)
+        await _until_seen(witness, shown, 2)
+
+        tab = hub.subscribe(ids={shown}, since=mark)
+        changes, fresh = tab.take()
+        got = {c.event.job_id: c.event.sequence for c in changes}
+        assert got == {shown: 2, appeared: 1}
+        assert fresh == {appeared}  # the page adds it as a new row
+        assert not tab.resync
+
+        late = hub.subscribe(ids={shown}, since=None)  # no mark: live from now only
+        assert late.take() == ([], set())
+        again = hub.subscribe(ids={shown}, since=await hub.mark())  # nothing since
+        assert again.take() == ([], set()) and not again.resync
+    finally:
+        await hub.close()
+
+
+async def test_a_mark_the_journal_does_not_cover_gets_a_resync(svc: ServiceHandle) -> None:
+    """Too much happened since the mark (the journal let it go), or the mark is from
+    another run of the hub or is not a mark at all: the tab re-reads its rows rather
+    than miss anything."""
+    hub = Hub(lambda: svc.stub, journal=4)
+    try:
+        mark = await asyncio.wait_for(hub.mark(), WAIT)
+        witness = hub.subscribe()
+        jobs = [await _first_event(svc) for _ in range(5)]
+        for job_id in jobs:
+            await _until_seen(witness, job_id, 1)
+        instance, epoch, counter = mark.split(".")
+        for stale in (
+            mark,  # five changes since, four kept
+            f"{'0' * 8}.{epoch}.{counter}",  # another dashboard process
+            f"{instance}.{int(epoch) + 1}.{counter}",  # another start of the stream
+            f"{instance}.{epoch}.99",  # ahead of what the hub saw
+            "",  # the page had no mark (the stream was not live when it loaded)
+            "junk",
+        ):
+            tab = hub.subscribe(ids=set(), since=stale)
+            assert tab.resync and tab.wake.is_set(), stale
+            assert tab.take() == ([], set()), stale
+        covered = hub.subscribe(ids=set(), since=f"{instance}.{epoch}.{int(counter) + 1}")
+        changes, fresh = covered.take()
+        assert [c.event.job_id for c in changes] == jobs[1:] and fresh == set(jobs[1:])
+        assert not covered.resync
+    finally:
+        await hub.close()
+
+
+async def until_live(hub: Hub, tab: Subscriber) -> None:
+    while not hub.live:
+        await tab.wake.wait()
+        if not hub.live:
+            tab.wake.clear()
+
+
+async def test_a_page_load_does_not_wait_for_a_service_that_is_down(tmp_path: Path) -> None:
+    """No service: the mark is "" as soon as the attempt fails, not after the whole
+    wait; the tab is told to re-read its rows once the stream is live, not before (a
+    re-read before then would have the same window)."""
+    port = free_port()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = job_service_pb2_grpc.JobServiceStub(channel)
+    hub = Hub(lambda: stub)
+    svc: ServiceHandle | None = None
+    try:
+        start = time.monotonic()
+        assert await hub.mark(wait=WAIT) == ""
+        assert time.monotonic() - start < WAIT / 2
+        tab = hub.subscribe(ids=set(), since="")
+        assert tab.resync and not tab.wake.is_set()
+        svc = await start_service(
+            EmbeddedStore(tmp_path, make_policy()), grpc_addr=f"127.0.0.1:{port}"
+        )
+        # (Its failed attempts wake the tab too, to say the service is down.)
+        await asyncio.wait_for(until_live(hub, tab), WAIT)
+        assert tab.resync and tab.wake.is_set()  # re-read now: it is live
+        tab.take()
+        tab.resync = False
+        job_id = await _first_event(svc)  # right after: it reaches the tab
+        await asyncio.wait_for(tab.wake.wait(), WAIT)
+        assert [c.event.job_id for c in tab.take()[0]] == [job_id]
+    finally:
+        await hub.close()
+        await channel.close()
+        if svc is not None:
+            await svc.close()
