@@ -88,9 +88,15 @@ class PrimaryReads:
     async def get_with_events(
         self, job_id: str, sequence: int
     ) -> tuple[JobRecord, list[event_pb2.JobEvent]] | None:
-        # Two calls to the primary (no RPC returns both).
+        # Two calls to the primary (no RPC returns both). Events that landed between
+        # them are left out, as one snapshot would (they reach the stream live: it
+        # subscribed before reading), so the events end at the job's own sequence.
         record = await self.get(job_id)
-        return None if record is None else (record, await self.events_after(job_id, sequence))
+        if record is None:
+            return None
+        events = await self.events_after(job_id, sequence)
+        newest = record.job.sequence
+        return record, [e for e in events if e.sequence <= newest]
 
 
 class Feed:

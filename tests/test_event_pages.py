@@ -199,3 +199,40 @@ async def test_a_watch_workers_read_stays_contiguous_when_pages_straddle_a_prune
     events = await watch_worker.PrimaryReads(stub, ()).events_after("straddle", 0)
     assert stub.pages > 2
     assert [e.sequence for e in events] == list(range(21, 37))
+
+
+class _WritesAfterGetJob:
+    """The real stub; two events arrive right after each GetJob answer."""
+
+    def __init__(self, stub: job_service_pb2_grpc.JobServiceAsyncStub, job_id: str) -> None:
+        self._stub = stub
+        self._job_id = job_id
+        self.ListJobEvents = stub.ListJobEvents
+        self.writes = 0
+
+    async def GetJob(  # the stub's method name
+        self, request: job_service_pb2.GetJobRequest, **kwargs: Any
+    ) -> Any:
+        reply = await self._stub.GetJob(request, **kwargs)
+        for _ in range(2):
+            self.writes += 1
+            await self._stub.ReportEvent(progress(self._job_id, 80, key=f"between{self.writes}"))
+        return reply
+
+
+async def test_a_watch_workers_job_and_events_end_at_the_same_sequence(
+    service: ServiceHandle,
+) -> None:
+    """The worker reads a job and its events with two calls: events written between
+    them are left out (they come live), as the stores' one-snapshot read has it."""
+    from service import watch_worker
+
+    await create(service.stub, job_id="between")
+    for i in range(3):
+        await service.stub.ReportEvent(progress("between", i, key=f"b{i}"))
+    stub = _WritesAfterGetJob(service.stub, "between")
+    found = await watch_worker.PrimaryReads(stub, ()).get_with_events("between", 0)
+    assert found is not None and stub.writes == 2
+    record, events = found
+    assert record.job.sequence == 3
+    assert [e.sequence for e in events] == [1, 2, 3]
