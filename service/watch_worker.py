@@ -179,6 +179,11 @@ def _pass_through(channel: grpc.aio.Channel, method: Any) -> Handler:
                 request, metadata=_forwarded(context), timeout=context.time_remaining()
             )
             try:
+                # The service's headers when they come, not with the first message:
+                # WatchJobs says in them that it is live, before any event.
+                headers = await call.initial_metadata()
+                if headers:
+                    await context.send_initial_metadata(tuple(headers))
                 async for item in call:
                     yield item
             except grpc.aio.AioRpcError as err:

@@ -168,6 +168,12 @@ async def test_other_calls_pass_through_a_worker_unchanged(
             )
             data = b"".join([r.data async for r in read_back])
             assert data == b"hello workers"
+            # WatchJobs says it is live in its headers, before any event, through a
+            # worker too (the dashboard's jobs pages wait for them).
+            firehose = stub.WatchJobs(job_service_pb2.WatchJobsRequest(), metadata=AUTH)
+            headers = dict(list(await asyncio.wait_for(firehose.initial_metadata(), WAIT)))
+            assert headers.get("jobwire-live") == "1" and headers.get("jobwire-position")
+            firehose.cancel()
             # A WatchJob request protobuf cannot parse, wherever it lands: a caller's
             # mistake (INVALID_ARGUMENT), not UNKNOWN.
             garbage = ch.unary_stream(
