@@ -189,6 +189,7 @@ async def list_jobs(args: argparse.Namespace) -> int:
         "states": args.state,
         "kind": args.kind or job_pb2.JOB_KIND_UNSPECIFIED,
         "labels": pairs(args.label),
+        "newest_first": args.newest_first,
     }
     if not args.all:
         return await _print(

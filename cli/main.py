@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=50, help="jobs per page (1-1000)")
     p.add_argument("--page-token", default="", help="next_page_token of the previous page")
     p.add_argument("--all", action="store_true", help="every page (--page-size per call)")
+    p.add_argument(
+        "--newest-first", action="store_true", help="newest jobs first (default: oldest first)"
+    )
     add_target(p)
     p.set_defaults(func=lambda a: asyncio.run(client_commands.list_jobs(a)))
 

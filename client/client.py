@@ -197,9 +197,11 @@ class Client:
         kind: Kind = job_pb2.JOB_KIND_UNSPECIFIED,
         labels: Mapping[str, str] | None = None,
         page_size: int = 100,
+        newest_first: bool = False,
         timeout: float | None = None,
     ) -> AsyncIterator[job_pb2.Job]:
-        """Every matching job, oldest first, fetching page after page as it is iterated."""
+        """Every matching job, oldest first (or newest first), fetching page after page
+        as it is iterated."""
         token = ""
         while True:
             page = await self.list_jobs_page(
@@ -208,6 +210,7 @@ class Client:
                 labels=labels,
                 page_size=page_size,
                 page_token=token,
+                newest_first=newest_first,
                 timeout=timeout,
             )
             for job in page.jobs:
@@ -224,15 +227,18 @@ class Client:
         labels: Mapping[str, str] | None = None,
         page_size: int = 50,
         page_token: str = "",
+        newest_first: bool = False,
         timeout: float | None = None,
     ) -> job_service_pb2.ListJobsResponse:
-        """One page of ListJobs (`list_jobs` iterates them all)."""
+        """One page of ListJobs (`list_jobs` iterates them all); a `page_token` goes
+        with the order that gave it."""
         request = job_service_pb2.ListJobsRequest(
             page_size=page_size,
             page_token=page_token,
             states=[state_value(s) for s in states],
             kind=kind_value(kind),
             labels=dict(labels or {}),
+            newest_first=newest_first,
         )
         return await self._unary(self._stub.ListJobs, request, timeout)
 

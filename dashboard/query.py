@@ -29,6 +29,18 @@ def parse_state(raw: str, json: bool) -> int:
         raise PageError(400, f"state: unknown job state {raw[:40]!r}", json=json) from None
 
 
+ORDERS = ("newest", "oldest")
+
+
+def parse_order(raw: str, json: bool) -> str:
+    """`order=newest` (the default: what an operator looks for first) or `oldest`."""
+    if not raw:
+        return "newest"
+    if raw not in ORDERS:
+        raise PageError(400, f"order must be newest or oldest, got {raw[:40]!r}", json=json)
+    return raw
+
+
 def list_request(
     query: MultiMapping[str], query_string: str, default_size: int, json: bool = False
 ) -> job_service_pb2.ListJobsRequest:
@@ -41,6 +53,7 @@ def list_request(
         ],
         page_token=query.get("page_token", ""),
         page_size=default_size,
+        newest_first=parse_order(query.get("order", ""), json) == "newest",
     )
     size = query.get("page_size", "")
     if size:

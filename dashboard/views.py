@@ -18,7 +18,7 @@ from . import present
 from .auth import COOKIE, Principal
 from .grpc_client import AUTH, CHANNEL, GRPC, HUB, SETTINGS, PageError, grpc_error
 from .live import DEPTH_CAP
-from .query import list_request
+from .query import list_request, parse_order
 
 routes = web.RouteTableDef()
 LOG_LIMIT = 200
@@ -140,6 +140,7 @@ async def jobs_page(request: web.Request) -> web.StreamResponse:
         "kind": request.query.get("kind", "").upper(),
         "states": [s.upper() for s in request.query.getall("state", []) if s],
         "labels": [item for item in request.query.getall("label", []) if item],
+        "order": parse_order(request.query.get("order", ""), json=False),
     }
     next_url = ""
     pairs = [(k, v) for k, v in request.query.items() if k != "page_token"]

@@ -158,13 +158,15 @@ class Jobs:
         validation.states(list(request.states))
         validation.optional_kind(request.kind)
         validation.labels(request.labels, "labels filter")
-        after = _decode_page_token(request.page_token) if request.page_token else None
+        newest_first = request.newest_first
+        after = _decode_page_token(request.page_token, newest_first) if request.page_token else None
         query = JobQuery(
             states=tuple(request.states),
             kind=request.kind,
             labels=dict(request.labels),
             limit=limit + 1,
             after=after,
+            newest_first=newest_first,
         )
         jobs = await self.store.list_jobs(query)
         # Also cut by size: a page of jobs with workers' 64 KiB messages went past
@@ -173,7 +175,9 @@ class Jobs:
         response = job_service_pb2.ListJobsResponse(jobs=jobs[:count])
         if len(jobs) > count:
             last = jobs[count - 1]
-            response.next_page_token = _encode_page_token(last.create_time.ToNanoseconds(), last.id)
+            response.next_page_token = _encode_page_token(
+                last.create_time.ToNanoseconds(), last.id, newest_first
+            )
         return response
 
     async def cancel(self, job_id: str, reason: str) -> job_pb2.Job:
@@ -638,17 +642,26 @@ def _response(outcome: Applied | Unchanged) -> job_service_pb2.ReportEventRespon
     return response
 
 
-def _encode_page_token(create_ns: int, job_id: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps([create_ns, job_id]).encode()).decode()
+def _encode_page_token(create_ns: int, job_id: str, newest_first: bool = False) -> str:
+    # Oldest-first tokens keep their old form: tokens handed out before still work.
+    body = [create_ns, job_id, "newest"] if newest_first else [create_ns, job_id]
+    return base64.urlsafe_b64encode(json.dumps(body).encode()).decode()
 
 
-def _decode_page_token(token: str) -> tuple[int, str]:
+def _decode_page_token(token: str, newest_first: bool = False) -> tuple[int, str]:
     try:
-        create_ns, job_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+        create_ns, job_id, *order = json.loads(base64.urlsafe_b64decode(token.encode()))
         if not isinstance(create_ns, int) or not isinstance(job_id, str):
             raise ValueError
         if not -(2**63) <= create_ns < 2**63:  # forged: no store's 64-bit column holds it
             raise ValueError
-        return create_ns, job_id
+        if order not in ([], ["newest"]):
+            raise ValueError
     except (ValueError, TypeError, binascii.Error):
         raise invalid("page_token is invalid; pass next_page_token unchanged") from None
+    if bool(order) != newest_first:
+        raise invalid(
+            "page_token is from a listing in the other order: pass newest_first as in"
+            " the call that returned it"
+        )
+    return create_ns, job_id

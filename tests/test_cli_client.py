@@ -87,6 +87,12 @@ async def test_jobs_list_all_pages_and_logs(grpc_service: ServiceHandle) -> None
     )
     assert code == 0, err
     assert [j["id"] for j in json.loads(out)["jobs"]] == [f"pl-{i}" for i in range(5)]
+    code, out, err = await cli_result(
+        "jobs", "list", "--all", "--newest-first", "--page-size", "2", "--label", "suite=pages",
+        "--target", target,
+    )  # fmt: skip
+    assert code == 0, err
+    assert [j["id"] for j in json.loads(out)["jobs"]] == [f"pl-{i}" for i in (4, 3, 2, 1, 0)]
     code, out, _ = await cli_result(
         "jobs", "list", "--page-size", "2", "--label", "suite=pages", "--target", target
     )

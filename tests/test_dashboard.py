@@ -338,17 +338,19 @@ async def test_rows_change_live_from_each_contract(
     dash: DashboardProcess, context: Any, svc: ServiceHandle, bridge: Any
 ) -> None:
     stub = svc.stub
+    # The page lists newest first: a job created before the three below is on the next
+    # page when a page holds three.
+    other = await new_job(stub, job_pb2.JOB_KIND_GENERIC, uid("elsewhere"))
+    await progress(stub, other.job.id, 5, "p", "first")
     doc = await new_job(stub, job_pb2.JOB_KIND_EXTRACTION, uid("live-doc"))
     video_id = str(uuid.uuid4().int % 10**9)
     await new_job(stub, job_pb2.JOB_KIND_VIDEO, video_id, url="https://media.example/v.mp4")
     batch_id = str(uuid.uuid4())
     await new_job(stub, job_pb2.JOB_KIND_BATCH, batch_id)
-    # One page holds every job so far; a job created after them is on the next page.
-    listed = await stub.ListJobs(job_service_pb2.ListJobsRequest(page_size=1000))
-    other = await new_job(stub, job_pb2.JOB_KIND_GENERIC, uid("elsewhere"))
-    await progress(stub, other.job.id, 5, "p", "first")
     page = await login(context, dash.url)
-    await page.goto(f"{dash.url}/jobs?page_size={len(listed.jobs)}")
+    await page.goto(f"{dash.url}/jobs?page_size=3")
+    shown = await page.eval_on_selector_all("#jobs tbody tr", "rs => rs.map(r => r.dataset.job)")
+    assert shown == [batch_id, video_id, doc.job.id]
     assert await page.locator("#next-page").count() == 1
     await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
     await page.evaluate("window.__sameDocument = 42")
@@ -835,28 +837,40 @@ async def test_paging_by_token_and_filters(
         extra = {"url": f"https://v.example/{i}.mp4"} if i % 2 else {}
         made.append((await new_job(svc.stub, kind, f"pg-{run}-{i}", {"run": run}, **extra)).job.id)
     page = await login(context, dash.url)
+
+    async def every_page() -> tuple[int, list[str]]:
+        seen: list[str] = []
+        pages = 0
+        while True:
+            pages += 1
+            seen += await page.eval_on_selector_all(
+                "#jobs tbody tr", "rs => rs.map(r => r.dataset.job)"
+            )
+            if await page.locator("#next-page").count() == 0:
+                return pages, seen
+            async with page.expect_navigation():
+                await page.click("#next-page")
+            assert "page_token=" in page.url
+
     await page.goto(f"{dash.url}/jobs?label=run%3D{run}&page_size=3")
-    seen: list[str] = []
-    pages = 0
-    while True:
-        pages += 1
-        seen += await page.eval_on_selector_all(
-            "#jobs tbody tr", "rs => rs.map(r => r.dataset.job)"
-        )
-        if await page.locator("#next-page").count() == 0:
-            break
-        async with page.expect_navigation():
-            await page.click("#next-page")
-        assert "page_token=" in page.url
-    assert (pages, seen) == (3, made), "every job once, oldest first, 3 a page"
+    assert await every_page() == (3, made[::-1]), "every job once, newest first, 3 a page"
     async with page.expect_navigation():
         await page.click("#first-page")
     assert "page_token" not in page.url
+    # Oldest first, chosen in the filters: the same jobs the other way round.
+    await page.select_option("select[name=order]", "oldest")
+    async with page.expect_navigation():
+        await page.click("#filters button[type=submit]")
+    assert "order=oldest" in page.url
+    await page.goto(f"{dash.url}/jobs?label=run%3D{run}&page_size=3&order=oldest")
+    assert await every_page() == (3, made), "every job once, oldest first"
+    async with page.expect_navigation():
+        await page.click("#first-page")
     await page.select_option("select[name=kind]", "VIDEO")
     async with page.expect_navigation():
         await page.click("#filters button[type=submit]")
     shown = await page.eval_on_selector_all("#jobs tbody tr", "rs => rs.map(r => r.dataset.job)")
-    assert shown == made[1::2]
+    assert shown == made[1::2]  # (still oldest first: the form kept the order)
     # Open a job by its id.
     await page.fill("input[name=id]", made[4])
     async with page.expect_navigation():
@@ -884,6 +898,8 @@ async def test_bad_input_gets_a_clear_4xx(
         ("/api/jobs?kind=SPACESHIP", 400, "kind"),
         ("/events/jobs?kind=SPACESHIP", 400, "kind"),
         ("/events/jobs?since=1.2.3", 400, "since"),
+        ("/jobs?order=sideways", 400, "order"),
+        ("/api/jobs?order=%ff", 400, "order"),
         ("/events/jobs?since=%00%ff", 400, "since"),
         ("/events/jobs/no-such-job", 404, "no-such-job"),
         ("/events/jobs/x?from=abc", 400, "from"),
@@ -1376,6 +1392,45 @@ async def test_what_changes_while_the_page_opens_its_stream_is_shown(
     finally:
         release.set()
         await context.unroute(streams, hold)
+
+
+async def test_an_oldest_first_page_adds_a_new_job_after_its_last_row(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """Oldest first, a new job belongs after the last row of the last page: it is
+    appended there, and a page with more pages after it does not show it."""
+    for _ in range(2):
+        await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, uid("before"))
+    # The token of the last page (the dashboard passes page tokens through).
+    token, last = "", ""
+    while True:
+        reply = await svc.stub.ListJobs(
+            job_service_pb2.ListJobsRequest(page_size=200, page_token=token)
+        )
+        if not reply.next_page_token:
+            break
+        last = token = reply.next_page_token
+    page = await login(context, dash.url)
+    last_page = await context.new_page()
+    await last_page.goto(f"{dash.url}/jobs?order=oldest&page_size=200&page_token={last}")
+    await page.goto(f"{dash.url}/jobs?order=oldest&page_size=1")
+    for tab in (page, last_page):
+        await tab.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    assert await page.locator("#next-page").count() == 1
+    assert await last_page.locator("#next-page").count() == 0
+    job_id = uid("appended")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    await progress(svc.stub, job_id, 3, "p", "first")
+    await last_page.wait_for_function(ROW_IS, arg=[job_id, 3, "RUNNING"], timeout=WAIT_MS)
+    rows = await last_page.eval_on_selector_all(
+        "#jobs tbody tr", "rs => rs.map(r => r.dataset.job)"
+    )
+    assert rows[-1] == job_id and rows.count(job_id) == 1
+    # The first page's own stream leaves it out: it asks without new jobs (new=0).
+    await progress(svc.stub, job_id, 4, "p", "second")
+    await last_page.wait_for_function(ROW_IS, arg=[job_id, 4, "RUNNING"], timeout=WAIT_MS)
+    assert await page.locator(f'#jobs tr[data-job="{job_id}"]').count() == 0
+    await last_page.close()
 
 
 async def test_a_long_open_timeline_says_where_it_starts(

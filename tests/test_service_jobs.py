@@ -146,6 +146,23 @@ async def test_list_filters_and_pages(service: ServiceHandle) -> None:
             break
     assert seen == [f"job-{i}" for i in range(7)]
 
+    newest: list[str] = []
+    token = ""
+    while True:
+        page = await service.stub.ListJobs(
+            job_service_pb2.ListJobsRequest(page_size=3, page_token=token, newest_first=True)
+        )
+        newest += [j.id for j in page.jobs]
+        token = page.next_page_token
+        if not token:
+            break
+        # A token answers only in the order that gave it: mixed, pages would skip jobs.
+        with pytest.raises(grpc.aio.AioRpcError) as mixed:
+            await service.stub.ListJobs(job_service_pb2.ListJobsRequest(page_token=token))
+        assert mixed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "other order" in (mixed.value.details() or "")
+    assert newest == [f"job-{i}" for i in reversed(range(7))]
+
     videos = await service.stub.ListJobs(
         job_service_pb2.ListJobsRequest(kind=job_pb2.JOB_KIND_VIDEO)
     )

@@ -125,6 +125,34 @@ async def test_list_jobs_filters_and_cursor(store: Store) -> None:
     assert [j.id for j in odd] == ["l1", "l3"]
     none = await store.list_jobs(JobQuery(kind=job_pb2.JOB_KIND_VIDEO))
     assert none == []
+    # Newest first: the same jobs backwards, the cursor counting down.
+    newest = await store.list_jobs(JobQuery(limit=2, newest_first=True))
+    assert [j.id for j in newest] == ["l4", "l3"]
+    older = await store.list_jobs(JobQuery(limit=10, after=(1_003, "l3"), newest_first=True))
+    assert [j.id for j in older] == ["l2", "l1", "l0"]
+    odd_newest = await store.list_jobs(JobQuery(labels={"n": "1"}, newest_first=True))
+    assert [j.id for j in odd_newest] == ["l3", "l1"]
+
+
+async def test_newest_first_breaks_create_time_ties_by_id_backwards(store: Store) -> None:
+    """Jobs one batch created share a create time: newest first is exactly the reverse
+    of oldest first, ties included, and pages by the cursor lose or repeat none."""
+    for job_id in ("t-b", "t-a", "t-c"):
+        record, _ = events.new_record(job_id, job_pb2.JOB_KIND_BATCH, 5_000)
+        await store.create(record)
+    record, _ = events.new_record("t-0", job_pb2.JOB_KIND_BATCH, 4_000)
+    await store.create(record)
+    oldest = [j.id for j in await store.list_jobs(JobQuery())]
+    assert oldest == ["t-0", "t-a", "t-b", "t-c"]
+    paged: list[str] = []
+    after: tuple[int, str] | None = None
+    while True:
+        page = await store.list_jobs(JobQuery(limit=1, after=after, newest_first=True))
+        if not page:
+            break
+        paged.append(page[0].id)
+        after = (page[0].create_time.ToNanoseconds(), page[0].id)
+    assert paged == oldest[::-1]
 
 
 @pytest.mark.parametrize("key", ["größe", 'say "hi"', "back\\slash", "a.b", "[0]", "$"])

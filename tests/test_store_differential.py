@@ -574,13 +574,19 @@ class Fuzz:
         kind: Any = rng.choice(KINDS) if rng.random() < 0.4 else 0
         labels = self.labels(2) if rng.random() < 0.5 else {}
         page_size = rng.choice([0, 1, 2, 3, 7, 1001])
+        newest_first = rng.random() < 0.5
 
         async def run(side: Side, _: int) -> Any:
             pages: list[Any] = []
             token = ""
             for _ in range(200):
                 request = job_service_pb2.ListJobsRequest(
-                    page_size=page_size, page_token=token, states=states, kind=kind, labels=labels
+                    page_size=page_size,
+                    page_token=token,
+                    states=states,
+                    kind=kind,
+                    labels=labels,
+                    newest_first=newest_first,
                 )
                 answer = await _answer(side.stub.ListJobs(request))
                 if not isinstance(answer, job_service_pb2.ListJobsResponse):
@@ -592,7 +598,8 @@ class Fuzz:
                     break
             return pages
 
-        await self.both(f"ListJobs states={states} kind={kind} labels={labels} n={page_size}", run)
+        what = f"states={states} kind={kind} labels={labels} n={page_size} newest={newest_first}"
+        await self.both(f"ListJobs {what}", run)
 
     async def write_log(self) -> None:
         rng = self.rng

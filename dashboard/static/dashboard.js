@@ -229,6 +229,10 @@ function jobsPage() {
   const states = table.dataset.states.split(",").filter(Boolean);
   const filtered = Number(table.dataset.labels) > 0;
   const paged = table.dataset.paged === "1";
+  // Where a new job belongs: newest first, on top of the first page; oldest first,
+  // after the last row of the last page.
+  const oldestFirst = table.dataset.order === "oldest";
+  const elsewhere = oldestFirst ? table.dataset.more === "1" : paged;
   const rows = new Map();
   for (const tr of tbody.rows) rows.set(tr.dataset.job, tr);
   const live = [];
@@ -272,11 +276,12 @@ function jobsPage() {
       // just became active; `new`: its first event came since the last push, coalesced
       // into a later one) and it belongs here; later events of jobs on other pages
       // never churn this one.
-      if (!listed && ((change.sequence !== 1 && !change.new) || filtered || paged)) return;
+      if (!listed && ((change.sequence !== 1 && !change.new) || filtered || elsewhere)) return;
       if (states.length && !states.includes(change.state)) return;
       if (kind && change.kind !== kind) return;
       tr = newRow(change);
-      tbody.prepend(tr);
+      if (oldestFirst) tbody.append(tr);
+      else tbody.prepend(tr);
       rows.set(change.id, tr);
       live.push(change.id);
       const empty = $("#empty");
@@ -339,7 +344,7 @@ function jobsPage() {
     if (kind) params.set("kind", kind);
     const ids = [...rows.keys()].join(",");
     if (ids.length <= 6000 && rows.size <= 500) params.set("ids", ids);
-    if (filtered || paged) params.set("new", "0");
+    if (filtered || elsewhere) params.set("new", "0");
     // What changed between the rows' read and this stream is replayed from this mark.
     params.set("since", table.dataset.since || "");
     return `/events/jobs?${params}`;

@@ -266,12 +266,14 @@ class EmbeddedStore:
             where.append("EXISTS (SELECT 1 FROM json_each(labels) WHERE key = ? AND value = ?)")
             args.extend([key, value])
         if query.after is not None:
-            where.append("(create_ns, id) > (?, ?)")
+            where.append(f"(create_ns, id) {'<' if query.newest_first else '>'} (?, ?)")
             args.extend(query.after)
         sql = "SELECT snapshot FROM jobs"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY create_ns, id LIMIT ?"
+        # The same indexes serve both orders (SQLite walks them backwards).
+        order = " DESC" if query.newest_first else ""
+        sql += f" ORDER BY create_ns{order}, id{order} LIMIT ?"
         args.append(query.limit)
 
         def run(conn: sqlite3.Connection) -> list[job_pb2.Job]:

@@ -602,21 +602,24 @@ class MongoStore:
             conditions.append({"kind": query.kind})
         if query.labels:
             conditions.append({"lab": {"$all": codec.label_terms(query.labels)}})
+        past = "$lt" if query.newest_first else "$gt"
         if query.after is not None:
             after_ns, after_id = query.after
             conditions.append(
                 {
                     "$or": [
-                        {"create_ns": {"$gt": after_ns}},
-                        {"create_ns": after_ns, "_id": {"$gt": after_id}},
+                        {"create_ns": {past: after_ns}},
+                        {"create_ns": after_ns, "_id": {past: after_id}},
                     ]
                 }
             )
         filter_: dict[str, Any] = {"$and": conditions} if conditions else {}
+        # The list_order index serves both directions.
+        direction = DESCENDING if query.newest_first else ASCENDING
         with _guard("list_jobs"):
             cursor = (
                 self.jobs.find(filter_, {"job": 1})
-                .sort([("create_ns", ASCENDING), ("_id", ASCENDING)])
+                .sort([("create_ns", direction), ("_id", direction)])
                 .limit(max(query.limit, 0))
             )
             docs = await cursor.to_list() if query.limit > 0 else []

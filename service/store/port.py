@@ -29,7 +29,8 @@ CHUNK_SIZE = 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class JobQuery:
-    """A page of ListJobs, ordered by (create_time, id) ascending."""
+    """A page of ListJobs, ordered by (create_time, id) ascending, or descending when
+    `newest_first`."""
 
     states: tuple[int, ...] = ()
     kind: int = job_pb2.JOB_KIND_UNSPECIFIED
@@ -37,6 +38,7 @@ class JobQuery:
     limit: int = 50
     # Exclusive cursor: (create_time in ns, id) of the last job of the previous page.
     after: tuple[int, str] | None = None
+    newest_first: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -152,12 +152,17 @@ class ListJobsRequest(_message.Message):
     STATES_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    NEWEST_FIRST_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum number of jobs to return: 1-1000, default 50."""
     page_token: _builtins.str
     """`next_page_token` of a previous call with the same filter."""
     kind: _job_pb2.JobKind.ValueType
     """Only jobs of this kind (any kind when unspecified)."""
+    newest_first: _builtins.bool
+    """Newest first (create time, then id, descending) instead of oldest first.
+    A `page_token` must come from a call in the same order.
+    """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_job_pb2.JobState.ValueType]:
         """Only jobs in one of these states (any state when empty)."""
@@ -174,10 +179,11 @@ class ListJobsRequest(_message.Message):
         states: _abc.Iterable[_job_pb2.JobState.ValueType] | None = ...,
         kind: _job_pb2.JobKind.ValueType = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        newest_first: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "labels", b"labels", "newest_first", b"newest_first", "page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -193,7 +199,7 @@ class ListJobsResponse(_message.Message):
     """Token of the next page; empty on the last page."""
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.Job]:
-        """The page of jobs, oldest first."""
+        """The page of jobs, oldest first (newest first when asked)."""
 
     def __init__(
         self,
