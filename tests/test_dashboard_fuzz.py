@@ -48,9 +48,13 @@ def routes(live: str, done: str, session: str, csrf: str) -> list[Route]:
     cookie = {"Cookie": f"{COOKIE}={session}".encode()}
     form = {"Content-Type": b"application/x-www-form-urlencoded"}
     return [
-        Route("GET", "/jobs?kind=EXTRACTION&state=RUNNING&label=a%3Db&page_size=5", bearer),
+        Route(
+            "GET",
+            "/jobs?kind=EXTRACTION&state=RUNNING&label=a%3Db&page_size=5&order=oldest",
+            bearer,
+        ),
         Route("GET", f"/jobs/{live}?level=INFO", cookie),
-        Route("GET", "/api/jobs?page_token=&page_size=3", bearer),
+        Route("GET", "/api/jobs?page_token=&page_size=3&order=newest", bearer),
         Route("GET", f"/api/jobs/{live}", bearer),
         Route("GET", f"/jobs/{live}/artifacts/result.json", bearer),
         # A finished job's stream ends after its snapshot and events: no open stream.
