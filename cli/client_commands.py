@@ -8,6 +8,7 @@ JOBWIRE_SERVICE_TLS_* / JOBWIRE_GRPC_TOKEN variables as the bridge's.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from jobwire.client import Client, ClientConfigError, Job, JobEvent, JobwireError, StreamGap
+from jobwire.client.watch import JobsWatch
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
 from service.logs import printable
 
@@ -178,6 +180,37 @@ async def events(args: argparse.Namespace) -> int:
         return reply
 
     return await _print(args, every_page)
+
+
+async def tail(args: argparse.Namespace) -> int:
+    """The firehose as JSON lines: `{"event": ..., "position": ...}` (pass the position
+    as --after to resume there) or `{"gap": ...}`; "live" on stderr once every event
+    committed from then on will be printed."""
+    async with _client(args) as client:
+        watch = client.watch_jobs(
+            kind=args.kind or job_pb2.JOB_KIND_UNSPECIFIED, states=args.state, after=args.after
+        )
+        said = asyncio.create_task(_say_live(watch))
+        try:
+            async for item in watch:
+                if isinstance(item, StreamGap):
+                    line: dict[str, Any] = {"gap": json_format.MessageToDict(item)}
+                else:
+                    line = {"event": json_format.MessageToDict(item), "position": watch.position}
+                text = json.dumps(line, ensure_ascii=False)
+                print(_TERMINAL_UNSAFE.sub(_json_escape, text), flush=True)
+        except JobwireError as err:
+            print(f"jobwire: {err.code.name}: {err.message}", file=sys.stderr)
+            return 1
+        finally:
+            said.cancel()
+    return 0
+
+
+async def _say_live(watch: JobsWatch) -> None:
+    await watch.live.wait()
+    print(f"jobwire: live; resume from here with --after {watch.position}", file=sys.stderr)
+    sys.stderr.flush()
 
 
 async def cancel(args: argparse.Namespace) -> int:

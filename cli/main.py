@@ -109,6 +109,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="", help="kept with the job and shown on it")
     add_target(p)
     p.set_defaults(func=lambda a: asyncio.run(client_commands.cancel(a)))
+    p = jobs.add_parser(
+        "tail", help="print every job's events as they happen, one JSON line each (Ctrl-C ends)"
+    )
+    p.add_argument(
+        "--kind", default="", choices=_names(job_pb2.JobKind, "JOB_KIND_"), help="only this kind"
+    )
+    p.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        choices=_names(job_pb2.JobState, "JOB_STATE_"),
+        help="only events leaving a job in this state (repeatable: any of them)",
+    )
+    p.add_argument(
+        "--after",
+        default="",
+        metavar="POSITION",
+        help='resume after a printed position ("0": the service\'s whole retained window)',
+    )
+    add_target(p)
+    p.set_defaults(func=lambda a: asyncio.run(client_commands.tail(a)))
     p = jobs.add_parser("list", help="list jobs, oldest first")
     p.add_argument(
         "--state",

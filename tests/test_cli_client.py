@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,7 +18,7 @@ from jobwire.v1 import event_pb2, job_service_pb2
 from service.store.embedded import EmbeddedStore
 from tests.conftest import ServiceHandle, make_policy, start_service
 from tests.grpc_proxy import FaultProxy
-from tests.helpers import cli_result
+from tests.helpers import cli_process, cli_result
 from tests.test_event_pages import big_history
 
 WAIT = 20.0
@@ -245,3 +247,55 @@ async def test_jobs_events_prints_a_history_too_big_for_one_answer(
         assert "gap" not in printed
     finally:
         await handle.close()
+
+
+async def _tail(target: str, *args: str) -> tuple[asyncio.subprocess.Process, str]:
+    """`jobwire jobs tail` running, once it has said on stderr that it is live; the
+    position it says to resume from."""
+    proc = await cli_process("jobs", "tail", "--target", target, *args)
+    assert proc.stderr is not None
+    line = (await asyncio.wait_for(proc.stderr.readline(), WAIT)).decode()
+    assert line.startswith("jobwire: live; resume from here with --after "), line
+    return proc, line.rsplit(" ", 1)[1].strip()
+
+
+async def _lines(proc: asyncio.subprocess.Process, n: int) -> list[dict[str, Any]]:
+    assert proc.stdout is not None
+    return [json.loads(await asyncio.wait_for(proc.stdout.readline(), WAIT)) for _ in range(n)]
+
+
+async def test_jobs_tail_prints_the_firehose_and_resumes_from_a_position(
+    grpc_service: ServiceHandle,
+) -> None:
+    """`jobs tail` prints what happens from when it says it is live, filtered, one JSON
+    line per event with its position; `--after` a position (the live one or a printed
+    one) resumes there, each event once; Ctrl-C ends it as a SIGINT."""
+    target = grpc_service.target
+    proc, live_at = await _tail(target, "--kind", "TRANSCODE")
+    async with Client(target) as c:
+        await c.create_job("GENERIC", job_id="tail-other")
+        await c.report_progress("tail-other", 5)  # another kind: not printed
+        await c.create_job("TRANSCODE", job_id="tail-1")
+        await c.report_progress("tail-1", 10, message="first")
+        await c.report_progress("tail-1", 20, message="second")
+        got = await _lines(proc, 2)
+        assert [(g["event"]["jobId"], g["event"]["sequence"]) for g in got] == [
+            ("tail-1", "1"),
+            ("tail-1", "2"),
+        ]
+        assert got[1]["event"]["progress"]["message"] == "second"
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), WAIT) == -signal.SIGINT
+        await c.report_progress("tail-1", 30, message="while nobody tails")
+
+        resumed, _ = await _tail(target, "--kind", "TRANSCODE", "--after", got[0]["position"])
+        again = await _lines(resumed, 2)
+        assert [g["event"]["sequence"] for g in again] == ["2", "3"]
+        resumed.send_signal(signal.SIGINT)
+        await asyncio.wait_for(resumed.wait(), WAIT)
+
+        from_live, _ = await _tail(target, "--kind", "TRANSCODE", "--after", live_at)
+        every = await _lines(from_live, 3)
+        assert [g["event"]["sequence"] for g in every] == ["1", "2", "3"]
+        from_live.send_signal(signal.SIGINT)
+        await asyncio.wait_for(from_live.wait(), WAIT)
