@@ -169,12 +169,15 @@ async def get(args: argparse.Namespace) -> int:
 async def events(args: argparse.Namespace) -> int:
     async def every_page(client: Client) -> job_service_pb2.ListJobEventsResponse:
         # One answer holds at most 3 MiB (the newest events of a longer history): the
-        # pages, oldest first, printed as one answer with the first gap.
+        # pages, oldest first, printed as one answer with the first gap; a later one
+        # (events pruned while paging) is said on stderr, where the list jumps.
         reply = job_service_pb2.ListJobEventsResponse()
         async for item in client.job_events(args.job_id, args.from_sequence):
             if isinstance(item, event_pb2.StreamGap):
                 if not reply.HasField("gap"):
                     reply.gap.CopyFrom(item)
+                else:
+                    print(f"jobwire: {describe_gap(item)}", file=sys.stderr)
             else:
                 reply.events.append(item)
         return reply

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -41,6 +41,9 @@ class FaultProxy:
         # method -> statuses its next calls end with, before reaching the service (what
         # a service stopping answers calls that arrived as it stopped: CANCELLED)
         self.refuse: dict[str, list[grpc.StatusCode]] = {}
+        # method -> run once after its next call's reply, before the caller has it
+        # (what others wrote between two of a client's calls)
+        self.after_reply: dict[str, Callable[[], Awaitable[None]]] = {}
         self._channel = grpc.aio.insecure_channel(upstream)
         self._server = grpc.aio.server()
         self._server.add_generic_rpc_handlers([_Handler(self)])
@@ -76,6 +79,9 @@ class FaultProxy:
         except grpc.aio.AioRpcError as err:
             await context.abort(err.code(), err.details() or "")
             raise
+        hook = self.after_reply.pop(name, None)
+        if hook is not None:
+            await hook()
         if self.lose_reply[name] > 0:
             self.lose_reply[name] -= 1
             await context.abort(grpc.StatusCode.UNAVAILABLE, "proxy: connection dropped")

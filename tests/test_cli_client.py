@@ -18,8 +18,8 @@ from jobwire.v1 import event_pb2, job_service_pb2
 from service.store.embedded import EmbeddedStore
 from tests.conftest import ServiceHandle, make_policy, start_service
 from tests.grpc_proxy import FaultProxy
-from tests.helpers import cli_process, cli_result
-from tests.test_event_pages import big_history
+from tests.helpers import cli_process, cli_result, progress
+from tests.test_event_pages import BIG, big_history
 
 WAIT = 20.0
 
@@ -246,6 +246,36 @@ async def test_jobs_events_prints_a_history_too_big_for_one_answer(
         assert [int(e["sequence"]) for e in printed["events"]] == list(range(1, 65))
         assert "gap" not in printed
     finally:
+        await handle.close()
+
+
+async def test_jobs_events_says_every_gap(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The oldest events are gone (the first gap, in the JSON), and more are pruned
+    between two of its pages: that second gap is said on stderr where the list jumps
+    (it was dropped without a word)."""
+    handle = await big_history("embedded", tmp_path, request)
+    proxy = await FaultProxy(handle.target).start()
+    try:
+        for i in range(6):  # retained: 7-70
+            await handle.stub.ReportEvent(progress("long", 50, key=f"more{i}", message=BIG))
+
+        async def prune() -> None:  # after the first page: retained 67-130
+            for i in range(60):
+                await handle.stub.ReportEvent(progress("long", 60, key=f"late{i}"))
+
+        proxy.after_reply["ListJobEvents"] = prune
+        code, out, err = await cli_result("jobs", "events", "long", "--target", proxy.target)
+        assert code == 0, err
+        printed = json.loads(out)
+        seqs = [int(e["sequence"]) for e in printed["events"]]
+        assert printed["gap"] == {"jobId": "long", "oldestAvailableSequence": "7"}
+        first_page = seqs[: seqs.index(67)]
+        assert first_page == list(range(7, first_page[-1] + 1)) and seqs[-1] == 130
+        assert seqs[len(first_page) :] == list(range(67, 131))
+        jump = f"events {first_page[-1] + 1}–66 no longer retained (gap); resuming at 67"
+        assert f"jobwire: {jump}" in err, err
+    finally:
+        await proxy.close()
         await handle.close()
 
 
