@@ -27,16 +27,15 @@ PAUSE = 2.0  # seconds the consumer stays away (see test docstring)
 
 
 async def _go_live(service: ServiceHandle, call: Any) -> job_service_pb2.WatchJobsResponse:
-    """Finishes probe jobs until the stream delivers one (it is then live)."""
-    first = asyncio.ensure_future(read(call))
-    probes = 0
-    while not first.done() and probes < 50:
-        probes += 1
-        job_id = f"probe-{uuid.uuid4().hex[:8]}"
-        await create(service.stub, job_pb2.JOB_KIND_BATCH, job_id)
-        await service.stub.ReportEvent(completed(job_id))
-        await asyncio.wait({first}, timeout=0.2)
-    result: job_service_pb2.WatchJobsResponse = first.result()
+    """Waits for the stream's live headers, then finishes one probe job: its event is
+    the stream's first message."""
+    headers = dict(list(await asyncio.wait_for(call.initial_metadata(), 10)))
+    assert headers.get("jobwire-live") == "1"
+    job_id = f"probe-{uuid.uuid4().hex[:8]}"
+    await create(service.stub, job_pb2.JOB_KIND_BATCH, job_id)
+    await service.stub.ReportEvent(completed(job_id))
+    result: job_service_pb2.WatchJobsResponse = await read(call)
+    assert result.event.job_id == job_id
     return result
 
 
