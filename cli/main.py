@@ -49,6 +49,19 @@ def main(argv: list[str] | None = None) -> None:
     raise SystemExit(code)
 
 
+def add_kind_and_states(p: argparse.ArgumentParser, state_help: str) -> None:
+    p.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        choices=_names(job_pb2.JobState, "JOB_STATE_"),
+        help=state_help,
+    )
+    p.add_argument(
+        "--kind", default="", choices=_names(job_pb2.JobKind, "JOB_KIND_"), help="only this kind"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jobwire", description=__doc__)
     sub = parser.add_subparsers(metavar="COMMAND")
@@ -112,16 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = jobs.add_parser(
         "tail", help="print every job's events as they happen, one JSON line each (Ctrl-C ends)"
     )
-    p.add_argument(
-        "--kind", default="", choices=_names(job_pb2.JobKind, "JOB_KIND_"), help="only this kind"
-    )
-    p.add_argument(
-        "--state",
-        action="append",
-        default=[],
-        choices=_names(job_pb2.JobState, "JOB_STATE_"),
-        help="only events leaving a job in this state (repeatable: any of them)",
-    )
+    add_kind_and_states(p, "only events leaving a job in this state (repeatable: any of them)")
     p.add_argument(
         "--after",
         default="",
@@ -130,17 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_target(p)
     p.set_defaults(func=lambda a: asyncio.run(client_commands.tail(a)))
-    p = jobs.add_parser("list", help="list jobs, oldest first")
-    p.add_argument(
-        "--state",
-        action="append",
-        default=[],
-        choices=_names(job_pb2.JobState, "JOB_STATE_"),
-        help="only jobs in this state (repeatable: any of them)",
-    )
-    p.add_argument(
-        "--kind", default="", choices=_names(job_pb2.JobKind, "JOB_KIND_"), help="only this kind"
-    )
+    p = jobs.add_parser("list", help="list jobs, oldest first (--newest-first: the other way)")
+    add_kind_and_states(p, "only jobs in this state (repeatable: any of them)")
     p.add_argument(
         "--label",
         action="append",

@@ -25,10 +25,10 @@ once, in order:
   service's window, or the service gives no positions (then the events sent while
   disconnected cannot be replayed). `.live` is set once the service has the stream
   live (or, resumed from a position, sent its first message): every event committed
-  after that reaches this watch. A stream started with
-  `after=""` gets its first position then, in the service's headers, so one that
-  drops before its first event resumes from there, losing nothing (a service with its
-  firehose log off gives none: a `StreamGap` then says events may be lost).
+  after that reaches this watch. A stream started with `after=""` gets its first
+  position then, in the service's headers, so one that drops before its first event
+  resumes from there, losing nothing (a service with its firehose log off gives none:
+  a `StreamGap` then says events may be lost).
 """
 
 from __future__ import annotations

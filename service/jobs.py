@@ -71,8 +71,8 @@ _CALLBACK_PATHS = {
 }
 
 WatchItem = job_pb2.Job | event_pb2.JobEvent | event_pb2.StreamGap
-# A WatchJobs stream yields (event, position) pairs, or a gap announcement, and LIVE
-# once, when it is subscribed to the live fan-out.
+# A WatchJobs stream yields (event, position) pairs, or a gap announcement, and a
+# Live once, when it is subscribed to the live fan-out.
 FirehoseItem = tuple[event_pb2.JobEvent, str] | event_pb2.StreamGap | Live
 
 
