@@ -315,7 +315,9 @@ class JobsWatch:
             call: Any = self._stub().WatchJobs(request)
             cause: JobwireError = Unavailable(grpc.StatusCode.UNAVAILABLE, "watch stream ended")
             hint: float | None = None
-            blind = connected_before and not self.position
+            # Live before (its headers, or a message) and no position to resume from:
+            # what came meanwhile is lost, even when no event had arrived yet.
+            blind = (connected_before or self.live.is_set()) and not self.position
             # The service sends nothing until a matching event: a stream still open after
             # a while on a READY channel reached it, though quiet (a refusal comes within
             # milliseconds). Without this, give_up_after ran from a failure before it.

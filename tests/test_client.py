@@ -1047,6 +1047,40 @@ async def test_watch_jobs_dropped_before_its_first_event_loses_nothing(
         await iterator.aclose()
 
 
+async def test_watch_jobs_without_positions_says_a_drop_before_its_first_event(
+    tmp_path: Path,
+) -> None:
+    """A service with its firehose log off gives no position, not even in its live
+    headers: a stream that drops on its very first event cannot get it back, and the
+    watch says so (a StreamGap before the next event) instead of going on as if
+    nothing was missed."""
+    policy = make_policy()
+    policy.firehose_retention_ns = 0
+    service = await start_service(EmbeddedStore(tmp_path, policy))
+    proxy = await FaultProxy(service.target).start()
+    try:
+        async with client(service.target) as writer, client(proxy.target) as c:
+            await writer.create_job("GENERIC", job_id="nolog")
+            proxy.abort_next_stream("WatchJobs", after=0)
+            watch = c.watch_jobs(kind="GENERIC")
+            iterator = aiter(watch)
+            first = asyncio.ensure_future(anext(iterator))
+            await asyncio.wait_for(watch.live.wait(), WAIT)
+            assert watch.position == ""
+            await writer.report_progress("nolog", 1)  # the proxy aborts as it passes
+            fanout = service.running.jobs.fanout
+            await until(lambda: proxy.calls["WatchJobs"] == 2 and fanout.watchers == 1)
+            await writer.report_progress("nolog", 2)
+            items = [await asyncio.wait_for(first, WAIT)]
+            items.append(await asyncio.wait_for(anext(iterator), WAIT))
+            assert isinstance(items[0], StreamGap)
+            assert isinstance(items[1], JobEvent) and items[1].sequence == 2
+            await iterator.aclose()
+    finally:
+        await proxy.close()
+        await service.close()
+
+
 async def _copy_database(
     store_kind: str, tmp_path: Path, request: pytest.FixtureRequest, source: str, target: str
 ) -> None:
