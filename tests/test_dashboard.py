@@ -456,9 +456,28 @@ async def test_jobs_stream_follows_only_the_rows_a_page_shows(
     became active, which is then followed too; a firehose over others never arrives."""
     stub = svc.stub
     shown, other, fresh = uid("shown"), uid("other"), uid("fresh")
-    for job_id in (shown, other):
-        await new_job(stub, job_pb2.JOB_KIND_GENERIC, job_id)
-        await progress(stub, job_id, 1, "p", "first")
+    # The dashboard's stream may still be up from an earlier page: the first events of
+    # `shown` and `other` must have gone through it before the tabs open, or they are
+    # new jobs to the tabs. A stream of every job sees them go through.
+    witnessed: list[bytes] = []
+    seen = asyncio.Event()
+    async with http.get(f"{dash.url}/events/jobs", headers=BEARER) as witness:
+
+        async def watch() -> None:
+            async for line in witness.content:
+                if line.startswith(b"data: ["):
+                    witnessed.append(line)
+                    seen.set()
+
+        watching = asyncio.create_task(watch())
+        probe = uid("probe")
+        await new_job(stub, job_pb2.JOB_KIND_GENERIC, probe)
+        await probe_until_live(stub, probe, 1, [seen], "the witness stream")
+        for job_id in (shown, other):
+            await new_job(stub, job_pb2.JOB_KIND_GENERIC, job_id)
+            await progress(stub, job_id, 1, "p", "first")
+        await until(lambda: all(j.encode() in b"".join(witnessed) for j in (shown, other)))
+        watching.cancel()
     got: dict[str, list[bytes]] = {"1": [], "0": []}
     pushed = {"1": asyncio.Event(), "0": asyncio.Event()}
 
