@@ -559,12 +559,7 @@ class Client:
             backoff=self.watch_backoff,
             give_up_after=give_up_after,
             on_retry=on_retry,
-            connected=self._connected,
         )
-
-    def _connected(self) -> bool:
-        ready = grpc.ChannelConnectivity.READY
-        return self._channel is not None and self._channel.get_state() == ready
 
     # -- plumbing ------------------------------------------------------------
 

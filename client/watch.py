@@ -65,9 +65,6 @@ RESUMABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
 )
 RETRY_AFTER_KEY = "retry-after-ms"
-# A WatchJobs stream open this long on a READY channel reached the service, even with
-# nothing to say.
-QUIET_BUT_CONNECTED = 1.0
 _DEDUPE = 65_536  # (job id, sequence) pairs a JobsWatch remembers to drop repeats
 
 WatchItem = job_pb2.Job | event_pb2.JobEvent | event_pb2.StreamGap
@@ -289,7 +286,6 @@ class JobsWatch:
         backoff: Backoff,
         give_up_after: float | None,
         on_retry: OnRetry | None = None,
-        connected: Callable[[], bool] = lambda: False,
     ) -> None:
         self.position = after  # the last position the service gave; "" before the first
         self._stub = stub
@@ -297,15 +293,14 @@ class JobsWatch:
         self._states = list(states)
         self._reconnect = _Reconnector(backoff, give_up_after, on_retry)
         self._delivered: OrderedDict[tuple[str, int], None] = OrderedDict()
-        self._connected = connected  # whether the channel is READY
-        # Set when the service says the stream is live (its headers), and stays set.
+        # Set when the service says the stream is live (its headers, or a message), and
+        # stays set: a later stream without a position to resume from has lost events.
         self.live = asyncio.Event()
 
     def __aiter__(self) -> AsyncGenerator[event_pb2.JobEvent | event_pb2.StreamGap, None]:
         return self._run()
 
     async def _run(self) -> AsyncGenerator[event_pb2.JobEvent | event_pb2.StreamGap, None]:
-        connected_before = False
         while True:
             request = job_service_pb2.WatchJobsRequest(
                 kind=self._kind,  # type: ignore[arg-type]
@@ -315,15 +310,11 @@ class JobsWatch:
             call: Any = self._stub().WatchJobs(request)
             cause: JobwireError = Unavailable(grpc.StatusCode.UNAVAILABLE, "watch stream ended")
             hint: float | None = None
-            # Live before (its headers, or a message) and no position to resume from:
-            # what came meanwhile is lost, even when no event had arrived yet.
-            blind = (connected_before or self.live.is_set()) and not self.position
-            # The service sends nothing until a matching event: a stream still open after
-            # a while on a READY channel reached it, though quiet (a refusal comes within
-            # milliseconds). Without this, give_up_after ran from a failure before it.
-            timer = asyncio.get_running_loop().call_later(
-                QUIET_BUT_CONNECTED, self._healthy_if_connected
-            )
+            # Live before and no position to resume from: what came meanwhile is lost,
+            # even when no event had arrived yet.
+            blind = self.live.is_set() and not self.position
+            # The service sends its headers as soon as the stream is live, before any
+            # event: a quiet stream has reached it then (give_up_after must not run on).
             headers = asyncio.ensure_future(self._headers(call))
             try:
                 async for reply in call:
@@ -334,7 +325,6 @@ class JobsWatch:
                         # we were away is lost, and the caller must know.
                         yield event_pb2.StreamGap()
                         blind = False
-                    connected_before = True
                     if reply.HasField("gap"):
                         yield reply.gap
                     if reply.position:
@@ -353,7 +343,6 @@ class JobsWatch:
                         if len(self._delivered) > _DEDUPE:
                             self._delivered.popitem(last=False)
                     yield event
-                connected_before = True
             except grpc.aio.AioRpcError as err:
                 again, hint = resumable(err)
                 if not again:
@@ -363,7 +352,6 @@ class JobsWatch:
                 say_if_closed(self._stub)
                 raise
             finally:
-                timer.cancel()
                 headers.cancel()
                 call.cancel()
             await self._reconnect.wait(cause, hint)
@@ -378,10 +366,6 @@ class JobsWatch:
                 if not self.position:
                     self.position = str(metadata.get("jobwire-position", ""))
                 self.live.set()
-
-    def _healthy_if_connected(self) -> None:
-        if self._connected():
-            self._reconnect.healthy()
 
 
 def _copy(event: event_pb2.JobEvent) -> event_pb2.JobEvent:

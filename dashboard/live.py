@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import time
 from collections import deque
@@ -38,6 +39,8 @@ JOURNAL = 8192
 # page's stream finds the journal its rows were read against (and reloads reuse it).
 LINGER_SECONDS = 60.0
 LIVE_WAIT_SECONDS = 3.0  # a page load waits this long for the stream to go live
+# A page's mark (Hub.mark): "<this process's instance>.<stream start>.<changes seen>".
+MARK = re.compile(r"([0-9a-f]{8})\.([0-9]{1,18})\.([0-9]{1,18})", re.ASCII)
 
 
 class Change:
@@ -176,14 +179,14 @@ class Hub:
 
     def _catch_up(self, sub: Subscriber, since: str) -> None:
         """The journal's changes after `since` for a new subscriber, or a resync."""
-        instance, _, rest = since.partition(".")
-        epoch, _, counter = rest.partition(".")
-        mark = int(counter) if counter.isdigit() and len(counter) < 19 else -1
+        parsed = MARK.fullmatch(since)
+        mark = int(parsed[3]) if parsed else -1
         oldest = self._journal[0][0] if self._journal else self._counter + 1
         covered = (
-            self._live.is_set()
-            and instance == self._instance
-            and epoch == str(self._epoch)
+            parsed is not None
+            and self._live.is_set()
+            and parsed[1] == self._instance
+            and int(parsed[2]) == self._epoch
             and max(self._floor, oldest - 1) <= mark <= self._counter
         )
         if not covered:

@@ -29,16 +29,11 @@ def parse_state(raw: str, json: bool) -> int:
         raise PageError(400, f"state: unknown job state {raw[:40]!r}", json=json) from None
 
 
-ORDERS = ("newest", "oldest")
-
-
-def parse_order(raw: str, json: bool) -> str:
+def newest_first(raw: str, json: bool) -> bool:
     """`order=newest` (the default: what an operator looks for first) or `oldest`."""
-    if not raw:
-        return "newest"
-    if raw not in ORDERS:
+    if raw not in ("", "newest", "oldest"):
         raise PageError(400, f"order must be newest or oldest, got {raw[:40]!r}", json=json)
-    return raw
+    return raw != "oldest"
 
 
 def list_request(
@@ -53,7 +48,7 @@ def list_request(
         ],
         page_token=query.get("page_token", ""),
         page_size=default_size,
-        newest_first=parse_order(query.get("order", ""), json) == "newest",
+        newest_first=newest_first(query.get("order", ""), json),
     )
     size = query.get("page_size", "")
     if size:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from typing import Any
 
@@ -21,12 +20,11 @@ from jobwire.v1 import job_service_pb2
 
 from . import present
 from .grpc_client import GRPC, HUB, SETTINGS, PageError, grpc_error
-from .live import Change
+from .live import MARK, Change
 from .query import parse_kind
 
 RETRY_MS = 1000
 MAX_IDS = 500
-_MARK = re.compile(r"[0-9a-f]{8}\.[0-9]{1,18}\.[0-9]{1,18}", re.ASCII)
 
 
 def _frame(event: str, data: bytes, event_id: str = "") -> bytes:
@@ -129,7 +127,7 @@ def _ids(raw: str | None) -> set[str] | None:
 def _since(raw: str | None) -> str | None:
     """`since=`: the mark a jobs page was read at (its `data-since`); "" when the page
     had none (the tab re-reads its rows once the hub is live)."""
-    if raw is None or raw == "" or _MARK.fullmatch(raw):
+    if raw is None or raw == "" or MARK.fullmatch(raw):
         return raw
     message = f"since must be the mark of a jobs page (its data-since), got {raw[:40]!r}"
     raise PageError(400, message, json=True)

@@ -18,7 +18,7 @@ from . import present
 from .auth import COOKIE, Principal
 from .grpc_client import AUTH, CHANNEL, GRPC, HUB, SETTINGS, PageError, grpc_error
 from .live import DEPTH_CAP
-from .query import list_request, parse_order
+from .query import list_request
 
 routes = web.RouteTableDef()
 LOG_LIMIT = 200
@@ -113,9 +113,15 @@ async def index(request: web.Request) -> web.StreamResponse:
     raise web.HTTPSeeOther("/jobs")
 
 
-async def _list(request: web.Request, json: bool) -> job_service_pb2.ListJobsResponse:
-    settings = request.app[SETTINGS]
-    list_req = list_request(request.query, request.query_string, settings.page_size, json)
+def _list_request(request: web.Request, json: bool) -> job_service_pb2.ListJobsRequest:
+    """The page's query as a ListJobsRequest; bad input is a 400 naming the field."""
+    size = request.app[SETTINGS].page_size
+    return list_request(request.query, request.query_string, size, json)
+
+
+async def _list(
+    request: web.Request, list_req: job_service_pb2.ListJobsRequest, json: bool
+) -> job_service_pb2.ListJobsResponse:
     try:
         reply: job_service_pb2.ListJobsResponse = await request.app[GRPC]().ListJobs(
             list_req, timeout=_timeout(request)
@@ -131,16 +137,17 @@ async def jobs_page(request: web.Request) -> web.StreamResponse:
     if search:
         await _get_job(request, search, json=False)  # 404 page when unknown
         raise web.HTTPSeeOther(f"/jobs/{quote(search, safe='')}")
+    list_req = _list_request(request, json=False)  # a bad query is a 400 before any wait
     # Before the rows are read: the page's stream replays what changes after this.
     since = await request.app[HUB].mark()
     reply, depth = await asyncio.gather(
-        _list(request, False), request.app[HUB].fresh_queue_depth(wait=0.3)
+        _list(request, list_req, False), request.app[HUB].fresh_queue_depth(wait=0.3)
     )
     filters = {
         "kind": request.query.get("kind", "").upper(),
         "states": [s.upper() for s in request.query.getall("state", []) if s],
         "labels": [item for item in request.query.getall("label", []) if item],
-        "order": parse_order(request.query.get("order", ""), json=False),
+        "order": "newest" if list_req.newest_first else "oldest",
     }
     next_url = ""
     pairs = [(k, v) for k, v in request.query.items() if k != "page_token"]
@@ -168,7 +175,7 @@ async def jobs_page(request: web.Request) -> web.StreamResponse:
 @routes.get("/api/jobs")
 async def jobs_json(request: web.Request) -> web.StreamResponse:
     """The rows of a jobs page as JSON (the page re-reads them after a reconnect)."""
-    reply = await _list(request, True)
+    reply = await _list(request, _list_request(request, json=True), True)
     body = {
         "jobs": [present.job_row(j) for j in reply.jobs],
         "next_page_token": reply.next_page_token,

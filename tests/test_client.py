@@ -998,12 +998,7 @@ async def test_watch_jobs_resumes_after_a_dropped_stream(
     StreamGap says that some may be missing."""
     fanout = service.running.jobs.fanout
     async with client(service.target) as writer, client(proxy.target) as c:
-        await writer.create_job("GENERIC", job_id="fh")
-        proxy.abort_next_stream("WatchJobs", after=2)
-        watch = c.watch_jobs(kind="GENERIC")
-        iterator = aiter(watch)
-        first = asyncio.ensure_future(anext(iterator))
-        await until(lambda: fanout.watchers == 1)
+        watch, iterator, first = await _dropping_watch(writer, c, proxy, "fh", 2)
         for i in range(1, 4):  # the proxy passes 1 and 2, then aborts at 3
             await writer.report_progress("fh", i)
         items = [await asyncio.wait_for(first, WAIT)]
@@ -1026,6 +1021,21 @@ async def test_watch_jobs_resumes_after_a_dropped_stream(
             assert isinstance(items[2], StreamGap)
 
 
+async def _dropping_watch(
+    writer: Client, c: Client, proxy: FaultProxy, job_id: str, after: int
+) -> tuple[Any, Any, asyncio.Future[Any]]:
+    """A GENERIC job `job_id`, and a watch of GENERIC jobs through `proxy`, live, whose
+    stream the proxy aborts after `after` messages: (watch, its iterator, its first
+    item to come)."""
+    await writer.create_job("GENERIC", job_id=job_id)
+    proxy.abort_next_stream("WatchJobs", after=after)
+    watch = c.watch_jobs(kind="GENERIC")
+    iterator = aiter(watch)
+    first = asyncio.ensure_future(anext(iterator))
+    await asyncio.wait_for(watch.live.wait(), WAIT)
+    return watch, iterator, first
+
+
 async def test_watch_jobs_dropped_before_its_first_event_loses_nothing(
     service: ServiceHandle, proxy: FaultProxy
 ) -> None:
@@ -1033,12 +1043,8 @@ async def test_watch_jobs_dropped_before_its_first_event_loses_nothing(
     said in its headers where the stream went live, so the watch resumes from there and
     the event arrives (it used to resume live again, and the event was lost unsaid)."""
     async with client(service.target) as writer, client(proxy.target) as c:
-        await writer.create_job("GENERIC", job_id="fh-early")
-        proxy.abort_next_stream("WatchJobs", after=0)  # aborts as the first event passes
-        watch = c.watch_jobs(kind="GENERIC")
-        iterator = aiter(watch)
-        first = asyncio.ensure_future(anext(iterator))
-        await asyncio.wait_for(watch.live.wait(), WAIT)
+        # The proxy aborts the stream as its first event passes.
+        watch, iterator, first = await _dropping_watch(writer, c, proxy, "fh-early", 0)
         assert watch.position.startswith("v1.")
         await writer.report_progress("fh-early", 7)
         got = await asyncio.wait_for(first, WAIT)
@@ -1060,12 +1066,7 @@ async def test_watch_jobs_without_positions_says_a_drop_before_its_first_event(
     proxy = await FaultProxy(service.target).start()
     try:
         async with client(service.target) as writer, client(proxy.target) as c:
-            await writer.create_job("GENERIC", job_id="nolog")
-            proxy.abort_next_stream("WatchJobs", after=0)
-            watch = c.watch_jobs(kind="GENERIC")
-            iterator = aiter(watch)
-            first = asyncio.ensure_future(anext(iterator))
-            await asyncio.wait_for(watch.live.wait(), WAIT)
+            watch, iterator, first = await _dropping_watch(writer, c, proxy, "nolog", 0)
             assert watch.position == ""
             await writer.report_progress("nolog", 1)  # the proxy aborts as it passes
             fanout = service.running.jobs.fanout
