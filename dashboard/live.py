@@ -14,7 +14,7 @@ import logging
 import re
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,7 @@ import orjson
 
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
 
-from .present import event_row
+from .present import event_row, iso
 
 if TYPE_CHECKING:
     from jobwire.v1.job_service_pb2_grpc import JobServiceAsyncStub
@@ -114,6 +114,10 @@ class Hub:
         self._counter = 0  # changes seen this epoch
         self._floor = 0  # marks below it are not covered (a gap reset the rows)
         self._journal: deque[_Entry] = deque(maxlen=journal)
+        # Create times of the jobs whose first event the hub saw lately (the journal's
+        # reach): a tab that meets a job there shows when it was created, although
+        # the change it gets may be a later event, which does not carry it.
+        self._created: OrderedDict[str, str] = OrderedDict()
         self._linger_seconds = linger_seconds
         self._linger_until = 0.0
         self._live = asyncio.Event()
@@ -173,6 +177,7 @@ class Hub:
             self._epoch += 1
             self._counter = self._floor = 0
             self._journal.clear()
+            self._created.clear()
             self._live.clear()
             self._settled.clear()
             self._task = asyncio.create_task(self._run(), name="dashboard-watch-jobs")
@@ -203,6 +208,10 @@ class Hub:
             if self._wants(sub, job_id, kind, sequence):
                 sub.pending[job_id] = Change(event_pb2.JobEvent.FromString(raw))
                 sub.wake.set()
+
+    def created(self, job_id: str) -> str:
+        """When a job the hub saw begin was created ("" when it did not see that)."""
+        return self._created.get(job_id, "")
 
     def _idle(self) -> bool:
         return not self._subscribers and time.monotonic() >= self._linger_until
@@ -293,6 +302,10 @@ class Hub:
         # As bytes: a kept event would keep its whole response's arena (about 5 KB
         # each, measured: +41 MiB for the journal under the bench's 50-tab load).
         self._journal.append((self._counter, job_id, kind, sequence, event.SerializeToString()))
+        if event.HasField("job_create_time"):
+            self._created[job_id] = iso(event.job_create_time)
+            if len(self._created) > JOURNAL:
+                self._created.popitem(last=False)
         for sub in self._subscribers:
             if self._wants(sub, job_id, kind, sequence):
                 sub.pending[job_id] = change

@@ -98,7 +98,12 @@ async def jobs_stream(request: web.Request) -> web.StreamResponse:
                 await response.write(_frame("resync", b"{}"))
             changes, fresh = sub.take()
             if changes:
-                rows = (_marked_new(c) if c.event.job_id in fresh else c.json() for c in changes)
+                rows = (
+                    _marked_new(c, hub.created(c.event.job_id))
+                    if c.event.job_id in fresh
+                    else c.json()
+                    for c in changes
+                )
                 await response.write(_frame("jobs", b"[" + b",".join(rows) + b"]"))
             last_push = last_beat = time.monotonic()
     except ConnectionResetError:
@@ -108,10 +113,12 @@ async def jobs_stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _marked_new(change: Change) -> bytes:
+def _marked_new(change: Change, created: str) -> bytes:
     """The change's row with `"new": true`: the job had its first event since the last
-    push (the row may carry a later one). Spliced in: the shared JSON stays shared."""
-    return b'{"new":true,' + change.json()[1:]
+    push (the row may carry a later one), and with when the job was created, which the
+    tab shows. Spliced in: the shared JSON stays shared."""
+    head = b'{"new":true,' + (b'"created":%b,' % orjson.dumps(created) if created else b"")
+    return head + change.json()[1:]
 
 
 def _ids(raw: str | None) -> set[str] | None:

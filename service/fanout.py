@@ -80,9 +80,9 @@ class Subscription:
         self._capacity = capacity
         self._hard_cap = capacity * 4
         self._buffer: deque[Item] = deque()
-        # Coalesced progress, latest per job (with the first sequence it replaced),
+        # Coalesced progress, latest per job (with the first event it replaced),
         # delivered after the buffer.
-        self._overflow: dict[str, tuple[int, Item]] = {}
+        self._overflow: dict[str, tuple[event_pb2.JobEvent, Item]] = {}
         # A lossless subscription's publish watermark per buffered item (Fanout.publish).
         self._marks: deque[int] = deque()
         # A bare future rather than an asyncio.Event: Event.wait() looks up the running
@@ -110,7 +110,7 @@ class Subscription:
             self._buffer.append(item)
         elif event.type == _PROGRESS:
             replaced = self._overflow.get(event.job_id)
-            first = event.sequence if replaced is None else replaced[0]
+            first = event if replaced is None else replaced[0]
             self._overflow[event.job_id] = (first, item)
         else:
             # Keep per-job order: a coalesced progress goes out before this event.
@@ -185,15 +185,18 @@ class Subscription:
         return len(self._buffer) + len(self._overflow)
 
 
-def _coalesced(first: int, item: Item) -> Item:
-    """The latest progress, marked with the first sequence it stands for. A copy:
-    the same event object goes to every other subscription unchanged."""
+def _coalesced(first: event_pb2.JobEvent, item: Item) -> Item:
+    """The latest progress, marked with the first sequence it stands for (and, when
+    that is the job's first event, its create time). A copy: the same event object
+    goes to every other subscription unchanged."""
     event, position = item
-    if first >= event.sequence:
+    if first.sequence >= event.sequence:
         return item
     marked = event_pb2.JobEvent()
     marked.CopyFrom(event)
-    marked.coalesced_from_sequence = first
+    marked.coalesced_from_sequence = first.sequence
+    if first.HasField("job_create_time"):
+        marked.job_create_time.CopyFrom(first.job_create_time)
     return marked, position
 
 

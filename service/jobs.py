@@ -621,6 +621,7 @@ def _coalesced_after(event: event_pb2.JobEvent, last: int) -> event_pb2.JobEvent
     trimmed = event_pb2.JobEvent()
     trimmed.CopyFrom(event)
     trimmed.coalesced_from_sequence = last + 1 if event.sequence > last + 1 else 0
+    trimmed.ClearField("job_create_time")  # the job's first event was delivered already
     return trimmed
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from dashboard.present import iso
 from jobwire.v1 import job_pb2, job_service_pb2, log_pb2
 from service.domain.records import Policy
 from service.store.embedded import EmbeddedStore
@@ -319,6 +320,18 @@ async def take_screenshots(
 
 
 # -- live rows ----------------------------------------------------------------------
+
+
+async def assert_created_shown(page: Any, stub: Any, job_id: str) -> None:
+    """A row that appeared live shows when its job was created, and an unfinished one
+    counts its duration from then (it showed "—" and no duration until a reload)."""
+    job = await stub.GetJob(job_service_pb2.GetJobRequest(id=job_id))
+    row = page.locator(f'#jobs tr[data-job="{job_id}"]')
+    assert await row.locator(".created time").get_attribute("datetime") == iso(job.create_time)
+    assert await row.locator(".duration .elapsed").get_attribute("data-since") == iso(
+        job.create_time
+    )
+
 
 ROW_IS = """([id, pct, state]) => {
   const tr = document.querySelector(`#jobs tr[data-job="${CSS.escape(id)}"]`);
@@ -1373,6 +1386,8 @@ async def test_a_new_job_appears_even_when_its_first_events_coalesce(
         await progress(svc.stub, job_id, 20, "p", "second, within the same interval")
         await page.wait_for_function(ROW_IS, arg=[job_id, 20, "RUNNING"], timeout=WAIT_MS)
         assert await page.locator(f'#jobs tr[data-job="{job_id}"]').count() == 1
+        await assert_created_shown(page, svc.stub, first)
+        await assert_created_shown(page, svc.stub, job_id)  # its first event was coalesced
 
 
 async def test_what_changes_while_the_page_opens_its_stream_is_shown(
@@ -1408,6 +1423,7 @@ async def test_what_changes_while_the_page_opens_its_stream_is_shown(
             await page.wait_for_function(ROW_IS, arg=[appeared, 5, "RUNNING"], timeout=WAIT_MS)
             await page.wait_for_function(ROW_IS, arg=[shown, 60, "RUNNING"], timeout=WAIT_MS)
             assert await page.locator(f'#jobs tr[data-job="{appeared}"]').count() == 1
+            await assert_created_shown(page, svc.stub, appeared)  # replayed from the journal
     finally:
         release.set()
         await context.unroute(streams, hold)

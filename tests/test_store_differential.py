@@ -107,7 +107,7 @@ def _zero_server_clock(msg: Message) -> None:
             "lease_expire_time",
             "last_event_time",
         ),
-        "jobwire.v1.JobEvent": ("create_time",),
+        "jobwire.v1.JobEvent": ("create_time", "job_create_time"),
         "jobwire.v1.Artifact": ("create_time",),
         "jobwire.v1.LogEntry": ("record_time",),
     }

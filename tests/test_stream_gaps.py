@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
+from jobwire.v1 import event_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
 from service import metrics
 from tests.conftest import ServiceHandle, make_policy, open_test_store, start_service
 from tests.helpers import completed, create, progress, read, read_all
@@ -201,6 +202,58 @@ async def test_a_slow_watchers_coalesced_events_name_what_they_cover(
     )
     assert [i.event.sequence for i in replay[1:]] == list(range(total - 2, total + 2))
     assert not any(i.event.coalesced_from_sequence for i in replay[1:])
+
+
+async def test_a_job_s_first_event_says_when_it_was_created_even_coalesced(
+    store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """`job_create_time` is on a job's first event only, and on the coalesced event that
+    stands for it: a firehose watcher that fell behind (no log to catch up from) still
+    learns when a job it meets there was created (the dashboard shows it)."""
+    policy = make_policy()
+    policy.firehose_retention_ns = 0
+    store = await open_test_store(store_kind, tmp_path, request, policy)
+    service = await start_service(store, watch_buffer=4)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(service.close)
+        await create(service.stub, job_id="busy")
+        # Without BDP probes the client's receive window stays at 64 KiB: a watcher that
+        # reads nothing holds the service's writes after a few large events.
+        channel = grpc.aio.insecure_channel(service.target, options=[("grpc.http2.bdp_probe", 0)])
+        stack.push_async_callback(channel.close)
+        watcher = job_service_pb2_grpc.JobServiceStub(channel)
+        call = watcher.WatchJobs(job_service_pb2.WatchJobsRequest())
+        assert ("jobwire-live", "1") in list(await call.initial_metadata())
+        big = "x" * 4000  # the watcher reads nothing meanwhile: it falls behind
+        for start in range(1, 601, 100):
+            requests = [
+                progress("busy", i % 100, key=f"b{i}", message=big)
+                for i in range(start, start + 100)
+            ]
+            await service.stub.BatchReportEvents(
+                job_service_pb2.BatchReportEventsRequest(requests=requests)
+            )
+        await create(service.stub, job_id="late")
+        requests = [progress("late", i, key=f"l{i}") for i in range(1, 6)]
+        await service.stub.BatchReportEvents(
+            job_service_pb2.BatchReportEventsRequest(requests=requests)
+        )
+        await service.stub.ReportEvent(completed("late"))
+        late: list[event_pb2.JobEvent] = []
+        while not late or late[-1].type != event_pb2.EVENT_TYPE_COMPLETED:
+            event = (await read(call)).event
+            if event.job_id == "late":
+                late.append(event)
+        call.cancel()
+        job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="late"))
+        assert late[0].coalesced_from_sequence == 1, "the watcher was not slow enough"
+        assert late[0].job_create_time == job.create_time
+        assert not any(e.HasField("job_create_time") for e in late[1:])
+        stored = await service.stub.ListJobEvents(
+            job_service_pb2.ListJobEventsRequest(job_id="late")
+        )
+        assert stored.events[0].job_create_time == job.create_time
+        assert not any(e.HasField("job_create_time") for e in stored.events[1:])
 
 
 async def test_a_watcher_that_cannot_heal_from_the_ring_is_told_so(mongo_uri: str) -> None:

@@ -226,6 +226,8 @@ def apply(
     event.state = job.state
     event.worker_id = job.worker_id
     event.create_time.FromNanoseconds(now_ns)
+    if job.sequence == 1:
+        event.job_create_time.CopyFrom(job.create_time)
     if event.type == event_pb2.EVENT_TYPE_PROGRESS:
         event.progress.CopyFrom(job.progress)
     # One entry per retained event, "" for one without a key (a claim, requeue, cancel

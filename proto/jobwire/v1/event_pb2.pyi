@@ -89,6 +89,7 @@ class JobEvent(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
     COALESCED_FROM_SEQUENCE_FIELD_NUMBER: _builtins.int
+    JOB_CREATE_TIME_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job this event belongs to."""
     kind: _job_pb2.JobKind.ValueType
@@ -127,6 +128,13 @@ class JobEvent(_message.Message):
     def error(self) -> _job_pb2.JobError:
         """Error carried by a FAILED event."""
 
+    @_builtins.property
+    def job_create_time(self) -> _timestamp_pb2.Timestamp:
+        """The job's create time, set on its first event (sequence 1) only, and on a
+        coalesced event that stands for it: a watcher that meets a job there can
+        show when it was created without a GetJob.
+        """
+
     def __init__(
         self,
         *,
@@ -142,10 +150,11 @@ class JobEvent(_message.Message):
         error: _job_pb2.JobError | None = ...,
         worker_id: _builtins.str = ...,
         coalesced_from_sequence: _builtins.int = ...,
+        job_create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "job_create_time", b"job_create_time", "progress", b"progress", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coalesced_from_sequence", b"coalesced_from_sequence", "create_time", b"create_time", "error", b"error", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "kind", b"kind", "progress", b"progress", "result", b"result", "sequence", b"sequence", "state", b"state", "type", b"type", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coalesced_from_sequence", b"coalesced_from_sequence", "create_time", b"create_time", "error", b"error", "idempotency_key", b"idempotency_key", "job_create_time", b"job_create_time", "job_id", b"job_id", "kind", b"kind", "progress", b"progress", "result", b"result", "sequence", b"sequence", "state", b"state", "type", b"type", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
