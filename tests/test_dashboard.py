@@ -1429,6 +1429,42 @@ async def test_what_changes_while_the_page_opens_its_stream_is_shown(
         await context.unroute(streams, hold)
 
 
+async def test_a_job_that_begins_goes_where_a_reload_puts_it(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """Newest first, a job whose first event comes while the page is open goes where its
+    create time puts it: a job created before the page's last row stays on its later
+    page, and of two jobs that begin in the other order the newer is on top. Both used
+    to go on top (a reload then moved them, or took them off the page)."""
+    rows_js = "rs => rs.map(r => r.dataset.job)"
+    old = uid("old")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, old)
+    shown = [uid("shown-b"), uid("shown-a")]
+    for job_id in reversed(shown):
+        await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs?kind=GENERIC&page_size=2")
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    assert await page.eval_on_selector_all("#jobs tbody tr", rows_js) == shown
+    assert await page.locator("#next-page").count() == 1
+    earlier, later = uid("earlier"), uid("later")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, earlier)
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, later)
+    await progress(svc.stub, later, 1, "p", "begins first")
+    await page.wait_for_function(ROW_IS, arg=[later, 1, "RUNNING"], timeout=WAIT_MS)
+    await progress(svc.stub, earlier, 2, "p", "begins second")
+    await page.wait_for_function(ROW_IS, arg=[earlier, 2, "RUNNING"], timeout=WAIT_MS)
+    await progress(svc.stub, old, 3, "p", "begins, a page further on")
+    witness = uid("witness")  # pushed after the old job's change (commit order)
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, witness)
+    await progress(svc.stub, witness, 4, "p", "begins last")
+    await page.wait_for_function(ROW_IS, arg=[witness, 4, "RUNNING"], timeout=WAIT_MS)
+    live = await page.eval_on_selector_all("#jobs tbody tr", rows_js)
+    assert live == [witness, later, earlier, *shown]
+    await page.goto(f"{dash.url}/jobs?kind=GENERIC&page_size=5")
+    assert await page.eval_on_selector_all("#jobs tbody tr", rows_js) == live
+
+
 async def test_an_oldest_first_page_adds_a_new_job_after_its_last_row(
     dash: DashboardProcess, context: Any, svc: ServiceHandle
 ) -> None:

@@ -229,10 +229,11 @@ function jobsPage() {
   const states = table.dataset.states.split(",").filter(Boolean);
   const filtered = Number(table.dataset.labels) > 0;
   const paged = table.dataset.paged === "1";
-  // Where a new job belongs: newest first, on top of the first page; oldest first,
-  // after the last row of the last page.
+  // Where a new job belongs: newest first, on the first page; oldest first, on the last
+  // page; there, by its create time, as a reload would show it.
   const oldestFirst = table.dataset.order === "oldest";
-  const elsewhere = oldestFirst ? table.dataset.more === "1" : paged;
+  const more = table.dataset.more === "1";
+  const elsewhere = oldestFirst ? more : paged;
   const rows = new Map();
   for (const tr of tbody.rows) rows.set(tr.dataset.job, tr);
   const live = [];
@@ -268,6 +269,21 @@ function jobsPage() {
     return tr;
   };
 
+  // The row a new job goes before (null: at the end), in the service's order: create
+  // time, then id (the times are ISO strings of one width, so they compare as strings).
+  // undefined: newest first, it is older than the last row and later pages exist. A job
+  // the dashboard did not see begin has no create time: on top (newest first) or last.
+  const placeOf = (change) => {
+    const created = change.created || "";
+    if (!created) return oldestFirst ? null : tbody.firstElementChild;
+    for (const tr of tbody.rows) {
+      const shown = tr.dataset.created || "";
+      const newer = created > shown || (created === shown && change.id > tr.dataset.job);
+      if (oldestFirst ? !newer : newer) return tr;
+    }
+    return oldestFirst || !more ? null : undefined;
+  };
+
   // `listed`: the row came from this page's own query (a re-read), so it belongs here.
   const apply = (change, listed = false) => {
     let tr = rows.get(change.id);
@@ -279,9 +295,10 @@ function jobsPage() {
       if (!listed && ((change.sequence !== 1 && !change.new) || filtered || elsewhere)) return;
       if (states.length && !states.includes(change.state)) return;
       if (kind && change.kind !== kind) return;
+      const next = placeOf(change);
+      if (next === undefined && !listed) return; // older than the last row: a later page's
       tr = newRow(change);
-      if (oldestFirst) tbody.append(tr);
-      else tbody.prepend(tr);
+      tbody.insertBefore(tr, next ?? null);
       rows.set(change.id, tr);
       live.push(change.id);
       const empty = $("#empty");
