@@ -25,8 +25,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# An event, its caller's future, and the callback's request id (X-Request-ID).
-_Waiter = tuple[svc.ReportEventRequest, "asyncio.Future[svc.ReportEventResponse]", str]
+# An event, its caller's future, the callback's request id (X-Request-ID) and the
+# event's size in bytes.
+_Waiter = tuple[svc.ReportEventRequest, "asyncio.Future[svc.ReportEventResponse]", str, int]
+
+# The service's own limit for one event (service/domain/validation.py): the handlers
+# answer 413 past it rather than send what can never be applied.
+MAX_EVENT_BYTES = 1024 * 1024
+# A batch ends before this many bytes of events: the service takes messages of up to
+# 4 MiB, and one batch over it failed every callback in it (RESOURCE_EXHAUSTED, a 429).
+MAX_BATCH_BYTES = 3 * 1024 * 1024
 
 
 class Coalescer:
@@ -53,11 +61,14 @@ class Coalescer:
         self._deadlines: deque[tuple[float, asyncio.Future[svc.ReportEventResponse]]] = deque()
         self._deadline_timer: asyncio.TimerHandle | None = None
 
-    async def report(self, request: svc.ReportEventRequest) -> svc.ReportEventResponse:
-        """Applies one event; raises RpcFailed with the event's own status when refused."""
+    async def report(
+        self, request: svc.ReportEventRequest, size: int = 0
+    ) -> svc.ReportEventResponse:
+        """Applies one event (`size`: its ByteSize, at most MAX_EVENT_BYTES); raises
+        RpcFailed with the event's own status when refused."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[svc.ReportEventResponse] = loop.create_future()
-        self._pending.append((request, future, REQUEST_ID.get()))
+        self._pending.append((request, future, REQUEST_ID.get(), size or request.ByteSize()))
         tracing.note_waiter(future)  # the callback's trace, when tracing is on
         if len(self._senders) < self._max_in_flight:
             self._senders.add(asyncio.create_task(self._send_loop()))
@@ -85,8 +96,9 @@ class Coalescer:
     async def _send_loop(self) -> None:
         try:
             while self._pending:
-                batch = self._pending[: self._max_batch]
-                del self._pending[: self._max_batch]
+                count = _fitting(self._pending, self._max_batch)
+                batch = self._pending[:count]
+                del self._pending[:count]
                 await self._send(batch)
         finally:
             # No await between the empty check and this: a caller arriving now sees
@@ -107,13 +119,13 @@ class Coalescer:
             with tracing.batch_context([w[1] for w in batch]):
                 response = await self._stub.BatchReportEvents(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
-            for _, future, _ in batch:
+            for _, future, _, _ in batch:
                 if not future.done():
                     future.set_exception(from_rpc_error(exc))
             return
         except BaseException as exc:
             # Never strand a caller: whatever broke the send breaks every waiter of it.
-            for _, future, _ in batch:
+            for _, future, _, _ in batch:
                 if not future.done():
                     future.set_exception(RpcFailed(grpc.StatusCode.UNKNOWN, repr(exc)))
             if isinstance(exc, asyncio.CancelledError):
@@ -122,7 +134,7 @@ class Coalescer:
             return
         if len(response.results) != len(batch):
             log.error("BatchReportEvents: %d results, %d events", len(response.results), len(batch))
-        for index, (_, future, _) in enumerate(batch):
+        for index, (_, future, _, _) in enumerate(batch):
             if future.done():
                 continue  # the HTTP request went away; its event is applied anyway
             if index >= len(response.results):
@@ -141,6 +153,17 @@ class Coalescer:
         for task in list(self._senders):
             task.cancel()
         await asyncio.gather(*self._senders, return_exceptions=True)
+
+
+def _fitting(pending: list[_Waiter], most: int) -> int:
+    """How many of the first waiters go in the next batch: at most `most`, and under
+    MAX_BATCH_BYTES (the first always goes, alone if it must)."""
+    total = 0
+    for count, waiter in enumerate(pending[:most]):
+        total += waiter[3]
+        if total > MAX_BATCH_BYTES and count:
+            return count
+    return min(len(pending), most)
 
 
 def _expire(future: asyncio.Future[svc.ReportEventResponse]) -> None:

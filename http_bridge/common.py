@@ -18,6 +18,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from jobwire.v1 import job_pb2
 from jobwire.v1 import job_service_pb2 as svc
 
+from .coalescer import MAX_EVENT_BYTES
 from .edge import BodyClock, text_header, token_text, webhook_id
 from .errors import BridgeError, RpcFailed
 from .grpc_client import COALESCER, CONFIG, STUB
@@ -233,8 +234,13 @@ async def report_event(
     """Reports through the coalescer. A terminal event that meets a job already in
     that same terminal state (e.g. an `error` report after an ERROR log failed the
     video) is acknowledged: the outcome the worker wants is already stored."""
+    size = event.ByteSize()
+    if size > MAX_EVENT_BYTES:
+        raise BridgeError(
+            413, f"the event is {size} bytes, at most {MAX_EVENT_BYTES}: it can never be applied"
+        )
     try:
-        return await request.app[COALESCER].report(event)
+        return await request.app[COALESCER].report(event, size)
     except RpcFailed as exc:
         target = _TERMINAL_TARGET.get(event.WhichOneof("payload") or "")
         if exc.code != grpc.StatusCode.FAILED_PRECONDITION or target is None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from jobwire.v1 import job_pb2
@@ -30,6 +31,25 @@ FAILED = {
     "error": "FFmpeg failed with exit code 1: File not found",
     "callbackSecret": "dein-geheimer-schlüssel",
 }
+
+
+async def test_large_callbacks_that_arrive_together_are_all_applied(tmp_path: Any) -> None:
+    """The bridge batches callbacks that arrive together: 120 failures with 60 KB of
+    FFmpeg output each made one BatchReportEvents of 6.7 MB, past the service's 4 MiB
+    message limit, and 111 of them got 429. Batches now end before 3 MiB."""
+    async with fresh_stack(tmp_path) as (b, s):
+        ids = [new_id() for _ in range(120)]
+        for job_id in ids:
+            await create_job(s, job_pb2.JOB_KIND_BATCH, job_id)
+        stderr = "FFmpeg stderr: " + "x" * 60_000
+        bodies = [
+            {"jobId": i, "status": "failed", "error": stderr, "callbackSecret": BATCH_SECRET}
+            for i in ids
+        ]
+        answers = await asyncio.gather(*(b.post(PATH, body) for body in bodies))
+        assert [status for status, _ in answers] == [200] * len(ids)
+        for job_id in ids:
+            assert (await get_job(s, job_id)).error.message == stderr
 
 
 async def test_success_example_verbatim(tmp_path: Any) -> None:

@@ -10,6 +10,13 @@ from tests.conftest import ServiceHandle
 from tests.helpers import completed, create, failed, progress
 
 
+def _with_details(
+    request: job_service_pb2.ReportEventRequest, log: str
+) -> job_service_pb2.ReportEventRequest:
+    request.failed.details["log"] = log
+    return request
+
+
 async def _events(service: ServiceHandle, job_id: str) -> list[event_pb2.JobEvent]:
     reply = await service.stub.ListJobEvents(job_service_pb2.ListJobEventsRequest(job_id=job_id))
     return list(reply.events)
@@ -129,6 +136,8 @@ async def test_batch_gives_each_event_its_own_outcome(service: ServiceHandle) ->
             job_service_pb2.ReportEventRequest(job_id="v", idempotency_key="k"),
             "progress, completed",
         ),
+        # A job's retained events travel together (a MongoDB document, a replay).
+        (_with_details(failed("v"), "x" * (1024 * 1024)), "at most 1048576"),
     ],
 )
 async def test_bad_event_names_the_problem_and_writes_nothing(

@@ -51,6 +51,7 @@ def validate_report(request: job_service_pb2.ReportEventRequest) -> None:
         validation.timestamp(request.event_time, "event_time")
     if len(request.process_id) > 256:
         raise invalid("process_id must be at most 256 characters")
+    validation.event_size(request.ByteSize())
 
 
 def new_record(

@@ -16,6 +16,10 @@ _ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _ARTIFACT_NAME = re.compile(r"[A-Za-z0-9._\-]{1,255}")
 MAX_KEY_LENGTH = 256
 MAX_MESSAGE_LENGTH = 64 * 1024
+# One reported event, serialised. A job's retained events travel together (a MongoDB
+# job document holds them, a replay answers them in one message): larger data (a log,
+# an archive) belongs in an artifact. The HTTP bridge answers 413 past it.
+MAX_EVENT_BYTES = 1024 * 1024
 UNKNOWN_JOB = "UNKNOWN"
 
 
@@ -114,6 +118,13 @@ def percent(value: float, field: str = "progress.percent") -> float:
     if not math.isfinite(value) or not 0.0 <= value <= 100.0:
         raise invalid(f"{field} must be between 0 and 100, got {value}")
     return value
+
+
+def event_size(size: int) -> None:
+    if size > MAX_EVENT_BYTES:
+        raise invalid(
+            f"the event is {size} bytes, at most {MAX_EVENT_BYTES} (send large data as an artifact)"
+        )
 
 
 def message(value: str, field: str) -> str:
