@@ -28,15 +28,17 @@ from jobwire.v1 import job_service_pb2 as svc
 
 from .common import (
     STRICT,
+    client_key,
     header_token,
     parse_json,
     read_body,
     report_event,
     seconds_duration,
     secret_matches,
+    service_key,
     validate,
 )
-from .edge import check_signature, text_header, webhook_id
+from .edge import check_signature, webhook_id
 from .errors import BridgeError, RpcFailed, contract_errors, json_response
 from .grpc_client import config_of
 
@@ -100,7 +102,7 @@ def authorize(request: web.Request) -> None:
 def to_event(task: Task, idempotency_prefix: str) -> svc.ReportEventRequest:
     event = svc.ReportEventRequest(
         job_id=task.task_id,
-        idempotency_key=f"{idempotency_prefix}{task.task_id}:{task.status}",
+        idempotency_key=service_key(f"{idempotency_prefix}{task.task_id}:{task.status}"),
         create_kind=job_pb2.JOB_KIND_TRANSCODE,
         kind=job_pb2.JOB_KIND_TRANSCODE,  # the token reaches only transcode jobs
     )
@@ -139,7 +141,7 @@ async def transcode_callback(request: web.Request) -> web.StreamResponse:
     body = await read_body(request, config_of(request).max_body_bytes)
     check_signature(request, "aurora", body.data)
     notification = validate(Notification, parse_json(body.data))
-    given = text_header(request, "Idempotency-Key", 128)
+    given = client_key(request)
     prefix = f"aurora:hdr:{given}:" if given else "aurora:"
     if signed := webhook_id(request):
         prefix = f"aurora:whk:{signed}:"

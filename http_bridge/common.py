@@ -145,12 +145,39 @@ def idempotency_key(request: web.Request, contract: str, job_id: str, body: Body
     service applies a repeat once the claim is half gone, service/domain/events.py.)"""
     signed = webhook_id(request)
     if signed:
-        return f"{contract}:whk:{signed}"
-    given = text_header(request, "Idempotency-Key", 200)
+        return service_key(f"{contract}:whk:{signed}")
+    given = client_key(request)
     if given:
-        return f"{contract}:hdr:{given[:200]}"
+        return service_key(f"{contract}:hdr:{given}")
     h = hashlib.sha256(contract.encode() + b"\0" + job_id.encode() + b"\0" + body.digest)
     return f"{contract}:{h.hexdigest()}"
+
+
+MAX_CLIENT_KEY = 1024  # characters of an Idempotency-Key header
+
+
+def client_key(request: web.Request) -> str:
+    """The `Idempotency-Key` header, whole (400 naming it past MAX_CLIENT_KEY). It was
+    cut to 200 characters: keys that differed only after that (`<prefix>-step-1`,
+    `-final`) were one key, and a final report was acknowledged and dropped."""
+    given = text_header(request, "Idempotency-Key", MAX_CLIENT_KEY + 1)
+    if len(given) > MAX_CLIENT_KEY:
+        raise BridgeError(
+            400, f"Idempotency-Key header must be at most {MAX_CLIENT_KEY} characters"
+        )
+    return given
+
+
+SERVICE_KEY_LENGTH = 256  # the service's limit for an idempotency key
+
+
+def service_key(key: str) -> str:
+    """`key` as the service takes it: a key past its 256 characters (a long header or
+    webhook-id with the contract's prefix) becomes a digest of the whole key, which
+    stays as distinct as the key was; it used to be refused (400) or cut."""
+    if len(key) <= SERVICE_KEY_LENGTH:
+        return key
+    return f"sha256:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 def parse_iso(value: str) -> datetime:

@@ -142,6 +142,24 @@ async def test_bridge_checks_signatures_on_raw_bytes(signed_bridge: Any, stub: A
     assert status == 200
 
 
+async def test_a_long_webhook_id_is_a_key_the_service_takes(signed_bridge: Any, stub: Any) -> None:
+    """A webhook-id may be 256 characters; with the contract's prefix the key was past the
+    service's 256 and a validly signed callback got 400. Two such ids that differ only
+    at the end stay two keys, and a redelivery of either is still applied once."""
+    vid = new_id("lw")
+    await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid)
+    new = signing.decode_secret(NEW_SECRET)
+    for msg_id, message in (("m" * 255 + "1", "first"), ("m" * 255 + "2", "second")):
+        for _ in range(2):
+            headers = signing.signature_headers([new], report(vid, message), msg_id=msg_id)
+            status, answer = await signed_bridge.post_raw(
+                "/api/report", report(vid, message), headers={**VIDEO_AUTH, **headers}
+            )
+            assert (status, answer) == (200, {"success": True})
+    events = await stub.ListJobEvents(svc.ListJobEventsRequest(job_id=vid))
+    assert [e.progress.message for e in events.events] == ["first", "second"]
+
+
 async def test_worker_cli_signs(signed_bridge: Any, stub: Any) -> None:
     vid, job = new_id("cv"), new_id("cb")
     await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid)

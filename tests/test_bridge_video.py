@@ -33,6 +33,34 @@ def video(n: int = 0) -> job_pb2.Video:
     )
 
 
+async def test_idempotency_keys_are_kept_whole(bridge: Any, stub: Any) -> None:
+    """Keys were cut to 200 characters: three reports whose keys differed only after
+    that were one key, and the final one was acknowledged (200) and dropped. A key
+    past 1,024 characters is a 400 naming the header, and changes nothing."""
+    vid = new_id("k")
+    await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid, video())
+    base = "k" * 200
+    steps = [
+        ("-step-1", {"status": "progress", "percent": 10}),
+        ("-step-2", {"status": "progress", "percent": 20}),
+        ("-final", {"status": "success"}),
+    ]
+    for suffix, fields in steps:
+        body = {**fields, "message": suffix, "videoId": vid}
+        headers = {**VIDEO_AUTH, "Idempotency-Key": base + suffix}
+        assert await bridge.post("/api/report", body, headers=headers) == (200, {"success": True})
+    job = await get_job(stub, vid)
+    assert (job.state, job.sequence) == (job_pb2.JOB_STATE_SUCCEEDED, 3)
+    other = new_id("k")
+    await create_job(stub, job_pb2.JOB_KIND_VIDEO, other, video())
+    body = {"status": "progress", "percent": 5, "message": "m", "videoId": other}
+    status, answer = await bridge.post(
+        "/api/report", body, headers={**VIDEO_AUTH, "Idempotency-Key": "k" * 1025}
+    )
+    assert status == 400, answer
+    assert (await get_job(stub, other)).sequence == 0
+
+
 async def test_examples_verbatim(tmp_path: Any) -> None:
     """Every example of the Spanish contract, on a fresh service (videoId "12345")."""
     async with fresh_stack(tmp_path) as (b, s):
