@@ -402,7 +402,23 @@ class Jobs:
             name=header.name,
             content_type=header.content_type or "application/octet-stream",
         )
-        return await self.store.put_artifact(meta, chunks)
+
+        async def not_final() -> None:
+            """A job that has ended keeps the artifacts its result lists: two final
+            reports racing (a large upload still running when a small one completed
+            the job) replaced them after the fact. New names are still taken."""
+            record = await self.store.get(header.job_id)
+            if record is None or record.job.state not in TERMINAL_STATES:
+                return
+            if any(a.name == header.name for a in await self.store.list_artifacts(header.job_id)):
+                state = job_pb2.JobState.Name(record.job.state).removeprefix("JOB_STATE_")
+                raise DomainError(
+                    Code.FAILED_PRECONDITION,
+                    f"job {header.job_id!r} has ended ({state}): its artifact"
+                    f" {header.name!r} is final",
+                )
+
+        return await self.store.put_artifact(meta, chunks, not_final)
 
     async def open_artifact(
         self, job_id: str, name: str, token: str = ""

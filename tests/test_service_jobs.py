@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
 from jobwire.v1 import job_pb2, job_service_pb2
 from tests.conftest import ServiceHandle
-from tests.helpers import create, failed, progress
+from tests.helpers import completed, create, failed, progress
 
 
 async def test_create_get_roundtrip(service: ServiceHandle) -> None:
@@ -272,3 +274,48 @@ async def test_a_page_of_big_jobs_stays_under_the_message_limit(service: Service
         if not token:
             break
     assert seen == [f"big-{i:02d}" for i in range(40)]
+
+
+async def _upload(
+    service: ServiceHandle, job_id: str, name: str, data: bytes, gate: asyncio.Event | None = None
+) -> None:
+    """UploadArtifact of `data`; with `gate`, the last byte waits for it (a slow upload)."""
+
+    async def parts() -> AsyncIterator[job_service_pb2.UploadArtifactRequest]:
+        header = job_service_pb2.ArtifactHeader(job_id=job_id, name=name, size=len(data))
+        yield job_service_pb2.UploadArtifactRequest(header=header)
+        yield job_service_pb2.UploadArtifactRequest(data=data[:-1])
+        if gate is not None:
+            await gate.wait()
+        yield job_service_pb2.UploadArtifactRequest(data=data[-1:])
+
+    await service.stub.UploadArtifact(parts())
+
+
+async def _content(service: ServiceHandle, job_id: str, name: str) -> bytes:
+    call = service.stub.ReadArtifact(job_service_pb2.ReadArtifactRequest(job_id=job_id, name=name))
+    return b"".join([m.data async for m in call])
+
+
+async def test_an_ended_job_s_artifacts_are_final(service: ServiceHandle) -> None:
+    """Two final reports raced: the one with a small file completed the job while the
+    other's large upload still ran, and that upload then replaced the file the job's
+    result describes. An upload that would replace an artifact of a job that has ended
+    is refused when it is about to be stored; the stored one stays, new names are taken."""
+    await create(service.stub, job_id="art")
+    await _upload(service, "art", "text.md", b"small")
+    gate = asyncio.Event()
+    late = asyncio.create_task(_upload(service, "art", "text.md", b"large" * 1000, gate))
+    await service.stub.ReportEvent(completed("art"))
+    gate.set()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await late
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "'text.md' is final" in (err.value.details() or "")
+    assert await _content(service, "art", "text.md") == b"small"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _upload(service, "art", "text.md", b"again")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await _upload(service, "art", "notes.md", b"added after the end")
+    listed = await service.stub.ListArtifacts(job_service_pb2.ListArtifactsRequest(job_id="art"))
+    assert sorted(a.name for a in listed.artifacts) == ["notes.md", "text.md"]

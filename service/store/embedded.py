@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -450,7 +450,10 @@ class EmbeddedStore:
     # -- artifacts ---------------------------------------------------------
 
     async def put_artifact(
-        self, artifact: artifact_pb2.Artifact, chunks: AsyncIterator[bytes]
+        self,
+        artifact: artifact_pb2.Artifact,
+        chunks: AsyncIterator[bytes],
+        before_commit: Callable[[], Awaitable[None]] | None = None,
     ) -> artifact_pb2.Artifact:
         tmp = self._artifacts / ".tmp" / uuid.uuid4().hex
         digest = hashlib.sha256()
@@ -466,6 +469,8 @@ class EmbeddedStore:
                 size += len(chunk)
                 await loop.run_in_executor(None, handle.write, chunk)
             await loop.run_in_executor(None, _fsync_close, handle)
+            if before_commit is not None:
+                await before_commit()
         except BaseException as err:
             with contextlib.suppress(OSError):  # a full disk fails the close's flush too
                 handle.close()

@@ -20,7 +20,15 @@ import os
 import random
 import time
 import warnings
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -1155,7 +1163,10 @@ class MongoStore:
     # -- artifacts (GridFS layout: <bucket>.files + <bucket>.chunks) ------------------
 
     async def put_artifact(
-        self, artifact: artifact_pb2.Artifact, chunks: AsyncIterator[bytes]
+        self,
+        artifact: artifact_pb2.Artifact,
+        chunks: AsyncIterator[bytes],
+        before_commit: Callable[[], Awaitable[None]] | None = None,
     ) -> artifact_pb2.Artifact:
         """Writes GridFS chunks one CHUNK_SIZE piece at a time (the driver's GridIn
         buffers up to 32 MB per insert), then the files document, then drops older
@@ -1186,6 +1197,8 @@ class MongoStore:
                 now_ns = time.time_ns()
                 stored.create_time.FromNanoseconds(now_ns)
                 filename = codec.artifact_filename(artifact.job_id, artifact.name)
+                if before_commit is not None:
+                    await before_commit()
                 async with self._writing():
                     await self.files.insert_one(
                         {

@@ -13,7 +13,7 @@ Adapters (embedded SQLite, MongoDB) implement `Store`. The rules they share:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -134,9 +134,14 @@ class Store(Protocol):
         every kind (LogEntry.kind)."""
 
     async def put_artifact(
-        self, artifact: artifact_pb2.Artifact, chunks: AsyncIterator[bytes]
+        self,
+        artifact: artifact_pb2.Artifact,
+        chunks: AsyncIterator[bytes],
+        before_commit: Callable[[], Awaitable[None]] | None = None,
     ) -> artifact_pb2.Artifact:
-        """Streams chunks to storage, replacing a same-named artifact; fills size and sha256."""
+        """Streams chunks to storage, replacing a same-named artifact; fills size and sha256.
+        `before_commit` runs once the content is stored, before it is visible: what it
+        raises stores nothing (an upload can take minutes; the job may end meanwhile)."""
 
     async def open_artifact(
         self, job_id: str, name: str
