@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
@@ -218,6 +219,30 @@ async def test_bad_input_is_400_and_writes_nothing(bridge: Any, stub: Any) -> No
     assert (job.state, job.sequence) == (job_pb2.JOB_STATE_QUEUED, 0)
     listed = await stub.ListArtifacts(job_service_pb2.ListArtifactsRequest(job_id=job_id))
     assert list(listed.artifacts) == []
+
+
+async def test_a_large_body_is_read_only_for_the_job_s_own_token(bridge: Any, stub: Any) -> None:
+    """Any token got a body of up to 256 MiB read and parsed before the service said
+    401. A body past the usual limit now gets its 401 (or 404) before it is read: here
+    after 1 KiB of a declared 100 MiB, long before the body timeout."""
+    job_id, _ = await new_job(stub)
+    host, port = bridge.url.removeprefix("http://").split(":")
+    for target, token, expected in (
+        (job_id, "wrong", b" 401 "),
+        ("no-such-job", "x" * 43, b" 404 "),
+    ):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        head = (
+            f"POST {path(target)} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {100 * 1024 * 1024}\r\n\r\n"
+        )
+        writer.write(
+            head.encode() + b'{"phase": "completed", "data": {"extracted_text": "' + b"a" * 1024
+        )
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 2.0)
+        assert expected in status, status
+        writer.close()
 
 
 async def test_an_event_too_large_to_apply_is_413_not_retry_later(bridge: Any, stub: Any) -> None:
