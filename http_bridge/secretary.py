@@ -18,6 +18,7 @@ import base64
 import binascii
 import logging
 import re
+import secrets
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -266,7 +267,6 @@ async def callback(request: web.Request) -> web.StreamResponse:
 
 
 _ARCHIVE_KEY = re.compile(rb'"images_archive_data"\s*:\s*"')
-_ARCHIVE_SENTINEL = "\x00jobwire:images_archive_data"
 LARGE_FIELD = 64 * 1024
 
 
@@ -288,11 +288,15 @@ def parse_body(raw: bytes | bytearray) -> tuple[Any, memoryview | None]:
     if best is None or best[1] - best[0] < LARGE_FIELD or raw.find(b"\\", *best) != -1:
         return parse_json(raw), None
     start, end = best
-    rest = raw[:start] + b"\\u0000jobwire:images_archive_data" + raw[end:]
+    # A fresh sentinel: a fixed one could be sent as the field's value while the key
+    # found is in the metadata, and that value became the archive (a body's own
+    # placeholder swapped its ZIP and its metadata).
+    mark = secrets.token_hex(16)
+    rest = raw[:start] + b"\\u0000jobwire:" + mark.encode() + raw[end:]
     data = parse_json(rest)
     del rest
     payload = data.get("data") if isinstance(data, dict) else None
-    if not isinstance(payload, dict) or payload.get("images_archive_data") != _ARCHIVE_SENTINEL:
+    if not isinstance(payload, dict) or payload.get("images_archive_data") != f"\x00jobwire:{mark}":
         return parse_json(raw), None
     del payload["images_archive_data"]
     return data, memoryview(raw)[start:end]

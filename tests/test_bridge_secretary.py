@@ -245,6 +245,27 @@ async def test_a_large_body_is_read_only_for_the_job_s_own_token(bridge: Any, st
         writer.close()
 
 
+async def test_a_body_cannot_forge_the_archive_placeholder(bridge: Any, stub: Any) -> None:
+    """A large archive is taken from the raw body and replaced by a placeholder in what
+    is parsed. The placeholder was fixed text: a body that sent it as the archive and
+    put a large base64 value under `metadata.images_archive_data` got its metadata
+    stored as images.zip. The placeholder is now unguessable: such a body is parsed
+    whole, its archive is not base64, and the answer is 400 with nothing stored."""
+    job_id, auth = await new_job(stub)
+    zipped = base64.b64encode(os.urandom(100_000)).decode()
+    body = {
+        "phase": "completed",
+        "data": {
+            "images_archive_data": "\u0000jobwire:images_archive_data",
+            "metadata": {"images_archive_data": zipped},
+        },
+    }
+    status, answer = await bridge.post(path(job_id), body, headers=auth)
+    assert (status, answer["error"]) == (400, "data.images_archive_data: invalid base64")
+    listed = await stub.ListArtifacts(job_service_pb2.ListArtifactsRequest(job_id=job_id))
+    assert list(listed.artifacts) == []
+
+
 async def test_an_event_too_large_to_apply_is_413_not_retry_later(bridge: Any, stub: Any) -> None:
     """A failed event whose details came to 5 MB went to the service, past its 4 MiB
     message limit: RESOURCE_EXHAUSTED, which a worker read as 429 with Retry-After, for
