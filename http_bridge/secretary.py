@@ -95,7 +95,8 @@ EVENT_PHASE = {
 }
 TERMINAL = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED)
 
-Short = Annotated[str, pydantic.StringConstraints(max_length=4096)]
+SHORT = 4096
+Short = Annotated[str, pydantic.StringConstraints(max_length=SHORT)]
 
 
 class Process(pydantic.BaseModel):
@@ -325,6 +326,8 @@ def final_fields(data: dict[str, Any], has_archive: bool) -> dict[str, Any]:
         raise BridgeError(400, "data.metadata: nested too deeply (32 levels at most)")
     if data.get("message") is not None and not isinstance(data["message"], str):
         raise BridgeError(400, "message: must be a string")
+    if len(data.get("message") or "") > SHORT:  # as the document says (FinalEvent)
+        raise BridgeError(400, f"message: at most {SHORT} characters")
     return payload
 
 

@@ -208,6 +208,7 @@ async def test_bad_input_is_400_and_writes_nothing(bridge: Any, stub: Any) -> No
         {"phase": "completed"},
         {"phase": "completed", "data": {"images_archive_data": "UEsDB... (base64)"}},
         {"phase": "completed", "data": {"extracted_text": 5}},
+        {"phase": "completed", "data": {"extracted_text": "t"}, "message": "m" * 4097},
         {"phase": "failed"},
         {"phase": "failed", "error": {"code": "X"}},
         [],
