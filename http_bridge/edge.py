@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -53,6 +54,9 @@ def token_text(value: str) -> str:
     return value
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]{1,12}")
+
+
 def int_param(
     request: web.Request, name: str, minimum: int, maximum: int, default: int | None = None
 ) -> int | None:
@@ -60,11 +64,11 @@ def int_param(
     raw = request.query.get(name)
     if raw is None:
         return default
-    text = raw.strip()
-    if not (text.isascii() and text.lstrip("+-").isdigit() and len(text) <= 12):
-        raise BridgeError(400, f"{name} must be an integer from {minimum} to {maximum}")
-    value = int(text)
-    if not minimum <= value <= maximum:
+    # One optional sign, then ASCII digits: int() also takes `_` and non-ASCII digits,
+    # and the looser check before (`lstrip("+-")`) let `--5` reach int() and raise.
+    match = _INTEGER.fullmatch(raw.strip())
+    value = int(match[0]) if match else None
+    if value is None or not minimum <= value <= maximum:
         raise BridgeError(400, f"{name} must be an integer from {minimum} to {maximum}")
     return value
 
