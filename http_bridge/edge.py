@@ -20,7 +20,7 @@ from aiohttp import web
 
 from . import signing
 from .config import Config
-from .errors import BridgeError
+from .errors import BridgeError, RequestProblem
 from .grpc_client import config_of
 
 RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("jobwire_rate_limiter")
@@ -41,7 +41,7 @@ def text_header(request: web.Request, name: str, limit: int = 256) -> str:
     """A header's text, stripped and cut to `limit`; 400 naming it when not text."""
     value = request.headers.get(name, "").strip()
     if value and not is_text(value):
-        raise BridgeError(400, f"{name} header is not valid UTF-8 text")
+        raise RequestProblem(f"{name} header is not valid UTF-8 text")
     return value[:limit]
 
 

@@ -84,6 +84,15 @@ class BridgeError(Exception):
         self.retry_after = retry_after
 
 
+class RequestProblem(BridgeError):
+    """A 400 for the request itself (a header, the body's encoding), not for its body's
+    fields: a contract whose field error is one fixed body (the video worker's) must
+    still name the problem, not fields the request may not even have."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(400, message)
+
+
 class RpcFailed(BridgeError):
     """The service answered a call (or one event of a batch) with a non-OK status."""
 

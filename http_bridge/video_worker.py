@@ -31,7 +31,7 @@ from .common import (
     validate,
 )
 from .edge import check_signature, int_param, text_header
-from .errors import BridgeError, contract_errors, json_response
+from .errors import BridgeError, RequestProblem, contract_errors, json_response
 from .grpc_client import config_of, stub_of
 
 routes = web.RouteTableDef()
@@ -110,6 +110,8 @@ class VideoError(pydantic.BaseModel):
 
 def render(missing_fields_body: dict[str, str]) -> Any:
     def render_error(err: BridgeError) -> dict[str, str]:
+        if isinstance(err, RequestProblem):  # a header, the body's encoding: named
+            return {"error": f"Solicitud inválida: {err.message}"}
         if err.status == 401:
             return NOT_AUTHORIZED
         if err.status == 404:
@@ -215,7 +217,8 @@ async def write_log(request: web.Request) -> web.StreamResponse:
 
 
 def render_query_error(err: BridgeError) -> dict[str, str]:
-    if err.status == 400:  # the message names the parameter and its range
+    if err.status == 400 and not isinstance(err, RequestProblem):
+        # The message names the parameter and its range.
         return {"error": f"Parámetros inválidos: {err.message}"}
     return render(REPORT_FIELDS)(err)  # type: ignore[no-any-return]
 

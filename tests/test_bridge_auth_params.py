@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import orjson
 import pytest
 
 from jobwire.v1 import job_pb2
@@ -125,6 +126,32 @@ async def test_non_utf8_header_bytes_are_4xx_on_every_route(bridge: Any, stub: A
     statuses = [status_of(a) for a in answers]
     assert all(s is not None and 400 <= s < 500 for s in statuses), statuses
     assert statuses[:2] == [401, 401] and statuses[2:4] == [400, 400]
+
+
+async def test_a_header_that_is_not_text_is_named_in_the_video_contracts_body(
+    bridge: Any,
+) -> None:
+    """`X-Worker: w\\xff` on GET /api/pending answered the 400 of POST /api/report's
+    body ("Faltan campos requeridos: status, videoId, message"), naming fields that
+    request has none of; the same for a bad `Idempotency-Key` on the report."""
+    port = int(bridge.url.rsplit(":", 1)[1])
+    auth = b"Authorization: Bearer test-api-key\r\nHost: t\r\nConnection: close\r\n"
+    report = b'{"status":"progress","message":"m","videoId":"v"}'
+    cases = [
+        (b"GET /api/pending HTTP/1.1\r\nX-Worker: w\xff\r\n" + auth + b"\r\n", "X-Worker"),
+        (
+            b"POST /api/report HTTP/1.1\r\nIdempotency-Key: k\xff\r\n"
+            + auth
+            + b"Content-Length: %d\r\n\r\n" % len(report)
+            + report,
+            "Idempotency-Key",
+        ),
+    ]
+    for request, header in cases:
+        answer = await raw_exchange(port, request)
+        assert status_of(answer) == 400, answer
+        body = orjson.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert body == {"error": f"Solicitud inválida: {header} header is not valid UTF-8 text"}
 
 
 async def test_openapi_documents_the_edge(bridge: Any) -> None:
