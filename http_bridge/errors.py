@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 
 from .redaction import loggable_path
 
@@ -73,6 +73,7 @@ class BridgeError(Exception):
         *,
         token_sent: bool | None = None,
         retry_after: int | None = None,
+        close_connection: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -82,6 +83,8 @@ class BridgeError(Exception):
         self.token_sent = token_sent
         # 429/503: seconds for Retry-After (None: the configured default).
         self.retry_after = retry_after
+        # No next request can be read on this connection: close it after the answer.
+        self.close_connection = close_connection or status == 408
 
 
 class RequestProblem(BridgeError):
@@ -89,8 +92,8 @@ class RequestProblem(BridgeError):
     fields: a contract whose field error is one fixed body (the video worker's) must
     still name the problem, not fields the request may not even have."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(400, message)
+    def __init__(self, message: str, *, close_connection: bool = False) -> None:
+        super().__init__(400, message, close_connection=close_connection)
 
 
 class RpcFailed(BridgeError):
@@ -128,9 +131,28 @@ def error_response(
             token_sent if err.token_sent is None else err.token_sent
         )
     response = json_response(render(err), err.status, headers or None)
-    if err.status == 408:
-        response.force_close()  # the rest of a late body is not worth waiting for
+    if err.close_connection:
+        response.force_close()  # e.g. the rest of a late body is not worth waiting for
     return response
+
+
+# Content-Encoding values aiohttp decodes; any other is passed on undecoded.
+_CODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
+
+
+def unreadable_body(request: web.Request, exc: Exception) -> RequestProblem:
+    """aiohttp could not read the body: not the data its Content-Encoding names, or
+    broken framing. The client's bytes (400), and the parser is stuck past them, so
+    the connection closes. The body is marked ended: aiohttp drains what is left of it
+    after the answer, and that read raised the error again ("Unhandled exception")."""
+    request.content.feed_eof()
+    cause = exc.__cause__ if isinstance(exc, web.RequestPayloadError) else exc
+    coding = request.headers.get("Content-Encoding", "").strip().lower()
+    if isinstance(cause, ContentEncodingError) and coding in _CODINGS:
+        message = f"request body does not decode as Content-Encoding {coding}"
+    else:
+        message = f"malformed request body ({type(cause or exc).__name__})"
+    return RequestProblem(message, close_connection=True)
 
 
 def challenge(token_sent: bool) -> str:
@@ -172,9 +194,10 @@ def contract_errors(render: Renderer) -> Callable[[Handler], Handler]:
                 err = exc
             except web.HTTPException:
                 raise
-            except HttpProcessingError as exc:
-                # A broken chunked encoding or a body cut short: the client's bytes.
-                err = BridgeError(400, f"malformed request body ({type(exc).__name__})")
+            except (web.RequestPayloadError, HttpProcessingError) as exc:
+                # A body aiohttp could not decode, a broken chunked encoding, a body
+                # cut short: the client's bytes. (RequestPayloadError was a 500.)
+                err = unreadable_body(request, exc)
             except ConnectionError:
                 # The client went away mid-request (its connection lost while its body
                 # was read): no answer reaches it, and the bridge did not fail. Counted

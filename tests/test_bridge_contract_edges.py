@@ -9,6 +9,7 @@ import base64
 import dataclasses
 import gzip
 import hashlib
+import logging
 import random
 import time
 import zlib
@@ -34,6 +35,7 @@ from tests.bridge_harness import (
     running_bridge,
     stub,  # noqa: F401
 )
+from tests.bridge_process import raw_exchange, status_of
 
 
 async def read_text_artifact(stub: Any, job_id: str, name: str) -> str:
@@ -99,6 +101,50 @@ async def test_a_gzip_body_decoding_past_the_limit_is_413(bridge: Any, stub: Any
         {"error": "Faltan campos requeridos: status, videoId, message"},
     )
     assert (await get_job(stub, vid)).sequence == 0
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+async def test_a_body_that_is_not_its_content_encoding_is_400_on_every_contract(
+    bridge: Any, stub: Any, caplog: pytest.LogCaptureFixture, coding: str
+) -> None:
+    """`Content-Encoding: gzip` over bytes that are not gzip: aiohttp's
+    RequestPayloadError reached the handler unmapped (500, a traceback), and aiohttp
+    raised it again draining the body after the answer ("Unhandled exception").
+    Now 400 in each contract's body, naming the encoding, and the connection closes
+    (its parser cannot find the next request after such a body)."""
+    port = int(bridge.url.rsplit(":", 1)[1])
+    vid = new_id("enc")
+    await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid)
+    created = await create_job(stub, job_pb2.JOB_KIND_EXTRACTION)
+    problem = f"request body does not decode as Content-Encoding {coding}"
+    video = f"Authorization: {VIDEO_AUTH['Authorization']}"
+    cases = [
+        ("/api/batch-callback", "", {"error": f"Fehlende oder ungültige Parameter: {problem}"}),
+        ("/api/report", video, {"error": f"Solicitud inválida: {problem}"}),
+        ("/api/log", video, {"error": f"Solicitud inválida: {problem}"}),
+        (f"/api/transcode-callback/{TRANSCODE_TOKEN}", "", {"ack": False, "error": problem}),
+        (
+            f"/api/external/jobs/{created.job.id}",
+            f"Authorization: Bearer {created.callback_token}",
+            {"status": "error", "error": problem},
+        ),
+    ]
+    caplog.clear()
+    for path, auth, expected in cases:
+        body = b"notgzip, not deflate either"
+        head = f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Encoding: {coding}\r\n"
+        if auth:
+            head += auth + "\r\n"
+        head += f"Content-Length: {len(body)}\r\n\r\n"
+        # No `Connection: close`: the bridge closes it (raw_exchange reads until then,
+        # which also waits out aiohttp's drain of the body after the answer).
+        answer = await raw_exchange(port, head.encode() + body)
+        assert status_of(answer) == 400, (path, answer)
+        assert orjson.loads(answer.split(b"\r\n\r\n", 1)[1]) == expected, path
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    assert (await get_job(stub, vid)).sequence == 0
+    assert (await get_job(stub, created.job.id)).sequence == 0
 
 
 async def test_a_shared_secret_reaches_only_its_contracts_kind_of_job(
