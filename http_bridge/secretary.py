@@ -581,6 +581,12 @@ async def download(request: web.Request) -> web.StreamResponse:
     )
     response.content_length = first.artifact.size_bytes
     await response.prepare(request)
+    if request.method == "HEAD":
+        # Headers only: aiohttp sends whatever is written, and bytes after a HEAD's
+        # head were read by a kept-alive client as the start of its next response.
+        call.cancel()
+        await response.write_eof()
+        return response
     try:
         message: Any
         while (message := await call.read()) is not grpc.aio.EOF:

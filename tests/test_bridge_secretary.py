@@ -19,6 +19,7 @@ from tests.bridge_harness import (
     get_job,
     stub,  # noqa: F401
 )
+from tests.bridge_process import raw_exchange, status_of
 
 PROGRESS = {
     "phase": "extract_text",
@@ -150,6 +151,29 @@ async def test_only_text_final_example_shape(bridge: Any, stub: Any) -> None:
     final = {"phase": "completed", "data": {"extracted_text": "..."}}
     assert (await bridge.post(path(job_id), final, headers=auth))[0] == 200
     assert [a.name for a in (await get_job(stub, job_id)).result.artifacts] == ["extracted_text.md"]
+
+
+async def test_head_of_an_artifact_sends_its_headers_only(bridge: Any, stub: Any) -> None:
+    """HEAD of an artifact streamed its bytes after the headers, so on a kept-alive
+    connection the next response was read from inside them."""
+    job_id, auth = await new_job(stub)
+    text = "# Titel\n\nÄrger über Öl – ✓\n" * 100
+    final = {"phase": "completed", "data": {"extracted_text": text}}
+    assert (await bridge.post(path(job_id), final, headers=auth))[0] == 200
+    port = int(bridge.url.rsplit(":", 1)[1])
+    head = (
+        f"HEAD {path(job_id)}/artifacts/extracted_text.md HTTP/1.1\r\nHost: t\r\n"
+        f"Authorization: {auth['Authorization']}\r\n\r\n"
+    )
+    # One keep-alive connection: the HEAD, then a GET that closes it.
+    answer = await raw_exchange(
+        port, head.encode() + b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    first, rest = answer.split(b"\r\n\r\n", 1)
+    assert status_of(first) == 200, answer[:300]
+    assert f"Content-Length: {len(text.encode())}".encode() in first.split(b"\r\n")
+    assert status_of(rest) == 200, rest[:100]  # the next response, right after the head
+    assert rest.startswith(b"HTTP/1.1 200 ")
 
 
 async def test_64_mib_final_round_trip(bridge: Any, stub: Any) -> None:
