@@ -56,21 +56,11 @@ CHUNK = 1024 * 1024  # bytes per UploadArtifact data message (gRPC limit is 4 Mi
 B64_SLICE = CHUNK // 3 * 4  # base64 chars decoding to <= 1 MiB; a multiple of 4
 TEXT_SLICE = CHUNK // 4  # characters encoding to <= 1 MiB of UTF-8
 SMALL_METADATA = 64 * 1024  # metadata up to this size is also kept on the job's result
-# Query parameter names refused, compared without case, `_` or `-` (callbackToken).
-QUERY_TOKENS = frozenset(
-    [
-        "token",
-        "callbacktoken",
-        "xcallbacktoken",
-        "accesstoken",
-        "auth",
-        "authorization",
-        "bearer",
-        "key",
-        "apikey",
-        "secret",
-    ]
-)
+# A query parameter whose name holds one of these (without case, `_` or `-`) is refused:
+# `callbackToken`, `api_token`, `X-API-Key`, `client_secret`. An exact list of names let
+# `api_token` and `auth_token` through. The contracts' own parameters (`limit`,
+# `level`) hold none.
+QUERY_TOKEN_WORDS = ("token", "secret", "key", "auth", "bearer", "passw", "credential")
 _ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _ARTIFACT = re.compile(r"[A-Za-z0-9._\-]{1,255}")
 _WHITESPACE = str.maketrans("", "", " \r\n\t")
@@ -206,7 +196,8 @@ def _large(request: web.Request, usual: int) -> bool:
 def token_in_query(request: web.Request, token: str) -> bool:
     """A parameter named like a token, or one holding the header's token (any name)."""
     for name, value in request.query.items():
-        if name.lower().replace("_", "").replace("-", "") in QUERY_TOKENS:
+        plain = name.lower().replace("_", "").replace("-", "")
+        if any(word in plain for word in QUERY_TOKEN_WORDS):
             return True
         if token and secret_matches(value, token):
             return True
