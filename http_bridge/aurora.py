@@ -82,14 +82,21 @@ def render_error(err: BridgeError) -> dict[str, Any]:
     return {"ack": False, "error": err.message if err.status < 500 else "service unavailable"}
 
 
+def credential(request: web.Request) -> str:
+    """The token as sent: the path segment, else a header. With no token configured
+    (the allow-list alone) none counts, and the rate limit goes by address."""
+    if not config_of(request).transcode_callback_token:
+        return ""
+    return request.match_info.get("token") or header_token(request)
+
+
 def authorize(request: web.Request) -> None:
     config = config_of(request)
     if not config.transcode_callback_token and not config.transcode_allowed_ips:
         raise BridgeError(401, "endpoint not configured")
-    if config.transcode_callback_token:
-        given = request.match_info.get("token") or header_token(request)
-        if not secret_matches(given, config.transcode_callback_token):
-            raise BridgeError(401, "invalid or missing callback token")
+    token = config.transcode_callback_token
+    if token and not secret_matches(credential(request), token):
+        raise BridgeError(401, "invalid or missing callback token")
     if config.transcode_allowed_ips:
         try:
             peer = ipaddress.ip_address(request.remote or "")
@@ -135,7 +142,7 @@ async def apply_task(request: web.Request, event: svc.ReportEventRequest) -> Non
 
 @routes.post("/api/transcode-callback")
 @routes.post("/api/transcode-callback/{token}")
-@contract_errors(render_error)
+@contract_errors(render_error, credential=credential)
 async def transcode_callback(request: web.Request) -> web.StreamResponse:
     authorize(request)
     body = await read_body(request, config_of(request).max_body_bytes)

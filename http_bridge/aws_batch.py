@@ -24,7 +24,7 @@ from .common import (
     secret_matches,
     validate,
 )
-from .edge import check_signature
+from .edge import by_address, check_signature
 from .errors import BridgeError, contract_errors, json_response
 from .grpc_client import config_of
 
@@ -86,7 +86,7 @@ def to_event(cb: BatchCallback) -> svc.ReportEventRequest:
 
 
 @routes.post("/api/batch-callback")
-@contract_errors(render_error)
+@contract_errors(render_error, credential=by_address)
 async def batch_callback(request: web.Request) -> web.StreamResponse:
     config = config_of(request)
     body = await read_body(request, config.max_body_bytes)

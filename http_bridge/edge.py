@@ -20,7 +20,7 @@ from aiohttp import web
 
 from . import signing
 from .config import Config
-from .errors import BridgeError, RequestProblem
+from .errors import BridgeError, Credential, RequestProblem
 from .grpc_client import config_of
 
 RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("jobwire_rate_limiter")
@@ -177,24 +177,29 @@ class RateLimiter:
         return wait
 
 
-def credential_key(request: web.Request) -> bytes:
-    """Whatever identifies the caller before its body is read: its token (header or
-    path), else its address (the AWS Batch secret travels in the body)."""
-    headers = request.headers
-    credential = (
-        headers.get("Authorization")
-        or headers.get("X-Callback-Token")
-        or request.match_info.get("token")
-        or f"ip:{request.remote}"
-    )
-    return hashlib.sha256(credential.encode("utf-8", "surrogateescape")).digest()
+def by_address(request: web.Request) -> str:
+    """No credential before the body (the AWS Batch secret travels in it): the rate
+    limit goes by the client's address."""
+    return ""
 
 
-def check_rate(request: web.Request) -> None:
+def credential_key(request: web.Request, credential: Credential) -> bytes:
+    """The caller's bucket: its token as the contract's auth parses it (`credential`),
+    else its address. A digest of the raw header gave `Bearer` plus any number of
+    spaces, or any extra header the contract ignores, a fresh bucket per request."""
+    token = credential(request)
+    if token:
+        return hashlib.sha256(b"token\0" + token.encode("utf-8", "surrogateescape")).digest()
+    address = (request.remote or "").encode("utf-8", "surrogateescape")
+    return hashlib.sha256(b"address\0" + address).digest()
+
+
+def check_rate(request: web.Request, credential: Credential) -> bytes | None:
+    """429 beyond the caller's rate; else its bucket's key (None: no limit set)."""
     limiter = request.app.get(RATE_LIMITER)
     if limiter is None:
-        return
-    key = credential_key(request)
+        return None
+    key = credential_key(request, credential)
     wait = limiter.take(key)
     if not wait and not limiter.vouched(key):
         # Not seen to work yet (a guess, or a worker's first call): not while its
@@ -202,6 +207,7 @@ def check_rate(request: web.Request) -> None:
         wait = limiter.take(_failures_key(request), peek=True)
     if wait > 0:
         raise BridgeError(429, "rate limit exceeded", retry_after=max(1, math.ceil(wait)))
+    return key
 
 
 def _failures_key(request: web.Request) -> bytes:
@@ -215,11 +221,11 @@ def count_failed_authentication(request: web.Request) -> None:
         limiter.take(_failures_key(request))
 
 
-def vouch_for_credential(request: web.Request) -> None:
+def vouch_for_credential(request: web.Request, key: bytes) -> None:
     """After a success: the credential works, it no longer draws on its address."""
     limiter = request.app.get(RATE_LIMITER)
     if limiter is not None:
-        limiter.vouch(credential_key(request))
+        limiter.vouch(key)
 
 
 def install(app: web.Application, config: Config) -> None:

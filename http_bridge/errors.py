@@ -109,6 +109,8 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> RpcFailed:
 
 # A contract turns an error into its own body (dict or list, serialised with orjson).
 Renderer = Callable[[BridgeError], Any]
+# A contract's credential as its auth parses it ("" when none: the client's address).
+Credential = Callable[[web.Request], str]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -171,8 +173,9 @@ def credential_sent(request: web.Request) -> bool:
     )
 
 
-def contract_errors(render: Renderer) -> Callable[[Handler], Handler]:
-    """Wraps a handler so every failure is answered in its contract's error body."""
+def contract_errors(render: Renderer, *, credential: Credential) -> Callable[[Handler], Handler]:
+    """Wraps a handler so every failure is answered in its contract's error body;
+    `JOBWIRE_RATE_LIMIT` counts per `credential`."""
 
     def decorate(handler: Handler) -> Handler:
         # Late (edge and grpc_client import this module), but once per handler rather
@@ -183,10 +186,10 @@ def contract_errors(render: Renderer) -> Callable[[Handler], Handler]:
         @functools.wraps(handler)
         async def wrapper(request: web.Request) -> web.StreamResponse:
             try:
-                check_rate(request)
+                key = check_rate(request, credential)
                 response = await handler(request)
-                if response.status < 400:
-                    vouch_for_credential(request)
+                if response.status < 400 and key is not None:
+                    vouch_for_credential(request, key)
                 return response
             except grpc.aio.AioRpcError as exc:
                 err: BridgeError = from_rpc_error(exc)

@@ -209,7 +209,7 @@ def ack(kind: str, job_id: str) -> web.Response:
 
 
 @routes.post(JOB_PATH)
-@contract_errors(render_error)
+@contract_errors(render_error, credential=header_token)
 async def callback(request: web.Request) -> web.StreamResponse:
     job_id, token = job_id_and_token(request)
     config = config_of(request)
@@ -474,7 +474,7 @@ def struct_dict(value: struct_pb2.Struct) -> dict[str, Any]:
 
 
 @routes.get(JOB_PATH)
-@contract_errors(render_error)
+@contract_errors(render_error, credential=header_token)
 async def poll(request: web.Request) -> web.StreamResponse:
     job_id, token = job_id_and_token(request)
     check_signature(request, "secretary")
@@ -545,7 +545,7 @@ def log_item(event: event_pb2.JobEvent) -> dict[str, Any]:
 
 
 @routes.get(ARTIFACT_PATH)
-@contract_errors(render_error)
+@contract_errors(render_error, credential=header_token)
 async def download(request: web.Request) -> web.StreamResponse:
     job_id, token = job_id_and_token(request)
     check_signature(request, "secretary")

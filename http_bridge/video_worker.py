@@ -159,7 +159,7 @@ def to_event(report: Report) -> svc.ReportEventRequest:
 
 # No HEAD: it would run the claim and drop the video it hands out (405, Allow: GET).
 @routes.get("/api/pending", allow_head=False)
-@contract_errors(render(REPORT_FIELDS))
+@contract_errors(render(REPORT_FIELDS), credential=bearer_token)
 async def pending(request: web.Request) -> web.StreamResponse:
     authorize(request)
     check_signature(request, SIGNED_AS)
@@ -183,7 +183,7 @@ async def pending(request: web.Request) -> web.StreamResponse:
 
 
 @routes.post("/api/report")
-@contract_errors(render(REPORT_FIELDS))
+@contract_errors(render(REPORT_FIELDS), credential=bearer_token)
 async def report(request: web.Request) -> web.StreamResponse:
     authorize(request)
     body = await read_body(request, config_of(request).max_body_bytes)
@@ -196,7 +196,7 @@ async def report(request: web.Request) -> web.StreamResponse:
 
 
 @routes.post("/api/log")
-@contract_errors(render(LOG_FIELDS))
+@contract_errors(render(LOG_FIELDS), credential=bearer_token)
 async def write_log(request: web.Request) -> web.StreamResponse:
     authorize(request)
     body = await read_body(request, config_of(request).max_body_bytes)
@@ -224,7 +224,7 @@ def render_query_error(err: BridgeError) -> dict[str, str]:
 
 
 @routes.get("/api/log")
-@contract_errors(render_query_error)
+@contract_errors(render_query_error, credential=bearer_token)
 async def list_logs(request: web.Request) -> web.StreamResponse:
     authorize(request)
     check_signature(request, SIGNED_AS)

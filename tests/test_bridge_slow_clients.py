@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 
 from jobwire.v1 import job_pb2
-from tests.bridge_harness import API_KEY, BATCH_SECRET, create_job, new_id
+from tests.bridge_harness import API_KEY, BATCH_SECRET, TRANSCODE_TOKEN, create_job, new_id
 from tests.bridge_process import bridge_process, raw_exchange, status_of, trickle_head
 
 SLACK = 10.0  # seconds beyond a configured timeout before a test gives up waiting
@@ -214,6 +214,71 @@ async def test_guessed_credentials_are_rate_limited_per_address(
         guesses = [await call(f"guess-{i}") for i in range(8)]
         assert guesses == [401, 401, 401] + [429] * 5, guesses
         assert await call(API_KEY) == 200  # it worked before: its own bucket, 2 of 3 left
+
+
+async def test_a_credential_spelled_differently_or_extra_headers_share_one_bucket(
+    grpc_service: Any, tmp_path: Path
+) -> None:
+    """The bucket's key was a digest of the raw header, so `Bearer` followed by one to
+    ten spaces (or `bearer`) gave the same API key a fresh bucket each time, as did a
+    random `X-Callback-Token` on AWS Batch (whose secret is in the body: per address)
+    or a random non-Bearer `Authorization` beside a Secretary's `X-Callback-Token`.
+    The key is now the token as auth parses it, or the address."""
+    stub = grpc_service.stub
+    batch_job = new_id("rl")
+    await create_job(stub, job_pb2.JOB_KIND_BATCH, batch_job)
+    secretary = await create_job(stub, job_pb2.JOB_KIND_EXTRACTION)
+    async with (
+        bridge_process(grpc_service.target, tmp_path, JOBWIRE_RATE_LIMIT="3/min") as bridge,
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def statuses(
+            method: str, path: str, headers: Callable[[int], dict[str, str]], body: Any = None
+        ) -> list[int]:
+            found = []
+            for i in range(8):
+                url = bridge.url + path
+                async with http.request(method, url, json=body, headers=headers(i)) as r:
+                    found.append(r.status)
+            return found
+
+        scheme = ["Bearer", "bearer", "BEARER"]
+        batch = {
+            "jobId": batch_job,
+            "status": "failed",
+            "error": "x",
+            "callbackSecret": BATCH_SECRET,
+        }
+        found = {
+            "video": await statuses(
+                "GET",
+                "/api/log?limit=1",
+                lambda i: {"Authorization": f"{scheme[i % 3]}{' ' * (i + 1)}{API_KEY}"},
+            ),
+            "batch": await statuses(
+                "POST",
+                "/api/batch-callback",
+                lambda i: {"X-Callback-Token": new_id(), "Authorization": f"Bearer {new_id()}"},
+                batch,
+            ),
+            "secretary": await statuses(
+                "POST",
+                f"/api/external/jobs/{secretary.job.id}",
+                lambda i: {
+                    "X-Callback-Token": secretary.callback_token,
+                    "Authorization": f"Basic {new_id()}",
+                },
+                {"phase": "extract_text", "progress": 5},
+            ),
+            "aurora": await statuses(
+                "POST",
+                f"/api/transcode-callback/{TRANSCODE_TOKEN}",
+                lambda i: {"Authorization": f"Bearer {new_id()}", "X-Callback-Token": new_id()},
+                {"code": 0, "msg": "ok", "data": []},
+            ),
+        }
+        assert found == {name: [200] * 3 + [429] * 5 for name in found}
 
 
 async def test_200_slow_connections_do_not_slow_normal_callbacks(
