@@ -40,13 +40,13 @@ async def test_idempotency_keys_are_kept_whole(bridge: Any, stub: Any) -> None:
     vid = new_id("k")
     await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid, video())
     base = "k" * 200
-    steps = [
+    steps: list[tuple[str, dict[str, Any]]] = [
         ("-step-1", {"status": "progress", "percent": 10}),
         ("-step-2", {"status": "progress", "percent": 20}),
         ("-final", {"status": "success"}),
     ]
     for suffix, fields in steps:
-        body = {**fields, "message": suffix, "videoId": vid}
+        body: dict[str, Any] = {**fields, "message": suffix, "videoId": vid}
         headers = {**VIDEO_AUTH, "Idempotency-Key": base + suffix}
         assert await bridge.post("/api/report", body, headers=headers) == (200, {"success": True})
     job = await get_job(stub, vid)
