@@ -149,7 +149,7 @@ class Jobs:
         )
 
     async def get(self, job_id: str, token: str = "") -> job_pb2.Job:
-        return (await self._record(job_id, token)).job
+        return (await self._record(job_id, token, "id")).job
 
     async def list_jobs(
         self, request: job_service_pb2.ListJobsRequest
@@ -396,7 +396,7 @@ class Jobs:
     ) -> artifact_pb2.Artifact:
         validation.artifact_name(header.name)
         validation.content_type(header.content_type)
-        await self._record(header.job_id, header.callback_token)
+        await self._record(header.job_id, header.callback_token, "header.job_id")
         meta = artifact_pb2.Artifact(
             job_id=header.job_id,
             name=header.name,
@@ -555,8 +555,9 @@ class Jobs:
 
     # -- helpers -----------------------------------------------------------
 
-    async def _record(self, job_id: str, token: str) -> JobRecord:
-        validation.job_id(job_id)
+    async def _record(self, job_id: str, token: str, field: str = "job_id") -> JobRecord:
+        """`field`: the request's name for the id (GetJobRequest.id), for its errors."""
+        validation.job_id(job_id, field)
         return _allowed(job_id, await self.store.get(job_id), token)
 
     async def _one(self, command: JobCommand) -> Applied | Unchanged:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
 
 from jobwire.v1 import job_pb2, job_service_pb2
 from tests.conftest import ServiceHandle
-from tests.helpers import completed, create, failed, progress
+from tests.helpers import completed, create, failed, progress, read
 
 
 async def test_create_get_roundtrip(service: ServiceHandle) -> None:
@@ -319,3 +319,38 @@ async def test_an_ended_job_s_artifacts_are_final(service: ServiceHandle) -> Non
     await _upload(service, "art", "notes.md", b"added after the end")
     listed = await service.stub.ListArtifacts(job_service_pb2.ListArtifactsRequest(job_id="art"))
     assert sorted(a.name for a in listed.artifacts) == ["notes.md", "text.md"]
+
+
+async def test_an_empty_job_id_is_named_as_the_request_spells_it(
+    service: ServiceHandle,
+) -> None:
+    """GetJob said `job_id is required`, but its field is `id` (as CancelJob and
+    WatchJob say): each refusal names the field of the request that was sent."""
+    stub, svc = service.stub, job_service_pb2
+
+    async def upload() -> object:
+        header = svc.ArtifactHeader(name="a.txt")
+        return await stub.UploadArtifact(iter([svc.UploadArtifactRequest(header=header)]))
+
+    calls: dict[str, list[Callable[[], Awaitable[object]]]] = {
+        "id": [
+            lambda: stub.GetJob(svc.GetJobRequest()),
+            lambda: stub.CancelJob(svc.CancelJobRequest()),
+            lambda: read(stub.WatchJob(svc.WatchJobRequest())),
+        ],
+        "job_id": [
+            lambda: stub.ListJobEvents(svc.ListJobEventsRequest()),
+            lambda: stub.ListArtifacts(svc.ListArtifactsRequest()),
+            lambda: read(stub.ReadArtifact(svc.ReadArtifactRequest(name="a.txt"))),
+            lambda: stub.ReportEvent(
+                svc.ReportEventRequest(idempotency_key="k", progress=job_pb2.Progress())
+            ),
+        ],
+        "header.job_id": [upload],
+    }
+    for field, pending in calls.items():
+        for call in pending:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call()
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details() == f"{field} is required"
