@@ -259,9 +259,21 @@ async def _print(args: argparse.Namespace, call: Any) -> int:
         except JobwireError as err:
             print(f"jobwire: {err.code.name}: {err.message}", file=sys.stderr)
             return 1
-    text = json.dumps(json_format.MessageToDict(reply), indent=2, ensure_ascii=False)
+    text = json.dumps(as_dict(reply), indent=2, ensure_ascii=False)
     print(_TERMINAL_UNSAFE.sub(_json_escape, text))
     return 0
+
+
+def as_dict(reply: Message) -> dict[str, Any]:
+    """The reply as JSON, with its lists even when empty: protobuf leaves an empty
+    repeated field out, and `{}` for no jobs broke `jq '.jobs[]'`. Only the reply's
+    own lists: the messages inside print as protobuf's JSON mapping has them."""
+    out = json_format.MessageToDict(reply)
+    for field in reply.DESCRIPTOR.fields:
+        entry = field.message_type
+        if field.is_repeated and not (entry and entry.GetOptions().map_entry):
+            out.setdefault(field.json_name, [])
+    return out
 
 
 # JSON escapes C0 controls only. DEL, C1 controls (U+009B is CSI to a terminal), bidi

@@ -329,3 +329,24 @@ async def test_jobs_tail_prints_the_firehose_and_resumes_from_a_position(
         assert [g["event"]["sequence"] for g in every] == ["1", "2", "3"]
         from_live.send_signal(signal.SIGINT)
         await asyncio.wait_for(from_live.wait(), WAIT)
+
+
+async def test_empty_lists_are_printed_as_empty_lists(grpc_service: ServiceHandle) -> None:
+    """`jobs list` matching nothing printed `{}` (protobuf leaves an empty repeated field
+    out), which `jq '.jobs[]'` cannot iterate; every list prints its field, empty.
+    `logs --job` filters lines by the id they carry, which need not name a job (the
+    video worker logs a video id, or UNKNOWN): no lines is an empty list, not NOT_FOUND."""
+    target = grpc_service.target
+    async with Client(target) as c:
+        await c.create_job("GENERIC", job_id="quiet-1")
+        await c.write_log("no job of this id", job_id="video-without-a-job")
+    for args, printed in [
+        (("jobs", "list", "--label", "nope=x"), {"jobs": []}),
+        (("jobs", "list", "--all", "--label", "nope=x"), {"jobs": []}),
+        (("logs", "--job", "nope"), {"entries": []}),
+        (("jobs", "events", "quiet-1"), {"events": []}),
+    ]:
+        code, out, err = await cli_result(*args, "--target", target)
+        assert (code, json.loads(out)) == (0, printed), (args, out, err)
+    code, out, err = await cli_result("logs", "--job", "video-without-a-job", "--target", target)
+    assert [e["message"] for e in json.loads(out)["entries"]] == ["no job of this id"], err

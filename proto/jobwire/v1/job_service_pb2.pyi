@@ -559,7 +559,10 @@ class ListLogsRequest(_message.Message):
     CALLBACK_TOKEN_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """Only lines of this job (all lines when empty)."""
+    """Only lines of this job (all lines when empty). It filters on the id the lines
+    carry, which need not name a job (WriteLog stores a line of any id, as the video
+    worker's video ids): an id with no lines gives no entries, not NOT_FOUND.
+    """
     level: _log_pb2.LogLevel.ValueType
     """Only lines of this level (any level when unspecified)."""
     limit: _builtins.int
