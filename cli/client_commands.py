@@ -212,7 +212,14 @@ async def tail(args: argparse.Namespace) -> int:
 
 async def _say_live(watch: JobsWatch) -> None:
     await watch.live.wait()
-    print(f"jobwire: live; resume from here with --after {watch.position}", file=sys.stderr)
+    if watch.position:
+        print(f"jobwire: live; resume from here with --after {watch.position}", file=sys.stderr)
+    else:  # live with no position: the service keeps no log to resume from
+        print(
+            "jobwire: live; the service keeps no event log (JOBWIRE_FIREHOSE_RETENTION=off),"
+            " so this tail cannot be resumed with --after",
+            file=sys.stderr,
+        )
     sys.stderr.flush()
 
 

@@ -528,8 +528,8 @@ class Jobs:
         if after:
             raise DomainError(
                 Code.FAILED_PRECONDITION,
-                "after: the firehose log is off (JOBWIRE_FIREHOSE_RETENTION=0), so WatchJobs"
-                " cannot resume; leave after empty",
+                "after: the service keeps no firehose log (JOBWIRE_FIREHOSE_RETENTION is off"
+                " or 0), so WatchJobs cannot resume; leave after empty",
             )
         sub = self.fanout.subscribe(kind=kind, states=states)
         # With replicas sharing a feed an event may arrive twice (the feed re-opened

@@ -350,3 +350,34 @@ async def test_empty_lists_are_printed_as_empty_lists(grpc_service: ServiceHandl
         assert (code, json.loads(out)) == (0, printed), (args, out, err)
     code, out, err = await cli_result("logs", "--job", "video-without-a-job", "--target", target)
     assert [e["message"] for e in json.loads(out)["entries"]] == ["no job of this id"], err
+
+
+async def test_jobs_tail_says_a_service_without_its_event_log_cannot_be_resumed(
+    tmp_path: Path,
+) -> None:
+    """With JOBWIRE_FIREHOSE_RETENTION=off the service gives no positions: `jobs tail`
+    said `resume from here with --after ` and nothing after it; it now says it cannot
+    resume. `--after 0` is refused in words that match `off` as well as `0`."""
+    policy = make_policy()
+    policy.firehose_retention_ns = 0
+    handle = await start_service(EmbeddedStore(tmp_path / "d", policy))
+    try:
+        proc = await cli_process("jobs", "tail", "--target", handle.target)
+        assert proc.stderr is not None
+        line = (await asyncio.wait_for(proc.stderr.readline(), WAIT)).decode()
+        assert line == (
+            "jobwire: live; the service keeps no event log (JOBWIRE_FIREHOSE_RETENTION=off),"
+            " so this tail cannot be resumed with --after\n"
+        ), line
+        async with Client(handle.target) as c:
+            await c.create_job("GENERIC", job_id="unlogged")
+            await c.report_progress("unlogged", 10)
+        (printed,) = await _lines(proc, 1)
+        assert printed["event"]["jobId"] == "unlogged" and printed["position"] == ""
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), WAIT)
+        code, out, err = await cli_result("jobs", "tail", "--after", "0", "--target", handle.target)
+        assert code == 1 and out == "", (out, err)
+        assert "JOBWIRE_FIREHOSE_RETENTION is off or 0" in err, err
+    finally:
+        await handle.close()
