@@ -28,7 +28,8 @@ from .progress_bar import fit, render
 
 async def watch(args: argparse.Namespace) -> int:
     """Follows a job until it ends: a redrawn progress line, plus a line for each gap,
-    coalesced range and stall. Exit 0 when it SUCCEEDED, 1 when it ended otherwise."""
+    coalesced range and stall. Exit 0 when it SUCCEEDED, 1 when it ended otherwise or
+    the service refused the watch (2 is argparse's, for a usage error)."""
     job = Job()
     screen = Screen(sys.stdout.isatty())
     async with _client(args) as client:
@@ -52,7 +53,7 @@ async def watch(args: argparse.Namespace) -> int:
         except JobwireError as err:
             screen.end()
             print(f"jobwire watch: {err.code.name}: {err.message}", file=sys.stderr)
-            return 2
+            return 1
         finally:
             screen.end()  # also on Ctrl-C: the shell's prompt starts a line of its own
     return 0 if job.state == job_pb2.JOB_STATE_SUCCEEDED else 1

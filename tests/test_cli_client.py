@@ -381,3 +381,20 @@ async def test_jobs_tail_says_a_service_without_its_event_log_cannot_be_resumed(
         assert "JOBWIRE_FIREHOSE_RETENTION is off or 0" in err, err
     finally:
         await handle.close()
+
+
+async def test_watch_exits_1_on_a_service_error(tmp_path: Path) -> None:
+    """`watch` of a job that does not exist, or with a wrong token, exited 2 (argparse's
+    status for a usage error); a service error is status 1, as for the other commands."""
+    handle = await start_service(
+        EmbeddedStore(tmp_path / "d", make_policy()), grpc_token="right-token"
+    )
+    try:
+        env = {"JOBWIRE_GRPC_TOKEN": "right-token"}
+        code, _, err = await cli_result("watch", "nope", "--target", handle.target, env=env)
+        assert code == 1 and "jobwire watch: NOT_FOUND:" in err, err
+        env = {"JOBWIRE_GRPC_TOKEN": "wrong-token"}
+        code, _, err = await cli_result("watch", "nope", "--target", handle.target, env=env)
+        assert code == 1 and "jobwire watch: UNAUTHENTICATED:" in err, err
+    finally:
+        await handle.close()
