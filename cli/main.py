@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -91,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     add_target(p)
     p.add_argument(
-        "--from-sequence", type=int, default=0, help="resume after this event (0: from the start)"
+        "--from-sequence",
+        type=whole(0, INT64_MAX),
+        default=0,
+        help="resume after this event (0: from the start)",
     )
     p.set_defaults(func=lambda a: asyncio.run(client_commands.watch(a)))
 
@@ -114,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: asyncio.run(client_commands.get(a)))
     p = jobs.add_parser("events", help="print a job's retained events, oldest first")
     p.add_argument("job_id")
-    p.add_argument("--from-sequence", type=int, default=0, help="only events after this one")
+    p.add_argument(
+        "--from-sequence", type=whole(0, INT64_MAX), default=0, help="only events after this one"
+    )
     add_target(p)
     p.set_defaults(func=lambda a: asyncio.run(client_commands.events(a)))
     p = jobs.add_parser("cancel", help="cancel a job that has not ended; prints it")
@@ -143,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="only jobs with this label (repeatable: all of them)",
     )
-    p.add_argument("--page-size", type=int, default=50, help="jobs per page (1-1000)")
+    p.add_argument("--page-size", type=whole(1, 1000), default=50, help="jobs per page (1-1000)")
     p.add_argument("--page-token", default="", help="next_page_token of the previous page")
     p.add_argument("--all", action="store_true", help="every page (--page-size per call)")
     p.add_argument(
@@ -160,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=_names(log_pb2.LogLevel, "LOG_LEVEL_"),
         help="only lines of this level",
     )
-    p.add_argument("--limit", type=int, default=50, help="at most this many lines (1-1000)")
+    p.add_argument(
+        "--limit", type=whole(1, 1000), default=50, help="at most this many lines (1-1000)"
+    )
     add_target(p)
     p.set_defaults(func=lambda a: asyncio.run(client_commands.logs(a)))
 
@@ -348,6 +356,26 @@ def _install_uvloop() -> None:
     except ImportError:
         return
     uvloop.install()
+
+
+INT64_MAX = 2**63 - 1  # a sequence number is an int64 on the wire
+
+
+def whole(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high`, else a usage error naming
+    the range (a sequence past int64 raised a ValueError traceback from protobuf, and
+    --page-size 0 was sent, the service's default taken in its place)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {low}-{high}, got {text}")
+        return value
+
+    return parse
 
 
 def _names(enum_type: Any, prefix: str) -> list[str]:

@@ -398,3 +398,22 @@ async def test_watch_exits_1_on_a_service_error(tmp_path: Path) -> None:
         assert code == 1 and "jobwire watch: UNAUTHENTICATED:" in err, err
     finally:
         await handle.close()
+
+
+async def test_numbers_out_of_range_are_usage_errors() -> None:
+    """A --from-sequence past int64 gave protobuf's ValueError traceback; --page-size 0
+    and --limit 0 were taken (the service's default answered instead), though --help
+    says 1-1000. Each is now argparse's usage error naming the option and its range."""
+    for args, said in [
+        (("jobs", "events", "doc-1", "--from-sequence", "99999999999999999999999"),
+         "argument --from-sequence: must be 0-9223372036854775807, got 99999999999999999999999"),
+        (("watch", "doc-1", "--from-sequence", "-1"),
+         "argument --from-sequence: must be 0-9223372036854775807, got -1"),
+        (("jobs", "list", "--page-size", "0"), "argument --page-size: must be 1-1000, got 0"),
+        (("jobs", "list", "--page-size", "1001"), "argument --page-size: must be 1-1000, got 1001"),
+        (("logs", "--limit", "0"), "argument --limit: must be 1-1000, got 0"),
+        (("logs", "--limit", "ten"), "argument --limit: must be a whole number, got 'ten'"),
+    ]:  # fmt: skip
+        code, out, err = await cli_result(*args, "--target", "127.0.0.1:1")
+        assert code == 2 and out == "" and "Traceback" not in err, (args, err)
+        assert err.splitlines()[-1].endswith(said), (args, err)
