@@ -33,7 +33,7 @@ from jobwire.v1 import (
 
 from .artifacts import CHUNK, MAX_CHUNK, ArtifactStream, Source, replayable, upload
 from .channel import TLS, check_token, open_channel, token_from_env
-from .errors import ClientConfigError
+from .errors import ArgumentError, ClientConfigError
 from .retry import Backoff, RetryPolicy, call_with_retry, positive_seconds, say_if_closed
 from .watch import JobsWatch, JobWatch, OnRetry
 
@@ -463,10 +463,10 @@ class Client:
         connection is refused by the service and never replaces the stored artifact.
         An iterator of unknown size has no such guard."""
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
-            raise ValueError(f"size must be a byte count (0 or more), got {size!r}")
+            raise ArgumentError(f"size must be a byte count (0 or more), got {size!r}")
         if isinstance(chunk_size, bool) or not 0 < chunk_size <= MAX_CHUNK:
             # A negative size sent no data at all: an empty artifact replaced the stored one.
-            raise ValueError(
+            raise ArgumentError(
                 f"chunk_size must be 1 to {MAX_CHUNK} bytes (the service takes messages of"
                 f" up to 4 MiB), got {chunk_size!r}"
             )
@@ -603,26 +603,32 @@ def new_idempotency_key() -> str:
 
 def kind_value(kind: Kind) -> job_pb2.JobKind.ValueType:
     """A JobKind from its value or its name ("VIDEO" or "JOB_KIND_VIDEO")."""
-    if isinstance(kind, str):
-        return job_pb2.JobKind.Value(_full(kind, "JOB_KIND_"))
-    return kind
+    return job_pb2.JobKind.ValueType(_enum_value(job_pb2.JobKind, kind, "JOB_KIND_", "kind"))
 
 
 def state_value(state: State) -> job_pb2.JobState.ValueType:
-    if isinstance(state, str):
-        return job_pb2.JobState.Value(_full(state, "JOB_STATE_"))
-    return state
+    return job_pb2.JobState.ValueType(_enum_value(job_pb2.JobState, state, "JOB_STATE_", "states"))
 
 
 def level_value(level: Level) -> log_pb2.LogLevel.ValueType:
-    if isinstance(level, str):
-        return log_pb2.LogLevel.Value(_full(level, "LOG_LEVEL_"))
-    return level
+    return log_pb2.LogLevel.ValueType(_enum_value(log_pb2.LogLevel, level, "LOG_LEVEL_", "level"))
 
 
-def _full(name: str, prefix: str) -> str:
-    upper = name.upper()
-    return upper if upper.startswith(prefix) else prefix + upper
+def _enum_value(enum: Any, value: int | str, prefix: str, argument: str) -> int:
+    """`value`, or the value a short or full name stands for; an unknown name is
+    ArgumentError naming `argument` and the names it takes (protobuf's own ValueError
+    named neither)."""
+    if not isinstance(value, str):
+        return value
+    upper = value.upper()
+    try:
+        return int(enum.Value(upper if upper.startswith(prefix) else prefix + upper))
+    except ValueError:
+        names = [v.name.removeprefix(prefix) for v in enum.DESCRIPTOR.values if v.number]
+        raise ArgumentError(
+            f"{argument} must be one of {', '.join(names)} (or the {enum.DESCRIPTOR.name} value),"
+            f" got {value!r}"
+        ) from None
 
 
 def _duration(value: Seconds, name: str) -> duration_pb2.Duration:
@@ -634,5 +640,9 @@ def _duration(value: Seconds, name: str) -> duration_pb2.Duration:
             out.FromNanoseconds(round(value * 1e9))
     except (ValueError, OverflowError, TypeError):
         # protobuf's own words name no argument ("cannot convert float NaN to integer")
-        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}") from None
+        # A string ("15m", as the JOBWIRE_* variables take) is refused too: the parser
+        # of that syntax is the service's, beyond the client's wall.
+        raise ArgumentError(
+            f"{name} must be a finite number of seconds or a timedelta, got {value!r}"
+        ) from None
     return out

@@ -22,6 +22,15 @@ class InvalidArgument(JobwireError):
     """The request named a bad field (the message names it)."""
 
 
+class ArgumentError(InvalidArgument, ValueError):
+    """An argument the client refuses before sending anything (an unknown kind name, a
+    duration that is not one): INVALID_ARGUMENT, as the service would answer. Also a
+    ValueError, what these raised before, so code that caught that keeps working."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
 class NotFound(JobwireError):
     """The job (or artifact) does not exist."""
 

@@ -164,12 +164,46 @@ async def test_errors_are_typed_with_code_and_message(service: ServiceHandle) ->
         assert isinstance(bad.value, JobwireError)
         # durations the client converts itself name the argument (before: "cannot
         # convert float NaN to integer", "Value out of range: 1000...")
-        with pytest.raises(ValueError, match="lease must be a finite number of seconds"):
+        with pytest.raises(InvalidArgument, match="lease must be a finite number of seconds"):
             await c.claim_job("GENERIC", lease=float("nan"))
-        with pytest.raises(ValueError, match="progress_deadline must be a finite number"):
+        with pytest.raises(InvalidArgument, match="progress_deadline must be a finite number"):
             await c.create_job("GENERIC", progress_deadline=1e30)
-        with pytest.raises(ValueError, match="media_time must be a finite number"):
+        with pytest.raises(InvalidArgument, match="media_time must be a finite number"):
             await c.report_progress("e-1", 5, media_time=float("inf"))
+
+
+async def test_bad_names_and_durations_raise_invalid_argument(service: ServiceHandle) -> None:
+    """An unknown kind, state or level name, or a duration given as "15m", raised a bare
+    ValueError ("Enum JobKind has no value defined for name 'JOB_KIND_FOO'"), though the
+    README promises JobwireError subclasses: each is now InvalidArgument naming the
+    argument and what it takes (still a ValueError, for callers that caught that), and
+    nothing is sent."""
+    async with client(service.target) as c:
+        cases: list[tuple[Callable[[], Any], str]] = [
+            (lambda: c.create_job("FOO"), "kind must be one of BATCH, VIDEO, "),
+            (lambda: c.claim_job("FOO"), "kind must be one of BATCH, "),
+            (lambda: anext(c.list_jobs(states=["DONE"])), "states must be one of QUEUED, "),
+            (lambda: c.list_jobs_page(kind="nope"), "kind must be one of "),
+            (lambda: c.list_logs(level="LOUD"), "level must be one of DEBUG, INFO, "),
+            (lambda: c.write_log("x", level="LOUD"), "level must be one of "),
+            (
+                lambda: c.create_job("GENERIC", job_id="dl", progress_deadline="15m"),  # type: ignore[arg-type]
+                "progress_deadline must be a finite number of seconds or a timedelta, got '15m'",
+            ),
+            (
+                lambda: c.create_job("GENERIC", stall_fail_after="1h"),  # type: ignore[arg-type]
+                "stall_fail_after must be a finite number of seconds or a timedelta",
+            ),
+        ]
+        for call, said in cases:
+            with pytest.raises(InvalidArgument) as bad:
+                await call()
+            assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert bad.value.message.startswith(said), bad.value.message
+            assert isinstance(bad.value, JobwireError) and isinstance(bad.value, ValueError)
+        with pytest.raises(InvalidArgument):
+            c.watch_jobs(states=["DONE"])
+        assert list((await c.list_jobs_page()).jobs) == []
 
 
 async def test_artifacts_from_bytes_path_and_iterator(
