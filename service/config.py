@@ -36,6 +36,19 @@ def _public_url(name: str) -> str:
     return raw.rstrip("/")
 
 
+def _addr(name: str, default: str, *, optional: bool = False) -> str:
+    """`host:port` with a port 0-65535 ("" when `optional`: no endpoint). A bare host
+    was taken: gRPC bound `localhost` to port 443, the metrics endpoint failed later.
+    gRPC's own `unix:` socket addresses pass as they are."""
+    raw = os.environ.get(name, default)
+    if (optional and not raw) or raw.startswith("unix:"):
+        return raw
+    host, sep, port = raw.rpartition(":")
+    if not (sep and host and port.isascii() and port.isdigit() and int(port) <= 65535):
+        raise SystemExit(f"{name} must be host:port (port 0-65535), got {raw!r}")
+    return raw
+
+
 def _token(name: str) -> str:
     """A secret clients send as `authorization: Bearer`: visible ASCII, or no client
     could ever match it (a trailing newline from a secret file). Never echoed."""
@@ -149,7 +162,7 @@ class Settings:
     @classmethod
     def from_env(cls) -> Settings:
         return cls(
-            grpc_addr=os.environ.get("JOBWIRE_GRPC_ADDR", cls.grpc_addr),
+            grpc_addr=_addr("JOBWIRE_GRPC_ADDR", cls.grpc_addr),
             # Empty as unset (like the numbers): Path("") is the working directory. A
             # leading ~ is the home directory, as a shell would have it (an env file
             # or a unit's Environment= does not expand it: a directory named "~").
@@ -171,7 +184,7 @@ class Settings:
             min_ping_seconds=_float(
                 "JOBWIRE_GRPC_MIN_PING_SECONDS", cls.min_ping_seconds, above=True
             ),
-            metrics_addr=os.environ.get("JOBWIRE_METRICS_ADDR", cls.metrics_addr),
+            metrics_addr=_addr("JOBWIRE_METRICS_ADDR", cls.metrics_addr, optional=True),
             metrics_queue_seconds=_float("JOBWIRE_METRICS_QUEUE_SECONDS", 15.0, above=True),
             event_feed=_flag("JOBWIRE_EVENT_FEED", cls.event_feed),
             event_feed_max_docs=_int("JOBWIRE_EVENT_FEED_MAX_DOCS", 20_000, minimum=100),

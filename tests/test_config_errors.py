@@ -37,6 +37,10 @@ SERVICE = [
     ("JOBWIRE_PUBLIC_URL", "jobs.example.com"),
     ("JOBWIRE_PUBLIC_URL", "ftp://jobs.example.com"),
     ("JOBWIRE_PUBLIC_URL", "https:///path"),
+    ("JOBWIRE_GRPC_ADDR", "localhost"),  # gRPC bound it to port 443
+    ("JOBWIRE_GRPC_ADDR", "127.0.0.1:70000"),
+    ("JOBWIRE_METRICS_ADDR", "localhost"),
+    ("JOBWIRE_METRICS_ADDR", "127.0.0.1:port"),
 ]  # fmt: skip
 
 BRIDGE = [
@@ -60,6 +64,7 @@ DASHBOARD = [
                            "JOBWIRE_DASHBOARD_HEADER_TIMEOUT_SECONDS",
                            "JOBWIRE_DASHBOARD_MAX_CONNECTIONS") for v in BAD_NUMBERS),
     ("JOBWIRE_DASHBOARD_ADDR", "localhost:port"),
+    ("JOBWIRE_DASHBOARD_ADDR", "localhost"),  # it listened on 8081
     ("JOBWIRE_DASHBOARD_TRUSTED_USER_HEADER", "X-User: admin"),
     ("JOBWIRE_PUBLIC_URL", "jobs.example.com"),
 ]  # fmt: skip
