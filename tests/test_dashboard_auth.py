@@ -267,3 +267,29 @@ async def test_cancelling_a_job_that_just_ended_leads_back_to_it(
         assert reply.status == 409
         assert f'<a href="/jobs/{job_id}">' in page, page
         assert "already ended" in page and "CANCELLED" in page, page
+
+
+async def test_a_bearer_cancel_needs_no_csrf_token_a_cookie_one_does(
+    grpc_service: Any, http: aiohttp.ClientSession
+) -> None:
+    """What the README says: a Bearer header is no ambient credential (a browser never
+    adds it to a cross-site form), so a script's Cancel needs no CSRF token; a session
+    cookie is, and without the page's token its Cancel is 403 and changes nothing."""
+    tag = uuid.uuid4().hex[:8]
+    by_cookie = await create(grpc_service.stub, job_id=f"csrf-cookie-{tag}")
+    by_bearer = await create(grpc_service.stub, job_id=f"csrf-bearer-{tag}")
+    async with serve(config(grpc_service, token=TOKEN)) as url:
+        async with http.post(url + "/login", data={"token": TOKEN}, allow_redirects=False) as r:
+            cookie = {"Cookie": f"{COOKIE}={r.cookies[COOKIE].value}"}
+        cancel = f"{url}/jobs/{by_cookie.job.id}/cancel"
+        async with http.post(cancel, headers=cookie, allow_redirects=False) as reply:
+            assert reply.status == 403
+        cancel = f"{url}/jobs/{by_bearer.job.id}/cancel"
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        async with http.post(cancel, headers=bearer, allow_redirects=False) as reply:
+            assert reply.status < 400, await reply.text()
+    request = job_service_pb2.GetJobRequest
+    got = await grpc_service.stub.GetJob(request(id=by_cookie.job.id))
+    assert got.state == job_pb2.JOB_STATE_QUEUED
+    got = await grpc_service.stub.GetJob(request(id=by_bearer.job.id))
+    assert got.state == job_pb2.JOB_STATE_CANCELLED
