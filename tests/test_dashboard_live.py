@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import orjson
 import pytest
 
 from dashboard.live import Hub, Subscriber
@@ -162,3 +163,32 @@ async def test_a_page_load_does_not_wait_for_a_service_that_is_down(tmp_path: Pa
         await channel.close()
         if svc is not None:
             await svc.close()
+
+
+async def test_every_row_of_the_jobs_stream_has_a_phase(svc: ServiceHandle) -> None:
+    """A row (`/events/jobs`) for a job that finished or was cancelled had no `phase`,
+    though the README lists it: every row has it, "" when its event carries no progress
+    (which the page already showed for a finished job). Its JSON is made once."""
+    hub = Hub(lambda: svc.stub)
+    try:
+        await asyncio.wait_for(hub.mark(), WAIT)
+        witness = hub.subscribe()
+        done, cancelled = await _first_event(svc), await _first_event(svc)
+        await _until_seen(witness, cancelled, 1)
+        assert orjson.loads(witness.pending[done].json())["phase"] == "p"
+        await svc.stub.ReportEvent(
+            job_service_pb2.ReportEventRequest(
+                job_id=done, idempotency_key="end", completed=job_pb2.Result(message="ok")
+            )
+        )
+        await svc.stub.CancelJob(job_service_pb2.CancelJobRequest(id=cancelled))
+        await _until_seen(witness, done, 2)
+        await _until_seen(witness, cancelled, 2)
+        for job_id in (done, cancelled):
+            change = witness.pending[job_id]
+            row = orjson.loads(change.json())
+            assert {"id", "kind", "state", "stalled", "phase", "updated", "sequence"} <= set(row)
+            assert row["phase"] == ""
+            assert change.json() is change.json()  # one serialisation, shared by the tabs
+    finally:
+        await hub.close()
