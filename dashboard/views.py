@@ -127,6 +127,16 @@ async def _list(
             list_req, timeout=_timeout(request)
         )
     except grpc.aio.AioRpcError as err:
+        if err.code() == grpc.StatusCode.INVALID_ARGUMENT and "newest_first" in (
+            err.details() or ""
+        ):
+            # The service names its field (newest_first); here the parameter is `order`.
+            other = "oldest" if list_req.newest_first else "newest"
+            message = (
+                f"page_token is from a listing with order={other}: pass order={other},"
+                " as in the request that returned it"
+            )
+            raise PageError(400, message, json=json) from None
         raise grpc_error(err, json) from None
     return reply
 

@@ -293,3 +293,31 @@ async def test_a_bearer_cancel_needs_no_csrf_token_a_cookie_one_does(
     assert got.state == job_pb2.JOB_STATE_QUEUED
     got = await grpc_service.stub.GetJob(request(id=by_bearer.job.id))
     assert got.state == job_pb2.JOB_STATE_CANCELLED
+
+
+async def test_a_page_token_of_the_other_order_is_named_as_the_dashboard_calls_it(
+    grpc_service: Any, http: aiohttp.ClientSession
+) -> None:
+    """A page_token from `order=newest` sent with `order=oldest` said "pass newest_first
+    as in the call that returned it", the gRPC field; the dashboard's parameter is
+    `order`, and the error now says which order the token is from."""
+    tag = uuid.uuid4().hex[:8]
+    for i in range(3):
+        await create(grpc_service.stub, job_id=f"order-{tag}-{i}", team=tag)
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    async with serve(config(grpc_service, token=TOKEN)) as url:
+        listing = f"{url}/api/jobs?label=team%3D{tag}&page_size=1"
+        async with http.get(listing, headers=bearer) as reply:
+            token = (await reply.json())["next_page_token"]
+        for order, other in (("oldest", "newest"), ("newest", "oldest")):
+            if order == "newest":  # a token from an oldest-first listing
+                async with http.get(listing + "&order=oldest", headers=bearer) as reply:
+                    token = (await reply.json())["next_page_token"]
+            query = f"&order={order}&page_token={token}"
+            async with http.get(listing + query, headers=bearer) as reply:
+                assert reply.status == 400
+                error = (await reply.json())["error"]
+            assert error == (
+                f"page_token is from a listing with order={other}: pass order={other},"
+                " as in the request that returned it"
+            ), error
