@@ -78,7 +78,9 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
     env_file, merged = merged_env(env)
     if generate:
         merged.update(ensure_token(env_file, merged))
-    host, port = _addr(merged.get("JOBWIRE_DASHBOARD_ADDR", "127.0.0.1:8081"))
+    host, port = parse_addr(
+        merged.get("JOBWIRE_DASHBOARD_ADDR", "127.0.0.1:8081"), "JOBWIRE_DASHBOARD_ADDR"
+    )
     return DashboardConfig(
         host=host,
         port=port,
@@ -91,14 +93,6 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
         header_timeout_seconds=number(merged, "JOBWIRE_DASHBOARD_HEADER_TIMEOUT_SECONDS", 10),
         max_connections=whole(merged, "JOBWIRE_DASHBOARD_MAX_CONNECTIONS", 1024),
     )
-
-
-def _addr(value: str, name: str = "JOBWIRE_DASHBOARD_ADDR") -> tuple[str, int]:
-    """`host:port`, as the service's addresses must be: a bare host (`localhost`) was
-    taken with port 8081, where the README says a bad address stops the process."""
-    if ":" not in value:
-        raise SystemExit(f"{name} must be host:port (port 0-65535), got {value!r}")
-    return parse_addr(value, 8081, name)
 
 
 # RFC 9110's token: a header name no request could carry would name nobody, silently.

@@ -60,12 +60,11 @@ class Config:
     signing_secrets: Mapping[str, tuple[bytes, ...]] = field(default_factory=dict, repr=False)
 
 
-def parse_addr(value: str, default_port: int, name: str) -> tuple[str, int]:
-    """`host:port` (or a bare host) from the variable `name`."""
+def parse_addr(value: str, name: str) -> tuple[str, int]:
+    """`host:port` from the variable `name`. A bare host was taken with `default_port`,
+    where the README says an address is host:port and the service refuses one."""
     host, sep, port = value.rpartition(":")
-    if not sep:
-        return value, default_port
-    if not (port.isascii() and port.isdigit() and int(port) <= 65535):
+    if not (sep and port.isascii() and port.isdigit() and int(port) <= 65535):
         raise SystemExit(f"{name} must be host:port (port 0-65535), got {value!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
 
@@ -153,9 +152,7 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
     env_file, merged = merged_env(env)
     if generate:
         merged.update(ensure_secrets(env_file, merged))
-    host, port = parse_addr(
-        merged.get("JOBWIRE_HTTP_ADDR", "127.0.0.1:8080"), 8080, "JOBWIRE_HTTP_ADDR"
-    )
+    host, port = parse_addr(merged.get("JOBWIRE_HTTP_ADDR", "127.0.0.1:8080"), "JOBWIRE_HTTP_ADDR")
     rate, burst = parse_rate(merged.get("JOBWIRE_RATE_LIMIT", ""))
     return Config(
         http_host=host,

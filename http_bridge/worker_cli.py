@@ -160,27 +160,67 @@ def secretary(args: argparse.Namespace) -> int:
         if args.process_id:
             body["process"] = {"id": args.process_id}
     elif args.kind == "final":
+        # The files were read (and the JSON parsed) by argparse: see the types below.
         data: dict[str, Any] = {}
-        if args.text_file:
-            data["extracted_text"] = Path(args.text_file).read_text(encoding="utf-8")
-        if args.images_zip:
-            raw = Path(args.images_zip).read_bytes()
+        if args.text_file is not None:
+            data["extracted_text"] = args.text_file
+        if args.images_zip is not None:
+            name, raw = args.images_zip
             data["images_archive_data"] = base64.b64encode(raw).decode("ascii")
-            data["images_archive_filename"] = Path(args.images_zip).name
-        if args.metadata_file:
-            data["metadata"] = json.loads(Path(args.metadata_file).read_text(encoding="utf-8"))
+            data["images_archive_filename"] = name
+        if args.metadata_file is not None:
+            data["metadata"] = args.metadata_file
         body = {"phase": "completed", "data": data}
         if args.message:
             body["message"] = args.message
     else:
         error: dict[str, Any] = {"code": args.code, "message": args.message}
-        if args.details:
-            error["details"] = json.loads(args.details)
+        if args.details is not None:
+            error["details"] = args.details
         body = {"phase": "failed", "error": error}
     return send("POST", url, body, auth, "secretary")
 
 
 # -- argparse -------------------------------------------------------------------------
+
+# Argument types: a missing file or bad JSON is a usage error, one line naming the
+# option and the problem, exit status 2, nothing sent (it was a traceback).
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path!r}: {exc.strerror}") from None
+
+
+def _text_file(path: str) -> str:
+    try:
+        return _read(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise argparse.ArgumentTypeError(f"{path!r} is not UTF-8 text") from None
+
+
+def _zip_file(path: str) -> tuple[str, bytes]:
+    return Path(path).name, _read(path)
+
+
+def _json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:  # JSONDecodeError; also a UnicodeDecodeError of bytes
+        raise argparse.ArgumentTypeError(f"{what} is not JSON: {exc}") from None
+
+
+def _json_file(path: str) -> Any:
+    return _json(_text_file(path), repr(path))
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    value = _json(text, repr(text[:40]))
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text[:40]!r}")
+    return value
 
 
 def register(subparsers: Any) -> None:
@@ -240,13 +280,13 @@ def register(subparsers: Any) -> None:
     k.add_argument("--process-id", default="")
     k.set_defaults(func=secretary)
     k = kinds.add_parser("final", help="the job succeeded: its results")
-    k.add_argument("--text-file", default="")
-    k.add_argument("--images-zip", default="")
-    k.add_argument("--metadata-file", default="")
+    k.add_argument("--text-file", type=_text_file, metavar="PATH", help="UTF-8 text")
+    k.add_argument("--images-zip", type=_zip_file, metavar="PATH")
+    k.add_argument("--metadata-file", type=_json_file, metavar="PATH", help="JSON")
     k.add_argument("--message", default="")
     k.set_defaults(func=secretary)
     k = kinds.add_parser("failed", help="the job failed: an error code and message")
     k.add_argument("code")
     k.add_argument("message")
-    k.add_argument("--details", default="", help="JSON object")
+    k.add_argument("--details", type=_json_object, help="JSON object")
     k.set_defaults(func=secretary)

@@ -354,3 +354,30 @@ def vm_hwm_kib(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     raise AssertionError("no VmHWM")
+
+
+async def test_worker_cli_bad_files_and_json_are_usage_errors(tmp_path: Path) -> None:
+    """A missing --text-file (FileNotFoundError) or --details that is not JSON
+    (JSONDecodeError) ended `jobwire callback` with a traceback: each is now a one-line
+    usage error naming the option, status 2, before anything is sent."""
+    not_utf8 = tmp_path / "latin1.md"
+    not_utf8.write_bytes(b"caf\xe9")
+    missing = tmp_path / "missing.md"
+    for args, said in [
+        (("final", "--text-file", str(missing)),
+         f"argument --text-file: cannot read '{missing}': No such file or directory"),
+        (("final", "--text-file", str(not_utf8)),
+         f"argument --text-file: '{not_utf8}' is not UTF-8"),
+        (("final", "--images-zip", str(tmp_path)), "argument --images-zip: cannot read"),
+        (("failed", "X", "y", "--details", "{bad"), "argument --details: '{bad' is not JSON: "),
+        (("failed", "X", "y", "--details", "[1]"), "argument --details: must be a JSON object"),
+    ]:  # fmt: skip
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli", "callback", "--url", "http://127.0.0.1:1",
+            "secretary", "s1", *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        text = err.decode()
+        assert proc.returncode == 2 and out == b"" and "Traceback" not in text, (args, text)
+        assert said in text.splitlines()[-1], (args, text)

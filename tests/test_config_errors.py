@@ -53,6 +53,7 @@ BRIDGE = [
     ("JOBWIRE_MAX_BODY_BYTES", "1e6"),
     ("JOBWIRE_HTTP_ADDR", "127.0.0.1:http"),
     ("JOBWIRE_HTTP_ADDR", "127.0.0.1:70000"),
+    ("JOBWIRE_HTTP_ADDR", "localhost"),  # it listened on 8080
     ("TRANSCODE_ALLOWED_IPS", "10.0.0.0/8, not-an-ip"),
     ("JOBWIRE_PUBLIC_URL", "//jobs.example.com"),
     ("JOBWIRE_RATE_LIMIT", "fast"),
