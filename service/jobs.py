@@ -403,14 +403,17 @@ class Jobs:
             content_type=header.content_type or "application/octet-stream",
         )
 
-        async def not_final() -> None:
+        async def not_final(stored: artifact_pb2.Artifact) -> None:
             """A job that has ended keeps the artifacts its result lists: two final
             reports racing (a large upload still running when a small one completed
-            the job) replaced them after the fact. New names are still taken."""
+            the job) replaced them after the fact. The same content again (a retry
+            that overlapped the original) and new names are still taken."""
             record = await self.store.get(header.job_id)
             if record is None or record.job.state not in TERMINAL_STATES:
                 return
-            if any(a.name == header.name for a in await self.store.list_artifacts(header.job_id)):
+            same = (stored.sha256, stored.size_bytes)
+            listed = await self.store.list_artifacts(header.job_id)
+            if any(a.name == header.name and (a.sha256, a.size_bytes) != same for a in listed):
                 state = job_pb2.JobState.Name(record.job.state).removeprefix("JOB_STATE_")
                 raise DomainError(
                     Code.FAILED_PRECONDITION,

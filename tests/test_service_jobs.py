@@ -300,8 +300,9 @@ async def _content(service: ServiceHandle, job_id: str, name: str) -> bytes:
 async def test_an_ended_job_s_artifacts_are_final(service: ServiceHandle) -> None:
     """Two final reports raced: the one with a small file completed the job while the
     other's large upload still ran, and that upload then replaced the file the job's
-    result describes. An upload that would replace an artifact of a job that has ended
-    is refused when it is about to be stored; the stored one stays, new names are taken."""
+    result describes. An upload that would change an artifact of a job that has ended
+    is refused when it is about to be stored; the stored one stays. The same content
+    again (a retry that overlapped the original) and new names are taken."""
     await create(service.stub, job_id="art")
     await _upload(service, "art", "text.md", b"small")
     gate = asyncio.Event()
@@ -316,6 +317,7 @@ async def test_an_ended_job_s_artifacts_are_final(service: ServiceHandle) -> Non
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _upload(service, "art", "text.md", b"again")
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await _upload(service, "art", "text.md", b"small")  # a retry: the same content
     await _upload(service, "art", "notes.md", b"added after the end")
     listed = await service.stub.ListArtifacts(job_service_pb2.ListArtifactsRequest(job_id="art"))
     assert sorted(a.name for a in listed.artifacts) == ["notes.md", "text.md"]

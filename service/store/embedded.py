@@ -453,7 +453,7 @@ class EmbeddedStore:
         self,
         artifact: artifact_pb2.Artifact,
         chunks: AsyncIterator[bytes],
-        before_commit: Callable[[], Awaitable[None]] | None = None,
+        before_commit: Callable[[artifact_pb2.Artifact], Awaitable[None]] | None = None,
     ) -> artifact_pb2.Artifact:
         tmp = self._artifacts / ".tmp" / uuid.uuid4().hex
         digest = hashlib.sha256()
@@ -469,8 +469,12 @@ class EmbeddedStore:
                 size += len(chunk)
                 await loop.run_in_executor(None, handle.write, chunk)
             await loop.run_in_executor(None, _fsync_close, handle)
+            meta = artifact_pb2.Artifact()
+            meta.CopyFrom(artifact)
+            meta.size_bytes = size
+            meta.sha256 = digest.hexdigest()
             if before_commit is not None:
-                await before_commit()
+                await before_commit(meta)
         except BaseException as err:
             with contextlib.suppress(OSError):  # a full disk fails the close's flush too
                 handle.close()
@@ -478,10 +482,6 @@ class EmbeddedStore:
             if isinstance(err, OSError):
                 raise self._failed(err) from err
             raise
-        meta = artifact_pb2.Artifact()
-        meta.CopyFrom(artifact)
-        meta.size_bytes = size
-        meta.sha256 = digest.hexdigest()
         meta.create_time.FromNanoseconds(time.time_ns())
         final = self._artifacts / hashlib.sha256(artifact.job_id.encode()).hexdigest()[:32]
         # The name (up to 255 characters) shortened: a file name may have 255 bytes,

@@ -1166,7 +1166,7 @@ class MongoStore:
         self,
         artifact: artifact_pb2.Artifact,
         chunks: AsyncIterator[bytes],
-        before_commit: Callable[[], Awaitable[None]] | None = None,
+        before_commit: Callable[[artifact_pb2.Artifact], Awaitable[None]] | None = None,
     ) -> artifact_pb2.Artifact:
         """Writes GridFS chunks one CHUNK_SIZE piece at a time (the driver's GridIn
         buffers up to 32 MB per insert), then the files document, then drops older
@@ -1198,7 +1198,7 @@ class MongoStore:
                 stored.create_time.FromNanoseconds(now_ns)
                 filename = codec.artifact_filename(artifact.job_id, artifact.name)
                 if before_commit is not None:
-                    await before_commit()
+                    await before_commit(stored)
                 async with self._writing():
                     await self.files.insert_one(
                         {

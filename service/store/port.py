@@ -137,11 +137,12 @@ class Store(Protocol):
         self,
         artifact: artifact_pb2.Artifact,
         chunks: AsyncIterator[bytes],
-        before_commit: Callable[[], Awaitable[None]] | None = None,
+        before_commit: Callable[[artifact_pb2.Artifact], Awaitable[None]] | None = None,
     ) -> artifact_pb2.Artifact:
         """Streams chunks to storage, replacing a same-named artifact; fills size and sha256.
-        `before_commit` runs once the content is stored, before it is visible: what it
-        raises stores nothing (an upload can take minutes; the job may end meanwhile)."""
+        `before_commit` gets the artifact (its size and sha256 filled) once the content is
+        stored, before it is visible: what it raises stores nothing (an upload can take
+        minutes; the job may end meanwhile)."""
 
     async def open_artifact(
         self, job_id: str, name: str
