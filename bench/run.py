@@ -941,7 +941,7 @@ class Bench:
     async def claims(self, stub: Any, port: int, store: str) -> dict[str, Any]:
         t = time.monotonic()
         n = self.opt(store, "videos")
-        await create_jobs(stub, n, job_pb2.JOB_KIND_VIDEO, f"{store}-v", video=True)
+        await create_jobs(stub, n, job_pb2.JOB_KIND_VIDEO, f"{store}-v")
         created_s = time.monotonic() - t
         log(f"{store}: {n} queued videos in {created_s:.1f} s")
         per = self.args.claim_workers // self.args.clients
@@ -1086,7 +1086,6 @@ async def create_jobs(
     n: int,
     kind: job_pb2.JobKind.ValueType,
     prefix: str,
-    video: bool = False,
     concurrency: int = 64,
 ) -> list[list[str]]:
     out: list[list[str]] = [[] for _ in range(n)]
@@ -1098,7 +1097,7 @@ async def create_jobs(
             i = nxt
             nxt += 1
             job = job_pb2.Job(kind=kind)
-            if video:
+            if kind == job_pb2.JOB_KIND_VIDEO:  # CreateJob requires a video job's url
                 job.video.url = f"https://videos.example.com/{prefix}/{i}.m3u8"
                 job.video.title = f"Video {i}"
                 job.video.playlist = "bench"

@@ -106,12 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", required=True, choices=_names(job_pb2.JobKind, "JOB_KIND_"))
     p.add_argument("--id", default="", help="the job id (default: one the service makes)")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
-    p.add_argument("--video-url", default="", help="VIDEO jobs: the video to fetch")
+    p.add_argument("--video-url", default="", help="the video to fetch (required for VIDEO jobs)")
     p.add_argument("--title", default="")
     p.add_argument("--playlist", default="")
     p.add_argument("--subtitle", default="")
     add_target(p)
-    p.set_defaults(func=lambda a: asyncio.run(client_commands.create(a)))
+    p.set_defaults(func=_create(p))
     p = jobs.add_parser("get", help="print one job")
     p.add_argument("job_id")
     add_target(p)
@@ -179,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         register(sub)
     return parser
+
+
+def _create(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        # Refused by the service too (INVALID_ARGUMENT, job.video.url); said here as the
+        # usage error it is, naming the option, before anything is sent.
+        if args.kind == "VIDEO" and not args.video_url:
+            p.error("--video-url is required for --kind VIDEO")
+        return asyncio.run(client_commands.create(args))
+
+    return run
 
 
 # -- processes ---------------------------------------------------------------

@@ -170,6 +170,9 @@ class Client:
     ) -> job_service_pb2.CreateJobResponse:
         """Creates a QUEUED job; the response carries its one-time callback token.
 
+        A VIDEO job needs `video` with its `url` (the service answers InvalidArgument
+        without one); `video` on a job of another kind is refused too.
+
         Retried like the other calls: the id (a random one unless `job_id` is given)
         and the callback token are chosen here, so a retry after a lost reply gets
         the job the first attempt made, with the same token, not ALREADY_EXISTS.

@@ -121,7 +121,12 @@ class Jobs:
         validation.new_job_id(job_id)
         validation.kind(request.job.kind, "job.kind")
         validation.labels(request.job.labels)
-        if request.job.HasField("video") and request.job.kind != job_pb2.JOB_KIND_VIDEO:
+        if request.job.kind == job_pb2.JOB_KIND_VIDEO:
+            # The video worker is handed the url from GET /api/pending; without one it
+            # was given {"videoUrl": ""}, a job it could only fail.
+            if not request.job.video.url:
+                raise invalid("job.video.url is required for JOB_KIND_VIDEO jobs")
+        elif request.job.HasField("video"):
             raise invalid("job.video is only for JOB_KIND_VIDEO jobs")
         validation.deadlines(request.job)
         chosen = request.callback_token

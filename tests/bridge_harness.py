@@ -21,6 +21,7 @@ from http_bridge.app import create_app
 from http_bridge.config import Config
 from http_bridge.connection_guard import guarded_site, runner_options
 from jobwire.v1 import job_pb2, job_service_pb2
+from tests.helpers import sample_video
 
 # The contract example's own secret, so its examples can be sent verbatim.
 BATCH_SECRET = "dein-geheimer-schlüssel"
@@ -102,7 +103,11 @@ async def create_job(
     job_id: str = "",
     video: job_pb2.Video | None = None,
 ) -> job_service_pb2.CreateJobResponse:
+    """A job of `kind`; a VIDEO job without `video` gets a test video URL, which
+    CreateJob requires of one."""
     job = job_pb2.Job(kind=kind)
+    if video is None and kind == job_pb2.JOB_KIND_VIDEO:
+        video = sample_video(job_id)
     if video is not None:
         job.video.CopyFrom(video)
     return await stub.CreateJob(job_service_pb2.CreateJobRequest(job=job, job_id=job_id))

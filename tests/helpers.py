@@ -24,9 +24,18 @@ async def create(
     job_id: str = "",
     **labels: str,
 ) -> job_service_pb2.CreateJobResponse:
+    """A job of `kind` with these labels; a VIDEO job gets a video URL, which CreateJob
+    requires of one."""
     job = job_pb2.Job(kind=kind)
     job.labels.update(labels)
+    if kind == job_pb2.JOB_KIND_VIDEO:
+        job.video.CopyFrom(sample_video(job_id))
     return await stub.CreateJob(job_service_pb2.CreateJobRequest(job=job, job_id=job_id))
+
+
+def sample_video(name: str = "") -> job_pb2.Video:
+    """A video for a test's VIDEO job (CreateJob refuses one without `video.url`)."""
+    return job_pb2.Video(url=f"https://videos.example.invalid/{name or 'v'}.mp4")
 
 
 def progress(

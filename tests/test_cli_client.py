@@ -400,6 +400,28 @@ async def test_watch_exits_1_on_a_service_error(tmp_path: Path) -> None:
         await handle.close()
 
 
+async def test_a_video_job_without_video_url_is_a_usage_error(tmp_path: Path) -> None:
+    """`jobs create --kind VIDEO` without --video-url made a job the video worker got
+    as {"videoUrl": ""}; the service now refuses it, and the CLI says so first, as a
+    usage error naming the option: status 2, nothing sent."""
+    handle = await start_service(EmbeddedStore(tmp_path / "d", make_policy()))
+    try:
+        create = ("jobs", "create", "--kind", "VIDEO", "--id", "v-1", "--target", handle.target)
+        for extra in ((), ("--video-url", ""), ("--title", "Talk")):
+            code, out, err = await cli_result(*create, *extra)
+            assert code == 2 and out == "" and "Traceback" not in err, (extra, err)
+            assert err.splitlines()[-1] == (
+                "jobwire jobs create: error: --video-url is required for --kind VIDEO"
+            ), err
+        async with Client(handle.target) as c:
+            assert [j.id async for j in c.list_jobs()] == []
+        code, out, err = await cli_result(*create, "--video-url", "https://v.example/a.mp4")
+        assert code == 0, err
+        assert json.loads(out)["job"]["video"]["url"] == "https://v.example/a.mp4"
+    finally:
+        await handle.close()
+
+
 async def test_numbers_out_of_range_are_usage_errors() -> None:
     """A --from-sequence past int64 gave protobuf's ValueError traceback; --page-size 0
     and --limit 0 were taken (the service's default answered instead), though --help

@@ -40,7 +40,7 @@ from service.store.embedded import EmbeddedStore
 from service.store.port import Store
 from tests.conftest import ServiceHandle, make_policy, open_test_store, start_service
 from tests.grpc_proxy import FaultProxy, Rewrite
-from tests.helpers import WAIT, until
+from tests.helpers import WAIT, sample_video, until
 from tests.tcp_cutter import TcpCutter
 
 FAST = RetryPolicy(attempts=4, backoff=Backoff(initial=0.05, maximum=0.2))
@@ -88,7 +88,9 @@ async def test_create_get_list_cancel(service: ServiceHandle) -> None:
         assert (await c.get_job("c-1")).state == job_pb2.JOB_STATE_QUEUED
         for i in range(2, 8):
             await c.create_job(job_pb2.JOB_KIND_GENERIC, job_id=f"c-{i}", labels={"team": "a"})
-        await c.create_job("VIDEO", job_id="other", labels={"team": "b"})
+        await c.create_job(
+            "VIDEO", job_id="other", labels={"team": "b"}, video=sample_video("other")
+        )
         # list_jobs walks every page (page_size 2 -> 4 pages), oldest first
         ids = [j.id async for j in c.list_jobs(labels={"team": "a"}, page_size=2)]
         assert ids == [f"c-{i}" for i in range(1, 8)]
@@ -158,6 +160,13 @@ async def test_errors_are_typed_with_code_and_message(service: ServiceHandle) ->
         with pytest.raises(InvalidArgument) as bad:
             await c.create_job(job_pb2.JOB_KIND_UNSPECIFIED)
         assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT and bad.value.message
+        # The service's refusal of a VIDEO job without its url, raised as it is.
+        for video in (None, job_pb2.Video(title="Talk")):
+            with pytest.raises(InvalidArgument) as no_url:
+                await c.create_job("VIDEO", job_id="e-video", video=video)
+            assert no_url.value.message == "job.video.url is required for JOB_KIND_VIDEO jobs"
+        with pytest.raises(NotFound):
+            await c.get_job("e-video")
         await c.cancel_job("e-1")
         with pytest.raises(FailedPrecondition):
             await c.cancel_job("e-1")
@@ -1002,7 +1011,7 @@ async def test_watch_jobs_with_kind_and_state_filters(service: ServiceHandle) ->
         first_video = asyncio.ensure_future(anext(videos))
         first_finished = asyncio.ensure_future(anext(finished))
         await until(lambda: fanout.watchers == 2)  # both streams are live
-        await c.create_job("VIDEO", job_id="fv-1")
+        await c.create_job("VIDEO", job_id="fv-1", video=sample_video("fv-1"))
         await c.create_job("GENERIC", job_id="fg-1")
         await c.report_progress("fg-1", 50)
         await c.report_progress("fv-1", 50)

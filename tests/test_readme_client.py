@@ -17,7 +17,7 @@ from jobwire.client import TLS, Client, Job, JobEvent, StreamGap
 from jobwire.v1 import event_pb2, job_pb2
 from service.store.embedded import EmbeddedStore
 from tests.conftest import make_policy, start_service
-from tests.helpers import WAIT
+from tests.helpers import WAIT, sample_video
 from tests.test_ops import _self_signed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +65,7 @@ async def test_readme_client_snippet_runs_as_written(
     workers: list[asyncio.Task[None]] = []
 
     async with Client(handle.target, token=TOKEN, tls=TLS(ca=cert)) as setup:
-        await setup.create_job("VIDEO", job_id="queued-video")
+        await setup.create_job("VIDEO", job_id="queued-video", video=sample_video("queued"))
 
         async def worker(url: str, callback_token: str) -> None:
             """The external worker: reports with the job's own token, then finishes."""

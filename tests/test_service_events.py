@@ -184,6 +184,25 @@ async def test_unknown_job_with_create_kind_becomes_a_job(service: ServiceHandle
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_create_kind_video_is_refused(service: ServiceHandle) -> None:
+    """A report cannot carry a video's url, which every VIDEO job needs (CreateJob
+    refuses one without it): create_kind VIDEO is INVALID_ARGUMENT, nothing created."""
+    request = progress("vid-1", 5)
+    request.create_kind = job_pb2.JOB_KIND_VIDEO
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.ReportEvent(request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = err.value.details() or ""
+    assert "create_kind" in details and "job.video.url" in details
+    batch = await service.stub.BatchReportEvents(
+        job_service_pb2.BatchReportEventsRequest(requests=[request])
+    )
+    assert [r.code for r in batch.results] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.GetJob(job_service_pb2.GetJobRequest(id="vid-1"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def _log(
     job_id: str, level: log_pb2.LogLevel.ValueType, message: str, seconds: int
 ) -> job_service_pb2.WriteLogRequest:

@@ -34,6 +34,39 @@ async def test_generated_id_and_video_details(service: ServiceHandle) -> None:
     assert created.job.video.url == "https://x/v.mp4"
 
 
+@pytest.mark.parametrize(
+    "video",
+    [None, job_pb2.Video(title="Talk", playlist="p", subtitle="es")],
+    ids=["no video", "video without url"],
+)
+async def test_a_video_job_without_its_url_is_refused(
+    service: ServiceHandle, video: job_pb2.Video | None
+) -> None:
+    """CreateJob took a VIDEO job without `video.url`; the video worker then claimed it
+    from GET /api/pending as {"videoUrl": ""}, which it could only fail. It is now
+    INVALID_ARGUMENT naming job.video.url, and nothing is created."""
+    job = job_pb2.Job(kind=job_pb2.JOB_KIND_VIDEO, video=video)
+    for request in (
+        job_service_pb2.CreateJobRequest(job=job),
+        job_service_pb2.CreateJobRequest(job=job, job_id="v-1"),
+        job_service_pb2.CreateJobRequest(job=job, job_id="v-1", callback_token=CHOSEN),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await service.stub.CreateJob(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == "job.video.url is required for JOB_KIND_VIDEO jobs"
+    listed = await service.stub.ListJobs(job_service_pb2.ListJobsRequest())
+    assert list(listed.jobs) == []
+    claim = job_service_pb2.ClaimJobRequest(kind=job_pb2.JOB_KIND_VIDEO, worker_id="w")
+    assert not (await service.stub.ClaimJob(claim)).HasField("job")
+    # With its url the same job is made, under the id the refusals left free.
+    job.video.url = "https://videos.example.invalid/talk.mp4"
+    created = await service.stub.CreateJob(job_service_pb2.CreateJobRequest(job=job, job_id="v-1"))
+    assert created.job.video.url == job.video.url
+    claimed = await service.stub.ClaimJob(claim)
+    assert claimed.job.id == "v-1" and claimed.job.video.url == job.video.url
+
+
 async def test_duplicate_id_is_already_exists(service: ServiceHandle) -> None:
     await create(service.stub, job_id="same")
     with pytest.raises(grpc.aio.AioRpcError) as err:

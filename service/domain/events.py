@@ -39,6 +39,10 @@ def validate_report(request: job_service_pb2.ReportEventRequest) -> None:
     validation.optional_kind(request.kind, "kind")
     if request.kind and request.create_kind and request.kind != request.create_kind:
         raise invalid("kind and create_kind must be the same kind")
+    if request.create_kind == _S.JOB_KIND_VIDEO:
+        # A video job needs job.video.url, which a report cannot carry: only CreateJob
+        # makes one.
+        raise invalid("create_kind must not be JOB_KIND_VIDEO: a video job needs job.video.url")
     payload = request.WhichOneof("payload")
     if payload is None:
         raise invalid("one of progress, completed or failed is required")

@@ -422,7 +422,10 @@ class Job(_message.Message):
 
     @_builtins.property
     def video(self) -> Global___Video:
-        """Video details; set for JOB_KIND_VIDEO jobs."""
+        """Video details; set for JOB_KIND_VIDEO jobs, and only for them. CreateJob
+        requires `video.url` of a JOB_KIND_VIDEO job (INVALID_ARGUMENT without it):
+        the video worker is handed it from GET /api/pending.
+        """
 
     @_builtins.property
     def lease_expire_time(self) -> _timestamp_pb2.Timestamp:

@@ -319,7 +319,9 @@ class ReportEventRequest(_message.Message):
     create_kind: _job_pb2.JobKind.ValueType
     """When set and no job has `job_id`, the job is created with this kind and
     the event applied in the same write (AuroraCloud announces task ids only
-    in their outcome). Otherwise an unknown job is NOT_FOUND.
+    in their outcome). Otherwise an unknown job is NOT_FOUND. Not
+    JOB_KIND_VIDEO (INVALID_ARGUMENT): a video job needs `video.url`, which
+    only CreateJob carries.
     """
     process_id: _builtins.str
     """The worker's own id for its run (Secretary `process.id`); kept on the job."""
