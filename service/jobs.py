@@ -212,8 +212,25 @@ class Jobs:
         self, request: job_service_pb2.ReportEventRequest
     ) -> job_service_pb2.ReportEventResponse:
         events.validate_report(request)
+        if request.HasField("completed") and request.completed.artifacts:
+            await self._artifacts_as_named(request)
         outcome = await self._one(JobCommand(request.job_id, Report(request)))
         return _response(outcome)
+
+    async def _artifacts_as_named(self, request: job_service_pb2.ReportEventRequest) -> None:
+        """A result names its artifacts by content (sha256): one whose stored artifact
+        has other content now (two different finals racing, the other's upload last)
+        would describe a file the job does not have. It was applied anyway."""
+        stored = {a.name: a.sha256 for a in await self.store.list_artifacts(request.job_id)}
+        for named in request.completed.artifacts:
+            sha = stored.get(named.name)
+            if sha is not None and named.sha256 and sha != named.sha256:
+                raise DomainError(
+                    Code.FAILED_PRECONDITION,
+                    f"artifact {named.name!r} of job {request.job_id!r} has other content"
+                    f" (sha256 {sha[:12]}…) than the result names ({named.sha256[:12]}…):"
+                    " it was replaced after this upload",
+                )
 
     async def report_batch(
         self, requests: Sequence[job_service_pb2.ReportEventRequest]
@@ -230,6 +247,8 @@ class Jobs:
             result = results.add()
             try:
                 events.validate_report(request)
+                if request.HasField("completed") and request.completed.artifacts:
+                    await self._artifacts_as_named(request)
             except DomainError as err:
                 result.code = err.code
                 result.message = f"requests[{i}]: {err.message}"

@@ -389,3 +389,39 @@ async def test_an_empty_job_id_is_named_as_the_request_spells_it(
                 await call()
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert err.value.details() == f"{field} is required"
+
+
+async def test_a_result_that_names_an_artifact_s_old_content_is_refused(
+    service: ServiceHandle,
+) -> None:
+    """Two different finals racing, both uploads done before either completes: the
+    result of the one whose upload was replaced named content the job no longer had,
+    and it was applied. It is now FAILED_PRECONDITION; the other's result applies."""
+    await create(service.stub, job_id="named")
+    await _upload(service, "named", "text.md", b"first")
+    first = (
+        await service.stub.ListArtifacts(job_service_pb2.ListArtifactsRequest(job_id="named"))
+    ).artifacts[0]
+    await _upload(service, "named", "text.md", b"second")
+    second = (
+        await service.stub.ListArtifacts(job_service_pb2.ListArtifactsRequest(job_id="named"))
+    ).artifacts[0]
+    stale = completed("named", key="a")
+    stale.completed.artifacts.add(name=first.name, sha256=first.sha256)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.ReportEvent(stale)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "'text.md'" in (err.value.details() or "")
+    batch = await service.stub.BatchReportEvents(
+        job_service_pb2.BatchReportEventsRequest(requests=[stale])
+    )
+    assert batch.results[0].code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert (await service.stub.GetJob(job_service_pb2.GetJobRequest(id="named"))).sequence == 0
+    current = completed("named", key="b")
+    current.completed.artifacts.add(name=second.name, sha256=second.sha256)
+    await service.stub.ReportEvent(current)
+    job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="named"))
+    assert (job.state, job.result.artifacts[0].sha256) == (
+        job_pb2.JOB_STATE_SUCCEEDED,
+        second.sha256,
+    )
