@@ -30,6 +30,9 @@ DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (
     # Reconnect quickly after the service restarts.
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
+    # Calls spread over every address the target resolves to (a headless Service: each
+    # replica). gRPC's default, pick_first, sent every call to the first one.
+    ("grpc.service_config", '{"loadBalancingConfig": [{"round_robin": {}}]}'),
 )
 
 PemSource = str | os.PathLike[str] | bytes
