@@ -215,6 +215,34 @@ async def test_the_service_exits_with_one_line_when_mongodb_cannot_be_used(
     assert "Traceback" not in out + err and PASSWORD not in out + err
 
 
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        # The SRV lookup happens at the first operation: pymongo's ConfigurationError
+        # from the `buildInfo` in MongoStore.start was an 88-line traceback.
+        ("cluster0.doesnotexist-audit.invalid", "cannot start: MongoDB unavailable (start)"),
+        # An IP address is no SRV name: refused before anything starts.
+        ("127.0.0.1", "MONGODB_URI is not a valid MongoDB URI"),
+    ],
+)
+async def test_an_srv_uri_that_cannot_be_resolved_stops_the_service_with_one_line(
+    tmp_path: Path, host: str, expected: str
+) -> None:
+    env = {
+        "MONGODB_URI": f"mongodb+srv://svc:{PASSWORD}@{host}/jobwire",
+        "JOBWIRE_MONGODB_TIMEOUT_MS": "1000",
+        "JOBWIRE_GRPC_ADDR": "127.0.0.1:0",
+        "JOBWIRE_METRICS_ADDR": "",
+        "JOBWIRE_DATA_DIR": str(tmp_path / "data"),
+        "JOBWIRE_LOG_FORMAT": "text",
+    }
+    code, out, err = await cli_result("serve", env=env, timeout=60)
+    assert code == 1, (out, err)
+    assert expected in err and "MONGODB_URI" in err, err
+    assert "Traceback" not in out + err and PASSWORD not in out + err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 async def test_a_ferretdb_server_is_named_at_start_with_its_limit(
     mongo_uri: str, caplog: pytest.LogCaptureFixture
 ) -> None:

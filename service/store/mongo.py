@@ -15,6 +15,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import ipaddress
 import logging
 import os
 import random
@@ -165,6 +166,23 @@ def _without_credentials(text: str, uri: str) -> str:
         if len(secret) >= 3:
             text = text.replace(secret, "***")
     return text
+
+
+def _check_srv_host(uri: str) -> None:
+    """A mongodb+srv:// host must be a DNS name: the driver found an IP address only at
+    the first operation (a ConfigurationError traceback at start)."""
+    scheme, _, rest = uri.partition("://")
+    if scheme.lower() != "mongodb+srv":
+        return
+    host = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2].strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return
+    raise ValueError(
+        f"MONGODB_URI is not a valid MongoDB URI: a mongodb+srv:// URI names a DNS name"
+        f" with SRV records, not an IP address ({host}); use mongodb:// for an address"
+    )
 
 
 def _describe(exc: BaseException) -> str:
@@ -402,6 +420,7 @@ class MongoStore:
                 reason = f"unknown option {', '.join(map(repr, unknown))} ({hint.strip()})"
             reason = _without_credentials(reason, self._uri)
             raise ValueError(f"MONGODB_URI is not a valid MongoDB URI: {reason}") from None
+        _check_srv_host(self._uri)
         # The database named in the URI path wins over the argument.
         try:  # (the URI's own was checked with the URI)
             db = self._client.get_default_database(default=self._database_name)
@@ -447,7 +466,15 @@ class MongoStore:
         self._open_client()
         assert self._client is not None
         with _guard("start"):
-            info = await self._client.admin.command("buildInfo")
+            try:
+                info = await self._client.admin.command("buildInfo")
+            except pymongo.errors.ConfigurationError as exc:
+                # A mongodb+srv:// URI is resolved at the first operation: a name with
+                # no SRV record (a typo, DNS down), a TXT record with bad options.
+                reason = _without_credentials(str(exc)[:300], self._uri)
+                raise StorageUnavailable(
+                    f"MongoDB unavailable (start): MONGODB_URI cannot be used: {reason}"
+                ) from exc
             if "ferretdbVersion" in info:
                 # Measured: 2 processes x 20 concurrent callbacks for one job, 20 of the
                 # 40 acknowledged events lost (both conditional updates "matched").
