@@ -10,17 +10,39 @@ from jobwire.v1 import job_pb2
 
 from .admission import DEFAULT_MAX_WATCHERS
 from .domain.records import Policy
+from .domain.validation import MAX_DEADLINE_NS
+
+# The longest duration a setting takes, as a request's lease_duration or deadline: a
+# lease expiry or deadline past it is no valid Timestamp (1e12 s made every ClaimJob
+# UNKNOWN), and int(1e300 s * 1e9) raised OverflowError at start.
+MAX_SECONDS = MAX_DEADLINE_NS / 1e9
+# Counts: far above any use, below what SQLite, BSON and gRPC's C ints hold.
+MAX_COUNT = 1_000_000_000
+# gRPC's backlog is 4x the admitted streams, in a C int (2**31 - 1).
+MAX_WATCHERS = 10_000_000
+# gRPC takes the ping interval in milliseconds, in a C int (24.8 days).
+MAX_MIN_PING_SECONDS = 86_400.0
 
 
-def _float(name: str, default: float, minimum: float = 0.0, above: bool = False) -> float:
-    """A finite number >= `minimum` (> it when `above`); NaN and infinity are refused."""
+def _float(
+    name: str,
+    default: float,
+    minimum: float = 0.0,
+    above: bool = False,
+    maximum: float = MAX_SECONDS,
+) -> float:
+    """A finite number >= `minimum` (> it when `above`) and <= `maximum` (seconds: at
+    most 366 days unless told); NaN and infinity are refused."""
     raw = os.environ.get(name, "")
     try:
         value = float(raw) if raw else default
     except ValueError:
         raise SystemExit(f"{name} must be a number, got {raw!r}") from None
-    if not minimum <= value < float("inf") or (above and value == minimum):
+    if not minimum <= value <= maximum or value == float("inf") or (above and value == minimum):
         bound = f"> {minimum:g}" if above else f">= {minimum:g}"
+        if maximum < float("inf"):
+            most = f"{maximum:.0f}" if maximum == int(maximum) else f"{maximum:g}"
+            bound += f" and <= {most}" + (" (366 days)" if maximum == MAX_SECONDS else "")
         raise SystemExit(f"{name} must be a number {bound}, got {raw!r}")
     return value
 
@@ -61,11 +83,13 @@ def _token(name: str) -> str:
     return raw
 
 
-def _int(name: str, default: int, minimum: int = 1) -> int:
-    value = _float(name, default, minimum=float("-inf"))
-    if value != int(value) or value < minimum:
+def _int(name: str, default: int, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
+    value = _float(name, default, minimum=float("-inf"), maximum=float("inf"))
+    if value != int(value) or not minimum <= value <= maximum:
         raw = os.environ.get(name, "")
-        raise SystemExit(f"{name} must be a whole number >= {minimum}, got {raw!r}")
+        raise SystemExit(
+            f"{name} must be a whole number >= {minimum} and <= {maximum}, got {raw!r}"
+        )
     return int(value)
 
 
@@ -102,8 +126,10 @@ def _duration(name: str, default: float) -> float:
         value = float(raw[:-1]) * unit if unit else float(raw)
     except ValueError:
         value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise SystemExit(f"{name} must be a duration such as 90, 90s, 15m, 24h or off, got {raw!r}")
+    if not 0 <= value <= MAX_SECONDS:
+        raise SystemExit(
+            f"{name} must be a duration such as 90, 90s, 15m, 24h or off, at most 366d, got {raw!r}"
+        )
     return value
 
 
@@ -177,12 +203,15 @@ class Settings:
             ),
             watch_buffer=_int("JOBWIRE_WATCH_BUFFER", cls.watch_buffer, minimum=4),
             embedded_cache_jobs=_int("JOBWIRE_EMBEDDED_CACHE_JOBS", cls.embedded_cache_jobs),
-            max_watchers=_int("JOBWIRE_MAX_WATCHERS", cls.max_watchers),
+            max_watchers=_int("JOBWIRE_MAX_WATCHERS", cls.max_watchers, maximum=MAX_WATCHERS),
             watch_workers=_workers("JOBWIRE_WATCH_WORKERS"),
             watch_cork=_flag("JOBWIRE_WATCH_CORK", cls.watch_cork),
             shutdown_grace_seconds=_float("JOBWIRE_SHUTDOWN_GRACE_SECONDS", 10.0),
             min_ping_seconds=_float(
-                "JOBWIRE_GRPC_MIN_PING_SECONDS", cls.min_ping_seconds, above=True
+                "JOBWIRE_GRPC_MIN_PING_SECONDS",
+                cls.min_ping_seconds,
+                above=True,
+                maximum=MAX_MIN_PING_SECONDS,
             ),
             metrics_addr=_addr("JOBWIRE_METRICS_ADDR", cls.metrics_addr, optional=True),
             metrics_queue_seconds=_float("JOBWIRE_METRICS_QUEUE_SECONDS", 15.0, above=True),

@@ -14,8 +14,12 @@ import pytest
 
 from dashboard.config import load_config as dashboard_config
 from http_bridge.config import load_config as bridge_config
+from jobwire.v1 import job_pb2, job_service_pb2
 from service.config import Settings
 from service.logs import configure
+from service.store.embedded import EmbeddedStore
+from tests.conftest import start_service
+from tests.helpers import create, progress
 
 BAD_NUMBERS = ("x", "nan", "inf", "-1")
 
@@ -41,6 +45,28 @@ SERVICE = [
     ("JOBWIRE_GRPC_ADDR", "127.0.0.1:70000"),
     ("JOBWIRE_METRICS_ADDR", "localhost"),
     ("JOBWIRE_METRICS_ADDR", "127.0.0.1:port"),
+    # Past what they can mean, these crashed at start with a traceback (a C int in gRPC's
+    # channel arguments, int(inf) in Settings.policy) or broke every call at runtime (a
+    # lease expiry or progress deadline past what a Timestamp holds).
+    ("JOBWIRE_MAX_WATCHERS", "1000000000"),
+    ("JOBWIRE_MAX_WATCHERS", "10000001"),
+    ("JOBWIRE_GRPC_MIN_PING_SECONDS", "1e10"),
+    ("JOBWIRE_GRPC_MIN_PING_SECONDS", "86401"),
+    ("JOBWIRE_LEASE_SECONDS", "1e300"),
+    ("JOBWIRE_LEASE_SECONDS", "1e12"),
+    ("JOBWIRE_LEASE_SECONDS", "31622401"),
+    ("JOBWIRE_LEASE_SWEEP_SECONDS", "1e300"),
+    ("JOBWIRE_SHUTDOWN_GRACE_SECONDS", "1e300"),
+    ("JOBWIRE_METRICS_QUEUE_SECONDS", "1e300"),
+    ("JOBWIRE_WATCH_RESYNC_SECONDS", "1e300"),
+    ("JOBWIRE_FIREHOSE_RETENTION", "1e300"),
+    ("JOBWIRE_FIREHOSE_RETENTION", "367d"),
+    ("JOBWIRE_PROGRESS_DEADLINE_BATCH", "1e300"),
+    ("JOBWIRE_PROGRESS_DEADLINE_EXTRACTION", "1e12"),
+    ("JOBWIRE_STALL_FAIL_AFTER_VIDEO", "8785h"),
+    *((var, "1e300") for var in ("JOBWIRE_MAX_ATTEMPTS", "JOBWIRE_EVENT_RETENTION",
+                                 "JOBWIRE_WATCH_BUFFER", "JOBWIRE_EVENT_FEED_MAX_DOCS",
+                                 "JOBWIRE_EMBEDDED_CACHE_JOBS")),
 ]  # fmt: skip
 
 BRIDGE = [
@@ -112,6 +138,32 @@ def test_a_dashboard_token_no_login_can_match_is_named_not_shown(
         dashboard_config(env)
     message = str(refused.value.code)
     assert "JOBWIRE_DASHBOARD_TOKEN" in message and "s3cr3t" not in message, message
+
+
+async def test_the_longest_lease_and_deadline_the_settings_take_work_at_runtime(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """At the bound (366 days) a claim and a progress report are answered. Past it, which
+    was accepted, JOBWIRE_LEASE_SECONDS=1e12 made every ClaimJob UNKNOWN (its expiry not
+    a valid Timestamp) and JOBWIRE_PROGRESS_DEADLINE_EXTRACTION=1e12 every progress
+    report UNAVAILABLE "storage error: OverflowError" (the storage alert)."""
+    monkeypatch.setenv("JOBWIRE_LEASE_SECONDS", "31622400")
+    monkeypatch.setenv("JOBWIRE_PROGRESS_DEADLINE_EXTRACTION", "366d")
+    monkeypatch.setenv("JOBWIRE_STALL_FAIL_AFTER_EXTRACTION", "366d")
+    settings = Settings.from_env()
+    store = EmbeddedStore(tmp_path / "data", settings.policy())
+    handle = await start_service(store, lease_seconds=settings.lease_seconds)
+    try:
+        await create(handle.stub, job_pb2.JOB_KIND_EXTRACTION, job_id="long")
+        claim = await handle.stub.ClaimJob(
+            job_service_pb2.ClaimJobRequest(kind=job_pb2.JOB_KIND_EXTRACTION, worker_id="w")
+        )
+        assert claim.job.id == "long"
+        await handle.stub.ReportEvent(progress("long", 10))
+        job = await handle.stub.GetJob(job_service_pb2.GetJobRequest(id="long"))
+        assert job.progress.percent == 10
+    finally:
+        await handle.close()
 
 
 def test_log_level() -> None:
