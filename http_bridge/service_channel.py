@@ -11,7 +11,9 @@ target address differs) and JOBWIRE_GRPC_TOKEN (sent as `authorization: Bearer`)
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -54,4 +56,33 @@ def tls_from_env(env: Mapping[str, str]) -> TLS | None:
             tls.credentials()  # reads the files now, not at the first call
     except ClientConfigError as err:
         raise SystemExit(str(err)) from None
+    if tls is not None:
+        check_pem_files(env)
     return tls
+
+
+_PEM_BLOCKS = {
+    "certificate": re.compile(rb"-----BEGIN (?:X509 |TRUSTED )?CERTIFICATE-----"),
+    "private key": re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"),
+}
+
+
+def check_pem_files(env: Mapping[str, str]) -> None:
+    """Each JOBWIRE_SERVICE_TLS_* file holds what it names: one that is not PEM (a CA
+    that is not a certificate) started the process, and every call then failed with
+    gRPC's "Cannot load server root certificates" on stderr."""
+    for var, holds in (
+        ("JOBWIRE_SERVICE_TLS_CA", "certificate"),
+        ("JOBWIRE_SERVICE_TLS_CERT", "certificate"),
+        ("JOBWIRE_SERVICE_TLS_KEY", "private key"),
+    ):
+        path = env.get(var, "")
+        if not path or (var == "JOBWIRE_SERVICE_TLS_CA" and path == "system"):
+            continue
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise SystemExit(f"cannot read {var} {path!r}: {exc.strerror}") from None
+        if not _PEM_BLOCKS[holds].search(data):
+            block = "-----BEGIN CERTIFICATE-----" if holds == "certificate" else "PRIVATE KEY"
+            raise SystemExit(f"{var} {path!r} is not a PEM {holds} (no {block} block)")

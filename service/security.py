@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,24 @@ from .grpc_handlers import Handler, replace_behavior
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
-def _read(path: str, what: str) -> bytes:
+# What each file must hold: gRPC's own errors for a file that is not PEM named nothing,
+# then "cannot listen on JOBWIRE_GRPC_ADDR" (the wrong variable).
+_PEM_BLOCKS = {
+    "certificate": re.compile(rb"-----BEGIN (?:X509 |TRUSTED )?CERTIFICATE-----"),
+    "private key": re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"),
+}
+
+
+def _read(path: str, what: str, holds: str = "certificate") -> bytes:
+    """The file's bytes, which must hold a PEM `holds` ("certificate", "private key")."""
     try:
-        return Path(path).read_bytes()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise SystemExit(f"cannot read {what} {path!r}: {exc.strerror}") from None
+    if not _PEM_BLOCKS[holds].search(data):
+        block = "-----BEGIN CERTIFICATE-----" if holds == "certificate" else "PRIVATE KEY"
+        raise SystemExit(f"{what} {path!r} is not a PEM {holds} (no {block} block)")
+    return data
 
 
 def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials | None:
@@ -39,7 +53,8 @@ def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerC
         return None
     if not (cert and key):
         raise SystemExit("set both JOBWIRE_GRPC_TLS_CERT and JOBWIRE_GRPC_TLS_KEY (or neither)")
-    pair = (_read(key, "JOBWIRE_GRPC_TLS_KEY"), _read(cert, "JOBWIRE_GRPC_TLS_CERT"))
+    certs = _read(cert, "JOBWIRE_GRPC_TLS_CERT")
+    pair = (_read(key, "JOBWIRE_GRPC_TLS_KEY", "private key"), certs)
     ca = _read(client_ca, "JOBWIRE_GRPC_TLS_CLIENT_CA") if client_ca else None
     return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=bool(ca))
 

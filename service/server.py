@@ -72,6 +72,9 @@ class RunningService:
 
 
 async def start(settings: Settings, store: Store | None = None) -> RunningService:
+    # TLS files that cannot be used stop it now, naming the variable, before the store
+    # opens (listen() builds the credentials again).
+    server_credentials(settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_client_ca)
     store = store if store is not None else open_store(settings)
     await store.start()
     jobs = Jobs(store, Fanout(settings.watch_buffer), store.policy, settings.public_url)

@@ -20,6 +20,7 @@ from service.logs import configure
 from service.store.embedded import EmbeddedStore
 from tests.conftest import start_service
 from tests.helpers import create, progress
+from tests.test_ops import _self_signed
 
 BAD_NUMBERS = ("x", "nan", "inf", "-1")
 
@@ -244,3 +245,44 @@ async def test_a_grpc_token_no_header_can_carry_is_named_not_shown(
     out, err = await _start_refused(tmp_path, command, JOBWIRE_GRPC_TOKEN="s3cr3t-from-a-file\n")
     assert b"JOBWIRE_GRPC_TOKEN" in err and b"line breaks" in err, err
     assert b"s3cr3t" not in out + err
+
+
+@pytest.mark.parametrize(
+    ("command", "files", "named"),
+    [
+        # Files that are not PEM: gRPC's own errors, then "cannot listen on
+        # JOBWIRE_GRPC_ADDR", the wrong variable; the bridge and the dashboard started
+        # and failed every call.
+        ("serve", {"JOBWIRE_GRPC_TLS_CERT": "junk", "JOBWIRE_GRPC_TLS_KEY": "junk"},
+         "JOBWIRE_GRPC_TLS_CERT '{junk}' is not a PEM certificate"),
+        ("serve", {"JOBWIRE_GRPC_TLS_CERT": "cert", "JOBWIRE_GRPC_TLS_KEY": "cert"},
+         "JOBWIRE_GRPC_TLS_KEY '{cert}' is not a PEM private key"),
+        ("serve", {"JOBWIRE_GRPC_TLS_CERT": "cert", "JOBWIRE_GRPC_TLS_KEY": "key",
+                   "JOBWIRE_GRPC_TLS_CLIENT_CA": "junk"},
+         "JOBWIRE_GRPC_TLS_CLIENT_CA '{junk}' is not a PEM certificate"),
+        ("bridge", {"JOBWIRE_SERVICE_TLS_CA": "junk"},
+         "JOBWIRE_SERVICE_TLS_CA '{junk}' is not a PEM certificate"),
+        ("healthcheck", {"JOBWIRE_SERVICE_TLS_CA": "junk"},
+         "JOBWIRE_SERVICE_TLS_CA '{junk}' is not a PEM certificate"),
+        ("dashboard", {"JOBWIRE_SERVICE_TLS_CA": "key"},
+         "JOBWIRE_SERVICE_TLS_CA '{key}' is not a PEM certificate"),
+        ("bridge", {"JOBWIRE_SERVICE_TLS_CA": "system", "JOBWIRE_SERVICE_TLS_CERT": "junk",
+                    "JOBWIRE_SERVICE_TLS_KEY": "key"},
+         "JOBWIRE_SERVICE_TLS_CERT '{junk}' is not a PEM certificate"),
+        ("dashboard", {"JOBWIRE_SERVICE_TLS_CA": "cert", "JOBWIRE_SERVICE_TLS_CERT": "cert",
+                       "JOBWIRE_SERVICE_TLS_KEY": "junk"},
+         "JOBWIRE_SERVICE_TLS_KEY '{junk}' is not a PEM private key"),
+    ],
+)  # fmt: skip
+async def test_a_tls_file_that_is_not_pem_is_named(
+    tmp_path: Path, command: str, files: dict[str, str], named: str
+) -> None:
+    cert, key = _self_signed(tmp_path)
+    junk = tmp_path / "hostname"
+    junk.write_text("build-host-7\n")
+    paths = {"cert": str(cert), "key": str(key), "junk": str(junk), "system": "system"}
+    env = {var: paths[which] for var, which in files.items()}
+    _, err = await _start_refused(tmp_path, command, **env)
+    lines = [line for line in err.decode().splitlines() if line.strip()]
+    assert named.format(**paths) in err.decode(), err
+    assert len(lines) == 1 and "cannot listen" not in lines[0], err
