@@ -134,12 +134,20 @@ def _duration(name: str, default: float) -> float:
 
 
 def _per_kind(prefix: str) -> tuple[tuple[int, float], ...]:
-    """PREFIX<KIND>=duration for each job kind (BATCH, VIDEO, TRANSCODE, ...)."""
+    """PREFIX<KIND>=duration for each job kind (BATCH, VIDEO, TRANSCODE, ...). A PREFIX
+    variable for no kind (a misspelt BATCHH) was ignored: the deadline silently off."""
+    kinds = {
+        name.removeprefix("JOB_KIND_"): int(number)
+        for name, number in job_pb2.JobKind.items()
+        if number
+    }
+    for name in sorted(os.environ):
+        if name.startswith(prefix) and name.removeprefix(prefix) not in kinds:
+            raise SystemExit(f"{name} names no job kind: {prefix}<KIND> takes {', '.join(kinds)}")
     out = []
-    for name, number in job_pb2.JobKind.items():
-        kind = name.removeprefix("JOB_KIND_")
-        if number and (seconds := _duration(prefix + kind, 0.0)) > 0:
-            out.append((int(number), seconds))
+    for kind, number in kinds.items():
+        if (seconds := _duration(prefix + kind, 0.0)) > 0:
+            out.append((number, seconds))
     return tuple(out)
 
 

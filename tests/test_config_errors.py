@@ -141,6 +141,27 @@ def test_a_dashboard_token_no_login_can_match_is_named_not_shown(
     assert "JOBWIRE_DASHBOARD_TOKEN" in message and "s3cr3t" not in message, message
 
 
+@pytest.mark.parametrize(
+    "var",
+    [
+        "JOBWIRE_PROGRESS_DEADLINE_BATCHH",
+        "JOBWIRE_PROGRESS_DEADLINE_batch",
+        "JOBWIRE_PROGRESS_DEADLINE_UNSPECIFIED",
+        "JOBWIRE_STALL_FAIL_AFTER_EXTRACT",
+    ],
+)
+def test_a_per_kind_variable_for_no_kind_is_named(
+    monkeypatch: pytest.MonkeyPatch, var: str
+) -> None:
+    """A misspelt kind was ignored: the deadline the operator set was silently off."""
+    monkeypatch.setenv(var, "10m")
+    with pytest.raises(SystemExit) as refused:
+        Settings.from_env()
+    message = str(refused.value.code)
+    assert message.startswith(f"{var} names no job kind") and "\n" not in message, message
+    assert "BATCH, VIDEO, TRANSCODE, EXTRACTION, GENERIC" in message, message
+
+
 async def test_the_longest_lease_and_deadline_the_settings_take_work_at_runtime(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
