@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from http_bridge.config import read_env_file
+from http_bridge.redaction import redact
 from service.logs import (
     JOB_ID,
     JsonFormatter,
@@ -40,12 +41,28 @@ HOSTILE = (
     "/c%c2%9b31m",
     "/d%0d%7f",
 )
+# What secrets.token_urlsafe(32) makes: CreateJob's per-job callback token.
+JOB_TOKEN = "Zq3xV0b_Kc9-LmT2pR7sYw4NhA8dEf1GjUoIiBkX5ne"
+SECRETARY_TOKEN_PATHS = (
+    f"/api/external/jobs/doc-7/{JOB_TOKEN}",
+    f"/api/external/jobs/doc-7/{JOB_TOKEN[:9]}",  # a short one, after the id: all of it
+    f"/api/external/jobs/doc-7/artifacts/text.txt/{JOB_TOKEN[9:18]}",
+    f"/api/external/{JOB_TOKEN}/jobs",  # token-shaped, anywhere
+    f"/{JOB_TOKEN}",
+)
 RAW_FORBIDDEN = (b"\x1b", b"\x07", b"\r", b"\x7f", "\u202e".encode(), "\u009b".encode())
 LINE_START = re.compile(rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
 
 
 async def _hostile_requests(port: int) -> None:
     for path in HOSTILE:
+        reply = await raw_exchange(
+            port, f"GET {path} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert reply.startswith(b"HTTP/1.1 404"), (path, reply[:80])
+    # a per-job callback token (the bridge cannot know it) where a misbuilt callback URL
+    # puts it: after the job id, or as a path of its own
+    for path in SECRETARY_TOKEN_PATHS:
         reply = await raw_exchange(
             port, f"GET {path} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n".encode()
         )
@@ -78,6 +95,10 @@ async def test_the_access_log_escapes_decoded_paths_and_redacts_the_path_token(
         assert forbidden not in log, forbidden
     assert TRANSCODE_TOKEN[:6].encode() not in log
     assert TRANSCODE_TOKEN[6:].encode() not in log
+    for part in (JOB_TOKEN[:9], JOB_TOKEN[9:18], JOB_TOKEN[18:]):
+        assert part.encode() not in log, part
+    for redacted in (b"GET /api/external/jobs/doc-7/*** 404", b"GET /api/external/***/jobs 404"):
+        assert redacted in log, redacted
     lines = log.decode().splitlines()
     if fmt == "json":
         messages = [json.loads(line)["message"] for line in lines]
@@ -94,6 +115,27 @@ async def test_the_access_log_escapes_decoded_paths_and_redacts_the_path_token(
         r"/d\r\x7f",
     ):
         assert shown in access, (shown, access)
+
+
+def test_what_the_access_log_shows_of_a_path() -> None:
+    """A Secretary path shows its job id and, below it, only an artifact's name; any
+    segment shaped like a callback token (43+ of [A-Za-z0-9_-], both cases) is hidden."""
+    assert redact("/api/external/jobs/doc-7") == "/api/external/jobs/doc-7"
+    assert redact("/api/external/jobs/doc-7/artifacts/images.zip") == (
+        "/api/external/jobs/doc-7/artifacts/images.zip"
+    )
+    assert redact(f"/api/external/jobs/doc-7/{JOB_TOKEN}") == "/api/external/jobs/doc-7/***"
+    assert redact("/api/external/jobs/doc-7/status/x") == "/api/external/jobs/doc-7/***"
+    assert redact(f"/api/external/jobs/{JOB_TOKEN}") == "/api/external/jobs/***"
+    assert redact(f"/API/External/Jobs/doc-7/{JOB_TOKEN[:20]}") == "/API/External/Jobs/doc-7/***"
+    assert redact(f"/x/{JOB_TOKEN}/y") == "/x/***/y"
+    # ids and names that are no token stay: a UUID, a hex digest, a long readable id
+    for path in (
+        "/api/external/jobs/123e4567-e89b-12d3-a456-426614174000",
+        "/api/external/jobs/" + "ab12" * 16,
+        "/api/external/jobs/monthly-report-2026-11-extraction-batch-0001",
+    ):
+        assert redact(path) == path
 
 
 def _format(formatter: logging.Formatter, message: str, *args: object) -> str:
