@@ -142,15 +142,39 @@ def open_sync_channel(target: str, *, tls: TLS | None = None) -> grpc.Channel:
     return grpc.secure_channel(target, tls.credentials(), options=tls.options())
 
 
+# What each PEM must hold: a file that is not PEM got only gRPC's own errors on stderr
+# (a server then blamed its listen address; a client failed every call).
+_PEM_BLOCKS = {
+    "certificate": re.compile(rb"-----BEGIN (?:X509 |TRUSTED )?CERTIFICATE-----"),
+    "private key": re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"),
+}
+
+
+def pem_problem(data: bytes, holds: str) -> str | None:
+    """Why `data` is not a PEM `holds` ("certificate", "private key"); None when it is."""
+    if _PEM_BLOCKS[holds].search(data):
+        return None
+    block = "-----BEGIN CERTIFICATE-----" if holds == "certificate" else "PRIVATE KEY"
+    return f"is not a PEM {holds} (no {block} block)"
+
+
 def _pem(source: PemSource | None, what: str) -> bytes | None:
-    if source is None or isinstance(source, bytes):
-        return source
-    try:
-        return Path(source).read_bytes()
-    except OSError as exc:
-        raise ClientConfigError(
-            f"cannot read the TLS {what} {str(source)!r}: {exc.strerror}"
-        ) from None
+    if source is None:
+        return None
+    if isinstance(source, bytes):
+        data, shown = source, f"the TLS {what} given as bytes"
+    else:
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise ClientConfigError(
+                f"cannot read the TLS {what} {str(source)!r}: {exc.strerror}"
+            ) from None
+        shown = f"the TLS {what} {str(source)!r}"
+    problem = pem_problem(data, "private key" if what == "key" else "certificate")
+    if problem is not None:
+        raise ClientConfigError(f"{shown} {problem}")
+    return data
 
 
 def metadata_interceptors(

@@ -11,14 +11,19 @@ target address differs) and JOBWIRE_GRPC_TOKEN (sent as `authorization: Bearer`)
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from jobwire.client.channel import TLS, open_channel, open_sync_channel, token_from_env
+from jobwire.client.channel import (
+    TLS,
+    open_channel,
+    open_sync_channel,
+    pem_problem,
+    token_from_env,
+)
 from jobwire.client.errors import ClientConfigError
 
 from . import tracing
@@ -53,18 +58,11 @@ def tls_from_env(env: Mapping[str, str]) -> TLS | None:
     try:
         tls = TLS.from_env(env)
         if tls is not None:
+            check_pem_files(env)  # naming the variables, where the library names a file
             tls.credentials()  # reads the files now, not at the first call
     except ClientConfigError as err:
         raise SystemExit(str(err)) from None
-    if tls is not None:
-        check_pem_files(env)
     return tls
-
-
-_PEM_BLOCKS = {
-    "certificate": re.compile(rb"-----BEGIN (?:X509 |TRUSTED )?CERTIFICATE-----"),
-    "private key": re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"),
-}
 
 
 def check_pem_files(env: Mapping[str, str]) -> None:
@@ -83,6 +81,5 @@ def check_pem_files(env: Mapping[str, str]) -> None:
             data = Path(path).read_bytes()
         except OSError as exc:
             raise SystemExit(f"cannot read {var} {path!r}: {exc.strerror}") from None
-        if not _PEM_BLOCKS[holds].search(data):
-            block = "-----BEGIN CERTIFICATE-----" if holds == "certificate" else "PRIVATE KEY"
-            raise SystemExit(f"{var} {path!r} is not a PEM {holds} (no {block} block)")
+        if (problem := pem_problem(data, holds)) is not None:
+            raise SystemExit(f"{var} {path!r} {problem}")

@@ -13,24 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from jobwire.client.channel import pem_problem
+
 from .grpc_handlers import Handler, replace_behavior
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
-
-
-# What each file must hold: gRPC's own errors for a file that is not PEM named nothing,
-# then "cannot listen on JOBWIRE_GRPC_ADDR" (the wrong variable).
-_PEM_BLOCKS = {
-    "certificate": re.compile(rb"-----BEGIN (?:X509 |TRUSTED )?CERTIFICATE-----"),
-    "private key": re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"),
-}
 
 
 def _read(path: str, what: str, holds: str = "certificate") -> bytes:
@@ -39,9 +32,10 @@ def _read(path: str, what: str, holds: str = "certificate") -> bytes:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise SystemExit(f"cannot read {what} {path!r}: {exc.strerror}") from None
-    if not _PEM_BLOCKS[holds].search(data):
-        block = "-----BEGIN CERTIFICATE-----" if holds == "certificate" else "PRIVATE KEY"
-        raise SystemExit(f"{what} {path!r} is not a PEM {holds} (no {block} block)")
+    # gRPC's own errors for a file that is not PEM named nothing, then "cannot listen
+    # on JOBWIRE_GRPC_ADDR" (the wrong variable).
+    if (problem := pem_problem(data, holds)) is not None:
+        raise SystemExit(f"{what} {path!r} {problem}")
     return data
 
 

@@ -693,6 +693,12 @@ async def test_tls_and_token(tmp_path: Path, mutual: bool) -> None:
             Client.from_env(env={"JOBWIRE_SERVICE_TLS_SERVER_NAME": "jobwire.internal"})
         with pytest.raises(ClientConfigError, match="cannot read"):
             Client(handle.target, tls=TLS(ca=tmp_path / "missing.pem"))
+        # Not PEM: gRPC printed its own errors and every call then failed.
+        (tmp_path / "not.pem").write_text("not a certificate\n")
+        with pytest.raises(ClientConfigError, match=r"not\.pem' is not a PEM certificate"):
+            Client(handle.target, tls=TLS(ca=tmp_path / "not.pem"))
+        with pytest.raises(ClientConfigError, match="key given as bytes is not a PEM private"):
+            Client(handle.target, tls=TLS(cert=cert.read_bytes(), key=cert.read_bytes()))
     finally:
         await handle.close()
 
