@@ -193,14 +193,21 @@ def header_secret(env: Mapping[str, str], name: str) -> str:
     return value
 
 
+# Seconds (and the dashboard's push milliseconds): a year is plenty, and gRPC took a
+# 1e300 s deadline as one already passed (every call DEADLINE_EXCEEDED).
+MAX_NUMBER = 366 * 24 * 3600
+
+
 def number(env: Mapping[str, str], name: str, default: float, minimum: float = 0.001) -> float:
     raw = env.get(name, "")
     try:
         value = float(raw) if raw else default
     except ValueError:
         raise SystemExit(f"{name} must be a number, got {raw!r}") from None
-    if not value >= minimum or value == float("inf"):
-        raise SystemExit(f"{name} must be a number >= {minimum}, got {raw!r}")
+    if not minimum <= value <= MAX_NUMBER:
+        raise SystemExit(
+            f"{name} must be a number >= {minimum} and <= {MAX_NUMBER} (366 days), got {raw!r}"
+        )
     return value
 
 

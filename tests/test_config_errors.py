@@ -78,6 +78,9 @@ BRIDGE = [
                            "JOBWIRE_MAX_CONNECTIONS")
       for v in BAD_NUMBERS),
     ("JOBWIRE_MAX_BODY_BYTES", "1e6"),
+    # Past 366 days: gRPC took a 1e300 s deadline as already passed, every call failed.
+    *((var, "1e300") for var in ("JOBWIRE_RPC_TIMEOUT_SECONDS", "JOBWIRE_BODY_TIMEOUT_SECONDS",
+                                 "JOBWIRE_SHUTDOWN_GRACE_SECONDS")),
     ("JOBWIRE_HTTP_ADDR", "127.0.0.1:http"),
     ("JOBWIRE_HTTP_ADDR", "127.0.0.1:70000"),
     ("JOBWIRE_HTTP_ADDR", "localhost"),  # it listened on 8080
@@ -91,6 +94,7 @@ DASHBOARD = [
     *((var, v) for var in ("JOBWIRE_DASHBOARD_PUSH_MS", "JOBWIRE_DASHBOARD_HEARTBEAT_SECONDS",
                            "JOBWIRE_DASHBOARD_HEADER_TIMEOUT_SECONDS",
                            "JOBWIRE_DASHBOARD_MAX_CONNECTIONS") for v in BAD_NUMBERS),
+    ("JOBWIRE_DASHBOARD_HEARTBEAT_SECONDS", "1e300"),
     ("JOBWIRE_DASHBOARD_ADDR", "localhost:port"),
     ("JOBWIRE_DASHBOARD_ADDR", "localhost"),  # it listened on 8081
     ("JOBWIRE_DASHBOARD_TRUSTED_USER_HEADER", "X-User: admin"),
