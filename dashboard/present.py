@@ -85,27 +85,28 @@ def job_row(job: job_pb2.Job) -> dict[str, Any]:
 
 
 def event_row(event: event_pb2.JobEvent) -> dict[str, Any]:
-    """A job's change as the live jobs stream sends it (merged into its row): `percent`
-    and `message` only when the event changes them (the page keeps what it shows);
-    `phase` always, "" when the event carries no progress (a finished, cancelled or
-    claimed job's: the event does not say its last phase)."""
+    """A job's change as the live jobs stream sends it (merged into its row): `percent`,
+    `phase` and `message` only when the event changes them, so the row keeps what it
+    shows, as a reload does (a finished job's row kept its last phase and message after
+    a reload, while the live one had them blanked by the completion)."""
     row: dict[str, Any] = {
         "id": event.job_id,
         "kind": kind_name(event.kind),
         "state": state_name(event.state),
         "stalled": event.type == event_pb2.EVENT_TYPE_STALLED,
-        "phase": event.progress.phase,  # "" without progress
         "updated": iso(event.create_time),
         "sequence": event.sequence,
     }
     if event.HasField("progress"):
         row["percent"] = _percent(event.progress.percent, event.state)
+        row["phase"] = event.progress.phase
         row["message"] = event.progress.message
     if event.HasField("error"):
         row["message"] = event.error.message
     if event.HasField("result"):
         row["percent"] = 100.0
-        row["message"] = event.result.message or row.get("message", "")
+        if event.result.message:
+            row["message"] = event.result.message
     return row
 
 

@@ -1465,6 +1465,89 @@ async def test_a_job_that_begins_goes_where_a_reload_puts_it(
     assert await page.eval_on_selector_all("#jobs tbody tr", rows_js) == live
 
 
+async def test_an_oldest_first_last_page_leaves_out_a_job_of_an_earlier_page(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """Oldest first, the last page took every job that began, even one older than its
+    first row (a reload then took it off): it now goes where its create time puts it."""
+    rows_js = "rs => rs.map(r => r.dataset.job)"
+    earlier, last = uid("t-earlier"), uid("t-last")
+    for job_id in (earlier, last):
+        await new_job(svc.stub, job_pb2.JOB_KIND_TRANSCODE, job_id)
+    token, token_of_last = "", ""
+    while True:
+        reply = await svc.stub.ListJobs(
+            job_service_pb2.ListJobsRequest(
+                kind=job_pb2.JOB_KIND_TRANSCODE, page_size=1, page_token=token
+            )
+        )
+        if not reply.next_page_token:
+            break
+        token_of_last = token = reply.next_page_token
+    page = await login(context, dash.url)
+    await page.goto(
+        f"{dash.url}/jobs?kind=TRANSCODE&order=oldest&page_size=1&page_token={token_of_last}"
+    )
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    assert await page.eval_on_selector_all("#jobs tbody tr", rows_js) == [last]
+    await progress(svc.stub, earlier, 1, "p", "begins, a page further back")
+    newer = uid("t-newer")  # its first event is pushed after the earlier job's
+    await new_job(svc.stub, job_pb2.JOB_KIND_TRANSCODE, newer)
+    await progress(svc.stub, newer, 2, "p", "begins")
+    await page.wait_for_function(ROW_IS, arg=[newer, 2, "RUNNING"], timeout=WAIT_MS)
+    assert await page.eval_on_selector_all("#jobs tbody tr", rows_js) == [last, newer]
+
+
+async def test_a_state_filtered_page_drops_a_row_that_leaves_its_state(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """A row that no longer matched the page's state filter stayed (a FAILED badge under
+    "running") until a reload; it now leaves, as a reload would drop it."""
+    job_id = uid("leaves")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    await progress(svc.stub, job_id, 10, "p", "running")
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs?state=RUNNING")
+    await page.wait_for_selector(f'#jobs tr[data-job="{job_id}"]', timeout=WAIT_MS)
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    await svc.stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=job_id,
+            idempotency_key=uuid.uuid4().hex,
+            failed=job_pb2.JobError(code="E", message="broke"),
+        )
+    )
+    await page.wait_for_selector(
+        f'#jobs tr[data-job="{job_id}"]', state="detached", timeout=WAIT_MS
+    )
+
+
+async def test_a_row_that_finishes_keeps_its_phase_and_message(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """A completion without a message blanked the row's phase and message live, while a
+    reload showed the last ones: the live row now shows what a reload does."""
+    job_id = uid("finishes")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    await progress(svc.stub, job_id, 90, "extract_text", "almost")
+    page = await login(context, dash.url)
+    await page.wait_for_selector(f'#jobs tr[data-job="{job_id}"]', timeout=WAIT_MS)
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    await svc.stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=job_id, idempotency_key=uuid.uuid4().hex, completed=job_pb2.Result()
+        )
+    )
+    await page.wait_for_function(ROW_IS, arg=[job_id, 100, "SUCCEEDED"], timeout=WAIT_MS)
+    row = page.locator(f'#jobs tr[data-job="{job_id}"]')
+    live = (await row.locator(".phase").inner_text(), await row.locator(".message").inner_text())
+    assert live == ("extract_text", "almost")
+    await page.reload()
+    row = page.locator(f'#jobs tr[data-job="{job_id}"]')
+    shown = (await row.locator(".phase").inner_text(), await row.locator(".message").inner_text())
+    assert shown == live
+
+
 async def test_an_oldest_first_page_adds_a_new_job_after_its_last_row(
     dash: DashboardProcess, context: Any, svc: ServiceHandle
 ) -> None:

@@ -112,6 +112,7 @@ function progressCell(cell, change) {
   bar.value = change.percent;
   // Cut, never rounded up (99.96 is not done), as the server's template does.
   $(".pct", cell).textContent = `${Math.floor(change.percent)}%`;
+  if (change.phase === undefined) return; // the event says nothing of it: kept
   const phase = $(".phase", cell);
   phase.textContent = visible(change.phase);
   if (phase.textContent) phase.title = phase.textContent;
@@ -271,17 +272,27 @@ function jobsPage() {
 
   // The row a new job goes before (null: at the end), in the service's order: create
   // time, then id (the times are ISO strings of one width, so they compare as strings).
-  // undefined: newest first, it is older than the last row and later pages exist. A job
-  // the dashboard did not see begin has no create time: on top (newest first) or last.
+  // undefined: it belongs on another page (newest first: older than the last row, with
+  // later pages; oldest first: older than the first row, with earlier pages). A job the
+  // dashboard did not see begin has no create time: on top (newest first) or last.
   const placeOf = (change) => {
     const created = change.created || "";
     if (!created) return oldestFirst ? null : tbody.firstElementChild;
     for (const tr of tbody.rows) {
       const shown = tr.dataset.created || "";
       const newer = created > shown || (created === shown && change.id > tr.dataset.job);
-      if (oldestFirst ? !newer : newer) return tr;
+      if (oldestFirst ? !newer : newer) {
+        return oldestFirst && paged && tr === tbody.firstElementChild ? undefined : tr;
+      }
     }
     return oldestFirst || !more ? null : undefined;
+  };
+
+  const drop = (id) => {
+    rows.get(id)?.remove();
+    rows.delete(id);
+    const at = live.indexOf(id);
+    if (at >= 0) live.splice(at, 1);
   };
 
   // `listed`: the row came from this page's own query (a re-read), so it belongs here.
@@ -296,20 +307,20 @@ function jobsPage() {
       if (states.length && !states.includes(change.state)) return;
       if (kind && change.kind !== kind) return;
       const next = placeOf(change);
-      if (next === undefined && !listed) return; // older than the last row: a later page's
+      if (next === undefined && !listed) return; // another page's, by its create time
       tr = newRow(change);
       tbody.insertBefore(tr, next ?? null);
       rows.set(change.id, tr);
       live.push(change.id);
       const empty = $("#empty");
       if (empty) empty.hidden = true;
-      if (live.length > MAX_LIVE_ROWS) {
-        const old = live.shift();
-        rows.get(old)?.remove();
-        rows.delete(old);
-      }
+      if (live.length > MAX_LIVE_ROWS) drop(live[0]);
     }
     if (Number(tr.dataset.seq) >= change.sequence) return; // older than what is shown
+    if (states.length && !states.includes(change.state)) {
+      drop(change.id); // left the page's state filter: a reload would not show it either
+      return;
+    }
     tr.dataset.seq = String(change.sequence);
     tr.dataset.state = change.state;
     stateCell($(".state", tr), change.state, change.stalled);
