@@ -116,7 +116,9 @@ def _error_page(
 ) -> web.Response:
     if json or _wants_json(request):
         return web.json_response({"error": message}, status=status)
-    context = {"status": status, "message": message, "back": back}
+    # The service away (502-504): the same page may work in a moment.
+    retry = request.method == "GET" and status in (502, 503, 504)
+    context = {"status": status, "message": message, "back": back, "retry": retry}
     return aiohttp_jinja2.render_template("error.html", request, context, status=status)
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,8 @@ from jobwire.v1 import job_service_pb2_grpc
 from .auth import Auth
 from .config import DashboardConfig
 from .live import Hub
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from jobwire.v1.job_service_pb2_grpc import JobServiceAsyncStub as Stub
@@ -59,6 +62,17 @@ def grpc_error(err: grpc.aio.AioRpcError, json: bool = False) -> PageError:
     if err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         status = 502  # the dashboard's own credentials to the service are wrong
     message = err.details() or err.code().name
-    if status >= 500:
+    if err.code() in _AWAY:
+        # gRPC's own words ("connections to all backends failing; last error: ...") said
+        # nothing to an operator, and the service had not answered at all.
+        log.warning("job service %s: %s", err.code().name, message)
+        message = f"{_AWAY[err.code()]} ({err.code().name}); try again in a moment"
+    elif status >= 500:
         message = f"the job service answered {err.code().name}: {message}"
     return PageError(status, message, json=json)
+
+
+_AWAY = {
+    grpc.StatusCode.UNAVAILABLE: "the job service is not answering",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the job service did not answer in time",
+}

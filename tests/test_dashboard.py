@@ -660,6 +660,57 @@ async def test_job_page_goes_live_and_shows_gap_notice(
     assert (await timeline_seqs(page))[0] == 7
 
 
+async def test_job_page_details_artifacts_and_message_follow_the_job_live(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle, bridge: Any
+) -> None:
+    """Started, Ended, Process id and the artifacts stayed "—" and "No artifacts." until
+    a reload, and the head's message read as the timeline words it ("OCR_TIMEOUT: ...")
+    where a reload shows the error's message; an empty progress message did not clear
+    it. The page now reads what events do not carry again when the state changes."""
+    created = await new_job(svc.stub, job_pb2.JOB_KIND_EXTRACTION, uid("details"))
+    job_id = created.job.id
+    auth = {"Authorization": f"Bearer {created.callback_token}"}
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    detail = "(el, name) => [...el.querySelectorAll('dt')].find(d => d.textContent === name)"
+    dd = detail + ".nextElementSibling.textContent.trim()"
+    assert await page.eval_on_selector("#details", f"(el) => ({dd})(el, 'Started')") == "—"
+    body = {"phase": "ocr", "progress": 10, "message": "Seite 1", "process": {"id": "sec-77"}}
+    assert (await bridge.post(f"/api/external/jobs/{job_id}", body, headers=auth))[0] == 200
+    process_id = f"(el) => ({detail})(el, 'Process id').nextElementSibling.textContent"
+    await page.wait_for_function(
+        f"() => ({process_id})(document.querySelector('#details')) === 'sec-77'", timeout=WAIT_MS
+    )
+    assert await page.eval_on_selector("#details", f"(el) => ({dd})(el, 'Started')") != "—"
+    quiet = {"phase": "ocr", "progress": 20, "message": ""}
+    assert (await bridge.post(f"/api/external/jobs/{job_id}", quiet, headers=auth))[0] == 200
+    await page.wait_for_function(
+        "() => document.querySelectorAll('#timeline tbody tr').length === 2", timeout=WAIT_MS
+    )
+    assert await page.inner_text("#message") == ""
+    await svc.stub.UploadArtifact(
+        iter(
+            [
+                job_service_pb2.UploadArtifactRequest(
+                    header=job_service_pb2.ArtifactHeader(job_id=job_id, name="partial.md")
+                ),
+                job_service_pb2.UploadArtifactRequest(data=b"# partial"),
+            ]
+        )
+    )
+    failed = {"phase": "failed", "error": {"code": "OCR_TIMEOUT", "message": "Timeout beim OCR"}}
+    assert (await bridge.post(f"/api/external/jobs/{job_id}", failed, headers=auth))[0] == 200
+    await page.wait_for_selector("#artifacts-card a[download]", timeout=WAIT_MS)
+    assert await page.inner_text("#artifacts-card .name") == "partial.md"
+    assert await page.eval_on_selector("#details", f"(el) => ({dd})(el, 'Ended')") != "—"
+    assert await page.inner_text("#message") == "Timeout beim OCR"
+    assert "OCR_TIMEOUT" in await page.inner_text("#error")
+    live = await page.inner_text("#details")
+    await page.reload()
+    assert await page.inner_text("#details") == live
+
+
 async def test_job_page_reloads_when_the_jobs_history_went_back(
     dash: DashboardProcess, context: Any, svc: ServiceHandle
 ) -> None:
@@ -1012,6 +1063,25 @@ async def test_restart_keeps_the_timeline_exactly_once(
     assert final > 12, "events kept arriving across the restart"
     # The jobs page reconnected and re-read its rows: the change made meanwhile is shown.
     await jobs_page.wait_for_function(ROW_IS, arg=[row_id, 77, "RUNNING"], timeout=WAIT_MS * 3)
+
+
+async def test_a_page_while_the_service_is_away_says_so_plainly(context: Any) -> None:
+    """A page loaded while the service was down read "the job service answered
+    UNAVAILABLE: connections to all backends failing; last error: UNKNOWN: ipv4:...",
+    gRPC's internals, and its only link led to the same 503. It now says the service is
+    not answering and offers to try the same page again."""
+    async with running_dashboard(f"127.0.0.1:{free_port()}") as down:
+        page = await login(context, down.url)
+        reply = await page.goto(f"{down.url}/jobs?order=oldest")
+        assert reply is not None and reply.status == 503
+        text = await page.inner_text(".error")
+        assert text == "the job service is not answering (UNAVAILABLE); try again in a moment"
+        assert await page.get_attribute("#retry", "href") == ""
+        async with aiohttp.ClientSession() as http:
+            auth = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/json"}
+            async with http.get(f"{down.url}/api/jobs", headers=auth) as api:
+                assert api.status == 503
+                assert (await api.json())["error"] == text
 
 
 async def test_jobs_page_across_a_service_restart(context: Any, tmp_path: Path) -> None:

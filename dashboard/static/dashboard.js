@@ -434,14 +434,53 @@ function jobPage() {
     }
   };
 
+  // What events do not carry (started, ended, process id, attempts, the outcome, the
+  // artifacts, the head's message as the page words it) is read again from the page
+  // itself when the job's state changes: those stayed "—", "No artifacts." and the
+  // timeline's wording of the message until a reload. One read at a time; changes
+  // meanwhile make one more.
+  let reading = false;
+  let again = false;
+  const reread = async () => {
+    if (reading) {
+      again = true;
+      return;
+    }
+    reading = true;
+    do {
+      again = false;
+      try {
+        const reply = await fetch(location.href, { credentials: "same-origin" });
+        if (!reply.ok) break;
+        const page = new DOMParser().parseFromString(await reply.text(), "text/html");
+        for (const id of ["details", "outcome", "artifacts-card"]) {
+          const fresh = page.getElementById(id);
+          if (fresh) document.getElementById(id)?.replaceWith(document.adoptNode(fresh));
+        }
+        const message = page.getElementById("message");
+        if (message) {
+          const shown = $("#message");
+          shown.textContent = message.textContent; // already made visible by the server
+          shown.title = message.textContent;
+        }
+      } catch {
+        break; // the dashboard is away: a reload shows it all
+      }
+    } while (again);
+    reading = false;
+  };
+
   const events = (list) => {
+    let changed = false;
     for (const e of list) {
       if (e.sequence <= lastSeq) continue; // never twice, whatever a reconnect replays
       lastSeq = e.sequence;
       appendEvent(e);
+      changed ||= e.state !== head.dataset.state;
       const change = { state: e.state, stalled: e.type === "STALLED", updated: e.time };
       if (e.percent !== null) Object.assign(change, { percent: e.percent, phase: e.phase });
-      if (e.message) change.message = e.message;
+      // A progress says its message, "" included (a reload shows it so).
+      if (e.type === "PROGRESS" || e.message) change.message = e.message;
       if (e.type === "COMPLETED") change.percent = 100;
       showHead(change);
       if (["COMPLETED", "FAILED", "CANCELLED"].includes(e.type)) {
@@ -451,6 +490,7 @@ function jobPage() {
       }
     }
     head.dataset.seq = String(lastSeq);
+    if (changed) reread();
   };
 
   const gap = (g) => {
