@@ -709,6 +709,9 @@ async def test_job_page_details_artifacts_and_message_follow_the_job_live(
     live = await page.inner_text("#details")
     await page.reload()
     assert await page.inner_text("#details") == live
+    # The job page had no Log out (only the jobs page did).
+    await page.click("form.logout button")
+    await page.wait_for_url(re.compile(r"/login"), timeout=WAIT_MS)
 
 
 async def test_job_page_reloads_when_the_jobs_history_went_back(
