@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
+from pathlib import Path
 
 import grpc
+import pytest
 
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
-from tests.conftest import ServiceHandle
+from tests.conftest import ServiceHandle, make_policy, open_test_store, start_service
 from tests.helpers import WAIT, create, progress, read
 
 
@@ -90,3 +93,35 @@ async def test_events_renew_the_lease(service: ServiceHandle) -> None:
         assert job.lease_expire_time.ToNanoseconds() > expiry  # each event pushes it out
         expiry = job.lease_expire_time.ToNanoseconds()
     assert job.attempts == 1 and job.worker_id == "w"
+
+
+async def test_a_video_reported_on_without_a_claim_is_held_on_the_default_lease(
+    store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A video (handed out by claims only) reported on without one became RUNNING with
+    no lease: once its worker went silent it was never handed out again nor failed. It
+    is now held on the default lease and requeued when that lapses. A push worker's job
+    (a Secretary's) takes no lease: its silence is a progress deadline's business."""
+    policy = dataclasses.replace(make_policy(), lease_ns=150 * 10**6)
+    store = await open_test_store(store_kind, tmp_path, request, policy)
+    service = await start_service(store, lease_sweep_seconds=0.05)
+    try:
+        await create(service.stub, job_pb2.JOB_KIND_VIDEO, "unclaimed")
+        await create(service.stub, job_pb2.JOB_KIND_EXTRACTION, "pushed")
+        watch = service.stub.WatchJob(job_service_pb2.WatchJobRequest(id="unclaimed"))
+        assert (await read(watch)).HasField("snapshot")
+        for job_id in ("unclaimed", "pushed"):
+            await service.stub.ReportEvent(progress(job_id, 10))
+        assert (await read(watch)).event.type == event_pb2.EVENT_TYPE_PROGRESS
+        lapsed = (await read(watch, timeout=WAIT)).event
+        assert (lapsed.type, lapsed.state) == (
+            event_pb2.EVENT_TYPE_REQUEUED,
+            job_pb2.JOB_STATE_QUEUED,
+        )
+        assert (await service.stub.ClaimJob(_claim("w"))).job.id == "unclaimed"
+        pushed = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="pushed"))
+        assert pushed.state == job_pb2.JOB_STATE_RUNNING
+        assert not pushed.HasField("lease_expire_time")
+        watch.cancel()
+    finally:
+        await service.close()

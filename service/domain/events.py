@@ -158,7 +158,7 @@ def apply(
 
     match command:
         case Report(request=request):
-            _report(job, event, request, now_ns)
+            _report(job, event, request, now_ns, policy.lease_ns)
         case Claim(worker_id=worker_id, lease_ns=lease_ns):
             if job.state != _S.JOB_STATE_QUEUED:
                 raise _precondition(job, "only a QUEUED job can be claimed")
@@ -247,6 +247,7 @@ def _report(
     event: event_pb2.JobEvent,
     request: job_service_pb2.ReportEventRequest,
     now_ns: int,
+    lease_ns: int,
 ) -> None:
     if job.state in (_S.JOB_STATE_SUCCEEDED, _S.JOB_STATE_FAILED, _S.JOB_STATE_CANCELLED):
         raise _precondition(job, "a terminal state is final")
@@ -265,6 +266,13 @@ def _report(
             # Requeued when its lease lapsed, yet its worker is still at it: it holds
             # the claim again. Without a lease the job would stay RUNNING for good
             # if that worker then went silent, never handed out again nor failed.
+            job.lease_expire_time.FromNanoseconds(now_ns)  # renewed just below
+        elif job.state == _S.JOB_STATE_QUEUED and job.kind == job_pb2.JOB_KIND_VIDEO:
+            # A video is handed out by claims only (the pull worker's contract): one
+            # reported on without a claim is held by its reporter from now on, on the
+            # default lease. It stayed RUNNING with no lease, never handed out again
+            # nor failed, once that worker went silent.
+            job.lease_duration.FromNanoseconds(lease_ns)
             job.lease_expire_time.FromNanoseconds(now_ns)  # renewed just below
         job.state = _S.JOB_STATE_RUNNING
         _started(job, now_ns)
