@@ -158,7 +158,7 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
         http_host=host,
         http_port=port,
         service_target=merged.get("JOBWIRE_SERVICE_TARGET", "127.0.0.1:50051"),
-        batch_callback_secret=merged.get("BATCH_CALLBACK_SECRET", ""),
+        batch_callback_secret=body_secret(merged, "BATCH_CALLBACK_SECRET"),
         api_key=header_secret(merged, "API_KEY"),
         transcode_callback_token=header_secret(merged, "TRANSCODE_CALLBACK_TOKEN"),
         transcode_allowed_ips=parse_networks(merged.get("TRANSCODE_ALLOWED_IPS", "")),
@@ -190,6 +190,18 @@ def header_secret(env: Mapping[str, str], name: str) -> str:
             f"{name} must be at most 4096 printable ASCII characters: it is sent in an "
             "HTTP header (its value is not shown)"
         )
+    return value
+
+
+def body_secret(env: Mapping[str, str], name: str) -> str:
+    """A secret that travels in a JSON body: any text, but text. A value that is not
+    UTF-8 (a Latin-1 'ü' from a shell) started the bridge, and then every callback got
+    500 (encoding it to compare failed). The message never shows the value."""
+    value = env.get(name, "")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SystemExit(f"{name} must be UTF-8 text (its value is not shown)") from None
     return value
 
 

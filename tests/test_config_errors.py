@@ -145,6 +145,17 @@ def test_a_dashboard_token_no_login_can_match_is_named_not_shown(
     assert "JOBWIRE_DASHBOARD_TOKEN" in message and "s3cr3t" not in message, message
 
 
+def test_a_body_secret_that_is_not_text_is_named_not_shown(tmp_path: Path) -> None:
+    """BATCH_CALLBACK_SECRET with a byte that is not UTF-8 (a Latin-1 'ü', as the
+    environment hands it over) started the bridge; every AWS Batch callback got 500."""
+    secret = "dein-geheimer-schl\udcfcssel"  # os.environ's form of the byte 0xfc
+    env = {"JOBWIRE_ENV_FILE": str(tmp_path / "none.env"), "BATCH_CALLBACK_SECRET": secret}
+    with pytest.raises(SystemExit) as refused:
+        bridge_config(env)
+    message = str(refused.value.code)
+    assert "BATCH_CALLBACK_SECRET must be UTF-8" in message and "geheim" not in message
+
+
 @pytest.mark.parametrize(
     "var",
     [
