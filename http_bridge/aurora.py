@@ -29,6 +29,7 @@ from jobwire.v1 import job_service_pb2 as svc
 from .common import (
     STRICT,
     client_key,
+    describe,
     header_token,
     parse_json,
     read_body,
@@ -65,12 +66,31 @@ class Task(pydantic.BaseModel):
 
 
 class Notification(pydantic.BaseModel):
+    """The envelope; its tasks are checked one by one (`tasks`), so that one bad task
+    does not cost the others their outcome. The schema (openapi.py) shows `Task`."""
+
     model_config = STRICT
 
     code: int
     msg: Text
     callback_url: Text | None = None
-    data: Annotated[list[Task], pydantic.Field(max_length=1000)]
+    data: Annotated[
+        list[dict[str, Any]],
+        pydantic.Field(
+            max_length=1000, json_schema_extra={"items": {"$ref": "#/components/schemas/Task"}}
+        ),
+    ]
+
+
+def tasks(notification: Notification) -> tuple[list[Task], list[str]]:
+    """The valid tasks, and what is wrong with the others (`data.N.field: ...`)."""
+    valid, problems = [], []
+    for index, raw in enumerate(notification.data):
+        try:
+            valid.append(Task.model_validate(raw))
+        except pydantic.ValidationError as exc:
+            problems.append(f"data.{index}.{describe(exc)}")
+    return valid, problems
 
 
 class AuroraAck(pydantic.BaseModel):
@@ -152,7 +172,8 @@ async def transcode_callback(request: web.Request) -> web.StreamResponse:
     prefix = f"aurora:hdr:{given}:" if given else "aurora:"
     if signed := webhook_id(request):
         prefix = f"aurora:whk:{signed}:"
-    events = [to_event(task, prefix) for task in notification.data]
+    valid, problems = tasks(notification)
+    events = [to_event(task, prefix) for task in valid]
     outcomes = await asyncio.gather(
         *(apply_task(request, e) for e in events), return_exceptions=True
     )
@@ -162,4 +183,8 @@ async def transcode_callback(request: web.Request) -> web.StreamResponse:
         # whole batch, and the tasks already stored are acknowledged as duplicates.
         worst = max(failures, key=lambda f: getattr(f, "status", 500))
         raise worst
+    if problems:
+        # The valid tasks are stored: one bad task made the whole batch a 400, and
+        # AuroraCloud's three retries of it lost every outcome in it.
+        raise BridgeError(400, "; ".join(problems[:5]))
     return json_response({"ack": True})

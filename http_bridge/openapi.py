@@ -31,6 +31,7 @@ _MODELS: list[type[pydantic.BaseModel]] = [
     video_worker.VideoSuccess,
     video_worker.VideoError,
     aurora.Notification,
+    aurora.Task,
     aurora.AuroraAck,
     secretary.ProgressEvent,
     secretary.FinalEvent,

@@ -131,11 +131,30 @@ async def test_terminal_conflict_is_acknowledged(bridge: Any, stub: Any) -> None
     assert (await get_job(stub, task_id)).state == job_pb2.JOB_STATE_SUCCEEDED
 
 
-async def test_bad_input_is_400_and_writes_nothing(bridge: Any, stub: Any) -> None:
+async def test_a_bad_task_costs_the_others_nothing(bridge: Any, stub: Any) -> None:
+    """One invalid task made the whole notification a 400, and AuroraCloud's three
+    retries of it lost every outcome in it. The valid tasks are now stored; the 400
+    names the others (a retry stores nothing twice)."""
     good_id, bad_id = new_id("a"), "bad id with spaces"
-    tasks = [{"task_id": good_id, "status": "succeeded"}, {"task_id": bad_id, "status": "failed"}]
+    body = notification(
+        {"task_id": good_id, "status": "succeeded", "output": "oss://b/t.mp4"},
+        {"task_id": bad_id, "status": "failed"},
+        {"task_id": new_id("a"), "status": "failed", "error_msg": "x" * 5000},
+    )
+    for _ in range(2):
+        status, answer = await bridge.post(PATH, body, headers=AUTH)
+        assert (status, answer["ack"]) == (400, False)
+        assert (
+            answer["error"].startswith("data.1.task_id: ") and "data.2.error_msg" in answer["error"]
+        )
+    job = await get_job(stub, good_id)
+    assert (job.state, job.sequence) == (job_pb2.JOB_STATE_SUCCEEDED, 1)
+    assert job.result.output_uri == "oss://b/t.mp4"
+
+
+async def test_bad_input_is_400_and_writes_nothing(bridge: Any, stub: Any) -> None:
+    good_id = new_id("a")
     for body in (
-        notification(*tasks),
         notification({"task_id": good_id, "status": "running"}),
         notification({"task_id": good_id, "status": "succeeded", "duration": -1}),
         notification({"task_id": good_id, "status": "succeeded", "duration": "30"}),
