@@ -17,6 +17,7 @@ from jobwire.v1 import job_service_pb2 as svc
 
 from .common import (
     STRICT,
+    clip,
     idempotency_key,
     parse_json,
     read_body,
@@ -39,7 +40,7 @@ class BatchCallback(pydantic.BaseModel):
     jobId: JobId
     status: Literal["success", "failed"]
     outputKey: Annotated[str, pydantic.StringConstraints(max_length=1024)] | None = None
-    error: Annotated[str, pydantic.StringConstraints(max_length=65536)] | None = None
+    error: str | None = None  # no limit in the contract: clipped to the service's (clip)
     callbackSecret: str
 
     @pydantic.model_validator(mode="after")
@@ -81,7 +82,7 @@ def to_event(cb: BatchCallback) -> svc.ReportEventRequest:
         event.completed.output_key = cb.outputKey or ""
     else:
         event.failed.code = "BATCH_FAILED"
-        event.failed.message = cb.error or "AWS Batch job failed"
+        event.failed.message = clip(cb.error or "AWS Batch job failed")
     return event
 
 

@@ -180,6 +180,20 @@ def service_key(key: str) -> str:
     return f"sha256:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
+MAX_MESSAGE = 64 * 1024  # characters of an event's message, the service's limit
+
+
+def clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text` within `limit` characters: its start and its end (where a tool's stderr
+    says what failed), the middle left out and said so. A failure whose message was
+    longer (FFmpeg's stderr) was refused with 400 and its job stayed QUEUED for good."""
+    if len(text) <= limit:
+        return text
+    keep = (limit - 64) // 2
+    gap = f"\n… ({len(text) - 2 * keep} characters left out) …\n"
+    return text[:keep] + gap + text[-keep:]
+
+
 def parse_iso(value: str) -> datetime:
     """ISO-8601 with offset or `Z`; naive times are taken as UTC."""
     parsed = datetime.fromisoformat(value)

@@ -52,6 +52,27 @@ async def test_large_callbacks_that_arrive_together_are_all_applied(tmp_path: An
             assert (await get_job(s, job_id)).error.message == stderr
 
 
+async def test_a_failure_with_a_long_error_is_stored_clipped(tmp_path: Any) -> None:
+    """The contract sets no limit on `error`; one past the service's 65,536 characters
+    (a container's whole FFmpeg stderr) was refused with 400, and its job stayed QUEUED
+    for good. It is stored with its start and its end, the middle said to be left out."""
+    async with fresh_stack(tmp_path) as (b, s):
+        job_id = new_id()
+        await create_job(s, job_pb2.JOB_KIND_BATCH, job_id)
+        stderr = "ffmpeg version 6.1\n" + "frame= 1 fps=0.0\n" * 5000 + "Conversion failed!"
+        body = {
+            "jobId": job_id,
+            "status": "failed",
+            "error": stderr,
+            "callbackSecret": BATCH_SECRET,
+        }
+        assert (await b.post(PATH, body))[0] == 200
+        message = (await get_job(s, job_id)).error.message
+        assert len(message) <= 65536 and len(stderr) > 65536
+        assert message.startswith("ffmpeg version 6.1") and message.endswith("Conversion failed!")
+        assert "characters left out" in message
+
+
 async def test_success_example_verbatim(tmp_path: Any) -> None:
     async with fresh_stack(tmp_path) as (b, s):
         await create_job(s, job_pb2.JOB_KIND_BATCH, EXAMPLE_ID)
