@@ -15,6 +15,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from http_bridge.common import whole_numbers
 from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, log_pb2
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
@@ -172,19 +173,6 @@ def artifact(a: artifact_pb2.Artifact) -> dict[str, Any]:
 
 def pretty(value: Any) -> str:
     return json.dumps(whole_numbers(value), indent=2, ensure_ascii=False, sort_keys=True)
-
-
-def whole_numbers(value: Any) -> Any:
-    """A protobuf Struct keeps every number as a double, so a worker's `"pages": 28`
-    comes back as 28.0: shown as the integer it was (up to 2**53, where doubles still
-    hold every integer exactly)."""
-    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: whole_numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [whole_numbers(v) for v in value]
-    return value
 
 
 def _dict(message: Any) -> dict[str, Any]:

@@ -180,6 +180,19 @@ def service_key(key: str) -> str:
     return f"sha256:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
+def whole_numbers(value: Any) -> Any:
+    """A protobuf Struct keeps every number as a double, so a worker's `"pages": 28`
+    comes back as 28.0: given back as the integer it was (up to 2**53, where doubles
+    still hold every integer exactly)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [whole_numbers(v) for v in value]
+    return value
+
+
 MAX_MESSAGE = 64 * 1024  # characters of an event's message, the service's limit
 
 

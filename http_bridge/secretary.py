@@ -41,6 +41,7 @@ from .common import (
     report_event,
     secret_matches,
     validate,
+    whole_numbers,
 )
 from .edge import check_signature, int_param, json_depth
 from .errors import BridgeError, contract_errors, json_response
@@ -470,7 +471,8 @@ def artifact_url(request: web.Request, job_id: str, name: str) -> str:
 
 
 def struct_dict(value: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(value)
+    """As the worker sent it: its whole numbers came back as 1.0 (a Struct's doubles)."""
+    return dict(whole_numbers(json_format.MessageToDict(value)))
 
 
 @routes.get(JOB_PATH)

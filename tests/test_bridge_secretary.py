@@ -108,6 +108,8 @@ async def test_failed_example(bridge: Any, stub: Any) -> None:
         path(job_id), headers={"X-Callback-Token": auth["Authorization"][7:]}
     )
     assert (status, polled["status"]) == (200, "failed")
+    # As sent: 30, not the 30.0 a Struct's double made of it.
+    assert repr(polled["error"]["details"]["retryAfterSec"]) == "30"
 
 
 async def test_final_event_stores_artifacts_first(bridge: Any, stub: Any) -> None:
