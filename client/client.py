@@ -1,11 +1,12 @@
 """`Client`: the asyncio client of the jobwire service.
 
 Every unary call has a default deadline (`timeout`, overridable per call), which
-covers the call's retries and their backoff too. Calls
-that are safe to repeat (reads; event reports, whose idempotency key makes a repeat
-an acknowledged duplicate; uploads from a path or bytes, which replace the same
-artifact) are retried on UNAVAILABLE with backoff; the rest are not. Failures raise
-`JobwireError` subclasses (see errors.py).
+covers the call's retries and their backoff too. Calls that are safe to repeat
+(reads; event reports, whose idempotency key makes a repeat an acknowledged
+duplicate; creates, under a token the client chose; uploads from a path or bytes,
+which replace the same artifact) are retried on UNAVAILABLE and CANCELLED with
+backoff (see retry.py); the rest are not. Failures raise `JobwireError` subclasses
+(see errors.py).
 """
 
 from __future__ import annotations
@@ -205,6 +206,10 @@ class Client:
     ) -> AsyncIterator[job_pb2.Job]:
         """Every matching job, oldest first (or newest first), fetching page after page
         as it is iterated."""
+        # Taken once: a generator was used up by the first page, and the later pages
+        # went out unfiltered (the service takes a page token with other filters).
+        states = list(states)
+        labels = dict(labels) if labels else None
         token = ""
         while True:
             page = await self.list_jobs_page(
@@ -480,6 +485,8 @@ class Client:
         async def attempt(left: float | None) -> artifact_pb2.Artifact:
             return await upload(self._stub.UploadArtifact, header, source, chunk_size, left, size)
 
+        if timeout is not None:
+            positive_seconds("timeout", timeout)
         policy = self.retry if replayable(source) else None
         try:
             return await call_with_retry(attempt, policy, timeout)
@@ -497,6 +504,8 @@ class Client:
     ) -> ArtifactStream:
         """`async for chunk in client.read_artifact(...)` or
         `await client.read_artifact(...).save(path)`."""
+        if timeout is not None:
+            positive_seconds("timeout", timeout)
         request = job_service_pb2.ReadArtifactRequest(
             job_id=job_id, name=name, callback_token=callback_token
         )
@@ -577,7 +586,7 @@ class Client:
         async def attempt(left: float | None) -> R:
             return await method(request, timeout=left)
 
-        deadline = self.timeout if timeout is None else timeout
+        deadline = self.timeout if timeout is None else positive_seconds("timeout", timeout)
         try:
             return await call_with_retry(attempt, self.retry if retry else None, deadline)
         except asyncio.CancelledError:

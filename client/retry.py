@@ -1,9 +1,11 @@
 """Backoff with jitter, and the retry of calls that are safe to repeat.
 
-Only UNAVAILABLE is retried, and only for calls that are idempotent: reads, and
-event reports (their idempotency key makes a repeat an acknowledged duplicate).
-A call that may have been applied before the connection dropped (create, claim,
-cancel, a log line) is never repeated by the client.
+UNAVAILABLE and CANCELLED (a connection reset under the call) are retried, and
+only for calls that are safe to repeat: reads, event reports (their idempotency key
+makes a repeat an acknowledged duplicate), creates (the client chooses the job's
+token, so a repeat is answered as the first create) and uploads from a path or bytes
+(a repeat replaces the same artifact). A call that a repeat would apply twice (a
+claim, a cancel, a log line) is never repeated by the client.
 """
 
 from __future__ import annotations
@@ -22,12 +24,20 @@ from .errors import ClientConfigError, translate
 T = TypeVar("T")
 
 
+# gRPC takes a deadline past what it can hold (1e10 s) as one already passed: the call
+# failed at once with DeadlineExceeded.
+MAX_SECONDS = 366 * 24 * 3600
+
+
 def positive_seconds(name: str, value: float) -> float:
-    """`value` when it is a finite number of seconds > 0; else ClientConfigError naming it."""
+    """`value` when it is a finite number of seconds > 0 (at most 366 days); else
+    ClientConfigError naming it."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ClientConfigError(f"{name} must be a number of seconds, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ClientConfigError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+    if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
+        raise ClientConfigError(
+            f"{name} must be a finite number of seconds > 0 and <= {MAX_SECONDS}, got {value!r}"
+        )
     return value
 
 

@@ -104,7 +104,14 @@ class _Reconnector:
         if self._give_up_after is not None:
             left = self._give_up_after - (now - self._since)
             if left <= 0 or (hint or 0.0) > left:
-                raise cause
+                if isinstance(cause, Unavailable):
+                    raise cause
+                # What give_up_after promises: a refusal (RESOURCE_EXHAUSTED, ABORTED)
+                # came out as itself, which code catching Unavailable missed.
+                raise Unavailable(
+                    cause.code,
+                    f"gave up reconnecting after {self._give_up_after} s: {cause.message}",
+                ) from cause
             delay = min(delay, left)
         if self._on_retry is not None:
             self._on_retry(cause, delay)

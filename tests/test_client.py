@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -146,6 +147,32 @@ async def test_logs(service: ServiceHandle) -> None:
         assert [e.message for e in await c.list_logs(job_id="l-1", level="WARNING")] == ["careful"]
         reply = await c.write_log("broke", job_id="l-1", level=log_pb2.LOG_LEVEL_ERROR)
         assert reply.job_failed
+
+
+async def test_a_per_call_timeout_is_checked(service: ServiceHandle) -> None:
+    """A per-call timeout was passed on as it was: inf or 1e10 (past what gRPC holds)
+    failed at once with DeadlineExceeded, never trying the call; "5" a bare TypeError.
+    It is checked as the client's own timeout is, naming it."""
+    async with client(service.target) as c:
+        await c.create_job("GENERIC", job_id="timed")
+        for bad in (math.inf, 1e10, 0, -1, math.nan, "5"):
+            with pytest.raises(ClientConfigError, match="timeout must be a"):
+                await c.get_job("timed", timeout=bad)  # type: ignore[arg-type]
+            with pytest.raises(ClientConfigError, match="timeout must be a"):
+                c.read_artifact("timed", "a.txt", timeout=bad)  # type: ignore[arg-type]
+        assert (await c.get_job("timed", timeout=31_622_400)).id == "timed"
+
+
+async def test_list_jobs_filters_every_page(service: ServiceHandle) -> None:
+    """`states` given as a generator was used up by the first page: the later pages came
+    back unfiltered (192 jobs of every state for 77 CANCELLED ones)."""
+    async with client(service.target) as c:
+        for i in range(7):
+            job = await c.create_job("GENERIC", job_id=f"lf-{i}")
+            if i % 2:
+                await c.cancel_job(job.job.id)
+        listed = [j.id async for j in c.list_jobs(states=(s for s in ["CANCELLED"]), page_size=2)]
+    assert listed == ["lf-1", "lf-3", "lf-5"]
 
 
 async def test_errors_are_typed_with_code_and_message(service: ServiceHandle) -> None:
@@ -870,7 +897,9 @@ async def test_watch_waits_out_a_full_node_and_gives_up_when_told(tmp_path: Path
             await c.create_job("GENERIC", job_id="full")
             held = aiter(c.watch_job("full"))
             assert isinstance(await asyncio.wait_for(anext(held), WAIT), Job)
-            with pytest.raises(JobwireError) as err:
+            # Unavailable, as give_up_after promises (it came out as a plain JobwireError,
+            # which code catching Unavailable missed); the refusal's code is kept.
+            with pytest.raises(Unavailable) as err:
                 await collect(c.watch_job("full", give_up_after=0))
             assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             waiting = asyncio.ensure_future(anext(aiter(c.watch_job("full"))))
@@ -1223,11 +1252,11 @@ def test_unusable_retry_and_deadline_settings_are_refused_by_name() -> None:
     bad: list[tuple[str, Callable[[], object]]] = [
         ("attempts must be >= 1, got 0", lambda: RetryPolicy(attempts=0)),
         ("attempts must be a whole number", lambda: RetryPolicy(attempts=2.5)),  # type: ignore[arg-type]
-        ("initial must be a finite number of seconds > 0, got 0", lambda: Backoff(initial=0)),
-        ("maximum must be a finite number of seconds > 0, got -1", lambda: Backoff(0.1, -1)),
+        ("initial must be a finite number of seconds > 0 and <= 31622400, got 0", lambda: Backoff(initial=0)),
+        ("maximum must be a finite number of seconds > 0 and <= 31622400, got -1", lambda: Backoff(0.1, -1)),
         ("maximum must be >= initial", lambda: Backoff(initial=2, maximum=1)),
         ("multiplier must be >= 1, got 0.5", lambda: Backoff(multiplier=0.5)),
-        ("timeout must be a finite number of seconds > 0, got nan", lambda: Client(timeout=nan)),
+        ("timeout must be a finite number of seconds > 0 and <= 31622400, got nan", lambda: Client(timeout=nan)),
         ("give_up_after must be a finite number of seconds >= 0",
          lambda: Client().watch_job("j", give_up_after=-1)),
         # grpc refused it on every call with a bare ExecuteBatchError, not a JobwireError
