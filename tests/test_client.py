@@ -1252,11 +1252,14 @@ def test_unusable_retry_and_deadline_settings_are_refused_by_name() -> None:
     bad: list[tuple[str, Callable[[], object]]] = [
         ("attempts must be >= 1, got 0", lambda: RetryPolicy(attempts=0)),
         ("attempts must be a whole number", lambda: RetryPolicy(attempts=2.5)),  # type: ignore[arg-type]
-        ("initial must be a finite number of seconds > 0 and <= 31622400, got 0", lambda: Backoff(initial=0)),
-        ("maximum must be a finite number of seconds > 0 and <= 31622400, got -1", lambda: Backoff(0.1, -1)),
+        ("initial must be a finite number of seconds > 0 and <= 31622400, got 0",
+         lambda: Backoff(initial=0)),
+        ("maximum must be a finite number of seconds > 0 and <= 31622400, got -1",
+         lambda: Backoff(0.1, -1)),
         ("maximum must be >= initial", lambda: Backoff(initial=2, maximum=1)),
         ("multiplier must be >= 1, got 0.5", lambda: Backoff(multiplier=0.5)),
-        ("timeout must be a finite number of seconds > 0 and <= 31622400, got nan", lambda: Client(timeout=nan)),
+        ("timeout must be a finite number of seconds > 0 and <= 31622400, got nan",
+         lambda: Client(timeout=nan)),
         ("give_up_after must be a finite number of seconds >= 0",
          lambda: Client().watch_job("j", give_up_after=-1)),
         # grpc refused it on every call with a bare ExecuteBatchError, not a JobwireError
