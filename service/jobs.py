@@ -164,7 +164,12 @@ class Jobs:
         validation.optional_kind(request.kind)
         validation.labels(request.labels, "labels filter")
         newest_first = request.newest_first
-        after = _decode_page_token(request.page_token, newest_first) if request.page_token else None
+        filters = _filters(request)
+        after = (
+            _decode_page_token(request.page_token, newest_first, filters)
+            if request.page_token
+            else None
+        )
         query = JobQuery(
             states=tuple(request.states),
             kind=request.kind,
@@ -181,7 +186,7 @@ class Jobs:
         if len(jobs) > count:
             last = jobs[count - 1]
             response.next_page_token = _encode_page_token(
-                last.create_time.ToNanoseconds(), last.id, newest_first
+                last.create_time.ToNanoseconds(), last.id, newest_first, filters
             )
         return response
 
@@ -687,26 +692,52 @@ def _response(outcome: Applied | Unchanged) -> job_service_pb2.ReportEventRespon
     return response
 
 
-def _encode_page_token(create_ns: int, job_id: str, newest_first: bool = False) -> str:
-    # Oldest-first tokens keep their old form: tokens handed out before still work.
-    body = [create_ns, job_id, "newest"] if newest_first else [create_ns, job_id]
+def _filters(request: job_service_pb2.ListJobsRequest) -> str:
+    """The listing's filters, as its page tokens carry them: a token used with other
+    filters went on from its place in another listing, its pages skipping or
+    repeating jobs (a client that sent its filters only with the first page got
+    every state after it)."""
+    canonical = json.dumps(
+        [sorted(request.states), request.kind, sorted(request.labels.items())]
+    ).encode()
+    return "f:" + hashlib.sha256(canonical).hexdigest()[:16]
+
+
+def _encode_page_token(
+    create_ns: int, job_id: str, newest_first: bool = False, filters: str = ""
+) -> str:
+    body: list[int | str] = [create_ns, job_id]
+    if newest_first:
+        body.append("newest")
+    if filters:
+        body.append(filters)
     return base64.urlsafe_b64encode(json.dumps(body).encode()).decode()
 
 
-def _decode_page_token(token: str, newest_first: bool = False) -> tuple[int, str]:
+def _decode_page_token(
+    token: str, newest_first: bool = False, filters: str = ""
+) -> tuple[int, str]:
     try:
-        create_ns, job_id, *order = json.loads(base64.urlsafe_b64decode(token.encode()))
+        create_ns, job_id, *rest = json.loads(base64.urlsafe_b64decode(token.encode()))
         if not isinstance(create_ns, int) or not isinstance(job_id, str):
             raise ValueError
         if not -(2**63) <= create_ns < 2**63:  # forged: no store's 64-bit column holds it
             raise ValueError
-        if order not in ([], ["newest"]):
+        order = rest[:1] == ["newest"]
+        # Tokens handed out before they carried their filters have none: still taken.
+        given = rest[order:]
+        if given and not (len(given) == 1 and str(given[0]).startswith("f:")):
             raise ValueError
     except (ValueError, TypeError, binascii.Error):
         raise invalid("page_token is invalid; pass next_page_token unchanged") from None
-    if bool(order) != newest_first:
+    if order != newest_first:
         raise invalid(
             "page_token is from a listing in the other order: pass newest_first as in"
             " the call that returned it"
+        )
+    if given and given[0] != filters:
+        raise invalid(
+            "page_token is from a listing with other filters: pass states, kind and labels"
+            " as in the call that returned it"
         )
     return create_ns, job_id

@@ -425,3 +425,36 @@ async def test_a_result_that_names_an_artifact_s_old_content_is_refused(
         job_pb2.JOB_STATE_SUCCEEDED,
         second.sha256,
     )
+
+
+async def test_a_page_token_answers_only_with_its_own_filters(service: ServiceHandle) -> None:
+    """A token used with other filters went on from its place in another listing: a
+    client that sent `states` only with the first page got jobs of every state after
+    it. It is now INVALID_ARGUMENT naming the filters; a token from before tokens
+    carried them is still taken."""
+    for i in range(4):
+        await create(service.stub, job_id=f"pt-{i}")
+    await service.stub.CancelJob(job_service_pb2.CancelJobRequest(id="pt-1"))
+    await service.stub.CancelJob(job_service_pb2.CancelJobRequest(id="pt-3"))
+    cancelled = job_service_pb2.ListJobsRequest(states=[job_pb2.JOB_STATE_CANCELLED], page_size=1)
+    first = await service.stub.ListJobs(cancelled)
+    assert [j.id for j in first.jobs] == ["pt-1"]
+    for other in (
+        job_service_pb2.ListJobsRequest(page_token=first.next_page_token),
+        job_service_pb2.ListJobsRequest(
+            page_token=first.next_page_token,
+            kind=job_pb2.JOB_KIND_GENERIC,
+            states=[job_pb2.JOB_STATE_CANCELLED],
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await service.stub.ListJobs(other)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "other filters" in (err.value.details() or "")
+    cancelled.page_token = first.next_page_token
+    assert [j.id for j in (await service.stub.ListJobs(cancelled)).jobs] == ["pt-3"]
+    # A token of the old form (no filters in it) still answers.
+    ns, job_id, _ = json.loads(base64.urlsafe_b64decode(first.next_page_token))
+    old = base64.urlsafe_b64encode(json.dumps([ns, job_id]).encode()).decode()
+    cancelled.page_token = old
+    assert [j.id for j in (await service.stub.ListJobs(cancelled)).jobs] == ["pt-3"]
