@@ -330,15 +330,10 @@ def _healthy(target: str, timeout: float = 2.0) -> bool:
 
 
 def _tls_from_env() -> TLS | None:
-    from http_bridge.service_channel import check_pem_files
-
     try:
-        tls = TLS.from_env()
+        return TLS.from_env()  # a CA that is not PEM: named, not gRPC's errors
     except ClientConfigError as err:
         raise SystemExit(f"jobwire: {err}") from None
-    if tls is not None:  # a CA that is not PEM: named, not gRPC's errors and exit 1
-        check_pem_files(os.environ)
-    return tls
 
 
 def _healthcheck(args: argparse.Namespace) -> int:

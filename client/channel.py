@@ -74,10 +74,11 @@ class TLS:
             return None
         if bool(cert) != bool(key):
             raise ClientConfigError("set both JOBWIRE_SERVICE_TLS_CERT and JOBWIRE_SERVICE_TLS_KEY")
+        # Read here, once: a file that cannot serve is named by its variable.
         return cls(
-            ca=None if ca in ("", "system") else ca,
-            cert=cert or None,
-            key=key or None,
+            ca=None if ca in ("", "system") else _env_pem("JOBWIRE_SERVICE_TLS_CA", ca),
+            cert=_env_pem("JOBWIRE_SERVICE_TLS_CERT", cert) if cert else None,
+            key=_env_pem("JOBWIRE_SERVICE_TLS_KEY", key, "private key") if key else None,
             server_name=env.get("JOBWIRE_SERVICE_TLS_SERVER_NAME", ""),
         )
 
@@ -156,6 +157,18 @@ def pem_problem(data: bytes, holds: str) -> str | None:
         return None
     block = "-----BEGIN CERTIFICATE-----" if holds == "certificate" else "PRIVATE KEY"
     return f"is not a PEM {holds} (no {block} block)"
+
+
+def _env_pem(var: str, path: str, holds: str = "certificate") -> bytes:
+    """The PEM file a JOBWIRE_SERVICE_TLS_* variable names; ClientConfigError naming the
+    variable when it cannot be read or does not hold `holds`."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ClientConfigError(f"cannot read {var} {path!r}: {exc.strerror}") from None
+    if (problem := pem_problem(data, holds)) is not None:
+        raise ClientConfigError(f"{var} {path!r} {problem}")
+    return data
 
 
 def _pem(source: PemSource | None, what: str) -> bytes | None:

@@ -40,12 +40,17 @@ class Body:
         self.digest = digest
 
 
+def decoded_length(request: web.Request) -> int | None:
+    """The body's size as read, when the head says it. aiohttp hands over an encoded
+    body (gzip, deflate) decoded; its Content-Length counts the encoded bytes, so it
+    says nothing of what is read."""
+    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    return request.content_length if coding in ("", "identity") else None
+
+
 async def read_body(request: web.Request, limit: int) -> Body:
     """Reads at most `limit` bytes into one preallocated buffer (413 beyond it)."""
-    # aiohttp hands over an encoded body (gzip, deflate) decoded; its Content-Length
-    # counts the encoded bytes, so it says nothing of what is read here.
-    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    length = request.content_length if coding in ("", "identity") else None
+    length = decoded_length(request)
     if length is not None and length > limit:
         raise BridgeError(413, f"request body exceeds {limit} bytes")
     content = request.content

@@ -33,6 +33,7 @@ from jobwire.v1 import job_service_pb2 as svc
 
 from .common import (
     STRICT,
+    decoded_length,
     format_timestamp,
     header_token,
     idempotency_key,
@@ -185,12 +186,10 @@ def job_id_and_token(request: web.Request) -> tuple[str, str]:
 
 
 def _large(request: web.Request, usual: int) -> bool:
-    """A body still to come that may be past `usual` bytes (an encoded body's
-    Content-Length says nothing of its decoded size)."""
+    """A body still to come that may be past `usual` bytes."""
     if request.content.is_eof():
         return False
-    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    length = request.content_length if coding in ("", "identity") else None
+    length = decoded_length(request)
     return length is None or length > usual
 
 

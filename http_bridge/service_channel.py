@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,7 +20,6 @@ from jobwire.client.channel import (
     TLS,
     open_channel,
     open_sync_channel,
-    pem_problem,
     token_from_env,
 )
 from jobwire.client.errors import ClientConfigError
@@ -58,28 +56,7 @@ def tls_from_env(env: Mapping[str, str]) -> TLS | None:
     try:
         tls = TLS.from_env(env)
         if tls is not None:
-            check_pem_files(env)  # naming the variables, where the library names a file
-            tls.credentials()  # reads the files now, not at the first call
+            tls.credentials()  # built now, not at the first call
     except ClientConfigError as err:
         raise SystemExit(str(err)) from None
     return tls
-
-
-def check_pem_files(env: Mapping[str, str]) -> None:
-    """Each JOBWIRE_SERVICE_TLS_* file holds what it names: one that is not PEM (a CA
-    that is not a certificate) started the process, and every call then failed with
-    gRPC's "Cannot load server root certificates" on stderr."""
-    for var, holds in (
-        ("JOBWIRE_SERVICE_TLS_CA", "certificate"),
-        ("JOBWIRE_SERVICE_TLS_CERT", "certificate"),
-        ("JOBWIRE_SERVICE_TLS_KEY", "private key"),
-    ):
-        path = env.get(var, "")
-        if not path or (var == "JOBWIRE_SERVICE_TLS_CA" and path == "system"):
-            continue
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise SystemExit(f"cannot read {var} {path!r}: {exc.strerror}") from None
-        if (problem := pem_problem(data, holds)) is not None:
-            raise SystemExit(f"{var} {path!r} {problem}")

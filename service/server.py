@@ -72,9 +72,9 @@ class RunningService:
 
 
 async def start(settings: Settings, store: Store | None = None) -> RunningService:
-    # TLS files that cannot be used stop it now, naming the variable, before the store
-    # opens (listen() builds the credentials again).
-    server_credentials(settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_client_ca)
+    # Read before the store opens: TLS files that cannot be used stop it now, naming
+    # the variable.
+    creds = tls_credentials(settings)
     store = store if store is not None else open_store(settings)
     await store.start()
     jobs = Jobs(store, Fanout(settings.watch_buffer), store.policy, settings.public_url)
@@ -94,7 +94,7 @@ async def start(settings: Settings, store: Store | None = None) -> RunningServic
     server = grpc.aio.server(options=options, interceptors=interceptors)
     add_to_server(JobServicer(jobs, WatchAdmission(settings.max_watchers)), server)
     health_servicer = add_health_and_reflection(server)
-    port = listen(server, settings)
+    port = listen(server, settings, creds)
     jobs.fanout.corker = corker_for(settings, port)
     if workers is not None:
         server.add_generic_rpc_handlers((feed_handler(jobs.fanout),))
@@ -131,11 +131,17 @@ async def set_health(servicer: health.aio.HealthServicer, serving: bool) -> None
         await servicer.set(name, status.SERVING if serving else status.NOT_SERVING)
 
 
-def listen(server: grpc.aio.Server, settings: Settings) -> int:
-    """Binds JOBWIRE_GRPC_ADDR, with TLS when configured; the port bound."""
-    creds = server_credentials(
+def tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """JOBWIRE_GRPC_TLS_*: the server's credentials, or None for plaintext."""
+    return server_credentials(
         settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_client_ca
     )
+
+
+def listen(
+    server: grpc.aio.Server, settings: Settings, creds: grpc.ServerCredentials | None
+) -> int:
+    """Binds JOBWIRE_GRPC_ADDR, with TLS when `creds`; the port bound."""
     try:
         if creds is None:
             port = server.add_insecure_port(settings.grpc_addr)

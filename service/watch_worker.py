@@ -32,7 +32,7 @@ from .fanout import Fanout
 from .grpc_handlers import Handler, replace_behavior
 from .jobs import MAX_PAGE_SIZE, Jobs
 from .security import TokenAuthInterceptor
-from .server import add_health_and_reflection, corker_for, listen, set_health
+from .server import add_health_and_reflection, corker_for, listen, set_health, tls_credentials
 from .servicer import SERVICE, JobServicer, serialize_response
 from .store.port import Store
 from .watch_workers import FEED_METHOD, PARENT_ENV, PRIMARY_ENV
@@ -272,7 +272,7 @@ async def serve_worker(settings: Settings, primary: str) -> None:
         (grpc.method_handlers_generic_handler(SERVICE.full_name, table),)
     )
     health_servicer = add_health_and_reflection(server)
-    fanout.corker = corker_for(settings, listen(server, settings))
+    fanout.corker = corker_for(settings, listen(server, settings, tls_credentials(settings)))
     # Not serving until the feed is open (a probe may land on this process).
     await set_health(health_servicer, serving=False)
     await server.start()
