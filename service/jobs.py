@@ -124,8 +124,7 @@ class Jobs:
         if request.job.kind == job_pb2.JOB_KIND_VIDEO:
             # The video worker is handed the url from GET /api/pending; without one it
             # was given {"videoUrl": ""}, a job it could only fail.
-            if not request.job.video.url:
-                raise invalid("job.video.url is required for JOB_KIND_VIDEO jobs")
+            validation.video(request.job.video)
         elif request.job.HasField("video"):
             raise invalid("job.video is only for JOB_KIND_VIDEO jobs")
         validation.deadlines(request.job)

@@ -35,9 +35,42 @@ async def test_generated_id_and_video_details(service: ServiceHandle) -> None:
 
 
 @pytest.mark.parametrize(
+    ("video", "named"),
+    [
+        (job_pb2.Video(url="https://v.example/a.mp4\nX-Injected: 1"), "job.video.url"),
+        (job_pb2.Video(url="https://v.example/" + "a" * 8192), "job.video.url"),
+        (job_pb2.Video(url="https://v.example/a.mp4", title="T\x00"), "job.video.title"),
+        (job_pb2.Video(url="https://v.example/a.mp4", playlist="p" * 1025), "job.video.playlist"),
+        (job_pb2.Video(url="https://v.example/a.mp4", subtitle="\u202e"), "job.video.subtitle"),
+    ],
+    ids=["line break in url", "url too long", "NUL in title", "long playlist", "format char"],
+)
+async def test_a_video_jobs_source_is_bounded_and_printable(
+    service: ServiceHandle, video: job_pb2.Video, named: str
+) -> None:
+    """The url is handed to the worker as `videoUrl` and the texts are shown to people:
+    a line break, a NUL or megabytes in them were stored as sent."""
+    job = job_pb2.Job(kind=job_pb2.JOB_KIND_VIDEO, video=video)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.CreateJob(job_service_pb2.CreateJobRequest(job=job, job_id="v-odd"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(named + " must be at most"), err.value.details()
+    listed = await service.stub.ListJobs(job_service_pb2.ListJobsRequest())
+    assert list(listed.jobs) == []
+    ok = job_pb2.Video(url="https://v.example/a b.mp4", title="Ünïcode 🙂 " * 50)
+    job = job_pb2.Job(kind=job_pb2.JOB_KIND_VIDEO, video=ok)
+    created = await service.stub.CreateJob(job_service_pb2.CreateJobRequest(job=job))
+    assert created.job.video == ok
+
+
+@pytest.mark.parametrize(
     "video",
-    [None, job_pb2.Video(title="Talk", playlist="p", subtitle="es")],
-    ids=["no video", "video without url"],
+    [
+        None,
+        job_pb2.Video(title="Talk", playlist="p", subtitle="es"),
+        job_pb2.Video(url=" \t "),
+    ],
+    ids=["no video", "video without url", "blank url"],
 )
 async def test_a_video_job_without_its_url_is_refused(
     service: ServiceHandle, video: job_pb2.Video | None

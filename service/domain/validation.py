@@ -164,6 +164,31 @@ def labels(values: Mapping[str, str], field: str = "labels") -> None:
             raise invalid(f"label {key[:64]!r}: keys and values must not hold control characters")
 
 
+MAX_VIDEO_URL_LENGTH = 8192
+MAX_VIDEO_TEXT_LENGTH = 1024
+
+
+def video(value: job_pb2.Video) -> None:
+    """A VIDEO job's source: the worker is handed `url` as `videoUrl` from GET
+    /api/pending, so a blank one (or spaces only) is a job it can only fail, and a line
+    break or NUL in it is no URL any downloader takes. Title, playlist and subtitle
+    are shown to people: bounded, printable."""
+    if not value.url.strip():
+        raise invalid("job.video.url is required for JOB_KIND_VIDEO jobs")
+    if len(value.url) > MAX_VIDEO_URL_LENGTH or not value.url.isprintable():
+        raise invalid(
+            f"job.video.url must be at most {MAX_VIDEO_URL_LENGTH} printable characters"
+            f" (no control characters), got {len(value.url)} characters"
+        )
+    for name in ("title", "playlist", "subtitle"):
+        text = getattr(value, name)
+        if len(text) > MAX_VIDEO_TEXT_LENGTH or not text.isprintable():
+            raise invalid(
+                f"job.video.{name} must be at most {MAX_VIDEO_TEXT_LENGTH} printable"
+                f" characters (no control characters), got {len(text)} characters"
+            )
+
+
 def _names(enum_type: object) -> str:
     names: list[str] = [n for n in enum_type.keys() if not n.endswith("UNSPECIFIED")]  # type: ignore[attr-defined]  # noqa: SIM118 - protobuf enum wrappers iterate values
     return ", ".join(names)
