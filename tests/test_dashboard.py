@@ -964,6 +964,39 @@ async def test_paging_by_token_and_filters(
     assert page.url.endswith(f"/jobs/{made[4]}")
 
 
+async def test_the_filter_form_keeps_every_label_and_state_of_the_url(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """The form showed only the first `label` of the URL and one state of several, so
+    the next Filter (to change the order, say) dropped the rest and listed more jobs."""
+    run = uuid.uuid4().hex[:6]
+    both = (
+        await new_job(svc.stub, job_pb2.JOB_KIND_BATCH, f"fl-{run}-1", {"run": run, "t": "a"})
+    ).job.id
+    await new_job(svc.stub, job_pb2.JOB_KIND_BATCH, f"fl-{run}-2", {"run": run, "t": "b"})
+    await new_job(svc.stub, job_pb2.JOB_KIND_BATCH, f"fl-{run}-3", {"run": "other", "t": "a"})
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs?label=run%3D{run}&label=t%3Da&state=QUEUED&state=RUNNING")
+    shown = "() => [...document.querySelectorAll('#jobs tbody tr')].map(r => r.dataset.job)"
+    assert await page.evaluate(shown) == [both]
+    assert await page.eval_on_selector_all(
+        "#filters input[name=label]", "xs => xs.map(x => x.value)"
+    ) == [f"run={run}", "t=a"]
+    assert await page.eval_on_selector_all(
+        "select[name=state] option:checked", "os => os.map(o => o.value)"
+    ) == ["QUEUED", "RUNNING"]
+    await page.select_option("select[name=order]", "oldest")
+    async with page.expect_navigation():
+        await page.click("#filters button[type=submit]")
+    assert "order=oldest" in page.url
+    assert await page.evaluate(shown) == [both], page.url
+    # Emptying one field drops that filter only.
+    await page.locator("#filters input[name=label]").nth(1).fill("")
+    async with page.expect_navigation():
+        await page.click("#filters button[type=submit]")
+    assert sorted(await page.evaluate(shown)) == [both, f"fl-{run}-2"], page.url
+
+
 # -- bad input ------------------------------------------------------------------
 
 

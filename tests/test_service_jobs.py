@@ -40,10 +40,10 @@ async def test_generated_id_and_video_details(service: ServiceHandle) -> None:
         (job_pb2.Video(url="https://v.example/a.mp4\nX-Injected: 1"), "job.video.url"),
         (job_pb2.Video(url="https://v.example/" + "a" * 8192), "job.video.url"),
         (job_pb2.Video(url="https://v.example/a.mp4", title="T\x00"), "job.video.title"),
-        (job_pb2.Video(url="https://v.example/a.mp4", playlist="p" * 1025), "job.video.playlist"),
-        (job_pb2.Video(url="https://v.example/a.mp4", subtitle="\u202e"), "job.video.subtitle"),
+        (job_pb2.Video(url="https://v.example/a.mp4", playlist="p" * 4097), "job.video.playlist"),
+        (job_pb2.Video(url="https://v.example/a.mp4", subtitle="a\x85b"), "job.video.subtitle"),
     ],
-    ids=["line break in url", "url too long", "NUL in title", "long playlist", "format char"],
+    ids=["line break in url", "url too long", "NUL in title", "long playlist", "C1 control"],
 )
 async def test_a_video_jobs_source_is_bounded_and_printable(
     service: ServiceHandle, video: job_pb2.Video, named: str
@@ -57,7 +57,7 @@ async def test_a_video_jobs_source_is_bounded_and_printable(
     assert (err.value.details() or "").startswith(named + " must be at most")
     listed = await service.stub.ListJobs(job_service_pb2.ListJobsRequest())
     assert list(listed.jobs) == []
-    ok = job_pb2.Video(url="https://v.example/a b.mp4", title="Ünïcode 🙂 " * 50)
+    ok = job_pb2.Video(url="https://v.example/a b.mp4", title="Ünïcode 🙂 \u200fשלום " * 50)
     job = job_pb2.Job(kind=job_pb2.JOB_KIND_VIDEO, video=ok)
     created = await service.stub.CreateJob(job_service_pb2.CreateJobRequest(job=job))
     assert created.job.video == ok
