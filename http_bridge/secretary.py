@@ -518,7 +518,7 @@ async def poll(request: web.Request) -> web.StreamResponse:
             "jobId": job.id,
             "status": STATUS.get(job.state, "queued"),
             "progress": job.progress.percent if job.HasField("progress") else None,
-            "phase": job.progress.phase or None if job.HasField("progress") else None,
+            "phase": poll_phase(job),
             "logs": [log_item(e) for e in events],
             "result": result,
             "error": error,
@@ -526,6 +526,15 @@ async def poll(request: web.Request) -> web.StreamResponse:
             "updatedAt": format_timestamp(job.update_time),
         }
     )
+
+
+def poll_phase(job: job_pb2.Job) -> str | None:
+    """An ended job's phase is how it ended, as the worker's own final said it
+    (`completed`, `failed`; `cancelled` for a cancel): the last progress phase
+    (`finalizing`) beside status `completed` read as still at work."""
+    if job.state in TERMINAL:
+        return STATUS[job.state]
+    return job.progress.phase or None if job.HasField("progress") else None
 
 
 def log_item(event: event_pb2.JobEvent) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import orjson
+import pytest
 
 from jobwire.v1 import job_pb2, job_service_pb2
 from tests.bridge_harness import (
@@ -87,8 +88,33 @@ async def test_progress_example_and_poll(bridge: Any, stub: Any) -> None:
         ("extract_text", 42, "Seite 12/28 verarbeitet"),
         ("extract_text", 55, "Seite 14/26 verarbeitet"),
     ]
+    assert (polled["phase"], polled["progress"]) == ("extract_text", 55)
     status, newest = await bridge.get(path(job_id) + "?limit=1", headers=auth)
     assert [e["progress"] for e in newest["logs"]] == [55]
+
+
+@pytest.mark.parametrize("end", ["completed", "failed", "cancelled"])
+async def test_an_ended_jobs_poll_gives_the_phase_it_ended_in(
+    bridge: Any, stub: Any, end: str
+) -> None:
+    """The poll kept the last progress phase after the end: `"phase": "finalizing"`
+    beside `"status": "completed"`, as if the job were still at work."""
+    job_id, auth = await new_job(stub)
+    progress = {"phase": "finalizing", "progress": 90, "message": "fast fertig"}
+    assert (await bridge.post(path(job_id), progress, headers=auth))[0] == 200
+    if end == "cancelled":
+        await stub.CancelJob(job_service_pb2.CancelJobRequest(id=job_id, reason="operator"))
+    else:
+        final = (
+            {"phase": "completed", "data": {"extracted_text": "x"}}
+            if end == "completed"
+            else FAILED
+        )
+        assert (await bridge.post(path(job_id), final, headers=auth))[0] == 200
+    status, polled = await bridge.get(path(job_id), headers=auth)
+    assert status == 200
+    percent = 100 if end == "completed" else 90
+    assert (polled["status"], polled["phase"], polled["progress"]) == (end, end, percent)
 
 
 async def test_failed_example(bridge: Any, stub: Any) -> None:
