@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ from .domain.records import (
 )
 from .fanout import Fanout, Item, Subscription, SubscriptionClosed
 from .firehose import Firehose, Gap, Live
+from .job_locks import JobLocks, settled
 from .metrics import (
     COALESCED_DELIVERIES,
     EVENTS_APPLIED,
@@ -90,6 +92,9 @@ class Jobs:
         self.resync_seconds = 10.0
         self.firehose = Firehose(store, fanout)
         self.stall_sweep_seconds = 1.0
+        # A completion naming artifacts and an artifact's replacement, one at a time
+        # per job: each checks the other's side, then writes (job_locks.py).
+        self._artifact_locks = JobLocks()
 
     async def start(self) -> None:
         origin = self.store.single_writer_origin
@@ -216,9 +221,13 @@ class Jobs:
         self, request: job_service_pb2.ReportEventRequest
     ) -> job_service_pb2.ReportEventResponse:
         events.validate_report(request)
-        if request.HasField("completed") and request.completed.artifacts:
+        if not _names_artifacts(request):
+            return _response(await self._one(JobCommand(request.job_id, Report(request))))
+        # The check and the write in one step: an upload that replaced a named artifact
+        # between them left the job's result naming content it did not have.
+        async with self._artifact_locks.hold([request.job_id]):
             await self._artifacts_as_named(request)
-        outcome = await self._one(JobCommand(request.job_id, Report(request)))
+            outcome = await settled(self._one(JobCommand(request.job_id, Report(request))))
         return _response(outcome)
 
     async def _artifacts_as_named(self, request: job_service_pb2.ReportEventRequest) -> None:
@@ -247,26 +256,29 @@ class Jobs:
         results = reply.results
         commands: list[JobCommand] = []
         positions: list[int] = []
-        for i, request in enumerate(requests):
-            result = results.add()
-            try:
-                events.validate_report(request)
-                if request.HasField("completed") and request.completed.artifacts:
-                    await self._artifacts_as_named(request)
-            except DomainError as err:
-                result.code = err.code
-                result.message = f"requests[{i}]: {err.message}"
-                continue
-            commands.append(JobCommand(request.job_id, Report(request)))
-            positions.append(i)
-        if commands:
-            for i, outcome in zip(positions, await self._committer.submit(commands), strict=True):
-                result = results[i]
-                if isinstance(outcome, DomainError):
-                    result.code = outcome.code
-                    result.message = outcome.message
-                else:
-                    _fill_response(result.response, outcome)
+        # As in `report`: the artifact checks and the commit, one step per job.
+        naming = [r.job_id for r in requests if _names_artifacts(r)]
+        async with self._artifact_locks.hold(naming):
+            for i, request in enumerate(requests):
+                result = results.add()
+                try:
+                    events.validate_report(request)
+                    if _names_artifacts(request):
+                        await self._artifacts_as_named(request)
+                except DomainError as err:
+                    result.code = err.code
+                    result.message = f"requests[{i}]: {err.message}"
+                    continue
+                commands.append(JobCommand(request.job_id, Report(request)))
+                positions.append(i)
+            outcomes = await settled(self._committer.submit(commands)) if commands else []
+        for i, outcome in zip(positions, outcomes, strict=True):
+            result = results[i]
+            if isinstance(outcome, DomainError):
+                result.code = outcome.code
+                result.message = outcome.message
+            else:
+                _fill_response(result.response, outcome)
         return reply
 
     async def list_events(
@@ -449,7 +461,16 @@ class Jobs:
                     f" {header.name!r} is final",
                 )
 
-        return await self.store.put_artifact(meta, chunks, not_final)
+        async with contextlib.AsyncExitStack() as held:
+
+            async def checked(stored: artifact_pb2.Artifact) -> None:
+                # Held from this check until the artifact is stored: a completion
+                # applied in between (its own check passed on the artifact then
+                # stored) had its result contradicted by this upload.
+                await held.enter_async_context(self._artifact_locks.hold([header.job_id]))
+                await not_final(stored)
+
+            return await self.store.put_artifact(meta, chunks, checked)
 
     async def open_artifact(
         self, job_id: str, name: str, token: str = ""
@@ -602,6 +623,10 @@ class Jobs:
         if not self._public_url or path is None:
             return ""
         return self._public_url + path.format(id=job.id)
+
+
+def _names_artifacts(request: job_service_pb2.ReportEventRequest) -> bool:
+    return request.HasField("completed") and bool(request.completed.artifacts)
 
 
 def _fitting(messages: Sequence[Message]) -> int:

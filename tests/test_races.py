@@ -1,0 +1,116 @@
+"""Races as workers and operators make them, through the real bridge and service on
+loopback, on both stores: callbacks of one job arriving together, artifacts replaced
+while the job completes."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from jobwire.v1 import job_pb2, job_service_pb2
+from tests.bridge_harness import TEST_CONFIG, Bridge, create_job, running_bridge
+from tests.conftest import ServiceHandle
+
+
+@pytest.fixture
+async def bridge_on(service: ServiceHandle) -> AsyncIterator[Bridge]:
+    """A bridge in front of this test's own service (each store)."""
+    config = dataclasses.replace(TEST_CONFIG, service_target=service.target)
+    async with running_bridge(config) as b:
+        yield b
+
+
+async def _content(service: ServiceHandle, job_id: str, name: str) -> bytes:
+    call = service.stub.ReadArtifact(job_service_pb2.ReadArtifactRequest(job_id=job_id, name=name))
+    return b"".join([m.data async for m in call])
+
+
+async def test_two_different_secretary_finals_leave_a_result_naming_what_is_stored(
+    service: ServiceHandle, bridge_on: Bridge
+) -> None:
+    """Two different final events of one Secretary job at once (a retry with another
+    text, two worker processes): each uploads `extracted_text.md`, then reports a
+    result naming its sha256. Both were acknowledged, and in about one race in five the
+    job's result named one text while the other was stored: the check of the upload
+    against the job's end, and the completion's check of its named artifacts, each ran
+    before the other's write landed. Now the job's result always names the stored
+    text, and its message is the same final's."""
+    finals = 0
+    for round_ in range(3):
+        jobs = []
+        for _ in range(16):
+            created = await create_job(service.stub, job_pb2.JOB_KIND_EXTRACTION)
+            jobs.append((created.job.id, {"Authorization": f"Bearer {created.callback_token}"}))
+
+        async def race(job_id: str, auth: dict[str, str], size: int) -> list[int]:
+            bodies = [
+                {"phase": "completed", "message": letter, "data": {"extracted_text": letter * n}}
+                for letter, n in (("A", size), ("B", 100))
+            ]
+            answers = await asyncio.gather(
+                *(bridge_on.post(f"/api/external/jobs/{job_id}", b, headers=auth) for b in bodies)
+            )
+            return [status for status, _ in answers]
+
+        sizes = [1 + 100_000 * ((round_ + i) % 3) for i in range(len(jobs))]
+        statuses = await asyncio.gather(
+            *(race(job_id, auth, size) for (job_id, auth), size in zip(jobs, sizes, strict=True))
+        )
+        for (job_id, _), answered in zip(jobs, statuses, strict=True):
+            assert 200 in answered and set(answered) <= {200, 409}, answered
+            job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id=job_id))
+            assert job.state == job_pb2.JOB_STATE_SUCCEEDED
+            stored = await _content(service, job_id, "extracted_text.md")
+            named = {a.name: a.sha256 for a in job.result.artifacts}
+            assert named["extracted_text.md"] == hashlib.sha256(stored).hexdigest(), job_id
+            assert stored[:1].decode() == job.result.message, job_id
+            finals += 1
+    assert finals == 48
+
+
+async def test_an_upload_waits_for_a_completion_that_names_its_artifact(
+    service: ServiceHandle,
+) -> None:
+    """The gRPC side of the race above, many uploads of other content racing one
+    completion: whatever order they land in, the completed job's result names the
+    content stored, and every upload after the end was refused."""
+    stub = service.stub
+    for round_ in range(20):
+        job_id = f"up-{round_}"
+        await stub.CreateJob(
+            job_service_pb2.CreateJobRequest(
+                job_id=job_id, job=job_pb2.Job(kind=job_pb2.JOB_KIND_GENERIC)
+            )
+        )
+        first = await _upload(service, job_id, b"first")
+        report = job_service_pb2.ReportEventRequest(job_id=job_id, idempotency_key="done")
+        report.completed.artifacts.add(name="text.md", sha256=first.sha256)
+        others = [_upload(service, job_id, f"other {i}".encode()) for i in range(8)]
+        outcomes = await asyncio.gather(stub.ReportEvent(report), *others, return_exceptions=True)
+        job = await stub.GetJob(job_service_pb2.GetJobRequest(id=job_id))
+        stored = hashlib.sha256(await _content(service, job_id, "text.md")).hexdigest()
+        if job.state == job_pb2.JOB_STATE_SUCCEEDED:
+            assert job.result.artifacts[0].sha256 == stored
+        for outcome in outcomes:
+            if isinstance(outcome, grpc.aio.AioRpcError):
+                assert outcome.code() == grpc.StatusCode.FAILED_PRECONDITION, outcome
+
+
+async def _upload(service: ServiceHandle, job_id: str, data: bytes) -> job_pb2.ArtifactRef:
+    header = job_service_pb2.ArtifactHeader(
+        job_id=job_id, name="text.md", content_type="text/markdown", size=len(data)
+    )
+    artifact = await service.stub.UploadArtifact(
+        iter(
+            [
+                job_service_pb2.UploadArtifactRequest(header=header),
+                job_service_pb2.UploadArtifactRequest(data=data),
+            ]
+        )
+    )
+    return job_pb2.ArtifactRef(name=artifact.name, sha256=artifact.sha256)
