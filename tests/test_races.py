@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from jobwire.v1 import job_pb2, job_service_pb2
+from jobwire.v1 import artifact_pb2, job_pb2, job_service_pb2
 from tests.bridge_harness import TEST_CONFIG, Bridge, create_job, running_bridge
 from tests.conftest import ServiceHandle
 
@@ -114,3 +114,48 @@ async def _upload(service: ServiceHandle, job_id: str, data: bytes) -> job_pb2.A
         )
     )
     return job_pb2.ArtifactRef(name=artifact.name, sha256=artifact.sha256)
+
+
+async def test_the_upload_acknowledged_last_is_the_artifact(service: ServiceHandle) -> None:
+    """Two uploads of one name at once, the one begun first (a large file) ending
+    last: on MongoDB the artifact stayed the other one, as the newest by the id its
+    upload was given when it began, although this upload was acknowledged after it;
+    its file stayed beside it for good. A completion naming the content acknowledged
+    last was then refused. Now the upload stored last is the artifact (as in the
+    embedded store, and as a GridFS reader's newest `uploadDate`)."""
+    stub = service.stub
+    await stub.CreateJob(
+        job_service_pb2.CreateJobRequest(
+            job_id="slow", job=job_pb2.Job(kind=job_pb2.JOB_KIND_GENERIC)
+        )
+    )
+    gate = asyncio.Event()
+    sent = asyncio.Event()
+    large = b"large " * 50_000
+
+    async def parts() -> AsyncIterator[job_service_pb2.UploadArtifactRequest]:
+        header = job_service_pb2.ArtifactHeader(job_id="slow", name="text.md", size=len(large))
+        yield job_service_pb2.UploadArtifactRequest(header=header)
+        yield job_service_pb2.UploadArtifactRequest(data=large[:-1])
+        sent.set()
+        await gate.wait()
+        yield job_service_pb2.UploadArtifactRequest(data=large[-1:])
+
+    async def upload_large() -> artifact_pb2.Artifact:
+        return await stub.UploadArtifact(parts())
+
+    first = asyncio.create_task(upload_large())
+    await asyncio.wait_for(sent.wait(), 10)
+    await _upload(service, "slow", b"small")
+    gate.set()
+    last = await asyncio.wait_for(first, 10)
+    assert await _content(service, "slow", "text.md") == large
+    listed = await stub.ListArtifacts(job_service_pb2.ListArtifactsRequest(job_id="slow"))
+    assert [(a.name, a.sha256) for a in listed.artifacts] == [("text.md", last.sha256)]
+    report = job_service_pb2.ReportEventRequest(job_id="slow", idempotency_key="done")
+    report.completed.artifacts.add(name="text.md", sha256=last.sha256)
+    await stub.ReportEvent(report)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _upload(service, "slow", b"again")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert await _content(service, "slow", "text.md") == large

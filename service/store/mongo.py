@@ -352,6 +352,9 @@ class MongoStore:
         self._log_pruning: asyncio.Future[None] | None = None
         self._orphan_sweeping: asyncio.Task[None] | None = None
         self._uploading: set[ObjectId] = set()
+        # The newest artifact of a name is the one stored last: its create_ns, made
+        # strictly increasing here (two uploads stored in one clock tick keep their order).
+        self._artifact_ns = 0
         self.log_failures = 0
         # Writes whose outcome is unknown (the connection failed after sending them):
         # per job, the write's ring token and its events, until settle_in_doubt() finds
@@ -1221,11 +1224,15 @@ class MongoStore:
                 stored.CopyFrom(artifact)
                 stored.size_bytes = size
                 stored.sha256 = digest.hexdigest()
-                now_ns = time.time_ns()
-                stored.create_time.FromNanoseconds(now_ns)
                 filename = codec.artifact_filename(artifact.job_id, artifact.name)
                 if before_commit is not None:
                     await before_commit(stored)
+                # Stamped as it is stored, not as it began: the upload stored last is
+                # the artifact (newest by create_ns). By the id its upload got when it
+                # began, a large upload begun first and stored last lost to a small one
+                # stored before it, though acknowledged after it, and stayed for good.
+                now_ns = self._artifact_ns = max(time.time_ns(), self._artifact_ns + 1)
+                stored.create_time.FromNanoseconds(now_ns)
                 async with self._writing():
                     await self.files.insert_one(
                         {
@@ -1247,7 +1254,7 @@ class MongoStore:
         finally:
             self._uploading.discard(file_id)
         with _guard("put_artifact"):
-            older = self.files.find({"filename": filename, "_id": {"$lt": file_id}}, {"_id": 1})
+            older = self.files.find(_older_than(filename, now_ns, file_id), {"_id": 1})
             for old in await older.to_list():
                 await self._delete_file(old["_id"])
         return stored
@@ -1315,7 +1322,7 @@ class MongoStore:
     ) -> tuple[artifact_pb2.Artifact, AsyncIterator[bytes]] | None:
         with _guard("open_artifact"):
             file_doc = await self.files.find_one(
-                {"filename": codec.artifact_filename(job_id, name)}, sort=[("_id", DESCENDING)]
+                {"filename": codec.artifact_filename(job_id, name)}, sort=_NEWEST_FIRST
             )
         if file_doc is None:
             return None
@@ -1368,7 +1375,7 @@ class MongoStore:
     async def list_artifacts(self, job_id: str) -> list[artifact_pb2.Artifact]:
         with _guard("list_artifacts"):
             cursor = self.files.find({"metadata.job_id": job_id}).sort(
-                [("metadata.name", ASCENDING), ("_id", DESCENDING)]
+                [("metadata.name", ASCENDING), *_NEWEST_FIRST]
             )
             docs = await cursor.to_list()
         newest: dict[str, artifact_pb2.Artifact] = {}
@@ -1376,6 +1383,22 @@ class MongoStore:
             artifact = codec.decode_artifact(doc)
             newest.setdefault(artifact.name, artifact)
         return [newest[name] for name in sorted(newest)]
+
+
+# The artifact of a name: the one stored last (create_ns is stamped as it is stored).
+_NEWEST_FIRST = [("metadata.create_ns", DESCENDING), ("_id", DESCENDING)]
+
+
+def _older_than(filename: str, create_ns: int, file_id: ObjectId) -> dict[str, Any]:
+    """The files of `filename` stored before this one (in _NEWEST_FIRST's order): each
+    upload deletes only those, so uploads finishing together never delete each other."""
+    return {
+        "filename": filename,
+        "$or": [
+            {"metadata.create_ns": {"$lt": create_ns}},
+            {"metadata.create_ns": create_ns, "_id": {"$lt": file_id}},
+        ],
+    }
 
 
 def _update(
