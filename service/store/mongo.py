@@ -805,6 +805,8 @@ class MongoStore:
             plan.results[index] = outcome
         if record is None or not changed_slots:
             return
+        # Older bodies out, in this same write, once the retained ones pass the budget.
+        changed_slots.update(codec.trim_bodies(ring, retention))
         if doc is None:
             plan.write = InsertOne(codec.job_document(record, ring))
             return
@@ -966,11 +968,12 @@ class MongoStore:
         slot = codec.ring_slot(outcome.event.sequence, retention)
         token = random.getrandbits(62) + 1
         ring[slot] = codec.ring_entry(outcome.event, token)
+        slots = {slot: ring[slot], **codec.trim_bodies(ring, retention)}
         try:
             async with self._writing():
                 result = await self.jobs.update_one(
                     {"_id": doc["_id"], "seq": doc["seq"], "state": _QUEUED},
-                    _update(outcome.record.job, {slot: ring[slot]}, ring if relaid else None),
+                    _update(outcome.record.job, slots, ring if relaid else None),
                 )
         except BaseException:
             self._add_doubt(str(doc["_id"]), token, [outcome])
@@ -1137,7 +1140,7 @@ class MongoStore:
         return None if doc is None else (codec.decode_read(doc), self._events_of(doc, sequence))
 
     def _events_of(self, doc: Mapping[str, Any], sequence: int) -> list[event_pb2.JobEvent]:
-        entries = codec.retained(doc.get("ring"), self.policy.retention)
+        entries = codec.replayable(doc.get("ring"), self.policy.retention)
         return [codec.decode_event(e) for e in entries if int(e["s"]) > sequence]
 
     async def queue_depths(self) -> dict[int, int]:

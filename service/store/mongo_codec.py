@@ -12,6 +12,14 @@ document never grows with the job's event count and every change is a plain `$se
 (FerretDB ignores `$push` modifiers such as `$slice`). `w` is the token of the write
 that stored the entry: it tells a writer, after an unordered bulk write, whether its
 own conditional update is the one that landed.
+
+The slots are bounded in bytes too: the event bodies (`e`) the ring keeps add up to at
+most RING_BODY_BYTES, newest first; an older entry keeps its sequence number, key and
+write token but loses its body (`trim_bodies`). One event may be 1 MiB, so 64 retained
+large events would pass MongoDB's 16 MiB document limit, and from then on every
+update of the job would be refused. Replays (`replayable`) start after the newest
+entry without a body, so a reader sees a gap there; idempotency keys stay for every
+retained entry.
 """
 
 from __future__ import annotations
@@ -29,6 +37,12 @@ from ..domain.records import JobRecord
 
 Doc = dict[str, Any]
 RingEntry = Mapping[str, Any]
+
+# Event bodies one job document retains, at most (the newest one always). With the
+# snapshot (an event and a result or error of 1 MiB each at most, a video of at most
+# gRPC's 4 MiB request) and the ring's keys, a document stays well under MongoDB's
+# 16 MiB; a replay of more would not fit one ListJobEvents answer anyway.
+RING_BODY_BYTES = 4 * 1024 * 1024
 
 
 def label_terms(labels: Mapping[str, str]) -> list[str]:
@@ -98,6 +112,39 @@ def retained(ring: Mapping[str, RingEntry] | None, retention: int) -> list[RingE
         tail.append(entry)
     tail.reverse()
     return tail
+
+
+def replayable(ring: Mapping[str, RingEntry] | None, retention: int) -> list[RingEntry]:
+    """The retained entries that still hold their event, oldest first: those after the
+    newest entry whose body was dropped (`trim_bodies`)."""
+    entries = retained(ring, retention)
+    for i in range(len(entries) - 1, -1, -1):
+        if "e" not in entries[i]:
+            return entries[i + 1 :]
+    return entries
+
+
+def trim_bodies(ring: Doc, retention: int, budget: int = RING_BODY_BYTES) -> Doc:
+    """Drops, in place, the bodies of the oldest retained entries once the newer ones
+    add up to `budget` bytes (the newest is always kept), so that what stays is a run
+    of the newest events; returns the slots it changed (to write)."""
+    changed: Doc = {}
+    total = 0
+    kept = 0
+    over = False
+    for entry in reversed(retained(ring, retention)):
+        body = entry.get("e")
+        if not over:
+            if body is not None and (not kept or total + len(body) <= budget):
+                total += len(body)
+                kept += 1
+                continue
+            over = True
+        if body is None:
+            continue
+        slot = ring_slot(int(entry["s"]), retention)
+        ring[slot] = changed[slot] = {k: v for k, v in entry.items() if k != "e"}
+    return changed
 
 
 def rehomed(ring: Mapping[str, RingEntry] | None, retention: int) -> Doc | None:
