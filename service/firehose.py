@@ -277,7 +277,7 @@ class Firehose:
             heads[origin] = deque(page)
             if page:
                 read_to[origin] = page[-1].n
-            if len(page) < PAGE:
+            if not page:  # (a page of large events may hold fewer than PAGE)
                 exhausted.add(origin)
 
         for origin, (_, newest) in bounds.items():

@@ -8,6 +8,7 @@ job (FerretDB, which does not enforce the limit, slowed to timeouts instead).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator
@@ -131,3 +132,24 @@ async def test_video_reports_of_four_byte_characters_through_the_bridge(
     oldest = events.gap.oldest_available_sequence
     assert 1 < oldest < count
     assert events.events[0].progress.message == chr(0x1F600 + oldest - 1) * 65536
+
+
+async def test_watch_jobs_replays_a_log_of_large_events(mongo_service: MongoService) -> None:
+    """60 events of 1 MiB in the firehose log: a replay read them 500 at a time, so
+    on FerretDB (no 16 MiB cap on a reply) one 61 MB reply passed the 48 MB message
+    limit and WatchJobs failed with UNKNOWN (ProtocolError) at every reconnect; on
+    MongoDB each stream held up to 500 MiB of one page."""
+    stub = mongo_service.handle.stub
+    job_id = (await create(stub)).job.id
+    count = 60
+    replies = await asyncio.gather(
+        *(
+            stub.ReportEvent(_big_progress(job_id, i, 1000 * 1024), timeout=WAIT)
+            for i in range(count)
+        )
+    )
+    assert sorted(r.sequence for r in replies) == list(range(1, count + 1))
+    call = stub.WatchJobs(job_service_pb2.WatchJobsRequest(after="0"), timeout=2 * WAIT)
+    seen = [(await read(call, 2 * WAIT)).event.sequence for _ in range(count)]
+    call.cancel()
+    assert seen == list(range(1, count + 1))

@@ -99,6 +99,13 @@ CLAIM_MIN_LOSSES = 16
 MAX_IN_DOUBT = 10_000
 IN_DOUBT_SECONDS = 600.0
 SETTLE_BATCH = 256  # jobs read back per settle
+# One page of the firehose log holds at most about this many bytes of events (an event
+# may be 1 MiB: 500 of them were 500 MiB in memory per stream and origin).
+LOG_PAGE_BYTES = 8 * 1024 * 1024
+# Log entries per reply on a server that does not cap a reply at MongoDB's 16 MiB
+# (FerretDB: 60 entries of 1 MiB were one 61 MB reply, past the 48 MB message limit,
+# and the driver's ProtocolError failed WatchJobs with UNKNOWN).
+UNCAPPED_LOG_BATCH = 16
 
 _UNAVAILABLE = (ConnectionFailure, ExecutionTimeout, WTimeoutError)
 _AUTH_CODES = (18, 13)  # AuthenticationFailed, Unauthorized
@@ -337,6 +344,8 @@ class MongoStore:
         # FerretDB's SQLite backend (see start()); 0: never bounded.
         self._max_writes = max_concurrent_writes
         self._write_gate: asyncio.Semaphore | None = None
+        # False on FerretDB: a reply is not capped at 16 MiB (see UNCAPPED_LOG_BATCH).
+        self._capped_replies = True
         self._fetch_epoch = 0
         self._claimers = 0
         self._db: AsyncDatabase[dict[str, Any]] | None = None
@@ -493,6 +502,7 @@ class MongoStore:
                 # (64 concurrent updates took ~4x longer than the same 64 in a row).
                 writes = 2
             self._write_gate = asyncio.Semaphore(writes) if writes else None
+            self._capped_replies = "ferretdbVersion" not in info
             # One createIndexes per index: FerretDB v1.24 drops the connection when a
             # single createIndexes names several indexes that all exist already.
             for collection, index in self._indexes():
@@ -1114,18 +1124,31 @@ class MongoStore:
         return bounds
 
     async def log_after(self, origin: str, n: int, since_ns: int, limit: int) -> list[LogEntry]:
+        """Up to `limit` entries, fewer once they add up to LOG_PAGE_BYTES."""
+        entries: list[LogEntry] = []
+        size = 0
         with _guard("log_after"):
             cursor = (
                 self.firehose.find({"o": origin, "n": {"$gt": n}, "ns": {"$gt": since_ns}})
                 .sort([("n", ASCENDING)])
                 .limit(limit)
             )
-            return [
-                LogEntry(
-                    origin, int(d["n"]), int(d["ns"]), event_pb2.JobEvent.FromString(bytes(d["e"]))
-                )
-                async for d in cursor
-            ]
+            if not self._capped_replies:
+                cursor = cursor.batch_size(UNCAPPED_LOG_BATCH)
+            try:
+                async for d in cursor:
+                    body = bytes(d["e"])
+                    entries.append(
+                        LogEntry(
+                            origin, int(d["n"]), int(d["ns"]), event_pb2.JobEvent.FromString(body)
+                        )
+                    )
+                    size += len(body)
+                    if size >= LOG_PAGE_BYTES:
+                        break
+            finally:
+                await cursor.close()
+        return entries
 
     async def events_after(self, job_id: str, sequence: int) -> list[event_pb2.JobEvent]:
         with _guard("events_after"):

@@ -123,7 +123,8 @@ class Store(Protocol):
 
     async def log_after(self, origin: str, n: int, since_ns: int, limit: int) -> list[LogEntry]:
         """Up to `limit` entries of `origin` numbered above `n` and written after
-        `since_ns`, ascending."""
+        `since_ns`, ascending; fewer (at least one) when they are large, so only an
+        empty list says there are no more."""
 
     async def write_log(self, entry: log_pb2.LogEntry) -> None: ...
 
