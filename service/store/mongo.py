@@ -46,6 +46,7 @@ from pymongo import (
     UpdateOne,
 )
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.cursor import AsyncCursor
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.common import URI_OPTIONS_VALIDATOR_MAP as URI_OPTIONS
 from pymongo.errors import (
@@ -106,6 +107,9 @@ LOG_PAGE_BYTES = 8 * 1024 * 1024
 # (FerretDB: 60 entries of 1 MiB were one 61 MB reply, past the 48 MB message limit,
 # and the driver's ProtocolError failed WatchJobs with UNKNOWN).
 UNCAPPED_LOG_BATCH = 16
+# Job documents per reply there (a document stays under ~11 MiB; 16 queued videos of
+# 3.9 MiB were a 64 MB reply: ListJobs and ClaimJob failed with UNKNOWN, for good).
+UNCAPPED_JOB_BATCH = 3
 
 _UNAVAILABLE = (ConnectionFailure, ExecutionTimeout, WTimeoutError)
 _AUTH_CODES = (18, 13)  # AuthenticationFailed, Unauthorized
@@ -665,7 +669,7 @@ class MongoStore:
         # The list_order index serves both directions.
         direction = DESCENDING if query.newest_first else ASCENDING
         with _guard("list_jobs"):
-            cursor = (
+            cursor = self._job_batches(
                 self.jobs.find(filter_, {"job": 1})
                 .sort([("create_ns", direction), ("_id", direction)])
                 .limit(max(query.limit, 0))
@@ -772,8 +776,12 @@ class MongoStore:
         if len(job_ids) == 1:
             doc = await self.jobs.find_one({"_id": job_ids[0]})
             return {} if doc is None else {job_ids[0]: doc}
-        cursor = self.jobs.find({"_id": {"$in": job_ids}})
+        cursor = self._job_batches(self.jobs.find({"_id": {"$in": job_ids}}))
         return {str(doc["_id"]): doc async for doc in cursor}
+
+    def _job_batches(self, cursor: AsyncCursor[dict[str, Any]]) -> AsyncCursor[dict[str, Any]]:
+        """A cursor over job documents, in replies under the 48 MB message limit."""
+        return cursor if self._capped_replies else cursor.batch_size(UNCAPPED_JOB_BATCH)
 
     def _compute(
         self,
@@ -949,7 +957,7 @@ class MongoStore:
 
     async def _query_candidates(self, kind: int, epoch: int) -> _Candidates:
         limit = min(CLAIM_CANDIDATES_MAX, max(CLAIM_CANDIDATES, 2 * self._claimers))
-        cursor = (
+        cursor = self._job_batches(
             self.jobs.find({"kind": kind, "state": _QUEUED})
             .sort([("create_ns", ASCENDING), ("_id", ASCENDING)])
             .limit(limit)
