@@ -211,6 +211,24 @@ def _log(
     return job_service_pb2.WriteLogRequest(entry=entry)
 
 
+async def test_a_listing_of_large_log_lines_reads_only_what_it_answers(
+    service: ServiceHandle,
+) -> None:
+    """400 lines of 256 KiB (65,536 four-byte characters each), listed with limit
+    1000: the store read all 102 MB to answer 3 MiB, which on FerretDB was a reply past
+    its 48 MB message limit (UNKNOWN, for every such listing)."""
+    await create(service.stub, job_id="big-logs")
+    for i in range(400):
+        line = chr(0x1F600 + i % 64) * 65536
+        await service.stub.WriteLog(_log("big-logs", log_pb2.LOG_LEVEL_INFO, line, i))
+    listed = await service.stub.ListLogs(
+        job_service_pb2.ListLogsRequest(job_id="big-logs", limit=1000)
+    )
+    times = [e.time.seconds - 1_700_000_000 for e in listed.entries]
+    assert 8 <= len(times) <= 12 and times == list(range(399, 399 - len(times), -1))
+    assert listed.ByteSize() <= 3 * 1024 * 1024
+
+
 async def test_logs_newest_first_with_limit_and_level(service: ServiceHandle) -> None:
     await create(service.stub, job_id="lg")
     await service.stub.WriteLog(_log("lg", log_pb2.LOG_LEVEL_INFO, "one", 1))

@@ -30,7 +30,7 @@ from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, log_pb2
 from ..domain import events
 from ..domain.errors import Code, DomainError, StorageUnavailable
 from ..domain.records import Applied, Change, Claim, JobCommand, JobRecord, Policy
-from .port import CHUNK_SIZE, JobQuery, LogEntry
+from .port import CHUNK_SIZE, LIST_READ_BYTES, JobQuery, LogEntry
 
 # The embedded store is one writer: its firehose log has a single origin.
 ORIGIN = "db"
@@ -443,7 +443,14 @@ class EmbeddedStore:
         args.append(limit)
 
         def run(conn: sqlite3.Connection) -> list[log_pb2.LogEntry]:
-            return [log_pb2.LogEntry.FromString(r[0]) for r in conn.execute(sql, args)]
+            entries: list[log_pb2.LogEntry] = []
+            size = 0
+            for (entry,) in conn.execute(sql, args):
+                entries.append(log_pb2.LogEntry.FromString(entry))
+                size += len(entry)
+                if size >= LIST_READ_BYTES:
+                    break
+            return entries
 
         return await self._read(run)
 

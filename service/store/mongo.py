@@ -67,7 +67,7 @@ from ..domain.records import Applied, Change, Claim, JobCommand, JobRecord, Poli
 from ..tasks import stop_within
 from . import mongo_codec as codec
 from .mongo_feed import DEFAULT_MAX_DOCS, MongoEventFeed
-from .port import CHUNK_SIZE, JobQuery, LogEntry
+from .port import CHUNK_SIZE, LIST_READ_BYTES, JobQuery, LogEntry
 
 log = logging.getLogger("jobwire.store.mongo")
 
@@ -1216,13 +1216,25 @@ class MongoStore:
             filter_["kind"] = kind
         if level:
             filter_["level"] = level
+        entries: list[log_pb2.LogEntry] = []
+        size = 0
         with _guard("list_logs"):
             cursor = (
                 self.logs.find(filter_, {"e": 1})
                 .sort([("time_ns", DESCENDING), ("_id", DESCENDING)])
                 .limit(limit)
             )
-            return [codec.decode_log(doc) async for doc in cursor]
+            if not self._capped_replies:
+                cursor = cursor.batch_size(UNCAPPED_LOG_BATCH)
+            try:
+                async for doc in cursor:
+                    entries.append(codec.decode_log(doc))
+                    size += len(doc["e"])
+                    if size >= LIST_READ_BYTES:
+                        break
+            finally:
+                await cursor.close()
+        return entries
 
     # -- artifacts (GridFS layout: <bucket>.files + <bucket>.chunks) ------------------
 

@@ -51,6 +51,12 @@ class LogEntry:
     event: event_pb2.JobEvent
 
 
+# A listing stops reading rows once they add up to this (ListLogs answers at most
+# 3 MiB): 1,000 log lines of 256 KiB were 256 MB read for one answer, and on FerretDB
+# a reply past its 48 MB message limit.
+LIST_READ_BYTES = 4 * 1024 * 1024
+
+
 class Store(Protocol):
     """An async job store. Each method is one round trip where the database allows."""
 
@@ -132,7 +138,8 @@ class Store(Protocol):
         self, job_id: str, level: int, limit: int, kind: int = 0
     ) -> list[log_pb2.LogEntry]:
         """Newest first (by time, then arrival); `job_id` "" means every job, `kind` 0
-        every kind (LogEntry.kind)."""
+        every kind (LogEntry.kind). Fewer than `limit` (at least one) once the lines
+        read add up to LIST_READ_BYTES: an answer holds 3 MiB at most anyway."""
 
     async def put_artifact(
         self,
