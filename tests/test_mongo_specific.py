@@ -422,6 +422,7 @@ async def _one_piece(content: bytes) -> AsyncIterator[bytes]:
 async def test_chunks_of_failed_uploads_are_swept_once_a_day_old(mongo_store: MongoStore) -> None:
     store = mongo_store
     day = 24 * 3600.0
+    await _create(store, "j")
     stored = await store.put_artifact(
         artifact_pb2.Artifact(job_id="j", name="kept.txt"), _one_piece(b"kept")
     )
@@ -454,6 +455,7 @@ async def test_an_upload_in_progress_is_not_swept(mongo_store: MongoStore) -> No
         await finish.wait()
         yield b"c"
 
+    await _create(store, "j")
     upload = asyncio.create_task(
         store.put_artifact(artifact_pb2.Artifact(job_id="j", name="slow.bin"), slow())
     )

@@ -188,6 +188,7 @@ async def test_artifacts_stream_and_replace(store: Store) -> None:
         for p in parts:
             yield p
 
+    await _new(store, "a")  # an artifact belongs to a job
     meta = artifact_pb2.Artifact(job_id="a", name="t.md", content_type="text/markdown")
     stored = await store.put_artifact(meta, chunks([b"hello ", b"world"]))
     assert stored.size_bytes == 11
@@ -233,6 +234,7 @@ async def test_artifact_with_the_longest_name(store: Store) -> None:
         yield b"long"
 
     name = "n" * 255
+    await _new(store, "a")
     stored = await store.put_artifact(artifact_pb2.Artifact(job_id="a", name=name), chunks())
     assert stored.size_bytes == 4
     found = await store.open_artifact("a", name)

@@ -11,6 +11,7 @@ from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
 from . import tokens, validation
 from .errors import Code, DomainError, invalid, not_found
 from .records import (
+    TERMINAL_STATES,
     Applied,
     Cancel,
     Change,
@@ -107,6 +108,15 @@ def stall_due_ns(job: job_pb2.Job) -> int | None:
     if deadline <= 0:
         return None
     return _last_sign_of_life(job) + deadline
+
+
+def end_ns(job: job_pb2.Job) -> int | None:
+    """When an ended job ended (None while it has not): what JOBWIRE_JOB_RETENTION
+    counts from. Its update time for a job stored without an end time."""
+    if job.state not in TERMINAL_STATES:
+        return None
+    stamp = job.end_time if job.HasField("end_time") else job.update_time
+    return stamp.ToNanoseconds()
 
 
 def _last_sign_of_life(job: job_pb2.Job) -> int:

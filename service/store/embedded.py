@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import itertools
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -27,10 +28,20 @@ from typing import Any, TypeVar
 
 from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, log_pb2
 
-from ..domain import events
+from ..domain import events, validation
 from ..domain.errors import Code, DomainError, StorageUnavailable
-from ..domain.records import Applied, Change, Claim, JobCommand, JobRecord, Policy
+from ..domain.records import (
+    TERMINAL_STATES,
+    Applied,
+    Change,
+    Claim,
+    JobCommand,
+    JobRecord,
+    Policy,
+)
 from .port import CHUNK_SIZE, LIST_READ_BYTES, JobQuery, LogEntry
+
+log = logging.getLogger("jobwire.store.embedded")
 
 # The embedded store is one writer: its firehose log has a single origin.
 ORIGIN = "db"
@@ -43,6 +54,7 @@ WAL_TRUNCATE_BYTES = 16 * 2**20
 PRUNE_ROWS = 20_000
 # A job keeps at most retention + PRUNE_STEP - 1 event rows between prunes (see _stage).
 PRUNE_STEP = 32
+_ENDED = tuple(sorted(TERMINAL_STATES))
 
 T = TypeVar("T")
 
@@ -60,7 +72,9 @@ CREATE TABLE IF NOT EXISTS jobs (
   -- emptied once its keys are copied to job_keys, see _migrate).
   keys TEXT NOT NULL,
   snapshot BLOB NOT NULL,
-  stall_ns INTEGER
+  stall_ns INTEGER,
+  -- When the job ended (NULL while it has not): JOBWIRE_JOB_RETENTION counts from it.
+  end_ns INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(kind, state, create_ns, id);
 CREATE INDEX IF NOT EXISTS jobs_order ON jobs(create_ns, id);
@@ -112,6 +126,12 @@ CREATE TABLE IF NOT EXISTS artifacts (
   meta BLOB NOT NULL,
   path TEXT NOT NULL,
   PRIMARY KEY (job_id, name)
+) WITHOUT ROWID;
+-- Files of deleted artifacts (a deleted job's), written in the transaction that
+-- deletes their rows and removed once the files are: a crash in between leaves no
+-- file for ever (finish_deletions).
+CREATE TABLE IF NOT EXISTS artifact_trash (
+  path TEXT PRIMARY KEY
 ) WITHOUT ROWID;
 """
 
@@ -165,6 +185,7 @@ class EmbeddedStore:
             await self._write(_migrate)
             await self._write(lambda conn: _settle_retention(conn, self.policy.retention))
             await self._write(_number_log_from_the_clock)
+            await self.finish_deletions()
         except BaseException:
             self._unlock()
             raise
@@ -496,6 +517,12 @@ class EmbeddedStore:
         target = final / f"{artifact.name[:200]}.{uuid.uuid4().hex[:8]}"
 
         def commit(conn: sqlite3.Connection) -> None:
+            # On the writer, as deletions are: a job deleted during the upload gets no
+            # artifact (its file would outlive it, unseen).
+            job = conn.execute("SELECT 1 FROM jobs WHERE id = ?", (artifact.job_id,)).fetchone()
+            if job is None:
+                tmp.unlink(missing_ok=True)
+                raise DomainError(Code.NOT_FOUND, f"job {artifact.job_id!r} not found")
             created = not final.exists()
             final.mkdir(exist_ok=True)
             try:
@@ -558,6 +585,111 @@ class EmbeddedStore:
             return [artifact_pb2.Artifact.FromString(r[0]) for r in rows]
 
         return await self._read(run)
+
+    # -- deleting ----------------------------------------------------------
+
+    async def ended_jobs(self, before_ns: int, limit: int) -> list[str]:
+        def run(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT id FROM jobs WHERE end_ns IS NOT NULL AND end_ns < ?"
+                " ORDER BY end_ns LIMIT ?",
+                (before_ns, limit),
+            )
+            return [r[0] for r in rows]
+
+        return await self._read(run)
+
+    async def delete_jobs(self, job_ids: Sequence[str]) -> list[str]:
+        ids = list(dict.fromkeys(job_ids))
+
+        def run(conn: sqlite3.Connection) -> tuple[list[str], list[str]]:
+            # One transaction: the job, its events, keys, log lines and artifact rows go
+            # together, and its files are listed in artifact_trash, then removed.
+            deleted: list[str] = []
+            files: list[str] = []
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for start in range(0, len(ids), _LOAD_CHUNK):
+                    chunk = ids[start : start + _LOAD_CHUNK]
+                    gone = [
+                        r[0]
+                        for r in conn.execute(
+                            f"DELETE FROM jobs WHERE id IN ({_marks(chunk)})"
+                            f" AND state IN ({_marks(_ENDED)}) RETURNING id",
+                            [*chunk, *_ENDED],
+                        ).fetchall()
+                    ]
+                    if not gone:
+                        continue
+                    deleted += gone
+                    where = f"job_id IN ({_marks(gone)})"
+                    for table in ("events", "job_keys", "logs"):
+                        conn.execute(f"DELETE FROM {table} WHERE {where}", gone)
+                    paths = conn.execute(
+                        f"DELETE FROM artifacts WHERE {where} RETURNING path", gone
+                    ).fetchall()
+                    conn.executemany(
+                        "INSERT OR IGNORE INTO artifact_trash (path) VALUES (?)", paths
+                    )
+                    files += [p[0] for p in paths]
+                conn.execute("COMMIT")
+            except BaseException:
+                self._abort(conn)
+                raise
+            return deleted, files
+
+        async with self._write_lock:
+            conn = self._writer_connection()
+            deleted, files = await self._in_writer(lambda: run(conn))
+            # Our own commit leaves data_version as it was: the cache must forget them.
+            self._records.forget(deleted)
+            if files:
+                try:
+                    await self._in_writer(lambda: self._empty_trash(conn, files))
+                except StorageUnavailable as err:  # the jobs are gone: their files go later
+                    log.warning("deleted artifacts' files remain until the next sweep: %s", err)
+        return deleted
+
+    async def finish_deletions(self) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            files = [r[0] for r in conn.execute("SELECT path FROM artifact_trash")]
+            return self._empty_trash(conn, files) if files else 0
+
+        return await self._write(run)
+
+    def _empty_trash(self, conn: sqlite3.Connection, files: list[str]) -> int:
+        """Removes the files (and their job's directory once empty), durably, then their
+        trash rows. Returns how many."""
+        dirs: set[Path] = set()
+        for stored in files:
+            file = self._artifact_file(stored)
+            file.unlink(missing_ok=True)
+            dirs.add(file.parent)
+        for directory in dirs:
+            try:
+                directory.rmdir()  # fails, as it should, while another artifact is in it
+            except FileNotFoundError:
+                pass
+            except OSError:
+                _fsync_dir(directory)
+        if dirs:
+            _fsync_dir(self._artifacts)
+        for start in range(0, len(files), _LOAD_CHUNK):
+            chunk = files[start : start + _LOAD_CHUNK]
+            with conn:
+                conn.execute(f"DELETE FROM artifact_trash WHERE path IN ({_marks(chunk)})", chunk)
+        return len(files)
+
+    async def delete_unknown_logs(self, before_ns: int, limit: int) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            with conn:
+                return conn.execute(
+                    "DELETE FROM logs WHERE id IN (SELECT id FROM logs WHERE job_id = ?"
+                    " AND time_ns < ? ORDER BY time_ns, id LIMIT ?)",
+                    (validation.UNKNOWN_JOB, before_ns, limit),
+                ).rowcount
+
+        return await self._write(run)
 
     # -- internals ---------------------------------------------------------
 
@@ -637,7 +769,7 @@ class EmbeddedStore:
                 # when the value stays (5.3 against 3.3 us a row): the usual progress
                 # event leaves state, lease and stall deadline as they are.
                 if indexed == old[1]:
-                    updates.append((row[1], row[4], job_id))
+                    updates.append((row[1], row[5], job_id))
                 else:
                     moves.append(row)
             entries[job_id] = (record, indexed)
@@ -667,7 +799,7 @@ class EmbeddedStore:
                 conn.executemany(_INSERT_JOB, inserts)
             if moves:
                 conn.executemany(
-                    "UPDATE jobs SET state=?, seq=?, lease_expire_ns=?, stall_ns=?,"
+                    "UPDATE jobs SET state=?, seq=?, lease_expire_ns=?, stall_ns=?, end_ns=?,"
                     " snapshot=? WHERE id=?",
                     moves,
                 )
@@ -848,6 +980,10 @@ def _lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
+def _marks(values: Sequence[object]) -> str:
+    return ",".join("?" * len(values))
+
+
 def _prune_step(sequence: int, retention: int) -> int:
     """The prune step of a job whose newest event is `sequence` (-1: nothing to prune)."""
     return (sequence - retention) // PRUNE_STEP if sequence > retention else -1
@@ -951,6 +1087,11 @@ class _RecordCache:
     def clear(self) -> None:
         self._entries.clear()
         self._version = None
+
+    def forget(self, job_ids: Sequence[str]) -> None:
+        """Deleted jobs: a report for one must find it gone, not cached."""
+        for job_id in job_ids:
+            self._entries.pop(job_id, None)
 
     def _dropped(self, written: dict[str, _Entry]) -> list[str]:
         """The least recently written jobs past the size once `written` is in: the
@@ -1063,6 +1204,7 @@ def _row(record: JobRecord) -> tuple[Any, ...]:
         job.sequence,
         lease,
         events.stall_due_ns(job),
+        events.end_ns(job),
         json.dumps(dict(job.labels), sort_keys=True),
         record.token_hash,
         "",  # keys: held by events.key
@@ -1080,14 +1222,15 @@ def _update_row(record: JobRecord) -> tuple[Any, ...]:
         job.sequence,
         lease,
         events.stall_due_ns(job),
+        events.end_ns(job),
         job.SerializeToString(),
         job.id,
     )
 
 
 _INSERT_JOB = (
-    "INSERT INTO jobs (kind, state, create_ns, seq, lease_expire_ns, stall_ns, labels,"
-    " token_hash, keys, snapshot, id) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+    "INSERT INTO jobs (kind, state, create_ns, seq, lease_expire_ns, stall_ns, end_ns,"
+    " labels, token_hash, keys, snapshot, id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 
 
@@ -1100,6 +1243,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
     conn.execute(
         "CREATE INDEX IF NOT EXISTS jobs_stall ON jobs(stall_ns) WHERE stall_ns IS NOT NULL"
     )
+    if "end_ns" not in columns:
+        _add_end_times(conn)
+    conn.execute("CREATE INDEX IF NOT EXISTS jobs_ended ON jobs(end_ns) WHERE end_ns IS NOT NULL")
     if "key" not in {row[1] for row in conn.execute("PRAGMA table_info(events)")}:
         # The keys a job row held (as of its last event) become its job_keys, and the
         # row sheds them (once, here: the writes of events never name the column).
@@ -1123,6 +1269,26 @@ def _migrate(conn: sqlite3.Connection) -> None:
             "(SELECT kind FROM jobs WHERE jobs.id = logs.job_id), 0)"
         )
     conn.execute("CREATE INDEX IF NOT EXISTS logs_kind ON logs(kind, time_ns, id)")
+
+
+def _add_end_times(conn: sqlite3.Connection) -> None:
+    """jobs.end_ns, filled for the jobs that ended before it existed (from their
+    snapshots, once), so that JOBWIRE_JOB_RETENTION sees them too."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("ALTER TABLE jobs ADD COLUMN end_ns INTEGER")
+        ended = conn.execute(
+            f"SELECT id, snapshot FROM jobs WHERE state IN ({','.join('?' * len(_ENDED))})",
+            _ENDED,
+        )
+        conn.executemany(
+            "UPDATE jobs SET end_ns = ? WHERE id = ?",
+            [(events.end_ns(job_pb2.Job.FromString(blob)), job_id) for job_id, blob in ended],
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def _number_log_from_the_clock(conn: sqlite3.Connection) -> None:

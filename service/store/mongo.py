@@ -61,9 +61,17 @@ from pymongo.errors import (
 
 from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, log_pb2
 
-from ..domain import events
+from ..domain import events, validation
 from ..domain.errors import Code, DomainError, StorageUnavailable
-from ..domain.records import Applied, Change, Claim, JobCommand, JobRecord, Policy
+from ..domain.records import (
+    TERMINAL_STATES,
+    Applied,
+    Change,
+    Claim,
+    JobCommand,
+    JobRecord,
+    Policy,
+)
 from ..tasks import stop_within
 from . import mongo_codec as codec
 from .mongo_feed import DEFAULT_MAX_DOCS, MongoEventFeed
@@ -120,6 +128,9 @@ _RUNNING = job_pb2.JOB_STATE_RUNNING
 _BUCKET = "artifacts"
 FIREHOSE = "firehose"
 FIREHOSE_ORIGINS = "firehose_origins"
+# Jobs being deleted: marked before anything of theirs goes (see delete_jobs).
+DELETIONS = "deletions"
+_ENDED = sorted(TERMINAL_STATES)
 
 
 @contextlib.contextmanager
@@ -573,6 +584,10 @@ class MongoStore:
             (
                 self.jobs,
                 IndexModel([("state", ASCENDING), ("stall_ns", ASCENDING)], name="stalls"),
+            ),
+            (
+                self.jobs,
+                IndexModel([("state", ASCENDING), ("end_ns", ASCENDING)], name="ended"),
             ),
             (
                 self.firehose,
@@ -1300,6 +1315,11 @@ class MongoStore:
         finally:
             self._uploading.discard(file_id)
         with _guard("put_artifact"):
+            # After the files document: a deletion of the job that had listed the job's
+            # artifacts before it, had deleted (or marked) the job before this check.
+            if await self._deleted(artifact.job_id):
+                await self._delete_file(file_id)
+                raise DomainError(Code.NOT_FOUND, f"job {artifact.job_id!r} not found")
             older = self.files.find(_older_than(filename, now_ns, file_id), {"_id": 1})
             for old in await older.to_list():
                 await self._delete_file(old["_id"])
@@ -1310,11 +1330,14 @@ class MongoStore:
         while True:
             try:
                 removed = await self.sweep_orphan_chunks(time.time() - ORPHAN_AGE_S)
+                finished = await self.finish_deletions()
             except Exception as exc:  # housekeeping: tried again at the next pass
                 log.warning("sweep of failed uploads' chunks failed, retrying later: %s", exc)
             else:
                 if removed:
                     log.info("removed the chunks of %d failed artifact uploads", removed)
+                if finished:
+                    log.info("finished deleting %d jobs whose deletion was cut short", finished)
             await asyncio.sleep(ORPHAN_SWEEP_S)
 
     async def sweep_orphan_chunks(self, started_before: float) -> int:
@@ -1342,6 +1365,113 @@ class MongoStore:
                     async with self._writing():
                         await self.chunks.delete_many({"files_id": after})
                     removed += 1
+
+    # -- deleting (no transactions: a mark first, then the job, then its remains) -----
+
+    async def ended_jobs(self, before_ns: int, limit: int) -> list[str]:
+        if limit <= 0:
+            return []
+        with _guard("ended_jobs"):
+            await self._add_end_times(limit)
+            cursor = (
+                self.jobs.find({"state": {"$in": _ENDED}, "end_ns": {"$lt": before_ns}}, {"_id": 1})
+                .sort([("end_ns", ASCENDING)])
+                .limit(limit)
+            )
+            return [str(doc["_id"]) async for doc in cursor]
+
+    async def _add_end_times(self, limit: int) -> None:
+        """end_ns for jobs that ended before it was written, a batch per call."""
+        cursor = self.jobs.find(
+            {"state": {"$in": _ENDED}, "end_ns": {"$exists": False}}, {"job": 1}
+        ).limit(limit)
+        for doc in await cursor.to_list():
+            ended = events.end_ns(codec.decode_job(doc))
+            async with self._writing():
+                await self.jobs.update_one({"_id": doc["_id"]}, {"$set": {"end_ns": ended}})
+
+    async def delete_jobs(self, job_ids: Sequence[str]) -> list[str]:
+        """In this order, each step durable before the next: (1) a mark per job in
+        `deletions`; (2) the job documents that have ended (the job and its retained
+        events vanish together, at once); (3) their artifacts, each files document
+        before its chunks; (4) their log lines; (5) the marks. Readers find no job from
+        (2) on, and reach artifacts only through their job; a crash after (1) leaves
+        the mark, and finish_deletions() does the rest. The other way round (artifacts
+        first) a crash would leave a job listing artifacts that are gone; the job
+        first without a mark, artifacts nobody would ever delete."""
+        ids = list(dict.fromkeys(job_ids))
+        if not ids:
+            return []
+        now_ns = time.time_ns()
+        with _guard("delete_jobs"):
+            async with self._writing():
+                await self.database[DELETIONS].bulk_write(
+                    [
+                        UpdateOne({"_id": i}, {"$setOnInsert": {"ns": now_ns}}, upsert=True)
+                        for i in ids
+                    ],
+                    ordered=False,
+                )
+            # Which of them this call deletes: the ended ones there now.
+            cursor = self.jobs.find({"_id": {"$in": ids}, "state": {"$in": _ENDED}}, {"_id": 1})
+            ended = [str(doc["_id"]) async for doc in cursor]
+            if ended:
+                async with self._writing():
+                    result = await self.jobs.delete_many(
+                        {"_id": {"$in": ended}, "state": {"$in": _ENDED}}
+                    )
+                # Fewer: another replica deleted some meanwhile (for one id: exact).
+                ended = ended[: result.deleted_count]
+            await self._remove_remains(ids)
+        return ended
+
+    async def finish_deletions(self) -> int:
+        with _guard("finish_deletions"):
+            cursor = self.database[DELETIONS].find({}, {"_id": 1}).limit(500)
+            ids = [str(doc["_id"]) async for doc in cursor]
+            if ids:
+                await self._remove_remains(ids)
+        return len(ids)
+
+    async def _remove_remains(self, ids: list[str]) -> None:
+        """Steps (3)-(5) of delete_jobs for the marked `ids`. One still there has not
+        ended (another job of that id since: a late AuroraCloud report makes one):
+        its mark goes, nothing of it is touched."""
+        cursor = self.jobs.find({"_id": {"$in": ids}}, {"_id": 1})
+        present = {str(doc["_id"]) async for doc in cursor}
+        gone = [i for i in ids if i not in present]
+        if gone:
+            files = self.files.find({"metadata.job_id": {"$in": gone}}, {"_id": 1})
+            for doc in await files.to_list():
+                await self._delete_file(doc["_id"])
+            async with self._writing():
+                await self.logs.delete_many({"job_id": {"$in": gone}})
+        async with self._writing():
+            await self.database[DELETIONS].delete_many({"_id": {"$in": ids}})
+
+    async def _deleted(self, job_id: str) -> bool:
+        """The job is gone, or being deleted."""
+        if await self.jobs.find_one({"_id": job_id}, {"_id": 1}) is None:
+            return True
+        return await self.database[DELETIONS].find_one({"_id": job_id}, {"_id": 1}) is not None
+
+    async def delete_unknown_logs(self, before_ns: int, limit: int) -> int:
+        if limit <= 0:
+            return 0
+        with _guard("delete_unknown_logs"):
+            cursor = (
+                self.logs.find(
+                    {"job_id": validation.UNKNOWN_JOB, "time_ns": {"$lt": before_ns}}, {"_id": 1}
+                )
+                .sort([("time_ns", ASCENDING)])
+                .limit(limit)
+            )
+            ids = [doc["_id"] async for doc in cursor]
+            if not ids:
+                return 0
+            async with self._writing():
+                result = await self.logs.delete_many({"_id": {"$in": ids}})
+            return int(result.deleted_count)
 
     async def _delete_file(self, file_id: ObjectId) -> None:
         """The files document first (that version vanishes at once), then its chunks.

@@ -4,6 +4,7 @@ A job is one bounded document:
 
     {_id, kind, state, lab, create_ns, seq, lease_expire_ns?,   # queryable copies
      stall_ns?,                                                # progress sweep due
+     end_ns?,                                                  # ended: retention counts
      token_hash, job,                                           # snapshot (protobuf bytes)
      ring: {"<seq % retention>": {s, k, e, w}}}                 # retained events
 
@@ -32,7 +33,7 @@ from bson import Binary
 
 from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, log_pb2
 
-from ..domain.events import stall_due_ns
+from ..domain.events import end_ns, stall_due_ns
 from ..domain.records import JobRecord
 
 Doc = dict[str, Any]
@@ -57,8 +58,13 @@ def lease_ns(job: job_pb2.Job) -> int | None:
 
 
 def snapshot_fields(job: job_pb2.Job) -> Doc:
-    """The fields a change rewrites (kind, labels and create time never change)."""
-    return {"state": job.state, "seq": job.sequence, "job": Binary(job.SerializeToString())}
+    """The fields a change rewrites (kind, labels and create time never change); an
+    ended job's end time, once (no state follows an ended one: never unset)."""
+    fields: Doc = {"state": job.state, "seq": job.sequence, "job": Binary(job.SerializeToString())}
+    ended = end_ns(job)
+    if ended is not None:
+        fields["end_ns"] = ended
+    return fields
 
 
 def job_document(record: JobRecord, ring: Mapping[str, RingEntry]) -> Doc:

@@ -159,6 +159,28 @@ class Store(Protocol):
 
     async def list_artifacts(self, job_id: str) -> list[artifact_pb2.Artifact]: ...
 
+    # Deleting (DeleteJob, JOBWIRE_JOB_RETENTION: service/retention.py). Readers see a
+    # job whole or not at all: the job and its events vanish in one step, before its
+    # artifacts and log lines; a deletion cut short (a crash) is finished by
+    # `finish_deletions`, so no artifact's bytes outlive their job.
+
+    async def ended_jobs(self, before_ns: int, limit: int) -> list[str]:
+        """Ids of up to `limit` jobs that ended (SUCCEEDED, FAILED, CANCELLED) before
+        `before_ns`, the longest ended first."""
+
+    async def delete_jobs(self, job_ids: Sequence[str]) -> list[str]:
+        """Deletes those of `job_ids` that have ended, with their retained events, log
+        lines and artifacts (their content too); the ids it deleted. A job that has not
+        ended, or is not there, is left alone."""
+
+    async def finish_deletions(self) -> int:
+        """Completes deletions cut short (artifact content, log lines of jobs already
+        gone); how many jobs' remains it removed."""
+
+    async def delete_unknown_logs(self, before_ns: int, limit: int) -> int:
+        """Deletes up to `limit` log lines of no job (`UNKNOWN`) timed before
+        `before_ns`, the oldest first; how many."""
+
     async def queue_depths(self) -> dict[int, int]:
         """Number of QUEUED jobs per kind (for metrics)."""
 
