@@ -45,6 +45,7 @@ from .job_locks import JobLocks, settled
 from .metrics import (
     COALESCED_DELIVERIES,
     EVENTS_APPLIED,
+    JOBS_DELETED,
     JOBS_STALL_FAILED,
     JOBS_STALLED,
     STREAM_GAPS,
@@ -198,6 +199,27 @@ class Jobs:
         validation.job_id(job_id, "id")
         change = await self._one(JobCommand(job_id, Cancel(validation.message(reason, "reason"))))
         return change.record.job if isinstance(change, Applied) else change.job
+
+    async def delete(self, job_id: str) -> job_service_pb2.DeleteJobResponse:
+        """Deletes an ended job with its events, logs and artifacts (DeleteJob)."""
+        validation.job_id(job_id, "id")
+        record = await self.store.get(job_id)
+        if record is None:
+            raise not_found(job_id)
+        if not record.terminal:
+            state = job_pb2.JobState.Name(record.job.state).removeprefix("JOB_STATE_")
+            raise DomainError(
+                Code.FAILED_PRECONDITION,
+                f"job {job_id!r} has not ended ({state}): only an ended job is deleted;"
+                " cancel it first",
+            )
+        # The store deletes it only as an ended job: terminal states are final, so
+        # nothing can have moved it back since the read.
+        if not await self.store.delete_jobs([job_id]):
+            raise not_found(job_id)  # deleted meanwhile (retention, another call)
+        JOBS_DELETED.labels("rpc").inc()
+        log.info("job %s deleted (DeleteJob)", job_id)
+        return job_service_pb2.DeleteJobResponse()
 
     async def claim(
         self, kind: int, worker_id: str, lease_ns: int

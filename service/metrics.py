@@ -19,6 +19,8 @@
 - jobwire_stream_gaps_total{stream}: gap announcements (WatchJob, WatchJobs, ListJobEvents)
 - jobwire_coalesced_deliveries_total{stream}: events delivered in place of several
   coalesced progress events (a slow watcher)
+- jobwire_jobs_deleted_total{reason}: ended jobs deleted with their events, logs and
+  artifacts, by DeleteJob (`rpc`) or by JOBWIRE_JOB_RETENTION (`retention`)
 - jobwire_firehose_append_failures: events this replica committed but could not append
   to the firehose log (MongoDB only; README "streams")
 """
@@ -97,6 +99,14 @@ COALESCED_DELIVERIES = Counter(
     "Events delivered in place of several coalesced progress events (slow watchers)",
     ["stream"],
 )
+
+JOBS_DELETED = Counter(
+    "jobwire_jobs_deleted",
+    "Ended jobs deleted with their events, logs and artifacts, by DeleteJob or retention",
+    ["reason"],
+)
+for _reason in ("rpc", "retention"):  # at 0 from the start, as STORAGE_ERRORS
+    JOBS_DELETED.labels(_reason)
 
 
 FIREHOSE_APPEND_FAILURES = Gauge(

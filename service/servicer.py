@@ -192,6 +192,12 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         return await self._jobs.cancel(request.id, request.reason)
 
     @unary
+    async def DeleteJob(
+        self, request: job_service_pb2.DeleteJobRequest, context: Context
+    ) -> job_service_pb2.DeleteJobResponse:
+        return await self._jobs.delete(request.id)
+
+    @unary
     async def ClaimJob(
         self, request: job_service_pb2.ClaimJobRequest, context: Context
     ) -> job_service_pb2.ClaimJobResponse:

@@ -56,6 +56,11 @@ class JobServiceStub:
                 request_serializer=jobwire_dot_v1_dot_job__service__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=jobwire_dot_v1_dot_job__pb2.Job.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/jobwire.v1.JobService/DeleteJob',
+                request_serializer=jobwire_dot_v1_dot_job__service__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=jobwire_dot_v1_dot_job__service__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
         self.ClaimJob = channel.unary_unary(
                 '/jobwire.v1.JobService/ClaimJob',
                 request_serializer=jobwire_dot_v1_dot_job__service__pb2.ClaimJobRequest.SerializeToString,
@@ -141,6 +146,20 @@ class JobServiceServicer:
 
     def CancelJob(self, request, context):
         """Moves a non-terminal job to CANCELLED. FAILED_PRECONDITION when terminal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteJob(self, request, context):
+        """Deletes a job that has ended (SUCCEEDED, FAILED or CANCELLED) with its
+        retained events, its log lines and its artifacts (their content too):
+        the job and its events vanish in one step, then the rest. FAILED_PRECONDITION
+        naming its state for a job that has not ended (cancel it first),
+        NOT_FOUND when there is none, INVALID_ARGUMENT for a malformed id. Not
+        idempotent: a repeat is NOT_FOUND. A later callback for the job finds no
+        job (a ReportEvent with `create_kind` makes a new one). The service's
+        JOBWIRE_JOB_RETENTION deletes every job that ended longer ago the same way.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -253,6 +272,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=jobwire_dot_v1_dot_job__service__pb2.CancelJobRequest.FromString,
                     response_serializer=jobwire_dot_v1_dot_job__pb2.Job.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=jobwire_dot_v1_dot_job__service__pb2.DeleteJobRequest.FromString,
+                    response_serializer=jobwire_dot_v1_dot_job__service__pb2.DeleteJobResponse.SerializeToString,
             ),
             'ClaimJob': grpc.unary_unary_rpc_method_handler(
                     servicer.ClaimJob,
@@ -418,6 +442,33 @@ class JobService:
             '/jobwire.v1.JobService/CancelJob',
             jobwire_dot_v1_dot_job__service__pb2.CancelJobRequest.SerializeToString,
             jobwire_dot_v1_dot_job__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobwire.v1.JobService/DeleteJob',
+            jobwire_dot_v1_dot_job__service__pb2.DeleteJobRequest.SerializeToString,
+            jobwire_dot_v1_dot_job__service__pb2.DeleteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,16 @@ class JobServiceStub:
     """Lists jobs, oldest first, filtered by state, kind and labels."""
     CancelJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.CancelJobRequest, _job_pb2.Job]
     """Moves a non-terminal job to CANCELLED. FAILED_PRECONDITION when terminal."""
+    DeleteJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.DeleteJobRequest, _job_service_pb2.DeleteJobResponse]
+    """Deletes a job that has ended (SUCCEEDED, FAILED or CANCELLED) with its
+    retained events, its log lines and its artifacts (their content too):
+    the job and its events vanish in one step, then the rest. FAILED_PRECONDITION
+    naming its state for a job that has not ended (cancel it first),
+    NOT_FOUND when there is none, INVALID_ARGUMENT for a malformed id. Not
+    idempotent: a repeat is NOT_FOUND. A later callback for the job finds no
+    job (a ReportEvent with `create_kind` makes a new one). The service's
+    JOBWIRE_JOB_RETENTION deletes every job that ended longer ago the same way.
+    """
     ClaimJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ClaimJobRequest, _job_service_pb2.ClaimJobResponse]
     """Atomically hands the oldest QUEUED job of a kind to a worker: it becomes
     RUNNING with a lease. The response has no job when none is queued.
@@ -96,6 +106,16 @@ class JobServiceAsyncStub(JobServiceStub):
     """Lists jobs, oldest first, filtered by state, kind and labels."""
     CancelJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.CancelJobRequest, _job_pb2.Job]  # type: ignore[assignment]
     """Moves a non-terminal job to CANCELLED. FAILED_PRECONDITION when terminal."""
+    DeleteJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.DeleteJobRequest, _job_service_pb2.DeleteJobResponse]  # type: ignore[assignment]
+    """Deletes a job that has ended (SUCCEEDED, FAILED or CANCELLED) with its
+    retained events, its log lines and its artifacts (their content too):
+    the job and its events vanish in one step, then the rest. FAILED_PRECONDITION
+    naming its state for a job that has not ended (cancel it first),
+    NOT_FOUND when there is none, INVALID_ARGUMENT for a malformed id. Not
+    idempotent: a repeat is NOT_FOUND. A later callback for the job finds no
+    job (a ReportEvent with `create_kind` makes a new one). The service's
+    JOBWIRE_JOB_RETENTION deletes every job that ended longer ago the same way.
+    """
     ClaimJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ClaimJobRequest, _job_service_pb2.ClaimJobResponse]  # type: ignore[assignment]
     """Atomically hands the oldest QUEUED job of a kind to a worker: it becomes
     RUNNING with a lease. The response has no job when none is queued.
@@ -167,6 +187,22 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_job_pb2.Job, _abc.Awaitable[_job_pb2.Job]]:
         """Moves a non-terminal job to CANCELLED. FAILED_PRECONDITION when terminal."""
+
+    @_abc_1.abstractmethod
+    def DeleteJob(
+        self,
+        request: _job_service_pb2.DeleteJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.DeleteJobResponse, _abc.Awaitable[_job_service_pb2.DeleteJobResponse]]:
+        """Deletes a job that has ended (SUCCEEDED, FAILED or CANCELLED) with its
+        retained events, its log lines and its artifacts (their content too):
+        the job and its events vanish in one step, then the rest. FAILED_PRECONDITION
+        naming its state for a job that has not ended (cancel it first),
+        NOT_FOUND when there is none, INVALID_ARGUMENT for a malformed id. Not
+        idempotent: a repeat is NOT_FOUND. A later callback for the job finds no
+        job (a ReportEvent with `create_kind` makes a new one). The service's
+        JOBWIRE_JOB_RETENTION deletes every job that ended longer ago the same way.
+        """
 
     @_abc_1.abstractmethod
     def ClaimJob(
