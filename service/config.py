@@ -186,6 +186,10 @@ class Settings:
     # Streams (README "streams"): the firehose log's retention (0: no log) and the
     # per-kind progress deadline / stall failure defaults, as (JobKind, seconds).
     firehose_retention_seconds: float = 24 * 3600.0
+    # Jobs ended longer ago than this are deleted with their events, logs and artifacts
+    # (service/retention.py); 0: kept for ever. Swept this often, in batches.
+    job_retention_seconds: float = 0.0
+    job_retention_sweep_seconds: float = 60.0
     progress_deadlines: tuple[tuple[int, float], ...] = ()
     stall_fail_after: tuple[tuple[int, float], ...] = ()
     grpc_tls_cert: str = ""
@@ -227,6 +231,10 @@ class Settings:
             event_feed_max_docs=_int("JOBWIRE_EVENT_FEED_MAX_DOCS", 20_000, minimum=100),
             watch_resync_seconds=_float("JOBWIRE_WATCH_RESYNC_SECONDS", 10.0, above=True),
             firehose_retention_seconds=_duration("JOBWIRE_FIREHOSE_RETENTION", 24 * 3600.0),
+            job_retention_seconds=_duration("JOBWIRE_JOB_RETENTION", 0.0),
+            job_retention_sweep_seconds=_float(
+                "JOBWIRE_JOB_RETENTION_SWEEP_SECONDS", 60.0, above=True
+            ),
             progress_deadlines=_per_kind("JOBWIRE_PROGRESS_DEADLINE_"),
             stall_fail_after=_per_kind("JOBWIRE_STALL_FAIL_AFTER_"),
             grpc_tls_cert=os.environ.get("JOBWIRE_GRPC_TLS_CERT", ""),

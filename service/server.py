@@ -19,6 +19,7 @@ from .domain.errors import StorageUnavailable
 from .fanout import Fanout
 from .jobs import Jobs
 from .operations import Operations, start_operations, with_port
+from .retention import Retention
 from .security import server_credentials
 from .servicer import SERVICE, JobServicer, add_to_server
 from .store.factory import open_store
@@ -43,11 +44,15 @@ class RunningService:
     sweeper: asyncio.Task[None]
     ops: Operations | None = None
     workers: WatchWorkers | None = None
+    # JOBWIRE_JOB_RETENTION's sweep and its task (None: jobs are kept for ever).
+    retention: Retention | None = None
+    retention_sweeper: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float) -> None:
         """Stops accepting calls, lets in-flight ones finish, ends watch streams cleanly."""
         await self.health.enter_graceful_shutdown()
-        await stop_within([self.sweeper], SWEEPER_STOP_SECONDS)  # not waiting on PyMongo
+        # Not waiting on PyMongo; a delete cut short is finished by the next sweep.
+        await stop_within([self.sweeper, self.retention_sweeper], SWEEPER_STOP_SECONDS)
         if self.workers is not None:  # their watchers, too, resume elsewhere
             await self.workers.stop(grace)
         # Watchers get UNAVAILABLE after draining their buffers, so they reconnect
@@ -106,7 +111,26 @@ async def start(settings: Settings, store: Store | None = None) -> RunningServic
     sweeper = asyncio.get_running_loop().create_task(
         jobs.sweep_leases_forever(settings.lease_sweep_seconds), name="lease-sweeper"
     )
-    return RunningService(server, port, jobs, store, health_servicer, sweeper, ops, workers)
+    retention, retention_sweeper = None, None
+    if settings.job_retention_seconds > 0:
+        retention = Retention(
+            store, int(settings.job_retention_seconds * 1e9), settings.job_retention_sweep_seconds
+        )
+        retention_sweeper = asyncio.get_running_loop().create_task(
+            retention.run_forever(), name="retention-sweeper"
+        )
+    return RunningService(
+        server,
+        port,
+        jobs,
+        store,
+        health_servicer,
+        sweeper,
+        ops,
+        workers,
+        retention,
+        retention_sweeper,
+    )
 
 
 def corker_for(settings: Settings, port: int) -> Corker | None:

@@ -1,0 +1,203 @@
+"""Deleting ended jobs: JOBWIRE_JOB_RETENTION's sweep and DeleteJob (both stores).
+
+A deleted job goes with its retained events, its log lines and its artifacts, the
+artifacts' bytes too (files on disk, GridFS chunks); a job that has not ended is
+never deleted, however old; a job that ended recently is kept. Real services on
+loopback; the sweep runs every 50 ms, and the tests wait on completed sweeps, not time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from jobwire.v1 import job_pb2, job_service_pb2, log_pb2
+from service.retention import Retention
+from service.store.embedded import EmbeddedStore
+from service.store.mongo import MongoStore
+from tests.conftest import ServiceHandle, make_policy, open_test_store, start_service
+from tests.helpers import WAIT, completed, create, progress, until
+
+QUEUED, RUNNING = job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING
+RETENTION_S = 2.0
+MiB = 1024 * 1024
+CONTENT = bytes(range(256)) * (10 * 1024)  # 2.5 MiB: three chunks
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = WAIT) -> None:
+    """Polls a condition read over RPC until it holds, or fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)  # the polling interval of this waiter
+
+
+async def _gone(service: ServiceHandle, job_id: str) -> bool:
+    return not await _exists(service, job_id)
+
+
+def _swept_after(sweeps: Retention, low_ns: float, high_ns: float = float("inf")) -> bool:
+    """A sweep that began between the two clock times has completed."""
+    return any(low_ns < began < high_ns for began in sweeps.swept)
+
+
+async def _exists(service: ServiceHandle, job_id: str) -> bool:
+    try:
+        await service.stub.GetJob(job_service_pb2.GetJobRequest(id=job_id))
+    except grpc.aio.AioRpcError as err:
+        assert err.code() == grpc.StatusCode.NOT_FOUND, err
+        return False
+    return True
+
+
+async def _upload(service: ServiceHandle, job_id: str, name: str, data: bytes) -> None:
+    async def parts() -> AsyncIterator[job_service_pb2.UploadArtifactRequest]:
+        header = job_service_pb2.ArtifactHeader(job_id=job_id, name=name, size=len(data))
+        yield job_service_pb2.UploadArtifactRequest(header=header)
+        for start in range(0, len(data), MiB):
+            yield job_service_pb2.UploadArtifactRequest(data=data[start : start + MiB])
+
+    await service.stub.UploadArtifact(parts())
+
+
+async def _log(service: ServiceHandle, job_id: str, message: str, at_ns: int = 0) -> None:
+    entry = log_pb2.LogEntry(job_id=job_id, level=log_pb2.LOG_LEVEL_INFO, message=message)
+    if at_ns:
+        entry.time.FromNanoseconds(at_ns)
+    await service.stub.WriteLog(job_service_pb2.WriteLogRequest(entry=entry))
+
+
+async def _logs(service: ServiceHandle, job_id: str) -> list[str]:
+    reply = await service.stub.ListLogs(job_service_pb2.ListLogsRequest(job_id=job_id, limit=100))
+    return [e.message for e in reply.entries]
+
+
+async def _a_job_with_everything(service: ServiceHandle, job_id: str) -> None:
+    """A job with events, log lines and an artifact of several chunks, then ended."""
+    await create(service.stub, job_id=job_id)
+    await service.stub.ReportEvent(progress(job_id, 40))
+    await _log(service, job_id, f"{job_id} working")
+    await _upload(service, job_id, "out.bin", CONTENT)
+    await service.stub.ReportEvent(completed(job_id))
+
+
+class ArtifactBytes:
+    """Where a store keeps an artifact's content, looked at from outside the service."""
+
+    def __init__(self, service: ServiceHandle, tmp_path: Path) -> None:
+        self.store = service.running.store
+        self.tmp_path = tmp_path
+
+    async def stored(self, job_id: str) -> int:
+        """Bytes of `job_id`'s artifacts still stored (files / GridFS chunks)."""
+        if isinstance(self.store, EmbeddedStore):
+            directory = self.tmp_path / "data" / "artifacts"
+            directory /= hashlib.sha256(job_id.encode()).hexdigest()[:32]
+            return sum(f.stat().st_size for f in directory.glob("*")) if directory.is_dir() else 0
+        assert isinstance(self.store, MongoStore)
+        total = 0
+        async for doc in self.store.files.find({"metadata.job_id": job_id}, {"_id": 1}):
+            async for chunk in self.store.chunks.find({"files_id": doc["_id"]}, {"data": 1}):
+                total += len(chunk["data"])
+        # Chunks whose files document is gone count too: no orphan may stay.
+        return total + await self._orphan_chunks()
+
+    async def _orphan_chunks(self) -> int:
+        assert isinstance(self.store, MongoStore)
+        files = {doc["_id"] async for doc in self.store.files.find({}, {"_id": 1})}
+        orphans = 0
+        async for chunk in self.store.chunks.find({}, {"files_id": 1, "data": 1}):
+            if chunk["files_id"] not in files:
+                orphans += len(chunk["data"])
+        return orphans
+
+
+def _deleted_count(reason: str) -> float:
+    value = REGISTRY.get_sample_value("jobwire_jobs_deleted_total", {"reason": reason})
+    return value or 0.0
+
+
+@pytest.fixture
+async def retaining(
+    store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[ServiceHandle]:
+    """A service keeping ended jobs RETENTION_S seconds, sweeping every 50 ms."""
+    store = await open_test_store(store_kind, tmp_path, request, make_policy())
+    handle = await start_service(
+        store,
+        lease_sweep_seconds=0.05,
+        event_retention=16,
+        job_retention_seconds=RETENTION_S,
+        job_retention_sweep_seconds=0.05,
+    )
+    yield handle
+    await handle.close()
+
+
+def _sweeps(service: ServiceHandle) -> Retention:
+    retention = service.running.retention
+    assert retention is not None
+    return retention
+
+
+async def test_an_ended_job_past_the_retention_goes_with_everything_it_had(
+    retaining: ServiceHandle, tmp_path: Path
+) -> None:
+    service = retaining
+    sweeps = _sweeps(service)
+    bytes_of = ArtifactBytes(service, tmp_path)
+    before = _deleted_count("retention")
+    # As old as the ended one, but not ended: kept however old.
+    await create(service.stub, job_id="queued")
+    await create(service.stub, job_id="running")
+    await service.stub.ReportEvent(progress("running", 10))
+    await _a_job_with_everything(service, "old")
+    await _log(service, "UNKNOWN", "no job, long ago", at_ns=time.time_ns() - 3600 * 10**9)
+    old = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="old"))
+    assert old.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert await bytes_of.stored("old") == len(CONTENT)
+    assert await _logs(service, "old") == ["old working"]
+
+    await eventually(lambda: _gone(service, "old"))
+    # The job vanished first (MongoDB: then its artifacts and lines): the sweep that
+    # deleted it is over once a later one is.
+    gone_ns = time.time_ns()
+    await until(lambda: _swept_after(sweeps, gone_ns))
+    # Everything of it is gone: events, log lines, artifacts and their bytes.
+    for call in (
+        service.stub.ListJobEvents(job_service_pb2.ListJobEventsRequest(job_id="old")),
+        service.stub.ListArtifacts(job_service_pb2.ListArtifactsRequest(job_id="old")),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as gone:
+            await call
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    assert await service.running.store.events_after("old", 0) == []
+    assert await _logs(service, "old") == []
+    assert await bytes_of.stored("old") == 0
+    assert "no job, long ago" not in await _logs(service, "UNKNOWN")
+    assert _deleted_count("retention") >= before + 1
+
+    # The QUEUED and RUNNING jobs, created before "old" ended, are past the retention
+    # for a sweep that began this late: one completed, and they are still there.
+    deleted_ns = time.time_ns()
+    await until(lambda: _swept_after(sweeps, deleted_ns))
+    for job_id, state in (("queued", QUEUED), ("running", RUNNING)):
+        job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id=job_id))
+        assert job.state == state
+        assert job.create_time.ToNanoseconds() < sweeps.swept[-1] - RETENTION_S * 1e9
+
+    # A job that ended now is kept by the sweeps within the retention.
+    await _a_job_with_everything(service, "recent")
+    recent = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="recent"))
+    ended_ns = recent.end_time.ToNanoseconds()
+    await until(lambda: _swept_after(sweeps, ended_ns, ended_ns + RETENTION_S * 1e9))
+    assert await _exists(service, "recent")
+    assert await _logs(service, "recent") == ["recent working"]
+    assert await bytes_of.stored("recent") == len(CONTENT)
