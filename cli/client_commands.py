@@ -228,6 +228,18 @@ async def cancel(args: argparse.Namespace) -> int:
     return await _print(args, lambda c: c.cancel_job(args.job_id, args.reason))
 
 
+async def delete(args: argparse.Namespace) -> int:
+    """Prints `{"id": ..., "deleted": true}`: DeleteJob answers nothing more."""
+    async with _client(args) as client:
+        try:
+            await client.delete_job(args.job_id)
+        except JobwireError as err:
+            print(f"jobwire: {err.code.name}: {err.message}", file=sys.stderr)
+            return 1
+    print(_TERMINAL_UNSAFE.sub(_json_escape, json.dumps({"id": args.job_id, "deleted": True})))
+    return 0
+
+
 async def list_jobs(args: argparse.Namespace) -> int:
     filters: dict[str, Any] = {
         "states": args.state,

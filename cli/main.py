@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=lambda a: asyncio.run(client_commands.watch(a)))
 
-    jobs = sub.add_parser("jobs", help="create, get, list and cancel jobs").add_subparsers(
+    jobs = sub.add_parser("jobs", help="create, get, list, cancel and delete jobs").add_subparsers(
         metavar="ACTION", dest="action", required=True
     )
     p = jobs.add_parser("create", help="create a job; prints it with its callback token")
@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="", help="kept with the job and shown on it")
     add_target(p)
     p.set_defaults(func=lambda a: asyncio.run(client_commands.cancel(a)))
+    p = jobs.add_parser(
+        "delete",
+        help="delete a job that has ended, with its events, logs and artifacts; prints its id",
+    )
+    p.add_argument("job_id")
+    add_target(p)
+    p.set_defaults(func=lambda a: asyncio.run(client_commands.delete(a)))
     p = jobs.add_parser(
         "tail", help="print every job's events as they happen, one JSON line each (Ctrl-C ends)"
     )

@@ -258,6 +258,13 @@ class Client:
         request = job_service_pb2.CancelJobRequest(id=job_id, reason=reason)
         return await self._unary(self._stub.CancelJob, request, timeout, retry=False)
 
+    async def delete_job(self, job_id: str, *, timeout: float | None = None) -> None:
+        """Deletes a job that has ended, with its events, log lines and artifacts;
+        `FailedPrecondition` while it has not, `NotFound` when there is none. Not retried (a
+        repeat of an applied delete would report NOT_FOUND)."""
+        request = job_service_pb2.DeleteJobRequest(id=job_id)
+        await self._unary(self._stub.DeleteJob, request, timeout, retry=False)
+
     async def claim_job(
         self,
         kind: Kind,
