@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sqlite3
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -18,14 +20,18 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from jobwire.v1 import job_pb2, job_service_pb2, log_pb2
+from jobwire.v1 import artifact_pb2, job_pb2, job_service_pb2, log_pb2
+from service.domain import events
+from service.domain.records import Applied, JobCommand, Report
 from service.retention import Retention
 from service.store.embedded import EmbeddedStore
-from service.store.mongo import MongoStore
+from service.store.mongo import DELETIONS, MongoStore
+from service.store.port import Store
 from tests.conftest import ServiceHandle, make_policy, open_test_store, start_service
 from tests.helpers import WAIT, completed, create, progress, until
 
 QUEUED, RUNNING = job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING
+GENERIC = job_pb2.JOB_KIND_GENERIC
 RETENTION_S = 2.0
 MiB = 1024 * 1024
 CONTENT = bytes(range(256)) * (10 * 1024)  # 2.5 MiB: three chunks
@@ -201,3 +207,181 @@ async def test_an_ended_job_past_the_retention_goes_with_everything_it_had(
     assert await _exists(service, "recent")
     assert await _logs(service, "recent") == ["recent working"]
     assert await bytes_of.stored("recent") == len(CONTENT)
+
+
+async def _code(call: Awaitable[object]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call
+    return refused.value.code(), refused.value.details() or ""
+
+
+def _delete(service: ServiceHandle, job_id: str) -> Awaitable[object]:
+    return service.stub.DeleteJob(job_service_pb2.DeleteJobRequest(id=job_id))
+
+
+async def test_delete_job_deletes_an_ended_job_and_refuses_the_rest(
+    service: ServiceHandle, tmp_path: Path
+) -> None:
+    bytes_of = ArtifactBytes(service, tmp_path)
+    before = _deleted_count("rpc")
+    await create(service.stub, job_id="d-1")
+    code, details = await _code(_delete(service, "d-1"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "QUEUED" in details, details
+    await service.stub.ReportEvent(progress("d-1", 10))
+    code, details = await _code(_delete(service, "d-1"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "RUNNING" in details, details
+    await _log(service, "d-1", "d-1 working")
+    await _upload(service, "d-1", "out.bin", CONTENT)
+    assert await _exists(service, "d-1") and await bytes_of.stored("d-1") == len(CONTENT)
+
+    await service.stub.CancelJob(job_service_pb2.CancelJobRequest(id="d-1", reason="done"))
+    assert await _delete(service, "d-1") == job_service_pb2.DeleteJobResponse()
+    assert not await _exists(service, "d-1")
+    assert await _logs(service, "d-1") == []
+    assert await bytes_of.stored("d-1") == 0
+    assert await service.running.store.events_after("d-1", 0) == []
+    assert _deleted_count("rpc") == before + 1
+
+    assert (await _code(_delete(service, "d-1")))[0] == grpc.StatusCode.NOT_FOUND
+    assert (await _code(_delete(service, "never")))[0] == grpc.StatusCode.NOT_FOUND
+    for bad in ("", "a/b", "x" * 129):
+        code, details = await _code(_delete(service, bad))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "id" in details, (bad, details)
+    # A late callback finds no job; nor does a late upload, which stores nothing.
+    code, _ = await _code(service.stub.ReportEvent(completed("d-1", key="late")))
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, _ = await _code(_upload(service, "d-1", "late.bin", b"late"))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert await bytes_of.stored("d-1") == 0
+
+
+async def test_an_upload_that_ends_after_its_job_was_deleted_stores_nothing(
+    service: ServiceHandle, tmp_path: Path
+) -> None:
+    """The job is deleted while an upload to it runs (after the service checked the job):
+    the content is not kept for a job that is gone."""
+    bytes_of = ArtifactBytes(service, tmp_path)
+    await create(service.stub, job_id="u-1")
+    await service.stub.ReportEvent(completed("u-1"))
+    sent_first = asyncio.Event()
+    finish = asyncio.Event()
+
+    async def parts() -> AsyncIterator[job_service_pb2.UploadArtifactRequest]:
+        header = job_service_pb2.ArtifactHeader(job_id="u-1", name="slow.bin", size=2)
+        yield job_service_pb2.UploadArtifactRequest(header=header)
+        yield job_service_pb2.UploadArtifactRequest(data=b"a")
+        sent_first.set()
+        await finish.wait()
+        yield job_service_pb2.UploadArtifactRequest(data=b"b")
+
+    upload = asyncio.ensure_future(service.stub.UploadArtifact(parts()))
+    await asyncio.wait_for(sent_first.wait(), WAIT)
+    await _delete(service, "u-1")
+    finish.set()
+    code, _ = await _code(upload)
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert await bytes_of.stored("u-1") == 0
+
+
+async def test_delete_job_needs_the_service_token(tmp_path: Path) -> None:
+    handle = await start_service(EmbeddedStore(tmp_path / "d", make_policy()), grpc_token="s3cr3t")
+    auth = (("authorization", "Bearer s3cr3t"),)
+    try:
+        await handle.stub.CreateJob(
+            job_service_pb2.CreateJobRequest(job=job_pb2.Job(kind=GENERIC), job_id="t-1"),
+            metadata=auth,
+        )
+        await handle.stub.CancelJob(job_service_pb2.CancelJobRequest(id="t-1"), metadata=auth)
+        request = job_service_pb2.DeleteJobRequest(id="t-1")
+        code, _ = await _code(handle.stub.DeleteJob(request))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        bad = (("authorization", "Bearer wrong"),)
+        code, _ = await _code(handle.stub.DeleteJob(request, metadata=bad))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        await handle.stub.DeleteJob(request, metadata=auth)
+        code, _ = await _code(
+            handle.stub.GetJob(job_service_pb2.GetJobRequest(id="t-1"), metadata=auth)
+        )
+        assert code == grpc.StatusCode.NOT_FOUND
+    finally:
+        await handle.close()
+
+
+async def _ended_with_artifact(store: Store, job_id: str) -> None:
+    """Through the store: an ended job with one artifact and one log line."""
+    record, _ = events.new_record(job_id, GENERIC, time.time_ns())
+    await store.create(record)
+    done = completed(job_id)
+    assert isinstance((await store.apply([JobCommand(job_id, Report(done))]))[0], Applied)
+
+    async def content() -> AsyncIterator[bytes]:
+        yield CONTENT
+
+    await store.put_artifact(artifact_pb2.Artifact(job_id=job_id, name="a.bin"), content())
+    await store.write_log(log_pb2.LogEntry(job_id=job_id, message="line"))
+
+
+async def test_a_mongodb_deletion_cut_short_is_finished(mongo_store: MongoStore) -> None:
+    """A crash after the mark and the job's document went, before its artifacts and
+    lines: the next finish_deletions() removes them. A mark for a job that has not
+    ended (a new job of that id) is dropped, the job left whole."""
+    store = mongo_store
+    await _ended_with_artifact(store, "cut")
+    await store.database[DELETIONS].insert_one({"_id": "cut", "ns": time.time_ns()})
+    await store.jobs.delete_one({"_id": "cut"})
+    await _create_queued(store, "alive")
+    await store.database[DELETIONS].insert_one({"_id": "alive", "ns": time.time_ns()})
+    assert await store.list_artifacts("cut") != []
+
+    assert await store.finish_deletions() == 2
+    assert await store.list_artifacts("cut") == []
+    assert await store.chunks.count_documents({}) == 0
+    assert await store.list_logs("cut", 0, 10) == []
+    assert await store.database[DELETIONS].count_documents({}) == 0
+    assert await store.get("alive") is not None
+    assert await store.delete_jobs(["alive"]) == []  # not ended: left alone
+    assert await store.get("alive") is not None
+
+
+async def test_embedded_files_of_deleted_artifacts_are_removed_after_a_crash(
+    tmp_path: Path,
+) -> None:
+    """The transaction that deletes a job lists its files in artifact_trash; a crash
+    before they are removed leaves the rows there, and the next start removes them."""
+    store = EmbeddedStore(tmp_path / "data", make_policy())
+    await store.start()
+    await _ended_with_artifact(store, "cut")
+    files = list((tmp_path / "data" / "artifacts").glob("*/*"))
+    assert len(files) == 1
+
+    def crash_after_commit(conn: sqlite3.Connection) -> None:
+        with conn:  # delete_jobs' transaction, the process gone before the unlink
+            conn.execute("INSERT INTO artifact_trash SELECT path FROM artifacts")
+            for table in ("jobs", "events", "logs", "artifacts"):
+                conn.execute(f"DELETE FROM {table}")
+
+    await store._write(crash_after_commit)
+    await store.close()
+    assert files[0].exists()
+    store = EmbeddedStore(tmp_path / "data", make_policy())
+    await store.start()
+    try:
+        assert not files[0].exists() and not files[0].parent.exists()
+        assert (
+            await store._read(lambda c: c.execute("SELECT * FROM artifact_trash").fetchall()) == []
+        )
+    finally:
+        await store.close()
+
+
+async def _create_queued(store: Store, job_id: str) -> None:
+    record, _ = events.new_record(job_id, GENERIC, time.time_ns())
+    await store.create(record)
+
+
+@pytest.fixture
+async def mongo_store(mongo_uri: str) -> AsyncIterator[MongoStore]:
+    store = MongoStore(mongo_uri, policy=make_policy(), database=f"t_{uuid.uuid4().hex[:12]}")
+    await store.start()
+    yield store
+    await store.close()
