@@ -203,6 +203,25 @@ async def test_jobs_events_and_cancel(grpc_service: ServiceHandle) -> None:
     assert code == 1 and "NOT_FOUND" in err
 
 
+async def test_jobs_delete(grpc_service: ServiceHandle) -> None:
+    """`jobs delete` deletes an ended job and prints its id; a job that has not ended
+    or is not there: exit 1, the status code named, nothing on stdout."""
+    target = grpc_service.target
+    async with Client(target) as c:
+        await c.create_job("GENERIC", job_id="del-cli")
+    code, out, err = await cli_result("jobs", "delete", "del-cli", "--target", target)
+    assert code == 1 and out == ""
+    assert "FAILED_PRECONDITION" in err and "QUEUED" in err
+    await cli_result("jobs", "cancel", "del-cli", "--target", target)
+    code, out, err = await cli_result("jobs", "delete", "del-cli", "--target", target)
+    assert code == 0, err
+    assert json.loads(out) == {"id": "del-cli", "deleted": True}
+    code, out, err = await cli_result("jobs", "delete", "del-cli", "--target", target)
+    assert code == 1 and "NOT_FOUND" in err and out == ""
+    code, out, _ = await cli_result("jobs", "--help")
+    assert "delete" in out
+
+
 async def test_cli_help_names_each_option_and_jobs_wants_an_action() -> None:
     code, out, err = await cli_result("jobs")
     assert code == 2 and "jobs: error: the following arguments are required: ACTION" in err

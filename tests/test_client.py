@@ -103,6 +103,24 @@ async def test_create_get_list_cancel(service: ServiceHandle) -> None:
         assert [j.id async for j in c.list_jobs(states=["CANCELLED"])] == ["c-1"]
 
 
+async def test_delete_job(service: ServiceHandle) -> None:
+    """delete_job deletes an ended job; the service's refusals come as their classes,
+    and a refused delete is not retried."""
+    async with client(service.target) as c:
+        await c.create_job("GENERIC", job_id="del-1")
+        with pytest.raises(FailedPrecondition, match="has not ended \\(QUEUED\\)"):
+            await c.delete_job("del-1")
+        await c.upload_artifact("del-1", "a.txt", b"bytes")
+        await c.cancel_job("del-1")
+        await c.delete_job("del-1")
+        with pytest.raises(NotFound):
+            await c.get_job("del-1")
+        with pytest.raises(NotFound):
+            await c.delete_job("del-1")
+        with pytest.raises(InvalidArgument, match="id must be"):
+            await c.delete_job("no/such")
+
+
 async def test_claim_report_complete_fail_and_events(service: ServiceHandle) -> None:
     async with client(service.target) as c:
         assert await c.claim_job("VIDEO", worker_id="w") is None  # nothing queued
