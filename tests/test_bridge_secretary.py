@@ -357,3 +357,14 @@ async def test_a_stored_content_type_no_header_can_carry_downloads_as_octet_stre
         assert r.headers["Content-Type"] == "application/octet-stream"
         assert r.headers["X-Content-Type-Options"] == "nosniff"
         assert await r.read() == b"<b>x</b>"
+
+
+async def test_a_deleted_job_s_late_callback_and_poll_are_404(bridge: Any, stub: Any) -> None:
+    """DeleteJob (or the retention) took the job: its worker's late callback and its
+    poll find no job (README "Retention")."""
+    job_id, auth = await new_job(stub)
+    assert (await bridge.post(path(job_id), FAILED, headers=auth))[0] == 200
+    await stub.DeleteJob(job_service_pb2.DeleteJobRequest(id=job_id))
+    late = {"phase": "finalizing", "progress": 95, "message": "late"}
+    assert (await bridge.post(path(job_id), late, headers=auth))[0] == 404
+    assert (await bridge.get(path(job_id), headers=auth))[0] == 404
