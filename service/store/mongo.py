@@ -1412,31 +1412,31 @@ class MongoStore:
                     ],
                     ordered=False,
                 )
-            # Which of them this call deletes: the ended ones there now.
-            cursor = self.jobs.find({"_id": {"$in": ids}, "state": {"$in": _ENDED}}, {"_id": 1})
-            ended = [str(doc["_id"]) async for doc in cursor]
-            if ended:
-                async with self._writing():
-                    result = await self.jobs.delete_many(
-                        {"_id": {"$in": ended}, "state": {"$in": _ENDED}}
-                    )
-                # Fewer: another replica deleted some meanwhile (for one id: exact).
-                ended = ended[: result.deleted_count]
-            await self._remove_remains(ids)
-        return ended
+            return await self._finish(ids)
 
     async def finish_deletions(self) -> int:
         with _guard("finish_deletions"):
             cursor = self.database[DELETIONS].find({}, {"_id": 1}).limit(500)
             ids = [str(doc["_id"]) async for doc in cursor]
             if ids:
-                await self._remove_remains(ids)
+                await self._finish(ids)
         return len(ids)
 
-    async def _remove_remains(self, ids: list[str]) -> None:
-        """Steps (3)-(5) of delete_jobs for the marked `ids`. One still there has not
-        ended (another job of that id since: a late AuroraCloud report makes one):
-        its mark goes, nothing of it is touched."""
+    async def _finish(self, ids: list[str]) -> list[str]:
+        """Steps (2)-(5) of delete_jobs for the marked `ids` (again, after a crash or
+        beside another replica doing the same: each step is idempotent); the ids whose
+        job this call deleted. A marked job still there that has not ended (another job
+        of that id since: a late AuroraCloud report makes one) loses its mark, nothing
+        else."""
+        cursor = self.jobs.find({"_id": {"$in": ids}, "state": {"$in": _ENDED}}, {"_id": 1})
+        ended = [str(doc["_id"]) async for doc in cursor]
+        if ended:
+            async with self._writing():
+                result = await self.jobs.delete_many(
+                    {"_id": {"$in": ended}, "state": {"$in": _ENDED}}
+                )
+            # Fewer: another replica deleted some meanwhile (for one id: exact).
+            ended = ended[: result.deleted_count]
         cursor = self.jobs.find({"_id": {"$in": ids}}, {"_id": 1})
         present = {str(doc["_id"]) async for doc in cursor}
         gone = [i for i in ids if i not in present]
@@ -1448,6 +1448,7 @@ class MongoStore:
                 await self.logs.delete_many({"job_id": {"$in": gone}})
         async with self._writing():
             await self.database[DELETIONS].delete_many({"_id": {"$in": ids}})
+        return ended
 
     async def _deleted(self, job_id: str) -> bool:
         """The job is gone, or being deleted."""
