@@ -317,6 +317,27 @@ async def cancel(request: web.Request) -> web.StreamResponse:
     raise web.HTTPSeeOther(page)
 
 
+@routes.post("/jobs/{job_id}/delete")
+async def delete(request: web.Request) -> web.StreamResponse:
+    """DeleteJob: an ended job with its events, logs and artifacts (README "Retention");
+    back to the list, where the job no longer is."""
+    await _check_csrf(request)
+    job_id = request.match_info["job_id"]
+    try:
+        await request.app[GRPC]().DeleteJob(
+            job_service_pb2.DeleteJobRequest(id=job_id), timeout=_timeout(request)
+        )
+    except grpc.aio.AioRpcError as err:
+        if err.code() == grpc.StatusCode.NOT_FOUND:  # deleted meanwhile: as asked
+            raise web.HTTPSeeOther("/jobs") from None
+        if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+            raise grpc_error(err) from None
+        state = present.state_name((await _get_job(request, job_id, False)).state)
+        message = f"job {job_id!r} has not ended ({state}): only an ended job can be deleted"
+        raise PageError(409, message, back=f"/jobs/{quote(job_id, safe='')}") from None
+    raise web.HTTPSeeOther("/jobs")
+
+
 @routes.get("/jobs/{job_id}/artifacts/{name}")
 async def download(request: web.Request) -> web.StreamResponse:
     """Streams an artifact chunk by chunk; never held whole in memory."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 
 from dashboard.present import iso
@@ -908,6 +909,55 @@ async def test_cancel_needs_the_csrf_token(
     )
     assert (await stub.GetJob(get)).state == job_pb2.JOB_STATE_CANCELLED
     assert await page.locator("#cancel").count() == 0
+
+
+async def test_an_ended_job_is_deleted_from_its_page(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """Delete job (DeleteJob) shows on an ended job's page, also when the job ends while
+    the page is open; it needs the page's CSRF token and a confirmation, and leads back
+    to the list. A job that has not ended cannot be deleted: 409 naming its state."""
+    stub = svc.stub
+    job_id = uid("delete")
+    await new_job(stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    assert not await page.is_visible("#delete button")
+    url = f"{dash.url}/jobs/{job_id}/delete"
+    csrf = await page.get_attribute("#delete input[name=csrf]", "value")
+    reply = await page.request.post(url, form={"csrf": "forged"}, max_redirects=0)
+    assert reply.status == 403
+    reply = await page.request.post(url, form={"csrf": csrf or ""}, max_redirects=0)
+    assert reply.status == 409
+    assert "has not ended (QUEUED)" in await reply.text()
+    get = job_service_pb2.GetJobRequest(id=job_id)
+    assert (await stub.GetJob(get)).state == job_pb2.JOB_STATE_QUEUED
+    # The job ends while the page is open: the button appears.
+    await stub.CancelJob(job_service_pb2.CancelJobRequest(id=job_id, reason="done"))
+    await page.wait_for_selector("#delete button", state="visible", timeout=WAIT_MS)
+    dismissed = asyncio.Event()
+
+    async def dismiss(dialog: Any) -> None:
+        await dialog.dismiss()
+        dismissed.set()
+
+    page.once("dialog", lambda d: asyncio.ensure_future(dismiss(d)))
+    await page.click("#delete button")
+    await asyncio.wait_for(dismissed.wait(), WAIT_MS / 1000)
+    await asyncio.sleep(0.3)  # a negative check: time for a request that must not be sent
+    assert (await stub.GetJob(get)).state == job_pb2.JOB_STATE_CANCELLED
+    page.once("dialog", lambda d: asyncio.ensure_future(d.accept()))
+    async with page.expect_navigation():
+        await page.click("#delete button")
+    assert page.url.endswith("/jobs")
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await stub.GetJob(get)
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    shown = await page.eval_on_selector_all("#jobs tbody tr", "rs => rs.map(r => r.dataset.job)")
+    assert job_id not in shown
+    # Deleted already (another tab, the retention): the list, not an error.
+    reply = await page.request.post(url, form={"csrf": csrf or ""}, max_redirects=0)
+    assert (reply.status, reply.headers["location"]) == (303, "/jobs")
 
 
 # -- paging and filters ---------------------------------------------------------

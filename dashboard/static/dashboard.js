@@ -406,6 +406,8 @@ function jobPage() {
     if (job.updated) $("#updated").replaceChildren(timeNode(job.updated));
     if (TERMINAL.includes(job.state)) {
       $("#cancel")?.remove();
+      const remove = $("#delete");
+      if (remove) remove.hidden = false;
       const since = $("#duration .elapsed")?.dataset.since;
       if (since && job.updated) {
         const seconds = job.duration ?? (Date.parse(job.updated) - Date.parse(since)) / 1000;
@@ -507,10 +509,9 @@ function jobPage() {
   const url = () => `/events/jobs/${encodeURIComponent(jobId)}?from=${lastSeq}`;
   stream(url, { snapshot: (job) => showHead(job), events, gap });
 
-  const cancel = $("#cancel");
-  if (cancel) {
-    cancel.addEventListener("submit", (ev) => {
-      if (!window.confirm(cancel.dataset.confirm)) ev.preventDefault();
+  for (const form of [$("#cancel"), $("#delete")]) {
+    form?.addEventListener("submit", (ev) => {
+      if (!window.confirm(form.dataset.confirm)) ev.preventDefault();
     });
   }
   // A pick with the pointer applies at once. From the keyboard every arrow key is a
