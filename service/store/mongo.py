@@ -375,6 +375,7 @@ class MongoStore:
         self._log_pruned = 0.0
         self._log_pruning: asyncio.Future[None] | None = None
         self._orphan_sweeping: asyncio.Task[None] | None = None
+        self._log_kinds: asyncio.Task[None] | None = None
         self._uploading: set[ObjectId] = set()
         # The newest artifact of a name is the one stored last: its create_ns, made
         # strictly increasing here (two uploads stored in one clock tick keep their order).
@@ -529,10 +530,61 @@ class MongoStore:
                 await self.database[FIREHOSE_ORIGINS].update_one(
                     {"_id": self.origin}, {"$set": {"started_ns": time.time_ns()}}, upsert=True
                 )
+        if self._log_kinds is None or self._log_kinds.done():
+            self._log_kinds = asyncio.get_running_loop().create_task(
+                self._backfill_log_kinds_logged(), name="log-kind-backfill"
+            )
         if self._orphan_sweeping is None or self._orphan_sweeping.done():
             self._orphan_sweeping = asyncio.get_running_loop().create_task(
                 self._sweep_orphans_forever(), name="orphan-chunk-sweep"
             )
+
+    async def _backfill_log_kinds_logged(self) -> None:
+        try:
+            changed = await self.backfill_log_kinds()
+        except (pymongo.errors.PyMongoError, StorageUnavailable) as exc:  # next start retries
+            log.warning("log lines from before LogEntry.kind not updated: %s", exc)
+            return
+        if changed:
+            log.info("gave %d log lines from before LogEntry.kind their job's kind", changed)
+
+    async def log_kinds_backfilled(self) -> None:
+        """Waits for the start's `backfill_log_kinds` (tests)."""
+        if self._log_kinds is not None:
+            await asyncio.shield(self._log_kinds)
+
+    async def backfill_log_kinds(self, batch: int = 1000) -> int:
+        """Log lines written before LogEntry.kind have no `kind` field, so a ListLogs
+        by kind (the video worker's `GET /api/log`) never showed them. Each gets its
+        job's kind, a line of no job 0 (as the embedded store's migration does: it may
+        be any writer's). One pass over the jobs, `batch` ids per update, in the
+        background after a start; once every line has one, a start costs one find_one."""
+        missing: dict[str, Any] = {"kind": {"$exists": False}}
+        with _guard("log kinds"):
+            if await self.logs.find_one(missing, {"_id": 1}) is None:
+                return 0
+            changed = 0
+            pending: dict[int, list[str]] = {}
+            cursor = self.jobs.find({}, {"_id": 1, "kind": 1}).batch_size(batch)
+            async for doc in cursor:
+                ids = pending.setdefault(int(doc.get("kind", 0)), [])
+                ids.append(doc["_id"])
+                if len(ids) >= batch:
+                    changed += await self._set_log_kind(missing, ids, int(doc.get("kind", 0)))
+                    ids.clear()
+            for kind, ids in pending.items():
+                if ids:
+                    changed += await self._set_log_kind(missing, ids, kind)
+            async with self._writing():
+                rest = await self.logs.update_many(missing, {"$set": {"kind": 0}})
+            return changed + rest.modified_count
+
+    async def _set_log_kind(self, missing: dict[str, Any], ids: list[str], kind: int) -> int:
+        async with self._writing():
+            done = await self.logs.update_many(
+                {**missing, "job_id": {"$in": ids}}, {"$set": {"kind": kind}}
+            )
+        return done.modified_count
 
     async def _firehose_ttl(self) -> None:
         """Expires log entries after the retention (the reads skip older ones anyway,
@@ -626,7 +678,9 @@ class MongoStore:
         ]
 
     async def close(self) -> None:
-        await stop_within([self._log_pruning, self._orphan_sweeping], HOUSEKEEPING_STOP_S)
+        await stop_within(
+            [self._log_pruning, self._orphan_sweeping, self._log_kinds], HOUSEKEEPING_STOP_S
+        )
         if self._client is not None:
             client, self._client, self._db = self._client, None, None
             await client.close()
