@@ -862,6 +862,27 @@ async def test_xss_payloads_render_as_text_and_run_nothing(
 # -- cancel ---------------------------------------------------------------------
 
 
+async def decline(page: Any, button: str) -> None:
+    """Clicks `button` and dismisses its confirmation: nothing may be sent."""
+    dismissed = asyncio.Event()
+
+    async def dismiss(dialog: Any) -> None:
+        await dialog.dismiss()
+        dismissed.set()
+
+    page.once("dialog", lambda d: asyncio.ensure_future(dismiss(d)))
+    await page.click(button)
+    await asyncio.wait_for(dismissed.wait(), WAIT_MS / 1000)
+    await asyncio.sleep(0.3)  # a negative check: time for a request that must not be sent
+
+
+async def confirm(page: Any, button: str) -> None:
+    """Clicks `button`, accepts its confirmation and waits for the page it leads to."""
+    page.once("dialog", lambda d: asyncio.ensure_future(d.accept()))
+    async with page.expect_navigation():
+        await page.click(button)
+
+
 async def test_cancel_needs_the_csrf_token(
     dash: DashboardProcess, context: Any, svc: ServiceHandle
 ) -> None:
@@ -889,21 +910,10 @@ async def test_cancel_needs_the_csrf_token(
     assert (await stub.GetJob(get)).state == job_pb2.JOB_STATE_QUEUED
 
     # Declining the confirmation sends nothing.
-    dismissed = asyncio.Event()
-
-    async def dismiss(dialog: Any) -> None:
-        await dialog.dismiss()
-        dismissed.set()
-
-    page.once("dialog", lambda d: asyncio.ensure_future(dismiss(d)))
-    await page.click("#cancel button")
-    await asyncio.wait_for(dismissed.wait(), WAIT_MS / 1000)
-    await asyncio.sleep(0.3)  # a negative check: time for a request that must not be sent
+    await decline(page, "#cancel button")
     assert (await stub.GetJob(get)).state == job_pb2.JOB_STATE_QUEUED
     # With the page's own token, after confirming: cancelled.
-    page.once("dialog", lambda d: asyncio.ensure_future(d.accept()))
-    async with page.expect_navigation():
-        await page.click("#cancel button")
+    await confirm(page, "#cancel button")
     await page.wait_for_function(
         "() => document.querySelector('#job').dataset.state === 'CANCELLED'", timeout=WAIT_MS
     )
@@ -935,20 +945,9 @@ async def test_an_ended_job_is_deleted_from_its_page(
     # The job ends while the page is open: the button appears.
     await stub.CancelJob(job_service_pb2.CancelJobRequest(id=job_id, reason="done"))
     await page.wait_for_selector("#delete button", state="visible", timeout=WAIT_MS)
-    dismissed = asyncio.Event()
-
-    async def dismiss(dialog: Any) -> None:
-        await dialog.dismiss()
-        dismissed.set()
-
-    page.once("dialog", lambda d: asyncio.ensure_future(dismiss(d)))
-    await page.click("#delete button")
-    await asyncio.wait_for(dismissed.wait(), WAIT_MS / 1000)
-    await asyncio.sleep(0.3)  # a negative check: time for a request that must not be sent
+    await decline(page, "#delete button")
     assert (await stub.GetJob(get)).state == job_pb2.JOB_STATE_CANCELLED
-    page.once("dialog", lambda d: asyncio.ensure_future(d.accept()))
-    async with page.expect_navigation():
-        await page.click("#delete button")
+    await confirm(page, "#delete button")
     assert page.url.endswith("/jobs")
     with pytest.raises(grpc.aio.AioRpcError) as gone:
         await stub.GetJob(get)
