@@ -40,7 +40,11 @@ class Auth:
         self._header = config.trusted_user_header
         self._ttl = config.session_seconds
         seed = self._token or secrets.token_bytes(32)  # proxy-only: per-process key
-        self._key = hmac.new(seed, b"jobwire-dashboard-session-v1", hashlib.sha256).digest()
+        # One key per use: with one key for both, the CSRF token of a trusted-header user
+        # named "x.99999999999" was a valid session cookie ("csrf:user:x" + an expiry in
+        # the year 5138), which then worked without the proxy's header.
+        self._session_key = hmac.new(seed, b"jobwire-dashboard-session-v1", hashlib.sha256).digest()
+        self._csrf_key = hmac.new(seed, b"jobwire-dashboard-csrf-v1", hashlib.sha256).digest()
 
     @property
     def has_token(self) -> bool:
@@ -49,16 +53,17 @@ class Auth:
     def check_token(self, candidate: str) -> bool:
         return bool(self._token) and same_secret(_bytes(candidate), self._token)
 
-    def _sign(self, payload: str) -> str:
-        mac = hmac.new(self._key, _bytes(payload), hashlib.sha256).digest()
+    @staticmethod
+    def _sign(key: bytes, payload: str) -> str:
+        mac = hmac.new(key, _bytes(payload), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac).decode().rstrip("=")
 
     def new_session(self) -> str:
         payload = f"{secrets.token_urlsafe(18)}.{int(time.time()) + self._ttl}"
-        return f"{payload}.{self._sign(payload)}"
+        return f"{payload}.{self._sign(self._session_key, payload)}"
 
     def csrf_for(self, subject: str) -> str:
-        return self._sign("csrf:" + subject)
+        return self._sign(self._csrf_key, "csrf:" + subject)
 
     def principal(self, request: web.Request) -> Principal | None:
         """The caller, from (in order) the trusted proxy header, a Bearer token, the cookie."""
@@ -79,7 +84,7 @@ class Auth:
         session_id, _, expiry = payload.partition(".")
         if not (session_id and expiry.isascii() and expiry.isdigit() and signature):
             return None
-        if not same_secret(_bytes(signature), _bytes(self._sign(payload))):
+        if not same_secret(_bytes(signature), _bytes(self._sign(self._session_key, payload))):
             return None
         if int(expiry) < time.time():
             return None

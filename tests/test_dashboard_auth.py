@@ -115,6 +115,23 @@ async def test_forged_and_expired_cookies_are_refused(
                 assert r.status == 401, cookie
 
 
+async def test_a_csrf_token_is_never_a_session_cookie(
+    grpc_service: Any, http: aiohttp.ClientSession
+) -> None:
+    """Token and proxy header both set: a proxy user named "x.<digits>" got a CSRF token
+    that, sent as the cookie, was a session until the year 5138, without the header."""
+    cfg = config(grpc_service, token=TOKEN, trusted_user_header="X-Forwarded-User")
+    user = "mallory.99999999999"
+    async with serve(cfg) as url:
+        async with http.get(url + "/jobs", headers={"X-Forwarded-User": user}) as reply:
+            assert reply.status == 200
+            page = await reply.text()
+        csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        cookie = {"Cookie": f"{COOKIE}=csrf:user:{user}.{csrf}"}
+        async with http.get(url + "/api/jobs", headers=cookie) as reply:
+            assert reply.status == 401
+
+
 def test_make_run_generates_the_token_and_never_prints_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
