@@ -15,7 +15,7 @@ from markupsafe import Markup
 from http_bridge import connection_guard
 
 from . import present, sse, views
-from .auth import Auth
+from .auth import Auth, TooManyWrongTokens
 from .config import DashboardConfig
 from .grpc_client import AUTH, SETTINGS, PageError, channel_ctx
 
@@ -101,6 +101,11 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except PageError as err:
         return _error_page(request, err.status, err.message, err.json, err.back)
+    except TooManyWrongTokens as exc:  # a Bearer token from an address past its limit
+        message = f"too many wrong tokens from your address: retry in {exc.retry_after} s"
+        response = _error_page(request, 429, message, False)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     except web.HTTPException as exc:
         if exc.status not in ROUTER_ERRORS:
             raise  # redirects

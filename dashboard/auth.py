@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -19,10 +20,19 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from http_bridge.common import same_secret
+from http_bridge.edge import RateLimiter
 
 from .config import DashboardConfig
 
 COOKIE = "jobwire_session"
+
+
+class TooManyWrongTokens(Exception):
+    """The client's address has used up its wrong tokens: 429 with Retry-After."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"too many wrong tokens: retry in {retry_after} s")
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,10 @@ class Principal:
 
     name: str
     csrf: str
+
+
+# The caller, worked out once per request: a wrong Bearer token is counted once.
+_WHO: web.RequestKey[tuple[Principal | None]] = web.RequestKey("jobwire_principal")
 
 
 class Auth:
@@ -45,6 +59,9 @@ class Auth:
         # the year 5138), which then worked without the proxy's header.
         self._session_key = hmac.new(seed, b"jobwire-dashboard-session-v1", hashlib.sha256).digest()
         self._csrf_key = hmac.new(seed, b"jobwire-dashboard-csrf-v1", hashlib.sha256).digest()
+        self._wrong: RateLimiter | None = None
+        if config.login_rate > 0:
+            self._wrong = RateLimiter(config.login_rate, size=config.login_burst)
 
     @property
     def has_token(self) -> bool:
@@ -52,6 +69,21 @@ class Auth:
 
     def check_token(self, candidate: str) -> bool:
         return bool(self._token) and same_secret(_bytes(candidate), self._token)
+
+    def try_token(self, request: web.Request, candidate: str) -> bool:
+        """check_token, limited per client address: each wrong token draws on the
+        address's bucket, and while it is empty every token from there (the right one
+        too: else a 429 against a success would still tell a guess) is refused unread.
+        Sessions already open are not affected. Without it a guesser tried thousands of
+        tokens a second, by the login form or as Bearer tokens."""
+        key = b"wrong-token\0" + _bytes(request.remote or "")
+        if self._wrong is not None and (wait := self._wrong.take(key, peek=True)) > 0:
+            raise TooManyWrongTokens(max(1, math.ceil(wait)))
+        if self.check_token(candidate):
+            return True
+        if self._wrong is not None:
+            self._wrong.take(key)
+        return False
 
     @staticmethod
     def _sign(key: bytes, payload: str) -> str:
@@ -66,13 +98,20 @@ class Auth:
         return self._sign(self._csrf_key, "csrf:" + subject)
 
     def principal(self, request: web.Request) -> Principal | None:
-        """The caller, from (in order) the trusted proxy header, a Bearer token, the cookie."""
+        """The caller, from (in order) the trusted proxy header, a Bearer token, the cookie.
+        Raises TooManyWrongTokens for a Bearer token from an address past its limit."""
+        known = request.get(_WHO)
+        if known is None:
+            known = request[_WHO] = (self._principal(request),)
+        return known[0]
+
+    def _principal(self, request: web.Request) -> Principal | None:
         if self._header:
             user = request.headers.get(self._header, "").strip()
             if user and user.isprintable():  # not text (bytes, controls): nobody
                 return Principal(user, self.csrf_for("user:" + user))
         bearer = request.headers.get("Authorization", "")
-        if bearer.startswith("Bearer ") and self.check_token(bearer[7:].strip()):
+        if bearer.startswith("Bearer ") and self.try_token(request, bearer[7:].strip()):
             return Principal("token", "")
         cookie = request.cookies.get(COOKIE, "")
         if cookie and self._token:

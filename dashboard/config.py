@@ -12,7 +12,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from http_bridge.config import generate_missing, merged_env, number, parse_addr, public_url, whole
+from http_bridge.config import (
+    generate_missing,
+    merged_env,
+    number,
+    parse_addr,
+    parse_rate,
+    public_url,
+    whole,
+)
 
 TOKEN_VAR = "JOBWIRE_DASHBOARD_TOKEN"
 MIN_TOKEN_CHARS = 16  # below this a warning at start; the operator's choice still holds
@@ -39,6 +47,10 @@ class DashboardConfig:
     # head must be complete within this long; connections beyond the cap get 503.
     header_timeout_seconds: float = 10.0
     max_connections: int = 1024
+    # Wrong tokens (login form, Bearer) per client address: bursts of `login_burst`,
+    # then `login_rate` a second; past it 429 for every token from there. 0: off.
+    login_rate: float = 10 / 60
+    login_burst: float = 10.0
 
     @property
     def closed(self) -> bool:
@@ -81,6 +93,9 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
     host, port = parse_addr(
         merged.get("JOBWIRE_DASHBOARD_ADDR", "127.0.0.1:8081"), "JOBWIRE_DASHBOARD_ADDR"
     )
+    login_rate, login_burst = parse_rate(
+        merged.get("JOBWIRE_DASHBOARD_LOGIN_LIMIT", "10/min"), "JOBWIRE_DASHBOARD_LOGIN_LIMIT"
+    )
     return DashboardConfig(
         host=host,
         port=port,
@@ -92,6 +107,8 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
         heartbeat_seconds=number(merged, "JOBWIRE_DASHBOARD_HEARTBEAT_SECONDS", 15),
         header_timeout_seconds=number(merged, "JOBWIRE_DASHBOARD_HEADER_TIMEOUT_SECONDS", 10),
         max_connections=whole(merged, "JOBWIRE_DASHBOARD_MAX_CONNECTIONS", 1024),
+        login_rate=login_rate,
+        login_burst=login_burst,
     )
 
 

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobwire.v1 import job_pb2, job_service_pb2, log_pb2
 
 from . import present
-from .auth import COOKIE, Principal
+from .auth import COOKIE, Principal, TooManyWrongTokens
 from .grpc_client import AUTH, CHANNEL, GRPC, HUB, SETTINGS, PageError, grpc_error
 from .live import DEPTH_CAP
 from .query import list_request
@@ -76,16 +76,25 @@ async def login(request: web.Request) -> web.StreamResponse:
     form = await _form(request)
     token = str(form.get("token", ""))
     target = _safe_next(str(form.get("next", "")))
+    status, headers = 401, {}
     if not auth.has_token:
         error = "The dashboard is closed: set JOBWIRE_DASHBOARD_TOKEN to open it."
-    elif auth.check_token(token):
-        response = web.HTTPSeeOther(target)
-        auth.set_cookie(request, response, auth.new_session())
-        raise response
     else:
-        error = "Wrong token."
+        try:
+            right = auth.try_token(request, token)
+        except TooManyWrongTokens as exc:
+            error = f"Too many wrong tokens from your address: try again in {exc.retry_after} s."
+            status, headers = 429, {"Retry-After": str(exc.retry_after)}
+        else:
+            if right:
+                response = web.HTTPSeeOther(target)
+                auth.set_cookie(request, response, auth.new_session())
+                raise response
+            error = "Wrong token."
     context = {"next": target, "error": error}
-    return aiohttp_jinja2.render_template("login.html", request, context, status=401)
+    page = aiohttp_jinja2.render_template("login.html", request, context, status=status)
+    page.headers.update(headers)
+    return page
 
 
 @routes.post("/logout")

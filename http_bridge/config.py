@@ -232,7 +232,7 @@ def whole(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> 
     return int(raw)
 
 
-def parse_rate(value: str) -> tuple[float, float]:
+def parse_rate(value: str, name: str = "JOBWIRE_RATE_LIMIT") -> tuple[float, float]:
     """`JOBWIRE_RATE_LIMIT`, `N`, `N/s` or `N/min`: (requests per second per credential,
     the burst N, also for `N/min` whose rate per second is below 1); (0, 0) when off."""
     text = value.strip().lower()
@@ -244,9 +244,9 @@ def parse_rate(value: str) -> tuple[float, float]:
         burst = float(count)
         rate = burst / per[unit.strip()]
     except (ValueError, KeyError):
-        raise SystemExit(f"JOBWIRE_RATE_LIMIT must be N, N/s or N/min, got {value!r}") from None
+        raise SystemExit(f"{name} must be N, N/s or N/min, got {value!r}") from None
     if not 0 < rate < float("inf"):
-        raise SystemExit(f"JOBWIRE_RATE_LIMIT must be positive, got {value!r}")
+        raise SystemExit(f"{name} must be positive, got {value!r}")
     return rate, burst
 
 

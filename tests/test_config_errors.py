@@ -102,6 +102,8 @@ DASHBOARD = [
     ("JOBWIRE_DASHBOARD_ADDR", "localhost:port"),
     ("JOBWIRE_DASHBOARD_ADDR", "localhost"),  # it listened on 8081
     ("JOBWIRE_DASHBOARD_TRUSTED_USER_HEADER", "X-User: admin"),
+    ("JOBWIRE_DASHBOARD_LOGIN_LIMIT", "ten/min"),
+    ("JOBWIRE_DASHBOARD_LOGIN_LIMIT", "-5/min"),
     ("JOBWIRE_PUBLIC_URL", "jobs.example.com"),
 ]  # fmt: skip
 

@@ -132,6 +132,45 @@ async def test_a_csrf_token_is_never_a_session_cookie(
             assert reply.status == 401
 
 
+async def test_wrong_tokens_are_limited_per_client_address(
+    grpc_service: Any, http: aiohttp.ClientSession
+) -> None:
+    """Login form and Bearer alike: a guesser tried thousands of tokens a second. Past
+    the limit every token from that address is refused unread (the right one too, so a
+    429 tells nothing), sessions already open go on, other addresses are not affected."""
+    cfg = config(grpc_service, token=TOKEN, login_rate=3 / 60, login_burst=3)
+    async with serve(cfg) as url:
+        async with http.post(url + "/login", data={"token": TOKEN}, allow_redirects=False) as r:
+            assert r.status == 303
+            session = {"Cookie": f"{COOKIE}={r.cookies[COOKIE].value}"}
+        for guess in ("guess-1", "guess-2"):
+            async with http.post(url + "/login", data={"token": guess}) as reply:
+                assert reply.status == 401
+        async with http.get(url + "/api/jobs", headers={"Authorization": "Bearer g3"}) as reply:
+            assert reply.status == 401
+        async with http.post(url + "/login", data={"token": TOKEN}, allow_redirects=False) as r:
+            assert r.status == 429, "the right token too, once the address is past its limit"
+            assert 1 <= int(r.headers["Retry-After"]) <= 20
+            assert COOKIE not in r.cookies
+            assert "Too many wrong tokens" in await r.text()
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        async with http.get(url + "/api/jobs", headers=bearer) as reply:
+            assert reply.status == 429
+            assert "Retry-After" in reply.headers
+            assert "too many wrong tokens" in (await reply.json())["error"]
+        async with http.get(url + "/jobs", headers={"Authorization": "Bearer g4"}) as reply:
+            assert reply.status == 429
+            assert reply.content_type == "text/html"
+        async with http.get(url + "/api/jobs", headers=session) as reply:
+            assert reply.status == 200, "a session opened before goes on"
+        elsewhere = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+        async with (
+            aiohttp.ClientSession(connector=elsewhere) as other,
+            other.post(url + "/login", data={"token": TOKEN}, allow_redirects=False) as r,
+        ):
+            assert r.status == 303, "another address logs in"
+
+
 def test_make_run_generates_the_token_and_never_prints_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
