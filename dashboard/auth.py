@@ -42,6 +42,9 @@ class Principal:
 
     name: str
     csrf: str
+    # When its session ends (time.time()); a Bearer token or proxy user has none. An
+    # open stream ends then too (sse.py): it used to outlive its session for ever.
+    expires: float = math.inf
 
 
 # The caller, worked out once per request: a wrong Bearer token is counted once.
@@ -127,7 +130,7 @@ class Auth:
             return None
         if int(expiry) < time.time():
             return None
-        return Principal("session", self.csrf_for("session:" + session_id))
+        return Principal("session", self.csrf_for("session:" + session_id), int(expiry))
 
     def csrf_ok(self, principal: Principal, submitted: str) -> bool:
         if not principal.csrf:  # Bearer: not a browser's ambient credential

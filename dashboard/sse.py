@@ -22,6 +22,7 @@ from . import present
 from .grpc_client import GRPC, HUB, SETTINGS, PageError, grpc_error
 from .live import MARK, Change
 from .query import parse_kind
+from .views import principal
 
 RETRY_MS = 1000
 MAX_IDS = 500
@@ -65,6 +66,7 @@ async def jobs_stream(request: web.Request) -> web.StreamResponse:
         return head
     settings = request.app[SETTINGS]
     hub = request.app[HUB]
+    expires = principal(request).expires
     response = await _open(request)
     sub = hub.subscribe(kind, ids, new=request.query.get("new", "1") != "0", since=since)
     interval = settings.push_interval_seconds
@@ -73,7 +75,7 @@ async def jobs_stream(request: web.Request) -> web.StreamResponse:
     last_beat = time.monotonic()
     told = True  # what the tab was last told of the service (its page starts "live")
     try:
-        while True:
+        while time.time() < expires:  # the page's reconnect then hears 401
             if hub.connected != told:
                 told = hub.connected
                 await response.write(_frame("upstream", orjson.dumps({"connected": told})))
@@ -154,6 +156,7 @@ async def job_stream(request: web.Request) -> web.StreamResponse:
     job_id = request.match_info["job_id"]
     from_sequence = _from_sequence(request)
     settings = request.app[SETTINGS]
+    expires = principal(request).expires
     call = request.app[GRPC]().WatchJob(
         job_service_pb2.WatchJobRequest(id=job_id, from_sequence=from_sequence)
     )
@@ -213,7 +216,11 @@ async def job_stream(request: web.Request) -> web.StreamResponse:
                 if batch
                 else last_beat + settings.heartbeat_seconds - now
             )
+            due = min(due, expires - time.time())
             done, _ = await asyncio.wait({read}, timeout=max(due, 0))
+            if time.time() >= expires:  # the session ended: the page's reconnect hears 401
+                await flush()
+                break
             if read in done:
                 try:
                     item = read.result()

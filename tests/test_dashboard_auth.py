@@ -3,6 +3,7 @@ forged or expired cookies, CSRF for header-authenticated users, token generation
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import html
@@ -169,6 +170,33 @@ async def test_wrong_tokens_are_limited_per_client_address(
             other.post(url + "/login", data={"token": TOKEN}, allow_redirects=False) as r,
         ):
             assert r.status == 303, "another address logs in"
+
+
+async def test_an_open_stream_ends_with_its_session(
+    grpc_service: Any, http: aiohttp.ClientSession
+) -> None:
+    """A session lasts `session_seconds`, but a stream opened with it went on for ever
+    (heartbeats kept it open): a tab, or whoever held the cookie, kept watching."""
+    created = await grpc_service.stub.CreateJob(
+        job_service_pb2.CreateJobRequest(job=job_pb2.Job(kind=job_pb2.JOB_KIND_GENERIC))
+    )
+    cfg = config(grpc_service, token=TOKEN, session_seconds=2, heartbeat_seconds=0.2)
+    async with serve(cfg) as url:
+        async with http.post(url + "/login", data={"token": TOKEN}, allow_redirects=False) as r:
+            session = {"Cookie": f"{COOKIE}={r.cookies[COOKIE].value}"}
+
+        async def to_the_end(path: str) -> None:
+            async with http.get(url + path, headers=session) as reply:
+                assert reply.status == 200
+                async for _ in reply.content.iter_any():
+                    pass
+
+        async with asyncio.timeout(10):  # the session has at most 2 s left
+            await asyncio.gather(
+                to_the_end("/events/jobs"), to_the_end(f"/events/jobs/{created.job.id}")
+            )
+        async with http.get(url + "/events/jobs", headers=session) as reply:
+            assert reply.status == 401
 
 
 def test_make_run_generates_the_token_and_never_prints_it(
