@@ -8,7 +8,7 @@ GEN    := proto
 # protoc finds its mypy plugins (protoc-gen-mypy*) in the venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install lock lock-upgrade proto proto-check proto-lint proto-release run serve bridge test lint fmt bench faults ferretdb promtool image-check examples-node chromium tmux curl clean
+.PHONY: install lock lock-upgrade proto proto-check proto-lint proto-release run serve bridge test lint fmt bench faults ferretdb promtool image-check examples-node axe chromium tmux curl clean
 
 install: $(STAMP)
 
@@ -100,7 +100,11 @@ curl:
 examples-node:
 	@bash scripts/install-node-example.sh
 
-test: $(STAMP) ferretdb promtool examples-node chromium tmux curl
+# axe-core for the dashboard's accessibility test, exactly as tests/a11y/package-lock.json pins it.
+axe:
+	@bash scripts/install-axe.sh
+
+test: $(STAMP) ferretdb promtool examples-node axe chromium tmux curl
 	JOBWIRE_FERRETDB_BIN=$$(bash scripts/install-ferretdb.sh --path) \
 	JOBWIRE_PROMTOOL_BIN=$$(bash scripts/install-promtool.sh --path) \
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
