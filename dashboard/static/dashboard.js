@@ -94,6 +94,15 @@ function setLive(state, text) {
   node.textContent = text || state;
 }
 
+// Where the keyboard's focus goes when what has it is removed or replaced: left alone,
+// it fell to the top of the page. `node` is made focusable (from script only) if need be.
+function focusOn(node) {
+  if (!node.matches("a[href], button, input, select, [tabindex]")) node.tabIndex = -1;
+  node.focus();
+}
+
+const hasFocus = (node) => Boolean(node?.contains(document.activeElement));
+
 function stateCell(cell, state, stalled) {
   cell.replaceChildren(el("span", `badge state-${state}`, state));
   if (stalled) cell.append(" ", el("span", "badge stalled", "STALLED"));
@@ -289,7 +298,13 @@ function jobsPage() {
   };
 
   const drop = (id) => {
-    rows.get(id)?.remove();
+    const tr = rows.get(id);
+    if (hasFocus(tr)) {
+      // The next row's link (else the previous row's, else the table) has the focus.
+      const near = tr.nextElementSibling || tr.previousElementSibling;
+      focusOn(near ? $("a", near) : table);
+    }
+    tr?.remove();
     rows.delete(id);
     const at = live.indexOf(id);
     if (at >= 0) live.splice(at, 1);
@@ -405,9 +420,11 @@ function jobPage() {
     }
     if (job.updated) $("#updated").replaceChildren(timeNode(job.updated));
     if (TERMINAL.includes(job.state)) {
-      $("#cancel")?.remove();
       const remove = $("#delete");
       if (remove) remove.hidden = false;
+      // Cancel goes; Delete takes its place, for the keyboard too.
+      if (hasFocus($("#cancel")) && remove) focusOn($("button", remove));
+      $("#cancel")?.remove();
       const since = $("#duration .elapsed")?.dataset.since;
       if (since && job.updated) {
         const seconds = job.duration ?? (Date.parse(job.updated) - Date.parse(since)) / 1000;
@@ -457,7 +474,16 @@ function jobPage() {
         const page = new DOMParser().parseFromString(await reply.text(), "text/html");
         for (const id of ["details", "outcome", "artifacts-card"]) {
           const fresh = page.getElementById(id);
-          if (fresh) document.getElementById(id)?.replaceWith(document.adoptNode(fresh));
+          const shown = document.getElementById(id);
+          if (!fresh || !shown) continue;
+          const focused = hasFocus(shown) ? document.activeElement : null;
+          shown.replaceWith(document.adoptNode(fresh));
+          if (focused) {
+            // The same link (an artifact's) in the fresh section, else the section.
+            const href = focused.getAttribute("href");
+            const links = [...fresh.querySelectorAll("a[href]")];
+            focusOn(links.find((a) => a.getAttribute("href") === href) || fresh);
+          }
         }
         const message = page.getElementById("message");
         if (message) {
