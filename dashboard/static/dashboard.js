@@ -87,9 +87,11 @@ function durationCell(cell, created, seconds, ended) {
   tickElapsed();
 }
 
+// #live is a status region: what it says is announced. Saying it again (each retry of a
+// stream that stays down set "reconnecting…" anew) is left out.
 function setLive(state, text) {
   const node = $("#live");
-  if (!node) return;
+  if (!node || (node.dataset.state === state && node.textContent === (text || state))) return;
   node.dataset.state = state;
   node.textContent = text || state;
 }
