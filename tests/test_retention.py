@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from bson import Binary
 from prometheus_client import REGISTRY
 
 from jobwire.v1 import artifact_pb2, job_pb2, job_service_pb2, log_pb2
@@ -28,7 +29,7 @@ from service.store.embedded import EmbeddedStore
 from service.store.mongo import DELETIONS, MongoStore
 from service.store.port import Store
 from tests.conftest import ServiceHandle, make_policy, open_test_store, start_service
-from tests.helpers import WAIT, completed, create, progress, until
+from tests.helpers import WAIT, completed, create, failed, progress, until
 
 QUEUED, RUNNING = job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING
 GENERIC = job_pb2.JOB_KIND_GENERIC
@@ -385,3 +386,137 @@ async def mongo_store(mongo_uri: str) -> AsyncIterator[MongoStore]:
     await store.start()
     yield store
     await store.close()
+
+
+# -- stores written before jobs carried an end time --------------------------------
+
+HOUR_NS = 3600 * 10**9
+
+
+def _ended_long_ago(snapshot: bytes, ended_ns: int, with_end_time: bool) -> bytes:
+    """An ended job's snapshot as if it had ended at `ended_ns`; without its end time
+    (`with_end_time` False) as written before Job.end_time, ended when last updated."""
+    job = job_pb2.Job.FromString(snapshot)
+    job.update_time.FromNanoseconds(ended_ns)
+    if with_end_time:
+        job.end_time.FromNanoseconds(ended_ns)
+    else:
+        job.ClearField("end_time")
+    return job.SerializeToString()
+
+
+async def _before_end_times(service: ServiceHandle) -> None:
+    """The jobs of the older-store tests: two that ended an hour ago (one stored before
+    Job.end_time), one QUEUED and one RUNNING as old, one that ended just now."""
+    await _a_job_with_everything(service, "old-done")
+    await create(service.stub, job_id="old-failed")
+    await _log(service, "old-failed", "old-failed working")
+    await _upload(service, "old-failed", "out.bin", CONTENT)
+    await service.stub.ReportEvent(failed("old-failed"))
+    await create(service.stub, job_id="old-queued")
+    await create(service.stub, job_id="old-running")
+    await service.stub.ReportEvent(progress("old-running", 10))
+    await _a_job_with_everything(service, "recent")
+
+
+async def _check_end_times_were_added(service: ServiceHandle, tmp_path: Path) -> None:
+    """The first sweep of a service keeping jobs an hour: the jobs that ended an hour
+    ago went with everything they had; the others are there."""
+    sweeps = _sweeps(service)
+    bytes_of = ArtifactBytes(service, tmp_path)
+    await until(lambda: len(sweeps.swept) >= 1)
+    for job_id in ("old-done", "old-failed"):
+        assert not await _exists(service, job_id), job_id
+        assert await _logs(service, job_id) == []
+        assert await bytes_of.stored(job_id) == 0
+    for job_id, state in (("old-queued", QUEUED), ("old-running", RUNNING)):
+        job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id=job_id))
+        assert job.state == state
+    assert await _logs(service, "recent") == ["recent working"]
+    assert await bytes_of.stored("recent") == len(CONTENT)
+
+
+async def test_an_embedded_database_from_before_end_times_is_swept_too(tmp_path: Path) -> None:
+    """A database written before jobs.end_ns: its start fills the column for the jobs
+    that ended (from their snapshots: end_time, else the last update), so the
+    retention deletes those that ended long ago and keeps the rest."""
+    data = tmp_path / "data"
+    handle = await start_service(EmbeddedStore(data, make_policy()))
+    try:
+        await _before_end_times(handle)
+        recent = await handle.stub.GetJob(job_service_pb2.GetJobRequest(id="recent"))
+    finally:
+        await handle.close()
+    long_ago = time.time_ns() - HOUR_NS
+    with sqlite3.connect(data / "jobwire.sqlite3") as conn:  # back to the older schema
+        conn.execute("DROP INDEX jobs_ended")
+        conn.execute("ALTER TABLE jobs DROP COLUMN end_ns")
+        for job_id, with_end_time in (("old-done", True), ("old-failed", False)):
+            (snapshot,) = conn.execute(
+                "SELECT snapshot FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            conn.execute(
+                "UPDATE jobs SET snapshot = ? WHERE id = ?",
+                (_ended_long_ago(snapshot, long_ago, with_end_time), job_id),
+            )
+    conn.close()
+
+    handle = await start_service(
+        EmbeddedStore(data, make_policy()),
+        job_retention_seconds=3600 - 60,
+        job_retention_sweep_seconds=0.05,
+    )
+    try:
+        await _check_end_times_were_added(handle, tmp_path)
+        store = handle.running.store
+        assert isinstance(store, EmbeddedStore)
+        rows = await store._read(lambda c: c.execute("SELECT id, end_ns FROM jobs").fetchall())
+        assert dict(rows) == {
+            "old-queued": None,
+            "old-running": None,
+            "recent": recent.end_time.ToNanoseconds(),
+        }
+    finally:
+        await handle.close()
+
+
+async def test_mongodb_jobs_from_before_end_times_are_swept_too(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Job documents written before `end_ns` (no such field): the sweep gives the ended
+    ones theirs (from the snapshot: end_time, else the last update), deletes those
+    that ended long ago and keeps the rest."""
+    database = f"ends_{uuid.uuid4().hex[:12]}"
+    store = await open_test_store("mongo", tmp_path, request, make_policy(), database)
+    handle = await start_service(store)
+    try:
+        await _before_end_times(handle)
+        recent = await handle.stub.GetJob(job_service_pb2.GetJobRequest(id="recent"))
+        assert isinstance(store, MongoStore)
+        # Back to the older documents: no `end_ns` field; two ended an hour ago.
+        await store.jobs.update_many({}, {"$unset": {"end_ns": ""}})
+        long_ago = time.time_ns() - HOUR_NS
+        for job_id, with_end_time in (("old-done", True), ("old-failed", False)):
+            doc = await store.jobs.find_one({"_id": job_id}, {"job": 1})
+            assert doc is not None
+            snapshot = _ended_long_ago(bytes(doc["job"]), long_ago, with_end_time)
+            await store.jobs.update_one({"_id": job_id}, {"$set": {"job": Binary(snapshot)}})
+        assert await store.jobs.count_documents({"end_ns": {"$exists": True}}) == 0
+    finally:
+        await handle.close()
+
+    store = await open_test_store("mongo", tmp_path, request, make_policy(), database)
+    assert isinstance(store, MongoStore)
+    handle = await start_service(
+        store, job_retention_seconds=3600 - 60, job_retention_sweep_seconds=0.05
+    )
+    try:
+        await _check_end_times_were_added(handle, tmp_path)
+        ends = {doc["_id"]: doc.get("end_ns") async for doc in store.jobs.find({}, {"end_ns": 1})}
+        assert ends == {
+            "old-queued": None,
+            "old-running": None,
+            "recent": recent.end_time.ToNanoseconds(),
+        }
+    finally:
+        await handle.close()
