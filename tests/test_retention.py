@@ -9,6 +9,7 @@ loopback; the sweep runs every 50 ms, and the tests wait on completed sweeps, no
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import sqlite3
 import time
@@ -28,6 +29,15 @@ from service.retention import Retention
 from service.store.embedded import EmbeddedStore
 from service.store.mongo import DELETIONS, MongoStore
 from service.store.port import Store
+from tests.bridge_harness import (
+    BATCH_SECRET,
+    TEST_CONFIG,
+    TRANSCODE_TOKEN,
+    VIDEO_AUTH,
+    Bridge,
+    create_job,
+    running_bridge,
+)
 from tests.conftest import ServiceHandle, make_policy, open_test_store, start_service
 from tests.helpers import WAIT, completed, create, failed, progress, until
 
@@ -520,3 +530,113 @@ async def test_mongodb_jobs_from_before_end_times_are_swept_too(
         }
     finally:
         await handle.close()
+
+
+# -- late callbacks for a deleted job, through the bridge ----------------------------
+
+BATCH_PATH = "/api/batch-callback"
+NO_BATCH_JOB = {"error": "Projekt mit der angegebenen Job-ID nicht gefunden"}
+NO_VIDEO = {"error": "El video no existe"}
+TRANSCODE_PATH = "/api/transcode-callback"
+TRANSCODE_AUTH = {"Authorization": f"Bearer {TRANSCODE_TOKEN}"}
+
+
+@pytest.fixture
+async def bridged(service: ServiceHandle) -> AsyncIterator[tuple[Bridge, ServiceHandle]]:
+    """The real HTTP bridge in front of a service over each store."""
+    config = dataclasses.replace(TEST_CONFIG, service_target=service.target)
+    async with running_bridge(config) as bridge:
+        yield bridge, service
+
+
+async def _deleted(service: ServiceHandle, job_id: str) -> None:
+    await service.stub.DeleteJob(job_service_pb2.DeleteJobRequest(id=job_id))
+    assert not await _exists(service, job_id)
+
+
+async def test_a_deleted_job_s_late_batch_callback_is_404(
+    bridged: tuple[Bridge, ServiceHandle],
+) -> None:
+    """Also the verbatim retry of the callback that ended it: its idempotency key went
+    with the job (README "Retention")."""
+    bridge, service = bridged
+    await create_job(service.stub, job_pb2.JOB_KIND_BATCH, "b-1")
+    success = {
+        "jobId": "b-1",
+        "status": "success",
+        "outputKey": "out/b-1.mp4",
+        "callbackSecret": BATCH_SECRET,
+    }
+    assert (await bridge.post(BATCH_PATH, success))[0] == 200
+    await _deleted(service, "b-1")
+    failure = {**success, "status": "failed", "error": "late", "outputKey": None}
+    for late in (success, failure):
+        assert await bridge.post(BATCH_PATH, late) == (404, NO_BATCH_JOB)
+    assert not await _exists(service, "b-1")
+
+
+async def test_a_deleted_video_s_late_report_is_404_and_its_log_lines_are_kept(
+    bridged: tuple[Bridge, ServiceHandle],
+) -> None:
+    """A late report finds no video; a late log line is stored (README: only UNKNOWN
+    lines age out on their own) and, as an ERROR, fails nothing and makes no job."""
+    bridge, service = bridged
+    await create_job(service.stub, job_pb2.JOB_KIND_VIDEO, "v-1")
+    done = {"status": "success", "message": "hecho", "videoId": "v-1"}
+    key = {"Idempotency-Key": "v-1-done"}
+    assert await bridge.post("/api/report", done, headers={**VIDEO_AUTH, **key}) == (
+        200,
+        {"success": True},
+    )
+    await _deleted(service, "v-1")
+    late = {"status": "progress", "message": "tarde", "videoId": "v-1", "percent": 50}
+    assert await bridge.post("/api/report", late, headers=VIDEO_AUTH) == (404, NO_VIDEO)
+    retried = await bridge.post("/api/report", done, headers={**VIDEO_AUTH, **key})
+    assert retried == (404, NO_VIDEO)
+    for level in ("INFO", "ERROR"):
+        line = {
+            "level": level,
+            "message": f"tarde {level}",
+            "timestamp": "2023-05-01T12:00:00Z",
+            "videoId": "v-1",
+        }
+        assert await bridge.post("/api/log", line, headers=VIDEO_AUTH) == (200, {"success": True})
+    assert sorted(await _logs(service, "v-1")) == ["tarde ERROR", "tarde INFO"]
+    status, listed = await bridge.get("/api/log?limit=1000", headers=VIDEO_AUTH)
+    assert status == 200
+    assert {line["message"] for line in listed if line["videoId"] == "v-1"} == {
+        "tarde ERROR",
+        "tarde INFO",
+    }
+    assert not await _exists(service, "v-1")
+    assert (await bridge.get("/api/pending", headers=VIDEO_AUTH))[0] == 204
+
+
+async def test_a_deleted_transcode_job_s_late_notification_makes_a_new_job(
+    bridged: tuple[Bridge, ServiceHandle],
+) -> None:
+    """AuroraCloud's contract creates a job for an unknown task_id: a late (retried)
+    notification for a deleted job makes a new TRANSCODE job of that id, which is
+    deleted in turn once asked (README "Retention")."""
+    bridge, service = bridged
+    task = {"task_id": "a-1", "status": "succeeded", "output": "oss://b/a-1.mp4"}
+    notification = {"code": 0, "msg": "succeeded", "data": [task]}
+    assert await bridge.post(TRANSCODE_PATH, notification, headers=TRANSCODE_AUTH) == (
+        200,
+        {"ack": True},
+    )
+    first = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="a-1"))
+    await _deleted(service, "a-1")
+    assert await bridge.post(TRANSCODE_PATH, notification, headers=TRANSCODE_AUTH) == (
+        200,
+        {"ack": True},
+    )
+    again = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="a-1"))
+    assert (again.kind, again.state, again.sequence) == (
+        job_pb2.JOB_KIND_TRANSCODE,
+        job_pb2.JOB_STATE_SUCCEEDED,
+        1,
+    )
+    assert again.result.output_uri == "oss://b/a-1.mp4"
+    assert again.create_time.ToNanoseconds() > first.create_time.ToNanoseconds()
+    await _deleted(service, "a-1")
