@@ -24,7 +24,7 @@ from prometheus_client import REGISTRY
 
 from jobwire.v1 import artifact_pb2, job_pb2, job_service_pb2, log_pb2
 from service.domain import events
-from service.domain.records import Applied, JobCommand, Report
+from service.domain.records import Applied, JobCommand, Policy, Report
 from service.retention import Retention
 from service.store.embedded import EmbeddedStore
 from service.store.mongo import DELETIONS, MongoStore
@@ -640,3 +640,134 @@ async def test_a_deleted_transcode_job_s_late_notification_makes_a_new_job(
     assert again.result.output_uri == "oss://b/a-1.mp4"
     assert again.create_time.ToNanoseconds() > first.create_time.ToNanoseconds()
     await _deleted(service, "a-1")
+
+
+# -- a backlog swept while callbacks arrive ------------------------------------------
+
+BACKLOG = 250  # three of the sweep's batches
+LIVE = 4
+LIVE_EVENTS = 500  # at most, per live job: within the event retention below
+SWEEP_RETENTION_S = 0.5
+SWEEP_INTERVAL_S = 0.5  # the backlog's end times spread less: most go in one sweep
+
+
+async def _backlog_job(service: ServiceHandle, job_id: str, number: int) -> None:
+    """A RUNNING job with a log line and an artifact (every 100th one of three chunks)."""
+    await create(service.stub, job_id=job_id)
+    await service.stub.ReportEvent(progress(job_id, 50))
+    await _log(service, job_id, f"{job_id} working")
+    data = CONTENT if number % 100 == 0 else job_id.encode() * 100
+    await _upload(service, job_id, "out.bin", data)
+
+
+async def _all_artifact_bytes(store: Store, tmp_path: Path) -> int:
+    """Every artifact byte the store holds, whatever job it belongs to."""
+    if isinstance(store, EmbeddedStore):
+        directory = tmp_path / "data" / "artifacts"
+        return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+    assert isinstance(store, MongoStore)
+    total = 0
+    async for chunk in store.chunks.find({}, {"data": 1}):
+        total += len(chunk["data"])
+    total += await store.files.count_documents({})
+    return total + await store.database[DELETIONS].count_documents({})  # none unfinished
+
+
+async def test_a_backlog_swept_while_callbacks_arrive_loses_no_acknowledged_event(
+    store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Hundreds of jobs end within moments and the sweep deletes them in batches of a
+    hundred while Secretary callbacks for other jobs keep arriving through the bridge:
+    every acknowledged callback is a retained event of its job, in order, and nothing
+    of the deleted jobs stays (rows, log lines, artifact files or GridFS chunks)."""
+    policy = Policy(retention=LIVE_EVENTS + 12, lease_ns=60 * 10**9, max_attempts=3)
+    store = await open_test_store(store_kind, tmp_path, request, policy)
+    service = await start_service(
+        store,
+        event_retention=policy.retention,
+        job_retention_seconds=SWEEP_RETENTION_S,
+        job_retention_sweep_seconds=SWEEP_INTERVAL_S,
+    )
+    sweeps = _sweeps(service)
+    config = dataclasses.replace(TEST_CONFIG, service_target=service.target)
+    try:
+        async with running_bridge(config) as bridge:
+            semaphore = asyncio.Semaphore(16)
+
+            async def backlog_job(number: int) -> None:
+                async with semaphore:
+                    await _backlog_job(service, f"old-{number}", number)
+
+            await asyncio.gather(*(backlog_job(n) for n in range(BACKLOG)))
+            assert await _all_artifact_bytes(store, tmp_path) > 0
+
+            live: dict[str, str] = {}
+            for _ in range(LIVE):
+                created = await create_job(service.stub, job_pb2.JOB_KIND_EXTRACTION)
+                live[created.job.id] = created.callback_token
+            acked: dict[str, list[tuple[int, str]]] = {job_id: [] for job_id in live}
+            stop = asyncio.Event()
+
+            async def ingest(job_id: str, token: str) -> None:
+                auth = {"Authorization": f"Bearer {token}"}
+                while not stop.is_set() and len(acked[job_id]) < LIVE_EVENTS:
+                    message = f"{job_id} #{len(acked[job_id])}"
+                    body = {
+                        "phase": "work",
+                        "progress": len(acked[job_id]) % 100,
+                        "message": message,
+                    }
+                    status, answer = await bridge.post(
+                        f"/api/external/jobs/{job_id}", body, headers=auth
+                    )
+                    assert status == 200, answer
+                    acked[job_id].append((time.time_ns(), message))
+
+            workers = [asyncio.create_task(ingest(j, t)) for j, t in live.items()]
+            try:
+                # The backlog ends, while callbacks arrive (8 more in flight: FerretDB
+                # takes ~40 ms per job update, so a group commit of a hundred would
+                # pass the service's 5 s MongoDB operation timeout).
+                sent_ns = time.time_ns()  # each of them ended after this
+                ending = asyncio.Semaphore(8)
+
+                async def end(number: int) -> None:
+                    async with ending:
+                        await service.stub.ReportEvent(completed(f"old-{number}"))
+
+                await asyncio.gather(*(end(n) for n in range(BACKLOG)))
+                ended_ns = time.time_ns()  # and before this
+                # The sweep that began once the last of them was past the retention
+                # took all that remained; it is over once the next one began.
+                past_ns = ended_ns + SWEEP_RETENTION_S * 1e9
+                # FerretDB scans its collections for each step of a deletion: a
+                # sweep of a hundred jobs there took ~20 s.
+                await until(lambda: len([b for b in sweeps.swept if b > past_ns]) >= 2, 12 * WAIT)
+            finally:
+                stop.set()
+                await asyncio.gather(*workers)
+
+        listed = await service.stub.ListJobs(job_service_pb2.ListJobsRequest(page_size=1000))
+        assert sorted(job.id for job in listed.jobs) == sorted(live)
+        assert await _all_artifact_bytes(store, tmp_path) == 0
+        logs = await service.stub.ListLogs(job_service_pb2.ListLogsRequest(limit=1000))
+        assert [e.job_id for e in logs.entries] == []
+        # The backlog was deleted from the first sweep that may have found one of them
+        # past the retention until the end of the one that began after all were (the
+        # next one's start, less the interval).
+        sweeping_ns = min(b for b in sweeps.swept if b > sent_ns + SWEEP_RETENTION_S * 1e9)
+        swept_ns = sorted(b for b in sweeps.swept if b > past_ns)[1] - SWEEP_INTERVAL_S * 1e9
+        during = 0
+        for job_id, acks in acked.items():
+            reply = await service.stub.ListJobEvents(
+                job_service_pb2.ListJobEventsRequest(job_id=job_id, page_size=1000)
+            )
+            assert not reply.HasField("gap") and not reply.more
+            messages = [e.progress.message for e in reply.events]
+            assert messages == [message for _, message in acks], job_id
+            job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id=job_id))
+            assert (job.state, job.sequence) == (RUNNING, len(acks))
+            during += sum(1 for at, _ in acks if sweeping_ns < at < swept_ns)
+        assert during > 0  # callbacks were acknowledged while the backlog was deleted
+    finally:
+        await service.close()
