@@ -21,6 +21,8 @@
   coalesced progress events (a slow watcher)
 - jobwire_jobs_deleted_total{reason}: ended jobs deleted with their events, logs and
   artifacts, by DeleteJob (`rpc`) or by JOBWIRE_JOB_RETENTION (`retention`)
+- jobwire_retention_sweeps_total{result}: JOBWIRE_JOB_RETENTION sweeps of this replica
+  that completed (`ok`) or failed (`failed`; retried at the next tick)
 - jobwire_firehose_append_failures: events this replica committed but could not append
   to the firehose log (MongoDB only; README "streams")
 """
@@ -107,6 +109,15 @@ JOBS_DELETED = Counter(
 )
 for _reason in ("rpc", "retention"):  # at 0 from the start, as STORAGE_ERRORS
     JOBS_DELETED.labels(_reason)
+# A failing sweep was only a log line: jobs past the retention stayed, the store grew,
+# and no metric said so (the JobwireRetentionSweepFailing alert reads this).
+RETENTION_SWEEPS = Counter(
+    "jobwire_retention_sweeps",
+    "JOBWIRE_JOB_RETENTION sweeps of this replica, completed (ok) or failed",
+    ["result"],
+)
+for _result in ("ok", "failed"):  # at 0 from the start: increase() sees the first failure
+    RETENTION_SWEEPS.labels(_result)
 
 
 FIREHOSE_APPEND_FAILURES = Gauge(

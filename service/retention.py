@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from .domain.errors import DomainError
-from .metrics import JOBS_DELETED
+from .metrics import JOBS_DELETED, RETENTION_SWEEPS
 from .store.port import Store
 
 log = logging.getLogger("jobwire.retention")
@@ -66,11 +66,13 @@ class Retention:
             except Exception as err:  # the store away: the next tick tries again
                 if task is not None and task.cancelling():
                     return
+                RETENTION_SWEEPS.labels("failed").inc()
                 if not failing:
                     detail = err.message if isinstance(err, DomainError) else repr(err)
                     log.warning("retention sweep failed, retrying: %s", detail)
                 failing = True
             else:
+                RETENTION_SWEEPS.labels("ok").inc()
                 if failing:
                     log.info("retention sweep resumed")
                 failing = False

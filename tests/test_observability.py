@@ -4,10 +4,13 @@ again), and every metric either file names is one the code exports."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import subprocess
+import time
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -376,3 +379,84 @@ def test_the_storage_alert_fires_on_a_store_outage_as_the_service_exports_it(
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _counter_values(scrape: str, name: str, label: str) -> dict[str, float]:
+    """{label value: sample} of one labelled counter in a Prometheus text scrape."""
+    pattern = rf'^{name}_total\{{[^}}]*{label}="(\w+)"[^}}]*\}} (\S+)$'
+    return {value: float(sample) for value, sample in re.findall(pattern, scrape, re.MULTILINE)}
+
+
+async def test_retention_sweeps_failed_and_jobs_deleted_are_in_a_live_scrape(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JOBWIRE_JOB_RETENTION's sweep failing was only a log line, once per outage: the
+    jobs past the retention stayed, the store grew, and no metric showed it. A real
+    service with the retention on, whose store cannot list ended jobs: its /metrics
+    (read over HTTP) counts failed sweeps and no completed one; once the store works,
+    completed sweeps, and the ended job deleted counted under `reason="retention"`."""
+    import aiohttp
+    from prometheus_client import REGISTRY
+
+    from service.store.embedded import EmbeddedStore
+    from tests.conftest import make_policy, start_service
+    from tests.helpers import WAIT, completed, create
+
+    store = EmbeddedStore(tmp_path / "data", make_policy())
+
+    async def broken(before_ns: int, limit: int) -> list[str]:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "ended_jobs", broken)
+    # The counters are the process's: what other tests counted, taken before any sweep.
+    before = {
+        (name, label, value): REGISTRY.get_sample_value(f"{name}_total", {label: value}) or 0.0
+        for name, label, value in (
+            ("jobwire_retention_sweeps", "result", "ok"),
+            ("jobwire_retention_sweeps", "result", "failed"),
+            ("jobwire_jobs_deleted", "reason", "retention"),
+        )
+    }
+    handle = await start_service(
+        store,
+        metrics_addr="127.0.0.1:0",
+        job_retention_seconds=0.2,
+        job_retention_sweep_seconds=0.05,
+    )
+    try:
+        port = handle.running.ops.metrics.port if handle.running.ops else 0
+        async with aiohttp.ClientSession() as http:
+
+            async def counted() -> dict[tuple[str, str, str], float]:
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as reply:
+                    assert reply.status == 200
+                    scrape = await reply.text()
+                now = {}
+                for name, label, value in before:
+                    now[(name, label, value)] = _counter_values(scrape, name, label)[value]
+                return {key: now[key] - before[key] for key in before}
+
+            async def until_counted(
+                ok: Callable[[dict[tuple[str, str, str], float]], bool],
+            ) -> dict[tuple[str, str, str], float]:
+                deadline = time.monotonic() + WAIT
+                while not ok(counts := await counted()):
+                    assert time.monotonic() < deadline, counts
+                    await asyncio.sleep(0.05)  # the polling interval of this waiter
+                return counts
+
+            sweeps = ("jobwire_retention_sweeps", "result")
+            failing = await until_counted(lambda c: c[(*sweeps, "failed")] >= 3)
+            assert failing[(*sweeps, "ok")] == 0, failing
+            assert handle.running.retention is not None
+            assert handle.running.retention.swept == []
+
+            await create(handle.stub, job_id="old")
+            await handle.stub.ReportEvent(completed("old"))
+            monkeypatch.undo()  # the store lists ended jobs again
+            deleted = ("jobwire_jobs_deleted", "reason", "retention")
+            working = await until_counted(lambda c: c[deleted] >= 1)
+            assert working[deleted] == 1, working
+            assert working[(*sweeps, "ok")] >= 1, working
+    finally:
+        await handle.close()
