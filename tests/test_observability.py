@@ -34,6 +34,7 @@ ALERTS = {
     "JobwireAckLatencyP99High": "jobwire_bridge_request_duration_seconds_bucket",
     "JobwireOldestQueuedJobTooOld": "jobwire_oldest_queued_job_age_seconds",
     "JobwireWatchersRefused": "jobwire_grpc_requests_total",
+    "JobwireRetentionSweepFailing": "jobwire_retention_sweeps_total",
 }
 DASHBOARD_METRICS = {
     "jobwire_bridge_callbacks_total",  # callbacks/s by contract and status
@@ -460,3 +461,70 @@ async def test_retention_sweeps_failed_and_jobs_deleted_are_in_a_live_scrape(
             assert working[(*sweeps, "ok")] >= 1, working
     finally:
         await handle.close()
+
+
+def _promtool_test(tmp_path: Path, tests: list[dict[str, Any]]) -> None:
+    doc = {"rule_files": [str(RULES)], "evaluation_interval": "1m", "tests": tests}
+    path = tmp_path / "alert-test.yaml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    result = subprocess.run(
+        [str(promtool()), "test", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_retention_alert_fires_only_when_every_sweep_fails(tmp_path: Path) -> None:
+    """`promtool test rules` on JobwireRetentionSweepFailing, one sweep a minute (the
+    default JOBWIRE_JOB_RETENTION_SWEEP_SECONDS). `broken`: every sweep fails from
+    minute 5 on; it fires once no sweep has completed for an hour (and the failures
+    went on for the rule's `for`). `flaky`: some sweeps fail, one in ten completes: no
+    alert. `off` (no JOBWIRE_JOB_RETENTION): both series stay at 0: no alert."""
+    sweeps = "jobwire_retention_sweeps_total"
+
+    def series(job: str, result: str, values: str) -> dict[str, str]:
+        return {"series": f'{sweeps}{{result="{result}", job="{job}"}}', "values": values}
+
+    flaky_ok = " ".join(str(i // 10) for i in range(150))  # one completed sweep in ten
+    flaky_failed = " ".join(str(i - i // 10) for i in range(150))
+    summary = "no retention sweep of jobwire (broken) completed in an hour; 3 or more failed"
+    (rule,) = [r for r in alert_rules() if r["alert"] == "JobwireRetentionSweepFailing"]
+    _promtool_test(
+        tmp_path,
+        [
+            {
+                "interval": "1m",
+                "input_series": [
+                    series("broken", "ok", "0+1x5 5+0x145"),
+                    series("broken", "failed", "0+0x5 1+1x145"),
+                    series("flaky", "ok", flaky_ok),
+                    series("flaky", "failed", flaky_failed),
+                    series("off", "ok", "0+0x150"),
+                    series("off", "failed", "0+0x150"),
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "30m",
+                        "alertname": "JobwireRetentionSweepFailing",
+                        "exp_alerts": [],
+                    },
+                    {
+                        "eval_time": "90m",
+                        "alertname": "JobwireRetentionSweepFailing",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "warning", "job": "broken"},
+                                "exp_annotations": {
+                                    "summary": summary,
+                                    "description": rule["annotations"]["description"],
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    )
