@@ -46,6 +46,8 @@ DASHBOARD_METRICS = {
     "jobwire_oldest_queued_job_age_seconds",
     "jobwire_storage_errors_total",
     "jobwire_jobs_stalled_total",
+    "jobwire_jobs_deleted_total",  # by reason: DeleteJob or the retention
+    "jobwire_retention_sweeps_total",  # completed and failed sweeps
 }
 
 # The part of Grafana's dashboard model (schemaVersion 39) an import relies on.
@@ -528,3 +530,13 @@ def test_the_retention_alert_fires_only_when_every_sweep_fails(tmp_path: Path) -
             }
         ],
     )
+
+
+def test_deletions_show_by_reason_and_sweeps_by_result() -> None:
+    """The deletions row: DeleteJob and the retention apart (an operator's deletes
+    against the sweep's), completed sweeps apart from failed ones."""
+    exprs = dashboard_exprs()
+    deleted = [e for e in exprs if "jobwire_jobs_deleted_total" in e]
+    sweeps = [e for e in exprs if "jobwire_retention_sweeps_total" in e]
+    assert any(re.search(r"by \(reason\)", e) for e in deleted), deleted
+    assert any(re.search(r"by \(result\)", e) for e in sweeps), sweeps
