@@ -5,7 +5,9 @@ plus `docker compose config -q` where the compose plugin exists) and the Dockerf
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -233,6 +235,70 @@ def test_kustomize_build_renders_valid_objects() -> None:
             assert re.fullmatch(r"\S+:\S+", containers(doc)[0]["image"])
 
 
+def env_example_values() -> dict[str, str]:
+    text = ENV_EXAMPLE.read_text(encoding="utf-8")
+    return dict(
+        line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#")
+    )
+
+
+def shipped_settings(source: str) -> dict[str, str]:
+    """The settings as shipped: the ConfigMap's data, or the compose env file as copied
+    from the example, its empty secrets filled in as the operator is told to."""
+    if source == "configmap":
+        return dict(find("ConfigMap", "jobwire-config")["data"])
+    values = env_example_values()
+    for secret in (*BRIDGE_SECRETS, "JOBWIRE_DASHBOARD_TOKEN", "JOBWIRE_GRPC_TOKEN"):
+        values[secret] = secrets.token_urlsafe(32)
+    return values
+
+
+def start_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """What the service, the bridge and the dashboard make of `env` at start; a value
+    one refuses ends the test as it would end the process (SystemExit)."""
+    from dashboard.config import load_config as dashboard_config
+    from http_bridge.config import load_config as bridge_config
+    from service.config import Settings
+
+    env = {**env, "JOBWIRE_ENV_FILE": str(tmp_path / "no-such.env")}
+    for name in list(os.environ):
+        if name.startswith("JOBWIRE_") or name in env:
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return Settings.from_env(), bridge_config(env), dashboard_config(env)
+
+
+@pytest.mark.parametrize("source", ["configmap", "env_example"])
+def test_retention_and_login_limit_are_shipped_off_and_documented(
+    source: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """README "Retention" and "Access": JOBWIRE_JOB_RETENTION (product default: kept for
+    ever) and JOBWIRE_DASHBOARD_LOGIN_LIMIT (off) are in the ConfigMap and in the
+    compose env file, off, with the value to set shown beside them. Off on purpose: a
+    deletion is for good and the first sweep deletes the whole backlog; behind an
+    Ingress the login limit would let one guesser hold up every login. Every process
+    starts with the settings as shipped, and with the documented values set instead."""
+    env = shipped_settings(source)
+    text = (K8S / "configmap.yaml" if source == "configmap" else ENV_EXAMPLE).read_text()
+    assert env["JOBWIRE_JOB_RETENTION"] == "off"
+    assert env["JOBWIRE_JOB_RETENTION_SWEEP_SECONDS"] == "60"
+    assert env["JOBWIRE_DASHBOARD_LOGIN_LIMIT"] == "off"
+    for documented in ('README "Retention"', "30d", 'README "Access"', "10/min"):
+        assert documented in text, documented
+
+    service, bridge, dashboard = start_settings(env, monkeypatch, tmp_path)
+    assert service.job_retention_seconds == 0  # kept for ever, as without the variable
+    assert service.job_retention_sweep_seconds == 60
+    assert dashboard.login_rate == 0 and dashboard.login_burst == 0
+    assert bridge.service_target == env.get("JOBWIRE_SERVICE_TARGET", bridge.service_target)
+
+    turned_on = {**env, "JOBWIRE_JOB_RETENTION": "30d", "JOBWIRE_DASHBOARD_LOGIN_LIMIT": "10/min"}
+    service, _, dashboard = start_settings(turned_on, monkeypatch, tmp_path)
+    assert service.job_retention_seconds == 30 * 86400
+    assert (dashboard.login_burst, dashboard.login_rate) == (10, 10 / 60)
+
+
 # ----------------------------------------------------------------------- compose
 
 
@@ -303,9 +369,7 @@ def test_compose_runs_a_replica_set_service_and_bridge() -> None:
 def test_env_example_names_every_secret_without_values() -> None:
     text = ENV_EXAMPLE.read_text(encoding="utf-8")
     assert "cp deploy/jobwire.env.example deploy/jobwire.env" in text
-    values = dict(
-        line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#")
-    )
+    values = env_example_values()
     assert {*BRIDGE_SECRETS, "JOBWIRE_PUBLIC_URL", "TRANSCODE_ALLOWED_IPS"} <= set(values)
     for secret in BRIDGE_SECRETS:
         assert values[secret] == "", f"{secret} must stay an empty placeholder"
