@@ -71,7 +71,7 @@ async def test_large_events_keep_the_job_document_bounded_and_writable(
     stub = mongo_service.handle.stub
     job_id = (await create(stub)).job.id
     size = 1000 * 1024
-    count = 8  # 8 MiB of events: past the ring's budget
+    count = RING_BODY_BYTES // size + 3  # past the ring's budget
     for i in range(count):
         reply = await stub.ReportEvent(_big_progress(job_id, i, size), timeout=WAIT)
         assert reply.sequence == i + 1 and not reply.duplicate

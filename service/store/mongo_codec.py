@@ -40,10 +40,11 @@ Doc = dict[str, Any]
 RingEntry = Mapping[str, Any]
 
 # Event bodies one job document retains, at most (the newest one always). With the
-# snapshot (an event and a result or error of 1 MiB each at most, a video of at most
-# gRPC's 4 MiB request) and the ring's keys, a document stays well under MongoDB's
-# 16 MiB; a replay of more would not fit one ListJobEvents answer anyway.
-RING_BODY_BYTES = 4 * 1024 * 1024
+# snapshot (a result or an error of 1 MiB at most; a video's texts of up to gRPC's
+# 4 MiB request, as stored before CreateJob bounded them) and the ring's keys, a
+# document stays under MongoDB's 16 MiB. 8 MiB keeps 64 of the longest ASCII progress
+# messages (64 KiB each: 4.2 MiB), which clients read back by pages.
+RING_BODY_BYTES = 8 * 1024 * 1024
 
 
 def label_terms(labels: Mapping[str, str]) -> list[str]:
