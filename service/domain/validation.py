@@ -181,10 +181,16 @@ def video(value: job_pb2.Video) -> None:
     limits |= {"playlist": MAX_VIDEO_TEXT_LENGTH, "subtitle": MAX_VIDEO_TEXT_LENGTH}
     for name, most in limits.items():
         text = getattr(value, name)
-        if len(text) > most or _CONTROL.search(text):
+        if len(text) > most:
             raise invalid(
-                f"job.video.{name} must be at most {most} characters, none of them control"
-                f" characters, got {len(text)} characters"
+                f"job.video.{name} must be at most {most} characters, got {len(text)} characters"
+            )
+        if found := _CONTROL.search(text):
+            # Which character and where: "at most 4096 characters ... got 3 characters"
+            # told the sender of a 3-character title with a line break nothing.
+            raise invalid(
+                f"job.video.{name} must not hold control characters, got"
+                f" U+{ord(found[0]):04X} at character {found.start() + 1}"
             )
 
 
