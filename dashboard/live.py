@@ -317,6 +317,13 @@ class Hub:
         this is its first event)."""
         if sub.kind and sub.kind != kind:
             return False
+        if sequence == 1 and sub.ids is not None and job_id in sub.ids:
+            # A first event of a job the tab shows: a job made again under the id of
+            # one deleted (DeleteJob, the retention). Marked new with its create time,
+            # so the tab replaces the deleted job's row; its events were dropped there
+            # as older than that row's until their sequence passed its own.
+            sub.fresh.add(job_id)
+            return True
         if sub.ids is not None and job_id not in sub.ids:
             if not (sub.new and sequence == 1):
                 return False

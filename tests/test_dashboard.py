@@ -959,6 +959,37 @@ async def test_an_ended_job_is_deleted_from_its_page(
     assert (reply.status, reply.headers["location"]) == (303, "/jobs")
 
 
+async def test_a_job_made_again_under_a_deleted_jobs_id_replaces_its_row(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """A job deleted and made again under its id (a client's own ids, a late AuroraCloud
+    report): an open jobs page kept the deleted job's row, SUCCEEDED at 100 %, and
+    dropped the new job's events as older than that row until their sequence passed its
+    own. The row now follows the new job, as a reload shows it."""
+    stub = svc.stub
+    job_id = uid("again")
+    await new_job(stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    for percent in (10, 20, 30):
+        await progress(stub, job_id, percent, "old", "the deleted job")
+    await stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=job_id, idempotency_key=uuid.uuid4().hex, completed=job_pb2.Result()
+        )
+    )
+    page = await login(context, dash.url)
+    row = f'#jobs tr[data-job="{job_id}"]'
+    await page.wait_for_selector(row, timeout=WAIT_MS)
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    await stub.DeleteJob(job_service_pb2.DeleteJobRequest(id=job_id))
+    again = await new_job(stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    assert await progress(stub, job_id, 50, "new", "made again") == 1  # below the row's 4
+    await page.wait_for_function(ROW_IS, arg=[job_id, 50, "RUNNING"], timeout=WAIT_MS)
+    assert await page.locator(row).count() == 1
+    assert await page.inner_text(f"{row} .message") == "made again"
+    created = await page.get_attribute(row, "data-created")
+    assert created == iso(again.job.create_time)
+
+
 # -- paging and filters ---------------------------------------------------------
 
 

@@ -315,6 +315,12 @@ function jobsPage() {
   // `listed`: the row came from this page's own query (a re-read), so it belongs here.
   const apply = (change, listed = false) => {
     let tr = rows.get(change.id);
+    if (tr && change.created && tr.dataset.created && change.created !== tr.dataset.created) {
+      // Another job of this id (the row's was deleted, and one made again under its id):
+      // the row goes, and the new job is placed as a reload would place it.
+      drop(change.id);
+      tr = undefined;
+    }
     if (!tr) {
       // A job this page does not show: add it on top when this is its first event (it
       // just became active; `new`: its first event came since the last push, coalesced
