@@ -159,7 +159,7 @@ async def create(args: argparse.Namespace) -> int:
         )
     return await _print(
         args,
-        lambda c: c.create_job(args.kind, job_id=args.id, labels=pairs(args.label), video=video),
+        lambda c: c.create_job(args.kind, job_id=args.id, labels=args.label, video=video),
     )
 
 
@@ -244,7 +244,7 @@ async def list_jobs(args: argparse.Namespace) -> int:
     filters: dict[str, Any] = {
         "states": args.state,
         "kind": args.kind or job_pb2.JOB_KIND_UNSPECIFIED,
-        "labels": pairs(args.label),
+        "labels": args.label,
         "newest_first": args.newest_first,
     }
     if not args.all:
@@ -311,13 +311,3 @@ def _client(args: argparse.Namespace) -> Client:
         return Client.from_env(args.target)
     except ClientConfigError as err:
         raise SystemExit(f"jobwire: {err}") from None
-
-
-def pairs(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"jobwire: --label wants KEY=VALUE, got {item!r}")
-        out[key] = value
-    return out

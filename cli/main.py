@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = jobs.add_parser("create", help="create a job; prints it with its callback token")
     p.add_argument("--kind", required=True, choices=_names(job_pb2.JobKind, "JOB_KIND_"))
     p.add_argument("--id", default="", help="the job id (default: one the service makes)")
-    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
+    p.add_argument("--label", action=Labels, default={}, metavar="KEY=VALUE", help="repeatable")
     p.add_argument("--video-url", default="", help="the video to fetch (required for VIDEO jobs)")
     p.add_argument("--title", default="")
     p.add_argument("--playlist", default="")
@@ -151,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_kind_and_states(p, "only jobs in this state (repeatable: any of them)")
     p.add_argument(
         "--label",
-        action="append",
-        default=[],
+        action=Labels,
+        default={},
         metavar="KEY=VALUE",
         help="only jobs with this label (repeatable: all of them)",
     )
@@ -377,6 +377,31 @@ def _install_uvloop() -> None:
 
 
 INT64_MAX = 2**63 - 1  # a sequence number is an int64 on the wire
+
+
+class Labels(argparse.Action):
+    """--label KEY=VALUE, repeatable, into a dict. A job holds one value per key, so a
+    key given twice with two values is a usage error: the last one silently won
+    (`jobs list --label team=a --label team=b`, "all of them", listed team=b's jobs)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        key, sep, value = str(values).partition("=")
+        if not sep or not key:
+            parser.error(f"argument --label: wants KEY=VALUE, got {values!r}")
+        labels = dict(getattr(namespace, self.dest) or {})
+        if labels.get(key, value) != value:
+            parser.error(
+                f"argument --label: {key!r} given twice ({labels[key]!r} and {value!r});"
+                " a job has one value per label"
+            )
+        labels[key] = value
+        setattr(namespace, self.dest, labels)
 
 
 def whole(low: int, high: int) -> Callable[[str], int]:

@@ -62,5 +62,14 @@ def list_request(
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise PageError(400, f"label must be KEY=VALUE, got {item[:60]!r}", json)
+        if request.labels.get(key, value) != value:
+            # A job has one value per key: the last one silently won, while the form
+            # showed both fields as if every one applied.
+            raise PageError(
+                400,
+                f"label {key[:60]!r} given twice ({request.labels[key][:60]!r} and"
+                f" {value[:60]!r}): a job has one value per label",
+                json,
+            )
         request.labels[key] = value
     return request

@@ -441,6 +441,39 @@ async def test_a_video_job_without_video_url_is_a_usage_error(tmp_path: Path) ->
         await handle.close()
 
 
+async def test_a_label_given_twice_or_malformed_is_a_usage_error(tmp_path: Path) -> None:
+    """`jobs list --label team=a --label team=b` ("repeatable: all of them") listed
+    team=b's jobs: the last value silently won, and `jobs create` likewise kept one of
+    two. A malformed --label was status 1, not a usage error's 2. Both are now
+    argparse's usage error naming the option; the same label twice is taken."""
+    handle = await start_service(EmbeddedStore(tmp_path / "d", make_policy()))
+    try:
+        async with Client(handle.target) as c:
+            await c.create_job("GENERIC", job_id="team-a", labels={"team": "a"})
+            await c.create_job("GENERIC", job_id="team-b", labels={"team": "b"})
+        target = ("--target", handle.target)
+        for args, said in [
+            (("jobs", "list", "--label", "team=a", "--label", "team=b"),
+             "argument --label: 'team' given twice ('a' and 'b'); a job has one value per label"),
+            (("jobs", "create", "--kind", "GENERIC", "--label", "k=1", "--label", "k=2"),
+             "argument --label: 'k' given twice ('1' and '2'); a job has one value per label"),
+            (("jobs", "list", "--label", "team"), "argument --label: wants KEY=VALUE, got 'team'"),
+            (("jobs", "list", "--label", "=a"), "argument --label: wants KEY=VALUE, got '=a'"),
+        ]:  # fmt: skip
+            code, out, err = await cli_result(*args, *target)
+            assert code == 2 and out == "" and "Traceback" not in err, (args, err)
+            assert err.splitlines()[-1].endswith(said), (args, err)
+        async with Client(handle.target) as c:
+            assert sorted([j.id async for j in c.list_jobs()]) == ["team-a", "team-b"]
+        code, out, err = await cli_result(
+            "jobs", "list", "--label", "team=a", "--label", "team=a", *target
+        )
+        assert code == 0, err
+        assert [j["id"] for j in json.loads(out)["jobs"]] == ["team-a"]
+    finally:
+        await handle.close()
+
+
 async def test_numbers_out_of_range_are_usage_errors() -> None:
     """A --from-sequence past int64 gave protobuf's ValueError traceback; --page-size 0
     and --limit 0 were taken (the service's default answered instead), though --help

@@ -1089,6 +1089,9 @@ async def test_bad_input_gets_a_clear_4xx(
         ("/jobs?page_token=garbage!!", 400, "page_token"),
         ("/jobs?page_size=0", 400, "page_size"),
         ("/jobs?label=nokey", 400, "label"),
+        # A job has one value per key: the last one won, the form showing both.
+        ("/jobs?label=team%3Da&label=team%3Db", 400, "given twice"),
+        ("/api/jobs?label=team%3Da&label=team%3Db", 400, "label 'team' given twice ('a' and 'b')"),
         ("/jobs?label=a%3Db&" + "x=" + "y" * 5000, 400, "query string"),
         ("/jobs/" + "x" * 300, 400, "id"),
         ("/jobs/no-such-job", 404, "no-such-job"),
