@@ -65,7 +65,7 @@ RESUMABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
 )
 RETRY_AFTER_KEY = "retry-after-ms"
-_DEDUPE = 65_536  # (job id, sequence) pairs a JobsWatch remembers to drop repeats
+_DEDUPE = 65_536  # (job id, sequence, time) a JobsWatch remembers to drop repeats
 
 WatchItem = job_pb2.Job | event_pb2.JobEvent | event_pb2.StreamGap
 ListEvents = Callable[[str, int], Awaitable[job_service_pb2.ListJobEventsResponse]]
@@ -299,7 +299,7 @@ class JobsWatch:
         self._kind = kind
         self._states = list(states)
         self._reconnect = _Reconnector(backoff, give_up_after, on_retry)
-        self._delivered: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._delivered: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         # Set when the service says the stream is live (its headers, or a message), and
         # stays set: a later stream without a position to resume from has lost events.
         self.live = asyncio.Event()
@@ -343,7 +343,9 @@ class JobsWatch:
                         # No positions (the service's log is off): drop a repeat here. With
                         # them the service sends nothing twice, and a (job, sequence) seen
                         # before is a new event after a restore from an older backup.
-                        key = (event.job_id, event.sequence)
+                        # With its time: a job made again under a deleted job's id
+                        # numbers its events from 1 again, and those are no repeats.
+                        key = (event.job_id, event.sequence, event.create_time.ToNanoseconds())
                         if key in self._delivered:
                             continue
                         self._delivered[key] = None

@@ -609,13 +609,15 @@ class Jobs:
         # With replicas sharing a feed an event may arrive twice (the feed re-opened
         # after an outage): drop a (job id, sequence) already delivered. Events of one
         # job reported through different replicas a few ms apart may arrive out of
-        # sequence order here; none is dropped for it (each carries its sequence).
-        delivered: OrderedDict[tuple[str, int], None] = OrderedDict()
+        # sequence order here; none is dropped for it (each carries its sequence). The
+        # event's time is in the key: a job made again under a deleted job's id numbers
+        # its events from 1 again, and those are no repeats (they were dropped).
+        delivered: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         try:
             yield Live()
             while True:
                 for event, _ in await sub.next_batch():
-                    key = (event.job_id, event.sequence)
+                    key = (event.job_id, event.sequence, event.create_time.ToNanoseconds())
                     if key in delivered:
                         continue
                     delivered[key] = None

@@ -1178,6 +1178,44 @@ async def test_watch_jobs_without_positions_says_a_drop_before_its_first_event(
         await service.close()
 
 
+async def test_watch_jobs_without_positions_delivers_a_job_made_again_under_a_deleted_id(
+    tmp_path: Path,
+) -> None:
+    """Without positions (firehose log off) the watch drops a (job, sequence) it yielded
+    before as a repeat. A job deleted (DeleteJob, the retention) and made again under its
+    id (a client's own ids, a late AuroraCloud report) numbers its events from 1 again:
+    its first four were dropped, unsaid, as repeats of the deleted job's (by the service's
+    stream and again by the watch). A repeat is the same event, of the same time; these
+    are not, and every one is yielded."""
+    policy = make_policy()
+    policy.firehose_retention_ns = 0
+    service = await start_service(EmbeddedStore(tmp_path, policy))
+    try:
+        async with client(service.target) as c:
+            watch = c.watch_jobs()
+            iterator = aiter(watch)
+            first = asyncio.ensure_future(anext(iterator))
+            await asyncio.wait_for(watch.live.wait(), WAIT)
+            await c.create_job("GENERIC", job_id="again")
+            for percent in (1, 2, 3):
+                await c.report_progress("again", percent)
+            await c.complete("again")
+            await c.delete_job("again")
+            await c.create_job("GENERIC", job_id="again")
+            for percent in (51, 52, 53, 54, 55):
+                await c.report_progress("again", percent)
+            seen = [await asyncio.wait_for(first, WAIT)]
+            while len(seen) < 9:
+                seen.append(await asyncio.wait_for(anext(iterator), WAIT))
+            await iterator.aclose()
+        events = [i for i in seen if isinstance(i, JobEvent)]
+        assert [(e.sequence, round(e.progress.percent)) for e in events[4:]] == [
+            (1, 51), (2, 52), (3, 53), (4, 54), (5, 55)
+        ]  # fmt: skip
+    finally:
+        await service.close()
+
+
 async def _copy_database(
     store_kind: str, tmp_path: Path, request: pytest.FixtureRequest, source: str, target: str
 ) -> None:
