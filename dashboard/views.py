@@ -320,7 +320,7 @@ async def cancel(request: web.Request) -> web.StreamResponse:
         if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
             raise grpc_error(err) from None
         # The job ended after its page was loaded: say how, and lead back to it.
-        state = present.state_name((await _get_job(request, job_id, False)).state)
+        state = await _state_of(request, job_id)
         message = f"job {job_id!r} has already ended ({state}): there is nothing to cancel"
         raise PageError(409, message, back=page) from None
     raise web.HTTPSeeOther(page)
@@ -341,10 +341,15 @@ async def delete(request: web.Request) -> web.StreamResponse:
             raise web.HTTPSeeOther("/jobs") from None
         if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
             raise grpc_error(err) from None
-        state = present.state_name((await _get_job(request, job_id, False)).state)
+        state = await _state_of(request, job_id)
         message = f"job {job_id!r} has not ended ({state}): only an ended job can be deleted"
         raise PageError(409, message, back=f"/jobs/{quote(job_id, safe='')}") from None
     raise web.HTTPSeeOther("/jobs")
+
+
+async def _state_of(request: web.Request, job_id: str) -> str:
+    """The job's state as a 409 page names it (the job changed since its page loaded)."""
+    return present.state_name((await _get_job(request, job_id, False)).state)
 
 
 @routes.get("/jobs/{job_id}/artifacts/{name}")

@@ -207,7 +207,7 @@ class Jobs:
         if record is None:
             raise not_found(job_id)
         if not record.terminal:
-            state = job_pb2.JobState.Name(record.job.state).removeprefix("JOB_STATE_")
+            state = _state_name(record.job.state)
             raise DomainError(
                 Code.FAILED_PRECONDITION,
                 f"job {job_id!r} has not ended ({state}): only an ended job is deleted;"
@@ -476,7 +476,7 @@ class Jobs:
             same = (stored.sha256, stored.size_bytes)
             listed = await self.store.list_artifacts(header.job_id)
             if any(a.name == header.name and (a.sha256, a.size_bytes) != same for a in listed):
-                state = job_pb2.JobState.Name(record.job.state).removeprefix("JOB_STATE_")
+                state = _state_name(record.job.state)
                 raise DomainError(
                     Code.FAILED_PRECONDITION,
                     f"job {header.job_id!r} has ended ({state}): its artifact"
@@ -647,6 +647,10 @@ class Jobs:
         if not self._public_url or path is None:
             return ""
         return self._public_url + path.format(id=job.id)
+
+
+def _state_name(state: job_pb2.JobState.ValueType) -> str:
+    return job_pb2.JobState.Name(state).removeprefix("JOB_STATE_")
 
 
 def _names_artifacts(request: job_service_pb2.ReportEventRequest) -> bool:

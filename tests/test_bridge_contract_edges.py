@@ -303,40 +303,40 @@ async def test_secretary_token_in_the_query_is_refused_however_spelled(
     token, path = created.callback_token, f"/api/external/jobs/{created.job.id}"
     auth = {"Authorization": f"Bearer {token}"}
     progress = {"phase": "extract_text", "progress": 5}
-    for name in (
-        "callbackToken",
-        "Token",
-        "CALLBACK_TOKEN",
-        "callback-token",
-        "x-callback-token",
-        "t",
-    ):
-        status, answer = await bridge.post(f"{path}?{name}={token}", progress, headers=auth)
-        assert (status, answer) == (
-            400,
-            {"status": "error", "error": "tokens in the query string are not accepted"},
-        ), name
-        assert (await bridge.get(f"{path}?limit=5&{name}={token}", headers=auth))[0] == 400
+    refused = (400, {"status": "error", "error": "tokens in the query string are not accepted"})
+    queries = [
+        (f"{name}={token}", f"limit=5&{name}={token}")
+        for name in (
+            "callbackToken",
+            "Token",
+            "CALLBACK_TOKEN",
+            "callback-token",
+            "x-callback-token",
+            "t",
+        )
+    ]
     # Named like a credential, whatever it holds: an exact list let `api_token`,
     # `auth_token` and the like through (200), though the README promised this rule.
-    for name in (
-        "api_token",
-        "auth_token",
-        "AccessToken",
-        "id-token",
-        "apiKey",
-        "X-API-KEY",
-        "client_secret",
-        "Authorization",
-        "password",
-        "credentials",
-    ):
-        status, answer = await bridge.post(f"{path}?{name}=zzz", progress, headers=auth)
-        assert (status, answer) == (
-            400,
-            {"status": "error", "error": "tokens in the query string are not accepted"},
-        ), name
-        assert (await bridge.get(f"{path}?{name}=zzz", headers=auth))[0] == 400, name
+    queries += [
+        (f"{name}=zzz", f"{name}=zzz")
+        for name in (
+            "api_token",
+            "auth_token",
+            "AccessToken",
+            "id-token",
+            "apiKey",
+            "X-API-KEY",
+            "client_secret",
+            "Authorization",
+            "password",
+            "credentials",
+        )
+    ]
+    for post_query, get_query in queries:
+        assert await bridge.post(f"{path}?{post_query}", progress, headers=auth) == refused, (
+            post_query
+        )
+        assert (await bridge.get(f"{path}?{get_query}", headers=auth))[0] == 400, get_query
     assert (await get_job(stub, created.job.id)).sequence == 0
     # The contracts' own parameters (limit, level) and other plain names pass.
     for query in ("source=ocr", "from=2024-01-01", "level=INFO", "phase=x&page=2"):

@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -276,7 +276,7 @@ class EmbeddedStore:
         where: list[str] = []
         args: list[Any] = []
         if query.states:
-            where.append(f"state IN ({','.join('?' * len(query.states))})")
+            where.append(f"state IN ({_marks(query.states)})")
             args.extend(query.states)
         if query.kind:
             where.append("kind = ?")
@@ -980,7 +980,7 @@ def _lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
-def _marks(values: Sequence[object]) -> str:
+def _marks(values: Collection[object]) -> str:
     return ",".join("?" * len(values))
 
 
@@ -1040,7 +1040,7 @@ def _recent_keys(
     # Past this, per job: the window's start, or its job_keys row when newer.
     low = {job_id: seq - retention for job_id, seq in sequences.items()}
     for job_id, seq, value in conn.execute(
-        f"SELECT job_id, seq, keys FROM job_keys WHERE job_id IN ({','.join('?' * len(low))})",
+        f"SELECT job_id, seq, keys FROM job_keys WHERE job_id IN ({_marks(low)})",
         list(sequences),
     ):
         keys = _decode_keys(value)
@@ -1130,7 +1130,7 @@ class _RecordCache:
                 job_id: (job_pb2.Job.FromString(snapshot), token_hash, (state, lease, stall))
                 for job_id, snapshot, token_hash, state, lease, stall in conn.execute(
                     "SELECT id, snapshot, token_hash, state, lease_expire_ns, stall_ns"
-                    f" FROM jobs WHERE id IN ({','.join('?' * len(chunk))})",
+                    f" FROM jobs WHERE id IN ({_marks(chunk)})",
                     chunk,
                 )
             }
@@ -1278,7 +1278,7 @@ def _add_end_times(conn: sqlite3.Connection) -> None:
     try:
         conn.execute("ALTER TABLE jobs ADD COLUMN end_ns INTEGER")
         ended = conn.execute(
-            f"SELECT id, snapshot FROM jobs WHERE state IN ({','.join('?' * len(_ENDED))})",
+            f"SELECT id, snapshot FROM jobs WHERE state IN ({_marks(_ENDED)})",
             _ENDED,
         )
         conn.executemany(

@@ -1202,30 +1202,40 @@ class MongoStore:
 
     async def log_after(self, origin: str, n: int, since_ns: int, limit: int) -> list[LogEntry]:
         """Up to `limit` entries, fewer once they add up to LOG_PAGE_BYTES."""
-        entries: list[LogEntry] = []
-        size = 0
         with _guard("log_after"):
             cursor = (
                 self.firehose.find({"o": origin, "n": {"$gt": n}, "ns": {"$gt": since_ns}})
                 .sort([("n", ASCENDING)])
                 .limit(limit)
             )
-            if not self._capped_replies:
-                cursor = cursor.batch_size(UNCAPPED_LOG_BATCH)
-            try:
-                async for d in cursor:
-                    body = bytes(d["e"])
-                    entries.append(
-                        LogEntry(
-                            origin, int(d["n"]), int(d["ns"]), event_pb2.JobEvent.FromString(body)
-                        )
-                    )
-                    size += len(body)
-                    if size >= LOG_PAGE_BYTES:
-                        break
-            finally:
-                await cursor.close()
-        return entries
+            docs = await self._docs_within(cursor, LOG_PAGE_BYTES)
+        return [
+            LogEntry(
+                origin, int(d["n"]), int(d["ns"]), event_pb2.JobEvent.FromString(bytes(d["e"]))
+            )
+            for d in docs
+        ]
+
+    async def _docs_within(
+        self, cursor: AsyncCursor[dict[str, Any]], max_bytes: int
+    ) -> list[dict[str, Any]]:
+        """The cursor's documents until their bodies (`e`) add up to `max_bytes` (at
+        least one), read in replies under the 48 MB message limit: a listing of large
+        events or log lines read them all to answer a few, and on FerretDB, whose
+        replies are not capped at 16 MiB, failed with UNKNOWN past that limit."""
+        if not self._capped_replies:
+            cursor = cursor.batch_size(UNCAPPED_LOG_BATCH)
+        docs: list[dict[str, Any]] = []
+        size = 0
+        try:
+            async for doc in cursor:
+                docs.append(doc)
+                size += len(doc["e"])
+                if size >= max_bytes:
+                    break
+        finally:
+            await cursor.close()
+        return docs
 
     async def events_after(self, job_id: str, sequence: int) -> list[event_pb2.JobEvent]:
         with _guard("events_after"):
@@ -1285,25 +1295,14 @@ class MongoStore:
             filter_["kind"] = kind
         if level:
             filter_["level"] = level
-        entries: list[log_pb2.LogEntry] = []
-        size = 0
         with _guard("list_logs"):
             cursor = (
                 self.logs.find(filter_, {"e": 1})
                 .sort([("time_ns", DESCENDING), ("_id", DESCENDING)])
                 .limit(limit)
             )
-            if not self._capped_replies:
-                cursor = cursor.batch_size(UNCAPPED_LOG_BATCH)
-            try:
-                async for doc in cursor:
-                    entries.append(codec.decode_log(doc))
-                    size += len(doc["e"])
-                    if size >= LIST_READ_BYTES:
-                        break
-            finally:
-                await cursor.close()
-        return entries
+            docs = await self._docs_within(cursor, LIST_READ_BYTES)
+        return [codec.decode_log(doc) for doc in docs]
 
     # -- artifacts (GridFS layout: <bucket>.files + <bucket>.chunks) ------------------
 
@@ -1439,10 +1438,15 @@ class MongoStore:
         cursor = self.jobs.find(
             {"state": {"$in": _ENDED}, "end_ns": {"$exists": False}}, {"job": 1}
         ).limit(limit)
-        for doc in await cursor.to_list():
-            ended = events.end_ns(codec.decode_job(doc))
+        updates = [
+            UpdateOne(
+                {"_id": doc["_id"]}, {"$set": {"end_ns": events.end_ns(codec.decode_job(doc))}}
+            )
+            for doc in await cursor.to_list()
+        ]
+        if updates:  # one round trip, not one per job
             async with self._writing():
-                await self.jobs.update_one({"_id": doc["_id"]}, {"$set": {"end_ns": ended}})
+                await self.jobs.bulk_write(updates, ordered=False)
 
     async def delete_jobs(self, job_ids: Sequence[str]) -> list[str]:
         """In this order, each step durable before the next: (1) a mark per job in
