@@ -108,6 +108,13 @@ def check_token(token: str | None) -> str | None:
     return token
 
 
+def reconnect_wait(options: Sequence[tuple[str, Any]] = ()) -> float:
+    """Seconds within which a channel with these `options` tries to connect again: its
+    maximum reconnect backoff, gRPC's 20 % jitter, and half a second to connect."""
+    merged = dict([*DEFAULT_OPTIONS, *options])
+    return float(merged["grpc.max_reconnect_backoff_ms"]) / 1000 * 1.2 + 0.5
+
+
 def token_from_env(env: Mapping[str, str] | None = None) -> str | None:
     env = os.environ if env is None else env
     return env.get("JOBWIRE_GRPC_TOKEN", "") or None

@@ -33,7 +33,7 @@ from jobwire.v1 import (
 )
 
 from .artifacts import CHUNK, MAX_CHUNK, ArtifactStream, Source, replayable, upload
-from .channel import TLS, check_token, open_channel, token_from_env
+from .channel import TLS, check_token, open_channel, reconnect_wait, token_from_env
 from .errors import ArgumentError, ClientConfigError
 from .retry import Backoff, RetryPolicy, call_with_retry, positive_seconds, say_if_closed
 from .watch import JobsWatch, JobWatch, OnRetry
@@ -94,6 +94,7 @@ class Client:
             )
 
         self._open = open_now
+        self._ready_budget = reconnect_wait(options)
         # grpc.aio binds a channel to the event loop current when it is made: a channel
         # made before asyncio.run() failed every call with "attached to a different loop".
         self._channel: grpc.aio.Channel | None = None
@@ -496,7 +497,7 @@ class Client:
             positive_seconds("timeout", timeout)
         policy = self.retry if replayable(source) else None
         try:
-            return await call_with_retry(attempt, policy, timeout)
+            return await call_with_retry(attempt, policy, timeout, self._ready, self._ready_budget)
         except asyncio.CancelledError:
             say_if_closed(lambda: self._stub)
             raise
@@ -582,6 +583,17 @@ class Client:
 
     # -- plumbing ------------------------------------------------------------
 
+    async def _ready(self, seconds: float) -> bool:
+        """Whether the channel connected within `seconds` (before a retry)."""
+        channel = self._channel
+        if channel is None or seconds <= 0:
+            return False
+        try:
+            await asyncio.wait_for(channel.channel_ready(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
     async def _unary(
         self,
         method: Callable[..., Awaitable[R]],
@@ -595,7 +607,8 @@ class Client:
 
         deadline = self.timeout if timeout is None else positive_seconds("timeout", timeout)
         try:
-            return await call_with_retry(attempt, self.retry if retry else None, deadline)
+            policy = self.retry if retry else None
+            return await call_with_retry(attempt, policy, deadline, self._ready, self._ready_budget)
         except asyncio.CancelledError:
             say_if_closed(lambda: self._stub)
             raise

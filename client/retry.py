@@ -22,6 +22,8 @@ import grpc
 from .errors import ClientConfigError, translate
 
 T = TypeVar("T")
+# Waits up to that many seconds for the channel to connect; True when it did.
+Ready = Callable[[float], Awaitable[bool]]
 
 
 # gRPC takes a deadline past what it can hold (1e10 s) as one already passed: the call
@@ -105,12 +107,20 @@ async def call_with_retry(
     call: Callable[[float | None], Awaitable[T]],
     policy: RetryPolicy | None,
     timeout: float | None = None,
+    ready: Ready | None = None,
+    ready_budget: float = 0.0,
 ) -> T:
     """Runs `call(seconds left)`; repeats it on UNAVAILABLE when a policy is given.
 
     `timeout` bounds the whole call, retries and their backoff included: each attempt
     gets what is left of it, and no attempt is started that the backoff would leave no
     time for (the last error is raised instead). Raises JobwireError.
+
+    Before a repeat, `ready(seconds)` waits for the channel to connect, up to
+    `ready_budget` seconds over the whole call: gRPC fails a call at once while its
+    connection is backing off (up to the channel's maximum reconnect backoff, 2 s by
+    default), so repeats spaced by a shorter backoff all failed against a service that
+    had been back for a second.
     """
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
@@ -125,5 +135,12 @@ async def call_with_retry(
             delay = policy.backoff.delay(attempt)
             if deadline is not None and loop.time() + delay >= deadline:
                 raise translate(err) from None
+            last = err
         await asyncio.sleep(delay)
+        if ready is not None and ready_budget > 0:
+            began = loop.time()
+            wait = ready_budget if deadline is None else min(ready_budget, deadline - began)
+            if not await ready(wait) and deadline is not None and loop.time() >= deadline:
+                raise translate(last) from None  # still down: what it was, not a deadline
+            ready_budget -= loop.time() - began
     raise AssertionError("unreachable")

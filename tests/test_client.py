@@ -805,6 +805,38 @@ async def test_watch_job_across_a_service_restart(
     assert sequences(seen) == [1, 2, 3, 4, 5, 6]
 
 
+async def test_a_call_after_the_service_is_back_waits_for_the_reconnect(
+    tmp_path: Path,
+) -> None:
+    """gRPC fails a call at once while the channel backs off before reconnecting, and
+    its backoff (0.2-2 s by default) outlasts the retries' (FAST: 0.35 s at most), so a
+    call made just after the service came back failed UNAVAILABLE: 'Connection
+    refused' from a port that was listening again (a CI flake of the restart test
+    above). A retry now waits for the channel to connect, within the backoff's bound."""
+    first = await start_service(EmbeddedStore(tmp_path, make_policy()))
+    port = first.running.port
+    slow = [("grpc.initial_reconnect_backoff_ms", 3000), ("grpc.max_reconnect_backoff_ms", 3000)]
+    async with client(first.target, options=slow) as c:
+        await c.create_job("GENERIC", job_id="back")
+        await first.close()
+        with pytest.raises(Unavailable):  # a refused connect: the channel backs off 2.4-3.6 s
+            await c.get_job("back", timeout=0.2)
+        second = await start_service(
+            EmbeddedStore(tmp_path, make_policy()), grpc_addr=f"127.0.0.1:{port}"
+        )
+        try:
+            assert (await c.get_job("back")).id == "back"
+        finally:
+            await second.close()
+        # Down for good: still UNAVAILABLE (not a passed deadline), after one reconnect
+        # wait at most, well before the 10 s deadline.
+        loop = asyncio.get_running_loop()
+        begin = loop.time()
+        with pytest.raises(Unavailable):
+            await c.get_job("back")
+        assert loop.time() - begin < 6  # 0.35 s of backoff + 3 s x 1.2 + 0.5 s
+
+
 async def test_watch_job_follows_a_job_whose_history_went_back(
     store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
