@@ -437,7 +437,7 @@ class Jobs:
             command = FailFromLog(stored, key)
             change = await self._one(JobCommand(stored.job_id, command))
             failed = isinstance(change, Applied)
-        await self.store.write_log(stored)
+        await self.store.write_log(stored, of_no_job=record is None)
         return job_service_pb2.WriteLogResponse(entry=stored, job_failed=failed)
 
     async def list_logs(self, request: job_service_pb2.ListLogsRequest) -> list[log_pb2.LogEntry]:

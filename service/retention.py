@@ -1,6 +1,6 @@
 """JOBWIRE_JOB_RETENTION: the sweep that deletes jobs ended longer ago than the
 retention, with their events, log lines and artifacts, and log lines of no job
-(`UNKNOWN`) as old.
+(`UNKNOWN`, or an id that named no job when written) received as long ago.
 
 Each batch is one store write of at most BATCH jobs (one SQLite transaction; a few
 MongoDB round trips): the group commit's writes go in between batches, so a large
@@ -51,7 +51,7 @@ class Retention:
                 break
             await asyncio.sleep(0)  # the committer's waiting writes go first
         for _ in range(100):  # at most 500,000 lines a sweep; the next goes on
-            if await self.store.delete_unknown_logs(cutoff, LOG_BATCH) < LOG_BATCH:
+            if await self.store.delete_jobless_logs(cutoff, LOG_BATCH) < LOG_BATCH:
                 break
             await asyncio.sleep(0)
         return deleted

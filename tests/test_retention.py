@@ -175,8 +175,9 @@ async def test_an_ended_job_past_the_retention_goes_with_everything_it_had(
     await create(service.stub, job_id="queued")
     await create(service.stub, job_id="running")
     await service.stub.ReportEvent(progress("running", 10))
-    await _a_job_with_everything(service, "old")
+    # Before "old" ends: the sweep that deletes "old" finds this line past the retention.
     await _log(service, "UNKNOWN", "no job, long ago", at_ns=time.time_ns() - 3600 * 10**9)
+    await _a_job_with_everything(service, "old")
     old = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="old"))
     assert old.state == job_pb2.JOB_STATE_SUCCEEDED
     assert await bytes_of.stored("old") == len(CONTENT)
@@ -218,6 +219,82 @@ async def test_an_ended_job_past_the_retention_goes_with_everything_it_had(
     assert await _exists(service, "recent")
     assert await _logs(service, "recent") == ["recent working"]
     assert await bytes_of.stored("recent") == len(CONTENT)
+
+
+async def test_log_lines_of_no_job_age_out_from_when_they_came(retaining: ServiceHandle) -> None:
+    """A line under an id that names no job (a video id, a deleted job's) was kept for
+    ever: no job's deletion takes it, and only UNKNOWN lines aged out. Now every line
+    of no job goes once it came longer ago than the retention (not by its own time,
+    which the worker sets: this one says an hour ago); a RUNNING job's lines stay,
+    however old their time."""
+    service = retaining
+    sweeps = _sweeps(service)
+    await create(service.stub, job_id="alive")
+    await service.stub.ReportEvent(progress("alive", 10))
+    wrote = time.time_ns()
+    long_ago = wrote - HOUR_NS
+    await _log(service, "ghost", "of no job", at_ns=long_ago)
+    await _log(service, "UNKNOWN", "of no job either")
+    await _log(service, "alive", "of a running job", at_ns=long_ago)
+    came = time.time_ns()
+    # Within the retention they are all kept, the one timed an hour ago too.
+    await until(lambda: _swept_after(sweeps, came, wrote + RETENTION_S * 1e9))
+    assert await _logs(service, "ghost") == ["of no job"]
+    assert await _logs(service, "UNKNOWN") == ["of no job either"]
+
+    async def aged_out() -> bool:
+        return await _logs(service, "ghost") == [] and await _logs(service, "UNKNOWN") == []
+
+    await eventually(aged_out)
+    later = time.time_ns()
+    await until(lambda: _swept_after(sweeps, later))
+    assert await _logs(service, "alive") == ["of a running job"]
+
+
+async def test_older_lines_of_no_job_are_found_at_the_upgrade(
+    store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Lines stored before they were marked (no `no_job_ns` column / `nj` field): those
+    under an id that names no job are marked once, aging from then; a job's lines are
+    not; older UNKNOWN lines age by their own time, as before."""
+    database = f"t_nj_{uuid.uuid4().hex[:12]}"
+    store = await open_test_store(store_kind, tmp_path, request, make_policy(), database)
+    handle = await start_service(store)
+    try:
+        await create(handle.stub, job_id="kept")
+        await _log(handle, "kept", "of a job")
+        await _log(handle, "ghost", "of no job")
+        await _log(handle, "UNKNOWN", "unknown, an hour ago", at_ns=time.time_ns() - HOUR_NS)
+        await _log(handle, "UNKNOWN", "unknown, now")
+    finally:
+        await handle.close()
+    if isinstance(store, MongoStore):  # back to the older documents
+        store = await open_test_store(store_kind, tmp_path, request, make_policy(), database)
+        assert isinstance(store, MongoStore)
+        await store.start()
+        await store.log_kinds_backfilled()  # the start's own pass: done, nothing to do
+        await store.logs.update_many({}, {"$unset": {"nj": ""}})
+        await store.database["migrations"].delete_many({})
+        upgraded = time.time_ns()
+        assert await store.mark_jobless_logs() == 1
+    else:
+        with sqlite3.connect(tmp_path / "data" / "jobwire.sqlite3") as conn:
+            conn.execute("DROP INDEX logs_no_job")
+            conn.execute("ALTER TABLE logs DROP COLUMN no_job_ns")
+        conn.close()
+        upgraded = time.time_ns()
+        store = EmbeddedStore(tmp_path / "data", make_policy())
+        await store.start()
+    try:
+        # Retention one minute: nothing of no job came a minute before the upgrade, but
+        # the UNKNOWN line timed an hour ago goes by its time.
+        assert await store.delete_jobless_logs(upgraded - 60 * 10**9, 100) == 1
+        # Then the rest of no job, once the retention has passed since the upgrade.
+        assert await store.delete_jobless_logs(time.time_ns() + 1, 100) == 2
+        left = {(e.job_id, e.message) for e in await store.list_logs("", 0, 100)}
+        assert left == {("kept", "of a job")}
+    finally:
+        await store.close()
 
 
 async def _code(call: Awaitable[object]) -> tuple[grpc.StatusCode, str]:
@@ -578,8 +655,9 @@ async def test_a_deleted_job_s_late_batch_callback_is_404(
 async def test_a_deleted_video_s_late_report_is_404_and_its_log_lines_are_kept(
     bridged: tuple[Bridge, ServiceHandle],
 ) -> None:
-    """A late report finds no video; a late log line is stored (README: only UNKNOWN
-    lines age out on their own) and, as an ERROR, fails nothing and makes no job."""
+    """A late report finds no video; a late log line is stored (until the retention,
+    counted from when it came: test_log_lines_of_no_job_age_out_from_when_they_came)
+    and, as an ERROR, fails nothing and makes no job."""
     bridge, service = bridged
     await create_job(service.stub, job_pb2.JOB_KIND_VIDEO, "v-1")
     done = {"status": "success", "message": "hecho", "videoId": "v-1"}

@@ -181,6 +181,19 @@ async def test_logs_order_filter_limit(store: Store) -> None:
     assert [e.message for e in await store.list_logs("", 0, 2)] == ["2", "1"]
 
 
+async def test_a_line_whose_job_is_gone_as_it_is_stored_ages_out(store: Store) -> None:
+    """The caller read the job, then it was deleted (its lines with it) before the line
+    was stored: the store finds no job as it writes, and the line ages out like any of
+    no job. It stayed for ever: no deletion would take it."""
+    await _new(store, "there")
+    for job_id in ("there", "deleted-meanwhile"):
+        entry = log_pb2.LogEntry(job_id=job_id, level=log_pb2.LOG_LEVEL_INFO, message=job_id)
+        entry.record_time.FromNanoseconds(time.time_ns())
+        await store.write_log(entry, of_no_job=False)  # both had a job when read
+    assert await store.delete_jobless_logs(time.time_ns() + 1, 100) == 1
+    assert [e.message for e in await store.list_logs("", 0, 50)] == ["there"]
+
+
 async def test_artifacts_stream_and_replace(store: Store) -> None:
     from jobwire.v1 import artifact_pb2
 

@@ -430,15 +430,21 @@ class EmbeddedStore:
 
     # -- logs --------------------------------------------------------------
 
-    async def write_log(self, entry: log_pb2.LogEntry) -> None:
+    async def write_log(self, entry: log_pb2.LogEntry, of_no_job: bool = False) -> None:
         blob = entry.SerializeToString()
-        args = (entry.job_id, entry.level, entry.kind, entry.time.ToNanoseconds(), blob)
+        received = entry.record_time.ToNanoseconds()
+        job_id = entry.job_id
+        args = (job_id, entry.level, entry.kind, entry.time.ToNanoseconds(), of_no_job)
+        # Whether the job is there is asked again in the write: one deleted since the
+        # caller read it took its lines already, and nothing else would take this one.
+        no_job = "CASE WHEN ? OR NOT EXISTS (SELECT 1 FROM jobs WHERE id = ?) THEN ? END"
 
         def insert(conn: sqlite3.Connection) -> None:
             with conn:
                 conn.execute(
-                    "INSERT INTO logs (job_id, level, kind, time_ns, entry) VALUES (?, ?, ?, ?, ?)",
-                    args,
+                    "INSERT INTO logs (job_id, level, kind, time_ns, no_job_ns, entry)"
+                    f" VALUES (?, ?, ?, ?, {no_job}, ?)",
+                    (*args, job_id, received, blob),
                 )
 
         await self._write(insert)
@@ -680,13 +686,19 @@ class EmbeddedStore:
                 conn.execute(f"DELETE FROM artifact_trash WHERE path IN ({_marks(chunk)})", chunk)
         return len(files)
 
-    async def delete_unknown_logs(self, before_ns: int, limit: int) -> int:
+    async def delete_jobless_logs(self, before_ns: int, limit: int) -> int:
         def run(conn: sqlite3.Connection) -> int:
             with conn:
-                return conn.execute(
+                deleted = conn.execute(
+                    "DELETE FROM logs WHERE id IN (SELECT id FROM logs WHERE no_job_ns < ?"
+                    " ORDER BY no_job_ns, id LIMIT ?)",
+                    (before_ns, limit),
+                ).rowcount
+                # UNKNOWN lines from before no_job_ns, by their own time, as they were.
+                return deleted + conn.execute(
                     "DELETE FROM logs WHERE id IN (SELECT id FROM logs WHERE job_id = ?"
-                    " AND time_ns < ? ORDER BY time_ns, id LIMIT ?)",
-                    (validation.UNKNOWN_JOB, before_ns, limit),
+                    " AND time_ns < ? AND no_job_ns IS NULL ORDER BY time_ns, id LIMIT ?)",
+                    (validation.UNKNOWN_JOB, before_ns, limit - deleted),
                 ).rowcount
 
         return await self._write(run)
@@ -1269,6 +1281,28 @@ def _migrate(conn: sqlite3.Connection) -> None:
             "(SELECT kind FROM jobs WHERE jobs.id = logs.job_id), 0)"
         )
     conn.execute("CREATE INDEX IF NOT EXISTS logs_kind ON logs(kind, time_ns, id)")
+    if "no_job_ns" not in {row[1] for row in conn.execute("PRAGMA table_info(logs)")}:
+        _add_no_job_times(conn)
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS logs_no_job ON logs(no_job_ns, id) WHERE no_job_ns IS NOT NULL"
+    )
+
+
+def _add_no_job_times(conn: sqlite3.Connection) -> None:
+    """logs.no_job_ns: the lines already there under an id that names no job (other
+    than UNKNOWN, which ages by its own time) age out counted from now."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("ALTER TABLE logs ADD COLUMN no_job_ns INTEGER")
+        conn.execute(
+            "UPDATE logs SET no_job_ns = ? WHERE job_id != ?"
+            " AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = logs.job_id)",
+            (time.time_ns(), validation.UNKNOWN_JOB),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def _add_end_times(conn: sqlite3.Connection) -> None:

@@ -130,6 +130,8 @@ FIREHOSE = "firehose"
 FIREHOSE_ORIGINS = "firehose_origins"
 # Jobs being deleted: marked before anything of theirs goes (see delete_jobs).
 DELETIONS = "deletions"
+# One document per data migration done in the background (its _id names it).
+MIGRATIONS = "migrations"
 _ENDED = sorted(TERMINAL_STATES)
 
 
@@ -542,11 +544,14 @@ class MongoStore:
     async def _backfill_log_kinds_logged(self) -> None:
         try:
             changed = await self.backfill_log_kinds()
+            marked = await self.mark_jobless_logs()
         except (pymongo.errors.PyMongoError, StorageUnavailable) as exc:  # next start retries
-            log.warning("log lines from before LogEntry.kind not updated: %s", exc)
+            log.warning("log lines from before LogEntry.kind or nj not updated: %s", exc)
             return
         if changed:
             log.info("gave %d log lines from before LogEntry.kind their job's kind", changed)
+        if marked:
+            log.info("%d log lines of ids that name no job now age out with the retention", marked)
 
     async def log_kinds_backfilled(self) -> None:
         """Waits for the start's `backfill_log_kinds` (tests)."""
@@ -578,6 +583,44 @@ class MongoStore:
             async with self._writing():
                 rest = await self.logs.update_many(missing, {"$set": {"kind": 0}})
             return changed + rest.modified_count
+
+    async def mark_jobless_logs(self, batch: int = 1000) -> int:
+        """Log lines written before `nj` under an id that names no job (a video id, a
+        deleted job's; UNKNOWN ones age by their own time) get `nj` = now, so the
+        retention deletes them too. One pass over the lines, once: a `migrations`
+        document says it was done, and a start then costs one find_one."""
+        done = {"_id": "jobless_logs"}
+        with _guard("jobless log lines"):
+            if await self.database[MIGRATIONS].find_one(done) is not None:
+                return 0
+            now = time.time_ns()
+            marked = 0
+            ids: set[str] = set()
+            unmarked = {"nj": {"$exists": False}, "job_id": {"$ne": validation.UNKNOWN_JOB}}
+            async for doc in self.logs.find(unmarked, {"job_id": 1}).batch_size(batch):
+                ids.add(doc["job_id"])
+                if len(ids) >= batch:
+                    marked += await self._mark_jobless(ids, now)
+                    ids = set()
+            marked += await self._mark_jobless(ids, now)
+            async with self._writing():
+                await self.database[MIGRATIONS].update_one(
+                    done, {"$set": {"done_ns": now}}, upsert=True
+                )
+            return marked
+
+    async def _mark_jobless(self, ids: set[str], now_ns: int) -> int:
+        if not ids:
+            return 0
+        cursor = self.jobs.find({"_id": {"$in": sorted(ids)}}, {"_id": 1})
+        gone = sorted(ids - {doc["_id"] async for doc in cursor})
+        if not gone:
+            return 0
+        async with self._writing():
+            result = await self.logs.update_many(
+                {"job_id": {"$in": gone}, "nj": {"$exists": False}}, {"$set": {"nj": now_ns}}
+            )
+        return int(result.modified_count)
 
     async def _set_log_kind(self, missing: dict[str, Any], ids: list[str], kind: int) -> int:
         async with self._writing():
@@ -656,6 +699,7 @@ class MongoStore:
                 self.logs,
                 IndexModel([("time_ns", DESCENDING), ("_id", DESCENDING)], name="newest_first"),
             ),
+            (self.logs, IndexModel([("nj", ASCENDING)], name="no_job", sparse=True)),
             (
                 self.logs,
                 IndexModel(
@@ -1278,10 +1322,19 @@ class MongoStore:
 
     # -- logs ----------------------------------------------------------------------
 
-    async def write_log(self, entry: log_pb2.LogEntry) -> None:
+    async def write_log(self, entry: log_pb2.LogEntry, of_no_job: bool = False) -> None:
         with _guard("write_log"):
             async with self._writing():
-                await self.logs.insert_one(codec.log_document(entry))
+                stored = await self.logs.insert_one(codec.log_document(entry, of_no_job))
+            if of_no_job or await self.jobs.find_one({"_id": entry.job_id}, {"_id": 1}):
+                return
+            # Its job was deleted as the line came (the deletion's delete_many of its
+            # lines may have run before this insert): nothing else would take it.
+            async with self._writing():
+                await self.logs.update_one(
+                    {"_id": stored.inserted_id},
+                    {"$set": {"nj": entry.record_time.ToNanoseconds()}},
+                )
 
     async def list_logs(
         self, job_id: str, level: int, limit: int, kind: int = 0
@@ -1514,17 +1567,22 @@ class MongoStore:
             return True
         return await self.database[DELETIONS].find_one({"_id": job_id}, {"_id": 1}) is not None
 
-    async def delete_unknown_logs(self, before_ns: int, limit: int) -> int:
+    async def delete_jobless_logs(self, before_ns: int, limit: int) -> int:
+        deleted = await self._delete_logs({"nj": {"$lt": before_ns}}, "nj", limit)
+        # UNKNOWN lines from before `nj`, by their own time, as they were.
+        unmarked = {
+            "job_id": validation.UNKNOWN_JOB,
+            "time_ns": {"$lt": before_ns},
+            "nj": {"$exists": False},
+        }
+        return deleted + await self._delete_logs(unmarked, "time_ns", limit - deleted)
+
+    async def _delete_logs(self, filter_: dict[str, Any], oldest: str, limit: int) -> int:
+        """Deletes up to `limit` lines matching `filter_`, the lowest `oldest` first."""
         if limit <= 0:
             return 0
-        with _guard("delete_unknown_logs"):
-            cursor = (
-                self.logs.find(
-                    {"job_id": validation.UNKNOWN_JOB, "time_ns": {"$lt": before_ns}}, {"_id": 1}
-                )
-                .sort([("time_ns", ASCENDING)])
-                .limit(limit)
-            )
+        with _guard("delete_jobless_logs"):
+            cursor = self.logs.find(filter_, {"_id": 1}).sort([(oldest, ASCENDING)]).limit(limit)
             ids = [doc["_id"] async for doc in cursor]
             if not ids:
                 return 0

@@ -208,14 +208,17 @@ def decode_event(entry: RingEntry) -> event_pb2.JobEvent:
     return event_pb2.JobEvent.FromString(bytes(entry["e"]))
 
 
-def log_document(entry: log_pb2.LogEntry) -> Doc:
-    return {
+def log_document(entry: log_pb2.LogEntry, of_no_job: bool = False) -> Doc:
+    doc: Doc = {
         "job_id": entry.job_id,
         "level": entry.level,
         "kind": entry.kind,
         "time_ns": entry.time.ToNanoseconds(),
         "e": Binary(entry.SerializeToString()),
     }
+    if of_no_job:  # a line no job deletion takes: aged out from its record time
+        doc["nj"] = entry.record_time.ToNanoseconds()
+    return doc
 
 
 def decode_log(doc: Mapping[str, Any]) -> log_pb2.LogEntry:

@@ -132,7 +132,10 @@ class Store(Protocol):
         `since_ns`, ascending; fewer (at least one) when they are large, so only an
         empty list says there are no more."""
 
-    async def write_log(self, entry: log_pb2.LogEntry) -> None: ...
+    async def write_log(self, entry: log_pb2.LogEntry, of_no_job: bool = False) -> None:
+        """Stores a line; `of_no_job` when its id named no job as it was written (an
+        `UNKNOWN` line, a video id, a deleted job's): nothing deletes such a line with
+        a job, so `delete_jobless_logs` ages it out by its record time."""
 
     async def list_logs(
         self, job_id: str, level: int, limit: int, kind: int = 0
@@ -177,9 +180,10 @@ class Store(Protocol):
         """Completes deletions cut short (artifact content, log lines of jobs already
         gone); how many jobs' remains it removed."""
 
-    async def delete_unknown_logs(self, before_ns: int, limit: int) -> int:
-        """Deletes up to `limit` log lines of no job (`UNKNOWN`) timed before
-        `before_ns`, the oldest first; how many."""
+    async def delete_jobless_logs(self, before_ns: int, limit: int) -> int:
+        """Deletes up to `limit` log lines of no job received before `before_ns` (and
+        `UNKNOWN` lines from before `write_log`'s `of_no_job`, timed before it), the
+        oldest first; how many."""
 
     async def queue_depths(self) -> dict[int, int]:
         """Number of QUEUED jobs per kind (for metrics)."""
