@@ -695,11 +695,14 @@ class EmbeddedStore:
                     (before_ns, limit),
                 ).rowcount
                 # UNKNOWN lines from before no_job_ns, by their own time, as they were.
-                return deleted + conn.execute(
-                    "DELETE FROM logs WHERE id IN (SELECT id FROM logs WHERE job_id = ?"
-                    " AND time_ns < ? AND no_job_ns IS NULL ORDER BY time_ns, id LIMIT ?)",
-                    (validation.UNKNOWN_JOB, before_ns, limit - deleted),
-                ).rowcount
+                return (
+                    deleted
+                    + conn.execute(
+                        "DELETE FROM logs WHERE id IN (SELECT id FROM logs WHERE job_id = ?"
+                        " AND time_ns < ? AND no_job_ns IS NULL ORDER BY time_ns, id LIMIT ?)",
+                        (validation.UNKNOWN_JOB, before_ns, limit - deleted),
+                    ).rowcount
+                )
 
         return await self._write(run)
 
