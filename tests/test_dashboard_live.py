@@ -126,9 +126,12 @@ async def test_a_mark_the_journal_does_not_cover_gets_a_resync(svc: ServiceHandl
 
 
 async def until_live(hub: Hub, tab: Subscriber) -> None:
-    while not hub.live:
+    """Until the hub's stream is live and the service answered its check (ListJobs):
+    each step wakes the tab to re-read its rows, the second one after the first, so a
+    wait that ended at `live` alone took the second wake for the next event's."""
+    while not (hub.live and hub.connected):
         await tab.wake.wait()
-        if not hub.live:
+        if not (hub.live and hub.connected):
             tab.wake.clear()
 
 
