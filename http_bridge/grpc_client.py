@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from jobwire.v1 import job_service_pb2_grpc
 
+from .channel_ready import ChannelReady
 from .coalescer import Coalescer
 from .config import Config
 from .service_channel import service_channel
@@ -37,15 +38,21 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", _MAX_MESSAGE),
     ("grpc.max_receive_message_length", _MAX_MESSAGE),
     ("grpc.keepalive_time_ms", 30_000),
-    # Reconnect quickly after the service restarts, so readyz recovers fast.
+    # Reconnect quickly after the service restarts, so readyz recovers fast; the calls
+    # made meanwhile wait about one backoff for it (channel_ready.py).
     ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
 ]
 
 
 async def grpc_context(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    channel = service_channel(config.service_target, CHANNEL_OPTIONS)  # TLS, token, request id
+    ready = ChannelReady(CHANNEL_OPTIONS)
+    # TLS, token, request id; a call waits while the channel reconnects.
+    channel = service_channel(
+        config.service_target, CHANNEL_OPTIONS, interceptors=ready.interceptors()
+    )
+    ready.channel = channel
     stub = job_service_pb2_grpc.JobServiceStub(channel)
     app[CHANNEL] = channel
     app[STUB] = stub
@@ -55,6 +62,7 @@ async def grpc_context(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await app[COALESCER].close()
+        ready.close()
         await channel.close()
 
 

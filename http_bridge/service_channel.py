@@ -29,9 +29,13 @@ from .metrics import REQUEST_ID
 
 
 def service_channel(
-    target: str, options: Sequence[tuple[str, Any]] = (), env: Mapping[str, str] | None = None
+    target: str,
+    options: Sequence[tuple[str, Any]] = (),
+    env: Mapping[str, str] | None = None,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
-    """A grpc.aio channel to the service: TLS, token and request id as configured."""
+    """A grpc.aio channel to the service: TLS, token and request id as configured;
+    `interceptors` run after tracing's."""
     env = os.environ if env is None else env
     try:
         return open_channel(
@@ -40,7 +44,8 @@ def service_channel(
             token=token_from_env(env),
             options=options,
             request_id=REQUEST_ID.get,
-            interceptors=tracing.client_interceptors(),  # none unless tracing is on
+            # Tracing's none unless it is on.
+            interceptors=[*tracing.client_interceptors(), *interceptors],
         )
     except ClientConfigError as err:  # a token no header can carry: stop, naming it
         raise SystemExit(str(err)) from None

@@ -128,8 +128,9 @@ async def test_stalled_watcher_does_not_slow_reporting(service: ServiceHandle) -
     fanout = service.running.jobs.fanout
     assert fanout.watchers == 20
     base_p50, loaded_p50 = statistics.median(baseline), statistics.median(loaded)
-    # Generous bound for a shared 2-core machine; a watcher that blocked
-    # ingestion would stall outright once its buffers filled.
-    assert loaded_p50 < base_p50 * 3 + 0.002, (base_p50, loaded_p50)
+    # Generous bound for a shared 2-core machine (the medians are taken at different
+    # moments: 2 ms of slack failed once under load, 1.15 ms against 7.4 ms); a watcher
+    # that blocked ingestion would stall it outright once its buffers filled.
+    assert loaded_p50 < base_p50 * 3 + 0.02, (base_p50, loaded_p50)
     for call in stalled:
         call.cancel()
