@@ -430,15 +430,21 @@ class Client:
         job_id: str = "",
         time: datetime | None = None,
         callback_token: str = "",
+        idempotency_key: str | None = None,
         timeout: float | None = None,
     ) -> job_service_pb2.WriteLogResponse:
-        """Stores a log line (an ERROR line fails a running job). Not retried: a repeat
-        would store the line twice."""
+        """Stores a log line (an ERROR line fails a running job). Retried like an event
+        report: the idempotency key (generated when not given) makes a repeat after a
+        lost reply `duplicate`, so the line is stored once."""
         entry = log_pb2.LogEntry(job_id=job_id, level=level_value(level), message=message)
         if time is not None:
             entry.time.FromDatetime(time)
-        request = job_service_pb2.WriteLogRequest(entry=entry, callback_token=callback_token)
-        return await self._unary(self._stub.WriteLog, request, timeout, retry=False)
+        request = job_service_pb2.WriteLogRequest(
+            entry=entry,
+            callback_token=callback_token,
+            idempotency_key=new_idempotency_key() if idempotency_key is None else idempotency_key,
+        )
+        return await self._unary(self._stub.WriteLog, request, timeout)
 
     async def list_logs(
         self,

@@ -1,11 +1,11 @@
 """Backoff with jitter, and the retry of calls that are safe to repeat.
 
 UNAVAILABLE and CANCELLED (a connection reset under the call) are retried, and
-only for calls that are safe to repeat: reads, event reports (their idempotency key
-makes a repeat an acknowledged duplicate), creates (the client chooses the job's
-token, so a repeat is answered as the first create) and uploads from a path or bytes
-(a repeat replaces the same artifact). A call that a repeat would apply twice (a
-claim, a cancel, a log line) is never repeated by the client.
+only for calls that are safe to repeat: reads, event reports and log lines (their
+idempotency key makes a repeat an acknowledged duplicate), creates (the client chooses
+the job's token, so a repeat is answered as the first create) and uploads from a path
+or bytes (a repeat replaces the same artifact). A call that a repeat would apply twice
+(a claim, a cancel) is never repeated by the client.
 """
 
 from __future__ import annotations

@@ -148,14 +148,21 @@ def idempotency_key(request: web.Request, contract: str, job_id: str, body: Body
     `webhook-id` comes first: it is what the sender keeps across redeliveries. (A
     worker repeating the same progress as a heartbeat still renews its claim: the
     service applies a repeat once the claim is half gone, service/domain/events.py.)"""
+    given = senders_key(request, contract)
+    if given:
+        return given
+    h = hashlib.sha256(contract.encode() + b"\0" + job_id.encode() + b"\0" + body.digest)
+    return f"{contract}:{h.hexdigest()}"
+
+
+def senders_key(request: web.Request, contract: str) -> str:
+    """The key the sender gives a request it may repeat: a verified `webhook-id`, else
+    the `Idempotency-Key` header; "" when neither."""
     signed = webhook_id(request)
     if signed:
         return service_key(f"{contract}:whk:{signed}")
     given = client_key(request)
-    if given:
-        return service_key(f"{contract}:hdr:{given}")
-    h = hashlib.sha256(contract.encode() + b"\0" + job_id.encode() + b"\0" + body.digest)
-    return f"{contract}:{h.hexdigest()}"
+    return service_key(f"{contract}:hdr:{given}") if given else ""
 
 
 MAX_CLIENT_KEY = 1024  # characters of an Idempotency-Key header

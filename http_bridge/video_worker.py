@@ -27,6 +27,7 @@ from .common import (
     read_body,
     report_event,
     secret_matches,
+    senders_key,
     to_timestamp,
     validate,
 )
@@ -208,9 +209,13 @@ async def write_log(request: web.Request) -> web.StreamResponse:
         message=line.message,
     )
     entry.time.CopyFrom(to_timestamp(line.timestamp))
+    # Only a key the worker sends, not a digest of the body as for reports: two lines
+    # alike to the byte (a message repeated within the timestamp's second) are two
+    # lines, not a retry.
+    key = senders_key(request, f"{CONTRACT}-log")
     # An ERROR line fails a pending or processing video, never a job of another kind.
     await stub_of(request).WriteLog(
-        svc.WriteLogRequest(entry=entry, kind=job_pb2.JOB_KIND_VIDEO),
+        svc.WriteLogRequest(entry=entry, kind=job_pb2.JOB_KIND_VIDEO, idempotency_key=key),
         timeout=config_of(request).rpc_timeout_seconds,
     )
     return json_response({"success": True})

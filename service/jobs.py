@@ -397,8 +397,14 @@ class Jobs:
     # -- logs --------------------------------------------------------------
 
     async def write_log(
-        self, entry: log_pb2.LogEntry, token: str = "", kind: int = 0
+        self, entry: log_pb2.LogEntry, token: str = "", kind: int = 0, key: str = ""
     ) -> job_service_pb2.WriteLogResponse:
+        """Stores a line; with `key`, a repeat of (job id, key) stores nothing and is
+        answered with the line stored first (`duplicate`). An ERROR line of a repeat
+        fails nothing more: the first attempt failed the job before storing the line,
+        so the job has ended."""
+        if key:
+            validation.idempotency_key(key)
         validation.log_level(entry.level, "entry.level")
         validation.optional_kind(kind)
         if not entry.message:
@@ -437,7 +443,9 @@ class Jobs:
             command = FailFromLog(stored, key)
             change = await self._one(JobCommand(stored.job_id, command))
             failed = isinstance(change, Applied)
-        await self.store.write_log(stored, of_no_job=record is None)
+        earlier = await self.store.write_log(stored, of_no_job=record is None, key=key)
+        if earlier is not None:
+            return job_service_pb2.WriteLogResponse(entry=earlier, duplicate=True)
         return job_service_pb2.WriteLogResponse(entry=stored, job_failed=failed)
 
     async def list_logs(self, request: job_service_pb2.ListLogsRequest) -> list[log_pb2.LogEntry]:

@@ -220,7 +220,9 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     async def WriteLog(
         self, request: job_service_pb2.WriteLogRequest, context: Context
     ) -> job_service_pb2.WriteLogResponse:
-        return await self._jobs.write_log(request.entry, request.callback_token, request.kind)
+        return await self._jobs.write_log(
+            request.entry, request.callback_token, request.kind, request.idempotency_key
+        )
 
     @unary
     async def ListLogs(

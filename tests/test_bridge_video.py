@@ -124,6 +124,33 @@ async def test_examples_verbatim(tmp_path: Any) -> None:
         assert (await get_job(s, "12345")).state == job_pb2.JOB_STATE_SUCCEEDED
 
 
+async def test_a_log_line_posted_again_with_its_idempotency_key_is_stored_once(
+    bridge: Any, stub: Any
+) -> None:
+    """A worker retrying a POST /api/log (its 200 lost) stored the line again; with an
+    Idempotency-Key it is stored once. Without one, two lines alike to the byte are two
+    lines (a message repeated within its timestamp's second)."""
+    vid = new_id("v")
+    await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid, video())
+    line = {"level": "INFO", "message": "fragmento", "timestamp": "2023-05-01T12:00:00Z"}
+    keyed = {**VIDEO_AUTH, "Idempotency-Key": "line-1"}
+    for _ in range(2):
+        ok = await bridge.post("/api/log", {**line, "videoId": vid}, headers=keyed)
+        assert ok == (200, {"success": True})
+        plain = await bridge.post(
+            "/api/log", {**line, "videoId": vid, "message": "sin clave"}, headers=VIDEO_AUTH
+        )
+        assert plain == (200, {"success": True})
+    # The same key for another video is another line.
+    other = new_id("v")
+    assert (await bridge.post("/api/log", {**line, "videoId": other}, headers=keyed))[0] == 200
+    status, listed = await bridge.get("/api/log?limit=1000", headers=VIDEO_AUTH)
+    assert status == 200
+    mine = [entry["message"] for entry in listed if entry["videoId"] == vid]
+    assert sorted(mine) == ["fragmento", "sin clave", "sin clave"]
+    assert [entry["message"] for entry in listed if entry["videoId"] == other] == ["fragmento"]
+
+
 async def test_error_report_and_error_log_fail_the_video(bridge: Any, stub: Any) -> None:
     vid = new_id("v")
     await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid, video())

@@ -565,6 +565,30 @@ async def test_report_progress_retried_after_a_lost_reply_is_applied_once(
         assert (await c.get_job("r-1")).sequence == 2  # applied once all the same
 
 
+async def test_write_log_retried_after_a_lost_reply_is_stored_once(
+    service: ServiceHandle, proxy: FaultProxy
+) -> None:
+    """write_log was never retried (a repeat stored the line twice): now its key makes
+    a repeat a duplicate, answered with the line stored first."""
+    async with client(proxy.target) as c:
+        await c.create_job("GENERIC", job_id="wl-1")
+        proxy.lose_reply["WriteLog"] = 1  # stored by the service, reply lost
+        reply = await c.write_log("once", job_id="wl-1")
+        assert proxy.calls["WriteLog"] == 2  # the client retried...
+        assert reply.duplicate and reply.entry.message == "once"  # ...with the same key
+        assert [e.message for e in await c.list_logs(job_id="wl-1")] == ["once"]
+        # A key given by hand: the same key again is the same line; another is another.
+        first = await c.write_log("mine", job_id="wl-1", idempotency_key="k-1")
+        again = await c.write_log("mine, changed", job_id="wl-1", idempotency_key="k-1")
+        assert not first.duplicate and again.duplicate
+        assert again.entry.message == "mine" and again.entry.time == first.entry.time
+        other = await c.write_log("mine", job_id="wl-1", idempotency_key="k-2")
+        assert not other.duplicate
+        assert [e.message for e in await c.list_logs(job_id="wl-1")].count("mine") == 2
+        with pytest.raises(InvalidArgument, match="idempotency_key must be at most 256"):
+            await c.write_log("long key", job_id="wl-1", idempotency_key="k" * 257)
+
+
 async def test_report_progress_retried_after_a_dropped_connection_is_applied_once(
     service: ServiceHandle,
 ) -> None:

@@ -194,6 +194,24 @@ async def test_a_line_whose_job_is_gone_as_it_is_stored_ages_out(store: Store) -
     assert [e.message for e in await store.list_logs("", 0, 50)] == ["there"]
 
 
+async def test_a_log_line_with_a_key_is_stored_once(store: Store) -> None:
+    """WriteLog's idempotency key: per job id; a line without one is always stored."""
+
+    def line(job_id: str, message: str) -> log_pb2.LogEntry:
+        entry = log_pb2.LogEntry(job_id=job_id, level=log_pb2.LOG_LEVEL_INFO, message=message)
+        entry.record_time.FromNanoseconds(time.time_ns())
+        return entry
+
+    assert await store.write_log(line("a", "first"), key="k") is None
+    earlier = await store.write_log(line("a", "again"), key="k")
+    assert earlier is not None and earlier.message == "first"
+    assert await store.write_log(line("b", "other job"), key="k") is None
+    for _ in range(2):
+        assert await store.write_log(line("a", "no key")) is None
+    messages = sorted(e.message for e in await store.list_logs("", 0, 50))
+    assert messages == ["first", "no key", "no key", "other job"]
+
+
 async def test_artifacts_stream_and_replace(store: Store) -> None:
     from jobwire.v1 import artifact_pb2
 

@@ -430,7 +430,9 @@ class EmbeddedStore:
 
     # -- logs --------------------------------------------------------------
 
-    async def write_log(self, entry: log_pb2.LogEntry, of_no_job: bool = False) -> None:
+    async def write_log(
+        self, entry: log_pb2.LogEntry, of_no_job: bool = False, key: str = ""
+    ) -> log_pb2.LogEntry | None:
         blob = entry.SerializeToString()
         received = entry.record_time.ToNanoseconds()
         job_id = entry.job_id
@@ -439,15 +441,22 @@ class EmbeddedStore:
         # caller read it took its lines already, and nothing else would take this one.
         no_job = "CASE WHEN ? OR NOT EXISTS (SELECT 1 FROM jobs WHERE id = ?) THEN ? END"
 
-        def insert(conn: sqlite3.Connection) -> None:
-            with conn:
+        def insert(conn: sqlite3.Connection) -> log_pb2.LogEntry | None:
+            with conn:  # one writer: the look-up and the insert are one step
+                if key:
+                    row = conn.execute(
+                        "SELECT entry FROM logs WHERE job_id = ? AND key = ?", (job_id, key)
+                    ).fetchone()
+                    if row is not None:
+                        return log_pb2.LogEntry.FromString(row[0])
                 conn.execute(
-                    "INSERT INTO logs (job_id, level, kind, time_ns, no_job_ns, entry)"
-                    f" VALUES (?, ?, ?, ?, {no_job}, ?)",
-                    (*args, job_id, received, blob),
+                    "INSERT INTO logs (job_id, level, kind, time_ns, no_job_ns, key, entry)"
+                    f" VALUES (?, ?, ?, ?, {no_job}, ?, ?)",
+                    (*args, job_id, received, key or None, blob),
                 )
+            return None
 
-        await self._write(insert)
+        return await self._write(insert)
 
     async def list_logs(
         self, job_id: str, level: int, limit: int, kind: int = 0
@@ -1284,8 +1293,14 @@ def _migrate(conn: sqlite3.Connection) -> None:
             "(SELECT kind FROM jobs WHERE jobs.id = logs.job_id), 0)"
         )
     conn.execute("CREATE INDEX IF NOT EXISTS logs_kind ON logs(kind, time_ns, id)")
-    if "no_job_ns" not in {row[1] for row in conn.execute("PRAGMA table_info(logs)")}:
+    log_columns = {row[1] for row in conn.execute("PRAGMA table_info(logs)")}
+    if "no_job_ns" not in log_columns:
         _add_no_job_times(conn)
+    if "key" not in log_columns:
+        conn.execute("ALTER TABLE logs ADD COLUMN key TEXT")  # WriteLog's idempotency key
+    conn.execute(
+        "CREATE UNIQUE INDEX IF NOT EXISTS logs_key ON logs(job_id, key) WHERE key IS NOT NULL"
+    )
     conn.execute(
         "CREATE INDEX IF NOT EXISTS logs_no_job ON logs(no_job_ns, id) WHERE no_job_ns IS NOT NULL"
     )

@@ -700,6 +700,7 @@ class MongoStore:
                 IndexModel([("time_ns", DESCENDING), ("_id", DESCENDING)], name="newest_first"),
             ),
             (self.logs, IndexModel([("nj", ASCENDING)], name="no_job", sparse=True)),
+            (self.logs, IndexModel([("k", ASCENDING)], name="log_key", unique=True, sparse=True)),
             (
                 self.logs,
                 IndexModel(
@@ -1322,12 +1323,20 @@ class MongoStore:
 
     # -- logs ----------------------------------------------------------------------
 
-    async def write_log(self, entry: log_pb2.LogEntry, of_no_job: bool = False) -> None:
+    async def write_log(
+        self, entry: log_pb2.LogEntry, of_no_job: bool = False, key: str = ""
+    ) -> log_pb2.LogEntry | None:
         with _guard("write_log"):
-            async with self._writing():
-                stored = await self.logs.insert_one(codec.log_document(entry, of_no_job))
+            try:
+                async with self._writing():
+                    stored = await self.logs.insert_one(codec.log_document(entry, of_no_job, key))
+            except pymongo.errors.DuplicateKeyError:  # the unique index `log_key`
+                earlier = await self.logs.find_one({"k": codec.log_key(entry.job_id, key)})
+                if earlier is None:  # deleted meanwhile (its job's deletion): store again
+                    return await self.write_log(entry, of_no_job, key)
+                return codec.decode_log(earlier)
             if of_no_job or await self.jobs.find_one({"_id": entry.job_id}, {"_id": 1}):
-                return
+                return None
             # Its job was deleted as the line came (the deletion's delete_many of its
             # lines may have run before this insert): nothing else would take it.
             async with self._writing():
@@ -1335,6 +1344,7 @@ class MongoStore:
                     {"_id": stored.inserted_id},
                     {"$set": {"nj": entry.record_time.ToNanoseconds()}},
                 )
+            return None
 
     async def list_logs(
         self, job_id: str, level: int, limit: int, kind: int = 0

@@ -208,7 +208,13 @@ def decode_event(entry: RingEntry) -> event_pb2.JobEvent:
     return event_pb2.JobEvent.FromString(bytes(entry["e"]))
 
 
-def log_document(entry: log_pb2.LogEntry, of_no_job: bool = False) -> Doc:
+def log_key(job_id: str, key: str) -> str:
+    """A log line's idempotency key, one field for a unique sparse index (lines without
+    one are not in it): the job id's length first, so no two (job id, key) pairs meet."""
+    return f"{len(job_id)}:{job_id}:{key}"
+
+
+def log_document(entry: log_pb2.LogEntry, of_no_job: bool = False, key: str = "") -> Doc:
     doc: Doc = {
         "job_id": entry.job_id,
         "level": entry.level,
@@ -218,6 +224,8 @@ def log_document(entry: log_pb2.LogEntry, of_no_job: bool = False) -> Doc:
     }
     if of_no_job:  # a line no job deletion takes: aged out from its record time
         doc["nj"] = entry.record_time.ToNanoseconds()
+    if key:
+        doc["k"] = log_key(entry.job_id, key)
     return doc
 
 

@@ -132,10 +132,14 @@ class Store(Protocol):
         `since_ns`, ascending; fewer (at least one) when they are large, so only an
         empty list says there are no more."""
 
-    async def write_log(self, entry: log_pb2.LogEntry, of_no_job: bool = False) -> None:
+    async def write_log(
+        self, entry: log_pb2.LogEntry, of_no_job: bool = False, key: str = ""
+    ) -> log_pb2.LogEntry | None:
         """Stores a line; `of_no_job` when its id named no job as it was written (an
         `UNKNOWN` line, a video id, a deleted job's): nothing deletes such a line with
-        a job, so `delete_jobless_logs` ages it out by its record time."""
+        a job, so `delete_jobless_logs` ages it out by its record time. With `key`, a
+        line stored before under (entry.job_id, key) is returned and nothing is
+        written; None when this one was stored."""
 
     async def list_logs(
         self, job_id: str, level: int, limit: int, kind: int = 0

@@ -537,11 +537,17 @@ class WriteLogRequest(_message.Message):
     ENTRY_FIELD_NUMBER: _builtins.int
     CALLBACK_TOKEN_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     callback_token: _builtins.str
     """When set, must match the job's callback token."""
     kind: _job_pb2.JobKind.ValueType
     """When set, an ERROR line fails its job only if the job is of this kind
     (the video worker's ERROR log fails videos); the line is stored either way.
+    """
+    idempotency_key: _builtins.str
+    """Makes the write safe to retry: a line already stored under this key and
+    `entry.job_id` is answered (duplicate = true) and not stored again. At most
+    256 characters; optional (without it every write stores a line).
     """
     @_builtins.property
     def entry(self) -> _log_pb2.LogEntry:
@@ -555,10 +561,11 @@ class WriteLogRequest(_message.Message):
         entry: _log_pb2.LogEntry | None = ...,
         callback_token: _builtins.str = ...,
         kind: _job_pb2.JobKind.ValueType = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback_token", b"callback_token", "entry", b"entry", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback_token", b"callback_token", "entry", b"entry", "idempotency_key", b"idempotency_key", "kind", b"kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -570,21 +577,25 @@ class WriteLogResponse(_message.Message):
 
     ENTRY_FIELD_NUMBER: _builtins.int
     JOB_FAILED_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
     job_failed: _builtins.bool
-    """True when this ERROR line failed its job."""
+    """True when this ERROR line failed its job (false for a duplicate)."""
+    duplicate: _builtins.bool
+    """True when the key was stored before: nothing was written."""
     @_builtins.property
     def entry(self) -> _log_pb2.LogEntry:
-        """The stored line."""
+        """The stored line (for a duplicate: the one stored first)."""
 
     def __init__(
         self,
         *,
         entry: _log_pb2.LogEntry | None = ...,
         job_failed: _builtins.bool = ...,
+        duplicate: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "job_failed", b"job_failed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "entry", b"entry", "job_failed", b"job_failed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
