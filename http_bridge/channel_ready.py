@@ -12,6 +12,7 @@ Health checks are not held: readiness says what the channel is now.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,20 +31,33 @@ class ChannelReady:
         self.channel: grpc.aio.Channel | None = None
         self._watch: asyncio.Task[None] | None = None
 
-    async def wait(self, method: str | bytes) -> None:
+    async def wait(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        """`details` once the channel is READY or the wait is over, with what the wait
+        left of the call's timeout: the deadline counts from the call, the wait in it
+        (a call to a service gone away took the whole wait past a shorter deadline)."""
         channel = self.channel
         # One C call on the hot path: a connected channel is not held.
         if channel is None or channel.get_state(True) is grpc.ChannelConnectivity.READY:
-            return
+            return details
+        method = details.method
         if (method.decode() if isinstance(method, bytes) else method).startswith(_HEALTH):
-            return
+            return details
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        timeout = details.timeout
+        bound = self.bound if timeout is None else max(0.0, min(self.bound, timeout))
         # One watcher for every held call, not one state-change wait per call.
         if self._watch is None or self._watch.done():
-            self._watch = asyncio.get_running_loop().create_task(channel.channel_ready())
-        try:
-            await asyncio.wait_for(asyncio.shield(self._watch), self.bound)
-        except Exception:  # still away (or the channel closed): the call says how
-            return
+            self._watch = loop.create_task(channel.channel_ready())
+        # Still away (or the channel closed) once it is over: the call says how.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(self._watch), bound)
+        if timeout is None:
+            return details
+        left = max(0.0, timeout - (loop.time() - began))
+        return grpc.aio.ClientCallDetails(
+            method, left, details.metadata, details.credentials, details.wait_for_ready
+        )
 
     def close(self) -> None:
         if self._watch is not None:
@@ -56,21 +70,18 @@ class ChannelReady:
             async def intercept_unary_unary(
                 self, continuation: Any, details: Any, request: Any
             ) -> Any:
-                await wait(details.method)
-                return await continuation(details, request)
+                return await continuation(await wait(details), request)
 
         class UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
             async def intercept_unary_stream(
                 self, continuation: Any, details: Any, request: Any
             ) -> Any:
-                await wait(details.method)
-                return await continuation(details, request)
+                return await continuation(await wait(details), request)
 
         class StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
             async def intercept_stream_unary(
                 self, continuation: Any, details: Any, request_iterator: Any
             ) -> Any:
-                await wait(details.method)
-                return await continuation(details, request_iterator)
+                return await continuation(await wait(details), request_iterator)
 
         return [UnaryUnary(), UnaryStream(), StreamUnary()]

@@ -15,7 +15,7 @@ import pytest
 from http_bridge import grpc_client
 from jobwire.v1 import job_pb2, job_service_pb2
 from service.store.embedded import EmbeddedStore
-from tests.bridge_harness import TEST_CONFIG, create_job, running_bridge
+from tests.bridge_harness import TEST_CONFIG, VIDEO_AUTH, create_job, running_bridge
 from tests.conftest import make_policy, start_service
 
 # A backoff of 2.4-3.6 s (gRPC's 20 % jitter): well past the service's restart.
@@ -61,3 +61,20 @@ async def test_a_callback_just_after_the_service_is_back_is_taken(
         began = time.monotonic()
         assert await report(30) == 503
         assert time.monotonic() - began < 8
+
+
+async def test_the_reconnect_wait_counts_within_the_call_s_deadline(tmp_path: Path) -> None:
+    """JOBWIRE_RPC_TIMEOUT_SECONDS is each call's deadline, the bridge's own waiting
+    included (README): the reconnect wait is part of it, not added before it. A call to
+    a service gone away took the whole wait (1.7 s) past a 0.3 s deadline."""
+    service = await start_service(EmbeddedStore(tmp_path / "data", make_policy()))
+    config = dataclasses.replace(
+        TEST_CONFIG, service_target=service.target, rpc_timeout_seconds=0.3
+    )
+    async with running_bridge(config) as bridge:
+        assert (await bridge.get("/api/pending", headers=VIDEO_AUTH))[0] == 204
+        await service.close()
+        for _ in range(3):  # away: the channel backs off and reconnects meanwhile
+            began = time.monotonic()
+            assert (await bridge.get("/api/pending", headers=VIDEO_AUTH))[0] == 503
+            assert time.monotonic() - began < 0.3 + 0.5
