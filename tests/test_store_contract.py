@@ -212,6 +212,18 @@ async def test_a_log_line_with_a_key_is_stored_once(store: Store) -> None:
     assert messages == ["first", "no key", "no key", "other job"]
 
 
+async def test_a_line_whose_job_appears_as_it_is_stored_is_not_of_no_job(store: Store) -> None:
+    """The mirror of the above: the caller found no job, then one of that id was made
+    (CreateJob with that id, an AuroraCloud outcome) before the line was stored. The
+    line is that job's: it was aged out as of no job, the job still RUNNING or QUEUED."""
+    await _new(store, "appeared")
+    entry = log_pb2.LogEntry(job_id="appeared", level=log_pb2.LOG_LEVEL_INFO, message="mine")
+    entry.record_time.FromNanoseconds(time.time_ns())
+    await store.write_log(entry, of_no_job=True)  # no job when read
+    assert await store.delete_jobless_logs(time.time_ns() + 1, 100) == 0
+    assert [e.message for e in await store.list_logs("appeared", 0, 50)] == ["mine"]
+
+
 async def test_artifacts_stream_and_replace(store: Store) -> None:
     from jobwire.v1 import artifact_pb2
 

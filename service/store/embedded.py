@@ -436,10 +436,12 @@ class EmbeddedStore:
         blob = entry.SerializeToString()
         received = entry.record_time.ToNanoseconds()
         job_id = entry.job_id
-        args = (job_id, entry.level, entry.kind, entry.time.ToNanoseconds(), of_no_job)
-        # Whether the job is there is asked again in the write: one deleted since the
-        # caller read it took its lines already, and nothing else would take this one.
-        no_job = "CASE WHEN ? OR NOT EXISTS (SELECT 1 FROM jobs WHERE id = ?) THEN ? END"
+        args = (job_id, entry.level, entry.kind, entry.time.ToNanoseconds())
+        # Whether the job is there is asked again in the write (`of_no_job` is what the
+        # caller read): one deleted since took its lines already, and nothing else would
+        # take this one; one made since (CreateJob with that id, an AuroraCloud outcome)
+        # owns it, and its line must not age out while it runs.
+        no_job = "CASE WHEN NOT EXISTS (SELECT 1 FROM jobs WHERE id = ?) THEN ? END"
 
         def insert(conn: sqlite3.Connection) -> log_pb2.LogEntry | None:
             with conn:  # one writer: the look-up and the insert are one step

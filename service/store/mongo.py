@@ -1335,15 +1335,21 @@ class MongoStore:
                 if earlier is None:  # deleted meanwhile (its job's deletion): store again
                     return await self.write_log(entry, of_no_job, key)
                 return codec.decode_log(earlier)
-            if of_no_job or await self.jobs.find_one({"_id": entry.job_id}, {"_id": 1}):
+            # Asked again after the insert (`of_no_job` is what the caller read).
+            there = await self.jobs.find_one({"_id": entry.job_id}, {"_id": 1}) is not None
+            if there != of_no_job:
                 return None
             # Its job was deleted as the line came (the deletion's delete_many of its
-            # lines may have run before this insert): nothing else would take it.
+            # lines may have run before this insert): nothing else would take it. Or one
+            # of that id was made meanwhile (CreateJob, an AuroraCloud outcome): the line
+            # is that job's, and must not age out while it runs.
+            change = (
+                {"$unset": {"nj": ""}}
+                if there
+                else {"$set": {"nj": entry.record_time.ToNanoseconds()}}
+            )
             async with self._writing():
-                await self.logs.update_one(
-                    {"_id": stored.inserted_id},
-                    {"$set": {"nj": entry.record_time.ToNanoseconds()}},
-                )
+                await self.logs.update_one({"_id": stored.inserted_id}, change)
             return None
 
     async def list_logs(

@@ -135,11 +135,12 @@ class Store(Protocol):
     async def write_log(
         self, entry: log_pb2.LogEntry, of_no_job: bool = False, key: str = ""
     ) -> log_pb2.LogEntry | None:
-        """Stores a line; `of_no_job` when its id named no job as it was written (an
+        """Stores a line; `of_no_job` when the caller found no job of its id (an
         `UNKNOWN` line, a video id, a deleted job's): nothing deletes such a line with
-        a job, so `delete_jobless_logs` ages it out by its record time. With `key`, a
-        line stored before under (entry.job_id, key) is returned and nothing is
-        written; None when this one was stored."""
+        a job, so `delete_jobless_logs` ages it out by its record time. The store asks
+        again as it writes: a job deleted or made since decides, not `of_no_job`. With
+        `key`, a line stored before under (entry.job_id, key) is returned and nothing
+        is written; None when this one was stored."""
 
     async def list_logs(
         self, job_id: str, level: int, limit: int, kind: int = 0
