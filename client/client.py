@@ -95,6 +95,8 @@ class Client:
 
         self._open = open_now
         self._ready_budget = reconnect_wait(options)
+        # Retries waiting for the channel to connect: close() ends them (see _ready).
+        self._ready_waits: set[asyncio.Task[None]] = set()
         # grpc.aio binds a channel to the event loop current when it is made: a channel
         # made before asyncio.run() failed every call with "attached to a different loop".
         self._channel: grpc.aio.Channel | None = None
@@ -130,6 +132,8 @@ class Client:
     async def close(self) -> None:
         """Closes the channel (cancelling its calls and watches); closing again is a no-op."""
         self._closed = True
+        for waiting in list(self._ready_waits):
+            waiting.cancel()  # the call says the client is closed (say_if_closed)
         if self._channel is not None:
             await self._channel.close()
 
@@ -592,12 +596,18 @@ class Client:
     async def _ready(self, seconds: float) -> bool:
         """Whether the channel connected within `seconds` (before a retry)."""
         channel = self._channel
-        if channel is None or seconds <= 0:
+        if channel is None or seconds <= 0 or self._closed:
             return False
+        # A task close() can cancel: closing the channel does not end a wait for its
+        # state, so a closed client's retry waited on for the whole wait.
+        waiting = asyncio.ensure_future(channel.channel_ready())
+        self._ready_waits.add(waiting)
         try:
-            await asyncio.wait_for(channel.channel_ready(), seconds)
+            await asyncio.wait_for(waiting, seconds)
         except TimeoutError:
             return False
+        finally:
+            self._ready_waits.discard(waiting)
         return True
 
     async def _unary(

@@ -861,6 +861,28 @@ async def test_a_call_after_the_service_is_back_waits_for_the_reconnect(
         assert loop.time() - begin < 6  # 0.35 s of backoff + 3 s x 1.2 + 0.5 s
 
 
+async def test_a_client_closed_while_a_retry_waits_for_the_reconnect_says_so_at_once(
+    tmp_path: Path,
+) -> None:
+    """A retry waits for the channel to connect (up to 2.9 s by default); closing the
+    client did not end that wait: the call went on until it ran out, then raised
+    grpc's 'Channel is closed.', where a call closed under raises at once that the
+    client is closed."""
+    gone = await start_service(EmbeddedStore(tmp_path, make_policy()))
+    target = gone.target
+    await gone.close()
+    c = client(target)
+    call = asyncio.ensure_future(c.get_job("any"))
+    await asyncio.sleep(0.6)  # past FAST's backoff: in the reconnect wait
+    assert not call.done()
+    loop = asyncio.get_running_loop()
+    closed = loop.time()
+    await c.close()
+    with pytest.raises(grpc.aio.UsageError, match="this jobwire Client is closed"):
+        await call
+    assert loop.time() - closed < 0.5
+
+
 async def test_watch_job_follows_a_job_whose_history_went_back(
     store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
