@@ -16,7 +16,7 @@ from http_bridge import connection_guard
 
 from . import present, sse, views
 from .auth import Auth, TooManyWrongTokens
-from .config import DashboardConfig
+from .config import DashboardConfig, host_allowed
 from .grpc_client import AUTH, SETTINGS, PageError, channel_ctx
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -127,6 +127,23 @@ def _error_page(
     return aiohttp_jinja2.render_template("error.html", request, context, status=status)
 
 
+# Probes reach a pod by its address, whatever the allowed names.
+PROBES = ("/healthz", "/readyz")
+
+
+@web.middleware
+async def allowed_host(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """JOBWIRE_DASHBOARD_ALLOWED_HOSTS: 421 for any other Host, before authentication."""
+    allowed = request.app[SETTINGS].allowed_hosts
+    if allowed and request.path not in PROBES:
+        host = request.headers.get("Host", "")
+        if not host_allowed(allowed, host):
+            shown = ascii(host) if host else "none"
+            message = f"this dashboard does not answer to the host {shown}"
+            return _error_page(request, 421, message, False)
+    return await handler(request)
+
+
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith(PUBLIC) or request.path == "/login":
@@ -152,7 +169,8 @@ def _finalize(value: object) -> object:
 
 def create_app(config: DashboardConfig) -> web.Application:
     app = web.Application(
-        middlewares=[security_headers, errors, authenticate], client_max_size=64 * 1024
+        middlewares=[security_headers, errors, allowed_host, authenticate],
+        client_max_size=64 * 1024,
     )
     app[SETTINGS] = config
     app[AUTH] = Auth(config)

@@ -53,6 +53,10 @@ class DashboardConfig:
     # would hold up every new login (a generated token is 256 random bits).
     login_rate: float = 0.0
     login_burst: float = 0.0
+    # Host names (optionally host:port) the dashboard answers to; empty: any. A page
+    # opened by another site's DNS name pointed at the dashboard (DNS rebinding) is
+    # same-origin for that site's script, which can then set the trusted user header.
+    allowed_hosts: frozenset[str] = frozenset()
 
     @property
     def closed(self) -> bool:
@@ -62,6 +66,13 @@ class DashboardConfig:
         """What an operator should hear at start (the token's value never)."""
         if self.closed:
             return [f"dashboard is closed: set {TOKEN_VAR} to open it"]
+        if self.trusted_user_header and not self.allowed_hosts:
+            return [
+                "JOBWIRE_DASHBOARD_TRUSTED_USER_HEADER is set without"
+                " JOBWIRE_DASHBOARD_ALLOWED_HOSTS: a web page whose DNS name is pointed at"
+                " this dashboard (DNS rebinding) could send that header itself; set the"
+                " host names the proxy uses"
+            ]
         if 0 < len(self.token) < MIN_TOKEN_CHARS:
             return [
                 f"{TOKEN_VAR} is {len(self.token)} characters: a short token can be guessed;"
@@ -111,7 +122,37 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
         max_connections=whole(merged, "JOBWIRE_DASHBOARD_MAX_CONNECTIONS", 1024),
         login_rate=login_rate,
         login_burst=login_burst,
+        allowed_hosts=_hosts(merged, "JOBWIRE_DASHBOARD_ALLOWED_HOSTS"),
     )
+
+
+# A host name or IPv4 address, or a bracketed IPv6 one, and an optional port.
+_HOST = re.compile(r"(?:[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def _hosts(env: Mapping[str, str], name: str) -> frozenset[str]:
+    """Comma-separated `host` or `host:port` entries, lower-cased; empty: any host."""
+    entries = [part.strip().lower() for part in env.get(name, "").split(",")]
+    hosts = frozenset(entry for entry in entries if entry)
+    for entry in sorted(hosts):
+        if not _HOST.fullmatch(entry):
+            raise SystemExit(
+                f"{name} must list host names (or host:port), comma-separated, such as"
+                f" dash.example.com,dash.example.com:8443; got {entry!r}"
+            )
+    return hosts
+
+
+def host_allowed(allowed: frozenset[str], host_header: str) -> bool:
+    """Whether a request's Host header names an allowed host: an entry with a port
+    matches that host and port, one without matches the host on any port."""
+    if not allowed:
+        return True
+    host = host_header.strip().lower()
+    if host in allowed:
+        return bool(host)
+    name, sep, port = host.rpartition(":")  # "[::1]:8081" -> "[::1]"
+    return bool(sep) and port.isdigit() and name in allowed
 
 
 # RFC 9110's token: a header name no request could carry would name nobody, silently.

@@ -300,7 +300,59 @@ def test_a_short_token_is_warned_about_at_start() -> None:
     (short,) = DashboardConfig(token="hunter2").warnings()
     assert "JOBWIRE_DASHBOARD_TOKEN is 7 characters" in short and "hunter2" not in short
     assert DashboardConfig(token=TOKEN).warnings() == []
-    assert DashboardConfig(trusted_user_header="X-Forwarded-User").warnings() == []
+    proxied = DashboardConfig(trusted_user_header="X-Forwarded-User")
+    (rebinding,) = proxied.warnings()
+    assert "without JOBWIRE_DASHBOARD_ALLOWED_HOSTS" in rebinding
+    named = dataclasses.replace(proxied, allowed_hosts=frozenset({"dash.example.com"}))
+    assert named.warnings() == []
+
+
+async def test_a_host_not_allowed_is_refused_before_anyone_is_logged_in(
+    grpc_service: Any, http: aiohttp.ClientSession
+) -> None:
+    """DNS rebinding: a page of evil.example whose name was pointed at the dashboard is
+    same-origin for that page's script, which can set the trusted user header itself;
+    it was logged in as whoever it named. With JOBWIRE_DASHBOARD_ALLOWED_HOSTS a Host
+    not listed gets 421, before authentication; probes answer whatever the Host."""
+    user = {"X-Forwarded-User": "alice@example.com"}
+    allowed = frozenset({"dash.example.com", "127.0.0.1:8443"})
+    cfg = config(grpc_service, trusted_user_header="X-Forwarded-User", allowed_hosts=allowed)
+    async with serve(cfg) as url:
+
+        async def status(path: str, host: str, **kw: Any) -> tuple[int, str]:
+            async with http.get(url + path, headers={**user, "Host": host}, **kw) as reply:
+                return reply.status, await reply.text()
+
+        code, body = await status("/api/jobs", "evil.example")
+        assert code == 421 and "does not answer to the host 'evil.example'" in body
+        code, body = await status("/jobs", "evil.example:8081")
+        assert code == 421 and "evil.example:8081" in body and "alice" not in body
+        assert (await status("/api/jobs", "DASH.example.com"))[0] == 200  # any case
+        assert (await status("/api/jobs", "dash.example.com:8081"))[0] == 200  # any port
+        assert (await status("/api/jobs", "127.0.0.1:8443"))[0] == 200
+        assert (await status("/api/jobs", "127.0.0.1:8081"))[0] == 421  # not that port
+        assert (await status("/api/jobs", "dash.example.com.evil.example"))[0] == 421
+        assert (await status("/healthz", "10.0.0.7:8081"))[0] == 200
+        # A Host of bytes that are no text: refused, named with the bytes escaped.
+        reader, writer = await asyncio.open_connection(*url.removeprefix("http://").split(":"))
+        writer.write(
+            b"GET /api/jobs HTTP/1.1\r\nHost: d\xffx\r\nX-Forwarded-User: a\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 421 ")
+        assert b"does not answer to the host" in answer and b"\xff" not in answer
+
+
+def test_allowed_hosts_are_checked_at_start(tmp_path: Path) -> None:
+    none = {"JOBWIRE_ENV_FILE": str(tmp_path / "none.env")}
+    env = {**none, "JOBWIRE_DASHBOARD_ALLOWED_HOSTS": " Dash.Example.com, [::1]:8081 ,"}
+    assert load_config(env).allowed_hosts == {"dash.example.com", "[::1]:8081"}
+    assert load_config(none).allowed_hosts == frozenset()
+    for bad in ("https://dash.example.com", "dash.example.com/jobs", "dash example", "-x"):
+        with pytest.raises(SystemExit, match="JOBWIRE_DASHBOARD_ALLOWED_HOSTS must list"):
+            load_config({**none, "JOBWIRE_DASHBOARD_ALLOWED_HOSTS": bad})
 
 
 async def test_pages_about_jobs_are_never_stored_by_a_cache(
