@@ -66,19 +66,20 @@ class DashboardConfig:
         """What an operator should hear at start (the token's value never)."""
         if self.closed:
             return [f"dashboard is closed: set {TOKEN_VAR} to open it"]
+        said = []
         if self.trusted_user_header and not self.allowed_hosts:
-            return [
+            said.append(
                 "JOBWIRE_DASHBOARD_TRUSTED_USER_HEADER is set without"
                 " JOBWIRE_DASHBOARD_ALLOWED_HOSTS: a web page whose DNS name is pointed at"
                 " this dashboard (DNS rebinding) could send that header itself; set the"
                 " host names the proxy uses"
-            ]
+            )
         if 0 < len(self.token) < MIN_TOKEN_CHARS:
-            return [
+            said.append(
                 f"{TOKEN_VAR} is {len(self.token)} characters: a short token can be guessed;"
                 f" use {MIN_TOKEN_CHARS} or more (jobwire run generates 43)"
-            ]
-        return []
+            )
+        return said
 
 
 def ensure_token(path: Path, present: Mapping[str, str]) -> dict[str, str]:
