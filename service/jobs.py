@@ -439,8 +439,8 @@ class Jobs:
             and (not kind or record.job.kind == kind)  # WriteLogRequest.kind
         ):
             # Keyed by the line's content, so a retried line fails the job once.
-            key = "log:" + hashlib.sha256(stored.SerializeToString(deterministic=True)).hexdigest()
-            command = FailFromLog(stored, key)
+            digest = hashlib.sha256(stored.SerializeToString(deterministic=True)).hexdigest()
+            command = FailFromLog(stored, f"log:{digest}")
             change = await self._one(JobCommand(stored.job_id, command))
             failed = isinstance(change, Applied)
         earlier = await self.store.write_log(stored, of_no_job=record is None, key=key)

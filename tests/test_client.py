@@ -585,6 +585,14 @@ async def test_write_log_retried_after_a_lost_reply_is_stored_once(
         other = await c.write_log("mine", job_id="wl-1", idempotency_key="k-2")
         assert not other.duplicate
         assert [e.message for e in await c.list_logs(job_id="wl-1")].count("mine") == 2
+        # An ERROR line that fails its job keeps its key too (it was stored under the
+        # job failure's own key, so its retry was stored again).
+        await c.create_job("GENERIC", job_id="wl-2")
+        await c.report_progress("wl-2", 10)
+        broke = await c.write_log("broke", job_id="wl-2", level="ERROR", idempotency_key="e-1")
+        retried = await c.write_log("broke", job_id="wl-2", level="ERROR", idempotency_key="e-1")
+        assert broke.job_failed and retried.duplicate
+        assert [e.message for e in await c.list_logs(job_id="wl-2")] == ["broke"]
         with pytest.raises(InvalidArgument, match="idempotency_key must be at most 256"):
             await c.write_log("long key", job_id="wl-1", idempotency_key="k" * 257)
 
