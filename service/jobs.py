@@ -41,7 +41,7 @@ from .domain.records import (
 )
 from .fanout import Fanout, Item, Subscription, SubscriptionClosed
 from .firehose import Firehose, Gap, Live
-from .job_locks import JobLocks, settled
+from .job_locks import KeyedLocks, settled
 from .metrics import (
     COALESCED_DELIVERIES,
     EVENTS_APPLIED,
@@ -95,7 +95,7 @@ class Jobs:
         self.stall_sweep_seconds = 1.0
         # A completion naming artifacts and an artifact's replacement, one at a time
         # per job: each checks the other's side, then writes (job_locks.py).
-        self._artifact_locks = JobLocks()
+        self._artifact_locks = KeyedLocks()
 
     async def start(self) -> None:
         origin = self.store.single_writer_origin

@@ -6,7 +6,7 @@ import asyncio
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -84,6 +84,18 @@ async def until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
     deadline = loop.time() + timeout
     while not predicate():
         assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)  # the polling interval of this waiter
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float = WAIT, what: str = "condition"
+) -> None:
+    """`until` for a condition read over the network (an RPC, a query): polls it until
+    it holds, or fails naming `what` after `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        assert loop.time() < deadline, f"{what} not within {timeout}s"
         await asyncio.sleep(0.01)  # the polling interval of this waiter
 
 

@@ -25,10 +25,21 @@ from service.config import Settings
 from service.store.factory import open_store
 from service.store.mongo import MongoStore
 from tests.conftest import make_policy, start_service
-from tests.helpers import cli_result, completed, create, free_port, progress, read, read_all
+from tests.helpers import (
+    cli_result,
+    completed,
+    create,
+    eventually,
+    free_port,
+    progress,
+    read,
+    read_all,
+)
 from tests.mongo_server import FerretDBProcess, require_ferretdb
 from tests.tcp_cutter import TcpCutter
 
+# A server restarted or a password rotated: the service heals within this.
+OUTAGE_WAIT = 20.0
 ADMIN_PASSWORD = "adm1n-pw-for-tests"
 PASSWORD = "svc-Pa55word-9f2c"
 ROTATED = "rotated-Pa55word-77aa"
@@ -59,13 +70,6 @@ async def _admin(server: FerretDBProcess, *command: object, **options: object) -
         await client["jobwire"].command(*command, **options)  # type: ignore[call-overload]
     finally:
         await client.close()
-
-
-async def _until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, f"{what} not within {timeout}s"
-        await asyncio.sleep(0.05)  # the polling interval of this waiter
 
 
 async def test_refused_credentials_are_unavailable_and_heal_without_a_restart(
@@ -121,7 +125,7 @@ async def test_refused_credentials_are_unavailable_and_heal_without_a_restart(
         async def sweep_refused() -> bool:  # logged once, not once per 50 ms tick
             return any("lease sweep failed" in r.getMessage() for r in caplog.records)
 
-        await _until(sweep_refused, "a lease sweep refused by MongoDB")
+        await eventually(sweep_refused, OUTAGE_WAIT, "a lease sweep refused by MongoDB")
         await _admin(auth_server, "updateUser", "svc", pwd=PASSWORD)
 
         async def answers() -> bool:
@@ -132,13 +136,13 @@ async def test_refused_credentials_are_unavailable_and_heal_without_a_restart(
                 return False
             return True
 
-        await _until(answers, "ReportEvent after the password was restored")
+        await eventually(answers, OUTAGE_WAIT, "ReportEvent after the password was restored")
 
         async def requeued() -> bool:  # the sweeper, still running, expires the lease
             job = await stub.GetJob(job_service_pb2.GetJobRequest(id="steady"))
             return bool(job.state == job_pb2.JOB_STATE_QUEUED)
 
-        await _until(requeued, "the lapsed lease requeued by the sweeper")
+        await eventually(requeued, OUTAGE_WAIT, "the lapsed lease requeued by the sweeper")
         assert not handle.running.sweeper.done()
         failures = [r for r in caplog.records if "lease sweep failed" in r.getMessage()]
         assert len(failures) == 1, [r.getMessage() for r in failures]
@@ -298,7 +302,7 @@ async def test_a_callback_whose_reply_was_lost_reaches_every_stream_once(
             doc = await direct["lost_reply"]["jobs"].find_one({"_id": "j"}, {"seq": 1})
             return bool(doc and doc["seq"] == 2)
 
-        await _until(landed, "the update reaching the database")
+        await eventually(landed, OUTAGE_WAIT, "the update reaching the database")
         cutter.cut()
         with pytest.raises(grpc.aio.AioRpcError) as lost:
             await first
@@ -313,7 +317,7 @@ async def test_a_callback_whose_reply_was_lost_reaches_every_stream_once(
             assert reply.duplicate and reply.sequence == 2, reply
             return True
 
-        await _until(retried, "the retried callback acknowledged")
+        await eventually(retried, OUTAGE_WAIT, "the retried callback acknowledged")
         rest = await read_all(watch, timeout=10)
         assert [item.event.sequence for item in rest] == [2]
         assert rest[0].event.type == event_pb2.EVENT_TYPE_COMPLETED
@@ -379,7 +383,7 @@ async def test_a_frozen_database_bounds_every_call_and_the_service_recovers(
                 return False
             return True
 
-        await _until(writes, "a write after SIGCONT")
+        await eventually(writes, OUTAGE_WAIT, "a write after SIGCONT")
         seen = [(await read(watch)).event.sequence]
         job = await stub.GetJob(job_service_pb2.GetJobRequest(id="f"))
         while seen[-1] < job.sequence:

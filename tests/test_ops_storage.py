@@ -198,7 +198,7 @@ async def test_mongo_log_lines_from_before_log_kinds_get_their_jobs_kind(
     assert isinstance(store, MongoStore)
     handle = await start_service(store)
     try:
-        await store.log_kinds_backfilled()
+        await store.old_logs_upgraded()
         videos = await handle.stub.ListLogs(
             job_service_pb2.ListLogsRequest(kind=job_pb2.JOB_KIND_VIDEO)
         )

@@ -14,7 +14,7 @@ import hashlib
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import grpc
@@ -39,21 +39,13 @@ from tests.bridge_harness import (
     running_bridge,
 )
 from tests.conftest import ServiceHandle, make_policy, open_test_store, start_service
-from tests.helpers import WAIT, completed, create, failed, progress, until
+from tests.helpers import WAIT, completed, create, eventually, failed, progress, until
 
 QUEUED, RUNNING = job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING
 GENERIC = job_pb2.JOB_KIND_GENERIC
 RETENTION_S = 2.0
 MiB = 1024 * 1024
 CONTENT = bytes(range(256)) * (10 * 1024)  # 2.5 MiB: three chunks
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = WAIT) -> None:
-    """Polls a condition read over RPC until it holds, or fails after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)  # the polling interval of this waiter
 
 
 async def _gone(service: ServiceHandle, job_id: str) -> bool:
@@ -272,7 +264,7 @@ async def test_older_lines_of_no_job_are_found_at_the_upgrade(
         store = await open_test_store(store_kind, tmp_path, request, make_policy(), database)
         assert isinstance(store, MongoStore)
         await store.start()
-        await store.log_kinds_backfilled()  # the start's own pass: done, nothing to do
+        await store.old_logs_upgraded()  # the start's own pass: done, nothing to do
         await store.logs.update_many({}, {"$unset": {"nj": ""}})
         await store.database["migrations"].delete_many({})
         upgraded = time.time_ns()

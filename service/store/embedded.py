@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -1275,18 +1275,13 @@ def _migrate(conn: sqlite3.Connection) -> None:
     if "key" not in {row[1] for row in conn.execute("PRAGMA table_info(events)")}:
         # The keys a job row held (as of its last event) become its job_keys, and the
         # row sheds them (once, here: the writes of events never name the column).
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(conn):
             conn.execute("ALTER TABLE events ADD COLUMN key TEXT")
             conn.execute(
                 "INSERT OR IGNORE INTO job_keys (job_id, seq, keys)"
                 " SELECT id, seq, keys FROM jobs WHERE keys NOT IN ('', char(30))"
             )
             conn.execute("UPDATE jobs SET keys = '' WHERE keys != ''")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
     if "kind" not in {row[1] for row in conn.execute("PRAGMA table_info(logs)")}:
         # LogEntry.kind: older lines take their job's kind (a line of no job: none).
         conn.execute("ALTER TABLE logs ADD COLUMN kind INTEGER NOT NULL DEFAULT 0")
@@ -1311,25 +1306,19 @@ def _migrate(conn: sqlite3.Connection) -> None:
 def _add_no_job_times(conn: sqlite3.Connection) -> None:
     """logs.no_job_ns: the lines already there under an id that names no job (other
     than UNKNOWN, which ages by its own time) age out counted from now."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         conn.execute("ALTER TABLE logs ADD COLUMN no_job_ns INTEGER")
         conn.execute(
             "UPDATE logs SET no_job_ns = ? WHERE job_id != ?"
             " AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.id = logs.job_id)",
             (time.time_ns(), validation.UNKNOWN_JOB),
         )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def _add_end_times(conn: sqlite3.Connection) -> None:
     """jobs.end_ns, filled for the jobs that ended before it existed (from their
     snapshots, once), so that JOBWIRE_JOB_RETENTION sees them too."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         conn.execute("ALTER TABLE jobs ADD COLUMN end_ns INTEGER")
         ended = conn.execute(
             f"SELECT id, snapshot FROM jobs WHERE state IN ({_marks(_ENDED)})",
@@ -1339,6 +1328,15 @@ def _add_end_times(conn: sqlite3.Connection) -> None:
             "UPDATE jobs SET end_ns = ? WHERE id = ?",
             [(events.end_ns(job_pb2.Job.FromString(blob)), job_id) for job_id, blob in ended],
         )
+
+
+@contextlib.contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction on an autocommit connection, taken at once (BEGIN
+    IMMEDIATE: no other writer can slip in between its read and its writes)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -1370,8 +1368,7 @@ def _settle_retention(conn: sqlite3.Connection, retention: int) -> None:
     row = conn.execute("SELECT value FROM meta WHERE name = 'retention'").fetchone()
     if row is not None and row[0] == retention:
         return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate(conn):
         if row is not None and row[0] < retention:
             conn.execute(
                 "DELETE FROM events WHERE seq <= (SELECT seq FROM jobs WHERE jobs.id ="
@@ -1381,10 +1378,6 @@ def _settle_retention(conn: sqlite3.Connection, retention: int) -> None:
         conn.execute(
             "INSERT OR REPLACE INTO meta (name, value) VALUES ('retention', ?)", (retention,)
         )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def _insert_job(conn: sqlite3.Connection, record: JobRecord) -> None:

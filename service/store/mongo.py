@@ -25,7 +25,6 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
-    Iterable,
     Iterator,
     Mapping,
     Sequence,
@@ -72,6 +71,7 @@ from ..domain.records import (
     JobRecord,
     Policy,
 )
+from ..job_locks import KeyedLocks
 from ..tasks import stop_within
 from . import mongo_codec as codec
 from .mongo_feed import DEFAULT_MAX_DOCS, MongoEventFeed
@@ -218,70 +218,12 @@ def _backoff(attempt: int) -> float:
     return random.uniform(0, min(0.05, 0.0005 * 2 ** min(attempt, 10)))
 
 
-class _KeyedLocks:
-    """In-process locks per job, taken in sorted order (no deadlock between batches).
-
-    On MongoDB they only spare this process's writers the lost-race retries; the
-    conditional update (`seq` in the filter) is what keeps replicas correct. On
-    FerretDB v1.24 they are required: its SQLite handler runs an update as an
-    unsynchronised read-modify-write, so two concurrent updates of one document
-    may both "match" and one silently overwrites the other.
-    """
-
-    def __init__(self) -> None:
-        self._locks: dict[str, list[Any]] = {}
-
-    def _ref(self, key: str) -> asyncio.Lock:
-        entry = self._locks.get(key)
-        if entry is None:
-            entry = self._locks[key] = [asyncio.Lock(), 0]
-        entry[1] += 1
-        lock: asyncio.Lock = entry[0]
-        return lock
-
-    def _unref(self, key: str) -> None:
-        entry = self._locks[key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            del self._locks[key]
-
-    @contextlib.asynccontextmanager
-    async def hold(self, keys: Iterable[str]) -> AsyncIterator[None]:
-        held: list[str] = []
-        try:
-            for key in sorted(set(keys)):
-                lock = self._ref(key)
-                try:
-                    await lock.acquire()
-                except BaseException:
-                    self._unref(key)
-                    raise
-                held.append(key)
-            yield
-        finally:
-            for key in reversed(held):
-                self._locks[key][0].release()
-                self._unref(key)
-
-    async def try_acquire(self, key: str) -> bool:
-        """Takes the lock of `key` unless someone holds it (then returns False)."""
-        entry = self._locks.get(key)
-        if entry is not None and entry[0].locked():
-            return False
-        lock = self._ref(key)
-        try:
-            await lock.acquire()  # free: returns at once (or after a hand-over)
-        except BaseException:
-            self._unref(key)
-            raise
-        return True
-
-    def release(self, key: str) -> None:
-        self._locks[key][0].release()
-        self._unref(key)
-
-
-_LOCKS = _KeyedLocks()
+# In-process locks per job. On MongoDB they only spare this process's writers the
+# lost-race retries; the conditional update (`seq` in the filter) is what keeps
+# replicas correct. On FerretDB v1.24 they are required: its SQLite handler runs an
+# update as an unsynchronised read-modify-write, so two concurrent updates of one
+# document may both "match" and one silently overwrites the other.
+_LOCKS = KeyedLocks()
 
 
 @dataclass(eq=False)
@@ -377,7 +319,7 @@ class MongoStore:
         self._log_pruned = 0.0
         self._log_pruning: asyncio.Future[None] | None = None
         self._orphan_sweeping: asyncio.Task[None] | None = None
-        self._log_kinds: asyncio.Task[None] | None = None
+        self._log_upgrade: asyncio.Task[None] | None = None
         self._uploading: set[ObjectId] = set()
         # The newest artifact of a name is the one stored last: its create_ns, made
         # strictly increasing here (two uploads stored in one clock tick keep their order).
@@ -532,16 +474,16 @@ class MongoStore:
                 await self.database[FIREHOSE_ORIGINS].update_one(
                     {"_id": self.origin}, {"$set": {"started_ns": time.time_ns()}}, upsert=True
                 )
-        if self._log_kinds is None or self._log_kinds.done():
-            self._log_kinds = asyncio.get_running_loop().create_task(
-                self._backfill_log_kinds_logged(), name="log-kind-backfill"
+        if self._log_upgrade is None or self._log_upgrade.done():
+            self._log_upgrade = asyncio.get_running_loop().create_task(
+                self._upgrade_old_logs(), name="log-upgrade"
             )
         if self._orphan_sweeping is None or self._orphan_sweeping.done():
             self._orphan_sweeping = asyncio.get_running_loop().create_task(
                 self._sweep_orphans_forever(), name="orphan-chunk-sweep"
             )
 
-    async def _backfill_log_kinds_logged(self) -> None:
+    async def _upgrade_old_logs(self) -> None:
         try:
             changed = await self.backfill_log_kinds()
             marked = await self.mark_jobless_logs()
@@ -553,10 +495,10 @@ class MongoStore:
         if marked:
             log.info("%d log lines of ids that name no job now age out with the retention", marked)
 
-    async def log_kinds_backfilled(self) -> None:
-        """Waits for the start's `backfill_log_kinds` (tests)."""
-        if self._log_kinds is not None:
-            await asyncio.shield(self._log_kinds)
+    async def old_logs_upgraded(self) -> None:
+        """Waits for the start's `backfill_log_kinds` and `mark_jobless_logs` (tests)."""
+        if self._log_upgrade is not None:
+            await asyncio.shield(self._log_upgrade)
 
     async def backfill_log_kinds(self, batch: int = 1000) -> int:
         """Log lines written before LogEntry.kind have no `kind` field, so a ListLogs
@@ -724,7 +666,7 @@ class MongoStore:
 
     async def close(self) -> None:
         await stop_within(
-            [self._log_pruning, self._orphan_sweeping, self._log_kinds], HOUSEKEEPING_STOP_S
+            [self._log_pruning, self._orphan_sweeping, self._log_upgrade], HOUSEKEEPING_STOP_S
         )
         if self._client is not None:
             client, self._client, self._db = self._client, None, None
