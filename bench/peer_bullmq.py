@@ -36,6 +36,7 @@ from bench.run import (
     free_port,
     pct,
     proc_status,
+    send_timings,
     wait_http,
 )
 
@@ -158,11 +159,13 @@ class BullmqPeer:
         url = f"http://{HOST}:{self.node_port}/api/external/jobs/{job_id}"
         headers = {"Authorization": f"Bearer {token}"}
         acks: dict[str, float] = {}
+        sends: dict[str, float] = {}
         errors: Counter[int] = Counter()
         async with aiohttp.ClientSession() as http:
             for k in range(events):
                 msg = f"fan {k}"
                 body = {"phase": "extract_text", "progress": k % 100, "message": msg}
+                sends[msg] = time.time()
                 async with http.post(url, json=body, headers=headers) as resp:
                     await resp.read()
                     if resp.status == 200:
@@ -181,6 +184,7 @@ class BullmqPeer:
             "p50_ms": pct(lat, 50),
             "p99_ms": pct(lat, 99),
             "max_ms": max(lat) if lat else float("nan"),
+            **send_timings(data["arrivals"], sends, acks),
             "delivered": len(lat),
             "expected": ready * len(acks),
             "events": len(acks),

@@ -18,6 +18,19 @@ from .tracing import commit_observed, note_waiter
 Outcome = Change | DomainError
 
 
+class Outcomes(asyncio.Future[list[Outcome]]):
+    """A caller's outcomes of one commit. It cannot be cancelled: a caller cancelled
+    while its commands are with the committer gets its CancelledError once the commit is
+    over, as the write may land and locks held around it must outlive it. Awaited
+    directly, with no task and shield in between, a reply leaves in the loop step right
+    after the commit, ahead of the fan-out's stream writes that the commit wakes: each
+    layer was one more loop step behind a thousand writes (a callback on a job with 1,000
+    watchers was answered after about 40 ms instead of 6)."""
+
+    def cancel(self, msg: object = None) -> bool:
+        return False
+
+
 class Committer:
     def __init__(
         self,
@@ -39,7 +52,7 @@ class Committer:
     async def submit(self, commands: Sequence[JobCommand]) -> list[Outcome]:
         if self._closing:
             raise StorageUnavailable("service is shutting down")
-        future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
+        future = Outcomes(loop=asyncio.get_running_loop())
         self._queue.append((commands, future))
         note_waiter(future)  # the caller's trace, when tracing is on
         self._wakeup.set()
@@ -53,6 +66,21 @@ class Committer:
             await self._task
 
     async def _run(self) -> None:
+        batch: list[tuple[Sequence[JobCommand], asyncio.Future[list[Outcome]]]] = []
+        try:
+            await self._commit_loop(batch)
+        finally:
+            # Outcomes cannot be cancelled: a caller must never wait for a committer
+            # that is gone (its task cancelled at shutdown).
+            for _, future in [*batch, *self._queue]:
+                if not future.done():
+                    future.set_exception(StorageUnavailable("service is shutting down"))
+            self._queue.clear()
+
+    async def _commit_loop(
+        self, batch: list[tuple[Sequence[JobCommand], asyncio.Future[list[Outcome]]]]
+    ) -> None:
+        """Commits until closed; `batch` holds the batch in flight, for `_run`."""
         while True:
             if not self._queue:
                 if self._closing:
@@ -60,7 +88,7 @@ class Committer:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            batch = self._take()
+            batch[:] = self._take()
             commands = [c for cmds, _ in batch for c in cmds]
             try:
                 with commit_observed(len(commands), [f for _, f in batch]):
@@ -84,6 +112,7 @@ class Committer:
                 start += len(cmds)
             late = await settle_in_doubt(self._store)
             self._on_applied(late + [o for o in outcomes if isinstance(o, Applied)])
+            batch.clear()
 
     def _take(self) -> list[tuple[Sequence[JobCommand], asyncio.Future[list[Outcome]]]]:
         taken, size = 0, 0

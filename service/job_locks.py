@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Iterable
-from typing import TypeVar
-
-T = TypeVar("T")
+from collections.abc import AsyncIterator, Iterable
 
 
 class KeyedLocks:
@@ -73,15 +70,3 @@ class KeyedLocks:
             del self._locks[key]
         else:
             self._locks[key] = (lock, users - 1)
-
-
-async def settled(work: Awaitable[T]) -> T:
-    """`work`'s result; when the caller is cancelled meanwhile, returns (raising the
-    cancellation) only once `work` is over: a write already handed to the committer
-    may still land, and a lock held around it must not be released before."""
-    task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait([task])
-        raise

@@ -41,7 +41,7 @@ from .domain.records import (
 )
 from .fanout import Fanout, Item, Subscription, SubscriptionClosed
 from .firehose import Firehose, Gap, Live
-from .job_locks import KeyedLocks, settled
+from .job_locks import KeyedLocks
 from .metrics import (
     COALESCED_DELIVERIES,
     EVENTS_APPLIED,
@@ -249,7 +249,7 @@ class Jobs:
         # between them left the job's result naming content it did not have.
         async with self._artifact_locks.hold([request.job_id]):
             await self._artifacts_as_named(request)
-            outcome = await settled(self._one(JobCommand(request.job_id, Report(request))))
+            outcome = await self._one(JobCommand(request.job_id, Report(request)))
         return _response(outcome)
 
     async def _artifacts_as_named(self, request: job_service_pb2.ReportEventRequest) -> None:
@@ -293,7 +293,7 @@ class Jobs:
                     continue
                 commands.append(JobCommand(request.job_id, Report(request)))
                 positions.append(i)
-            outcomes = await settled(self._committer.submit(commands)) if commands else []
+            outcomes = await self._committer.submit(commands) if commands else []
         for i, outcome in zip(positions, outcomes, strict=True):
             result = results[i]
             if isinstance(outcome, DomainError):
