@@ -715,6 +715,31 @@ async def test_job_page_details_artifacts_and_message_follow_the_job_live(
     await page.wait_for_url(re.compile(r"/login"), timeout=WAIT_MS)
 
 
+async def test_job_page_shows_the_log_line_that_failed_the_job(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """A job failed by an ERROR log line while its page was open showed FAILED and the
+    line's message as its error, but the Logs table kept the lines of the page's load
+    (the failing line only after a reload). The log lines are read again with the rest
+    when the state changes."""
+    job_id = uid("logfail")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    await progress(svc.stub, job_id, 30, "download", "started")
+    await write_log(svc.stub, job_id, log_pb2.LOG_LEVEL_INFO, "loaded with the page")
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    await write_log(svc.stub, job_id, log_pb2.LOG_LEVEL_ERROR, "download failed: 403")
+    await page.wait_for_selector("#job[data-state=FAILED]", timeout=WAIT_MS)
+    await page.wait_for_function(
+        "() => document.querySelector('#logs tbody').textContent.includes('download failed')",
+        timeout=WAIT_MS,
+    )
+    live = await page.inner_text("#logs")
+    await page.reload()
+    assert await page.inner_text("#logs") == live
+
+
 async def test_job_page_reloads_when_the_jobs_history_went_back(
     dash: DashboardProcess, context: Any, svc: ServiceHandle
 ) -> None:

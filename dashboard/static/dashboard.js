@@ -462,10 +462,11 @@ function jobPage() {
   };
 
   // What events do not carry (started, ended, process id, attempts, the outcome, the
-  // artifacts, the head's message as the page words it) is read again from the page
-  // itself when the job's state changes: those stayed "—", "No artifacts." and the
-  // timeline's wording of the message until a reload. One read at a time; changes
-  // meanwhile make one more.
+  // log lines, the artifacts, the head's message as the page words it) is read again
+  // from the page itself when the job's state changes: those stayed "—", "No
+  // artifacts.", the log lines of the page's load (a job failed by an ERROR line did
+  // not show it) and the timeline's wording of the message until a reload. One read at
+  // a time; changes meanwhile make one more.
   let reading = false;
   let again = false;
   const reread = async () => {
@@ -480,7 +481,7 @@ function jobPage() {
         const reply = await fetch(location.href, { credentials: "same-origin" });
         if (!reply.ok) break;
         const page = new DOMParser().parseFromString(await reply.text(), "text/html");
-        for (const id of ["details", "outcome", "artifacts-card"]) {
+        for (const id of ["details", "outcome", "logs", "artifacts-card"]) {
           const fresh = page.getElementById(id);
           const shown = document.getElementById(id);
           if (!fresh || !shown) continue;
