@@ -1736,6 +1736,36 @@ async def test_a_state_filtered_page_drops_a_row_that_leaves_its_state(
     )
 
 
+async def test_a_page_whose_last_row_leaves_says_no_jobs_match(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """The last row leaving a state-filtered page live left an empty frame (a header row
+    at laptop width, a bare line on a phone) where a reload says "No jobs match."."""
+    job_id = uid("last")
+    label = f"qa={job_id}"
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id, {"qa": job_id})
+    await progress(svc.stub, job_id, 10, "p", "running")
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs?state=RUNNING&label={label}")
+    await page.wait_for_selector(f'#jobs tr[data-job="{job_id}"]', timeout=WAIT_MS)
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    assert not await page.is_visible("#empty")
+    await svc.stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=job_id,
+            idempotency_key=uuid.uuid4().hex,
+            failed=job_pb2.JobError(code="E", message="broke"),
+        )
+    )
+    await page.wait_for_selector(
+        f'#jobs tr[data-job="{job_id}"]', state="detached", timeout=WAIT_MS
+    )
+    await page.wait_for_selector("#empty", state="visible", timeout=WAIT_MS)
+    assert await page.inner_text("#empty") == "No jobs match."
+    await page.reload()
+    assert await page.inner_text("#empty") == "No jobs match."
+
+
 async def test_a_row_that_finishes_keeps_its_phase_and_message(
     dash: DashboardProcess, context: Any, svc: ServiceHandle
 ) -> None:

@@ -310,6 +310,8 @@ function jobsPage() {
     rows.delete(id);
     const at = live.indexOf(id);
     if (at >= 0) live.splice(at, 1);
+    // The last row gone: the page says so, as a reload would (it showed an empty frame).
+    if (!tbody.rows.length) $("#empty").hidden = false;
   };
 
   // `listed`: the row came from this page's own query (a re-read), so it belongs here.
@@ -335,8 +337,7 @@ function jobsPage() {
       tbody.insertBefore(tr, next ?? null);
       rows.set(change.id, tr);
       live.push(change.id);
-      const empty = $("#empty");
-      if (empty) empty.hidden = true;
+      $("#empty").hidden = true;
       if (live.length > MAX_LIVE_ROWS) drop(live[0]);
     }
     if (Number(tr.dataset.seq) >= change.sequence) return; // older than what is shown
