@@ -237,7 +237,9 @@ async def _job_parts(request: web.Request, json: bool) -> dict[str, Any]:
             ),
             stub.ListLogs(
                 job_service_pb2.ListLogsRequest(
-                    job_id=job_id, level=log_pb2.LogLevel.ValueType(level), limit=LOG_LIMIT
+                    job_id=job_id,
+                    level=log_pb2.LogLevel.ValueType(level),
+                    limit=LOG_LIMIT + 1,  # one more than shown: are there older lines?
                 ),
                 timeout=timeout,
             ),
@@ -262,7 +264,9 @@ async def _job_parts(request: web.Request, json: bool) -> dict[str, Any]:
         "timeline": timeline,
         "gap": gap,
         "last_sequence": timeline[-1]["sequence"] if timeline else 0,
-        "logs": [present.log_entry(e) for e in logs.entries],
+        "logs": [present.log_entry(e) for e in logs.entries[:LOG_LIMIT]],
+        # Older lines than those shown exist (the page said nothing of them).
+        "logs_cut": len(logs.entries) > LOG_LIMIT,
         "artifacts": [present.artifact(a) for a in artifacts.artifacts],
     }
 
@@ -277,6 +281,7 @@ async def job_page(request: web.Request) -> web.StreamResponse:
         "callback_url": _callback_url(settings.public_url, job),
         "level": request.query.get("level", "").upper(),
         "levels": present.LEVELS,
+        "log_limit": LOG_LIMIT,
         "terminal": job["state"] in present.TERMINAL,
         "csrf": principal(request).csrf,
         "heartbeat": settings.heartbeat_seconds,

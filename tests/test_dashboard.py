@@ -740,6 +740,32 @@ async def test_job_page_shows_the_log_line_that_failed_the_job(
     assert await page.inner_text("#logs") == live
 
 
+async def test_job_page_says_when_older_log_lines_are_not_shown(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """The job page lists a job's newest 200 log lines; with more, the oldest were left
+    out without a word, and the last line shown read as the job's first. It now says."""
+    job_id = uid("manylogs")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    for n in range(200):
+        await write_log(svc.stub, job_id, log_pb2.LOG_LEVEL_INFO, f"line {n}")
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    assert len(await page.query_selector_all("#logs tbody tr")) == 200
+    assert not await page.is_visible("#logs-cut")  # every line is shown
+    await write_log(svc.stub, job_id, log_pb2.LOG_LEVEL_INFO, "line 200")
+    await page.reload()
+    shown = await page.eval_on_selector_all(
+        "#logs tbody .message", "cells => cells.map(c => c.textContent)"
+    )
+    assert len(shown) == 200 and shown[0] == "line 200" and "line 0" not in shown
+    assert await page.is_visible("#logs-cut")
+    assert "the newest 200 lines" in await page.inner_text("#logs-cut")
+    reply = await page.request.get(f"{dash.url}/api/jobs/{job_id}")
+    body = await reply.json()
+    assert len(body["logs"]) == 200 and body["logs_cut"] is True
+
+
 async def test_job_page_reloads_when_the_jobs_history_went_back(
     dash: DashboardProcess, context: Any, svc: ServiceHandle
 ) -> None:

@@ -482,7 +482,7 @@ function jobPage() {
         const reply = await fetch(location.href, { credentials: "same-origin" });
         if (!reply.ok) break;
         const page = new DOMParser().parseFromString(await reply.text(), "text/html");
-        for (const id of ["details", "outcome", "logs", "artifacts-card"]) {
+        for (const id of ["details", "outcome", "logs", "logs-cut", "artifacts-card"]) {
           const fresh = page.getElementById(id);
           const shown = document.getElementById(id);
           if (!fresh || !shown) continue;
