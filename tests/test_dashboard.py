@@ -766,6 +766,22 @@ async def test_job_page_says_when_older_log_lines_are_not_shown(
     assert len(body["logs"]) == 200 and body["logs_cut"] is True
 
 
+async def test_a_job_without_events_says_so_until_its_first(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """A queued job's Timeline was a bare header row (on a phone, a heading over
+    nothing) where Logs and Artifacts say "No log lines." and "No artifacts."."""
+    job_id = uid("quiet")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    assert await page.inner_text("#no-events") == "No events yet."
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    await progress(svc.stub, job_id, 5, "fetch", "first")
+    await page.wait_for_selector("#timeline tbody tr", timeout=WAIT_MS)
+    assert not await page.is_visible("#no-events")
+
+
 async def test_job_page_reloads_when_the_jobs_history_went_back(
     dash: DashboardProcess, context: Any, svc: ServiceHandle
 ) -> None:

@@ -453,6 +453,7 @@ function jobPage() {
     tr.append(el("td", "percent", e.percent === null ? "" : `${e.percent.toFixed(1)}%`));
     tr.append(el("td", "ev-phase", e.phase), el("td", "message", e.message));
     tbody.append(tr);
+    $("#no-events").hidden = true;
     if (tbody.rows.length > MAX_TIMELINE_ROWS) {
       while (tbody.rows.length > MAX_TIMELINE_ROWS) tbody.rows[0].remove();
       // The notice names where the timeline now starts (it named where it started).
