@@ -1808,6 +1808,27 @@ async def test_a_page_whose_last_row_leaves_says_no_jobs_match(
     assert await page.inner_text("#empty") == "No jobs match."
 
 
+async def test_a_page_that_leaves_out_new_jobs_says_so(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """A page adds at most 50 jobs live; the 51st dropped the first one added without a
+    word, a hole between the rows added and those read (and paging goes on after the
+    last row read, so nothing led to the job). It now says some are left out."""
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs?kind=GENERIC")
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    assert not await page.is_visible("#live-cut")
+    run = uid("burst")
+    ids = [f"{run}-{n:02d}" for n in range(51)]
+    for job_id in ids:
+        await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+        await progress(svc.stub, job_id, 1, "p", "begins")
+    await page.wait_for_selector(f'#jobs tr[data-job="{ids[-1]}"]', timeout=WAIT_MS)
+    assert await page.query_selector(f'#jobs tr[data-job="{ids[0]}"]') is None
+    assert await page.is_visible("#live-cut")
+    assert "left out" in await page.inner_text("#live-cut")
+
+
 async def test_a_row_that_finishes_keeps_its_phase_and_message(
     dash: DashboardProcess, context: Any, svc: ServiceHandle
 ) -> None:

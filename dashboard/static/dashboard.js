@@ -338,7 +338,12 @@ function jobsPage() {
       rows.set(change.id, tr);
       live.push(change.id);
       $("#empty").hidden = true;
-      if (live.length > MAX_LIVE_ROWS) drop(live[0]);
+      if (live.length > MAX_LIVE_ROWS) {
+        // The page stays bounded, but the row dropped leaves a hole (newer rows above
+        // it, older below, and paging goes on after the last): say so.
+        drop(live[0]);
+        $("#live-cut").hidden = false;
+      }
     }
     if (Number(tr.dataset.seq) >= change.sequence) return; // older than what is shown
     if (states.length && !states.includes(change.state)) {
