@@ -740,6 +740,46 @@ async def test_job_page_shows_the_log_line_that_failed_the_job(
     assert await page.inner_text("#logs") == live
 
 
+async def test_a_job_that_ends_before_its_stream_opens_is_shown_ended(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """A job that ended between its page's load and its stream's opening (or while the
+    stream was reconnecting: a restart of the dashboard, a network blip) came as a
+    snapshot saying FAILED before its events: the page took the state from the
+    snapshot, then saw no change in the events, and never read what events do not
+    carry again (Ended "—", no outcome, the lines of the page's load under Logs)."""
+    job_id = uid("endsfirst")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    await progress(svc.stub, job_id, 40, "work", "running")
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(route: Any) -> None:
+        held.set()
+        await release.wait()
+        await route.continue_()
+
+    stream = re.compile(rf"/events/jobs/{job_id}\?")
+    await context.route(stream, hold)
+    try:
+        page = await login(context, dash.url)
+        await page.goto(f"{dash.url}/jobs/{job_id}")
+        await asyncio.wait_for(held.wait(), WAIT_MS / 1000)  # its stream, held
+        await write_log(svc.stub, job_id, log_pb2.LOG_LEVEL_ERROR, "disk full")
+        release.set()
+        await page.wait_for_selector("#job[data-state=FAILED]", timeout=WAIT_MS)
+        await page.wait_for_function(
+            "() => document.querySelector('#logs tbody').textContent.includes('disk full')",
+            timeout=WAIT_MS,
+        )
+        assert "disk full" in await page.inner_text("#error")
+        live = await page.inner_text("#details")
+        await page.reload()
+        assert await page.inner_text("#details") == live
+    finally:
+        release.set()
+        await context.unroute(stream, hold)
+
+
 async def test_job_page_says_when_older_log_lines_are_not_shown(
     dash: DashboardProcess, context: Any, svc: ServiceHandle
 ) -> None:

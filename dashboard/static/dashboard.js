@@ -549,7 +549,15 @@ function jobPage() {
   };
 
   const url = () => `/events/jobs/${encodeURIComponent(jobId)}?from=${lastSeq}`;
-  stream(url, { snapshot: (job) => showHead(job), events, gap });
+  // Each connection opens with the job as it is now, before the events it missed: a
+  // state changed meanwhile (it ended before the stream opened or while it reconnected)
+  // is a change too, else the events that follow look like none.
+  const snapshot = (job) => {
+    const changed = job.state !== head.dataset.state;
+    showHead(job);
+    if (changed) reread();
+  };
+  stream(url, { snapshot, events, gap });
 
   for (const form of [$("#cancel"), $("#delete")]) {
     form?.addEventListener("submit", (ev) => {
