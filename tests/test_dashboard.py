@@ -780,6 +780,31 @@ async def test_a_job_that_ends_before_its_stream_opens_is_shown_ended(
         await context.unroute(stream, hold)
 
 
+async def test_a_log_line_and_an_error_keep_their_line_breaks(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """A log line or an error of several lines (a stack trace, FFmpeg's output) ran
+    together into one paragraph: "Traceback (most recent call last): File ...". Read
+    as drawn (innerText follows the CSS), each line is its own."""
+    job_id = uid("lines")
+    trace = 'Traceback (most recent call last):\n  File "w.py", line 3\nValueError: bad'
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    await write_log(svc.stub, job_id, log_pb2.LOG_LEVEL_WARNING, trace)
+    await svc.stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=job_id,
+            idempotency_key=uuid.uuid4().hex,
+            failed=job_pb2.JobError(code="CRASH", message=trace),
+        )
+    )
+    page = await login(context, dash.url)
+    for viewport in (LAPTOP, PHONE):
+        await page.set_viewport_size(viewport)
+        await page.goto(f"{dash.url}/jobs/{job_id}")
+        assert await page.inner_text("#logs tbody .message") == trace
+        assert await page.inner_text("#error p.error > bdi") == trace
+
+
 async def test_job_page_says_when_older_log_lines_are_not_shown(
     dash: DashboardProcess, context: Any, svc: ServiceHandle
 ) -> None:
