@@ -74,8 +74,10 @@ class Notification(pydantic.BaseModel):
     code: int
     msg: Text
     callback_url: Text | None = None
+    # Any item: one that is not an object (`null`, a string) is a bad task like any
+    # other, not a bad notification (it made the whole batch a 400, every outcome lost).
     data: Annotated[
-        list[dict[str, Any]],
+        list[Any],
         pydantic.Field(
             max_length=1000, json_schema_extra={"items": {"$ref": "#/components/schemas/Task"}}
         ),
@@ -86,6 +88,9 @@ def tasks(notification: Notification) -> tuple[list[Task], list[str]]:
     """The valid tasks, and what is wrong with the others (`data.N.field: ...`)."""
     valid, problems = [], []
     for index, raw in enumerate(notification.data):
+        if not isinstance(raw, dict):
+            problems.append(f"data.{index}: a task must be an object")
+            continue
         try:
             valid.append(Task.model_validate(raw))
         except pydantic.ValidationError as exc:

@@ -152,6 +152,31 @@ async def test_a_bad_task_costs_the_others_nothing(bridge: Any, stub: Any) -> No
     assert job.result.output_uri == "oss://b/t.mp4"
 
 
+async def test_a_task_that_is_not_an_object_costs_the_others_nothing(
+    bridge: Any, stub: Any
+) -> None:
+    """A `null` (or a string, a list, a number) among the tasks made the whole
+    notification a 400 before any task was looked at: the valid tasks beside it were
+    lost with AuroraCloud's retries. It is now a bad task like any other."""
+    good = [new_id("a") for _ in range(2)]
+    body = notification(
+        {"task_id": good[0], "status": "succeeded", "output": "oss://b/t.mp4"},
+        None,  # type: ignore[arg-type]
+        "task",  # type: ignore[arg-type]
+        {"task_id": good[1], "status": "failed", "error_code": 1003},
+    )
+    status, answer = await bridge.post(PATH, body, headers=AUTH)
+    assert (await get_job(stub, good[0])).state == job_pb2.JOB_STATE_SUCCEEDED
+    assert (await get_job(stub, good[1])).error.code == "1003"
+    assert (status, answer) == (
+        400,
+        {
+            "ack": False,
+            "error": "data.1: a task must be an object; data.2: a task must be an object",
+        },
+    )
+
+
 async def test_bad_input_is_400_and_writes_nothing(bridge: Any, stub: Any) -> None:
     good_id = new_id("a")
     for body in (
