@@ -94,7 +94,7 @@ def tasks(notification: Notification) -> tuple[list[Task], list[str]]:
         try:
             valid.append(Task.model_validate(raw))
         except pydantic.ValidationError as exc:
-            problems.append(f"data.{index}.{describe(exc)}")
+            problems.append(describe(exc, within=f"data.{index}"))
     return valid, problems
 
 

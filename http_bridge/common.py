@@ -110,11 +110,13 @@ def validate(model: type[M], data: Any) -> M:
         raise BridgeError(400, describe(exc)) from None
 
 
-def describe(exc: pydantic.ValidationError) -> str:
+def describe(exc: pydantic.ValidationError, within: str = "") -> str:
+    """The first problems, each named by its field's path (under `within`, e.g. an
+    AuroraCloud task's `data.1`)."""
     parts = []
     for err in exc.errors(include_url=False, include_input=False)[:5]:
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{where}: {err['msg']}")
+        where = ".".join([within, *map(str, err["loc"])] if within else map(str, err["loc"]))
+        parts.append(f"{where or 'body'}: {err['msg']}")
     return "; ".join(parts)
 
 

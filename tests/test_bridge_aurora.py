@@ -177,6 +177,16 @@ async def test_a_task_that_is_not_an_object_costs_the_others_nothing(
     )
 
 
+async def test_each_problem_of_a_bad_task_names_its_task(bridge: Any) -> None:
+    """A task with two problems: the second was named without its `data.N.`, so the
+    400 read as if the notification itself had a bad `status`."""
+    body = notification({"task_id": "bad id", "status": "running"})
+    status, answer = await bridge.post(PATH, body, headers=AUTH)
+    assert status == 400
+    problems = answer["error"].split("; ")
+    assert [p.split(":")[0] for p in problems] == ["data.0.task_id", "data.0.status"], problems
+
+
 async def test_bad_input_is_400_and_writes_nothing(bridge: Any, stub: Any) -> None:
     good_id = new_id("a")
     for body in (
