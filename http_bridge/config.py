@@ -190,6 +190,13 @@ def header_secret(env: Mapping[str, str], name: str) -> str:
             f"{name} must be at most 4096 printable ASCII characters: it is sent in an "
             "HTTP header (its value is not shown)"
         )
+    if value != value.strip():
+        # A header's value arrives without the spaces at its ends (RFC 9110 5.5), and
+        # the bridge strips what it reads: such a key started, then matched nothing.
+        raise SystemExit(
+            f"{name} must not begin or end with whitespace: it is sent in an HTTP header,"
+            " which drops it (its value is not shown)"
+        )
     return value
 
 

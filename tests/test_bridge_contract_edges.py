@@ -457,6 +457,28 @@ def test_a_header_secret_that_no_header_can_carry_is_refused_at_start(tmp_path: 
     assert load_config({**base, "API_KEY": "k" * 4096, "TRANSCODE_CALLBACK_TOKEN": "a b"})
 
 
+async def test_a_header_secret_with_whitespace_at_an_end_is_refused_at_start(
+    tmp_path: Any,
+) -> None:
+    """HTTP takes a header value without the spaces at its ends (RFC 9110 5.5), and the
+    bridge strips what it reads: `API_KEY="k3y "` (a compose file's stray space) started
+    the bridge, and its video worker, sending that very key, got 401 for ever."""
+    async with running_bridge(dataclasses.replace(TEST_CONFIG, api_key="k3y ")) as bridge:
+        headers = {"Authorization": "Bearer k3y "}
+        assert (await bridge.get("/api/log", headers=headers))[0] == 401  # it could not work
+    base = {"JOBWIRE_ENV_FILE": str(tmp_path / "none.env")}
+    for name, value in (
+        ("API_KEY", "k3y-geheim "),
+        ("API_KEY", " k3y-geheim"),
+        ("TRANSCODE_CALLBACK_TOKEN", " tok-geheim "),
+    ):
+        with pytest.raises(SystemExit) as refused:
+            load_config({**base, name: value})
+        message = str(refused.value.code)
+        assert name in message and "geheim" not in message, message
+        assert "whitespace" in message, message
+
+
 async def test_video_contract_pins_on_a_fresh_service(tmp_path: Any) -> None:
     """What the Spanish contract states and no other test pinned: 204 has no body, the
     oldest pending video goes first, GET /api/log gives 50 lines by default, newest
