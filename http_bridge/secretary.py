@@ -335,12 +335,23 @@ def clean_base64(value: Base64) -> Base64:
         value = bytes(value).translate(None, b" \r\n\t")
     if len(value) % 4:
         raise BridgeError(400, "data.images_archive_data: invalid base64 length")
+    invalid = BridgeError(400, "data.images_archive_data: invalid base64")
+    last = len(value) - B64_SLICE  # slices starting after this are the last one
     try:
         for start in range(0, len(value), B64_SLICE):
-            binascii.a2b_base64(value[start : start + B64_SLICE], strict_mode=True)
+            piece = value[start : start + B64_SLICE]
+            binascii.a2b_base64(piece, strict_mode=True)
+            # Padding closes the whole text only: a slice ending in `=` with more to
+            # come passed on its own, and was refused at upload as "cut off".
+            if start < last and _ends_padded(piece):
+                raise invalid
     except (binascii.Error, ValueError):  # ValueError: non-ASCII characters
-        raise BridgeError(400, "data.images_archive_data: invalid base64") from None
+        raise invalid from None
     return value
+
+
+def _ends_padded(piece: Base64) -> bool:
+    return piece[-1] == ("=" if isinstance(piece, str) else ord("="))
 
 
 async def final(

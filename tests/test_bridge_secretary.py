@@ -319,6 +319,31 @@ async def test_a_body_cannot_forge_the_archive_placeholder(bridge: Any, stub: An
     assert list(listed.artifacts) == []
 
 
+async def test_padding_before_the_end_of_a_large_archive_is_invalid_base64(
+    bridge: Any, stub: Any
+) -> None:
+    """The archive's base64 is checked in slices of 1,398,100 characters, each on its
+    own: a slice ending in `==` passed even when more followed, which base64 does not
+    allow. The text artifact was then stored, the archive's upload refused as "cut
+    off", and the 400 said so. Now the archive is invalid base64 before anything is
+    written."""
+    from http_bridge.secretary import B64_SLICE
+
+    job_id, auth = await new_job(stub)
+    first = base64.b64encode(os.urandom(B64_SLICE // 4 * 3 - 2))
+    assert len(first) == B64_SLICE and first.endswith(b"==")
+    archive = (first + base64.b64encode(os.urandom(3000))).decode()
+    data = {"extracted_text": "# Hallo", "images_archive_data": archive}
+    raw = orjson.dumps({"phase": "completed", "data": data})
+    # Left in the raw buffer (bytes), and parsed whole (a str: JSON escapes in it).
+    for body in (raw, raw.replace(b"A", b"\\u0041")):
+        status, answer = await bridge.post_raw(path(job_id), body, headers=auth)
+        assert (status, answer["error"]) == (400, "data.images_archive_data: invalid base64")
+    listed = await stub.ListArtifacts(job_service_pb2.ListArtifactsRequest(job_id=job_id))
+    assert list(listed.artifacts) == []
+    assert (await get_job(stub, job_id)).state == job_pb2.JOB_STATE_QUEUED
+
+
 async def test_an_event_too_large_to_apply_is_413_not_retry_later(bridge: Any, stub: Any) -> None:
     """A failed event whose details came to 5 MB went to the service, past its 4 MiB
     message limit: RESOURCE_EXHAUSTED, which a worker read as 429 with Retry-After, for
