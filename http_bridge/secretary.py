@@ -84,6 +84,7 @@ EVENT_PHASE = {
     event_pb2.EVENT_TYPE_CANCELLED: "cancelled",
     event_pb2.EVENT_TYPE_CLAIMED: "claimed",
     event_pb2.EVENT_TYPE_REQUEUED: "requeued",
+    event_pb2.EVENT_TYPE_STALLED: "stalled",  # past its progress deadline (was "unknown")
 }
 TERMINAL = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED)
 

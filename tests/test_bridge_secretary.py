@@ -21,6 +21,7 @@ from tests.bridge_harness import (
     stub,  # noqa: F401
 )
 from tests.bridge_process import raw_exchange, status_of
+from tests.helpers import eventually
 
 PROGRESS = {
     "phase": "extract_text",
@@ -115,6 +116,28 @@ async def test_an_ended_jobs_poll_gives_the_phase_it_ended_in(
     assert status == 200
     percent = 100 if end == "completed" else 90
     assert (polled["status"], polled["phase"], polled["progress"]) == (end, end, percent)
+
+
+async def test_a_stall_shows_in_the_poll_as_stalled(
+    bridge: Any, stub: Any, grpc_service: Any
+) -> None:
+    """A job past its progress deadline gets a STALLED event; the poll listed it as
+    `"phase": "unknown"`, a type it had no name for."""
+    job = job_pb2.Job(kind=job_pb2.JOB_KIND_EXTRACTION)
+    job.progress_deadline.FromNanoseconds(1_000_000)  # 1 ms: past by the first sweep
+    created = await stub.CreateJob(job_service_pb2.CreateJobRequest(job=job))
+    job_id, auth = created.job.id, {"Authorization": f"Bearer {created.callback_token}"}
+    assert (await bridge.post(path(job_id), PROGRESS, headers=auth))[0] == 200
+
+    async def stalled() -> bool:
+        await grpc_service.running.jobs.mark_stalls()
+        return bool((await get_job(stub, job_id)).stalled)
+
+    await eventually(stalled, what="the STALLED event")
+    status, polled = await bridge.get(path(job_id), headers=auth)
+    assert status == 200
+    assert [item["phase"] for item in polled["logs"]] == ["extract_text", "stalled"], polled
+    assert (polled["status"], polled["phase"]) == ("running", "extract_text")
 
 
 async def test_failed_example(bridge: Any, stub: Any) -> None:
