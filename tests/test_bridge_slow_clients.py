@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from jobwire.v1 import job_pb2
 from tests.bridge_harness import API_KEY, BATCH_SECRET, TRANSCODE_TOKEN, create_job, new_id
 from tests.bridge_process import bridge_process, raw_exchange, status_of, trickle_head
+from tests.helpers import eventually
 
 SLACK = 10.0  # seconds beyond a configured timeout before a test gives up waiting
 VIDEO_AUTH = f"Authorization: Bearer {API_KEY}\r\n"
@@ -95,6 +98,62 @@ async def test_trickled_body_gets_408_in_the_contract_body(
         assert answer.endswith(b'{"error":"Error al procesar la solicitud"}')
         assert b"Connection: close" in answer
         assert time.monotonic() - started < 1 + SLACK
+
+
+HAS_PROC = os.path.exists("/proc/self/status")
+
+
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field}")
+
+
+async def test_a_large_body_holds_only_what_has_arrived(grpc_service: Any, tmp_path: Path) -> None:
+    """A body was read into a buffer of its announced size, allocated at once: three
+    connections announcing 200 MiB with a Secretary job's token and sending 1 KiB took
+    the bridge's RSS up by 600 MiB for the body's deadline. And a body cut off after
+    120 MiB kept its buffer after its request ended (the exception's traceback holds
+    the reading frame in a cycle) until a full garbage collection, which an idle bridge
+    may not run for hours."""
+    if not HAS_PROC:
+        pytest.skip("needs /proc")
+    created = await create_job(grpc_service.stub, job_pb2.JOB_KIND_EXTRACTION)
+    announced = 200 * 1024 * 1024
+    head = (
+        f"POST /api/external/jobs/{created.job.id} HTTP/1.1\r\nHost: t\r\n"
+        f"Authorization: Bearer {created.callback_token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {announced}\r\n\r\n"
+    ).encode() + b'{"phase": "completed", "data": {"extracted_text": "'
+    env = {"JOBWIRE_BODY_TIMEOUT_SECONDS": "1"}
+    async with bridge_process(grpc_service.target, tmp_path, **env) as bridge:
+        pid = bridge.proc.pid
+        before = rss_kib(pid)
+        held = [await open_conn(bridge.port) for _ in range(3)]
+        for _, writer in held:
+            writer.write(head + b"a" * 1024)
+        for reader, writer in held:  # each body was being read: its deadline passed
+            assert status_of(await read_until_closed(reader, 1 + SLACK)) == 408
+            writer.close()
+        grown = rss_kib(pid, "VmHWM") - before
+        assert grown < 64 * 1024, f"RSS rose by {grown // 1024} MiB for 3 KiB received"
+
+        reader, writer = await open_conn(bridge.port)
+        writer.write(head + b"a" * (120 * 1024 * 1024))
+        await writer.drain()
+
+        async def arrived() -> bool:
+            return rss_kib(pid) - before > 100 * 1024
+
+        await eventually(arrived, what="120 MiB read by the bridge")
+        writer.transport.abort()  # the client goes away mid-body
+
+        async def released() -> bool:
+            return rss_kib(pid) - before < 64 * 1024
+
+        await eventually(released, timeout=SLACK, what="the cut-off body's memory released")
+        assert bridge.alive
 
 
 async def test_idle_keep_alive_connection_is_closed(grpc_service: Any, tmp_path: Path) -> None:
