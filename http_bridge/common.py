@@ -49,7 +49,7 @@ def decoded_length(request: web.Request) -> int | None:
 
 
 async def read_body(request: web.Request, limit: int) -> Body:
-    """Reads at most `limit` bytes into one preallocated buffer (413 beyond it)."""
+    """Reads at most `limit` bytes (413 beyond it) into a buffer that grows as they arrive."""
     length = decoded_length(request)
     if length is not None and length > limit:
         raise BridgeError(413, f"request body exceeds {limit} bytes")
