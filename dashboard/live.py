@@ -59,18 +59,39 @@ class Change:
 
 
 MAX_FOLLOWED = 2000  # ids a tab may follow, its rows plus the jobs that appeared since
-# A journal entry: (counter, job id, kind, sequence, the serialised event).
-_Entry = tuple[int, str, int, int, bytes]
+# Events that put a job in a new state (a progress moves a queued job to RUNNING too,
+# but only its first one can be told apart by the event alone: sequence 1).
+ENTERING = frozenset(
+    {
+        event_pb2.EVENT_TYPE_CLAIMED,
+        event_pb2.EVENT_TYPE_REQUEUED,
+        event_pb2.EVENT_TYPE_COMPLETED,
+        event_pb2.EVENT_TYPE_FAILED,
+        event_pb2.EVENT_TYPE_CANCELLED,
+    }
+)
+# A journal entry: (counter, job id, kind, sequence, the state it entered or 0, the
+# serialised event).
+_Entry = tuple[int, str, int, int, int, bytes]
 
 
 class Subscriber:
     """One open tab. `ids`: only these jobs (the rows it shows), plus, when `new`, every
     job's first event (a job that just became active); None: every job (curl, scripts)."""
 
-    def __init__(self, kind: int, ids: set[str] | None = None, new: bool = True) -> None:
+    def __init__(
+        self,
+        kind: int,
+        ids: set[str] | None = None,
+        new: bool = True,
+        states: frozenset[int] = frozenset(),
+    ) -> None:
         self.kind = kind
         self.ids = ids
         self.new = new
+        # The page's state filter: a job it does not show that enters one of these
+        # states belongs on it now, where a reload would place it.
+        self.states = states
         self.pending: dict[str, Change] = {}
         # Jobs this tab follows since their first event: the push says so, because the
         # latest change it carries may be a later one (changes coalesce), which alone
@@ -146,10 +167,11 @@ class Hub:
         ids: set[str] | None = None,
         new: bool = True,
         since: str | None = None,
+        states: frozenset[int] = frozenset(),
     ) -> Subscriber:
         """A tab's subscription; `since`: the mark its rows were read after (None: live
         from now, for streams opened without a page)."""
-        sub = Subscriber(kind, ids, new)
+        sub = Subscriber(kind, ids, new, states)
         self._subscribers.add(sub)
         self._start()
         if since is not None:
@@ -204,8 +226,8 @@ class Hub:
             if entry[0] <= mark:
                 break
             later.append(entry)
-        for _, job_id, kind, sequence, raw in reversed(later):
-            if self._wants(sub, job_id, kind, sequence):
+        for _, job_id, kind, sequence, entered, raw in reversed(later):
+            if self._wants(sub, job_id, kind, sequence, entered):
                 sub.pending[job_id] = Change(event_pb2.JobEvent.FromString(raw))
                 sub.wake.set()
 
@@ -298,23 +320,26 @@ class Hub:
         self._count()
         change = Change(event)
         job_id, kind, sequence = event.job_id, event.kind, event.sequence
+        entered = event.state if event.type in ENTERING else 0
         self._counter += 1
         # As bytes: a kept event would keep its whole response's arena (about 5 KB
         # each, measured: +41 MiB for the journal under the bench's 50-tab load).
-        self._journal.append((self._counter, job_id, kind, sequence, event.SerializeToString()))
+        self._journal.append(
+            (self._counter, job_id, kind, sequence, entered, event.SerializeToString())
+        )
         if event.HasField("job_create_time"):
             self._created[job_id] = iso(event.job_create_time)
             if len(self._created) > JOURNAL:
                 self._created.popitem(last=False)
         for sub in self._subscribers:
-            if self._wants(sub, job_id, kind, sequence):
+            if self._wants(sub, job_id, kind, sequence, entered):
                 sub.pending[job_id] = change
                 sub.wake.set()
 
     @staticmethod
-    def _wants(sub: Subscriber, job_id: str, kind: int, sequence: int) -> bool:
+    def _wants(sub: Subscriber, job_id: str, kind: int, sequence: int, entered: int) -> bool:
         """Whether the tab gets this job's change (and follows the job from now on when
-        this is its first event)."""
+        this is its first event, or when it `entered` a state the tab filters on)."""
         if sub.kind and sub.kind != kind:
             return False
         if sequence == 1 and sub.ids is not None and job_id in sub.ids:
@@ -325,6 +350,15 @@ class Hub:
             sub.fresh.add(job_id)
             return True
         if sub.ids is not None and job_id not in sub.ids:
+            if entered and entered in sub.states:
+                # It belongs on this state-filtered page now (a job that failed on a
+                # FAILED page), but where depends on its create time, which this event
+                # does not carry: the tab re-reads its rows, as a reload would, and
+                # follows the job. It used to appear only after a reload.
+                sub.resync = True
+                if len(sub.ids) < MAX_FOLLOWED:
+                    sub.ids.add(job_id)
+                return True
             if not (sub.new and sequence == 1):
                 return False
             if len(sub.ids) < MAX_FOLLOWED:

@@ -16,12 +16,12 @@ import grpc
 import orjson
 from aiohttp import web
 
-from jobwire.v1 import job_service_pb2
+from jobwire.v1 import job_pb2, job_service_pb2
 
 from . import present
 from .grpc_client import GRPC, HUB, SETTINGS, PageError, grpc_error
 from .live import MARK, Change
-from .query import parse_kind
+from .query import parse_kind, parse_state
 from .views import principal
 
 RETRY_MS = 1000
@@ -62,13 +62,16 @@ async def jobs_stream(request: web.Request) -> web.StreamResponse:
     kind = parse_kind(request.query.get("kind", ""))
     ids = _ids(request.query.get("ids"))
     since = _since(request.query.get("since"))
+    states = _states(request.query.get("states"))
     if (head := head_only(request)) is not None:
         return head
     settings = request.app[SETTINGS]
     hub = request.app[HUB]
     expires = principal(request).expires
     response = await _open(request)
-    sub = hub.subscribe(kind, ids, new=request.query.get("new", "1") != "0", since=since)
+    sub = hub.subscribe(
+        kind, ids, new=request.query.get("new", "1") != "0", since=since, states=states
+    )
     interval = settings.push_interval_seconds
     last_push = 0.0
     last_stats = 0.0
@@ -131,6 +134,17 @@ def _ids(raw: str | None) -> set[str] | None:
     if len(ids) > MAX_IDS:
         raise PageError(400, f"ids: at most {MAX_IDS} job ids", json=True)
     return ids
+
+
+def _states(raw: str | None) -> frozenset[int]:
+    """`states=FAILED,CANCELLED`: the page's state filter (jobs entering one of them
+    make the tab re-read its rows)."""
+    if not raw:
+        return frozenset()
+    names = raw.split(",")
+    if len(names) > len(job_pb2.JobState.keys()):
+        raise PageError(400, "states: too many states", json=True)
+    return frozenset(parse_state(name, json=True) for name in names if name)
 
 
 def _since(raw: str | None) -> str | None:

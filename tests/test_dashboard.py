@@ -1232,6 +1232,8 @@ async def test_bad_input_gets_a_clear_4xx(
         ("/api/jobs?kind=SPACESHIP", 400, "kind"),
         ("/events/jobs?kind=SPACESHIP", 400, "kind"),
         ("/events/jobs?since=1.2.3", 400, "since"),
+        ("/events/jobs?states=FAILED,DONE", 400, "unknown job state 'DONE'"),
+        ("/events/jobs?states=" + ",".join(["FAILED"] * 40), 400, "states: too many"),
         ("/jobs?order=sideways", 400, "order"),
         ("/api/jobs?order=%ff", 400, "order"),
         ("/events/jobs?since=%00%ff", 400, "since"),
@@ -1993,3 +1995,46 @@ async def test_a_long_open_timeline_says_where_it_starts(
     assert len(seqs) == 2000 and seqs[-1] == last
     assert await page.is_visible("#gap-notice")
     assert await page.inner_text("#gap-oldest") == str(seqs[0])
+
+
+async def _fail(stub: Any, job_id: str) -> None:
+    await stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=job_id,
+            idempotency_key=uuid.uuid4().hex,
+            failed=job_pb2.JobError(code="E", message=f"{job_id} broke"),
+        )
+    )
+
+
+async def test_a_job_that_enters_a_pages_state_filter_appears_on_it(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """A FAILED page said "live" but never showed a job that failed after it opened
+    (only its first event, or a reload, brought a job onto a page). Now the tab re-reads
+    its rows when a job enters one of its states, and the job shows where a reload puts
+    it. A job that enters another state does not."""
+    run = uid("enter")
+    label = f"qa={run}"
+    old, new, other = f"{run}-old", f"{run}-new", f"{run}-other"
+    for job_id in (old, new, other):
+        await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id, {"qa": run})
+        await progress(svc.stub, job_id, 10, "p", "running")
+    await _fail(svc.stub, old)
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs?state=FAILED&label={label}")
+    await page.wait_for_selector(f'#jobs tr[data-job="{old}"]', timeout=WAIT_MS)
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    await svc.stub.CancelJob(job_service_pb2.CancelJobRequest(id=other, reason="not this one"))
+    await _fail(svc.stub, new)
+    await page.wait_for_selector(f'#jobs tr[data-job="{new}"]', timeout=WAIT_MS)
+    shown = await page.eval_on_selector_all(
+        "#jobs tbody tr", "rows => rows.map(r => r.dataset.job)"
+    )
+    assert shown == [new, old]  # newest first, by create time, as a reload shows them
+    assert await page.inner_text(f'#jobs tr[data-job="{new}"] .state') == "FAILED"
+    await page.reload()
+    again = await page.eval_on_selector_all(
+        "#jobs tbody tr", "rows => rows.map(r => r.dataset.job)"
+    )
+    assert again == shown

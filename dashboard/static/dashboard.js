@@ -365,18 +365,32 @@ function jobsPage() {
   };
 
   // After a reconnect the shown rows are read again: what changed meanwhile is not lost.
-  // A read that fails (the service still starting: 503) is tried again, not dropped.
+  // Also when a job enters the page's state filter (the server says so), to place it as
+  // a reload would. A read that fails (the service still starting: 503) is tried again,
+  // not dropped. One read at a time; asks meanwhile make one more.
   let retry = null;
+  let reading = false;
+  let again = false;
   const resync = async () => {
     clearTimeout(retry);
+    if (reading) {
+      again = true;
+      return;
+    }
+    reading = true;
     try {
-      const reply = await fetch(`/api/jobs?${table.dataset.query}`, { credentials: "same-origin" });
-      if (reply.status >= 500) throw new Error(`status ${reply.status}`);
-      if (!reply.ok) return;
-      const body = await reply.json();
-      for (const job of body.jobs) apply(job, true);
+      do {
+        again = false;
+        const reply = await fetch(`/api/jobs?${table.dataset.query}`, { credentials: "same-origin" });
+        if (reply.status >= 500) throw new Error(`status ${reply.status}`);
+        if (!reply.ok) break;
+        const body = await reply.json();
+        for (const job of body.jobs) apply(job, true);
+      } while (again);
     } catch {
       retry = setTimeout(resync, 2000);
+    } finally {
+      reading = false;
     }
   };
 
@@ -402,6 +416,8 @@ function jobsPage() {
     const ids = [...rows.keys()].join(",");
     if (ids.length <= 6000 && rows.size <= 500) params.set("ids", ids);
     if (filtered || elsewhere) params.set("new", "0");
+    // A job that enters one of these states makes the server tell this tab to re-read.
+    if (states.length) params.set("states", states.join(","));
     // What changed between the rows' read and this stream is replayed from this mark.
     params.set("since", table.dataset.since || "");
     return `/events/jobs?${params}`;
