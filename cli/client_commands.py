@@ -192,7 +192,10 @@ async def tail(args: argparse.Namespace) -> int:
     committed from then on will be printed."""
     async with _client(args) as client:
         watch = client.watch_jobs(
-            kind=args.kind or job_pb2.JOB_KIND_UNSPECIFIED, states=args.state, after=args.after
+            kind=args.kind or job_pb2.JOB_KIND_UNSPECIFIED,
+            states=args.state,
+            after=args.after,
+            on_retry=_say_retrying,
         )
         said = asyncio.create_task(_say_live(watch))
         try:
@@ -209,6 +212,13 @@ async def tail(args: argparse.Namespace) -> int:
         finally:
             said.cancel()
     return 0
+
+
+def _say_retrying(error: JobwireError, delay: float) -> None:
+    """On stderr, as `watch` says it on its progress line: a tail started before the
+    service, with a wrong --target, or across a restart printed nothing at all."""
+    text = printable(f"retrying in {delay:.1f} s: {error.code.name}: {error.message}")
+    print(f"jobwire: {text}", file=sys.stderr, flush=True)
 
 
 async def _say_live(watch: JobsWatch) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from jobwire.v1 import event_pb2, job_service_pb2
 from service.store.embedded import EmbeddedStore
 from tests.conftest import ServiceHandle, make_policy, start_service
 from tests.grpc_proxy import FaultProxy
-from tests.helpers import cli_process, cli_result, progress
+from tests.helpers import cli_process, cli_result, free_port, progress
 from tests.test_event_pages import BIG, big_history
 
 WAIT = 20.0
@@ -348,6 +349,38 @@ async def test_jobs_tail_prints_the_firehose_and_resumes_from_a_position(
         assert [g["event"]["sequence"] for g in every] == ["1", "2", "3"]
         from_live.send_signal(signal.SIGINT)
         await asyncio.wait_for(from_live.wait(), WAIT)
+
+
+async def test_jobs_tail_says_when_it_cannot_reach_the_service(tmp_path: Path) -> None:
+    """`jobs tail` started before the service (or with a wrong --target) printed nothing
+    while it retried: it now says so on stderr, as `watch` does on its progress line,
+    and goes live once the service is there; stdout keeps to the JSON lines."""
+    port = free_port()
+    proc = await cli_process("jobs", "tail", "--target", f"127.0.0.1:{port}")
+    assert proc.stderr is not None and proc.stdout is not None
+    try:
+        line = (await asyncio.wait_for(proc.stderr.readline(), WAIT)).decode()
+        assert re.match(r"jobwire: retrying in \d+\.\d s: UNAVAILABLE: ", line), line
+        handle = await start_service(
+            EmbeddedStore(tmp_path / "d", make_policy()), grpc_addr=f"127.0.0.1:{port}"
+        )
+        try:
+            while line.startswith("jobwire: retrying in "):
+                line = (await asyncio.wait_for(proc.stderr.readline(), WAIT)).decode()
+            assert line.startswith("jobwire: live; resume from here with --after "), line
+            async with Client(handle.target) as c:
+                await c.create_job("GENERIC", job_id="tail-late")
+                await c.report_progress("tail-late", 10)
+            (printed,) = await _lines(proc, 1)
+            assert printed["event"]["jobId"] == "tail-late"
+        finally:
+            proc.send_signal(signal.SIGINT)
+            await asyncio.wait_for(proc.wait(), WAIT)
+            await handle.close()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def test_empty_lists_are_printed_as_empty_lists(grpc_service: ServiceHandle) -> None:
