@@ -446,7 +446,8 @@ class Client:
         request = job_service_pb2.WriteLogRequest(
             entry=entry,
             callback_token=callback_token,
-            idempotency_key=new_idempotency_key() if idempotency_key is None else idempotency_key,
+            # "" is a key not given, as for reports: sent keyless, a retry stored it twice.
+            idempotency_key=idempotency_key or new_idempotency_key(),
         )
         return await self._unary(self._stub.WriteLog, request, timeout)
 

@@ -597,6 +597,20 @@ async def test_write_log_retried_after_a_lost_reply_is_stored_once(
             await c.write_log("long key", job_id="wl-1", idempotency_key="k" * 257)
 
 
+async def test_write_log_with_an_empty_key_is_still_stored_once(
+    service: ServiceHandle, proxy: FaultProxy
+) -> None:
+    """idempotency_key="" (a header that was not there, say) went out as no key at all,
+    yet the call was retried: a lost reply stored the line twice. An empty key is a key
+    not given, as for event reports: one is generated."""
+    async with client(proxy.target) as c:
+        await c.create_job("GENERIC", job_id="wl-empty")
+        proxy.lose_reply["WriteLog"] = 1
+        reply = await c.write_log("once", job_id="wl-empty", idempotency_key="")
+        assert proxy.calls["WriteLog"] == 2 and reply.duplicate
+        assert [e.message for e in await c.list_logs(job_id="wl-empty")] == ["once"]
+
+
 async def test_report_progress_retried_after_a_dropped_connection_is_applied_once(
     service: ServiceHandle,
 ) -> None:
