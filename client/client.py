@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import reprlib
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -340,7 +341,7 @@ class Client:
         if output_uri:
             request.completed.output_uri = output_uri
         if metadata:
-            request.completed.metadata.update(dict(metadata))
+            request.completed.metadata.CopyFrom(_struct(metadata, "metadata"))
         return await self.report_event(request, timeout=timeout)
 
     async def fail(
@@ -360,9 +361,7 @@ class Client:
         request.failed.code = code
         request.failed.message = message
         if details:
-            details_struct = struct_pb2.Struct()
-            details_struct.update(dict(details))
-            request.failed.details.CopyFrom(details_struct)
+            request.failed.details.CopyFrom(_struct(details, "details"))
         else:
             request.failed.SetInParent()
         return await self.report_event(request, timeout=timeout)
@@ -678,6 +677,20 @@ def _enum_value(enum: Any, value: int | str, prefix: str, argument: str) -> int:
             f"{argument} must be one of {', '.join(names)} (or the {enum.DESCRIPTOR.name} value),"
             f" got {value!r}"
         ) from None
+
+
+def _struct(value: Mapping[str, Any], name: str) -> struct_pb2.Struct:
+    """`value` as a Struct; ArgumentError naming `name` when it holds what JSON cannot
+    (protobuf's own ValueError, "Unexpected type", named neither, e.g. for a datetime)."""
+    out = struct_pb2.Struct()
+    try:
+        out.update(dict(value))
+    except (ValueError, TypeError):
+        raise ArgumentError(
+            f"{name} must hold JSON values only (str, int, float, bool, None, lists, and"
+            f" dicts with str keys), got {reprlib.repr(value)}"
+        ) from None
+    return out
 
 
 def _duration(value: Seconds, name: str) -> duration_pb2.Duration:

@@ -12,6 +12,7 @@ import shutil
 import sys
 import tracemalloc
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +249,13 @@ async def test_bad_names_and_durations_raise_invalid_argument(service: ServiceHa
                 lambda: c.create_job("GENERIC", stall_fail_after="1h"),  # type: ignore[arg-type]
                 "stall_fail_after must be a finite number of seconds or a timedelta",
             ),
+            # Struct values JSON cannot hold: protobuf's bare "Unexpected type" before.
+            (
+                lambda: c.complete("any", metadata={"at": datetime.now(UTC)}),
+                "metadata must hold JSON values only (str, int, float, bool, None, ",
+            ),
+            (lambda: c.fail("any", "E", details={"ids": {1, 2}}), "details must hold JSON "),
+            (lambda: c.fail("any", "E", details={"by": {1: "x"}}), "details must hold JSON "),
         ]
         for call, said in cases:
             with pytest.raises(InvalidArgument) as bad:
