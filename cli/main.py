@@ -99,12 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=lambda a: asyncio.run(client_commands.watch(a)))
 
-    jobs = sub.add_parser("jobs", help="create, get, list, cancel and delete jobs").add_subparsers(
-        metavar="ACTION", dest="action", required=True
-    )
+    jobs = sub.add_parser(
+        "jobs", help="create, get, list, cancel and delete jobs; their events; tail them all"
+    ).add_subparsers(metavar="ACTION", dest="action", required=True)
     p = jobs.add_parser("create", help="create a job; prints it with its callback token")
     p.add_argument("--kind", required=True, choices=_names(job_pb2.JobKind, "JOB_KIND_"))
-    p.add_argument("--id", default="", help="the job id (default: one the service makes)")
+    p.add_argument("--id", default="", help="the job id (default: a random UUID the client makes)")
     p.add_argument("--label", action=Labels, default={}, metavar="KEY=VALUE", help="repeatable")
     p.add_argument("--video-url", default="", help="the video to fetch (required for VIDEO jobs)")
     p.add_argument("--title", default="")

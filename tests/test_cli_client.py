@@ -234,6 +234,12 @@ async def test_cli_help_names_each_option_and_jobs_wants_an_action() -> None:
     assert "JOBWIRE_SERVICE_TARGET" in out
     code, out, _ = await cli_result("logs", "--help")
     assert "{," not in out and "only lines of this level" in out
+    # The client makes a job's id (and token) so that a retried create is the same job;
+    # the help said the service made it. `jobwire --help` named neither events nor tail.
+    code, out, _ = await cli_result("jobs", "create", "--help")
+    assert "a random UUID the client makes" in " ".join(out.split()), out
+    code, out, _ = await cli_result("--help")
+    assert "their events; tail them all" in " ".join(out.split()), out
 
 
 async def test_output_cut_short_by_its_reader_ends_quietly(grpc_service: ServiceHandle) -> None:
