@@ -194,6 +194,9 @@ def _create(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
         # usage error it is, naming the option, before anything is sent.
         if args.kind == "VIDEO" and not args.video_url:
             p.error("--video-url is required for --kind VIDEO")
+        if not args.video_url and (args.title or args.playlist or args.subtitle):
+            # They were dropped without a word, the job made without them.
+            p.error("--title, --playlist and --subtitle go with --video-url (a VIDEO job's)")
         return asyncio.run(client_commands.create(args))
 
     return run

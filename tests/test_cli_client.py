@@ -471,6 +471,16 @@ async def test_a_video_job_without_video_url_is_a_usage_error(tmp_path: Path) ->
             assert err.splitlines()[-1] == (
                 "jobwire jobs create: error: --video-url is required for --kind VIDEO"
             ), err
+        # The video's other fields without its url, on another kind: they were dropped
+        # without a word and the job made without them.
+        generic = ("jobs", "create", "--kind", "GENERIC", "--id", "g-1", "--target", handle.target)
+        for extra in (("--title", "Talk"), ("--playlist", "p"), ("--subtitle", "s")):
+            code, out, err = await cli_result(*generic, *extra)
+            assert code == 2 and out == "" and "Traceback" not in err, (extra, err)
+            assert err.splitlines()[-1] == (
+                "jobwire jobs create: error: --title, --playlist and --subtitle go with"
+                " --video-url (a VIDEO job's)"
+            ), err
         async with Client(handle.target) as c:
             assert [j.id async for j in c.list_jobs()] == []
         code, out, err = await cli_result(*create, "--video-url", "https://v.example/a.mp4")
