@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jobwire.client.channel import TLS, open_sync_channel
+from jobwire.client.client import check_target
 from jobwire.client.errors import ClientConfigError
 from jobwire.v1 import job_pb2, log_pb2
 from service.config import Settings
@@ -355,6 +356,12 @@ def _healthcheck(args: argparse.Namespace) -> int:
                 return 0 if reply.status == 200 else 1
         except OSError:
             return 1
+    try:
+        # gRPC dials a port past 65535 modulo 65536: 127.0.0.1:115587 was reported
+        # healthy for the service on 50051. Checked as the client library checks it.
+        check_target(args.target)
+    except ClientConfigError as err:
+        raise SystemExit(f"jobwire: {err}") from None
     return 0 if _healthy(args.target) else 1
 
 

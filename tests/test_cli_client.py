@@ -242,6 +242,22 @@ async def test_cli_help_names_each_option_and_jobs_wants_an_action() -> None:
     assert "their events; tail them all" in " ".join(out.split()), out
 
 
+async def test_healthcheck_refuses_a_target_grpc_would_dial_elsewhere(
+    grpc_service: ServiceHandle,
+) -> None:
+    """gRPC reads a port past 65535 modulo 65536: `healthcheck --target` the service's
+    port + 65536 said healthy (exit 0) for a port nobody named. It is refused by name,
+    as the client library refuses it, and so is a URL (exit 1 without a word before)."""
+    host, port = grpc_service.target.rsplit(":", 1)
+    code, _, _ = await cli_result("healthcheck", "--target", grpc_service.target)
+    assert code == 0
+    code, out, err = await cli_result("healthcheck", "--target", f"{host}:{int(port) + 65536}")
+    assert code == 1 and out == "", err
+    assert err.strip() == f"jobwire: target port must be 1-65535, got '{host}:{int(port) + 65536}'"
+    code, out, err = await cli_result("healthcheck", "--target", f"http://{grpc_service.target}")
+    assert code == 1 and "target is host:port, not a URL" in err, err
+
+
 async def test_output_cut_short_by_its_reader_ends_quietly(grpc_service: ServiceHandle) -> None:
     """`jobwire jobs list --all | head` ended with a BrokenPipeError traceback."""
     async with Client(grpc_service.target) as c:
