@@ -17,7 +17,7 @@ import grpc
 from jobwire.v1 import artifact_pb2, job_service_pb2
 
 from .errors import JobwireError, translate
-from .retry import RETRYABLE, RetryPolicy, say_if_closed
+from .retry import RETRYABLE, RetryPolicy, Sleep, say_if_closed
 
 CHUNK = 1024 * 1024  # 1 MiB per message, as the API recommends
 MAX_CHUNK = 4 * 1024 * 1024 - 1024  # the service's 4 MiB message limit, less framing
@@ -121,11 +121,13 @@ class ArtifactStream:
         open_call: Callable[[], Any],
         policy: RetryPolicy,
         stub: Callable[[], object] = lambda: None,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.artifact: artifact_pb2.Artifact | None = None
         self._open_call = open_call
         self._policy = policy
         self._stub = stub  # raises UsageError once the client is closed
+        self._sleep = sleep  # the backoff, which the client's close() ends
 
     def __aiter__(self) -> AsyncGenerator[bytes, None]:
         return self._chunks()
@@ -153,7 +155,7 @@ class ArtifactStream:
                 raise
             finally:
                 call.cancel()
-            await asyncio.sleep(self._policy.backoff.delay(attempt - 1))
+            await self._sleep(self._policy.backoff.delay(attempt - 1))
 
     async def save(self, path: str | os.PathLike[str]) -> artifact_pb2.Artifact:
         """Writes the content to `path` (replacing it); returns the artifact's metadata."""
@@ -170,7 +172,7 @@ class ArtifactStream:
                     attempt += 1
                     if err.code not in RETRYABLE or attempt >= self._policy.attempts:
                         raise
-                await asyncio.sleep(self._policy.backoff.delay(attempt - 1))
+                await self._sleep(self._policy.backoff.delay(attempt - 1))
             partial.replace(target)
         except BaseException:  # failed or cancelled: no partial file is left behind
             partial.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ backoff (see retry.py); the rest are not. Failures raise `JobwireError` subclass
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import reprlib
 import secrets
@@ -50,6 +51,7 @@ Seconds: TypeAlias = float | timedelta
 R = TypeVar("R")
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+CLOSED = "this jobwire Client is closed"  # the UsageError of any call once it is
 DEFAULT_RETRY = RetryPolicy()
 WATCH_BACKOFF = Backoff(initial=0.2, maximum=5.0)
 EVENTS_PAGE = 500  # ListJobEvents page_size when paging through a history (at most 1000)
@@ -98,6 +100,8 @@ class Client:
         self._ready_budget = reconnect_wait(options)
         # Retries waiting for the channel to connect: close() ends them (see _ready).
         self._ready_waits: set[asyncio.Task[None]] = set()
+        # Set by close(): ends the backoff of retries and watches (see _pause).
+        self._closing = asyncio.Event()
         # grpc.aio binds a channel to the event loop current when it is made: a channel
         # made before asyncio.run() failed every call with "attached to a different loop".
         self._channel: grpc.aio.Channel | None = None
@@ -133,6 +137,7 @@ class Client:
     async def close(self) -> None:
         """Closes the channel (cancelling its calls and watches); closing again is a no-op."""
         self._closed = True
+        self._closing.set()
         for waiting in list(self._ready_waits):
             waiting.cancel()  # the call says the client is closed (say_if_closed)
         if self._channel is not None:
@@ -151,7 +156,7 @@ class Client:
         except RuntimeError:
             loop = None  # grpc.aio picks the loop itself, as it did before
         if self._closed:
-            raise grpc.aio.UsageError("this jobwire Client is closed")
+            raise grpc.aio.UsageError(CLOSED)
         if self._channel_stub is None:
             self._channel = self._open()
             self._channel_stub = job_service_pb2_grpc.JobServiceStub(self._channel)
@@ -507,7 +512,9 @@ class Client:
             positive_seconds("timeout", timeout)
         policy = self.retry if replayable(source) else None
         try:
-            return await call_with_retry(attempt, policy, timeout, self._ready, self._ready_budget)
+            return await call_with_retry(
+                attempt, policy, timeout, self._ready, self._ready_budget, self._pause
+            )
         except asyncio.CancelledError:
             say_if_closed(lambda: self._stub)
             raise
@@ -531,6 +538,7 @@ class Client:
             lambda: self._stub.ReadArtifact(request, timeout=timeout),
             self.retry,
             lambda: self._stub,
+            self._pause,
         )
 
     async def list_artifacts(
@@ -567,6 +575,7 @@ class Client:
             backoff=self.watch_backoff,
             give_up_after=give_up_after,
             on_retry=on_retry,
+            sleep=self._pause,
         )
 
     def watch_jobs(
@@ -589,9 +598,20 @@ class Client:
             backoff=self.watch_backoff,
             give_up_after=give_up_after,
             on_retry=on_retry,
+            sleep=self._pause,
         )
 
     # -- plumbing ------------------------------------------------------------
+
+    async def _pause(self, seconds: float) -> None:
+        """The backoff of a retry or a watch, ended by close(): a closed client's call
+        slept on (up to 5 s, or a full node's retry-after hint) and then raised grpc's
+        'Channel is closed.'. Raises UsageError once the client is closed."""
+        if not self._closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), seconds)
+        if self._closed:
+            raise grpc.aio.UsageError(CLOSED)
 
     async def _ready(self, seconds: float) -> bool:
         """Whether the channel connected within `seconds` (before a retry)."""
@@ -624,7 +644,9 @@ class Client:
         deadline = self.timeout if timeout is None else positive_seconds("timeout", timeout)
         try:
             policy = self.retry if retry else None
-            return await call_with_retry(attempt, policy, deadline, self._ready, self._ready_budget)
+            return await call_with_retry(
+                attempt, policy, deadline, self._ready, self._ready_budget, self._pause
+            )
         except asyncio.CancelledError:
             say_if_closed(lambda: self._stub)
             raise

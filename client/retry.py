@@ -24,6 +24,8 @@ from .errors import ClientConfigError, translate
 T = TypeVar("T")
 # Waits up to that many seconds for the channel to connect; True when it did.
 Ready = Callable[[float], Awaitable[bool]]
+# The wait between attempts: asyncio.sleep, or the client's, which its close() ends.
+Sleep = Callable[[float], Awaitable[None]]
 
 
 # gRPC takes a deadline past what it can hold (1e10 s) as one already passed: the call
@@ -109,6 +111,7 @@ async def call_with_retry(
     timeout: float | None = None,
     ready: Ready | None = None,
     ready_budget: float = 0.0,
+    sleep: Sleep = asyncio.sleep,
 ) -> T:
     """Runs `call(seconds left)`; repeats it on UNAVAILABLE when a policy is given.
 
@@ -136,7 +139,7 @@ async def call_with_retry(
             if deadline is not None and loop.time() + delay >= deadline:
                 raise translate(err) from None
             last = err
-        await asyncio.sleep(delay)
+        await sleep(delay)
         if ready is not None and ready_budget > 0:
             began = loop.time()
             wait = ready_budget if deadline is None else min(ready_budget, deadline - began)

@@ -52,7 +52,7 @@ from .errors import (
     Unavailable,
     translate,
 )
-from .retry import Backoff, say_if_closed
+from .retry import Backoff, Sleep, say_if_closed
 
 if TYPE_CHECKING:
     from jobwire.v1.job_service_pb2_grpc import JobServiceAsyncStub
@@ -77,7 +77,11 @@ class _Reconnector:
     """Backoff between attempts; gives up after `give_up_after` seconds without a message."""
 
     def __init__(
-        self, backoff: Backoff, give_up_after: float | None, on_retry: OnRetry | None = None
+        self,
+        backoff: Backoff,
+        give_up_after: float | None,
+        on_retry: OnRetry | None = None,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         if give_up_after is not None and not (0 <= give_up_after < math.inf):
             raise ClientConfigError(
@@ -86,6 +90,7 @@ class _Reconnector:
         self._backoff = backoff
         self._give_up_after = give_up_after
         self._on_retry = on_retry
+        self._sleep = sleep
         self._failures = 0
         self._since: float | None = None
 
@@ -115,7 +120,7 @@ class _Reconnector:
             delay = min(delay, left)
         if self._on_retry is not None:
             self._on_retry(cause, delay)
-        await asyncio.sleep(delay)
+        await self._sleep(delay)
         self._failures += 1
 
 
@@ -151,6 +156,7 @@ class JobWatch:
         backoff: Backoff,
         give_up_after: float | None,
         on_retry: OnRetry | None = None,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.job_id = job_id
         # The last sequence yielded (or passed over by a gap), set before the yield.
@@ -158,7 +164,7 @@ class JobWatch:
         self._stub = stub
         self._list_events = list_events
         self._every_event = every_event
-        self._reconnect = _Reconnector(backoff, give_up_after, on_retry)
+        self._reconnect = _Reconnector(backoff, give_up_after, on_retry, sleep)
 
     def __aiter__(self) -> AsyncGenerator[WatchItem, None]:
         return self._run()
@@ -293,12 +299,13 @@ class JobsWatch:
         backoff: Backoff,
         give_up_after: float | None,
         on_retry: OnRetry | None = None,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.position = after  # the last position the service gave; "" before the first
         self._stub = stub
         self._kind = kind
         self._states = list(states)
-        self._reconnect = _Reconnector(backoff, give_up_after, on_retry)
+        self._reconnect = _Reconnector(backoff, give_up_after, on_retry, sleep)
         self._delivered: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         # Set when the service says the stream is live (its headers, or a message), and
         # stays set: a later stream without a position to resume from has lost events.

@@ -913,6 +913,30 @@ async def test_a_client_closed_while_a_retry_waits_for_the_reconnect_says_so_at_
     assert loop.time() - closed < 0.5
 
 
+async def test_a_client_closed_during_a_backoff_says_so_at_once(tmp_path: Path) -> None:
+    """close() did not end a retry's or a watch's backoff (up to 5 s by default, or a
+    full node's retry-after hint): the call slept on, then raised grpc's 'Channel is
+    closed.'; the watch slept on too. Both now say at once that the client is closed."""
+    gone = await start_service(EmbeddedStore(tmp_path, make_policy()))
+    target = gone.target
+    await gone.close()
+    slow = Backoff(initial=5.0, maximum=5.0)  # each wait 2.5-5 s
+    c = client(target, retry=RetryPolicy(attempts=3, backoff=slow), watch_backoff=slow)
+    call = asyncio.ensure_future(c.get_job("any"))
+    waiting = asyncio.Event()
+    watch = c.watch_job("any", on_retry=lambda error, delay: waiting.set())
+    watching = asyncio.ensure_future(collect(watch))
+    await asyncio.wait_for(waiting.wait(), WAIT)  # the watch is in its backoff, and the
+    assert not call.done()  # call, on the same channel, failed first: in its own
+    loop = asyncio.get_running_loop()
+    closed = loop.time()
+    await c.close()
+    for ended in (call, watching):
+        with pytest.raises(grpc.aio.UsageError, match="this jobwire Client is closed"):
+            await asyncio.wait_for(ended, WAIT)
+    assert loop.time() - closed < 0.5
+
+
 async def test_watch_job_follows_a_job_whose_history_went_back(
     store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
