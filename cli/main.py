@@ -158,8 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="only jobs with this label (repeatable: all of them)",
     )
     p.add_argument("--page-size", type=whole(1, 1000), default=50, help="jobs per page (1-1000)")
-    p.add_argument("--page-token", default="", help="next_page_token of the previous page")
-    p.add_argument("--all", action="store_true", help="every page (--page-size per call)")
+    # One or the other: --all started from the first page, the token ignored unsaid.
+    pages = p.add_mutually_exclusive_group()
+    pages.add_argument("--page-token", default="", help="next_page_token of the previous page")
+    pages.add_argument("--all", action="store_true", help="every page (--page-size per call)")
     p.add_argument(
         "--newest-first", action="store_true", help="newest jobs first (default: oldest first)"
     )

@@ -101,6 +101,12 @@ async def test_jobs_list_all_pages_and_logs(grpc_service: ServiceHandle) -> None
     )
     page = json.loads(out)
     assert len(page["jobs"]) == 2 and page["nextPageToken"]
+    # --all with a token listed from the first page again, the token ignored unsaid.
+    code, out, err = await cli_result(
+        "jobs", "list", "--all", "--page-token", page["nextPageToken"], "--target", target
+    )
+    assert code == 2 and out == "", (out, err)
+    assert "argument --page-token: not allowed with argument --all" in err, err
     code, out, err = await cli_result(
         "logs", "--job", "pl-0", "--level", "WARNING", "--target", target
     )
