@@ -614,10 +614,13 @@ class Client:
             raise grpc.aio.UsageError(CLOSED)
 
     async def _ready(self, seconds: float) -> bool:
-        """Whether the channel connected within `seconds` (before a retry)."""
+        """Whether the channel connected within `seconds` (before a retry, or before the
+        one attempt of a call that is not repeated)."""
         channel = self._channel
         if channel is None or seconds <= 0 or self._closed:
             return False
+        if channel.get_state() == grpc.ChannelConnectivity.READY:
+            return True  # the usual case before a call that is not repeated: no task
         # A task close() can cancel: closing the channel does not end a wait for its
         # state, so a closed client's retry waited on for the whole wait.
         waiting = asyncio.ensure_future(channel.channel_ready())

@@ -119,7 +119,8 @@ async def call_with_retry(
     gets what is left of it, and no attempt is started that the backoff would leave no
     time for (the last error is raised instead). Raises JobwireError.
 
-    Before a repeat, `ready(seconds)` waits for the channel to connect, up to
+    Before a repeat (and before the one attempt of a call that is not repeated),
+    `ready(seconds)` waits for the channel to connect, up to
     `ready_budget` seconds over the whole call: gRPC fails a call at once while its
     connection is backing off (up to the channel's maximum reconnect backoff, 2 s by
     default), so repeats spaced by a shorter backoff all failed against a service that
@@ -128,6 +129,11 @@ async def call_with_retry(
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
     attempts = policy.attempts if policy is not None else 1
+    if policy is None and ready is not None and ready_budget > 0:
+        # A call that is not repeated (a cancel, a claim, a delete) waits for the
+        # channel first, within the same bound: gRPC failed it at once while the
+        # connection backed off, although it was never sent (about 2 s after a restart).
+        await ready(ready_budget if deadline is None else min(ready_budget, timeout or 0.0))
     for attempt in range(attempts):
         left = None if deadline is None else max(0.0, deadline - loop.time())
         try:
