@@ -19,6 +19,7 @@ from http_bridge.config import (
     parse_addr,
     parse_rate,
     public_url,
+    service_target,
     whole,
 )
 
@@ -113,7 +114,7 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
     return DashboardConfig(
         host=host,
         port=port,
-        service_target=merged.get("JOBWIRE_SERVICE_TARGET", "127.0.0.1:50051"),
+        service_target=service_target(merged),
         token=_login_token(merged.get(TOKEN_VAR, "")),
         trusted_user_header=_header_name(merged, "JOBWIRE_DASHBOARD_TRUSTED_USER_HEADER"),
         public_url=public_url(merged.get("JOBWIRE_PUBLIC_URL", "")),

@@ -15,6 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jobwire.client.client import check_target
+from jobwire.client.errors import ClientConfigError
+
 log = logging.getLogger(__name__)
 
 ENV_FILE_VAR = "JOBWIRE_ENV_FILE"
@@ -67,6 +70,17 @@ def parse_addr(value: str, name: str) -> tuple[str, int]:
     if not (sep and port.isascii() and port.isdigit() and int(port) <= 65535):
         raise SystemExit(f"{name} must be host:port (port 0-65535), got {value!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def service_target(env: Mapping[str, str]) -> str:
+    """JOBWIRE_SERVICE_TARGET, checked as the client library checks a target: gRPC
+    dialled a port past 65535 modulo 65536 (another service, perhaps) and took a URL
+    for a host name that never resolves, so every call failed UNAVAILABLE."""
+    value = env.get("JOBWIRE_SERVICE_TARGET", "127.0.0.1:50051")
+    try:
+        return check_target(value)
+    except ClientConfigError as err:
+        raise SystemExit(f"JOBWIRE_SERVICE_TARGET: {err}") from None
 
 
 def parse_networks(value: str) -> tuple[IPNetwork, ...]:
@@ -157,7 +171,7 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
     return Config(
         http_host=host,
         http_port=port,
-        service_target=merged.get("JOBWIRE_SERVICE_TARGET", "127.0.0.1:50051"),
+        service_target=service_target(merged),
         batch_callback_secret=body_secret(merged, "BATCH_CALLBACK_SECRET"),
         api_key=header_secret(merged, "API_KEY"),
         transcode_callback_token=header_secret(merged, "TRANSCODE_CALLBACK_TOKEN"),

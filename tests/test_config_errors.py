@@ -92,6 +92,10 @@ BRIDGE = [
     ("JOBWIRE_PUBLIC_URL", "//jobs.example.com"),
     ("JOBWIRE_RATE_LIMIT", "fast"),
     ("JOBWIRE_ACCESS_LOG", "some"),
+    # gRPC dialled 122847 modulo 65536 (57311: another service, perhaps), and took a URL
+    # for a host name: the bridge started and answered every callback 503.
+    ("JOBWIRE_SERVICE_TARGET", "127.0.0.1:122847"),
+    ("JOBWIRE_SERVICE_TARGET", "http://127.0.0.1:50051"),
 ]  # fmt: skip
 
 DASHBOARD = [
@@ -105,6 +109,7 @@ DASHBOARD = [
     ("JOBWIRE_DASHBOARD_LOGIN_LIMIT", "ten/min"),
     ("JOBWIRE_DASHBOARD_LOGIN_LIMIT", "-5/min"),
     ("JOBWIRE_PUBLIC_URL", "jobs.example.com"),
+    ("JOBWIRE_SERVICE_TARGET", "127.0.0.1:122847"),
 ]  # fmt: skip
 
 
