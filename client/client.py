@@ -297,7 +297,7 @@ class Client:
     async def report_progress(
         self,
         job_id: str,
-        percent: float = 0.0,
+        percent: float | None = None,
         *,
         phase: str = "",
         message: str = "",
@@ -309,14 +309,17 @@ class Client:
         timeout: float | None = None,
     ) -> job_service_pb2.ReportEventResponse:
         """Reports progress. A key is generated when not given and kept across the
-        client's retries, so a retried report is applied once."""
-        progress = job_pb2.Progress(percent=percent, phase=phase, message=message)
+        client's retries, so a retried report is applied once. Without `percent` the
+        job keeps its percent (or takes media_time / media_duration when both are known);
+        it was reset to 0 by a report of a message alone."""
+        progress = job_pb2.Progress(percent=percent or 0.0, phase=phase, message=message)
         if media_time is not None:
             progress.media_time.CopyFrom(_duration(media_time, "media_time"))
         if media_duration is not None:
             progress.media_duration.CopyFrom(_duration(media_duration, "media_duration"))
         request = self._event(job_id, idempotency_key, callback_token, event_time)
         request.progress.CopyFrom(progress)
+        request.percent_not_given = percent is None
         return await self.report_event(request, timeout=timeout)
 
     async def complete(

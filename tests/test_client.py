@@ -156,6 +156,22 @@ async def test_claim_report_complete_fail_and_events(service: ServiceHandle) -> 
         assert again.duplicate and again.sequence == first.sequence == 1
 
 
+async def test_a_progress_report_without_a_percent_keeps_the_jobs(service: ServiceHandle) -> None:
+    """report_progress's percent defaulted to 0.0, so a report of a message alone set the
+    job back to 0 %. Without one the job keeps its percent; an explicit 0 still sets it;
+    with both media times the percent follows them."""
+    async with client(service.target) as c:
+        await c.create_job("GENERIC", job_id="keep-1")
+        await c.report_progress("keep-1", 40, phase="ocr", message="page 4 of 10")
+        await c.report_progress("keep-1", message="still on page 4")
+        got = (await c.get_job("keep-1")).progress
+        assert (got.percent, got.message) == (40.0, "still on page 4")
+        await c.report_progress("keep-1", media_time=3, media_duration=12)
+        assert (await c.get_job("keep-1")).progress.percent == 25.0
+        await c.report_progress("keep-1", 0, message="starting over")
+        assert (await c.get_job("keep-1")).progress.percent == 0.0
+
+
 async def test_logs(service: ServiceHandle) -> None:
     async with client(service.target) as c:
         await c.create_job("GENERIC", job_id="l-1")
