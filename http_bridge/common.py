@@ -222,8 +222,9 @@ def clip(text: str, limit: int = MAX_MESSAGE) -> str:
 
 
 def parse_iso(value: str) -> datetime:
-    """ISO-8601 with offset or `Z`; naive times are taken as UTC."""
-    parsed = datetime.fromisoformat(value)
+    """ISO-8601 with offset or `Z`; naive times are taken as UTC. RFC 3339 allows a
+    lowercase `t` and `z` (section 5.6), which Python's parser refuses."""
+    parsed = datetime.fromisoformat(value.upper() if value.isascii() else value)
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 

@@ -83,7 +83,9 @@ class LogLine(pydantic.BaseModel):
     # Not empty: the service refuses an empty log line (WriteLog), so say it here too.
     message: Annotated[Message, pydantic.StringConstraints(min_length=1)]
     timestamp: IsoDateTime
-    videoId: VideoId | None = None
+    # Optional ("si no se proporciona se usa UNKNOWN"): "" is not given, not a bad id
+    # (it was a 400, and the line was lost).
+    videoId: VideoId | Literal[""] | None = None
 
 
 class PendingVideo(pydantic.BaseModel):

@@ -124,6 +124,25 @@ async def test_examples_verbatim(tmp_path: Any) -> None:
         assert (await get_job(s, "12345")).state == job_pb2.JOB_STATE_SUCCEEDED
 
 
+async def test_a_log_line_with_an_empty_video_id_or_a_lowercase_timestamp_is_kept(
+    bridge: Any, stub: Any
+) -> None:
+    """`videoId` is optional ("si no se proporciona se usa UNKNOWN"): an empty one was a
+    400 and the line was lost; it is a line of UNKNOWN now. RFC 3339 allows a lowercase
+    `t` and `z` (section 5.6), which Python's parser refused: a 400, the line lost."""
+    marker = new_id("empty-id")
+    for body in (
+        {"level": "INFO", "message": marker, "timestamp": "2023-05-01T12:00:00Z", "videoId": ""},
+        {"level": "INFO", "message": marker + "-lower", "timestamp": "2023-05-01t12:00:01z"},
+    ):
+        assert await bridge.post("/api/log", body, headers=VIDEO_AUTH) == (200, {"success": True})
+    status, listed = await bridge.get("/api/log?limit=1000", headers=VIDEO_AUTH)
+    assert status == 200
+    mine = {e["message"]: e for e in listed if e["message"].startswith(marker)}
+    assert mine[marker]["videoId"] == "UNKNOWN"
+    assert mine[marker + "-lower"]["timestamp"] == "2023-05-01T12:00:01Z"
+
+
 async def test_a_log_line_posted_again_with_its_idempotency_key_is_stored_once(
     bridge: Any, stub: Any
 ) -> None:
