@@ -568,6 +568,9 @@ async def test_a_progress_report_without_percent_keeps_the_percent(bridge: Any, 
         120_000,
         200_000,
     )
+    # A length of zero (not known yet) says nothing of the percent: it was set to 0.
+    unknown = await report(currentTime="00:00:05.000", totalTime="00:00:00")
+    assert unknown.percent == 60
     assert (await report(percent=0)).percent == 0
 
 

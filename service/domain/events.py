@@ -315,7 +315,8 @@ def _keep_unset(progress: job_pb2.Progress, report: job_pb2.Progress) -> None:
     previous.CopyFrom(progress)
     progress.CopyFrom(report)
     given_time, given_total = report.HasField("media_time"), report.HasField("media_duration")
-    progress.percent = 0.0 if given_time and given_total else previous.percent
+    # Kept unless the media times give one (a length of 0, not known yet, gives none).
+    progress.percent = previous.percent
     if not given_time and previous.HasField("media_time"):
         progress.media_time.CopyFrom(previous.media_time)
     if not given_total and previous.HasField("media_duration"):
