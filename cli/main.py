@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
-        parser.print_help()
+        # A usage error, so on stderr as argparse's own (it went to stdout, with status 2).
+        parser.print_help(sys.stderr)
         raise SystemExit(2)
     configure_logging()  # JOBWIRE_LOG_FORMAT (json|text), JOBWIRE_LOG_LEVEL; redacted
     try:

@@ -246,6 +246,9 @@ async def test_cli_help_names_each_option_and_jobs_wants_an_action() -> None:
     assert "a random UUID the client makes" in " ".join(out.split()), out
     code, out, _ = await cli_result("--help")
     assert "their events; tail them all" in " ".join(out.split()), out
+    # No command is a usage error: the help on stderr, as argparse's errors (stdout).
+    code, out, err = await cli_result()
+    assert (code, out) == (2, "") and "usage: jobwire" in err, (code, out, err)
 
 
 async def test_healthcheck_refuses_a_target_grpc_would_dial_elsewhere(
