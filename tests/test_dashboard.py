@@ -805,6 +805,30 @@ async def test_a_log_line_and_an_error_keep_their_line_breaks(
         assert await page.inner_text("#error p.error > bdi") == trace
 
 
+async def test_multi_line_text_keeps_its_line_breaks_in_the_timeline_and_the_list(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """A progress message or an error of several lines ran together in the timeline,
+    the job's head and the jobs list's message cell ("Seite 4/10 OCR läuft"), where the
+    logs and the outcome keep them. Read as drawn (innerText follows the CSS)."""
+    job_id = uid("tl-lines")
+    text = "Seite 4/10\nOCR läuft"
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id, {"run": job_id})
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    await progress(svc.stub, job_id, 40, "ocr", text)  # a row the page adds live
+    await page.wait_for_selector("#timeline tbody tr[data-seq='1']", timeout=WAIT_MS)
+    assert await page.inner_text("#timeline tbody tr[data-seq='1'] .message") == text
+    for viewport in (LAPTOP, PHONE):
+        await page.set_viewport_size(viewport)
+        await page.goto(f"{dash.url}/jobs/{job_id}")
+        assert await page.inner_text("#timeline tbody .message") == text
+        assert await page.inner_text("#message") == text
+        await page.goto(f"{dash.url}/jobs?label=run%3D{job_id}")
+        assert await page.inner_text(f"#jobs tr[data-job='{job_id}'] .clip") == text
+
+
 async def test_job_page_says_when_older_log_lines_are_not_shown(
     dash: DashboardProcess, context: Any, svc: ServiceHandle
 ) -> None:
