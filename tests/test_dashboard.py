@@ -829,6 +829,38 @@ async def test_multi_line_text_keeps_its_line_breaks_in_the_timeline_and_the_lis
         assert await page.inner_text(f"#jobs tr[data-job='{job_id}'] .clip") == text
 
 
+async def test_a_cancelled_jobs_outcome_is_no_error(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """A cancelled job's outcome read "Error" in red, "CANCELLED superseded", as if it
+    had failed: it says Cancelled and the reason, also when it is cancelled while its
+    page is open. A failed job's stays an error."""
+    job_id = uid("cancelled")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    await svc.stub.CancelJob(job_service_pb2.CancelJobRequest(id=job_id, reason="superseded"))
+    await page.wait_for_selector("#outcome h3", timeout=WAIT_MS)
+    for _ in range(2):  # live, then as loaded
+        assert await page.inner_text("#outcome h3") == "Cancelled"
+        assert await page.inner_text("#error p") == "superseded"
+        assert await page.locator("#outcome .error").count() == 0
+        await page.reload()
+    failed = uid("failed")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, failed)
+    await svc.stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=failed,
+            idempotency_key=uuid.uuid4().hex,
+            failed=job_pb2.JobError(code="CANCELLED", message="the worker gave up"),
+        )
+    )
+    await page.goto(f"{dash.url}/jobs/{failed}")
+    assert await page.inner_text("#outcome h3") == "Error"
+    assert await page.inner_text("#error p.error") == "CANCELLED the worker gave up"
+
+
 async def test_job_page_says_when_older_log_lines_are_not_shown(
     dash: DashboardProcess, context: Any, svc: ServiceHandle
 ) -> None:
