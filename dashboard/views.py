@@ -187,6 +187,7 @@ async def jobs_page(request: web.Request) -> web.StreamResponse:
         "csrf": principal(request).csrf,
         "heartbeat": request.app[SETTINGS].heartbeat_seconds,
         "since": since,
+        "page_size": request.query.get("page_size", ""),  # checked by _list_request
     }
     return aiohttp_jinja2.render_template("jobs.html", request, context)
 

@@ -1265,6 +1265,28 @@ async def test_the_filter_form_keeps_every_label_and_state_of_the_url(
     assert sorted(await page.evaluate(shown)) == [both, f"fl-{run}-2"], page.url
 
 
+async def test_the_filter_form_keeps_the_page_size_of_the_url(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """Filter dropped `page_size`: a page of 200 asked for in the URL went back to 50
+    (here: of 2, to every job) at the next Filter, to change the order, say."""
+    run = uuid.uuid4().hex[:6]
+    for i in range(3):
+        await new_job(svc.stub, job_pb2.JOB_KIND_BATCH, f"ps-{run}-{i}", {"run": run})
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs?label=run%3D{run}&page_size=2")
+    rows = "#jobs tbody tr"
+    assert await page.locator(rows).count() == 2
+    await page.select_option("select[name=order]", "oldest")
+    async with page.expect_navigation():
+        await page.click("#filters button[type=submit]")
+    assert "page_size=2" in page.url and "order=oldest" in page.url, page.url
+    assert await page.eval_on_selector_all(rows, "rs => rs.map(r => r.dataset.job)") == [
+        f"ps-{run}-0",
+        f"ps-{run}-1",
+    ]
+
+
 # -- bad input ------------------------------------------------------------------
 
 
