@@ -159,8 +159,10 @@ async def jobs_page(request: web.Request) -> web.StreamResponse:
     list_req = _list_request(request, json=False)  # a bad query is a 400 before any wait
     # Before the rows are read: the page's stream replays what changes after this.
     since = await request.app[HUB].mark()
-    reply, depth = await asyncio.gather(
-        _list(request, list_req, False), request.app[HUB].fresh_queue_depth(wait=0.3)
+    reply, depth, deleted = await asyncio.gather(
+        _list(request, list_req, False),
+        request.app[HUB].fresh_queue_depth(wait=0.3),
+        _deleted(request, request.query.get("deleted", "")),
     )
     filters = {
         "kind": request.query.get("kind", "").upper(),
@@ -169,7 +171,7 @@ async def jobs_page(request: web.Request) -> web.StreamResponse:
         "order": "newest" if list_req.newest_first else "oldest",
     }
     next_url = ""
-    pairs = [(k, v) for k, v in request.query.items() if k != "page_token"]
+    pairs = [(k, v) for k, v in request.query.items() if k not in ("page_token", "deleted")]
     if reply.next_page_token:
         next_url = "/jobs?" + urlencode([*pairs, ("page_token", reply.next_page_token)])
     context = {
@@ -188,8 +190,23 @@ async def jobs_page(request: web.Request) -> web.StreamResponse:
         "heartbeat": request.app[SETTINGS].heartbeat_seconds,
         "since": since,
         "page_size": request.query.get("page_size", ""),  # checked by _list_request
+        "deleted": deleted,
     }
     return aiohttp_jinja2.render_template("jobs.html", request, context)
+
+
+async def _deleted(request: web.Request, job_id: str) -> str:
+    """`job_id` when Delete job led here (`?deleted=`) and the job is gone: the list
+    came back without a word. A link naming a job that is there says nothing."""
+    if not job_id:
+        return ""
+    try:
+        await request.app[GRPC]().GetJob(
+            job_service_pb2.GetJobRequest(id=job_id), timeout=_timeout(request)
+        )
+    except grpc.aio.AioRpcError as err:
+        return job_id if err.code() == grpc.StatusCode.NOT_FOUND else ""
+    return ""
 
 
 @routes.get("/api/jobs")
@@ -335,22 +352,23 @@ async def cancel(request: web.Request) -> web.StreamResponse:
 @routes.post("/jobs/{job_id}/delete")
 async def delete(request: web.Request) -> web.StreamResponse:
     """DeleteJob: an ended job with its events, logs and artifacts (README "Retention");
-    back to the list, where the job no longer is."""
+    back to the list, where the job no longer is and a notice says it was deleted."""
     await _check_csrf(request)
     job_id = request.match_info["job_id"]
+    done = "/jobs?" + urlencode({"deleted": job_id})  # the list says it was deleted
     try:
         await request.app[GRPC]().DeleteJob(
             job_service_pb2.DeleteJobRequest(id=job_id), timeout=_timeout(request)
         )
     except grpc.aio.AioRpcError as err:
         if err.code() == grpc.StatusCode.NOT_FOUND:  # deleted meanwhile: as asked
-            raise web.HTTPSeeOther("/jobs") from None
+            raise web.HTTPSeeOther(done) from None
         if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
             raise grpc_error(err) from None
         state = await _state_of(request, job_id)
         message = f"job {job_id!r} has not ended ({state}): only an ended job can be deleted"
         raise PageError(409, message, back=f"/jobs/{quote(job_id, safe='')}") from None
-    raise web.HTTPSeeOther("/jobs")
+    raise web.HTTPSeeOther(done)
 
 
 async def _state_of(request: web.Request, job_id: str) -> str:

@@ -1136,7 +1136,10 @@ async def test_an_ended_job_is_deleted_from_its_page(
     await decline(page, "#delete button")
     assert (await stub.GetJob(get)).state == job_pb2.JOB_STATE_CANCELLED
     await confirm(page, "#delete button")
-    assert page.url.endswith("/jobs")
+    assert page.url.endswith(f"/jobs?deleted={job_id}")
+    # It says so (the list came back without a word: was it deleted?).
+    assert await page.inner_text("#deleted") == f"Job {job_id} was deleted."
+    assert await page.get_attribute("#deleted", "role") == "status"
     with pytest.raises(grpc.aio.AioRpcError) as gone:
         await stub.GetJob(get)
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND
@@ -1144,7 +1147,11 @@ async def test_an_ended_job_is_deleted_from_its_page(
     assert job_id not in shown
     # Deleted already (another tab, the retention): the list, not an error.
     reply = await page.request.post(url, form={"csrf": csrf or ""}, max_redirects=0)
-    assert (reply.status, reply.headers["location"]) == (303, "/jobs")
+    assert (reply.status, reply.headers["location"]) == (303, f"/jobs?deleted={job_id}")
+    # A link naming a job that is there says nothing of a deletion.
+    kept = (await new_job(stub, job_pb2.JOB_KIND_GENERIC, uid("kept"))).job.id
+    await page.goto(f"{dash.url}/jobs?deleted={kept}")
+    assert await page.locator("#deleted").count() == 0
 
 
 async def test_a_job_made_again_under_a_deleted_jobs_id_replaces_its_row(
