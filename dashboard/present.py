@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from http_bridge.common import whole_numbers
@@ -125,6 +126,7 @@ def timeline_entry(event: event_pb2.JobEvent) -> dict[str, Any]:
         "state": state_name(event.state),
         "time": iso(event.create_time),
         "percent": tenths(event.progress.percent) if event.HasField("progress") else None,
+        "media": media(event.progress),
         "phase": event.progress.phase,
         "message": message,
         "worker_id": event.worker_id,
@@ -145,12 +147,29 @@ def job_detail(job: job_pb2.Job) -> dict[str, Any]:
             "lease_expires": iso(job.lease_expire_time),
             "last_event": iso(job.last_event_time),
             "video": _dict(job.video) if job.HasField("video") else None,
+            "media": media(job.progress),
             # The artifacts have their own table on the page.
             "result": _without(_dict(job.result), "artifacts") if job.HasField("result") else None,
             "error": _dict(job.error) if job.HasField("error") else None,
         }
     )
     return detail
+
+
+def media(progress: job_pb2.Progress) -> str:
+    """A video's position and length as a worker reported them (`currentTime`,
+    `totalTime`): "1:30 / 3:20", "1:30" before the length is known, "" for neither."""
+    at = _clock(progress.media_time) if progress.HasField("media_time") else ""
+    if not progress.HasField("media_duration"):
+        return at
+    return f"{at or '–'} / {_clock(progress.media_duration)}"
+
+
+def _clock(span: Duration) -> str:
+    """Whole seconds, cut as percents are (1:29.9 is not 1:30): "1:30", "1:02:03"."""
+    hours, rest = divmod(max(span.ToNanoseconds(), 0) // 10**9, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02}:{secs:02}" if hours else f"{minutes}:{secs:02}"
 
 
 def log_entry(entry: log_pb2.LogEntry) -> dict[str, Any]:

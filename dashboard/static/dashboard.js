@@ -443,6 +443,11 @@ function jobPage() {
     head.dataset.state = job.state;
     stateCell($(".state", head), job.state, job.stalled);
     progressCell($(".progress", head), job);
+    if (job.media !== undefined) {
+      const media = $("#media");
+      media.textContent = job.media;
+      media.hidden = !job.media;
+    }
     if (job.message !== undefined) {
       const message = $("#message");
       message.textContent = visible(job.message);
@@ -471,7 +476,9 @@ function jobPage() {
     const when = el("td", "time");
     when.append(timeNode(e.time));
     tr.append(when);
-    tr.append(el("td", "percent", e.percent === null ? "" : `${e.percent.toFixed(1)}%`));
+    const percent = el("td", "percent", e.percent === null ? "" : `${e.percent.toFixed(1)}%`);
+    if (e.media) percent.append(" ", el("span", "media", e.media));
+    tr.append(percent);
     tr.append(el("td", "ev-phase", e.phase), el("td", "message", e.message));
     tbody.append(tr);
     $("#no-events").hidden = true;
@@ -538,7 +545,10 @@ function jobPage() {
       appendEvent(e);
       changed ||= e.state !== head.dataset.state;
       const change = { state: e.state, stalled: e.type === "STALLED", updated: e.time };
-      if (e.percent !== null) Object.assign(change, { percent: e.percent, phase: e.phase });
+      if (e.percent !== null) {
+        // A progress event carries the job's progress whole: its media times too.
+        Object.assign(change, { percent: e.percent, phase: e.phase, media: e.media });
+      }
       // A progress says its message, "" included (a reload shows it so).
       if (e.type === "PROGRESS" || e.message) change.message = e.message;
       if (e.type === "COMPLETED") change.percent = 100;
