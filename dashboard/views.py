@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import aiohttp_jinja2
 import grpc
@@ -353,9 +353,14 @@ async def cancel(request: web.Request) -> web.StreamResponse:
 async def delete(request: web.Request) -> web.StreamResponse:
     """DeleteJob: an ended job with its events, logs and artifacts (README "Retention");
     back to the list, where the job no longer is and a notice says it was deleted."""
-    await _check_csrf(request)
+    form = await _check_csrf(request)
     job_id = request.match_info["job_id"]
-    done = "/jobs?" + urlencode({"deleted": job_id})  # the list says it was deleted
+    # Back to the list the job was opened from (`back`, its query only: the path is
+    # ours), which says the job was deleted.
+    back = str(form.get("back", ""))
+    query = urlsplit(back).query if back.startswith("/jobs?") else ""
+    pairs = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "deleted"]
+    done = "/jobs?" + urlencode([*pairs, ("deleted", job_id)])
     try:
         await request.app[GRPC]().DeleteJob(
             job_service_pb2.DeleteJobRequest(id=job_id), timeout=_timeout(request)

@@ -1198,6 +1198,37 @@ async def test_an_ended_job_is_deleted_from_its_page(
     assert await page.locator("#deleted").count() == 0
 
 
+async def test_a_job_page_leads_back_to_the_list_it_was_opened_from(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """The job page's "← Jobs" and Delete job led to /jobs, every filter gone: an
+    operator clearing failed jobs one by one filtered the list again after each. Both
+    go back to the list the job was opened from, its filters and order kept."""
+    run = uuid.uuid4().hex[:6]
+    for i in range(2):
+        await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, f"back-{run}-{i}", {"run": run})
+        await svc.stub.CancelJob(job_service_pb2.CancelJobRequest(id=f"back-{run}-{i}"))
+    listed = f"/jobs?label=run%3D{run}&state=CANCELLED&order=oldest"
+    page = await login(context, dash.url)
+    await page.goto(dash.url + listed)
+    async with page.expect_navigation():
+        await page.click(f"#jobs a[href='/jobs/back-{run}-0']")
+    assert await page.get_attribute("#back", "href") == listed
+    await confirm(page, "#delete button")
+    assert page.url == f"{dash.url}{listed}&deleted=back-{run}-0"
+    assert await page.inner_text("#deleted") == f"Job back-{run}-0 was deleted."
+    shown = "rs => rs.map(r => r.dataset.job)"
+    assert await page.eval_on_selector_all("#jobs tbody tr", shown) == [f"back-{run}-1"]
+    # From the list the deletion led to: the notice is not carried on.
+    async with page.expect_navigation():
+        await page.click(f"#jobs a[href='/jobs/back-{run}-1']")
+    assert await page.get_attribute("#back", "href") == listed
+    # A page opened on its own (a link, a new tab) leads to the whole list.
+    other = await context.new_page()
+    await other.goto(f"{dash.url}/jobs/back-{run}-1")
+    assert await other.get_attribute("#back", "href") == "/jobs"
+
+
 async def test_a_job_made_again_under_a_deleted_jobs_id_replaces_its_row(
     dash: DashboardProcess, context: Any, svc: ServiceHandle
 ) -> None:

@@ -234,7 +234,33 @@ function stream(url, handlers, onReopen) {
 
 // -- jobs page -----------------------------------------------------------------
 
+// The list a job page was opened from (its filters, order and page), per tab: the job
+// page's "← Jobs" and Delete job lead back to it (they led to /jobs, every filter gone).
+// The Referrer-Policy (no-referrer) keeps it out of document.referrer.
+const LIST_KEY = "jobwire:list";
+
+function rememberList() {
+  const url = new URL(location.href);
+  url.searchParams.delete("deleted"); // the notice is this load's only
+  try {
+    sessionStorage.setItem(LIST_KEY, url.pathname + url.search);
+  } catch {
+    // storage off: the job page leads to the whole list, as it did
+  }
+}
+
+function rememberedList() {
+  let list = null;
+  try {
+    list = sessionStorage.getItem(LIST_KEY);
+  } catch {
+    return null;
+  }
+  return list === "/jobs" || list?.startsWith("/jobs?") ? list : null;
+}
+
 function jobsPage() {
+  rememberList();
   const table = $("#jobs");
   const tbody = $("tbody", table);
   const kind = table.dataset.kind;
@@ -435,6 +461,12 @@ function jobsPage() {
 
 function jobPage() {
   const head = $("#job");
+  const list = rememberedList();
+  if (list) {
+    $("#back").href = list;
+    const back = $("#delete input[name=back]");
+    if (back) back.value = list;
+  }
   const jobId = head.dataset.job;
   const tbody = $("#timeline tbody");
   let lastSeq = Number(head.dataset.seq);
