@@ -78,6 +78,7 @@ def job_row(job: job_pb2.Job) -> dict[str, Any]:
         "stalled": job.stalled,
         "percent": _percent(job.progress.percent, job.state),
         "phase": job.progress.phase,
+        "media": media(job.progress),
         "message": job.error.message or job.result.message or job.progress.message,
         "created": iso(job.create_time),
         "updated": iso(job.update_time),
@@ -102,6 +103,7 @@ def event_row(event: event_pb2.JobEvent) -> dict[str, Any]:
     if event.HasField("progress"):
         row["percent"] = _percent(event.progress.percent, event.state)
         row["phase"] = event.progress.phase
+        row["media"] = media(event.progress)  # the job's, whole (the event carries it)
         row["message"] = event.progress.message
     if event.HasField("error"):
         row["message"] = event.error.message
@@ -147,7 +149,6 @@ def job_detail(job: job_pb2.Job) -> dict[str, Any]:
             "lease_expires": iso(job.lease_expire_time),
             "last_event": iso(job.last_event_time),
             "video": _dict(job.video) if job.HasField("video") else None,
-            "media": media(job.progress),
             # The artifacts have their own table on the page.
             "result": _without(_dict(job.result), "artifacts") if job.HasField("result") else None,
             "error": _dict(job.error) if job.HasField("error") else None,

@@ -835,13 +835,16 @@ async def test_a_videos_position_and_length_are_shown(
     """A video worker's currentTime and totalTime (Progress media_time / media_duration)
     were shown nowhere: a worker that sends its position only, with no percent and no
     length yet, left the page at 0 % with nothing moving. The head shows them (live and
-    as loaded), and each progress of the timeline its own."""
+    as loaded), each progress of the timeline its own, and the jobs list the job's."""
     job_id = uid("video")
-    await new_job(svc.stub, job_pb2.JOB_KIND_VIDEO, job_id, url="https://media.example/v.mp4")
+    await new_job(
+        svc.stub, job_pb2.JOB_KIND_VIDEO, job_id, {"run": job_id}, url="https://m.example/v.mp4"
+    )
     page = await login(context, dash.url)
     await page.goto(f"{dash.url}/jobs/{job_id}")
     await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
-    assert not await page.is_visible("#media")
+    media = "#job .progress .media"
+    assert not await page.is_visible(media)
 
     async def report(**times: Any) -> None:
         progress = job_pb2.Progress(message="Descargando")
@@ -859,18 +862,26 @@ async def test_a_videos_position_and_length_are_shown(
 
     await report(media_time=90.5)
     await page.wait_for_selector("#timeline tbody tr[data-seq='1']", timeout=WAIT_MS)
-    assert await page.inner_text("#media") == "1:30"
+    assert await page.inner_text(media) == "1:30"
     await report(media_duration=3 * 3600 + 200)
     await page.wait_for_selector("#timeline tbody tr[data-seq='2']", timeout=WAIT_MS)
-    assert await page.inner_text("#media") == "1:30 / 3:03:20"
+    assert await page.inner_text(media) == "1:30 / 3:03:20"
     for _ in range(2):  # live, then as loaded
         medias = "rs => rs.map(r => r.querySelector('.percent').innerText)"
         assert await page.eval_on_selector_all("#timeline tbody tr", medias) == [
             "0.0% 1:30",
             "0.8% 1:30 / 3:03:20",
         ]
-        assert await page.inner_text("#media") == "1:30 / 3:03:20"
+        assert await page.inner_text(media) == "1:30 / 3:03:20"
         await page.reload()
+    await page.goto(f"{dash.url}/jobs?label=run%3D{job_id}")
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    row = f"#jobs tr[data-job='{job_id}'] .media"
+    assert await page.inner_text(row) == "1:30 / 3:03:20"
+    await report(media_time=100)  # live
+    await page.wait_for_function(
+        "s => document.querySelector(s).textContent === '1:40 / 3:03:20'", arg=row, timeout=WAIT_MS
+    )
 
 
 async def test_a_cancelled_jobs_outcome_is_no_error(

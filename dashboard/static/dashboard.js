@@ -118,11 +118,19 @@ function progressCell(cell, change) {
     bar = el("progress");
     bar.max = 100;
     bar.setAttribute("aria-label", `progress of ${visible(change.id)}`);
-    cell.append(bar, " ", el("span", "pct"), " ", el("span", "phase"));
+    const media = el("span", "media");
+    media.title = "position in the video / its length";
+    media.hidden = true;
+    cell.append(bar, " ", el("span", "pct"), " ", el("span", "phase"), " ", media);
   }
   bar.value = change.percent;
   // Cut, never rounded up (99.96 is not done), as the server's template does.
   $(".pct", cell).textContent = `${Math.floor(change.percent)}%`;
+  if (change.media !== undefined) {
+    const media = $(".media", cell);
+    media.textContent = change.media;
+    media.hidden = !change.media;
+  }
   if (change.phase === undefined) return; // the event says nothing of it: kept
   const phase = $(".phase", cell);
   phase.textContent = visible(change.phase);
@@ -475,11 +483,6 @@ function jobPage() {
     head.dataset.state = job.state;
     stateCell($(".state", head), job.state, job.stalled);
     progressCell($(".progress", head), job);
-    if (job.media !== undefined) {
-      const media = $("#media");
-      media.textContent = job.media;
-      media.hidden = !job.media;
-    }
     if (job.message !== undefined) {
       const message = $("#message");
       message.textContent = visible(job.message);
