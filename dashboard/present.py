@@ -159,9 +159,10 @@ def job_detail(job: job_pb2.Job) -> dict[str, Any]:
 
 def media(progress: job_pb2.Progress) -> str:
     """A video's position and length as a worker reported them (`currentTime`,
-    `totalTime`): "1:30 / 3:20", "1:30" before the length is known, "" for neither."""
+    `totalTime`): "1:30 / 3:20", "1:30" before the length is known (none, or 0: a
+    worker's "00:00:00" while it does not know it yet), "" for neither."""
     at = _clock(progress.media_time) if progress.HasField("media_time") else ""
-    if not progress.HasField("media_duration"):
+    if progress.media_duration.ToNanoseconds() <= 0:
         return at
     return f"{at or '–'} / {_clock(progress.media_duration)}"
 

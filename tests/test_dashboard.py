@@ -860,7 +860,7 @@ async def test_a_videos_position_and_length_are_shown(
             )
         )
 
-    await report(media_time=90.5)
+    await report(media_time=90.5, media_duration=0)  # a length of 0: not known yet
     await page.wait_for_selector("#timeline tbody tr[data-seq='1']", timeout=WAIT_MS)
     assert await page.inner_text(media) == "1:30"
     await report(media_duration=3 * 3600 + 200)
