@@ -252,9 +252,16 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         async def chunks() -> AsyncIterator[bytes]:
             received = 0
             async for part in request_iterator:
-                if part.WhichOneof("part") != "data":
+                which = part.WhichOneof("part")
+                if which == "header":
                     raise DomainError(
                         Code.INVALID_ARGUMENT, "only the first message may carry a header"
+                    )
+                if which != "data":
+                    # A message with neither part was refused as if it carried a header.
+                    raise DomainError(
+                        Code.INVALID_ARGUMENT,
+                        "every UploadArtifactRequest after the header must carry data",
                     )
                 received += len(part.data)
                 if declared is not None and received > declared:

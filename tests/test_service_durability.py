@@ -151,3 +151,48 @@ async def test_an_artifact_content_type_no_header_can_carry_is_refused(
     assert "header.content_type" in (err.value.details() or "")
     listed = await service.stub.ListArtifacts(job_service_pb2.ListArtifactsRequest(job_id="ct"))
     assert list(listed.artifacts) == []
+
+
+@pytest.mark.parametrize(
+    ("second", "expected"),
+    [
+        (
+            job_service_pb2.UploadArtifactRequest(),
+            "every UploadArtifactRequest after the header must carry data",
+        ),
+        (
+            job_service_pb2.UploadArtifactRequest(
+                header=job_service_pb2.ArtifactHeader(job_id="parts", name="a")
+            ),
+            "only the first message may carry a header",
+        ),
+    ],
+    ids=["empty", "header"],
+)
+async def test_an_upload_message_after_the_header_must_carry_data(
+    service: ServiceHandle, second: job_service_pb2.UploadArtifactRequest, expected: str
+) -> None:
+    """A message after the header with neither part set was refused with "only the
+    first message may carry a header", which it did not carry. Each mistake is named
+    for what it is; nothing is stored and an artifact of that name stays."""
+    await create(service.stub, job_pb2.JOB_KIND_EXTRACTION, "parts")
+    header = job_service_pb2.ArtifactHeader(job_id="parts", name="a")
+
+    async def upload(
+        *parts: job_service_pb2.UploadArtifactRequest,
+    ) -> AsyncIterator[job_service_pb2.UploadArtifactRequest]:
+        yield job_service_pb2.UploadArtifactRequest(header=header)
+        for part in parts:
+            yield part
+
+    kept = await service.stub.UploadArtifact(
+        upload(job_service_pb2.UploadArtifactRequest(data=b"kept"))
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.UploadArtifact(
+            upload(job_service_pb2.UploadArtifactRequest(data=b"new"), second)
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == expected
+    listed = await service.stub.ListArtifacts(job_service_pb2.ListArtifactsRequest(job_id="parts"))
+    assert list(listed.artifacts) == [kept]
