@@ -136,6 +136,10 @@ CREATE TABLE IF NOT EXISTS artifact_trash (
 """
 
 
+# Reads of an artifact's row before its file is found (each replaced meanwhile).
+_OPEN_ATTEMPTS = 5
+
+
 class EmbeddedStore:
     # This process writes every entry of the firehose log's one origin (fanout.anchor).
     single_writer_origin = ORIGIN
@@ -571,18 +575,37 @@ class EmbeddedStore:
     async def open_artifact(
         self, job_id: str, name: str
     ) -> tuple[artifact_pb2.Artifact, AsyncIterator[bytes]] | None:
-        row = await self._read(
-            lambda c: c.execute(
+        def lookup(c: sqlite3.Connection) -> tuple[bytes, str] | None:
+            found: tuple[bytes, str] | None = c.execute(
                 "SELECT meta, path FROM artifacts WHERE job_id = ? AND name = ?", (job_id, name)
             ).fetchone()
-        )
-        if row is None:
-            return None
+            return found
+
+        # A replacement (or the job's deletion) committed between the row's read and the
+        # open removes the file the row named: read the row again. Only a row that names
+        # the same missing file twice is storage trouble (a restore without its
+        # artifacts/ directory); it was UNAVAILABLE for a read racing an upload.
+        path, missing = "", None
+        for _ in range(_OPEN_ATTEMPTS):
+            row = await self._read(lookup)
+            if row is None:
+                return None
+            if missing is not None and row[1] == path:
+                raise self._failed(missing) from missing
+            path = row[1]
+            try:
+                handle = open(self._artifact_file(path), "rb")  # noqa: ASYNC230, SIM115 - not blocking I/O of note
+            except FileNotFoundError as err:
+                missing = err
+                continue
+            except OSError as err:
+                raise self._failed(err) from err
+            break
+        else:
+            raise DomainError(
+                Code.ABORTED, f"artifact {name!r} of job {job_id!r} was replaced; read it again"
+            )
         meta = artifact_pb2.Artifact.FromString(row[0])
-        try:
-            handle = open(self._artifact_file(row[1]), "rb")  # noqa: ASYNC230, SIM115 - not blocking I/O of note
-        except OSError as err:  # e.g. a restore without its artifacts/ directory
-            raise self._failed(err) from err
 
         async def content() -> AsyncIterator[bytes]:
             loop = asyncio.get_running_loop()
