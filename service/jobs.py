@@ -779,7 +779,8 @@ def _decode_page_token(
 ) -> tuple[int, str]:
     try:
         create_ns, job_id, *rest = json.loads(base64.urlsafe_b64decode(token.encode()))
-        if not isinstance(create_ns, int) or not isinstance(job_id, str):
+        # JSON true/false are ints to Python: SQLite took true as 1, MongoDB as no number.
+        if type(create_ns) is not int or not isinstance(job_id, str):
             raise ValueError
         if not -(2**63) <= create_ns < 2**63:  # forged: no store's 64-bit column holds it
             raise ValueError

@@ -281,6 +281,22 @@ async def test_bad_page_token_is_invalid_argument(service: ServiceHandle) -> Non
     assert "page_token" in (err.value.details() or "")
 
 
+async def test_a_page_token_whose_position_is_not_a_number_is_invalid_argument(
+    service: ServiceHandle,
+) -> None:
+    """A forged token whose position is JSON `true` or `false` was taken as a number
+    (Python's bool is an int) and the stores answered it differently: the embedded store
+    listed the jobs after 1 ns, MongoDB none (a boolean is no number to it). It is
+    INVALID_ARGUMENT like any other bad token."""
+    await create(service.stub, job_pb2.JOB_KIND_BATCH, "listed")
+    for create_ns in (True, False):
+        forged = base64.urlsafe_b64encode(json.dumps([create_ns, "x"]).encode()).decode()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await service.stub.ListJobs(job_service_pb2.ListJobsRequest(page_token=forged))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, create_ns
+        assert "page_token is invalid" in (err.value.details() or "")
+
+
 async def test_cancel_is_final(service: ServiceHandle) -> None:
     await create(service.stub, job_id="c1")
     job = await service.stub.CancelJob(job_service_pb2.CancelJobRequest(id="c1", reason="user"))
