@@ -152,6 +152,54 @@ async def test_bad_event_names_the_problem_and_writes_nothing(
     assert job.sequence == 0 and job.state == job_pb2.JOB_STATE_QUEUED
 
 
+def _timed(
+    payload: str, field: str, seconds: int, nanos: int = 0
+) -> job_service_pb2.ReportEventRequest:
+    """A report whose `payload` (progress or completed) carries `field` as this time."""
+    request = job_service_pb2.ReportEventRequest(job_id="m", idempotency_key="k")
+    message = request.progress if payload == "progress" else request.completed
+    message.SetInParent()
+    value = getattr(message, field)
+    value.seconds, value.nanos = seconds, nanos
+    return request
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (_timed("progress", "media_time", -5), "progress.media_time"),
+        (_timed("progress", "media_duration", 10**12), "progress.media_duration"),
+        (_timed("progress", "media_time", 1, -1), "progress.media_time"),
+        (_timed("progress", "report_time", 10**12), "progress.report_time"),
+        (_timed("completed", "processing_time", -(10**12)), "completed.processing_time"),
+        (_timed("completed", "media_duration", -1), "completed.media_duration"),
+    ],
+)
+async def test_a_media_time_or_stamp_out_of_range_is_refused(
+    service: ServiceHandle, request_: job_service_pb2.ReportEventRequest, field: str
+) -> None:
+    """Progress and result times were stored unchecked: a negative media time made the
+    percent derived for `percent_not_given` negative (-5 s of 10 s: -50), and a
+    duration or timestamp out of protobuf's range (or of mixed signs) was stored, after
+    which every JSON reader of the job failed on it (the dashboard, `jobwire jobs get`).
+    Now each is INVALID_ARGUMENT naming its field, and nothing is written."""
+    await create(service.stub, job_id="m")
+    request_.percent_not_given = request_.HasField("progress")
+    if request_.HasField("progress") and field != "progress.media_duration":
+        request_.progress.media_duration.seconds = 10
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.ReportEvent(request_)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (err.value.details() or "")
+    job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="m"))
+    assert job.sequence == 0 and job.state == job_pb2.JOB_STATE_QUEUED
+    batch = await service.stub.BatchReportEvents(
+        job_service_pb2.BatchReportEventsRequest(requests=[request_])
+    )
+    assert batch.results[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert field in batch.results[0].message
+
+
 async def test_callback_token_is_checked_against_the_hash(service: ServiceHandle) -> None:
     created = await create(service.stub, job_id="tok")
     wrong = progress("tok", 5)

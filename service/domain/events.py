@@ -50,6 +50,13 @@ def validate_report(request: job_service_pb2.ReportEventRequest) -> None:
     if payload == "progress":
         validation.percent(request.progress.percent)
         validation.message(request.progress.message, "progress.message")
+        # Unset, each is 0: valid.
+        validation.media_duration(request.progress.media_time, "progress.media_time")
+        validation.media_duration(request.progress.media_duration, "progress.media_duration")
+        validation.timestamp(request.progress.report_time, "progress.report_time")
+    elif payload == "completed":
+        validation.media_duration(request.completed.media_duration, "completed.media_duration")
+        validation.media_duration(request.completed.processing_time, "completed.processing_time")
     elif payload == "failed":
         validation.message(request.failed.message, "failed.message")
     if request.HasField("event_time"):

@@ -6,6 +6,7 @@ import math
 import re
 from collections.abc import Mapping
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from jobwire.v1 import job_pb2, log_pb2
@@ -118,6 +119,22 @@ def percent(value: float, field: str = "progress.percent") -> float:
     if not math.isfinite(value) or not 0.0 <= value <= 100.0:
         raise invalid(f"{field} must be between 0 and 100, got {value}")
     return value
+
+
+# google.protobuf.Duration's range (10,000 years): its JSON form refuses more.
+MAX_DURATION_SECONDS = 315_576_000_000
+
+
+def media_duration(value: Duration, field: str) -> None:
+    """A media time or length, or a processing time: 0 or more, within Duration's range.
+    A negative one made a derived percent negative (-5 s of 10 s: -50 %), and one out of
+    range (or of mixed signs) was stored and then failed every JSON reader of the job
+    (the dashboard, `jobwire jobs get`)."""
+    if not (0 <= value.seconds <= MAX_DURATION_SECONDS and 0 <= value.nanos < 10**9):
+        raise invalid(
+            f"{field} must be between 0 and {MAX_DURATION_SECONDS} seconds,"
+            f" got {value.seconds} s and {value.nanos} ns"
+        )
 
 
 def event_size(size: int) -> None:
