@@ -114,7 +114,8 @@ class Auth:
             if user and user.isprintable():  # not text (bytes, controls): nobody
                 return Principal(user, self.csrf_for("user:" + user))
         bearer = request.headers.get("Authorization", "")
-        if bearer.startswith("Bearer ") and self.try_token(request, bearer[7:].strip()):
+        # The scheme's case does not matter (RFC 9110 11.1): `bearer x` was refused.
+        if bearer[:7].lower() == "bearer " and self.try_token(request, bearer[7:].strip()):
             return Principal("token", "")
         cookie = request.cookies.get(COOKIE, "")
         if cookie and self._token:

@@ -58,14 +58,17 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, token: str) -> None:
         # Digests: compare_digest of unequal lengths returns at once (the token's length).
-        self._expected = hashlib.sha256(f"Bearer {token}".encode()).digest()
+        self._expected = hashlib.sha256(token.encode()).digest()
 
     def allowed(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
         ok = False
         for key, value in metadata or ():
             if key.lower() == "authorization":
                 given = value.encode() if isinstance(value, str) else bytes(value)
-                ok |= hmac.compare_digest(hashlib.sha256(given).digest(), self._expected)
+                # The scheme's case does not matter (RFC 9110 11.1): `bearer x` was refused.
+                scheme, _, credentials = given.partition(b" ")
+                digest = hashlib.sha256(credentials.lstrip(b" ")).digest()
+                ok |= scheme.lower() == b"bearer" and hmac.compare_digest(digest, self._expected)
         return ok
 
     async def intercept_service(

@@ -290,6 +290,10 @@ async def test_the_jobs_pages_resync_query_keeps_a_label_filter_whole(
         async with http.get(f"{url}/api/jobs?{resync}", headers=bearer) as reply:
             assert reply.status == 200, await reply.text()
             ids = [job["id"] for job in (await reply.json())["jobs"]]
+        # The scheme in any case, as HTTP reads it (`bearer` was a 401).
+        lower = {"Authorization": f"bearer {TOKEN}"}
+        async with http.get(f"{url}/api/jobs?{resync}", headers=lower) as reply:
+            assert reply.status == 200, await reply.text()
     assert ids == [wanted.job.id]
 
 

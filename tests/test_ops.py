@@ -88,6 +88,24 @@ async def test_token_required_except_health(tmp_path: Path) -> None:
             metadata=ok,
         )
         assert created.job.id == "t"
+        # The scheme in any case, as HTTP reads it (`bearer` was refused); not the token.
+        for scheme in ("bearer", "BEARER"):
+            got = await handle.stub.GetJob(
+                job_service_pb2.GetJobRequest(id="t"),
+                metadata=(("authorization", f"{scheme} s3cr3t"),),
+            )
+            assert got.id == "t"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await handle.stub.GetJob(
+                job_service_pb2.GetJobRequest(id="t"),
+                metadata=(("authorization", "Bearer S3CR3T"),),
+            )
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await handle.stub.GetJob(
+                job_service_pb2.GetJobRequest(id="t"), metadata=(("authorization", "Basic s3cr3t"),)
+            )
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         health = health_pb2_grpc.HealthStub(handle.channel)
         answer = await health.Check(health_pb2.HealthCheckRequest())
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
