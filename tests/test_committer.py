@@ -61,8 +61,9 @@ async def test_a_caller_is_never_left_waiting_for_a_committer_that_is_gone(
     teardown) fails the callers it had instead of leaving them waiting for ever."""
     await _job(store, "g")
     committer = Committer(store, lambda applied: None)
+    before = asyncio.all_tasks()
     committer.start()
-    (task,) = [t for t in asyncio.all_tasks() if t.get_name() == "committer"]
+    (task,) = asyncio.all_tasks() - before  # its task (other services' run in this loop too)
     caller = await _queued(committer, "g")
     task.cancel()
     with pytest.raises(StorageUnavailable, match="shutting down"):
