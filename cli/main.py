@@ -9,7 +9,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -231,20 +232,39 @@ def _watch_worker(_: argparse.Namespace) -> int:
 
 
 def _dashboard(_: argparse.Namespace) -> int:
+    from dashboard.config import ensure_token
     from dashboard.server import main as dashboard_main
 
+    _redact_env_file_secrets(ensure_token)
     dashboard_main()
     return 0
 
 
 def _bridge(_: argparse.Namespace) -> int:
+    from http_bridge.config import ensure_secrets
     from http_bridge.server import main as bridge_main
 
     from .tracing import setup_bridge
 
+    _redact_env_file_secrets(ensure_secrets)
     setup_bridge()  # OTLP traces when OTEL_EXPORTER_OTLP_ENDPOINT is set
     bridge_main()
     return 0
+
+
+def _redact_env_file_secrets(
+    generate: Callable[[Path, Mapping[str, str]], dict[str, str]],
+) -> None:
+    """The bridge and the dashboard take a secret the environment lacks from the env file
+    (JOBWIRE_ENV_FILE, ./jobwire.env), which JOBWIRE_GENERATE_SECRETS=1 first fills in
+    with `generate`. The log filter is set up again to redact those values too: it knew
+    only the environment's, so a key from the file reached the access log in clear."""
+    from http_bridge.config import merged_env
+
+    env_file, merged = merged_env()
+    if os.environ.get("JOBWIRE_GENERATE_SECRETS") == "1":
+        merged.update(generate(env_file, merged))  # the process's config reads them back
+    configure_logging(environ=merged)
 
 
 def _run(_: argparse.Namespace) -> int:

@@ -201,8 +201,10 @@ def configure(
     fmt: str | None = None,
     level: str | None = None,
     handlers: Iterable[logging.Handler] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> None:
-    """Sets up the root logger from JOBWIRE_LOG_FORMAT / JOBWIRE_LOG_LEVEL."""
+    """Sets up the root logger from JOBWIRE_LOG_FORMAT / JOBWIRE_LOG_LEVEL; the secrets
+    redacted are those `environ` holds (default: the process environment)."""
     fmt = (fmt or os.environ.get("JOBWIRE_LOG_FORMAT") or default_format()).strip().lower()
     if fmt not in ("json", "text"):
         raise SystemExit(f"JOBWIRE_LOG_FORMAT must be json or text, got {fmt!r}")
@@ -212,7 +214,7 @@ def configure(
     record_context()
     chosen = list(handlers) if handlers is not None else [logging.StreamHandler()]
     formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
-    redactor = RedactingFilter()
+    redactor = RedactingFilter(environ)
     for handler in chosen:
         handler.setFormatter(formatter)
         handler.addFilter(redactor)

@@ -182,6 +182,35 @@ def test_printable_keeps_every_script_and_escapes_only_controls() -> None:
     assert printable("\t\x00\udcff\u2066") == r"\t\x00\udcff\u2066"
 
 
+async def test_secrets_a_bridge_on_its_own_reads_from_the_env_file_are_redacted(
+    tmp_path: Path,
+) -> None:
+    """`jobwire bridge` (and `jobwire dashboard`) read their secrets from the env file
+    when the environment lacks them (`make run`'s jobwire.env, or a site's own). The log
+    filter knew only the environment's values: a key the operator chose, not shaped like
+    a token, was written in clear when a worker put it in the URL path."""
+    api_key = "video-key-of-this-site"
+    env_file = tmp_path / "site.env"
+    env_file.write_text(f"API_KEY={api_key}\n")
+    env_file.chmod(0o600)
+    async with cli_bridge_process(
+        "127.0.0.1:1",  # nothing listens: no request here needs the service
+        tmp_path,
+        JOBWIRE_LOG_FORMAT="text",
+        JOBWIRE_ENV_FILE=str(env_file),
+        API_KEY="",  # empty in the environment: the file's value is the bridge's key
+    ) as bridge:
+        reply = await raw_exchange(
+            bridge.port,
+            f"GET /{api_key}/status HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n".encode(),
+        )
+        assert reply.startswith(b"HTTP/1.1 404")
+        await until(lambda: b" 404 " in bridge.log_path.read_bytes())
+    written = bridge.log()
+    assert "GET /***/status 404" in written, written
+    assert api_key not in written
+
+
 async def test_secrets_jobwire_run_keeps_in_its_env_file_are_redacted(tmp_path: Path) -> None:
     """`jobwire run` (make run) generates the bridge's secrets into jobwire.env. A worker
     that puts its key in the URL path gets a 404, whose access-log line quotes the path:
