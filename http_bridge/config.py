@@ -279,9 +279,18 @@ SIGNED_CONTRACTS = ("aws_batch", "video_worker", "aurora", "secretary")
 
 
 def signing_secrets(env: Mapping[str, str]) -> dict[str, tuple[bytes, ...]]:
-    """`JOBWIRE_SIGNING_SECRET_<CONTRACT>`: one or more space-separated `whsec_...`."""
+    """`JOBWIRE_SIGNING_SECRET_<CONTRACT>`: one or more space-separated `whsec_...`. A
+    `<CONTRACT>` that is none (`..._BATCH`, `..._aurora`) stops the bridge: it was
+    ignored, and that contract's callbacks were taken unsigned, the operator unaware."""
     from .signing import decode_secret
 
+    prefix = "JOBWIRE_SIGNING_SECRET_"
+    names = [contract.upper() for contract in SIGNED_CONTRACTS]
+    for name in sorted(env):
+        if name.startswith(prefix) and name.removeprefix(prefix) not in names:
+            raise SystemExit(
+                f"{name} names no contract: {prefix}<CONTRACT> takes {', '.join(names)}"
+            )
     found: dict[str, tuple[bytes, ...]] = {}
     for contract in SIGNED_CONTRACTS:
         name = f"JOBWIRE_SIGNING_SECRET_{contract.upper()}"

@@ -5,6 +5,7 @@ timeout, a negative lease, a public URL callbacks cannot be built on)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import socket
 import sys
@@ -165,6 +166,22 @@ def test_a_body_secret_that_is_not_text_is_named_not_shown(tmp_path: Path) -> No
         bridge_config(env)
     message = str(refused.value.code)
     assert "BATCH_CALLBACK_SECRET must be UTF-8" in message and "geheim" not in message
+
+
+@pytest.mark.parametrize(
+    "var",
+    ["JOBWIRE_SIGNING_SECRET_BATCH", "JOBWIRE_SIGNING_SECRET_aurora", "JOBWIRE_SIGNING_SECRET_"],
+)
+def test_a_signing_secret_for_no_contract_is_named_not_shown(tmp_path: Path, var: str) -> None:
+    """A misspelt contract was ignored: the bridge started and took that contract's
+    callbacks unsigned, while the operator meant every one of them to be verified."""
+    secret = "whsec_" + base64.b64encode(b"k" * 32).decode()
+    env = {"JOBWIRE_ENV_FILE": str(tmp_path / "none.env"), var: secret}
+    with pytest.raises(SystemExit) as refused:
+        bridge_config(env)
+    message = str(refused.value.code)
+    assert message.startswith(f"{var} names no contract") and secret not in message, message
+    assert "AWS_BATCH, VIDEO_WORKER, AURORA, SECRETARY" in message, message
 
 
 @pytest.mark.parametrize(
