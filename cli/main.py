@@ -374,6 +374,7 @@ def _healthcheck(args: argparse.Namespace) -> int:
     if args.http:
         import urllib.request
 
+        _check_http_url(args.http)
         try:
             with urllib.request.urlopen(args.http, timeout=3) as reply:
                 return 0 if reply.status == 200 else 1
@@ -386,6 +387,23 @@ def _healthcheck(args: argparse.Namespace) -> int:
     except ClientConfigError as err:
         raise SystemExit(f"jobwire: {err}") from None
     return 0 if _healthy(args.target) else 1
+
+
+def _check_http_url(url: str) -> None:
+    """`healthcheck --http` takes an http(s) URL. One without its scheme
+    (`127.0.0.1:8080/readyz`, in JOBWIRE_HEALTHCHECK_ARGS say) was reported unhealthy
+    without a word, for ever, and an unclosed `[` ended in a traceback."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        ok = ok and parts.port != 0  # .port raises ValueError past 65535
+    except ValueError:
+        ok = False
+    if not ok:
+        example = "http://127.0.0.1:8080/readyz"
+        raise SystemExit(f"jobwire: --http wants an http(s) URL such as {example}, got {url!r}")
 
 
 def _freeze_startup_objects() -> None:

@@ -17,6 +17,7 @@ import pytest
 from jobwire.client import Client, Job, JobEvent
 from jobwire.v1 import event_pb2, job_service_pb2
 from service.store.embedded import EmbeddedStore
+from tests.bridge_process import cli_bridge_process
 from tests.conftest import ServiceHandle, make_policy, start_service
 from tests.grpc_proxy import FaultProxy
 from tests.helpers import cli_process, cli_result, free_port, progress
@@ -265,6 +266,22 @@ async def test_healthcheck_refuses_a_target_grpc_would_dial_elsewhere(
     assert err.strip() == f"jobwire: target port must be 1-65535, got '{host}:{int(port) + 65536}'"
     code, out, err = await cli_result("healthcheck", "--target", f"http://{grpc_service.target}")
     assert code == 1 and "target is host:port, not a URL" in err, err
+
+
+async def test_healthcheck_http_names_a_url_it_cannot_use(tmp_path: Path) -> None:
+    """`healthcheck --http` with no scheme (`127.0.0.1:8080/readyz`, an easy slip in
+    JOBWIRE_HEALTHCHECK_ARGS) exited 1 without a word: a container unhealthy for ever,
+    nothing in its health log to say why. An unclosed `[` ended in a traceback."""
+    async with cli_bridge_process("127.0.0.1:1", tmp_path) as bridge:
+        code, out, err = await cli_result("healthcheck", "--http", f"{bridge.url}/healthz")
+        assert code == 0, out + err
+        for url in (f"127.0.0.1:{bridge.port}/healthz", "http://[::1/healthz", "http:///x"):
+            code, out, err = await cli_result("healthcheck", "--http", url)
+            assert code == 1 and out == "", err
+            assert err.strip() == (
+                "jobwire: --http wants an http(s) URL such as"
+                f" http://127.0.0.1:8080/readyz, got {url!r}"
+            ), err
 
 
 async def test_output_cut_short_by_its_reader_ends_quietly(grpc_service: ServiceHandle) -> None:
