@@ -182,7 +182,10 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
         transcode_allowed_ips=parse_networks(merged.get("TRANSCODE_ALLOWED_IPS", "")),
         max_body_bytes=whole(merged, "JOBWIRE_MAX_BODY_BYTES", 1024 * 1024),
         max_final_body_bytes=whole(merged, "JOBWIRE_MAX_FINAL_BODY_BYTES", 256 * 1024 * 1024),
-        retry_after_seconds=whole(merged, "JOBWIRE_RETRY_AFTER_SECONDS", 5, minimum=0),
+        # A time, at most 366 days as the others: Retry-After: 99999999999999 was sent.
+        retry_after_seconds=whole(
+            merged, "JOBWIRE_RETRY_AFTER_SECONDS", 5, minimum=0, maximum=MAX_NUMBER
+        ),
         public_url=public_url(merged.get("JOBWIRE_PUBLIC_URL", "")),
         access_log=parse_access_log(merged.get("JOBWIRE_ACCESS_LOG", "errors")),
         rpc_timeout_seconds=number(merged, "JOBWIRE_RPC_TIMEOUT_SECONDS", 30.0),
@@ -248,11 +251,17 @@ def number(env: Mapping[str, str], name: str, default: float, minimum: float = 0
     return value
 
 
-def whole(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+def whole(
+    env: Mapping[str, str], name: str, default: int, minimum: int = 1, maximum: int = 2**63 - 1
+) -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default
-    if not (raw.isascii() and raw.isdigit() and minimum <= int(raw) < 2**63):
+    if not (raw.isascii() and raw.isdigit() and minimum <= int(raw) <= maximum):
+        if maximum < 2**63 - 1:
+            raise SystemExit(
+                f"{name} must be a whole number >= {minimum} and <= {maximum}, got {raw!r}"
+            )
         raise SystemExit(f"{name} must be a whole number >= {minimum}, got {raw!r}")
     return int(raw)
 

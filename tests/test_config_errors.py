@@ -83,6 +83,7 @@ BRIDGE = [
                            "JOBWIRE_MAX_CONNECTIONS")
       for v in BAD_NUMBERS),
     ("JOBWIRE_MAX_BODY_BYTES", "1e6"),
+    ("JOBWIRE_RETRY_AFTER_SECONDS", "31622401"),  # was sent as Retry-After, any size
     # Past 366 days: gRPC took a 1e300 s deadline as already passed, every call failed.
     *((var, "1e300") for var in ("JOBWIRE_RPC_TIMEOUT_SECONDS", "JOBWIRE_BODY_TIMEOUT_SECONDS",
                                  "JOBWIRE_SHUTDOWN_GRACE_SECONDS")),
