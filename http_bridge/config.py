@@ -111,7 +111,13 @@ def read_env_file(path: Path) -> dict[str, str]:
     values: dict[str, str] = {}
     if not path.is_file():
         return values
-    for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        # A traceback before; a decode error names a byte's position, never a value.
+        reason = err.strerror if isinstance(err, OSError) else f"not UTF-8 ({err.reason})"
+        raise SystemExit(f"jobwire: cannot read {path} (JOBWIRE_ENV_FILE): {reason}") from None
+    for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#") or "=" not in line:
             continue

@@ -169,6 +169,19 @@ def test_a_body_secret_that_is_not_text_is_named_not_shown(tmp_path: Path) -> No
     assert "BATCH_CALLBACK_SECRET must be UTF-8" in message and "geheim" not in message
 
 
+@pytest.mark.parametrize("load", [bridge_config, dashboard_config])
+def test_an_env_file_that_is_not_utf8_is_named_not_shown(tmp_path: Path, load: object) -> None:
+    """A jobwire.env saved as Latin-1 (a secret with an 'ü') ended the bridge, the
+    dashboard and `jobwire run` with a UnicodeDecodeError traceback."""
+    env_file = tmp_path / "jobwire.env"
+    env_file.write_bytes(b"API_KEY=schl\xfcssel-0123456789\n")
+    with pytest.raises(SystemExit) as refused:
+        load({"JOBWIRE_ENV_FILE": str(env_file)})  # type: ignore[operator]
+    message = str(refused.value.code)
+    assert message.startswith(f"jobwire: cannot read {env_file} (JOBWIRE_ENV_FILE): not UTF-8")
+    assert "schl" not in message and "0123456789" not in message, message
+
+
 @pytest.mark.parametrize(
     "var",
     ["JOBWIRE_SIGNING_SECRET_BATCH", "JOBWIRE_SIGNING_SECRET_aurora", "JOBWIRE_SIGNING_SECRET_"],
