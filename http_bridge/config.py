@@ -112,7 +112,9 @@ def read_env_file(path: Path) -> dict[str, str]:
     if not path.is_file():
         return values
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte order mark (Windows editors) made the first line's name
+        # "\ufeffAPI_KEY": that secret was never read, and `jobwire run` replaced it.
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         # A traceback before; a decode error names a byte's position, never a value.
         reason = err.strerror if isinstance(err, OSError) else f"not UTF-8 ({err.reason})"

@@ -182,6 +182,15 @@ def test_an_env_file_that_is_not_utf8_is_named_not_shown(tmp_path: Path, load: o
     assert "schl" not in message and "0123456789" not in message, message
 
 
+def test_an_env_file_with_a_byte_order_mark_is_read_whole(tmp_path: Path) -> None:
+    """A jobwire.env saved by an editor that writes a UTF-8 byte order mark: its first
+    line's name was '\ufeffAPI_KEY', so that secret was never read (the endpoint closed,
+    and `jobwire run` generated a new key in its place)."""
+    env_file = tmp_path / "jobwire.env"
+    env_file.write_bytes(b"\xef\xbb\xbfAPI_KEY=site-key-0123456789\nJOBWIRE_DASHBOARD_TOKEN=t\n")
+    assert bridge_config({"JOBWIRE_ENV_FILE": str(env_file)}).api_key == "site-key-0123456789"
+
+
 @pytest.mark.parametrize(
     "var",
     ["JOBWIRE_SIGNING_SECRET_BATCH", "JOBWIRE_SIGNING_SECRET_aurora", "JOBWIRE_SIGNING_SECRET_"],
