@@ -90,6 +90,27 @@ def uid(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
+@contextlib.asynccontextmanager
+async def held_requests(
+    context: Any, pattern: re.Pattern[str]
+) -> AsyncIterator[tuple[asyncio.Event, asyncio.Event]]:
+    """The browser holds requests to URLs matching `pattern` until `release` is set;
+    `held` is set once one is being held."""
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(route: Any) -> None:
+        held.set()
+        await release.wait()
+        await route.continue_()
+
+    await context.route(pattern, hold)
+    try:
+        yield held, release
+    finally:
+        release.set()
+        await context.unroute(pattern, hold)
+
+
 async def new_job(
     stub: Any, kind: Any, job_id: str, labels: dict[str, str] | None = None, **video: str
 ) -> job_service_pb2.CreateJobResponse:
@@ -751,16 +772,8 @@ async def test_a_job_that_ends_before_its_stream_opens_is_shown_ended(
     job_id = uid("endsfirst")
     await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
     await progress(svc.stub, job_id, 40, "work", "running")
-    held, release = asyncio.Event(), asyncio.Event()
-
-    async def hold(route: Any) -> None:
-        held.set()
-        await release.wait()
-        await route.continue_()
-
     stream = re.compile(rf"/events/jobs/{job_id}\?")
-    await context.route(stream, hold)
-    try:
+    async with held_requests(context, stream) as (held, release):
         page = await login(context, dash.url)
         await page.goto(f"{dash.url}/jobs/{job_id}")
         await asyncio.wait_for(held.wait(), WAIT_MS / 1000)  # its stream, held
@@ -775,9 +788,6 @@ async def test_a_job_that_ends_before_its_stream_opens_is_shown_ended(
         live = await page.inner_text("#details")
         await page.reload()
         assert await page.inner_text("#details") == live
-    finally:
-        release.set()
-        await context.unroute(stream, hold)
 
 
 async def test_a_log_line_and_an_error_keep_their_line_breaks(
@@ -1895,32 +1905,23 @@ async def test_what_changes_while_the_page_opens_its_stream_is_shown(
     shown = uid("shown")
     await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, shown)
     await progress(svc.stub, shown, 10, "p", "before the page")
-    held, release = asyncio.Event(), asyncio.Event()
-
-    async def hold(route: Any) -> None:
-        held.set()
-        await release.wait()
-        await route.continue_()
-
     streams = re.compile(r"/events/jobs\?")
-    await context.route(streams, hold)
-    try:
-        async with running_dashboard(svc.target) as dash:
-            page = await login(context, dash.url)
-            await page.wait_for_selector(f'#jobs tr[data-job="{shown}"]', timeout=WAIT_MS)
-            await asyncio.wait_for(held.wait(), WAIT_MS / 1000)  # its stream, held
-            appeared = uid("appeared")
-            await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, appeared)
-            await progress(svc.stub, appeared, 5, "p", "while the stream opens")
-            await progress(svc.stub, shown, 60, "p", "while the stream opens")
-            release.set()
-            await page.wait_for_function(ROW_IS, arg=[appeared, 5, "RUNNING"], timeout=WAIT_MS)
-            await page.wait_for_function(ROW_IS, arg=[shown, 60, "RUNNING"], timeout=WAIT_MS)
-            assert await page.locator(f'#jobs tr[data-job="{appeared}"]').count() == 1
-            await assert_created_shown(page, svc.stub, appeared)  # replayed from the journal
-    finally:
+    async with (
+        held_requests(context, streams) as (held, release),
+        running_dashboard(svc.target) as dash,
+    ):
+        page = await login(context, dash.url)
+        await page.wait_for_selector(f'#jobs tr[data-job="{shown}"]', timeout=WAIT_MS)
+        await asyncio.wait_for(held.wait(), WAIT_MS / 1000)  # its stream, held
+        appeared = uid("appeared")
+        await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, appeared)
+        await progress(svc.stub, appeared, 5, "p", "while the stream opens")
+        await progress(svc.stub, shown, 60, "p", "while the stream opens")
         release.set()
-        await context.unroute(streams, hold)
+        await page.wait_for_function(ROW_IS, arg=[appeared, 5, "RUNNING"], timeout=WAIT_MS)
+        await page.wait_for_function(ROW_IS, arg=[shown, 60, "RUNNING"], timeout=WAIT_MS)
+        assert await page.locator(f'#jobs tr[data-job="{appeared}"]').count() == 1
+        await assert_created_shown(page, svc.stub, appeared)  # replayed from the journal
 
 
 async def test_a_job_that_begins_goes_where_a_reload_puts_it(
