@@ -275,7 +275,15 @@ async def take_screenshots(
         url="https://media.example/keynote.mp4",
         title="Keynote 2026",
     )
-    await progress(stub, video.job.id, 45, "download", "Descargando 00:01:30 / 00:03:20")
+    # As the video worker reports it: its position and the video's length.
+    downloading = job_pb2.Progress(percent=45, phase="download", message="Descargando")
+    downloading.media_time.FromSeconds(90)
+    downloading.media_duration.FromSeconds(200)
+    await stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=video.job.id, idempotency_key=uuid.uuid4().hex, progress=downloading
+        )
+    )
     batch = await new_job(stub, job_pb2.JOB_KIND_BATCH, f"batch-{run}", {"pipeline": "render"})
     await stub.ReportEvent(
         job_service_pb2.ReportEventRequest(
