@@ -17,7 +17,7 @@ from http_bridge import connection_guard
 from . import present, sse, views
 from .auth import Auth, TooManyWrongTokens
 from .config import DashboardConfig, host_allowed
-from .grpc_client import AUTH, SETTINGS, PageError, channel_ctx
+from .grpc_client import AUTH, SETTINGS, STREAMS, PageError, channel_ctx
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HERE = Path(__file__).parent
@@ -167,6 +167,14 @@ def _finalize(value: object) -> object:
     return value
 
 
+async def _end_streams(app: web.Application) -> None:
+    """Open event streams end when the dashboard stops (their pages reconnect to the
+    next one): each held the stop for aiohttp's shutdown timeout, twice over."""
+    streams = app[STREAMS]
+    for task in list(streams):
+        task.cancel()
+
+
 def create_app(config: DashboardConfig) -> web.Application:
     app = web.Application(
         middlewares=[security_headers, errors, allowed_host, authenticate],
@@ -186,6 +194,8 @@ def create_app(config: DashboardConfig) -> web.Application:
     env.globals["static"] = static.url
     env.filters["urlpart"] = lambda s: quote(str(s), safe="")
     app.cleanup_ctx.append(channel_ctx)
+    app[STREAMS] = set()
+    app.on_shutdown.append(_end_streams)
     app.router.add_routes(views.routes)
     app.router.add_get("/static/{name}", static.handle)
     app.router.add_get("/events/jobs", sse.jobs_stream)

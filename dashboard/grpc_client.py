@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,8 @@ AUTH = web.AppKey("auth", Auth)
 GRPC: web.AppKey[StubFactory] = web.AppKey("grpc")
 CHANNEL: web.AppKey[grpc.aio.Channel] = web.AppKey("channel")
 HUB = web.AppKey("hub", Hub)
+# The tasks of the open event streams, ended when the dashboard stops (app.py).
+STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams")
 
 
 async def channel_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -19,7 +19,7 @@ from aiohttp import web
 from jobwire.v1 import job_pb2, job_service_pb2
 
 from . import present
-from .grpc_client import GRPC, HUB, SETTINGS, PageError, grpc_error
+from .grpc_client import GRPC, HUB, SETTINGS, STREAMS, PageError, grpc_error
 from .live import MARK, Change
 from .query import parse_kind, parse_state
 from .views import principal
@@ -53,6 +53,11 @@ async def _open(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers=STREAM_HEADERS)
     await response.prepare(request)
     await response.write(f"retry: {RETRY_MS}\n\n".encode())
+    task = asyncio.current_task()
+    if task is not None:  # ended when the dashboard stops (app.py, _end_streams)
+        streams = request.app[STREAMS]
+        streams.add(task)
+        task.add_done_callback(streams.discard)
     return response
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -1438,6 +1439,29 @@ async def test_bad_input_gets_a_clear_4xx(
 
 
 # -- restart ----------------------------------------------------------------------
+
+
+async def test_open_streams_do_not_hold_up_a_stop(svc: ServiceHandle) -> None:
+    """SIGTERM with live streams open: they end at once and the dashboard stops. Each
+    open stream held the stop for aiohttp's shutdown timeout, twice over (about 4 s
+    with one tab open, within a pod's grace but a slow rollout)."""
+    job_id = uid("stop")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    async with (
+        running_dashboard(svc.target) as dash,
+        aiohttp.ClientSession() as http,
+        http.get(f"{dash.url}/events/jobs", headers=BEARER) as jobs,
+        http.get(f"{dash.url}/events/jobs/{job_id}", headers=BEARER) as one,
+    ):
+        assert (jobs.status, one.status) == (200, 200)
+        await one.content.readline()  # the job's snapshot: both streams are open
+        assert dash.proc is not None
+        dash.proc.send_signal(signal.SIGTERM)
+        began = time.monotonic()
+        await asyncio.to_thread(dash.proc.wait, 10)
+        took = time.monotonic() - began
+        assert dash.proc.returncode == 0
+        assert took < 1.5, f"stopped after {took:.1f} s"
 
 
 async def test_restart_keeps_the_timeline_exactly_once(
