@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help(sys.stderr)
         raise SystemExit(2)
     configure_logging()  # JOBWIRE_LOG_FORMAT (json|text), JOBWIRE_LOG_LEVEL; redacted
+    _die_with_parent()
     try:
         code = args.func(args)
     except BrokenPipeError:
@@ -273,17 +274,19 @@ def _run(_: argparse.Namespace) -> int:
     env = dict(os.environ)
     env.setdefault("JOBWIRE_SERVICE_TARGET", settings.grpc_addr)
     env.update(_local_secrets(env))
+    env[RUN_PARENT] = str(os.getpid())  # the children stop when this process dies
     cmd = [sys.executable, "-m", "cli"]
-    service = subprocess.Popen([*cmd, "serve"], env=env)
-    children = {"service": service}
     stopping = False
 
     def on_signal(*_: Any) -> None:
         nonlocal stopping
         stopping = True
 
+    # Before the first child: a signal in between killed this process and left it.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    service = subprocess.Popen([*cmd, "serve"], env=env)
+    children = {"service": service}
     deadline = time.monotonic() + 30
     while not _healthy(env["JOBWIRE_SERVICE_TARGET"]):
         if service.poll() is not None or stopping or time.monotonic() > deadline:
@@ -314,6 +317,25 @@ def _run(_: argparse.Namespace) -> int:
     for name, code in failed.items():
         print(f"jobwire: the {name} stopped with {_describe_exit(code)}", file=sys.stderr)
     return max((_exit_status(code) for code in failed.values()), default=0)
+
+
+RUN_PARENT = "JOBWIRE_RUN_PARENT"  # the pid of the `jobwire run` that started a child
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """A child of `jobwire run` is sent SIGTERM when run dies, even by SIGKILL (Linux's
+    parent-death signal): a killed run left its service, bridge and dashboard running,
+    holding the ports and the data directory's lock. The variable goes with this
+    process: the service's own children (watch workers) have another parent."""
+    parent = os.environ.pop(RUN_PARENT, "")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if str(os.getppid()) != parent:  # run died before the line above could tell
+        raise SystemExit("jobwire: the jobwire run that started this process is gone")
 
 
 def _stop_children(children: dict[str, subprocess.Popen[bytes]]) -> dict[str, int]:

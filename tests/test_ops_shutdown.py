@@ -174,6 +174,35 @@ async def test_jobwire_run_fails_naming_the_child_that_died(tmp_path: Path) -> N
     assert "jobwire: the service exited (killed by SIGKILL); stopped the others" in log, log
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for a reaper (an orphan's is PID 1)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def test_jobwire_run_killed_takes_its_children_with_it(tmp_path: Path) -> None:
+    """`jobwire run` killed with SIGKILL (the OOM killer, kill -9 by hand) left the
+    service, bridge and dashboard running on their ports, the data directory locked:
+    the next `make run` could not start. Each child now gets SIGTERM when run dies,
+    and stops as it does on a stop."""
+    proc, log_path, _ = await _start_run(tmp_path)
+    children = _children(proc.pid)
+    try:
+        assert len(children) == 3, children
+        proc.kill()
+        await proc.wait()
+        await until(lambda: not any(_running(pid) for pid in children), timeout=3 * WAIT)
+    finally:
+        for pid in children:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+    log = log_path.read_text(errors="replace")
+    assert "service stopped" in log and "bridge stopped" in log, log
+
+
 @pytest.mark.parametrize("store_kind", ["embedded", "mongo"])
 async def test_sigterm_to_jobwire_run_under_callback_load_keeps_every_acknowledged_callback(
     store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
