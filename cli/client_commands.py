@@ -64,7 +64,8 @@ def describe_gap(gap: StreamGap) -> str:
         newest = gap.oldest_available_sequence - 1
         return (
             f"the job's history ends at event {newest}, before {gap.requested_sequence}"
-            f" (another database, or restored from an older backup); following it from"
+            f" (a starting sequence past its end, another database, or a restore from an"
+            f" older backup); following it from"
             f" {newest + 1}"
         )
     first, last = gap.requested_sequence + 1, gap.oldest_available_sequence - 1

@@ -74,6 +74,7 @@ async def test_watch_prints_coalesced_ranges_stalls_and_gaps(tmp_path: Path) -> 
             )
             assert code == 1, err
             assert "the job's history ends at event 30, before 40" in out, out
+            assert "a starting sequence past its end" in out, out  # a typo, most likely
             assert "no longer retained" not in out
     finally:
         await proxy.close()
