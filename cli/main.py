@@ -285,7 +285,15 @@ def _run(_: argparse.Namespace) -> int:
     # Before the first child: a signal in between killed this process and left it.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    service = subprocess.Popen([*cmd, "serve"], env=env)
+
+    # Each child in a session of its own: a terminal's Ctrl-C (SIGINT to its foreground
+    # group) reaches this process alone, which then stops the bridge and the dashboard
+    # before the service; the service stopped at the same moment, so callbacks in flight
+    # got 503. A child still stops when this process dies (_die_with_parent).
+    def spawn(command: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([*cmd, command], env=env, start_new_session=True)
+
+    service = spawn("serve")
     children = {"service": service}
     deadline = time.monotonic() + 30
     while not _healthy(env["JOBWIRE_SERVICE_TARGET"]):
@@ -295,8 +303,8 @@ def _run(_: argparse.Namespace) -> int:
                 print("jobwire: the service did not become healthy", file=sys.stderr)
             return 0 if stopping else 1
         time.sleep(0.2)
-    children["bridge"] = subprocess.Popen([*cmd, "bridge"], env=env)
-    children["dashboard"] = subprocess.Popen([*cmd, "dashboard"], env=env)
+    children["bridge"] = spawn("bridge")
+    children["dashboard"] = spawn("dashboard")
     while not stopping and all(child.poll() is None for child in children.values()):
         time.sleep(0.2)
     died = {name: c.returncode for name, c in children.items() if c.returncode is not None}

@@ -130,8 +130,9 @@ async def test_jobwire_run_starts_all_three_and_ctrl_c_stops_them(
     tmp_path: Path, terminal: Terminal
 ) -> None:
     """The README's `make run` as a person runs it: in a terminal, stopped with Ctrl-C,
-    which the terminal sends to the whole foreground process group (the parent and its
-    three children at once). Everything stops, with no traceback, exit status 0."""
+    which the terminal sends to the whole foreground process group (it reached the
+    parent and its three children at once; the children now have sessions of their
+    own). Everything stops, bridge first, with no traceback, exit status 0."""
     ports, env = run_environment(tmp_path)
     env["JOBWIRE_LOG_FORMAT"] = ""  # a terminal: text
     terminal.start([sys.executable, "-m", "cli", "run"], env)
@@ -147,6 +148,9 @@ async def test_jobwire_run_starts_all_three_and_ctrl_c_stops_them(
     rows = await terminal.wait_for(lambda s: "[exit " in s, timeout=60)
     screen = "\n".join(rows)
     assert "[exit 0]" in screen and "Traceback" not in screen, screen
+    # The bridge stops before the service, as on SIGTERM to run: Ctrl-C reached all
+    # four at once, and the service stopped under the bridge's callbacks in flight.
+    assert screen.index("bridge stopped") < screen.index("shutting down"), screen
     for port in ports.values():  # nothing listens any more
         with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=5):
             pass

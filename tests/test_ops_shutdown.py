@@ -192,6 +192,10 @@ async def test_jobwire_run_killed_takes_its_children_with_it(tmp_path: Path) -> 
     children = _children(proc.pid)
     try:
         assert len(children) == 3, children
+        # Each in a session of its own: a terminal's Ctrl-C (SIGINT to the foreground
+        # group) reaches run alone, which stops the bridge and the dashboard before the
+        # service; it reached all four at once.
+        assert all(os.getsid(pid) == pid != os.getsid(proc.pid) for pid in children)
         proc.kill()
         await proc.wait()
         await until(lambda: not any(_running(pid) for pid in children), timeout=3 * WAIT)
