@@ -124,7 +124,8 @@ class Jobs:
         self, request: job_service_pb2.CreateJobRequest
     ) -> job_service_pb2.CreateJobResponse:
         job_id = request.job_id or request.job.id or str(uuid.uuid4())
-        validation.new_job_id(job_id)
+        # Named as the caller gave it (a bad job.id was reported as job_id).
+        validation.new_job_id(job_id, "job_id" if request.job_id else "job.id")
         validation.kind(request.job.kind, "job.kind")
         validation.labels(request.job.labels)
         if request.job.kind == job_pb2.JOB_KIND_VIDEO:

@@ -525,3 +525,17 @@ async def test_a_page_token_answers_only_with_its_own_filters(service: ServiceHa
     old = base64.urlsafe_b64encode(json.dumps([ns, job_id]).encode()).decode()
     cancelled.page_token = old
     assert [j.id for j in (await service.stub.ListJobs(cancelled)).jobs] == ["pt-3"]
+
+
+async def test_a_bad_id_is_named_as_the_caller_gave_it(service: ServiceHandle) -> None:
+    """CreateJob takes the id from `job_id`, else from `job.id`; a bad `job.id` was
+    refused as a bad `job_id`, a field the caller had not set."""
+    generic = job_pb2.Job(kind=job_pb2.JOB_KIND_GENERIC, id="no spaces")
+    for request, field in (
+        (job_service_pb2.CreateJobRequest(job=generic), "job.id"),
+        (job_service_pb2.CreateJobRequest(job=generic, job_id="a/b"), "job_id"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await service.stub.CreateJob(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (err.value.details() or "").startswith(f"{field} must be 1-128 characters")
