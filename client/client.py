@@ -12,11 +12,11 @@ backoff (see retry.py); the rest are not. Failures raise `JobwireError` subclass
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import reprlib
 import secrets
 import uuid
+from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -98,9 +98,7 @@ class Client:
 
         self._open = open_now
         self._ready_budget = reconnect_wait(options)
-        # Retries waiting for the channel to connect: close() ends them (see _ready).
-        self._ready_waits: set[asyncio.Task[None]] = set()
-        # Set by close(): ends the backoff of retries and watches (see _pause).
+        # Set by close(): ends the waits of retries and watches (_pause, _ready).
         self._closing = asyncio.Event()
         # grpc.aio binds a channel to the event loop current when it is made: a channel
         # made before asyncio.run() failed every call with "attached to a different loop".
@@ -138,8 +136,6 @@ class Client:
         """Closes the channel (cancelling its calls and watches); closing again is a no-op."""
         self._closed = True
         self._closing.set()
-        for waiting in list(self._ready_waits):
-            waiting.cancel()  # the call says the client is closed (say_if_closed)
         if self._channel is not None:
             await self._channel.close()
 
@@ -610,31 +606,34 @@ class Client:
         """The backoff of a retry or a watch, ended by close(): a closed client's call
         slept on (up to 5 s, or a full node's retry-after hint) and then raised grpc's
         'Channel is closed.'. Raises UsageError once the client is closed."""
-        if not self._closed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), seconds)
-        if self._closed:
-            raise grpc.aio.UsageError(CLOSED)
+        await self._until_closed(None, seconds)
 
     async def _ready(self, seconds: float) -> bool:
         """Whether the channel connected within `seconds` (before a retry, or before the
-        one attempt of a call that is not repeated)."""
+        one attempt of a call that is not repeated). Raises UsageError once the client is
+        closed: closing the channel does not end a wait for its state."""
         channel = self._channel
         if channel is None or seconds <= 0 or self._closed:
             return False
         if channel.get_state() == grpc.ChannelConnectivity.READY:
             return True  # the usual case before a call that is not repeated: no task
-        # A task close() can cancel: closing the channel does not end a wait for its
-        # state, so a closed client's retry waited on for the whole wait.
-        waiting = asyncio.ensure_future(channel.channel_ready())
-        self._ready_waits.add(waiting)
+        return await self._until_closed(channel.channel_ready(), seconds)
+
+    async def _until_closed(self, work: Awaitable[None] | None, seconds: float) -> bool:
+        """Waits up to `seconds` for `work` (None: just waits), ended at once by close();
+        whether `work` finished. Raises UsageError once the client is closed."""
+        if self._closed:
+            raise grpc.aio.UsageError(CLOSED)
+        closing = asyncio.ensure_future(self._closing.wait())
+        waits = {closing} if work is None else {closing, asyncio.ensure_future(work)}
         try:
-            await asyncio.wait_for(waiting, seconds)
-        except TimeoutError:
-            return False
+            done, _ = await asyncio.wait(waits, timeout=seconds, return_when=FIRST_COMPLETED)
         finally:
-            self._ready_waits.discard(waiting)
-        return True
+            for wait in waits:
+                wait.cancel()
+        if self._closed:
+            raise grpc.aio.UsageError(CLOSED)
+        return bool(done - {closing})
 
     async def _unary(
         self,

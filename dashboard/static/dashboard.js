@@ -240,6 +240,28 @@ function stream(url, handlers, onReopen) {
   };
 }
 
+// `read` run one at a time: asks while it runs make one more run once it is over. It
+// returns false when it failed (the asks made meanwhile are then dropped with it).
+function oneAtATime(read) {
+  let reading = false;
+  let again = false;
+  return async () => {
+    if (reading) {
+      again = true;
+      return;
+    }
+    reading = true;
+    try {
+      do {
+        again = false;
+        if (!(await read())) break;
+      } while (again);
+    } finally {
+      reading = false;
+    }
+  };
+}
+
 // -- jobs page -----------------------------------------------------------------
 
 // The list a job page was opened from (its filters, order and page), per tab: the job
@@ -403,30 +425,20 @@ function jobsPage() {
   // a reload would. A read that fails (the service still starting: 503) is tried again,
   // not dropped. One read at a time; asks meanwhile make one more.
   let retry = null;
-  let reading = false;
-  let again = false;
-  const resync = async () => {
+  const resync = oneAtATime(async () => {
     clearTimeout(retry);
-    if (reading) {
-      again = true;
-      return;
-    }
-    reading = true;
     try {
-      do {
-        again = false;
-        const reply = await fetch(`/api/jobs?${table.dataset.query}`, { credentials: "same-origin" });
-        if (reply.status >= 500) throw new Error(`status ${reply.status}`);
-        if (!reply.ok) break;
-        const body = await reply.json();
-        for (const job of body.jobs) apply(job, true);
-      } while (again);
+      const reply = await fetch(`/api/jobs?${table.dataset.query}`, { credentials: "same-origin" });
+      if (reply.status >= 500) throw new Error(`status ${reply.status}`);
+      if (!reply.ok) return false;
+      const body = await reply.json();
+      for (const job of body.jobs) apply(job, true);
+      return true;
     } catch {
       retry = setTimeout(resync, 2000);
-    } finally {
-      reading = false;
+      return false;
     }
-  };
+  });
 
   // The dashboard's own stream from the service broke (or is back): say so.
   const upstream = (u) => {
@@ -532,45 +544,35 @@ function jobPage() {
   // artifacts.", the log lines of the page's load (a job failed by an ERROR line did
   // not show it) and the timeline's wording of the message until a reload. One read at
   // a time; changes meanwhile make one more.
-  let reading = false;
-  let again = false;
-  const reread = async () => {
-    if (reading) {
-      again = true;
-      return;
-    }
-    reading = true;
-    do {
-      again = false;
-      try {
-        const reply = await fetch(location.href, { credentials: "same-origin" });
-        if (!reply.ok) break;
-        const page = new DOMParser().parseFromString(await reply.text(), "text/html");
-        for (const id of ["details", "outcome", "logs", "logs-cut", "artifacts-card"]) {
-          const fresh = page.getElementById(id);
-          const shown = document.getElementById(id);
-          if (!fresh || !shown) continue;
-          const focused = hasFocus(shown) ? document.activeElement : null;
-          shown.replaceWith(document.adoptNode(fresh));
-          if (focused) {
-            // The same link (an artifact's) in the fresh section, else the section.
-            const href = focused.getAttribute("href");
-            const links = [...fresh.querySelectorAll("a[href]")];
-            focusOn(links.find((a) => a.getAttribute("href") === href) || fresh);
-          }
+  const reread = oneAtATime(async () => {
+    try {
+      const reply = await fetch(location.href, { credentials: "same-origin" });
+      if (!reply.ok) return false;
+      const page = new DOMParser().parseFromString(await reply.text(), "text/html");
+      for (const id of ["details", "outcome", "logs", "logs-cut", "artifacts-card"]) {
+        const fresh = page.getElementById(id);
+        const shown = document.getElementById(id);
+        if (!fresh || !shown) continue;
+        const focused = hasFocus(shown) ? document.activeElement : null;
+        shown.replaceWith(document.adoptNode(fresh));
+        if (focused) {
+          // The same link (an artifact's) in the fresh section, else the section.
+          const href = focused.getAttribute("href");
+          const links = [...fresh.querySelectorAll("a[href]")];
+          focusOn(links.find((a) => a.getAttribute("href") === href) || fresh);
         }
-        const message = page.getElementById("message");
-        if (message) {
-          const shown = $("#message");
-          shown.textContent = message.textContent; // already made visible by the server
-          shown.title = message.textContent;
-        }
-      } catch {
-        break; // the dashboard is away: a reload shows it all
       }
-    } while (again);
-    reading = false;
-  };
+      const message = page.getElementById("message");
+      if (message) {
+        const shown = $("#message");
+        shown.textContent = message.textContent; // already made visible by the server
+        shown.title = message.textContent;
+      }
+      return true;
+    } catch {
+      return false; // the dashboard is away: a reload shows it all
+    }
+  });
 
   const events = (list) => {
     let changed = false;
