@@ -133,6 +133,16 @@ async def progress(stub: Any, job_id: str, percent: float, phase: str, message: 
     return int(reply.sequence)
 
 
+async def fail(stub: Any, job_id: str) -> None:
+    await stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=job_id,
+            idempotency_key=uuid.uuid4().hex,
+            failed=job_pb2.JobError(code="E", message=f"{job_id} broke"),
+        )
+    )
+
+
 async def probe_until_live(
     stub: Any, job_id: str, percent: float, seen: list[asyncio.Event], what: str
 ) -> None:
@@ -2037,13 +2047,7 @@ async def test_a_state_filtered_page_drops_a_row_that_leaves_its_state(
     await page.goto(f"{dash.url}/jobs?state=RUNNING")
     await page.wait_for_selector(f'#jobs tr[data-job="{job_id}"]', timeout=WAIT_MS)
     await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
-    await svc.stub.ReportEvent(
-        job_service_pb2.ReportEventRequest(
-            job_id=job_id,
-            idempotency_key=uuid.uuid4().hex,
-            failed=job_pb2.JobError(code="E", message="broke"),
-        )
-    )
+    await fail(svc.stub, job_id)
     await page.wait_for_selector(
         f'#jobs tr[data-job="{job_id}"]', state="detached", timeout=WAIT_MS
     )
@@ -2063,13 +2067,7 @@ async def test_a_page_whose_last_row_leaves_says_no_jobs_match(
     await page.wait_for_selector(f'#jobs tr[data-job="{job_id}"]', timeout=WAIT_MS)
     await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
     assert not await page.is_visible("#empty")
-    await svc.stub.ReportEvent(
-        job_service_pb2.ReportEventRequest(
-            job_id=job_id,
-            idempotency_key=uuid.uuid4().hex,
-            failed=job_pb2.JobError(code="E", message="broke"),
-        )
-    )
+    await fail(svc.stub, job_id)
     await page.wait_for_selector(
         f'#jobs tr[data-job="{job_id}"]', state="detached", timeout=WAIT_MS
     )
@@ -2201,16 +2199,6 @@ async def test_a_long_open_timeline_says_where_it_starts(
     assert await page.inner_text("#gap-oldest") == str(seqs[0])
 
 
-async def _fail(stub: Any, job_id: str) -> None:
-    await stub.ReportEvent(
-        job_service_pb2.ReportEventRequest(
-            job_id=job_id,
-            idempotency_key=uuid.uuid4().hex,
-            failed=job_pb2.JobError(code="E", message=f"{job_id} broke"),
-        )
-    )
-
-
 async def test_a_job_that_enters_a_pages_state_filter_appears_on_it(
     dash: DashboardProcess, context: Any, svc: ServiceHandle
 ) -> None:
@@ -2224,13 +2212,13 @@ async def test_a_job_that_enters_a_pages_state_filter_appears_on_it(
     for job_id in (old, new, other):
         await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id, {"qa": run})
         await progress(svc.stub, job_id, 10, "p", "running")
-    await _fail(svc.stub, old)
+    await fail(svc.stub, old)
     page = await login(context, dash.url)
     await page.goto(f"{dash.url}/jobs?state=FAILED&label={label}")
     await page.wait_for_selector(f'#jobs tr[data-job="{old}"]', timeout=WAIT_MS)
     await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
     await svc.stub.CancelJob(job_service_pb2.CancelJobRequest(id=other, reason="not this one"))
-    await _fail(svc.stub, new)
+    await fail(svc.stub, new)
     await page.wait_for_selector(f'#jobs tr[data-job="{new}"]', timeout=WAIT_MS)
     shown = await page.eval_on_selector_all(
         "#jobs tbody tr", "rows => rows.map(r => r.dataset.job)"
