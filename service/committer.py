@@ -16,6 +16,7 @@ from .store.port import Store
 from .tracing import commit_observed, note_waiter
 
 Outcome = Change | DomainError
+Waiting = tuple[Sequence[JobCommand], asyncio.Future[list[Outcome]]]
 
 
 class Outcomes(asyncio.Future[list[Outcome]]):
@@ -41,7 +42,8 @@ class Committer:
         self._store = store
         self._on_applied = on_applied
         self._max_batch = max_batch
-        self._queue: list[tuple[Sequence[JobCommand], asyncio.Future[list[Outcome]]]] = []
+        self._queue: list[Waiting] = []
+        self._in_flight: list[Waiting] = []  # the batch being committed
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -66,21 +68,18 @@ class Committer:
             await self._task
 
     async def _run(self) -> None:
-        batch: list[tuple[Sequence[JobCommand], asyncio.Future[list[Outcome]]]] = []
         try:
-            await self._commit_loop(batch)
+            await self._commit_loop()
         finally:
             # Outcomes cannot be cancelled: a caller must never wait for a committer
             # that is gone (its task cancelled at shutdown).
-            for _, future in [*batch, *self._queue]:
+            for _, future in [*self._in_flight, *self._queue]:
                 if not future.done():
                     future.set_exception(StorageUnavailable("service is shutting down"))
-            self._queue.clear()
+            self._in_flight, self._queue = [], []
 
-    async def _commit_loop(
-        self, batch: list[tuple[Sequence[JobCommand], asyncio.Future[list[Outcome]]]]
-    ) -> None:
-        """Commits until closed; `batch` holds the batch in flight, for `_run`."""
+    async def _commit_loop(self) -> None:
+        """Commits until closed."""
         while True:
             if not self._queue:
                 if self._closing:
@@ -88,7 +87,7 @@ class Committer:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            batch[:] = self._take()
+            batch = self._in_flight = self._take()
             commands = [c for cmds, _ in batch for c in cmds]
             try:
                 with commit_observed(len(commands), [f for _, f in batch]):
@@ -112,9 +111,9 @@ class Committer:
                 start += len(cmds)
             late = await settle_in_doubt(self._store)
             self._on_applied(late + [o for o in outcomes if isinstance(o, Applied)])
-            batch.clear()
+            self._in_flight = []
 
-    def _take(self) -> list[tuple[Sequence[JobCommand], asyncio.Future[list[Outcome]]]]:
+    def _take(self) -> list[Waiting]:
         taken, size = 0, 0
         for cmds, _ in self._queue:
             if taken and size + len(cmds) > self._max_batch:
