@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -119,13 +120,45 @@ def read_env_file(path: Path) -> dict[str, str]:
         # A traceback before; a decode error names a byte's position, never a value.
         reason = err.strerror if isinstance(err, OSError) else f"not UTF-8 ({err.reason})"
         raise SystemExit(f"jobwire: cannot read {path} (JOBWIRE_ENV_FILE): {reason}") from None
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
+        if not line or line.startswith("#"):
             continue
-        key, _, value = line.partition("=")
-        values[key.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
+        try:
+            key, value = _env_line(line)
+        except ValueError as err:  # names the line and the variable, never the value
+            raise SystemExit(
+                f"jobwire: cannot read {path} (JOBWIRE_ENV_FILE): line {number}: {err}"
+            ) from None
+        values[key] = value
     return values
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _env_line(line: str) -> tuple[str, str]:
+    """One `NAME=value` line as Docker Compose reads an env file: a value in matching
+    quotes is taken as is (`#` too); an unquoted one ends at ` #` (a comment). Read
+    loosely, `API_KEY=k # rotated` made the key `k # rotated`, and a line without `=`
+    was skipped: the operator's key was never used."""
+    if "=" not in line:
+        raise ValueError("expected NAME=value")
+    key, _, value = line.partition("=")
+    key = key.strip().removeprefix("export ").strip()
+    if not _ENV_NAME.fullmatch(key):
+        raise ValueError(f"{key[:40]!r} is not a variable name")
+    value = value.strip()
+    if value[:1] in ("'", '"'):
+        end = value.find(value[0], 1)
+        if end < 0:
+            raise ValueError(f"{key}'s value opens a quote it never closes")
+        rest = value[end + 1 :].strip()
+        if rest and not rest.startswith("#"):
+            raise ValueError(f"{key}'s value has text after its closing quote")
+        return key, value[1:end]
+    comment = re.search(r"\s#", value)
+    return key, (value[: comment.start()] if comment else value).rstrip()
 
 
 def generate_missing(

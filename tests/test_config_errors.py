@@ -191,6 +191,51 @@ def test_an_env_file_with_a_byte_order_mark_is_read_whole(tmp_path: Path) -> Non
     assert bridge_config({"JOBWIRE_ENV_FILE": str(env_file)}).api_key == "site-key-0123456789"
 
 
+def test_an_env_file_reads_values_as_docker_compose_does(tmp_path: Path) -> None:
+    """`API_KEY=k # rotated monthly` made the key `k # rotated monthly`: every worker
+    sending `k` was refused. A quote left open was dropped from one end only, mismatched
+    quotes from both, and a quoted value's comment stayed in it."""
+    env_file = tmp_path / "jobwire.env"
+    env_file.write_text(
+        "API_KEY=site-key-0123456789  # rotated monthly\n"
+        "BATCH_CALLBACK_SECRET='batch # not a comment'   # this is one\n"
+        'TRANSCODE_CALLBACK_TOKEN="aurora=token"\n'
+        "export JOBWIRE_DASHBOARD_TOKEN=a#b\n"
+    )
+    config = bridge_config({"JOBWIRE_ENV_FILE": str(env_file)})
+    assert config.api_key == "site-key-0123456789"
+    assert config.batch_callback_secret == "batch # not a comment"
+    assert config.transcode_callback_token == "aurora=token"
+    assert dashboard_config({"JOBWIRE_ENV_FILE": str(env_file)}).token == "a#b"
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("API_KEY 'site-key-0123456789'", "line 2: expected NAME=value"),
+        ("API_KEY='site-key-0123456789", "line 2: API_KEY's value opens a quote it never closes"),
+        ("API_KEY=\"site-key-0123456789'", "line 2: API_KEY's value opens a quote it never closes"),
+        (
+            "API_KEY='site-key-0123456789'x",
+            "line 2: API_KEY's value has text after its closing quote",
+        ),
+        ("API-KEY=site-key-0123456789", "line 2: 'API-KEY' is not a variable name"),
+    ],
+)
+def test_an_env_file_line_that_cannot_be_read_is_named_not_shown(
+    tmp_path: Path, line: str, problem: str
+) -> None:
+    """Such a line was skipped or read with its quote cut off at one end: the operator's
+    key was never used (`jobwire run` generated another beside it) or changed."""
+    env_file = tmp_path / "jobwire.env"
+    env_file.write_text(f"# site secrets\n{line}\n")
+    with pytest.raises(SystemExit) as refused:
+        bridge_config({"JOBWIRE_ENV_FILE": str(env_file)})
+    message = str(refused.value.code)
+    assert message == f"jobwire: cannot read {env_file} (JOBWIRE_ENV_FILE): {problem}", message
+    assert "0123456789" not in message
+
+
 @pytest.mark.parametrize(
     "var",
     ["JOBWIRE_SIGNING_SECRET_BATCH", "JOBWIRE_SIGNING_SECRET_aurora", "JOBWIRE_SIGNING_SECRET_"],
