@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 
 from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, job_service_pb2, log_pb2
@@ -223,9 +224,11 @@ class Jobs:
         return job_service_pb2.DeleteJobResponse()
 
     async def claim(
-        self, kind: int, worker_id: str, lease_ns: int
+        self, kind: int, worker_id: str, lease: Duration
     ) -> job_service_pb2.ClaimJobResponse:
         validation.kind(kind)
+        validation.well_formed(lease, "lease_duration")
+        lease_ns = lease.ToNanoseconds()
         if lease_ns < 0:
             raise invalid("lease_duration must not be negative")
         if lease_ns > validation.MAX_DEADLINE_NS:  # its expiry must stay a valid Timestamp

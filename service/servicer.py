@@ -201,8 +201,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
     async def ClaimJob(
         self, request: job_service_pb2.ClaimJobRequest, context: Context
     ) -> job_service_pb2.ClaimJobResponse:
-        lease_ns = request.lease_duration.ToNanoseconds()
-        return await self._jobs.claim(request.kind, request.worker_id, lease_ns)
+        return await self._jobs.claim(request.kind, request.worker_id, request.lease_duration)
 
     @unary
     async def ReportEvent(

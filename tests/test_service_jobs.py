@@ -329,6 +329,14 @@ async def test_label_filters_and_leases_out_of_range_are_invalid_argument(
         await service.stub.ClaimJob(request)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "lease_duration" in (err.value.details() or "")
+    # Mixed signs (protobuf's Duration forbids them): seconds 1, nanos -999999999 was
+    # taken as a lease of 1 ns, and nanos past a second were carried into the seconds.
+    for seconds, nanos in ((1, -999_999_999), (-1, 5), (0, 1_000_000_000), (30, -1)):
+        request.lease_duration.seconds, request.lease_duration.nanos = seconds, nanos
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await service.stub.ClaimJob(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (seconds, nanos)
+        assert "lease_duration" in (err.value.details() or ""), err.value.details()
     # Nothing was claimed: the job is still queued.
     job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="lease-me"))
     assert job.state == job_pb2.JOB_STATE_QUEUED

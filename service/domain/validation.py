@@ -137,6 +137,17 @@ def media_duration(value: Duration, field: str) -> None:
         )
 
 
+def well_formed(value: Duration, field: str) -> None:
+    """protobuf's rules for a Duration: nanos within ±999,999,999, of the seconds' sign.
+    ToNanoseconds() adds the two as given: seconds 1 with nanos -999,999,999 was taken
+    as a lease of 1 ns."""
+    if not -(10**9) < value.nanos < 10**9 or value.seconds * value.nanos < 0:
+        raise invalid(
+            f"{field} is not a valid Duration: nanos must lie within ±999,999,999 and"
+            f" share the sign of seconds, got {value.seconds} s and {value.nanos} ns"
+        )
+
+
 def event_size(size: int) -> None:
     if size > MAX_EVENT_BYTES:
         raise invalid(
