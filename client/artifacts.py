@@ -17,7 +17,7 @@ import grpc
 from jobwire.v1 import artifact_pb2, job_service_pb2
 
 from .errors import JobwireError, translate
-from .retry import RETRYABLE, RetryPolicy, Sleep, say_if_closed
+from .retry import RETRYABLE, Ready, RetryPolicy, Sleep, say_if_closed
 
 CHUNK = 1024 * 1024  # 1 MiB per message, as the API recommends
 MAX_CHUNK = 4 * 1024 * 1024 - 1024  # the service's 4 MiB message limit, less framing
@@ -113,7 +113,8 @@ class ArtifactStream:
 
     `artifact` (its metadata) is set once the first message has arrived. Iterating
     retries UNAVAILABLE only before the first chunk (a read cannot resume mid-way);
-    `save` starts the file over instead, so it retries at any point.
+    `save` starts the file over instead, so it retries at any point. Before a repeat
+    it waits for the channel to connect, as the client's other calls do.
     """
 
     def __init__(
@@ -122,12 +123,29 @@ class ArtifactStream:
         policy: RetryPolicy,
         stub: Callable[[], object] = lambda: None,
         sleep: Sleep = asyncio.sleep,
+        ready: Ready | None = None,
+        ready_budget: float = 0.0,
     ) -> None:
         self.artifact: artifact_pb2.Artifact | None = None
         self._open_call = open_call
         self._policy = policy
         self._stub = stub  # raises UsageError once the client is closed
         self._sleep = sleep  # the backoff, which the client's close() ends
+        self._ready = ready
+        self._ready_budget = ready_budget  # what is left of it for this read
+
+    async def _backoff(self, attempt: int) -> None:
+        """The wait before attempt `attempt + 1`: the policy's backoff, then for the
+        channel to connect (at most the reconnect budget over the whole read). gRPC fails
+        a call at once while its connection backs off (up to 2 s by default), longer
+        than the retries' backoff: a read just after the service came back failed
+        UNAVAILABLE while get_job on the same client worked."""
+        await self._sleep(self._policy.backoff.delay(attempt))
+        if self._ready is not None and self._ready_budget > 0:
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            await self._ready(self._ready_budget)
+            self._ready_budget -= loop.time() - began
 
     def __aiter__(self) -> AsyncGenerator[bytes, None]:
         return self._chunks()
@@ -155,7 +173,7 @@ class ArtifactStream:
                 raise
             finally:
                 call.cancel()
-            await self._sleep(self._policy.backoff.delay(attempt - 1))
+            await self._backoff(attempt - 1)
 
     async def save(self, path: str | os.PathLike[str]) -> artifact_pb2.Artifact:
         """Writes the content to `path` (replacing it); returns the artifact's metadata."""
@@ -172,7 +190,7 @@ class ArtifactStream:
                     attempt += 1
                     if err.code not in RETRYABLE or attempt >= self._policy.attempts:
                         raise
-                await self._sleep(self._policy.backoff.delay(attempt - 1))
+                await self._backoff(attempt - 1)
             partial.replace(target)
         except BaseException:  # failed or cancelled: no partial file is left behind
             partial.unlink(missing_ok=True)

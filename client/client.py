@@ -538,6 +538,8 @@ class Client:
             self.retry,
             lambda: self._stub,
             self._pause,
+            self._ready,
+            self._ready_budget,
         )
 
     async def list_artifacts(

@@ -875,9 +875,9 @@ async def test_watch_job_across_a_service_restart(
     assert sequences(seen) == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.parametrize("repeated", [True, False], ids=["retried", "never_repeated"])
+@pytest.mark.parametrize("how", ["retried", "never_repeated", "artifact_read", "artifact_save"])
 async def test_a_call_after_the_service_is_back_waits_for_the_reconnect(
-    tmp_path: Path, repeated: bool
+    tmp_path: Path, how: str
 ) -> None:
     """gRPC fails a call at once while the channel backs off before reconnecting, and
     its backoff (0.2-2 s by default) outlasts the retries' (FAST: 0.35 s at most), so a
@@ -885,12 +885,30 @@ async def test_a_call_after_the_service_is_back_waits_for_the_reconnect(
     refused' from a port that was listening again (a CI flake of the restart test
     above). A retry now waits for the channel to connect, within the backoff's bound.
     So does the one attempt of a call that is never repeated (cancel_job, claim_job,
-    delete_job): it failed so while get_job on the same client worked."""
+    delete_job): it failed so while get_job on the same client worked. And so do the
+    retries of an artifact read, iterated or saved: they failed so too."""
     first = await start_service(EmbeddedStore(tmp_path, make_policy()))
     port = first.running.port
     slow = [("grpc.initial_reconnect_backoff_ms", 3000), ("grpc.max_reconnect_backoff_ms", 3000)]
+    saved = tmp_path / "saved.txt"
+
+    async def call(c: Client) -> object:
+        if how == "retried":
+            return (await c.get_job("back")).id
+        if how == "never_repeated":
+            return (await c.cancel_job("back", reason="back again")).state
+        if how == "artifact_read":
+            return b"".join([chunk async for chunk in c.read_artifact("back", "a.txt")])
+        await c.read_artifact("back", "a.txt").save(saved)
+        return saved.read_bytes()
+
+    expected: object = {
+        "retried": "back",
+        "never_repeated": job_pb2.JOB_STATE_CANCELLED,
+    }.get(how, b"frames: 3\n")
     async with client(first.target, options=slow) as c:
         await c.create_job("GENERIC", job_id="back")
+        await c.upload_artifact("back", "a.txt", b"frames: 3\n")
         await first.close()
         with pytest.raises(Unavailable):  # a refused connect: the channel backs off 2.4-3.6 s
             await c.get_job("back", timeout=0.2)
@@ -898,11 +916,7 @@ async def test_a_call_after_the_service_is_back_waits_for_the_reconnect(
             EmbeddedStore(tmp_path, make_policy()), grpc_addr=f"127.0.0.1:{port}"
         )
         try:
-            if repeated:
-                assert (await c.get_job("back")).id == "back"
-            else:
-                cancelled = await c.cancel_job("back", reason="back again")
-                assert cancelled.state == job_pb2.JOB_STATE_CANCELLED
+            assert await call(c) == expected
         finally:
             await second.close()
         # Down for good: still UNAVAILABLE (not a passed deadline), after one reconnect
@@ -910,7 +924,7 @@ async def test_a_call_after_the_service_is_back_waits_for_the_reconnect(
         loop = asyncio.get_running_loop()
         begin = loop.time()
         with pytest.raises(Unavailable):
-            await (c.get_job("back") if repeated else c.delete_job("back"))
+            await (c.delete_job("back") if how == "never_repeated" else call(c))
         assert loop.time() - begin < 6  # 0.35 s of backoff + 3 s x 1.2 + 0.5 s
 
 
