@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import os
 import sys
 import urllib.error
@@ -207,9 +208,26 @@ def _zip_file(path: str) -> tuple[str, bytes]:
 
 def _json(text: str, what: str) -> Any:
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_not_json)
     except ValueError as exc:  # JSONDecodeError; also a UnicodeDecodeError of bytes
         raise argparse.ArgumentTypeError(f"{what} is not JSON: {exc}") from None
+
+
+def _not_json(constant: str) -> Any:
+    """Python's json reads NaN and Infinity, which JSON has not, and writes them back as
+    they are: the body sent was not JSON, and the bridge answered 400."""
+    raise ValueError(f"{constant} is no JSON number")
+
+
+def _finite(text: str) -> float:
+    """A number option: `nan` or `inf` went out as the bare token NaN, not JSON."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def _json_file(path: str) -> Any:
@@ -245,7 +263,7 @@ def register(subparsers: Any) -> None:
     r.add_argument("video_id")
     r.add_argument("status", choices=["progress", "error", "success"])
     r.add_argument("message")
-    r.add_argument("--percent", type=float)
+    r.add_argument("--percent", type=_finite)
     r.add_argument("--current-time", help="HH:MM:SS.mmm")
     r.add_argument("--total-time", help="HH:MM:SS.mmm")
     r.set_defaults(func=video)
@@ -262,8 +280,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--input", default="", help="succeeded: the source URL")
     p.add_argument("--output", default="", help="succeeded: where the output was written")
     p.add_argument("--format", default="", help="succeeded: mp4, hls, dash or flv")
-    p.add_argument("--duration", type=float, help="succeeded: media seconds")
-    p.add_argument("--spend-time", type=float, help="succeeded: processing seconds")
+    p.add_argument("--duration", type=_finite, help="succeeded: media seconds")
+    p.add_argument("--spend-time", type=_finite, help="succeeded: processing seconds")
     p.add_argument("--error-code", type=int, help="failed: AuroraCloud's error code")
     p.add_argument("--error-msg", default="", help="failed: AuroraCloud's error message")
     p.set_defaults(func=aurora)
@@ -275,7 +293,7 @@ def register(subparsers: Any) -> None:
     kinds = p.add_subparsers(dest="kind", required=True)
     k = kinds.add_parser("progress", help="phase and percent (0-100)")
     k.add_argument("phase")
-    k.add_argument("progress", type=float)
+    k.add_argument("progress", type=_finite)
     k.add_argument("--message", default="")
     k.add_argument("--process-id", default="")
     k.set_defaults(func=secretary)

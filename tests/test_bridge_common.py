@@ -359,22 +359,34 @@ def vm_hwm_kib(pid: int) -> int:
 async def test_worker_cli_bad_files_and_json_are_usage_errors(tmp_path: Path) -> None:
     """A missing --text-file (FileNotFoundError) or --details that is not JSON
     (JSONDecodeError) ended `jobwire callback` with a traceback: each is now a one-line
-    usage error naming the option, status 2, before anything is sent."""
+    usage error naming the option, status 2, before anything is sent. So is a number
+    that is not finite (`--percent nan`, a NaN in --details or a metadata file): it was
+    sent as the bare token NaN, which is not JSON, and the bridge answered 400."""
     not_utf8 = tmp_path / "latin1.md"
     not_utf8.write_bytes(b"caf\xe9")
     missing = tmp_path / "missing.md"
+    nan_metadata = tmp_path / "meta.json"
+    nan_metadata.write_text('{"pages": NaN}')
+    final, failed = ("secretary", "s1", "final"), ("secretary", "s1", "failed", "X", "y")
+    report = ("video", "report", "v1", "progress", "m")
     for args, said in [
-        (("final", "--text-file", str(missing)),
+        ((*final, "--text-file", str(missing)),
          f"argument --text-file: cannot read '{missing}': No such file or directory"),
-        (("final", "--text-file", str(not_utf8)),
+        ((*final, "--text-file", str(not_utf8)),
          f"argument --text-file: '{not_utf8}' is not UTF-8"),
-        (("final", "--images-zip", str(tmp_path)), "argument --images-zip: cannot read"),
-        (("failed", "X", "y", "--details", "{bad"), "argument --details: '{bad' is not JSON: "),
-        (("failed", "X", "y", "--details", "[1]"), "argument --details: must be a JSON object"),
+        ((*final, "--images-zip", str(tmp_path)), "argument --images-zip: cannot read"),
+        ((*failed, "--details", "{bad"), "argument --details: '{bad' is not JSON: "),
+        ((*failed, "--details", "[1]"), "argument --details: must be a JSON object"),
+        ((*failed, "--details", '{"a": NaN}'), "argument --details: "),
+        ((*final, "--metadata-file", str(nan_metadata)), "argument --metadata-file: "),
+        ((*report, "--percent", "nan"), "argument --percent: must be a finite number, got 'nan'"),
+        (("secretary", "s1", "progress", "p", "inf"),
+         "argument progress: must be a finite number, got 'inf'"),
+        (("aurora", "t1", "succeeded", "--duration", "-inf"), "argument --duration: "),
+        (("aurora", "t1", "succeeded", "--spend-time", "1e999"), "argument --spend-time: "),
     ]:  # fmt: skip
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cli", "callback", "--url", "http://127.0.0.1:1",
-            "secretary", "s1", *args,
+            sys.executable, "-m", "cli", "callback", "--url", "http://127.0.0.1:1", *args,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         out, err = await asyncio.wait_for(proc.communicate(), 30)
