@@ -20,6 +20,7 @@ from .common import (
     STRICT,
     IsoDateTime,
     bearer_token,
+    clip,
     format_timestamp,
     idempotency_key,
     parse_clock,
@@ -49,7 +50,10 @@ REPORT_FIELDS = {"error": "Faltan campos requeridos: status, videoId, message"}
 LOG_FIELDS = {"error": "Faltan campos requeridos: level, message, timestamp"}
 
 VideoId = Annotated[str, pydantic.StringConstraints(pattern=r"^[A-Za-z0-9._:\-]{1,128}$")]
-Message = Annotated[str, pydantic.StringConstraints(max_length=65536)]
+# No limit in the contract (the body's bounds it): a message past the service's 65,536
+# characters is clipped (`clip`), as AWS Batch's error. It was a 400, so a worker's
+# `error` report or ERROR line quoting a downloader's whole output failed nothing.
+Message = str
 
 
 def _clock(value: str) -> str:
@@ -141,7 +145,7 @@ def to_event(report: Report) -> svc.ReportEventRequest:
     if report.status == "progress":
         progress = event.progress
         progress.SetInParent()  # a progress report even with an empty message
-        progress.message = report.message
+        progress.message = clip(report.message)
         if report.percent is None:
             # Optional, like the times: the service keeps the video's percent (or
             # derives it from the times) in the event's own write.
@@ -153,10 +157,10 @@ def to_event(report: Report) -> svc.ReportEventRequest:
         if report.totalTime:
             progress.media_duration.CopyFrom(parse_clock(report.totalTime))
     elif report.status == "success":
-        event.completed.message = report.message
+        event.completed.message = clip(report.message)
     else:
         event.failed.code = "VIDEO_ERROR"
-        event.failed.message = report.message
+        event.failed.message = clip(report.message)
     return event
 
 
@@ -208,7 +212,7 @@ async def write_log(request: web.Request) -> web.StreamResponse:
     entry = log_pb2.LogEntry(
         job_id=line.videoId or UNKNOWN_VIDEO,
         level=log_pb2.LogLevel.Value(f"LOG_LEVEL_{line.level}"),
-        message=line.message,
+        message=clip(line.message),
     )
     entry.time.CopyFrom(to_timestamp(line.timestamp))
     # Only a key the worker sends, not a digest of the body as for reports: two lines

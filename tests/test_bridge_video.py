@@ -323,3 +323,39 @@ async def test_head_on_pending_claims_nothing(tmp_path: Any) -> None:
         assert (job.state, job.sequence) == (job_pb2.JOB_STATE_QUEUED, 0)
         status, body = await b.get("/api/pending", headers=VIDEO_AUTH)
         assert (status, body["videoId"]) == (200, "12345")
+
+
+async def test_an_error_past_the_services_message_limit_fails_the_video_clipped(
+    bridge: Any, stub: Any
+) -> None:
+    """The contract sets no limit on `message`. An `error` report (or an ERROR line)
+    quoting a downloader's whole output, past the service's 65,536 characters, was a
+    400 and failed nothing: the video stayed processing until its lease ran out and
+    went to the next worker. It is stored with its start and its end, as AWS Batch's
+    error (the middle said to be left out)."""
+    output = "yt-dlp 2024.08.06\n" + "[download] 10.0% of 3.2MiB\n" * 4000 + "ERROR: HTTP 403"
+    assert len(output) > 65536
+    for how in ("report", "log"):
+        vid = new_id("v")
+        await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid, video())
+        if how == "report":
+            body = {"status": "error", "message": output, "videoId": vid}
+        else:
+            body = {
+                "level": "ERROR",
+                "message": output,
+                "timestamp": "2023-05-01T12:00:00Z",
+                "videoId": vid,
+            }
+        assert await bridge.post(f"/api/{how}", body, headers=VIDEO_AUTH) == (
+            200,
+            {"success": True},
+        ), how
+        job = await get_job(stub, vid)
+        assert job.state == job_pb2.JOB_STATE_FAILED, how
+        message = job.error.message
+        assert len(message) <= 65536, how
+        assert message.startswith("yt-dlp 2024.08.06") and message.endswith("ERROR: HTTP 403")
+        assert "characters left out" in message
+    logs = await stub.ListLogs(job_service_pb2.ListLogsRequest(job_id=vid))
+    assert [e.message for e in logs.entries] == [message]  # the line as clipped
