@@ -29,6 +29,7 @@ from jobwire.v1 import job_service_pb2 as svc
 from .common import (
     STRICT,
     client_key,
+    clip,
     describe,
     header_token,
     parse_json,
@@ -62,7 +63,10 @@ class Task(pydantic.BaseModel):
     duration: Seconds | None = None
     spend_time: Seconds | None = None
     error_code: int | Text | None = None
-    error_msg: Text | None = None
+    # No limit in the contract (the body's bounds it): clipped to the service's (`clip`),
+    # as AWS Batch's error. Past 4,096 characters it made a bad task, and the failure
+    # was never recorded (AuroraCloud's retries are the same notification).
+    error_msg: str | None = None
 
 
 class Notification(pydantic.BaseModel):
@@ -149,7 +153,7 @@ def to_event(task: Task, idempotency_prefix: str) -> svc.ReportEventRequest:
             result.processing_time.CopyFrom(seconds_duration(task.spend_time))
     else:
         event.failed.code = "" if task.error_code is None else str(task.error_code)
-        event.failed.message = task.error_msg or "transcoding failed"
+        event.failed.message = clip(task.error_msg or "transcoding failed")
     return event
 
 
