@@ -33,6 +33,7 @@ from jobwire.v1 import job_service_pb2 as svc
 
 from .common import (
     STRICT,
+    clip,
     decoded_length,
     format_timestamp,
     header_token,
@@ -145,7 +146,9 @@ class ErrorInfo(pydantic.BaseModel):
     model_config = STRICT
 
     code: Annotated[str, pydantic.StringConstraints(min_length=1, max_length=256)]
-    message: Annotated[str, pydantic.StringConstraints(max_length=65536)]
+    # No limit in the contract: clipped to the service's (`clip`), as AWS Batch's error.
+    # Past 65,536 characters (a traceback) it was a 400 the worker could not fix.
+    message: str
     details: dict[str, Any] | None = None
 
 
@@ -243,7 +246,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
             raise BridgeError(400, "error.details: nested too deeply (32 levels at most)")
         event = svc.ReportEventRequest(job_id=job_id, idempotency_key=key, callback_token=token)
         event.failed.code = failed.error.code
-        event.failed.message = failed.error.message
+        event.failed.message = clip(failed.error.message)
         if failed.error.details:
             event.failed.details.update(failed.error.details)
         await report_event(request, event)

@@ -416,3 +416,22 @@ async def test_a_deleted_job_s_late_callback_and_poll_are_404(bridge: Any, stub:
     late = {"phase": "finalizing", "progress": 95, "message": "late"}
     assert (await bridge.post(path(job_id), late, headers=auth))[0] == 404
     assert (await bridge.get(path(job_id), headers=auth))[0] == 404
+
+
+async def test_a_failure_with_a_long_message_is_stored_clipped(bridge: Any, stub: Any) -> None:
+    """The contract sets no limit on `error.message`. One past the service's 65,536
+    characters (a traceback) was a 400, "fix the payload and resend", which the worker
+    cannot: the job stayed running. It is stored with its start and its end, as AWS
+    Batch's error."""
+    job_id, auth = await new_job(stub)
+    trace = "Traceback (most recent call last):\n" + '  File "ocr.py"\n' * 5000 + "TimeoutError"
+    failed = {"phase": "failed", "error": {"code": "OCR_TIMEOUT", "message": trace}}
+    assert await bridge.post(path(job_id), failed, headers=auth) == (
+        200,
+        {"status": "ok", "kind": "failed", "jobId": job_id},
+    )
+    job = await get_job(stub, job_id)
+    assert (job.state, job.error.code) == (job_pb2.JOB_STATE_FAILED, "OCR_TIMEOUT")
+    assert len(job.error.message) <= 65536 < len(trace)
+    assert job.error.message.startswith("Traceback") and job.error.message.endswith("TimeoutError")
+    assert "characters left out" in job.error.message
