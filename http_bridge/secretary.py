@@ -19,6 +19,7 @@ import binascii
 import logging
 import re
 import secrets
+import unicodedata
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -128,8 +129,10 @@ class FinalData(pydantic.BaseModel):
     images_archive_filename: (
         Annotated[
             str,
-            pydantic.StringConstraints(pattern=r"^[A-Za-z0-9._\-]{1,255}$"),
-            pydantic.Field(json_schema_extra={"not": {"enum": [".", ".."]}}),
+            pydantic.Field(
+                description="any name: the archive is stored under its safe form, each"
+                " character outside [A-Za-z0-9._-] as _ (images.zip when none is left)"
+            ),
         ]
         | None
     ) = None
@@ -312,9 +315,6 @@ def final_fields(data: dict[str, Any], has_archive: bool) -> dict[str, Any]:
         and not has_archive
     ):
         raise BridgeError(400, "data: extracted_text or images_archive_data is required")
-    filename = payload.get("images_archive_filename")
-    if filename is not None and (not _ARTIFACT.fullmatch(filename) or filename in {".", ".."}):
-        raise BridgeError(400, "data.images_archive_filename: 1-255 characters of [A-Za-z0-9._-]")
     if payload.get("metadata") is not None and not isinstance(payload["metadata"], dict):
         raise BridgeError(400, "data.metadata: must be an object")
     if payload.get("metadata") and not json_depth(payload["metadata"]):
@@ -324,6 +324,22 @@ def final_fields(data: dict[str, Any], has_archive: bool) -> dict[str, Any]:
     if len(data.get("message") or "") > SHORT:  # as the document says (FinalEvent)
         raise BridgeError(400, f"message: at most {SHORT} characters")
     return payload
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._\-]")
+
+
+def archive_name(given: str) -> str:
+    """The artifact name of the images ZIP: the worker's file name in a safe form.
+    The contract allows any name, and one with a space or an umlaut (a PDF's own
+    name) made the whole final event a 400: text and archive lost, a payload the
+    worker could not fix. Accents are dropped (Ü as U), other characters become `_`."""
+    decomposed = unicodedata.normalize("NFKD", given)
+    plain = "".join(c for c in decomposed if not unicodedata.combining(c))
+    name = _UNSAFE.sub("_", plain)[-255:]  # the end keeps the extension
+    if name in ("", ".", "..", TEXT_ARTIFACT, METADATA_ARTIFACT):
+        return IMAGES_ARTIFACT  # none left, or it would replace the text or the metadata
+    return name
 
 
 Base64 = str | bytes | memoryview
@@ -388,9 +404,7 @@ async def final(
                 await store.upload(TEXT_ARTIFACT, "text/markdown", chunks, size)
             )
         if archive is not None:
-            name = payload.get("images_archive_filename") or IMAGES_ARTIFACT
-            if name in (TEXT_ARTIFACT, METADATA_ARTIFACT):
-                name = IMAGES_ARTIFACT  # it would replace the text or the metadata
+            name = archive_name(payload.get("images_archive_filename") or "")
             size = base64_size(archive)
             chunks = base64_chunks(archive)
             del archive

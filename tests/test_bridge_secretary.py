@@ -435,3 +435,38 @@ async def test_a_failure_with_a_long_message_is_stored_clipped(bridge: Any, stub
     assert len(job.error.message) <= 65536 < len(trace)
     assert job.error.message.startswith("Traceback") and job.error.message.endswith("TimeoutError")
     assert "characters left out" in job.error.message
+
+
+async def test_an_archive_name_of_any_characters_is_stored_under_a_safe_form(
+    bridge: Any, stub: Any
+) -> None:
+    """The contract's `images_archive_filename` is any string. A name with a space or an
+    umlaut (`jobwire callback secretary final --images-zip` sends the file's own name)
+    made the whole final event a 400: neither the text nor the archive was stored, and
+    the worker could not fix it. The archive is stored under a safe form of the name."""
+    zip_bytes = b"PK\x03\x04" + bytes(range(256))
+    for given, stored in (
+        ("Bericht 2024 (Übersicht).zip", "Bericht_2024__Ubersicht_.zip"),
+        ("../../etc/passwd", ".._.._etc_passwd"),
+        ("写真.zip", "__.zip"),
+        ("..", "images.zip"),
+        ("", "images.zip"),
+    ):
+        job_id, auth = await new_job(stub)
+        final = {
+            "phase": "completed",
+            "data": {
+                "extracted_text": "Seite 1",
+                "images_archive_data": base64.b64encode(zip_bytes).decode(),
+                "images_archive_filename": given,
+            },
+        }
+        assert await bridge.post(path(job_id), final, headers=auth) == (
+            200,
+            {"status": "ok", "kind": "final", "jobId": job_id},
+        ), given
+        job = await get_job(stub, job_id)
+        assert job.state == job_pb2.JOB_STATE_SUCCEEDED
+        assert [a.name for a in job.result.artifacts] == ["extracted_text.md", stored]
+        _, data = await read_artifact(stub, job_id, stored)
+        assert data == zip_bytes
