@@ -74,9 +74,11 @@ class Report(pydantic.BaseModel):
     status: Literal["progress", "error", "success"]
     message: Message
     videoId: VideoId
-    timestamp: IsoDateTime | None = None
-    currentTime: Clock | None = None
-    totalTime: Clock | None = None
+    # Optional: "" is not given (a worker filling every key sends it), not a bad value:
+    # it was a 400 naming required fields that were all there, and a `success` was lost.
+    timestamp: IsoDateTime | Literal[""] | None = None
+    currentTime: Clock | Literal[""] | None = None
+    totalTime: Clock | Literal[""] | None = None
     percent: Annotated[float, pydantic.Field(ge=0, le=100, allow_inf_nan=False)] | None = None
 
 
@@ -140,7 +142,7 @@ def authorize(request: web.Request) -> None:
 def to_event(report: Report) -> svc.ReportEventRequest:
     # kind: the API key reaches only videos; any other job is "El video no existe".
     event = svc.ReportEventRequest(job_id=report.videoId, kind=job_pb2.JOB_KIND_VIDEO)
-    if report.timestamp is not None:
+    if report.timestamp:
         event.event_time.CopyFrom(to_timestamp(report.timestamp))
     if report.status == "progress":
         progress = event.progress

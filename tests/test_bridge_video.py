@@ -359,3 +359,26 @@ async def test_an_error_past_the_services_message_limit_fails_the_video_clipped(
         assert "characters left out" in message
     logs = await stub.ListLogs(job_service_pb2.ListLogsRequest(job_id=vid))
     assert [e.message for e in logs.entries] == [message]  # the line as clipped
+
+
+async def test_empty_optional_times_in_a_report_are_not_given(bridge: Any, stub: Any) -> None:
+    """`currentTime`, `totalTime` (optional, for progress only) and `timestamp` sent
+    empty, as a worker filling every key does, were a 400 naming required fields that
+    were all there: a `success` report was lost and the video stayed processing. An
+    empty one is not given, like an empty `videoId` of a log line."""
+    vid = new_id("v")
+    await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid, video())
+    empty = {"currentTime": "", "totalTime": "", "timestamp": ""}
+    first = {"status": "progress", "message": "a", "videoId": vid, "percent": 40}
+    full = {**first, "currentTime": "00:01:20.000", "totalTime": "00:03:20.000"}
+    assert await bridge.post("/api/report", full, headers=VIDEO_AUTH) == (200, {"success": True})
+    report = {"status": "progress", "message": "b", "videoId": vid, **empty}
+    assert await bridge.post("/api/report", report, headers=VIDEO_AUTH) == (200, {"success": True})
+    job = await get_job(stub, vid)
+    # Not given: the percent and both times stay (a percent-less report's rule).
+    assert (job.progress.message, job.progress.percent) == ("b", 40)
+    assert job.progress.media_time.ToMilliseconds() == 80_000
+    assert job.progress.media_duration.ToMilliseconds() == 200_000
+    done = {"status": "success", "message": "ok", "videoId": vid, **empty}
+    assert await bridge.post("/api/report", done, headers=VIDEO_AUTH) == (200, {"success": True})
+    assert (await get_job(stub, vid)).state == job_pb2.JOB_STATE_SUCCEEDED
