@@ -47,7 +47,21 @@ from .grpc_client import config_of
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
-TaskId = Annotated[str, pydantic.StringConstraints(pattern=r"^[A-Za-z0-9._:\-]{1,128}$")]
+
+def _not_a_dot_segment(value: str) -> str:
+    # The service refuses these for a new job (a URL resolves them away); refused here,
+    # the task is named by its place in `data`, not by its place in the service batch.
+    if value in (".", ".."):
+        raise ValueError("must not be '.' or '..'")
+    return value
+
+
+TaskId = Annotated[
+    str,
+    pydantic.StringConstraints(pattern=r"^[A-Za-z0-9._:\-]{1,128}$"),
+    pydantic.AfterValidator(_not_a_dot_segment),
+    pydantic.Field(json_schema_extra={"not": {"enum": [".", ".."]}}),
+]
 Text = Annotated[str, pydantic.StringConstraints(max_length=4096)]
 Seconds = Annotated[float, pydantic.Field(ge=0, le=10**9, allow_inf_nan=False)]
 

@@ -229,3 +229,23 @@ async def test_a_failed_tasks_long_error_msg_is_stored_clipped(bridge: Any, stub
     assert len(message) <= 65536 < len(huge)
     assert message.startswith("ffmpeg version 6.1") and message.endswith("Conversion failed!")
     assert "characters left out" in message
+
+
+async def test_a_dot_task_id_is_a_bad_task_named_by_its_place(bridge: Any, stub: Any) -> None:
+    """`.` and `..` pass the id pattern, but the service refuses them for a new job (URL
+    dot segments). The 400 named `requests[1]: job_id ...`, the event's place in the
+    bridge's batch to the service, and left out the notification's other bad tasks. It
+    is now a bad task like any other, named by its place in `data`."""
+    good = new_id("a")
+    body = notification(
+        {"task_id": good, "status": "failed", "error_code": 1003},
+        {"task_id": "..", "status": "failed"},
+        {"task_id": ".", "status": "succeeded"},
+    )
+    status, answer = await bridge.post(PATH, body, headers=AUTH)
+    assert status == 400
+    assert [p.split(":")[0] for p in answer["error"].split("; ")] == [
+        "data.1.task_id",
+        "data.2.task_id",
+    ], answer
+    assert (await get_job(stub, good)).error.code == "1003"
