@@ -292,8 +292,10 @@ class Jobs:
                     if _names_artifacts(request):
                         await self._artifacts_as_named(request)
                 except DomainError as err:
+                    # Each result is its event's: its place is the result's own. A
+                    # "requests[i]: " here reached the bridge's workers in their 400s.
                     result.code = err.code
-                    result.message = f"requests[{i}]: {err.message}"
+                    result.message = err.message
                     continue
                 commands.append(JobCommand(request.job_id, Report(request)))
                 positions.append(i)

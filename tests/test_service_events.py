@@ -117,6 +117,12 @@ async def test_batch_gives_each_event_its_own_outcome(service: ServiceHandle) ->
     assert codes == [0, 0, grpc.StatusCode.NOT_FOUND.value[0], 3, 0, 0]
     assert "payload" not in reply.results[3].message
     assert "progress, completed or failed" in reply.results[3].message
+    # Each result is its event's, as ReportEvent's error would be: a "requests[3]: "
+    # before it (and only on some errors) reached a worker's HTTP answer, naming a
+    # place in the bridge's batch it never sent.
+    with pytest.raises(grpc.aio.AioRpcError) as alone:
+        await service.stub.ReportEvent(bad)
+    assert reply.results[3].message == alone.value.details()
     assert [r.response.sequence for r in reply.results if r.code == 0] == [1, 2, 1, 2]
     assert reply.results[5].response.duplicate
     job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="b1"))
