@@ -1,12 +1,16 @@
 """gRPC status -> HTTP status, in one table, and the per-contract error rendering.
 
-The table follows google/rpc/code.proto with three deliberate deviations:
+The table follows google/rpc/code.proto with these deliberate deviations:
 - FAILED_PRECONDITION -> 409, not 400: the service raises it only when an event hits a
   job in a terminal state. That is a conflict with the stored state, not a malformed
   payload; a 400 would tell the Secretary "fix the payload and resend", which cannot
   help. (AuroraCloud never sees it: aurora.py acknowledges such tasks.)
 - DEADLINE_EXCEEDED -> 503 + Retry-After, not 504: for a worker both mean "the
   service did not answer in time, retry later", and 503 is what the contracts retry on.
+- ABORTED -> 503 + Retry-After, not 409: the service answers it only for a race it
+  lost (MongoDB replicas contending for a job, "…; retry"), with nothing applied. A
+  409 told a worker the job was settled (the video worker: "El video ya está
+  finalizado", for a claim or a report that never happened), so it dropped the event.
 - RESOURCE_EXHAUSTED -> 429 also carries Retry-After.
 - CANCELLED -> 503 + Retry-After, not 499: the bridge never cancels its own calls, so a
   CANCELLED comes from the service: gRPC ends calls that reach a server as it stops
@@ -41,7 +45,7 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.FAILED_PRECONDITION: 409,
-    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.ABORTED: 503,
     grpc.StatusCode.OUT_OF_RANGE: 400,
     grpc.StatusCode.UNIMPLEMENTED: 501,
     grpc.StatusCode.INTERNAL: 500,

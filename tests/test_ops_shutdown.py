@@ -399,6 +399,37 @@ async def test_a_call_the_stopping_service_cancelled_is_503_with_retry_after(
         assert (await bridge.post("/api/batch-callback", body))[0] == 200
 
 
+async def test_a_lost_race_is_503_with_retry_after_not_a_conflict(
+    gated: tuple[ServiceHandle, FaultProxy],
+) -> None:
+    """The service answers ABORTED only for a race it lost ("changed concurrently …
+    times; retry", "claim lost … races in a row; retry": MongoDB replicas contending
+    for one job). The bridge answered 409, which tells a worker the job is settled: the
+    video worker read "El video ya está finalizado" for a video it had never been given
+    and a report that was never applied, so it dropped the event."""
+    handle, proxy = gated
+    await create(handle.stub, job_pb2.JOB_KIND_VIDEO, "raced")
+    config = dataclasses.replace(TEST_CONFIG, service_target=proxy.target)
+    report = {"status": "progress", "message": "m", "videoId": "raced", "percent": 5}
+    async with running_bridge(config) as bridge:
+        proxy.refuse["ClaimJob"] = [grpc.StatusCode.ABORTED]
+        async with bridge.http.get(f"{bridge.url}/api/pending", headers=VIDEO_AUTH) as reply:
+            assert reply.status == 503, await reply.text()
+            assert reply.headers["Retry-After"] == str(TEST_CONFIG.retry_after_seconds)
+        proxy.refuse["BatchReportEvents"] = [grpc.StatusCode.ABORTED]
+        async with bridge.http.post(
+            f"{bridge.url}/api/report", json=report, headers=VIDEO_AUTH
+        ) as reply:
+            assert reply.status == 503, await reply.text()
+            assert "finalizado" not in await reply.text()
+            assert reply.headers["Retry-After"] == str(TEST_CONFIG.retry_after_seconds)
+        # The retries the 503 asks for are applied.
+        async with bridge.http.get(f"{bridge.url}/api/pending", headers=VIDEO_AUTH) as reply:
+            assert reply.status == 200 and (await reply.json())["videoId"] == "raced"
+        applied = await bridge.post("/api/report", report, headers=VIDEO_AUTH)
+        assert applied == (200, {"success": True})
+
+
 async def test_a_service_failure_is_not_described_to_the_worker(
     gated: tuple[ServiceHandle, FaultProxy], caplog: pytest.LogCaptureFixture
 ) -> None:
