@@ -141,7 +141,10 @@ class FinalData(pydantic.BaseModel):
 
 class FinalEvent(pydantic.BaseModel):
     phase: Literal["completed"]
-    message: Short | None = None
+    message: (
+        Annotated[str, pydantic.Field(description=f"short: past {SHORT} characters stored clipped")]
+        | None
+    ) = None
     data: FinalData
 
 
@@ -160,7 +163,9 @@ class FailedEvent(pydantic.BaseModel):
 
     phase: Literal["failed"]
     error: ErrorInfo
-    message: Short | None = None
+    # Not stored (error.message is the failure's text); past 4,096 characters it made
+    # the failure a 400, and the job stayed running.
+    message: str | None = None
 
 
 class SecretaryAck(pydantic.BaseModel):
@@ -321,8 +326,6 @@ def final_fields(data: dict[str, Any], has_archive: bool) -> dict[str, Any]:
         raise BridgeError(400, "data.metadata: nested too deeply (32 levels at most)")
     if data.get("message") is not None and not isinstance(data["message"], str):
         raise BridgeError(400, "message: must be a string")
-    if len(data.get("message") or "") > SHORT:  # as the document says (FinalEvent)
-        raise BridgeError(400, f"message: at most {SHORT} characters")
     return payload
 
 
@@ -389,7 +392,9 @@ async def final(
     if archive is not None:
         archive = clean_base64(archive)
     metadata: dict[str, Any] | None = payload.get("metadata")
-    result = job_pb2.Result(message=data.get("message") or "")
+    # Short, as the document says, but clipped rather than refused: a 400 lost the
+    # extracted text over a note beside it, a payload the worker could not fix.
+    result = job_pb2.Result(message=clip(data.get("message") or "", SHORT))
     stub, timeout = stub_of(request), config_of(request).rpc_timeout_seconds
     # Fail fast (404/401) before moving megabytes, and never replace the artifacts of
     # a job that already ended: its final event is then only a (duplicate) report.

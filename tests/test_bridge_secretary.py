@@ -283,7 +283,7 @@ async def test_bad_input_is_400_and_writes_nothing(bridge: Any, stub: Any) -> No
         {"phase": "completed"},
         {"phase": "completed", "data": {"images_archive_data": "UEsDB... (base64)"}},
         {"phase": "completed", "data": {"extracted_text": 5}},
-        {"phase": "completed", "data": {"extracted_text": "t"}, "message": "m" * 4097},
+        {"phase": "completed", "data": {"extracted_text": "t"}, "message": 5},
         {"phase": "failed"},
         {"phase": "failed", "error": {"code": "X"}},
         [],
@@ -426,6 +426,7 @@ async def test_a_failure_with_a_long_message_is_stored_clipped(bridge: Any, stub
     job_id, auth = await new_job(stub)
     trace = "Traceback (most recent call last):\n" + '  File "ocr.py"\n' * 5000 + "TimeoutError"
     failed = {"phase": "failed", "error": {"code": "OCR_TIMEOUT", "message": trace}}
+    failed["message"] = "OCR failed: " + "retrying; " * 500  # not stored, not refused
     assert await bridge.post(path(job_id), failed, headers=auth) == (
         200,
         {"status": "ok", "kind": "failed", "jobId": job_id},
@@ -435,6 +436,26 @@ async def test_a_failure_with_a_long_message_is_stored_clipped(bridge: Any, stub
     assert len(job.error.message) <= 65536 < len(trace)
     assert job.error.message.startswith("Traceback") and job.error.message.endswith("TimeoutError")
     assert "characters left out" in job.error.message
+
+
+async def test_a_final_with_a_long_message_is_stored_with_it_clipped(
+    bridge: Any, stub: Any
+) -> None:
+    """A final event's `message` past 4,096 characters (the contract asks only progress
+    messages to be short) was a 400: the extracted text was lost over a note beside it,
+    a payload the worker could not fix. It is stored, the message clipped to 4,096."""
+    job_id, auth = await new_job(stub)
+    note = "Fertig. " + "Seite verarbeitet; " * 400 + "Ende"
+    final = {"phase": "completed", "data": {"extracted_text": "# Text"}, "message": note}
+    assert await bridge.post(path(job_id), final, headers=auth) == (
+        200,
+        {"status": "ok", "kind": "final", "jobId": job_id},
+    )
+    job = await get_job(stub, job_id)
+    assert job.state == job_pb2.JOB_STATE_SUCCEEDED
+    assert len(job.result.message) <= 4096 < len(note)
+    assert job.result.message.startswith("Fertig.") and job.result.message.endswith("Ende")
+    assert (await read_artifact(stub, job_id, "extracted_text.md"))[1] == b"# Text"
 
 
 async def test_an_archive_name_of_any_characters_is_stored_under_a_safe_form(
