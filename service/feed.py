@@ -5,7 +5,8 @@ the writing replica see them with no extra hop) and queues them for the feed; on
 writer task appends what is queued with one write per round, after the job updates
 are durable. A tailer task reads everybody's entries and publishes the ones written
 by *other* replicas into the local Fanout, so nothing is delivered twice by the
-writing replica; an entry seen twice after a re-open is dropped by (job id, sequence).
+writing replica; an entry seen twice after a re-open is dropped by (job id, sequence,
+event time).
 
 The job document's ring stays the source of truth. A feed entry may be lost (the
 process dies between the job update and the append, or the database is away when
@@ -36,7 +37,7 @@ log = logging.getLogger("jobwire.feed")
 
 MAX_APPEND = 1000  # entries per feed write
 MAX_PENDING = 100_000  # queued entries kept while the database is away (oldest dropped)
-RECENT = 65_536  # (job id, sequence) pairs remembered to drop repeated entries
+RECENT = 65_536  # (job id, sequence, event time) keys remembered to drop repeated entries
 
 
 class FeedRelay:
@@ -48,7 +49,7 @@ class FeedRelay:
         self.origin = origin or uuid.uuid4().hex
         self._pending: list[Item] = []
         self._wakeup = asyncio.Event()
-        self._recent: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._recent: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self.sent = 0
@@ -149,7 +150,10 @@ class FeedRelay:
             delay = min(delay * 2, 5.0)
 
     def _first(self, event: event_pb2.JobEvent) -> bool:
-        key = (event.job_id, event.sequence)
+        # The event's time is in the key: a job made again under a deleted job's id
+        # numbers its events from 1 again, and those are no repeats (they were dropped,
+        # so other replicas' watchers got none of them live).
+        key = (event.job_id, event.sequence, event.create_time.ToNanoseconds())
         if key in self._recent:
             return False
         self._recent[key] = None

@@ -225,3 +225,37 @@ async def test_embedded_store_logs_once_that_replicas_do_not_share_progress(
         assert len(notes) == 1
     finally:
         await handle.close()
+
+
+async def test_a_job_made_again_under_a_deleted_id_reaches_the_other_replica_live(
+    mongo_uri: str,
+) -> None:
+    # The relay dropped feed entries it had seen by (job id, sequence): a job made
+    # again under a deleted job's id numbers its events from 1 again, so B's watchers
+    # got none of them live (WatchJob only at its idle resync, WatchJobs never).
+    a, b = await _pair(mongo_uri, f"x_{uuid.uuid4().hex[:12]}", watch_resync_seconds=60)
+    try:
+        firehose = b.stub.WatchJobs(job_service_pb2.WatchJobsRequest())
+        await firehose.initial_metadata()  # live
+        await create(a.stub, job_id="again")
+        await a.stub.ReportEvent(completed("again"))
+        first = b.stub.WatchJob(job_service_pb2.WatchJobRequest(id="again"))
+        assert [item.event.sequence for item in (await read_all(first))[1:]] == [1]
+        assert (await read(firehose)).event.sequence == 1  # B's relay has seen ("again", 1)
+        await a.stub.DeleteJob(job_service_pb2.DeleteJobRequest(id="again"))
+        await create(a.stub, job_id="again")
+        second = b.stub.WatchJob(job_service_pb2.WatchJobRequest(id="again"))
+        assert (await read(second)).snapshot.sequence == 0
+        await a.stub.ReportEvent(progress("again", 50))
+        assert (await read(second, timeout=5)).event.sequence == 1
+        event = (await read(firehose, timeout=5)).event
+        assert (event.job_id, event.sequence, event.type) == (
+            "again",
+            1,
+            event_pb2.EVENT_TYPE_PROGRESS,
+        )
+        second.cancel()
+        firehose.cancel()
+    finally:
+        await b.close()
+        await a.close()
