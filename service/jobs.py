@@ -562,7 +562,16 @@ class Jobs:
                 batch = [event for event, _ in await self._next_batch(sub)]
                 if _gap(batch, last) and (batch or self.relay is not None):
                     # A resync tick, or a jump nothing accounts for: heal from the ring.
-                    ring = await self.store.events_after(job_id, last)
+                    now = await self.store.get_with_events(job_id, last)
+                    if now is None or now[0].job.create_time != record.job.create_time:
+                        # Its end was never seen here (a lost feed entry) and the job
+                        # was deleted since: there is nothing more to wait for (the
+                        # stream went on resyncing for ever). A job made again under
+                        # its id is another job, with sequences of its own.
+                        raise DomainError(
+                            Code.NOT_FOUND, f"job {job_id!r} was deleted while watched"
+                        )
+                    ring = now[1]
                     if ring and ring[0].sequence > last + 1:
                         # The ring no longer reaches back: end the stream, so that the
                         # client reconnects and gets a fresh snapshot, then the gap.

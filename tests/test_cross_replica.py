@@ -259,3 +259,33 @@ async def test_a_job_made_again_under_a_deleted_id_reaches_the_other_replica_liv
     finally:
         await b.close()
         await a.close()
+
+
+@pytest.mark.parametrize("made_again", [False, True])
+async def test_a_watch_whose_job_is_deleted_unseen_ends_with_not_found(
+    mongo_uri: str, made_again: bool
+) -> None:
+    # The terminal feed entry is lost and the job deleted before B's idle resync: the
+    # ring read found nothing (no job) and the stream waited for ever, resync after
+    # resync; a job made again under the id had its events delivered as the old one's.
+    # It ends now, NOT_FOUND, as a watch opened now would be.
+    a, b = await _pair(mongo_uri, f"x_{uuid.uuid4().hex[:12]}", watch_resync_seconds=0.3)
+    try:
+        await create(a.stub, job_id="gone")
+        call = b.stub.WatchJob(job_service_pb2.WatchJobRequest(id="gone"))
+        assert (await read(call)).HasField("snapshot")
+        relay = a.running.jobs.relay
+        assert relay is not None
+        relay.send = lambda events: None  # type: ignore[method-assign]  # entries lost
+        await a.stub.ReportEvent(completed("gone"))
+        await a.stub.DeleteJob(job_service_pb2.DeleteJobRequest(id="gone"))
+        if made_again:
+            await create(a.stub, job_id="gone")
+            await a.stub.ReportEvent(progress("gone", 5))  # its sequence 1
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await read(call, timeout=5)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "gone" in (err.value.details() or "")
+    finally:
+        await b.close()
+        await a.close()
