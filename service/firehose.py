@@ -14,6 +14,7 @@ the cursor too. The position string is opaque to clients: `v1.` + base64url JSON
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -146,6 +147,11 @@ class Firehose:
         self.store = store
         self.fanout = fanout
         self.catch_ups = 0  # live streams that fell behind and re-read the log
+        # Set when other replicas' entries come through the feed (operations.py): one
+        # lost there (a crash before the append, a failed append) is in the log only,
+        # so a live stream re-reads the log after this long without an event, or with
+        # an entry missing below ones it has. 0: this process publishes every entry.
+        self.resync_seconds = 0.0
 
     @property
     def retention_ns(self) -> int:
@@ -195,12 +201,21 @@ class Firehose:
                 if not announced:
                     announced = True
                     yield Live(cursor.encode())
+                loop = asyncio.get_running_loop()
+                resync_at = loop.time() + self.resync_seconds
                 while True:
                     try:
-                        batch = await sub.next_marked_batch()
+                        async with asyncio.timeout_at(resync_at if self.resync_seconds else None):
+                            batch = await sub.next_marked_batch()
                     except FellBehind:
                         self.catch_ups += 1
                         break
+                    except TimeoutError:
+                        # Still subscribed: what arrives meanwhile is in the cursor already.
+                        async for item in self._replay(cursor, matches):
+                            yield item
+                        resync_at = loop.time() + self.resync_seconds
+                        continue
                     holes = False
                     for (event, position), passed in batch:
                         if position is None:
@@ -217,6 +232,8 @@ class Firehose:
                             yield event, cursor.encode()
                     if holes:
                         break  # too many out-of-order entries: re-read the log
+                    if not cursor.extra:  # none missing: the silence is counted anew
+                        resync_at = loop.time() + self.resync_seconds
             finally:
                 self.fanout.unsubscribe(sub)
 

@@ -102,7 +102,7 @@ async def _start_feed(settings: Settings, store: Store, jobs: Jobs) -> FeedRelay
     relay = FeedRelay(feed, jobs.fanout)
     relay.start()
     jobs.relay = relay
-    jobs.resync_seconds = settings.watch_resync_seconds
+    jobs.resync_seconds = jobs.firehose.resync_seconds = settings.watch_resync_seconds
     log.info("live progress is shared across service replicas through the event feed")
     return relay
 

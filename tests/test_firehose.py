@@ -455,3 +455,50 @@ async def test_a_slow_consumer_is_caught_up_from_the_log_not_coalesced(
     assert not any(m.event.coalesced_from_sequence for m in got)
     assert service.running.jobs.firehose.catch_ups >= 1  # it did fall behind
     call.cancel()
+
+
+@pytest.mark.parametrize("traffic", [False, True])
+async def test_an_event_whose_feed_entry_was_lost_reaches_the_other_replicas_stream(
+    mongo_uri: str, traffic: bool
+) -> None:
+    """A's feed append of a job's terminal event is lost (a crash between the commit and
+    the append, a failed append): B's live WatchJobs stream finds it in the log after
+    JOBWIRE_WATCH_RESYNC_SECONDS of silence, or of an entry missing below those it has
+    while other events keep coming, as WatchJob finds it in the ring. It was not
+    delivered (a consumer waiting for the job's end waited for ever)."""
+    database = f"f_{uuid.uuid4().hex[:12]}"
+    a, b = [
+        await start_service(
+            MongoStore(mongo_uri, policy=make_policy(), database=database),
+            event_feed=True,
+            watch_resync_seconds=0.5,
+        )
+        for _ in range(2)
+    ]
+    try:
+        ended = [job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED]
+        call = b.stub.WatchJobs(job_service_pb2.WatchJobsRequest(states=ended))
+        await _go_live(a, call)
+        await create(a.stub, job_pb2.JOB_KIND_VIDEO, "quiet")
+        await create(a.stub, job_pb2.JOB_KIND_VIDEO, "busy")
+        relay = a.running.jobs.relay
+        assert relay is not None
+        send = relay.send
+        relay.send = lambda events: None  # type: ignore[method-assign]  # entries lost
+        await a.stub.ReportEvent(completed("quiet"))
+        relay.send = send  # type: ignore[method-assign]
+        first = asyncio.ensure_future(read(call, timeout=5))
+        # Progress of another job every 0.1 s (filtered out here, but each moves the
+        # stream on): never 0.5 s of silence, the lost entry missing below them.
+        for step in range(40 if traffic else 0):
+            if first.done():
+                break
+            await a.stub.ReportEvent(progress("busy", step, key=f"busy-{step}"))
+            await asyncio.wait({first}, timeout=0.1)  # pacing: one event at a time
+        assert first.done() or not traffic, "not found while other events kept coming"
+        event = (await first).event
+        assert (event.job_id, event.type) == ("quiet", event_pb2.EVENT_TYPE_COMPLETED)
+        call.cancel()
+    finally:
+        await b.close()
+        await a.close()
