@@ -235,11 +235,26 @@ class Jobs:
             raise invalid("lease_duration must be at most 366 days")
         if len(worker_id) > 256:
             raise invalid("worker_id must be at most 256 characters")
-        applied = await self.store.claim(kind, worker_id, lease_ns or self.policy.lease_ns)
+        # The write and its publication in a task the caller's cancel (a client gone, a
+        # deadline) does not reach: a claim written but never published was missing
+        # from every stream, and held the firehose's publish watermark below it.
+        task = asyncio.ensure_future(self._claim(kind, worker_id, lease_ns or self.policy.lease_ns))
+        try:
+            applied = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await asyncio.wait([task])  # over before the call is (the store may close next)
+            if not task.cancelled():
+                task.exception()  # retrieved: nobody is left to be told
+            raise
         if applied is None:
             return job_service_pb2.ClaimJobResponse()
-        self._published([applied])
         return job_service_pb2.ClaimJobResponse(job=applied.record.job)
+
+    async def _claim(self, kind: int, worker_id: str, lease_ns: int) -> Applied | None:
+        applied = await self.store.claim(kind, worker_id, lease_ns)
+        if applied is not None:
+            self._published([applied])
+        return applied
 
     # -- events ------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
 from typing import Any
@@ -164,3 +165,31 @@ async def test_a_report_is_answered_ahead_of_its_fan_out(service: ServiceHandle)
     assert reply.results[0].response.sequence == 1
     assert got == [1] * watchers
     assert read_before_the_answer < watchers // 4, read_before_the_answer
+
+
+async def test_a_claim_whose_caller_is_cancelled_still_reaches_the_streams(
+    service: ServiceHandle,
+) -> None:
+    """A ClaimJob cancelled (a client gone, a deadline) while the store writes the claim:
+    the job is claimed, and the streams must say so. Its CLAIMED event was never
+    published: WatchJob streams saw it only at the job's next event, a WatchJobs
+    stream of RUNNING jobs not at all (and on the embedded store the firehose's
+    publish watermark stayed below it for good)."""
+    await create(service.stub, job_pb2.JOB_KIND_BATCH, "cc")
+    watch = service.stub.WatchJob(job_service_pb2.WatchJobRequest(id="cc"))
+    assert (await read(watch)).snapshot.sequence == 0
+    running = service.stub.WatchJobs(
+        job_service_pb2.WatchJobsRequest(states=[job_pb2.JOB_STATE_RUNNING])
+    )
+    assert ("jobwire-live", "1") in list(await running.initial_metadata())
+    claim = asyncio.ensure_future(service.running.jobs.claim(job_pb2.JOB_KIND_BATCH, "w", 0))
+    await asyncio.sleep(0)  # one loop step: the claim runs up to its store write
+    claim.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await claim
+    event = (await read(watch, timeout=5)).event
+    assert (event.sequence, event.type) == (1, event_pb2.EVENT_TYPE_CLAIMED)
+    event = (await read(running, timeout=5)).event
+    assert (event.job_id, event.type) == ("cc", event_pb2.EVENT_TYPE_CLAIMED)
+    watch.cancel()
+    running.cancel()
