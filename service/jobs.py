@@ -88,10 +88,13 @@ class Jobs:
         self._public_url = public_url
         self._committer = Committer(store, self._published)
         self._watch_reads = SharedReads(store)  # watchers opened together read once
-        # Set by the server when the store carries events between replicas (feed.py);
-        # watchers then heal gaps from the job's ring.
+        # Set by the server when the store carries events between replicas (feed.py).
         self.relay: FeedRelay | None = None
-        self.resync_seconds = 10.0
+        # Set with the relay, and in a watch worker of a service that has one: a live
+        # event may then be lost on its way here, so watchers heal gaps from the job's
+        # ring and re-read it after this long without an event. 0: every event is
+        # published in this process (or fed to it in order), none to heal.
+        self.resync_seconds = 0.0
         self.firehose = Firehose(store, fanout)
         self.stall_sweep_seconds = 1.0
         # A completion naming artifacts and an artifact's replacement, one at a time
@@ -575,7 +578,7 @@ class Jobs:
                     return
             while True:
                 batch = [event for event, _ in await self._next_batch(sub)]
-                if _gap(batch, last) and (batch or self.relay is not None):
+                if _gap(batch, last) and (batch or self.resync_seconds):
                     # A resync tick, or a jump nothing accounts for: heal from the ring.
                     now = await self.store.get_with_events(job_id, last)
                     if now is None or now[0].job.create_time != record.job.create_time:
@@ -612,7 +615,7 @@ class Jobs:
     async def _next_batch(self, sub: Subscription) -> list[Item]:
         """The next live events; [] after `resync_seconds` of silence when replicas
         share a feed (an entry lost between replicas is then found in the ring)."""
-        if self.relay is None:
+        if not self.resync_seconds:
             return await sub.next_batch()
         try:
             async with asyncio.timeout(self.resync_seconds):

@@ -106,7 +106,7 @@ async def start(settings: Settings, store: Store | None = None) -> RunningServic
         server.add_insecure_port(workers.internal_target)  # a 0700 directory's socket
     await server.start()
     if workers is not None:
-        workers.start(settings, with_port(settings.grpc_addr, port))
+        workers.start(settings, with_port(settings.grpc_addr, port), jobs.resync_seconds)
     await set_health(health_servicer, serving=True)
     sweeper = asyncio.get_running_loop().create_task(
         jobs.sweep_leases_forever(settings.lease_sweep_seconds), name="lease-sweeper"

@@ -35,7 +35,7 @@ from .security import TokenAuthInterceptor
 from .server import add_health_and_reflection, corker_for, listen, set_health, tls_credentials
 from .servicer import SERVICE, JobServicer, serialize_response
 from .store.port import Store
-from .watch_workers import FEED_METHOD, PARENT_ENV, PRIMARY_ENV
+from .watch_workers import FEED_METHOD, PARENT_ENV, PRIMARY_ENV, RESYNC_ENV
 
 log = logging.getLogger("jobwire.watch_worker")
 
@@ -238,6 +238,9 @@ async def serve_worker(settings: Settings, primary: str) -> None:
     fanout = Fanout(settings.watch_buffer)
     # Only Jobs.watch_job is used: it needs get_with_events() and events_after().
     jobs = Jobs(cast(Store, PrimaryReads(stub, metadata)), fanout, settings.policy())
+    # As the service's watchers do: an event lost between replicas (the service never
+    # published it, so it was never fed here) is found in the job's ring.
+    jobs.resync_seconds = float(os.environ.get(RESYNC_ENV) or 0)
     loop = asyncio.get_running_loop()
     health_updates: set[asyncio.Task[None]] = set()  # referenced until done
 

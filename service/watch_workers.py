@@ -49,6 +49,9 @@ FEED_SERVICE = "jobwire.internal.Feed"
 FEED_METHOD = f"/{FEED_SERVICE}/Events"
 PRIMARY_ENV = "JOBWIRE_WATCH_WORKER_PRIMARY"  # the primary's Unix socket, for a worker
 PARENT_ENV = "JOBWIRE_WATCH_WORKER_PARENT"  # the primary's pid
+# The primary's Jobs.resync_seconds: events it gets from other replicas may be lost on
+# the way (its feed relay), and so a worker's watchers heal from the ring as its own do.
+RESYNC_ENV = "JOBWIRE_WATCH_WORKER_RESYNC"
 # A worker's feed is one subscription carrying every event: room for bursts of a
 # commit or two, so that it is not coalesced or closed when this process is busy.
 FEED_CAPACITY = 16_384
@@ -96,12 +99,14 @@ class WatchWorkers:
     def internal_target(self) -> str:
         return f"unix:{self.socket}"
 
-    def start(self, settings: Settings, public_addr: str) -> None:
-        """`public_addr`: the port bound (JOBWIRE_GRPC_ADDR may say port 0)."""
+    def start(self, settings: Settings, public_addr: str, resync_seconds: float = 0.0) -> None:
+        """`public_addr`: the port bound (JOBWIRE_GRPC_ADDR may say port 0);
+        `resync_seconds`: the service's Jobs.resync_seconds."""
         env = {
             **os.environ,
             PRIMARY_ENV: self.internal_target,
             PARENT_ENV: str(os.getpid()),
+            RESYNC_ENV: repr(resync_seconds),
             # What a worker serves with: this process's settings, whatever their source.
             "JOBWIRE_GRPC_ADDR": public_addr,
             "JOBWIRE_GRPC_TOKEN": settings.grpc_token,

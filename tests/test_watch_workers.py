@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -365,3 +366,45 @@ async def test_workers_serve_tls_like_the_service(tmp_path: Path) -> None:
         for ch in channels:
             await ch.close()
         await handle.close()
+
+
+async def test_worker_streams_heal_an_entry_lost_between_replicas_as_the_service_does(
+    mongo_uri: str,
+) -> None:
+    """Replica A's feed entry of a job's end is lost; B runs watch workers. B's own
+    streams find the end in the ring after JOBWIRE_WATCH_RESYNC_SECONDS: so must the
+    streams its workers hold. Theirs waited for ever (a worker never resynced)."""
+    from service.store.mongo import MongoStore
+
+    database = f"w_{uuid.uuid4().hex[:12]}"
+    a, b = [
+        await start_service(
+            MongoStore(mongo_uri, policy=make_policy(), database=database),
+            event_feed=True,
+            watch_resync_seconds=0.3,
+            **extra,
+        )
+        for extra in ({}, {"watch_workers": WORKERS, "grpc_token": TOKEN})
+    ]
+    try:
+        await workers_up(b)
+        job = (await create(b.stub)).job
+        async with own_connections(b, CONNECTIONS) as channels:
+            stubs = [job_service_pb2_grpc.JobServiceStub(ch) for ch in channels]
+            await until_serving(stubs, job.id)
+            calls = [
+                s.WatchJob(job_service_pb2.WatchJobRequest(id=job.id), metadata=AUTH) for s in stubs
+            ]
+            for call in calls:
+                assert (await read(call)).HasField("snapshot")
+            relay = a.running.jobs.relay
+            assert relay is not None
+            relay.send = lambda events: None  # type: ignore[method-assign]  # entries lost
+            await a.stub.ReportEvent(completed(job.id))
+            for call in calls:
+                event = (await read(call, timeout=5)).event
+                assert event.state == job_pb2.JOB_STATE_SUCCEEDED
+                assert await read(call) is grpc.aio.EOF
+    finally:
+        await b.close()
+        await a.close()
