@@ -218,9 +218,6 @@ class Fanout:
         self._lossless: set[Subscription] = set()
         self._published: dict[str, int] = {}  # anchored origin -> contiguous n published
         self._published_extra: dict[str, set[int]] = {}
-        # Of the subscriptions, the watch workers' feeds (service/watch_workers.py): no
-        # client's stream, so not in jobwire_watchers.
-        self.feeds = 0
         # After close_all() (shutdown, or a watch worker's feed lost) until reopen(): a
         # subscription made now would miss what is published meanwhile, so it is ended
         # at once (a call that passed its checks just before the close subscribes late).

@@ -44,8 +44,8 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from jobwire.v1 import job_pb2
 
+from .admission import WatchAdmission
 from .domain.errors import DomainError
-from .fanout import Fanout
 from .grpc_handlers import Handler, replace_behavior
 from .store.port import JobQuery, Store
 
@@ -126,8 +126,11 @@ FIREHOSE_APPEND_FAILURES = Gauge(
 )
 
 
-def watch_fanout(fanout: Fanout) -> None:
-    WATCHERS.set_function(lambda: fanout.watchers - fanout.feeds)  # clients' streams
+def watch_streams(admission: WatchAdmission) -> None:
+    """Clients' streams open on this process, counted from the start (a WatchJobs
+    stream replaying the log subscribes to the fan-out only once it has caught up, and
+    read 0 meanwhile); the watch workers' feeds do not pass through admission."""
+    WATCHERS.set_function(lambda: admission.active)
 
 
 def watch_firehose(store: Store) -> None:

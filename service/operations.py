@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from .admission import WatchAdmission
 from .config import Settings
 from .domain.errors import DomainError
 from .feed import FeedRelay
@@ -22,8 +23,8 @@ from .metrics import (
     MetricsInterceptor,
     MetricsServer,
     start_metrics,
-    watch_fanout,
     watch_firehose,
+    watch_streams,
 )
 from .security import TokenAuthInterceptor
 from .store.port import FeedUnsupported, Store
@@ -63,8 +64,10 @@ class Operations:
         await self.metrics.stop()
 
 
-async def start_operations(settings: Settings, store: Store, jobs: Jobs) -> Operations:
-    watch_fanout(jobs.fanout)
+async def start_operations(
+    settings: Settings, store: Store, jobs: Jobs, admission: WatchAdmission
+) -> Operations:
+    watch_streams(admission)
     watch_firehose(store)
     relay = await _start_feed(settings, store, jobs)
     metrics = await start_metrics(settings.metrics_addr, store, settings.metrics_queue_seconds)

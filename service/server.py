@@ -84,7 +84,8 @@ async def start(settings: Settings, store: Store | None = None) -> RunningServic
     await store.start()
     jobs = Jobs(store, Fanout(settings.watch_buffer), store.policy, settings.public_url)
     await jobs.start()
-    ops = await start_operations(settings, store, jobs)
+    admission = WatchAdmission(settings.max_watchers)
+    ops = await start_operations(settings, store, jobs, admission)
 
     # SO_REUSEPORT only when watch workers share the port: otherwise a second service
     # started by mistake on the same port would silently take half the connections.
@@ -97,7 +98,7 @@ async def start(settings: Settings, store: Store | None = None) -> RunningServic
     # Tracing (when on) outermost, so its span covers the metrics and auth interceptors.
     interceptors = [*server_interceptors(), *ops.interceptors]
     server = grpc.aio.server(options=options, interceptors=interceptors)
-    add_to_server(JobServicer(jobs, WatchAdmission(settings.max_watchers)), server)
+    add_to_server(JobServicer(jobs, admission), server)
     health_servicer = add_health_and_reflection(server)
     port = listen(server, settings, creds)
     jobs.fanout.corker = corker_for(settings, port)

@@ -67,7 +67,6 @@ def feed_handler(fanout: Fanout) -> grpc.GenericRpcHandler:
                 grpc.StatusCode.PERMISSION_DENIED, "the watch workers' feed is internal"
             )
         sub = fanout.subscribe(capacity=FEED_CAPACITY)
-        fanout.feeds += 1
         try:
             yield b""  # subscribed: from here on, every published event follows
             while True:
@@ -78,7 +77,6 @@ def feed_handler(fanout: Fanout) -> grpc.GenericRpcHandler:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         finally:
             fanout.unsubscribe(sub)
-            fanout.feeds -= 1
 
     handler: Handler = grpc.unary_stream_rpc_method_handler(events)
     return grpc.method_handlers_generic_handler(FEED_SERVICE, {"Events": handler})

@@ -352,3 +352,33 @@ async def test_firehose_append_failures_gauge_counts_events_missing_from_the_log
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
         await client.drop_database(name)
         await client.close()
+
+
+async def test_jobwire_watchers_counts_a_stream_replaying_the_firehose_log(
+    tmp_path: Path,
+) -> None:
+    """A WatchJobs stream resumed from "0" is open while it replays the log: it counts.
+    It read 0 until the replay was over (the gauge counted fan-out subscriptions, and a
+    stream subscribes only once it has caught up), so a consumer catching up on a
+    day's log, held back by its own reading, was no watcher for minutes."""
+    handle = await start_service(
+        EmbeddedStore(tmp_path / "d", make_policy()), metrics_addr="127.0.0.1:0"
+    )
+    try:
+        assert handle.running.ops is not None
+        port = handle.running.ops.metrics.port
+        await create(handle.stub, job_id="big")
+        big = "x" * 16_000  # 400 of them: 6.4 MB to replay, far past any flow-control window
+        for start in range(0, 400, 100):
+            requests = [
+                progress("big", 1, key=f"b{i}", message=big) for i in range(start, start + 100)
+            ]
+            await handle.stub.BatchReportEvents(
+                job_service_pb2.BatchReportEventsRequest(requests=requests)
+            )
+        call = handle.stub.WatchJobs(job_service_pb2.WatchJobsRequest(after="0"))
+        assert (await read(call)).event.sequence == 1  # open, replaying; read no further
+        assert await service_gauge(port, "jobwire_watchers") == 1
+        call.cancel()
+    finally:
+        await handle.close()
