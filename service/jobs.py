@@ -100,6 +100,8 @@ class Jobs:
         # A completion naming artifacts and an artifact's replacement, one at a time
         # per job: each checks the other's side, then writes (job_locks.py).
         self._artifact_locks = KeyedLocks()
+        # A keyed WriteLog's look-up, job failure and write, one at a time per (job, key).
+        self._log_keys = KeyedLocks()
 
     async def start(self) -> None:
         origin = self.store.single_writer_origin
@@ -425,8 +427,7 @@ class Jobs:
     ) -> job_service_pb2.WriteLogResponse:
         """Stores a line; with `key`, a repeat of (job id, key) stores nothing and is
         answered with the line stored first (`duplicate`). An ERROR line of a repeat
-        fails nothing more: the first attempt failed the job before storing the line,
-        so the job has ended."""
+        fails nothing: its key was stored, so the line it repeats was handled."""
         if key:
             validation.idempotency_key(key)
         validation.log_level(entry.level, "entry.level")
@@ -455,9 +456,24 @@ class Jobs:
         # Which kind's ListLogs shows the line (the video worker's lists only videos'):
         # its job's, or for a line of no job the writer's.
         stored.kind = record.job.kind if record is not None else job_pb2.JobKind.ValueType(kind)
+        if not key:
+            return await self._write_log(stored, record, kind, key)
+        async with self._log_keys.hold([f"{stored.job_id}\x00{key}"]):
+            # Before the job is failed: an ERROR line under a key already stored (a
+            # worker numbering its keys anew after a restart) failed the job with its
+            # message, was answered as a duplicate and was stored nowhere.
+            earlier = await self.store.keyed_log(stored.job_id, key)
+            if earlier is not None:
+                return job_service_pb2.WriteLogResponse(entry=earlier, duplicate=True)
+            return await self._write_log(stored, record, kind, key)
+
+    async def _write_log(
+        self, stored: log_pb2.LogEntry, record: JobRecord | None, kind: int, key: str
+    ) -> job_service_pb2.WriteLogResponse:
+        """`write_log` once the line is checked and not known under its key."""
         failed = False
         if (
-            entry.level == log_pb2.LOG_LEVEL_ERROR
+            stored.level == log_pb2.LOG_LEVEL_ERROR
             and record is not None
             and not record.terminal
             and (not kind or record.job.kind == kind)  # WriteLogRequest.kind

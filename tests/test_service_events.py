@@ -361,6 +361,28 @@ async def test_error_log_fails_a_queued_or_running_job(service: ServiceHandle) -
     assert [e.message for e in logs.entries] == ["later", "disk full"]
 
 
+async def test_an_error_line_under_a_key_already_stored_fails_nothing(
+    service: ServiceHandle,
+) -> None:
+    """A key already stored is answered as a duplicate and stores nothing, whatever the
+    line: an ERROR line under it (a worker numbering its keys from 1 again after a
+    restart) failed the job with its message, answered duplicate=true, job_failed=false,
+    and the line that failed it was stored nowhere."""
+    await create(service.stub, job_id="lk")
+    await service.stub.ReportEvent(progress("lk", 10))
+    fine = _log("lk", log_pb2.LOG_LEVEL_INFO, "fine", 1)
+    fine.idempotency_key = "line-1"
+    assert not (await service.stub.WriteLog(fine)).duplicate
+    broke = _log("lk", log_pb2.LOG_LEVEL_ERROR, "broke", 2)
+    broke.idempotency_key = "line-1"
+    reply = await service.stub.WriteLog(broke)
+    assert reply.duplicate and not reply.job_failed and reply.entry.message == "fine"
+    job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="lk"))
+    assert job.state == job_pb2.JOB_STATE_RUNNING and job.sequence == 1
+    logs = await service.stub.ListLogs(job_service_pb2.ListLogsRequest(job_id="lk"))
+    assert [e.message for e in logs.entries] == ["fine"]
+
+
 async def test_bad_log_writes_nothing(service: ServiceHandle) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await service.stub.WriteLog(_log("x", log_pb2.LOG_LEVEL_UNSPECIFIED, "m", 1))

@@ -464,6 +464,15 @@ class EmbeddedStore:
 
         return await self._write(insert)
 
+    async def keyed_log(self, job_id: str, key: str) -> log_pb2.LogEntry | None:
+        def run(conn: sqlite3.Connection) -> log_pb2.LogEntry | None:
+            row = conn.execute(
+                "SELECT entry FROM logs WHERE job_id = ? AND key = ?", (job_id, key)
+            ).fetchone()
+            return None if row is None else log_pb2.LogEntry.FromString(row[0])
+
+        return await self._read(run)
+
     async def list_logs(
         self, job_id: str, level: int, limit: int, kind: int = 0
     ) -> list[log_pb2.LogEntry]:

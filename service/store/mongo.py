@@ -1294,6 +1294,11 @@ class MongoStore:
                 await self.logs.update_one({"_id": stored.inserted_id}, change)
             return None
 
+    async def keyed_log(self, job_id: str, key: str) -> log_pb2.LogEntry | None:
+        with _guard("keyed_log"):
+            doc = await self.logs.find_one({"k": codec.log_key(job_id, key)}, {"e": 1})
+        return None if doc is None else codec.decode_log(doc)
+
     async def list_logs(
         self, job_id: str, level: int, limit: int, kind: int = 0
     ) -> list[log_pb2.LogEntry]:

@@ -142,6 +142,9 @@ class Store(Protocol):
         `key`, a line stored before under (entry.job_id, key) is returned and nothing
         is written; None when this one was stored."""
 
+    async def keyed_log(self, job_id: str, key: str) -> log_pb2.LogEntry | None:
+        """The line stored under (`job_id`, `key`) by `write_log`, if any."""
+
     async def list_logs(
         self, job_id: str, level: int, limit: int, kind: int = 0
     ) -> list[log_pb2.LogEntry]:
