@@ -454,6 +454,46 @@ async def test_embedded_files_of_deleted_artifacts_are_removed_after_a_crash(
         await store.close()
 
 
+async def test_a_cut_short_mongodb_deletion_spares_a_new_job_of_that_id(
+    mongo_store: MongoStore,
+) -> None:
+    """A crash after the mark and the job's document went leaves the mark; a new job of
+    that id made before the next finish_deletions() (a late AuroraCloud outcome, which
+    ends it at once) was deleted by it, acknowledged outcome and all, long before the
+    retention, and until then an upload to the new job was NOT_FOUND. Only the job the
+    mark was made for goes, with its artifacts and lines."""
+    service = await start_service(mongo_store)
+    try:
+        await _a_job_with_everything(service, "again")
+        old_lines = await _logs(service, "again")
+        # The state a crash leaves after the mark and the job document's deletion.
+        await mongo_store.database[DELETIONS].insert_one({"_id": "again", "ns": time.time_ns()})
+        await mongo_store.jobs.delete_one({"_id": "again"})
+        late = job_service_pb2.ReportEventRequest(
+            job_id="again",
+            idempotency_key="aurora:again:done",
+            create_kind=job_pb2.JOB_KIND_TRANSCODE,
+            completed=job_pb2.Result(output_key="s3://out/again.mp4"),
+        )
+        assert (await service.stub.ReportEvent(late)).state == job_pb2.JOB_STATE_SUCCEEDED
+        await _log(service, "again", "the new job's line")
+        await _upload(service, "again", "new.bin", b"new")
+
+        await mongo_store.finish_deletions()
+        job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="again"))
+        assert job.kind == job_pb2.JOB_KIND_TRANSCODE
+        assert job.result.output_key == "s3://out/again.mp4"
+        listed = await service.stub.ListArtifacts(
+            job_service_pb2.ListArtifactsRequest(job_id="again")
+        )
+        assert [a.name for a in listed.artifacts] == ["new.bin"]  # the old one went
+        assert "the new job's line" in await _logs(service, "again")
+        assert not set(old_lines) & set(await _logs(service, "again"))
+        assert await mongo_store.database[DELETIONS].count_documents({}) == 0
+    finally:
+        await service.close()
+
+
 async def _create_queued(store: Store, job_id: str) -> None:
     record, _ = events.new_record(job_id, GENERIC, time.time_ns())
     await store.create(record)

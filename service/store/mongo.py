@@ -1479,40 +1479,48 @@ class MongoStore:
         now_ns = time.time_ns()
         with _guard("delete_jobs"):
             async with self._writing():
+                # The mark's time says which job of the id it is for (_finish): those
+                # made before it. Set anew, as a mark a crash left may be older than
+                # the job of that id being deleted now.
                 await self.database[DELETIONS].bulk_write(
-                    [
-                        UpdateOne({"_id": i}, {"$setOnInsert": {"ns": now_ns}}, upsert=True)
-                        for i in ids
-                    ],
+                    [UpdateOne({"_id": i}, {"$set": {"ns": now_ns}}, upsert=True) for i in ids],
                     ordered=False,
                 )
-            return await self._finish(ids)
+            return await self._finish(dict.fromkeys(ids, now_ns))
 
     async def finish_deletions(self) -> int:
         with _guard("finish_deletions"):
-            cursor = self.database[DELETIONS].find({}, {"_id": 1}).limit(500)
-            ids = [str(doc["_id"]) async for doc in cursor]
-            if ids:
-                await self._finish(ids)
-        return len(ids)
+            cursor = self.database[DELETIONS].find({}, {"_id": 1, "ns": 1}).limit(500)
+            marks = {str(doc["_id"]): int(doc.get("ns", 0)) async for doc in cursor}
+            if marks:
+                await self._finish(marks)
+        return len(marks)
 
-    async def _finish(self, ids: list[str]) -> list[str]:
-        """Steps (2)-(5) of delete_jobs for the marked `ids` (again, after a crash or
-        beside another replica doing the same: each step is idempotent); the ids whose
-        job this call deleted. A marked job still there that has not ended (another job
-        of that id since: a late AuroraCloud report makes one) loses its mark, nothing
-        else."""
-        cursor = self.jobs.find({"_id": {"$in": ids}, "state": {"$in": _ENDED}}, {"_id": 1})
-        ended = [str(doc["_id"]) async for doc in cursor]
-        if ended:
+    async def _finish(self, marks: Mapping[str, int]) -> list[str]:
+        """Steps (2)-(5) of delete_jobs for the marked ids (again, after a crash or
+        beside another replica doing the same: each step is idempotent), each mark
+        given with its time; the ids whose job this call deleted. A mark is for the job
+        of its id made before it: a job of that id made since (a late AuroraCloud report
+        after a deletion cut short makes one, and ends it) is another job. It was
+        deleted, acknowledged outcome and all, long before the retention; now it keeps
+        everything of its own and loses only what the marked job left (artifacts stored
+        and lines written before the mark). A marked job that has not ended is left
+        whole and loses its mark."""
+        ids = list(marks)
+        cursor = self.jobs.find({"_id": {"$in": ids}}, {"state": 1, "create_ns": 1})
+        marked = [
+            {"_id": doc["_id"], "create_ns": doc["create_ns"]}
+            async for doc in cursor
+            if doc.get("state") in _ENDED and int(doc["create_ns"]) <= marks[str(doc["_id"])]
+        ]
+        ended = [str(job["_id"]) for job in marked]
+        if marked:
             async with self._writing():
-                result = await self.jobs.delete_many(
-                    {"_id": {"$in": ended}, "state": {"$in": _ENDED}}
-                )
+                result = await self.jobs.delete_many({"$or": marked, "state": {"$in": _ENDED}})
             # Fewer: another replica deleted some meanwhile (for one id: exact).
             ended = ended[: result.deleted_count]
-        cursor = self.jobs.find({"_id": {"$in": ids}}, {"_id": 1})
-        present = {str(doc["_id"]) async for doc in cursor}
+        cursor = self.jobs.find({"_id": {"$in": ids}}, {"create_ns": 1})
+        present = {str(doc["_id"]): int(doc["create_ns"]) async for doc in cursor}
         gone = [i for i in ids if i not in present]
         if gone:
             files = self.files.find({"metadata.job_id": {"$in": gone}}, {"_id": 1})
@@ -1520,15 +1528,34 @@ class MongoStore:
                 await self._delete_file(doc["_id"])
             async with self._writing():
                 await self.logs.delete_many({"job_id": {"$in": gone}})
+        for job_id in [i for i in ids if present.get(i, 0) > marks[i]]:
+            # Another job of that id since the mark: only what the marked one left.
+            files = self.files.find(
+                {"metadata.job_id": job_id, "metadata.create_ns": {"$lte": marks[job_id]}},
+                {"_id": 1},
+            )
+            for doc in await files.to_list():
+                await self._delete_file(doc["_id"])
+            # Lines received before the mark; one stored without its receipt time, by
+            # the second its id was made in.
+            second = datetime.fromtimestamp(marks[job_id] // 10**9, UTC)
+            older = [
+                {"r": {"$lte": marks[job_id]}},
+                {"r": {"$exists": False}, "_id": {"$lt": ObjectId.from_datetime(second)}},
+            ]
+            async with self._writing():
+                await self.logs.delete_many({"job_id": job_id, "$or": older})
         async with self._writing():
             await self.database[DELETIONS].delete_many({"_id": {"$in": ids}})
         return ended
 
     async def _deleted(self, job_id: str) -> bool:
-        """The job is gone, or being deleted."""
-        if await self.jobs.find_one({"_id": job_id}, {"_id": 1}) is None:
+        """The job is gone, or being deleted (marked after it was made, see _finish)."""
+        job = await self.jobs.find_one({"_id": job_id}, {"create_ns": 1})
+        if job is None:
             return True
-        return await self.database[DELETIONS].find_one({"_id": job_id}, {"_id": 1}) is not None
+        mark = await self.database[DELETIONS].find_one({"_id": job_id}, {"ns": 1})
+        return mark is not None and int(job["create_ns"]) <= int(mark.get("ns", 0))
 
     async def delete_jobless_logs(self, before_ns: int, limit: int) -> int:
         deleted = await self._delete_logs({"nj": {"$lt": before_ns}}, "nj", limit)

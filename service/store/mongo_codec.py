@@ -220,6 +220,9 @@ def log_document(entry: log_pb2.LogEntry, of_no_job: bool = False, key: str = ""
         "level": entry.level,
         "kind": entry.kind,
         "time_ns": entry.time.ToNanoseconds(),
+        # When the service received it: which job of its id it was written for, when a
+        # deletion cut short is finished beside a new job of that id (MongoStore._finish).
+        "r": entry.record_time.ToNanoseconds(),
         "e": Binary(entry.SerializeToString()),
     }
     if of_no_job:  # a line no job deletion takes: aged out from its record time
