@@ -110,7 +110,8 @@ class Cursor:
             done = {str(o): int(n) for o, n in body["d"].items()}
             extra = {str(o): {int(n) for n in ns} for o, ns in body.get("x", {}).items()}
             time_ns = int(body.get("t", 0))
-        except (ValueError, TypeError, KeyError, AttributeError, binascii.Error):
+        # RecursionError: forged JSON nested deeper than the parser goes (was UNKNOWN).
+        except (ValueError, TypeError, KeyError, AttributeError, binascii.Error, RecursionError):
             raise invalid(problem) from None
         if any(n < 0 for n in done.values()):
             raise invalid(problem)

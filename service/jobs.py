@@ -838,7 +838,8 @@ def _decode_page_token(
         given = rest[order:]
         if given and not (len(given) == 1 and str(given[0]).startswith("f:")):
             raise ValueError
-    except (ValueError, TypeError, binascii.Error):
+    # RecursionError: forged JSON nested deeper than the parser goes (it was UNKNOWN).
+    except (ValueError, TypeError, binascii.Error, RecursionError):
         raise invalid("page_token is invalid; pass next_page_token unchanged") from None
     if order != newest_first:
         raise invalid(

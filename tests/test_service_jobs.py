@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -279,6 +280,19 @@ async def test_bad_page_token_is_invalid_argument(service: ServiceHandle) -> Non
             await service.stub.ListJobs(job_service_pb2.ListJobsRequest(page_token=forged))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, create_ns
     assert "page_token" in (err.value.details() or "")
+
+
+async def test_a_page_token_nested_too_deep_is_invalid_argument(
+    service: ServiceHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A forged token of deeply nested JSON arrays (10 KiB of `[`) was UNKNOWN, its
+    RecursionError logged at ERROR with a traceback: it is a bad token like any other."""
+    forged = base64.urlsafe_b64encode(b"[" * 10_000).decode()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.ListJobs(job_service_pb2.ListJobsRequest(page_token=forged))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_token is invalid" in (err.value.details() or "")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_a_page_token_whose_position_is_not_a_number_is_invalid_argument(
