@@ -107,15 +107,24 @@ class Cursor:
         data = text[len(_PREFIX) :]
         try:
             body = json.loads(base64.urlsafe_b64decode(data + "=" * (-len(data) % 4)))
-            done = {str(o): int(n) for o, n in body["d"].items()}
-            extra = {str(o): {int(n) for n in ns} for o, ns in body.get("x", {}).items()}
-            time_ns = int(body.get("t", 0))
+            done = {str(o): _count(n) for o, n in body["d"].items()}
+            extra = {str(o): {_count(n) for n in ns} for o, ns in body.get("x", {}).items()}
+            time_ns = _count(body.get("t", 0))
         # RecursionError: forged JSON nested deeper than the parser goes (was UNKNOWN).
         except (ValueError, TypeError, KeyError, AttributeError, binascii.Error, RecursionError):
             raise invalid(problem) from None
         if any(n < 0 for n in done.values()):
             raise invalid(problem)
         return cls(done, extra, time_ns)
+
+
+def _count(value: object) -> int:
+    """A whole number of a position, as the service writes them: Python's JSON also
+    reads `Infinity` and 1e400 (int() of them was an OverflowError, UNKNOWN), fractions
+    and `true`."""
+    if type(value) is not int:
+        raise ValueError(f"not a whole number: {value!r}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)

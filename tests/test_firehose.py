@@ -6,6 +6,7 @@ Both stores; the cross-replica case runs two services on one MongoDB database.
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -124,8 +125,23 @@ async def test_position_zero_replays_the_window_and_a_bad_position_is_refused(
         [("w-0", 3), ("w-1", 3)],
     ]
     call.cancel()
-    # The last, 10 KiB of `[`, was UNKNOWN (a RecursionError logged at ERROR).
-    for bad in ("nonsense", "v1.!!!", "v1.e30", "v1." + "W1tb" * 3000):
+    # 10 KiB of `[` was UNKNOWN (a RecursionError logged at ERROR); so was a number
+    # JSON cannot write but Python reads, `Infinity` (or 1e400), where a count belongs
+    # (an OverflowError), and a fraction or `true` was taken as one.
+    forged = [
+        b'{"d":{"db":Infinity}}',
+        b'{"d":{},"t":1e400}',
+        b'{"d":{},"x":{"db":[-Infinity]}}',
+        b'{"d":{"db":1.5}}',
+        b'{"d":{"db":true}}',
+    ]
+    for bad in (
+        "nonsense",
+        "v1.!!!",
+        "v1.e30",
+        "v1." + "W1tb" * 3000,
+        *("v1." + base64.urlsafe_b64encode(body).decode() for body in forged),
+    ):
         bad_call = service.stub.WatchJobs(job_service_pb2.WatchJobsRequest(after=bad))
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await read(bad_call)
