@@ -321,6 +321,24 @@ async def test_cancel_is_final(service: ServiceHandle) -> None:
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+async def test_labels_take_any_character_but_control_characters(service: ServiceHandle) -> None:
+    """Labels hold no control characters, as README says: every character Python does
+    not call printable was refused as one, so an ideographic space (東京\u3000本社), a
+    no-break space (10\u00a0kg) or a Hebrew value's bidi mark was INVALID_ARGUMENT
+    "must not hold control characters". Their filters find them on both stores."""
+    labels = {"Standort": "東京\u3000本社", "Gewicht": "10\u00a0kg", "שם": "\u200fשלום"}
+    await create(service.stub, job_pb2.JOB_KIND_BATCH, "spaced", **labels)
+    for key, value in labels.items():
+        listed = await service.stub.ListJobs(job_service_pb2.ListJobsRequest(labels={key: value}))
+        assert [j.id for j in listed.jobs] == ["spaced"], key
+        assert dict(listed.jobs[0].labels) == labels
+    for control in ("\x85", "\x7f", "\x1b"):  # C1, DEL, C0: still refused
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await create(service.stub, job_pb2.JOB_KIND_BATCH, "ctl", k=f"a{control}b")
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, repr(control)
+        assert "control characters" in (err.value.details() or "")
+
+
 async def test_label_filters_and_leases_out_of_range_are_invalid_argument(
     service: ServiceHandle,
 ) -> None:

@@ -188,8 +188,13 @@ def labels(values: Mapping[str, str], field: str = "labels") -> None:
     for key, val in items.items():
         if not key or len(key) > 63 or len(val) > 256:
             raise invalid(f"label {key[:64]!r}: keys are 1-63 and values at most 256 characters")
-        if not (key.isprintable() and val.isprintable()):
-            raise invalid(f"label {key[:64]!r}: keys and values must not hold control characters")
+        # Control characters only (as for a video's texts): isprintable() also refused
+        # every space but ' ' (東京\u3000本社, 10\u00a0kg) and bidi marks, as "control".
+        if found := _CONTROL.search(key) or _CONTROL.search(val):
+            raise invalid(
+                f"label {key[:64]!r}: keys and values must not hold control characters,"
+                f" got U+{ord(found[0]):04X}"
+            )
 
 
 MAX_VIDEO_URL_LENGTH = 8192
