@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import grpc
 import pytest
 
@@ -198,6 +200,42 @@ async def test_a_media_time_or_stamp_out_of_range_is_refused(
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in (err.value.details() or "")
     job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="m"))
+    assert job.sequence == 0 and job.state == job_pb2.JOB_STATE_QUEUED
+    batch = await service.stub.BatchReportEvents(
+        job_service_pb2.BatchReportEventsRequest(requests=[request_])
+    )
+    assert batch.results[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert field in batch.results[0].message
+
+
+def _struct_with(payload: str, number: float) -> job_service_pb2.ReportEventRequest:
+    """A completed (metadata) or failed (details) report holding `number` deep inside."""
+    request = job_service_pb2.ReportEventRequest(job_id="s", idempotency_key="k")
+    struct = request.completed.metadata if payload == "completed" else request.failed.details
+    struct.update({"ok": 1.5, "nested": {"list": ["a", 2, {"ratio": number}]}})
+    return request
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (_struct_with("completed", math.nan), "completed.metadata.nested.list[2].ratio"),
+        (_struct_with("failed", math.inf), "failed.details.nested.list[2].ratio"),
+        (_struct_with("failed", -math.inf), "failed.details.nested.list[2].ratio"),
+    ],
+)
+async def test_a_number_json_cannot_hold_is_refused(
+    service: ServiceHandle, request_: job_service_pb2.ReportEventRequest, field: str
+) -> None:
+    """A NaN or an infinity in a result's metadata or an error's details was stored,
+    and every JSON reader of the job then failed on it (`jobwire jobs get`: a
+    SerializeToJsonError traceback). INVALID_ARGUMENT naming where, nothing written."""
+    await create(service.stub, job_id="s")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.ReportEvent(request_)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (err.value.details() or "")
+    job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="s"))
     assert job.sequence == 0 and job.state == job_pb2.JOB_STATE_QUEUED
     batch = await service.stub.BatchReportEvents(
         job_service_pb2.BatchReportEventsRequest(requests=[request_])

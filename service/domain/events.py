@@ -57,8 +57,10 @@ def validate_report(request: job_service_pb2.ReportEventRequest) -> None:
     elif payload == "completed":
         validation.media_duration(request.completed.media_duration, "completed.media_duration")
         validation.media_duration(request.completed.processing_time, "completed.processing_time")
+        validation.finite_numbers(request.completed.metadata, "completed.metadata")
     elif payload == "failed":
         validation.message(request.failed.message, "failed.message")
+        validation.finite_numbers(request.failed.details, "failed.details")
     if request.HasField("event_time"):
         validation.timestamp(request.event_time, "event_time")
     if len(request.process_id) > 256:

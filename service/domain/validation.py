@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.struct_pb2 import Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from jobwire.v1 import job_pb2, log_pb2
@@ -146,6 +147,22 @@ def well_formed(value: Duration, field: str) -> None:
             f"{field} is not a valid Duration: nanos must lie within ±999,999,999 and"
             f" share the sign of seconds, got {value.seconds} s and {value.nanos} ns"
         )
+
+
+def finite_numbers(value: Struct, field: str) -> None:
+    """Every number in a Struct (a result's metadata, an error's details) is finite:
+    JSON has no NaN or infinity, so one stored failed every JSON reader of the job
+    (`jobwire jobs get`, the dashboard). Names where it is, e.g. `metadata.a[2].b`."""
+    pending: list[tuple[Value, str]] = [(v, f"{field}.{k}") for k, v in value.fields.items()]
+    while pending:
+        item, path = pending.pop()
+        kind = item.WhichOneof("kind")
+        if kind == "number_value" and not math.isfinite(item.number_value):
+            raise invalid(f"{path} must be a finite number, got {item.number_value}")
+        if kind == "struct_value":
+            pending += [(v, f"{path}.{k}") for k, v in item.struct_value.fields.items()]
+        elif kind == "list_value":
+            pending += [(v, f"{path}[{i}]") for i, v in enumerate(item.list_value.values)]
 
 
 def event_size(size: int) -> None:
