@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
 from tests.conftest import ServiceHandle
@@ -182,7 +183,9 @@ async def test_a_claim_whose_caller_is_cancelled_still_reaches_the_streams(
         job_service_pb2.WatchJobsRequest(states=[job_pb2.JOB_STATE_RUNNING])
     )
     assert ("jobwire-live", "1") in list(await running.initial_metadata())
-    claim = asyncio.ensure_future(service.running.jobs.claim(job_pb2.JOB_KIND_BATCH, "w", 0))
+    claim = asyncio.ensure_future(
+        service.running.jobs.claim(job_pb2.JOB_KIND_BATCH, "w", Duration())
+    )
     await asyncio.sleep(0)  # one loop step: the claim runs up to its store write
     claim.cancel()
     with contextlib.suppress(asyncio.CancelledError):
