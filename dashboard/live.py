@@ -41,6 +41,14 @@ LINGER_SECONDS = 60.0
 LIVE_WAIT_SECONDS = 3.0  # a page load waits this long for the stream to go live
 # A page's mark (Hub.mark): "<this process's instance>.<stream start>.<changes seen>".
 MARK = re.compile(r"([0-9a-f]{8})\.([0-9]{1,18})\.([0-9]{1,18})", re.ASCII)
+# A deletion is no event (DeleteJob, the retention, another dashboard's Delete): the
+# jobs the open tabs show are looked up this often, and those gone are pushed as such.
+# This dashboard's own Delete is pushed at once.
+DELETION_CHECK_SECONDS = 5.0
+DELETION_CHECKS_AT_ONCE = 16  # GetJob calls in flight per round
+_ENDED = frozenset(
+    {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
+)
 
 
 class Change:
@@ -100,6 +108,11 @@ class Subscriber:
         self.wake = asyncio.Event()
         # Set when the upstream stream broke or reported a gap: the tab must re-read rows.
         self.resync = False
+        # Jobs it shows that were deleted since the last push.
+        self.gone: set[str] = set()
+
+    def shows(self, job_id: str) -> bool:
+        return self.ids is None or job_id in self.ids
 
     def take(self) -> tuple[list[Change], set[str]]:
         """The pending changes and which of their jobs are new to this tab."""
@@ -107,6 +120,10 @@ class Subscriber:
         self.pending, self.fresh = {}, set()
         self.wake.clear()
         return changes, fresh
+
+    def take_gone(self) -> set[str]:
+        gone, self.gone = self.gone, set()
+        return gone
 
 
 class Hub:
@@ -125,8 +142,15 @@ class Hub:
         stub: Callable[[], JobServiceAsyncStub],
         journal: int = JOURNAL,
         linger_seconds: float = LINGER_SECONDS,
+        deletion_check_seconds: float = DELETION_CHECK_SECONDS,
     ) -> None:
         self._stub = stub
+        self._deletion_check_seconds = deletion_check_seconds
+        self._check_task: asyncio.Task[None] | None = None
+        # Followed jobs last found not ended: they cannot be deleted before they end
+        # (an ending event takes them out), so the check skips them.
+        self._unended: set[str] = set()
+        self._ended_lately: set[str] = set()  # ended during a check round
         self._subscribers: set[Subscriber] = set()
         self._task: asyncio.Task[None] | None = None
         self._position = ""
@@ -174,6 +198,10 @@ class Hub:
         sub = Subscriber(kind, ids, new, states)
         self._subscribers.add(sub)
         self._start()
+        if self._check_task is None or self._check_task.done():
+            self._check_task = asyncio.create_task(
+                self._check_deletions(), name="dashboard-deletions"
+            )
         if since is not None:
             self._catch_up(sub, since)
         return sub
@@ -241,8 +269,61 @@ class Hub:
     def unsubscribe(self, sub: Subscriber) -> None:
         self._subscribers.discard(sub)
 
+    def deleted(self, job_ids: set[str]) -> None:
+        """Jobs deleted: every tab that shows one hears it at its next push (its row
+        goes; a job page says so). A deletion is no event, so nothing else tells them."""
+        for sub in self._subscribers:
+            hit = {i for i in job_ids if sub.shows(i)}
+            for job_id in hit:
+                if job_id in sub.fresh:
+                    continue  # a job made again under its id since: the tab shows that one
+                sub.pending.pop(job_id, None)  # the deleted job's last change
+                if sub.ids is not None:
+                    sub.ids.discard(job_id)
+                sub.gone.add(job_id)
+            if sub.gone:
+                sub.wake.set()
+
+    async def _check_deletions(self) -> None:
+        """Looks up the jobs the tabs show (but those last found not ended) every
+        `deletion_check_seconds`, while any tab is open; those gone are `deleted`."""
+        while self._subscribers:
+            await asyncio.sleep(self._deletion_check_seconds)
+            shown: set[str] = set()
+            for sub in list(self._subscribers):
+                if sub.ids is not None:
+                    shown |= sub.ids
+            self._unended &= shown
+            self._ended_lately.clear()
+            gone = await self._gone(shown - self._unended)
+            # One that ended while it was looked up was found not ended: not so now.
+            self._unended -= self._ended_lately
+            if gone:
+                self.deleted(gone)
+
+    async def _gone(self, job_ids: set[str]) -> set[str]:
+        """Which of these jobs the service no longer has (NOT_FOUND); any other failure
+        (the service away) says nothing of them."""
+        stub = self._stub()
+        slots = asyncio.Semaphore(DELETION_CHECKS_AT_ONCE)
+        gone: set[str] = set()
+
+        async def look(job_id: str) -> None:
+            async with slots:
+                try:
+                    job = await stub.GetJob(job_service_pb2.GetJobRequest(id=job_id), timeout=5.0)
+                except grpc.aio.AioRpcError as err:
+                    if err.code() == grpc.StatusCode.NOT_FOUND:
+                        gone.add(job_id)
+                    return
+                if job.state not in _ENDED:
+                    self._unended.add(job_id)
+
+        await asyncio.gather(*(look(i) for i in job_ids))
+        return gone
+
     async def close(self) -> None:
-        for task in (self._task, self._depth_task):
+        for task in (self._task, self._depth_task, self._check_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -321,6 +402,9 @@ class Hub:
         change = Change(event)
         job_id, kind, sequence = event.job_id, event.kind, event.sequence
         entered = event.state if event.type in ENTERING else 0
+        if event.state in _ENDED:
+            self._unended.discard(job_id)  # it may be deleted from now on
+            self._ended_lately.add(job_id)
         self._counter += 1
         # As bytes: a kept event would keep its whole response's arena (about 5 KB
         # each, measured: +41 MiB for the journal under the bench's 50-tab load).
@@ -367,6 +451,7 @@ class Hub:
         return True
 
     def _resync_all(self) -> None:
+        self._unended.clear()  # their ending events may be among those missed
         for sub in self._subscribers:
             sub.resync = True
             sub.wake.set()

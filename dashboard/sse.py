@@ -106,6 +106,9 @@ async def jobs_stream(request: web.Request) -> web.StreamResponse:
             if sub.resync:
                 sub.resync = False
                 await response.write(_frame("resync", b"{}"))
+            # Before the changes: one may be of a job made again under a deleted id.
+            if gone := sub.take_gone():
+                await response.write(_frame("deleted", orjson.dumps(sorted(gone))))
             changes, fresh = sub.take()
             if changes:
                 rows = (

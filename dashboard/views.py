@@ -366,13 +366,14 @@ async def delete(request: web.Request) -> web.StreamResponse:
             job_service_pb2.DeleteJobRequest(id=job_id), timeout=_timeout(request)
         )
     except grpc.aio.AioRpcError as err:
-        if err.code() == grpc.StatusCode.NOT_FOUND:  # deleted meanwhile: as asked
-            raise web.HTTPSeeOther(done) from None
-        if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
-            raise grpc_error(err) from None
-        state = await _state_of(request, job_id)
-        message = f"job {job_id!r} has not ended ({state}): only an ended job can be deleted"
-        raise PageError(409, message, back=f"/jobs/{quote(job_id, safe='')}") from None
+        if err.code() != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: deleted meanwhile
+            if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise grpc_error(err) from None
+            state = await _state_of(request, job_id)
+            message = f"job {job_id!r} has not ended ({state}): only an ended job can be deleted"
+            raise PageError(409, message, back=f"/jobs/{quote(job_id, safe='')}") from None
+    # The tabs open on it hear it now (its row goes, its page says so).
+    request.app[HUB].deleted({job_id})
     raise web.HTTPSeeOther(done)
 
 

@@ -1269,6 +1269,98 @@ async def test_a_job_page_leads_back_to_the_list_it_was_opened_from(
     assert await other.get_attribute("#back", "href") == "/jobs"
 
 
+async def test_a_deleted_job_leaves_the_pages_open_on_it(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """A deletion is no event: a list kept a deleted job's row (its link answering 404)
+    and the job's own page went on showing it, until a reload. Deleted by Delete job in
+    another tab, the row goes and the job page says so at once; deleted by DeleteJob
+    (another client, the retention), within the dashboard's check of the shown jobs."""
+    stub = svc.stub
+    run = uuid.uuid4().hex[:6]
+    ours, theirs, kept = f"del-{run}-ours", f"del-{run}-theirs", f"del-{run}-kept"
+    for job_id in (ours, theirs, kept):
+        await new_job(stub, job_pb2.JOB_KIND_GENERIC, job_id, {"run": run})
+        await stub.CancelJob(job_service_pb2.CancelJobRequest(id=job_id, reason="done"))
+    listing = await login(context, dash.url)
+    await listing.goto(f"{dash.url}/jobs?label=run%3D{run}")
+    pages = {}
+    for job_id in (ours, theirs):
+        pages[job_id] = await context.new_page()
+        await pages[job_id].goto(f"{dash.url}/jobs/{job_id}")
+    for page in (listing, *pages.values()):
+        await page.wait_for_selector("#live:not([data-state=connecting])", timeout=WAIT_MS)
+    assert not await pages[ours].is_visible("#gone")
+
+    deleter = await context.new_page()
+    await deleter.goto(f"{dash.url}/jobs/{ours}")
+    await confirm(deleter, "#delete button")
+    page = pages[ours]
+    await page.wait_for_selector("#gone", state="visible", timeout=WAIT_MS)
+    assert await page.get_attribute("#gone", "role") == "status"
+    assert await page.locator("#delete").count() == 0  # nothing left to delete
+    assert await page.inner_text("#live") == "deleted"
+    await listing.wait_for_selector(
+        f'#jobs tr[data-job="{ours}"]', state="detached", timeout=WAIT_MS
+    )
+
+    await stub.DeleteJob(job_service_pb2.DeleteJobRequest(id=theirs))
+    page = pages[theirs]
+    await page.wait_for_selector("#gone", state="visible", timeout=3 * WAIT_MS)
+    assert await page.inner_text("#live") == "deleted"
+    await listing.wait_for_selector(
+        f'#jobs tr[data-job="{theirs}"]', state="detached", timeout=3 * WAIT_MS
+    )
+    shown = "rs => rs.map(r => r.dataset.job)"
+    assert await listing.eval_on_selector_all("#jobs tbody tr", shown) == [kept]
+    assert await listing.inner_text("#live") == "live"
+
+
+async def test_an_ended_jobs_page_waits_for_its_deletion_quietly(
+    browser: Any, svc: ServiceHandle
+) -> None:
+    """An ended job's page follows its deletion on the jobs stream, whose heartbeat is
+    `stats`: unheard, the page took its stream for silent every three heartbeats, said
+    "reconnecting…" and opened another."""
+    job_id = uid("quiet")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    await svc.stub.CancelJob(job_service_pb2.CancelJobRequest(id=job_id))
+    async with running_dashboard(svc.target, JOBWIRE_DASHBOARD_HEARTBEAT_SECONDS="1") as dash:
+        ctx = await browser.new_context(viewport=LAPTOP)
+        try:
+            page = await login(ctx, dash.url)
+            opened: list[str] = []
+            page.on("request", lambda r: opened.append(r.url) if "/events/jobs?" in r.url else None)
+            await page.goto(f"{dash.url}/jobs/{job_id}")
+            await page.wait_for_selector("#live[data-state=ended]", timeout=WAIT_MS)
+            await page.evaluate(RECORD_STATES)
+            await page.wait_for_timeout(4500)  # a negative check: past three heartbeats
+            assert await page.evaluate("window.__states") == []
+            assert len(opened) == 1, opened
+            await svc.stub.DeleteJob(job_service_pb2.DeleteJobRequest(id=job_id))
+            await page.wait_for_selector("#gone", state="visible", timeout=WAIT_MS)
+        finally:
+            await ctx.close()
+
+
+async def test_a_job_deleted_before_its_page_streams_says_so(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """A job page whose stream opens after the job was deleted heard 404 and retried it
+    as "reconnecting…" for ever; it says the job was deleted."""
+    job_id = uid("gone")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    await svc.stub.CancelJob(job_service_pb2.CancelJobRequest(id=job_id))
+    page = await login(context, dash.url)
+    async with held_requests(context, re.compile(r"/events/jobs/")) as (held, release):
+        await page.goto(f"{dash.url}/jobs/{job_id}")
+        await asyncio.wait_for(held.wait(), WAIT_MS / 1000)
+        await svc.stub.DeleteJob(job_service_pb2.DeleteJobRequest(id=job_id))
+        release.set()
+        await page.wait_for_selector("#gone", state="visible", timeout=WAIT_MS)
+    assert await page.inner_text("#live") == "deleted"
+
+
 async def test_a_job_made_again_under_a_deleted_jobs_id_replaces_its_row(
     dash: DashboardProcess, context: Any, svc: ServiceHandle
 ) -> None:

@@ -284,7 +284,7 @@ COLOURS = """() => {
   for (const st of ['QUEUED', 'RUNNING', 'SUCCEEDED', 'FAILED', 'CANCELLED'])
     out[st] = probe(`badge state-${st}`);
   out.STALLED = probe('badge stalled');
-  for (const st of ['connecting', 'live', 'reconnecting', 'ended', 'logged-out'])
+  for (const st of ['connecting', 'live', 'reconnecting', 'ended', 'deleted', 'logged-out'])
     out[`live ${st}`] = probe('live', {state: st});
   const page = getComputedStyle(document.documentElement).backgroundColor;
   for (const f of document.querySelectorAll('input:not([type=hidden]), select'))

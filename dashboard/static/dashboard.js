@@ -138,13 +138,14 @@ function progressCell(cell, change) {
   else phase.removeAttribute("title");
 }
 
-// Asks the stream's URL for its headers only: 401 means the session is over.
-async function sessionEnded(url) {
+// Asks the stream's URL for its headers only: 401 means the session is over, 404 that
+// the job is gone; 0: the dashboard is away (keep trying).
+async function streamStatus(url) {
   try {
     const reply = await fetch(url, { method: "HEAD", credentials: "same-origin" });
-    return reply.status === 401;
+    return reply.status;
   } catch {
-    return false; // the dashboard is away: keep trying
+    return 0;
   }
 }
 
@@ -164,8 +165,9 @@ const QUIET_MS = Math.max(3 * Number($("#live")?.dataset.heartbeat || 15), 3) * 
 
 // An EventSource that also recovers when the browser gives up (a 5xx while the
 // dashboard restarts closes it for good) or its connection goes silent: a new one
-// starts from `url()`.
-function stream(url, handlers, onReopen) {
+// starts from `url()`. `onEnd`: the stream said `end`; `onGone`: its URL answers 404
+// (the job was deleted); `connected`: what #live says while it is open.
+function stream(url, handlers, onReopen, { onEnd, onGone, connected = ["live", "live"] } = {}) {
   let source = null;
   let opened = "";
   let delay = 500;
@@ -184,7 +186,7 @@ function stream(url, handlers, onReopen) {
   const reopen = () => {
     clearTimeout(watchdog);
     source.close();
-    open();
+    if (!ended) open();
   };
   const open = () => {
     opened = url();
@@ -196,17 +198,19 @@ function stream(url, handlers, onReopen) {
         fn(JSON.parse(msg.data), source);
       });
     }
+    // The streams' heartbeats (a job's `ping`, the jobs stream's `stats`), heard also
+    // where no handler reads them (an ended job's page, waiting for its deletion).
     source.addEventListener("ping", heard);
+    source.addEventListener("stats", heard);
     source.addEventListener("end", () => {
-      ended = true;
-      clearTimeout(watchdog);
-      source.close();
+      stop();
       setLive("ended", "finished");
+      onEnd?.();
     });
     source.onopen = () => {
       heard();
       delay = 500;
-      setLive("live", "live");
+      setLive(...connected);
       if (failed && onReopen) onReopen();
       failed = false;
     };
@@ -218,25 +222,35 @@ function stream(url, handlers, onReopen) {
         clearTimeout(watchdog); // the reopen below re-arms it
         const wait = delay;
         delay = Math.min(delay * 2, 5000);
-        // A 401 (the session ended) would be retried forever as "reconnecting…".
-        sessionEnded(opened).then((over) => {
-          if (!over) setTimeout(reopen, wait);
-          else {
+        // A 401 (the session ended) or a 404 (the job deleted meanwhile) would be
+        // retried forever as "reconnecting…".
+        streamStatus(opened).then((status) => {
+          if (ended) return;
+          if (status === 401) {
             ended = true;
             loggedOut();
-          }
+          } else if (status === 404 && onGone) {
+            stop();
+            onGone();
+          } else setTimeout(reopen, wait);
         });
       }
     };
   };
+  const stop = () => {
+    ended = true;
+    clearTimeout(watchdog);
+    source.close();
+  };
   open();
-  // Reopens when the URL it would use now differs (the browser's own reconnect reuses
-  // the first one).
+  // refresh(): reopens when the URL it would use now differs (the browser's own
+  // reconnect reuses the first one). close(): for good.
   return {
     refresh() {
       if (ended || url() === opened) return;
       reopen();
     },
+    close: stop,
   };
 }
 
@@ -473,7 +487,16 @@ function jobsPage() {
     source.refresh(); // rows added since the first connect are followed too
     resync();
   };
-  const handlers = { jobs: (list) => list.forEach((c) => apply(c)), stats, upstream, resync: () => resync() };
+  // Jobs deleted (Delete job, DeleteJob, the retention): their rows go, as a reload
+  // would not show them (they stayed, their links answering 404).
+  const deleted = (ids) => ids.forEach((id) => rows.has(id) && drop(id));
+  const handlers = {
+    jobs: (list) => list.forEach((c) => apply(c)),
+    deleted,
+    stats,
+    upstream,
+    resync: () => resync(),
+  };
   source = stream(url, handlers, reopened);
 }
 
@@ -484,6 +507,7 @@ function jobPage() {
   const list = rememberedList();
   if (list) {
     $("#back").href = list;
+    $("#gone a").href = list;
     const back = $("#delete input[name=back]");
     if (back) back.value = list;
   }
@@ -620,7 +644,28 @@ function jobPage() {
     showHead(job);
     if (changed) reread();
   };
-  stream(url, { snapshot, events, gap });
+  // The job was deleted (here, in another tab, by DeleteJob or the retention): the page
+  // says so and listens no more. It went on showing the job as if it were still there.
+  let watch = null;
+  const gone = () => {
+    watch?.close();
+    const notice = $("#gone");
+    notice.hidden = false;
+    if (hasFocus($("#delete"))) focusOn($("a", notice));
+    $("#delete")?.remove();
+    $("#cancel")?.remove();
+    head.dataset.deleted = "1";
+    setLive("deleted", "deleted");
+  };
+  // An ended job's stream is over; only its deletion can happen now, which the jobs
+  // stream following this one job pushes (`deleted`).
+  const ended = () => {
+    const only = new URLSearchParams({ ids: jobId, new: "0" });
+    watch = stream(() => `/events/jobs?${only}`, { deleted: gone }, null, {
+      connected: ["ended", "finished"],
+    });
+  };
+  stream(url, { snapshot, events, gap }, null, { onEnd: ended, onGone: gone });
 
   for (const form of [$("#cancel"), $("#delete")]) {
     form?.addEventListener("submit", (ev) => {
