@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
@@ -192,6 +193,8 @@ def create_app(config: DashboardConfig) -> web.Application:
         finalize=_finalize,
     )
     env.globals["static"] = static.url
+    # The page's clock (base.html's data-now): durations count by it, not the browser's.
+    env.globals["server_now"] = lambda: present.iso_datetime(datetime.now(UTC))
     env.filters["urlpart"] = lambda s: quote(str(s), safe="")
     app.cleanup_ctx.append(channel_ctx)
     app[STREAMS] = set()

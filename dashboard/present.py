@@ -58,7 +58,10 @@ def _name(enum: Any, value: int, prefix: str) -> str:
 def iso(ts: Timestamp) -> str:
     if not ts.seconds and not ts.nanos:
         return ""
-    moment = datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, UTC)
+    return iso_datetime(datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, UTC))
+
+
+def iso_datetime(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

@@ -14,6 +14,7 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -1971,6 +1972,29 @@ async def test_duration_of_an_unfinished_job_keeps_counting(
     assert await page.inner_text(cell.format(running)) == ended
     await page.goto(f"{dash.url}/jobs/{queued}")
     await page.wait_for_function(grows, arg=["#duration", 1.5], timeout=WAIT_MS)
+
+
+async def test_durations_count_by_the_dashboards_clock_not_the_browsers(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """An unfinished job's duration counted from its creation (the service's clock) to
+    the browser's clock: a laptop 10 minutes fast read "10m 04s" for a job begun
+    seconds ago (one slow, "0.0 s" for minutes). It counts by the dashboard's clock,
+    which the page carries."""
+    job_id = uid("skew")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id, {"test": job_id})
+    await progress(svc.stub, job_id, 5, "p", "m")
+    page = await login(context, dash.url)
+    for skew in (timedelta(minutes=10), timedelta(minutes=-10)):
+        await page.clock.install(time=datetime.now(UTC) + skew)
+        for url, cell in (
+            (f"/jobs?label=test={job_id}", f'#jobs tr[data-job="{job_id}"] .duration'),
+            (f"/jobs/{job_id}", "#duration"),
+        ):
+            await page.goto(dash.url + url)
+            await page.clock.run_for(1500)
+            shown = await page.inner_text(cell)
+            assert shown.endswith(" s") and 0.5 < float(shown.split()[0]) < 30, (skew, shown)
 
 
 async def test_jobs_page_fits_tablet_widths(

@@ -64,10 +64,18 @@ function fmtDuration(seconds) {
 
 const TERMINAL = ["SUCCEEDED", "FAILED", "CANCELLED"];
 
+// The dashboard's clock less the browser's (ms), read as the page starts (its load time
+// is within it): a browser's clock 10 minutes fast counted a job begun seconds ago as
+// "10m 04s", one slow as "0.0 s" for minutes.
+const CLOCK_SKEW = (() => {
+  const now = Date.parse(document.body.dataset.now);
+  return Number.isNaN(now) ? 0 : now - Date.now();
+})();
+
 // An unfinished job's duration: from its creation until now, counted while the page is
-// open (the server's figure ends at the job's last event).
+// open (the server's figure ends at the job's last event), by the dashboard's clock.
 function tickElapsed() {
-  const now = Date.now();
+  const now = Date.now() + CLOCK_SKEW;
   for (const node of document.querySelectorAll(".elapsed")) {
     const since = Date.parse(node.dataset.since);
     if (!Number.isNaN(since)) node.textContent = fmtDuration(Math.max(0, (now - since) / 1000));
