@@ -1707,6 +1707,35 @@ async def test_back_after_logging_out_shows_no_jobs(
     assert await page.locator(f'#jobs tr[data-job="{job_id}"]').count() == 0
 
 
+async def test_logging_out_ends_the_live_updates_of_the_other_tabs(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """Log out in one tab: the browser's cookie was gone, but its other tabs' streams,
+    opened with it, went on showing every change for the rest of the session (12 hours)
+    under "live". They now say the session ended and show nothing more."""
+    job_id = uid("logout")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id, {"test": job_id})
+    await progress(svc.stub, job_id, 10, "p", "before logging out")
+    page = await login(context, dash.url)
+    others = {
+        "jobs": f"/jobs?label=test={job_id}",
+        "job": f"/jobs/{job_id}",
+    }
+    tabs = {}
+    for name, path in others.items():
+        tabs[name] = await context.new_page()
+        await tabs[name].goto(dash.url + path)
+        await tabs[name].wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    async with page.expect_navigation():
+        await page.click("form.logout button")
+    for tab in tabs.values():
+        await tab.wait_for_selector("#live[data-state=logged-out]", timeout=WAIT_MS)
+    await progress(svc.stub, job_id, 60, "p", "after logging out")
+    await page.wait_for_timeout(1000)  # a negative check: time for a push that must not come
+    assert await tabs["jobs"].inner_text(f'#jobs tr[data-job="{job_id}"] .pct') == "10%"
+    assert await tabs["job"].inner_text("#job .pct") == "10%"
+
+
 PERCENTS = """sel => [...document.querySelectorAll(sel)].map(n => n.textContent.trim())"""
 
 

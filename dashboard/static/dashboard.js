@@ -166,6 +166,13 @@ function loggedOut() {
   node.replaceChildren(link);
 }
 
+// This tab's open streams, and the other tabs of this browser: the login page (where
+// Log out leads) asks them to check their session. Their streams, opened with the
+// cookie Log out deleted, went on showing every change for the rest of the session.
+const streams = new Set();
+const tabs = "BroadcastChannel" in window ? new BroadcastChannel("jobwire-session") : null;
+if (tabs) tabs.onmessage = () => streams.forEach((s) => s.check());
+
 // The server sends something at least every heartbeat; hearing nothing for this long
 // means the connection went silent (a dead NAT entry, a hung proxy), which EventSource
 // never notices on its own.
@@ -252,14 +259,24 @@ function stream(url, handlers, onReopen, { onEnd, onGone, connected = ["live", "
   };
   open();
   // refresh(): reopens when the URL it would use now differs (the browser's own
-  // reconnect reuses the first one). close(): for good.
-  return {
+  // reconnect reuses the first one). close(): for good. check(): ends it when the
+  // session has (logged out in another tab).
+  const handle = {
     refresh() {
       if (ended || url() === opened) return;
       reopen();
     },
     close: stop,
+    check() {
+      streamStatus(opened).then((status) => {
+        if (status !== 401 || ended) return;
+        stop();
+        loggedOut();
+      });
+    },
   };
+  streams.add(handle);
+  return handle;
 }
 
 // `read` run one at a time: asks while it runs make one more run once it is over. It
@@ -697,7 +714,7 @@ function jobPage() {
   }
 }
 
-const pages = { jobs: jobsPage, job: jobPage };
+const pages = { jobs: jobsPage, job: jobPage, login: () => tabs?.postMessage("check") };
 pages[document.body.dataset.page]?.();
 tickElapsed();
 setInterval(tickElapsed, 1000);
