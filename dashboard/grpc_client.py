@@ -60,7 +60,7 @@ class PageError(Exception):
         self.back = back  # the page the error page leads back to (default: the jobs)
 
 
-def grpc_error(err: grpc.aio.AioRpcError, json: bool = False) -> PageError:
+def grpc_error(err: grpc.aio.AioRpcError, json: bool = False, back: str = "") -> PageError:
     status = HTTP_STATUS.get(err.code(), 500)
     if err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         status = 502  # the dashboard's own credentials to the service are wrong
@@ -72,7 +72,7 @@ def grpc_error(err: grpc.aio.AioRpcError, json: bool = False) -> PageError:
         message = f"{_AWAY[err.code()]} ({err.code().name}); try again in a moment"
     elif status >= 500:
         message = f"the job service answered {err.code().name}: {message}"
-    return PageError(status, message, json=json)
+    return PageError(status, message, json=json, back=back)
 
 
 _AWAY = {

@@ -341,7 +341,8 @@ async def cancel(request: web.Request) -> web.StreamResponse:
         )
     except grpc.aio.AioRpcError as err:
         if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
-            raise grpc_error(err) from None
+            # Back to the job (the service away: it may work in a moment).
+            raise grpc_error(err, back=page) from None
         # The job ended after its page was loaded: say how, and lead back to it.
         state = await _state_of(request, job_id)
         message = f"job {job_id!r} has already ended ({state}): there is nothing to cancel"
@@ -366,12 +367,13 @@ async def delete(request: web.Request) -> web.StreamResponse:
             job_service_pb2.DeleteJobRequest(id=job_id), timeout=_timeout(request)
         )
     except grpc.aio.AioRpcError as err:
+        page = f"/jobs/{quote(job_id, safe='')}"
         if err.code() != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: deleted meanwhile
             if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                raise grpc_error(err) from None
+                raise grpc_error(err, back=page) from None  # back to the job, as a 409
             state = await _state_of(request, job_id)
             message = f"job {job_id!r} has not ended ({state}): only an ended job can be deleted"
-            raise PageError(409, message, back=f"/jobs/{quote(job_id, safe='')}") from None
+            raise PageError(409, message, back=page) from None
     # The tabs open on it hear it now (its row goes, its page says so).
     request.app[HUB].deleted({job_id})
     raise web.HTTPSeeOther(done)

@@ -1653,6 +1653,41 @@ async def test_a_page_while_the_service_is_away_says_so_plainly(context: Any) ->
                 assert (await api.json())["error"] == text
 
 
+async def test_cancel_while_the_service_is_away_leads_back_to_the_job(
+    context: Any, tmp_path: Path
+) -> None:
+    """Cancel (or Delete job) pressed while the service was away got the 503 page,
+    "try again in a moment", whose only link led to the jobs list: the job was a search
+    away. It leads back to the job, as the 409 page does."""
+    port = free_port()
+    svc: ServiceHandle | None = await start_service(
+        EmbeddedStore(tmp_path / "away", POLICY), grpc_addr=f"127.0.0.1:{port}"
+    )
+    running, ended = uid("away"), uid("away-ended")
+    try:
+        assert svc is not None
+        for job_id in (running, ended):
+            await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+        await svc.stub.CancelJob(job_service_pb2.CancelJobRequest(id=ended))
+        async with running_dashboard(svc.target) as dash:
+            page = await login(context, dash.url)
+            pages = {"#cancel button": (page, running)}
+            pages["#delete button"] = (await context.new_page(), ended)
+            for tab, job_id in pages.values():
+                await tab.goto(f"{dash.url}/jobs/{job_id}")
+                await tab.wait_for_selector("#live:not([data-state=connecting])", timeout=WAIT_MS)
+            await svc.close()
+            svc = None
+            for button, (tab, job_id) in pages.items():
+                await confirm(tab, button)
+                assert await tab.inner_text("h1") == "Error 503"
+                back = tab.get_by_role("link", name="Back to the job", exact=True)
+                assert await back.get_attribute("href", timeout=WAIT_MS) == f"/jobs/{job_id}"
+    finally:
+        if svc is not None:
+            await svc.close()
+
+
 async def test_jobs_page_across_a_service_restart(context: Any, tmp_path: Path) -> None:
     """The service goes away while a jobs page is open: the page says it is reconnecting
     (it said "live" throughout), and once the service is back it shows what changed
