@@ -157,6 +157,18 @@ BAD_SETTINGS = [
     ("MONGODB_URI", f"mongodb://svc:{PASSWORD}@db.example.com/?tls=yes", "tls"),
     ("MONGODB_URI", f"mongodb://svc:{PASSWORD}@db.example.com/?retryWrite=true", "'retryWrite'"),
     ("MONGODB_URI", f"mongodb+srv://svc:{PASSWORD}@db.example.com:27017/", "port"),
+    # TLS files the driver reads as the client is made: a file that is missing, a
+    # directory or no PEM was an OSError / SSLError traceback.
+    *(
+        ("MONGODB_URI", f"mongodb://svc:{PASSWORD}@db/?tls=true&{option}={path}", option)
+        for option, path in (
+            ("tlsCAFile", "/nonexistent/ca.pem"),
+            ("tlsCAFile", "/"),
+            ("tlsCAFile", __file__),
+            ("tlsCertificateKeyFile", "/nonexistent/client.pem"),
+            ("tlsCRLFile", "/nonexistent/crl.pem"),
+        )
+    ),
     ("JOBWIRE_MONGODB_TIMEOUT_MS", "soon", "'soon'"),
     ("JOBWIRE_MONGODB_W", "0", "'0'"),
     ("JOBWIRE_MONGODB_READ_PREFERENCE", "sideways", "'sideways'"),

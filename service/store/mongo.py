@@ -178,8 +178,12 @@ def _failure(exc: OperationFailure) -> str:
     return f"{name}: {str(details.get('errmsg') or exc)[:300]}"
 
 
+def _uri_pairs(uri: str) -> list[tuple[str, str]]:
+    return parse_qsl(uri.partition("?")[2], keep_blank_values=True)
+
+
 def _uri_options(uri: str) -> list[str]:
-    return [key for key, _ in parse_qsl(uri.partition("?")[2], keep_blank_values=True)]
+    return [key for key, _ in _uri_pairs(uri)]
 
 
 def _without_credentials(text: str, uri: str) -> str:
@@ -392,6 +396,13 @@ class MongoStore:
                 reason = f"unknown option {', '.join(map(repr, unknown))} ({hint.strip()})"
             reason = _without_credentials(reason, self._uri)
             raise ValueError(f"MONGODB_URI is not a valid MongoDB URI: {reason}") from None
+        except OSError as exc:
+            # The driver reads the URI's TLS files here (SSLError is an OSError): one
+            # missing, a directory or not PEM was a traceback. Named by option and path
+            # (the driver's words name neither the path nor, for SSL, the option).
+            files = [f"{k}={v}" for k, v in _uri_pairs(self._uri) if k.lower().endswith("file")]
+            reason = _without_credentials(f"{exc.strerror or exc} ({', '.join(files)})", self._uri)
+            raise ValueError(f"MONGODB_URI names a TLS file it cannot use: {reason}") from None
         _check_srv_host(self._uri)
         # The database named in the URI path wins over the argument.
         try:  # (the URI's own was checked with the URI)
