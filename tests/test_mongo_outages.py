@@ -170,6 +170,9 @@ BAD_SETTINGS = [
         )
     ),
     ("JOBWIRE_MONGODB_TIMEOUT_MS", "soon", "'soon'"),
+    # Past the driver's bound (11.6 days) the message blamed MONGODB_URI's timeoutMS.
+    ("JOBWIRE_MONGODB_TIMEOUT_MS", "1000000000", "'1000000000'"),
+    ("JOBWIRE_MONGODB_TIMEOUT_MS", "0", "'0'"),
     ("JOBWIRE_MONGODB_W", "0", "'0'"),
     ("JOBWIRE_MONGODB_READ_PREFERENCE", "sideways", "'sideways'"),
     ("JOBWIRE_MONGODB_DB", "jobs/prod", "'jobs/prod'"),

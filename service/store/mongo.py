@@ -81,6 +81,7 @@ log = logging.getLogger("jobwire.store.mongo")
 
 DEFAULT_DATABASE = "jobwire"
 DEFAULT_TIMEOUT_MS = 5000
+MAX_TIMEOUT_MS = 1_000_000_000  # pymongo refuses timeoutMS from here on (11.6 days)
 READ_PREFERENCES = ("primary", "primaryPreferred", "secondary", "secondaryPreferred", "nearest")
 # Optimistic-concurrency rounds before a command gives up with ABORTED.
 MAX_ATTEMPTS = 64
@@ -348,11 +349,13 @@ class MongoStore:
         try:
             timeout_ms = int(timeout_text)
         except ValueError:
+            timeout_ms = 0
+        # The driver's own bound (timeoutMS < 10**9): past it, its error blamed MONGODB_URI.
+        if not 0 < timeout_ms < MAX_TIMEOUT_MS:
             raise ValueError(
-                f"JOBWIRE_MONGODB_TIMEOUT_MS must be a number of milliseconds, got {timeout_text!r}"
-            ) from None
-        if timeout_ms <= 0:
-            raise ValueError(f"JOBWIRE_MONGODB_TIMEOUT_MS must be positive, got {timeout_ms}")
+                f"JOBWIRE_MONGODB_TIMEOUT_MS must be a whole number of milliseconds from 1 to"
+                f" {MAX_TIMEOUT_MS - 1}, got {timeout_text!r}"
+            )
         w: int | str = w_text
         if w_text.lstrip("+-").isdigit():
             w = int(w_text)
