@@ -169,6 +169,13 @@ BAD_SETTINGS = [
             ("tlsCRLFile", "/nonexistent/crl.pem"),
         )
     ),
+    # A secret file's trailing newline (kubectl create secret --from-file): the database
+    # was "jobwire\n" (FerretDB: an InvalidNamespace traceback at start; MongoDB: another,
+    # empty database), and a URI of a bare newline waited for a host named "\n".
+    *(
+        ("MONGODB_URI", uri, "trailing newline")
+        for uri in (f"mongodb://svc:{PASSWORD}@db.example.com/jobwire\n", "\n", " mongodb://db/")
+    ),
     ("JOBWIRE_MONGODB_TIMEOUT_MS", "soon", "'soon'"),
     # Past the driver's bound (11.6 days) the message blamed MONGODB_URI's timeoutMS.
     ("JOBWIRE_MONGODB_TIMEOUT_MS", "1000000000", "'1000000000'"),

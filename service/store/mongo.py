@@ -344,6 +344,14 @@ class MongoStore:
         uri = env.get("MONGODB_URI", "")
         if not uri:
             raise ValueError("MONGODB_URI is not set")
+        if uri != uri.strip() or not uri.isprintable():
+            # A secret file's trailing newline went into the database name ("jobwire\n":
+            # another, empty database; FerretDB refused it with a traceback at start).
+            raise ValueError(
+                "MONGODB_URI must not begin or end with whitespace nor hold line breaks or"
+                " other control characters (a secret file's trailing newline?); its value"
+                " is not shown"
+            )
         w_text = env.get("JOBWIRE_MONGODB_W", "majority") or "majority"
         timeout_text = env.get("JOBWIRE_MONGODB_TIMEOUT_MS", "") or str(DEFAULT_TIMEOUT_MS)
         try:
