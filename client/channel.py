@@ -63,7 +63,7 @@ class TLS:
         ca = env.get("JOBWIRE_SERVICE_TLS_CA", "")
         cert = env.get("JOBWIRE_SERVICE_TLS_CERT", "")
         key = env.get("JOBWIRE_SERVICE_TLS_KEY", "")
-        if not ca and not cert:
+        if not ca and not cert and not key:
             if env.get("JOBWIRE_SERVICE_TLS_SERVER_NAME", ""):
                 # A name to check in the server's certificate means TLS was meant: the
                 # channel would have been plaintext, the token sent in the clear.
@@ -72,7 +72,7 @@ class TLS:
                     " JOBWIRE_SERVICE_TLS_CA (a CA file, or 'system' for the system roots)"
                 )
             return None
-        if bool(cert) != bool(key):
+        if bool(cert) != bool(key):  # a key alone meant mTLS too: plaintext before
             raise ClientConfigError("set both JOBWIRE_SERVICE_TLS_CERT and JOBWIRE_SERVICE_TLS_KEY")
         # Read here, once: a file that cannot serve is named by its variable.
         return cls(

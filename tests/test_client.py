@@ -803,6 +803,10 @@ async def test_tls_and_token(tmp_path: Path, mutual: bool) -> None:
             assert (await c.get_job("tls-1")).id == "tls-1"
         with pytest.raises(ClientConfigError, match="JOBWIRE_SERVICE_TLS_KEY"):
             Client.from_env(env={"JOBWIRE_SERVICE_TLS_CERT": str(cert)})
+        # a client key alone (its certificate's variable misspelt) meant mTLS, but gave
+        # plaintext, the token in the clear
+        with pytest.raises(ClientConfigError, match="JOBWIRE_SERVICE_TLS_CERT"):
+            Client.from_env(env={"JOBWIRE_SERVICE_TLS_KEY": str(key)})
         # a server name alone meant TLS, but gave plaintext (and the token in the clear)
         with pytest.raises(ClientConfigError, match="set JOBWIRE_SERVICE_TLS_CA"):
             Client.from_env(env={"JOBWIRE_SERVICE_TLS_SERVER_NAME": "jobwire.internal"})
