@@ -39,6 +39,10 @@ SECRET_ENV_VARS = (
     "JOBWIRE_SIGNING_SECRET_AURORA",
     "JOBWIRE_SIGNING_SECRET_SECRETARY",
 )
+# OTLP exporter headers (README "Traces"): `name=value` entries, comma-separated, that
+# carry a collector's credentials. The OpenTelemetry SDK logs an entry it cannot parse
+# (`api-key:KEY`) whole, so each entry and each value is a secret too.
+HEADER_ENV_VARS = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS")
 REDACTED = "***"
 _MIN_SECRET = 4  # shorter values would redact ordinary words
 
@@ -64,6 +68,10 @@ class RedactingFilter(logging.Filter):
         env = os.environ if environ is None else environ
         # Split: a signing secret holds several space-separated keys during a rotation.
         values = {v for name in SECRET_ENV_VARS for v in env.get(name, "").split()}
+        for name in HEADER_ENV_VARS:
+            for entry in env.get(name, "").split(","):
+                values.add(entry.strip())
+                values.update(entry.split(sep, 1)[1].strip() for sep in "=:" if sep in entry)
         # Longest first, so a secret containing another is replaced whole.
         self._values = sorted((v for v in values if len(v) >= _MIN_SECRET), key=len, reverse=True)
 

@@ -8,6 +8,8 @@ import io
 import ipaddress
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -23,7 +25,7 @@ from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 from service.logs import REQUEST_ID, JsonFormatter, RedactingFilter, record_context
 from service.store.embedded import EmbeddedStore
 from tests.conftest import make_policy, start_service
-from tests.helpers import WAIT, create, progress
+from tests.helpers import WAIT, create, free_port, progress
 
 
 async def test_metrics_endpoint(tmp_path: Path) -> None:
@@ -225,6 +227,48 @@ def test_the_dashboard_token_and_signing_secrets_are_never_logged() -> None:
     text = redactor.redact("token dash-token-4711, keys whsec_b2xkLWtleQ== and whsec_bmV3LWtleQ==")
     for secret in ("dash-token-4711", "whsec_b2xkLWtleQ==", "whsec_bmV3LWtleQ=="):
         assert secret not in text, secret
+
+
+@pytest.mark.parametrize(
+    ("command", "variable"),
+    [("serve", "OTEL_EXPORTER_OTLP_HEADERS"), ("bridge", "OTEL_EXPORTER_OTLP_TRACES_HEADERS")],
+)
+async def test_otlp_exporter_headers_are_never_logged(
+    tmp_path: Path, command: str, variable: str
+) -> None:
+    """OTEL_EXPORTER_OTLP_HEADERS (or _TRACES_HEADERS) carry the collector's credentials
+    (README "Traces"). An entry the OpenTelemetry SDK cannot parse (`name:value` for
+    `name=value`) it logs whole, as a warning at start: the key was written in clear,
+    the log filter knew only jobwire's own secret variables."""
+    secret = "S3cr3t-ingest-key-4711"
+    env = {
+        **os.environ,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+        variable: f"x-team=ops,X-Api-Key:{secret}",
+        "JOBWIRE_LOG_FORMAT": "json",
+        "JOBWIRE_ENV_FILE": str(tmp_path / "none.env"),
+        "JOBWIRE_DATA_DIR": str(tmp_path / "data"),
+        "JOBWIRE_GRPC_ADDR": "127.0.0.1:0",
+        "JOBWIRE_HTTP_ADDR": "127.0.0.1:0",
+        "JOBWIRE_METRICS_ADDR": "",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", command, env=env, stderr=asyncio.subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(2 * WAIT):
+            while not any("listening on" in line or "bridge on" in line for line in lines):
+                line = (await proc.stderr.readline()).decode()
+                assert line, lines  # it stopped
+                lines.append(line)
+    finally:
+        proc.terminate()
+        rest, _ = await proc.communicate()
+    text = "".join(lines) + (rest or b"").decode()
+    assert "Header format invalid" in text  # the SDK did log the entries it refused
+    assert secret not in text, text
 
 
 async def test_bridge_request_id_and_callback_metrics(tmp_path: Path) -> None:
