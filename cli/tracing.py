@@ -25,9 +25,39 @@ def wanted(env: Mapping[str, str] | None = None) -> bool:
     )
 
 
+# The span batches' settings, read by the SDK itself (milliseconds and counts), and the
+# least each takes. A bad one was a traceback at start (the SDK's check naming its own
+# parameter) or, not a number, an ERROR with a traceback and the default in its place.
+BATCH_SETTINGS = {
+    "OTEL_BSP_SCHEDULE_DELAY": 1,
+    "OTEL_BSP_EXPORT_TIMEOUT": 0,
+    "OTEL_BSP_MAX_QUEUE_SIZE": 1,
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": 1,
+}
+
+
+def check_batch_settings(env: Mapping[str, str]) -> None:
+    """OTEL_BSP_*: whole numbers, a batch no larger than the queue; else one line."""
+    got: dict[str, int] = {}
+    for name, least in BATCH_SETTINGS.items():
+        raw = env.get(name, "").strip()
+        if raw and not (raw.isascii() and raw.isdigit() and int(raw) >= least):
+            raise SystemExit(f"{name} must be a whole number >= {least}, got {raw!r}")
+        if raw:
+            got[name] = int(raw)
+    queue = got.get("OTEL_BSP_MAX_QUEUE_SIZE", 2048)  # the SDK's defaults
+    batch = got.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
+    if batch > queue:
+        raise SystemExit(
+            f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE must be at most OTEL_BSP_MAX_QUEUE_SIZE ({queue}),"
+            f" got '{batch}'"
+        )
+
+
 def otlp_provider(default_name: str, env: Mapping[str, str] | None = None) -> Any:
     """A TracerProvider exporting by OTLP in batches (flushed at exit)."""
     env = os.environ if env is None else env
+    check_batch_settings(env)
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor

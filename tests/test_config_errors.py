@@ -20,7 +20,7 @@ from service.config import Settings
 from service.logs import configure
 from service.store.embedded import EmbeddedStore
 from tests.conftest import start_service
-from tests.helpers import create, progress
+from tests.helpers import create, free_port, progress
 from tests.test_ops import _self_signed
 
 BAD_NUMBERS = ("x", "nan", "inf", "-1")
@@ -366,6 +366,32 @@ async def test_an_address_in_use_is_named(tmp_path: Path, command: str, var: str
         addr = f"127.0.0.1:{taken.getsockname()[1]}"
         _, err = await _start_refused(tmp_path, command, **{var: addr})
     assert f"cannot listen on {var}={addr}".encode() in err
+
+
+@pytest.mark.parametrize(
+    ("command", "var", "value", "named"),
+    [
+        # The SDK's own checks: a traceback at start, naming its parameter, not the variable.
+        ("serve", "OTEL_BSP_MAX_QUEUE_SIZE", "-1", "OTEL_BSP_MAX_QUEUE_SIZE"),
+        ("bridge", "OTEL_BSP_SCHEDULE_DELAY", "0", "OTEL_BSP_SCHEDULE_DELAY"),
+        ("serve", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4096", "OTEL_BSP_MAX_QUEUE_SIZE"),
+        # Not a number: an ERROR with a traceback, the default taken in its place.
+        ("bridge", "OTEL_BSP_MAX_QUEUE_SIZE", "lots", "OTEL_BSP_MAX_QUEUE_SIZE"),
+        ("serve", "OTEL_BSP_EXPORT_TIMEOUT", "30s", "OTEL_BSP_EXPORT_TIMEOUT"),
+    ],
+)
+async def test_a_bad_trace_batch_setting_is_named(
+    tmp_path: Path, command: str, var: str, value: str, named: str
+) -> None:
+    """README "Traces": OTEL_BSP_* configure the span batches; a bad value stops the
+    process at start with one line naming it, as every other setting."""
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    _, err = await _start_refused(
+        tmp_path, command, OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, **{var: value}
+    )
+    lines = [line for line in err.decode().splitlines() if line.strip()]
+    assert len(lines) == 1 and var in lines[0] and named in lines[0], err
+    assert repr(value) in lines[0] or value in lines[0], err
 
 
 @pytest.mark.parametrize("command", ["serve", "bridge", "dashboard"])
