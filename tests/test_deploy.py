@@ -146,8 +146,9 @@ def test_deployment_is_hardened_probed_and_sized(name: str, command: str, ports:
         assert container["readinessProbe"]["grpc"]["port"] == 50051
         assert container["livenessProbe"]["grpc"]["port"] == 50051
     else:
-        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+        port = "http" if command == "bridge" else "ui"  # the dashboard's is not scraped
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port}
 
 
 def test_services_and_budgets_select_their_pods() -> None:
@@ -170,6 +171,32 @@ def test_services_and_budgets_select_their_pods() -> None:
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
         assert 0 < pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]
+
+
+# README "Scraping on Kubernetes": every pod labelled app.kubernetes.io/name: jobwire is
+# scraped at /metrics on its ports named `metrics` and `http`. What serves /metrics there:
+# the service on JOBWIRE_METRICS_ADDR's port, the bridge on its own.
+SCRAPED_PORT_NAMES = ("metrics", "http")
+SERVES_METRICS = {"service": 9464, "bridge": 8080}
+
+
+def test_the_documented_scrape_finds_metrics_on_every_port_it_selects() -> None:
+    """The dashboard's container port was named `http` too: a PodMonitor set up as the
+    README says scraped its /metrics, which answers 401, and every dashboard replica was
+    a target down (`up == 0`)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    scrape = readme[readme.index("**Scraping on Kubernetes:**") :][:800]
+    assert all(f"`{name}`" in scrape for name in SCRAPED_PORT_NAMES), scrape
+    for deployment in (d for d in k8s_docs() if d["kind"] == "Deployment"):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "jobwire"
+        component = labels["app.kubernetes.io/component"]
+        for container in containers(deployment):
+            for port in container["ports"]:
+                if port["name"] in SCRAPED_PORT_NAMES:
+                    assert SERVES_METRICS.get(component) == port["containerPort"], (
+                        f"{component} port {port['name']} is scraped but serves no /metrics"
+                    )
 
 
 def test_config_and_secret_references_resolve() -> None:
