@@ -30,7 +30,8 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app.cleanup_ctx.append(grpc_context)
     for table in (*CONTRACT_ROUTES, health.routes, openapi.routes):
-        app.add_routes(table)
+        # `100 Continue` only once a handler wants the body, after its checks.
+        app.add_routes(edge.continue_later(table))
     metrics.install(app, dict(zip(CONTRACTS, CONTRACT_ROUTES, strict=True)))
     edge.install(app, config)  # per-credential rate limit, when configured
     connection_guard.install(app)  # tells the connection watchdog where requests begin

@@ -19,7 +19,7 @@ from jobwire.v1 import job_pb2
 from jobwire.v1 import job_service_pb2 as svc
 
 from .coalescer import MAX_EVENT_BYTES
-from .edge import BodyClock, text_header, token_text, webhook_id
+from .edge import BodyClock, send_continue, text_header, token_text, webhook_id
 from .errors import BridgeError, RpcFailed
 from .grpc_client import COALESCER, CONFIG, STUB
 
@@ -63,6 +63,7 @@ async def read_body(request: web.Request, limit: int) -> Body:
         if length is not None and len(data) < length:
             raise BridgeError(400, "request body shorter than Content-Length")
         return Body(data, hashlib.sha256(data).digest())
+    await send_continue(request)  # the handler's checks passed: now the body is wanted
     hasher = hashlib.sha256()
     clock = BodyClock(request.app[CONFIG])  # 408 for a body that trickles in
     # The buffer grows with what arrives (large ones by realloc, without copies). It

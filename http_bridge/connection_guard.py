@@ -25,6 +25,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .aiohttp_errors import json_errors
 from .config import Config
+from .edge import continue_withheld
 from .shared_counts import HEAD_TIMEOUTS, OPEN, REFUSED, SLABS
 
 log = logging.getLogger(__name__)
@@ -194,13 +195,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def track_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
     guard = _GUARDS.get(request.protocol)
-    if guard is None:
-        return await handler(request)
-    guard.request_started()
+    if guard is not None:
+        guard.request_started()
     try:
-        return await handler(request)
+        response = await handler(request)
     finally:
-        guard.request_finished(body_left=not request.content.is_eof())
+        if guard is not None:
+            guard.request_finished(body_left=not request.content.is_eof())
+    if continue_withheld(request):
+        response.force_close()  # RFC 9110 10.1.1: say that no next request is read
+    return response
 
 
 def head_answered(handler: object, request: web.BaseRequest) -> None:

@@ -16,7 +16,8 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 
 from . import signing
 from .config import Config
@@ -126,6 +127,57 @@ class BodyClock:
 
 def body_too_slow() -> BridgeError:
     return BridgeError(408, "request body not received in time")
+
+
+# -- Expect: 100-continue ------------------------------------------------------------
+
+_CONTINUE_SENT = web.RequestKey("jobwire_continue_sent", bool)
+
+
+def awaits_continue(request: web.BaseRequest) -> bool:
+    """The client holds its body back until a `100 Continue` (RFC 9110 10.1.1)."""
+    return (
+        request.version == HttpVersion11
+        and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
+    )
+
+
+async def expect_later(request: web.Request) -> None:
+    """Every route's `Expect` handler. aiohttp's own sent `100 Continue` as soon as the
+    route was known, before the handler checked anything: a client with a wrong token
+    was invited to send its body (up to 256 MiB for a Secretary final event), and the
+    401 came after it. The 100 now goes out when the body is read (send_continue),
+    after the handler's checks. Any other expectation is still a 417."""
+    if request.version == HttpVersion11 and not awaits_continue(request):
+        raise web.HTTPExpectationFailed()
+
+
+def continue_later(table: web.RouteTableDef) -> list[web.AbstractRouteDef]:
+    """`table`'s routes with expect_later as their `Expect` handler."""
+    return [
+        web.RouteDef(d.method, d.path, d.handler, {**d.kwargs, "expect_handler": expect_later})
+        if isinstance(d, web.RouteDef)
+        else d
+        for d in table
+    ]
+
+
+async def send_continue(request: web.Request) -> None:
+    """`100 Continue`, once, for a client waiting for it: its body is now wanted."""
+    if awaits_continue(request) and not request.get(_CONTINUE_SENT):
+        request[_CONTINUE_SENT] = True
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not the response's size
+
+
+def continue_withheld(request: web.Request) -> bool:
+    """Answered before its body was wanted: the client never got its 100 and may never
+    send that body, so the connection cannot carry a next request."""
+    return (
+        awaits_continue(request)
+        and not request.get(_CONTINUE_SENT)
+        and not request.content.is_eof()
+    )
 
 
 # -- rate limit per credential -------------------------------------------------------

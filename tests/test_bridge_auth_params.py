@@ -154,6 +154,79 @@ async def test_a_header_that_is_not_text_is_named_in_the_video_contracts_body(
         assert body == {"error": f"Solicitud inválida: {header} header is not valid UTF-8 text"}
 
 
+async def _expecting_continue(port: int, head: bytes) -> tuple[bytes, bytes]:
+    """Sends `head` (Expect: 100-continue) and, as a client does, no body until the
+    bridge's first answer: that answer's head, and all the bridge sends until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+        if b" 100 " in first.split(b"\r\n", 1)[0]:
+            return first, b""
+        async with asyncio.timeout(5.0):
+            rest = await reader.read()  # to the close: the body is not awaited
+        return first, rest
+    finally:
+        writer.close()
+
+
+async def test_100_continue_comes_only_after_the_credential_is_checked(
+    bridge: Any, stub: Any
+) -> None:
+    """aiohttp answered `100 Continue` as soon as the route was known, before the
+    handler checked the credential: a client with a wrong token was invited to send
+    its body (up to 256 MiB for the Secretary), and the 401 came after it. Now a
+    request refused before its body is read gets its refusal instead of the 100,
+    and the connection closes (the client will not send that body); one that passes
+    gets the 100 when its body is wanted."""
+    port = int(bridge.url.rsplit(":", 1)[1])
+    created = await create_job(stub, job_pb2.JOB_KIND_EXTRACTION)
+    jid = created.job.id.encode()
+    big = b"Content-Length: %d\r\n" % (100 * 1024 * 1024)
+    refused = [
+        (b"POST /api/report", b"Authorization: Bearer wrong\r\n" + big, 401),
+        (b"POST /api/log", big, 401),
+        (b"POST /api/transcode-callback/wrong", big, 401),
+        (b"POST /api/external/jobs/" + jid, b"Authorization: Bearer wrong\r\n" + big, 401),
+        (
+            b"POST /api/external/jobs/no-such-job",
+            b"X-Callback-Token: " + b"x" * 43 + b"\r\n" + big,
+            404,
+        ),
+        (b"POST /api/report", b"Authorization: Bearer test-api-key\r\n" + big, 413),
+    ]
+    answers = await asyncio.gather(
+        *(
+            _expecting_continue(
+                port,
+                target + b" HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n" + headers + b"\r\n",
+            )
+            for target, headers, _ in refused
+        )
+    )
+    for (target, _, status), (first, rest) in zip(refused, answers, strict=True):
+        assert status_of(first) == status, (target, first)
+        assert b"Connection: close" in first, first
+        assert rest.count(b"HTTP/1.1 ") == 0 and rest.startswith(b"{"), rest
+
+    # A request that passes its checks gets the 100, then its answer.
+    body = b'{"level":"INFO","message":"m","timestamp":"2024-01-01T00:00:00Z"}'
+    head = (
+        b"POST /api/log HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nConnection: close\r\n"
+        b"Authorization: Bearer test-api-key\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", interim
+        writer.write(body)
+        answer = await asyncio.wait_for(reader.read(), 5.0)
+    finally:
+        writer.close()
+    assert status_of(answer) == 200, answer
+
+
 async def test_openapi_documents_the_edge(bridge: Any) -> None:
     _, doc = await bridge.get("/openapi.json")
     for path, ops in doc["paths"].items():
