@@ -7,7 +7,11 @@ every connection's protocol is wrapped here:
 - from the first byte of a request (or the connection's start) until the request
   reaches the app, at most `JOBWIRE_HEADER_TIMEOUT_SECONDS`; then 408 and close;
 - at most `JOBWIRE_MAX_CONNECTIONS` open at once: one more is answered 503 with
-  Retry-After and closed before a byte of it is parsed.
+  Retry-After and closed before a byte of it is parsed;
+- an answer the client takes no bytes of for `JOBWIRE_BODY_TIMEOUT_SECONDS` (writing
+  stays paused: its buffers are full) ends the connection. No other clock runs while
+  an answer waits: a client that pipelined requests and never read held its
+  connection for good.
 
 The body has its own deadline, enforced while it is read (edge.BodyClock).
 """
@@ -15,7 +19,10 @@ The body has its own deadline, enforced while it is read (edge.BodyClock).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -42,8 +49,15 @@ _GUARDS: dict[object, GuardedProtocol] = {}
 class ConnectionGuard:
     """Limits shared by the connections of one listening site."""
 
-    def __init__(self, header_timeout: float, max_connections: int, retry_after: int) -> None:
+    def __init__(
+        self,
+        header_timeout: float,
+        max_connections: int,
+        retry_after: int,
+        write_timeout: float | None = None,
+    ) -> None:
         self.header_timeout = header_timeout
+        self.write_timeout = write_timeout  # None: no clock on unread answers
         self.max_connections = max_connections
         self.open = 0
         self.rejected = 0
@@ -74,6 +88,8 @@ class GuardedProtocol(asyncio.Protocol):
         self._draining_until = 0.0
         self._counted = False
         self._closing = False
+        # Armed while writing is paused (the client takes nothing of its answer).
+        self._write_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -104,14 +120,41 @@ class GuardedProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self._counted:
+            if self._write_timer is None and self._guard.write_timeout is not None:
+                loop = asyncio.get_running_loop()
+                self._write_timer = loop.call_later(self._guard.write_timeout, self._unread)
             self._inner.pause_writing()
 
     def resume_writing(self) -> None:
         if self._counted:
+            self._cancel_write_timer()  # the client took some: its clock starts again
             self._inner.resume_writing()
+
+    def _cancel_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _unread(self) -> None:
+        self._write_timer = None
+        transport = self._transport
+        if transport is None:
+            return
+        log.info(
+            "answer not read by the client within %ss: connection closed",
+            self._guard.write_timeout,
+        )
+        # A reset, not close(): close() waits to flush what the client does not read (a
+        # transport already closing may be waiting for just that), and the kernel would
+        # go on holding the unsent bytes of a socket closed without SO_LINGER 0.
+        sock = transport.get_extra_info("socket")
+        with contextlib.suppress(AttributeError, OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        self._cancel_write_timer()
         if not self._counted:
             return
         self._counted = False
@@ -252,7 +295,10 @@ def runner_options(config: Config) -> dict[str, Any]:
 def guarded_site(runner: web.BaseRunner, config: Config, **options: Any) -> GuardedSite:
     """The listening site for `config` (options as for web.TCPSite)."""
     guard = ConnectionGuard(
-        config.header_timeout_seconds, config.max_connections, config.retry_after_seconds
+        config.header_timeout_seconds,
+        config.max_connections,
+        config.retry_after_seconds,
+        write_timeout=config.body_timeout_seconds,
     )
     return GuardedSite(
         runner,

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -198,6 +199,61 @@ async def test_connections_beyond_the_cap_get_503(grpc_service: Any, tmp_path: P
         assert await metric(bridge.port, "jobwire_bridge_refused_connections_total") >= 1
         for _, writer in held:
             writer.close()
+
+
+OPENAPI = b"GET /openapi.json HTTP/1.1\r\nHost: t\r\n\r\n"  # no credential, ~36 KB
+
+
+async def small_window_conn(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection whose client takes little at a time (4 KiB receive buffer)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return await asyncio.open_connection(sock=sock)
+
+
+async def test_a_client_that_never_reads_its_answers_is_cut(
+    grpc_service: Any, tmp_path: Path
+) -> None:
+    """A client that pipelined requests (none needs a credential) and never read the
+    answers held its connection for good: no clock runs while an answer waits to be
+    written, the header and keep-alive clocks stood still, and 1000 such connections
+    locked every worker out. An answer the client takes nothing of for
+    JOBWIRE_BODY_TIMEOUT_SECONDS now ends its connection; one read slowly is not cut."""
+    env = {"JOBWIRE_BODY_TIMEOUT_SECONDS": "2"}
+    async with bridge_process(grpc_service.target, tmp_path, **env) as bridge:
+
+        async def open_connections() -> float:
+            return await metric(bridge.port, "jobwire_bridge_open_connections")
+
+        # Read slowly (64 KiB every 0.05 s, 3.6 MB in all: longer than the timeout).
+        reader, writer = await small_window_conn(bridge.port)
+        writer.write(OPENAPI * 99 + OPENAPI.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        taken = []
+        async with asyncio.timeout(SLACK * 3):
+            while chunk := await reader.read(65536):
+                taken.append(chunk)
+                await asyncio.sleep(0.05)  # the client's pace, not a synchronisation
+        writer.close()
+        assert b"".join(taken).count(b"HTTP/1.1 200 OK") == 100
+
+        # Never read: 2000 answers, 72 MB, far beyond what the sockets buffer.
+        reader, writer = await small_window_conn(bridge.port)
+        writer.write(OPENAPI * 2000)
+        await eventually(
+            lambda: _equals(open_connections(), 1),  # the metric's own connection
+            timeout=2 + SLACK,
+            what="the connection whose answers were never read closed",
+        )
+        writer.close()
+        log = bridge.log()
+        assert "answer not read" in log and "Traceback" not in log, log[-3000:]
+        assert bridge.alive
+
+
+async def _equals(value: Awaitable[float], expected: float) -> bool:
+    return await value == expected
 
 
 @dataclass
