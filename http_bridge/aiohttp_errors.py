@@ -16,6 +16,7 @@ request line may carry a token).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -58,12 +59,25 @@ def problem(status: int, exc: BaseException | None) -> str:
     return f"malformed HTTP request: {reason}" if reason else "malformed HTTP request"
 
 
+# aiohttp's own messages that hold no client bytes (a duplicate can only be one of the
+# headers it allows once, all known names): without them, a request with 200 headers,
+# no Host or two was a bare "malformed HTTP request".
+_AIOHTTP_REASON = re.compile(
+    r"Too many headers received|Missing 'Host' header in request"
+    r"|Duplicate '[A-Za-z-]{1,40}' header found"
+)
+
+
 def _parser_reason(exc: BaseException | None) -> str | None:
     """llhttp's reason ("Invalid header field char"), from aiohttp's C parser message
-    "<reason>:\n\n  <the bytes>\n  <pointer>"; the bytes after it are not passed on."""
-    reason, sep, _ = str(getattr(exc, "message", "")).partition(":\n\n")
+    "<reason>:\n\n  <the bytes>\n  <pointer>"; the bytes after it are not passed on.
+    Else one of aiohttp's own fixed messages."""
+    message = str(getattr(exc, "message", ""))
+    reason, sep, _ = message.partition(":\n\n")
     if sep and len(reason) <= 80 and reason.isascii() and reason.isprintable():
         return reason
+    if _AIOHTTP_REASON.fullmatch(message.removesuffix(".")):
+        return message.removesuffix(".")
     return None
 
 

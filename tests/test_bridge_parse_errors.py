@@ -30,6 +30,13 @@ CASES = {
     "header too long": (f"GET /api/log HTTP/1.1\r\nHost: t\r\nX-Big: {LONG}\r\n", "too long"),
     "method not a token": ("G\u00e4T /api/log HTTP/1.1\r\nHost: t\r\n", "method"),
     "header name not a token": ("GET /api/log HTTP/1.1\r\nHost: t\r\nBad Name: v\r\n", "header"),
+    # aiohttp's own messages, not llhttp's: they were a bare "malformed HTTP request".
+    "too many headers": (
+        "GET /api/log HTTP/1.1\r\nHost: t\r\n" + "".join(f"X-H{i}: v\r\n" for i in range(200)),
+        "Too many headers received",
+    ),
+    "no Host": ("GET /api/log HTTP/1.1\r\n", "Missing 'Host' header"),
+    "two Hosts": ("GET /api/log HTTP/1.1\r\nHost: a\r\nHost: b\r\n", "Duplicate 'Host' header"),
     "broken chunk size": (
         f"POST /api/transcode-callback/{SECRET} HTTP/1.1\r\nHost: t\r\n"
         "Transfer-Encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n",
