@@ -20,12 +20,14 @@ import base64
 import json
 import math
 import os
+import re
 import sys
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+from urllib.parse import quote, urlsplit
 
 from .signing import decode_secret, signature_headers
 
@@ -44,6 +46,7 @@ def send(
     headers: dict[str, str] | None = None,
     contract: str = "",
 ) -> int:
+    check_url(url)
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method)
     request.add_header("Accept", "application/json")
@@ -66,6 +69,28 @@ def send(
     return 0 if 200 <= status < 300 else 1
 
 
+def usage_error(message: str) -> NoReturn:
+    """One line on stderr and status 2, as argparse says a usage error: nothing is sent."""
+    print(f"jobwire callback: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_url(url: str) -> None:
+    """An http(s) URL with a host and a valid port, else a usage error: one that does not
+    parse (`http://[::1`, a port past 65535) ended in a ValueError traceback."""
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        ok = ok and parts.port != 0  # .port raises ValueError past 65535
+    except ValueError:
+        ok = False
+    if not ok:
+        usage_error(
+            f"{url!r} is no http(s) URL with a host and port (from --url, --callback-url,"
+            " CALLBACK_URL, JOBWIRE_BRIDGE_URL or NEXT_PUBLIC_APP_URL)"
+        )
+
+
 def signing_headers(contract: str, data: bytes) -> dict[str, str]:
     secrets = os.environ.get(f"JOBWIRE_SIGNING_SECRET_{contract.upper()}", "").split()
     if not contract or not secrets:
@@ -81,8 +106,18 @@ def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def bearer(env_name: str, given: str) -> dict[str, str]:
+_VISIBLE = re.compile(r"[\x21-\x7e]*")
+
+
+def bearer(env_name: str, given: str, option: str = "--token") -> dict[str, str]:
+    """The Authorization header. A token with a space or a line break (read from a file)
+    cannot go in a header: urllib's ValueError traceback printed it. Named, never shown."""
     token = given or os.environ.get(env_name, "")
+    if not _VISIBLE.fullmatch(token):
+        usage_error(
+            f"the token ({option} or {env_name}) must be visible ASCII with no spaces or"
+            " line breaks (a trailing newline from a file?)"
+        )
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -104,7 +139,7 @@ def batch(args: argparse.Namespace) -> int:
 
 
 def video(args: argparse.Namespace) -> int:
-    base, auth = base_url(args), bearer("API_KEY", args.api_key)
+    base, auth = base_url(args), bearer("API_KEY", args.api_key, "--api-key")
     if args.action == "pending":
         return send("GET", f"{base}/api/pending", headers=auth, contract="video_worker")
     if args.action == "report":
@@ -151,7 +186,10 @@ def aurora(args: argparse.Namespace) -> int:
 
 
 def secretary(args: argparse.Namespace) -> int:
-    url = args.callback_url or f"{base_url(args)}/api/external/jobs/{args.job_id}"
+    # The id is one path segment: sent as given, a space in it was http.client's
+    # InvalidURL traceback and a '/' went to another path.
+    job = quote(args.job_id, safe="")
+    url = args.callback_url or f"{base_url(args)}/api/external/jobs/{job}"
     auth = {**bearer("CALLBACK_TOKEN", args.token), "X-Worker": "secretary"}
     body: dict[str, Any]
     if args.kind == "progress":

@@ -242,6 +242,10 @@ async def test_worker_cli_against_live_bridge(bridge: Any, stub: Any) -> None:
         == 0
     )
     assert (await get_job(stub, jid)).error.code == "OCR_TIMEOUT"
+    # The job id is one path segment, sent encoded (the bridge answers 404 naming it): a
+    # space or a line break in it was http.client's InvalidURL traceback.
+    for odd in ("a b", "a\nb"):
+        assert await run_cli("callback", "secretary", odd, "progress", "p", "1", env=senv) == 1
 
 
 async def test_schemathesis_finds_no_5xx_and_no_schema_violation(
@@ -384,6 +388,16 @@ async def test_worker_cli_bad_files_and_json_are_usage_errors(tmp_path: Path) ->
          "argument progress: must be a finite number, got 'inf'"),
         (("aurora", "t1", "succeeded", "--duration", "-inf"), "argument --duration: "),
         (("aurora", "t1", "succeeded", "--spend-time", "1e999"), "argument --spend-time: "),
+        # What a request cannot carry: a traceback (the token's value in it), or status 1.
+        (("--url", "http://[::1", "video", "pending"),
+         "jobwire callback: 'http://[::1/api/pending' is no http(s) URL with a host and port"),
+        (("--url", "127.0.0.1:8080", "video", "pending"), "is no http(s) URL"),
+        (("secretary", "s1", "--callback-url", "http://h:99999/x", "progress", "p", "1"),
+         "is no http(s) URL"),
+        (("video", "--api-key", "s3cr3t\n", "pending"),
+         "jobwire callback: the token (--api-key or API_KEY) must be visible ASCII"),
+        (("secretary", "s1", "--token", "s3cr3t s3cr3t", "progress", "p", "1"),
+         "the token (--token or CALLBACK_TOKEN) must be"),
     ]:  # fmt: skip
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "cli", "callback", "--url", "http://127.0.0.1:1", *args,
@@ -392,4 +406,4 @@ async def test_worker_cli_bad_files_and_json_are_usage_errors(tmp_path: Path) ->
         out, err = await asyncio.wait_for(proc.communicate(), 30)
         text = err.decode()
         assert proc.returncode == 2 and out == b"" and "Traceback" not in text, (args, text)
-        assert said in text.splitlines()[-1], (args, text)
+        assert said in text.splitlines()[-1] and "s3cr3t" not in text, (args, text)
