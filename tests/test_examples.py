@@ -161,7 +161,10 @@ async def test_secretary_example_renders_live_progress_across_a_restart(
             await post({"phase": "extract_text", "progress": 42, "message": "Seite 12/28"})
             out += await _line(proc, r"42\.0% extract_text: Seite 12/28")
             await stack.restart_service()  # the example keeps watching through it
-            await post({"phase": "extract_text", "progress": 90, "message": "Seite 26/28"})
+            # A worker's text reaches the terminal escaped: raw, an OSC sequence retitled
+            # it and U+202E reversed the line.
+            hostile = "Seite 26/28\x1b]0;pwned\x07\u202e"
+            await post({"phase": "extract_text", "progress": 90, "message": hostile})
             await post(
                 {"phase": "completed", "message": "fertig", "data": {"extracted_text": text}}
             )
@@ -175,6 +178,8 @@ async def test_secretary_example_renders_live_progress_across_a_restart(
     assert [int(line[1:4]) for line in events] == [1, 2, 3, 4]  # each once, in order
     assert "[##                  ]  10.0% uploading:" in events[0]
     assert events[-1].endswith("COMPLETED -> SUCCEEDED")
+    assert events[2].endswith(r"90.0% extract_text: Seite 26/28\x1b]0;pwned\x07\u202e")
+    assert not any(c in line for line in out for c in "\x1b\x07\u202e")
     assert any(line.startswith("artifact extracted_text.md:") for line in out)
     assert text_out.read_text() == text
 
@@ -182,7 +187,7 @@ async def test_secretary_example_renders_live_progress_across_a_restart(
 async def test_video_worker_example_claims_reports_and_completes(stack: Stack) -> None:
     async with Client(stack.grpc_target) as client:
         good = await client.create_job(
-            "VIDEO", video=job_pb2.Video(url="https://videos.invalid/a.mp4", title="Talk")
+            "VIDEO", video=job_pb2.Video(url="https://videos.invalid/a.mp4", title="Talk\u202e")
         )
         bad = await client.create_job("VIDEO", video=job_pb2.Video(url="ftp://nope"))
         proc = await _example("video_worker.py", "--max-jobs", "2", env=stack.env)
@@ -191,7 +196,7 @@ async def test_video_worker_example_claims_reports_and_completes(stack: Stack) -
         lines = out.decode().splitlines()
         g, b = good.job.id, bad.job.id
         assert lines == [
-            f"claimed {g}: Talk",
+            f"claimed {g}: Talk\\u202e",  # a bidi mark (a title may hold one) escaped
             *(
                 f"progress {g}: {p}% (sequence {s})"
                 for p, s in ((25, 2), (50, 3), (75, 4), (100, 5))

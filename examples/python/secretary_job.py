@@ -59,7 +59,8 @@ async def main() -> int:
 
         assert final is not None
         if final.state != job_pb2.JOB_STATE_SUCCEEDED:
-            print(f"extraction {state(final.state)}: {final.error.code} {final.error.message}")
+            error = final.error
+            print(f"extraction {state(final.state)}: {shown(error.code)} {shown(error.message)}")
             return 1
         for ref in final.result.artifacts:
             print(f"artifact {ref.name}: {ref.size_bytes} bytes, sha256 {ref.sha256[:12]}…")
@@ -82,10 +83,19 @@ def render(event: event_pb2.JobEvent) -> str:
     if event.type == event_pb2.EVENT_TYPE_PROGRESS:
         p = event.progress
         bar = "#" * round(p.percent / 5)
-        return f"#{event.sequence:<3} [{bar:<20}] {p.percent:5.1f}% {p.phase}: {p.message}"
+        text = f"{shown(p.phase)}: {shown(p.message)}"
+        return f"#{event.sequence:<3} [{bar:<20}] {p.percent:5.1f}% {text}"
     if event.type == event_pb2.EVENT_TYPE_FAILED:
-        return f"#{event.sequence:<3} {what} {event.error.code}: {event.error.message}"
+        error = event.error
+        return f"#{event.sequence:<3} {what} {shown(error.code)}: {shown(error.message)}"
     return f"#{event.sequence:<3} {what} -> {state(event.state)}"
+
+
+def shown(text: str) -> str:
+    """A worker's text, fit for a terminal: controls escaped as Python writes them
+    (`\\x1b`: an ESC sequence would retitle or clear the terminal), and invisible
+    format characters too (`\\u202e` reverses the rest of the line)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def state(value: job_pb2.JobState.ValueType) -> str:

@@ -53,7 +53,8 @@ async def main() -> int:
 
 
 async def process(client: Client, job: Job, step_seconds: float) -> None:
-    print(f"claimed {job.id}: {job.video.title or job.video.url}", flush=True)
+    # What the job's creator wrote, escaped for the terminal (a title may hold U+202E).
+    print(f"claimed {job.id}: {shown(job.video.title or job.video.url)}", flush=True)
     if not job.video.url.startswith(("http://", "https://")):
         await client.fail(job.id, "BAD_URL", f"cannot download {job.video.url!r}")
         print(f"failed {job.id}: BAD_URL", flush=True)
@@ -76,6 +77,11 @@ async def process(client: Client, job: Job, step_seconds: float) -> None:
     assert artifact.sha256 == hashlib.sha256(manifest).hexdigest()
     await client.complete(job.id, output_key=f"videos/{job.id}.mp4", message="downloaded")
     print(f"completed {job.id}", flush=True)
+
+
+def shown(text: str) -> str:
+    """`text` with what a terminal should not get raw (controls, bidi marks) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 if __name__ == "__main__":
