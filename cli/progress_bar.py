@@ -13,14 +13,19 @@ import unicodedata
 from jobwire.v1 import job_pb2
 from service.logs import printable
 
+ENDED_BADLY = frozenset({job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED})
+
 
 def render(job: job_pb2.Job, width: int = 80) -> str:
     percent = max(0.0, min(100.0, job.progress.percent))
     state = job_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
     if job.stalled:
         state += " STALLED"
-    text = job.progress.message or job.error.message
-    detail = " ".join(p for p in (job.progress.phase, text) if p)
+    detail = " ".join(p for p in (job.progress.phase, job.progress.message) if p)
+    if job.state in ENDED_BADLY and (job.error.code or job.error.message):
+        # Why it ended, in place of its last progress: that hid the error from the line.
+        code = job.error.code if job.error.code != state else ""  # CANCELLED: CANCELLED
+        detail = ": ".join(p for p in (code, job.error.message) if p)
     bar_width = max(10, min(40, width - 40))
     filled = round(bar_width * percent / 100)
     line = f"{job.id} [{'#' * filled}{'.' * (bar_width - filled)}] {percent:5.1f}% {state}"

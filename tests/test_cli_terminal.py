@@ -212,3 +212,28 @@ async def test_watching_a_finished_job_shows_where_it_ended(service: ServiceHand
     code, out, err = await cli_result("watch", "over", "--target", service.target)
     assert code == 0, err
     assert out.splitlines() == ["over [" + "#" * 40 + "] 100.0% SUCCEEDED at 60"]
+
+
+async def test_watching_a_job_that_failed_shows_why(service: ServiceHandle) -> None:
+    """The line of a job that FAILED or was cancelled showed its last progress ("ocr
+    Seite 3/28"), and its error was nowhere on screen: now the error stands there."""
+    async with Client(service.target) as c:
+        await c.create_job("GENERIC", job_id="broke")
+        await c.report_progress("broke", 30, phase="ocr", message="Seite 3/28")
+        await c.fail("broke", "OCR_TIMEOUT", "Timeout beim OCR-Dienst")
+        await c.create_job("GENERIC", job_id="stopped")
+        await c.report_progress("stopped", 30, phase="ocr", message="Seite 3/28")
+        proc = await cli_process("watch", "stopped", "--target", service.target)
+        assert proc.stdout is not None
+        first = await asyncio.wait_for(proc.stdout.readline(), 30)
+        await c.cancel_job("stopped", "operator said so")  # live: from the event
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    bar = "[" + "#" * 12 + "." * 28 + "]  30.0%"
+    assert proc.returncode == 1, err
+    assert (first + out).decode().splitlines() == [
+        f"stopped {bar} RUNNING ocr Seite 3/28",
+        f"stopped {bar} CANCELLED operator said so",  # the code says no more than the state
+    ]
+    code, out_text, err_text = await cli_result("watch", "broke", "--target", service.target)
+    assert code == 1, err_text
+    assert out_text.splitlines() == [f"broke {bar} FAILED OCR_TIMEOUT: Timeout beim OCR-Dienst"]
