@@ -265,3 +265,20 @@ async def test_readme_quick_start_commands_work_as_written(stack: Stack) -> None
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+@pytest.mark.parametrize("example", ["secretary_job.py", "video_worker.py"])
+async def test_an_example_that_cannot_reach_the_service_says_so_in_one_line(
+    example: str, tmp_path: Path
+) -> None:
+    """A wrong --target (the first thing a new user gets wrong) ended both examples in a
+    JobwireError traceback; the Secretary's watch failing exited 2, argparse's status
+    for a usage error, where its docstring says 1."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBWIRE_")}
+    nowhere = f"127.0.0.1:{free_port()}"
+    handoff = ["--handoff", str(tmp_path / "h.json")] if example == "secretary_job.py" else []
+    proc = await _example(example, "--target", nowhere, *handoff, env=env)
+    _, err = await asyncio.wait_for(proc.communicate(), WAIT)
+    lines = err.decode().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, err.decode()
+    assert re.fullmatch(rf"{example[:-3]}: UNAVAILABLE: .*{nowhere}.*", lines[0]), lines

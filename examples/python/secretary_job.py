@@ -32,7 +32,14 @@ async def main() -> int:
     parser.add_argument("--document", default="contract.pdf", help="a label for the job")
     parser.add_argument("--save-text", type=Path, help="write extracted_text.md here")
     args = parser.parse_args()
+    try:
+        return await extract(args)
+    except JobwireError as err:  # a wrong --target or token: one line, not a traceback
+        print(f"secretary_job: {err}", file=sys.stderr)
+        return 1
 
+
+async def extract(args: argparse.Namespace) -> int:
     async with Client.from_env(args.target or None) as client:
         created = await client.create_job(
             "EXTRACTION", labels={"document": args.document, "requested-by": "example"}
@@ -42,20 +49,16 @@ async def main() -> int:
         hand_over(args.handoff, job_id, created.callback_url, created.callback_token)
 
         final: Job | None = None
-        try:
-            async for item in client.watch_job(job_id):
-                if isinstance(item, Job):
-                    final = item
-                    print(f"job {item.id}: {state(item.state)}", flush=True)
-                elif isinstance(item, StreamGap):
-                    print(f"(events up to {item.oldest_available_sequence - 1} were missed)")
-                else:
-                    print(render(item), flush=True)
-                    if item.state != job_pb2.JOB_STATE_RUNNING:
-                        final = await client.get_job(job_id)
-        except JobwireError as err:
-            print(f"watch failed: {err}", file=sys.stderr)
-            return 2
+        async for item in client.watch_job(job_id):
+            if isinstance(item, Job):
+                final = item
+                print(f"job {item.id}: {state(item.state)}", flush=True)
+            elif isinstance(item, StreamGap):
+                print(f"(events up to {item.oldest_available_sequence - 1} were missed)")
+            else:
+                print(render(item), flush=True)
+                if item.state != job_pb2.JOB_STATE_RUNNING:
+                    final = await client.get_job(job_id)
 
         assert final is not None
         if final.state != job_pb2.JOB_STATE_SUCCEEDED:

@@ -18,9 +18,10 @@ import asyncio
 import hashlib
 import os
 import socket
+import sys
 from datetime import timedelta
 
-from jobwire.client import Client, Job
+from jobwire.client import Client, Job, JobwireError
 
 STEPS = 4  # progress reports per job
 MEDIA = timedelta(minutes=3)  # pretend every video is three minutes long
@@ -34,7 +35,14 @@ async def main() -> int:
     parser.add_argument("--idle", type=float, default=5.0, help="stop after this long idle")
     parser.add_argument("--step-seconds", type=float, default=0.05)
     args = parser.parse_args()
+    try:
+        return await work(args)
+    except JobwireError as err:  # a wrong --target or token: one line, not a traceback
+        print(f"video_worker: {err}", file=sys.stderr)
+        return 1
 
+
+async def work(args: argparse.Namespace) -> int:
     done = 0
     async with Client.from_env(args.target or None) as client:
         idle_since = asyncio.get_running_loop().time()
