@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
+import shutil
 import sys
 from typing import Any
 
@@ -146,10 +146,10 @@ class Screen:
 
 
 def _columns() -> int:
-    try:
-        return os.get_terminal_size().columns
-    except OSError:
-        return 80
+    # shutil's: a terminal that gives 0 columns (a pty whose size was never set, under
+    # `ssh -tt` from a script) is 80, or COLUMNS; os.get_terminal_size() said 0, and
+    # every line was cut to nothing.
+    return shutil.get_terminal_size().columns
 
 
 async def create(args: argparse.Namespace) -> int:

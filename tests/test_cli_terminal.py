@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pty
 import re
 import socket
 import sys
@@ -237,3 +239,30 @@ async def test_watching_a_job_that_failed_shows_why(service: ServiceHandle) -> N
     code, out_text, err_text = await cli_result("watch", "broke", "--target", service.target)
     assert code == 1, err_text
     assert out_text.splitlines() == [f"broke {bar} FAILED OCR_TIMEOUT: Timeout beim OCR-Dienst"]
+
+
+async def test_a_terminal_that_gives_no_size_still_gets_the_progress_line(
+    service: ServiceHandle,
+) -> None:
+    """A pty whose size was never set (0 columns: `ssh -tt` from a script, some CI
+    runners) made the progress line 0 cells wide: `watch` drew nothing but carriage
+    returns. Such a terminal is taken as 80 columns (COLUMNS when set), as shutil does."""
+    async with Client(service.target) as c:
+        await c.create_job("GENERIC", job_id="sizeless")
+        await c.report_progress("sizeless", 50, message="half")
+        await c.complete("sizeless")
+    main, sub = pty.openpty()  # no size given: 0 x 0
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli", "watch", "sizeless", "--target", service.target,
+            stdin=sub, stdout=sub, stderr=sub, env=env,
+        )  # fmt: skip
+        os.close(sub)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        out = os.read(main, 65536).decode()  # what it wrote is buffered in the pty
+    finally:
+        os.close(main)
+    line = "sizeless [" + "#" * 40 + "] 100.0% SUCCEEDED half"
+    drawn = out.removesuffix("\r\n").split("\r")  # each redraw: CR, then the whole line
+    assert out.endswith("\r\n") and set(drawn) - {""} == {line.ljust(79)}, repr(out)
