@@ -58,15 +58,30 @@ def send(
     for name, value in signing_headers(contract, data or b"").items():
         request.add_header(name, value)
     try:
-        with urllib.request.urlopen(request, timeout=600) as response:
+        with _OPENER.open(request, timeout=600) as response:
             status, payload = response.status, response.read()
     except urllib.error.HTTPError as exc:
         status, payload = exc.code, exc.read()
+        if 300 <= status < 400:
+            where = exc.headers.get("Location", "")  # repr: its controls escaped
+            print(f"jobwire callback: {status} redirect to {where!r} not followed", file=sys.stderr)
     except (urllib.error.URLError, OSError) as exc:
         print(f"jobwire callback: {url}: {exc}", file=sys.stderr)
         return 1
     print(f"{status} {payload.decode('utf-8', 'replace')}".rstrip())
     return 0 if 200 <= status < 300 else 1
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered, not followed: urllib turned a redirected POST into a GET
+    without its body (the callback lost, yet the GET's 200 said success) and sent the
+    Authorization header on to wherever the redirect pointed."""
+
+    def redirect_request(self, *_: Any) -> None:
+        return None  # urllib then raises HTTPError with the 3xx and its body
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def usage_error(message: str) -> NoReturn:

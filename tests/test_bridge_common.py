@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from http_bridge.config import load_config
 from http_bridge.redaction import redact
@@ -246,6 +247,47 @@ async def test_worker_cli_against_live_bridge(bridge: Any, stub: Any) -> None:
     # space or a line break in it was http.client's InvalidURL traceback.
     for odd in ("a b", "a\nb"):
         assert await run_cli("callback", "secretary", odd, "progress", "p", "1", env=senv) == 1
+
+
+async def test_worker_cli_follows_no_redirect(capfd: pytest.CaptureFixture[str]) -> None:
+    """A bridge URL that redirects (to https, to another host): urllib turned the POST
+    into a GET without its body, so the callback was never delivered, yet the GET's 200
+    made the CLI say success (exit 0); and it sent the Bearer token to wherever the
+    redirect pointed. A redirect is now an answer like any other non-2xx: printed,
+    status 1, its Location named on stderr, nothing sent on."""
+    seen: list[tuple[str, str | None]] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen.append((request.method, request.headers.get("Authorization")))
+        return web.json_response({"status": "ok"})
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"{other_url}{request.path}")
+
+    other, other_url = await _serve(elsewhere, "127.0.0.2")
+    bridge, bridge_url = await _serve(moved, "127.0.0.1")
+    try:
+        env = {"JOBWIRE_BRIDGE_URL": bridge_url, "CALLBACK_TOKEN": "s3cr3t-token"}
+        assert await run_cli("callback", "secretary", "j1", "progress", "p", "5", env=env) == 1
+        assert await run_cli("callback", "video", "--api-key", "k3y", "pending", env=env) == 1
+    finally:
+        await bridge.cleanup()
+        await other.cleanup()
+    assert seen == []
+    out, err = capfd.readouterr()
+    assert out.startswith("302 ") and "s3cr3t" not in out + err and "k3y" not in out + err
+    where = f"{other_url}/api/external/jobs/j1"
+    assert f"jobwire callback: 302 redirect to {where!r} not followed" in err, err
+
+
+async def _serve(handler: Any, host: str) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, host, port).start()
+    return runner, f"http://{host}:{port}"
 
 
 async def test_schemathesis_finds_no_5xx_and_no_schema_violation(
