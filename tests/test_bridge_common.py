@@ -280,6 +280,36 @@ async def test_worker_cli_follows_no_redirect(capfd: pytest.CaptureFixture[str])
     assert f"jobwire callback: 302 redirect to {where!r} not followed" in err, err
 
 
+async def test_worker_cli_prints_no_answer_that_can_drive_the_terminal(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The answer was printed as it came: a VIDEO job's title may hold bidi marks
+    (`GET /api/pending` hands it out; U+202E made `…/\u202egnp.exe` read as `exe.png`),
+    and what answers in the bridge's place (a proxy's error page) may hold an ESC
+    sequence. They are escaped as `\\uXXXX`, which keeps a JSON answer the same JSON."""
+    answers = {
+        "/api/pending": '{"videoUrl":"https://x/\u202egnp.exe","title":"a\u2066b\u0085c"}',
+        "/api/log": "<h1>Bad gateway</h1>\n\x1b]0;pwned\x07\x9b31m\u2028",
+    }
+
+    async def answer(request: web.Request) -> web.Response:
+        status = 200 if request.path == "/api/pending" else 502
+        return web.Response(status=status, text=answers[request.path])
+
+    server, url = await _serve(answer, "127.0.0.1")
+    try:
+        env = {"JOBWIRE_BRIDGE_URL": url, "API_KEY": "k"}
+        assert await run_cli("callback", "video", "pending", env=env) == 0
+        pending = capfd.readouterr().out
+        assert await run_cli("callback", "video", "log", "INFO", "m", env=env) == 1
+        page = capfd.readouterr().out
+    finally:
+        await server.cleanup()
+    assert pending == ('200 {"videoUrl":"https://x/\\u202egnp.exe","title":"a\\u2066b\\u0085c"}\n')
+    assert orjson.loads(pending[4:])["videoUrl"] == "https://x/\u202egnp.exe"
+    assert page == "502 <h1>Bad gateway</h1>\n\\u001b]0;pwned\\u0007\\u009b31m\\u2028\n"
+
+
 async def _serve(handler: Any, host: str) -> tuple[web.AppRunner, str]:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
