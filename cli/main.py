@@ -423,15 +423,9 @@ def _check_http_url(url: str) -> None:
     """`healthcheck --http` takes an http(s) URL. One without its scheme
     (`127.0.0.1:8080/readyz`, in JOBWIRE_HEALTHCHECK_ARGS say) was reported unhealthy
     without a word, for ever, and an unclosed `[` ended in a traceback."""
-    from urllib.parse import urlsplit
+    from http_bridge.worker_cli import is_http_url
 
-    try:
-        parts = urlsplit(url)
-        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
-        ok = ok and parts.port != 0  # .port raises ValueError past 65535
-    except ValueError:
-        ok = False
-    if not ok:
+    if not is_http_url(url):
         example = "http://127.0.0.1:8080/readyz"
         raise SystemExit(f"jobwire: --http wants an http(s) URL such as {example}, got {url!r}")
 

@@ -104,16 +104,19 @@ def usage_error(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def check_url(url: str) -> None:
-    """An http(s) URL with a host and a valid port, else a usage error: one that does not
-    parse (`http://[::1`, a port past 65535) ended in a ValueError traceback."""
+def is_http_url(url: str) -> bool:
+    """An http(s) URL with a host and a valid port. One that does not parse
+    (`http://[::1`, a port past 65535) raised ValueError: a traceback."""
     try:
         parts = urlsplit(url)
-        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
-        ok = ok and parts.port != 0  # .port raises ValueError past 65535
-    except ValueError:
-        ok = False
-    if not ok:
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # .port raises it past 65535
+        return False
+
+
+def check_url(url: str) -> None:
+    """`is_http_url`, else a usage error."""
+    if not is_http_url(url):
         usage_error(
             f"{url!r} is no http(s) URL with a host and port (from --url, --callback-url,"
             " CALLBACK_URL, JOBWIRE_BRIDGE_URL or NEXT_PUBLIC_APP_URL)"
