@@ -105,6 +105,21 @@ async def until_serving(stubs: list[Any], job_id: str) -> None:
     await asyncio.wait_for(asyncio.gather(*(one(s) for s in stubs)), 6 * WAIT)
 
 
+@contextlib.asynccontextmanager
+async def watching_on_own_connections(svc: ServiceHandle, job_id: str) -> AsyncIterator[list[Any]]:
+    """A WatchJob of `job_id` on each of CONNECTIONS connections (spread over the
+    service and its workers), each past its snapshot."""
+    async with own_connections(svc, CONNECTIONS) as channels:
+        stubs = [job_service_pb2_grpc.JobServiceStub(ch) for ch in channels]
+        await until_serving(stubs, job_id)
+        calls = [
+            s.WatchJob(job_service_pb2.WatchJobRequest(id=job_id), metadata=AUTH) for s in stubs
+        ]
+        for call in calls:
+            assert (await read(call)).HasField("snapshot")
+        yield calls
+
+
 async def test_every_stream_on_every_process_sees_every_event_in_order(
     service_with_workers: ServiceHandle,
 ) -> None:
@@ -112,14 +127,7 @@ async def test_every_stream_on_every_process_sees_every_event_in_order(
     stub = svc.stub
     assert len(worker_pids(svc)) == WORKERS
     job = (await create(stub)).job
-    async with own_connections(svc, CONNECTIONS) as channels:
-        stubs = [job_service_pb2_grpc.JobServiceStub(ch) for ch in channels]
-        await until_serving(stubs, job.id)
-        calls = [
-            s.WatchJob(job_service_pb2.WatchJobRequest(id=job.id), metadata=AUTH) for s in stubs
-        ]
-        for call in calls:
-            assert (await read(call)).HasField("snapshot")
+    async with watching_on_own_connections(svc, job.id) as calls:
         # The service holds only its own share of the streams (+1 feed per worker).
         assert svc.running.jobs.fanout.watchers - WORKERS < CONNECTIONS
 
@@ -389,14 +397,7 @@ async def test_worker_streams_heal_an_entry_lost_between_replicas_as_the_service
     try:
         await workers_up(b)
         job = (await create(b.stub)).job
-        async with own_connections(b, CONNECTIONS) as channels:
-            stubs = [job_service_pb2_grpc.JobServiceStub(ch) for ch in channels]
-            await until_serving(stubs, job.id)
-            calls = [
-                s.WatchJob(job_service_pb2.WatchJobRequest(id=job.id), metadata=AUTH) for s in stubs
-            ]
-            for call in calls:
-                assert (await read(call)).HasField("snapshot")
+        async with watching_on_own_connections(b, job.id) as calls:
             relay = a.running.jobs.relay
             assert relay is not None
             relay.send = lambda events: None  # type: ignore[method-assign]  # entries lost
