@@ -236,7 +236,7 @@ async def serve_worker(settings: Settings, primary: str) -> None:
     channel = grpc.aio.insecure_channel(primary)
     stub = job_service_pb2_grpc.JobServiceStub(channel)
     fanout = Fanout(settings.watch_buffer)
-    # Only Jobs.watch_job is used: it needs get_with_events() and events_after().
+    # Only Jobs.watch_job is used: it needs get_with_events().
     jobs = Jobs(cast(Store, PrimaryReads(stub, metadata)), fanout, settings.policy())
     # As the service's watchers do: an event lost between replicas (the service never
     # published it, so it was never fed here) is found in the job's ring.
