@@ -8,10 +8,10 @@ aiohttp answers some requests before any contract handler sees them, with a
   does not know (417), from its router.
 
 Both are answered here, by a subclass of aiohttp's connection handler (a request that
-succeeds pays one type check and one call more; A/B: within the ingest bench's noise),
-with one JSON body that fits all four contracts' error shapes (which contract the
-bytes were meant for is not known), naming the problem without quoting the bytes (a
-request line may carry a token).
+succeeds pays one type check, one version check and one call more; A/B of the first
+two: within the ingest bench's noise), with one JSON body that fits all four contracts'
+error shapes (which contract the bytes were meant for is not known), naming the
+problem without quoting the bytes (a request line may carry a token).
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from typing import Any
 
 import orjson
 from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import (
+    BadHttpMessage,
     BadHttpMethod,
     BadStatusLine,
     ContentEncodingError,
@@ -32,12 +34,22 @@ from aiohttp.http_exceptions import (
     LineTooLong,
     PayloadEncodingError,
 )
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict
 
+
+class UnsupportedVersion(BadHttpMessage):
+    """A request line llhttp takes but HTTP/1 framing has no answer for (HTTP/0.9,
+    HTTP/2.0): aiohttp served it and answered in its version (`HTTP/2.0 200 OK`),
+    a status line no HTTP/1 client reads (RFC 9112 2.3: a server must not send a
+    version it does not conform to)."""
+
+
 # Most specific first: BadHttpMethod is a BadStatusLine, the payload errors share a base.
 _PROBLEMS: tuple[tuple[type[BaseException], str], ...] = (
+    (UnsupportedVersion, "HTTP version not supported (HTTP/1.0 and HTTP/1.1 only)"),
     (LineTooLong, "the request line or a header is too long"),
     (BadHttpMethod, "invalid HTTP method"),
     (BadStatusLine, "invalid HTTP request line"),
@@ -115,6 +127,17 @@ class JsonErrorHandler(RequestHandler):
 
     __slots__ = ()
 
+    def data_received(self, data: bytes) -> None:
+        queued = len(self._messages)
+        super().data_received(data)
+        # The requests just parsed (aiohttp is pinned: its private queue) that are not
+        # HTTP/1.0 or 1.1 are answered as parse errors are, in HTTP/1.0, and close.
+        for index in range(queued, len(self._messages)):
+            message, _ = self._messages[index]
+            if isinstance(message, RawRequestMessage) and message.version not in _HTTP1:
+                exc = UnsupportedVersion("HTTP version not supported")
+                self._messages[index] = (_ErrInfo(400, exc, exc.message), EMPTY_PAYLOAD)
+
     def handle_error(
         self,
         request: Any,
@@ -141,6 +164,9 @@ class JsonErrorHandler(RequestHandler):
 
             head_answered(self, request)  # a 417 leaves before the middleware
         return await super().finish_response(request, resp, start_time)
+
+
+_HTTP1 = (HttpVersion10, HttpVersion11)
 
 
 def json_errors(server: web.Server) -> Callable[[], RequestHandler]:

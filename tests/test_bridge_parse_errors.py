@@ -37,6 +37,9 @@ CASES = {
     ),
     "no Host": ("GET /api/log HTTP/1.1\r\n", "Missing 'Host' header"),
     "two Hosts": ("GET /api/log HTTP/1.1\r\nHost: a\r\nHost: b\r\n", "Duplicate 'Host' header"),
+    # llhttp takes these: they were served, answered `HTTP/2.0 200 OK` on HTTP/1 framing.
+    "HTTP/2.0": ("GET /api/log HTTP/2.0\r\nHost: t\r\n", "HTTP version"),
+    "HTTP/0.9": ("GET /api/log HTTP/0.9\r\nHost: t\r\n", "HTTP version"),
     "broken chunk size": (
         f"POST /api/transcode-callback/{SECRET} HTTP/1.1\r\nHost: t\r\n"
         "Transfer-Encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n",
@@ -69,6 +72,7 @@ async def test_unparseable_request_gets_a_json_error_every_contract_accepts(
     port = urlsplit(bridge.url).port or 0
     answer = await raw_exchange(port, head.encode())
     assert status_of(answer) == 400, answer[:300]
+    assert answer.startswith((b"HTTP/1.0 ", b"HTTP/1.1 ")), answer[:300]
     headers, body = _split(answer)
     assert headers["content-type"].startswith("application/json"), headers
     doc = orjson.loads(body)
