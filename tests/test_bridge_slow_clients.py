@@ -15,6 +15,7 @@ import os
 import socket
 import statistics
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,37 @@ async def test_trickled_body_gets_408_in_the_contract_body(
         assert answer.endswith(b'{"error":"Error al procesar la solicitud"}')
         assert b"Connection: close" in answer
         assert time.monotonic() - started < 1 + SLACK
+
+
+async def test_a_compressed_trickle_gets_408(grpc_service: Any, tmp_path: Path) -> None:
+    """The body's deadline grew by the bytes read after decoding: a gzip stream of
+    zeros, 30 bytes on the wire per 4 KB decoded every 0.2 s (150 B/s against a
+    1000 B/s minimum), held the AWS Batch endpoint (no credential before the body)
+    until its 1 MiB limit, about a minute for 8 KB sent. The deadline grows by the
+    bytes received, as sent."""
+    env = {"JOBWIRE_BODY_TIMEOUT_SECONDS": "1", "JOBWIRE_BODY_MIN_RATE_BYTES": "1000"}
+    async with bridge_process(grpc_service.target, tmp_path, **env) as bridge:
+        reader, writer = await open_conn(bridge.port)
+        writer.write(
+            b"POST /api/batch-callback HTTP/1.1\r\nHost: t\r\nContent-Encoding: gzip\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        gzip = zlib.compressobj(6, zlib.DEFLATED, 31)
+
+        async def trickle() -> None:
+            while True:
+                piece = gzip.compress(b"0" * 4000) + gzip.flush(zlib.Z_SYNC_FLUSH)
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await asyncio.sleep(0.2)  # the client's pace, not a synchronisation
+
+        sender = asyncio.create_task(trickle())
+        try:
+            answer = await read_until_closed(reader, 1 + SLACK)
+        finally:
+            sender.cancel()
+            writer.close()
+        assert status_of(answer) == 408, answer[:300]
+        assert bridge.alive
 
 
 HAS_PROC = os.path.exists("/proc/self/status")
