@@ -91,12 +91,13 @@ def to_event(cb: BatchCallback) -> svc.ReportEventRequest:
 async def batch_callback(request: web.Request) -> web.StreamResponse:
     config = config_of(request)
     body = await read_body(request, config.max_body_bytes)
+    # On the raw bytes, before any parsing (the secret is in the body: it must wait).
+    check_signature(request, "aws_batch", body.data)
     data = parse_json(body.data)
     # Authenticate before validating, so an unauthenticated caller learns nothing.
     given = data.get("callbackSecret") if isinstance(data, dict) else None
     if not secret_matches(given, config.batch_callback_secret):
         raise BridgeError(401, "unauthenticated", token_sent=given is not None)
-    check_signature(request, "aws_batch", body.data)
     callback = validate(BatchCallback, data)
     event = to_event(callback)
     event.idempotency_key = idempotency_key(request, CONTRACT, callback.jobId, body)

@@ -142,6 +142,20 @@ async def test_bridge_checks_signatures_on_raw_bytes(signed_bridge: Any, stub: A
     assert status == 200
 
 
+async def test_an_aws_batch_signature_is_checked_before_the_body_is_parsed(
+    signed_bridge: Any,
+) -> None:
+    """The README says signatures are checked on the raw bytes before any parsing; the
+    AWS Batch route parsed the body first (its secret is in it): an unsigned body
+    reached the JSON parser, and malformed JSON got a 400 describing it, not a 401."""
+    refused = await signed_bridge.post(
+        "/api/batch-callback", {"jobId": "j", "status": "success", "callbackSecret": BATCH_SECRET}
+    )
+    assert refused[0] == 401
+    for body in (b"{not json", b'{"jobId": 1}', b"[" * 100):
+        assert await signed_bridge.post_raw("/api/batch-callback", body) == refused, body
+
+
 async def test_a_long_webhook_id_is_a_key_the_service_takes(signed_bridge: Any, stub: Any) -> None:
     """A webhook-id may be 256 characters; with the contract's prefix the key was past the
     service's 256 and a validly signed callback got 400. Two such ids that differ only
