@@ -27,22 +27,27 @@ from .grpc_client import config_of
 RATE_LIMITER: web.AppKey[RateLimiter] = web.AppKey("jobwire_rate_limiter")
 
 
-def is_text(value: str) -> bool:
-    """Valid UTF-8 as sent (no escaped bytes) and no control characters."""
-    if value.isascii():
-        return value.isprintable()
+def text_problem(value: str) -> str | None:
+    """Why `value` is not text: bytes that are not UTF-8 as sent (aiohttp escapes
+    them), or a character that is not printable (a control, a zero-width space)."""
+    if value.isascii() and value.isprintable():
+        return None
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        return False
-    return value.isprintable()
+        return "is not valid UTF-8"
+    odd = next((c for c in value if not c.isprintable()), None)
+    return (
+        None if odd is None else f"holds a character that is not printable text (U+{ord(odd):04X})"
+    )
 
 
 def text_header(request: web.Request, name: str, limit: int = 256) -> str:
-    """A header's text, stripped and cut to `limit`; 400 naming it when not text."""
+    """A header's text, stripped and cut to `limit`; 400 naming it and why when not
+    text (a tab was said to be "not valid UTF-8")."""
     value = request.headers.get(name, "").strip()
-    if value and not is_text(value):
-        raise RequestProblem(f"{name} header is not valid UTF-8 text")
+    if value and (problem := text_problem(value)):
+        raise RequestProblem(f"{name} header {problem}")
     return value[:limit]
 
 

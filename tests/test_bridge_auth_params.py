@@ -151,7 +151,15 @@ async def test_a_header_that_is_not_text_is_named_in_the_video_contracts_body(
         answer = await raw_exchange(port, request)
         assert status_of(answer) == 400, answer
         body = orjson.loads(answer.split(b"\r\n\r\n", 1)[1])
-        assert body == {"error": f"Solicitud inválida: {header} header is not valid UTF-8 text"}
+        assert body == {"error": f"Solicitud inválida: {header} header is not valid UTF-8"}
+    # Valid UTF-8 holding a character that is not text (a tab, a zero-width space) is
+    # named as such: it was "not valid UTF-8 text" too, the wrong reason.
+    for value, code in ((b"k\tk", "U+0009"), ("k\u200bk".encode(), "U+200B")):
+        answer = await raw_exchange(port, cases[1][0].replace(b"k\xff", value))
+        assert status_of(answer) == 400, answer
+        body = orjson.loads(answer.split(b"\r\n\r\n", 1)[1])
+        problem = f"Idempotency-Key header holds a character that is not printable text ({code})"
+        assert body == {"error": f"Solicitud inválida: {problem}"}, body
 
 
 async def _expecting_continue(port: int, head: bytes) -> tuple[bytes, bytes]:
