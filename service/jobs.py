@@ -456,28 +456,31 @@ class Jobs:
         # Which kind's ListLogs shows the line (the video worker's lists only videos'):
         # its job's, or for a line of no job the writer's.
         stored.kind = record.job.kind if record is not None else job_pb2.JobKind.ValueType(kind)
-        if not key:
-            return await self._write_log(stored, record, kind, key)
-        async with self._log_keys.hold([f"{stored.job_id}\x00{key}"]):
-            # Before the job is failed: an ERROR line under a key already stored (a
-            # worker numbering its keys anew after a restart) failed the job with its
-            # message, was answered as a duplicate and was stored nowhere.
-            earlier = await self.store.keyed_log(stored.job_id, key)
-            if earlier is not None:
-                return job_service_pb2.WriteLogResponse(entry=earlier, duplicate=True)
-            return await self._write_log(stored, record, kind, key)
-
-    async def _write_log(
-        self, stored: log_pb2.LogEntry, record: JobRecord | None, kind: int, key: str
-    ) -> job_service_pb2.WriteLogResponse:
-        """`write_log` once the line is checked and not known under its key."""
-        failed = False
-        if (
+        fails = (
             stored.level == log_pb2.LOG_LEVEL_ERROR
             and record is not None
             and not record.terminal
             and (not kind or record.job.kind == kind)  # WriteLogRequest.kind
-        ):
+        )
+        if not key:
+            return await self._write_log(stored, record, fails, key)
+        async with self._log_keys.hold([f"{stored.job_id}\x00{key}"]):
+            # Before the job is failed: an ERROR line under a key already stored (a
+            # worker numbering its keys anew after a restart) failed the job with its
+            # message, was answered as a duplicate and was stored nowhere. Any other
+            # line's repeat is found by the store's write itself.
+            earlier = await self.store.keyed_log(stored.job_id, key) if fails else None
+            if earlier is not None:
+                return job_service_pb2.WriteLogResponse(entry=earlier, duplicate=True)
+            return await self._write_log(stored, record, fails, key)
+
+    async def _write_log(
+        self, stored: log_pb2.LogEntry, record: JobRecord | None, fails: bool, key: str
+    ) -> job_service_pb2.WriteLogResponse:
+        """`write_log` once the line is checked and not known under its key; `fails`:
+        it is an ERROR line that fails its job."""
+        failed = False
+        if fails:
             # Keyed by the line's content, so a retried line fails the job once.
             digest = hashlib.sha256(stored.SerializeToString(deterministic=True)).hexdigest()
             command = FailFromLog(stored, f"log:{digest}")
