@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 import pytest
 
-from jobwire.v1 import job_pb2, job_service_pb2
+from jobwire.v1 import job_pb2, job_service_pb2, log_pb2
 from tests.conftest import ServiceHandle
 from tests.helpers import completed, create, failed, progress, read
 
@@ -389,6 +389,28 @@ async def test_dot_segment_ids_cannot_be_created(service: ServiceHandle) -> None
             await service.stub.ReportEvent(report)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (await create(service.stub, job_pb2.JOB_KIND_EXTRACTION, "..x")).job.id == "..x"
+
+
+async def test_the_id_of_lines_of_no_job_cannot_be_a_job(service: ServiceHandle) -> None:
+    """`UNKNOWN` is the id of every log line that names no job: a job of that id took
+    them all (written before it too), and deleting it (DeleteJob, the retention)
+    deleted every worker's anonymous lines. Refused at creation like `.` and `..`."""
+    anonymous = job_service_pb2.WriteLogRequest(
+        entry=log_pb2.LogEntry(level=log_pb2.LOG_LEVEL_INFO, message="no job named")
+    )
+    await service.stub.WriteLog(anonymous)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await create(service.stub, job_pb2.JOB_KIND_VIDEO, "UNKNOWN")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "UNKNOWN" in (err.value.details() or "")
+    report = progress("UNKNOWN", 5)
+    report.create_kind = job_pb2.JOB_KIND_TRANSCODE
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.ReportEvent(report)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    listed = await service.stub.ListLogs(job_service_pb2.ListLogsRequest(job_id="UNKNOWN"))
+    assert [e.message for e in listed.entries] == ["no job named"]
+    assert (await create(service.stub, job_pb2.JOB_KIND_BATCH, "unknown")).job.id == "unknown"
 
 
 async def test_a_page_of_big_jobs_stays_under_the_message_limit(service: ServiceHandle) -> None:

@@ -36,10 +36,14 @@ def job_id(value: str, field: str = "job_id") -> str:
 def new_job_id(value: str, field: str = "job_id") -> str:
     """The id of a job about to be created: `.` and `..` are valid ids but URL dot
     segments, which browsers and most HTTP clients resolve away, so its callback URL
-    and dashboard page would reach another path. Refused, like artifact names."""
+    and dashboard page would reach another path. Refused, like artifact names; and
+    `UNKNOWN`, the id log lines of no job carry."""
     job_id(value, field)
     if value in {".", ".."}:
         raise invalid(f"{field} must not be {value!r}: a URL would resolve it away")
+    if value == UNKNOWN_JOB:
+        # A job of that id took every line of no job, and its deletion deleted them.
+        raise invalid(f"{field} must not be {UNKNOWN_JOB!r}: it is the id of log lines of no job")
     return value
 
 
