@@ -530,3 +530,44 @@ async def test_head_timer_spans_keep_alive_requests(grpc_service: Any, tmp_path:
         elapsed = time.monotonic() - trickle_started
         assert status_of(answer) == 408
         assert 0.5 <= elapsed < len(slow_head) * 0.1, f"closed after {elapsed:.1f}s"
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_a_refused_compressed_body_is_not_decompressed(
+    grpc_service: Any, tmp_path: Path
+) -> None:
+    """A body answered before it is read (a wrong token) is drained for up to 2 s so
+    that the answer is not lost to a reset; a gzip body was decompressed while it was
+    drained: 2 MB of zeros on the wire, 2 GB decoded, cost the bridge about a second of
+    CPU per request, without a credential. The rest of such a body is now dropped as
+    it arrives, undecoded."""
+    gzip = zlib.compressobj(9, zlib.DEFLATED, 31)
+    bomb = gzip.compress(bytes(2**31)) + gzip.flush()  # about 2 MB
+    async with bridge_process(grpc_service.target, tmp_path) as bridge:
+        assert bridge.proc.pid is not None
+        before = _cpu_seconds(bridge.proc.pid)
+        reader, writer = await open_conn(bridge.port)
+        writer.write(
+            b"POST /api/report HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer wrong\r\n"
+            b"Content-Type: application/json\r\nContent-Encoding: gzip\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(bomb)
+        )
+        writer.write(bomb)
+        answer = b""
+        try:
+            async with asyncio.timeout(2 + SLACK):
+                while chunk := await reader.read(65536):
+                    answer += chunk
+        except ConnectionResetError:
+            pass  # closed with the rest of the body unread, after its 2 s
+        finally:
+            writer.close()
+        assert status_of(answer) == 401, answer[:200]
+        spent = _cpu_seconds(bridge.proc.pid) - before
+        assert spent < 0.25, f"the bridge spent {spent:.2f} s of CPU on a refused body"
+        assert bridge.alive
