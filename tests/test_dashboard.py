@@ -1567,6 +1567,28 @@ async def test_open_streams_do_not_hold_up_a_stop(svc: ServiceHandle) -> None:
         assert took < 1.5, f"stopped after {took:.1f} s"
 
 
+async def test_a_row_a_reread_adds_is_followed_live(context: Any, svc: ServiceHandle) -> None:
+    """A jobs page re-reads its rows after a reconnect; a job that began meanwhile (the
+    dashboard restarting: its new stream never saw that job's first event) was added by
+    the re-read but its stream did not follow it, so the row stood still at what the
+    re-read showed until a reload. The page's stream now follows the rows it adds."""
+    run = uuid.uuid4().hex[:6]
+    shown, began = f"reread-{run}-shown", f"reread-{run}-began"
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, shown, {"run": run})
+    async with running_dashboard(svc.target) as dash:
+        page = await login(context, dash.url)
+        await page.goto(f"{dash.url}/jobs?label=run={run}")
+        await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+        await dash.stop()
+        await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, began, {"run": run})
+        await progress(svc.stub, began, 10, "p", "while the dashboard restarted")
+        await dash.start()
+        await page.wait_for_function(ROW_IS, arg=[began, 10, "RUNNING"], timeout=WAIT_MS * 2)
+        await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+        await progress(svc.stub, began, 50, "p", "later")
+        await page.wait_for_function(ROW_IS, arg=[began, 50, "RUNNING"], timeout=WAIT_MS)
+
+
 async def test_restart_keeps_the_timeline_exactly_once(
     dash: DashboardProcess, context: Any, svc: ServiceHandle
 ) -> None:

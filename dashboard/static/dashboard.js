@@ -472,6 +472,10 @@ function jobsPage() {
       if (!reply.ok) return false;
       const body = await reply.json();
       for (const job of body.jobs) apply(job, true);
+      // Rows it added are followed too: a job that began while the stream was away
+      // (its first event unseen) stood still at what the re-read showed. The stream
+      // reopens with them (when they are new), and its own re-read covers the switch.
+      source.refresh();
       return true;
     } catch {
       retry = setTimeout(resync, 2000);
