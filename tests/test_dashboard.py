@@ -1326,16 +1326,18 @@ async def test_an_ended_jobs_page_waits_for_its_deletion_quietly(
     job_id = uid("quiet")
     await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
     await svc.stub.CancelJob(job_service_pb2.CancelJobRequest(id=job_id))
-    async with running_dashboard(svc.target, JOBWIRE_DASHBOARD_HEARTBEAT_SECONDS="1") as dash:
+    # Three heartbeats (6 s) leave a margin over the stats' 2 s on a loaded machine.
+    async with running_dashboard(svc.target, JOBWIRE_DASHBOARD_HEARTBEAT_SECONDS="2") as dash:
         ctx = await browser.new_context(viewport=LAPTOP)
         try:
             page = await login(ctx, dash.url)
             opened: list[str] = []
-            page.on("request", lambda r: opened.append(r.url) if "/events/jobs?" in r.url else None)
+            watch = f"/events/jobs?ids={job_id}&new=0"  # the job page's, not the login's list
+            page.on("request", lambda r: opened.append(r.url) if watch in r.url else None)
             await page.goto(f"{dash.url}/jobs/{job_id}")
             await page.wait_for_selector("#live[data-state=ended]", timeout=WAIT_MS)
             await page.evaluate(RECORD_STATES)
-            await page.wait_for_timeout(4500)  # a negative check: past three heartbeats
+            await page.wait_for_timeout(7000)  # a negative check: past three heartbeats
             assert await page.evaluate("window.__states") == []
             assert len(opened) == 1, opened
             await svc.stub.DeleteJob(job_service_pb2.DeleteJobRequest(id=job_id))
