@@ -138,17 +138,15 @@ def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-_VISIBLE = re.compile(r"[\x21-\x7e]*")
-
-
 def bearer(env_name: str, given: str, option: str = "--token") -> dict[str, str]:
-    """The Authorization header. A token with a space or a line break (read from a file)
-    cannot go in a header: urllib's ValueError traceback printed it. Named, never shown."""
+    """The Authorization header. A token with a line break (read from a file) or another
+    control cannot go in a header: urllib's ValueError traceback printed it. Printable
+    ASCII is what the bridge takes (http_bridge/edge.py). Named, never shown."""
     token = given or os.environ.get(env_name, "")
-    if not _VISIBLE.fullmatch(token):
+    if not (token.isascii() and token.isprintable()):
         usage_error(
-            f"the token ({option} or {env_name}) must be visible ASCII with no spaces or"
-            " line breaks (a trailing newline from a file?)"
+            f"the token ({option} or {env_name}) must be printable ASCII, with no line"
+            " breaks or other controls (a trailing newline from a file?)"
         )
     return {"Authorization": f"Bearer {token}"} if token else {}
 

@@ -467,8 +467,8 @@ async def test_worker_cli_bad_files_and_json_are_usage_errors(tmp_path: Path) ->
         (("secretary", "s1", "--callback-url", "http://h:99999/x", "progress", "p", "1"),
          "is no http(s) URL"),
         (("video", "--api-key", "s3cr3t\n", "pending"),
-         "jobwire callback: the token (--api-key or API_KEY) must be visible ASCII"),
-        (("secretary", "s1", "--token", "s3cr3t s3cr3t", "progress", "p", "1"),
+         "jobwire callback: the token (--api-key or API_KEY) must be printable ASCII"),
+        (("secretary", "s1", "--token", "s3cr3t\ts3cr3t", "progress", "p", "1"),
          "the token (--token or CALLBACK_TOKEN) must be"),
     ]:  # fmt: skip
         proc = await asyncio.create_subprocess_exec(
