@@ -36,7 +36,11 @@ async def watch(args: argparse.Namespace) -> int:
         try:
             # every_event=False: a slow terminal gets the latest progress, and says so.
             watch = client.watch_job(
-                args.job_id, args.from_sequence, every_event=False, on_retry=screen.retrying
+                args.job_id,
+                args.from_sequence,
+                every_event=False,
+                on_retry=screen.retrying,
+                on_reconnect=lambda: screen.draw(job) if job.id else None,
             )
             async for item in watch:
                 if isinstance(item, Job):

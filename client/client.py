@@ -38,7 +38,7 @@ from .artifacts import CHUNK, MAX_CHUNK, ArtifactStream, Source, replayable, upl
 from .channel import TLS, check_token, open_channel, reconnect_wait, token_from_env
 from .errors import ArgumentError, ClientConfigError
 from .retry import Backoff, RetryPolicy, call_with_retry, positive_seconds, say_if_closed
-from .watch import JobsWatch, JobWatch, OnRetry
+from .watch import JobsWatch, JobWatch, OnReconnect, OnRetry
 
 if TYPE_CHECKING:
     from jobwire.v1.job_service_pb2_grpc import JobServiceAsyncStub
@@ -559,13 +559,15 @@ class Client:
         every_event: bool = True,
         give_up_after: float | None = None,
         on_retry: OnRetry | None = None,
+        on_reconnect: OnReconnect | None = None,
     ) -> JobWatch:
         """The job's snapshot, then its events in order; ends after the terminal event.
 
         Survives restarts and dropped connections (see watch.py for gaps and coalesced
         progress). `give_up_after`: raise Unavailable after this many seconds without
         reaching the service (default: keep trying). `on_retry(error, delay)` is called
-        before each wait to reconnect, e.g. to say so on a screen.
+        before each wait to reconnect, e.g. to say so on a screen, and `on_reconnect()`
+        once the service answers again (a quiet job yields nothing then).
         """
         return JobWatch(
             lambda: self._stub,
@@ -577,6 +579,7 @@ class Client:
             give_up_after=give_up_after,
             on_retry=on_retry,
             sleep=self._pause,
+            on_reconnect=on_reconnect,
         )
 
     def watch_jobs(
@@ -587,10 +590,11 @@ class Client:
         after: str = "",
         give_up_after: float | None = None,
         on_retry: OnRetry | None = None,
+        on_reconnect: OnReconnect | None = None,
     ) -> JobsWatch:
         """Events of every job of `kind` whose state after the event is one of `states`
         (any when not given). Never ends on its own; `after` resumes from a `.position`.
-        `on_retry` as for `watch_job`."""
+        `on_retry` and `on_reconnect` as for `watch_job`."""
         return JobsWatch(
             lambda: self._stub,
             kind_value(kind),
@@ -600,6 +604,7 @@ class Client:
             give_up_after=give_up_after,
             on_retry=on_retry,
             sleep=self._pause,
+            on_reconnect=on_reconnect,
         )
 
     # -- plumbing ------------------------------------------------------------

@@ -71,6 +71,8 @@ WatchItem = job_pb2.Job | event_pb2.JobEvent | event_pb2.StreamGap
 ListEvents = Callable[[str, int], Awaitable[job_service_pb2.ListJobEventsResponse]]
 # Told why the stream is down and how many seconds until the next attempt.
 OnRetry = Callable[[JobwireError, float], None]
+# Told that a stream is back after OnRetry said it was down (no item need come with it).
+OnReconnect = Callable[[], None]
 
 
 class _Reconnector:
@@ -82,6 +84,7 @@ class _Reconnector:
         give_up_after: float | None,
         on_retry: OnRetry | None = None,
         sleep: Sleep = asyncio.sleep,
+        on_reconnect: OnReconnect | None = None,
     ) -> None:
         if give_up_after is not None and not (0 <= give_up_after < math.inf):
             raise ClientConfigError(
@@ -90,11 +93,16 @@ class _Reconnector:
         self._backoff = backoff
         self._give_up_after = give_up_after
         self._on_retry = on_retry
+        self._on_reconnect = on_reconnect
         self._sleep = sleep
         self._failures = 0
         self._since: float | None = None
 
     def healthy(self) -> None:
+        """The service answered. After a wait, `on_reconnect` says so: a quiet job's watch
+        gets no item on reconnecting, and what on_retry put on a screen stayed there."""
+        if self._since is not None and self._on_reconnect is not None:
+            self._on_reconnect()
         self._failures = 0
         self._since = None
 
@@ -157,6 +165,7 @@ class JobWatch:
         give_up_after: float | None,
         on_retry: OnRetry | None = None,
         sleep: Sleep = asyncio.sleep,
+        on_reconnect: OnReconnect | None = None,
     ) -> None:
         self.job_id = job_id
         # The last sequence yielded (or passed over by a gap), set before the yield.
@@ -164,7 +173,7 @@ class JobWatch:
         self._stub = stub
         self._list_events = list_events
         self._every_event = every_event
-        self._reconnect = _Reconnector(backoff, give_up_after, on_retry, sleep)
+        self._reconnect = _Reconnector(backoff, give_up_after, on_retry, sleep, on_reconnect)
 
     def __aiter__(self) -> AsyncGenerator[WatchItem, None]:
         return self._run()
@@ -300,12 +309,13 @@ class JobsWatch:
         give_up_after: float | None,
         on_retry: OnRetry | None = None,
         sleep: Sleep = asyncio.sleep,
+        on_reconnect: OnReconnect | None = None,
     ) -> None:
         self.position = after  # the last position the service gave; "" before the first
         self._stub = stub
         self._kind = kind
         self._states = list(states)
-        self._reconnect = _Reconnector(backoff, give_up_after, on_retry, sleep)
+        self._reconnect = _Reconnector(backoff, give_up_after, on_retry, sleep, on_reconnect)
         self._delivered: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         # Set when the service says the stream is live (its headers, or a message), and
         # stays set: a later stream without a position to resume from has lost events.

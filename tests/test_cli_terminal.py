@@ -266,3 +266,29 @@ async def test_a_terminal_that_gives_no_size_still_gets_the_progress_line(
     line = "sizeless [" + "#" * 40 + "] 100.0% SUCCEEDED half"
     drawn = out.removesuffix("\r\n").split("\r")  # each redraw: CR, then the whole line
     assert out.endswith("\r\n") and set(drawn) - {""} == {line.ljust(79)}, repr(out)
+
+
+async def test_watch_stops_saying_it_is_retrying_once_it_is_back(
+    tmp_path: Path, terminal: Terminal
+) -> None:
+    """After a restart of the service, the line kept saying `retrying in 2.7 s:
+    UNAVAILABLE: …` until the job's next event (minutes, for a quiet step), though the
+    watch was connected again: the job's line is drawn again as soon as it is back."""
+    port = free_port()
+    store = EmbeddedStore(tmp_path / "d", make_policy())
+    handle = await start_service(store, grpc_addr=f"127.0.0.1:{port}")
+    async with Client(handle.target) as c:
+        await c.create_job("GENERIC", job_id="quiet")
+        await c.report_progress("quiet", 40, phase="ocr", message="a long step")
+    terminal.start([sys.executable, "-m", "cli", "watch", "quiet", "--target", handle.target], {})
+    await terminal.wait_for(lambda s: "40.0% RUNNING ocr a long step" in s)
+    await handle.close()
+    await terminal.wait_for(lambda s: "retrying in" in s and "RUNNING" not in s)
+    handle = await start_service(
+        EmbeddedStore(tmp_path / "d", make_policy()), grpc_addr=f"127.0.0.1:{port}"
+    )
+    try:  # no event comes: the line says the job again once the watch is back
+        rows = await terminal.wait_for(lambda s: "40.0% RUNNING ocr a long step" in s)
+        assert not any("retrying" in row for row in rows), rows
+    finally:
+        await handle.close()
