@@ -139,6 +139,8 @@ async def test_secretary_example_renders_live_progress_across_a_restart(
     stack: Stack, tmp_path: Path
 ) -> None:
     handoff, text_out = tmp_path / "handoff.json", tmp_path / "text.md"
+    handoff.write_text("{}")  # an earlier run's, readable by all: the token must not be
+    handoff.chmod(0o644)
     proc = await _example(
         "secretary_job.py", "--handoff", str(handoff), "--save-text", str(text_out), env=stack.env
     )

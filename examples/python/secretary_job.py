@@ -76,6 +76,8 @@ async def extract(args: argparse.Namespace) -> int:
 def hand_over(path: Path, job_id: str, url: str, token: str) -> None:
     """What the Secretary worker needs to call back (the token never goes to a log)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # The mode above is for a new file only: an earlier run's, readable by all, kept it.
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump({"job_id": job_id, "callback_url": url, "callback_token": token}, f)
 
