@@ -196,19 +196,20 @@ async def tail(args: argparse.Namespace) -> int:
     as --after to resume there) or `{"gap": ...}`; "live" on stderr once every event
     committed from then on will be printed."""
     async with _client(args) as client:
-        watch = client.watch_jobs(
+        firehose = client.watch_jobs(
             kind=args.kind or job_pb2.JOB_KIND_UNSPECIFIED,
             states=args.state,
             after=args.after,
             on_retry=_say_retrying,
+            on_reconnect=lambda: _say_reconnected(firehose),
         )
-        said = asyncio.create_task(_say_live(watch))
+        said = asyncio.create_task(_say_live(firehose))
         try:
-            async for item in watch:
+            async for item in firehose:
                 if isinstance(item, StreamGap):
                     line: dict[str, Any] = {"gap": json_format.MessageToDict(item)}
                 else:
-                    line = {"event": json_format.MessageToDict(item), "position": watch.position}
+                    line = {"event": json_format.MessageToDict(item), "position": firehose.position}
                 text = json.dumps(line, ensure_ascii=False)
                 print(_TERMINAL_UNSAFE.sub(_json_escape, text), flush=True)
         except JobwireError as err:
@@ -224,6 +225,15 @@ def _say_retrying(error: JobwireError, delay: float) -> None:
     service, with a wrong --target, or across a restart printed nothing at all."""
     text = printable(f"retrying in {delay:.1f} s: {error.code.name}: {error.message}")
     print(f"jobwire: {text}", file=sys.stderr, flush=True)
+
+
+def _say_reconnected(watch: JobsWatch) -> None:
+    """Back after a retry (a restart): its last word on stderr was "retrying in ...", for
+    as long as no event came. Before the first connection, "live" says it instead."""
+    if not watch.live.is_set():
+        return
+    where = f"; resuming after {watch.position}" if watch.position else ""
+    print(f"jobwire: reconnected{where}", file=sys.stderr, flush=True)
 
 
 async def _say_live(watch: JobsWatch) -> None:

@@ -422,6 +422,17 @@ async def test_jobs_tail_says_when_it_cannot_reach_the_service(tmp_path: Path) -
                 await c.report_progress("tail-late", 10)
             (printed,) = await _lines(proc, 1)
             assert printed["event"]["jobId"] == "tail-late"
+            # A restart: once back, it says so (no event need come); its last word on
+            # stderr was "retrying in 2.7 s: UNAVAILABLE", for as long as nothing happened.
+            await handle.close()
+            line = (await asyncio.wait_for(proc.stderr.readline(), WAIT)).decode()
+            assert line.startswith("jobwire: retrying in "), line
+            handle = await start_service(
+                EmbeddedStore(tmp_path / "d", make_policy()), grpc_addr=f"127.0.0.1:{port}"
+            )
+            while line.startswith("jobwire: retrying in "):
+                line = (await asyncio.wait_for(proc.stderr.readline(), WAIT)).decode()
+            assert line == f"jobwire: reconnected; resuming after {printed['position']}\n", line
         finally:
             proc.send_signal(signal.SIGINT)
             await asyncio.wait_for(proc.wait(), WAIT)
