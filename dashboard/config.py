@@ -41,6 +41,9 @@ class DashboardConfig:
     push_interval_seconds: float = 0.2
     heartbeat_seconds: float = 15.0
     rpc_timeout_seconds: float = 10.0
+    # On SIGTERM: how long requests in flight may take to finish (open streams end at
+    # once); the service's variable, one grace for the whole stack (README "Deploy").
+    shutdown_grace_seconds: float = 10.0
     # Sessions live this long; changing the token ends them all.
     session_seconds: int = 12 * 3600
     page_size: int = 50
@@ -120,6 +123,7 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
         public_url=public_url(merged.get("JOBWIRE_PUBLIC_URL", "")),
         push_interval_seconds=number(merged, "JOBWIRE_DASHBOARD_PUSH_MS", 200) / 1000,
         heartbeat_seconds=number(merged, "JOBWIRE_DASHBOARD_HEARTBEAT_SECONDS", 15),
+        shutdown_grace_seconds=number(merged, "JOBWIRE_SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0),
         header_timeout_seconds=number(merged, "JOBWIRE_DASHBOARD_HEADER_TIMEOUT_SECONDS", 10),
         max_connections=whole(merged, "JOBWIRE_DASHBOARD_MAX_CONNECTIONS", 1024),
         login_rate=login_rate,

@@ -21,11 +21,13 @@ log = logging.getLogger("dashboard")
 def runner_for(config: DashboardConfig) -> web.AppRunner:
     # A tab that goes away cancels its handler: its streams end at once. The body
     # drain after an early answer matches what the connection watchdog allows for.
+    # On SIGTERM open streams end at once (app.py, on_shutdown); other requests get
+    # the grace (a fixed 2 s cut an operator's Cancel or download waiting on the service).
     return web.AppRunner(
         create_app(config),
         handler_cancellation=True,
         access_log=None,
-        shutdown_timeout=2.0,
+        shutdown_timeout=config.shutdown_grace_seconds,
         lingering_time=DRAIN_SECONDS,
     )
 

@@ -105,6 +105,7 @@ DASHBOARD = [
                            "JOBWIRE_DASHBOARD_HEADER_TIMEOUT_SECONDS",
                            "JOBWIRE_DASHBOARD_MAX_CONNECTIONS") for v in BAD_NUMBERS),
     ("JOBWIRE_DASHBOARD_HEARTBEAT_SECONDS", "1e300"),
+    ("JOBWIRE_SHUTDOWN_GRACE_SECONDS", "nan"),
     ("JOBWIRE_DASHBOARD_ADDR", "localhost:port"),
     ("JOBWIRE_DASHBOARD_ADDR", "localhost"),  # it listened on 8081
     ("JOBWIRE_DASHBOARD_TRUSTED_USER_HEADER", "X-User: admin"),

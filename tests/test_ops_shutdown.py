@@ -25,8 +25,10 @@ from service.store.mongo import MongoStore
 from tests.bridge_harness import BATCH_SECRET, TEST_CONFIG, VIDEO_AUTH, running_bridge
 from tests.bridge_process import BridgeProcess, cli_bridge_process
 from tests.conftest import ServiceHandle, make_policy, start_service
+from tests.dashboard_harness import TOKEN as DASHBOARD_TOKEN
+from tests.dashboard_harness import running_dashboard
 from tests.grpc_proxy import FaultProxy
-from tests.helpers import WAIT, create, progress, run_environment, until
+from tests.helpers import WAIT, create, eventually, progress, run_environment, until
 from tests.tcp_cutter import TcpCutter
 
 
@@ -118,6 +120,41 @@ async def test_a_callback_still_in_flight_after_the_grace_gets_no_answer_at_all(
     job = await handle.stub.GetJob(job_service_pb2.GetJobRequest(id="drain-2"))
     assert job.state == job_pb2.JOB_STATE_QUEUED
     assert "Traceback" not in bridge.log() and " 500 " not in bridge.log(), bridge.log()
+
+
+async def test_sigterm_lets_the_dashboard_finish_a_request_within_the_grace(
+    gated: tuple[ServiceHandle, FaultProxy],
+) -> None:
+    """README "Deploy": on SIGTERM each part finishes what is in flight within
+    JOBWIRE_SHUTDOWN_GRACE_SECONDS (10). The dashboard gave its requests a fixed 2 s (4 s
+    in all with aiohttp's second wait): an
+    operator's request whose call to the service took longer (a Cancel, a page, a
+    download) lost its connection, unanswered. Its open streams still end at once
+    (tests/test_dashboard.py::test_open_streams_do_not_hold_up_a_stop)."""
+    handle, proxy = gated
+    await create(handle.stub, job_pb2.JOB_KIND_GENERIC, "dash-drain")
+    async with running_dashboard(proxy.target) as dash, aiohttp.ClientSession() as http:
+        assert dash.proc is not None
+        proxy.gate.clear()
+        bearer = {"Authorization": f"Bearer {DASHBOARD_TOKEN}"}
+
+        async def read() -> tuple[int, str]:
+            async with http.get(f"{dash.url}/api/jobs/dash-drain", headers=bearer) as reply:
+                return reply.status, await reply.text()
+
+        before = proxy.calls["GetJob"]
+        task = asyncio.create_task(read())
+        await until(lambda: proxy.calls["GetJob"] > before)  # held at the proxy
+        dash.proc.send_signal(signal.SIGTERM)
+        await eventually(lambda: _refused(dash.port), what="the dashboard closing its port")
+        # Past what the dashboard's fixed 2 s allowed (aiohttp waits for the handler,
+        # then as long again for it to end once cancelled), within the 10 s grace.
+        await asyncio.sleep(4.5)
+        assert not task.done()
+        proxy.gate.set()
+        status, text = await asyncio.wait_for(task, WAIT)
+        assert status == 200 and "dash-drain" in text, text
+        assert await asyncio.to_thread(dash.proc.wait, WAIT) == 0
 
 
 def _children(pid: int) -> list[int]:
