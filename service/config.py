@@ -204,7 +204,9 @@ class Settings:
             # Empty as unset (like the numbers): Path("") is the working directory. A
             # leading ~ is the home directory, as a shell would have it (an env file
             # or a unit's Environment= does not expand it: a directory named "~").
-            data_dir=Path(os.environ.get("JOBWIRE_DATA_DIR") or "data").expanduser(),
+            # Spaces and line breaks at the ends are dropped: they made a directory
+            # named " " or "data\n" beside the volume meant for the data.
+            data_dir=Path(os.environ.get("JOBWIRE_DATA_DIR", "").strip() or "data").expanduser(),
             mongodb_uri=os.environ.get("MONGODB_URI", ""),
             public_url=_public_url("JOBWIRE_PUBLIC_URL"),
             lease_seconds=_float("JOBWIRE_LEASE_SECONDS", cls.lease_seconds, above=True),

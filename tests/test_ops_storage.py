@@ -562,7 +562,16 @@ async def test_uploads_cut_off_by_a_crash_are_cleared_at_start(tmp_path: Path) -
 
 
 @pytest.mark.parametrize(
-    ("setting", "where"), [("", "data"), ("~/jobwire-data", "home/jobwire-data")]
+    ("setting", "where"),
+    [
+        ("", "data"),
+        ("~/jobwire-data", "home/jobwire-data"),
+        # Spaces and line breaks at either end (`JOBWIRE_DATA_DIR= ` in an env file, a
+        # ConfigMap value from a file): a directory named " " or "jobwire-data\n" in the
+        # working directory, beside the volume mounted for the data.
+        (" ", "data"),
+        ("jobwire-data\n", "jobwire-data"),
+    ],
 )
 async def test_the_data_dir_setting_means_what_an_operator_wrote(
     tmp_path: Path, setting: str, where: str
