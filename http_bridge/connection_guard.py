@@ -62,6 +62,9 @@ class ConnectionGuard:
         self.open = 0
         self.rejected = 0
         self.head_timeouts = 0
+        # Requests being handled now; `drained()` waits for none (a SIGTERM's grace).
+        self.in_flight = 0
+        self._idle: asyncio.Event | None = None
         self.busy = (
             b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
             b"Retry-After: %d\r\nContent-Length: 0\r\n\r\n" % retry_after
@@ -69,6 +72,30 @@ class ConnectionGuard:
 
     def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         return lambda: GuardedProtocol(self, factory())
+
+    def started(self) -> None:
+        self.in_flight += 1
+
+    def finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def drained(self, within: float) -> bool:
+        """Waits until no request is in flight, at most `within` seconds; whether none is.
+        aiohttp's own shutdown_timeout waits twice (for the handler, then as long again
+        once it is told to stop): a SIGTERM's grace took twice its length."""
+        if self.in_flight == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            async with asyncio.timeout(within):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        finally:
+            self._idle = None
+        return True
 
 
 class GuardedProtocol(asyncio.Protocol):
@@ -169,6 +196,8 @@ class GuardedProtocol(asyncio.Protocol):
     # -- called by the middleware and aiohttp_errors ----------------------------------
 
     def request_started(self) -> None:
+        if not self._in_request:
+            self._guard.started()
         self._in_request = True
         self._head_since = None  # the head is complete; a pending timer finds nothing
 
@@ -178,6 +207,8 @@ class GuardedProtocol(asyncio.Protocol):
         request refused without a credential. Such a body's bytes are dropped as they
         arrive, undecoded, and the answer closes the connection (nothing after it is
         read); aiohttp's drain then finds nothing and closes when its time is up."""
+        if self._in_request:
+            self._guard.finished()
         self._in_request = False
         if body_left:
             self._drain()
@@ -341,6 +372,10 @@ def sanitise_expect(factory: Any) -> Any:
     return make
 
 
+# After a SIGTERM's grace (GuardedSite.drain), aiohttp's wait for what is still running.
+SHUTDOWN_CUT_SECONDS = 0.1
+
+
 class GuardedSite(web.TCPSite):
     """`web.TCPSite` whose connections go through a ConnectionGuard."""
 
@@ -380,3 +415,13 @@ class GuardedSite(web.TCPSite):
             raise SystemExit(f"cannot listen on {where}: {exc.strerror or exc}") from None
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+
+    async def drain(self, grace: float) -> None:
+        """SIGTERM: new connections refused at once, idle keep-alive ones closed, and the
+        requests in flight given `grace` to finish. The runner's cleanup, with a short
+        shutdown_timeout (SHUTDOWN_CUT_SECONDS), then closes what is left unanswered."""
+        await self.stop()
+        server = self._runner.server
+        if server is not None:
+            server.pre_shutdown()
+        await self.guard.drained(grace)

@@ -16,7 +16,7 @@ from aiohttp.web_response import StreamResponse
 
 from .app import create_app
 from .config import Config, load_config
-from .connection_guard import guarded_site, runner_options
+from .connection_guard import SHUTDOWN_CUT_SECONDS, guarded_site, runner_options
 from .redaction import loggable_path
 from .shared_counts import SLABS
 from .workers import run_workers, worker_count
@@ -56,8 +56,9 @@ ACCESS_LOGGERS: dict[str, type[AccessLogger]] = {
 async def serve(config: Config, reuse_port: bool = False) -> None:
     logger_class = ACCESS_LOGGERS.get(config.access_log)
     # On SIGTERM (a rolling deploy, `jobwire run` stopping) the requests in flight
-    # finish within the grace: their workers get the answer, not a reset connection.
-    options = {**runner_options(config), "shutdown_timeout": config.shutdown_grace_seconds}
+    # finish within the grace (site.drain): their workers get the answer, not a reset
+    # connection. aiohttp's shutdown_timeout waits twice, so it only cuts what is left.
+    options = {**runner_options(config), "shutdown_timeout": SHUTDOWN_CUT_SECONDS}
     if logger_class is None:
         runner = web.AppRunner(create_app(config), access_log=None, **options)
     else:
@@ -86,6 +87,7 @@ async def serve(config: Config, reuse_port: bool = False) -> None:
             "bridge stopping: new connections refused, requests in flight finish (grace %gs)",
             config.shutdown_grace_seconds,
         )
+        await site.drain(config.shutdown_grace_seconds)
     finally:
         await runner.cleanup()
     log.info("bridge stopped")

@@ -157,6 +157,29 @@ async def test_sigterm_lets_the_dashboard_finish_a_request_within_the_grace(
         assert await asyncio.to_thread(dash.proc.wait, WAIT) == 0
 
 
+async def test_a_callback_held_past_the_grace_is_cut_at_the_grace_not_twice_it(
+    gated: tuple[ServiceHandle, FaultProxy], tmp_path: Path
+) -> None:
+    """JOBWIRE_SHUTDOWN_GRACE_SECONDS is how long SIGTERM waits for callbacks in flight.
+    aiohttp's shutdown_timeout, which the bridge set to the grace, waits for a handler
+    and then as long again once it is told to stop: the bridge stopped after twice the
+    grace (20 s by default, compose's whole stop_grace_period)."""
+    handle, proxy = gated
+    grace = 2.0
+    env = {"JOBWIRE_SHUTDOWN_GRACE_SECONDS": str(grace)}
+    async with cli_bridge_process(proxy.target, tmp_path, **env) as bridge:
+        task = await _callback_in_flight(bridge, handle, proxy, "drain-3")
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        bridge.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(bridge.proc.wait(), 4 * grace) == 0, bridge.log()
+        took = loop.time() - began
+        with pytest.raises(aiohttp.ClientError):  # closed unanswered, as before
+            await asyncio.wait_for(task, WAIT)
+    assert grace <= took < grace + 1.0, f"stopped {took:.1f} s after SIGTERM"
+    assert "Traceback" not in bridge.log() and " 500 " not in bridge.log(), bridge.log()
+
+
 def _children(pid: int) -> list[int]:
     """The child processes of `pid` (Linux /proc)."""
     path = Path(f"/proc/{pid}/task/{pid}/children")
