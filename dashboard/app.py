@@ -168,7 +168,7 @@ def _finalize(value: object) -> object:
     return value
 
 
-async def _end_streams(app: web.Application) -> None:
+async def end_streams(app: web.Application) -> None:
     """Open event streams end when the dashboard stops (their pages reconnect to the
     next one): each held the stop for aiohttp's shutdown timeout, twice over."""
     streams = app[STREAMS]
@@ -198,7 +198,7 @@ def create_app(config: DashboardConfig) -> web.Application:
     env.filters["urlpart"] = lambda s: quote(str(s), safe="")
     app.cleanup_ctx.append(channel_ctx)
     app[STREAMS] = set()
-    app.on_shutdown.append(_end_streams)
+    app.on_shutdown.append(end_streams)
     app.router.add_routes(views.routes)
     app.router.add_get("/static/{name}", static.handle)
     app.router.add_get("/events/jobs", sse.jobs_stream)

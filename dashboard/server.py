@@ -10,9 +10,14 @@ import signal
 
 from aiohttp import web
 
-from http_bridge.connection_guard import DRAIN_SECONDS, ConnectionGuard, GuardedSite
+from http_bridge.connection_guard import (
+    DRAIN_SECONDS,
+    SHUTDOWN_CUT_SECONDS,
+    ConnectionGuard,
+    GuardedSite,
+)
 
-from .app import create_app
+from .app import create_app, end_streams
 from .config import DashboardConfig, load_config
 
 log = logging.getLogger("dashboard")
@@ -21,13 +26,14 @@ log = logging.getLogger("dashboard")
 def runner_for(config: DashboardConfig) -> web.AppRunner:
     # A tab that goes away cancels its handler: its streams end at once. The body
     # drain after an early answer matches what the connection watchdog allows for.
-    # On SIGTERM open streams end at once (app.py, on_shutdown); other requests get
-    # the grace (a fixed 2 s cut an operator's Cancel or download waiting on the service).
+    # On SIGTERM open streams end at once and other requests get the grace (serve(): a
+    # fixed 2 s cut an operator's Cancel or download waiting on the service); aiohttp's
+    # shutdown_timeout, which waits twice, then only cuts what is left.
     return web.AppRunner(
         create_app(config),
         handler_cancellation=True,
         access_log=None,
-        shutdown_timeout=config.shutdown_grace_seconds,
+        shutdown_timeout=SHUTDOWN_CUT_SECONDS,
         lingering_time=DRAIN_SECONDS,
     )
 
@@ -56,6 +62,9 @@ async def serve(config: DashboardConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
+        # Open streams end at once (their pages reconnect to the next dashboard), other
+        # requests in flight get the grace.
+        await site.drain(config.shutdown_grace_seconds, lambda: end_streams(runner.app))
     finally:
         await runner.cleanup()
     print("jobwire: dashboard stopped", flush=True)

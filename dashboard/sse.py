@@ -54,7 +54,7 @@ async def _open(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     await response.write(f"retry: {RETRY_MS}\n\n".encode())
     task = asyncio.current_task()
-    if task is not None:  # ended when the dashboard stops (app.py, _end_streams)
+    if task is not None:  # ended when the dashboard stops (app.py, end_streams)
         streams = request.app[STREAMS]
         streams.add(task)
         task.add_done_callback(streams.discard)

@@ -416,12 +416,15 @@ class GuardedSite(web.TCPSite):
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
-    async def drain(self, grace: float) -> None:
-        """SIGTERM: new connections refused at once, idle keep-alive ones closed, and the
-        requests in flight given `grace` to finish. The runner's cleanup, with a short
-        shutdown_timeout (SHUTDOWN_CUT_SECONDS), then closes what is left unanswered."""
+    async def drain(self, grace: float, first: Callable[[], Awaitable[None]] | None = None) -> None:
+        """SIGTERM: new connections refused at once, idle keep-alive ones closed, `first`
+        run (the dashboard ends its streams), and the requests in flight given `grace` to
+        finish. The runner's cleanup, with a short shutdown_timeout
+        (SHUTDOWN_CUT_SECONDS), then closes what is left unanswered."""
         await self.stop()
         server = self._runner.server
         if server is not None:
             server.pre_shutdown()
+        if first is not None:
+            await first()
         await self.guard.drained(grace)

@@ -72,7 +72,7 @@ async def _callback_in_flight(
 async def _refused(port: int) -> bool:
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):  # reset: closed as it connected
         return True
     writer.close()
     return False
@@ -178,6 +178,33 @@ async def test_a_callback_held_past_the_grace_is_cut_at_the_grace_not_twice_it(
             await asyncio.wait_for(task, WAIT)
     assert grace <= took < grace + 1.0, f"stopped {took:.1f} s after SIGTERM"
     assert "Traceback" not in bridge.log() and " 500 " not in bridge.log(), bridge.log()
+
+
+async def test_a_dashboard_request_held_past_the_grace_is_cut_at_the_grace(
+    gated: tuple[ServiceHandle, FaultProxy],
+) -> None:
+    """As the bridge's: a request still waiting on the service when the grace ends is
+    closed then, not after aiohttp's second wait (twice the grace)."""
+    handle, proxy = gated
+    await create(handle.stub, job_pb2.JOB_KIND_GENERIC, "dash-cut")
+    grace = 2.0
+    env = {"JOBWIRE_SHUTDOWN_GRACE_SECONDS": str(grace)}
+    async with running_dashboard(proxy.target, **env) as dash, aiohttp.ClientSession() as http:
+        assert dash.proc is not None
+        proxy.gate.clear()
+        bearer = {"Authorization": f"Bearer {DASHBOARD_TOKEN}"}
+        before = proxy.calls["GetJob"]
+        task = asyncio.create_task(http.get(f"{dash.url}/api/jobs/dash-cut", headers=bearer))
+        await until(lambda: proxy.calls["GetJob"] > before)  # held at the proxy
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        dash.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(dash.proc.wait, 4 * grace) == 0
+        took = loop.time() - began
+        with pytest.raises(aiohttp.ClientError):
+            await asyncio.wait_for(task, WAIT)
+        proxy.gate.set()
+    assert grace <= took < grace + 1.0, f"stopped {took:.1f} s after SIGTERM"
 
 
 def _children(pid: int) -> list[int]:
