@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from http_bridge.config import (
+    channel_env,
     generate_missing,
     merged_env,
     number,
@@ -61,6 +62,9 @@ class DashboardConfig:
     # opened by another site's DNS name pointed at the dashboard (DNS rebinding) is
     # same-origin for that site's script, which can then set the trusted user header.
     allowed_hosts: frozenset[str] = frozenset()
+    # JOBWIRE_GRPC_TOKEN, JOBWIRE_SERVICE_TLS_* from the env file and the environment (as
+    # the bridge's); None: the environment alone.
+    service_env: Mapping[str, str] | None = field(default=None, repr=False)
 
     @property
     def closed(self) -> bool:
@@ -129,6 +133,7 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
         login_rate=login_rate,
         login_burst=login_burst,
         allowed_hosts=_hosts(merged, "JOBWIRE_DASHBOARD_ALLOWED_HOSTS"),
+        service_env=channel_env(merged),
     )
 
 

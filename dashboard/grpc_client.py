@@ -39,7 +39,8 @@ STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams")
 
 
 async def channel_ctx(app: web.Application) -> AsyncIterator[None]:
-    channel = service_channel(app[SETTINGS].service_target, CHANNEL_OPTIONS)
+    settings = app[SETTINGS]
+    channel = service_channel(settings.service_target, CHANNEL_OPTIONS, env=settings.service_env)
     stub: Stub = job_service_pb2_grpc.JobServiceStub(channel)
     app[CHANNEL] = channel
     app[GRPC] = lambda: stub

@@ -62,6 +62,9 @@ class Config:
     # Standard Webhooks v1 secrets (raw key bytes) by contract: aws_batch, video_worker,
     # aurora, secretary. Several per contract while a key is being rotated.
     signing_secrets: Mapping[str, tuple[bytes, ...]] = field(default_factory=dict, repr=False)
+    # The channel's settings (JOBWIRE_GRPC_TOKEN, JOBWIRE_SERVICE_TLS_*) from the env file
+    # and the environment, as every other setting here; None: the environment alone.
+    service_env: Mapping[str, str] | None = field(default=None, repr=False)
 
 
 def parse_addr(value: str, name: str) -> tuple[str, int]:
@@ -239,7 +242,19 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
         rate_limit=rate,
         rate_burst=burst,
         signing_secrets=signing_secrets(merged),
+        service_env=channel_env(merged),
     )
+
+
+def channel_env(merged: Mapping[str, str]) -> dict[str, str]:
+    """The settings of the channel to the service, from the env file and the environment:
+    read from the environment alone, a JOBWIRE_GRPC_TOKEN in the file was never sent,
+    and every call was UNAUTHENTICATED (a worker with the right secret got 401)."""
+    return {
+        name: value
+        for name, value in merged.items()
+        if name == "JOBWIRE_GRPC_TOKEN" or name.startswith("JOBWIRE_SERVICE_TLS_")
+    }
 
 
 def header_secret(env: Mapping[str, str], name: str) -> str:

@@ -50,7 +50,10 @@ async def grpc_context(app: web.Application) -> AsyncIterator[None]:
     ready = ChannelReady(CHANNEL_OPTIONS)
     # TLS, token, request id; a call waits while the channel reconnects.
     channel = service_channel(
-        config.service_target, CHANNEL_OPTIONS, interceptors=ready.interceptors()
+        config.service_target,
+        CHANNEL_OPTIONS,
+        env=config.service_env,
+        interceptors=ready.interceptors(),
     )
     ready.channel = channel
     stub = job_service_pb2_grpc.JobServiceStub(channel)

@@ -271,6 +271,48 @@ async def test_otlp_exporter_headers_are_never_logged(
     assert secret not in text, text
 
 
+@pytest.mark.parametrize("command", ["bridge", "dashboard"])
+async def test_the_grpc_token_in_the_env_file_reaches_the_service(
+    tmp_path: Path, command: str
+) -> None:
+    """`jobwire bridge` and `jobwire dashboard` read their settings and secrets from the
+    env file (JOBWIRE_ENV_FILE), but the channel to the service read JOBWIRE_GRPC_TOKEN
+    (and JOBWIRE_SERVICE_TLS_*) from the environment alone: with the token in the file,
+    every call was UNAUTHENTICATED, and the bridge told an AWS Batch worker whose secret
+    was right that it was wrong (401)."""
+    from tests.bridge_harness import BATCH_SECRET
+    from tests.bridge_process import cli_bridge_process
+    from tests.dashboard_harness import TOKEN as DASHBOARD_TOKEN
+    from tests.dashboard_harness import running_dashboard
+
+    handle = await start_service(EmbeddedStore(tmp_path / "d", make_policy()), grpc_token="s3cr3t")
+    env_file = tmp_path / "jobwire.env"
+    env_file.write_text("JOBWIRE_GRPC_TOKEN=s3cr3t\n", encoding="utf-8")
+    ok = (("authorization", "Bearer s3cr3t"),)
+    await handle.stub.CreateJob(
+        job_service_pb2.CreateJobRequest(job_id="f", job=job_pb2.Job(kind=job_pb2.JOB_KIND_BATCH)),
+        metadata=ok,
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+            if command == "bridge":
+                body = {"jobId": "f", "status": "success", "outputKey": "o"}
+                body["callbackSecret"] = BATCH_SECRET
+                env = {"JOBWIRE_ENV_FILE": str(env_file)}
+                async with cli_bridge_process(handle.target, tmp_path, **env) as bridge:
+                    url = f"{bridge.url}/api/batch-callback"
+                    async with http.post(url, json=body) as reply:
+                        assert reply.status == 200, await reply.text()
+            else:
+                env = {"JOBWIRE_ENV_FILE": str(env_file)}
+                async with running_dashboard(handle.target, **env) as dash:
+                    bearer = {"Authorization": f"Bearer {DASHBOARD_TOKEN}"}
+                    async with http.get(f"{dash.url}/api/jobs/f", headers=bearer) as reply:
+                        assert reply.status == 200, await reply.text()
+    finally:
+        await handle.close()
+
+
 async def test_bridge_request_id_and_callback_metrics(tmp_path: Path) -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
