@@ -158,6 +158,19 @@ _PEM_BLOCKS = {
 }
 
 
+# Trailing metadata on the service's UNAUTHENTICATED for a call without its
+# JOBWIRE_GRPC_TOKEN: the caller's own credential was refused, not a job's callback
+# token (also UNAUTHENTICATED), so a bridge can say so instead of blaming its worker.
+REFUSED_TOKEN = ("jobwire-refused", "grpc-token")
+
+
+def token_refused(exc: grpc.aio.AioRpcError) -> bool:
+    """The service refused this caller's JOBWIRE_GRPC_TOKEN (missing or wrong)."""
+    return exc.code() == grpc.StatusCode.UNAUTHENTICATED and REFUSED_TOKEN in tuple(
+        exc.trailing_metadata() or ()
+    )
+
+
 def pem_problem(data: bytes, holds: str) -> str | None:
     """Why `data` is not a PEM `holds` ("certificate", "private key"); None when it is."""
     if _PEM_BLOCKS[holds].search(data):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,6 +29,8 @@ import grpc
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
+
+from jobwire.client.channel import token_refused
 
 from .redaction import loggable_path
 
@@ -107,7 +110,23 @@ class RpcFailed(BridgeError):
         super().__init__(HTTP_STATUS.get(code, 500), message, code)
 
 
+TOKEN_REFUSED = "the service refused JOBWIRE_GRPC_TOKEN"
+_token_refused_logged = 0.0  # monotonic time of the last such log line
+
+
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> RpcFailed:
+    if token_refused(exc):
+        # The bridge's own credential, not the worker's: a 401 told a worker with the
+        # right secret that it was wrong (workers do not retry a 401). 503: it comes
+        # back once the operator sets the token, who is told (at most once a minute).
+        global _token_refused_logged
+        if time.monotonic() - _token_refused_logged > 60:
+            _token_refused_logged = time.monotonic()
+            log.error(
+                "the service refused the bridge's JOBWIRE_GRPC_TOKEN (missing or not the"
+                " service's): every call fails until it is set to the service's token"
+            )
+        return RpcFailed(grpc.StatusCode.UNAVAILABLE, TOKEN_REFUSED)
     return RpcFailed(exc.code(), exc.details() or exc.code().name)
 
 

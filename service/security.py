@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from jobwire.client.channel import pem_problem
+from jobwire.client.channel import REFUSED_TOKEN, pem_problem
 
 from .grpc_handlers import Handler, replace_behavior
 
@@ -88,11 +88,11 @@ _DENIED = "missing or invalid bearer token (authorization metadata)"
 
 
 async def _deny_unary(request: Any, context: Any) -> Any:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED, (REFUSED_TOKEN,))
 
 
 async def _deny_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED, (REFUSED_TOKEN,))
     yield  # pragma: no cover - abort raises
 
 

@@ -349,3 +349,43 @@ def test_deployment_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings.from_env()
     assert settings.metrics_addr == "" and not settings.event_feed
     assert "t0ken" not in repr(settings)
+
+
+async def test_a_bridge_whose_grpc_token_the_service_refuses_says_so(tmp_path: Path) -> None:
+    """The bridge's JOBWIRE_GRPC_TOKEN differing from the service's: every call was
+    UNAUTHENTICATED, and the bridge told each worker that *its* credential was wrong (an
+    AWS Batch worker with the right secret got 401, which workers do not retry) while
+    /readyz said ready. The bridge's own credential is now told apart (the service marks
+    its refusal): 503 + Retry-After to the worker, not ready, and the operator is told."""
+    from tests.bridge_harness import API_KEY, BATCH_SECRET
+    from tests.bridge_process import cli_bridge_process
+
+    handle = await start_service(EmbeddedStore(tmp_path / "d", make_policy()), grpc_token="s3cr3t")
+    ok = (("authorization", "Bearer s3cr3t"),)
+    await handle.stub.CreateJob(
+        job_service_pb2.CreateJobRequest(job_id="m", job=job_pb2.Job(kind=job_pb2.JOB_KIND_BATCH)),
+        metadata=ok,
+    )
+    body = {"jobId": "m", "status": "success", "outputKey": "o", "callbackSecret": BATCH_SECRET}
+    try:
+        env = {"JOBWIRE_GRPC_TOKEN": "not-the-service-token"}
+        async with (
+            aiohttp.ClientSession() as http,
+            cli_bridge_process(handle.target, tmp_path, **env) as bridge,
+        ):
+            async with http.post(f"{bridge.url}/api/batch-callback", json=body) as reply:
+                assert reply.status == 503, await reply.text()
+                assert "Retry-After" in reply.headers
+            video = {"Authorization": f"Bearer {API_KEY}"}
+            async with http.get(f"{bridge.url}/api/pending", headers=video) as reply:
+                assert reply.status == 503, await reply.text()
+            async with http.get(f"{bridge.url}/readyz") as reply:
+                assert reply.status == 503
+                assert (await reply.json())["reason"] == "the service refused JOBWIRE_GRPC_TOKEN"
+            log = bridge.log()
+            assert "the service refused the bridge's JOBWIRE_GRPC_TOKEN" in log, log
+            assert "not-the-service-token" not in log
+        job = await handle.stub.GetJob(job_service_pb2.GetJobRequest(id="m"), metadata=ok)
+        assert job.state == job_pb2.JOB_STATE_QUEUED
+    finally:
+        await handle.close()
