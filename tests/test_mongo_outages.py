@@ -20,7 +20,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from pymongo import AsyncMongoClient
 
-from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
+from jobwire.v1 import event_pb2, job_pb2, job_service_pb2, log_pb2
 from service.config import Settings
 from service.store.factory import open_store
 from service.store.mongo import MongoStore
@@ -36,6 +36,7 @@ from tests.helpers import (
     read_all,
 )
 from tests.mongo_server import FerretDBProcess, require_ferretdb
+from tests.mongo_wire_faults import WriteConcernFaults
 from tests.tcp_cutter import TcpCutter
 
 # A server restarted or a password rotated: the service heals within this.
@@ -416,4 +417,85 @@ async def test_a_frozen_database_bounds_every_call_and_the_service_recovers(
         if frozen and server.pid is not None:
             os.kill(server.pid, signal.SIGCONT)
         await handle.close()
+        server.cleanup()
+
+
+async def test_a_write_concern_not_met_is_unavailable_and_never_acknowledged(
+    tmp_path: Path,
+) -> None:
+    """The write reached the primary, the write concern (w=majority, a tag) was not met:
+    a replica set without its secondaries, a failover, a tag it does not know. Such a
+    write may be rolled back, so it is not durable. Was: ReportEvent, BatchReportEvents
+    and ClaimJob (a bulk write's `writeConcernErrors`) acknowledged OK, CreateJob and
+    WriteLog (the driver's WriteConcernError) UNKNOWN with a traceback. Now each is
+    UNAVAILABLE naming the write concern, and an event of such a write that stays
+    reaches the streams once, as one whose reply was lost does."""
+    _own_ferretdb()
+    server = FerretDBProcess(require_ferretdb(), base_dir=tmp_path / "ferretdb")
+    server.start()
+    faults = await WriteConcernFaults(server.port).start()
+    store = MongoStore(faults.uri, policy=make_policy(), database="write_concern")
+    handle = await start_service(store, lease_sweep_seconds=0.05)
+    try:
+        stub = handle.stub
+        await create(stub, job_id="j")
+        await create(stub, job_id="k")
+        await create(stub, job_id="queued")
+        watch = stub.WatchJob(job_service_pb2.WatchJobRequest(id="j"))
+        assert (await read(watch)).HasField("snapshot")
+        calls: list[tuple[str, str, Callable[[], Awaitable[Any]]]] = [
+            ("update", "ReportEvent", lambda: stub.ReportEvent(progress("j", 10), timeout=10)),
+            (
+                "update",
+                "BatchReportEvents",
+                lambda: stub.BatchReportEvents(
+                    job_service_pb2.BatchReportEventsRequest(requests=[progress("k", 5)]),
+                    timeout=10,
+                ),
+            ),
+            (
+                "update",
+                "ClaimJob",
+                lambda: stub.ClaimJob(
+                    job_service_pb2.ClaimJobRequest(
+                        kind=job_pb2.JOB_KIND_GENERIC,
+                        worker_id="w",
+                        lease_duration=Duration(seconds=60),
+                    ),
+                    timeout=10,
+                ),
+            ),
+            ("insert", "CreateJob", lambda: create(stub, job_id="new")),
+            (
+                "insert",
+                "WriteLog",
+                lambda: stub.WriteLog(
+                    job_service_pb2.WriteLogRequest(
+                        entry=log_pb2.LogEntry(
+                            job_id="j", level=log_pb2.LOG_LEVEL_INFO, message="line"
+                        )
+                    ),
+                    timeout=10,
+                ),
+            ),
+        ]
+        for command, name, call in calls:
+            faults.command = (command, "logs" if name == "WriteLog" else "jobs")
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call()
+            faults.command = None
+            details = refused.value.details() or ""
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, (name, details)
+            assert "write concern" in details, (name, details)
+
+        # The update stayed on the server: the retry is a duplicate, the event streamed once.
+        retried = await stub.ReportEvent(progress("j", 10), timeout=10)
+        assert retried.duplicate and retried.sequence == 1, retried
+        assert (await read(watch, timeout=10)).event.sequence == 1
+        await stub.ReportEvent(completed("j"), timeout=10)
+        rest = await read_all(watch, timeout=10)
+        assert [item.event.sequence for item in rest] == [2]
+    finally:
+        await handle.close()
+        await faults.close()
         server.cleanup()

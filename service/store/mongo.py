@@ -55,6 +55,7 @@ from pymongo.errors import (
     ExecutionTimeout,
     OperationFailure,
     PyMongoError,
+    WriteConcernError,
     WTimeoutError,
 )
 
@@ -138,8 +139,9 @@ _ENDED = sorted(TERMINAL_STATES)
 
 @contextlib.contextmanager
 def _guard(what: str) -> Iterator[None]:
-    """Turns the driver's connection errors, timeouts and refused credentials into
-    StorageUnavailable (UNAVAILABLE: the caller retries once MongoDB is back or fixed)."""
+    """Turns the driver's connection errors, timeouts, unmet write concerns and refused
+    credentials into StorageUnavailable (UNAVAILABLE: the caller retries once MongoDB is
+    back or fixed)."""
     try:
         yield
     except DomainError:
@@ -147,6 +149,13 @@ def _guard(what: str) -> Iterator[None]:
     except _UNAVAILABLE as exc:
         raise StorageUnavailable(f"MongoDB unavailable ({what}): {_describe(exc)}") from exc
     except OperationFailure as exc:
+        concern = _write_concern_error(exc)
+        if concern is not None:
+            # The write reached the primary but its write concern was not met (no
+            # majority, a failover, an unknown tag): it may be rolled back, not durable.
+            raise StorageUnavailable(
+                f"MongoDB did not confirm the write concern ({what}): {concern}"
+            ) from exc
         # Credentials refused (a rotated password, a dropped user) or a cursor lost in a
         # restart: retryable once the operator or the server has fixed it, not a bug.
         if exc.code in _AUTH_CODES:
@@ -165,6 +174,21 @@ def _guard(what: str) -> Iterator[None]:
     except PyMongoError as exc:
         _raise_if_timeout(exc, what)
         raise
+
+
+def _write_concern_error(exc: OperationFailure) -> str | None:
+    """The server's write concern error of a write (a bulk write's last), if any."""
+    if isinstance(exc, WriteConcernError):
+        details = exc.details or {}
+    elif isinstance(exc, BulkWriteError):
+        errors = (exc.details or {}).get("writeConcernErrors") or []
+        if not errors:
+            return None
+        details = errors[-1]
+    else:
+        return None
+    name = details.get("codeName") or details.get("code") or exc.code
+    return f"{name}: {str(details.get('errmsg') or exc)[:300]}"
 
 
 def _raise_if_timeout(exc: PyMongoError, what: str) -> None:
@@ -922,8 +946,8 @@ class MongoStore:
                 result = await self.jobs.bulk_write(ops, ordered=False)
             matched = result.matched_count
         except BulkWriteError as exc:
-            if exc.timeout:
-                raise
+            if exc.timeout or exc.details.get("writeConcernErrors"):
+                raise  # not durable: the caller marks the writes in doubt
             matched = int(exc.details.get("nMatched", 0))
             failed = {int(e["index"]): e for e in exc.details.get("writeErrors", [])}
         conflicted: list[_Plan] = []
