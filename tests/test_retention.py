@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import os
 import sqlite3
 import time
 import uuid
@@ -40,6 +41,8 @@ from tests.bridge_harness import (
 )
 from tests.conftest import ServiceHandle, make_policy, open_test_store, start_service
 from tests.helpers import WAIT, completed, create, eventually, failed, progress, until
+from tests.mongo_server import FerretDBProcess, require_ferretdb
+from tests.tcp_cutter import TcpCutter
 
 QUEUED, RUNNING = job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING
 GENERIC = job_pb2.JOB_KIND_GENERIC
@@ -492,6 +495,60 @@ async def test_a_cut_short_mongodb_deletion_spares_a_new_job_of_that_id(
         assert await mongo_store.database[DELETIONS].count_documents({}) == 0
     finally:
         await service.close()
+
+
+@pytest.mark.parametrize("made_by", ["CreateJob", "a late AuroraCloud report"])
+async def test_a_job_made_after_a_delete_job_cut_short_shows_nothing_of_the_old_one(
+    tmp_path: Path, made_by: str
+) -> None:
+    """MongoDB lost in the middle of DeleteJob, after the job's document went and before
+    its artifacts and lines: UNAVAILABLE, the retry NOT_FOUND, the mark left for the
+    housekeeping pass (60 s after start, then every 6 h; the retention sweep when on).
+    A job made again under that id meanwhile listed the deleted job's log lines (and
+    artifacts) as its own until then. Making it now finishes that deletion first."""
+    if os.environ.get("MONGODB_URI"):
+        pytest.skip("needs a FerretDB this test controls; MONGODB_URI names an external server")
+    server = FerretDBProcess(require_ferretdb(), base_dir=tmp_path / "ferretdb")
+    server.start()
+    cutter = await TcpCutter(server.port).start()
+    store = MongoStore(f"mongodb://127.0.0.1:{cutter.port}/", policy=make_policy(), database="cut")
+    service = await start_service(store)
+    try:
+        await _a_job_with_everything(service, "again")
+        # The reply to the artifacts' files deletion is held, then the connection cut.
+        cutter.hold_after = b"\x02delete\x00\x10\x00\x00\x00artifacts.files\x00"
+        deleting = asyncio.ensure_future(
+            service.stub.DeleteJob(job_service_pb2.DeleteJobRequest(id="again"), timeout=30)
+        )
+        await until(lambda: cutter.hold or deleting.done())
+        cutter.cut()
+        with pytest.raises(grpc.aio.AioRpcError) as cut:
+            await deleting
+        assert cut.value.code() == grpc.StatusCode.UNAVAILABLE, cut.value.details()
+        assert not await _exists(service, "again")
+
+        if made_by == "CreateJob":
+            await create(service.stub, job_id="again")
+        else:
+            late = job_service_pb2.ReportEventRequest(
+                job_id="again",
+                idempotency_key="aurora:again:done",
+                create_kind=job_pb2.JOB_KIND_TRANSCODE,
+                completed=job_pb2.Result(output_key="s3://out/again.mp4"),
+            )
+            await service.stub.ReportEvent(late)
+        assert await _logs(service, "again") == []
+        listed = await service.stub.ListArtifacts(
+            job_service_pb2.ListArtifactsRequest(job_id="again")
+        )
+        assert list(listed.artifacts) == []
+        assert await store.database[DELETIONS].count_documents({}) == 0
+        await _log(service, "again", "the new job's line")  # its own are kept
+        assert await _logs(service, "again") == ["the new job's line"]
+    finally:
+        await service.close()
+        await cutter.close()
+        server.cleanup()
 
 
 async def _create_queued(store: Store, job_id: str) -> None:

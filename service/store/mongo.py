@@ -735,6 +735,7 @@ class MongoStore:
 
     async def create(self, record: JobRecord) -> None:
         with _guard("create"):
+            await self._finish_marked([record.job.id])
             try:
                 async with self._writing():
                     await self.jobs.insert_one(codec.job_document(record, {}))
@@ -791,6 +792,10 @@ class MongoStore:
                     if attempt:
                         await asyncio.sleep(_backoff(attempt))
                     docs = await self._load([p.job_id for p in pending])
+                    if not attempt:  # ids whose job may be made now (AuroraCloud)
+                        await self._finish_marked(
+                            [p.job_id for p in pending if p.job_id not in docs]
+                        )
                     # One clock reading per commit, as in the embedded store: jobs that
                     # one batch creates share a create time (ListJobs/ClaimJob order).
                     now_ns = time.time_ns()
@@ -1594,6 +1599,17 @@ class MongoStore:
         async with self._writing():
             await self.database[DELETIONS].delete_many({"_id": {"$in": ids}})
         return ended
+
+    async def _finish_marked(self, job_ids: Sequence[str]) -> None:
+        """Finishes a deletion of these ids that was cut short (MongoDB lost mid-way, a
+        crash) before a job of one is made: until the housekeeping pass (up to 6 h) the
+        new job listed the deleted one's log lines and artifacts as its own."""
+        if not job_ids:
+            return
+        cursor = self.database[DELETIONS].find({"_id": {"$in": list(job_ids)}}, {"ns": 1})
+        marks = {str(doc["_id"]): int(doc.get("ns", 0)) async for doc in cursor}
+        if marks:
+            await self._finish(marks)
 
     async def _deleted(self, job_id: str) -> bool:
         """The job is gone, or being deleted (marked after it was made, see _finish)."""
