@@ -15,7 +15,7 @@ import grpc
 
 from .admission import WatchAdmission
 from .config import Settings
-from .domain.errors import DomainError
+from .domain.errors import DomainError, StorageUnavailable
 from .feed import FeedRelay
 from .jobs import Jobs
 from .logs import JOB_ID, REQUEST_ID
@@ -95,6 +95,10 @@ async def _start_feed(settings: Settings, store: Store, jobs: Jobs) -> FeedRelay
         return None
     try:
         await feed.open()
+    except StorageUnavailable:
+        # MongoDB lost just then: fail the start as a moment earlier would have. Running
+        # on without the feed, this replica's watchers never saw the others' events.
+        raise
     except (FeedUnsupported, DomainError) as err:
         log.warning(
             "live progress is not shared across service replicas: the event feed cannot "

@@ -20,11 +20,13 @@ import grpc
 import pytest
 
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
+from service.domain.errors import StorageUnavailable
 from service.store.embedded import EmbeddedStore
 from service.store.mongo import MongoStore
 from tests.conftest import ServiceHandle, make_policy, start_service
 from tests.helpers import completed, create, progress, read, read_all, until
 from tests.mongo_server import FerretDBProcess, require_ferretdb
+from tests.tcp_cutter import TcpCutter
 
 MAX_DELAY = 0.100  # seconds from ReportEvent returning on A to the event arriving on B
 EVENTS = 30
@@ -289,3 +291,34 @@ async def test_a_watch_whose_job_is_deleted_unseen_ends_with_not_found(
     finally:
         await b.close()
         await a.close()
+
+
+async def test_mongodb_lost_as_the_feed_is_opened_stops_the_start(tmp_path: Path) -> None:
+    """MongoDB lost while a starting replica creates its event feed: the start fails
+    (`jobwire serve`: "cannot start: MongoDB unavailable (feed)", exit 1, and the
+    supervisor starts it again), as when MongoDB is lost a moment earlier. Was: the
+    replica logged that live progress is not shared across replicas and ran on
+    without the feed and without resyncing its watchers, so a WatchJob on it never saw
+    what workers reported through the other replicas, until it was restarted."""
+    server = FerretDBProcess(require_ferretdb(), base_dir=tmp_path / "ferretdb")
+    server.start()
+    cutter = await TcpCutter(server.port).start()
+    store = MongoStore(f"mongodb://127.0.0.1:{cutter.port}/", policy=make_policy(), database="f")
+    cutter.hold_after = b"\x02create\x00\x05\x00\x00\x00feed\x00"  # its capped collection
+
+    async def cut_when_held() -> None:
+        await until(lambda: cutter.hold, timeout=30)
+        cutter.cut()
+
+    cutting = asyncio.ensure_future(cut_when_held())
+    try:
+        with pytest.raises(StorageUnavailable) as failed:
+            handle = await start_service(store, event_feed=True)
+            await handle.close()
+        assert "MongoDB unavailable (feed)" in failed.value.message
+        await cutting
+    finally:
+        cutting.cancel()
+        await store.close()
+        await cutter.close()
+        server.cleanup()
