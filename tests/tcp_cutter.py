@@ -19,6 +19,10 @@ class TcpCutter:
         # When set: `hold` turns on by itself once these bytes pass towards the service
         # (e.g. a MongoDB command name), so that request's reply is held, not earlier ones.
         self.hold_after: bytes | None = None
+        # Likewise, but the replies are kept, not dropped: `release()` delivers them.
+        self.pause_after: bytes | None = None
+        self.paused = False
+        self._kept: dict[asyncio.StreamWriter, bytearray] = {}
         self.connections = 0
         self._open: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
         self._stalled: set[asyncio.StreamWriter] = set()
@@ -42,6 +46,13 @@ class TcpCutter:
             client.transport.abort()
             service.transport.abort()
         self._open.clear()
+
+    def release(self) -> None:
+        """Delivers the replies `pause_after` kept back, and relays normally again."""
+        self.paused = False
+        for writer, data in self._kept.items():
+            writer.write(bytes(data))
+        self._kept.clear()
 
     def stall_open(self) -> None:
         """The connections open now go silent (nothing more reaches their clients, and
@@ -77,9 +88,14 @@ class TcpCutter:
             while data := await reader.read(65536):
                 if held and (self.hold or writer in self._stalled):
                     continue  # kept from the client; cut() drops the connection
+                if held and self.paused:
+                    self._kept.setdefault(writer, bytearray()).extend(data)
+                    continue
                 writer.write(data)
                 await writer.drain()
                 if not held and self.hold_after is not None and self.hold_after in data:
                     self.hold_after, self.hold = None, True
+                if not held and self.pause_after is not None and self.pause_after in data:
+                    self.pause_after, self.paused = None, True
         with contextlib.suppress(ConnectionError, OSError, RuntimeError):
             writer.close()

@@ -34,6 +34,7 @@ from tests.helpers import (
     progress,
     read,
     read_all,
+    until,
 )
 from tests.mongo_server import FerretDBProcess, require_ferretdb
 from tests.mongo_wire_faults import WriteConcernFaults
@@ -498,4 +499,70 @@ async def test_a_write_concern_not_met_is_unavailable_and_never_acknowledged(
     finally:
         await handle.close()
         await faults.close()
+        server.cleanup()
+
+
+async def test_a_batch_cut_off_after_a_lost_race_still_streams_what_it_wrote(
+    tmp_path: Path,
+) -> None:
+    """A group commit writes A and B; B's conditional update loses a race (another
+    replica changed B), and MongoDB is lost as B is read again for the next round. The
+    call is UNAVAILABLE, but A's update of the first round is in the database: the
+    worker's retry is a duplicate. Was: A's event reached no stream (it was neither
+    published nor in doubt, so a COMPLETED lost this way left WatchJob open for good);
+    now it is settled as a write whose answer was lost, and streamed once."""
+    _own_ferretdb()
+    server = FerretDBProcess(require_ferretdb(), base_dir=tmp_path / "ferretdb")
+    server.start()
+    cutter = await TcpCutter(server.port).start()
+    store = MongoStore(
+        f"mongodb://127.0.0.1:{cutter.port}/",
+        policy=make_policy(),
+        database="lost_race",
+        timeout_ms=1500,
+    )
+    # No sweep reads the jobs meanwhile (the cutter picks requests by their bytes).
+    handle = await start_service(store, lease_sweep_seconds=3600)
+    direct: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(server.uri)
+    try:
+        stub = handle.stub
+        await create(stub, job_id="a")
+        await create(stub, job_id="b")
+        watch = stub.WatchJob(job_service_pb2.WatchJobRequest(id="a"))
+        assert (await read(watch)).HasField("snapshot")
+
+        cutter.pause_after = b"\x02find\x00\x05\x00\x00\x00jobs\x00"  # the round's read
+        batch = asyncio.ensure_future(
+            stub.BatchReportEvents(
+                job_service_pb2.BatchReportEventsRequest(
+                    requests=[completed("a"), progress("b", 5)]
+                ),
+                timeout=30,
+            )
+        )
+        await until(lambda: cutter.paused or batch.done())
+        # Another writer changes b between the read and the update: b's update loses.
+        jobs = direct["lost_race"]["jobs"]
+        await jobs.update_one({"_id": "b"}, {"$set": {"seq": -1}})
+        cutter.hold_after = b"singleBatch"  # the next round's read of b alone
+        cutter.release()
+        # Every reply held from then on (the driver retries a read on a new connection
+        # for as long as its budget lasts): the read times out.
+        await until(lambda: cutter.hold or batch.done())
+        with pytest.raises(grpc.aio.AioRpcError) as lost:
+            await batch
+        cutter.cut()
+        assert lost.value.code() == grpc.StatusCode.UNAVAILABLE, lost.value.details()
+        assert (await jobs.find_one({"_id": "a"}, {"seq": 1}) or {}).get("seq") == 1
+
+        retried = await stub.ReportEvent(completed("a"), timeout=10)
+        assert retried.duplicate and retried.sequence == 1, retried
+        rest = await read_all(watch, timeout=10)
+        assert [(i.event.sequence, i.event.type) for i in rest] == [
+            (1, event_pb2.EVENT_TYPE_COMPLETED)
+        ]
+    finally:
+        await direct.close()
+        await handle.close()
+        await cutter.close()
         server.cleanup()

@@ -786,35 +786,47 @@ class MongoStore:
             plans.setdefault(command.job_id, _Plan(command.job_id, [])).indices.append(index)
         results: list[Change | DomainError | None] = [None] * len(commands)
         pending = list(plans.values())
+        written: list[_Plan] = []  # whose write landed in a round
         async with _LOCKS.hold(self._lock_key(job_id) for job_id in plans):
             with _guard("apply"):
-                for attempt in range(MAX_ATTEMPTS):
-                    if attempt:
-                        await asyncio.sleep(_backoff(attempt))
-                    docs = await self._load([p.job_id for p in pending])
-                    if not attempt:  # ids whose job may be made now (AuroraCloud)
-                        await self._finish_marked(
-                            [p.job_id for p in pending if p.job_id not in docs]
-                        )
-                    # One clock reading per commit, as in the embedded store: jobs that
-                    # one batch creates share a create time (ListJobs/ClaimJob order).
-                    now_ns = time.time_ns()
-                    for plan in pending:
-                        self._compute(plan, commands, docs.get(plan.job_id), now_ns)
-                    try:
-                        conflicted = await self._write(pending)
-                    except BaseException:
-                        self._doubt(pending)  # the write may have landed: settled later
-                        raise
-                    for plan in pending:
-                        if plan not in conflicted:
-                            for index, outcome in plan.results.items():
-                                results[index] = outcome
-                                if isinstance(outcome, Applied) and outcome.event.state == _QUEUED:
-                                    self._requeued(outcome.event.kind)
-                    pending = conflicted
-                    if not pending:
-                        break
+                try:
+                    for attempt in range(MAX_ATTEMPTS):
+                        if attempt:
+                            await asyncio.sleep(_backoff(attempt))
+                        docs = await self._load([p.job_id for p in pending])
+                        if not attempt:  # ids whose job may be made now (AuroraCloud)
+                            await self._finish_marked(
+                                [p.job_id for p in pending if p.job_id not in docs]
+                            )
+                        # One clock reading per commit, as in the embedded store: jobs that
+                        # one batch creates share a create time (ListJobs/ClaimJob order).
+                        now_ns = time.time_ns()
+                        for plan in pending:
+                            self._compute(plan, commands, docs.get(plan.job_id), now_ns)
+                        try:
+                            conflicted = await self._write(pending)
+                        except BaseException:
+                            self._doubt(pending)  # the write may have landed: settled later
+                            raise
+                        for plan in pending:
+                            if plan not in conflicted:
+                                written.append(plan)
+                                for index, outcome in plan.results.items():
+                                    results[index] = outcome
+                                    if (
+                                        isinstance(outcome, Applied)
+                                        and outcome.event.state == _QUEUED
+                                    ):
+                                        self._requeued(outcome.event.kind)
+                        pending = conflicted
+                        if not pending:
+                            break
+                except BaseException:
+                    # Written in an earlier round (durable), yet the call fails: MongoDB
+                    # lost in a later round. Their retries are duplicates, so their events
+                    # are published once settled, as those of a lost reply are.
+                    self._doubt(written)
+                    raise
             await self._log(results)
         for plan in pending:
             for index in plan.indices:
