@@ -566,3 +566,33 @@ async def test_a_batch_cut_off_after_a_lost_race_still_streams_what_it_wrote(
         await handle.close()
         await cutter.close()
         server.cleanup()
+
+
+async def test_a_write_concern_the_server_cannot_meet_stops_the_start_with_one_line(
+    tmp_path: Path,
+) -> None:
+    """JOBWIRE_MONGODB_W names a tag the replica set does not have (MongoDB answers each
+    write with writeConcernError 79): `jobwire serve` stops with one line naming the
+    write concern and exit status 1. Was a 60-line WriteConcernError traceback."""
+    _own_ferretdb()
+    server = FerretDBProcess(require_ferretdb(), base_dir=tmp_path / "ferretdb")
+    server.start()
+    faults = await WriteConcernFaults(server.port).start()
+    faults.command = ("update", "firehose_origins")  # the start's first write
+    faults.code, faults.errmsg = 79, "No write concern mode named 'dc-east' found"
+    try:
+        env = {
+            "MONGODB_URI": faults.uri,
+            "JOBWIRE_MONGODB_W": "dc-east",
+            "JOBWIRE_GRPC_ADDR": "127.0.0.1:0",
+            "JOBWIRE_METRICS_ADDR": "",
+            "JOBWIRE_DATA_DIR": str(tmp_path / "data"),
+            "JOBWIRE_LOG_FORMAT": "text",
+        }
+        code, out, err = await cli_result("serve", env=env, timeout=60)
+    finally:
+        await faults.close()
+        server.cleanup()
+    assert code == 1, (out, err)
+    assert "cannot start: MongoDB did not confirm the write concern (start)" in err, err
+    assert "dc-east" in err and "Traceback" not in out + err
