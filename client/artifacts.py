@@ -19,6 +19,10 @@ from jobwire.v1 import artifact_pb2, job_service_pb2
 from .errors import JobwireError, translate
 from .retry import RETRYABLE, Ready, RetryPolicy, Sleep, say_if_closed
 
+# A read is idempotent, so it is tried again also when the service says the artifact
+# was replaced under it (ABORTED, "... was replaced; read it again").
+READ_RETRYABLE = RETRYABLE | {grpc.StatusCode.ABORTED}
+
 CHUNK = 1024 * 1024  # 1 MiB per message, as the API recommends
 MAX_CHUNK = 4 * 1024 * 1024 - 1024  # the service's 4 MiB message limit, less framing
 
@@ -112,7 +116,8 @@ class ArtifactStream:
     """One artifact's content: `async for chunk in stream`, or `await stream.save(path)`.
 
     `artifact` (its metadata) is set once the first message has arrived. Iterating
-    retries UNAVAILABLE only before the first chunk (a read cannot resume mid-way);
+    retries UNAVAILABLE, CANCELLED and ABORTED (replaced under the read) only before the
+    first chunk (a read cannot resume mid-way);
     `save` starts the file over instead, so it retries at any point. Before a repeat
     it waits for the channel to connect, as the client's other calls do.
     """
@@ -166,7 +171,7 @@ class ArtifactStream:
                 return
             except grpc.aio.AioRpcError as err:
                 attempt += 1
-                if started or err.code() not in RETRYABLE or attempt >= attempts:
+                if started or err.code() not in READ_RETRYABLE or attempt >= attempts:
                     raise translate(err) from None
             except asyncio.CancelledError:
                 say_if_closed(self._stub)
@@ -188,7 +193,7 @@ class ArtifactStream:
                     break
                 except JobwireError as err:
                     attempt += 1
-                    if err.code not in RETRYABLE or attempt >= self._policy.attempts:
+                    if err.code not in READ_RETRYABLE or attempt >= self._policy.attempts:
                         raise
                 await self._backoff(attempt - 1)
             partial.replace(target)

@@ -557,6 +557,32 @@ async def test_saving_an_artifact_tries_as_often_as_the_policy_says(tmp_path: Pa
         await down.stop(0)
 
 
+async def test_an_artifact_replaced_under_a_read_is_read_again(
+    service: ServiceHandle, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A read that a replacement overtakes is ABORTED by the service ("... was replaced;
+    read it again"): a read is idempotent, yet the client raised it to the caller. Now
+    it reads again: `save()` at any point (it starts the file over), iteration while no
+    chunk was yielded (a read cannot resume mid-way)."""
+    content = os.urandom(3 * MiB + 7)
+    async with client(proxy.target) as c:
+        await c.create_job("EXTRACTION", job_id="re-1")
+        await c.upload_artifact("re-1", "images.zip", content)
+        # header and one chunk written, then the replacement: the file is started over
+        proxy.abort_next_stream("ReadArtifact", 2, grpc.StatusCode.ABORTED)
+        await c.read_artifact("re-1", "images.zip").save(tmp_path / "copy.zip")
+        assert (tmp_path / "copy.zip").read_bytes() == content
+        assert proxy.calls["ReadArtifact"] == 2
+        proxy.abort_next_stream("ReadArtifact", 0, grpc.StatusCode.ABORTED)
+        assert b"".join([chunk async for chunk in c.read_artifact("re-1", "images.zip")]) == content
+        assert proxy.calls["ReadArtifact"] == 4
+        # once chunks were yielded, iteration cannot start over unseen: it says so
+        proxy.abort_next_stream("ReadArtifact", 2, grpc.StatusCode.ABORTED)
+        with pytest.raises(JobwireError) as err:
+            _ = [chunk async for chunk in c.read_artifact("re-1", "images.zip")]
+        assert err.value.code == grpc.StatusCode.ABORTED
+
+
 async def test_report_progress_retried_after_a_lost_reply_is_applied_once(
     service: ServiceHandle, proxy: FaultProxy
 ) -> None:
