@@ -17,10 +17,18 @@ import reprlib
 import secrets
 import uuid
 from asyncio import FIRST_COMPLETED
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2, struct_pb2
@@ -36,7 +44,7 @@ from jobwire.v1 import (
 
 from .artifacts import CHUNK, MAX_CHUNK, ArtifactStream, Source, replayable, upload
 from .channel import TLS, check_token, open_channel, reconnect_wait, token_from_env
-from .errors import ArgumentError, ClientConfigError
+from .errors import ArgumentError, ArgumentTypeError, ClientConfigError
 from .retry import Backoff, RetryPolicy, call_with_retry, positive_seconds, say_if_closed
 from .watch import JobsWatch, JobWatch, OnReconnect, OnRetry
 
@@ -185,7 +193,8 @@ class Client:
         and the callback token are chosen here, so a retry after a lost reply gets
         the job the first attempt made, with the same token, not ALREADY_EXISTS.
         """
-        job = job_pb2.Job(kind=kind_value(kind), labels=dict(labels or {}), video=video)
+        _texts(job_id=job_id)
+        job = job_pb2.Job(kind=kind_value(kind), labels=_labels(labels), video=video)
         if progress_deadline is not None:
             job.progress_deadline.CopyFrom(_duration(progress_deadline, "progress_deadline"))
         if stall_fail_after is not None:
@@ -198,6 +207,7 @@ class Client:
         return await self._unary(self._stub.CreateJob, request, timeout)
 
     async def get_job(self, job_id: str, *, timeout: float | None = None) -> job_pb2.Job:
+        _texts(job_id=job_id)
         request = job_service_pb2.GetJobRequest(id=job_id)
         return await self._unary(self._stub.GetJob, request, timeout)
 
@@ -247,12 +257,14 @@ class Client:
     ) -> job_service_pb2.ListJobsResponse:
         """One page of ListJobs (`list_jobs` iterates them all); a `page_token` goes
         with the order that gave it."""
+        _ints(page_size=page_size)
+        _texts(page_token=page_token)
         request = job_service_pb2.ListJobsRequest(
             page_size=page_size,
             page_token=page_token,
             states=[state_value(s) for s in states],
             kind=kind_value(kind),
-            labels=dict(labels or {}),
+            labels=_labels(labels),
             newest_first=newest_first,
         )
         return await self._unary(self._stub.ListJobs, request, timeout)
@@ -262,6 +274,7 @@ class Client:
     ) -> job_pb2.Job:
         """Cancels a job that has not ended. Not retried (a repeat of an applied cancel
         would report FAILED_PRECONDITION)."""
+        _texts(job_id=job_id, reason=reason)
         request = job_service_pb2.CancelJobRequest(id=job_id, reason=reason)
         return await self._unary(self._stub.CancelJob, request, timeout, retry=False)
 
@@ -269,6 +282,7 @@ class Client:
         """Deletes a job that has ended, with its events, log lines and artifacts;
         `FailedPrecondition` while it has not, `NotFound` when there is none. Not retried (a
         repeat of an applied delete would report NOT_FOUND)."""
+        _texts(job_id=job_id)
         request = job_service_pb2.DeleteJobRequest(id=job_id)
         await self._unary(self._stub.DeleteJob, request, timeout, retry=False)
 
@@ -282,6 +296,7 @@ class Client:
     ) -> job_pb2.Job | None:
         """The oldest QUEUED job of `kind`, now RUNNING and leased to you; None when
         nothing is queued. Not retried (a repeat could claim a second job)."""
+        _texts(worker_id=worker_id)
         request = job_service_pb2.ClaimJobRequest(kind=kind_value(kind), worker_id=worker_id)
         if lease is not None:
             request.lease_duration.CopyFrom(_duration(lease, "lease"))
@@ -308,6 +323,11 @@ class Client:
         client's retries, so a retried report is applied once. Without `percent` the
         job keeps its percent (or takes media_time / media_duration when both are known);
         it was reset to 0 by a report of a message alone."""
+        _texts(phase=phase, message=message)
+        if percent is not None and (
+            isinstance(percent, bool) or not isinstance(percent, int | float)
+        ):
+            _wrong("percent", "a number (or None)", percent)
         progress = job_pb2.Progress(percent=percent or 0.0, phase=phase, message=message)
         if media_time is not None:
             progress.media_time.CopyFrom(_duration(media_time, "media_time"))
@@ -333,6 +353,9 @@ class Client:
         timeout: float | None = None,
     ) -> job_service_pb2.ReportEventResponse:
         """Reports success (SUCCEEDED), with `result` or the fields given here."""
+        _texts(message=message, output_key=output_key, output_uri=output_uri)
+        if result is not None and not isinstance(result, job_pb2.Result):
+            _wrong("result", "a jobwire.v1.job_pb2.Result", result)
         request = self._event(job_id, idempotency_key, callback_token, event_time)
         if result is not None:
             request.completed.CopyFrom(result)
@@ -361,6 +384,7 @@ class Client:
         timeout: float | None = None,
     ) -> job_service_pb2.ReportEventResponse:
         """Reports failure (FAILED) with a machine-readable `code`."""
+        _texts(code=code, message=message)
         request = self._event(job_id, idempotency_key, callback_token, event_time)
         request.failed.code = code
         request.failed.message = message
@@ -381,11 +405,14 @@ class Client:
     def _event(
         self, job_id: str, key: str | None, token: str, when: datetime | None
     ) -> job_service_pb2.ReportEventRequest:
+        _texts(job_id=job_id, callback_token=token)
+        if key is not None:
+            _texts(idempotency_key=key)
         request = job_service_pb2.ReportEventRequest(
             job_id=job_id, idempotency_key=key or new_idempotency_key(), callback_token=token
         )
         if when is not None:
-            request.event_time.FromDatetime(when)
+            request.event_time.FromDatetime(_datetime(when, "event_time"))
         return request
 
     async def list_job_events(
@@ -399,6 +426,8 @@ class Client:
         """The job's retained events after `from_sequence` (and a `gap` when older ones
         are gone). `page_size` 0: all that fit in one answer (the newest when they do
         not); 1-1000: at most that many, oldest first, and `more` when others follow."""
+        _texts(job_id=job_id)
+        _ints(from_sequence=from_sequence, page_size=page_size)
         request = job_service_pb2.ListJobEventsRequest(
             job_id=job_id, from_sequence=from_sequence, page_size=page_size
         )
@@ -443,9 +472,12 @@ class Client:
         """Stores a log line (an ERROR line fails a running job). Retried like an event
         report: the idempotency key (generated when not given) makes a repeat after a
         lost reply `duplicate`, so the line is stored once."""
+        _texts(message=message, job_id=job_id, callback_token=callback_token)
+        if idempotency_key is not None:
+            _texts(idempotency_key=idempotency_key)
         entry = log_pb2.LogEntry(job_id=job_id, level=level_value(level), message=message)
         if time is not None:
-            entry.time.FromDatetime(time)
+            entry.time.FromDatetime(_datetime(time, "time"))
         request = job_service_pb2.WriteLogRequest(
             entry=entry,
             callback_token=callback_token,
@@ -464,6 +496,8 @@ class Client:
         timeout: float | None = None,
     ) -> list[log_pb2.LogEntry]:
         """Log lines, newest first."""
+        _texts(job_id=job_id, callback_token=callback_token)
+        _ints(limit=limit)
         request = job_service_pb2.ListLogsRequest(
             job_id=job_id, level=level_value(level), limit=limit, callback_token=callback_token
         )
@@ -500,6 +534,10 @@ class Client:
                 f"chunk_size must be 1 to {MAX_CHUNK} bytes (the service takes messages of"
                 f" up to 4 MiB), got {chunk_size!r}"
             )
+        _texts(job_id=job_id, name=name, content_type=content_type, callback_token=callback_token)
+        if not (replayable(source) or isinstance(source, AsyncIterable)):
+            # bytearray, a list of chunks: 'async for' refused it deep in the upload
+            _wrong("source", "a path, bytes or an async iterator of bytes", source)
         header = job_service_pb2.ArtifactHeader(
             job_id=job_id, name=name, content_type=content_type, callback_token=callback_token
         )
@@ -530,6 +568,7 @@ class Client:
         `await client.read_artifact(...).save(path)`."""
         if timeout is not None:
             positive_seconds("timeout", timeout)
+        _texts(job_id=job_id, name=name, callback_token=callback_token)
         request = job_service_pb2.ReadArtifactRequest(
             job_id=job_id, name=name, callback_token=callback_token
         )
@@ -545,6 +584,7 @@ class Client:
     async def list_artifacts(
         self, job_id: str, *, callback_token: str = "", timeout: float | None = None
     ) -> list[artifact_pb2.Artifact]:
+        _texts(job_id=job_id, callback_token=callback_token)
         request = job_service_pb2.ListArtifactsRequest(job_id=job_id, callback_token=callback_token)
         reply = await self._unary(self._stub.ListArtifacts, request, timeout)
         return list(reply.artifacts)
@@ -569,6 +609,8 @@ class Client:
         before each wait to reconnect, e.g. to say so on a screen, and `on_reconnect()`
         once the service answers again (a quiet job yields nothing then).
         """
+        _texts(job_id=job_id)
+        _ints(from_sequence=from_sequence)
         return JobWatch(
             lambda: self._stub,
             lambda job, after: self.list_job_events(job, after, page_size=EVENTS_PAGE),
@@ -700,6 +742,8 @@ def _enum_value(enum: Any, value: int | str, prefix: str, argument: str) -> int:
     """`value`, or the value a short or full name stands for; an unknown name is
     ArgumentError naming `argument` and the names it takes (protobuf's own ValueError
     named neither)."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        _wrong(argument, f"a name or a {enum.DESCRIPTOR.name} value", value)
     if not isinstance(value, str):
         return value
     upper = value.upper()
@@ -711,6 +755,42 @@ def _enum_value(enum: Any, value: int | str, prefix: str, argument: str) -> int:
             f"{argument} must be one of {', '.join(names)} (or the {enum.DESCRIPTOR.name} value),"
             f" got {value!r}"
         ) from None
+
+
+def _wrong(name: str, takes: str, value: object) -> NoReturn:
+    raise ArgumentTypeError(f"{name} must be {takes}, got {reprlib.repr(value)}")
+
+
+def _texts(**values: object) -> None:
+    """ArgumentTypeError naming the first of `values` that is not a str."""
+    for name, value in values.items():
+        if not isinstance(value, str):
+            _wrong(name, "a str", value)
+
+
+def _ints(**values: object) -> None:
+    """ArgumentTypeError naming the first of `values` that is not an int."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            _wrong(name, "an int", value)
+
+
+def _labels(labels: Mapping[str, str] | None) -> dict[str, str]:
+    """`labels` as a dict; ArgumentTypeError unless every key and value is a str
+    (protobuf's TypeError for {"n": 1} named nothing)."""
+    try:
+        out = dict(labels or {})
+    except (TypeError, ValueError):
+        _wrong("labels", "a mapping of str to str", labels)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in out.items()):
+        _wrong("labels", "a mapping of str to str", labels)
+    return out
+
+
+def _datetime(value: datetime, name: str) -> datetime:
+    if not isinstance(value, datetime):  # protobuf raised AttributeError for a str
+        _wrong(name, "a datetime", value)
+    return value
 
 
 def _struct(value: Mapping[str, Any], name: str) -> struct_pb2.Struct:

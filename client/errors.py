@@ -31,6 +31,12 @@ class ArgumentError(InvalidArgument, ValueError):
         super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+class ArgumentTypeError(ArgumentError, TypeError):
+    """An argument of the wrong type (`labels={"n": 1}`, a job id that is not a str),
+    named, with nothing sent. Also a TypeError, what protobuf raised before (naming no
+    argument: "bad argument type for built-in operation")."""
+
+
 class NotFound(JobwireError):
     """The job (or artifact) does not exist."""
 

@@ -284,6 +284,44 @@ async def test_bad_names_and_durations_raise_invalid_argument(service: ServiceHa
         assert list((await c.list_jobs_page()).jobs) == []
 
 
+async def test_arguments_of_the_wrong_type_raise_invalid_argument_naming_them(
+    service: ServiceHandle,
+) -> None:
+    """labels={"n": 1}, a job id that is not a str, a percent given as "50": protobuf
+    raised a bare TypeError ("bad argument type for built-in operation", naming no
+    argument), or AttributeError for a datetime given as a str. Each is now
+    InvalidArgument naming the argument (still a TypeError), and nothing is sent."""
+    bad: Any = 5
+    async with client(service.target) as c:
+        cases: list[tuple[Callable[[], Any], str]] = [
+            (lambda: c.create_job("GENERIC", labels={"n": bad}), "labels must be a mapping of "),
+            (lambda: c.create_job("GENERIC", labels={bad: "n"}), "labels must be a mapping of "),
+            (lambda: anext(c.list_jobs(labels={"n": bad})), "labels must be a mapping of str"),
+            (lambda: c.create_job(None), "kind must be a name or a JobKind value, got None"),  # type: ignore[arg-type]
+            (lambda: c.get_job(bad), "job_id must be a str, got 5"),
+            (lambda: c.cancel_job("j", bad), "reason must be a str, got 5"),
+            (lambda: c.claim_job("GENERIC", worker_id=bad), "worker_id must be a str"),
+            (lambda: c.report_progress("j", "50"), "percent must be a number"),  # type: ignore[arg-type]
+            (lambda: c.report_progress("j", 5, phase=bad), "phase must be a str, got 5"),
+            (lambda: c.report_progress("j", 5, idempotency_key=bad), "idempotency_key must be"),
+            (lambda: c.report_progress("j", 5, event_time="2020"), "event_time must be a datetime"),  # type: ignore[arg-type]
+            (lambda: c.complete("j", result={"output_key": "x"}), "result must be a jobwire."),  # type: ignore[arg-type]
+            (lambda: c.write_log(bad), "message must be a str, got 5"),
+            (lambda: c.list_logs(limit="3"), "limit must be an int, got '3'"),  # type: ignore[arg-type]
+            (lambda: c.list_job_events("j", "3"), "from_sequence must be an int"),  # type: ignore[arg-type]
+            (lambda: c.upload_artifact("j", "a", bytearray(b"x")), "source must be a path, bytes"),  # type: ignore[arg-type]
+            (lambda: c.upload_artifact("j", bad, b"x"), "name must be a str, got 5"),
+        ]
+        for call, said in cases:
+            with pytest.raises(InvalidArgument) as err:
+                await call()
+            assert err.value.message.startswith(said), err.value.message
+            assert isinstance(err.value, TypeError)
+        with pytest.raises(InvalidArgument, match="job_id must be a str"):
+            c.watch_job(bad)
+        assert list((await c.list_jobs_page()).jobs) == []
+
+
 async def test_artifacts_from_bytes_path_and_iterator(
     service: ServiceHandle, tmp_path: Path
 ) -> None:
