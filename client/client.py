@@ -397,9 +397,15 @@ class Client:
     async def report_event(
         self, request: job_service_pb2.ReportEventRequest, *, timeout: float | None = None
     ) -> job_service_pb2.ReportEventResponse:
-        """Sends a ReportEventRequest as built; retried (it needs an idempotency key)."""
+        """Sends a ReportEventRequest as built; retried (it needs an idempotency key: one
+        is generated for this call when it has none, the caller's request left as it is)."""
         if not request.idempotency_key:
-            request.idempotency_key = new_idempotency_key()
+            # On a copy: written into the caller's request, the key went with its next
+            # report too, which the service answered `duplicate` without applying it.
+            keyed = job_service_pb2.ReportEventRequest()
+            keyed.CopyFrom(request)
+            keyed.idempotency_key = new_idempotency_key()
+            request = keyed
         return await self._unary(self._stub.ReportEvent, request, timeout)
 
     def _event(

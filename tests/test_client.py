@@ -653,6 +653,27 @@ async def test_report_progress_retried_after_a_lost_reply_is_applied_once(
         assert (await c.get_job("r-1")).sequence == 2  # applied once all the same
 
 
+async def test_report_event_keys_its_own_copy_of_a_request_without_a_key(
+    service: ServiceHandle, proxy: FaultProxy
+) -> None:
+    """report_event(request) wrote the key it generated into the caller's request: the
+    same request object sent again with new progress carried that key and was answered
+    `duplicate`, the report silently dropped. The key is now the call's own, kept
+    across its retries only."""
+    async with client(proxy.target) as c:
+        await c.create_job("GENERIC", job_id="rk-1")
+        request = job_service_pb2.ReportEventRequest(
+            job_id="rk-1", progress=job_pb2.Progress(percent=10)
+        )
+        proxy.lose_reply["ReportEvent"] = 1  # retried with the key it generated
+        assert (await c.report_event(request)).duplicate
+        assert request.idempotency_key == ""
+        request.progress.percent = 20
+        second = await c.report_event(request)
+        assert not second.duplicate and second.sequence == 2
+        assert (await c.get_job("rk-1")).progress.percent == 20
+
+
 async def test_write_log_retried_after_a_lost_reply_is_stored_once(
     service: ServiceHandle, proxy: FaultProxy
 ) -> None:
