@@ -447,3 +447,41 @@ async def test_a_focused_row_leaving_the_list_hands_the_focus_on(
     await page.wait_for_selector(f'#jobs tr[data-job="{job_id}"]', state="detached")
     focused = await page.evaluate("document.activeElement.closest('tr')?.dataset.job")
     assert focused == shown[1]
+
+
+async def test_a_job_pages_tab_title_says_the_jobs_state(
+    stack: tuple[ServiceHandle, DashboardProcess, Jobs], context: Any
+) -> None:
+    """A job page's title (its browser tab, the first thing a screen reader reads) says
+    the job's state first, and follows it live: a job watched in a background tab showed
+    "Job … · jobwire" whether it ran, failed or was deleted."""
+    svc, dash, _ = stack
+    job_id = f"titled-{uuid.uuid4().hex[:6]}"
+    await svc.stub.CreateJob(
+        job_service_pb2.CreateJobRequest(
+            job=job_pb2.Job(kind=job_pb2.JOB_KIND_GENERIC), job_id=job_id
+        )
+    )
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    assert await page.title() == f"queued · Job {job_id} · jobwire"
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    await svc.stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=job_id, idempotency_key="p", progress=job_pb2.Progress(percent=5)
+        )
+    )
+    running = f"running · Job {job_id} · jobwire"
+    await page.wait_for_function("t => document.title === t", arg=running, timeout=WAIT_MS)
+    await svc.stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=job_id, idempotency_key="f", failed=job_pb2.JobError(code="E", message="x")
+        )
+    )
+    failed = f"failed · Job {job_id} · jobwire"
+    await page.wait_for_function("t => document.title === t", arg=failed, timeout=WAIT_MS)
+    await page.reload()
+    assert await page.title() == failed
+    await svc.stub.DeleteJob(job_service_pb2.DeleteJobRequest(id=job_id))
+    gone = f"deleted · Job {job_id} · jobwire"
+    await page.wait_for_function("t => document.title === t", arg=gone, timeout=WAIT_MS)

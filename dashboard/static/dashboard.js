@@ -544,9 +544,17 @@ function jobPage() {
   const tbody = $("#timeline tbody");
   let lastSeq = Number(head.dataset.seq);
 
+  // The tab's title says the job's state first ("running · Job … · jobwire"), as it is
+  // now: a job watched from a background tab said nothing of it ending.
+  const titled = document.title.slice(document.title.indexOf(" · ") + 3);
+  const retitle = (state) => {
+    document.title = `${state} · ${titled}`;
+  };
+
   const showHead = (job) => {
     head.dataset.state = job.state;
     stateCell($(".state", head), job.state, job.stalled);
+    retitle(`${job.state.toLowerCase()}${job.stalled ? ", stalled" : ""}`);
     progressCell($(".progress", head), job);
     if (job.message !== undefined) {
       const message = $("#message");
@@ -685,6 +693,7 @@ function jobPage() {
     $("#cancel")?.remove();
     head.dataset.deleted = "1";
     setLive("deleted", "deleted");
+    retitle("deleted");
   };
   // An ended job's stream is over; only its deletion can happen now, which the jobs
   // stream following this one job pushes (`deleted`).
