@@ -485,3 +485,47 @@ async def test_a_job_pages_tab_title_says_the_jobs_state(
     await svc.stub.DeleteJob(job_service_pb2.DeleteJobRequest(id=job_id))
     gone = f"deleted · Job {job_id} · jobwire"
     await page.wait_for_function("t => document.title === t", arg=gone, timeout=WAIT_MS)
+
+
+async def test_a_job_pages_state_change_is_announced_once(
+    stack: tuple[ServiceHandle, DashboardProcess, Jobs], context: Any
+) -> None:
+    """The job page's state is a status: a screen reader hears the job start, stall or
+    end ("FAILED"), once per change; progress events that leave the state as it was say
+    nothing. Only "finished" was announced (#live, the stream's end): how it ended was
+    silent, and the badge was drawn anew at every event."""
+    svc, dash, _ = stack
+    job_id = f"spoken-{uuid.uuid4().hex[:6]}"
+    await svc.stub.CreateJob(
+        job_service_pb2.CreateJobRequest(
+            job=job_pb2.Job(kind=job_pb2.JOB_KIND_GENERIC), job_id=job_id
+        )
+    )
+    page = await login(context, dash.url)
+    await page.add_init_script(
+        # From the page as parsed on: what changes it after.
+        """window.__said = [];
+        document.addEventListener('DOMContentLoaded', () => {
+          const state = document.querySelector('#job .state');
+          new MutationObserver(() => window.__said.push(state.textContent))
+            .observe(state, {subtree: true, childList: true, characterData: true});
+        });"""
+    )
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    assert await page.get_attribute("#job .state", "role") == "status"
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    for pct in (5, 10, 15):
+        await svc.stub.ReportEvent(
+            job_service_pb2.ReportEventRequest(
+                job_id=job_id, idempotency_key=f"p{pct}", progress=job_pb2.Progress(percent=pct)
+            )
+        )
+        await page.wait_for_selector(f"#job .pct:text('{pct}%')", timeout=WAIT_MS)
+    await svc.stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=job_id, idempotency_key="f", failed=job_pb2.JobError(code="E", message="x")
+        )
+    )
+    await page.wait_for_selector("#live[data-state=ended]", timeout=WAIT_MS)
+    said = await page.evaluate("window.__said")
+    assert said == ["RUNNING", "FAILED"], said

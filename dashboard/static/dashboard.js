@@ -113,7 +113,10 @@ function focusOn(node) {
 
 const hasFocus = (node) => Boolean(node?.contains(document.activeElement));
 
+// Redrawn only when it changes: the job page's is a status region, where each redraw
+// (every progress event) would be announced again.
 function stateCell(cell, state, stalled) {
+  if (cell.textContent.trim() === (stalled ? `${state} STALLED` : state)) return;
   cell.replaceChildren(el("span", `badge state-${state}`, state));
   if (stalled) cell.append(" ", el("span", "badge stalled", "STALLED"));
 }
