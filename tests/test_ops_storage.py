@@ -609,3 +609,19 @@ async def test_the_data_dir_setting_means_what_an_operator_wrote(
 
 def _databases(root: Path) -> list[Path]:
     return list(root.rglob("jobwire.sqlite3"))
+
+
+async def test_a_data_dir_the_store_makes_is_private_to_its_user(tmp_path: Path) -> None:
+    """The database and artifacts/ hold every job's payload, logs and outputs, which the
+    service hands out only to a token's holder: a new ./data was made 0755 (its files
+    0644), so every local user could read them all. A directory the store makes is 0700
+    now; one the operator made keeps its mode (the image's 0750)."""
+    made, given = tmp_path / "new" / "data", tmp_path / "given"
+    given.mkdir(mode=0o750)
+    given.chmod(0o750)  # whatever the umask
+    for data in (made, given):
+        store = EmbeddedStore(data, make_policy())
+        await store.start()
+        await store.close()
+    assert made.stat().st_mode & 0o777 == 0o700
+    assert given.stat().st_mode & 0o777 == 0o750

@@ -173,7 +173,12 @@ class EmbeddedStore:
         if self._lock_fd is not None:
             return  # started already (a service handed a started store): the lock is ours
         try:
-            self._dir.mkdir(parents=True, exist_ok=True)
+            # Made private: the database and artifacts/ are every job's payload, logs
+            # and outputs, which the service hands out only to a token's holder (a new
+            # ./data was 0755, its files 0644: readable by every local user). A directory
+            # the operator made keeps its mode (the image's 0750).
+            self._dir.parent.mkdir(parents=True, exist_ok=True)
+            self._dir.mkdir(mode=0o700, exist_ok=True)
             (self._artifacts / ".tmp").mkdir(parents=True, exist_ok=True)
             self._lock_fd = _lock_data_dir(self._dir)
             # Uploads a crash cut off: nothing else can be uploading into a locked dir.
