@@ -140,6 +140,17 @@ def read_env_file(path: Path) -> dict[str, str]:
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+def _not_a_name(key: str) -> str:
+    """What is wrong with the text before a line's `=`, without showing it: it may be
+    a value (a secret wrapped onto a line of its own, cut at its base64 padding)."""
+    if not key:
+        return "no name before ="
+    if key[0].isdigit():
+        return "the name before = starts with a digit"
+    wrong = next(c for c in key if not (c.isascii() and (c.isalnum() or c == "_")))
+    return f"the name before = holds {wrong!r} (a name is A-Z, a-z, 0-9, _)"
+
+
 def _env_line(line: str) -> tuple[str, str]:
     """One `NAME=value` line as Docker Compose reads an env file: a value in matching
     quotes is taken as is (`#` too); an unquoted one ends at ` #` (a comment). Read
@@ -150,7 +161,7 @@ def _env_line(line: str) -> tuple[str, str]:
     key, _, value = line.partition("=")
     key = key.strip().removeprefix("export ").strip()
     if not _ENV_NAME.fullmatch(key):
-        raise ValueError(f"{key[:40]!r} is not a variable name")
+        raise ValueError(_not_a_name(key))
     value = value.strip()
     if value[:1] in ("'", '"'):
         end = value.find(value[0], 1)

@@ -220,7 +220,18 @@ def test_an_env_file_reads_values_as_docker_compose_does(tmp_path: Path) -> None
             "API_KEY='site-key-0123456789'x",
             "line 2: API_KEY's value has text after its closing quote",
         ),
-        ("API-KEY=site-key-0123456789", "line 2: 'API-KEY' is not a variable name"),
+        (
+            "API-KEY=site-key-0123456789",
+            "line 2: the name before = holds '-' (a name is A-Z, a-z, 0-9, _)",
+        ),
+        # A value wrapped onto a line of its own: what stood before its `=` (base64
+        # padding) was shown as the name, 40 of a signing key's 44 characters.
+        (
+            "MfKQ9r8GKY+qrTwjUPD8I/LPZIo2L0123456789=",
+            "line 2: the name before = holds '+' (a name is A-Z, a-z, 0-9, _)",
+        ),
+        ("0123456789=x", "line 2: the name before = starts with a digit"),
+        ("=site-key-0123456789", "line 2: no name before ="),
     ],
 )
 def test_an_env_file_line_that_cannot_be_read_is_named_not_shown(
