@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 from dataclasses import dataclass
@@ -101,6 +102,13 @@ async def start(settings: Settings, store: Store | None = None) -> RunningServic
     add_to_server(JobServicer(jobs, admission), server)
     health_servicer = add_health_and_reflection(server)
     port = listen(server, settings, creds)
+    if not settings.grpc_token and not local_only(settings.grpc_addr):
+        log.warning(
+            "JOBWIRE_GRPC_TOKEN is not set and the service listens on %s: any client that"
+            " reaches this port can create, cancel, delete and read every job and artifact;"
+            ' set JOBWIRE_GRPC_TOKEN (README "TLS and internal auth")',
+            settings.grpc_addr,
+        )
     jobs.fanout.corker = corker_for(settings, port)
     if workers is not None:
         server.add_generic_rpc_handlers((feed_handler(jobs.fanout),))
@@ -161,6 +169,20 @@ def tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return server_credentials(
         settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_client_ca
     )
+
+
+def local_only(addr: str) -> bool:
+    """Whether a listen address takes connections from this host alone (loopback or a
+    Unix socket): without JOBWIRE_GRPC_TOKEN, any other is open to whoever reaches it."""
+    if addr.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = addr.rsplit(":", 1)[0].strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name (or 0.0.0.0's spelling as "")
 
 
 def listen(
