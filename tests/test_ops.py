@@ -359,6 +359,7 @@ async def test_a_bridge_whose_grpc_token_the_service_refuses_says_so(tmp_path: P
     its refusal): 503 + Retry-After to the worker, not ready, and the operator is told."""
     from tests.bridge_harness import API_KEY, BATCH_SECRET
     from tests.bridge_process import cli_bridge_process
+    from tests.dashboard_harness import running_dashboard
 
     handle = await start_service(EmbeddedStore(tmp_path / "d", make_policy()), grpc_token="s3cr3t")
     ok = (("authorization", "Bearer s3cr3t"),)
@@ -382,6 +383,12 @@ async def test_a_bridge_whose_grpc_token_the_service_refuses_says_so(tmp_path: P
             async with http.get(f"{bridge.url}/readyz") as reply:
                 assert reply.status == 503
                 assert (await reply.json())["reason"] == "the service refused JOBWIRE_GRPC_TOKEN"
+            async with (
+                running_dashboard(handle.target, **env) as dash,  # the same for it
+                http.get(f"{dash.url}/readyz") as reply,
+            ):
+                assert reply.status == 503
+                assert await reply.text() == "service: refused JOBWIRE_GRPC_TOKEN\n"
             log = bridge.log()
             assert "the service refused the bridge's JOBWIRE_GRPC_TOKEN" in log, log
             assert "not-the-service-token" not in log
