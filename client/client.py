@@ -324,8 +324,9 @@ class Client:
         job keeps its percent (or takes media_time / media_duration when both are known);
         it was reset to 0 by a report of a message alone."""
         _texts(phase=phase, message=message)
+        # Any number protobuf takes (a Decimal, a Fraction, numpy's), not a str.
         if percent is not None and (
-            isinstance(percent, bool) or not isinstance(percent, int | float)
+            isinstance(percent, str | bytes) or not hasattr(type(percent), "__float__")
         ):
             _wrong("percent", "a number (or None)", percent)
         progress = job_pb2.Progress(percent=percent or 0.0, phase=phase, message=message)
@@ -777,7 +778,8 @@ def _texts(**values: object) -> None:
 def _ints(**values: object) -> None:
     """ArgumentTypeError naming the first of `values` that is not an int."""
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int):
+        # Anything with __index__ (numpy's integers), as protobuf takes, but not a bool.
+        if isinstance(value, bool) or not hasattr(type(value), "__index__"):
             _wrong(name, "an int", value)
 
 

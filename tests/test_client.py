@@ -13,6 +13,8 @@ import sys
 import tracemalloc
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -320,6 +322,12 @@ async def test_arguments_of_the_wrong_type_raise_invalid_argument_naming_them(
         with pytest.raises(InvalidArgument, match="job_id must be a str"):
             c.watch_job(bad)
         assert list((await c.list_jobs_page()).jobs) == []
+        # numbers of other types protobuf takes are still taken
+        await c.create_job("GENERIC", job_id="num")
+        await c.report_progress("num", Decimal("12.5"))  # type: ignore[arg-type]
+        assert (await c.get_job("num")).progress.percent == 12.5
+        await c.report_progress("num", Fraction(51, 2))  # type: ignore[arg-type]
+        assert (await c.get_job("num")).progress.percent == 25.5
 
 
 async def test_artifacts_from_bytes_path_and_iterator(
