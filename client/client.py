@@ -769,9 +769,10 @@ def _wrong(name: str, takes: str, value: object) -> NoReturn:
 
 
 def _texts(**values: object) -> None:
-    """ArgumentTypeError naming the first of `values` that is not a str."""
+    """ArgumentTypeError naming the first of `values` that is not a str (or UTF-8
+    bytes, which protobuf takes for a string field too)."""
     for name, value in values.items():
-        if not isinstance(value, str):
+        if not isinstance(value, str | bytes):
             _wrong(name, "a str", value)
 
 
@@ -790,7 +791,7 @@ def _labels(labels: Mapping[str, str] | None) -> dict[str, str]:
         out = dict(labels or {})
     except (TypeError, ValueError):
         _wrong("labels", "a mapping of str to str", labels)
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in out.items()):
+    if not all(isinstance(k, str | bytes) and isinstance(v, str | bytes) for k, v in out.items()):
         _wrong("labels", "a mapping of str to str", labels)
     return out
 

@@ -328,6 +328,9 @@ async def test_arguments_of_the_wrong_type_raise_invalid_argument_naming_them(
         assert (await c.get_job("num")).progress.percent == 12.5
         await c.report_progress("num", Fraction(51, 2))  # type: ignore[arg-type]
         assert (await c.get_job("num")).progress.percent == 25.5
+        # and UTF-8 bytes for a str, as protobuf takes them
+        await c.create_job("GENERIC", job_id=b"bytes-id", labels={b"k": b"v"})  # type: ignore[arg-type, dict-item]
+        assert (await c.get_job(b"bytes-id")).labels["k"] == "v"  # type: ignore[arg-type]
 
 
 async def test_artifacts_from_bytes_path_and_iterator(
