@@ -644,6 +644,7 @@ class Client:
         """Events of every job of `kind` whose state after the event is one of `states`
         (any when not given). Never ends on its own; `after` resumes from a `.position`.
         `on_retry` and `on_reconnect` as for `watch_job`."""
+        _texts(after=after)  # protobuf's bare TypeError came at the first iteration
         return JobsWatch(
             lambda: self._stub,
             kind_value(kind),

@@ -86,7 +86,11 @@ class _Reconnector:
         sleep: Sleep = asyncio.sleep,
         on_reconnect: OnReconnect | None = None,
     ) -> None:
-        if give_up_after is not None and not (0 <= give_up_after < math.inf):
+        if give_up_after is not None and (
+            isinstance(give_up_after, bool)
+            or not isinstance(give_up_after, int | float)  # "10" failed a bare `<=`
+            or not 0 <= give_up_after < math.inf
+        ):
             raise ClientConfigError(
                 f"give_up_after must be a finite number of seconds >= 0, got {give_up_after!r}"
             )

@@ -321,6 +321,10 @@ async def test_arguments_of_the_wrong_type_raise_invalid_argument_naming_them(
             assert isinstance(err.value, TypeError)
         with pytest.raises(InvalidArgument, match="job_id must be a str"):
             c.watch_job(bad)
+        with pytest.raises(InvalidArgument, match="after must be a str, got 5"):
+            c.watch_jobs(after=bad)
+        with pytest.raises(ClientConfigError, match="give_up_after must be a finite number"):
+            c.watch_job("j", give_up_after=str(bad))  # type: ignore[arg-type]
         assert list((await c.list_jobs_page()).jobs) == []
         # numbers of other types protobuf takes are still taken
         await c.create_job("GENERIC", job_id="num")
