@@ -529,3 +529,20 @@ async def test_a_job_pages_state_change_is_announced_once(
     await page.wait_for_selector("#live[data-state=ended]", timeout=WAIT_MS)
     said = await page.evaluate("window.__said")
     assert said == ["RUNNING", "FAILED"], said
+
+
+async def test_a_job_id_is_selected_whole(
+    stack: tuple[ServiceHandle, DashboardProcess, Jobs], context: Any
+) -> None:
+    """One click (or a phone's long press, a double click) on the job page's id, or on
+    the deleted notice's, selects the whole id to copy: a double click selected the word
+    under it, "video" or "3f9a2c" of "video-3f9a2c" (ids are cut at hyphens and dots)."""
+    _, dash, jobs = stack
+    page = await login(context, dash.url)
+    selected = "() => window.getSelection().toString()"
+    await page.goto(f"{dash.url}/jobs/{jobs.running}")
+    await page.dblclick("#job .job-id")
+    assert await page.evaluate(selected) == jobs.running
+    await page.goto(f"{dash.url}/jobs?deleted=gone-1.2")
+    await page.click("#deleted .job-id")
+    assert await page.evaluate(selected) == "gone-1.2"
