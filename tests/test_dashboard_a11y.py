@@ -546,3 +546,32 @@ async def test_a_job_id_is_selected_whole(
     await page.goto(f"{dash.url}/jobs?deleted=gone-1.2")
     await page.click("#deleted .job-id")
     assert await page.evaluate(selected) == "gone-1.2"
+
+
+async def test_delete_from_the_keyboard_lands_on_its_notice(
+    stack: tuple[ServiceHandle, DashboardProcess, Jobs], context: Any
+) -> None:
+    """Delete job leads back to the list with the keyboard's focus (and so a screen
+    reader) on "Job … was deleted.": the focus was at the top of the page, and a status
+    already there when a page loads is not announced, so nothing said the job was gone."""
+    svc, dash, _ = stack
+    job_id = f"removed-{uuid.uuid4().hex[:6]}"
+    await svc.stub.CreateJob(
+        job_service_pb2.CreateJobRequest(
+            job=job_pb2.Job(kind=job_pb2.JOB_KIND_GENERIC), job_id=job_id
+        )
+    )
+    await svc.stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=job_id, idempotency_key="done", completed=job_pb2.Result(output_key="k")
+        )
+    )
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    await page.focus("#delete button")
+    async with page.expect_navigation():
+        await page.keyboard.press("Enter")
+    await page.wait_for_selector("#deleted", timeout=WAIT_MS)
+    await page.wait_for_function("() => document.activeElement?.id === 'deleted'", timeout=WAIT_MS)
+    assert job_id in await page.evaluate("document.activeElement.textContent")

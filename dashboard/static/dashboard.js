@@ -333,6 +333,10 @@ function rememberedList() {
 
 function jobsPage() {
   rememberList();
+  // Delete job led here: the focus (a screen reader with it) starts on "Job … was
+  // deleted." (a status there as the page loads is not announced; it started at the top).
+  const notice = $("#deleted");
+  if (notice) focusOn(notice);
   const table = $("#jobs");
   const tbody = $("tbody", table);
   const kind = table.dataset.kind;
