@@ -575,3 +575,26 @@ async def test_delete_from_the_keyboard_lands_on_its_notice(
     await page.wait_for_selector("#deleted", timeout=WAIT_MS)
     await page.wait_for_function("() => document.activeElement?.id === 'deleted'", timeout=WAIT_MS)
     assert job_id in await page.evaluate("document.activeElement.textContent")
+
+
+async def test_a_jobs_lists_tab_title_says_which_list(
+    stack: tuple[ServiceHandle, DashboardProcess, Jobs], context: Any
+) -> None:
+    """The jobs page's title names its filters, its order and a later page: every list
+    was "Jobs · jobwire", so the Back button's history, the tabs and a screen reader's
+    first words could not tell the failed transcodes' second page from all the jobs."""
+    _, dash, _ = stack
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs")
+    assert await page.title() == "Jobs · jobwire"
+    query = "kind=TRANSCODE&state=FAILED&state=QUEUED&label=team%3Dfinance&order=oldest"
+    await page.goto(f"{dash.url}/jobs?{query}")
+    listed = "Jobs: transcode, failed or queued, team=finance, oldest first · jobwire"
+    assert await page.title() == listed
+    await page.goto(f"{dash.url}/jobs?page_size=2")
+    await page.click("#next-page")
+    await page.wait_for_selector("#first-page")
+    assert await page.title() == "Jobs: a later page · jobwire"
+    await page.go_back()
+    await page.wait_for_selector("#next-page")
+    assert await page.title() == "Jobs · jobwire"
