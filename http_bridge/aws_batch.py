@@ -34,8 +34,18 @@ CONTRACT = "aws-batch"
 JobId = Annotated[str, pydantic.StringConstraints(pattern=r"^[A-Za-z0-9._:\-]{1,128}$")]
 
 
+def _output_key_rule(schema: dict[str, Any]) -> None:
+    # What _output_key_on_success requires, stated in the document: a success without
+    # a non-empty outputKey was schema-valid there, and answered 400.
+    schema["if"] = {"required": ["status"], "properties": {"status": {"const": "success"}}}
+    schema["then"] = {
+        "required": ["outputKey"],
+        "properties": {"outputKey": {"type": "string", "minLength": 1}},
+    }
+
+
 class BatchCallback(pydantic.BaseModel):
-    model_config = STRICT
+    model_config = pydantic.ConfigDict(**STRICT, json_schema_extra=_output_key_rule)
 
     jobId: JobId
     status: Literal["success", "failed"]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jsonschema  # type: ignore[import-untyped]
 import orjson
 import pytest
 from aiohttp import web
@@ -60,6 +61,33 @@ async def test_health_and_openapi(bridge: Any) -> None:
         "/api/external/jobs/{jobId}",
         "/api/external/jobs/{jobId}/artifacts/{name}",
     }
+
+
+def documented(doc: dict[str, Any], model: str, body: Any) -> bool:
+    """Whether the bridge's own document (components.schemas[model]) takes `body`."""
+    schema = {"components": doc["components"], "$ref": f"#/components/schemas/{model}"}
+    return jsonschema.Draft202012Validator(schema).is_valid(body)
+
+
+async def test_openapi_says_when_a_batch_callback_needs_its_output_key(
+    bridge: Any, stub: Any
+) -> None:
+    """`outputKey` is required (not empty) when `status` is `success`: the bridge
+    answers 400 without it, and the document took such a body as valid."""
+    _, doc = await bridge.get("/openapi.json")
+    job_id = new_id("oa")
+    await create_job(stub, job_pb2.JOB_KIND_BATCH, job_id)
+    base = {"jobId": job_id, "callbackSecret": BATCH_SECRET}
+    cases = [
+        {**base, "status": "success"},
+        {**base, "status": "success", "outputKey": ""},
+        {**base, "status": "success", "outputKey": None},
+        {**base, "status": "failed"},  # valid, and ends the job: last
+    ]
+    for body in cases:
+        status, answer = await bridge.post("/api/batch-callback", body)
+        assert documented(doc, "BatchCallback", body) == (status != 400), (body, answer)
+    assert status == 200
 
 
 async def test_service_down_is_503_with_retry_after() -> None:
