@@ -102,7 +102,14 @@ class Process(pydantic.BaseModel):
 class ProgressEvent(pydantic.BaseModel):
     model_config = STRICT
 
-    phase: Annotated[str, pydantic.StringConstraints(min_length=1, max_length=128)]
+    # `completed` and `failed` make the body a final or failed event (callback): as a
+    # progress phase the document took them, and `{"phase": "failed", "progress": 5}`
+    # was answered 400 for the failed event's missing `error`.
+    phase: Annotated[
+        str,
+        pydantic.StringConstraints(min_length=1, max_length=128),
+        pydantic.Field(json_schema_extra={"not": {"enum": ["completed", "failed"]}}),
+    ]
     progress: Annotated[float, pydantic.Field(ge=0, le=100, allow_inf_nan=False)]
     message: Short | None = None
     process: Process | None = None

@@ -65,8 +65,13 @@ async def test_health_and_openapi(bridge: Any) -> None:
 
 def documented(doc: dict[str, Any], model: str, body: Any) -> bool:
     """Whether the bridge's own document (components.schemas[model]) takes `body`."""
-    schema = {"components": doc["components"], "$ref": f"#/components/schemas/{model}"}
-    return jsonschema.Draft202012Validator(schema).is_valid(body)
+    return takes(doc, {"$ref": f"#/components/schemas/{model}"}, body)
+
+
+def takes(doc: dict[str, Any], schema: dict[str, Any], body: Any) -> bool:
+    """Whether `schema` (a part of the bridge's document, its $refs into it) takes `body`."""
+    whole = {"components": doc["components"], **schema}
+    return jsonschema.Draft202012Validator(whole).is_valid(body)
 
 
 async def test_openapi_says_when_a_batch_callback_needs_its_output_key(
@@ -88,6 +93,34 @@ async def test_openapi_says_when_a_batch_callback_needs_its_output_key(
         status, answer = await bridge.post("/api/batch-callback", body)
         assert documented(doc, "BatchCallback", body) == (status != 400), (body, answer)
     assert status == 200
+
+
+async def test_openapi_keeps_the_final_and_failed_phases_out_of_progress(
+    bridge: Any, stub: Any
+) -> None:
+    """`phase` picks the Secretary event: `completed` is the final one, `failed` the
+    failure. The progress schema took them too, so the document said a body of
+    `{"phase": "failed", "progress": 5}` was a progress event (the bridge: 400, no
+    `error`), and one with `error` as well matched two of its `oneOf` (refused by the
+    document, 200 from the bridge)."""
+    _, doc = await bridge.get("/openapi.json")
+    operation = doc["paths"]["/api/external/jobs/{jobId}"]["post"]
+    schema = operation["requestBody"]["content"]["application/json"]["schema"]
+    error = {"code": "OCR_TIMEOUT", "message": "m"}
+    cases = [
+        {"phase": "completed", "progress": 50},
+        {"phase": "failed", "progress": 50},
+        {"phase": "extract_text", "progress": 50},
+        {"phase": "failed", "progress": 5, "error": error},
+    ]
+    for body in cases:
+        created = await create_job(stub, job_pb2.JOB_KIND_EXTRACTION)
+        auth = {"Authorization": f"Bearer {created.callback_token}"}
+        status, answer = await bridge.post(
+            f"/api/external/jobs/{created.job.id}", body, headers=auth
+        )
+        assert status in (200, 400), answer
+        assert takes(doc, schema, body) == (status == 200), (body, answer)
 
 
 async def test_service_down_is_503_with_retry_after() -> None:
