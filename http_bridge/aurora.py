@@ -48,11 +48,17 @@ log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 
+# Ids the service refuses for a new job (service/domain/validation.py new_job_id): the
+# URL dot segments (a URL resolves them away) and UNKNOWN (the id of log lines of no job).
+NOT_A_TASK_ID = (".", "..", "UNKNOWN")
+
+
 def _not_a_dot_segment(value: str) -> str:
-    # The service refuses these for a new job (a URL resolves them away); refused here,
-    # the task is named by its place in `data`, not by its place in the service batch.
-    if value in (".", ".."):
-        raise ValueError("must not be '.' or '..'")
+    # Refused here, the task is named by its place in `data`, not by its place in the
+    # service batch; UNKNOWN was the service's 400, naming no task, while the document
+    # said the task was valid.
+    if value in NOT_A_TASK_ID:
+        raise ValueError("must not be '.', '..' or 'UNKNOWN'")
     return value
 
 
@@ -60,7 +66,7 @@ TaskId = Annotated[
     str,
     pydantic.StringConstraints(pattern=r"^[A-Za-z0-9._:\-]{1,128}$"),
     pydantic.AfterValidator(_not_a_dot_segment),
-    pydantic.Field(json_schema_extra={"not": {"enum": [".", ".."]}}),
+    pydantic.Field(json_schema_extra={"not": {"enum": list(NOT_A_TASK_ID)}}),
 ]
 Text = Annotated[str, pydantic.StringConstraints(max_length=4096)]
 Seconds = Annotated[float, pydantic.Field(ge=0, le=10**9, allow_inf_nan=False)]

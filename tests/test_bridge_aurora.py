@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jsonschema  # type: ignore[import-untyped]
+
 from http_bridge.config import parse_networks
 from jobwire.v1 import job_pb2
 from tests.bridge_harness import (
@@ -249,3 +251,26 @@ async def test_a_dot_task_id_is_a_bad_task_named_by_its_place(bridge: Any, stub:
         "data.2.task_id",
     ], answer
     assert (await get_job(stub, good)).error.code == "1003"
+
+
+async def test_an_unknown_task_id_is_a_bad_task_the_document_refuses(
+    bridge: Any, stub: Any
+) -> None:
+    """`UNKNOWN` (the id of log lines of no job) passes the id pattern, but the service
+    refuses it for a new job. The document took it, and the bridge's 400 was the
+    service's, naming no task (`job_id must not be 'UNKNOWN': ...`). It is now a bad
+    task like `..`, named by its place in `data`, and the document refuses it."""
+    good = new_id("a")
+    body = notification(
+        {"task_id": good, "status": "failed", "error_code": 1003},
+        {"task_id": "UNKNOWN", "status": "failed"},
+    )
+    status, answer = await bridge.post(PATH, body, headers=AUTH)
+    assert status == 400
+    assert answer["error"].startswith("data.1.task_id: "), answer
+    assert (await get_job(stub, good)).error.code == "1003"
+    _, doc = await bridge.get("/openapi.json")
+    task = {"components": doc["components"], "$ref": "#/components/schemas/Task"}
+    validator = jsonschema.Draft202012Validator(task)
+    assert not validator.is_valid(body["data"][1])
+    assert validator.is_valid(body["data"][0])
