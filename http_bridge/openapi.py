@@ -159,10 +159,29 @@ def _errors(body: dict[str, Any], *statuses: int) -> dict[str, Any]:
         500: "unexpected error",
         503: "service or storage unavailable; retry after Retry-After",
     }
-    return {
+    documented = {
         str(s): _json(body, text[s], retry=s in (429, 503), challenge=s == 401)
         for s in (*statuses, 408, 429, 500, 503)
     }
+    return {**documented, **_expect_failed()}
+
+
+# Any route: aiohttp's router answers it before a handler runs (aiohttp_errors.py), in
+# the one body every contract's error schema accepts. No operation documented it.
+EXPECT_FAILED = "an Expect header other than 100-continue"
+ROUTER_ERROR: dict[str, Any] = {
+    "type": "object",
+    "required": ["status", "error", "ack"],
+    "properties": {
+        "status": {"const": "error"},
+        "error": {"type": "string"},
+        "ack": {"const": False},
+    },
+}
+
+
+def _expect_failed() -> dict[str, Any]:
+    return {"417": _json(ROUTER_ERROR, EXPECT_FAILED)}
 
 
 def _op(
@@ -341,7 +360,7 @@ def build_document() -> dict[str, Any]:
             "get": {
                 "summary": "The bridge process is up",
                 "tags": ["health"],
-                "responses": {"200": _json(_ref("Health"), "up")},
+                "responses": {"200": _json(_ref("Health"), "up"), **_expect_failed()},
             }
         },
         "/readyz": {
@@ -351,6 +370,7 @@ def build_document() -> dict[str, Any]:
                 "responses": {
                     "200": _json(_ref("Health"), "ready"),
                     "503": _json(_ref("Health"), "service unavailable", retry=True),
+                    **_expect_failed(),
                 },
             }
         },
@@ -358,7 +378,10 @@ def build_document() -> dict[str, Any]:
             "get": {
                 "summary": "This document",
                 "tags": ["meta"],
-                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1 document")},
+                "responses": {
+                    "200": _json({"type": "object"}, "OpenAPI 3.1 document"),
+                    **_expect_failed(),
+                },
             }
         },
     }
