@@ -20,7 +20,7 @@ from jobwire.v1 import job_service_pb2 as svc
 
 from .coalescer import MAX_EVENT_BYTES
 from .edge import BodyClock, send_continue, text_header, token_text, webhook_id
-from .errors import BridgeError, RpcFailed
+from .errors import BridgeError, RequestProblem, RpcFailed
 from .grpc_client import COALESCER, CONFIG, STUB
 
 M = TypeVar("M", bound=pydantic.BaseModel)
@@ -177,9 +177,9 @@ def client_key(request: web.Request) -> str:
     `-final`) were one key, and a final report was acknowledged and dropped."""
     given = text_header(request, "Idempotency-Key", MAX_CLIENT_KEY + 1)
     if len(given) > MAX_CLIENT_KEY:
-        raise BridgeError(
-            400, f"Idempotency-Key header must be at most {MAX_CLIENT_KEY} characters"
-        )
+        # A header's problem, named in every contract (the video worker's field error
+        # is one fixed body: it said `Faltan campos requeridos: ...` of fields all sent).
+        raise RequestProblem(f"Idempotency-Key header must be at most {MAX_CLIENT_KEY} characters")
     return given
 
 

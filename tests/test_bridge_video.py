@@ -54,10 +54,12 @@ async def test_idempotency_keys_are_kept_whole(bridge: Any, stub: Any) -> None:
     other = new_id("k")
     await create_job(stub, job_pb2.JOB_KIND_VIDEO, other, video())
     body = {"status": "progress", "percent": 5, "message": "m", "videoId": other}
-    status, answer = await bridge.post(
-        "/api/report", body, headers={**VIDEO_AUTH, "Idempotency-Key": "k" * 1025}
-    )
-    assert status == 400, answer
+    too_long = {**VIDEO_AUTH, "Idempotency-Key": "k" * 1025}
+    named = {"error": "Solicitud inválida: Idempotency-Key header must be at most 1024 characters"}
+    # It got the body's fixed `Faltan campos requeridos: ...`, naming fields all there.
+    assert await bridge.post("/api/report", body, headers=too_long) == (400, named)
+    line = {"level": "ERROR", "message": "m", "timestamp": "2024-01-01T00:00:00Z", "videoId": other}
+    assert await bridge.post("/api/log", line, headers=too_long) == (400, named)
     assert (await get_job(stub, other)).sequence == 0
 
 
