@@ -22,6 +22,9 @@ MAX_COUNT = 1_000_000_000
 MAX_WATCHERS = 10_000_000
 # gRPC takes the ping interval in milliseconds, in a C int (24.8 days).
 MAX_MIN_PING_SECONDS = 86_400.0
+# The shortest interval a sweep or poll of the store takes: 1e-9 passed "> 0" and made
+# the service query the store in a tight loop.
+MIN_INTERVAL_SECONDS = 0.01
 
 
 def _float(
@@ -213,7 +216,7 @@ class Settings:
             max_attempts=_int("JOBWIRE_MAX_ATTEMPTS", cls.max_attempts),
             event_retention=_int("JOBWIRE_EVENT_RETENTION", cls.event_retention, minimum=8),
             lease_sweep_seconds=_float(
-                "JOBWIRE_LEASE_SWEEP_SECONDS", cls.lease_sweep_seconds, above=True
+                "JOBWIRE_LEASE_SWEEP_SECONDS", cls.lease_sweep_seconds, MIN_INTERVAL_SECONDS
             ),
             watch_buffer=_int("JOBWIRE_WATCH_BUFFER", cls.watch_buffer, minimum=4),
             embedded_cache_jobs=_int("JOBWIRE_EMBEDDED_CACHE_JOBS", cls.embedded_cache_jobs),
@@ -228,14 +231,16 @@ class Settings:
                 maximum=MAX_MIN_PING_SECONDS,
             ),
             metrics_addr=_addr("JOBWIRE_METRICS_ADDR", cls.metrics_addr, optional=True),
-            metrics_queue_seconds=_float("JOBWIRE_METRICS_QUEUE_SECONDS", 15.0, above=True),
+            metrics_queue_seconds=_float(
+                "JOBWIRE_METRICS_QUEUE_SECONDS", 15.0, MIN_INTERVAL_SECONDS
+            ),
             event_feed=_flag("JOBWIRE_EVENT_FEED", cls.event_feed),
             event_feed_max_docs=_int("JOBWIRE_EVENT_FEED_MAX_DOCS", 20_000, minimum=100),
-            watch_resync_seconds=_float("JOBWIRE_WATCH_RESYNC_SECONDS", 10.0, above=True),
+            watch_resync_seconds=_float("JOBWIRE_WATCH_RESYNC_SECONDS", 10.0, MIN_INTERVAL_SECONDS),
             firehose_retention_seconds=_duration("JOBWIRE_FIREHOSE_RETENTION", 24 * 3600.0),
             job_retention_seconds=_duration("JOBWIRE_JOB_RETENTION", 0.0),
             job_retention_sweep_seconds=_float(
-                "JOBWIRE_JOB_RETENTION_SWEEP_SECONDS", 60.0, above=True
+                "JOBWIRE_JOB_RETENTION_SWEEP_SECONDS", 60.0, MIN_INTERVAL_SECONDS
             ),
             progress_deadlines=_per_kind("JOBWIRE_PROGRESS_DEADLINE_"),
             stall_fail_after=_per_kind("JOBWIRE_STALL_FAIL_AFTER_"),

@@ -58,6 +58,10 @@ SERVICE = [
     ("JOBWIRE_LEASE_SECONDS", "1e12"),
     ("JOBWIRE_LEASE_SECONDS", "31622401"),
     ("JOBWIRE_LEASE_SWEEP_SECONDS", "1e300"),
+    # Past "> 0" but no interval to sweep or poll the store at: a tight loop of queries.
+    *((var, "1e-9") for var in ("JOBWIRE_LEASE_SWEEP_SECONDS", "JOBWIRE_METRICS_QUEUE_SECONDS",
+                                "JOBWIRE_WATCH_RESYNC_SECONDS",
+                                "JOBWIRE_JOB_RETENTION_SWEEP_SECONDS")),
     ("JOBWIRE_SHUTDOWN_GRACE_SECONDS", "1e300"),
     ("JOBWIRE_METRICS_QUEUE_SECONDS", "1e300"),
     ("JOBWIRE_WATCH_RESYNC_SECONDS", "1e300"),
