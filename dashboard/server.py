@@ -55,7 +55,8 @@ async def serve(config: DashboardConfig) -> None:
     for warning in config.warnings():
         log.warning("%s", warning)
     # The URL only: the token lives in the environment / jobwire.env.
-    print(f"jobwire: dashboard on http://{config.host}:{config.port}/", flush=True)
+    # The port bound: JOBWIRE_DASHBOARD_ADDR's port 0 said ":0".
+    print(f"jobwire: dashboard on http://{config.host}:{site.bound_port}/", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -209,7 +209,9 @@ async def serve(settings: Settings) -> None:
         log.error("cannot start: %s", err.message)
         raise SystemExit(1) from None
     store_name = "MongoDB" if settings.mongodb_uri else f"embedded store in {settings.data_dir}"
-    log.info("jobwire service listening on %s (%s)", settings.grpc_addr, store_name)
+    # The port bound: JOBWIRE_GRPC_ADDR's port 0 said ":0".
+    where = with_port(settings.grpc_addr, running.port)
+    log.info("jobwire service listening on %s (%s)", where, store_name)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

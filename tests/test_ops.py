@@ -415,3 +415,50 @@ async def test_a_service_open_beyond_this_host_without_a_token_warns(
         assert said == warned, caplog.text
     finally:
         await handle.close()
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        ("serve", rb"jobwire service listening on 127\.0\.0\.1:(\d+) "),
+        ("bridge", rb"bridge on http://127\.0\.0\.1:(\d+) "),
+        ("dashboard", rb"dashboard on http://127\.0\.0\.1:(\d+)/"),
+    ],
+)
+async def test_a_process_on_port_0_says_the_port_it_listens_on(
+    tmp_path: Path, command: str, said: bytes
+) -> None:
+    """With port 0 in its address (any free port), each process said it listened on
+    ":0": the one number an operator needs to reach it was nowhere."""
+    import re
+
+    env = {
+        **os.environ,
+        "JOBWIRE_ENV_FILE": str(tmp_path / "none.env"),
+        "JOBWIRE_DATA_DIR": str(tmp_path / "data"),
+        "JOBWIRE_GRPC_ADDR": "127.0.0.1:0",
+        "JOBWIRE_HTTP_ADDR": "127.0.0.1:0",
+        "JOBWIRE_DASHBOARD_ADDR": "127.0.0.1:0",
+        "JOBWIRE_METRICS_ADDR": "",
+        "JOBWIRE_DASHBOARD_TOKEN": "a-token-for-this-test",
+        "API_KEY": "k",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", command, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        seen = b""
+        async with asyncio.timeout(30):
+            while not (found := re.search(said, seen)):
+                line = await proc.stdout.readline()
+                assert line, seen
+                seen += line
+        port = int(found.group(1))
+        assert port != 0, seen
+        _, writer = await asyncio.open_connection("127.0.0.1", port)  # it listens there
+        writer.close()
+    finally:
+        proc.terminate()
+        await proc.wait()
