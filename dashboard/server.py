@@ -56,7 +56,7 @@ async def serve(config: DashboardConfig) -> None:
         log.warning("%s", warning)
     # The URL only: the token lives in the environment / jobwire.env.
     # The port bound: JOBWIRE_DASHBOARD_ADDR's port 0 said ":0".
-    print(f"jobwire: dashboard on http://{config.host}:{site.bound_port}/", flush=True)
+    print(f"jobwire: dashboard on http://{config.host}:{site.port}/", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

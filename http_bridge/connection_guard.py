@@ -414,12 +414,7 @@ class GuardedSite(web.TCPSite):
             where = f"{self.addr_var}={self._host}:{self._port}"
             raise SystemExit(f"cannot listen on {where}: {exc.strerror or exc}") from None
         sockets = self._server.sockets
-        self._bound_port = sockets[0].getsockname()[1] if sockets else (self._port or 0)
-
-    @property
-    def bound_port(self) -> int:
-        """The port listened on (the address may say 0: any free one)."""
-        return self._bound_port
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
     async def drain(self, grace: float, first: Callable[[], Awaitable[None]] | None = None) -> None:
         """SIGTERM: new connections refused at once, idle keep-alive ones closed, `first`

@@ -74,7 +74,7 @@ async def serve(config: Config, reuse_port: bool = False) -> None:
     log.info(
         "bridge on http://%s:%d -> service %s",
         config.http_host,
-        site.bound_port,  # JOBWIRE_HTTP_ADDR's port 0 said ":0"
+        site.port,  # JOBWIRE_HTTP_ADDR's port 0 said ":0"
         config.service_target,
     )
     stop = asyncio.Event()
