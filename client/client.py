@@ -76,6 +76,14 @@ class Client:
     The channel is opened on first use, in the event loop that uses it, so a client
     may be made before that loop runs (e.g. at import time); one client serves one
     event loop.
+
+    Raises: the service's refusals as `JobwireError` subclasses (`NotFound`,
+    `FailedPrecondition`, `Unauthenticated`, ...; `Unavailable` once the retries of a
+    call safe to repeat are spent, `DeadlineExceeded` when its `timeout` passed);
+    `InvalidArgument` (also a ValueError, or a TypeError for a wrong type) for an
+    argument refused before anything is sent; `ClientConfigError` for unusable
+    settings, here or for a call's `timeout`; `grpc.aio.UsageError` once the client is
+    closed or when used from another event loop. Never a raw `grpc.aio.AioRpcError`.
     """
 
     def __init__(
@@ -207,6 +215,7 @@ class Client:
         return await self._unary(self._stub.CreateJob, request, timeout)
 
     async def get_job(self, job_id: str, *, timeout: float | None = None) -> job_pb2.Job:
+        """The job as it is now; `NotFound` when there is none."""
         _texts(job_id=job_id)
         request = job_service_pb2.GetJobRequest(id=job_id)
         return await self._unary(self._stub.GetJob, request, timeout)
@@ -591,6 +600,7 @@ class Client:
     async def list_artifacts(
         self, job_id: str, *, callback_token: str = "", timeout: float | None = None
     ) -> list[artifact_pb2.Artifact]:
+        """The metadata of the job's artifacts (the newest of each name), by name."""
         _texts(job_id=job_id, callback_token=callback_token)
         request = job_service_pb2.ListArtifactsRequest(job_id=job_id, callback_token=callback_token)
         reply = await self._unary(self._stub.ListArtifacts, request, timeout)
@@ -730,6 +740,7 @@ def check_target(target: str) -> str:
 
 
 def new_idempotency_key() -> str:
+    """A fresh random key, as the client makes for a report or log line sent without one."""
     return uuid.uuid4().hex
 
 

@@ -1642,6 +1642,24 @@ async def test_a_quiet_firehose_is_not_given_up_at_the_next_restart(tmp_path: Pa
         await handle.close()
 
 
+def test_every_public_name_of_the_library_is_documented() -> None:
+    """get_job, list_artifacts and new_idempotency_key had no docstring, and nothing in
+    Client's said what its methods raise."""
+    import jobwire.client as library
+
+    for name, member in vars(Client).items():
+        func = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
+        if not name.startswith("_") and callable(func):
+            assert (func.__doc__ or "").strip(), f"Client.{name} has no docstring"
+    for name in library.__all__:
+        obj = getattr(library, name)
+        if getattr(obj, "__module__", "").startswith("jobwire.client") and callable(obj):
+            assert (obj.__doc__ or "").strip(), f"{name} has no docstring"
+    said = Client.__doc__ or ""
+    for raised in ("JobwireError", "InvalidArgument", "ClientConfigError", "UsageError"):
+        assert raised in said, raised
+
+
 def test_backoff_grows_with_jitter_up_to_its_cap() -> None:
     backoff = Backoff(initial=0.1, maximum=1.0)
     # 5000: a watch that kept trying through a long outage (2.0**1024 overflowed a float:
