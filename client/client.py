@@ -234,7 +234,7 @@ class Client:
         as it is iterated."""
         # Taken once: a generator was used up by the first page, and the later pages
         # went out unfiltered (the service takes a page token with other filters).
-        states = list(states)
+        states = _states(states)
         labels = dict(labels) if labels else None
         token = ""
         while True:
@@ -271,7 +271,7 @@ class Client:
         request = job_service_pb2.ListJobsRequest(
             page_size=page_size,
             page_token=page_token,
-            states=[state_value(s) for s in states],
+            states=_states(states),
             kind=kind_value(kind),
             labels=_labels(labels),
             newest_first=newest_first,
@@ -658,7 +658,7 @@ class Client:
         return JobsWatch(
             lambda: self._stub,
             kind_value(kind),
-            [state_value(s) for s in states],
+            _states(states),
             after,
             backoff=self.watch_backoff,
             give_up_after=give_up_after,
@@ -755,6 +755,14 @@ def state_value(state: State) -> job_pb2.JobState.ValueType:
 
 def level_value(level: Level) -> log_pb2.LogLevel.ValueType:
     return log_pb2.LogLevel.ValueType(_enum_value(log_pb2.LogLevel, level, "LOG_LEVEL_", "level"))
+
+
+def _states(states: Iterable[State]) -> list[job_pb2.JobState.ValueType]:
+    """Each state's value. A str alone is refused by name: as an iterable of letters,
+    states="RUNNING" was refused for its 'R', which named no mistake."""
+    if isinstance(states, str | bytes):
+        _wrong("states", f"a list of states, e.g. [{states!r}]", states)
+    return [state_value(s) for s in states]
 
 
 def _enum_value(enum: Any, value: int | str, prefix: str, argument: str) -> int:

@@ -321,6 +321,10 @@ async def test_arguments_of_the_wrong_type_raise_invalid_argument_naming_them(
             assert isinstance(err.value, TypeError)
         with pytest.raises(InvalidArgument, match="job_id must be a str"):
             c.watch_job(bad)
+        with pytest.raises(InvalidArgument, match=r"states must be a list of states, e.g. \['RUNN"):
+            c.watch_jobs(states="RUNNING")
+        with pytest.raises(InvalidArgument, match=r"states must be a list of states"):
+            await c.list_jobs_page(states="RUNNING")
         with pytest.raises(InvalidArgument, match="after must be a str, got 5"):
             c.watch_jobs(after=bad)
         with pytest.raises(ClientConfigError, match="give_up_after must be a finite number"):
