@@ -598,3 +598,29 @@ async def test_a_jobs_lists_tab_title_says_which_list(
     await page.go_back()
     await page.wait_for_selector("#next-page")
     assert await page.title() == "Jobs · jobwire"
+
+
+async def test_a_skip_link_leads_past_the_header(
+    stack: tuple[ServiceHandle, DashboardProcess, Jobs], context: Any
+) -> None:
+    """The first Tab shows a skip link; Enter on it and the next Tab reaches the jobs
+    list's first job (past the header and the nine filter controls), or on a job page
+    its content (Cancel job): every page began with the header's links, every time."""
+    _, dash, jobs = stack
+    page = await login(context, dash.url)
+    focused = """() => document.activeElement.closest('tr')?.dataset.job
+        || document.activeElement.textContent.trim()"""
+    for path, then in (("/jobs", None), (f"/jobs/{jobs.running}", "Cancel job")):
+        await page.goto(dash.url + path)
+        await page.keyboard.press("Tab")
+        skip = page.locator(".skip")
+        assert await page.evaluate("document.activeElement.className") == "skip", path
+        box = await skip.bounding_box()
+        assert box is not None and box["width"] > 20 and box["y"] >= 0, box  # drawn
+        if shots := os.environ.get("JOBWIRE_A11Y_SCREENSHOTS", ""):
+            await page.screenshot(path=f"{shots}/skip-{path.count('/')}.png")
+        await page.keyboard.press("Enter")
+        await page.keyboard.press("Tab")
+        if then is None:  # the first job's row
+            then = await page.locator("#jobs tbody tr").first.get_attribute("data-job")
+        assert await page.evaluate(focused) == then, path
