@@ -14,6 +14,7 @@ from aiohttp import web
 from pydantic.json_schema import models_json_schema
 
 from . import aurora, aws_batch, secretary, video_worker
+from .common import MAX_CLIENT_KEY
 from .errors import json_response
 from .video_worker import MAX_LOG_LIMIT
 
@@ -146,6 +147,26 @@ SIGNATURE_HEADERS = [
 ]
 
 
+# Every callback reads it (common.client_key); no operation documented it.
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "the sender's key for a request it may repeat: one applied before is"
+    " acknowledged and not applied again (a verified webhook-id comes first); without"
+    " it, a digest of the body (a log line: none). Printable text, else 400",
+    "schema": {"type": "string", "maxLength": MAX_CLIENT_KEY},
+}
+WORKER = {
+    "name": "X-Worker",
+    "in": "header",
+    "required": False,
+    "description": "the claiming worker's name, kept on the job (its first 128"
+    " characters; the client's address when absent). Printable text, else 400",
+    "schema": {"type": "string"},
+}
+
+
 def _errors(body: dict[str, Any], *statuses: int) -> dict[str, Any]:
     text = {
         400: "malformed or invalid payload, header or query parameter (the error names it)",
@@ -194,9 +215,11 @@ def _op(
     security: list[dict[str, list[str]]] | None = None,
 ) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "tags": [tag], "responses": {**ok, **errors}}
+    keyed: list[dict[str, Any]] = []
     if body is not None:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
-    op["parameters"] = [*(params or []), *SIGNATURE_HEADERS]
+        keyed = [IDEMPOTENCY_KEY]  # every operation with a body is a callback
+    op["parameters"] = [*(params or []), *keyed, *SIGNATURE_HEADERS]
     if security is not None:
         op["security"] = security
     return op
@@ -247,6 +270,7 @@ def build_document() -> dict[str, Any]:
                     "204": {"description": "no pending video"},
                 },
                 _errors(video_err, 400, 401),
+                params=[WORKER],
                 security=bearer,
             )
         },

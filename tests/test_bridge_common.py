@@ -147,6 +147,27 @@ async def test_openapi_documents_the_417_every_operation_answers(bridge: Any) ->
             assert takes(doc, schema, body), (where, body)
 
 
+async def test_openapi_documents_the_idempotency_key_and_its_bound(bridge: Any, stub: Any) -> None:
+    """Every callback reads `Idempotency-Key` (400 past 1,024 characters), and the
+    video worker's claim `X-Worker`: the document named neither header."""
+    _, doc = await bridge.get("/openapi.json")
+    for template, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            names = {p["name"]: p for p in operation.get("parameters", [])}
+            if "requestBody" in operation:
+                key = names.get("Idempotency-Key")
+                assert key is not None, f"{method.upper()} {template}"
+                assert (key["in"], key["schema"]["maxLength"]) == ("header", 1024)
+    pending = doc["paths"]["/api/pending"]["get"]["parameters"]
+    assert "X-Worker" in {p["name"] for p in pending}
+    vid = new_id("oa")
+    await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid)
+    body = {"status": "progress", "percent": 5, "message": "m", "videoId": vid}
+    for length, status in ((1024, 200), (1025, 400)):
+        headers = {**VIDEO_AUTH, "Idempotency-Key": "k" * length}
+        assert (await bridge.post("/api/report", body, headers=headers))[0] == status
+
+
 async def test_service_down_is_503_with_retry_after() -> None:
     config = dataclasses.replace(TEST_CONFIG, service_target=f"127.0.0.1:{closed_port()}")
     async with running_bridge(config) as b:
