@@ -601,3 +601,38 @@ async def test_a_bad_id_is_named_as_the_caller_gave_it(service: ServiceHandle) -
             await service.stub.CreateJob(request)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert (err.value.details() or "").startswith(f"{field} must be 1-128 characters")
+
+
+async def test_worker_and_process_ids_hold_the_documented_256_characters(
+    service: ServiceHandle,
+) -> None:
+    """job_service.proto says so of ClaimJobRequest.worker_id and
+    ReportEventRequest.process_id (it said "free-form" of the first, nothing of the
+    second): 256 characters are taken, 257 are INVALID_ARGUMENT naming the field."""
+    await create(service.stub, job_pb2.JOB_KIND_GENERIC, "ids")
+    for field, call in (
+        (
+            "worker_id",
+            lambda n: service.stub.ClaimJob(
+                job_service_pb2.ClaimJobRequest(kind=job_pb2.JOB_KIND_GENERIC, worker_id="w" * n)
+            ),
+        ),
+        (
+            "process_id",
+            lambda n: service.stub.ReportEvent(
+                job_service_pb2.ReportEventRequest(
+                    job_id="ids",
+                    idempotency_key=f"k{n}",
+                    process_id="p" * n,
+                    progress=job_pb2.Progress(percent=1),
+                )
+            ),
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(257)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"{field} must be at most 256 characters" in (err.value.details() or "")
+        await call(256)
+    job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="ids"))
+    assert (job.worker_id, job.process_id) == ("w" * 256, "p" * 256)

@@ -288,7 +288,9 @@ class ClaimJobRequest(_message.Message):
     kind: _job_pb2.JobKind.ValueType
     """Queue to claim from. Required."""
     worker_id: _builtins.str
-    """Identifies the claiming worker (free-form, for diagnostics)."""
+    """Identifies the claiming worker (free-form, for diagnostics; at most 256
+    characters, else INVALID_ARGUMENT).
+    """
     @_builtins.property
     def lease_duration(self) -> _duration_pb2.Duration:
         """How long the claim holds without an event from the worker. Every event
@@ -363,7 +365,9 @@ class ReportEventRequest(_message.Message):
     only CreateJob carries.
     """
     process_id: _builtins.str
-    """The worker's own id for its run (Secretary `process.id`); kept on the job."""
+    """The worker's own id for its run (Secretary `process.id`); kept on the job.
+    At most 256 characters, else INVALID_ARGUMENT.
+    """
     kind: _job_pb2.JobKind.ValueType
     """When set, the job must be of this kind: a job of another kind is
     NOT_FOUND, as if it did not exist. A secret shared by all the workers of

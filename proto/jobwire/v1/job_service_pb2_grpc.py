@@ -204,7 +204,9 @@ class JobServiceServicer:
 
     def UploadArtifact(self, request_iterator, context):
         """Stores an artifact from a stream of chunks: first a header, then data.
-        An artifact with the same name is replaced.
+        An artifact with the same name is replaced while the job has not ended:
+        once it has, an upload that would change one is FAILED_PRECONDITION and
+        the stored one stays (the same content again, and new names, are taken).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -72,7 +72,9 @@ class JobServiceStub:
     """Lists log lines, newest first."""
     UploadArtifact: _grpc.StreamUnaryMultiCallable[_job_service_pb2.UploadArtifactRequest, _artifact_pb2.Artifact]
     """Stores an artifact from a stream of chunks: first a header, then data.
-    An artifact with the same name is replaced.
+    An artifact with the same name is replaced while the job has not ended:
+    once it has, an upload that would change one is FAILED_PRECONDITION and
+    the stored one stays (the same content again, and new names, are taken).
     """
     ReadArtifact: _grpc.UnaryStreamMultiCallable[_job_service_pb2.ReadArtifactRequest, _job_service_pb2.ReadArtifactResponse]
     """Streams an artifact: first its metadata, then its data in chunks."""
@@ -132,7 +134,9 @@ class JobServiceAsyncStub(JobServiceStub):
     """Lists log lines, newest first."""
     UploadArtifact: _aio.StreamUnaryMultiCallable[_job_service_pb2.UploadArtifactRequest, _artifact_pb2.Artifact]  # type: ignore[assignment]
     """Stores an artifact from a stream of chunks: first a header, then data.
-    An artifact with the same name is replaced.
+    An artifact with the same name is replaced while the job has not ended:
+    once it has, an upload that would change one is FAILED_PRECONDITION and
+    the stored one stays (the same content again, and new names, are taken).
     """
     ReadArtifact: _aio.UnaryStreamMultiCallable[_job_service_pb2.ReadArtifactRequest, _job_service_pb2.ReadArtifactResponse]  # type: ignore[assignment]
     """Streams an artifact: first its metadata, then its data in chunks."""
@@ -255,7 +259,9 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_artifact_pb2.Artifact, _abc.Awaitable[_artifact_pb2.Artifact]]:
         """Stores an artifact from a stream of chunks: first a header, then data.
-        An artifact with the same name is replaced.
+        An artifact with the same name is replaced while the job has not ended:
+        once it has, an upload that would change one is FAILED_PRECONDITION and
+        the stored one stays (the same content again, and new names, are taken).
         """
 
     @_abc_1.abstractmethod
