@@ -636,3 +636,20 @@ async def test_worker_and_process_ids_hold_the_documented_256_characters(
         await call(256)
     job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="ids"))
     assert (job.worker_id, job.process_id) == ("w" * 256, "p" * 256)
+
+
+async def test_create_job_takes_job_id_then_job_s_own_id(service: ServiceHandle) -> None:
+    """What job_service.proto now says (it said only "generated when empty" of
+    `job_id`): an empty `job_id` takes `job.id`; and ListLogs with a callback token
+    needs `job_id`."""
+    job = job_pb2.Job(kind=job_pb2.JOB_KIND_GENERIC, id="from-job")
+    created = await service.stub.CreateJob(job_service_pb2.CreateJobRequest(job=job))
+    assert created.job.id == "from-job"
+    given = job_service_pb2.CreateJobRequest(job=job, job_id="from-request")
+    assert (await service.stub.CreateJob(given)).job.id == "from-request"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await service.stub.ListLogs(
+            job_service_pb2.ListLogsRequest(callback_token=created.callback_token)
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "job_id is required" in (err.value.details() or "")

@@ -34,7 +34,10 @@ class CreateJobRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     CALLBACK_TOKEN_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """Client-assigned id (e.g. the AWS Batch job id). Generated when empty."""
+    """Client-assigned id (e.g. the AWS Batch job id). When empty, `job.id` is
+    taken; when both are, a UUID is generated. Not "." or ".." (URL dot
+    segments) nor "UNKNOWN" (the id of log lines of no job): INVALID_ARGUMENT.
+    """
     callback_token: _builtins.str
     """The job's callback token chosen by the caller instead of by the service:
     43-256 characters of A-Z a-z 0-9 - _ (secrets.token_urlsafe(32) makes 43,
@@ -46,8 +49,9 @@ class CreateJobRequest(_message.Message):
     @_builtins.property
     def job(self) -> _job_pb2.Job:
         """The job to create. `kind` is required; `labels`, `video`,
-        `progress_deadline` and `stall_fail_after` are taken from it; state,
-        sequence and timestamps are set by the service.
+        `progress_deadline` and `stall_fail_after` are taken from it, and `id`
+        when `job_id` is empty; state, sequence and timestamps are set by the
+        service.
         """
 
     def __init__(
@@ -624,7 +628,9 @@ class ListLogsRequest(_message.Message):
     limit: _builtins.int
     """Maximum number of lines: 1-1000, default 50."""
     callback_token: _builtins.str
-    """When set, must match the job's callback token."""
+    """When set, must match the job's callback token; `job_id` is then required
+    (INVALID_ARGUMENT without it).
+    """
     kind: _job_pb2.JobKind.ValueType
     """Only lines of this kind (LogEntry.kind; any kind when unspecified): the video
     worker's API key lists video lines, never those of other jobs.
