@@ -810,7 +810,8 @@ def _filters(request: job_service_pb2.ListJobsRequest) -> str:
     repeating jobs (a client that sent its filters only with the first page got
     every state after it)."""
     canonical = json.dumps(
-        [sorted(request.states), request.kind, sorted(request.labels.items())]
+        # A set: a state given twice is the same listing (it was "other filters").
+        [sorted(set(request.states)), request.kind, sorted(request.labels.items())]
     ).encode()
     return "f:" + hashlib.sha256(canonical).hexdigest()[:16]
 

@@ -582,6 +582,12 @@ async def test_a_page_token_answers_only_with_its_own_filters(service: ServiceHa
         assert "other filters" in (err.value.details() or "")
     cancelled.page_token = first.next_page_token
     assert [j.id for j in (await service.stub.ListJobs(cancelled)).jobs] == ["pt-3"]
+    # The same filters spelt otherwise (a state twice, in another order) are the same
+    # listing: states=[CANCELLED, CANCELLED] was "from a listing with other filters".
+    twice = job_service_pb2.ListJobsRequest(
+        states=[job_pb2.JOB_STATE_CANCELLED] * 2, page_token=first.next_page_token
+    )
+    assert [j.id for j in (await service.stub.ListJobs(twice)).jobs] == ["pt-3"]
     # A token of the old form (no filters in it) still answers.
     ns, job_id, _ = json.loads(base64.urlsafe_b64decode(first.next_page_token))
     old = base64.urlsafe_b64encode(json.dumps([ns, job_id]).encode()).decode()
