@@ -520,13 +520,19 @@ class Jobs:
             """A job that has ended keeps the artifacts its result lists: two final
             reports racing (a large upload still running when a small one completed
             the job) replaced them after the fact. The same content again (a retry
-            that overlapped the original) and new names are still taken."""
+            that overlapped the original, of the same type) and new names are still
+            taken."""
             record = await self.store.get(header.job_id)
             if record is None or record.job.state not in TERMINAL_STATES:
                 return
-            same = (stored.sha256, stored.size_bytes)
+            # The content type too: the same bytes as another type changed what a
+            # download of the final artifact says it is.
+            same = (stored.sha256, stored.size_bytes, stored.content_type)
             listed = await self.store.list_artifacts(header.job_id)
-            if any(a.name == header.name and (a.sha256, a.size_bytes) != same for a in listed):
+            if any(
+                a.name == header.name and (a.sha256, a.size_bytes, a.content_type) != same
+                for a in listed
+            ):
                 state = _state_name(record.job.state)
                 raise DomainError(
                     Code.FAILED_PRECONDITION,

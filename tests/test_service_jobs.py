@@ -439,12 +439,19 @@ async def test_a_page_of_big_jobs_stays_under_the_message_limit(service: Service
 
 
 async def _upload(
-    service: ServiceHandle, job_id: str, name: str, data: bytes, gate: asyncio.Event | None = None
+    service: ServiceHandle,
+    job_id: str,
+    name: str,
+    data: bytes,
+    gate: asyncio.Event | None = None,
+    content_type: str = "",
 ) -> None:
     """UploadArtifact of `data`; with `gate`, the last byte waits for it (a slow upload)."""
 
     async def parts() -> AsyncIterator[job_service_pb2.UploadArtifactRequest]:
-        header = job_service_pb2.ArtifactHeader(job_id=job_id, name=name, size=len(data))
+        header = job_service_pb2.ArtifactHeader(
+            job_id=job_id, name=name, size=len(data), content_type=content_type
+        )
         yield job_service_pb2.UploadArtifactRequest(header=header)
         yield job_service_pb2.UploadArtifactRequest(data=data[:-1])
         if gate is not None:
@@ -478,6 +485,11 @@ async def test_an_ended_job_s_artifacts_are_final(service: ServiceHandle) -> Non
     assert await _content(service, "art", "text.md") == b"small"
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _upload(service, "art", "text.md", b"again")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # The same bytes as another type: the stored artifact's metadata would change (a
+    # download's Content-Type); only its bytes and size were compared.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _upload(service, "art", "text.md", b"small", content_type="image/png")
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     await _upload(service, "art", "text.md", b"small")  # a retry: the same content
     await _upload(service, "art", "notes.md", b"added after the end")
