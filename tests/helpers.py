@@ -151,3 +151,20 @@ def run_environment(tmp_path: Path) -> tuple[dict[str, int], dict[str, str]]:
         "JOBWIRE_DATA_DIR": str(tmp_path / "data"),
         "JOBWIRE_ENV_FILE": str(tmp_path / "jobwire.env"),
     }
+
+
+def port_0_environment(tmp_path: Path, **env: str) -> dict[str, str]:
+    """This process's environment for a `jobwire serve|bridge|dashboard` of a test:
+    every address on port 0 (any free one), data and env file in `tmp_path`, no
+    metrics port, a dashboard token; `env` on top."""
+    return {
+        **os.environ,
+        "JOBWIRE_ENV_FILE": str(tmp_path / "none.env"),
+        "JOBWIRE_DATA_DIR": str(tmp_path / "data"),
+        "JOBWIRE_GRPC_ADDR": "127.0.0.1:0",
+        "JOBWIRE_HTTP_ADDR": "127.0.0.1:0",
+        "JOBWIRE_DASHBOARD_ADDR": "127.0.0.1:0",
+        "JOBWIRE_METRICS_ADDR": "",
+        "JOBWIRE_DASHBOARD_TOKEN": "a-token-for-this-test",
+        **env,
+    }

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import socket
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from service.config import Settings
 from service.logs import configure
 from service.store.embedded import EmbeddedStore
 from tests.conftest import start_service
-from tests.helpers import create, free_port, progress
+from tests.helpers import create, free_port, port_0_environment, progress
 from tests.test_ops import _self_signed
 
 BAD_NUMBERS = ("x", "nan", "inf", "-1")
@@ -347,17 +346,7 @@ async def _start_refused(tmp_path: Path, command: str, **env: str) -> tuple[byte
         "-m",
         "cli",
         command,
-        env={
-            **os.environ,
-            "JOBWIRE_ENV_FILE": str(tmp_path / "none.env"),
-            "JOBWIRE_DATA_DIR": str(tmp_path / "data"),
-            "JOBWIRE_GRPC_ADDR": "127.0.0.1:0",
-            "JOBWIRE_HTTP_ADDR": "127.0.0.1:0",
-            "JOBWIRE_DASHBOARD_ADDR": "127.0.0.1:0",
-            "JOBWIRE_METRICS_ADDR": "",
-            "JOBWIRE_DASHBOARD_TOKEN": "a-token-for-this-test",
-            **env,
-        },
+        env=port_0_environment(tmp_path, **env),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

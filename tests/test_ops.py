@@ -25,7 +25,7 @@ from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 from service.logs import REQUEST_ID, JsonFormatter, RedactingFilter, record_context
 from service.store.embedded import EmbeddedStore
 from tests.conftest import make_policy, start_service
-from tests.helpers import WAIT, create, free_port, progress
+from tests.helpers import WAIT, create, free_port, port_0_environment, progress
 
 
 async def test_metrics_endpoint(tmp_path: Path) -> None:
@@ -432,17 +432,7 @@ async def test_a_process_on_port_0_says_the_port_it_listens_on(
     ":0": the one number an operator needs to reach it was nowhere."""
     import re
 
-    env = {
-        **os.environ,
-        "JOBWIRE_ENV_FILE": str(tmp_path / "none.env"),
-        "JOBWIRE_DATA_DIR": str(tmp_path / "data"),
-        "JOBWIRE_GRPC_ADDR": "127.0.0.1:0",
-        "JOBWIRE_HTTP_ADDR": "127.0.0.1:0",
-        "JOBWIRE_DASHBOARD_ADDR": "127.0.0.1:0",
-        "JOBWIRE_METRICS_ADDR": "",
-        "JOBWIRE_DASHBOARD_TOKEN": "a-token-for-this-test",
-        "API_KEY": "k",
-    }
+    env = port_0_environment(tmp_path, API_KEY="k")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "cli", command, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
