@@ -101,6 +101,14 @@ class Client:
         self.target = check_target(target)
         self.timeout = positive_seconds("Client timeout", timeout)
         check_token(token)  # at construction, not at the first call
+        # Checked here: a wrong one (retry=3) failed only when a call needed a retry,
+        # with an AttributeError, in the middle of an outage.
+        if not isinstance(retry, RetryPolicy):
+            raise ClientConfigError(
+                f"retry must be a RetryPolicy (RetryPolicy(attempts=1): no retries), got {retry!r}"
+            )
+        if not isinstance(watch_backoff, Backoff):
+            raise ClientConfigError(f"watch_backoff must be a Backoff, got {watch_backoff!r}")
         self.retry = retry
         self.watch_backoff = watch_backoff
         tls_settings = TLS() if tls is True else (tls or None)

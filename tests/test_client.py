@@ -1604,6 +1604,11 @@ def test_unusable_retry_and_deadline_settings_are_refused_by_name() -> None:
         ("target port must be 1-65535", lambda: Client("dns:///jobwire.internal:0")),
         ("target is host:port, not a URL", lambda: Client("https://jobwire.internal:50051")),
         ("target must be host:port, got ''", lambda: Client("")),
+        # an AttributeError at the first retry, in the middle of an outage; None broke reads
+        ("retry must be a RetryPolicy (RetryPolicy(attempts=1): no retries), got 3",
+         lambda: Client(retry=3)),  # type: ignore[arg-type]
+        ("retry must be a RetryPolicy", lambda: Client(retry=None)),  # type: ignore[arg-type]
+        ("watch_backoff must be a Backoff, got 1.0", lambda: Client(watch_backoff=1.0)),  # type: ignore[arg-type]
     ]  # fmt: skip
     for message, make in bad:
         with pytest.raises(ClientConfigError, match=re.escape(message)) as err:
