@@ -69,6 +69,22 @@ TaskId = Annotated[
     pydantic.Field(json_schema_extra={"not": {"enum": list(NOT_A_TASK_ID)}}),
 ]
 Text = Annotated[str, pydantic.StringConstraints(max_length=4096)]
+EXACT = 2**53  # the integers a JSON number (a double) holds exactly
+
+
+def _whole_number(value: object) -> object:
+    """JSON Schema's `integer` (the document's) takes 0.0 and 1e3, and orjson parses
+    those as floats: a sender writing `"code": 0.0` had its whole notification refused
+    (400, every outcome in it lost), though the document called it valid."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= EXACT:
+        return int(value)
+    return value
+
+
+# Past 2**53 a number is no longer exact (orjson gives a float past 64 bits).
+Integer = Annotated[
+    int, pydantic.Field(ge=-EXACT, le=EXACT), pydantic.BeforeValidator(_whole_number)
+]
 Seconds = Annotated[float, pydantic.Field(ge=0, le=10**9, allow_inf_nan=False)]
 
 
@@ -82,7 +98,7 @@ class Task(pydantic.BaseModel):
     format: Annotated[str, pydantic.StringConstraints(max_length=32)] | None = None
     duration: Seconds | None = None
     spend_time: Seconds | None = None
-    error_code: int | Text | None = None
+    error_code: Integer | Text | None = None
     # No limit in the contract (the body's bounds it): clipped to the service's (`clip`),
     # as AWS Batch's error. Past 4,096 characters it made a bad task, and the failure
     # was never recorded (AuroraCloud's retries are the same notification).
@@ -95,7 +111,7 @@ class Notification(pydantic.BaseModel):
 
     model_config = STRICT
 
-    code: int
+    code: Integer
     msg: Text
     callback_url: Text | None = None
     # Any item: one that is not an object (`null`, a string) is a bad task like any

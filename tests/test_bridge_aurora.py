@@ -274,3 +274,28 @@ async def test_an_unknown_task_id_is_a_bad_task_the_document_refuses(
     validator = jsonschema.Draft202012Validator(task)
     assert not validator.is_valid(body["data"][1])
     assert validator.is_valid(body["data"][0])
+
+
+async def test_a_whole_number_written_as_a_float_is_the_integer_the_document_says(
+    bridge: Any, stub: Any
+) -> None:
+    """The document's `integer` (JSON Schema) takes 0.0 and 1e3; the bridge refused
+    them ("code: Input should be a valid integer"), and an envelope `code` of 0.0 cost
+    every task of the notification its outcome. Past 2**53 (no longer exact) both the
+    document and the bridge refuse."""
+    _, doc = await bridge.get("/openapi.json")
+    schema = {"components": doc["components"], "$ref": "#/components/schemas/Notification"}
+    validator = jsonschema.Draft202012Validator(schema)
+    task = new_id("a")
+    body = {
+        "code": 0.0,
+        "msg": "failed",
+        "data": [{"task_id": task, "status": "failed", "error_code": 1003.0}],
+    }
+    assert validator.is_valid(body)
+    assert await bridge.post(PATH, body, headers=AUTH) == (200, {"ack": True})
+    assert (await get_job(stub, task)).error.code == "1003"
+    past = {"code": 2**53 + 1, "msg": "x", "data": []}
+    assert not validator.is_valid(past)
+    status, answer = await bridge.post(PATH, past, headers=AUTH)
+    assert status == 400 and answer["error"].startswith("code: "), answer
