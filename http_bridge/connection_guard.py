@@ -279,15 +279,16 @@ async def track_requests(request: web.Request, handler: Handler) -> web.StreamRe
     guard = _GUARDS.get(request.protocol)
     if guard is not None:
         guard.request_started()
+    dropped = False  # the rest of the body is dropped: no next request can be read
     try:
         response = await handler(request)
     finally:
         if guard is not None:
             body_left = not request.content.is_eof()
-            encoded = body_left and _encoded(request)
-            guard.request_finished(body_left, encoded)
-    if continue_withheld(request) or (guard is not None and encoded):
-        response.force_close()  # RFC 9110 10.1.1: say that no next request is read
+            dropped = body_left and _encoded(request)
+            guard.request_finished(body_left, encoded=dropped)
+    if dropped or continue_withheld(request):
+        response.force_close()  # Connection: close (RFC 9110 10.1.1 for a 100 withheld)
     return response
 
 
