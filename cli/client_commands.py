@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import shutil
 import sys
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from http_bridge.worker_cli import for_terminal
 from jobwire.client import Client, ClientConfigError, Job, JobEvent, JobwireError, StreamGap
 from jobwire.client.watch import JobsWatch
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
@@ -211,7 +211,7 @@ async def tail(args: argparse.Namespace) -> int:
                 else:
                     line = {"event": json_format.MessageToDict(item), "position": firehose.position}
                 text = json.dumps(line, ensure_ascii=False)
-                print(_TERMINAL_UNSAFE.sub(_json_escape, text), flush=True)
+                print(for_terminal(text), flush=True)
         except JobwireError as err:
             print(f"jobwire: {err.code.name}: {err.message}", file=sys.stderr)
             return 1
@@ -261,7 +261,7 @@ async def delete(args: argparse.Namespace) -> int:
         except JobwireError as err:
             print(f"jobwire: {err.code.name}: {err.message}", file=sys.stderr)
             return 1
-    print(_TERMINAL_UNSAFE.sub(_json_escape, json.dumps({"id": args.job_id, "deleted": True})))
+    print(for_terminal(json.dumps({"id": args.job_id, "deleted": True})))
     return 0
 
 
@@ -305,7 +305,7 @@ async def _print(args: argparse.Namespace, call: Any) -> int:
             print(f"jobwire: {err.code.name}: {err.message}", file=sys.stderr)
             return 1
     text = json.dumps(as_dict(reply), indent=2, ensure_ascii=False)
-    print(_TERMINAL_UNSAFE.sub(_json_escape, text))
+    print(for_terminal(text))
     return 0
 
 
@@ -319,16 +319,6 @@ def as_dict(reply: Message) -> dict[str, Any]:
         if field.is_repeated and not (entry and entry.GetOptions().map_entry):
             out.setdefault(field.json_name, [])
     return out
-
-
-# JSON escapes C0 controls only. DEL, C1 controls (U+009B is CSI to a terminal), bidi
-# controls and line separators in a worker's message are escaped too; they can only
-# stand inside strings, so the output stays the same JSON.
-_TERMINAL_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
-
-
-def _json_escape(match: re.Match[str]) -> str:
-    return f"\\u{ord(match.group()):04x}"
 
 
 def _client(args: argparse.Namespace) -> Client:

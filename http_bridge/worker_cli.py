@@ -68,22 +68,23 @@ def send(
     except (urllib.error.URLError, OSError) as exc:
         print(f"jobwire callback: {url}: {exc}", file=sys.stderr)
         return 1
-    text = _TERMINAL_UNSAFE.sub(_escaped, payload.decode("utf-8", "replace"))
-    print(f"{status} {text}".rstrip())
+    print(f"{status} {for_terminal(payload.decode('utf-8', 'replace'))}".rstrip())
     return 0 if 200 <= status < 300 else 1
 
 
-# What an answer must not bring to the terminal raw: controls but line breaks and tabs
-# (an ESC sequence retitles or clears it; U+009B is CSI), bidi controls (a title's U+202E
-# reverses the line) and line separators. Escaped as JSON writes them, so a JSON answer
-# reads back the same (JSON escapes C0 itself; DEL, C1 and bidi marks it leaves raw).
+# What text from a service must not bring to the terminal raw: controls but line breaks
+# and tabs (an ESC sequence retitles or clears it; U+009B is CSI), bidi controls (a
+# title's U+202E reverses the line) and line separators.
 _TERMINAL_UNSAFE = re.compile(
     "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]"
 )
 
 
-def _escaped(match: re.Match[str]) -> str:
-    return f"\\u{ord(match.group()):04x}"
+def for_terminal(text: str) -> str:
+    """`text` with what must not reach a terminal raw escaped as JSON writes it
+    (`\\u001b`), so JSON reads back the same: JSON escapes C0 itself, not DEL, C1 or
+    bidi marks. For this CLI's answers and `jobwire jobs`' JSON alike."""
+    return _TERMINAL_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
