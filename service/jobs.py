@@ -52,6 +52,7 @@ from .metrics import (
     STREAM_GAPS,
 )
 from .store.port import JobQuery, Store
+from .tasks import outlasting_cancel
 from .watch_reads import SharedReads
 
 if TYPE_CHECKING:
@@ -243,14 +244,8 @@ class Jobs:
         # The write and its publication in a task the caller's cancel (a client gone, a
         # deadline) does not reach: a claim written but never published was missing
         # from every stream, and held the firehose's publish watermark below it.
-        task = asyncio.ensure_future(self._claim(kind, worker_id, lease_ns or self.policy.lease_ns))
-        try:
-            applied = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            await asyncio.wait([task])  # over before the call is (the store may close next)
-            if not task.cancelled():
-                task.exception()  # retrieved: nobody is left to be told
-            raise
+        lease_ns = lease_ns or self.policy.lease_ns
+        applied = await outlasting_cancel(self._claim(kind, worker_id, lease_ns))
         if applied is None:
             return job_service_pb2.ClaimJobResponse()
         return job_service_pb2.ClaimJobResponse(job=applied.record.job)

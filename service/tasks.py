@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Awaitable, Iterable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 async def stop_within(tasks: Iterable[asyncio.Future[Any] | None], seconds: float) -> None:
@@ -25,3 +27,16 @@ async def stop_within(tasks: Iterable[asyncio.Future[Any] | None], seconds: floa
 def _discard_outcome(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()  # retrieved, so asyncio does not log it as never retrieved
+
+
+async def outlasting_cancel(work: Awaitable[T]) -> T:
+    """`work`'s result; a caller cancelled meanwhile gets its CancelledError only once
+    `work` is over (a store write and what must follow it are never cut off half-way),
+    and `work`'s own outcome is then dropped (retrieved, not logged as lost)."""
+    future = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        _discard_outcome(future)
+        raise

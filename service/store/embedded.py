@@ -39,6 +39,7 @@ from ..domain.records import (
     JobRecord,
     Policy,
 )
+from ..tasks import outlasting_cancel
 from .port import CHUNK_SIZE, LIST_READ_BYTES, JobQuery, LogEntry
 
 log = logging.getLogger("jobwire.store.embedded")
@@ -965,10 +966,7 @@ class EmbeddedStore:
         except RuntimeError as err:  # executor shut down
             raise StorageUnavailable(f"embedded store is closed: {err}") from err
         try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            await asyncio.wait([future])
-            raise
+            return await outlasting_cancel(future)
         except (sqlite3.DatabaseError, OSError) as err:
             raise self._failed(err) from err
 
