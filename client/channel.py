@@ -171,6 +171,20 @@ def token_refused(exc: grpc.aio.AioRpcError) -> bool:
     )
 
 
+async def refuses_our_token(stub: Any, timeout: float) -> bool:
+    """Whether the service refuses the JOBWIRE_GRPC_TOKEN of `stub`'s channel. Its health
+    service takes no token, so a readiness check that asks only health said ready while
+    every call failed; this asks one call that needs it (ListJobs of one job: one
+    indexed read, answered OK, no error in the service's metrics)."""
+    from jobwire.v1 import job_service_pb2  # the stubs: not needed to build a channel
+
+    try:
+        await stub.ListJobs(job_service_pb2.ListJobsRequest(page_size=1), timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        return token_refused(exc)
+    return False
+
+
 def pem_problem(data: bytes, holds: str) -> str | None:
     """Why `data` is not a PEM `holds` ("certificate", "private key"); None when it is."""
     if _PEM_BLOCKS[holds].search(data):

@@ -118,16 +118,22 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> RpcFailed:
     if token_refused(exc):
         # The bridge's own credential, not the worker's: a 401 told a worker with the
         # right secret that it was wrong (workers do not retry a 401). 503: it comes
-        # back once the operator sets the token, who is told (at most once a minute).
-        global _token_refused_logged
-        if time.monotonic() - _token_refused_logged > 60:
-            _token_refused_logged = time.monotonic()
-            log.error(
-                "the service refused the bridge's JOBWIRE_GRPC_TOKEN (missing or not the"
-                " service's): every call fails until it is set to the service's token"
-            )
+        # back once the operator sets the token.
+        note_token_refused()
         return RpcFailed(grpc.StatusCode.UNAVAILABLE, TOKEN_REFUSED)
     return RpcFailed(exc.code(), exc.details() or exc.code().name)
+
+
+def note_token_refused() -> None:
+    """Tells the operator that the service refuses the bridge's token (at most once a
+    minute: every call fails until it is set)."""
+    global _token_refused_logged
+    if time.monotonic() - _token_refused_logged > 60:
+        _token_refused_logged = time.monotonic()
+        log.error(
+            "the service refused the bridge's JOBWIRE_GRPC_TOKEN (missing or not the"
+            " service's): every call fails until it is set to the service's token"
+        )
 
 
 # A contract turns an error into its own body (dict or list, serialised with orjson).

@@ -6,10 +6,9 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2
 
-from jobwire.client.channel import token_refused
-from jobwire.v1 import job_service_pb2
+from jobwire.client.channel import refuses_our_token
 
-from .errors import TOKEN_REFUSED, from_rpc_error, json_response
+from .errors import TOKEN_REFUSED, json_response, note_token_refused
 from .grpc_client import CONFIG, HEALTH, STUB
 
 routes = web.RouteTableDef()
@@ -34,14 +33,8 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     if answer.status != health_pb2.HealthCheckResponse.SERVING:
         status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
         return json_response({"status": "unavailable", "reason": status}, 503, retry)
-    # The health service takes no token: a call that does tells whether the service
-    # takes the bridge's (one indexed read, answered OK: no error in its metrics). With
-    # the wrong token every callback failed, and the bridge said it was ready.
-    try:
-        probe = job_service_pb2.ListJobsRequest(page_size=1)
-        await request.app[STUB].ListJobs(probe, timeout=READY_TIMEOUT)
-    except grpc.aio.AioRpcError as exc:
-        if token_refused(exc):
-            from_rpc_error(exc)  # logs it for the operator
-            return json_response({"status": "unavailable", "reason": TOKEN_REFUSED}, 503, retry)
+    # With the wrong token every callback failed, and the bridge said it was ready.
+    if await refuses_our_token(request.app[STUB], READY_TIMEOUT):
+        note_token_refused()
+        return json_response({"status": "unavailable", "reason": TOKEN_REFUSED}, 503, retry)
     return json_response({"status": "ready"})
