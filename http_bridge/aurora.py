@@ -53,7 +53,7 @@ routes = web.RouteTableDef()
 NOT_A_TASK_ID = (".", "..", "UNKNOWN")
 
 
-def _not_a_dot_segment(value: str) -> str:
+def _an_id_the_service_takes(value: str) -> str:
     # Refused here, the task is named by its place in `data`, not by its place in the
     # service batch; UNKNOWN was the service's 400, naming no task, while the document
     # said the task was valid.
@@ -65,7 +65,7 @@ def _not_a_dot_segment(value: str) -> str:
 TaskId = Annotated[
     str,
     pydantic.StringConstraints(pattern=r"^[A-Za-z0-9._:\-]{1,128}$"),
-    pydantic.AfterValidator(_not_a_dot_segment),
+    pydantic.AfterValidator(_an_id_the_service_takes),
     pydantic.Field(json_schema_extra={"not": {"enum": list(NOT_A_TASK_ID)}}),
 ]
 Text = Annotated[str, pydantic.StringConstraints(max_length=4096)]
