@@ -20,6 +20,7 @@ from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
 
 from . import signing
+from .client_address import limited_address
 from .config import Config
 from .errors import BridgeError, Credential, RequestProblem
 from .grpc_client import config_of
@@ -252,7 +253,7 @@ def credential_key(request: web.Request, credential: Credential) -> bytes:
     token = credential(request)
     if token:
         return hashlib.sha256(b"token\0" + token.encode("utf-8", "surrogateescape")).digest()
-    address = (request.remote or "").encode("utf-8", "surrogateescape")
+    address = limited_address(request.remote).encode("utf-8", "surrogateescape")
     return hashlib.sha256(b"address\0" + address).digest()
 
 
@@ -273,7 +274,8 @@ def check_rate(request: web.Request, credential: Credential) -> bytes | None:
 
 
 def _failures_key(request: web.Request) -> bytes:
-    return b"failed:" + (request.remote or "").encode("utf-8", "surrogateescape")
+    # An IPv6 client by its /64: it could rotate through it, a fresh bucket per guess.
+    return b"failed:" + limited_address(request.remote).encode("utf-8", "surrogateescape")
 
 
 def count_failed_authentication(request: web.Request) -> None:
