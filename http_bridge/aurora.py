@@ -23,6 +23,7 @@ import grpc
 import pydantic
 from aiohttp import web
 
+from jobwire.job_ids import NOT_A_NEW_JOB_ID
 from jobwire.v1 import job_pb2
 from jobwire.v1 import job_service_pb2 as svc
 
@@ -48,17 +49,13 @@ log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 
-# Ids the service refuses for a new job (service/domain/validation.py new_job_id): the
-# URL dot segments (a URL resolves them away) and UNKNOWN (the id of log lines of no job).
-NOT_A_TASK_ID = (".", "..", "UNKNOWN")
-
-
 def _an_id_the_service_takes(value: str) -> str:
     # Refused here, the task is named by its place in `data`, not by its place in the
     # service batch; UNKNOWN was the service's 400, naming no task, while the document
     # said the task was valid.
-    if value in NOT_A_TASK_ID:
-        raise ValueError("must not be '.', '..' or 'UNKNOWN'")
+    if value in NOT_A_NEW_JOB_ID:
+        *most, last = map(repr, NOT_A_NEW_JOB_ID)
+        raise ValueError(f"must not be {', '.join(most)} or {last}")
     return value
 
 
@@ -66,7 +63,7 @@ TaskId = Annotated[
     str,
     pydantic.StringConstraints(pattern=r"^[A-Za-z0-9._:\-]{1,128}$"),
     pydantic.AfterValidator(_an_id_the_service_takes),
-    pydantic.Field(json_schema_extra={"not": {"enum": list(NOT_A_TASK_ID)}}),
+    pydantic.Field(json_schema_extra={"not": {"enum": list(NOT_A_NEW_JOB_ID)}}),
 ]
 Text = Annotated[str, pydantic.StringConstraints(max_length=4096)]
 EXACT = 2**53  # the integers a JSON number (a double) holds exactly

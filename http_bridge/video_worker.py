@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 from aiohttp import web
 
+from jobwire.job_ids import UNKNOWN_JOB
 from jobwire.v1 import job_pb2, log_pb2
 from jobwire.v1 import job_service_pb2 as svc
 
@@ -40,7 +41,6 @@ routes = web.RouteTableDef()
 CONTRACT = "video"
 SIGNED_AS = "video_worker"  # JOBWIRE_SIGNING_SECRET_VIDEO_WORKER
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-UNKNOWN_VIDEO = "UNKNOWN"
 MAX_LOG_LIMIT = 1000
 
 NOT_AUTHORIZED = {"error": "No autorizado"}
@@ -212,7 +212,7 @@ async def write_log(request: web.Request) -> web.StreamResponse:
     check_signature(request, SIGNED_AS, body.data)
     line = validate(LogLine, parse_json(body.data))
     entry = log_pb2.LogEntry(
-        job_id=line.videoId or UNKNOWN_VIDEO,
+        job_id=line.videoId or UNKNOWN_JOB,
         level=log_pb2.LogLevel.Value(f"LOG_LEVEL_{line.level}"),
         message=clip(line.message),
     )

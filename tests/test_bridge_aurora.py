@@ -6,14 +6,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import grpc
 import jsonschema  # type: ignore[import-untyped]
+import pytest
 
 from http_bridge.config import parse_networks
+from jobwire.job_ids import NOT_A_NEW_JOB_ID
 from jobwire.v1 import job_pb2
 from tests.bridge_harness import (
     TEST_CONFIG,
     TRANSCODE_TOKEN,
     bridge,  # noqa: F401
+    create_job,
     get_job,
     new_id,
     running_bridge,
@@ -274,6 +278,21 @@ async def test_an_unknown_task_id_is_a_bad_task_the_document_refuses(
     validator = jsonschema.Draft202012Validator(task)
     assert not validator.is_valid(body["data"][1])
     assert validator.is_valid(body["data"][0])
+
+
+async def test_the_bridge_refuses_the_task_ids_the_service_refuses(bridge: Any, stub: Any) -> None:
+    """One list of the ids no new job may take (`jobwire.job_ids`), read by the service
+    and the bridge alike: the bridge kept a copy of the service's, to keep in step by
+    hand. Each is refused by CreateJob, and by the bridge as a task named by its place."""
+    for job_id in NOT_A_NEW_JOB_ID:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await create_job(stub, job_pb2.JOB_KIND_TRANSCODE, job_id)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    tasks = [{"task_id": job_id, "status": "failed"} for job_id in NOT_A_NEW_JOB_ID]
+    status, answer = await bridge.post(PATH, notification(*tasks), headers=AUTH)
+    assert status == 400
+    named = [p.split(":")[0] for p in answer["error"].split("; ")]
+    assert named == [f"data.{i}.task_id" for i in range(len(tasks))], answer
 
 
 async def test_a_whole_number_written_as_a_float_is_the_integer_the_document_says(

@@ -10,6 +10,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.struct_pb2 import Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from jobwire import job_ids
 from jobwire.v1 import job_pb2, log_pb2
 
 from .errors import invalid
@@ -22,7 +23,7 @@ MAX_MESSAGE_LENGTH = 64 * 1024
 # job document holds them, a replay answers them in one message): larger data (a log,
 # an archive) belongs in an artifact. The HTTP bridge answers 413 past it.
 MAX_EVENT_BYTES = 1024 * 1024
-UNKNOWN_JOB = "UNKNOWN"
+UNKNOWN_JOB = job_ids.UNKNOWN_JOB
 
 
 def job_id(value: str, field: str = "job_id") -> str:
@@ -39,7 +40,7 @@ def new_job_id(value: str, field: str = "job_id") -> str:
     and dashboard page would reach another path. Refused, like artifact names; and
     `UNKNOWN`, the id log lines of no job carry."""
     job_id(value, field)
-    if value in {".", ".."}:
+    if value in job_ids.DOT_SEGMENTS:
         raise invalid(f"{field} must not be {value!r}: a URL would resolve it away")
     if value == UNKNOWN_JOB:
         # A job of that id took every line of no job, and its deletion deleted them.
