@@ -95,9 +95,10 @@ class BridgeError(Exception):
 
 
 class RequestProblem(BridgeError):
-    """A 400 for the request itself (a header, the body's encoding), not for its body's
-    fields: a contract whose field error is one fixed body (the video worker's) must
-    still name the problem, not fields the request may not even have."""
+    """A 400 for the request itself (a header, the body's encoding, a value the
+    contract's fixed field error does not describe, such as a video log line's level),
+    not for missing fields: a contract whose field error is one fixed body (the video
+    worker's) must still name the problem, not fields the request may not even have."""
 
     def __init__(self, message: str, *, close_connection: bool = False) -> None:
         super().__init__(400, message, close_connection=close_connection)

@@ -139,6 +139,20 @@ def authorize(request: web.Request) -> None:
         raise BridgeError(401, "unauthenticated")
 
 
+def check_level(data: object) -> None:
+    """A level the contract does not list is named: the contract's one 400 body for a
+    log line says fields are missing, and the level was there. The contract lists its
+    levels in capitals ("INFO | ERROR | WARNING", and an ERROR line fails its video), so
+    `info` is not taken but said to need capitals. No level at all is a missing field."""
+    level = data.get("level") if isinstance(data, dict) else None
+    if level is None or level in LEVELS:
+        return
+    if isinstance(level, str) and level.upper() in LEVELS:
+        # Not echoed: "ınfo" (dotless i) is one too.
+        raise RequestProblem(f"level must be written in capitals ({level.upper()!r})")
+    raise RequestProblem(f"level must be one of {', '.join(LEVELS)}")
+
+
 def to_event(report: Report) -> svc.ReportEventRequest:
     # kind: the API key reaches only videos; any other job is "El video no existe".
     event = svc.ReportEventRequest(job_id=report.videoId, kind=job_pb2.JOB_KIND_VIDEO)
@@ -210,7 +224,9 @@ async def write_log(request: web.Request) -> web.StreamResponse:
     authorize(request)
     body = await read_body(request, config_of(request).max_body_bytes)
     check_signature(request, SIGNED_AS, body.data)
-    line = validate(LogLine, parse_json(body.data))
+    data = parse_json(body.data)
+    check_level(data)
+    line = validate(LogLine, data)
     entry = log_pb2.LogEntry(
         job_id=line.videoId or UNKNOWN_JOB,
         level=log_pb2.LogLevel.Value(f"LOG_LEVEL_{line.level}"),

@@ -189,6 +189,22 @@ async def test_error_report_and_error_log_fail_the_video(bridge: Any, stub: Any)
     assert await bridge.post("/api/report", report, headers=VIDEO_AUTH) == (200, {"success": True})
 
 
+async def test_a_lowercase_log_level_is_a_400_naming_the_level(bridge: Any, stub: Any) -> None:
+    """The contract lists its levels in capitals ("INFO | ERROR | WARNING"; an "ERROR"
+    line fails its video): `info` is not one of them. Its 400 was the contract's fixed
+    "Faltan campos requeridos: level, message, timestamp", of three fields all sent; it
+    now names the level. Nothing is stored, and a lowercase `error` fails nothing."""
+    vid = new_id("v")
+    await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid, video())
+    for level in ("info", "Error", "warning"):
+        line = {"level": level, "message": "m", "timestamp": "2023-05-01T12:00:00Z", "videoId": vid}
+        expected = f"Solicitud inválida: level must be written in capitals ({level.upper()!r})"
+        assert await bridge.post("/api/log", line, headers=VIDEO_AUTH) == (400, {"error": expected})
+    assert (await get_job(stub, vid)).state == job_pb2.JOB_STATE_QUEUED
+    logs = await stub.ListLogs(job_service_pb2.ListLogsRequest(job_id=vid))
+    assert list(logs.entries) == []
+
+
 async def test_unknown_video_is_404(bridge: Any) -> None:
     report = {"status": "progress", "message": "m", "videoId": new_id("nope"), "percent": 1}
     assert await bridge.post("/api/report", report, headers=VIDEO_AUTH) == (
@@ -226,13 +242,18 @@ async def test_bad_input_is_400_and_writes_nothing(bridge: Any, stub: Any) -> No
     assert await bridge.post_raw("/api/report", b"{", headers=VIDEO_AUTH) == (400, REPORT_400)
     line = {"level": "INFO", "message": "m", "timestamp": "2023-05-01T12:00:00Z", "videoId": vid}
     bad_lines: tuple[dict[str, object], ...] = (
-        {**line, "level": "TRACE"},
         {k: v for k, v in line.items() if k != "timestamp"},
         {k: v for k, v in line.items() if k != "level"},
         {**line, "message": None},
     )
     for bad in bad_lines:
         assert await bridge.post("/api/log", bad, headers=VIDEO_AUTH) == (400, LOG_400)
+    for level in ("TRACE", "", 3):  # there, but not one of the contract's: named
+        level_400 = {
+            "error": "Solicitud inválida: level must be one of DEBUG, INFO, WARNING, ERROR"
+        }
+        answer = await bridge.post("/api/log", {**line, "level": level}, headers=VIDEO_AUTH)
+        assert answer == (400, level_400)
     assert (await bridge.get("/api/log?limit=0", headers=VIDEO_AUTH))[0] == 400
     assert (await bridge.get("/api/log?level=LOUD", headers=VIDEO_AUTH))[0] == 400
     job = await get_job(stub, vid)
