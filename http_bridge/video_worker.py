@@ -162,6 +162,8 @@ def to_event(report: Report) -> svc.ReportEventRequest:
         progress = event.progress
         progress.SetInParent()  # a progress report even with an empty message
         progress.message = clip(report.message)
+        # Each time is optional: one not sent stays the video's, percent or not.
+        event.keep_media_times = True
         if report.percent is None:
             # Optional, like the times: the service keeps the video's percent (or
             # derives it from the times) in the event's own write.

@@ -574,6 +574,43 @@ async def test_a_progress_report_without_percent_keeps_the_percent(bridge: Any, 
     assert (await report(percent=0)).percent == 0
 
 
+async def test_a_report_with_a_percent_keeps_the_media_times_it_leaves_out(
+    bridge: Any, stub: Any
+) -> None:
+    """currentTime, percent and totalTime are each optional. A report with a percent
+    alone (a worker post-processing, with no position to give) erased the video's
+    position and length, where a report without a percent kept them: the dashboard's
+    "1:30 / 3:20" vanished. A time left out now stays either way; one sent replaces."""
+    vid = new_id("v")
+    await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid)
+
+    async def report(**fields: Any) -> tuple[float, int, int]:
+        body = {"status": "progress", "message": "m", "videoId": vid, **fields}
+        assert await bridge.post("/api/report", body, headers=VIDEO_AUTH) == (
+            200,
+            {"success": True},
+        )
+        progress = (await get_job(stub, vid)).progress
+        times = progress.media_time.ToMilliseconds(), progress.media_duration.ToMilliseconds()
+        return (progress.percent, *times)
+
+    assert await report(percent=45, currentTime="00:01:30.500", totalTime="00:03:20.000") == (
+        45,
+        90_500,
+        200_000,
+    )
+    assert await report(percent=50) == (50, 90_500, 200_000)
+    assert await report(percent=60, currentTime="00:02:00.000") == (60, 120_000, 200_000)
+    assert await report(percent=61, totalTime="00:04:00.000") == (61, 120_000, 240_000)
+    # The gRPC API's report is the job's latest progress, whole, as before.
+    await stub.ReportEvent(
+        job_service_pb2.ReportEventRequest(
+            job_id=vid, idempotency_key=new_id("k"), progress=job_pb2.Progress(percent=70)
+        )
+    )
+    assert not (await get_job(stub, vid)).progress.HasField("media_duration")
+
+
 async def test_percent_less_reports_never_restore_a_stale_percent(bridge: Any, stub: Any) -> None:
     """The percent a report without one keeps is the video's when the report is
     applied, in the same write: the bridge no longer reads the job first (a report

@@ -45,6 +45,27 @@ async def test_progress_then_complete(service: ServiceHandle) -> None:
     assert events[1].progress.percent == 55.5
 
 
+async def test_keep_media_times_keeps_those_a_report_leaves_unset(service: ServiceHandle) -> None:
+    """ReportEventRequest.keep_media_times (the video worker's reports): a time the
+    report leaves unset stays the job's, with a percent given too; without it the
+    report's progress is the job's whole, as before."""
+    await create(service.stub, job_id="m")
+    first = progress("m", 10, key="k1")
+    first.progress.media_time.FromSeconds(90)
+    first.progress.media_duration.FromSeconds(200)
+    await service.stub.ReportEvent(first)
+    kept = progress("m", 50, key="k2")
+    kept.keep_media_times = True
+    kept.progress.media_time.FromSeconds(100)
+    await service.stub.ReportEvent(kept)
+    job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="m"))
+    assert (job.progress.percent, job.progress.media_time.seconds) == (50, 100)
+    assert job.progress.media_duration.seconds == 200
+    await service.stub.ReportEvent(progress("m", 60, key="k3"))
+    job = await service.stub.GetJob(job_service_pb2.GetJobRequest(id="m"))
+    assert not job.progress.HasField("media_time") and not job.progress.HasField("media_duration")
+
+
 @pytest.mark.parametrize("final", [completed, failed])
 async def test_nothing_leaves_a_terminal_state(service: ServiceHandle, final: object) -> None:
     await create(service.stub, job_id="t")

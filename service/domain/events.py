@@ -275,8 +275,8 @@ def _report(
     _alive(job, now_ns)
     payload = request.WhichOneof("payload")
     if payload == "progress":
-        if request.percent_not_given:
-            _keep_unset(job.progress, request.progress)
+        if request.percent_not_given or request.keep_media_times:
+            _keep_unset(job.progress, request.progress, request.percent_not_given)
         else:
             job.progress.CopyFrom(request.progress)
         if request.HasField("event_time"):
@@ -316,20 +316,25 @@ def _report(
         event.error.CopyFrom(request.failed)
 
 
-def _keep_unset(progress: job_pb2.Progress, report: job_pb2.Progress) -> None:
-    """`report` over the job's `progress`, for a worker that did not say its percent:
-    the percent follows the media times when the report brings one and both are then
-    known, else stays; a media time the report leaves unset stays."""
+def _keep_unset(
+    progress: job_pb2.Progress, report: job_pb2.Progress, percent_not_given: bool
+) -> None:
+    """`report` over the job's `progress`, for a worker whose media times are each
+    optional: a media time the report leaves unset stays. When it did not say its
+    percent either, the percent follows the media times when the report brings one
+    and both are then known, else stays."""
     previous = job_pb2.Progress()
     previous.CopyFrom(progress)
     progress.CopyFrom(report)
     given_time, given_total = report.HasField("media_time"), report.HasField("media_duration")
-    # Kept unless the media times give one (a length of 0, not known yet, gives none).
-    progress.percent = previous.percent
     if not given_time and previous.HasField("media_time"):
         progress.media_time.CopyFrom(previous.media_time)
     if not given_total and previous.HasField("media_duration"):
         progress.media_duration.CopyFrom(previous.media_duration)
+    if not percent_not_given:
+        return
+    # Kept unless the media times give one (a length of 0, not known yet, gives none).
+    progress.percent = previous.percent
     total = progress.media_duration.ToNanoseconds()
     if (given_time or given_total) and progress.HasField("media_time") and total > 0:
         progress.percent = min(100.0, progress.media_time.ToNanoseconds() / total * 100)

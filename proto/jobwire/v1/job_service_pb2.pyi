@@ -353,6 +353,7 @@ class ReportEventRequest(_message.Message):
     PROCESS_ID_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     PERCENT_NOT_GIVEN_FIELD_NUMBER: _builtins.int
+    KEEP_MEDIA_TIMES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job the event is for."""
     idempotency_key: _builtins.str
@@ -387,6 +388,14 @@ class ReportEventRequest(_message.Message):
     atomic write, so a report committed meanwhile is never overwritten with
     a stale percent.
     """
+    keep_media_times: _builtins.bool
+    """For a progress report: a media time the report leaves unset keeps the
+    job's, whether or not the report gives a percent (the video worker's
+    currentTime and totalTime are optional, each on its own: a report of a
+    percent alone erased the video's position and length). Without it (and
+    without percent_not_given, which implies it) the report's progress
+    replaces the job's whole. Applied in the event's own atomic write.
+    """
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
         """When the worker says the event happened (worker clock)."""
@@ -417,10 +426,11 @@ class ReportEventRequest(_message.Message):
         process_id: _builtins.str = ...,
         kind: _job_pb2.JobKind.ValueType = ...,
         percent_not_given: _builtins.bool = ...,
+        keep_media_times: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "event_time", b"event_time", "failed", b"failed", "payload", b"payload", "progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback_token", b"callback_token", "completed", b"completed", "create_kind", b"create_kind", "event_time", b"event_time", "failed", b"failed", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "kind", b"kind", "payload", b"payload", "percent_not_given", b"percent_not_given", "process_id", b"process_id", "progress", b"progress"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback_token", b"callback_token", "completed", b"completed", "create_kind", b"create_kind", "event_time", b"event_time", "failed", b"failed", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "keep_media_times", b"keep_media_times", "kind", b"kind", "payload", b"payload", "percent_not_given", b"percent_not_given", "process_id", b"process_id", "progress", b"progress"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["progress", "completed", "failed"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
