@@ -118,6 +118,7 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
     login_rate, login_burst = parse_rate(
         merged.get("JOBWIRE_DASHBOARD_LOGIN_LIMIT", "off"), "JOBWIRE_DASHBOARD_LOGIN_LIMIT"
     )
+    push_ms = number(merged, "JOBWIRE_DASHBOARD_PUSH_MS", 200, per_second=1000)
     return DashboardConfig(
         host=host,
         port=port,
@@ -125,7 +126,7 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
         token=_login_token(merged.get(TOKEN_VAR, "")),
         trusted_user_header=_header_name(merged, "JOBWIRE_DASHBOARD_TRUSTED_USER_HEADER"),
         public_url=public_url(merged.get("JOBWIRE_PUBLIC_URL", "")),
-        push_interval_seconds=number(merged, "JOBWIRE_DASHBOARD_PUSH_MS", 200) / 1000,
+        push_interval_seconds=push_ms / 1000,
         heartbeat_seconds=number(merged, "JOBWIRE_DASHBOARD_HEARTBEAT_SECONDS", 15),
         shutdown_grace_seconds=number(merged, "JOBWIRE_SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0),
         header_timeout_seconds=number(merged, "JOBWIRE_DASHBOARD_HEADER_TIMEOUT_SECONDS", 10),

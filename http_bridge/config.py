@@ -300,20 +300,25 @@ def body_secret(env: Mapping[str, str], name: str) -> str:
     return value
 
 
-# Seconds (and the dashboard's push milliseconds): a year is plenty, and gRPC took a
-# 1e300 s deadline as one already passed (every call DEADLINE_EXCEEDED).
+# Seconds: a year is plenty, and gRPC took a 1e300 s deadline as one already passed
+# (every call DEADLINE_EXCEEDED).
 MAX_NUMBER = 366 * 24 * 3600
 
 
-def number(env: Mapping[str, str], name: str, default: float, minimum: float = 0.001) -> float:
+def number(
+    env: Mapping[str, str], name: str, default: float, minimum: float = 0.001, per_second: int = 1
+) -> float:
+    """A finite number from `minimum` to 366 days in the setting's unit (`per_second`
+    1000 for milliseconds: the seconds' bound made a push interval at most 8.8 hours)."""
     raw = env.get(name, "")
     try:
         value = float(raw) if raw else default
     except ValueError:
         raise SystemExit(f"{name} must be a number, got {raw!r}") from None
-    if not minimum <= value <= MAX_NUMBER:
+    maximum = MAX_NUMBER * per_second
+    if not minimum <= value <= maximum:
         raise SystemExit(
-            f"{name} must be a number >= {minimum} and <= {MAX_NUMBER} (366 days), got {raw!r}"
+            f"{name} must be a number >= {minimum} and <= {maximum} (366 days), got {raw!r}"
         )
     return value
 

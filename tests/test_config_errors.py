@@ -145,6 +145,17 @@ def test_dashboard_settings(tmp_path: Path, var: str, value: str) -> None:
     _refused(lambda: dashboard_config(env), var, value)
 
 
+def test_the_dashboards_push_interval_is_bounded_in_its_own_unit(tmp_path: Path) -> None:
+    """JOBWIRE_DASHBOARD_PUSH_MS is milliseconds, but it was bounded by the seconds'
+    31622400 "(366 days)": 8.8 hours, so a day's 86400000 was refused and the refusal
+    named a bound that was not what it said. Now 366 days in milliseconds."""
+    env = {"JOBWIRE_ENV_FILE": str(tmp_path / "none.env"), "JOBWIRE_DASHBOARD_PUSH_MS": "86400000"}
+    assert dashboard_config(env).push_interval_seconds == 86400
+    env["JOBWIRE_DASHBOARD_PUSH_MS"] = "31622400001"
+    message = _refused(lambda: dashboard_config(env), "JOBWIRE_DASHBOARD_PUSH_MS", "31622400001")
+    assert "<= 31622400000 (366 days)" in message, message
+
+
 @pytest.mark.parametrize(
     "value",
     ["s3cr3t-dashboard-token-from-a-file\n", " s3cr3t-dashboard-token-0123", "s3cr3t-dash\ttoken"],
