@@ -199,6 +199,9 @@ class Settings:
     grpc_tls_key: str = ""
     grpc_tls_client_ca: str = ""
     grpc_token: str = field(default="", repr=False)
+    # JOBWIRE_GRPC_INSECURE: listen beyond loopback with neither token nor mTLS, on
+    # purpose (a private network); otherwise the service refuses to start that way.
+    grpc_insecure: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -248,6 +251,7 @@ class Settings:
             grpc_tls_key=os.environ.get("JOBWIRE_GRPC_TLS_KEY", ""),
             grpc_tls_client_ca=os.environ.get("JOBWIRE_GRPC_TLS_CLIENT_CA", ""),
             grpc_token=_token("JOBWIRE_GRPC_TOKEN"),
+            grpc_insecure=_flag("JOBWIRE_GRPC_INSECURE", cls.grpc_insecure),
         )
 
     def policy(self) -> Policy:

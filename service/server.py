@@ -79,8 +79,11 @@ class RunningService:
 
 async def start(settings: Settings, store: Store | None = None) -> RunningService:
     # Read before the store opens: TLS files that cannot be used stop it now, naming
-    # the variable.
+    # the variable; so does a port open to other hosts that authenticates no caller.
     creds = tls_credentials(settings)
+    open_to_others = unauthenticated_beyond_this_host(settings)
+    if open_to_others and not settings.grpc_insecure:
+        raise SystemExit(refused_open(settings.grpc_addr))
     store = store if store is not None else open_store(settings)
     await store.start()
     jobs = Jobs(store, Fanout(settings.watch_buffer), store.policy, settings.public_url)
@@ -102,11 +105,11 @@ async def start(settings: Settings, store: Store | None = None) -> RunningServic
     add_to_server(JobServicer(jobs, admission), server)
     health_servicer = add_health_and_reflection(server)
     port = listen(server, settings, creds)
-    if not settings.grpc_token and not local_only(settings.grpc_addr):
+    if open_to_others:  # on purpose: JOBWIRE_GRPC_INSECURE
         log.warning(
-            "JOBWIRE_GRPC_TOKEN is not set and the service listens on %s: any client that"
-            " reaches this port can create, cancel, delete and read every job and artifact;"
-            ' set JOBWIRE_GRPC_TOKEN (README "TLS and internal auth")',
+            "JOBWIRE_GRPC_INSECURE is on: the service listens on %s without"
+            " JOBWIRE_GRPC_TOKEN or client certificates; any client that reaches this port"
+            " can create, cancel, delete and read every job and artifact",
             settings.grpc_addr,
         )
     jobs.fanout.corker = corker_for(settings, port)
@@ -171,9 +174,29 @@ def tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def unauthenticated_beyond_this_host(settings: Settings) -> bool:
+    """Whether other hosts may reach the port and nothing identifies a caller: no
+    JOBWIRE_GRPC_TOKEN and no client certificates (JOBWIRE_GRPC_TLS_CLIENT_CA)."""
+    authenticated = bool(settings.grpc_token or settings.grpc_tls_client_ca)
+    return not authenticated and not local_only(settings.grpc_addr)
+
+
+def refused_open(addr: str) -> str:
+    """The one line a service open to every host stops with ("No endpoint is open by
+    default", DESIGN.md): the image and the manifests listen on 0.0.0.0."""
+    return (
+        f"jobwire: JOBWIRE_GRPC_TOKEN is not set and JOBWIRE_GRPC_ADDR={addr} is reachable"
+        " from other hosts: set JOBWIRE_GRPC_TOKEN to a random secret (e.g. python3 -c"
+        " 'import secrets; print(secrets.token_urlsafe(32))') and give the bridge and the"
+        " dashboard the same, or require client certificates (JOBWIRE_GRPC_TLS_CLIENT_CA),"
+        " or set JOBWIRE_GRPC_INSECURE=1 to serve it open on a private network"
+        ' (README "TLS and internal auth")'
+    )
+
+
 def local_only(addr: str) -> bool:
     """Whether a listen address takes connections from this host alone (loopback or a
-    Unix socket): without JOBWIRE_GRPC_TOKEN, any other is open to whoever reaches it."""
+    Unix socket): any other is open to whoever reaches it."""
     if addr.startswith(("unix:", "unix-abstract:")):
         return True
     host = addr.rsplit(":", 1)[0].strip("[]").lower()

@@ -39,6 +39,7 @@ SERVICE = [
     ("JOBWIRE_FIREHOSE_RETENTION", "nan"),
     ("JOBWIRE_PROGRESS_DEADLINE_VIDEO", "-5m"),
     ("JOBWIRE_EVENT_FEED", "maybe"),
+    ("JOBWIRE_GRPC_INSECURE", "maybe"),
     ("JOBWIRE_PUBLIC_URL", "jobs.example.com"),
     ("JOBWIRE_PUBLIC_URL", "ftp://jobs.example.com"),
     ("JOBWIRE_PUBLIC_URL", "https:///path"),

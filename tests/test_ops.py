@@ -399,25 +399,6 @@ async def test_a_bridge_whose_grpc_token_the_service_refuses_says_so(tmp_path: P
 
 
 @pytest.mark.parametrize(
-    ("addr", "warned"),
-    [("0.0.0.0:0", True), ("[::]:0", True), ("127.0.0.1:0", False), ("[::1]:0", False)],
-)
-async def test_a_service_open_beyond_this_host_without_a_token_warns(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, addr: str, warned: bool
-) -> None:
-    """No JOBWIRE_GRPC_TOKEN and a listen address other hosts reach (the image's and
-    the Kubernetes manifests' 0.0.0.0): every job could be created, cancelled, deleted
-    and read by anyone who reaches the port, and the service said nothing of it."""
-    caplog.set_level("WARNING", logger="jobwire")
-    handle = await start_service(EmbeddedStore(tmp_path / "d", make_policy()), grpc_addr=addr)
-    try:
-        said = "JOBWIRE_GRPC_TOKEN is not set and the service listens on" in caplog.text
-        assert said == warned, caplog.text
-    finally:
-        await handle.close()
-
-
-@pytest.mark.parametrize(
     ("command", "said"),
     [
         ("serve", rb"jobwire service listening on 127\.0\.0\.1:(\d+) "),
