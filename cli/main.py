@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -273,7 +274,7 @@ def _run(_: argparse.Namespace) -> int:
     settings = Settings.from_env()
     env = dict(os.environ)
     env.setdefault("JOBWIRE_SERVICE_TARGET", settings.grpc_addr)
-    env.update(_local_secrets(env))
+    env.update(_local_secrets(env, settings))
     env[RUN_PARENT] = str(os.getpid())  # the children stop when this process dies
     cmd = [sys.executable, "-m", "cli"]
     stopping = False
@@ -369,18 +370,32 @@ def _describe_exit(code: int) -> str:
     return f"status {code}"
 
 
-def _local_secrets(env: dict[str, str]) -> dict[str, str]:
+GRPC_TOKEN = "JOBWIRE_GRPC_TOKEN"
+
+
+def _local_secrets(env: dict[str, str], settings: Settings) -> dict[str, str]:
     """The bridge's secrets and the dashboard's token for `jobwire run`: from jobwire.env,
     generated into it when missing. They are handed to the children in their
     environment, because each process's log filter redacts the secret values its
-    environment holds: one read from the file would otherwise reach a log unredacted."""
+    environment holds: one read from the file would otherwise reach a log unredacted.
+
+    JOBWIRE_GRPC_TOKEN goes to all three children when set, the service included (it
+    reads only its environment). It is generated only when the service listens beyond
+    loopback with nothing else closing it: on loopback, as `jobwire serve`, the service
+    runs without one, and the CLI's commands against it need none."""
     from dashboard.config import TOKEN_VAR, ensure_token
-    from http_bridge.config import GENERATED_SECRETS, ensure_secrets, merged_env
+    from http_bridge.config import GENERATED_SECRETS, ensure_secrets, generate_missing, merged_env
+    from service.server import unauthenticated_beyond_this_host
 
     env_file, merged = merged_env(env)
     merged.update(ensure_secrets(env_file, merged))
     merged.update(ensure_token(env_file, merged))
-    return {name: merged[name] for name in (*GENERATED_SECRETS, TOKEN_VAR) if merged.get(name)}
+    with_file_token = replace(settings, grpc_token=merged.get(GRPC_TOKEN, ""))
+    if unauthenticated_beyond_this_host(with_file_token) and not settings.grpc_insecure:
+        what = "the service's gRPC token (it listens beyond loopback)"
+        merged.update(generate_missing(env_file, merged, [GRPC_TOKEN], what))
+    names = (*GENERATED_SECRETS, TOKEN_VAR, GRPC_TOKEN)
+    return {name: merged[name] for name in names if merged.get(name)}
 
 
 def _healthy(target: str, timeout: float = 2.0) -> bool:

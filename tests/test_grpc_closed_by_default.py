@@ -13,13 +13,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 
+from http_bridge.config import read_env_file
 from jobwire.v1 import job_service_pb2, job_service_pb2_grpc
 from service.store.embedded import EmbeddedStore
 from tests.conftest import make_policy, start_service
-from tests.helpers import WAIT, port_0_environment
+from tests.helpers import WAIT, port_0_environment, run_environment, until
 from tests.test_ops import _self_signed
 
 LISTENING = re.compile(rb"jobwire service listening on \S+:(\d+) ")
@@ -154,3 +156,54 @@ async def test_start_refuses_an_open_port_beyond_this_host(
         assert ("JOBWIRE_GRPC_INSECURE is on" in caplog.text) == (outcome == "warned")
     finally:
         await handle.close()
+
+
+@pytest.mark.parametrize("in_file", [False, True])
+async def test_jobwire_run_beyond_loopback_closes_the_service_with_a_token_it_hands_on(
+    tmp_path: Path, in_file: bool
+) -> None:
+    """`jobwire run` with JOBWIRE_GRPC_ADDR=0.0.0.0:…: its service refused to start for
+    want of a token (or, before that, served open). run now generates one into the env
+    file, as it does the bridge's secrets, and hands it to the service, the bridge and
+    the dashboard; a token already in the file is the one they all get (the service read
+    only its environment, so a token in the file closed nothing)."""
+    ports, env = run_environment(tmp_path)
+    env["JOBWIRE_GRPC_ADDR"] = f"0.0.0.0:{ports['grpc']}"
+    env_file = Path(env["JOBWIRE_ENV_FILE"])
+    if in_file:
+        await asyncio.to_thread(env_file.write_text, "JOBWIRE_GRPC_TOKEN=site-token\n")
+    run_env = serve_environment(tmp_path, **env)
+    log_path = tmp_path / "run.log"
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli", "run", env=run_env, stdout=log, stderr=log
+        )
+    try:
+
+        def started() -> bool:
+            return b"dashboard on http://" in log_path.read_bytes()
+
+        await until(lambda: started() or proc.returncode is not None, timeout=60)
+        assert started(), log_path.read_text()
+        token = read_env_file(env_file)["JOBWIRE_GRPC_TOKEN"]
+        assert (token == "site-token") == in_file
+        said = log_path.read_text()
+        assert ("generated JOBWIRE_GRPC_TOKEN into" in said) != in_file, said
+        assert token not in said
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['grpc']}") as channel:
+            stub = job_service_pb2_grpc.JobServiceStub(channel)
+            request = job_service_pb2.ListJobsRequest(page_size=1)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ListJobs(request, timeout=WAIT)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            await stub.ListJobs(
+                request, timeout=WAIT, metadata=(("authorization", f"Bearer {token}"),)
+            )
+        async with aiohttp.ClientSession() as http:  # both take the service's token
+            for port in (ports["http"], ports["dashboard"]):
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as reply:
+                    assert reply.status == 200, await reply.text()
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 30)
