@@ -171,15 +171,32 @@ def token_refused(exc: grpc.aio.AioRpcError) -> bool:
     )
 
 
-async def refuses_our_token(stub: Any, timeout: float) -> bool:
-    """Whether the service refuses the JOBWIRE_GRPC_TOKEN of `stub`'s channel. Its health
-    service takes no token, so a readiness check that asks only health said ready while
-    every call failed; this asks one call that needs it (ListJobs of one job: one
-    indexed read, answered OK, no error in the service's metrics)."""
-    from jobwire.v1 import job_service_pb2  # the stubs: not needed to build a channel
+# gRPC reflection's one method, every jobwire process serves it behind the token check.
+_REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 
+
+async def refuses_our_token(channel: grpc.aio.Channel, timeout: float) -> bool:
+    """Whether the service refuses the JOBWIRE_GRPC_TOKEN of `channel`, for readiness
+    probes. Its health service takes no token, so a readiness check that asks only
+    health said ready while every call failed. This asks gRPC reflection for the
+    service list: the token check comes before it, and it is answered from memory (a
+    ListJobs of one job read the store on every probe, every 5 s per pod). Any other
+    failure is not the token's: the health check answers for those."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    # Called as unary-stream (the same on the wire: one request, then the half-close):
+    # as a bidi stream, grpc.aio's request sender could race the service's refusal and
+    # fail the call with INTERNAL "Failed execute_batch", hiding the refusal's marker.
+    ask = channel.unary_stream(
+        _REFLECTION,
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
     try:
-        await stub.ListJobs(job_service_pb2.ListJobsRequest(page_size=1), timeout=timeout)
+        async for _ in ask(
+            reflection_pb2.ServerReflectionRequest(list_services=""), timeout=timeout
+        ):
+            pass  # one answer, then the stream ends OK
     except grpc.aio.AioRpcError as exc:
         return token_refused(exc)
     return False

@@ -446,6 +446,6 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
         return web.Response(status=503, text="service: not serving\n")
     # With the wrong token every page was a 502 while /readyz said ok.
-    if await refuses_our_token(request.app[GRPC](), 2):
+    if await refuses_our_token(request.app[CHANNEL], 2):
         return web.Response(status=503, text="service: refused JOBWIRE_GRPC_TOKEN\n")
     return web.Response(text="ok\n")

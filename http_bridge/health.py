@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2
 from jobwire.client.channel import refuses_our_token
 
 from .errors import TOKEN_REFUSED, json_response, note_token_refused
-from .grpc_client import CONFIG, HEALTH, STUB
+from .grpc_client import CHANNEL, CONFIG, HEALTH
 
 routes = web.RouteTableDef()
 SERVICE_NAME = "jobwire.v1.JobService"
@@ -34,7 +34,7 @@ async def readyz(request: web.Request) -> web.StreamResponse:
         status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
         return json_response({"status": "unavailable", "reason": status}, 503, retry)
     # With the wrong token every callback failed, and the bridge said it was ready.
-    if await refuses_our_token(request.app[STUB], READY_TIMEOUT):
+    if await refuses_our_token(request.app[CHANNEL], READY_TIMEOUT):
         note_token_refused()
         return json_response({"status": "unavailable", "reason": TOKEN_REFUSED}, 503, retry)
     return json_response({"status": "ready"})

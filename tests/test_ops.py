@@ -398,6 +398,64 @@ async def test_a_bridge_whose_grpc_token_the_service_refuses_says_so(tmp_path: P
         await handle.close()
 
 
+def _calls(method: str, code: str = "") -> float:
+    """`method`'s calls this process's services finished (with status `code`, or any)."""
+    from prometheus_client import REGISTRY
+
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "jobwire_grpc_requests"
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+        and sample.labels.get("method") == method
+        and code in ("", sample.labels.get("code"))
+    )
+
+
+@pytest.mark.parametrize("bridge_token", ["s3cr3t", ""])
+async def test_readyz_checks_the_grpc_token_without_reading_the_store(
+    tmp_path: Path, bridge_token: str
+) -> None:
+    """The bridge's and the dashboard's /readyz asked the service a ListJobs of one job
+    to learn whether it took their JOBWIRE_GRPC_TOKEN: a store read every probe (every
+    5 s per pod on Kubernetes). They now ask a call the token check answers before any
+    handler runs (gRPC reflection's service list), so ready still means "the service
+    takes our token" (and 503 when it does not) without touching the store."""
+    from tests.bridge_process import cli_bridge_process
+    from tests.dashboard_harness import running_dashboard
+
+    handle = await start_service(EmbeddedStore(tmp_path / "d", make_policy()), grpc_token="s3cr3t")
+    env = {"JOBWIRE_GRPC_TOKEN": bridge_token}
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            cli_bridge_process(handle.target, tmp_path, **env) as bridge,
+            running_dashboard(handle.target, **env) as dash,
+        ):
+            list_jobs, reflection_ok = _calls("ListJobs"), _calls("ServerReflectionInfo", "OK")
+            for _ in range(3):
+                async with http.get(f"{bridge.url}/readyz") as reply:
+                    if bridge_token:
+                        assert reply.status == 200, await reply.text()
+                    else:
+                        assert reply.status == 503
+                        reason = (await reply.json())["reason"]
+                        assert reason == "the service refused JOBWIRE_GRPC_TOKEN"
+                async with http.get(f"{dash.url}/readyz") as reply:
+                    if bridge_token:
+                        assert (reply.status, await reply.text()) == (200, "ok\n")
+                    else:
+                        assert reply.status == 503
+                        assert await reply.text() == "service: refused JOBWIRE_GRPC_TOKEN\n"
+            assert _calls("ListJobs") == list_jobs
+            # Answered and ended OK: no CANCELLED or error calls in the service's metrics.
+            probes_ok = 6 if bridge_token else 0
+            assert _calls("ServerReflectionInfo", "OK") == reflection_ok + probes_ok
+    finally:
+        await handle.close()
+
+
 @pytest.mark.parametrize(
     ("command", "said"),
     [
