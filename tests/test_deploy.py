@@ -224,8 +224,9 @@ def test_config_and_secret_references_resolve() -> None:
 def test_a_grpc_token_put_in_the_secret_reaches_the_service_and_its_callers() -> None:
     """README "TLS and internal auth": put JOBWIRE_GRPC_TOKEN in the Secret. No
     Deployment read that key, so the service stayed open while the operator believed
-    it closed. Every Deployment now reads it (optional: an out-of-band Secret without
-    it still starts them, with no internal auth)."""
+    it closed. Every Deployment now reads it, and requires it: the service listens on
+    0.0.0.0, where it does not start without one (it was optional: an out-of-band
+    Secret without the key started the service open to the cluster)."""
     for deployment in (d for d in k8s_docs() if d["kind"] == "Deployment"):
         for container in containers(deployment):
             refs = {
@@ -235,8 +236,38 @@ def test_a_grpc_token_put_in_the_secret_reaches_the_service_and_its_callers() ->
             assert ref == {
                 "name": "jobwire-secrets",
                 "key": "JOBWIRE_GRPC_TOKEN",
-                "optional": True,
             }, deployment["metadata"]["name"]
+
+
+@pytest.mark.parametrize("source", ["configmap", "env_example"])
+async def test_the_shipped_service_starts_closed_or_not_at_all(
+    source: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The ConfigMap and the compose env file put the service on 0.0.0.0. With the
+    token left as shipped (the Secret's and the env file's empty placeholder) it stops
+    at start naming JOBWIRE_GRPC_TOKEN (it ran open, with a WARNING); with the token
+    filled in, as the operator is told, it authenticates every caller."""
+    from service.server import start, unauthenticated_beyond_this_host
+
+    env = shipped_settings(source)
+    if source == "configmap":
+        env["JOBWIRE_GRPC_TOKEN"] = find("Secret", "jobwire-secrets")["stringData"][
+            "JOBWIRE_GRPC_TOKEN"
+        ]
+    else:
+        env["JOBWIRE_GRPC_TOKEN"] = env_example_values()["JOBWIRE_GRPC_TOKEN"]
+        env["JOBWIRE_GRPC_ADDR"] = compose()["services"]["service"]["environment"][
+            "JOBWIRE_GRPC_ADDR"
+        ]
+    assert env["JOBWIRE_GRPC_ADDR"] == "0.0.0.0:50051" and env["JOBWIRE_GRPC_TOKEN"] == ""
+    settings, _, _ = start_settings(env, monkeypatch, tmp_path)
+    with pytest.raises(SystemExit, match="JOBWIRE_GRPC_TOKEN is not set"):
+        await start(settings)  # stops before it opens a store
+    filled = {**env, "JOBWIRE_GRPC_TOKEN": secrets.token_urlsafe(32)}
+    settings, bridge, dashboard = start_settings(filled, monkeypatch, tmp_path)
+    assert not unauthenticated_beyond_this_host(settings)
+    for caller in (bridge, dashboard):  # they send the same token
+        assert caller.service_env["JOBWIRE_GRPC_TOKEN"] == filled["JOBWIRE_GRPC_TOKEN"]
 
 
 def test_secret_holds_placeholders_only() -> None:
@@ -382,8 +413,22 @@ def test_compose_runs_a_replica_set_service_and_bridge() -> None:
     assert dashboard["healthcheck"]["test"][4].endswith(":8081/readyz")
     assert dashboard["ports"][0].startswith("${JOBWIRE_DASHBOARD_BIND:-127.0.0.1}:")
 
+    # The token (README "Docker Compose"): required by compose itself, for all three.
+    required = re.fullmatch(
+        r"\$\{JOBWIRE_GRPC_TOKEN:\?(.+)\}", service["environment"]["JOBWIRE_GRPC_TOKEN"]
+    )
+    assert required, service["environment"]["JOBWIRE_GRPC_TOKEN"]
+    for said in ("deploy/jobwire.env", "--env-file deploy/jobwire.env", "token_urlsafe"):
+        assert said in required.group(1), said
+    header = COMPOSE.read_text(encoding="utf-8")
+    command = "docker compose --env-file deploy/jobwire.env -f deploy/compose.yaml up --build"
+    assert command in header
+    assert command in (ROOT / "README.md").read_text(encoding="utf-8")
+
     for name in ("service", "bridge", "dashboard"):
         svc = services[name]
+        token = svc["environment"]["JOBWIRE_GRPC_TOKEN"]
+        assert token == service["environment"]["JOBWIRE_GRPC_TOKEN"], name
         assert svc["env_file"] == ["./jobwire.env"], name
         assert svc["image"] == services["service"]["image"], "one image for both commands"
         build = svc["build"]
@@ -436,10 +481,17 @@ def test_docker_compose_config_accepts_the_stack(tmp_path: Path) -> None:
         pytest.skip("docker compose plugin (or docker-compose v2) not installed")
     # A copy, so the check needs no real deploy/jobwire.env and never reads one.
     shutil.copytree(DEPLOY, tmp_path / "deploy", ignore=shutil.ignore_patterns("jobwire.env"))
-    config = [*cmd, "-f", str(tmp_path / "deploy" / "compose.yaml"), "config", "-q"]
+    env_file = tmp_path / "deploy" / "jobwire.env"
+    config = [*cmd, "--env-file", str(env_file), "-f", str(tmp_path / "deploy" / "compose.yaml")]
+    config += ["config", "-q"]
     missing = subprocess.run(config, capture_output=True, text=True, timeout=60, check=False)
     assert missing.returncode != 0, "compose must refuse to start without deploy/jobwire.env"
-    shutil.copy(ENV_EXAMPLE, tmp_path / "deploy" / "jobwire.env")
+    shutil.copy(ENV_EXAMPLE, env_file)
+    # As copied, JOBWIRE_GRPC_TOKEN is empty: refused, naming it.
+    empty = subprocess.run(config, capture_output=True, text=True, timeout=60, check=False)
+    assert empty.returncode != 0 and "JOBWIRE_GRPC_TOKEN" in empty.stderr, empty.stderr
+    text = env_file.read_text(encoding="utf-8")
+    env_file.write_text(text.replace("JOBWIRE_GRPC_TOKEN=\n", "JOBWIRE_GRPC_TOKEN=t0ken\n"))
     ok = subprocess.run(config, capture_output=True, text=True, timeout=60, check=False)
     assert ok.returncode == 0, ok.stderr
 
@@ -520,6 +572,10 @@ def test_dockerfile_runs_as_non_root_with_both_commands() -> None:
     assert "--interval=" in final["HEALTHCHECK"] and "CMD " in final["HEALTHCHECK"]
     header = DOCKERFILE.read_text(encoding="utf-8")
     assert "`jobwire serve`" in header and "`jobwire bridge`" in header
+    # 0.0.0.0 without a token does not start: the image opens nothing by itself, and
+    # says how to run it.
+    assert "JOBWIRE_GRPC_TOKEN" not in env and "JOBWIRE_GRPC_INSECURE" not in env
+    assert "docker run -e JOBWIRE_GRPC_TOKEN jobwire:local serve" in header
 
 
 def test_build_context_holds_what_the_builder_copies() -> None:
