@@ -180,8 +180,9 @@ async def test_jobwire_run_beyond_loopback_closes_the_service_with_a_token_it_ha
         )
     try:
 
-        def started() -> bool:
-            return b"dashboard on http://" in log_path.read_bytes()
+        def started() -> bool:  # each says so once it listens
+            said = log_path.read_bytes()
+            return b"bridge on http://" in said and b"dashboard on http://" in said
 
         await until(lambda: started() or proc.returncode is not None, timeout=60)
         assert started(), log_path.read_text()
