@@ -77,7 +77,9 @@ async def test_serve_refuses_a_data_dir_it_cannot_use_naming_path_and_problem(
     mongodb_uri = ""
     if problem == "a file":
         data.write_text("")
-        expected = f"cannot use the data directory {data}"
+        # The problem, not mkdir's "[Errno 17] File exists", which read as if a directory
+        # already there were the fault.
+        expected = f"cannot use the data directory {data}: it is a file, not a directory"
     elif problem == "not a database":
         data.mkdir()
         (data / "jobwire.sqlite3").write_bytes(os.urandom(8192))

@@ -179,6 +179,13 @@ class EmbeddedStore:
             # ./data was 0755, its files 0644: readable by every local user). A directory
             # the operator made keeps its mode (the image's 0750).
             self._dir.parent.mkdir(parents=True, exist_ok=True)
+            if self._dir.exists() and not self._dir.is_dir():
+                # Said as the problem it is: mkdir's "[Errno 17] File exists" read as if
+                # a directory already there were the fault.
+                raise StorageUnavailable(
+                    f"embedded store: cannot use the data directory {self._dir}:"
+                    " it is a file, not a directory"
+                )
             self._dir.mkdir(mode=0o700, exist_ok=True)
             (self._artifacts / ".tmp").mkdir(parents=True, exist_ok=True)
             self._lock_fd = _lock_data_dir(self._dir)
