@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 import grpc
 import pydantic
 from aiohttp import web
+from pydantic_core import PydanticCustomError
 
 from jobwire.job_ids import NOT_A_NEW_JOB_ID
 from jobwire.v1 import job_pb2
@@ -65,7 +66,8 @@ TaskId = Annotated[
     pydantic.AfterValidator(_an_id_the_service_takes),
     pydantic.Field(json_schema_extra={"not": {"enum": list(NOT_A_NEW_JOB_ID)}}),
 ]
-Text = Annotated[str, pydantic.StringConstraints(max_length=4096)]
+TEXT_MAX = 4096
+Text = Annotated[str, pydantic.StringConstraints(max_length=TEXT_MAX)]
 EXACT = 2**53  # the integers a JSON number (a double) holds exactly
 
 
@@ -85,6 +87,22 @@ Integer = Annotated[
 Seconds = Annotated[float, pydantic.Field(ge=0, le=10**9, allow_inf_nan=False)]
 
 
+def _integer_or_text(value: object, handler: pydantic.ValidatorFunctionWrapHandler) -> object:
+    """One problem for a code that is neither: pydantic named each branch of the union
+    by its internals (`error_code.function-before[_whole_number(), constrained-int]: ...;
+    error_code.constrained-str: ...`)."""
+    try:
+        return handler(value)
+    except pydantic.ValidationError:
+        raise PydanticCustomError(
+            "integer_or_text",
+            f"must be an integer (within ±2^53) or a string of at most {TEXT_MAX} characters",
+        ) from None
+
+
+IntegerOrText = Annotated[Integer | Text, pydantic.WrapValidator(_integer_or_text)]
+
+
 class Task(pydantic.BaseModel):
     model_config = STRICT
 
@@ -95,7 +113,7 @@ class Task(pydantic.BaseModel):
     format: Annotated[str, pydantic.StringConstraints(max_length=32)] | None = None
     duration: Seconds | None = None
     spend_time: Seconds | None = None
-    error_code: Integer | Text | None = None
+    error_code: IntegerOrText | None = None
     # No limit in the contract (the body's bounds it): clipped to the service's (`clip`),
     # as AWS Batch's error. Past 4,096 characters it made a bad task, and the failure
     # was never recorded (AuroraCloud's retries are the same notification).
