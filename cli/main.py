@@ -266,7 +266,11 @@ def _redact_env_file_secrets(
     env_file, merged = merged_env()
     if os.environ.get("JOBWIRE_GENERATE_SECRETS") == "1":
         merged.update(generate(env_file, merged))  # the process's config reads them back
-    configure_logging(environ=merged)
+    # The log settings are theirs too: read from the environment alone, a level or
+    # format in the file was ignored, a bad one without a word.
+    configure_logging(
+        fmt=merged.get("JOBWIRE_LOG_FORMAT"), level=merged.get("JOBWIRE_LOG_LEVEL"), environ=merged
+    )
 
 
 def _run(_: argparse.Namespace) -> int:

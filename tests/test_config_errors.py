@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import socket
 import sys
 from pathlib import Path
@@ -409,6 +410,46 @@ async def test_a_bad_trace_batch_setting_is_named(
     lines = [line for line in err.decode().splitlines() if line.strip()]
     assert len(lines) == 1 and var in lines[0] and named in lines[0], err
     assert repr(value) in lines[0] or value in lines[0], err
+
+
+async def _first_words(tmp_path: Path, command: str, env_file: str) -> tuple[int | None, bytes]:
+    """`jobwire COMMAND` with only `env_file` (JOBWIRE_ENV_FILE) setting its logging: its
+    exit status (None: still running) and its first line on stderr."""
+    env = port_0_environment(
+        tmp_path, JOBWIRE_LOG_LEVEL="", JOBWIRE_LOG_FORMAT="", JOBWIRE_ENV_FILE=env_file
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", command, env=env, stderr=asyncio.subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    status = None
+    try:
+        line = await asyncio.wait_for(proc.stderr.readline(), 30)
+        with contextlib.suppress(TimeoutError):
+            status = await asyncio.wait_for(proc.wait(), 3)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return status, line
+
+
+@pytest.mark.parametrize("command", ["bridge", "dashboard"])
+async def test_a_bad_log_level_in_the_env_file_is_named(tmp_path: Path, command: str) -> None:
+    """README: the bridge and the dashboard take every setting of theirs from the env
+    file. JOBWIRE_LOG_LEVEL and JOBWIRE_LOG_FORMAT there were not read: a bad level
+    started the process, quietly at INFO."""
+    env_file = tmp_path / "site.env"
+    env_file.write_text("JOBWIRE_LOG_LEVEL=loud\n")
+    status, line = await _first_words(tmp_path, command, str(env_file))
+    assert status == 1 and line.startswith(b"JOBWIRE_LOG_LEVEL must be one of"), (status, line)
+
+
+async def test_the_log_format_in_the_env_file_is_used(tmp_path: Path) -> None:
+    env_file = tmp_path / "site.env"
+    env_file.write_text("JOBWIRE_LOG_FORMAT=text\n")
+    status, line = await _first_words(tmp_path, "bridge", str(env_file))
+    assert status is None and b" INFO http_bridge: bridge on http" in line, line
 
 
 @pytest.mark.parametrize("command", ["serve", "bridge", "dashboard"])
