@@ -22,11 +22,13 @@ def parse_kind(raw: str, json: bool = True) -> int:
         raise PageError(400, f"kind: unknown job kind {raw[:40]!r}", json=json) from None
 
 
-def parse_state(raw: str, json: bool) -> int:
+def parse_state(raw: str, json: bool, field: str = "state") -> int:
+    """A state's name; a bad one is named by the parameter it came in (`state` of a
+    page, `states` of the jobs stream)."""
     try:
         return int(job_pb2.JobState.Value("JOB_STATE_" + raw.upper()))
     except ValueError:
-        raise PageError(400, f"state: unknown job state {raw[:40]!r}", json=json) from None
+        raise PageError(400, f"{field}: unknown job state {raw[:40]!r}", json=json) from None
 
 
 def newest_first(raw: str, json: bool) -> bool:

@@ -152,7 +152,7 @@ def _states(raw: str | None) -> frozenset[int]:
     names = raw.split(",")
     if len(names) > len(job_pb2.JobState.keys()):
         raise PageError(400, "states: too many states", json=True)
-    return frozenset(parse_state(name, json=True) for name in names if name)
+    return frozenset(parse_state(name, json=True, field="states") for name in names if name)
 
 
 def _since(raw: str | None) -> str | None:

@@ -1527,7 +1527,8 @@ async def test_bad_input_gets_a_clear_4xx(
         ("/api/jobs?kind=SPACESHIP", 400, "kind"),
         ("/events/jobs?kind=SPACESHIP", 400, "kind"),
         ("/events/jobs?since=1.2.3", 400, "since"),
-        ("/events/jobs?states=FAILED,DONE", 400, "unknown job state 'DONE'"),
+        # Named by its parameter, `states` (it said `state:`, the jobs page's one).
+        ("/events/jobs?states=FAILED,DONE", 400, "states: unknown job state 'DONE'"),
         ("/events/jobs?states=" + ",".join(["FAILED"] * 40), 400, "states: too many"),
         ("/jobs?order=sideways", 400, "order"),
         ("/api/jobs?order=%ff", 400, "order"),
