@@ -133,10 +133,18 @@ class JsonErrorHandler(RequestHandler):
         # The requests just parsed (aiohttp is pinned: its private queue) that are not
         # HTTP/1.0 or 1.1 are answered as parse errors are, in HTTP/1.0, and close.
         for index in range(queued, len(self._messages)):
-            message, _ = self._messages[index]
-            if isinstance(message, RawRequestMessage) and message.version not in _HTTP1:
+            message, payload = self._messages[index]
+            if not isinstance(message, RawRequestMessage):
+                continue
+            if message.version not in _HTTP1:
                 exc = UnsupportedVersion("HTTP version not supported")
                 self._messages[index] = (_ErrInfo(400, exc, exc.message), EMPTY_PAYLOAD)
+            elif message.upgrade and not message.should_close and _declined(message):
+                # The parser stops at the end of an upgrade it does not take and drops
+                # the bytes after it that came with it (a pipelined request, never
+                # answered, its connection held until the keep-alive timeout).
+                # Answered with Connection: close, the client resends them at once.
+                self._messages[index] = (message._replace(should_close=True), payload)
 
     def handle_error(
         self,
@@ -167,6 +175,13 @@ class JsonErrorHandler(RequestHandler):
 
 
 _HTTP1 = (HttpVersion10, HttpVersion11)
+
+
+def _declined(message: RawRequestMessage) -> bool:
+    """An upgrade aiohttp's parser does not switch for (its ALLOWED_UPGRADES: websocket;
+    and CONNECT): `Upgrade: h2c`, say."""
+    asked = message.headers.get(hdrs.UPGRADE, "")
+    return message.method != hdrs.METH_CONNECT and asked.strip().lower() != "websocket"
 
 
 def json_errors(server: web.Server) -> Callable[[], RequestHandler]:

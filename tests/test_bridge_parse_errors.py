@@ -198,3 +198,38 @@ async def test_a_body_trickled_after_an_early_answer_draws_no_408(
         answer = await _answer_then_trickle(urlsplit(b.url).port or 0, head, 12, 0.1)
     assert status_of(answer) == int(early[:3]), answer
     assert answer.count(b"HTTP/1.1 ") == 1, answer
+
+
+H2C = (
+    b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+)
+NEXT = b"GET /openapi.json HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\n" + H2C + b"\r\n",
+        b"POST /api/log HTTP/1.1\r\nHost: t\r\n" + H2C + b"Content-Length: 2\r\n\r\n{}",
+    ],
+    ids=["GET", "POST with a body"],
+)
+async def test_a_declined_upgrade_closes_its_connection(grpc_service: Any, first: bytes) -> None:
+    """aiohttp's parser stops at the end of a request asking to upgrade to a protocol
+    it does not take (`Upgrade: h2c`, curl --http2 on http://) and drops the bytes after
+    it that came with it: a pipelined request there was never answered, its connection
+    held open until the keep-alive timeout (30 s). The upgrade request is now answered
+    with `Connection: close`, so the client resends the rest on a new connection at
+    once (RFC 9112 9.3.2) instead of waiting."""
+    config = dataclasses.replace(
+        TEST_CONFIG, service_target=grpc_service.target, keepalive_timeout_seconds=30
+    )
+    async with running_bridge(config) as b:
+        port = urlsplit(b.url).port or 0
+        answer = await raw_exchange(port, first + NEXT, timeout=5)
+        assert answer.count(b"HTTP/1.1 ") == 1, answer
+        headers, _ = _split(answer)
+        assert headers["connection"].lower() == "close", answer
+        # Sent on its own later, after the answer, the next request is still served.
+        assert await raw_exchange(port, NEXT.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
