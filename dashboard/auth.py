@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from http_bridge.client_address import limited_address
 from http_bridge.common import same_secret
 from http_bridge.edge import RateLimiter
 
@@ -79,7 +80,8 @@ class Auth:
         too: else a 429 against a success would still tell a guess) is refused unread.
         Sessions already open are not affected. Without it a guesser tried thousands of
         tokens a second, by the login form or as Bearer tokens."""
-        key = b"wrong-token\0" + _bytes(request.remote or "")
+        # An IPv6 client by its /64: it could send each guess from another address in it.
+        key = b"wrong-token\0" + _bytes(limited_address(request.remote))
         if self._wrong is not None and (wait := self._wrong.take(key, peek=True)) > 0:
             raise TooManyWrongTokens(max(1, math.ceil(wait)))
         if self.check_token(candidate):

@@ -47,12 +47,13 @@ pytestmark = pytest.mark.skipif(
 
 
 @contextlib.asynccontextmanager
-async def bridge_in_namespace(tmp_path: Path, **env: str) -> AsyncIterator[int]:
-    """The bridge process, listening on [::], in a network namespace whose
-    loopback holds ADDRESSES; yields its pid (its namespace: /proc/<pid>/ns/net)."""
+async def in_namespace(tmp_path: Path, main: str, **env: str) -> AsyncIterator[int]:
+    """The process of `main` (the bridge's or the dashboard's), listening on [::], in a
+    network namespace whose loopback holds ADDRESSES; yields its pid (its namespace:
+    /proc/<pid>/ns/net)."""
     setup = ["ip link set lo up"] + [f"ip -6 addr add {a}/64 dev lo nodad" for a in ADDRESSES]
-    script = " && ".join([*setup, 'exec "$0" -c "from http_bridge.server import main; main()"'])
-    log = (tmp_path / "bridge.log").open("wb")
+    script = " && ".join([*setup, f'exec "$0" -c "from {main}.server import main; main()"'])
+    log = (tmp_path / f"{main}.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
         "unshare",
         "--net",
@@ -63,6 +64,7 @@ async def bridge_in_namespace(tmp_path: Path, **env: str) -> AsyncIterator[int]:
         env={
             **os.environ,
             "JOBWIRE_HTTP_ADDR": f"[::]:{PORT}",
+            "JOBWIRE_DASHBOARD_ADDR": f"[::]:{PORT}",
             "JOBWIRE_SERVICE_TARGET": "127.0.0.1:1",
             "JOBWIRE_ENV_FILE": str(tmp_path / "none.env"),
             "API_KEY": API_KEY,
@@ -101,14 +103,19 @@ def _connect_in(namespace: str, source: str, target: str) -> socket.socket:
 
 
 async def get_from(
-    thread: concurrent.futures.Executor, pid: int, source: str, target: str, token: str = ""
+    thread: concurrent.futures.Executor,
+    pid: int,
+    source: str,
+    target: str,
+    token: str = "",
+    path: str = "/api/log?limit=1",
 ) -> int | None:
-    """GET /api/log from `source` with `token` (none: GET /healthz); the answer's status."""
+    """GET `path` from `source` with `token` (none: GET /healthz); the answer's status."""
     loop = asyncio.get_running_loop()
     sock = await loop.run_in_executor(thread, _connect_in, f"/proc/{pid}/ns/net", source, target)
     reader, writer = await asyncio.open_connection(sock=sock)
     try:
-        head = f"GET /api/log?limit=1 HTTP/1.1\r\nAuthorization: Bearer {token}\r\n"
+        head = f"GET {path} HTTP/1.1\r\nAuthorization: Bearer {token}\r\n"
         if not token:
             head = "GET /healthz HTTP/1.1\r\n"
         writer.write(f"{head}Host: t\r\nConnection: close\r\n\r\n".encode())
@@ -134,11 +141,31 @@ async def test_an_ipv6_client_is_limited_by_its_64(tmp_path: Path) -> None:
     then 429); a client of another /64 has its own."""
     thread = concurrent.futures.ThreadPoolExecutor(1)  # its namespace changes: ours alone
     try:
-        async with bridge_in_namespace(tmp_path, JOBWIRE_RATE_LIMIT="3/min") as pid:
+        async with in_namespace(tmp_path, "http_bridge", JOBWIRE_RATE_LIMIT="3/min") as pid:
             guesses = iter(range(100))
 
             async def guess(source: str) -> int | None:
                 return await get_from(thread, pid, source, BRIDGE, f"guess-{next(guesses)}")
+
+            await wait_listening(lambda: get_from(thread, pid, OTHER_64, BRIDGE))
+            assert [await guess(source) for source in ROTATED] == [401] * 3 + [429] * 5
+            assert await guess(OTHER_64) == 401
+    finally:
+        thread.shutdown()
+
+
+async def test_the_dashboard_limits_an_ipv6_client_by_its_64(tmp_path: Path) -> None:
+    """The dashboard's wrong-token limit (JOBWIRE_DASHBOARD_LOGIN_LIMIT) keyed on the
+    full address too: Bearer guesses from eight addresses of one /64 were eight 401s."""
+    thread = concurrent.futures.ThreadPoolExecutor(1)  # its namespace changes: ours alone
+    env = {"JOBWIRE_DASHBOARD_LOGIN_LIMIT": "3/min", "JOBWIRE_DASHBOARD_TOKEN": "t" * 32}
+    try:
+        async with in_namespace(tmp_path, "dashboard", **env) as pid:
+            guesses = iter(range(100))
+
+            async def guess(source: str) -> int | None:
+                token = f"guess-{next(guesses)}"
+                return await get_from(thread, pid, source, BRIDGE, token, "/api/jobs")
 
             await wait_listening(lambda: get_from(thread, pid, OTHER_64, BRIDGE))
             assert [await guess(source) for source in ROTATED] == [401] * 3 + [429] * 5
