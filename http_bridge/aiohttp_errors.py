@@ -125,7 +125,29 @@ def _as_json(exc: web.HTTPException) -> web.Response:
 class JsonErrorHandler(RequestHandler):
     """aiohttp's connection handler, answering its own errors with error_body."""
 
-    __slots__ = ()
+    __slots__ = ("_half_closed", "_last_payload")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._half_closed = False
+        self._last_payload: Any = None  # the body of the request parsed last
+
+    # asyncio.Protocol's signature (True keeps the transport open); aiohttp's says None.
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        """The client shut its sending side (`nc -N`, an HTTP/1.0 script). aiohttp let
+        the transport close on it, so a request received whole was handled (a report
+        applied) and its answer never sent. Now the requests received whole are still
+        answered, then the connection closes; with a body cut short it closes at once,
+        as before (its handler cannot get the rest), and so does an idle one."""
+        # Busy: requests queued, or one taken from the queue and not answered yet.
+        busy = bool(self._messages) or (self._waiter is None and self._request_count > 0)
+        last = self._last_payload
+        if not busy or (last is not None and not last.is_eof()):
+            return None
+        self._half_closed = True
+        if not self._messages:
+            self.close()  # the request in flight is the last: close after its answer
+        return True  # writing stays open for the answers (finish_response closes)
 
     def data_received(self, data: bytes) -> None:
         queued = len(self._messages)
@@ -134,6 +156,7 @@ class JsonErrorHandler(RequestHandler):
         # HTTP/1.0 or 1.1 are answered as parse errors are, in HTTP/1.0, and close.
         for index in range(queued, len(self._messages)):
             message, payload = self._messages[index]
+            self._last_payload = payload
             if not isinstance(message, RawRequestMessage):
                 continue
             if message.version not in _HTTP1:
@@ -171,6 +194,10 @@ class JsonErrorHandler(RequestHandler):
             from .connection_guard import head_answered
 
             head_answered(self, request)  # a 417 leaves before the middleware
+        if not self._messages:
+            self._last_payload = None  # answered: its buffer is not kept for the next
+            if self._half_closed:
+                resp.force_close()  # the last answer a half-closed client gets
         return await super().finish_response(request, resp, start_time)
 
 

@@ -576,3 +576,45 @@ async def test_a_refused_compressed_body_is_not_decompressed(
         spent = _cpu_seconds(bridge.proc.pid) - before
         assert spent < 0.25, f"the bridge spent {spent:.2f} s of CPU on a refused body"
         assert bridge.alive
+
+
+async def _send_and_half_close(port: int, data: bytes) -> bytes:
+    """Sends `data`, then shuts down the sending side (`nc -N`, shutdown(SHUT_WR)):
+    everything answered until the bridge closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        writer.write_eof()
+        chunks = []
+        async with asyncio.timeout(SLACK):
+            while chunk := await reader.read(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        writer.close()
+
+
+async def test_a_client_that_half_closes_after_its_request_gets_its_answer(
+    grpc_service: Any, tmp_path: Path
+) -> None:
+    """A client may shut down its sending side once its request is out (`printf ... |
+    nc -N`, HTTP/1.0 scripts). aiohttp let the connection close on that end of input,
+    so the request was handled (a report applied) and its answer never sent: the
+    client saw the connection drop and could not know its report was taken. What was
+    sent whole is now answered (pipelined requests too), then the connection closes."""
+    vid = new_id("v")
+    await create_job(grpc_service.stub, job_pb2.JOB_KIND_VIDEO, vid)
+    body = json.dumps({"status": "progress", "message": "m", "videoId": vid, "percent": 5})
+    report = (
+        f"POST /api/report HTTP/1.1\r\nHost: t\r\n{VIDEO_AUTH}"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+    async with bridge_process(grpc_service.target, tmp_path) as bridge:
+        answer = await _send_and_half_close(bridge.port, report)
+        assert status_of(answer) == 200 and answer.endswith(b'{"success":true}'), answer
+        answer = await _send_and_half_close(bridge.port, b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert status_of(answer) == 200, answer
+        two = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n" * 2
+        answer = await _send_and_half_close(bridge.port, two)
+        assert answer.count(b"HTTP/1.1 200 OK") == 2, answer
+        assert bridge.alive
