@@ -10,6 +10,7 @@ import signal
 
 from aiohttp import web
 
+from http_bridge.config import http_url
 from http_bridge.connection_guard import (
     DRAIN_SECONDS,
     SHUTDOWN_CUT_SECONDS,
@@ -56,7 +57,7 @@ async def serve(config: DashboardConfig) -> None:
         log.warning("%s", warning)
     # The URL only: the token lives in the environment / jobwire.env.
     # The port bound: JOBWIRE_DASHBOARD_ADDR's port 0 said ":0".
-    print(f"jobwire: dashboard on http://{config.host}:{site.port}/", flush=True)
+    print(f"jobwire: dashboard on {http_url(config.host, site.port)}/", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

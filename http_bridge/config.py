@@ -76,6 +76,12 @@ def parse_addr(value: str, name: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def http_url(host: str, port: int) -> str:
+    """The URL of a listen address: an IPv6 host in brackets (RFC 3986 3.2.2); the
+    start-up line said `http://::1:8080`, which no client takes."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def service_target(env: Mapping[str, str]) -> str:
     """JOBWIRE_SERVICE_TARGET, checked as the client library checks a target: gRPC
     dialled a port past 65535 modulo 65536 (another service, perhaps) and took a URL

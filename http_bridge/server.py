@@ -15,7 +15,7 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 from .app import create_app
-from .config import Config, load_config
+from .config import Config, http_url, load_config
 from .connection_guard import SHUTDOWN_CUT_SECONDS, guarded_site, runner_options
 from .redaction import loggable_path
 from .shared_counts import SLABS
@@ -72,9 +72,8 @@ async def serve(config: Config, reuse_port: bool = False) -> None:
     site = guarded_site(runner, config, backlog=1024, reuse_port=reuse_port)
     await site.start()
     log.info(
-        "bridge on http://%s:%d -> service %s",
-        config.http_host,
-        site.port,  # JOBWIRE_HTTP_ADDR's port 0 said ":0"
+        "bridge on %s -> service %s",
+        http_url(config.http_host, site.port),  # JOBWIRE_HTTP_ADDR's port 0 said ":0"
         config.service_target,
     )
     stop = asyncio.Event()

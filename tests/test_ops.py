@@ -457,21 +457,25 @@ async def test_readyz_checks_the_grpc_token_without_reading_the_store(
 
 
 @pytest.mark.parametrize(
-    ("command", "said"),
+    ("command", "said", "host"),
     [
-        ("serve", rb"jobwire service listening on 127\.0\.0\.1:(\d+) "),
-        ("bridge", rb"bridge on http://127\.0\.0\.1:(\d+) "),
-        ("dashboard", rb"dashboard on http://127\.0\.0\.1:(\d+)/"),
+        ("serve", rb"jobwire service listening on 127\.0\.0\.1:(\d+) ", "127.0.0.1"),
+        ("bridge", rb"bridge on http://127\.0\.0\.1:(\d+) ", "127.0.0.1"),
+        ("dashboard", rb"dashboard on http://127\.0\.0\.1:(\d+)/", "127.0.0.1"),
+        # An IPv6 address in brackets, as a URL has it: it said http://::1:8080.
+        ("bridge", rb"bridge on http://\[::1\]:(\d+) ", "::1"),
+        ("dashboard", rb"dashboard on http://\[::1\]:(\d+)/", "::1"),
     ],
 )
 async def test_a_process_on_port_0_says_the_port_it_listens_on(
-    tmp_path: Path, command: str, said: bytes
+    tmp_path: Path, command: str, said: bytes, host: str
 ) -> None:
     """With port 0 in its address (any free port), each process said it listened on
     ":0": the one number an operator needs to reach it was nowhere."""
     import re
 
-    env = port_0_environment(tmp_path, API_KEY="k")
+    addr = {"JOBWIRE_HTTP_ADDR": "[::1]:0", "JOBWIRE_DASHBOARD_ADDR": "[::1]:0"}
+    env = port_0_environment(tmp_path, API_KEY="k", **(addr if host == "::1" else {}))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "cli", command, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -486,7 +490,7 @@ async def test_a_process_on_port_0_says_the_port_it_listens_on(
                 seen += line
         port = int(found.group(1))
         assert port != 0, seen
-        _, writer = await asyncio.open_connection("127.0.0.1", port)  # it listens there
+        _, writer = await asyncio.open_connection(host, port)  # it listens there
         writer.close()
     finally:
         proc.terminate()
