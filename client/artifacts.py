@@ -119,47 +119,79 @@ class ArtifactStream:
     retries UNAVAILABLE, CANCELLED and ABORTED (replaced under the read) only before the
     first chunk (a read cannot resume mid-way);
     `save` starts the file over instead, so it retries at any point. Before a repeat
-    it waits for the channel to connect, as the client's other calls do.
+    it waits for the channel to connect, as the client's other calls do. `timeout`
+    bounds each read (an iteration or a `save`) as a whole, its repeats included.
     """
 
     def __init__(
         self,
-        open_call: Callable[[], Any],
+        open_call: Callable[[float | None], Any],
         policy: RetryPolicy,
         stub: Callable[[], object] = lambda: None,
         sleep: Sleep = asyncio.sleep,
         ready: Ready | None = None,
         ready_budget: float = 0.0,
+        timeout: float | None = None,
     ) -> None:
         self.artifact: artifact_pb2.Artifact | None = None
-        self._open_call = open_call
+        self._open_call = open_call  # takes the seconds left of the read
         self._policy = policy
         self._stub = stub  # raises UsageError once the client is closed
         self._sleep = sleep  # the backoff, which the client's close() ends
         self._ready = ready
         self._ready_budget = ready_budget  # what is left of it for this read
+        self._timeout = timeout
 
-    async def _backoff(self, attempt: int) -> None:
+    def _deadline(self) -> float | None:
+        """When a read starting now must be done (loop time), or None."""
+        if self._timeout is None:
+            return None
+        return asyncio.get_running_loop().time() + self._timeout
+
+    async def _backoff(self, attempt: int, deadline: float | None, error: JobwireError) -> None:
         """The wait before attempt `attempt + 1`: the policy's backoff, then for the
         channel to connect (at most the reconnect budget over the whole read). gRPC fails
         a call at once while its connection backs off (up to 2 s by default), longer
         than the retries' backoff: a read just after the service came back failed
-        UNAVAILABLE while get_job on the same client worked."""
-        await self._sleep(self._policy.backoff.delay(attempt))
+        UNAVAILABLE while get_job on the same client worked.
+
+        Raises `error` (the last attempt's) when the deadline leaves no time for the
+        backoff, or passes while the channel is still down: each attempt had a fresh
+        deadline, so `timeout=1` could take 20 attempts' worth."""
+        loop = asyncio.get_running_loop()
+        delay = self._policy.backoff.delay(attempt)
+        if deadline is not None and loop.time() + delay >= deadline:
+            raise error
+        await self._sleep(delay)
         if self._ready is not None and self._ready_budget > 0:
-            loop = asyncio.get_running_loop()
             began = loop.time()
-            await self._ready(self._ready_budget)
+            wait = (
+                self._ready_budget
+                if deadline is None
+                else min(self._ready_budget, deadline - began)
+            )
+            if not await self._ready(wait) and deadline is not None and loop.time() >= deadline:
+                raise error  # still down: what it was, not a deadline
             self._ready_budget -= loop.time() - began
+
+    @staticmethod
+    def _left(deadline: float | None) -> float | None:
+        if deadline is None:
+            return None
+        return max(0.0, deadline - asyncio.get_running_loop().time())
 
     def __aiter__(self) -> AsyncGenerator[bytes, None]:
         return self._chunks()
 
-    async def _chunks(self, retry: bool = True) -> AsyncGenerator[bytes, None]:
+    async def _chunks(
+        self, retry: bool = True, deadline: float | None = None
+    ) -> AsyncGenerator[bytes, None]:
         attempts = self._policy.attempts if retry else 1
+        if retry:
+            deadline = self._deadline()
         attempt = 0
         while True:
-            call = self._open_call()
+            call = self._open_call(self._left(deadline))
             started = False
             try:
                 async for reply in call:
@@ -171,31 +203,34 @@ class ArtifactStream:
                 return
             except grpc.aio.AioRpcError as err:
                 attempt += 1
+                error = translate(err)
                 if started or err.code() not in READ_RETRYABLE or attempt >= attempts:
-                    raise translate(err) from None
+                    raise error from None
             except asyncio.CancelledError:
                 say_if_closed(self._stub)
                 raise
             finally:
                 call.cancel()
-            await self._backoff(attempt - 1)
+            await self._backoff(attempt - 1, deadline, error)
 
     async def save(self, path: str | os.PathLike[str]) -> artifact_pb2.Artifact:
         """Writes the content to `path` (replacing it); returns the artifact's metadata."""
         target = Path(path)
         partial = target.with_name(target.name + ".partial")
+        deadline = self._deadline()
         attempt = 0
         try:
             while True:
                 try:
                     with open(partial, "wb") as f:  # noqa: ASYNC230 - writes go to a thread
-                        await self._write_all(f)
+                        await self._write_all(f, deadline)
                     break
                 except JobwireError as err:
                     attempt += 1
                     if err.code not in READ_RETRYABLE or attempt >= self._policy.attempts:
                         raise
-                await self._backoff(attempt - 1)
+                    error = err
+                await self._backoff(attempt - 1, deadline, error)
             partial.replace(target)
         except BaseException:  # failed or cancelled: no partial file is left behind
             partial.unlink(missing_ok=True)
@@ -203,8 +238,8 @@ class ArtifactStream:
         assert self.artifact is not None
         return self.artifact
 
-    async def _write_all(self, f: IO[bytes]) -> None:
+    async def _write_all(self, f: IO[bytes], deadline: float | None) -> None:
         # One attempt per pass: save() itself starts the file over on UNAVAILABLE (a
         # retry inside as well made attempts x attempts calls).
-        async for data in self._chunks(retry=False):
+        async for data in self._chunks(retry=False, deadline=deadline):
             await asyncio.to_thread(f.write, data)

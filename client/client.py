@@ -589,7 +589,9 @@ class Client:
         timeout: float | None = 300.0,
     ) -> ArtifactStream:
         """`async for chunk in client.read_artifact(...)` or
-        `await client.read_artifact(...).save(path)`."""
+        `await client.read_artifact(...).save(path)`. `timeout` bounds each read as a
+        whole (its repeats, their backoff and the wait for a reconnect included), from
+        the start of the iteration or of `save`."""
         if timeout is not None:
             positive_seconds("timeout", timeout)
         _texts(job_id=job_id, name=name, callback_token=callback_token)
@@ -597,12 +599,13 @@ class Client:
             job_id=job_id, name=name, callback_token=callback_token
         )
         return ArtifactStream(
-            lambda: self._stub.ReadArtifact(request, timeout=timeout),
+            lambda left: self._stub.ReadArtifact(request, timeout=left),
             self.retry,
             lambda: self._stub,
             self._pause,
             self._ready,
             self._ready_budget,
+            timeout,
         )
 
     async def list_artifacts(

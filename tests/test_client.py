@@ -584,6 +584,47 @@ async def test_a_call_deadline_covers_its_retries() -> None:
         await flaky.stop(0)
 
 
+async def test_a_read_deadline_covers_its_retries(tmp_path: Path) -> None:
+    """`read_artifact(timeout=)` bounds the whole read, as `timeout=` does for the other
+    calls: before, each attempt had a fresh deadline, so a service that answered
+    UNAVAILABLE or ABORTED slowly made 1 s into 20 attempts x 0.2 s plus backoff."""
+    flaky = grpc.aio.server()
+    attempts = 0
+
+    async def slow_refusal(
+        request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        nonlocal attempts
+        attempts += 1
+        await asyncio.sleep(0.2)  # the service's slowness, not synchronisation
+        code = grpc.StatusCode.ABORTED if attempts % 2 else grpc.StatusCode.UNAVAILABLE
+        await context.abort(code, "replaced or draining")
+        yield b""
+
+    port = await serve_one(
+        flaky, "ReadArtifact", grpc.unary_stream_rpc_method_handler(slow_refusal)
+    )
+    patient = RetryPolicy(attempts=20, backoff=Backoff(initial=0.01, maximum=0.02))
+    loop = asyncio.get_running_loop()
+    try:
+        async with client(f"127.0.0.1:{port}", retry=patient) as c:
+            for read in ("iterate", "save"):
+                attempts = 0
+                begin = loop.time()
+                with pytest.raises(JobwireError):  # the last refusal, or DeadlineExceeded
+                    stream = c.read_artifact("j", "a.bin", timeout=1.0)
+                    if read == "save":
+                        await stream.save(tmp_path / "a.bin")
+                    else:
+                        _ = [chunk async for chunk in stream]
+                took = loop.time() - begin
+                assert 1 < attempts < 20, (read, attempts)  # retried, but not past the deadline
+                assert took < 2.0, f"{read}: {took:.1f} s"  # 20 attempts take 4 s or more
+            assert not (tmp_path / "a.bin.partial").exists()
+    finally:
+        await flaky.stop(0)
+
+
 async def test_saving_an_artifact_tries_as_often_as_the_policy_says(tmp_path: Path) -> None:
     """Before: save() retried the download, and each download retried its start, so
     RetryPolicy(attempts=3) made 9 calls (5 -> 25 by default: 6 s against a dead port)."""
