@@ -12,17 +12,21 @@ import shutil
 import signal
 import sqlite3
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlsplit
 
 import aiohttp
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from http_bridge.config import read_env_file
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc, log_pb2
 from service.domain.errors import StorageUnavailable
+from service.store import embedded
 from service.store.embedded import EmbeddedStore
 from service.store.mongo import MongoStore
 from tests.conftest import make_policy, open_test_store, start_service
@@ -561,6 +565,62 @@ async def test_uploads_cut_off_by_a_crash_are_cleared_at_start(tmp_path: Path) -
         assert not leftover.exists()
     finally:
         await store.close()
+
+
+async def test_an_upload_cancelled_while_its_file_opens_leaves_no_handle_or_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The embedded store opens an upload's temporary file in a worker thread. An
+    UploadArtifact cancelled during that open left the thread's file open, unreferenced
+    (closed only by the garbage collector), and the file in artifacts/.tmp until the
+    next start. The open is held at a gate until the service has seen the cancel."""
+    entered, release = threading.Event(), threading.Event()
+    opened: list[IO[bytes]] = []
+    real_open = open
+
+    def gated_open(path: Path, mode: str = "r") -> IO[bytes]:
+        if mode == "wb" and not opened:  # the first upload's temporary file
+            entered.set()
+            release.wait(WAIT)
+            opened.append(real_open(path, mode))  # held to see it closed
+            return opened[0]
+        return real_open(path, mode)
+
+    monkeypatch.setattr(embedded, "open", gated_open, raising=False)
+    before = requests_counted("UploadArtifact", "CANCELLED")
+    handle = await start_service(EmbeddedStore(tmp_path / "data", make_policy()))
+    try:
+        await create(handle.stub, job_id="up")
+
+        async def parts() -> AsyncIterator[job_service_pb2.UploadArtifactRequest]:
+            header = job_service_pb2.ArtifactHeader(job_id="up", name="a.bin", size=1)
+            yield job_service_pb2.UploadArtifactRequest(header=header)
+            await asyncio.Event().wait()  # the data never comes: the client gives up
+
+        call = handle.stub.UploadArtifact(parts())
+        await until(entered.is_set)
+        call.cancel()
+        await until(lambda: requests_counted("UploadArtifact", "CANCELLED") > before)
+        release.set()
+        await until(lambda: bool(opened) and opened[0].closed)
+        await until(lambda: not any((tmp_path / "data" / "artifacts" / ".tmp").iterdir()))
+        # and the store takes the next upload
+        header = job_service_pb2.ArtifactHeader(job_id="up", name="a.bin")
+        again = [
+            job_service_pb2.UploadArtifactRequest(header=header),
+            job_service_pb2.UploadArtifactRequest(data=b"kept"),
+        ]
+        assert (await handle.stub.UploadArtifact(iter(again))).size_bytes == 4
+    finally:
+        release.set()
+        await handle.close()
+
+
+def requests_counted(method: str, code: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "jobwire_grpc_requests_total", {"method": method, "code": code}
+    )
+    return value or 0.0
 
 
 @pytest.mark.parametrize(

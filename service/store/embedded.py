@@ -530,10 +530,16 @@ class EmbeddedStore:
         digest = hashlib.sha256()
         size = 0
         loop = asyncio.get_running_loop()
+        opening = loop.run_in_executor(None, lambda: open(tmp, "wb"))  # noqa: SIM115
         try:
-            handle = await loop.run_in_executor(None, lambda: open(tmp, "wb"))  # noqa: SIM115
+            handle = await asyncio.shield(opening)
         except OSError as err:
             raise self._failed(err) from err
+        except asyncio.CancelledError:
+            # The thread opens the file all the same: its handle stayed open until the
+            # garbage collector came, and the file in .tmp until the next start.
+            opening.add_done_callback(lambda opened: _discard_upload(opened, tmp))
+            raise
         try:
             async for chunk in chunks:
                 digest.update(chunk)
@@ -1063,6 +1069,15 @@ def _sequence(entry: _Entry | None) -> int:
 
 def _truncate_wal(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+
+def _discard_upload(opened: asyncio.Future[Any], tmp: Path) -> None:
+    """Closes and removes an upload's temporary file whose upload was cancelled while
+    it was being opened."""
+    if not opened.cancelled() and opened.exception() is None:
+        with contextlib.suppress(OSError):
+            opened.result().close()
+    tmp.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:
