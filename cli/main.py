@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -300,14 +301,33 @@ def _run(_: argparse.Namespace) -> int:
 
     service = spawn("serve")
     children = {"service": service}
-    deadline = time.monotonic() + 30
-    while not _healthy(env["JOBWIRE_SERVICE_TARGET"]):
-        if service.poll() is not None or stopping or time.monotonic() > deadline:
+    bound = settings.service_start_timeout_seconds
+    deadline = time.monotonic() + bound
+    # Waited for as long as the service runs, up to the bound: a fixed 30 s gave up on
+    # a large embedded store's recovery. Its exit ends the wait at once, named.
+    while not _healthy(env["JOBWIRE_SERVICE_TARGET"], min(2.0, bound)):
+        if stopping:
             _stop_children(children)
-            if not stopping:
-                print("jobwire: the service did not become healthy", file=sys.stderr)
-            return 0 if stopping else 1
-        time.sleep(0.2)
+            return 0
+        if service.poll() is not None:
+            _stop_children(children)
+            print(
+                f"jobwire: the service exited ({_describe_exit(service.returncode)}) before"
+                " it became healthy; its log above says why",
+                file=sys.stderr,
+            )
+            return _exit_status(service.returncode) or 1
+        if time.monotonic() > deadline:
+            _stop_children(children)
+            print(
+                f"jobwire: the service did not become healthy within {bound:g} s"
+                " (JOBWIRE_SERVICE_START_TIMEOUT_SECONDS); stopped it; its log above"
+                " says what it was doing",
+                file=sys.stderr,
+            )
+            return 1
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            service.wait(0.2)  # returns as soon as the service exits
     children["bridge"] = spawn("bridge")
     children["dashboard"] = spawn("dashboard")
     while not stopping and all(child.poll() is None for child in children.values()):

@@ -176,6 +176,9 @@ class Settings:
     # A job's fan-out written per client connection under TCP_CORK (service/cork.py).
     watch_cork: bool = True
     shutdown_grace_seconds: float = 10.0
+    # How long `jobwire run` waits for the service it started to become healthy while
+    # it runs (a fixed 30 s cut short a large embedded store's recovery at start).
+    service_start_timeout_seconds: float = 300.0
     # Keepalive pings a client may send this often while its streams are idle (gRPC's
     # default, 300 s, cut jobwire.client's watches, which ping every 30 s).
     min_ping_seconds: float = 20.0
@@ -227,6 +230,11 @@ class Settings:
             watch_workers=_workers("JOBWIRE_WATCH_WORKERS"),
             watch_cork=_flag("JOBWIRE_WATCH_CORK", cls.watch_cork),
             shutdown_grace_seconds=_float("JOBWIRE_SHUTDOWN_GRACE_SECONDS", 10.0),
+            service_start_timeout_seconds=_float(
+                "JOBWIRE_SERVICE_START_TIMEOUT_SECONDS",
+                cls.service_start_timeout_seconds,
+                above=True,
+            ),
             min_ping_seconds=_float(
                 "JOBWIRE_GRPC_MIN_PING_SECONDS",
                 cls.min_ping_seconds,

@@ -28,7 +28,15 @@ from tests.conftest import ServiceHandle, make_policy, start_service
 from tests.dashboard_harness import TOKEN as DASHBOARD_TOKEN
 from tests.dashboard_harness import running_dashboard
 from tests.grpc_proxy import FaultProxy
-from tests.helpers import WAIT, create, eventually, progress, run_environment, until
+from tests.helpers import (
+    WAIT,
+    create,
+    eventually,
+    free_port,
+    progress,
+    run_environment,
+    until,
+)
 from tests.tcp_cutter import TcpCutter
 
 
@@ -259,6 +267,72 @@ async def test_jobwire_run_fails_naming_the_child_that_died(tmp_path: Path) -> N
     log = log_path.read_text(errors="replace")
     assert code == 128 + signal.SIGKILL, log
     assert "jobwire: the service exited (killed by SIGKILL); stopped the others" in log, log
+
+
+async def _run_to_its_end(env: dict[str, str]) -> tuple[int, str, float]:
+    """`jobwire run` with `env` that must exit by itself within WAIT: status, stderr and
+    how long it took."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cli",
+        "run",
+        env={**os.environ, "JOBWIRE_LOG_FORMAT": "text", **env},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), WAIT)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, err.decode(errors="replace"), loop.time() - began
+
+
+async def test_jobwire_run_says_at_once_that_its_service_exited_before_it_was_healthy(
+    tmp_path: Path,
+) -> None:
+    """A service that cannot start (its data directory is a file) exits at once:
+    `jobwire run` said only "the service did not become healthy", with neither the
+    service's exit status nor where to look. It names both and exits with that status."""
+    _, run_env = run_environment(tmp_path)
+    (tmp_path / "data").write_text("a file where the data directory should be")
+    code, err, took = await _run_to_its_end(run_env)
+    assert code == 1, err
+    assert (
+        "jobwire: the service exited (status 1) before it became healthy; its log above"
+        " says why" in err
+    ), err
+    assert "cannot use the data directory" in err, err
+    assert took < WAIT / 2, f"{took:.1f} s"
+
+
+async def test_jobwire_run_waits_for_its_service_as_long_as_the_setting_says(
+    tmp_path: Path,
+) -> None:
+    """The service runs but never answers its health check (here: run checks a port
+    nobody listens on). `jobwire run` gave it a fixed 30 s, too short for a large
+    embedded store's recovery on a slow machine; the bound is now
+    JOBWIRE_SERVICE_START_TIMEOUT_SECONDS, and run stops the service when it passes."""
+    _, run_env = run_environment(tmp_path)
+    code, err, took = await _run_to_its_end(
+        {
+            **run_env,
+            "JOBWIRE_SERVICE_TARGET": f"127.0.0.1:{free_port()}",
+            "JOBWIRE_SERVICE_START_TIMEOUT_SECONDS": "1",
+        }
+    )
+    assert code == 1, err
+    assert (
+        "jobwire: the service did not become healthy within 1 s"
+        " (JOBWIRE_SERVICE_START_TIMEOUT_SECONDS); stopped it" in err
+    ), err
+    assert "service stopped" in err, err  # stopped gracefully, not left running
+    assert 1 <= took < WAIT / 2, f"{took:.1f} s"
 
 
 def _running(pid: int) -> bool:
