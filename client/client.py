@@ -628,6 +628,7 @@ class Client:
         give_up_after: float | None = None,
         on_retry: OnRetry | None = None,
         on_reconnect: OnReconnect | None = None,
+        created: datetime | None = None,
     ) -> JobWatch:
         """The job's snapshot, then its events in order; ends after the terminal event.
 
@@ -636,9 +637,19 @@ class Client:
         reaching the service (default: keep trying). `on_retry(error, delay)` is called
         before each wait to reconnect, e.g. to say so on a screen, and `on_reconnect()`
         once the service answers again (a quiet job yields nothing then).
+
+        To resume a watch in a later process, pass its `.last_sequence` and `.created`
+        (the watched job's create time): a job made again under the id after the watched
+        one was deleted then raises NotFound instead of passing for its continuation.
         """
         _texts(job_id=job_id)
         _ints(from_sequence=from_sequence)
+        if created is not None and (
+            not isinstance(created, datetime) or created.utcoffset() is None
+        ):
+            raise ArgumentError(
+                f"created must be a timezone-aware datetime (a watch's .created), got {created!r}"
+            )
         return JobWatch(
             lambda: self._stub,
             lambda job, after: self.list_job_events(job, after, page_size=EVENTS_PAGE),
@@ -650,6 +661,7 @@ class Client:
             on_retry=on_retry,
             sleep=self._pause,
             on_reconnect=on_reconnect,
+            created=created,
         )
 
     def watch_jobs(

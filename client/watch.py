@@ -18,7 +18,10 @@ once, in order:
   history went back (the service restored from an older backup: its newest sequence is
   below the last one yielded), a fresh `Job` and a `StreamGap` with
   `oldest_available_sequence <= requested_sequence` are yielded, and the watch follows
-  the job from the snapshot on.
+  the job from the snapshot on. A job deleted and made again under its id while the
+  watch was away (its snapshot's create time is not the one watched, `.created`)
+  raises `NotFound`, as a deletion alone does: the new job's events are no
+  continuation of the old one's.
 - `JobsWatch` yields the `JobEvent`s of every matching job, resuming after the last
   `position` the service gave (`.position`, also for resuming in a later process).
   A `StreamGap` says that events were lost: the resume point was older than the
@@ -39,6 +42,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -49,6 +53,7 @@ from .errors import (
     ClientConfigError,
     DeadlineExceeded,
     JobwireError,
+    NotFound,
     Unavailable,
     translate,
 )
@@ -170,10 +175,15 @@ class JobWatch:
         on_retry: OnRetry | None = None,
         sleep: Sleep = asyncio.sleep,
         on_reconnect: OnReconnect | None = None,
+        created: datetime | None = None,
     ) -> None:
         self.job_id = job_id
         # The last sequence yielded (or passed over by a gap), set before the yield.
         self.last_sequence = from_sequence
+        # The watched job's create time: given, or from its first snapshot. A resume
+        # (`from_sequence`) names no job, only an id, which a deleted job's successor
+        # may hold; the snapshot sent first on every connect tells them apart.
+        self.created = created
         self._stub = stub
         self._list_events = list_events
         self._every_event = every_event
@@ -198,6 +208,7 @@ class JobWatch:
                     self._reconnect.healthy()
                     which = item.WhichOneof("item")
                     if which == "snapshot":
+                        self._same_job(item.snapshot)
                         snapshot = item.snapshot
                         if first:
                             first = False
@@ -248,6 +259,25 @@ class JobWatch:
             finally:
                 call.cancel()
             await self._reconnect.wait(cause, hint)
+
+    def _same_job(self, job: job_pb2.Job) -> None:
+        """Raises NotFound when `job` (a snapshot) is not the job watched but one made
+        under its id after that one was deleted: its events, numbered from 1 again,
+        were taken for the rest of the old job's."""
+        if not job.HasField("create_time"):
+            return  # nothing to compare (a service that does not say)
+        created = job.create_time.ToDatetime(tzinfo=UTC)
+        if self.created is None:
+            self.created = created
+        elif created != self.created:
+            raise NotFound(
+                grpc.StatusCode.NOT_FOUND,
+                f"job {self.job_id!r} is not the job this watch followed: it was created"
+                f" {created.isoformat()}, the watched one {self.created.isoformat()} (deleted"
+                " and made again under its id, or another database); the watched job's"
+                f" events after {self.last_sequence} are gone: watch the job afresh to"
+                " follow the new one",
+            )
 
     def _rewind(self, newest: int) -> event_pb2.StreamGap:
         """The gap (going back) when the job's newest sequence is below the last yielded."""

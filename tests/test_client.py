@@ -1130,32 +1130,32 @@ async def test_watch_job_follows_a_job_whose_history_went_back(
     where the watcher had yielded 4. The watch resumed from 4 and dropped the job's new
     events 2 and 3 as already seen, the terminal one too, so it never ended. It now
     yields the fresh snapshot and a StreamGap going back (requested 4, oldest 2), then
-    every new event."""
-    backup = f"t_backup_{os.urandom(6).hex()}"
+    every new event. The backup is a copy of the live data (the job's create time is
+    the same: a job made anew under the id is another job, see
+    test_a_watch_resumed_across_a_delete_and_remake_of_its_job_says_so)."""
+    live, backup = f"t_live_{os.urandom(6).hex()}", f"t_backup_{os.urandom(6).hex()}"
 
-    async def older() -> Store:
-        return await open_test_store(store_kind, tmp_path / "b", request, make_policy(), backup)
+    async def store(name: str) -> Store:
+        return await open_test_store(store_kind, tmp_path / name, request, make_policy(), name)
 
     # The backup: the job as it was after its first event.
-    earlier = await start_service(await older())
+    earlier = await start_service(await store(live))
     async with client(earlier.target) as c:
         await c.create_job("GENERIC", job_id="rb")
         await c.report_progress("rb", 10)
     await earlier.close()
+    await _copy_database(store_kind, tmp_path, request, live, backup)
 
-    first = await start_service(
-        await open_test_store(store_kind, tmp_path / "a", request, make_policy())
-    )
+    first = await start_service(await store(live))
     port = first.running.port
     second: ServiceHandle | None = None
     async with client(first.target) as c:
-        await c.create_job("GENERIC", job_id="rb")
-        for percent in (10, 20, 30, 40):
+        for percent in (20, 30, 40):
             await c.report_progress("rb", percent)
         iterator = aiter(c.watch_job("rb"))
         seen = [await asyncio.wait_for(anext(iterator), WAIT) for _ in range(5)]
         await first.close()  # restored: the service starts again on the backup
-        second = await start_service(await older(), grpc_addr=f"127.0.0.1:{port}")
+        second = await start_service(await store(backup), grpc_addr=f"127.0.0.1:{port}")
         try:
             snapshot = await asyncio.wait_for(anext(iterator), WAIT)
             assert isinstance(snapshot, Job) and snapshot.sequence == 1
@@ -1220,6 +1220,46 @@ async def test_watch_job_across_a_forced_aborted(service: ServiceHandle, proxy: 
         assert sequences(items) == list(range(1, 13))
         assert not any(isinstance(i, StreamGap) for i in items)
         assert watch.last_sequence == 12
+
+
+async def test_a_watch_resumed_across_a_delete_and_remake_of_its_job_says_so(
+    service: ServiceHandle, proxy: FaultProxy
+) -> None:
+    """The watched job ends, is deleted and made again under its id while the watch is
+    away. The resume (`from_sequence` = the old job's last sequence) got the new job's
+    snapshot and replayed the new job's events as the old one's continuation, and
+    would have ended with the new job's outcome. The snapshot's create_time tells the
+    two apart: the watch raises NotFound naming both, as it does for a job deleted
+    and not made again. A later watch resumed with `created=` does the same."""
+    async with client(service.target) as writer, client(proxy.target) as c:
+        await writer.create_job("GENERIC", job_id="again")
+        await writer.report_progress("again", 10)
+        proxy.abort_next_stream("WatchJob", after=2)  # snapshot + event 1: not the end
+        watch = c.watch_job("again")
+        iterator = aiter(watch)
+        first = await asyncio.wait_for(anext(iterator), WAIT)
+        assert isinstance(first, Job)
+        assert sequences([await asyncio.wait_for(anext(iterator), WAIT)]) == [1]
+        assert watch.created == first.create_time.ToDatetime(tzinfo=UTC)
+        await writer.complete("again")  # the proxy drops the stream instead of this event
+        await writer.delete_job("again")
+        remade = (await writer.create_job("GENERIC", job_id="again")).job
+        for percent in (20, 30, 40):
+            await writer.report_progress("again", percent)
+        with pytest.raises(NotFound) as err:
+            await asyncio.wait_for(anext(iterator), WAIT)
+        assert "'again' is not the job this watch followed" in err.value.message, err.value
+        assert watch.last_sequence == 1
+        # A watch in a later process, resumed from what the first one kept.
+        with pytest.raises(NotFound):
+            await collect(c.watch_job("again", watch.last_sequence, created=watch.created))
+        # Resumed with the new job's own create time, it follows the new job.
+        new_created = remade.create_time.ToDatetime(tzinfo=UTC)
+        await writer.complete("again")
+        items = await collect(c.watch_job("again", 1, created=new_created))
+        assert sequences(items) == [2, 3, 4]
+        with pytest.raises(ValueError, match="created must be a timezone-aware datetime"):
+            c.watch_job("again", created=datetime(2026, 1, 1))
 
 
 async def test_watch_waits_out_a_full_node_and_gives_up_when_told(tmp_path: Path) -> None:
