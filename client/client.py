@@ -644,12 +644,8 @@ class Client:
         """
         _texts(job_id=job_id)
         _ints(from_sequence=from_sequence)
-        if created is not None and (
-            not isinstance(created, datetime) or created.utcoffset() is None
-        ):
-            raise ArgumentError(
-                f"created must be a timezone-aware datetime (a watch's .created), got {created!r}"
-            )
+        if created is not None:
+            _datetime(created, "created")
         return JobWatch(
             lambda: self._stub,
             lambda job, after: self.list_job_events(job, after, page_size=EVENTS_PAGE),
@@ -842,6 +838,13 @@ def _labels(labels: Mapping[str, str] | None) -> dict[str, str]:
 def _datetime(value: datetime, name: str) -> datetime:
     if not isinstance(value, datetime):  # protobuf raised AttributeError for a str
         _wrong(name, "a datetime", value)
+    if value.utcoffset() is None:
+        # protobuf takes a naive datetime as UTC: datetime.now() (local time) was
+        # stored hours off, unsaid.
+        raise ArgumentError(
+            f"{name} must be timezone-aware (e.g. datetime.now(UTC)): a naive one would be"
+            f" taken as UTC, got {value!r}"
+        )
     return value
 
 
