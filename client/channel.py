@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,30 @@ def check_token(token: str | None) -> str | None:
             " spaces or line breaks (a trailing newline from a file?)"
         )
     return token
+
+
+def check_options(options: Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """`options` (gRPC channel arguments) as a list of (name, value) pairs; else
+    ClientConfigError naming what is wrong. A malformed one failed in the middle of
+    building the channel with Python's own words, naming no argument (and a generator
+    was used up by the first of the two reads of it: the channel got none)."""
+    if isinstance(options, str | bytes) or not isinstance(options, Iterable):
+        raise ClientConfigError(
+            f"options must be a sequence of (name, value) pairs, got {options!r}"
+        )
+    pairs = list(options)
+    for pair in pairs:
+        if not (isinstance(pair, tuple | list) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise ClientConfigError(f"options must be (name, value) pairs, got {pair!r}")
+    for name, value in pairs:
+        # The one the client reads itself, to bound its wait for a reconnect.
+        if name == "grpc.max_reconnect_backoff_ms" and (
+            isinstance(value, bool) or not isinstance(value, int) or value <= 0
+        ):
+            raise ClientConfigError(
+                f"option {name} must be a whole number of milliseconds > 0, got {value!r}"
+            )
+    return [(name, value) for name, value in pairs]
 
 
 def reconnect_wait(options: Sequence[tuple[str, Any]] = ()) -> float:

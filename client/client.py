@@ -43,7 +43,14 @@ from jobwire.v1 import (
 )
 
 from .artifacts import CHUNK, MAX_CHUNK, ArtifactStream, Source, replayable, upload
-from .channel import TLS, check_token, open_channel, reconnect_wait, token_from_env
+from .channel import (
+    TLS,
+    check_options,
+    check_token,
+    open_channel,
+    reconnect_wait,
+    token_from_env,
+)
 from .errors import ArgumentError, ArgumentTypeError, ClientConfigError
 from .retry import Backoff, RetryPolicy, call_with_retry, positive_seconds, say_if_closed
 from .watch import JobsWatch, JobWatch, OnReconnect, OnRetry
@@ -111,6 +118,7 @@ class Client:
             raise ClientConfigError(f"watch_backoff must be a Backoff, got {watch_backoff!r}")
         self.retry = retry
         self.watch_backoff = watch_backoff
+        options = check_options(options)
         tls_settings = TLS() if tls is True else (tls or None)
         if tls_settings is not None:
             tls_settings.credentials()  # unreadable TLS files fail here, not at first use

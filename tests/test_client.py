@@ -1714,6 +1714,16 @@ def test_unusable_retry_and_deadline_settings_are_refused_by_name() -> None:
          lambda: Client(retry=3)),  # type: ignore[arg-type]
         ("retry must be a RetryPolicy", lambda: Client(retry=None)),  # type: ignore[arg-type]
         ("watch_backoff must be a Backoff, got 1.0", lambda: Client(watch_backoff=1.0)),  # type: ignore[arg-type]
+        # Python's own words, naming no argument: "dictionary update sequence element #6
+        # has length 1; 2 is required", "could not convert string to float: 'abc'"
+        ("options must be (name, value) pairs, got ('grpc.keepalive_time_ms',)",
+         lambda: Client(options=[("grpc.keepalive_time_ms",)])),  # type: ignore[list-item]
+        ("options must be a sequence of (name, value) pairs, got 'grpc.keepalive_time_ms'",
+         lambda: Client(options="grpc.keepalive_time_ms")),  # type: ignore[arg-type]
+        ("option grpc.max_reconnect_backoff_ms must be a whole number of milliseconds > 0,"
+         " got 'abc'", lambda: Client(options=[("grpc.max_reconnect_backoff_ms", "abc")])),
+        ("option grpc.max_reconnect_backoff_ms must be a whole number of milliseconds > 0",
+         lambda: Client(options=[("grpc.max_reconnect_backoff_ms", -5)])),
     ]  # fmt: skip
     for message, make in bad:
         with pytest.raises(ClientConfigError, match=re.escape(message)) as err:
