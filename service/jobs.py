@@ -31,6 +31,7 @@ from .domain.records import (
     TERMINAL_STATES,
     Applied,
     Cancel,
+    Deleted,
     ExpireLease,
     FailFromLog,
     JobCommand,
@@ -66,6 +67,7 @@ MAX_BATCH = 1000
 MAX_LOG_LIMIT = 1000
 # (job id, sequence) pairs a WatchJobs stream remembers, to drop repeated events.
 WATCH_JOBS_DEDUPE = 65_536
+_DELETED = event_pb2.EVENT_TYPE_DELETED
 
 # Where each kind of worker calls back, relative to JOBWIRE_PUBLIC_URL.
 _CALLBACK_PATHS = {
@@ -124,6 +126,17 @@ class Jobs:
         self.fanout.publish([a.event for a in applied], positions)
         if self.relay is not None:
             self.relay.send(zip([a.event for a in applied], positions, strict=True))
+
+    def publish_deleted(self, deleted: list[Deleted]) -> None:
+        """Publishes deletions (DeleteJob, the retention sweep) as their firehose entries:
+        WatchJobs streams here and, through the relay, on other replicas get them."""
+        if not deleted:
+            return
+        marks = [d.event for d in deleted]
+        positions = [d.position for d in deleted]
+        self.fanout.publish(marks, positions)
+        if self.relay is not None:
+            self.relay.send(zip(marks, positions, strict=True))
 
     # -- jobs --------------------------------------------------------------
 
@@ -223,8 +236,10 @@ class Jobs:
             )
         # The store deletes it only as an ended job: terminal states are final, so
         # nothing can have moved it back since the read.
-        if not await self.store.delete_jobs([job_id]):
+        deleted = await self.store.delete_jobs([job_id])
+        if not deleted:
             raise not_found(job_id)  # deleted meanwhile (retention, another call)
+        self.publish_deleted(deleted)
         JOBS_DELETED.labels("rpc").inc()
         log.info("job %s deleted (DeleteJob)", job_id)
         return job_service_pb2.DeleteJobResponse()
@@ -598,6 +613,13 @@ class Jobs:
                     return
             while True:
                 batch = [event for event, _ in await self._next_batch(sub)]
+                # A deletion is no event of the job's history: the job's end came before
+                # it, and ended the stream, unless that was lost between replicas.
+                gone = any(
+                    e.type == _DELETED and e.job_create_time == record.job.create_time
+                    for e in batch
+                )
+                batch = [e for e in batch if e.type != _DELETED]
                 if _gap(batch, last) and (batch or self.resync_seconds):
                     # A resync tick, or a jump nothing accounts for: heal from the ring.
                     now = await self.store.get_with_events(job_id, last)
@@ -629,6 +651,8 @@ class Jobs:
                     last = event.sequence
                     if event.state in TERMINAL_STATES:
                         return
+                if gone:
+                    raise DomainError(Code.NOT_FOUND, f"job {job_id!r} was deleted while watched")
         finally:
             self.fanout.unsubscribe(sub)
 

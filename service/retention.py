@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .domain.errors import DomainError
+from .domain.records import Deleted
 from .metrics import JOBS_DELETED, RETENTION_SWEEPS
 from .store.port import Store
 
@@ -35,6 +37,8 @@ class Retention:
     batch: int = BATCH
     # The clock time (ns) each completed sweep began at: tests wait on sweeps, not time.
     swept: list[int] = field(default_factory=list)
+    # Publishes the deletions to WatchJobs streams (Jobs.publish_deleted), as DeleteJob's.
+    publish: Callable[[list[Deleted]], None] | None = None
 
     async def sweep(self, now_ns: int) -> int:
         """Deletes what ended before `now_ns` - retention; how many jobs."""
@@ -45,6 +49,8 @@ class Retention:
             ids = await self.store.ended_jobs(cutoff, self.batch)
             if ids:
                 gone = await self.store.delete_jobs(ids)
+                if self.publish is not None:
+                    self.publish(gone)
                 deleted += len(gone)
                 JOBS_DELETED.labels("retention").inc(len(gone))
             if len(ids) < self.batch:

@@ -126,7 +126,10 @@ async def start(settings: Settings, store: Store | None = None) -> RunningServic
     retention, retention_sweeper = None, None
     if settings.job_retention_seconds > 0:
         retention = Retention(
-            store, int(settings.job_retention_seconds * 1e9), settings.job_retention_sweep_seconds
+            store,
+            int(settings.job_retention_seconds * 1e9),
+            settings.job_retention_sweep_seconds,
+            publish=jobs.publish_deleted,
         )
         retention_sweeper = asyncio.get_running_loop().create_task(
             retention.run_forever(), name="retention-sweeper"

@@ -97,6 +97,18 @@ def watch_stream(fn: Callable[P, AsyncIterator[R]]) -> Callable[P, AsyncIterator
     return call
 
 
+def _deletion(event: event_pb2.JobEvent) -> event_pb2.JobDeletion:
+    """A deletion's firehose entry as the client sees it (events.deletion)."""
+    return event_pb2.JobDeletion(
+        job_id=event.job_id,
+        kind=event.kind,
+        state=event.state,
+        sequence=event.sequence,
+        job_create_time=event.job_create_time,
+        delete_time=event.create_time,
+    )
+
+
 def _live_metadata(position: str) -> tuple[tuple[str, str], ...]:
     """A WatchJobs stream's headers when it went live with nothing sent yet."""
     if position and len(position) <= MAX_HEADER_POSITION:
@@ -336,6 +348,11 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                 response = job_service_pb2.WatchJobsResponse(gap=item)
             else:
                 event, position = item
-                response = job_service_pb2.WatchJobsResponse(event=event, position=position)
+                if event.type == event_pb2.EVENT_TYPE_DELETED:
+                    response = job_service_pb2.WatchJobsResponse(
+                        deleted=_deletion(event), position=position
+                    )
+                else:
+                    response = job_service_pb2.WatchJobsResponse(event=event, position=position)
             response.send_time.GetCurrentTime()
             yield response

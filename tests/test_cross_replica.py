@@ -250,6 +250,8 @@ async def test_a_job_made_again_under_a_deleted_id_reaches_the_other_replica_liv
         assert (await read(second)).snapshot.sequence == 0
         await a.stub.ReportEvent(progress("again", 50))
         assert (await read(second, timeout=5)).event.sequence == 1
+        # The deletion first (WatchJobsResponse.deleted), then the new job's event.
+        assert (await read(firehose, timeout=5)).deleted.job_id == "again"
         event = (await read(firehose, timeout=5)).event
         assert (event.job_id, event.sequence, event.type) == (
             "again",

@@ -128,6 +128,22 @@ def end_ns(job: job_pb2.Job) -> int | None:
     return stamp.ToNanoseconds()
 
 
+def deletion(job: job_pb2.Job, now_ns: int) -> event_pb2.JobEvent:
+    """The firehose entry of the job's deletion (WatchJobsResponse.deleted): its kind
+    and end state route it like the job's terminal event; its `job_create_time` tells
+    the deleted job from one made again under its id; `create_time` is the deletion's."""
+    event = event_pb2.JobEvent(
+        job_id=job.id,
+        kind=job.kind,
+        sequence=job.sequence,
+        type=event_pb2.EVENT_TYPE_DELETED,
+        state=job.state,
+    )
+    event.create_time.FromNanoseconds(now_ns)
+    event.job_create_time.CopyFrom(job.create_time)
+    return event
+
+
 def _last_sign_of_life(job: job_pb2.Job) -> int:
     if job.HasField("last_event_time"):
         return job.last_event_time.ToNanoseconds()

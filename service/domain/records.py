@@ -95,6 +95,19 @@ class Applied:
 
 
 @dataclass(frozen=True, slots=True)
+class Deleted:
+    """A job the store deleted: `event` (EVENT_TYPE_DELETED, events.deletion) is its
+    firehose entry, written with the deletion; publish it as an applied event."""
+
+    event: event_pb2.JobEvent
+    position: LogPosition | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.event.job_id
+
+
+@dataclass(frozen=True, slots=True)
 class Unchanged:
     """Nothing to write: a repeated idempotency key, or a no-op command."""
 

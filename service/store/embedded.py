@@ -35,6 +35,7 @@ from ..domain.records import (
     Applied,
     Change,
     Claim,
+    Deleted,
     JobCommand,
     JobRecord,
     Policy,
@@ -667,29 +668,30 @@ class EmbeddedStore:
 
         return await self._read(run)
 
-    async def delete_jobs(self, job_ids: Sequence[str]) -> list[str]:
+    async def delete_jobs(self, job_ids: Sequence[str]) -> list[Deleted]:
         ids = list(dict.fromkeys(job_ids))
 
-        def run(conn: sqlite3.Connection) -> tuple[list[str], list[str]]:
+        def run(conn: sqlite3.Connection) -> tuple[list[Deleted], list[str]]:
             # One transaction: the job, its events, keys, log lines and artifact rows go
-            # together, and its files are listed in artifact_trash, then removed.
-            deleted: list[str] = []
+            # together with the deletion's firehose entry (no deletion without its
+            # entry, none without the deletion), and its files are listed in
+            # artifact_trash, then removed.
+            now_ns = time.time_ns()
+            marks: list[event_pb2.JobEvent] = []
             files: list[str] = []
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for start in range(0, len(ids), _LOAD_CHUNK):
                     chunk = ids[start : start + _LOAD_CHUNK]
-                    gone = [
-                        r[0]
-                        for r in conn.execute(
-                            f"DELETE FROM jobs WHERE id IN ({_marks(chunk)})"
-                            f" AND state IN ({_marks(_ENDED)}) RETURNING id",
-                            [*chunk, *_ENDED],
-                        ).fetchall()
-                    ]
-                    if not gone:
+                    rows = conn.execute(
+                        f"DELETE FROM jobs WHERE id IN ({_marks(chunk)})"
+                        f" AND state IN ({_marks(_ENDED)}) RETURNING id, snapshot",
+                        [*chunk, *_ENDED],
+                    ).fetchall()
+                    if not rows:
                         continue
-                    deleted += gone
+                    gone = [r[0] for r in rows]
+                    marks += [events.deletion(job_pb2.Job.FromString(r[1]), now_ns) for r in rows]
                     where = f"job_id IN ({_marks(gone)})"
                     for table in ("events", "job_keys", "logs"):
                         conn.execute(f"DELETE FROM {table} WHERE {where}", gone)
@@ -700,6 +702,18 @@ class EmbeddedStore:
                         "INSERT OR IGNORE INTO artifact_trash (path) VALUES (?)", paths
                     )
                     files += [p[0] for p in paths]
+                deleted = [Deleted(mark) for mark in marks]
+                if marks and self.policy.firehose_retention_ns > 0:
+                    self._log_n = None  # read the counter in this transaction
+                    blobs = [(m.job_id, 0, m.SerializeToString(), "") for m in marks]
+                    log_rows = self._log_rows(conn, now_ns, blobs)
+                    conn.executemany(
+                        "INSERT INTO firehose (n, time_ns, event) VALUES (?, ?, ?)", log_rows
+                    )
+                    deleted = [
+                        Deleted(m, (ORIGIN, n))
+                        for m, (n, _, _) in zip(marks, log_rows, strict=True)
+                    ]
                 conn.execute("COMMIT")
             except BaseException:
                 self._abort(conn)
@@ -710,7 +724,7 @@ class EmbeddedStore:
             conn = self._writer_connection()
             deleted, files = await self._in_writer(lambda: run(conn))
             # Our own commit leaves data_version as it was: the cache must forget them.
-            self._records.forget(deleted)
+            self._records.forget([d.job_id for d in deleted])
             if files:
                 try:
                     await self._in_writer(lambda: self._empty_trash(conn, files))

@@ -68,6 +68,7 @@ from ..domain.records import (
     Applied,
     Change,
     Claim,
+    Deleted,
     JobCommand,
     JobRecord,
     Policy,
@@ -342,7 +343,7 @@ class MongoStore:
         self._log_n = 0
         self._log_n_known = True
         self._log_lock: asyncio.Lock | None = None
-        self._log_queue: list[tuple[list[Applied], asyncio.Future[int]]] = []
+        self._log_queue: list[tuple[list[Applied | Deleted], asyncio.Future[int]]] = []
         # False when the server has no TTL index (FerretDB): the store prunes itself.
         self._log_ttl = True
         self._log_pruned = 0.0
@@ -1140,20 +1141,38 @@ class MongoStore:
         applied = [(i, o) for i, o in enumerate(into) if isinstance(o, Applied)]
         if not applied:
             return
-        if self._log_lock is None:
-            self._log_lock = asyncio.Lock()
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._log_queue.append(([o for _, o in applied], done))
-        async with self._log_lock:
-            if not done.done():
-                queued, self._log_queue = self._log_queue, []
-                await self._append_log(queued)
-        first = done.result()
+        first = await self._log_entries([o for _, o in applied])
         if first:
             for k, (i, o) in enumerate(applied):
                 into[i] = dataclasses.replace(o, position=(self.origin, first + k))
 
-    async def _append_log(self, queued: list[tuple[list[Applied], asyncio.Future[int]]]) -> None:
+    async def _log_deletions(self, deleted: list[Deleted]) -> list[Deleted]:
+        """Appends the deletions' entries (as _log does events); with their positions."""
+        if self.policy.firehose_retention_ns <= 0 or not deleted:
+            return deleted
+        first = await self._log_entries(list(deleted))
+        if not first:
+            return deleted
+        return [
+            dataclasses.replace(d, position=(self.origin, first + k)) for k, d in enumerate(deleted)
+        ]
+
+    async def _log_entries(self, entries: list[Applied | Deleted]) -> int:
+        """The first n of the entries, written in one insert with those queued beside
+        them; 0 when they were not written."""
+        if self._log_lock is None:
+            self._log_lock = asyncio.Lock()
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._log_queue.append((entries, done))
+        async with self._log_lock:
+            if not done.done():
+                queued, self._log_queue = self._log_queue, []
+                await self._append_log(queued)
+        return done.result()
+
+    async def _append_log(
+        self, queued: list[tuple[list[Applied | Deleted], asyncio.Future[int]]]
+    ) -> None:
         """One ordered insert for the queued appends; each future gets its first n (0:
         not written)."""
         count = sum(len(applied) for applied, _ in queued)
@@ -1174,6 +1193,7 @@ class MongoStore:
                     "t": datetime.fromtimestamp(now_ns / 1e9, UTC),
                     "e": Binary(o.event.SerializeToString()),
                 }
+                | _entry_id(o)
                 for k, o in enumerate(o for applied, _ in queued for o in applied)
             ]
             async with self._writing():
@@ -1527,7 +1547,7 @@ class MongoStore:
             async with self._writing():
                 await self.jobs.bulk_write(updates, ordered=False)
 
-    async def delete_jobs(self, job_ids: Sequence[str]) -> list[str]:
+    async def delete_jobs(self, job_ids: Sequence[str]) -> list[Deleted]:
         """In this order, each step durable before the next: (1) a mark per job in
         `deletions`; (2) the job documents that have ended (the job and its retained
         events vanish together, at once); (3) their artifacts, each files document
@@ -1559,7 +1579,7 @@ class MongoStore:
                 await self._finish(marks)
         return len(marks)
 
-    async def _finish(self, marks: Mapping[str, int]) -> list[str]:
+    async def _finish(self, marks: Mapping[str, int]) -> list[Deleted]:
         """Steps (2)-(5) of delete_jobs for the marked ids (again, after a crash or
         beside another replica doing the same: each step is idempotent), each mark
         given with its time; the ids whose job this call deleted. A mark is for the job
@@ -1570,18 +1590,57 @@ class MongoStore:
         and lines written before the mark). A marked job that has not ended is left
         whole and loses its mark."""
         ids = list(marks)
-        cursor = self.jobs.find({"_id": {"$in": ids}}, {"state": 1, "create_ns": 1})
+        # A deletion's firehose entry (no transaction joins it to the job's removal): its
+        # event goes into the mark before the job document is deleted, and is appended
+        # after, under an _id of its own. A crash in between leaves the mark with it,
+        # and a later call appends it once its job is found gone: every deletion gets
+        # its entry, and only a deletion does.
+        cursor = self.database[DELETIONS].find({"_id": {"$in": ids}, "e": {"$exists": True}})
+        cut_short = [event_pb2.JobEvent.FromString(bytes(doc["e"])) async for doc in cursor]
+        cursor = self.jobs.find({"_id": {"$in": ids}}, {"state": 1, "create_ns": 1, "job": 1})
+        now_ns = time.time_ns()
         marked = [
-            {"_id": doc["_id"], "create_ns": doc["create_ns"]}
+            events.deletion(codec.decode_job(doc), now_ns)
             async for doc in cursor
             if doc.get("state") in _ENDED and int(doc["create_ns"]) <= marks[str(doc["_id"])]
         ]
-        ended = [str(job["_id"]) for job in marked]
+        deleted: list[Deleted] = []
         if marked:
             async with self._writing():
-                result = await self.jobs.delete_many({"$or": marked, "state": {"$in": _ENDED}})
-            # Fewer: another replica deleted some meanwhile (for one id: exact).
-            ended = ended[: result.deleted_count]
+                await self.database[DELETIONS].bulk_write(
+                    [
+                        UpdateOne({"_id": m.job_id}, {"$set": {"e": Binary(m.SerializeToString())}})
+                        for m in marked
+                    ],
+                    ordered=False,
+                )
+            # One by one: the ones another replica deleted meanwhile are told apart (a
+            # delete_many says how many, not which). In a row, each through the write
+            # gate: on FerretDB a hundred at once held a callback's commit for seconds.
+            deleted = [Deleted(m) for m in marked if await self._delete_job(m)]
+        mine = {(d.job_id, d.event.job_create_time.ToNanoseconds()) for d in deleted}
+        recovered = [
+            Deleted(e)
+            for e in cut_short
+            if (e.job_id, e.job_create_time.ToNanoseconds()) not in mine
+            and not await self._job_made_at(e.job_id, e.job_create_time.ToNanoseconds())
+        ]
+        if recovered:
+            written = self.firehose.find(
+                {"_id": {"$in": [_entry_id(d)["_id"] for d in recovered]}}, {"_id": 1}
+            )
+            have = {doc["_id"] async for doc in written}
+            recovered = await self._log_deletions(
+                [d for d in recovered if _entry_id(d)["_id"] not in have]
+            )
+        deleted = await self._log_deletions(deleted)
+        # A deletion whose entry could not be appended keeps its mark: a later call
+        # (the sweep's finish_deletions) appends it.
+        unlogged = {
+            d.job_id
+            for d in [*recovered, *deleted]
+            if d.position is None and self.policy.firehose_retention_ns > 0
+        }
         cursor = self.jobs.find({"_id": {"$in": ids}}, {"create_ns": 1})
         present = {str(doc["_id"]): int(doc["create_ns"]) async for doc in cursor}
         gone = [i for i in ids if i not in present]
@@ -1609,8 +1668,26 @@ class MongoStore:
             async with self._writing():
                 await self.logs.delete_many({"job_id": job_id, "$or": older})
         async with self._writing():
-            await self.database[DELETIONS].delete_many({"_id": {"$in": ids}})
-        return ended
+            done = [i for i in ids if i not in unlogged]
+            await self.database[DELETIONS].delete_many({"_id": {"$in": done}})
+        return deleted
+
+    async def _delete_job(self, mark: event_pb2.JobEvent) -> bool:
+        """Deletes the ended job the deletion's event is of; False when it is not there."""
+        async with self._writing():
+            result = await self.jobs.delete_one(
+                {
+                    "_id": mark.job_id,
+                    "create_ns": mark.job_create_time.ToNanoseconds(),
+                    "state": {"$in": _ENDED},
+                }
+            )
+        return result.deleted_count == 1
+
+    async def _job_made_at(self, job_id: str, create_ns: int) -> bool:
+        """The job of that id made at `create_ns` is still there (not deleted)."""
+        doc = await self.jobs.find_one({"_id": job_id, "create_ns": create_ns}, {"_id": 1})
+        return doc is not None
 
     async def _finish_marked(self, job_ids: Sequence[str]) -> None:
         """Finishes a deletion of these ids that was cut short (MongoDB lost mid-way, a
@@ -1782,3 +1859,11 @@ def _update(
     if unset:
         update["$unset"] = unset
     return update
+
+
+def _entry_id(entry: Applied | Deleted) -> dict[str, Any]:
+    """A deletion's firehose entry has an _id of its own (the job's id and create time):
+    a deletion finished after a crash finds whether its entry was written."""
+    if not isinstance(entry, Deleted):
+        return {}
+    return {"_id": f"deleted:{entry.job_id}:{entry.event.job_create_time.ToNanoseconds()}"}

@@ -20,7 +20,15 @@ from typing import Protocol
 from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, log_pb2
 
 from ..domain.errors import DomainError
-from ..domain.records import Applied, Change, JobCommand, JobRecord, LogPosition, Policy
+from ..domain.records import (
+    Applied,
+    Change,
+    Deleted,
+    JobCommand,
+    JobRecord,
+    LogPosition,
+    Policy,
+)
 
 # Artifacts are moved in chunks of this size: small enough for one gRPC message
 # (4 MiB limit), large enough to keep per-chunk overhead low.
@@ -179,10 +187,14 @@ class Store(Protocol):
         """Ids of up to `limit` jobs that ended (SUCCEEDED, FAILED, CANCELLED) before
         `before_ns`, the longest ended first."""
 
-    async def delete_jobs(self, job_ids: Sequence[str]) -> list[str]:
+    async def delete_jobs(self, job_ids: Sequence[str]) -> list[Deleted]:
         """Deletes those of `job_ids` that have ended, with their retained events, log
-        lines and artifacts (their content too); the ids it deleted. A job that has not
-        ended, or is not there, is left alone."""
+        lines and artifacts (their content too); the jobs it deleted, each with its
+        firehose entry (EVENT_TYPE_DELETED) and where that is in the log, for the caller
+        to publish. The entry is written in the step that removes the job (embedded: the
+        same transaction; MongoDB: kept in the deletion's mark until it is appended), so
+        there is no deletion without its entry and no entry without the deletion. A job
+        that has not ended, or is not there, is left alone."""
 
     async def finish_deletions(self) -> int:
         """Completes deletions cut short (artifact content, log lines of jobs already

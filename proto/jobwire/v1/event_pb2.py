@@ -26,17 +26,19 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from jobwire.v1 import job_pb2 as jobwire_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16jobwire/v1/event.proto\x12\njobwire.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14jobwire/v1/job.proto\"\xbd\x03\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.jobwire.v1.JobKind\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12#\n\x04type\x18\x04 \x01(\x0e\x32\x15.jobwire.v1.EventType\x12#\n\x05state\x18\x05 \x01(\x0e\x32\x14.jobwire.v1.JobState\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x08progress\x18\x08 \x01(\x0b\x32\x14.jobwire.v1.Progress\x12\"\n\x06result\x18\t \x01(\x0b\x32\x12.jobwire.v1.Result\x12#\n\x05\x65rror\x18\n \x01(\x0b\x32\x14.jobwire.v1.JobError\x12\x11\n\tworker_id\x18\x0b \x01(\t\x12\x1f\n\x17\x63oalesced_from_sequence\x18\x0c \x01(\x03\x12\x33\n\x0fjob_create_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x99\x01\n\tStreamGap\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1a\n\x12requested_sequence\x18\x02 \x01(\x03\x12!\n\x19oldest_available_sequence\x18\x03 \x01(\x03\x12\x1a\n\x12requested_position\x18\x04 \x01(\t\x12!\n\x19oldest_available_position\x18\x05 \x01(\t*\xd4\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_TYPE_PROGRESS\x10\x01\x12\x18\n\x14\x45VENT_TYPE_COMPLETED\x10\x02\x12\x15\n\x11\x45VENT_TYPE_FAILED\x10\x03\x12\x16\n\x12\x45VENT_TYPE_CLAIMED\x10\x04\x12\x17\n\x13\x45VENT_TYPE_REQUEUED\x10\x05\x12\x18\n\x14\x45VENT_TYPE_CANCELLED\x10\x06\x12\x16\n\x12\x45VENT_TYPE_STALLED\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16jobwire/v1/event.proto\x12\njobwire.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14jobwire/v1/job.proto\"\xbd\x03\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.jobwire.v1.JobKind\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12#\n\x04type\x18\x04 \x01(\x0e\x32\x15.jobwire.v1.EventType\x12#\n\x05state\x18\x05 \x01(\x0e\x32\x14.jobwire.v1.JobState\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x08progress\x18\x08 \x01(\x0b\x32\x14.jobwire.v1.Progress\x12\"\n\x06result\x18\t \x01(\x0b\x32\x12.jobwire.v1.Result\x12#\n\x05\x65rror\x18\n \x01(\x0b\x32\x14.jobwire.v1.JobError\x12\x11\n\tworker_id\x18\x0b \x01(\t\x12\x1f\n\x17\x63oalesced_from_sequence\x18\x0c \x01(\x03\x12\x33\n\x0fjob_create_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdd\x01\n\x0bJobDeletion\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.jobwire.v1.JobKind\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.jobwire.v1.JobState\x12\x10\n\x08sequence\x18\x04 \x01(\x03\x12\x33\n\x0fjob_create_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x64\x65lete_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x99\x01\n\tStreamGap\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1a\n\x12requested_sequence\x18\x02 \x01(\x03\x12!\n\x19oldest_available_sequence\x18\x03 \x01(\x03\x12\x1a\n\x12requested_position\x18\x04 \x01(\t\x12!\n\x19oldest_available_position\x18\x05 \x01(\t*\xec\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_TYPE_PROGRESS\x10\x01\x12\x18\n\x14\x45VENT_TYPE_COMPLETED\x10\x02\x12\x15\n\x11\x45VENT_TYPE_FAILED\x10\x03\x12\x16\n\x12\x45VENT_TYPE_CLAIMED\x10\x04\x12\x17\n\x13\x45VENT_TYPE_REQUEUED\x10\x05\x12\x18\n\x14\x45VENT_TYPE_CANCELLED\x10\x06\x12\x16\n\x12\x45VENT_TYPE_STALLED\x10\x07\x12\x16\n\x12\x45VENT_TYPE_DELETED\x10\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jobwire.v1.event_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENTTYPE']._serialized_start=698
-  _globals['_EVENTTYPE']._serialized_end=910
+  _globals['_EVENTTYPE']._serialized_start=922
+  _globals['_EVENTTYPE']._serialized_end=1158
   _globals['_JOBEVENT']._serialized_start=94
   _globals['_JOBEVENT']._serialized_end=539
-  _globals['_STREAMGAP']._serialized_start=542
-  _globals['_STREAMGAP']._serialized_end=695
+  _globals['_JOBDELETION']._serialized_start=542
+  _globals['_JOBDELETION']._serialized_end=763
+  _globals['_STREAMGAP']._serialized_start=766
+  _globals['_STREAMGAP']._serialized_end=919
 # @@protoc_insertion_point(module_scope)

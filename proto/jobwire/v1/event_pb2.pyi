@@ -44,6 +44,11 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     the service (exactly once per stall, across replicas); the job's
     `stalled` flag is set until a later event from the worker clears it.
     """
+    EVENT_TYPE_DELETED: _EventType.ValueType  # 8
+    """The job was deleted (DeleteJob or JOBWIRE_JOB_RETENTION). Never in a job's
+    history (ListJobEvents, WatchJob): it marks a deletion's entry in the
+    firehose log, which WatchJobs delivers as `WatchJobsResponse.deleted`.
+    """
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """What an event did to its job."""
@@ -66,6 +71,11 @@ EVENT_TYPE_STALLED: EventType.ValueType  # 7
 """A RUNNING job received no event within its progress deadline. Appended by
 the service (exactly once per stall, across replicas); the job's
 `stalled` flag is set until a later event from the worker clears it.
+"""
+EVENT_TYPE_DELETED: EventType.ValueType  # 8
+"""The job was deleted (DeleteJob or JOBWIRE_JOB_RETENTION). Never in a job's
+history (ListJobEvents, WatchJob): it marks a deletion's entry in the
+firehose log, which WatchJobs delivers as `WatchJobsResponse.deleted`.
 """
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
@@ -159,6 +169,60 @@ class JobEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
+
+@_typing.final
+class JobDeletion(_message.Message):
+    """A job was deleted (DeleteJob, or JOBWIRE_JOB_RETENTION): it and its events,
+    log lines and artifacts are gone. Sent by WatchJobs in the firehose's commit
+    order, like an event. A job made again under the same id later is another job:
+    its events carry another `job_create_time`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    JOB_CREATE_TIME_FIELD_NUMBER: _builtins.int
+    DELETE_TIME_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The deleted job."""
+    kind: _job_pb2.JobKind.ValueType
+    """Its kind."""
+    state: _job_pb2.JobState.ValueType
+    """The state it had ended in (SUCCEEDED, FAILED or CANCELLED): only an ended
+    job is deleted. WatchJobs' `states` filter applies to it.
+    """
+    sequence: _builtins.int
+    """Its last sequence number."""
+    @_builtins.property
+    def job_create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the deleted job was created: tells it from a job made again under its
+        id (compare Job.create_time, JobEvent.job_create_time).
+        """
+
+    @_builtins.property
+    def delete_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was deleted."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        kind: _job_pb2.JobKind.ValueType = ...,
+        state: _job_pb2.JobState.ValueType = ...,
+        sequence: _builtins.int = ...,
+        job_create_time: _timestamp_pb2.Timestamp | None = ...,
+        delete_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delete_time", b"delete_time", "job_create_time", b"job_create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete_time", b"delete_time", "job_create_time", b"job_create_time", "job_id", b"job_id", "kind", b"kind", "sequence", b"sequence", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobDeletion: _TypeAlias = JobDeletion  # noqa: Y015
 
 @_typing.final
 class StreamGap(_message.Message):

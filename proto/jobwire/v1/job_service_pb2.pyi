@@ -1043,13 +1043,14 @@ class WatchJobsResponse(_message.Message):
     SEND_TIME_FIELD_NUMBER: _builtins.int
     POSITION_FIELD_NUMBER: _builtins.int
     GAP_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
     position: _builtins.str
     """Opaque position of `event` in the service's commit order; pass the last
     one seen as `after` to resume without a gap or a duplicate.
     """
     @_builtins.property
     def event(self) -> _event_pb2.JobEvent:
-        """One event (unset on a message that carries `gap`)."""
+        """One event (unset on a message that carries `gap` or `deleted`)."""
 
     @_builtins.property
     def send_time(self) -> _timestamp_pb2.Timestamp:
@@ -1061,6 +1062,16 @@ class WatchJobsResponse(_message.Message):
         retention window: the events between them are gone.
         """
 
+    @_builtins.property
+    def deleted(self) -> _event_pb2.JobDeletion:
+        """A job was deleted (DeleteJob, JOBWIRE_JOB_RETENTION), at `position` in the
+        commit order like an event: a resumed stream replays it within the
+        retention window. Filters: `kind` is the job's kind; `states` applies to the
+        state the job had ended in (a deletion leaves a job of that end state gone),
+        so a watcher of ended jobs learns when one it shows is removed, and one of
+        QUEUED or RUNNING jobs gets none (no such job is ever deleted).
+        """
+
     def __init__(
         self,
         *,
@@ -1068,10 +1079,11 @@ class WatchJobsResponse(_message.Message):
         send_time: _timestamp_pb2.Timestamp | None = ...,
         position: _builtins.str = ...,
         gap: _event_pb2.StreamGap | None = ...,
+        deleted: _event_pb2.JobDeletion | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "gap", b"gap", "send_time", b"send_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "event", b"event", "gap", b"gap", "send_time", b"send_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "gap", b"gap", "position", b"position", "send_time", b"send_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "event", b"event", "gap", b"gap", "position", b"position", "send_time", b"send_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

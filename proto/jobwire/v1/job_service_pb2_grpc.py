@@ -242,8 +242,8 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchJobs(self, request, context):
-        """Streams the live events of every job matching the filter. Never ends on
-        its own. A stream with nothing to replay sends its headers (initial
+        """Streams the live events of every job matching the filter, and the
+        deletions of such jobs (`deleted`). Never ends on its own. A stream with nothing to replay sends its headers (initial
         metadata) as soon as it is live, before any event: `jobwire-live: 1`, and,
         with the firehose log on, `jobwire-position`, a position to resume from
         that point (every event committed after the headers reaches the stream).

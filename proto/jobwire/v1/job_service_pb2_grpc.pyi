@@ -87,8 +87,8 @@ class JobServiceStub:
     then live events; ends after the terminal event.
     """
     WatchJobs: _grpc.UnaryStreamMultiCallable[_job_service_pb2.WatchJobsRequest, _job_service_pb2.WatchJobsResponse]
-    """Streams the live events of every job matching the filter. Never ends on
-    its own. A stream with nothing to replay sends its headers (initial
+    """Streams the live events of every job matching the filter, and the
+    deletions of such jobs (`deleted`). Never ends on its own. A stream with nothing to replay sends its headers (initial
     metadata) as soon as it is live, before any event: `jobwire-live: 1`, and,
     with the firehose log on, `jobwire-position`, a position to resume from
     that point (every event committed after the headers reaches the stream).
@@ -149,8 +149,8 @@ class JobServiceAsyncStub(JobServiceStub):
     then live events; ends after the terminal event.
     """
     WatchJobs: _aio.UnaryStreamMultiCallable[_job_service_pb2.WatchJobsRequest, _job_service_pb2.WatchJobsResponse]  # type: ignore[assignment]
-    """Streams the live events of every job matching the filter. Never ends on
-    its own. A stream with nothing to replay sends its headers (initial
+    """Streams the live events of every job matching the filter, and the
+    deletions of such jobs (`deleted`). Never ends on its own. A stream with nothing to replay sends its headers (initial
     metadata) as soon as it is live, before any event: `jobwire-live: 1`, and,
     with the firehose log on, `jobwire-position`, a position to resume from
     that point (every event committed after the headers reaches the stream).
@@ -304,8 +304,8 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _job_service_pb2.WatchJobsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_job_service_pb2.WatchJobsResponse], _abc.AsyncIterator[_job_service_pb2.WatchJobsResponse]]:
-        """Streams the live events of every job matching the filter. Never ends on
-        its own. A stream with nothing to replay sends its headers (initial
+        """Streams the live events of every job matching the filter, and the
+        deletions of such jobs (`deleted`). Never ends on its own. A stream with nothing to replay sends its headers (initial
         metadata) as soon as it is live, before any event: `jobwire-live: 1`, and,
         with the firehose log on, `jobwire-position`, a position to resume from
         that point (every event committed after the headers reaches the stream).
