@@ -18,7 +18,15 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from http_bridge.worker_cli import for_terminal
-from jobwire.client import Client, ClientConfigError, Job, JobEvent, JobwireError, StreamGap
+from jobwire.client import (
+    Client,
+    ClientConfigError,
+    Job,
+    JobDeletion,
+    JobEvent,
+    JobwireError,
+    StreamGap,
+)
 from jobwire.client.watch import JobsWatch
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
 from service.logs import printable
@@ -193,8 +201,9 @@ async def events(args: argparse.Namespace) -> int:
 
 async def tail(args: argparse.Namespace) -> int:
     """The firehose as JSON lines: `{"event": ..., "position": ...}` (pass the position
-    as --after to resume there) or `{"gap": ...}`; "live" on stderr once every event
-    committed from then on will be printed."""
+    as --after to resume there), `{"deleted": ..., "position": ...}` for a deleted job,
+    or `{"gap": ...}`; "live" on stderr once every event committed from then on will be
+    printed."""
     async with _client(args) as client:
         firehose = client.watch_jobs(
             kind=args.kind or job_pb2.JOB_KIND_UNSPECIFIED,
@@ -208,6 +217,11 @@ async def tail(args: argparse.Namespace) -> int:
             async for item in firehose:
                 if isinstance(item, StreamGap):
                     line: dict[str, Any] = {"gap": json_format.MessageToDict(item)}
+                elif isinstance(item, JobDeletion):
+                    line = {
+                        "deleted": json_format.MessageToDict(item),
+                        "position": firehose.position,
+                    }
                 else:
                     line = {"event": json_format.MessageToDict(item), "position": firehose.position}
                 text = json.dumps(line, ensure_ascii=False)

@@ -10,7 +10,7 @@
 See README "Using jobwire from your service".
 """
 
-from jobwire.v1.event_pb2 import JobEvent, StreamGap
+from jobwire.v1.event_pb2 import JobDeletion, JobEvent, StreamGap
 from jobwire.v1.job_pb2 import Job
 
 from .artifacts import ArtifactStream
@@ -29,7 +29,7 @@ from .errors import (
     Unavailable,
 )
 from .retry import Backoff, RetryPolicy
-from .watch import TERMINAL, JobsWatch, JobWatch, WatchItem
+from .watch import TERMINAL, JobsWatch, JobsWatchItem, JobWatch, WatchItem
 
 __all__ = [
     "TERMINAL",
@@ -43,9 +43,11 @@ __all__ = [
     "FailedPrecondition",
     "InvalidArgument",
     "Job",
+    "JobDeletion",
     "JobEvent",
     "JobWatch",
     "JobsWatch",
+    "JobsWatchItem",
     "JobwireError",
     "NotFound",
     "PermissionDenied",

@@ -679,7 +679,9 @@ class Client:
         on_reconnect: OnReconnect | None = None,
     ) -> JobsWatch:
         """Events of every job of `kind` whose state after the event is one of `states`
-        (any when not given). Never ends on its own; `after` resumes from a `.position`.
+        (any when not given), and a `JobDeletion` for such a job deleted (of `kind`, that
+        had ended in one of `states`). Never ends on its own; `after` resumes from a
+        `.position`.
         `on_retry` and `on_reconnect` as for `watch_job`."""
         _texts(after=after)  # protobuf's bare TypeError came at the first iteration
         return JobsWatch(

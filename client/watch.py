@@ -22,7 +22,8 @@ once, in order:
   watch was away (its snapshot's create time is not the one watched, `.created`)
   raises `NotFound`, as a deletion alone does: the new job's events are no
   continuation of the old one's.
-- `JobsWatch` yields the `JobEvent`s of every matching job, resuming after the last
+- `JobsWatch` yields the `JobEvent`s of every matching job, and a `JobDeletion` when
+  such a job is deleted (`DeleteJob`, the service's retention), resuming after the last
   `position` the service gave (`.position`, also for resuming in a later process).
   A `StreamGap` says that events were lost: the resume point was older than the
   service's window, or the service gives no positions (then the events sent while
@@ -73,6 +74,8 @@ RETRY_AFTER_KEY = "retry-after-ms"
 _DEDUPE = 65_536  # (job id, sequence, time) a JobsWatch remembers to drop repeats
 
 WatchItem = job_pb2.Job | event_pb2.JobEvent | event_pb2.StreamGap
+# What a JobsWatch yields.
+JobsWatchItem = event_pb2.JobEvent | event_pb2.JobDeletion | event_pb2.StreamGap
 ListEvents = Callable[[str, int], Awaitable[job_service_pb2.ListJobEventsResponse]]
 # Told why the stream is down and how many seconds until the next attempt.
 OnRetry = Callable[[JobwireError, float], None]
@@ -355,10 +358,10 @@ class JobsWatch:
         # stays set: a later stream without a position to resume from has lost events.
         self.live = asyncio.Event()
 
-    def __aiter__(self) -> AsyncGenerator[event_pb2.JobEvent | event_pb2.StreamGap, None]:
+    def __aiter__(self) -> AsyncGenerator[JobsWatchItem, None]:
         return self._run()
 
-    async def _run(self) -> AsyncGenerator[event_pb2.JobEvent | event_pb2.StreamGap, None]:
+    async def _run(self) -> AsyncGenerator[JobsWatchItem, None]:
         while True:
             request = job_service_pb2.WatchJobsRequest(
                 kind=self._kind,  # type: ignore[arg-type]
@@ -387,6 +390,8 @@ class JobsWatch:
                         yield reply.gap
                     if reply.position:
                         self.position = reply.position
+                    if reply.HasField("deleted"):
+                        yield reply.deleted
                     if not reply.HasField("event"):
                         continue
                     event = reply.event

@@ -400,6 +400,25 @@ async def test_jobs_tail_prints_the_firehose_and_resumes_from_a_position(
         await asyncio.wait_for(from_live.wait(), WAIT)
 
 
+async def test_jobs_tail_prints_a_deletion(grpc_service: ServiceHandle) -> None:
+    """A deleted job is a `{"deleted": ..., "position": ...}` line."""
+    target = grpc_service.target
+    proc, _ = await _tail(target, "--kind", "EXTRACTION")
+    try:
+        async with Client(target) as c:
+            await c.create_job("EXTRACTION", job_id="tail-del")
+            await c.complete("tail-del")
+            await c.delete_job("tail-del")
+        ended, deleted = await _lines(proc, 2)
+        assert ended["event"]["type"] == "EVENT_TYPE_COMPLETED"
+        assert deleted["deleted"]["jobId"] == "tail-del", deleted
+        assert deleted["deleted"]["state"] == "JOB_STATE_SUCCEEDED"
+        assert deleted["position"] and deleted["position"] != ended["position"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), WAIT)
+
+
 async def test_jobs_tail_says_when_it_cannot_reach_the_service(tmp_path: Path) -> None:
     """`jobs tail` started before the service (or with a wrong --target) printed nothing
     while it retried: it now says so on stderr, as `watch` does on its progress line,

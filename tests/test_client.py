@@ -30,6 +30,7 @@ from jobwire.client import (
     FailedPrecondition,
     InvalidArgument,
     Job,
+    JobDeletion,
     JobEvent,
     JobwireError,
     NotFound,
@@ -1466,6 +1467,40 @@ async def test_watch_jobs_with_kind_and_state_filters(service: ServiceHandle) ->
         ]
         await videos.aclose()
         await finished.aclose()
+
+
+async def test_watch_jobs_yields_a_deletion_and_replays_it_on_resume(
+    service: ServiceHandle,
+) -> None:
+    """A deleted job comes as a JobDeletion, filtered by kind and end state like the
+    job's events, with a position to resume from; a watch resumed from before it
+    yields it again."""
+    fanout = service.running.jobs.fanout
+    async with client(service.target) as c:
+        watch = c.watch_jobs(kind="GENERIC", states=["SUCCEEDED"])
+        items = aiter(watch)
+        first = asyncio.ensure_future(anext(items))
+        await until(lambda: fanout.watchers == 1)
+        await c.create_job("GENERIC", job_id="del-1")
+        await c.complete("del-1")
+        ended = await asyncio.wait_for(first, WAIT)
+        assert isinstance(ended, JobEvent) and ended.job_id == "del-1"
+        before = watch.position
+        await c.delete_job("del-1")
+        gone = await asyncio.wait_for(anext(items), WAIT)
+        assert isinstance(gone, JobDeletion), gone
+        assert (gone.job_id, gone.kind, gone.state) == (
+            "del-1",
+            job_pb2.JOB_KIND_GENERIC,
+            job_pb2.JOB_STATE_SUCCEEDED,
+        )
+        assert watch.position != before
+        await items.aclose()
+
+        resumed = aiter(c.watch_jobs(kind="GENERIC", after=before))
+        again = await asyncio.wait_for(anext(resumed), WAIT)
+        assert again == gone
+        await resumed.aclose()
 
 
 async def test_watch_jobs_resumes_after_a_dropped_stream(
