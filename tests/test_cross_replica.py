@@ -295,6 +295,36 @@ async def test_a_watch_whose_job_is_deleted_unseen_ends_with_not_found(
         await a.close()
 
 
+async def test_a_watch_that_gets_its_jobs_deletion_before_its_end_ends_with_not_found(
+    mongo_uri: str,
+) -> None:
+    # The terminal feed entry is lost, the deletion's reaches B: its sequence is the
+    # job's last, right after what the watch had, so WatchJob sent it as the job's
+    # terminal event (type DELETED, state SUCCEEDED) and ended as if the job had. A
+    # deletion is no event of the job: the stream ends NOT_FOUND, as the heal does.
+    a, b = await _pair(mongo_uri, f"x_{uuid.uuid4().hex[:12]}", watch_resync_seconds=60)
+    try:
+        await create(a.stub, job_id="cut")
+        call = b.stub.WatchJob(job_service_pb2.WatchJobRequest(id="cut"))
+        assert (await read(call)).HasField("snapshot")
+        relay = a.running.jobs.relay
+        assert relay is not None
+        send = relay.send
+        relay.send = lambda events: send(  # type: ignore[method-assign]  # the end is lost
+            [(e, p) for e, p in events if e.type == event_pb2.EVENT_TYPE_DELETED]
+        )
+        await a.stub.ReportEvent(completed("cut"))
+        await a.stub.DeleteJob(job_service_pb2.DeleteJobRequest(id="cut"))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            got = await read(call, timeout=5)
+            pytest.fail(f"the stream went on: {got}")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "was deleted while watched" in (err.value.details() or "")
+    finally:
+        await b.close()
+        await a.close()
+
+
 async def test_mongodb_lost_as_the_feed_is_opened_stops_the_start(tmp_path: Path) -> None:
     """MongoDB lost while a starting replica creates its event feed: the start fails
     (`jobwire serve`: "cannot start: MongoDB unavailable (feed)", exit 1, and the
