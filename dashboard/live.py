@@ -41,14 +41,6 @@ LINGER_SECONDS = 60.0
 LIVE_WAIT_SECONDS = 3.0  # a page load waits this long for the stream to go live
 # A page's mark (Hub.mark): "<this process's instance>.<stream start>.<changes seen>".
 MARK = re.compile(r"([0-9a-f]{8})\.([0-9]{1,18})\.([0-9]{1,18})", re.ASCII)
-# A deletion is no event (DeleteJob, the retention, another dashboard's Delete): the
-# jobs the open tabs show are looked up this often, and those gone are pushed as such.
-# This dashboard's own Delete is pushed at once.
-DELETION_CHECK_SECONDS = 5.0
-DELETION_CHECKS_AT_ONCE = 16  # GetJob calls in flight per round
-_ENDED = frozenset(
-    {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
-)
 
 
 class Change:
@@ -79,8 +71,9 @@ ENTERING = frozenset(
     }
 )
 # A journal entry: (counter, job id, kind, sequence, the state it entered or 0, the
-# serialised event).
+# serialised event, or b"" for the job's deletion: an event is never empty).
 _Entry = tuple[int, str, int, int, int, bytes]
+_DELETION = b""
 
 
 class Subscriber:
@@ -142,15 +135,8 @@ class Hub:
         stub: Callable[[], JobServiceAsyncStub],
         journal: int = JOURNAL,
         linger_seconds: float = LINGER_SECONDS,
-        deletion_check_seconds: float = DELETION_CHECK_SECONDS,
     ) -> None:
         self._stub = stub
-        self._deletion_check_seconds = deletion_check_seconds
-        self._check_task: asyncio.Task[None] | None = None
-        # Followed jobs last found not ended: they cannot be deleted before they end
-        # (an ending event takes them out), so the check skips them.
-        self._unended: set[str] = set()
-        self._ended_lately: set[str] = set()  # ended during a check round
         self._subscribers: set[Subscriber] = set()
         self._task: asyncio.Task[None] | None = None
         self._position = ""
@@ -198,10 +184,6 @@ class Hub:
         sub = Subscriber(kind, ids, new, states)
         self._subscribers.add(sub)
         self._start()
-        if self._check_task is None or self._check_task.done():
-            self._check_task = asyncio.create_task(
-                self._check_deletions(), name="dashboard-deletions"
-            )
         if since is not None:
             self._catch_up(sub, since)
         return sub
@@ -255,7 +237,10 @@ class Hub:
                 break
             later.append(entry)
         for _, job_id, kind, sequence, entered, raw in reversed(later):
-            if self._wants(sub, job_id, kind, sequence, entered):
+            if raw == _DELETION:
+                if not sub.kind or sub.kind == kind:
+                    self._gone(sub, job_id)
+            elif self._wants(sub, job_id, kind, sequence, entered):
                 sub.pending[job_id] = Change(event_pb2.JobEvent.FromString(raw))
                 sub.wake.set()
 
@@ -270,60 +255,26 @@ class Hub:
         self._subscribers.discard(sub)
 
     def deleted(self, job_ids: set[str]) -> None:
-        """Jobs deleted: every tab that shows one hears it at its next push (its row
-        goes; a job page says so). A deletion is no event, so nothing else tells them."""
+        """Jobs deleted by this dashboard's Delete: pushed at once, before the stream's
+        `deleted` for them (a repeat, which a tab takes as such)."""
         for sub in self._subscribers:
-            hit = {i for i in job_ids if sub.shows(i)}
-            for job_id in hit:
-                if job_id in sub.fresh:
-                    continue  # a job made again under its id since: the tab shows that one
-                sub.pending.pop(job_id, None)  # the deleted job's last change
-                if sub.ids is not None:
-                    sub.ids.discard(job_id)
-                sub.gone.add(job_id)
-            if sub.gone:
-                sub.wake.set()
+            for job_id in job_ids:
+                self._gone(sub, job_id)
 
-    async def _check_deletions(self) -> None:
-        """Looks up the jobs the tabs show (but those last found not ended) every
-        `deletion_check_seconds`, while any tab is open; those gone are `deleted`."""
-        while self._subscribers:
-            await asyncio.sleep(self._deletion_check_seconds)
-            shown: set[str] = set()
-            for sub in list(self._subscribers):
-                if sub.ids is not None:
-                    shown |= sub.ids
-            self._unended &= shown
-            self._ended_lately.clear()
-            gone = await self._gone(shown - self._unended)
-            # One that ended while it was looked up was found not ended: not so now.
-            self._unended -= self._ended_lately
-            if gone:
-                self.deleted(gone)
-
-    async def _gone(self, job_ids: set[str]) -> set[str]:
-        """Which of these jobs the service no longer has (NOT_FOUND); any other failure
-        (the service away) says nothing of them."""
-        stub = self._stub()
-        slots = asyncio.Semaphore(DELETION_CHECKS_AT_ONCE)
-        gone: set[str] = set()
-
-        async def look(job_id: str) -> None:
-            async with slots:
-                try:
-                    job = await stub.GetJob(job_service_pb2.GetJobRequest(id=job_id), timeout=5.0)
-                except grpc.aio.AioRpcError as err:
-                    if err.code() == grpc.StatusCode.NOT_FOUND:
-                        gone.add(job_id)
-                    return
-                if job.state not in _ENDED:
-                    self._unended.add(job_id)
-
-        await asyncio.gather(*(look(i) for i in job_ids))
-        return gone
+    @staticmethod
+    def _gone(sub: Subscriber, job_id: str) -> None:
+        """A tab that shows the job hears at its next push that it was deleted (its row
+        goes; a job page says so). The tab goes on following the id: a job made again
+        under it is another job, whose first event comes as a new one."""
+        if not sub.shows(job_id):
+            return
+        sub.pending.pop(job_id, None)  # the deleted job's last change
+        sub.fresh.discard(job_id)
+        sub.gone.add(job_id)
+        sub.wake.set()
 
     async def close(self) -> None:
-        for task in (self._task, self._depth_task, self._check_task):
+        for task in (self._task, self._depth_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -369,6 +320,10 @@ class Hub:
                         self._position = response.position
                     if response.HasField("event"):
                         self._dispatch(response.event)
+                    elif response.HasField("deleted"):
+                        # In commit order with the events, also when the stream resumed
+                        # after a break (a gap instead re-reads every tab's rows).
+                        self._dispatch_deletion(response.deleted)
                     if self._idle():
                         call.cancel()
                         return
@@ -402,9 +357,6 @@ class Hub:
         change = Change(event)
         job_id, kind, sequence = event.job_id, event.kind, event.sequence
         entered = event.state if event.type in ENTERING else 0
-        if event.state in _ENDED:
-            self._unended.discard(job_id)  # it may be deleted from now on
-            self._ended_lately.add(job_id)
         self._counter += 1
         # As bytes: a kept event would keep its whole response's arena (about 5 KB
         # each, measured: +41 MiB for the journal under the bench's 50-tab load).
@@ -419,6 +371,14 @@ class Hub:
             if self._wants(sub, job_id, kind, sequence, entered):
                 sub.pending[job_id] = change
                 sub.wake.set()
+
+    def _dispatch_deletion(self, deleted: event_pb2.JobDeletion) -> None:
+        self._counter += 1
+        self._journal.append((self._counter, deleted.job_id, deleted.kind, 0, 0, _DELETION))
+        self._created.pop(deleted.job_id, None)
+        for sub in self._subscribers:
+            if not sub.kind or sub.kind == deleted.kind:
+                self._gone(sub, deleted.job_id)
 
     @staticmethod
     def _wants(sub: Subscriber, job_id: str, kind: int, sequence: int, entered: int) -> bool:
@@ -451,7 +411,6 @@ class Hub:
         return True
 
     def _resync_all(self) -> None:
-        self._unended.clear()  # their ending events may be among those missed
         for sub in self._subscribers:
             sub.resync = True
             sub.wake.set()

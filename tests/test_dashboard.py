@@ -1273,10 +1273,10 @@ async def test_a_job_page_leads_back_to_the_list_it_was_opened_from(
 async def test_a_deleted_job_leaves_the_pages_open_on_it(
     dash: DashboardProcess, context: Any, svc: ServiceHandle
 ) -> None:
-    """A deletion is no event: a list kept a deleted job's row (its link answering 404)
-    and the job's own page went on showing it, until a reload. Deleted by Delete job in
-    another tab, the row goes and the job page says so at once; deleted by DeleteJob
-    (another client, the retention), within the dashboard's check of the shown jobs."""
+    """A list kept a deleted job's row (its link answering 404) and the job's own page
+    went on showing it, until a reload. Deleted by Delete job in another tab, or by
+    DeleteJob (another client, the retention), the row goes and the job page says so at
+    once: the dashboard's WatchJobs stream carries the deletion."""
     stub = svc.stub
     run = uuid.uuid4().hex[:6]
     ours, theirs, kept = f"del-{run}-ours", f"del-{run}-theirs", f"del-{run}-kept"
@@ -1307,14 +1307,40 @@ async def test_a_deleted_job_leaves_the_pages_open_on_it(
 
     await stub.DeleteJob(job_service_pb2.DeleteJobRequest(id=theirs))
     page = pages[theirs]
-    await page.wait_for_selector("#gone", state="visible", timeout=3 * WAIT_MS)
+    await page.wait_for_selector("#gone", state="visible", timeout=WAIT_MS)
     assert await page.inner_text("#live") == "deleted"
     await listing.wait_for_selector(
-        f'#jobs tr[data-job="{theirs}"]', state="detached", timeout=3 * WAIT_MS
+        f'#jobs tr[data-job="{theirs}"]', state="detached", timeout=WAIT_MS
     )
     shown = "rs => rs.map(r => r.dataset.job)"
     assert await listing.eval_on_selector_all("#jobs tbody tr", shown) == [kept]
     assert await listing.inner_text("#live") == "live"
+
+
+async def test_a_job_page_shows_a_job_made_again_at_once_under_its_deleted_id(
+    dash: DashboardProcess, context: Any, svc: ServiceHandle
+) -> None:
+    """Another client deletes the job and makes one again under its id at once: the
+    dashboard looked the shown jobs up every 5 s (a deletion was no event), found a job
+    of the id, and the page went on showing the deleted one, ended, for good. The
+    deletion comes on the dashboard's WatchJobs stream: the page says so, and the new
+    job's first event has it show that job."""
+    job_id = uid("remade")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    await svc.stub.CancelJob(job_service_pb2.CancelJobRequest(id=job_id, reason="done"))
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs/{job_id}")
+    await page.wait_for_selector("#live[data-state=ended]", timeout=WAIT_MS)
+    await svc.stub.DeleteJob(job_service_pb2.DeleteJobRequest(id=job_id))
+    await page.wait_for_selector("#gone", state="visible", timeout=WAIT_MS)
+    again = await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    await progress(svc.stub, job_id, 40, "new", "made again")
+    created = iso(again.job.create_time)
+    await page.wait_for_function(
+        "c => document.querySelector('#job')?.dataset.created === c", arg=created, timeout=WAIT_MS
+    )
+    await page.wait_for_selector("#job[data-state=RUNNING]", timeout=WAIT_MS)
+    assert not await page.is_visible("#gone")
 
 
 async def test_an_ended_jobs_page_waits_for_its_deletion_quietly(

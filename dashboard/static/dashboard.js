@@ -184,7 +184,8 @@ const QUIET_MS = Math.max(3 * Number($("#live")?.dataset.heartbeat || 15), 3) * 
 // An EventSource that also recovers when the browser gives up (a 5xx while the
 // dashboard restarts closes it for good) or its connection goes silent: a new one
 // starts from `url()`. `onEnd`: the stream said `end`; `onGone`: its URL answers 404
-// (the job was deleted); `connected`: what #live says while it is open.
+// (the job was deleted); `connected`: what #live says while it is open (or a function
+// that says it when it opens).
 function stream(url, handlers, onReopen, { onEnd, onGone, connected = ["live", "live"] } = {}) {
   let source = null;
   let opened = "";
@@ -228,7 +229,7 @@ function stream(url, handlers, onReopen, { onEnd, onGone, connected = ["live", "
     source.onopen = () => {
       heard();
       delay = 500;
-      setLive(...connected);
+      setLive(...(typeof connected === "function" ? connected() : connected));
       if (failed && onReopen) onReopen();
       failed = false;
     };
@@ -689,10 +690,9 @@ function jobPage() {
     if (changed) reread();
   };
   // The job was deleted (here, in another tab, by DeleteJob or the retention): the page
-  // says so and listens no more. It went on showing the job as if it were still there.
-  let watch = null;
+  // says so at once (the jobs stream carries the deletion). It went on showing the job as
+  // if it were still there.
   const gone = () => {
-    watch?.close();
     const notice = $("#gone");
     notice.hidden = false;
     if (hasFocus($("#delete"))) focusOn($("a", notice));
@@ -702,12 +702,34 @@ function jobPage() {
     setLive("deleted", "deleted");
     retitle("deleted");
   };
+  // A job made again under the id once this one was deleted: the page shows the new job
+  // (it went on showing the deleted one when both happened within a few seconds).
+  const remade = (list) => {
+    if (head.dataset.deleted && list.some((j) => j.id === jobId)) location.reload();
+  };
+  // The jobs stream broke or lost events (`resync`): a deletion may be among them, so
+  // the job is read again: gone, or another job of the id, which the page then shows.
+  const recheck = async () => {
+    try {
+      const reply = await fetch(`/api/jobs/${encodeURIComponent(jobId)}`, {
+        credentials: "same-origin",
+      });
+      if (reply.status === 404) gone();
+      else if (reply.ok && (await reply.json()).job.created !== head.dataset.created) {
+        location.reload();
+      }
+    } catch {
+      // The dashboard is away: the stream's reconnect asks again.
+    }
+  };
   // An ended job's stream is over; only its deletion can happen now, which the jobs
-  // stream following this one job pushes (`deleted`).
+  // stream following this one job pushes (`deleted`), and then a job made again under
+  // its id (its first event, in `jobs`).
   const ended = () => {
     const only = new URLSearchParams({ ids: jobId, new: "0" });
-    watch = stream(() => `/events/jobs?${only}`, { deleted: gone }, null, {
-      connected: ["ended", "finished"],
+    const handlers = { deleted: gone, jobs: remade, resync: recheck };
+    stream(() => `/events/jobs?${only}`, handlers, null, {
+      connected: () => (head.dataset.deleted ? ["deleted", "deleted"] : ["ended", "finished"]),
     });
   };
   stream(url, { snapshot, events, gap }, null, { onEnd: ended, onGone: gone });
