@@ -1549,9 +1549,11 @@ class MongoStore:
 
     async def delete_jobs(self, job_ids: Sequence[str]) -> list[Deleted]:
         """In this order, each step durable before the next: (1) a mark per job in
-        `deletions`; (2) the job documents that have ended (the job and its retained
-        events vanish together, at once); (3) their artifacts, each files document
-        before its chunks; (4) their log lines; (5) the marks. Readers find no job from
+        `deletions` (then the deletion's firehose event in it); (2) the job documents
+        that have ended (the job and its retained events vanish together, at once), each
+        deletion's firehose entry appended after; (3) their artifacts, each files
+        document before its chunks; (4) their log lines; (5) the marks (one whose entry
+        could not be appended stays, for finish_deletions() to append it). Readers find no job from
         (2) on, and reach artifacts only through their job; a crash after (1) leaves
         the mark, and finish_deletions() does the rest. The other way round (artifacts
         first) a crash would leave a job listing artifacts that are gone; the job
@@ -1582,7 +1584,7 @@ class MongoStore:
     async def _finish(self, marks: Mapping[str, int]) -> list[Deleted]:
         """Steps (2)-(5) of delete_jobs for the marked ids (again, after a crash or
         beside another replica doing the same: each step is idempotent), each mark
-        given with its time; the ids whose job this call deleted. A mark is for the job
+        given with its time; the deletions this call made. A mark is for the job
         of its id made before it: a job of that id made since (a late AuroraCloud report
         after a deletion cut short makes one, and ends it) is another job. It was
         deleted, acknowledged outcome and all, long before the retention; now it keeps
