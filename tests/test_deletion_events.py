@@ -116,6 +116,26 @@ async def test_a_resumed_stream_replays_a_deletion(service: ServiceHandle) -> No
     resumed.cancel()
 
 
+async def test_a_sweeps_batch_of_deletions_is_written_within_the_timeout(
+    service: ServiceHandle,
+) -> None:
+    """A hundred ended jobs deleted in one call (the sweep's batch), each with its entry.
+    On FerretDB a second bulk update of the hundred marks (their deletion events) did
+    not finish within the 5 s operation timeout: UNAVAILABLE, and the sweep failed."""
+    ids = [f"batch-{k}" for k in range(100)]
+    for job_id in ids:
+        await create(service.stub, BATCH, job_id)
+        await service.stub.CancelJob(job_service_pb2.CancelJobRequest(id=job_id))
+    call = await _live(service.stub)
+    deleted = await service.running.store.delete_jobs(ids)
+    assert sorted(d.job_id for d in deleted) == sorted(ids)
+    assert all(d.position is not None for d in deleted)
+    service.running.jobs.publish_deleted(deleted)
+    got = {(await _next_deletion(call)).deleted.job_id for _ in ids}
+    assert got == set(ids)
+    call.cancel()
+
+
 @pytest.fixture
 async def retaining(
     store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
