@@ -160,6 +160,7 @@ class JobServiceServicer:
         idempotent: a repeat is NOT_FOUND. A later callback for the job finds no
         job (a ReportEvent with `create_kind` makes a new one). The service's
         JOBWIRE_JOB_RETENTION deletes every job that ended longer ago the same way.
+        Either deletion reaches WatchJobs as `WatchJobsResponse.deleted`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -235,7 +236,9 @@ class JobServiceServicer:
 
     def WatchJob(self, request, context):
         """Streams one job: its snapshot, the retained events after `from_sequence`,
-        then live events; ends after the terminal event.
+        then live events; ends after the terminal event. A stream whose job is
+        deleted before its end reached it (lost between replicas) ends with
+        NOT_FOUND: a deletion is no event of the job (WatchJobs sends it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -55,6 +55,7 @@ class JobServiceStub:
     idempotent: a repeat is NOT_FOUND. A later callback for the job finds no
     job (a ReportEvent with `create_kind` makes a new one). The service's
     JOBWIRE_JOB_RETENTION deletes every job that ended longer ago the same way.
+    Either deletion reaches WatchJobs as `WatchJobsResponse.deleted`.
     """
     ClaimJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ClaimJobRequest, _job_service_pb2.ClaimJobResponse]
     """Atomically hands the oldest QUEUED job of a kind to a worker: it becomes
@@ -84,7 +85,9 @@ class JobServiceStub:
     """Lists a job's retained events after `from_sequence`, oldest first."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_job_service_pb2.WatchJobRequest, _job_service_pb2.WatchJobResponse]
     """Streams one job: its snapshot, the retained events after `from_sequence`,
-    then live events; ends after the terminal event.
+    then live events; ends after the terminal event. A stream whose job is
+    deleted before its end reached it (lost between replicas) ends with
+    NOT_FOUND: a deletion is no event of the job (WatchJobs sends it).
     """
     WatchJobs: _grpc.UnaryStreamMultiCallable[_job_service_pb2.WatchJobsRequest, _job_service_pb2.WatchJobsResponse]
     """Streams the live events of every job matching the filter, and the
@@ -117,6 +120,7 @@ class JobServiceAsyncStub(JobServiceStub):
     idempotent: a repeat is NOT_FOUND. A later callback for the job finds no
     job (a ReportEvent with `create_kind` makes a new one). The service's
     JOBWIRE_JOB_RETENTION deletes every job that ended longer ago the same way.
+    Either deletion reaches WatchJobs as `WatchJobsResponse.deleted`.
     """
     ClaimJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ClaimJobRequest, _job_service_pb2.ClaimJobResponse]  # type: ignore[assignment]
     """Atomically hands the oldest QUEUED job of a kind to a worker: it becomes
@@ -146,7 +150,9 @@ class JobServiceAsyncStub(JobServiceStub):
     """Lists a job's retained events after `from_sequence`, oldest first."""
     WatchJob: _aio.UnaryStreamMultiCallable[_job_service_pb2.WatchJobRequest, _job_service_pb2.WatchJobResponse]  # type: ignore[assignment]
     """Streams one job: its snapshot, the retained events after `from_sequence`,
-    then live events; ends after the terminal event.
+    then live events; ends after the terminal event. A stream whose job is
+    deleted before its end reached it (lost between replicas) ends with
+    NOT_FOUND: a deletion is no event of the job (WatchJobs sends it).
     """
     WatchJobs: _aio.UnaryStreamMultiCallable[_job_service_pb2.WatchJobsRequest, _job_service_pb2.WatchJobsResponse]  # type: ignore[assignment]
     """Streams the live events of every job matching the filter, and the
@@ -206,6 +212,7 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         idempotent: a repeat is NOT_FOUND. A later callback for the job finds no
         job (a ReportEvent with `create_kind` makes a new one). The service's
         JOBWIRE_JOB_RETENTION deletes every job that ended longer ago the same way.
+        Either deletion reaches WatchJobs as `WatchJobsResponse.deleted`.
         """
 
     @_abc_1.abstractmethod
@@ -295,7 +302,9 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_job_service_pb2.WatchJobResponse], _abc.AsyncIterator[_job_service_pb2.WatchJobResponse]]:
         """Streams one job: its snapshot, the retained events after `from_sequence`,
-        then live events; ends after the terminal event.
+        then live events; ends after the terminal event. A stream whose job is
+        deleted before its end reached it (lost between replicas) ends with
+        NOT_FOUND: a deletion is no event of the job (WatchJobs sends it).
         """
 
     @_abc_1.abstractmethod
