@@ -127,6 +127,11 @@ class Jobs:
         if self.relay is not None:
             self.relay.send(zip([a.event for a in applied], positions, strict=True))
 
+    async def _delete_and_publish(self, job_ids: list[str]) -> list[Deleted]:
+        deleted = await self.store.delete_jobs(job_ids)
+        self.publish_deleted(deleted)
+        return deleted
+
     def publish_deleted(self, deleted: list[Deleted]) -> None:
         """Publishes deletions (DeleteJob, the retention sweep) as their firehose entries:
         WatchJobs streams here and, through the relay, on other replicas get them."""
@@ -236,10 +241,11 @@ class Jobs:
             )
         # The store deletes it only as an ended job: terminal states are final, so
         # nothing can have moved it back since the read.
-        deleted = await self.store.delete_jobs([job_id])
+        # Published even when the call is cancelled meanwhile: a deletion committed and
+        # never published would reach no live stream (its firehose entry a hole there).
+        deleted = await outlasting_cancel(self._delete_and_publish([job_id]))
         if not deleted:
             raise not_found(job_id)  # deleted meanwhile (retention, another call)
-        self.publish_deleted(deleted)
         JOBS_DELETED.labels("rpc").inc()
         log.info("job %s deleted (DeleteJob)", job_id)
         return job_service_pb2.DeleteJobResponse()

@@ -8,8 +8,10 @@ sharing one MongoDB database.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,8 @@ from bson import Binary
 
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
 from service.domain import events
+from service.domain.records import Deleted
+from service.store.embedded import EmbeddedStore
 from service.store.mongo import DELETIONS, MongoStore
 from tests.conftest import ServiceHandle, make_policy, open_test_store, start_service
 from tests.helpers import completed, create, progress, read
@@ -134,6 +138,54 @@ async def test_a_sweeps_batch_of_deletions_is_written_within_the_timeout(
     got = {(await _next_deletion(call)).deleted.job_id for _ in ids}
     assert got == set(ids)
     call.cancel()
+
+
+class AnswersLate(EmbeddedStore):
+    """The embedded store, answering delete_jobs only once `answer` is set (after its
+    commit): a DeleteJob call can be cancelled between the deletion and its answer."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.committed = asyncio.Event()
+        self.answer = asyncio.Event()
+
+    async def delete_jobs(self, job_ids: Sequence[str]) -> list[Deleted]:
+        deleted = await super().delete_jobs(job_ids)
+        self.committed.set()
+        await self.answer.wait()
+        return deleted
+
+
+async def test_a_deletejob_cancelled_after_its_commit_still_reaches_the_streams(
+    tmp_path: Path,
+) -> None:
+    """The caller's deadline passed while the deletion was being written: the job was
+    deleted, its entry written, and the deletion never published, so no live stream
+    got it (a hole in the log's published run, until a stream re-read it)."""
+    store = AnswersLate(tmp_path / "data", make_policy())
+    service = await start_service(store)
+    try:
+        call = await _live(service.stub)
+        await _ended(service.stub, "late")
+        ended: job_service_pb2.WatchJobsResponse = await read(call)
+        assert ended.event.job_id == "late"
+        deleting = asyncio.ensure_future(
+            service.stub.DeleteJob(job_service_pb2.DeleteJobRequest(id="late"))
+        )
+        await asyncio.wait_for(store.committed.wait(), 10)
+        deleting.cancel()  # the client gives up: the service's handler is cancelled
+        with contextlib.suppress(asyncio.CancelledError):
+            await deleting
+        # A later call on the connection answered: the service has taken the cancel
+        # (HTTP/2 frames are read in order).
+        await service.stub.ListJobs(job_service_pb2.ListJobsRequest(page_size=1))
+        store.answer.set()
+        message = await _next_deletion(call)
+        assert message.deleted.job_id == "late"
+        call.cancel()
+    finally:
+        store.answer.set()
+        await service.close()
 
 
 @pytest.fixture
