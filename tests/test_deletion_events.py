@@ -140,6 +140,24 @@ async def test_a_sweeps_batch_of_deletions_is_written_within_the_timeout(
     call.cancel()
 
 
+async def test_with_the_firehose_log_off_a_deletion_is_sent_live_without_a_position(
+    store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    policy = make_policy()
+    policy.firehose_retention_ns = 0
+    store = await open_test_store(store_kind, tmp_path, request, policy)
+    service = await start_service(store)
+    try:
+        call = await _live(service.stub)
+        await _ended(service.stub, "nolog")
+        await _delete(service.stub, "nolog")
+        message = await _next_deletion(call)
+        assert message.deleted.job_id == "nolog" and not message.position
+        call.cancel()
+    finally:
+        await service.close()
+
+
 class AnswersLate(EmbeddedStore):
     """The embedded store, answering delete_jobs only once `answer` is set (after its
     commit): a DeleteJob call can be cancelled between the deletion and its answer."""
