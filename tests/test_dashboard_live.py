@@ -94,6 +94,41 @@ async def test_a_stream_gets_what_changed_between_its_mark_and_its_subscription(
         await hub.close()
 
 
+async def test_a_deletion_reaches_the_tabs_from_the_stream_and_the_journal(
+    svc: ServiceHandle,
+) -> None:
+    """A job deleted by another client: the tabs that show it hear it from the hub's
+    WatchJobs stream (no GetJob), a tab of another kind does not, and a tab whose mark
+    was taken before the deletion hears it from the journal when it subscribes; a job
+    made again under the id is new to them."""
+    hub = Hub(lambda: svc.stub)
+    try:
+        job_id = await _first_event(svc)
+        await svc.stub.CancelJob(job_service_pb2.CancelJobRequest(id=job_id))
+        mark = await asyncio.wait_for(hub.mark(), WAIT)
+        showing = hub.subscribe(ids={job_id})
+        videos = hub.subscribe(kind=job_pb2.JOB_KIND_VIDEO)
+        await svc.stub.DeleteJob(job_service_pb2.DeleteJobRequest(id=job_id))
+        await asyncio.wait_for(showing.wake.wait(), WAIT)
+        assert showing.take_gone() == {job_id}
+        assert videos.take_gone() == set()
+
+        late = hub.subscribe(ids={job_id}, since=mark)  # its rows read before the deletion
+        assert late.take_gone() == {job_id} and not late.resync
+
+        await svc.stub.CreateJob(
+            job_service_pb2.CreateJobRequest(
+                job=job_pb2.Job(kind=job_pb2.JOB_KIND_GENERIC), job_id=job_id
+            )
+        )
+        await _progress(svc, job_id, 7)
+        await _until_seen(showing, job_id, 1)
+        changes, fresh = showing.take()
+        assert [c.event.job_id for c in changes] == [job_id] and fresh == {job_id}
+    finally:
+        await hub.close()
+
+
 async def test_a_mark_the_journal_does_not_cover_gets_a_resync(svc: ServiceHandle) -> None:
     """Too much happened since the mark (the journal let it go), or the mark is from
     another run of the hub or is not a mark at all: the tab re-reads its rows rather
