@@ -17,6 +17,7 @@ from dashboard.live import Hub, Subscriber
 from jobwire.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 from service.store.embedded import EmbeddedStore
 from tests.conftest import ServiceHandle, make_policy, start_service
+from tests.grpc_proxy import FaultProxy
 from tests.helpers import free_port
 
 WAIT = 10.0
@@ -127,6 +128,43 @@ async def test_a_deletion_reaches_the_tabs_from_the_stream_and_the_journal(
         assert [c.event.job_id for c in changes] == [job_id] and fresh == {job_id}
     finally:
         await hub.close()
+
+
+async def test_a_deletion_missed_while_the_stream_was_down_is_replayed(
+    svc: ServiceHandle,
+) -> None:
+    """The hub's WatchJobs stream breaks as a job is deleted (and made again under its
+    id at once): the stream resumes from its last position and the service replays the
+    deletion, so the tab hears it. A GetJob poll finds the new job and says nothing."""
+    proxy = await FaultProxy(svc.target).start()
+    channel = grpc.aio.insecure_channel(proxy.target)
+    stub = job_service_pb2_grpc.JobServiceStub(channel)
+    hub = Hub(lambda: stub)
+    try:
+        job_id = await _first_event(svc)
+        await svc.stub.CancelJob(job_service_pb2.CancelJobRequest(id=job_id))
+        # Its first message (the deletion) is lost with the stream.
+        proxy.abort_next_stream("WatchJobs", 0, grpc.StatusCode.UNAVAILABLE)
+        assert await asyncio.wait_for(hub.mark(), WAIT)
+        tab = hub.subscribe(ids={job_id})
+        await svc.stub.DeleteJob(job_service_pb2.DeleteJobRequest(id=job_id))
+        await svc.stub.CreateJob(
+            job_service_pb2.CreateJobRequest(
+                job=job_pb2.Job(kind=job_pb2.JOB_KIND_GENERIC), job_id=job_id
+            )
+        )
+
+        async def heard() -> None:
+            while job_id not in tab.gone:
+                await tab.wake.wait()
+                tab.wake.clear()
+
+        await asyncio.wait_for(heard(), WAIT)
+        assert proxy.calls["WatchJobs"] >= 2  # it was resumed
+    finally:
+        await hub.close()
+        await channel.close()
+        await proxy.close()
 
 
 async def test_a_mark_the_journal_does_not_cover_gets_a_resync(svc: ServiceHandle) -> None:
