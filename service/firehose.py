@@ -1,6 +1,8 @@
 """The resumable firehose: WatchJobs with a cursor into the firehose log.
 
-Every applied event has a place in the log: entry `n` of an origin (a store
+Every applied event, and every deletion of a job (an EVENT_TYPE_DELETED entry,
+events.deletion, sent as WatchJobsResponse.deleted; filtered by its kind and the
+state the job ended in like an event), has a place in the log: entry `n` of an origin (a store
 process; the embedded store has one), numbered 1, 2, 3, ... in the order that
 origin wrote them. A consumer's position is a `Cursor`: per origin, the highest
 `n` up to which every entry was delivered, plus the few delivered above it (live
