@@ -1622,9 +1622,11 @@ async def test_watch_jobs_without_positions_delivers_a_job_made_again_under_a_de
             for percent in (51, 52, 53, 54, 55):
                 await c.report_progress("again", percent)
             seen = [await asyncio.wait_for(first, WAIT)]
-            while len(seen) < 9:
+            while len(seen) < 10:
                 seen.append(await asyncio.wait_for(anext(iterator), WAIT))
             await iterator.aclose()
+        # The deleted job's four events, its deletion, then the new job's five.
+        assert isinstance(seen[4], JobDeletion) and seen[4].job_id == "again"
         events = [i for i in seen if isinstance(i, JobEvent)]
         assert [(e.sequence, round(e.progress.percent)) for e in events[4:]] == [
             (1, 51), (2, 52), (3, 53), (4, 54), (5, 55)
