@@ -140,6 +140,48 @@ async def test_a_sweeps_batch_of_deletions_is_written_within_the_timeout(
     call.cancel()
 
 
+async def test_two_replicas_finishing_one_deletion_cut_short_append_its_entry_once(
+    mongo_uri: str,
+) -> None:
+    """Every replica's sweep finishes the deletions a crash cut short: two at once both
+    found the entry missing and appended it; the second insert failed on its _id, was
+    counted and logged as a lost firehose append (and took any event entries sharing
+    that insert with it)."""
+    database = f"d_{uuid.uuid4().hex[:12]}"
+    stores = [MongoStore(mongo_uri, policy=make_policy(), database=database) for _ in range(2)]
+    for store in stores:
+        await store.start()
+    service = await start_service(stores[0])
+    try:
+        job = await _ended(service.stub, "both")
+        mark = events.deletion(job, job.update_time.ToNanoseconds() + 1)
+        await (
+            stores[0]
+            .database[DELETIONS]
+            .insert_one(
+                {
+                    "_id": "both",
+                    "ns": mark.create_time.ToNanoseconds(),
+                    "e": Binary(mark.SerializeToString()),
+                }
+            )
+        )
+        await stores[0].jobs.delete_one({"_id": "both"})
+        before = await stores[0].log_bounds(0)
+        failures = [store.log_failures for store in stores]
+        await asyncio.gather(*(store.finish_deletions() for store in stores))
+        entries = [
+            entry.event
+            for origin, (_, newest) in (await stores[0].log_bounds(0)).items()
+            for entry in await stores[0].log_after(origin, before.get(origin, (0, 0))[1], 0, 100)
+        ]
+        assert entries == [mark]
+        assert [store.log_failures for store in stores] == failures
+    finally:
+        await service.close()
+        await stores[1].close()
+
+
 async def test_with_the_firehose_log_off_a_deletion_is_sent_live_without_a_position(
     store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

@@ -1157,6 +1157,24 @@ class MongoStore:
             dataclasses.replace(d, position=(self.origin, first + k)) for k, d in enumerate(deleted)
         ]
 
+    async def _log_recovered(self, recovered: list[Deleted]) -> set[str]:
+        """Appends the entries of deletions cut short, each in an insert of its own (not
+        one shared with events' entries, which a failed ordered insert would take with
+        it): another replica finishing the same deletion may have appended it since it
+        was looked for, and the insert then fails on the entry's _id, which says it is
+        there. The ids whose entries are in the log (appended here or by the other
+        replica); not published (no watcher waits on them: streams re-read the log)."""
+        if self._log_lock is None:
+            self._log_lock = asyncio.Lock()
+        logged: set[str] = set()
+        for deletion in recovered:
+            future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            async with self._log_lock:
+                await self._append_log([([deletion], future)])
+            if future.result():  # a number, or ALREADY_LOGGED
+                logged.add(deletion.job_id)
+        return logged
+
     async def _log_entries(self, entries: list[Applied | Deleted]) -> int:
         """The first n of the entries, written in one insert with those queued beside
         them; 0 when they were not written."""
@@ -1176,6 +1194,7 @@ class MongoStore:
         """One ordered insert for the queued appends; each future gets its first n (0:
         not written)."""
         count = sum(len(applied) for applied, _ in queued)
+        docs: list[dict[str, Any]] = []
         try:
             if not self._log_n_known:
                 newest = await self.firehose.find_one(
@@ -1200,6 +1219,10 @@ class MongoStore:
                 await self.firehose.insert_many(docs, ordered=True)
             self._log_n = first + count - 1
         except (PyMongoError, DomainError) as exc:
+            if _logged_already(exc, docs):
+                for _, future in queued:
+                    future.set_result(ALREADY_LOGGED)
+                return
             # Some may have landed (ordered insert): re-read the last number first.
             self._log_n_known = False
             self.log_failures += count
@@ -1637,9 +1660,11 @@ class MongoStore:
                 {"_id": {"$in": [_entry_id(d)["_id"] for d in recovered]}}, {"_id": 1}
             )
             have = {doc["_id"] async for doc in written}
-            recovered = await self._log_deletions(
-                [d for d in recovered if _entry_id(d)["_id"] not in have]
-            )
+            missing = [d for d in recovered if _entry_id(d)["_id"] not in have]
+            logged = {d.job_id for d in recovered} - {d.job_id for d in missing}
+            if missing and self.policy.firehose_retention_ns > 0:
+                logged |= await self._log_recovered(missing)
+            recovered = [d for d in recovered if d.job_id not in logged]
         deleted = await self._log_deletions(deleted)
         # A deletion whose entry could not be appended keeps its mark: a later call
         # (the sweep's finish_deletions) appends it.
@@ -1900,3 +1925,16 @@ def _mark(now_ns: int, deletion: event_pb2.JobEvent | None) -> dict[str, Any]:
     if deletion is None:
         return {"ns": now_ns}
     return {"ns": now_ns, "e": Binary(deletion.SerializeToString())}
+
+
+# _append_log's answer for an entry another replica appended first (its _id taken).
+ALREADY_LOGGED = -1
+
+
+def _logged_already(exc: BaseException, docs: list[dict[str, Any]]) -> bool:
+    """The insert was of one deletion's entry (an _id of its own) and failed on that _id:
+    the entry is in the log already."""
+    if len(docs) != 1 or "_id" not in docs[0] or not isinstance(exc, BulkWriteError):
+        return False
+    errors = exc.details.get("writeErrors", [])
+    return bool(errors) and all(e.get("code") == 11000 for e in errors)
