@@ -115,13 +115,24 @@ def is_http_url(url: str) -> bool:
         return False
 
 
+URL_SOURCES = "--url, --callback-url, CALLBACK_URL, JOBWIRE_BRIDGE_URL or NEXT_PUBLIC_APP_URL"
+
+
 def check_url(url: str) -> None:
-    """`is_http_url`, else a usage error."""
-    if not is_http_url(url):
+    """`is_http_url` without credentials, else a usage error."""
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:  # `http://[::1`: said by the check below
+        netloc = ""
+    if "@" in netloc:
+        # urllib does not send them (it looked "user:pass@host" up as a host name), and
+        # the connection error showed them: named, never shown.
         usage_error(
-            f"{url!r} is no http(s) URL with a host and port (from --url, --callback-url,"
-            " CALLBACK_URL, JOBWIRE_BRIDGE_URL or NEXT_PUBLIC_APP_URL)"
+            f"the URL ({URL_SOURCES}) holds credentials (user:password@), which are not"
+            " sent: leave them out; a contract's secret goes in its token option"
         )
+    if not is_http_url(url):
+        usage_error(f"{url!r} is no http(s) URL with a host and port (from {URL_SOURCES})")
 
 
 def signing_headers(contract: str, data: bytes) -> dict[str, str]:

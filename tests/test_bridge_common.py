@@ -570,6 +570,11 @@ async def test_worker_cli_bad_files_and_json_are_usage_errors(tmp_path: Path) ->
         (("--url", "http://[::1", "video", "pending"),
          "jobwire callback: 'http://[::1/api/pending' is no http(s) URL with a host and port"),
         (("--url", "127.0.0.1:8080", "video", "pending"), "is no http(s) URL"),
+        # urllib does not send them (it looked the host up as "bridge:s3cr3t@127.0.0.1",
+        # status 1), and the error showed the password.
+        (("--url", "http://bridge:s3cr3t@127.0.0.1:1", "video", "pending"),
+         "jobwire callback: the URL (--url, --callback-url, CALLBACK_URL, JOBWIRE_BRIDGE_URL"
+         " or NEXT_PUBLIC_APP_URL) holds credentials (user:password@)"),
         (("secretary", "s1", "--callback-url", "http://h:99999/x", "progress", "p", "1"),
          "is no http(s) URL"),
         (("video", "--api-key", "s3cr3t\n", "pending"),
