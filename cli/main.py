@@ -279,6 +279,12 @@ def _run(_: argparse.Namespace) -> int:
     settings = Settings.from_env()
     env = dict(os.environ)
     env.setdefault("JOBWIRE_SERVICE_TARGET", settings.grpc_addr)
+    try:
+        # One its health check can never reach ("" from a template, a port past 65535)
+        # was waited on for the whole start bound; the bridge refuses it the same way.
+        check_target(env["JOBWIRE_SERVICE_TARGET"])
+    except ClientConfigError as err:
+        raise SystemExit(f"jobwire: JOBWIRE_SERVICE_TARGET: {err}") from None
     env.update(_local_secrets(env, settings))
     env[RUN_PARENT] = str(os.getpid())  # the children stop when this process dies
     cmd = [sys.executable, "-m", "cli"]

@@ -338,6 +338,19 @@ async def test_jobwire_run_waits_for_its_service_as_long_as_the_setting_says(
     await store.close()
 
 
+async def test_jobwire_run_refuses_a_service_target_it_could_never_reach(tmp_path: Path) -> None:
+    """JOBWIRE_SERVICE_TARGET="" (an unfilled template value) or a port past 65535: the
+    health check could never pass, so `jobwire run` waited out its whole start bound
+    (now 300 s) before saying the service "did not become healthy", though it was.
+    Refused at once, naming the variable, as the bridge refuses it; nothing started."""
+    _, run_env = run_environment(tmp_path)
+    for target, said in (("", "got ''"), ("127.0.0.1:99999", "port must be 1-65535")):
+        code, err, _ = await _run_to_its_end({**run_env, "JOBWIRE_SERVICE_TARGET": target})
+        assert code == 1, err
+        assert "jobwire: JOBWIRE_SERVICE_TARGET: target " in err and said in err, err
+        assert "jobwire.server" not in err, err  # no service was started
+
+
 def _running(pid: int) -> bool:
     """Alive and not a zombie waiting for a reaper (an orphan's is PID 1)."""
     try:
