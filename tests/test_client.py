@@ -620,7 +620,7 @@ async def test_a_read_deadline_covers_its_retries(tmp_path: Path) -> None:
                         _ = [chunk async for chunk in stream]
                 took = loop.time() - begin
                 assert 1 < attempts < 20, (read, attempts)  # retried, but not past the deadline
-                assert took < 2.0, f"{read}: {took:.1f} s"  # 20 attempts take 4 s or more
+                assert took < 2.5, f"{read}: {took:.1f} s"  # 20 attempts take 4 s or more
             assert not (tmp_path / "a.bin.partial").exists()
     finally:
         await flaky.stop(0)
