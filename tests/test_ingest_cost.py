@@ -44,37 +44,76 @@ def _report(job_id: str, key: str, percent: float) -> JobCommand:
     return JobCommand(job_id, Report(request))
 
 
-async def test_wal_truncation_keeps_the_writers_record_cache(
+def _wal_restarts(wal: Path) -> int:
+    """The WAL header's checkpoint sequence: SQLite counts each start-over of the WAL
+    in it, written by the first commit after the restart."""
+    with wal.open("rb") as f:
+        return int.from_bytes(f.read(16)[12:16], "big")
+
+
+async def _write_until_wal_restarts(store: EmbeddedStore, ids: list[str], wal: Path) -> int:
+    """Reports on `ids` until a commit starts the WAL over; the number of reports."""
+    first = _wal_restarts(wal)
+    n = 0
+    async with asyncio.timeout(60):
+        while _wal_restarts(wal) == first:  # the checkpointer runs every 0.25 s
+            outcomes = await store.apply([_report(j, f"k{n}-{j}", n % 100) for j in ids])
+            assert all(isinstance(o, Applied) for o in outcomes)
+            n += 1
+            await asyncio.sleep(0.02)  # a pause between writes; polled (60 s timeout)
+    return n
+
+
+async def test_wal_restart_keeps_the_writers_record_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The WAL is truncated past its limit on the write connection itself: the
+    """The WAL is started over past its limit on the write connection itself: the
     record cache (and SQLite's page cache) survive it, and what was written stays."""
-    monkeypatch.setattr(embedded, "WAL_TRUNCATE_BYTES", 64 * 1024)
+    monkeypatch.setattr(embedded, "WAL_RESTART_BYTES", 64 * 1024)
     store = EmbeddedStore(tmp_path / "data", Policy(retention=8))
     await store.start()
     try:
         ids = [f"j{i}" for i in range(20)]
         await _create(store, ids)
-        wal = tmp_path / "data" / "jobwire.sqlite3-wal"
         conn = store._writer_connection()
-        n, truncated = 0, False
-        async with asyncio.timeout(60):
-            while not truncated:  # the checkpointer runs every 0.25 s
-                outcomes = await store.apply([_report(j, f"k{n}-{j}", n % 100) for j in ids])
-                assert all(isinstance(o, Applied) for o in outcomes)
-                n += 1
-                before = os.stat(wal).st_size
-                await asyncio.sleep(0.02)  # a pause between writes; polled (60 s timeout)
-                # Shrunk while no write ran: the WAL was truncated since the last apply.
-                truncated = before > 64 * 1024 and os.stat(wal).st_size < before
+        n = await _write_until_wal_restarts(store, ids, tmp_path / "data" / "jobwire.sqlite3-wal")
         async with store._write_lock:
-            assert store._records.check(conn), "the truncation dropped the record cache"
+            assert store._records.check(conn), "the WAL restart dropped the record cache"
         for job_id in ids:
             stored = await store.get(job_id)
             assert stored is not None and stored.job.sequence == n
-        # A retried event is still recognised after the truncation.
+        # A retried event is still recognised after the restart.
         (again,) = await store.apply([_report("j0", f"k{n - 1}-j0", 1)])
         assert not isinstance(again, Applied)
+    finally:
+        await store.close()
+
+
+async def test_wal_is_started_over_in_its_file_and_cut_back_to_its_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its limit the WAL starts over at the beginning of the file it has: the
+    commits after that overwrite blocks the file system already holds. (It was cut to
+    0 bytes, so every commit extended the file again, and ext4 allocated, zeroed and
+    journalled each block: a tenth of the service's CPU under load.) The file stays
+    bounded: the first commit after the restart cuts it back to WAL_FILE_BYTES."""
+    limit = 256 * 1024
+    monkeypatch.setattr(embedded, "WAL_RESTART_BYTES", limit)
+    monkeypatch.setattr(embedded, "WAL_FILE_BYTES", limit)
+    store = EmbeddedStore(tmp_path / "data", Policy(retention=8))
+    await store.start()
+    try:
+        ids = [f"j{i}" for i in range(4)]  # a commit of a few pages, far below the limit
+        await _create(store, ids)
+        wal = tmp_path / "data" / "jobwire.sqlite3-wal"
+        n = 0
+        while os.stat(wal).st_size <= limit:
+            await store.apply([_report(j, f"grow{n}-{j}", n % 100) for j in ids])
+            n += 1
+        await _write_until_wal_restarts(store, ids, wal)
+        # The file was past `limit` when the WAL started over; the commit that started
+        # it over wrote its few pages at the file's start and cut the rest.
+        assert os.stat(wal).st_size == limit
     finally:
         await store.close()
 
