@@ -47,20 +47,25 @@ def validate_report(request: job_service_pb2.ReportEventRequest) -> None:
     payload = request.WhichOneof("payload")
     if payload is None:
         raise invalid("one of progress, completed or failed is required")
+    # Each submessage read once: every `request.progress` builds (and drops) a new
+    # Python wrapper around it, per event of every batch.
     if payload == "progress":
-        validation.percent(request.progress.percent)
-        validation.message(request.progress.message, "progress.message")
+        progress = request.progress
+        validation.percent(progress.percent)
+        validation.message(progress.message, "progress.message")
         # Unset, each is 0: valid.
-        validation.media_duration(request.progress.media_time, "progress.media_time")
-        validation.media_duration(request.progress.media_duration, "progress.media_duration")
-        validation.timestamp(request.progress.report_time, "progress.report_time")
+        validation.media_duration(progress.media_time, "progress.media_time")
+        validation.media_duration(progress.media_duration, "progress.media_duration")
+        validation.timestamp(progress.report_time, "progress.report_time")
     elif payload == "completed":
-        validation.media_duration(request.completed.media_duration, "completed.media_duration")
-        validation.media_duration(request.completed.processing_time, "completed.processing_time")
-        validation.finite_numbers(request.completed.metadata, "completed.metadata")
+        completed = request.completed
+        validation.media_duration(completed.media_duration, "completed.media_duration")
+        validation.media_duration(completed.processing_time, "completed.processing_time")
+        validation.finite_numbers(completed.metadata, "completed.metadata")
     elif payload == "failed":
-        validation.message(request.failed.message, "failed.message")
-        validation.finite_numbers(request.failed.details, "failed.details")
+        failed = request.failed
+        validation.message(failed.message, "failed.message")
+        validation.finite_numbers(failed.details, "failed.details")
     if request.HasField("event_time"):
         validation.timestamp(request.event_time, "event_time")
     if len(request.process_id) > 256:
