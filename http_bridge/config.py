@@ -18,6 +18,7 @@ from pathlib import Path
 
 from jobwire.client.client import check_target
 from jobwire.client.errors import ClientConfigError
+from jobwire.env_numbers import decimal_number, whole_number
 
 log = logging.getLogger(__name__)
 
@@ -317,10 +318,10 @@ def number(
     """A finite number from `minimum` to 366 days in the setting's unit (`per_second`
     1000 for milliseconds: the seconds' bound made a push interval at most 8.8 hours)."""
     raw = env.get(name, "")
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
-        raise SystemExit(f"{name} must be a number, got {raw!r}") from None
+    parsed = decimal_number(raw) if raw.strip() else default
+    if parsed is None:
+        raise SystemExit(f"{name} must be a number, got {raw!r}")
+    value = parsed
     maximum = MAX_NUMBER * per_second
     if not minimum <= value <= maximum:
         raise SystemExit(
@@ -335,13 +336,14 @@ def whole(
     raw = env.get(name, "").strip()
     if not raw:
         return default
-    if not (raw.isascii() and raw.isdigit() and minimum <= int(raw) <= maximum):
+    value = whole_number(raw)
+    if value is None or not minimum <= value <= maximum:
         if maximum < 2**63 - 1:
             raise SystemExit(
                 f"{name} must be a whole number >= {minimum} and <= {maximum}, got {raw!r}"
             )
         raise SystemExit(f"{name} must be a whole number >= {minimum}, got {raw!r}")
-    return int(raw)
+    return value
 
 
 def parse_rate(value: str, name: str = "JOBWIRE_RATE_LIMIT") -> tuple[float, float]:
@@ -352,12 +354,12 @@ def parse_rate(value: str, name: str = "JOBWIRE_RATE_LIMIT") -> tuple[float, flo
         return 0.0, 0.0
     count, _, unit = text.partition("/")
     per = {"": 1.0, "s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
-    try:
-        burst = float(count)
-        rate = burst / per[unit.strip()]
-    except (ValueError, KeyError):
-        raise SystemExit(f"{name} must be N, N/s or N/min, got {value!r}") from None
-    if not 0 < rate < float("inf"):
+    burst_or_none = decimal_number(count)
+    if burst_or_none is None or unit.strip() not in per:
+        raise SystemExit(f"{name} must be N, N/s or N/min, got {value!r}")
+    burst = burst_or_none
+    rate = burst / per[unit.strip()]
+    if rate <= 0:
         raise SystemExit(f"{name} must be positive, got {value!r}")
     return rate, burst
 

@@ -17,6 +17,8 @@ import signal
 from collections.abc import Callable
 from types import FrameType
 
+from jobwire.env_numbers import whole_number
+
 log = logging.getLogger("http_bridge")
 
 ENV = "JOBWIRE_HTTP_WORKERS"
@@ -28,13 +30,8 @@ def worker_count(environ: dict[str, str] | None = None) -> int:
     raw = (os.environ if environ is None else environ).get(ENV, "").strip()
     if not raw:
         return 1
-    try:
-        count = int(raw)
-    except ValueError:
-        raise SystemExit(
-            f"{ENV} must be a whole number from 1 to {MAX_WORKERS}, got {raw!r}"
-        ) from None
-    if not 1 <= count <= MAX_WORKERS:
+    count = whole_number(raw)
+    if count is None or not 1 <= count <= MAX_WORKERS:
         raise SystemExit(f"{ENV} must be a whole number from 1 to {MAX_WORKERS}, got {raw!r}")
     return count
 

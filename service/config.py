@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jobwire.env_numbers import decimal_number, whole_number
 from jobwire.v1 import job_pb2
 
 from .admission import DEFAULT_MAX_WATCHERS
@@ -37,11 +38,11 @@ def _float(
     """A finite number >= `minimum` (> it when `above`) and <= `maximum` (seconds: at
     most 366 days unless told); NaN and infinity are refused."""
     raw = os.environ.get(name, "")
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
-        raise SystemExit(f"{name} must be a number, got {raw!r}") from None
-    if not minimum <= value <= maximum or value == float("inf") or (above and value == minimum):
+    parsed = decimal_number(raw) if raw.strip() else default
+    if parsed is None:
+        raise SystemExit(f"{name} must be a number, got {raw!r}")
+    value = parsed
+    if not minimum <= value <= maximum or (above and value == minimum):
         bound = f"> {minimum:g}" if above else f">= {minimum:g}"
         if maximum < float("inf"):
             most = f"{maximum:.0f}" if maximum == int(maximum) else f"{maximum:g}"
@@ -87,13 +88,13 @@ def _token(name: str) -> str:
 
 
 def _int(name: str, default: int, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
-    value = _float(name, default, minimum=float("-inf"), maximum=float("inf"))
-    if value != int(value) or not minimum <= value <= maximum:
-        raw = os.environ.get(name, "")
+    raw = os.environ.get(name, "")
+    value = whole_number(raw) if raw.strip() else default
+    if value is None or not minimum <= value <= maximum:
         raise SystemExit(
             f"{name} must be a whole number >= {minimum} and <= {maximum}, got {raw!r}"
         )
-    return int(value)
+    return value
 
 
 def _workers(name: str, limit: int = 64) -> int:
@@ -119,16 +120,14 @@ _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 def _duration(name: str, default: float) -> float:
     """Seconds, or a number with a unit: 90, 90s, 15m, 24h, 7d; 0 or "off" turns it off."""
-    raw = os.environ.get(name, "").strip().lower()
+    raw = os.environ.get(name, "").strip()
     if not raw:
         return default
-    if raw == "off":
+    if raw.lower() == "off":
         return 0.0
-    unit = _UNITS.get(raw[-1], 0.0)
-    try:
-        value = float(raw[:-1]) * unit if unit else float(raw)
-    except ValueError:
-        value = -1.0
+    unit = _UNITS.get(raw[-1].lower(), 0.0)
+    number = decimal_number(raw[:-1] if unit else raw)
+    value = -1.0 if number is None else number * (unit or 1.0)
     if not 0 <= value <= MAX_SECONDS:
         raise SystemExit(
             f"{name} must be a duration such as 90, 90s, 15m, 24h or off, at most 366d, got {raw!r}"

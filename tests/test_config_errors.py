@@ -15,10 +15,13 @@ import pytest
 
 from dashboard.config import load_config as dashboard_config
 from http_bridge.config import load_config as bridge_config
+from http_bridge.workers import worker_count
 from jobwire.v1 import job_pb2, job_service_pb2
 from service.config import Settings
+from service.domain.records import Policy
 from service.logs import configure
 from service.store.embedded import EmbeddedStore
+from service.store.mongo import MongoStore
 from tests.conftest import start_service
 from tests.helpers import create, free_port, port_0_environment, progress
 from tests.test_ops import _self_signed
@@ -326,6 +329,89 @@ async def test_the_longest_lease_and_deadline_the_settings_take_work_at_runtime(
         assert job.progress.percent == 10
     finally:
         await handle.close()
+
+
+# What int() and float() take but nobody writes as a setting: 1_0 was 10, Arabic-Indic
+# and full-width digits were digits, "+10" and "Infinity" were numbers.
+NOT_PLAIN_WHOLE = ("1_0", "+10", "\u0661\u0660", "\uff11\uff10", "10.0", "1e3", "0x10")
+NOT_PLAIN_NUMBER = ("1_0.5", "+1.5", "\u0661.5", "nan", "inf", "Infinity", "-inf", "1e400")
+
+
+@pytest.mark.parametrize("value", NOT_PLAIN_WHOLE)
+@pytest.mark.parametrize(
+    ("process", "var"),
+    [
+        ("service", "JOBWIRE_MAX_ATTEMPTS"),
+        ("service", "JOBWIRE_WATCH_WORKERS"),
+        ("bridge", "JOBWIRE_MAX_CONNECTIONS"),
+        ("bridge", "JOBWIRE_HTTP_WORKERS"),
+        ("dashboard", "JOBWIRE_DASHBOARD_MAX_CONNECTIONS"),
+        ("mongo", "JOBWIRE_MONGODB_TIMEOUT_MS"),
+    ],
+)
+def test_a_whole_number_setting_takes_only_ascii_digits(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, process: str, var: str, value: str
+) -> None:
+    _refused(_loader(monkeypatch, tmp_path, process, var, value), var, value)
+
+
+@pytest.mark.parametrize("value", NOT_PLAIN_NUMBER)
+@pytest.mark.parametrize(
+    ("process", "var"),
+    [
+        ("service", "JOBWIRE_LEASE_SECONDS"),
+        ("service", "JOBWIRE_JOB_RETENTION"),
+        ("bridge", "JOBWIRE_RPC_TIMEOUT_SECONDS"),
+        ("bridge", "JOBWIRE_RATE_LIMIT"),
+        ("dashboard", "JOBWIRE_DASHBOARD_HEARTBEAT_SECONDS"),
+        ("dashboard", "JOBWIRE_DASHBOARD_LOGIN_LIMIT"),
+    ],
+)
+def test_a_number_setting_takes_only_plain_decimals(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, process: str, var: str, value: str
+) -> None:
+    _refused(_loader(monkeypatch, tmp_path, process, var, value), var, value)
+
+
+def test_plain_numbers_with_spaces_at_their_ends_still_pass(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Spaces and a line break at the ends are dropped, as the env file drops them."""
+    monkeypatch.setenv("JOBWIRE_MAX_ATTEMPTS", " 10")
+    monkeypatch.setenv("JOBWIRE_LEASE_SECONDS", "0.5\n")
+    settings = Settings.from_env()
+    assert (settings.max_attempts, settings.lease_seconds) == (10, 0.5)
+    env = {
+        "JOBWIRE_ENV_FILE": str(tmp_path / "none.env"),
+        "JOBWIRE_MAX_CONNECTIONS": " 10",
+        "JOBWIRE_RPC_TIMEOUT_SECONDS": "1e1",
+        "JOBWIRE_RATE_LIMIT": ".5/s",
+    }
+    config = bridge_config(env)
+    assert (config.max_connections, config.rpc_timeout_seconds) == (10, 10.0)
+    assert (config.rate_limit, config.rate_burst) == (0.5, 0.5)
+    assert worker_count({"JOBWIRE_HTTP_WORKERS": "2 "}) == 2
+
+
+def _loader(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, process: str, var: str, value: str
+) -> object:
+    env = {"JOBWIRE_ENV_FILE": str(tmp_path / "none.env"), var: value}
+    if process == "service":
+        monkeypatch.setenv(var, value)
+        return Settings.from_env
+    if var == "JOBWIRE_HTTP_WORKERS":
+        return lambda: worker_count(env)
+    if process == "mongo":
+
+        def mongo() -> None:
+            try:
+                MongoStore.from_env(Policy(), {"MONGODB_URI": "mongodb://127.0.0.1:1", **env})
+            except ValueError as err:  # cli turns it into the one line
+                raise SystemExit(str(err)) from None
+
+        return mongo
+    return lambda: (bridge_config if process == "bridge" else dashboard_config)(env)
 
 
 def test_log_level() -> None:

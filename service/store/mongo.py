@@ -59,6 +59,7 @@ from pymongo.errors import (
     WTimeoutError,
 )
 
+from jobwire.env_numbers import whole_number
 from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, log_pb2
 
 from ..domain import events, validation
@@ -379,19 +380,16 @@ class MongoStore:
             )
         w_text = env.get("JOBWIRE_MONGODB_W", "majority") or "majority"
         timeout_text = env.get("JOBWIRE_MONGODB_TIMEOUT_MS", "") or str(DEFAULT_TIMEOUT_MS)
-        try:
-            timeout_ms = int(timeout_text)
-        except ValueError:
-            timeout_ms = 0
+        timeout_ms = whole_number(timeout_text)
         # The driver's own bound (timeoutMS < 10**9): past it, its error blamed MONGODB_URI.
-        if not 0 < timeout_ms < MAX_TIMEOUT_MS:
+        if timeout_ms is None or not 0 < timeout_ms < MAX_TIMEOUT_MS:
             raise ValueError(
                 f"JOBWIRE_MONGODB_TIMEOUT_MS must be a whole number of milliseconds from 1 to"
                 f" {MAX_TIMEOUT_MS - 1}, got {timeout_text!r}"
             )
         w: int | str = w_text
-        if w_text.lstrip("+-").isdigit():
-            w = int(w_text)
+        if (number := whole_number(w_text)) is not None:
+            w = number
             if w < 1:  # w=0 acknowledges writes MongoDB may never make: not durable
                 raise ValueError(
                     f"JOBWIRE_MONGODB_W must be majority, a number >= 1 or a tag set name,"
