@@ -125,7 +125,11 @@ def render(missing_fields_body: dict[str, str]) -> Any:
             return NOT_AUTHORIZED
         if err.status == 404:
             return NO_SUCH_VIDEO
-        if err.status in (400, 413):
+        if err.status == 413:
+            # The contract has no 413 body, and its 400 one says fields are missing
+            # from a body that was never read: name the limit, as other causes are.
+            return {"error": f"Solicitud inválida: {err.message}"}
+        if err.status == 400:
             return missing_fields_body
         if err.status == 409:
             return {"error": "El video ya está finalizado"}

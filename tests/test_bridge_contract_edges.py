@@ -96,9 +96,10 @@ async def test_a_gzip_body_decoding_past_the_limit_is_413(bridge: Any, stub: Any
     assert len(bomb) < 64 * 1024
     headers = {**VIDEO_AUTH, "Content-Encoding": "gzip"}
     status, answer = await bridge.post_raw("/api/report", bomb, headers=headers)
+    limit = TEST_CONFIG.max_body_bytes
     assert (status, answer) == (
         413,
-        {"error": "Faltan campos requeridos: status, videoId, message"},
+        {"error": f"Solicitud inválida: request body exceeds {limit} bytes"},
     )
     assert (await get_job(stub, vid)).sequence == 0
 

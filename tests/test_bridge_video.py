@@ -10,6 +10,7 @@ import grpc
 
 from jobwire.v1 import job_pb2, job_service_pb2, log_pb2
 from tests.bridge_harness import (
+    TEST_CONFIG,
     VIDEO_AUTH,
     bridge,  # noqa: F401
     create_job,
@@ -405,3 +406,25 @@ async def test_empty_optional_times_in_a_report_are_not_given(bridge: Any, stub:
     done = {"status": "success", "message": "ok", "videoId": vid, **empty}
     assert await bridge.post("/api/report", done, headers=VIDEO_AUTH) == (200, {"success": True})
     assert (await get_job(stub, vid)).state == job_pb2.JOB_STATE_SUCCEEDED
+
+
+async def test_a_body_over_the_limit_is_413_naming_the_limit(bridge: Any, stub: Any) -> None:
+    """The contract has no 413 body: a body past JOBWIRE_MAX_BODY_BYTES got the fixed
+    `Faltan campos requeridos: ...`, claiming fields were missing from a body the
+    bridge never read. It names the limit, after the Spanish prefix of a request the
+    contract has no body for, and stores nothing."""
+    vid = new_id("big")
+    await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid, video())
+    limit = TEST_CONFIG.max_body_bytes
+    big = {"level": "INFO", "message": "m" * (2 * limit), "timestamp": "2023-05-01T12:00:00Z"}
+    named = {"error": f"Solicitud inválida: request body exceeds {limit} bytes"}
+    assert await bridge.post("/api/log", {**big, "videoId": vid}, headers=VIDEO_AUTH) == (
+        413,
+        named,
+    )
+    report = {"status": "progress", "videoId": vid, "message": "m" * (2 * limit)}
+    assert await bridge.post("/api/report", report, headers=VIDEO_AUTH) == (413, named)
+    assert (await get_job(stub, vid)).sequence == 0
+    logs = await stub.ListLogs(job_service_pb2.ListLogsRequest(job_id=vid))
+    assert list(logs.entries) == []
+
