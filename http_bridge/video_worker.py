@@ -263,8 +263,11 @@ def render_query_error(err: BridgeError) -> dict[str, str]:
 async def list_logs(request: web.Request) -> web.StreamResponse:
     authorize(request)
     check_signature(request, SIGNED_AS)
-    limit = int_param(request, "limit", 1, MAX_LOG_LIMIT, default=50) or 50
-    given_level = request.query.get("level")
+    # Empty is not given, as the contract's other optional fields (README): a form's
+    # empty `?level=&limit=` was a 400.
+    empty = request.query.get("limit") == ""
+    limit = 50 if empty else int_param(request, "limit", 1, MAX_LOG_LIMIT, default=50) or 50
+    given_level = request.query.get("level") or None
     if given_level is not None and given_level not in LEVELS:
         raise BridgeError(400, f"level must be one of {', '.join(LEVELS)}")
     level = log_pb2.LogLevel.Value(f"LOG_LEVEL_{given_level or 'UNSPECIFIED'}")

@@ -428,3 +428,13 @@ async def test_a_body_over_the_limit_is_413_naming_the_limit(bridge: Any, stub: 
     logs = await stub.ListLogs(job_service_pb2.ListLogsRequest(job_id=vid))
     assert list(logs.entries) == []
 
+
+async def test_empty_log_query_parameters_are_not_given(bridge: Any, stub: Any) -> None:
+    """README: an empty optional video field is not given. `GET /api/log?level=` (a
+    form's empty select) was a 400 and `?limit=` too; now all levels, the default 50."""
+    vid = new_id("q")
+    line = {"level": "WARNING", "message": f"w {vid}", "timestamp": "2023-05-01T12:00:00Z"}
+    assert (await bridge.post("/api/log", {**line, "videoId": vid}, headers=VIDEO_AUTH))[0] == 200
+    status, listed = await bridge.get("/api/log?level=&limit=", headers=VIDEO_AUTH)
+    assert status == 200 and 0 < len(listed) <= 50
+    assert {**line, "videoId": vid} in listed
