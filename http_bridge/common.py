@@ -222,9 +222,16 @@ def clip(text: str, limit: int = MAX_MESSAGE) -> str:
     return text[:keep] + gap + text[-keep:]
 
 
+# A leap second's seconds field (RFC 3339 5.6 allows `60`) and its fraction.
+_LEAP_SECOND = re.compile(r"(?<=[Tt ][0-9]{2}:[0-9]{2}):60(?:[.,][0-9]+)?")
+
+
 def parse_iso(value: str) -> datetime:
     """ISO-8601 with offset or `Z`; naive times are taken as UTC. RFC 3339 allows a
-    lowercase `t` and `z` (section 5.6), which Python's parser refuses."""
+    lowercase `t` and `z` (section 5.6), which Python's parser refuses, and a leap
+    second (`23:59:60Z`), which it refuses too: a datetime holds no second 60, so it is
+    taken as the last microsecond of its minute (`23:59:59.999999`), kept in order."""
+    value = _LEAP_SECOND.sub(":59.999999", value, count=1)
     parsed = datetime.fromisoformat(value.upper() if value.isascii() else value)
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -438,3 +439,26 @@ async def test_empty_log_query_parameters_are_not_given(bridge: Any, stub: Any) 
     status, listed = await bridge.get("/api/log?level=&limit=", headers=VIDEO_AUTH)
     assert status == 200 and 0 < len(listed) <= 50
     assert {**line, "videoId": vid} in listed
+
+
+async def test_a_leap_second_timestamp_is_taken_as_the_last_instant_of_its_minute(
+    bridge: Any, stub: Any
+) -> None:
+    """RFC 3339 5.6 allows a second of 60 (a leap second): Python's parser refused it,
+    so such a log line was a 400 and lost, and such a report too. It is taken as
+    23:59:59.999999 of that minute, in its offset."""
+    vid = new_id("leap")
+    await create_job(stub, job_pb2.JOB_KIND_VIDEO, vid, video())
+    line = {"level": "INFO", "message": "leap", "timestamp": "2016-12-31T23:59:60Z"}
+    ok = (200, {"success": True})
+    assert await bridge.post("/api/log", {**line, "videoId": vid}, headers=VIDEO_AUTH) == ok
+    report = {"status": "progress", "videoId": vid, "message": "m", "percent": 5}
+    leap = {**report, "timestamp": "2016-12-31T15:59:60.5-08:00"}
+    assert await bridge.post("/api/report", leap, headers=VIDEO_AUTH) == ok
+    logs = await stub.ListLogs(job_service_pb2.ListLogsRequest(job_id=vid))
+    last = datetime(2016, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    assert [e.time.ToDatetime(tzinfo=UTC) for e in logs.entries] == [last]
+    assert (await get_job(stub, vid)).sequence == 1  # the report applied
+    for bad in ("2016-12-31T23:59:61Z", "2016-12-31T23:60:00Z"):
+        refused = await bridge.post("/api/log", {**line, "timestamp": bad}, headers=VIDEO_AUTH)
+        assert refused == (400, LOG_400)
