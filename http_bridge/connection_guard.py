@@ -373,6 +373,15 @@ def sanitise_expect(factory: Any) -> Any:
     return make
 
 
+def listen_hosts(host: str | None) -> tuple[str | None, ...]:
+    """The hosts a listen address binds. `::` (`[::]:8080`) is every address of both
+    families, as on Linux a user expects (nginx's `[::]` with ipv6only=off, gRPC's own
+    `[::]`): asyncio sets IPV6_V6ONLY on an IPv6 socket, so `::` alone refused every
+    IPv4 client. Two sockets, one per family, on one port: an IPv4 client is seen as
+    its IPv4 address (not `::ffff:...`), as TRANSCODE_ALLOWED_IPS and the limits read it."""
+    return ("0.0.0.0", "::") if host == "::" else (host,)
+
+
 # After a SIGTERM's grace (GuardedSite.drain), aiohttp's wait for what is still running.
 SHUTDOWN_CUT_SECONDS = 0.1
 
@@ -401,21 +410,42 @@ class GuardedSite(web.TCPSite):
         assert server is not None
         if not getattr(server.request_factory, "jobwire_sanitised", False):
             server.request_factory = sanitise_expect(server.request_factory)
+        factory = self.guard.wrap(json_errors(server))
+        port = self._port
+        self._also: list[asyncio.AbstractServer] = []
         try:
-            self._server = await loop.create_server(
-                self.guard.wrap(json_errors(server)),
-                self._host,
-                self._port,
-                ssl=self._ssl_context,
-                backlog=self._backlog,
-                reuse_address=self._reuse_address,
-                reuse_port=self._reuse_port,
-            )
+            for index, host in enumerate(listen_hosts(self._host)):
+                listening = await loop.create_server(
+                    factory,
+                    host,
+                    port,
+                    ssl=self._ssl_context,
+                    backlog=self._backlog,
+                    reuse_address=self._reuse_address,
+                    reuse_port=self._reuse_port,
+                )
+                if index == 0:
+                    self._server = listening
+                    # Port 0: the second family's socket takes the port the first got.
+                    port = listening.sockets[0].getsockname()[1] if listening.sockets else port
+                else:
+                    self._also.append(listening)
         except OSError as exc:  # in use, or not an address of this machine
+            await self._close_also()
+            if self._server is not None:
+                self._server.close()
             where = f"{self.addr_var}={self._host}:{self._port}"
             raise SystemExit(f"cannot listen on {where}: {exc.strerror or exc}") from None
-        sockets = self._server.sockets
-        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+        self._bound_port = port
+
+    async def stop(self) -> None:
+        await self._close_also()
+        await super().stop()
+
+    async def _close_also(self) -> None:
+        for listening in getattr(self, "_also", ()):
+            listening.close()
+        self._also = []
 
     async def drain(self, grace: float, first: Callable[[], Awaitable[None]] | None = None) -> None:
         """SIGTERM: new connections refused at once, idle keep-alive ones closed, `first`

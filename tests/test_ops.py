@@ -495,3 +495,53 @@ async def test_a_process_on_port_0_says_the_port_it_listens_on(
     finally:
         proc.terminate()
         await proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("command", "said", "variables"),
+    [
+        ("serve", rb"jobwire service listening on \[::\]:(\d+) ", {"JOBWIRE_GRPC_INSECURE": "1"}),
+        ("bridge", rb"bridge on http://\[::\]:(\d+) ", {}),
+        ("dashboard", rb"dashboard on http://\[::\]:(\d+)/", {}),
+    ],
+)
+async def test_a_process_on_the_ipv6_any_address_takes_ipv4_clients_too(
+    tmp_path: Path, command: str, said: bytes, variables: dict[str, str]
+) -> None:
+    """`[::]:PORT` is every address of both families (README "Configuration"), as
+    gRPC has it: asyncio bound the bridge's and the dashboard's `::` IPv6-only, so an
+    IPv4 client (a dual-stack cluster's) was refused."""
+    import re
+
+    addr = "[::]:0"
+    env = port_0_environment(
+        tmp_path,
+        API_KEY="k",
+        JOBWIRE_GRPC_ADDR=addr,
+        JOBWIRE_HTTP_ADDR=addr,
+        JOBWIRE_DASHBOARD_ADDR=addr,
+        **variables,
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", command, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        seen = b""
+        async with asyncio.timeout(30):
+            while not (found := re.search(said, seen)):
+                line = await proc.stdout.readline()
+                assert line, seen
+                seen += line
+        port = int(found.group(1))
+        assert port != 0, seen
+        for host in ("127.0.0.1", "::1"):
+            reader, writer = await asyncio.open_connection(host, port)
+            if command != "serve":  # an HTTP answer, from the one process on that port
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 ")
+            writer.close()
+    finally:
+        proc.terminate()
+        await proc.wait()
