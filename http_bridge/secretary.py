@@ -46,7 +46,7 @@ from .common import (
     validate,
     whole_numbers,
 )
-from .edge import check_signature, int_param, json_depth
+from .edge import awaits_continue, check_signature, int_param, json_depth
 from .errors import BridgeError, contract_errors, json_response
 from .grpc_client import config_of, stub_of
 
@@ -204,12 +204,14 @@ def job_id_and_token(request: web.Request) -> tuple[str, str]:
     return job_id, token
 
 
-def _large(request: web.Request, usual: int) -> bool:
-    """A body still to come that may be past `usual` bytes."""
+def _token_first(request: web.Request, usual: int) -> bool:
+    """Whether the job's token is checked before the body is read: a body still to come
+    that may be past `usual` bytes, or one the client holds back until a `100 Continue`
+    (any size: a wrong token was invited to send it, then got its 401)."""
     if request.content.is_eof():
         return False
     length = decoded_length(request)
-    return length is None or length > usual
+    return length is None or length > usual or awaits_continue(request)
 
 
 def token_in_query(request: web.Request, token: str) -> bool:
@@ -232,7 +234,7 @@ def ack(kind: str, job_id: str) -> web.Response:
 async def callback(request: web.Request) -> web.StreamResponse:
     job_id, token = job_id_and_token(request)
     config = config_of(request)
-    if _large(request, config.max_body_bytes):
+    if _token_first(request, config.max_body_bytes):
         # Anyone can send some token: the bridge read and parsed up to 256 MiB for it
         # before the service said 401 (100 MiB took it from 80 to 387 MB). A body past
         # the usual limit is read only for the job's own token (a callback of the usual

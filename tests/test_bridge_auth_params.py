@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from jobwire.v1 import job_pb2
-from tests.bridge_harness import VIDEO_AUTH, bridge, create_job, stub  # noqa: F401
+from tests.bridge_harness import VIDEO_AUTH, bridge, create_job, get_job, stub  # noqa: F401
 from tests.bridge_process import raw_exchange, status_of
 
 PLAIN = 'Bearer realm="jobwire"'
@@ -235,6 +235,36 @@ async def test_100_continue_comes_only_after_the_credential_is_checked(
     finally:
         writer.close()
     assert status_of(answer) == 200, answer
+
+
+async def test_100_continue_waits_for_the_secretary_token_at_any_body_size(
+    bridge: Any, stub: Any
+) -> None:
+    """A Secretary callback's token was checked before the 100 only for a body past
+    JOBWIRE_MAX_BODY_BYTES: a small one with a wrong token got `100 Continue`, sent its
+    body, then the 401. The token is checked first for every size now; the job's own
+    token still gets the 100, then its answer."""
+    port = int(bridge.url.rsplit(":", 1)[1])
+    created = await create_job(stub, job_pb2.JOB_KIND_EXTRACTION)
+    path = b"POST /api/external/jobs/" + created.job.id.encode() + b" HTTP/1.1\r\n"
+    body = b'{"phase":"extracting","progress":10}'
+    head = path + b"Host: t\r\nExpect: 100-continue\r\nContent-Length: %d\r\n" % len(body)
+    first, rest = await _expecting_continue(port, head + b"Authorization: Bearer wrong\r\n\r\n")
+    assert status_of(first) == 401 and b"Connection: close" in first, first
+    assert rest.startswith(b"{") and b"HTTP/1.1 " not in rest, rest
+
+    token = created.callback_token.encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head + b"Connection: close\r\nAuthorization: Bearer " + token + b"\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", interim
+        writer.write(body)
+        answer = await asyncio.wait_for(reader.read(), 5.0)
+    finally:
+        writer.close()
+    assert status_of(answer) == 200, answer
+    assert (await get_job(stub, created.job.id)).sequence == 1
 
 
 async def test_openapi_documents_the_edge(bridge: Any) -> None:
