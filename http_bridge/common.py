@@ -19,6 +19,7 @@ from jobwire.v1 import job_pb2
 from jobwire.v1 import job_service_pb2 as svc
 
 from .coalescer import MAX_EVENT_BYTES
+from .content_coding import BodyDecoder, codings
 from .edge import BodyClock, send_continue, text_header, token_text, webhook_id
 from .errors import BridgeError, RequestProblem, RpcFailed
 from .grpc_client import COALESCER, CONFIG, STUB
@@ -41,15 +42,17 @@ class Body:
 
 
 def decoded_length(request: web.Request) -> int | None:
-    """The body's size as read, when the head says it. aiohttp hands over an encoded
-    body (gzip, deflate) decoded; its Content-Length counts the encoded bytes, so it
-    says nothing of what is read."""
+    """The body's size as read, when the head says it: its Content-Length counts the
+    encoded bytes of a body with a Content-Encoding, so it says nothing then."""
     coding = request.headers.get("Content-Encoding", "identity").strip().lower()
     return request.content_length if coding in ("", "identity") else None
 
 
 async def read_body(request: web.Request, limit: int) -> Body:
-    """Reads at most `limit` bytes (413 beyond it) into a buffer that grows as they arrive."""
+    """Reads at most `limit` bytes (413 beyond it) into a buffer that grows as they
+    arrive, its Content-Encoding undone (415 for one the bridge does not decode)."""
+    applied = codings(request)
+    decoder = BodyDecoder(applied, limit) if applied else None
     length = decoded_length(request)
     if length is not None and length > limit:
         raise BridgeError(413, f"request body exceeds {limit} bytes")
@@ -58,6 +61,9 @@ async def read_body(request: web.Request, limit: int) -> Body:
         # The whole body has arrived (the usual small callback, in its head's segment):
         # taken in one piece, with no clock, buffer copy or incremental hash.
         data = content.read_nowait()
+        if decoder is not None:
+            data = decoder.feed(data)
+            decoder.finish()
         if len(data) > limit:
             raise BridgeError(413, f"request body exceeds {limit} bytes")
         if length is not None and len(data) < length:
@@ -73,6 +79,8 @@ async def read_body(request: web.Request, limit: int) -> Body:
     buf = bytearray()
     try:
         while chunk := await clock.read(request):
+            if decoder is not None:
+                chunk = decoder.feed(chunk)
             if len(buf) + len(chunk) > most:
                 if length is None:
                     raise BridgeError(413, f"request body exceeds {limit} bytes")
@@ -87,6 +95,8 @@ async def read_body(request: web.Request, limit: int) -> Body:
         # garbage collection, which an idle bridge may not run for hours.
         buf = bytearray()
         raise
+    if decoder is not None:
+        decoder.finish()
     if length is not None and len(buf) < length:
         raise BridgeError(400, "request body shorter than Content-Length")
     return Body(buf, hasher.digest())

@@ -335,7 +335,13 @@ def runner_options(config: Config) -> dict[str, Any]:
     """AppRunner options: idle keep-alive connections close after this long."""
     # lingering_time: after an early answer (408, 413) the rest of the body is read and
     # dropped for at most this long before the connection closes.
-    return {"keepalive_timeout": config.keepalive_timeout_seconds, "lingering_time": DRAIN_SECONDS}
+    # auto_decompress: the handlers decode bodies (content_coding.py): aiohttp's parser
+    # decoded only some codings, and failed a request for others before any handler.
+    return {
+        "keepalive_timeout": config.keepalive_timeout_seconds,
+        "lingering_time": DRAIN_SECONDS,
+        "auto_decompress": False,
+    }
 
 
 def guarded_site(runner: web.BaseRunner, config: Config, **options: Any) -> GuardedSite:

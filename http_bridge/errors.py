@@ -100,8 +100,8 @@ class RequestProblem(BridgeError):
     not for missing fields: a contract whose field error is one fixed body (the video
     worker's) must still name the problem, not fields the request may not even have."""
 
-    def __init__(self, message: str, *, close_connection: bool = False) -> None:
-        super().__init__(400, message, close_connection=close_connection)
+    def __init__(self, message: str, *, close_connection: bool = False, status: int = 400) -> None:
+        super().__init__(status, message, close_connection=close_connection)
 
 
 class RpcFailed(BridgeError):
