@@ -759,6 +759,14 @@ def check_target(target: str) -> str:
     "https://host" for a host name that never resolves."""
     if not target:
         raise ClientConfigError("target must be host:port, got ''")
+    try:
+        target.encode("utf-8")
+    except UnicodeEncodeError:
+        # A byte that is not UTF-8 (os.environ's surrogate escape): gRPC's channel
+        # raised encoding it, a traceback at start.
+        raise ClientConfigError(f"target must be UTF-8 text, got {target!r}") from None
+    if not target.isprintable():  # a tab, a secret file's line break: never resolves
+        raise ClientConfigError(f"target must hold no control characters, got {target!r}")
     if target.startswith(("http://", "https://")):
         raise ClientConfigError(f"target is host:port, not a URL: got {target!r}")
     plain = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")

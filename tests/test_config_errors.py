@@ -107,6 +107,10 @@ BRIDGE = [
     # for a host name: the bridge started and answered every callback 503.
     ("JOBWIRE_SERVICE_TARGET", "127.0.0.1:122847"),
     ("JOBWIRE_SERVICE_TARGET", "http://127.0.0.1:50051"),
+    # A byte that is not UTF-8 (os.environ's surrogate escape) was a traceback from
+    # gRPC's channel at start; a control character a name that never resolves.
+    ("JOBWIRE_SERVICE_TARGET", "jobwire-\udcffservice:50051"),
+    ("JOBWIRE_SERVICE_TARGET", "jobwire-service\t:50051"),
 ]  # fmt: skip
 
 DASHBOARD = [
