@@ -765,7 +765,9 @@ def check_target(target: str) -> str:
         # A byte that is not UTF-8 (os.environ's surrogate escape): gRPC's channel
         # raised encoding it, a traceback at start.
         raise ClientConfigError(f"target must be UTF-8 text, got {target!r}") from None
-    if not target.isprintable():  # a tab, a secret file's line break: never resolves
+    # A tab or line break within never resolves; gRPC takes one at the end (a secret
+    # file's trailing newline), so that one still passes.
+    if not target.rstrip(" \t\r\n").isprintable():
         raise ClientConfigError(f"target must hold no control characters, got {target!r}")
     if target.startswith(("http://", "https://")):
         raise ClientConfigError(f"target is host:port, not a URL: got {target!r}")

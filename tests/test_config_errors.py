@@ -440,6 +440,9 @@ def test_good_values_still_pass(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     config = bridge_config(env)
     assert (config.retry_after_seconds, config.http_host, config.http_port) == (0, "::1", 8080)
     assert config.public_url == "http://10.0.0.5:8080"
+    # gRPC dials a target with a line break at its end (a secret file's): still taken.
+    env["JOBWIRE_SERVICE_TARGET"] = "127.0.0.1:50051\n"
+    assert bridge_config(env).service_target == "127.0.0.1:50051\n"
 
 
 async def _start_refused(tmp_path: Path, command: str, **env: str) -> tuple[bytes, bytes]:
