@@ -213,12 +213,18 @@ def configure(
 ) -> None:
     """Sets up the root logger from JOBWIRE_LOG_FORMAT / JOBWIRE_LOG_LEVEL; the secrets
     redacted are those `environ` holds (default: the process environment)."""
-    fmt = (fmt or os.environ.get("JOBWIRE_LOG_FORMAT") or default_format()).strip().lower()
+    # Blank is unset, as for every other setting (a blank level was refused as ''), and
+    # a refusal shows the value as given, not lower- or upper-cased.
+    given_fmt = fmt or os.environ.get("JOBWIRE_LOG_FORMAT") or ""
+    fmt = given_fmt.strip().lower() or default_format()
     if fmt not in ("json", "text"):
-        raise SystemExit(f"JOBWIRE_LOG_FORMAT must be json or text, got {fmt!r}")
-    level = (level or os.environ.get("JOBWIRE_LOG_LEVEL") or "INFO").strip().upper()
+        raise SystemExit(f"JOBWIRE_LOG_FORMAT must be json or text, got {given_fmt!r}")
+    given_level = level or os.environ.get("JOBWIRE_LOG_LEVEL") or ""
+    level = given_level.strip().upper() or "INFO"
     if level not in _LEVELS:
-        raise SystemExit(f"JOBWIRE_LOG_LEVEL must be one of {', '.join(_LEVELS)}, got {level!r}")
+        raise SystemExit(
+            f"JOBWIRE_LOG_LEVEL must be one of {', '.join(_LEVELS)}, got {given_level!r}"
+        )
     record_context()
     chosen = list(handlers) if handlers is not None else [logging.StreamHandler()]
     formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import socket
 import sys
 from pathlib import Path
@@ -420,6 +421,28 @@ def _loader(
 
 def test_log_level() -> None:
     _refused(lambda: configure(fmt="text", level="LOUD"), "JOBWIRE_LOG_LEVEL", "LOUD")
+
+
+def test_a_blank_log_setting_is_unset_and_a_bad_one_is_shown_as_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """JOBWIRE_LOG_LEVEL=" " stopped the process "got ''", where every other blank
+    setting is its default; a refusal showed the value upper-cased ('LOUD' for loud)."""
+    _refused(lambda: configure(fmt="text", level="loud"), "JOBWIRE_LOG_LEVEL", "loud")
+    _refused(lambda: configure(fmt="Texts", level="INFO"), "JOBWIRE_LOG_FORMAT", "Texts")
+    monkeypatch.setenv("JOBWIRE_LOG_LEVEL", " ")
+    monkeypatch.setenv("JOBWIRE_LOG_FORMAT", "\t")
+    root = logging.getLogger()
+    handlers, before = list(root.handlers), root.level
+    try:
+        configure(handlers=[logging.NullHandler()])
+        assert root.level == logging.INFO
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(before)
 
 
 def test_good_values_still_pass(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
