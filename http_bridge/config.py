@@ -20,6 +20,8 @@ from jobwire.client.client import check_target
 from jobwire.client.errors import ClientConfigError
 from jobwire.env_numbers import decimal_number, whole_number
 
+from .workers import worker_count
+
 log = logging.getLogger(__name__)
 
 ENV_FILE_VAR = "JOBWIRE_ENV_FILE"
@@ -66,6 +68,8 @@ class Config:
     # The channel's settings (JOBWIRE_GRPC_TOKEN, JOBWIRE_SERVICE_TLS_*) from the env file
     # and the environment, as every other setting here; None: the environment alone.
     service_env: Mapping[str, str] | None = field(default=None, repr=False)
+    # JOBWIRE_HTTP_WORKERS: processes serving the port (http_bridge/workers.py).
+    http_workers: int = 1
 
 
 def parse_addr(value: str, name: str) -> tuple[str, int]:
@@ -261,6 +265,9 @@ def load_config(env: Mapping[str, str] | None = None, *, generate: bool = False)
         rate_burst=burst,
         signing_secrets=signing_secrets(merged),
         service_env=channel_env(merged),
+        # From the env file too, as every other setting: it was read from the
+        # environment alone, so the file's JOBWIRE_HTTP_WORKERS=4 ran one process.
+        http_workers=worker_count(merged),
     )
 
 

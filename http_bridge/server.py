@@ -19,7 +19,7 @@ from .config import Config, http_url, load_config
 from .connection_guard import SHUTDOWN_CUT_SECONDS, guarded_site, runner_options
 from .redaction import loggable_path
 from .shared_counts import SLABS
-from .workers import run_workers, worker_count
+from .workers import run_workers
 
 log = logging.getLogger("http_bridge")
 
@@ -97,7 +97,7 @@ def main() -> None:
     # Only `jobwire run` (local development) may invent secrets; a deployed bridge
     # never writes files and leaves an endpoint without its secret closed.
     config = load_config(generate=os.environ.get("JOBWIRE_GENERATE_SECRETS") == "1")
-    count = worker_count()  # JOBWIRE_HTTP_WORKERS: N processes on one port
+    count = config.http_workers  # JOBWIRE_HTTP_WORKERS: N processes on one port
     if count > 1:
         SLABS.resize(count)  # their metrics, summed by whichever one is scraped
 

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import FrameType
 
 from jobwire.env_numbers import whole_number
@@ -25,7 +25,7 @@ ENV = "JOBWIRE_HTTP_WORKERS"
 MAX_WORKERS = 64
 
 
-def worker_count(environ: dict[str, str] | None = None) -> int:
+def worker_count(environ: Mapping[str, str] | None = None) -> int:
     """The configured number of worker processes (default 1: no fork at all)."""
     raw = (os.environ if environ is None else environ).get(ENV, "").strip()
     if not raw:

@@ -419,6 +419,19 @@ def _loader(
     return lambda: (bridge_config if process == "bridge" else dashboard_config)(env)
 
 
+def test_the_http_worker_count_is_read_from_the_env_file(tmp_path: Path) -> None:
+    """README: the bridge takes every setting of its from the env file; its
+    JOBWIRE_HTTP_WORKERS was read from the environment alone (the file's 4: one
+    process), and a bad one there was never refused."""
+    env_file = tmp_path / "site.env"
+    env_file.write_text("JOBWIRE_HTTP_WORKERS=4\n")
+    assert bridge_config({"JOBWIRE_ENV_FILE": str(env_file)}).http_workers == 4
+    env_file.write_text("JOBWIRE_HTTP_WORKERS=two\n")
+    _refused(
+        lambda: bridge_config({"JOBWIRE_ENV_FILE": str(env_file)}), "JOBWIRE_HTTP_WORKERS", "two"
+    )
+
+
 def test_log_level() -> None:
     _refused(lambda: configure(fmt="text", level="LOUD"), "JOBWIRE_LOG_LEVEL", "LOUD")
 
