@@ -211,3 +211,45 @@ async def test_a_read_racing_a_replacement_gets_an_artifact_never_unavailable(
     assert set(outcomes) <= {grpc.StatusCode.OK, grpc.StatusCode.ABORTED}, sorted(
         {c.name for c in outcomes}
     )
+
+
+async def test_one_job_deleted_at_once_by_several_callers_is_deleted_once(
+    service: ServiceHandle,
+) -> None:
+    """DeleteJob of one ended job from two operators at once, and the retention sweep
+    beside them: each caller marked the job's deletion with an upsert, and on FerretDB
+    (and any server that does not retry an upsert that loses its insert) the loser's
+    write failed with a duplicate key; the driver could not read that reply and the
+    caller got UNKNOWN ("Unexpected <class 'KeyError'>: 'nModified'"), a traceback in
+    the log. Now exactly one deletion is OK and the others are NOT_FOUND naming the
+    job, every time, and nothing of the job is left."""
+    stub = service.stub
+    store = service.running.jobs.store
+    outcomes: dict[str, int] = {}
+    for round_ in range(30):
+        job_id = f"del-{round_}"
+        await stub.CreateJob(
+            job_service_pb2.CreateJobRequest(
+                job_id=job_id, job=job_pb2.Job(kind=job_pb2.JOB_KIND_GENERIC)
+            )
+        )
+        await _upload(service, job_id, b"content")
+        await stub.CancelJob(job_service_pb2.CancelJobRequest(id=job_id, reason="done"))
+        calls = [stub.DeleteJob(job_service_pb2.DeleteJobRequest(id=job_id)) for _ in range(3)]
+        answers = await asyncio.gather(*calls, store.delete_jobs([job_id]), return_exceptions=True)
+        swept = answers.pop()
+        assert isinstance(swept, list), repr(swept)
+        deleted = len(swept)
+        for answer in answers:
+            if isinstance(answer, grpc.aio.AioRpcError):
+                assert answer.code() == grpc.StatusCode.NOT_FOUND, (answer.code(), answer.details())
+                assert job_id in (answer.details() or "")
+            else:
+                assert answer == job_service_pb2.DeleteJobResponse(), repr(answer)
+                deleted += 1
+        assert deleted == 1, answers
+        with pytest.raises(grpc.aio.AioRpcError) as gone:
+            await stub.ListArtifacts(job_service_pb2.ListArtifactsRequest(job_id=job_id))
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+        outcomes["sweep" if swept else "rpc"] = outcomes.get("sweep" if swept else "rpc", 0) + 1
+    assert sum(outcomes.values()) == 30, outcomes

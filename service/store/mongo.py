@@ -1586,20 +1586,41 @@ class MongoStore:
         with _guard("delete_jobs"):
             cut_short = await self._cut_short(ids)  # read before the marks are set anew
             ended = await self._ended_now(dict.fromkeys(ids, now_ns), now_ns)
-            async with self._writing():
-                # The mark's time says which job of the id it is for (_finish): those
-                # made before it. Set anew, as a mark a crash left may be older than
-                # the job of that id being deleted now. With the deletion's firehose
-                # event, in the same write (on FerretDB a second bulk update of a
-                # hundred marks took seconds: it updates existing documents slowly).
-                await self.database[DELETIONS].bulk_write(
-                    [
-                        UpdateOne({"_id": i}, {"$set": _mark(now_ns, ended.get(i))}, upsert=True)
-                        for i in ids
-                    ],
-                    ordered=False,
-                )
+            await self._mark_deletions(ids, now_ns, ended)
             return await self._finish(dict.fromkeys(ids, now_ns), cut_short, ended)
+
+    async def _mark_deletions(
+        self, ids: list[str], now_ns: int, ended: Mapping[str, event_pb2.JobEvent]
+    ) -> None:
+        """Step (1) of delete_jobs: each id's mark, with its deletion's firehose event.
+        The mark's time says which job of the id it is for (_finish): those made before
+        it. Set anew, as a mark a crash left may be older than the job of that id being
+        deleted now. Not an upsert: two callers deleting one job at once (DeleteJob
+        twice, the retention of two replicas) each inserted the mark, and on servers
+        that do not retry an upsert losing that race (FerretDB) the loser's write
+        failed, as a reply the driver could not read (KeyError 'nModified': the caller
+        got UNKNOWN). So: insert them all, then update the ones marked already (after a
+        crash, or by another caller since: as late). Both writes are of new documents in
+        the common case (on FerretDB a bulk update of a hundred existing marks took
+        seconds)."""
+        marks = self.database[DELETIONS]
+        try:
+            async with self._writing():
+                await marks.insert_many(
+                    [{"_id": i, **_mark(now_ns, ended.get(i))} for i in ids], ordered=False
+                )
+            return
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            codes = {e.get("code") for e in errors}
+            if exc.timeout or exc.details.get("writeConcernErrors") or codes - {11000, 11001}:
+                raise
+            marked = [ids[e["index"]] for e in errors]
+        async with self._writing():
+            await marks.bulk_write(
+                [UpdateOne({"_id": i}, {"$set": _mark(now_ns, ended.get(i))}) for i in marked],
+                ordered=False,
+            )
 
     async def finish_deletions(self) -> int:
         with _guard("finish_deletions"):
