@@ -8,6 +8,7 @@ reported through A, through the capped-collection event feed (service/feed.py).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import statistics
 import time
@@ -354,3 +355,40 @@ async def test_mongodb_lost_as_the_feed_is_opened_stops_the_start(tmp_path: Path
         await store.close()
         await cutter.close()
         server.cleanup()
+
+
+async def test_uploads_of_one_name_through_both_replicas_leave_one_file(
+    replicas: tuple[ServiceHandle, ServiceHandle],
+) -> None:
+    """Uploads of one name through two replicas: each, once stored, deleted the files
+    of the name stamped before its own. One stamped earlier but stored after the
+    other's look (uploads at once: in 2 of 2 runs of 10 rounds of 8 uploads of up to
+    600 KB; or, as here, A's clock ahead of B's, then B's upload) found nothing older
+    than itself, and the other had not seen it: both files stayed for good (listed
+    once, as the newest; the other's bytes kept until the job was deleted). Within one
+    replica the job's artifact lock orders them; replicas do not share it. Now each
+    deletes every file of the name but the newest: one stays."""
+    a, b = replicas
+    store = a.running.store
+    assert isinstance(store, MongoStore)
+    await create(a.stub, job_id="skewed")
+    store._artifact_ns = time.time_ns() + 3600 * 10**9  # A's clock an hour ahead
+    await _upload(a.stub, "skewed", b"through A")
+    await _upload(b.stub, "skewed", b"through B, after")
+    listed = await b.stub.ListArtifacts(job_service_pb2.ListArtifactsRequest(job_id="skewed"))
+    stored = [
+        f["metadata"]["sha256"] async for f in store.files.find({"metadata.job_id": "skewed"})
+    ]
+    # The newest by the stamps is the artifact (README "MongoDB"); its file alone stays.
+    assert (
+        [a.sha256 for a in listed.artifacts] == stored == [hashlib.sha256(b"through A").hexdigest()]
+    )
+
+
+async def _upload(stub: Any, job_id: str, data: bytes) -> None:
+    header = job_service_pb2.ArtifactHeader(job_id=job_id, name="a.bin", size=len(data))
+    parts = [
+        job_service_pb2.UploadArtifactRequest(header=header),
+        job_service_pb2.UploadArtifactRequest(data=data),
+    ]
+    await stub.UploadArtifact(iter(parts))

@@ -1493,8 +1493,12 @@ class MongoStore:
             if await self._deleted(artifact.job_id):
                 await self._delete_file(file_id)
                 raise DomainError(Code.NOT_FOUND, f"job {artifact.job_id!r} not found")
-            older = self.files.find(_older_than(filename, now_ns, file_id), {"_id": 1})
-            for old in await older.to_list():
+            # Every file of the name but the newest, not only those stamped before this
+            # one: an upload stamped before it but stored after its look (another
+            # replica's: this process's uploads of a job take turns) was seen by
+            # neither, and both files stayed for good. The last to look sees them all.
+            named = self.files.find({"filename": filename}, {"_id": 1}).sort(_NEWEST_FIRST)
+            for old in (await named.to_list())[1:]:
                 await self._delete_file(old["_id"])
         return stored
 
@@ -1891,18 +1895,6 @@ class MongoStore:
 
 # The artifact of a name: the one stored last (create_ns is stamped as it is stored).
 _NEWEST_FIRST = [("metadata.create_ns", DESCENDING), ("_id", DESCENDING)]
-
-
-def _older_than(filename: str, create_ns: int, file_id: ObjectId) -> dict[str, Any]:
-    """The files of `filename` stored before this one (in _NEWEST_FIRST's order): each
-    upload deletes only those, so uploads finishing together never delete each other."""
-    return {
-        "filename": filename,
-        "$or": [
-            {"metadata.create_ns": {"$lt": create_ns}},
-            {"metadata.create_ns": create_ns, "_id": {"$lt": file_id}},
-        ],
-    }
 
 
 def _update(
