@@ -285,6 +285,15 @@ def _run(_: argparse.Namespace) -> int:
         check_target(env["JOBWIRE_SERVICE_TARGET"])
     except ClientConfigError as err:
         raise SystemExit(f"jobwire: JOBWIRE_SERVICE_TARGET: {err}") from None
+    if _answers(env["JOBWIRE_SERVICE_TARGET"]):
+        # Another service there (a second run on the same address) passed the health
+        # check below, so the bridge and the dashboard started against it before this
+        # run's own service failed to bind and took them down. Refused before any spawn.
+        raise SystemExit(
+            f"jobwire: a service already answers at {env['JOBWIRE_SERVICE_TARGET']}"
+            " (another jobwire run or serve?); started nothing: stop it, or give this"
+            " run another JOBWIRE_GRPC_ADDR"
+        )
     env.update(_local_secrets(env, settings))
     env[RUN_PARENT] = str(os.getpid())  # the children stop when this process dies
     cmd = [sys.executable, "-m", "cli"]
@@ -436,6 +445,21 @@ def _healthy(target: str, timeout: float = 2.0) -> bool:
             return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
     except grpc.RpcError:
         return False
+
+
+def _answers(target: str, timeout: float = 1.0) -> bool:
+    """Whether a gRPC server answers the health check at `target` at all, whatever it
+    says (SERVING, NOT_SERVING while it stops, UNAUTHENTICATED): nobody listening is
+    UNAVAILABLE, a listener that never answers runs out the timeout."""
+    try:
+        with open_sync_channel(target, tls=_tls_from_env()) as channel:
+            health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+            return True
+    except grpc.RpcError as err:
+        silent = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return err.code() not in silent
 
 
 def _tls_from_env() -> TLS | None:

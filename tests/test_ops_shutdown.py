@@ -351,6 +351,38 @@ async def test_jobwire_run_refuses_a_service_target_it_could_never_reach(tmp_pat
         assert "jobwire.server" not in err, err  # no service was started
 
 
+async def test_jobwire_run_refuses_an_address_another_service_already_answers_on(
+    tmp_path: Path,
+) -> None:
+    """A second `jobwire run` on the first one's JOBWIRE_GRPC_ADDR: the first service
+    answered the health check, so the second started its bridge and dashboard against
+    that service, then its own service failed to bind and it stopped everything with
+    "the service exited (status 1)". Refused before anything starts, naming the address;
+    the first run is left as it was."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, log_path, ports = await _start_run(tmp_path / "a")
+    try:
+        _, run_env = run_environment(tmp_path / "b")
+        taken = f"127.0.0.1:{ports['grpc']}"
+        code, err, _ = await _run_to_its_end(
+            {**run_env, "JOBWIRE_GRPC_ADDR": taken, "JOBWIRE_SERVICE_TARGET": taken}
+        )
+        assert code == 1, err
+        assert (
+            f"jobwire: a service already answers at {taken} (another jobwire run or"
+            " serve?); started nothing: stop it, or give this run another"
+            " JOBWIRE_GRPC_ADDR" in err
+        ), err
+        # Nothing of the second run started: no child's log line, no data directory.
+        assert "jobwire." not in err, err
+        assert not (tmp_path / "b" / "data").exists()
+        assert first.returncode is None and len(_children(first.pid)) == 3
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(first.wait(), 3 * WAIT) == 0, log_path.read_text()
+
+
 def _running(pid: int) -> bool:
     """Alive and not a zombie waiting for a reaper (an orphan's is PID 1)."""
     try:
