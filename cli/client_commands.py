@@ -25,9 +25,10 @@ from jobwire.client import (
     JobDeletion,
     JobEvent,
     JobwireError,
+    NotFound,
     StreamGap,
 )
-from jobwire.client.watch import JobsWatch
+from jobwire.client.watch import TERMINAL, JobsWatch
 from jobwire.v1 import event_pb2, job_pb2, job_service_pb2
 from service.logs import printable
 
@@ -40,6 +41,7 @@ async def watch(args: argparse.Namespace) -> int:
     the service refused the watch (2 is argparse's, for a usage error)."""
     job = Job()
     screen = Screen(sys.stdout.isatty())
+    gone = False
     async with _client(args) as client:
         try:
             # every_event=False: a slow terminal gets the latest progress, and says so.
@@ -49,6 +51,7 @@ async def watch(args: argparse.Namespace) -> int:
                 every_event=False,
                 on_retry=screen.retrying,
                 on_reconnect=lambda: screen.draw(job) if job.id else None,
+                created=args.created,
             )
             async for item in watch:
                 if isinstance(item, Job):
@@ -65,9 +68,21 @@ async def watch(args: argparse.Namespace) -> int:
         except JobwireError as err:
             screen.end()
             print(f"jobwire watch: {err.code.name}: {err.message}", file=sys.stderr)
+            gone = isinstance(err, NotFound)  # nothing left to resume
             return 1
         finally:
             screen.end()  # also on Ctrl-C: the shell's prompt starts a line of its own
+            if job.id and job.state not in TERMINAL and not gone:
+                # Stopped before the job's end (Ctrl-C, an error): how to go on from
+                # here. The create time tells a job deleted and made again under the id
+                # in the meantime from this one; a sequence alone would follow it.
+                resume = f"--from-sequence {watch.last_sequence}"
+                if watch.created:  # unknown only from a service that sends no create time
+                    resume += f" --created {watch.created.isoformat()}"
+                print(
+                    f"jobwire: stopped after event {watch.last_sequence}; resume with {resume}",
+                    file=sys.stderr,
+                )
     return 0 if job.state == job_pb2.JOB_STATE_SUCCEEDED else 1
 
 

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=whole(0, INT64_MAX),
         default=0,
         help="resume after this event (0: from the start)",
+    )
+    p.add_argument(
+        "--created",
+        type=aware_time,
+        default=None,
+        metavar="TIME",
+        help="the watched job's create time, as a watch stopped early prints it: a job"
+        " made again under the id since then is refused, not followed as its continuation",
     )
     p.set_defaults(func=lambda a: asyncio.run(client_commands.watch(a)))
 
@@ -563,6 +572,20 @@ def whole(low: int, high: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def aware_time(text: str) -> datetime:
+    """An argparse type: an ISO 8601 time with its UTC offset (a naive one would be
+    taken as UTC, and a local time silently hours off)."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be an ISO 8601 time such as 2026-01-31T12:00:00.123456+00:00, got {text!r}"
+        ) from None
+    if value.utcoffset() is None:
+        raise argparse.ArgumentTypeError(f"must give its UTC offset (+00:00 or Z), got {text!r}")
+    return value
 
 
 def _names(enum_type: Any, prefix: str) -> list[str]:

@@ -9,6 +9,7 @@ import json
 import re
 import signal
 import sys
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -613,3 +614,65 @@ async def test_numbers_out_of_range_are_usage_errors() -> None:
         code, out, err = await cli_result(*args, "--target", "127.0.0.1:1")
         assert code == 2 and out == "" and "Traceback" not in err, (args, err)
         assert err.splitlines()[-1].endswith(said), (args, err)
+
+
+async def _line_with(stream: asyncio.StreamReader | None, text: str) -> str:
+    """The first line that holds `text` (the lines before it read and dropped)."""
+    assert stream is not None
+    while True:
+        line = (await asyncio.wait_for(stream.readline(), WAIT)).decode()
+        assert line, f"ended before a line with {text!r}"
+        if text in line:
+            return line
+
+
+async def test_watch_resumes_with_the_create_time_it_printed_and_refuses_a_job_made_again(
+    grpc_service: ServiceHandle,
+) -> None:
+    """`watch --from-sequence` could not pass the watched job's create time, so a resume
+    across a delete and re-make of the job followed the new job as the old one's rest
+    (the library's `watch_job(created=)` refuses it). A watch stopped early prints how
+    to resume, create time included; `--created` refuses another job under the id."""
+    target = grpc_service.target
+    async with Client(target) as c:
+        await c.create_job("GENERIC", job_id="again")
+        proc = await cli_process("watch", "again", "--target", target)
+        await c.report_progress("again", 20, message="two")
+        await _line_with(proc.stdout, "20.0%")  # the history before it yielded too
+        job = await c.get_job("again")
+        made = job.create_time.ToDatetime(tzinfo=UTC).isoformat()
+        proc.send_signal(signal.SIGINT)
+        hint = await _line_with(proc.stderr, "resume")
+        assert await asyncio.wait_for(proc.wait(), WAIT) == -signal.SIGINT
+        resume = ("--from-sequence", str(job.sequence), "--created", made)
+        assert (
+            hint == f"jobwire: stopped after event {job.sequence}; resume with {' '.join(resume)}\n"
+        )
+
+        await c.complete("again")  # the same job: resumed, to its end
+        code, out, err = await cli_result("watch", "again", *resume, "--target", target)
+        assert code == 0 and "SUCCEEDED" in out, (out, err)
+        assert "resume" not in err, err  # it ended: nothing to resume
+        # The createTime `jobs get` prints (RFC 3339, "Z") is taken as well.
+        code, out, err = await cli_result("jobs", "get", "again", "--target", target)
+        printed = json.loads(out)["createTime"]
+        code, out, err = await cli_result(
+            "watch", "again", *resume[:2], "--created", printed, "--target", target
+        )
+        assert code == 0 and "SUCCEEDED" in out, (printed, out, err)
+
+        await c.delete_job("again")
+        await c.create_job("GENERIC", job_id="again")
+        await c.complete("again")
+        code, out, err = await cli_result("watch", "again", *resume, "--target", target)
+        assert code == 1 and "SUCCEEDED" not in out, (out, err)
+        assert "jobwire watch: NOT_FOUND: job 'again' is not the job this watch followed" in err
+        assert "resume with" not in err, err
+
+    for value, said in [
+        ("yesterday", "must be an ISO 8601 time such as 2026-01-31T12:00:00.123456+00:00"),
+        ("2026-11-28T21:00:00", "must give its UTC offset (+00:00 or Z)"),
+    ]:
+        code, out, err = await cli_result("watch", "x", "--created", value, "--target", target)
+        assert code == 2 and out == "", err
+        assert f"argument --created: {said}, got {value!r}" in err, err
