@@ -45,7 +45,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from jobwire.v1 import job_pb2
 
 from .admission import WatchAdmission
-from .domain.errors import DomainError
+from .domain.errors import DomainError, StorageFailure
 from .grpc_handlers import Handler, replace_behavior
 from .store.port import JobQuery, Store
 
@@ -145,9 +145,10 @@ def count_domain_error(err: DomainError) -> None:
     """Counts a call failed by the store, and says why in the log: a new reason at
     once, the same one at most every LOG_EVERY_SECONDS (a full disk fails every call)."""
     global _last_logged
-    if err.code.name != "UNAVAILABLE":
+    if err.code.name == "UNAVAILABLE":
+        STORAGE_ERRORS.labels("rpc").inc()
+    elif not isinstance(err, StorageFailure):  # its server's error: logged, not counted
         return
-    STORAGE_ERRORS.labels("rpc").inc()
     now = time.monotonic()
     if err.message != _last_logged[0] or now - _last_logged[1] >= LOG_EVERY_SECONDS:
         _last_logged = (err.message, now)

@@ -4,6 +4,10 @@ write concern (w=majority, a tag) was not met: no secondary, a failover, a tag u
 
 FerretDB ignores write concerns, so this is how the tests see that answer for real: the
 driver and the server are real, only the reply of the commands picked is amended.
+
+With `request_fields` set, the picked commands are sent with those fields added instead
+(e.g. a `collation`, which FerretDB does not implement) and FerretDB's own answer, an
+error the store does not expect, is relayed as it is.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class WriteConcernFaults:
         self.code = 100  # UnsatisfiableWriteConcern: "Not enough data-bearing nodes"
         self.errmsg = "Not enough data-bearing nodes"
         self.amended = 0
+        self.request_fields: dict[str, object] = {}
         self._marked: set[int] = set()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -67,7 +72,10 @@ class WriteConcernFaults:
                 header = await reader.readexactly(_HEADER.size)
                 length, request_id, response_to, op = _HEADER.unpack(header)
                 body = await reader.readexactly(length - _HEADER.size)
-                if op == _OP_MSG and requests and self._picked(body):
+                if op == _OP_MSG and requests and self._picked(body) and self.request_fields:
+                    body = self._amend_request(body)
+                    header = _HEADER.pack(_HEADER.size + len(body), request_id, response_to, op)
+                elif op == _OP_MSG and requests and self._picked(body):
                     self._marked.add(request_id)
                 elif op == _OP_MSG and not requests and response_to in self._marked:
                     self._marked.discard(response_to)
@@ -91,3 +99,11 @@ class WriteConcernFaults:
         document["writeConcernError"] = {"code": self.code, "errmsg": self.errmsg}
         self.amended += 1
         return struct.pack("<I", flags) + b"\x00" + bson.encode(document)
+
+    def _amend_request(self, body: bytes) -> bytes:
+        """The command (section 0) with `request_fields` added; later sections as sent."""
+        flags = struct.unpack_from("<I", body)[0] & ~1  # no checksum: the body changes
+        size = struct.unpack_from("<i", body, 5)[0]
+        document = bson.decode(body[5 : 5 + size]) | self.request_fields
+        self.amended += 1
+        return struct.pack("<I", flags) + b"\x00" + bson.encode(document) + body[5 + size :]

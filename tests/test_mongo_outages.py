@@ -502,6 +502,51 @@ async def test_a_write_concern_not_met_is_unavailable_and_never_acknowledged(
         server.cleanup()
 
 
+async def test_a_server_error_the_store_does_not_expect_is_internal_naming_operation_and_code(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server's OperationFailure of a code the adapter does not map (here FerretDB's
+    own NotImplemented, 238, for a `find` it is sent with a `collation`) passed through
+    as UNKNOWN with a traceback, naming neither the operation nor the code (a report's
+    was UNAVAILABLE, "storage error: OperationFailure(...)"). It is INTERNAL naming
+    both, said in the log, and nothing is changed; the store works again once the
+    server answers."""
+    _own_ferretdb()
+    server = FerretDBProcess(require_ferretdb(), base_dir=tmp_path / "ferretdb")
+    server.start()
+    faults = await WriteConcernFaults(server.port).start()
+    store = MongoStore(faults.uri, policy=make_policy(), database="not_implemented")
+    handle = await start_service(store, lease_sweep_seconds=3600)  # no sweep reads jobs
+    try:
+        stub = handle.stub
+        await create(stub, job_id="j")
+        faults.command = ("find", "jobs")
+        faults.request_fields = {"collation": {"locale": "fr"}}
+        calls: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+            ("get", lambda: stub.GetJob(job_service_pb2.GetJobRequest(id="j"), timeout=10)),
+            ("apply", lambda: stub.ReportEvent(progress("j", 10), timeout=10)),
+        ]
+        for what, call in calls:
+            with caplog.at_level(logging.WARNING), pytest.raises(grpc.aio.AioRpcError) as failed:
+                await call()
+            details = failed.value.details() or ""
+            assert failed.value.code() == grpc.StatusCode.INTERNAL, (what, details)
+            assert details.startswith(
+                f"MongoDB failed ({what}): server error 238, NotImplemented: find: support"
+                ' for field "collation"'
+            ), details
+            assert f"calls fail: MongoDB failed ({what})" in caplog.text, caplog.text
+        assert "Traceback" not in caplog.text, caplog.text
+        faults.command = None
+        job = await stub.GetJob(job_service_pb2.GetJobRequest(id="j"), timeout=10)
+        assert job.sequence == 0 and not job.progress.percent, job  # the report changed nothing
+        assert (await stub.ReportEvent(progress("j", 10), timeout=10)).sequence == 1
+    finally:
+        await handle.close()
+        await faults.close()
+        server.cleanup()
+
+
 async def test_a_batch_cut_off_after_a_lost_race_still_streams_what_it_wrote(
     tmp_path: Path,
 ) -> None:

@@ -16,6 +16,7 @@ class Code(enum.IntEnum):
     RESOURCE_EXHAUSTED = 8
     FAILED_PRECONDITION = 9
     ABORTED = 10
+    INTERNAL = 13
     UNAVAILABLE = 14
     UNAUTHENTICATED = 16
 
@@ -34,6 +35,14 @@ class StorageUnavailable(DomainError):
 
     def __init__(self, message: str) -> None:
         super().__init__(Code.UNAVAILABLE, message)
+
+
+class StorageFailure(DomainError):
+    """The store's server refused an operation for a reason a retry does not mend (one
+    it does not implement, an unexpected error code): a fault to fix, not a moment's."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Code.INTERNAL, message)
 
 
 def invalid(message: str) -> DomainError:

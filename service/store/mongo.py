@@ -63,7 +63,7 @@ from jobwire.env_numbers import whole_number
 from jobwire.v1 import artifact_pb2, event_pb2, job_pb2, log_pb2
 
 from ..domain import events, validation
-from ..domain.errors import Code, DomainError, StorageUnavailable
+from ..domain.errors import Code, DomainError, StorageFailure, StorageUnavailable
 from ..domain.records import (
     TERMINAL_STATES,
     Applied,
@@ -172,7 +172,12 @@ def _guard(what: str) -> Iterator[None]:
             # error"), or a write it says to retry: retryable, not the caller's mistake.
             raise StorageUnavailable(f"MongoDB cannot write now ({what}): {_failure(exc)}") from exc
         _raise_if_timeout(exc, what)
-        raise
+        # Any other code (FerretDB's NotImplemented, 238, for an option it lacks; a code
+        # this adapter does not know): gRPC's UNKNOWN with a traceback, naming neither
+        # the operation nor the server's code. A retry meets the same answer.
+        raise StorageFailure(
+            f"MongoDB failed ({what}): server error {exc.code}, {_failure(exc)}"
+        ) from exc
     except PyMongoError as exc:
         _raise_if_timeout(exc, what)
         raise
@@ -532,7 +537,11 @@ class MongoStore:
         try:
             changed = await self.backfill_log_kinds()
             marked = await self.mark_jobless_logs()
-        except (pymongo.errors.PyMongoError, StorageUnavailable) as exc:  # next start retries
+        except (
+            pymongo.errors.PyMongoError,
+            StorageUnavailable,
+            StorageFailure,
+        ) as exc:  # next start retries
             log.warning("log lines from before LogEntry.kind or nj not updated: %s", exc)
             return
         if changed:
