@@ -292,6 +292,9 @@ async def _job_parts(request: web.Request, json: bool) -> dict[str, Any]:
 
 @routes.get("/jobs/{job_id}")
 async def job_page(request: web.Request) -> web.StreamResponse:
+    # Before the job is read: once it has ended, the page follows its deletion on the
+    # jobs stream, which replays from here one made before that stream opened.
+    since = await request.app[HUB].mark()
     parts = await _job_parts(request, False)
     job = parts["job"]
     settings = request.app[SETTINGS]
@@ -304,6 +307,7 @@ async def job_page(request: web.Request) -> web.StreamResponse:
         "terminal": job["state"] in present.TERMINAL,
         "csrf": principal(request).csrf,
         "heartbeat": settings.heartbeat_seconds,
+        "since": since,
         "pretty": present.pretty,
         "quote": lambda s: quote(s, safe=""),
     }

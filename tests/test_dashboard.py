@@ -1390,6 +1390,57 @@ async def test_a_job_deleted_before_its_page_streams_says_so(
     assert await page.inner_text("#live") == "deleted"
 
 
+async def test_an_ended_jobs_page_hears_a_deletion_made_before_its_jobs_stream_opened(
+    browser: Any, svc: ServiceHandle
+) -> None:
+    """An ended job's page learns of its deletion from the jobs stream it opens once the
+    job's own stream ends, and that stream subscribed live from its opening: a deletion
+    made before (the job cancelled and deleted at once by a script, or while the
+    dashboard restarted and another tab had its stream live again first) was never
+    heard, and the page showed the deleted job, "finished", for good. It subscribes
+    from a mark taken as the page read the job: the journal replays the deletion, or a
+    mark of another process makes the page read the job again."""
+    job_id = uid("late")
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    watch = re.compile(rf"/events/jobs\?ids={job_id}&new=0")
+    async with running_dashboard(svc.target) as dash:
+        ctx = await browser.new_context(viewport=LAPTOP)
+        try:
+            page = await login(ctx, dash.url)
+            await page.goto(f"{dash.url}/jobs/{job_id}")
+            await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+            # The job ends and is deleted before its page's jobs stream is open.
+            async with held_requests(ctx, watch) as (held, release):
+                await svc.stub.CancelJob(job_service_pb2.CancelJobRequest(id=job_id))
+                await asyncio.wait_for(held.wait(), WAIT_MS / 1000)
+                await svc.stub.DeleteJob(job_service_pb2.DeleteJobRequest(id=job_id))
+                release.set()
+                await page.wait_for_selector("#gone", state="visible", timeout=WAIT_MS)
+            assert await page.inner_text("#live") == "deleted"
+
+            # Deleted while the dashboard restarts; a jobs page has the new process's
+            # stream live before the job page's stream reconnects.
+            other = uid("restart-gone")
+            await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, other)
+            await svc.stub.CancelJob(job_service_pb2.CancelJobRequest(id=other))
+            await page.goto(f"{dash.url}/jobs/{other}")
+            await page.wait_for_selector("#live[data-state=ended]", timeout=WAIT_MS)
+            again = re.compile(rf"/events/jobs\?ids={other}&new=0")
+            async with held_requests(ctx, again) as (held, release):
+                await dash.stop()
+                await svc.stub.DeleteJob(job_service_pb2.DeleteJobRequest(id=other))
+                await dash.start()
+                await asyncio.wait_for(held.wait(), WAIT_MS * 3 / 1000)
+                listing = await ctx.new_page()
+                await listing.goto(f"{dash.url}/jobs")
+                await listing.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+                release.set()
+                await page.wait_for_selector("#gone", state="visible", timeout=WAIT_MS)
+            assert await page.inner_text("#live") == "deleted"
+        finally:
+            await ctx.close()
+
+
 async def test_a_job_made_again_under_a_deleted_jobs_id_replaces_its_row(
     dash: DashboardProcess, context: Any, svc: ServiceHandle
 ) -> None:

@@ -724,9 +724,11 @@ function jobPage() {
   };
   // An ended job's stream is over; only its deletion can happen now, which the jobs
   // stream following this one job pushes (`deleted`), and then a job made again under
-  // its id (its first event, in `jobs`).
+  // its id (its first event, in `jobs`). From the page's mark: a deletion since the page
+  // read the job is replayed (made before this stream opened, while the dashboard
+  // restarted), or the page reads the job again (`resync`).
   const ended = () => {
-    const only = new URLSearchParams({ ids: jobId, new: "0" });
+    const only = new URLSearchParams({ ids: jobId, new: "0", since: head.dataset.since });
     const handlers = { deleted: gone, jobs: remade, resync: recheck };
     stream(() => `/events/jobs?${only}`, handlers, null, {
       connected: () => (head.dataset.deleted ? ["deleted", "deleted"] : ["ended", "finished"]),
