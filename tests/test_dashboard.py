@@ -2512,3 +2512,68 @@ async def test_a_job_that_enters_a_pages_state_filter_appears_on_it(
         "#jobs tbody tr", "rows => rows.map(r => r.dataset.job)"
     )
     assert again == shown
+
+
+# Records the ids each `jobs` push of the page's streams carries (window.__pushed).
+RECORD_PUSHES = """() => {
+  window.__pushed = [];
+  const Original = window.EventSource;
+  window.EventSource = function (url, init) {
+    const source = new Original(url, init);
+    const ids = (m) => JSON.parse(m.data).map((c) => c.id);
+    source.addEventListener("jobs", (m) => window.__pushed.push(...ids(m)));
+    return source;
+  };
+  window.EventSource.prototype = Original.prototype;
+  Object.assign(window.EventSource, { CONNECTING: 0, OPEN: 1, CLOSED: 2 });
+}"""
+
+
+async def test_a_job_seen_begin_outside_a_pages_state_filter_appears_when_it_enters_it(
+    browser: Any, dash: DashboardProcess, svc: ServiceHandle
+) -> None:
+    """A CANCELLED page followed every job whose first event it was pushed, also one it
+    did not show (RUNNING: not its state), so that job's cancellation came as a change
+    of a followed row, which the page had not, and it never appeared, nor did a job
+    made again under the id of a row deleted from it: a reload showed both. A job the
+    page does not show is not followed: its entering the page's state re-reads the rows."""
+    ctx = await browser.new_context(viewport=LAPTOP)
+    try:
+        await ctx.add_init_script(script=f"({RECORD_PUSHES})()")
+        page = await login(ctx, dash.url)
+        pushed = "id => window.__pushed.includes(id)"
+        # A job made again under a shown row's deleted id.
+        again = uid("again-filtered")
+        await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, again)
+        await svc.stub.CancelJob(job_service_pb2.CancelJobRequest(id=again, reason="first"))
+        await page.goto(f"{dash.url}/jobs?state=CANCELLED")
+        await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+        await page.wait_for_selector(f'#jobs tr[data-job="{again}"]', timeout=WAIT_MS)
+        await svc.stub.DeleteJob(job_service_pb2.DeleteJobRequest(id=again))
+        await page.wait_for_selector(
+            f'#jobs tr[data-job="{again}"]', state="detached", timeout=WAIT_MS
+        )
+        fresh = uid("fresh-filtered")
+        for job_id in (fresh, again):
+            await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+            await progress(svc.stub, job_id, 10, "p", "running")
+        # A job cancelled after theirs began: once the page has it, the page has had
+        # (before, in commit order) whatever it was to hear of them while RUNNING.
+        marker = uid("marker")
+        await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, marker)
+        await svc.stub.CancelJob(job_service_pb2.CancelJobRequest(id=marker))
+        await page.wait_for_function(pushed, arg=marker, timeout=WAIT_MS)
+        for job_id in (fresh, again):
+            assert await page.locator(f'#jobs tr[data-job="{job_id}"]').count() == 0
+        for job_id in (fresh, again):
+            await svc.stub.CancelJob(job_service_pb2.CancelJobRequest(id=job_id, reason="now"))
+        for job_id in (fresh, again):
+            await page.wait_for_selector(f'#jobs tr[data-job="{job_id}"]', timeout=WAIT_MS)
+            assert await page.inner_text(f'#jobs tr[data-job="{job_id}"] .state') == "CANCELLED"
+        shown = "rs => rs.map(r => r.dataset.job)"
+        rows = await page.eval_on_selector_all("#jobs tbody tr", shown)
+        await page.reload()
+        # The rows a reload shows.
+        assert sorted(await page.eval_on_selector_all("#jobs tbody tr", shown)) == sorted(rows)
+    finally:
+        await ctx.close()

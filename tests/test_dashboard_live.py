@@ -268,3 +268,36 @@ async def test_a_row_changes_only_what_its_event_changes(svc: ServiceHandle) -> 
         assert change.json() is change.json()  # one serialisation, shared by the tabs
     finally:
         await hub.close()
+
+
+async def test_a_row_that_left_a_state_filtered_page_comes_back_when_it_enters_it_again(
+    tmp_path: Path,
+) -> None:
+    """A RUNNING page's row whose job was requeued (its lease expired) left the page,
+    but the tab went on following the job, so its claim again was a change of a row the
+    page no longer had: it never came back until a reload. The job is no longer
+    followed once outside the page's states: its claim gets the tab a resync."""
+    svc = await start_service(EmbeddedStore(tmp_path, make_policy()), lease_sweep_seconds=0.05)
+    hub = Hub(lambda: svc.stub)
+    try:
+        job = job_pb2.Job(kind=job_pb2.JOB_KIND_GENERIC)
+        job_id = (await svc.stub.CreateJob(job_service_pb2.CreateJobRequest(job=job))).job.id
+        claim = job_service_pb2.ClaimJobRequest(kind=job_pb2.JOB_KIND_GENERIC, worker_id="w")
+        claim.lease_duration.FromMilliseconds(200)
+        assert (await svc.stub.ClaimJob(claim)).job.id == job_id
+        await asyncio.wait_for(hub.mark(), WAIT)
+        witness = hub.subscribe()
+        tab = hub.subscribe(ids={job_id}, states=frozenset({job_pb2.JOB_STATE_RUNNING}))
+        await _until_seen(witness, job_id, 2)  # REQUEUED: the lease expired
+        changes, _ = tab.take()  # the row's last change: the page drops the row
+        assert [(c.event.job_id, c.event.state) for c in changes] == [
+            (job_id, job_pb2.JOB_STATE_QUEUED)
+        ]
+        assert not tab.resync
+        claim.lease_duration.FromSeconds(60)
+        assert (await svc.stub.ClaimJob(claim)).job.id == job_id
+        await _until_seen(witness, job_id, 3)
+        assert tab.resync  # the page re-reads its rows, and shows the job again
+    finally:
+        await hub.close()
+        await svc.close()
