@@ -415,6 +415,11 @@ class Hub:
                 sub.resync = True
                 if len(sub.ids) < MAX_FOLLOWED:
                     sub.ids.add(job_id)
+                if sequence == 1:
+                    # Its first event (a queued job cancelled, claimed): marked new with
+                    # its create time, as any job's first event. Its row had none (the
+                    # re-read does not redo a row at the same sequence): Created "—".
+                    sub.fresh.add(job_id)
                 return True
             if not (sub.new and sequence == 1):
                 return False

@@ -2577,3 +2577,26 @@ async def test_a_job_seen_begin_outside_a_pages_state_filter_appears_when_it_ent
         assert sorted(await page.eval_on_selector_all("#jobs tbody tr", shown)) == sorted(rows)
     finally:
         await ctx.close()
+
+
+async def test_a_job_whose_first_event_enters_a_pages_state_filter_shows_when_it_was_created(
+    context: Any, dash: DashboardProcess, svc: ServiceHandle
+) -> None:
+    """A queued job cancelled on a CANCELLED page (or claimed on a RUNNING page): its
+    first event is the one entering the page's state, and its row came without the
+    job's create time: Created "—", no Duration, and the rows added after it were put
+    above it, newer or not, until a reload. It comes as a new job, with its create time."""
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs?state=CANCELLED&kind=GENERIC")
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    job_id = uid("cancelled-queued")
+    created = await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, job_id)
+    await svc.stub.CancelJob(job_service_pb2.CancelJobRequest(id=job_id, reason="not needed"))
+    row = f'#jobs tr[data-job="{job_id}"]'
+    await page.wait_for_selector(row, timeout=WAIT_MS)
+    assert await page.get_attribute(row, "data-created") == iso(created.job.create_time)
+    cells = f"{row} .created, {row} .duration"
+    live = await page.eval_on_selector_all(cells, "cs => cs.map(c => c.textContent)")
+    assert "—" not in live[0] and live[1].endswith(" s"), live
+    await page.reload()
+    assert await page.eval_on_selector_all(cells, "cs => cs.map(c => c.textContent)") == live
