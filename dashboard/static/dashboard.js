@@ -474,12 +474,30 @@ function jobsPage() {
   let retry = null;
   const resync = oneAtATime(async () => {
     clearTimeout(retry);
+    const shownBefore = new Set(rows.keys()); // a row added while it reads is not in it
     try {
       const reply = await fetch(`/api/jobs?${table.dataset.query}`, { credentials: "same-origin" });
       if (reply.status >= 500) throw new Error(`status ${reply.status}`);
       if (!reply.ok) return false;
       const body = await reply.json();
       for (const job of body.jobs) apply(job, true);
+      // A row shown before it read, which it does not list where it would be (anywhere,
+      // when it has no next page), is not this page's any more: its job was deleted
+      // while the stream could not say so (the dashboard restarted, a gap). It stayed,
+      // its link answering 404.
+      const listed = new Set(body.jobs.map((j) => j.id));
+      const last = body.jobs[body.jobs.length - 1];
+      const within = (tr) => {
+        if (!body.next_page_token) return true;
+        if (!last || !tr.dataset.created) return false;
+        const created = tr.dataset.created;
+        const newer =
+          created > last.created || (created === last.created && tr.dataset.job > last.id);
+        return oldestFirst ? !newer : newer;
+      };
+      for (const [id, tr] of [...rows]) {
+        if (shownBefore.has(id) && !listed.has(id) && within(tr)) drop(id);
+      }
       // Rows it added are followed too: a job that began while the stream was away
       // (its first event unseen) stood still at what the re-read showed. The stream
       // reopens with them (when they are new), and its own re-read covers the switch.
