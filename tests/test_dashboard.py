@@ -2625,3 +2625,28 @@ async def test_a_job_deleted_while_the_dashboard_restarts_leaves_the_jobs_page(
     shown = "rs => rs.map(r => r.dataset.job)"
     assert await page.eval_on_selector_all("#jobs tbody tr", shown) == [kept]
     assert await page.inner_text("#live") == "live"
+
+
+async def test_a_queued_job_a_reread_adds_shows_its_state(
+    context: Any, dash: DashboardProcess, svc: ServiceHandle
+) -> None:
+    """A job created while the dashboard restarted, still queued (no event yet), comes
+    onto the open jobs page with its re-read; its row showed no state, no Updated and
+    no Duration (the re-read skipped a row at the sequence it was added with, 0) until
+    a reload. It shows what a reload shows."""
+    run = uuid.uuid4().hex[:6]
+    queued = f"reread-queued-{run}"
+    page = await login(context, dash.url)
+    await page.goto(f"{dash.url}/jobs?kind=GENERIC")
+    await page.wait_for_selector("#live[data-state=live]", timeout=WAIT_MS)
+    await dash.stop()
+    await page.wait_for_selector("#live[data-state=reconnecting]", timeout=WAIT_MS)
+    await new_job(svc.stub, job_pb2.JOB_KIND_GENERIC, queued)
+    await dash.start()
+    row = f'#jobs tr[data-job="{queued}"]'
+    await page.wait_for_selector(row, timeout=WAIT_MS)
+    cells = f"{row} .state, {row} .updated"
+    live = await page.eval_on_selector_all(cells, "cs => cs.map(c => c.textContent.trim())")
+    assert live[0] == "QUEUED" and live[1], live
+    await page.reload()
+    assert await page.eval_on_selector_all(cells, "cs => cs.map(c => c.textContent.trim())") == live

@@ -356,7 +356,9 @@ function jobsPage() {
   const newRow = (change) => {
     const tr = el("tr", "fresh");
     tr.dataset.job = change.id;
-    tr.dataset.seq = "0";
+    // Below any job's: a queued job a re-read adds has no event yet (sequence 0), and
+    // its row, taken as up to date, showed no state, Updated or Duration.
+    tr.dataset.seq = "-1";
     tr.dataset.created = change.created || "";
     const cells = ["id", "kind", "state", "progress", "message", "created", "updated", "duration"];
     const labels = [
