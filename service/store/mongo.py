@@ -1937,7 +1937,7 @@ def _entry_id(entry: Applied | Deleted) -> dict[str, Any]:
     a deletion finished after a crash finds whether its entry was written."""
     if not isinstance(entry, Deleted):
         return {}
-    return {"_id": f"deleted:{entry.job_id}:{entry.event.job_create_time.ToNanoseconds()}"}
+    return {"_id": f"{DELETION_ENTRY}{entry.job_id}:{entry.event.job_create_time.ToNanoseconds()}"}
 
 
 def _mark(now_ns: int, deletion: event_pb2.JobEvent | None) -> dict[str, Any]:
@@ -1947,14 +1947,22 @@ def _mark(now_ns: int, deletion: event_pb2.JobEvent | None) -> dict[str, Any]:
     return {"ns": now_ns, "e": Binary(deletion.SerializeToString())}
 
 
+# A deletion's firehose entry's _id starts so (_entry_id).
+DELETION_ENTRY = "deleted:"
 # _append_log's answer for an entry another replica appended first (its _id taken).
 ALREADY_LOGGED = -1
 
 
 def _logged_already(exc: BaseException, docs: list[dict[str, Any]]) -> bool:
     """The insert was of one deletion's entry (an _id of its own) and failed on that _id:
-    the entry is in the log already."""
-    if len(docs) != 1 or "_id" not in docs[0] or not isinstance(exc, BulkWriteError):
+    the entry is in the log already. The driver gives every inserted document an _id, so
+    an event's entry has one too after the insert: only a deletion's is of _entry_id's
+    form, and a duplicate of its number (another origin's entry there) is a failure."""
+    if len(docs) != 1 or not isinstance(exc, BulkWriteError):
+        return False
+    if not str(docs[0].get("_id", "")).startswith(DELETION_ENTRY):
         return False
     errors = exc.details.get("writeErrors", [])
-    return bool(errors) and all(e.get("code") == 11000 for e in errors)
+    return bool(errors) and all(
+        e.get("code") == 11000 and e.get("keyPattern", {"_id": 1}) == {"_id": 1} for e in errors
+    )
