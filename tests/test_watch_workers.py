@@ -285,7 +285,7 @@ async def test_a_killed_worker_is_restarted_and_its_watchers_resume_without_a_ga
     [
         ("65", "JOBWIRE_WATCH_WORKERS must be at most 64, got 65"),
         ("-1", "JOBWIRE_WATCH_WORKERS must be a whole number >= 0"),
-        ("two", "JOBWIRE_WATCH_WORKERS must be a number, got 'two'"),
+        ("two", "JOBWIRE_WATCH_WORKERS must be a whole number >= 0 and <= 1000000000, got 'two'"),
     ],
 )
 def test_a_bad_worker_count_is_refused_by_name(
