@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import io
 import ipaddress
@@ -10,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -456,6 +458,32 @@ async def test_readyz_checks_the_grpc_token_without_reading_the_store(
         await handle.close()
 
 
+@contextlib.asynccontextmanager
+async def _said_port(command: str, env: dict[str, str], said: bytes) -> AsyncIterator[int]:
+    """`jobwire <command>` started with `env`, and the port its start-up line (`said`,
+    the port as group 1) names, not 0; the process is stopped on exit."""
+    import re
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", command, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        seen = b""
+        async with asyncio.timeout(30):
+            while not (found := re.search(said, seen)):
+                line = await proc.stdout.readline()
+                assert line, seen
+                seen += line
+        port = int(found.group(1))
+        assert port != 0, seen
+        yield port
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
 @pytest.mark.parametrize(
     ("command", "said", "host"),
     [
@@ -472,29 +500,12 @@ async def test_a_process_on_port_0_says_the_port_it_listens_on(
 ) -> None:
     """With port 0 in its address (any free port), each process said it listened on
     ":0": the one number an operator needs to reach it was nowhere."""
-    import re
 
     addr = {"JOBWIRE_HTTP_ADDR": "[::1]:0", "JOBWIRE_DASHBOARD_ADDR": "[::1]:0"}
     env = port_0_environment(tmp_path, API_KEY="k", **(addr if host == "::1" else {}))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli", command, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    try:
-        seen = b""
-        async with asyncio.timeout(30):
-            while not (found := re.search(said, seen)):
-                line = await proc.stdout.readline()
-                assert line, seen
-                seen += line
-        port = int(found.group(1))
-        assert port != 0, seen
+    async with _said_port(command, env, said) as port:
         _, writer = await asyncio.open_connection(host, port)  # it listens there
         writer.close()
-    finally:
-        proc.terminate()
-        await proc.wait()
 
 
 @pytest.mark.parametrize(
@@ -511,7 +522,6 @@ async def test_a_process_on_the_ipv6_any_address_takes_ipv4_clients_too(
     """`[::]:PORT` is every address of both families (README "Configuration"), as
     gRPC has it: asyncio bound the bridge's and the dashboard's `::` IPv6-only, so an
     IPv4 client (a dual-stack cluster's) was refused."""
-    import re
 
     addr = "[::]:0"
     env = port_0_environment(
@@ -522,26 +532,10 @@ async def test_a_process_on_the_ipv6_any_address_takes_ipv4_clients_too(
         JOBWIRE_DASHBOARD_ADDR=addr,
         **variables,
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli", command, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    try:
-        seen = b""
-        async with asyncio.timeout(30):
-            while not (found := re.search(said, seen)):
-                line = await proc.stdout.readline()
-                assert line, seen
-                seen += line
-        port = int(found.group(1))
-        assert port != 0, seen
+    async with _said_port(command, env, said) as port:
         for host in ("127.0.0.1", "::1"):
             reader, writer = await asyncio.open_connection(host, port)
             if command != "serve":  # an HTTP answer, from the one process on that port
                 writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
                 assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 ")
             writer.close()
-    finally:
-        proc.terminate()
-        await proc.wait()
