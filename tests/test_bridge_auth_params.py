@@ -225,16 +225,20 @@ async def test_100_continue_comes_only_after_the_credential_is_checked(
         b"POST /api/log HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nConnection: close\r\n"
         b"Authorization: Bearer test-api-key\r\nContent-Length: %d\r\n\r\n" % len(body)
     )
+    assert status_of(await _continued(port, head, body)) == 200
+
+
+async def _continued(port: int, head: bytes, body: bytes) -> bytes:
+    """Sends `head`, waits for `100 Continue` (asserted), sends `body`: the answer."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(head)
         interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
         assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", interim
         writer.write(body)
-        answer = await asyncio.wait_for(reader.read(), 5.0)
+        return await asyncio.wait_for(reader.read(), 5.0)
     finally:
         writer.close()
-    assert status_of(answer) == 200, answer
 
 
 async def test_100_continue_waits_for_the_secretary_token_at_any_body_size(
@@ -254,16 +258,8 @@ async def test_100_continue_waits_for_the_secretary_token_at_any_body_size(
     assert rest.startswith(b"{") and b"HTTP/1.1 " not in rest, rest
 
     token = created.callback_token.encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(head + b"Connection: close\r\nAuthorization: Bearer " + token + b"\r\n\r\n")
-        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
-        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", interim
-        writer.write(body)
-        answer = await asyncio.wait_for(reader.read(), 5.0)
-    finally:
-        writer.close()
-    assert status_of(answer) == 200, answer
+    whole = head + b"Connection: close\r\nAuthorization: Bearer " + token + b"\r\n\r\n"
+    assert status_of(await _continued(port, whole, body)) == 200
     assert (await get_job(stub, created.job.id)).sequence == 1
 
 
