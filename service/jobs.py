@@ -122,10 +122,16 @@ class Jobs:
         if not applied:
             return
         EVENTS_APPLIED.inc(len(applied))
-        positions = [a.position for a in applied]
-        self.fanout.publish([a.event for a in applied], positions)
+        self._publish(applied)
+
+    def _publish(self, entries: Sequence[Applied | Deleted]) -> None:
+        """Firehose entries to this process's streams and, through the relay, to the
+        other replicas'."""
+        events = [e.event for e in entries]
+        positions = [e.position for e in entries]
+        self.fanout.publish(events, positions)
         if self.relay is not None:
-            self.relay.send(zip([a.event for a in applied], positions, strict=True))
+            self.relay.send(zip(events, positions, strict=True))
 
     async def _delete_and_publish(self, job_ids: list[str]) -> list[Deleted]:
         deleted = await self.store.delete_jobs(job_ids)
@@ -135,13 +141,8 @@ class Jobs:
     def publish_deleted(self, deleted: list[Deleted]) -> None:
         """Publishes deletions (DeleteJob, the retention sweep) as their firehose entries:
         WatchJobs streams here and, through the relay, on other replicas get them."""
-        if not deleted:
-            return
-        marks = [d.event for d in deleted]
-        positions = [d.position for d in deleted]
-        self.fanout.publish(marks, positions)
-        if self.relay is not None:
-            self.relay.send(zip(marks, positions, strict=True))
+        if deleted:
+            self._publish(deleted)
 
     # -- jobs --------------------------------------------------------------
 
